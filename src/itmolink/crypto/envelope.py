@@ -1,0 +1,128 @@
+"""Signed envelopes: Ed25519 over a DSSE pre-authentication encoding.
+
+The signature covers ``PAE(payload_type, payload)`` where ``payload`` is the
+exact byte string the sender serialised once. The receiver verifies those
+bytes before it parses anything inside them, and never re-serialises a
+message to verify it (protobuf serialisation is not canonical).
+
+PAE is the DSSE v1 encoding::
+
+    "DSSEv1" SP LEN(type) SP type SP LEN(body) SP body
+
+with LEN the ASCII decimal byte length and SP one space (0x20).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+
+from itmolink.core.codes import Rejected, RejectionCode
+from itmolink.crypto.keys import SigningKey, VerifyingKey
+from itmolink.v1 import envelope_pb2
+
+SIGNATURE_LENGTH = 64
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """The DSSE v1 pre-authentication encoding of (payload_type, payload)."""
+    type_bytes = payload_type.encode("utf-8")
+    return b"DSSEv1 %d %b %d %b" % (len(type_bytes), type_bytes, len(payload), payload)
+
+
+def seal(payload_type: str, payload: bytes, key: SigningKey) -> bytes:
+    """Sign ``payload`` and return the serialised Envelope bytes."""
+    envelope = envelope_pb2.Envelope(
+        payload_type=payload_type,
+        payload=payload,
+        signatures=[
+            envelope_pb2.Signature(key_id=key.key_id, sig=key.sign(pae(payload_type, payload)))
+        ],
+    )
+    return envelope.SerializeToString()
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedEnvelope:
+    """An envelope whose every signature verified against a pinned key."""
+
+    payload_type: str
+    payload: bytes
+    signer_party: str
+    key_ids: tuple[str, ...]
+
+
+class TrustStore:
+    """The pinned signing keys of partner parties, looked up by key id."""
+
+    def __init__(self, keys: Iterable[VerifyingKey] = ()) -> None:
+        self._keys: dict[str, VerifyingKey] = {}
+        for key in keys:
+            self.add(key)
+
+    def add(self, key: VerifyingKey) -> None:
+        existing = self._keys.get(key.key_id)
+        if existing is not None and existing.public_bytes != key.public_bytes:
+            raise ValueError(f"key id {key.key_id!r} is pinned twice with different keys")
+        self._keys[key.key_id] = key
+
+    def get(self, key_id: str) -> VerifyingKey | None:
+        return self._keys.get(key_id)
+
+    def parties(self) -> set[str]:
+        return {key.party for key in self._keys.values()}
+
+
+def open_envelope(raw: bytes, trust: TrustStore) -> VerifiedEnvelope:
+    """Verify a serialised Envelope and return its still-unparsed payload.
+
+    Raises :class:`Rejected` with the code of the first failed check. The
+    payload is not parsed here: the caller checks ``payload_type`` first and
+    parses only a verified payload.
+    """
+    envelope = envelope_pb2.Envelope()
+    try:
+        envelope.ParseFromString(raw)
+    except DecodeError as exc:
+        raise Rejected(
+            RejectionCode.MALFORMED_ENVELOPE, f"envelope does not decode: {exc}"
+        ) from None
+    return verify(envelope, trust)
+
+
+def verify(envelope: envelope_pb2.Envelope, trust: TrustStore) -> VerifiedEnvelope:
+    """Verify an already-decoded Envelope (see :func:`open_envelope`)."""
+    if not envelope.payload_type:
+        raise Rejected(RejectionCode.MALFORMED_ENVELOPE, "envelope has no payload_type")
+    if not envelope.signatures:
+        raise Rejected(RejectionCode.MALFORMED_ENVELOPE, "envelope carries no signature")
+    message = pae(envelope.payload_type, envelope.payload)
+    parties: set[str] = set()
+    key_ids: list[str] = []
+    for signature in envelope.signatures:
+        key = trust.get(signature.key_id)
+        if key is None:
+            raise Rejected(
+                RejectionCode.UNKNOWN_SIGNING_KEY,
+                f"signing key {signature.key_id!r} is not pinned for any partner",
+            )
+        if len(signature.sig) != SIGNATURE_LENGTH or not key.verify(signature.sig, message):
+            raise Rejected(
+                RejectionCode.BAD_SIGNATURE,
+                f"signature by key {signature.key_id!r} does not verify over the payload",
+            )
+        parties.add(key.party)
+        key_ids.append(signature.key_id)
+    if len(parties) != 1:
+        raise Rejected(
+            RejectionCode.BAD_SIGNATURE,
+            f"envelope is signed by keys of several parties: {sorted(parties)}",
+        )
+    return VerifiedEnvelope(
+        payload_type=envelope.payload_type,
+        payload=envelope.payload,
+        signer_party=parties.pop(),
+        key_ids=tuple(key_ids),
+    )

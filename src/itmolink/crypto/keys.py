@@ -1,0 +1,116 @@
+"""Ed25519 signing keys, their ids, and private-key files written 0600."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+PRIVATE_FILE_MODE = 0o600
+
+
+def key_id_for(party: str, public_bytes: bytes) -> str:
+    """A stable key id: the party code and a digest of the raw public key."""
+    return f"{party}-ed25519-{hashlib.sha256(public_bytes).hexdigest()[:16]}"
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyingKey:
+    """A partner's pinned Ed25519 public key."""
+
+    party: str
+    key_id: str
+    public_bytes: bytes
+
+    def verify(self, signature: bytes, message: bytes) -> bool:
+        try:
+            Ed25519PublicKey.from_public_bytes(self.public_bytes).verify(signature, message)
+        except InvalidSignature:
+            return False
+        return True
+
+    @classmethod
+    def from_base64(cls, party: str, key_id: str, value: str) -> VerifyingKey:
+        raw = base64.b64decode(value, validate=True)
+        if len(raw) != 32:
+            raise ValueError(
+                f"signing key {key_id!r}: an Ed25519 public key has 32 bytes, not {len(raw)}"
+            )
+        if key_id_for(party, raw) != key_id:
+            raise ValueError(
+                f"signing key {key_id!r} does not match its public key for party {party}"
+            )
+        return cls(party=party, key_id=key_id, public_bytes=raw)
+
+    def to_base64(self) -> str:
+        return base64.b64encode(self.public_bytes).decode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    """This node's Ed25519 private signing key. Its repr never shows the key."""
+
+    party: str
+    key_id: str
+    _private: Ed25519PrivateKey = field(repr=False)
+
+    @classmethod
+    def generate(cls, party: str) -> SigningKey:
+        return cls.from_private(party, Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_private(cls, party: str, private: Ed25519PrivateKey) -> SigningKey:
+        public = private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        return cls(party=party, key_id=key_id_for(party, public), _private=private)
+
+    def sign(self, message: bytes) -> bytes:
+        return self._private.sign(message)
+
+    def verifying_key(self) -> VerifyingKey:
+        public = self._private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        return VerifyingKey(party=self.party, key_id=self.key_id, public_bytes=public)
+
+    def private_pem(self) -> bytes:
+        return self._private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    @classmethod
+    def load(cls, party: str, path: Path) -> SigningKey:
+        check_private_file(path)
+        private = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(private, Ed25519PrivateKey):
+            raise ValueError(f"{path}: not an Ed25519 private key")
+        return cls.from_private(party, private)
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Create ``path`` with mode 0600 and write ``data``; refuse to overwrite."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def check_private_file(path: Path) -> None:
+    """Refuse a private key file that group or others can read."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise PermissionError(
+            f"{path} has mode {mode:o}; private keys must not be readable by group or "
+            f"others: run 'chmod 600 {path}'"
+        )

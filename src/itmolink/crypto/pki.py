@@ -1,0 +1,269 @@
+"""Party key material: a CA, a node certificate for mutual TLS, a signing key.
+
+``init_party`` lays out one party's directory::
+
+    ca.pem ca.key           the party's own certificate authority (ECDSA P-256)
+    node.pem node.key       the node certificate, for both TLS server and client
+    signing.key             the Ed25519 key that signs protocol messages
+    card.toml               the public partner card to hand to partner registries
+
+Private keys are created with mode 0600 and never printed. A partner pins the
+party's CA certificate (for mutual TLS) and its signing public keys (for
+envelopes) from the card.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import re
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from itmolink.crypto.keys import SigningKey, VerifyingKey, write_private_file
+
+PARTY_CODE = re.compile(r"^[A-Z]{3}$")
+CA_VALIDITY = dt.timedelta(days=3650)
+NODE_VALIDITY = dt.timedelta(days=825)
+DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def check_party_code(party: str) -> str:
+    if not PARTY_CODE.match(party):
+        raise ValueError(
+            f"party {party!r} is not an ISO 3166-1 alpha-3 code such as LAO, KOR or JPN"
+        )
+    return party
+
+
+@dataclass(frozen=True, slots=True)
+class PartyFiles:
+    """Paths of one party's key material."""
+
+    directory: Path
+
+    @property
+    def ca_certificate(self) -> Path:
+        return self.directory / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.directory / "ca.key"
+
+    @property
+    def node_certificate(self) -> Path:
+        return self.directory / "node.pem"
+
+    @property
+    def node_key(self) -> Path:
+        return self.directory / "node.key"
+
+    @property
+    def signing_key(self) -> Path:
+        return self.directory / "signing.key"
+
+    @property
+    def card(self) -> Path:
+        return self.directory / "card.toml"
+
+
+@dataclass(frozen=True, slots=True)
+class PartnerCard:
+    """What a party publishes to its partners: identity, CA and signing keys."""
+
+    party: str
+    registry: str
+    ca_certificate_pem: bytes
+    signing_keys: tuple[VerifyingKey, ...]
+
+    def to_toml(self) -> str:
+        lines = [
+            "# itmolink partner card: public material only. Give it to partner registries,",
+            "# which pin this CA for mutual TLS and these keys for signed messages.",
+            f'party = "{self.party}"',
+            f'registry = "{self.registry}"',
+            f'ca_certificate = """\n{self.ca_certificate_pem.decode("ascii").strip()}\n"""',
+        ]
+        for key in self.signing_keys:
+            lines += [
+                "",
+                "[[signing_keys]]",
+                f'key_id = "{key.key_id}"',
+                f'public_key = "{key.to_base64()}"',
+            ]
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def load(cls, path: Path) -> PartnerCard:
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"partner card {path}: {exc}") from None
+        try:
+            party = check_party_code(str(data["party"]))
+            registry = str(data["registry"])
+            ca_pem = str(data["ca_certificate"]).strip().encode("ascii") + b"\n"
+            x509.load_pem_x509_certificate(ca_pem)
+            keys = tuple(
+                VerifyingKey.from_base64(party, str(k["key_id"]), str(k["public_key"]))
+                for k in data.get("signing_keys", [])
+            )
+        except KeyError as exc:
+            raise ValueError(f"partner card {path}: missing field {exc.args[0]!r}") from None
+        except ValueError as exc:
+            raise ValueError(f"partner card {path}: {exc}") from None
+        if not keys:
+            raise ValueError(f"partner card {path}: no [[signing_keys]] entry")
+        return cls(party=party, registry=registry, ca_certificate_pem=ca_pem, signing_keys=keys)
+
+
+def _name(party: str, role: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"itmolink {party}"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{party} {role}"),
+        ]
+    )
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
+def init_party(
+    directory: Path,
+    party: str,
+    registry: str,
+    *,
+    hosts: Sequence[str] = DEFAULT_HOSTS,
+    now: dt.datetime,
+) -> PartyFiles:
+    """Create a party's CA, node certificate, signing key and partner card.
+
+    Refuses to overwrite existing key material: rotating keys is a deliberate
+    operation, not a side effect of re-running init.
+    """
+    check_party_code(party)
+    files = PartyFiles(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    existing = [
+        p for p in (files.ca_key, files.node_key, files.signing_key, files.card) if p.exists()
+    ]
+    if existing:
+        raise FileExistsError(
+            f"{existing[0]} already exists; refusing to overwrite key material "
+            f"(move the directory away to start again)"
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = _name(party, "registry CA")
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    node_key = ec.generate_private_key(ec.SECP256R1())
+    node_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(party, "registry node"))
+        .issuer_name(ca_name)
+        .public_key(node_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + NODE_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_san(hosts), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    signing = SigningKey.generate(party)
+
+    write_private_file(files.ca_key, _pem_key(ca_key))
+    write_private_file(files.node_key, _pem_key(node_key))
+    write_private_file(files.signing_key, signing.private_pem())
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+    files.ca_certificate.write_bytes(ca_pem)
+    files.node_certificate.write_bytes(node_cert.public_bytes(serialization.Encoding.PEM))
+    card = PartnerCard(
+        party=party,
+        registry=registry,
+        ca_certificate_pem=ca_pem,
+        signing_keys=(signing.verifying_key(),),
+    )
+    files.card.write_text(card.to_toml())
+    return files
+
+
+def issuing_party(peer_certificate_pem: bytes, cards: Sequence[PartnerCard]) -> str | None:
+    """The party whose pinned CA directly issued ``peer_certificate_pem``, if any.
+
+    The TLS handshake has already checked the chain against the pinned CAs;
+    this maps the authenticated certificate to the partner it belongs to.
+    """
+    try:
+        peer = x509.load_pem_x509_certificate(peer_certificate_pem)
+    except ValueError:
+        return None
+    for card in cards:
+        ca = x509.load_pem_x509_certificate(card.ca_certificate_pem)
+        try:
+            peer.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return card.party
+    return None
