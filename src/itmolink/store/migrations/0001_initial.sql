@@ -1,0 +1,177 @@
+-- itmolink schema version 1. Portable SQL: SQLite and PostgreSQL.
+-- Times are integer microseconds since the Unix epoch (UTC). BYTEA_OR_BLOB and
+-- AUTO_ID are replaced per database by store/migrate.py.
+
+CREATE TABLE node_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+
+CREATE TABLE counters (
+    name TEXT PRIMARY KEY,
+    value BIGINT NOT NULL
+);
+
+-- Per-partner link state: the next sequence number this node sends.
+CREATE TABLE links (
+    partner TEXT PRIMARY KEY,
+    next_out_sequence BIGINT NOT NULL
+);
+
+-- Every envelope sent or received, raw bytes, in a hash chain: the evidence.
+CREATE TABLE journal (
+    id BIGINT PRIMARY KEY,
+    direction TEXT NOT NULL CHECK (direction IN ('in', 'out')),
+    partner TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    payload_type TEXT NOT NULL,
+    envelope BYTEA_OR_BLOB NOT NULL,
+    recorded_at BIGINT NOT NULL,
+    prev_hash BYTEA_OR_BLOB NOT NULL,
+    entry_hash BYTEA_OR_BLOB NOT NULL UNIQUE
+);
+CREATE UNIQUE INDEX journal_message ON journal (direction, partner, message_id);
+
+-- Requests received: each message id is applied at most once; a retry gets
+-- the stored reply.
+CREATE TABLE inbox (
+    partner TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    payload_digest BYTEA_OR_BLOB NOT NULL,
+    sequence BIGINT NOT NULL,
+    reply BYTEA_OR_BLOB NOT NULL,
+    journal_id BIGINT NOT NULL REFERENCES journal (id),
+    PRIMARY KEY (partner, message_id)
+);
+CREATE UNIQUE INDEX inbox_sequence ON inbox (partner, sequence);
+
+-- Requests to send: persisted before sending, retried until answered.
+CREATE TABLE outbox (
+    message_id TEXT PRIMARY KEY,
+    partner TEXT NOT NULL,
+    payload_type TEXT NOT NULL,
+    subject_id TEXT NOT NULL,
+    envelope BYTEA_OR_BLOB NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'answered', 'cancelled')),
+    attempts INTEGER NOT NULL,
+    next_attempt_at BIGINT NOT NULL,
+    last_error TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    answered_journal_id BIGINT REFERENCES journal (id)
+);
+CREATE INDEX outbox_due ON outbox (state, next_attempt_at);
+
+CREATE TABLE authorisations (
+    host_party TEXT NOT NULL,
+    authorisation_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    activity_id TEXT NOT NULL,
+    activity_name TEXT NOT NULL,
+    activity_description TEXT NOT NULL,
+    cooperative_approach_id TEXT NOT NULL,
+    acquiring_parties TEXT NOT NULL,
+    purposes TEXT NOT NULL,
+    oimp_detail TEXT NOT NULL,
+    first_transfer_definition INTEGER NOT NULL,
+    vintage_from INTEGER NOT NULL,
+    vintage_to INTEGER NOT NULL,
+    quantity_cap BIGINT NOT NULL,
+    unit_type INTEGER NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (host_party, authorisation_id, version)
+);
+
+-- Per acquiring party: whether it acknowledged the authorisation.
+CREATE TABLE authorisation_parties (
+    host_party TEXT NOT NULL,
+    authorisation_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    party TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'acknowledged', 'rejected')),
+    rejection_code INTEGER NOT NULL,
+    evidence_journal_id BIGINT REFERENCES journal (id),
+    PRIMARY KEY (host_party, authorisation_id, version, party)
+);
+
+CREATE TABLE issuances (
+    host_party TEXT NOT NULL,
+    issuance_id TEXT NOT NULL,
+    authorisation_id TEXT NOT NULL,
+    vintage INTEGER NOT NULL,
+    quantity BIGINT NOT NULL,
+    originating_registry TEXT NOT NULL,
+    serial_start BIGINT NOT NULL,
+    serial_end BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (host_party, issuance_id, originating_registry, serial_start)
+);
+
+-- Serial blocks held by this registry.
+CREATE TABLE blocks (
+    originating_registry TEXT NOT NULL,
+    serial_start BIGINT NOT NULL,
+    serial_end BIGINT NOT NULL,
+    unit_type INTEGER NOT NULL,
+    vintage INTEGER NOT NULL,
+    activity_id TEXT NOT NULL,
+    authorisation_id TEXT NOT NULL,
+    cooperative_approach_id TEXT NOT NULL,
+    first_transferring_party TEXT NOT NULL,
+    account TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('held', 'reserved')),
+    transfer_id TEXT,
+    PRIMARY KEY (originating_registry, serial_start),
+    CHECK (serial_start >= 1 AND serial_end >= serial_start),
+    CHECK ((status = 'reserved') = (transfer_id IS NOT NULL))
+);
+CREATE INDEX blocks_transfer ON blocks (transfer_id);
+
+CREATE TABLE transfers (
+    transfer_id TEXT PRIMARY KEY,
+    direction TEXT NOT NULL CHECK (direction IN ('out', 'in')),
+    partner TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    quantity BIGINT NOT NULL,
+    authorisation_id TEXT NOT NULL,
+    first_transfer INTEGER NOT NULL,
+    proposal_message_id TEXT NOT NULL,
+    proposal_digest BYTEA_OR_BLOB NOT NULL,
+    acceptance_digest BYTEA_OR_BLOB NOT NULL,
+    expires_at BIGINT NOT NULL,
+    rejection_code INTEGER NOT NULL,
+    rejection_detail TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+
+-- The blocks a transfer moves, kept after it ends as its record.
+CREATE TABLE transfer_blocks (
+    transfer_id TEXT NOT NULL REFERENCES transfers (transfer_id),
+    originating_registry TEXT NOT NULL,
+    serial_start BIGINT NOT NULL,
+    serial_end BIGINT NOT NULL,
+    unit_type INTEGER NOT NULL,
+    vintage INTEGER NOT NULL,
+    activity_id TEXT NOT NULL,
+    authorisation_id TEXT NOT NULL,
+    cooperative_approach_id TEXT NOT NULL,
+    first_transferring_party TEXT NOT NULL,
+    PRIMARY KEY (transfer_id, originating_registry, serial_start)
+);
+CREATE INDEX transfer_blocks_serials ON transfer_blocks (originating_registry, serial_start);
+
+-- The corresponding adjustment ledger. Each entry points at the journal entry
+-- of the partner's signed acknowledgement recorded in the same transaction.
+CREATE TABLE adjustments (
+    id AUTO_ID,
+    party TEXT NOT NULL,
+    partner TEXT NOT NULL,
+    transfer_id TEXT NOT NULL REFERENCES transfers (transfer_id),
+    year INTEGER NOT NULL,
+    amount BIGINT NOT NULL CHECK (amount <> 0),
+    unit_type INTEGER NOT NULL,
+    method TEXT NOT NULL,
+    evidence_journal_id BIGINT NOT NULL REFERENCES journal (id),
+    recorded_at BIGINT NOT NULL,
+    UNIQUE (transfer_id, year, unit_type)
+);

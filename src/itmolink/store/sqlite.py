@@ -1,0 +1,106 @@
+"""The embedded SQLite store: WAL mode, durable commits, one writer."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Protocol
+
+from itmolink.store.migrate import SQLITE, migrations, statements
+from itmolink.store.tx import Tx
+
+
+class Store(Protocol):
+    """What the node needs from a database: transactions and a version."""
+
+    def transaction(self) -> AbstractContextManager[Tx]: ...
+
+    def schema_version(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class SqliteStore:
+    """SQLite in WAL mode with ``synchronous=FULL``: a commit survives power loss.
+
+    Write transactions start with ``BEGIN IMMEDIATE`` so two writers never
+    deadlock on a lock upgrade. The connection is used by one thread at a time
+    (the node runs every transaction on a single database thread); a lock
+    enforces it.
+    """
+
+    def __init__(self, path: Path | str, *, party: str, registry: str) -> None:
+        self.path = str(path)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.execute("PRAGMA busy_timeout=10000")
+        self._migrate()
+        self._check_identity(party, registry)
+
+    def _migrate(self) -> None:
+        with self._lock:
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)"
+            )
+            applied = {
+                row[0] for row in self._conn.execute("SELECT version FROM schema_migrations")
+            }
+            for migration in migrations():
+                if migration.version in applied:
+                    continue
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in statements(SQLITE.render(migration.sql)):
+                        self._conn.execute(statement)
+                    self._conn.execute(
+                        "INSERT INTO schema_migrations (version, name, applied_at) "
+                        "VALUES (?, ?, ?)",
+                        (migration.version, migration.name, time.time_ns() // 1000),
+                    )
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+
+    def _check_identity(self, party: str, registry: str) -> None:
+        """A database belongs to one party's registry; refuse to open another's."""
+        with self.transaction() as tx:
+            stored = tx.meta()
+            if not stored:
+                tx.set_meta("party", party)
+                tx.set_meta("registry", registry)
+                return
+        if (stored.get("party"), stored.get("registry")) != (party, registry):
+            raise RuntimeError(
+                f"database {self.path} belongs to {stored.get('party')}/{stored.get('registry')}, "
+                f"not {party}/{registry}: check 'database' in the node configuration"
+            )
+
+    def schema_version(self) -> int:
+        with self._lock:
+            row = self._conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+        return int(row[0] or 0)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        """One database transaction: committed when the block ends, else rolled back."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield Tx(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

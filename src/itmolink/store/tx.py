@@ -1,0 +1,705 @@
+"""Domain operations inside one database transaction.
+
+Written in portable SQL with ``?`` placeholders; every method runs inside the
+transaction its :class:`Tx` belongs to and never commits on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from itmolink.core.adjustments import AdjustmentEntry
+from itmolink.core.blocks import Block
+from itmolink.core.rules import AuthorisationTerms
+from itmolink.core.transfer import Role, TransferState
+from itmolink.core.units import Purpose, UnitType
+
+GENESIS_HASH = b"\x00" * 32
+
+_BLOCK_COLUMNS = (
+    "originating_registry, serial_start, serial_end, unit_type, vintage, activity_id, "
+    "authorisation_id, cooperative_approach_id, first_transferring_party"
+)
+
+
+def _block(row: Sequence[Any]) -> Block:
+    return Block(
+        originating_registry=row[0],
+        serial_start=int(row[1]),
+        serial_end=int(row[2]),
+        unit_type=UnitType(row[3]),
+        vintage=int(row[4]),
+        activity_id=row[5],
+        authorisation_id=row[6],
+        cooperative_approach_id=row[7],
+        first_transferring_party=row[8],
+    )
+
+
+def _block_values(block: Block) -> tuple[Any, ...]:
+    return (
+        block.originating_registry,
+        block.serial_start,
+        block.serial_end,
+        int(block.unit_type),
+        block.vintage,
+        block.activity_id,
+        block.authorisation_id,
+        block.cooperative_approach_id,
+        block.first_transferring_party,
+    )
+
+
+def journal_hash(prev_hash: bytes, direction: str, partner: str, envelope: bytes) -> bytes:
+    """Hash of one journal entry, chained to the previous entry's hash."""
+    digest = hashlib.sha256()
+    digest.update(prev_hash)
+    digest.update(f"{direction}\x00{partner}\x00".encode())
+    digest.update(envelope)
+    return digest.digest()
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    message_id: str
+    partner: str
+    payload_type: str
+    subject_id: str
+    envelope: bytes
+    state: str
+    attempts: int
+    next_attempt_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class InboxEntry:
+    message_id: str
+    payload_digest: bytes
+    reply: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class TransferRecord:
+    transfer_id: str
+    direction: Role
+    partner: str
+    state: TransferState
+    quantity: int
+    authorisation_id: str
+    first_transfer: bool
+    proposal_message_id: str
+    proposal_digest: bytes
+    acceptance_digest: bytes
+    expires_at: int
+    rejection_code: int
+    rejection_detail: str
+    created_at: int
+    updated_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeldBlock:
+    block: Block
+    account: str
+    status: str
+    transfer_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AdjustmentRecord:
+    entry: AdjustmentEntry
+    evidence_message_id: str
+    recorded_at: int
+
+
+_TRANSFER_COLUMNS = (
+    "transfer_id, direction, partner, state, quantity, authorisation_id, first_transfer, "
+    "proposal_message_id, proposal_digest, acceptance_digest, expires_at, rejection_code, "
+    "rejection_detail, created_at, updated_at"
+)
+
+
+def _transfer(row: Sequence[Any]) -> TransferRecord:
+    return TransferRecord(
+        transfer_id=row[0],
+        direction=Role(row[1]),
+        partner=row[2],
+        state=TransferState(row[3]),
+        quantity=int(row[4]),
+        authorisation_id=row[5],
+        first_transfer=bool(row[6]),
+        proposal_message_id=row[7],
+        proposal_digest=bytes(row[8]),
+        acceptance_digest=bytes(row[9]),
+        expires_at=int(row[10]),
+        rejection_code=int(row[11]),
+        rejection_detail=row[12],
+        created_at=int(row[13]),
+        updated_at=int(row[14]),
+    )
+
+
+class Tx:
+    """Operations inside one open transaction."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._savepoints = 0
+
+    def _exec(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return self._conn.execute(sql, params)
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self._exec(sql, params).fetchone()
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A nested scope whose writes are undone if it raises."""
+        self._savepoints += 1
+        name = f"sp{self._savepoints}"
+        self._exec(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            self._exec(f"ROLLBACK TO SAVEPOINT {name}")
+            self._exec(f"RELEASE SAVEPOINT {name}")
+            raise
+        self._exec(f"RELEASE SAVEPOINT {name}")
+
+    # -- node identity and counters ------------------------------------------------------
+
+    def meta(self) -> dict[str, str]:
+        return {k: v for k, v in self._exec("SELECT key, value FROM node_meta")}
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._exec("INSERT INTO node_meta (key, value) VALUES (?, ?)", (key, value))
+
+    def next_counter(self, name: str, count: int = 1) -> int:
+        """Reserve ``count`` values of a counter; returns the first (counters start at 1)."""
+        row = self._one("SELECT value FROM counters WHERE name = ?", (name,))
+        first = 1 if row is None else int(row[0])
+        if row is None:
+            self._exec("INSERT INTO counters (name, value) VALUES (?, ?)", (name, first + count))
+        else:
+            self._exec("UPDATE counters SET value = ? WHERE name = ?", (first + count, name))
+        return first
+
+    def next_sequence(self, partner: str) -> int:
+        row = self._one("SELECT next_out_sequence FROM links WHERE partner = ?", (partner,))
+        if row is None:
+            self._exec("INSERT INTO links (partner, next_out_sequence) VALUES (?, 2)", (partner,))
+            return 1
+        self._exec(
+            "UPDATE links SET next_out_sequence = next_out_sequence + 1 WHERE partner = ?",
+            (partner,),
+        )
+        return int(row[0])
+
+    # -- journal ----------------------------------------------------------------------
+
+    def journal(
+        self,
+        *,
+        direction: str,
+        partner: str,
+        message_id: str,
+        payload_type: str,
+        envelope: bytes,
+        now: int,
+    ) -> int:
+        """Append an envelope to the hash-chained journal; returns its entry id."""
+        last = self._one("SELECT id, entry_hash FROM journal ORDER BY id DESC LIMIT 1")
+        entry_id, prev_hash = (1, GENESIS_HASH) if last is None else (last[0] + 1, bytes(last[1]))
+        self._exec(
+            "INSERT INTO journal (id, direction, partner, message_id, payload_type, envelope, "
+            "recorded_at, prev_hash, entry_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                entry_id,
+                direction,
+                partner,
+                message_id,
+                payload_type,
+                envelope,
+                now,
+                prev_hash,
+                journal_hash(prev_hash, direction, partner, envelope),
+            ),
+        )
+        return int(entry_id)
+
+    def journal_entries(self) -> list[tuple[int, str, str, str, bytes, bytes, bytes]]:
+        rows = self._exec(
+            "SELECT id, direction, partner, payload_type, envelope, prev_hash, entry_hash "
+            "FROM journal ORDER BY id"
+        )
+        return [(int(r[0]), r[1], r[2], r[3], bytes(r[4]), bytes(r[5]), bytes(r[6])) for r in rows]
+
+    # -- inbox and outbox ---------------------------------------------------------------
+
+    def inbox_get(self, partner: str, message_id: str) -> InboxEntry | None:
+        row = self._one(
+            "SELECT message_id, payload_digest, reply FROM inbox "
+            "WHERE partner = ? AND message_id = ?",
+            (partner, message_id),
+        )
+        return None if row is None else InboxEntry(row[0], bytes(row[1]), bytes(row[2]))
+
+    def inbox_sequence_owner(self, partner: str, sequence: int) -> str | None:
+        row = self._one(
+            "SELECT message_id FROM inbox WHERE partner = ? AND sequence = ?", (partner, sequence)
+        )
+        return None if row is None else str(row[0])
+
+    def inbox_put(
+        self,
+        *,
+        partner: str,
+        message_id: str,
+        payload_digest: bytes,
+        sequence: int,
+        reply: bytes,
+        journal_id: int,
+    ) -> None:
+        self._exec(
+            "INSERT INTO inbox (partner, message_id, payload_digest, sequence, reply, journal_id) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (partner, message_id, payload_digest, sequence, reply, journal_id),
+        )
+
+    def outbox_put(
+        self,
+        *,
+        message_id: str,
+        partner: str,
+        payload_type: str,
+        subject_id: str,
+        envelope: bytes,
+        now: int,
+    ) -> None:
+        self._exec(
+            "INSERT INTO outbox (message_id, partner, payload_type, subject_id, envelope, state, "
+            "attempts, next_attempt_at, last_error, created_at) "
+            "VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, '', ?)",
+            (message_id, partner, payload_type, subject_id, envelope, now, now),
+        )
+
+    def outbox_due(self, now: int, limit: int) -> list[OutboxMessage]:
+        rows = self._exec(
+            "SELECT message_id, partner, payload_type, subject_id, envelope, state, attempts, "
+            "next_attempt_at FROM outbox WHERE state = 'pending' AND next_attempt_at <= ? "
+            "ORDER BY next_attempt_at, created_at LIMIT ?",
+            (now, limit),
+        )
+        return [OutboxMessage(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6], r[7]) for r in rows]
+
+    def outbox_next_due(self) -> int | None:
+        row = self._one("SELECT MIN(next_attempt_at) FROM outbox WHERE state = 'pending'")
+        return None if row is None or row[0] is None else int(row[0])
+
+    def outbox_get(self, message_id: str) -> OutboxMessage | None:
+        row = self._one(
+            "SELECT message_id, partner, payload_type, subject_id, envelope, state, attempts, "
+            "next_attempt_at FROM outbox WHERE message_id = ?",
+            (message_id,),
+        )
+        if row is None:
+            return None
+        return OutboxMessage(row[0], row[1], row[2], row[3], bytes(row[4]), *row[5:])
+
+    def outbox_retry_later(self, message_id: str, *, next_attempt_at: int, error: str) -> None:
+        self._exec(
+            "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? "
+            "WHERE message_id = ? AND state = 'pending'",
+            (next_attempt_at, error[:500], message_id),
+        )
+
+    def outbox_answered(self, message_id: str, journal_id: int) -> None:
+        self._exec(
+            "UPDATE outbox SET state = 'answered', answered_journal_id = ?, "
+            "attempts = attempts + 1 WHERE message_id = ?",
+            (journal_id, message_id),
+        )
+
+    def outbox_cancel(self, *, payload_type: str, subject_id: str) -> None:
+        self._exec(
+            "UPDATE outbox SET state = 'cancelled' "
+            "WHERE payload_type = ? AND subject_id = ? AND state = 'pending'",
+            (payload_type, subject_id),
+        )
+
+    def outbox_pending_count(self) -> int:
+        return int(self._one("SELECT COUNT(*) FROM outbox WHERE state = 'pending'")[0])
+
+    # -- authorisations -----------------------------------------------------------------
+
+    def authorisation_put(
+        self,
+        terms: AuthorisationTerms,
+        *,
+        activity_name: str,
+        activity_description: str,
+        oimp_detail: str,
+        first_transfer_definition: int,
+        now: int,
+    ) -> None:
+        self._exec(
+            "INSERT INTO authorisations (host_party, authorisation_id, version, activity_id, "
+            "activity_name, activity_description, cooperative_approach_id, acquiring_parties, "
+            "purposes, oimp_detail, first_transfer_definition, vintage_from, vintage_to, "
+            "quantity_cap, unit_type, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                terms.host_party,
+                terms.authorisation_id,
+                terms.version,
+                terms.activity_id,
+                activity_name,
+                activity_description,
+                terms.cooperative_approach_id,
+                ",".join(sorted(terms.acquiring_parties)),
+                ",".join(str(int(p)) for p in sorted(terms.purposes)),
+                oimp_detail,
+                first_transfer_definition,
+                terms.vintage_from,
+                terms.vintage_to,
+                terms.quantity_cap,
+                int(terms.unit_type),
+                now,
+            ),
+        )
+
+    def authorisation_get(
+        self, host_party: str, authorisation_id: str
+    ) -> AuthorisationTerms | None:
+        """The latest version of an authorisation."""
+        row = self._one(
+            "SELECT host_party, authorisation_id, version, activity_id, cooperative_approach_id, "
+            "acquiring_parties, purposes, vintage_from, vintage_to, quantity_cap, unit_type "
+            "FROM authorisations WHERE host_party = ? AND authorisation_id = ? "
+            "ORDER BY version DESC LIMIT 1",
+            (host_party, authorisation_id),
+        )
+        if row is None:
+            return None
+        return AuthorisationTerms(
+            host_party=row[0],
+            authorisation_id=row[1],
+            version=int(row[2]),
+            activity_id=row[3],
+            cooperative_approach_id=row[4],
+            acquiring_parties=frozenset(p for p in row[5].split(",") if p),
+            purposes=frozenset(Purpose(int(p)) for p in row[6].split(",") if p),
+            vintage_from=int(row[7]),
+            vintage_to=int(row[8]),
+            quantity_cap=int(row[9]),
+            unit_type=UnitType(row[10]),
+        )
+
+    def authorisations(self) -> list[AuthorisationTerms]:
+        rows = self._exec(
+            "SELECT DISTINCT host_party, authorisation_id FROM authorisations "
+            "ORDER BY host_party, authorisation_id"
+        ).fetchall()
+        found = [self.authorisation_get(r[0], r[1]) for r in rows]
+        return [terms for terms in found if terms is not None]
+
+    def authorisation_party_put(
+        self, terms: AuthorisationTerms, party: str, state: str, evidence_journal_id: int | None
+    ) -> None:
+        self._exec(
+            "INSERT INTO authorisation_parties (host_party, authorisation_id, version, party, "
+            "state, rejection_code, evidence_journal_id) VALUES (?, ?, ?, ?, ?, 0, ?)",
+            (
+                terms.host_party,
+                terms.authorisation_id,
+                terms.version,
+                party,
+                state,
+                evidence_journal_id,
+            ),
+        )
+
+    def authorisation_party_set(
+        self,
+        *,
+        host_party: str,
+        authorisation_id: str,
+        version: int,
+        party: str,
+        state: str,
+        rejection_code: int,
+        evidence_journal_id: int,
+    ) -> None:
+        self._exec(
+            "UPDATE authorisation_parties SET state = ?, rejection_code = ?, "
+            "evidence_journal_id = ? WHERE host_party = ? AND authorisation_id = ? "
+            "AND version = ? AND party = ?",
+            (
+                state,
+                rejection_code,
+                evidence_journal_id,
+                host_party,
+                authorisation_id,
+                version,
+                party,
+            ),
+        )
+
+    def authorisation_party_states(
+        self, host_party: str, authorisation_id: str, version: int
+    ) -> dict[str, str]:
+        rows = self._exec(
+            "SELECT party, state FROM authorisation_parties WHERE host_party = ? "
+            "AND authorisation_id = ? AND version = ?",
+            (host_party, authorisation_id, version),
+        )
+        return {r[0]: r[1] for r in rows}
+
+    # -- issuance and holdings ----------------------------------------------------------
+
+    def issuance_put(
+        self,
+        *,
+        host_party: str,
+        issuance_id: str,
+        authorisation_id: str,
+        vintage: int,
+        blocks: Sequence[Block],
+        now: int,
+    ) -> None:
+        for block in blocks:
+            self._exec(
+                "INSERT INTO issuances (host_party, issuance_id, authorisation_id, vintage, "
+                "quantity, originating_registry, serial_start, serial_end, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    host_party,
+                    issuance_id,
+                    authorisation_id,
+                    vintage,
+                    block.quantity,
+                    block.originating_registry,
+                    block.serial_start,
+                    block.serial_end,
+                    now,
+                ),
+            )
+
+    def issuance_exists(self, host_party: str, issuance_id: str) -> bool:
+        row = self._one(
+            "SELECT 1 FROM issuances WHERE host_party = ? AND issuance_id = ?",
+            (host_party, issuance_id),
+        )
+        return row is not None
+
+    def issued_total(self, host_party: str, authorisation_id: str) -> int:
+        row = self._one(
+            "SELECT COALESCE(SUM(quantity), 0) FROM issuances "
+            "WHERE host_party = ? AND authorisation_id = ?",
+            (host_party, authorisation_id),
+        )
+        return int(row[0])
+
+    def blocks_insert(self, blocks: Iterable[Block], *, account: str) -> None:
+        for block in blocks:
+            self._exec(
+                f"INSERT INTO blocks ({_BLOCK_COLUMNS}, account, status, transfer_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'held', NULL)",
+                (*_block_values(block), account),
+            )
+
+    def blocks_held(self, *, account: str, authorisation_id: str, vintage: int) -> list[Block]:
+        rows = self._exec(
+            f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE account = ? AND status = 'held' "
+            "AND authorisation_id = ? AND vintage = ? ORDER BY originating_registry, serial_start",
+            (account, authorisation_id, vintage),
+        )
+        return [_block(r) for r in rows]
+
+    def blocks_overlapping(self, block: Block) -> list[Block]:
+        """Blocks held here, or moving in or out, that share a serial with ``block``."""
+        params = (block.originating_registry, block.serial_end, block.serial_start)
+        held = self._exec(
+            f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE originating_registry = ? "
+            "AND serial_start <= ? AND serial_end >= ?",
+            params,
+        ).fetchall()
+        pending = self._exec(
+            f"SELECT {', '.join('b.' + c.strip() for c in _BLOCK_COLUMNS.split(','))} "
+            "FROM transfer_blocks b JOIN transfers t ON t.transfer_id = b.transfer_id "
+            "WHERE t.direction = 'in' AND t.state = ? AND b.originating_registry = ? "
+            "AND b.serial_start <= ? AND b.serial_end >= ?",
+            (int(TransferState.ACCEPTED), *params),
+        ).fetchall()
+        return [_block(r) for r in [*held, *pending]]
+
+    def blocks_reserve(self, blocks: Iterable[Block], *, transfer_id: str) -> None:
+        for block in blocks:
+            cursor = self._exec(
+                "UPDATE blocks SET status = 'reserved', transfer_id = ? "
+                "WHERE originating_registry = ? AND serial_start = ? AND serial_end = ? "
+                "AND status = 'held'",
+                (transfer_id, block.originating_registry, block.serial_start, block.serial_end),
+            )
+            if cursor.rowcount != 1:
+                raise RuntimeError(f"block {block.label()} is not held and cannot be reserved")
+
+    def blocks_delete(self, blocks: Iterable[Block]) -> None:
+        for block in blocks:
+            self._exec(
+                "DELETE FROM blocks WHERE originating_registry = ? AND serial_start = ?",
+                (block.originating_registry, block.serial_start),
+            )
+
+    def blocks_of_transfer(self, transfer_id: str) -> list[Block]:
+        rows = self._exec(
+            f"SELECT {_BLOCK_COLUMNS} FROM transfer_blocks WHERE transfer_id = ? "
+            "ORDER BY originating_registry, serial_start",
+            (transfer_id,),
+        )
+        return [_block(r) for r in rows]
+
+    def blocks_release(self, transfer_id: str) -> int:
+        cursor = self._exec(
+            "UPDATE blocks SET status = 'held', transfer_id = NULL "
+            "WHERE transfer_id = ? AND status = 'reserved'",
+            (transfer_id,),
+        )
+        return int(cursor.rowcount)
+
+    def blocks_debit_reserved(self, transfer_id: str) -> int:
+        cursor = self._exec(
+            "DELETE FROM blocks WHERE transfer_id = ? AND status = 'reserved'", (transfer_id,)
+        )
+        return int(cursor.rowcount)
+
+    def holdings(self) -> list[HeldBlock]:
+        rows = self._exec(
+            f"SELECT {_BLOCK_COLUMNS}, account, status, transfer_id FROM blocks "
+            "ORDER BY originating_registry, serial_start"
+        )
+        return [HeldBlock(_block(r), r[9], r[10], r[11]) for r in rows]
+
+    # -- transfers ----------------------------------------------------------------------
+
+    def transfer_put(
+        self,
+        *,
+        transfer_id: str,
+        direction: Role,
+        partner: str,
+        state: TransferState,
+        quantity: int,
+        authorisation_id: str,
+        first_transfer: bool,
+        proposal_message_id: str,
+        proposal_digest: bytes,
+        acceptance_digest: bytes = b"",
+        expires_at: int,
+        rejection_code: int = 0,
+        rejection_detail: str = "",
+        blocks: Sequence[Block] = (),
+        now: int,
+    ) -> None:
+        self._exec(
+            f"INSERT INTO transfers ({_TRANSFER_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                transfer_id,
+                direction.value,
+                partner,
+                int(state),
+                quantity,
+                authorisation_id,
+                int(first_transfer),
+                proposal_message_id,
+                proposal_digest,
+                acceptance_digest,
+                expires_at,
+                rejection_code,
+                rejection_detail,
+                now,
+                now,
+            ),
+        )
+        for block in blocks:
+            self._exec(
+                f"INSERT INTO transfer_blocks (transfer_id, {_BLOCK_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (transfer_id, *_block_values(block)),
+            )
+
+    def transfer_get(self, transfer_id: str) -> TransferRecord | None:
+        row = self._one(
+            f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = ?", (transfer_id,)
+        )
+        return None if row is None else _transfer(row)
+
+    def transfer_set_state(
+        self,
+        transfer_id: str,
+        state: TransferState,
+        *,
+        now: int,
+        rejection_code: int = 0,
+        rejection_detail: str = "",
+    ) -> None:
+        self._exec(
+            "UPDATE transfers SET state = ?, rejection_code = ?, rejection_detail = ?, "
+            "updated_at = ? WHERE transfer_id = ?",
+            (int(state), rejection_code, rejection_detail, now, transfer_id),
+        )
+
+    def transfers(self) -> list[TransferRecord]:
+        rows = self._exec(f"SELECT {_TRANSFER_COLUMNS} FROM transfers ORDER BY created_at DESC")
+        return [_transfer(r) for r in rows]
+
+    def transfers_expired(self, now: int) -> list[TransferRecord]:
+        rows = self._exec(
+            f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE direction = 'out' "
+            "AND state = ? AND expires_at <= ?",
+            (int(TransferState.PROPOSED), now),
+        )
+        return [_transfer(r) for r in rows]
+
+    # -- corresponding adjustments ------------------------------------------------------
+
+    def adjustments_put(
+        self, entries: Iterable[AdjustmentEntry], *, evidence_journal_id: int, now: int
+    ) -> None:
+        for entry in entries:
+            self._exec(
+                "INSERT INTO adjustments (party, partner, transfer_id, year, amount, unit_type, "
+                "method, evidence_journal_id, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    entry.party,
+                    entry.partner,
+                    entry.transfer_id,
+                    entry.year,
+                    entry.amount,
+                    int(entry.unit_type),
+                    entry.method,
+                    evidence_journal_id,
+                    now,
+                ),
+            )
+
+    def adjustments(self) -> list[AdjustmentRecord]:
+        rows = self._exec(
+            "SELECT a.party, a.partner, a.transfer_id, a.year, a.amount, a.unit_type, a.method, "
+            "j.message_id, a.recorded_at FROM adjustments a "
+            "JOIN journal j ON j.id = a.evidence_journal_id ORDER BY a.id"
+        )
+        return [
+            AdjustmentRecord(
+                AdjustmentEntry(r[0], r[1], r[2], int(r[3]), int(r[4]), UnitType(r[5]), r[6]),
+                r[7],
+                int(r[8]),
+            )
+            for r in rows
+        ]
