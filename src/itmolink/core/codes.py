@@ -29,6 +29,7 @@ class RejectionCode(enum.IntEnum):
     MALFORMED_PAYLOAD = 2002
     MISSING_FIELD = 2003
     UNEXPECTED_REPLY = 2004
+    UNKNOWN_PARTNER = 2005
 
     # 3xxx: data integrity.
     INVALID_BLOCK = 3001
@@ -40,6 +41,7 @@ class RejectionCode(enum.IntEnum):
     UNKNOWN_TRANSFER = 3007
     TRANSFER_STATE_CONFLICT = 3008
     AUTHORISATION_CONFLICT = 3009
+    DIGEST_MISMATCH = 3010
 
     # 4xxx: Article 6 rules.
     NOT_ACQUIRING_PARTY = 4001

@@ -81,6 +81,9 @@ TRANSITIONS: dict[tuple[Role, TransferState, Event], Step] = {
         _T.COMPLETED, (_E.CREDIT_BLOCKS, _E.APPLY_ADJUSTMENT)
     ),
     (_R, _T.ACCEPTED, Event.VOID_RECEIVED): Step(_T.VOIDED, ()),
+    # The sender voids a proposal it never saw answered; if the receiver had
+    # rejected it, the rejection stands and nothing changes.
+    (_R, _T.REJECTED, Event.VOID_RECEIVED): Step(_T.REJECTED, ()),
 }
 
 

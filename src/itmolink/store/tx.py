@@ -538,6 +538,24 @@ class Tx:
         ).fetchall()
         return [_block(r) for r in [*held, *pending]]
 
+    def block_split(self, tail: Block) -> None:
+        """Split the held block that ends with ``tail`` so that ``tail`` is a block of its own."""
+        cursor = self._exec(
+            "UPDATE blocks SET serial_end = ? WHERE originating_registry = ? "
+            "AND serial_start < ? AND serial_end = ? AND status = 'held'",
+            (tail.serial_start - 1, tail.originating_registry, tail.serial_start, tail.serial_end),
+        )
+        if cursor.rowcount != 1:
+            raise RuntimeError(f"no held block ends with {tail.label()}; cannot split it")
+        self.blocks_insert([tail], account=self._account_of_split(tail))
+
+    def _account_of_split(self, tail: Block) -> str:
+        row = self._one(
+            "SELECT account FROM blocks WHERE originating_registry = ? AND serial_end = ?",
+            (tail.originating_registry, tail.serial_start - 1),
+        )
+        return str(row[0])
+
     def blocks_reserve(self, blocks: Iterable[Block], *, transfer_id: str) -> None:
         for block in blocks:
             cursor = self._exec(

@@ -37,6 +37,7 @@ class _RejectionCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Rejecti
     REJECTION_CODE_MALFORMED_PAYLOAD: _RejectionCode.ValueType  # 2002
     REJECTION_CODE_MISSING_FIELD: _RejectionCode.ValueType  # 2003
     REJECTION_CODE_UNEXPECTED_REPLY: _RejectionCode.ValueType  # 2004
+    REJECTION_CODE_UNKNOWN_PARTNER: _RejectionCode.ValueType  # 2005
     REJECTION_CODE_INVALID_BLOCK: _RejectionCode.ValueType  # 3001
     """3xxx: data integrity."""
     REJECTION_CODE_QUANTITY_MISMATCH: _RejectionCode.ValueType  # 3002
@@ -47,6 +48,7 @@ class _RejectionCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Rejecti
     REJECTION_CODE_UNKNOWN_TRANSFER: _RejectionCode.ValueType  # 3007
     REJECTION_CODE_TRANSFER_STATE_CONFLICT: _RejectionCode.ValueType  # 3008
     REJECTION_CODE_AUTHORISATION_CONFLICT: _RejectionCode.ValueType  # 3009
+    REJECTION_CODE_DIGEST_MISMATCH: _RejectionCode.ValueType  # 3010
     REJECTION_CODE_NOT_ACQUIRING_PARTY: _RejectionCode.ValueType  # 4001
     """4xxx: Article 6 rules."""
     REJECTION_CODE_VINTAGE_BEFORE_2021: _RejectionCode.ValueType  # 4002
@@ -81,6 +83,7 @@ REJECTION_CODE_UNKNOWN_PAYLOAD_TYPE: RejectionCode.ValueType  # 2001
 REJECTION_CODE_MALFORMED_PAYLOAD: RejectionCode.ValueType  # 2002
 REJECTION_CODE_MISSING_FIELD: RejectionCode.ValueType  # 2003
 REJECTION_CODE_UNEXPECTED_REPLY: RejectionCode.ValueType  # 2004
+REJECTION_CODE_UNKNOWN_PARTNER: RejectionCode.ValueType  # 2005
 REJECTION_CODE_INVALID_BLOCK: RejectionCode.ValueType  # 3001
 """3xxx: data integrity."""
 REJECTION_CODE_QUANTITY_MISMATCH: RejectionCode.ValueType  # 3002
@@ -91,6 +94,7 @@ REJECTION_CODE_UNKNOWN_AUTHORISATION: RejectionCode.ValueType  # 3006
 REJECTION_CODE_UNKNOWN_TRANSFER: RejectionCode.ValueType  # 3007
 REJECTION_CODE_TRANSFER_STATE_CONFLICT: RejectionCode.ValueType  # 3008
 REJECTION_CODE_AUTHORISATION_CONFLICT: RejectionCode.ValueType  # 3009
+REJECTION_CODE_DIGEST_MISMATCH: RejectionCode.ValueType  # 3010
 REJECTION_CODE_NOT_ACQUIRING_PARTY: RejectionCode.ValueType  # 4001
 """4xxx: Article 6 rules."""
 REJECTION_CODE_VINTAGE_BEFORE_2021: RejectionCode.ValueType  # 4002

@@ -1,0 +1,1 @@
+"""The running registry node: protocol engine, gRPC services, outbox worker."""

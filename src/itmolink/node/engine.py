@@ -1,0 +1,1096 @@
+"""The protocol engine: every protocol step as one database transaction.
+
+The engine is synchronous and clock-free: callers pass ``now`` and it runs on
+the node's single database thread. It verifies envelopes, applies the core
+rules and state machine, and persists each step together with the messages it
+sends (outbox) and the evidence it received (journal):
+
+* a request from a partner (``handle_delivery``) is verified before it is
+  parsed, applied at most once (inbox), and answered with a signed reply;
+* a reply to one of our requests (``handle_reply``) is verified, journaled and
+  applied in the transaction that marks the request answered;
+* operator requests (``authorise``, ``issue``, ``start_transfer``) persist
+  their outgoing messages before anything is sent.
+
+The corresponding adjustment of a transfer is written only by ``_accepted``
+(sender) and ``_on_completion`` (receiver), each in the transaction that
+journals the partner's signed acknowledgement; the adjustment row references
+that journal entry.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from google.protobuf.message import DecodeError, Message
+
+from itmolink import PROTOCOL_VERSION
+from itmolink.core import rules
+from itmolink.core.adjustments import adjustments_for
+from itmolink.core.blocks import Block, take, total
+from itmolink.core.codes import Rejected, RejectionCode
+from itmolink.core.rules import AuthorisationTerms
+from itmolink.core.transfer import Effect, Event, Role, TransferState, step
+from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
+from itmolink.crypto.envelope import TrustStore, open_envelope, pae, seal
+from itmolink.crypto.keys import SigningKey
+from itmolink.node.convert import (
+    block_from_pb,
+    block_to_pb,
+    terms_from_statement,
+    timestamp,
+    to_us,
+)
+from itmolink.store.sqlite import Store
+from itmolink.store.tx import Tx
+from itmolink.v1 import (
+    authorisation_pb2,
+    codes_pb2,
+    common_pb2,
+    issuance_pb2,
+    reply_pb2,
+    transfer_pb2,
+)
+
+log = logging.getLogger("itmolink.engine")
+
+HOLDING_ACCOUNT = "holding"
+
+AuthorisationStatement = authorisation_pb2.AuthorisationStatement
+AuthorisationAcknowledgement = authorisation_pb2.AuthorisationAcknowledgement
+IssuanceNotice = issuance_pb2.IssuanceNotice
+IssuanceAcknowledgement = issuance_pb2.IssuanceAcknowledgement
+TransferProposal = transfer_pb2.TransferProposal
+TransferAcceptance = transfer_pb2.TransferAcceptance
+TransferCompletion = transfer_pb2.TransferCompletion
+TransferCompletionReceipt = transfer_pb2.TransferCompletionReceipt
+TransferVoid = transfer_pb2.TransferVoid
+TransferVoidReceipt = transfer_pb2.TransferVoidReceipt
+TransferStatusQuery = transfer_pb2.TransferStatusQuery
+TransferStatusReport = transfer_pb2.TransferStatusReport
+Rejection = reply_pb2.Rejection
+
+
+def type_name(cls: type[Message]) -> str:
+    return str(cls.DESCRIPTOR.full_name)
+
+
+# Each request type and the reply type that answers it (a Rejection may answer any).
+EXPECTED_REPLY: dict[str, type[Message]] = {
+    type_name(AuthorisationStatement): AuthorisationAcknowledgement,
+    type_name(IssuanceNotice): IssuanceAcknowledgement,
+    type_name(TransferProposal): TransferAcceptance,
+    type_name(TransferCompletion): TransferCompletionReceipt,
+    type_name(TransferVoid): TransferVoidReceipt,
+    type_name(TransferStatusQuery): TransferStatusReport,
+}
+REQUEST_TYPES: dict[str, type[Message]] = {
+    type_name(cls): cls
+    for cls in (
+        AuthorisationStatement,
+        IssuanceNotice,
+        TransferProposal,
+        TransferCompletion,
+        TransferVoid,
+        TransferStatusQuery,
+    )
+}
+
+RETRY_BASE_US = 200_000
+RETRY_MAX_US = 30_000_000
+
+
+def digest(payload: bytes) -> bytes:
+    """SHA-256 of a payload's bytes: how one message refers to another."""
+    return hashlib.sha256(payload).digest()
+
+
+def retry_delay_us(attempts: int) -> int:
+    """Exponential backoff for redelivering an unanswered message."""
+    return int(min(RETRY_MAX_US, RETRY_BASE_US * 2 ** min(attempts, 20)))
+
+
+@dataclass(frozen=True, slots=True)
+class Partner:
+    party: str
+    registry: str
+    endpoint: str
+
+
+class ReplyError(Exception):
+    """A partner's reply that cannot be applied; the request stays pending."""
+
+    def __init__(self, code: RejectionCode, detail: str) -> None:
+        super().__init__(f"{code.wire_name}: {detail}")
+        self.code = code
+
+
+def _rejection_reasons(rejection: Rejection) -> tuple[int, str]:
+    if not rejection.reasons:
+        return int(RejectionCode.UNSPECIFIED), "rejected without a reason"
+    first = rejection.reasons[0]
+    return int(first.code), first.detail
+
+
+class Engine:
+    """One registry's protocol logic over its store."""
+
+    def __init__(
+        self,
+        *,
+        party: str,
+        registry: str,
+        signing_key: SigningKey,
+        trust: TrustStore,
+        partners: Sequence[Partner],
+        store: Store,
+        default_timeout: dt.timedelta = dt.timedelta(minutes=2),
+        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    ) -> None:
+        self.party = party
+        self.registry = registry
+        self.signing_key = signing_key
+        self.trust = trust
+        self.partners = {p.party: p for p in partners}
+        self.store = store
+        self.default_timeout = default_timeout
+        self._new_id = new_id
+
+    # -- sealing ---------------------------------------------------------------------
+
+    def _header(
+        self, tx: Tx | None, partner: str, now_us: int, in_reply_to: str = ""
+    ) -> common_pb2.Header:
+        return common_pb2.Header(
+            protocol_version=PROTOCOL_VERSION,
+            message_id=self._new_id(),
+            sender_party=self.party,
+            sender_registry=self.registry,
+            audience=partner,
+            sent_at=timestamp(now_us),
+            # Replies to messages that failed authentication are not recorded and
+            # carry sequence 0 (docs/PROTOCOL.md).
+            sequence=0 if tx is None else tx.next_sequence(partner),
+            in_reply_to=in_reply_to,
+        )
+
+    def _seal(self, msg: Message) -> tuple[str, bytes, bytes]:
+        payload = msg.SerializeToString()
+        name = type_name(type(msg))
+        return name, payload, seal(name, payload, self.signing_key)
+
+    def _send(self, tx: Tx, partner: str, msg: Message, subject_id: str, now_us: int) -> bytes:
+        """Persist an outgoing request (journal and outbox); returns its payload bytes."""
+        msg.header.CopyFrom(self._header(tx, partner, now_us))  # type: ignore[attr-defined]
+        name, payload, envelope = self._seal(msg)
+        message_id = msg.header.message_id  # type: ignore[attr-defined]
+        tx.journal(
+            direction="out",
+            partner=partner,
+            message_id=message_id,
+            payload_type=name,
+            envelope=envelope,
+            now=now_us,
+        )
+        tx.outbox_put(
+            message_id=message_id,
+            partner=partner,
+            payload_type=name,
+            subject_id=subject_id,
+            envelope=envelope,
+            now=now_us,
+        )
+        return payload
+
+    def _reply(
+        self, tx: Tx | None, partner: str, msg: Message, in_reply_to: str, now_us: int
+    ) -> tuple[bytes, bytes]:
+        """Seal a reply (journaled when ``tx`` is given); returns (payload, envelope)."""
+        msg.header.CopyFrom(self._header(tx, partner, now_us, in_reply_to))  # type: ignore[attr-defined]
+        name, payload, envelope = self._seal(msg)
+        if tx is not None:
+            tx.journal(
+                direction="out",
+                partner=partner,
+                message_id=msg.header.message_id,  # type: ignore[attr-defined]
+                payload_type=name,
+                envelope=envelope,
+                now=now_us,
+            )
+        return payload, envelope
+
+    def _rejection(self, subject_id: str, rejected: Rejected) -> Rejection:
+        return Rejection(
+            subject_id=subject_id,
+            reasons=[
+                codes_pb2.RejectionReason(
+                    code=int(rejected.code),  # type: ignore[arg-type]
+                    detail=rejected.detail,
+                )
+            ],
+        )
+
+    # -- requests from partners ------------------------------------------------------
+
+    def handle_delivery(self, peer_party: str, raw: bytes, now: dt.datetime) -> bytes:
+        """Apply one request delivered by ``peer_party`` (the mTLS-authenticated
+        partner) and return the signed reply envelope."""
+        now_us = to_us(now)
+        message_id = ""
+        subject_id = ""
+        try:
+            verified = open_envelope(raw, self.trust)
+            if verified.signer_party != peer_party:
+                raise Rejected(
+                    RejectionCode.SIGNER_NOT_PEER,
+                    f"envelope signed by {verified.signer_party} but delivered by {peer_party}",
+                )
+            cls = REQUEST_TYPES.get(verified.payload_type)
+            if cls is None:
+                raise Rejected(
+                    RejectionCode.UNKNOWN_PAYLOAD_TYPE,
+                    f"{verified.payload_type!r} is not a request this node accepts",
+                )
+            msg = cls()
+            try:
+                msg.ParseFromString(verified.payload)
+            except DecodeError as exc:
+                raise Rejected(RejectionCode.MALFORMED_PAYLOAD, f"payload: {exc}") from None
+            header: common_pb2.Header = msg.header  # type: ignore[attr-defined]
+            message_id = header.message_id
+            subject_id = _subject_of(msg)
+            self._check_header(header, sender=verified.signer_party)
+        except Rejected as rejected:
+            log.warning("refused a message from %s without recording it: %s", peer_party, rejected)
+            _, envelope = self._reply(
+                None, peer_party, self._rejection(subject_id, rejected), message_id, now_us
+            )
+            return envelope
+
+        sender = verified.signer_party
+        payload_digest = digest(pae(verified.payload_type, verified.payload))
+        with self.store.transaction() as tx:
+            seen = tx.inbox_get(sender, message_id)
+            if seen is not None:
+                if seen.payload_digest == payload_digest:
+                    return seen.reply
+                log.error(
+                    "ALARM: %s reused message id %s with different content", sender, message_id
+                )
+                _, envelope = self._reply(
+                    None,
+                    sender,
+                    self._rejection(
+                        subject_id,
+                        Rejected(
+                            RejectionCode.DUPLICATE_MESSAGE_CONFLICT,
+                            f"message id {message_id} was already received with other content",
+                        ),
+                    ),
+                    message_id,
+                    now_us,
+                )
+                return envelope
+            owner = tx.inbox_sequence_owner(sender, header.sequence)
+            if owner is not None:
+                _, envelope = self._reply(
+                    None,
+                    sender,
+                    self._rejection(
+                        subject_id,
+                        Rejected(
+                            RejectionCode.SEQUENCE_REUSED,
+                            f"sequence {header.sequence} already used by message {owner}",
+                        ),
+                    ),
+                    message_id,
+                    now_us,
+                )
+                return envelope
+            journal_id = tx.journal(
+                direction="in",
+                partner=sender,
+                message_id=message_id,
+                payload_type=verified.payload_type,
+                envelope=raw,
+                now=now_us,
+            )
+            handler = self._request_handlers[verified.payload_type]
+            try:
+                with tx.savepoint():
+                    envelope = handler(self, tx, sender, msg, verified.payload, journal_id, now_us)
+            except Rejected as rejected:
+                log.info("rejected %s %s from %s: %s", cls.__name__, subject_id, sender, rejected)
+                self._record_rejected_request(tx, sender, msg, rejected, now_us)
+                _, envelope = self._reply(
+                    tx, sender, self._rejection(subject_id, rejected), message_id, now_us
+                )
+            tx.inbox_put(
+                partner=sender,
+                message_id=message_id,
+                payload_digest=payload_digest,
+                sequence=header.sequence,
+                reply=envelope,
+                journal_id=journal_id,
+            )
+            return envelope
+
+    def _check_header(self, header: common_pb2.Header, *, sender: str) -> None:
+        if header.protocol_version != PROTOCOL_VERSION:
+            raise Rejected(
+                RejectionCode.UNSUPPORTED_VERSION,
+                f"protocol_version {header.protocol_version}; this node speaks {PROTOCOL_VERSION}",
+            )
+        if not header.message_id:
+            raise Rejected(RejectionCode.MISSING_FIELD, "header has no message_id")
+        if header.sender_party != sender:
+            raise Rejected(
+                RejectionCode.SENDER_MISMATCH,
+                f"header names sender {header.sender_party!r} but the signature is {sender}'s",
+            )
+        if header.audience != self.party:
+            raise Rejected(
+                RejectionCode.WRONG_AUDIENCE,
+                f"message is addressed to {header.audience!r}, this node is {self.party}",
+            )
+        if header.sequence < 1:
+            raise Rejected(RejectionCode.MISSING_FIELD, "header sequence must be at least 1")
+
+    def _record_rejected_request(
+        self, tx: Tx, sender: str, msg: Message, rejected: Rejected, now_us: int
+    ) -> None:
+        """Keep a visible record of a rejected transfer proposal (and block reuse of its id)."""
+        if not isinstance(msg, TransferProposal) or not msg.transfer_id:
+            return
+        if tx.transfer_get(msg.transfer_id) is not None:
+            return
+        tx.transfer_put(
+            transfer_id=msg.transfer_id,
+            direction=Role.RECEIVER,
+            partner=sender,
+            state=TransferState.REJECTED,
+            quantity=msg.quantity,
+            authorisation_id=msg.authorisation_id,
+            first_transfer=msg.first_transfer,
+            proposal_message_id=msg.header.message_id,
+            proposal_digest=b"",
+            expires_at=0,
+            rejection_code=int(rejected.code),
+            rejection_detail=rejected.detail,
+            now=now_us,
+        )
+
+    def _on_authorisation(
+        self,
+        tx: Tx,
+        sender: str,
+        msg: AuthorisationStatement,
+        payload: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> bytes:
+        terms = terms_from_statement(msg)
+        rules.check_received_authorisation(terms, me=self.party, sender=sender)
+        existing = tx.authorisation_get(sender, terms.authorisation_id)
+        if existing is not None and existing.version >= terms.version:
+            if existing != terms:
+                raise Rejected(
+                    RejectionCode.AUTHORISATION_CONFLICT,
+                    f"authorisation {terms.authorisation_id} version {existing.version} is "
+                    f"already recorded with other terms",
+                )
+        else:
+            tx.authorisation_put(
+                terms,
+                activity_name=msg.activity.name,
+                activity_description=msg.activity.description,
+                oimp_detail=msg.oimp_detail,
+                first_transfer_definition=msg.first_transfer_definition,
+                now=now_us,
+            )
+            tx.authorisation_party_put(terms, self.party, "acknowledged", journal_id)
+        ack = AuthorisationAcknowledgement(
+            authorisation_id=terms.authorisation_id,
+            version=terms.version,
+            acquiring_party_reference=f"{self.registry}/{terms.authorisation_id}/v{terms.version}",
+        )
+        return self._reply(tx, sender, ack, msg.header.message_id, now_us)[1]
+
+    def _on_issuance(
+        self, tx: Tx, sender: str, msg: IssuanceNotice, payload: bytes, journal_id: int, now_us: int
+    ) -> bytes:
+        blocks = [block_from_pb(b) for b in msg.blocks]
+        if not msg.issuance_id:
+            raise Rejected(RejectionCode.MISSING_FIELD, "issuance notice has no issuance_id")
+        # An issuance notice carries blocks under an authorisation exactly as a
+        # proposal does, so the same content checks apply.
+        rules.check_transfer_proposal(
+            tx.authorisation_get(sender, msg.authorisation_id),
+            authorisation_id=msg.authorisation_id,
+            me=self.party,
+            quantity=msg.quantity,
+            blocks=blocks,
+        )
+        if not tx.issuance_exists(sender, msg.issuance_id):
+            tx.issuance_put(
+                host_party=sender,
+                issuance_id=msg.issuance_id,
+                authorisation_id=msg.authorisation_id,
+                vintage=blocks[0].vintage,
+                blocks=blocks,
+                now=now_us,
+            )
+        ack = IssuanceAcknowledgement(issuance_id=msg.issuance_id)
+        return self._reply(tx, sender, ack, msg.header.message_id, now_us)[1]
+
+    def _on_proposal(
+        self,
+        tx: Tx,
+        sender: str,
+        msg: TransferProposal,
+        payload: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> bytes:
+        if not msg.transfer_id:
+            raise Rejected(RejectionCode.MISSING_FIELD, "proposal has no transfer_id")
+        if tx.transfer_get(msg.transfer_id) is not None:
+            raise Rejected(
+                RejectionCode.TRANSFER_STATE_CONFLICT,
+                f"transfer id {msg.transfer_id} is already used by another transfer",
+            )
+        blocks = [block_from_pb(b) for b in msg.blocks]
+        rules.check_transfer_proposal(
+            tx.authorisation_get(sender, msg.authorisation_id),
+            authorisation_id=msg.authorisation_id,
+            me=self.party,
+            quantity=msg.quantity,
+            blocks=blocks,
+        )
+        for block in blocks:
+            rules.check_not_held([block], tx.blocks_overlapping(block))
+        acceptance = TransferAcceptance(
+            transfer_id=msg.transfer_id, proposal_digest=digest(payload)
+        )
+        acceptance_payload, envelope = self._reply(
+            tx, sender, acceptance, msg.header.message_id, now_us
+        )
+        tx.transfer_put(
+            transfer_id=msg.transfer_id,
+            direction=Role.RECEIVER,
+            partner=sender,
+            state=TransferState.ACCEPTED,
+            quantity=msg.quantity,
+            authorisation_id=msg.authorisation_id,
+            first_transfer=msg.first_transfer,
+            proposal_message_id=msg.header.message_id,
+            proposal_digest=acceptance.proposal_digest,
+            acceptance_digest=digest(acceptance_payload),
+            expires_at=msg.expires_at.seconds * 1_000_000 + msg.expires_at.nanos // 1000,
+            blocks=blocks,
+            now=now_us,
+        )
+        return envelope
+
+    def _incoming_transfer(self, tx: Tx, sender: str, transfer_id: str) -> TransferState | None:
+        record = tx.transfer_get(transfer_id)
+        if record is None:
+            return None
+        if record.direction is not Role.RECEIVER or record.partner != sender:
+            raise Rejected(
+                RejectionCode.UNKNOWN_TRANSFER,
+                f"{sender} has no transfer {transfer_id} to this node",
+            )
+        return record.state
+
+    def _on_completion(
+        self,
+        tx: Tx,
+        sender: str,
+        msg: TransferCompletion,
+        payload: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> bytes:
+        state = self._incoming_transfer(tx, sender, msg.transfer_id)
+        record = tx.transfer_get(msg.transfer_id)
+        if state is None or record is None:
+            raise Rejected(RejectionCode.UNKNOWN_TRANSFER, f"no transfer {msg.transfer_id!r}")
+        if msg.acceptance_digest != record.acceptance_digest:
+            raise Rejected(
+                RejectionCode.DIGEST_MISMATCH,
+                f"completion of {msg.transfer_id} does not refer to this node's acceptance",
+            )
+        transition = step(Role.RECEIVER, state, Event.COMPLETION_RECEIVED)
+        blocks = tx.blocks_of_transfer(msg.transfer_id)
+        year = self._apply(
+            tx, transition.effects, record.transfer_id, sender, blocks, journal_id, now_us
+        )
+        tx.transfer_set_state(msg.transfer_id, transition.state, now=now_us)
+        log.info(
+            "transfer %s from %s completed: %d tCO2e credited",
+            msg.transfer_id,
+            sender,
+            total(blocks),
+        )
+        receipt = TransferCompletionReceipt(transfer_id=msg.transfer_id, adjustment_year=year)
+        return self._reply(tx, sender, receipt, msg.header.message_id, now_us)[1]
+
+    def _on_void(
+        self, tx: Tx, sender: str, msg: TransferVoid, payload: bytes, journal_id: int, now_us: int
+    ) -> bytes:
+        if not msg.transfer_id:
+            raise Rejected(RejectionCode.MISSING_FIELD, "void has no transfer_id")
+        state = self._incoming_transfer(tx, sender, msg.transfer_id)
+        if state is None:
+            # The proposal has not arrived (or never will): remember the void so a
+            # late proposal with this id is refused.
+            tx.transfer_put(
+                transfer_id=msg.transfer_id,
+                direction=Role.RECEIVER,
+                partner=sender,
+                state=TransferState.VOIDED,
+                quantity=0,
+                authorisation_id="",
+                first_transfer=False,
+                proposal_message_id="",
+                proposal_digest=b"",
+                expires_at=0,
+                rejection_detail=msg.reason,
+                now=now_us,
+            )
+        else:
+            transition = step(Role.RECEIVER, state, Event.VOID_RECEIVED)
+            tx.transfer_set_state(
+                msg.transfer_id, transition.state, now=now_us, rejection_detail=msg.reason
+            )
+        receipt = TransferVoidReceipt(transfer_id=msg.transfer_id)
+        return self._reply(tx, sender, receipt, msg.header.message_id, now_us)[1]
+
+    def _on_status_query(
+        self,
+        tx: Tx,
+        sender: str,
+        msg: TransferStatusQuery,
+        payload: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> bytes:
+        record = tx.transfer_get(msg.transfer_id)
+        state = (
+            record.state
+            if record is not None and record.partner == sender
+            else transfer_pb2.TRANSFER_STATE_UNKNOWN
+        )
+        report = TransferStatusReport(transfer_id=msg.transfer_id, state=int(state))  # type: ignore[arg-type]
+        return self._reply(tx, sender, report, msg.header.message_id, now_us)[1]
+
+    _request_handlers: ClassVar[dict[str, Callable[..., bytes]]] = {
+        type_name(AuthorisationStatement): _on_authorisation,
+        type_name(IssuanceNotice): _on_issuance,
+        type_name(TransferProposal): _on_proposal,
+        type_name(TransferCompletion): _on_completion,
+        type_name(TransferVoid): _on_void,
+        type_name(TransferStatusQuery): _on_status_query,
+    }
+
+    def _apply(
+        self,
+        tx: Tx,
+        effects: Sequence[Effect],
+        transfer_id: str,
+        partner: str,
+        blocks: Sequence[Block],
+        evidence_journal_id: int,
+        now_us: int,
+    ) -> int:
+        """Carry out a transition's block and adjustment effects; returns the CA year."""
+        role = Role.SENDER if Effect.DEBIT_RESERVED_BLOCKS in effects else Role.RECEIVER
+        for effect in effects:
+            if effect is Effect.DEBIT_RESERVED_BLOCKS:
+                debited = tx.blocks_debit_reserved(transfer_id)
+                if debited != len(blocks):
+                    raise RuntimeError(
+                        f"transfer {transfer_id}: {debited} reserved blocks, expected {len(blocks)}"
+                    )
+            elif effect is Effect.CREDIT_BLOCKS:
+                tx.blocks_insert(blocks, account=HOLDING_ACCOUNT)
+            elif effect is Effect.RELEASE_RESERVED_BLOCKS:
+                tx.blocks_release(transfer_id)
+        entries = []
+        if Effect.APPLY_ADJUSTMENT in effects:
+            entries = adjustments_for(role, self.party, partner, transfer_id, blocks)
+            tx.adjustments_put(entries, evidence_journal_id=evidence_journal_id, now=now_us)
+        years = {entry.year for entry in entries}
+        return years.pop() if len(years) == 1 else 0
+
+    # -- replies to our requests -----------------------------------------------------
+
+    def handle_reply(self, message_id: str, raw: bytes, now: dt.datetime) -> None:
+        """Apply a partner's reply to our outbox message ``message_id``.
+
+        Raises :class:`ReplyError` for a reply that cannot be trusted or does not
+        answer the request; the request then stays pending and is retried.
+        """
+        now_us = to_us(now)
+        with self.store.transaction() as tx:
+            request = tx.outbox_get(message_id)
+            if request is None or request.state != "pending":
+                return  # already answered (a duplicate reply) or cancelled
+            try:
+                verified = open_envelope(raw, self.trust)
+            except Rejected as rejected:
+                raise ReplyError(
+                    rejected.code, f"reply from {request.partner}: {rejected.detail}"
+                ) from None
+            if verified.signer_party != request.partner:
+                raise ReplyError(
+                    RejectionCode.SIGNER_NOT_PEER,
+                    f"reply to a message for {request.partner} is signed by "
+                    f"{verified.signer_party}",
+                )
+            expected = EXPECTED_REPLY[request.payload_type]
+            if verified.payload_type == type_name(expected):
+                reply: Message = expected()
+            elif verified.payload_type == type_name(Rejection):
+                reply = Rejection()
+            else:
+                raise ReplyError(
+                    RejectionCode.UNEXPECTED_REPLY,
+                    f"{verified.payload_type} does not answer {request.payload_type}",
+                )
+            try:
+                reply.ParseFromString(verified.payload)
+            except DecodeError as exc:
+                raise ReplyError(RejectionCode.MALFORMED_PAYLOAD, f"reply payload: {exc}") from None
+            header: common_pb2.Header = reply.header  # type: ignore[attr-defined]
+            try:
+                self._check_header_fields(header, sender=request.partner)
+            except Rejected as rejected:
+                raise ReplyError(rejected.code, rejected.detail) from None
+            if header.in_reply_to != message_id:
+                raise ReplyError(
+                    RejectionCode.UNEXPECTED_REPLY,
+                    f"reply answers {header.in_reply_to!r}, not {message_id}",
+                )
+            journal_id = tx.journal(
+                direction="in",
+                partner=request.partner,
+                message_id=header.message_id,
+                payload_type=verified.payload_type,
+                envelope=raw,
+                now=now_us,
+            )
+            tx.outbox_answered(message_id, journal_id)
+            if isinstance(reply, Rejection):
+                code, detail = _rejection_reasons(reply)
+                log.info(
+                    "%s rejected %s %s: %s %s",
+                    request.partner,
+                    request.payload_type,
+                    request.subject_id,
+                    RejectionCode(code).wire_name
+                    if code in RejectionCode._value2member_map_
+                    else code,
+                    detail,
+                )
+            self._apply_reply(
+                tx,
+                request.payload_type,
+                request.subject_id,
+                request.partner,
+                reply,
+                verified.payload,
+                journal_id,
+                now_us,
+            )
+
+    def _check_header_fields(self, header: common_pb2.Header, *, sender: str) -> None:
+        """Header checks for replies (sequence 0 is allowed there)."""
+        if header.protocol_version != PROTOCOL_VERSION:
+            raise Rejected(
+                RejectionCode.UNSUPPORTED_VERSION,
+                f"protocol_version {header.protocol_version}; this node speaks {PROTOCOL_VERSION}",
+            )
+        if header.sender_party != sender:
+            raise Rejected(
+                RejectionCode.SENDER_MISMATCH,
+                f"reply names sender {header.sender_party!r} but is signed by {sender}",
+            )
+        if header.audience != self.party:
+            raise Rejected(
+                RejectionCode.WRONG_AUDIENCE,
+                f"reply is addressed to {header.audience!r}, this node is {self.party}",
+            )
+
+    def _apply_reply(
+        self,
+        tx: Tx,
+        request_type: str,
+        subject_id: str,
+        partner: str,
+        reply: Message,
+        reply_payload: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> None:
+        rejected = isinstance(reply, Rejection)
+        if request_type == type_name(AuthorisationStatement):
+            terms = tx.authorisation_get(self.party, subject_id)
+            if terms is None:
+                raise RuntimeError(f"acknowledged authorisation {subject_id} is not recorded")
+            code = _rejection_reasons(reply)[0] if isinstance(reply, Rejection) else 0
+            tx.authorisation_party_set(
+                host_party=self.party,
+                authorisation_id=subject_id,
+                version=terms.version,
+                party=partner,
+                state="rejected" if rejected else "acknowledged",
+                rejection_code=code,
+                evidence_journal_id=journal_id,
+            )
+        elif request_type == type_name(TransferProposal):
+            if isinstance(reply, Rejection):
+                self._proposal_rejected(tx, subject_id, reply, now_us)
+            else:
+                assert isinstance(reply, TransferAcceptance)
+                self._accepted(tx, subject_id, partner, reply, reply_payload, journal_id, now_us)
+        elif request_type == type_name(TransferCompletion) and rejected:
+            log.error(
+                "ALARM: %s refused the completion of transfer %s, which is complete here; "
+                "reconcile with the partner",
+                partner,
+                subject_id,
+            )
+
+    def _proposal_rejected(self, tx: Tx, transfer_id: str, reply: Rejection, now_us: int) -> None:
+        record = tx.transfer_get(transfer_id)
+        if record is None:
+            raise RuntimeError(f"rejected transfer {transfer_id} is not recorded")
+        try:
+            transition = step(Role.SENDER, record.state, Event.REJECTION_RECEIVED)
+        except Rejected:
+            log.info(
+                "late rejection of transfer %s in state %s ignored", transfer_id, record.state.name
+            )
+            return
+        self._apply(tx, transition.effects, transfer_id, record.partner, [], 0, now_us)
+        code, detail = _rejection_reasons(reply)
+        tx.transfer_set_state(
+            transfer_id, transition.state, now=now_us, rejection_code=code, rejection_detail=detail
+        )
+
+    def _accepted(
+        self,
+        tx: Tx,
+        transfer_id: str,
+        partner: str,
+        acceptance: TransferAcceptance,
+        acceptance_payload: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> None:
+        record = tx.transfer_get(transfer_id)
+        if record is None:
+            raise RuntimeError(f"accepted transfer {transfer_id} is not recorded")
+        if (
+            acceptance.transfer_id != transfer_id
+            or acceptance.proposal_digest != record.proposal_digest
+        ):
+            raise ReplyError(
+                RejectionCode.DIGEST_MISMATCH,
+                f"acceptance from {partner} does not match proposal of transfer {transfer_id}",
+            )
+        try:
+            transition = step(Role.SENDER, record.state, Event.ACCEPTANCE_RECEIVED)
+        except Rejected:
+            # Voided on our clock before the acceptance arrived: the void we sent
+            # tells the receiver; nothing is applied here.
+            log.info(
+                "late acceptance of transfer %s in state %s ignored", transfer_id, record.state.name
+            )
+            return
+        blocks = tx.blocks_of_transfer(transfer_id)
+        year = self._apply(tx, transition.effects, transfer_id, partner, blocks, journal_id, now_us)
+        tx.transfer_set_state(transfer_id, transition.state, now=now_us)
+        if Effect.SEND_COMPLETION in transition.effects:
+            completion = TransferCompletion(
+                transfer_id=transfer_id,
+                acceptance_digest=digest(acceptance_payload),
+                adjustment_year=year,
+            )
+            self._send(tx, partner, completion, transfer_id, now_us)
+        log.info(
+            "transfer %s to %s completed: %d tCO2e debited", transfer_id, partner, total(blocks)
+        )
+
+    # -- time-outs and the outbox ------------------------------------------------------
+
+    def expire_transfers(self, now: dt.datetime) -> list[str]:
+        """Void our proposals left unanswered past their time-out (the sender decides)."""
+        now_us = to_us(now)
+        voided: list[str] = []
+        with self.store.transaction() as tx:
+            for record in tx.transfers_expired(now_us):
+                transition = step(Role.SENDER, record.state, Event.TIMED_OUT)
+                self._apply(
+                    tx, transition.effects, record.transfer_id, record.partner, [], 0, now_us
+                )
+                tx.transfer_set_state(
+                    record.transfer_id,
+                    transition.state,
+                    now=now_us,
+                    rejection_detail="no acceptance before the time-out",
+                )
+                tx.outbox_cancel(
+                    payload_type=type_name(TransferProposal), subject_id=record.transfer_id
+                )
+                if Effect.SEND_VOID in transition.effects:
+                    void = TransferVoid(
+                        transfer_id=record.transfer_id, reason="no acceptance before the time-out"
+                    )
+                    self._send(tx, record.partner, void, record.transfer_id, now_us)
+                voided.append(record.transfer_id)
+                log.warning(
+                    "transfer %s to %s voided: time-out", record.transfer_id, record.partner
+                )
+        return voided
+
+    def due_messages(self, now: dt.datetime, limit: int = 256) -> list[tuple[str, str, bytes]]:
+        """(message id, partner, envelope) of outbox messages due for delivery."""
+        with self.store.transaction() as tx:
+            return [(m.message_id, m.partner, m.envelope) for m in tx.outbox_due(to_us(now), limit)]
+
+    def next_due(self) -> int | None:
+        with self.store.transaction() as tx:
+            return tx.outbox_next_due()
+
+    def delivery_failed(self, message_id: str, error: str, now: dt.datetime) -> None:
+        with self.store.transaction() as tx:
+            message = tx.outbox_get(message_id)
+            if message is None or message.state != "pending":
+                return
+            delay = retry_delay_us(message.attempts)
+            tx.outbox_retry_later(message_id, next_attempt_at=to_us(now) + delay, error=error)
+
+    # -- operator requests -------------------------------------------------------------
+
+    def _require_partner(self, party: str) -> None:
+        if party not in self.partners:
+            raise Rejected(
+                RejectionCode.UNKNOWN_PARTNER,
+                f"{party} is not a partner of this node: add its card under [[partners]]",
+            )
+
+    def authorise(
+        self,
+        *,
+        activity_id: str,
+        activity_name: str,
+        activity_description: str,
+        cooperative_approach_id: str,
+        acquiring_parties: Sequence[str],
+        purposes: Sequence[Purpose],
+        oimp_detail: str,
+        first_transfer_definition: FirstTransferDefinition,
+        vintage_from: int,
+        vintage_to: int,
+        quantity_cap: int,
+        unit_type: UnitType,
+        now: dt.datetime,
+    ) -> AuthorisationTerms:
+        """Record an authorisation and send it to each acquiring party."""
+        now_us = to_us(now)
+        for party in acquiring_parties:
+            self._require_partner(party)
+        with self.store.transaction() as tx:
+            authorisation_id = f"{self.party}-A-{tx.next_counter('authorisation'):04d}"
+            terms = AuthorisationTerms(
+                authorisation_id=authorisation_id,
+                version=1,
+                host_party=self.party,
+                activity_id=activity_id,
+                cooperative_approach_id=cooperative_approach_id,
+                acquiring_parties=frozenset(acquiring_parties),
+                purposes=frozenset(purposes),
+                vintage_from=vintage_from,
+                vintage_to=vintage_to,
+                quantity_cap=quantity_cap,
+                unit_type=unit_type,
+            )
+            rules.check_authorisation_terms(terms)
+            tx.authorisation_put(
+                terms,
+                activity_name=activity_name,
+                activity_description=activity_description,
+                oimp_detail=oimp_detail,
+                first_transfer_definition=int(first_transfer_definition),
+                now=now_us,
+            )
+            for party in sorted(terms.acquiring_parties):
+                tx.authorisation_party_put(terms, party, "pending", None)
+                statement = AuthorisationStatement(
+                    authorisation_id=authorisation_id,
+                    version=terms.version,
+                    host_party=self.party,
+                    activity=authorisation_pb2.Activity(
+                        activity_id=activity_id,
+                        name=activity_name,
+                        description=activity_description,
+                    ),
+                    cooperative_approach_id=cooperative_approach_id,
+                    acquiring_parties=sorted(terms.acquiring_parties),
+                    purposes=[int(p) for p in sorted(terms.purposes)],  # type: ignore[misc]
+                    oimp_detail=oimp_detail,
+                    first_transfer_definition=int(first_transfer_definition),  # type: ignore[arg-type]
+                    vintage_from=vintage_from,
+                    vintage_to=vintage_to,
+                    quantity_cap=quantity_cap,
+                    unit_type=int(unit_type),  # type: ignore[arg-type]
+                )
+                self._send(tx, party, statement, authorisation_id, now_us)
+        log.info(
+            "authorisation %s recorded and sent to %s",
+            authorisation_id,
+            ", ".join(sorted(acquiring_parties)),
+        )
+        return terms
+
+    def issue(
+        self, *, authorisation_id: str, vintage: int, quantity: int, now: dt.datetime
+    ) -> tuple[str, list[Block]]:
+        """Issue units into the holding account and notify the acquiring parties."""
+        now_us = to_us(now)
+        with self.store.transaction() as tx:
+            terms = tx.authorisation_get(self.party, authorisation_id)
+            if terms is None:
+                raise Rejected(
+                    RejectionCode.UNKNOWN_AUTHORISATION,
+                    f"{authorisation_id!r} is not an authorisation of {self.party}",
+                )
+            rules.check_issuance(
+                terms,
+                vintage=vintage,
+                quantity=quantity,
+                issued=tx.issued_total(self.party, authorisation_id),
+            )
+            start = tx.next_counter(f"serial:{self.registry}", quantity)
+            block = Block(
+                originating_registry=self.registry,
+                serial_start=start,
+                serial_end=start + quantity - 1,
+                unit_type=terms.unit_type,
+                vintage=vintage,
+                activity_id=terms.activity_id,
+                authorisation_id=authorisation_id,
+                cooperative_approach_id=terms.cooperative_approach_id,
+                first_transferring_party=self.party,
+            )
+            issuance_id = f"{self.party}-I-{tx.next_counter('issuance'):06d}"
+            tx.blocks_insert([block], account=HOLDING_ACCOUNT)
+            tx.issuance_put(
+                host_party=self.party,
+                issuance_id=issuance_id,
+                authorisation_id=authorisation_id,
+                vintage=vintage,
+                blocks=[block],
+                now=now_us,
+            )
+            for party in sorted(terms.acquiring_parties):
+                notice = IssuanceNotice(
+                    issuance_id=issuance_id,
+                    authorisation_id=authorisation_id,
+                    blocks=[block_to_pb(block)],
+                    quantity=quantity,
+                )
+                self._send(tx, party, notice, issuance_id, now_us)
+        log.info(
+            "issued %d tCO2e of vintage %d as %s (%s)",
+            quantity,
+            vintage,
+            issuance_id,
+            block.label(),
+        )
+        return issuance_id, [block]
+
+    def start_transfer(
+        self,
+        *,
+        to_party: str,
+        authorisation_id: str,
+        vintage: int,
+        quantity: int,
+        now: dt.datetime,
+        timeout: dt.timedelta | None = None,
+    ) -> str:
+        """Reserve units and persist a proposal to ``to_party``; returns the transfer id."""
+        now_us = to_us(now)
+        self._require_partner(to_party)
+        expires_us = now_us + (timeout or self.default_timeout) // dt.timedelta(microseconds=1)
+        with self.store.transaction() as tx:
+            terms = tx.authorisation_get(self.party, authorisation_id)
+            if terms is None:
+                raise Rejected(
+                    RejectionCode.UNKNOWN_AUTHORISATION,
+                    f"{authorisation_id!r} is not an authorisation of {self.party}",
+                )
+            states = tx.authorisation_party_states(self.party, authorisation_id, terms.version)
+            rules.check_transfer_request(
+                terms,
+                to_party=to_party,
+                vintage=vintage,
+                acknowledged=states.get(to_party) == "acknowledged",
+            )
+            held = tx.blocks_held(
+                account=HOLDING_ACCOUNT, authorisation_id=authorisation_id, vintage=vintage
+            )
+            taken, remainders = take(held, quantity)
+            for tail in remainders:
+                tx.block_split(tail)
+            transfer_id = f"{self.party}-T-{tx.next_counter('transfer'):06d}"
+            tx.blocks_reserve(taken, transfer_id=transfer_id)
+            proposal = TransferProposal(
+                transfer_id=transfer_id,
+                authorisation_id=authorisation_id,
+                quantity=quantity,
+                blocks=[block_to_pb(b) for b in taken],
+                first_transfer=all(b.first_transferring_party == self.party for b in taken),
+                expires_at=timestamp(expires_us),
+            )
+            payload = self._send(tx, to_party, proposal, transfer_id, now_us)
+            tx.transfer_put(
+                transfer_id=transfer_id,
+                direction=Role.SENDER,
+                partner=to_party,
+                state=TransferState.PROPOSED,
+                quantity=quantity,
+                authorisation_id=authorisation_id,
+                first_transfer=proposal.first_transfer,
+                proposal_message_id=proposal.header.message_id,
+                proposal_digest=digest(payload),
+                expires_at=expires_us,
+                blocks=taken,
+                now=now_us,
+            )
+        log.info("transfer %s proposed: %d tCO2e to %s", transfer_id, quantity, to_party)
+        return transfer_id
+
+
+def _subject_of(msg: Message) -> str:
+    for name in ("transfer_id", "authorisation_id", "issuance_id"):
+        if msg.DESCRIPTOR.fields_by_name.get(name) is not None:
+            return str(getattr(msg, name))
+    return ""
+
+
+def _code_name(code: int) -> str:
+    try:
+        return RejectionCode(code).wire_name
+    except ValueError:
+        return f"REJECTION_CODE_{code}"

@@ -1,0 +1,121 @@
+"""The two-phase transfer state machine: every allowed step, and every forbidden one."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from itmolink.core.codes import Rejected, RejectionCode
+from itmolink.core.transfer import TRANSITIONS, Effect, Event, Role, Step, TransferState, step
+
+S, R = Role.SENDER, Role.RECEIVER
+T = TransferState
+E = Effect
+
+# The protocol, written out independently of TRANSITIONS so a change to either shows up here.
+EXPECTED: dict[tuple[Role, TransferState, Event], Step] = {
+    (S, T.PROPOSED, Event.ACCEPTANCE_RECEIVED): Step(
+        T.COMPLETED, (E.DEBIT_RESERVED_BLOCKS, E.APPLY_ADJUSTMENT, E.SEND_COMPLETION)
+    ),
+    (S, T.PROPOSED, Event.REJECTION_RECEIVED): Step(T.REJECTED, (E.RELEASE_RESERVED_BLOCKS,)),
+    (S, T.PROPOSED, Event.TIMED_OUT): Step(T.VOIDED, (E.RELEASE_RESERVED_BLOCKS, E.SEND_VOID)),
+    (R, T.ACCEPTED, Event.COMPLETION_RECEIVED): Step(
+        T.COMPLETED, (E.CREDIT_BLOCKS, E.APPLY_ADJUSTMENT)
+    ),
+    (R, T.ACCEPTED, Event.VOID_RECEIVED): Step(T.VOIDED, ()),
+    # A void for a proposal the receiver had already rejected: the rejection stands.
+    (R, T.REJECTED, Event.VOID_RECEIVED): Step(T.REJECTED, ()),
+}
+
+ALL = list(itertools.product(Role, TransferState, Event))
+FORBIDDEN = [key for key in ALL if key not in EXPECTED]
+
+
+def key_id(key: tuple[Role, TransferState, Event]) -> str:
+    role, state, event = key
+    return f"{role.name}-{state.name}-{event.name}"
+
+
+def test_transitions_table_is_exactly_the_protocol() -> None:
+    assert TRANSITIONS == EXPECTED
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"), list(EXPECTED.items()), ids=[key_id(k) for k in EXPECTED]
+)
+def test_allowed_step(key: tuple[Role, TransferState, Event], expected: Step) -> None:
+    assert step(*key) == expected
+
+
+def test_forbidden_combinations_cover_the_rest_of_the_product() -> None:
+    assert len(ALL) == len(Role) * len(TransferState) * len(Event)
+    assert len(FORBIDDEN) == len(ALL) - len(EXPECTED)
+
+
+@pytest.mark.parametrize("key", FORBIDDEN, ids=[key_id(k) for k in FORBIDDEN])
+def test_forbidden_step_is_a_state_conflict(key: tuple[Role, TransferState, Event]) -> None:
+    with pytest.raises(Rejected) as excinfo:
+        step(*key)
+    assert excinfo.value.code is RejectionCode.TRANSFER_STATE_CONFLICT
+
+
+def test_final_states() -> None:
+    assert {s for s in TransferState if s.is_final} == {T.COMPLETED, T.REJECTED, T.VOIDED}
+
+
+@pytest.mark.parametrize("state", [s for s in TransferState if s.is_final], ids=lambda s: s.name)
+def test_nothing_leaves_a_final_state(state: TransferState) -> None:
+    # A final state may absorb a late message (an effect-free self-loop) but never changes.
+    for role, event in itertools.product(Role, Event):
+        if (role, state, event) in TRANSITIONS:
+            assert step(role, state, event) == Step(state, ()), (role, event)
+        else:
+            with pytest.raises(Rejected) as excinfo:
+                step(role, state, event)
+            assert excinfo.value.code is RejectionCode.TRANSFER_STATE_CONFLICT
+
+
+def test_only_one_final_state_absorbs_a_message() -> None:
+    absorbing = [key for key in TRANSITIONS if key[1].is_final]
+    assert absorbing == [(R, T.REJECTED, Event.VOID_RECEIVED)]
+
+
+def test_every_transition_ends_in_a_final_state() -> None:
+    assert all(s.state.is_final for s in TRANSITIONS.values())
+
+
+def test_apply_adjustment_only_on_transitions_into_completed() -> None:
+    for key, found in TRANSITIONS.items():
+        applies = E.APPLY_ADJUSTMENT in found.effects
+        assert applies == (found.state is T.COMPLETED), key
+
+
+def test_units_move_only_on_completion() -> None:
+    for key, found in TRANSITIONS.items():
+        moves = {E.DEBIT_RESERVED_BLOCKS, E.CREDIT_BLOCKS} & set(found.effects)
+        if found.state is T.COMPLETED:
+            # The sender debits, the receiver credits; never both, never neither.
+            assert moves == ({E.DEBIT_RESERVED_BLOCKS} if key[0] is S else {E.CREDIT_BLOCKS})
+        else:
+            assert moves == set(), key
+
+
+def test_sender_releases_its_reservation_whenever_it_does_not_debit() -> None:
+    for (role, _, _), found in TRANSITIONS.items():
+        if role is S:
+            debits = E.DEBIT_RESERVED_BLOCKS in found.effects
+            releases = E.RELEASE_RESERVED_BLOCKS in found.effects
+            assert debits != releases
+
+
+def test_events_belong_to_one_role() -> None:
+    sender_events = {event for role, _, event in TRANSITIONS if role is S}
+    receiver_events = {event for role, _, event in TRANSITIONS if role is R}
+    assert sender_events == {Event.ACCEPTANCE_RECEIVED, Event.REJECTION_RECEIVED, Event.TIMED_OUT}
+    assert receiver_events == {Event.COMPLETION_RECEIVED, Event.VOID_RECEIVED}
+
+
+def test_no_transition_repeats_an_effect() -> None:
+    for found in TRANSITIONS.values():
+        assert len(set(found.effects)) == len(found.effects)
