@@ -22,20 +22,19 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from itmolink.v1 import envelope_pb2 as itmolink_dot_v1_dot_envelope__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!itmolink/v1/partner_service.proto\x12\x0bitmolink.v1\x1a\x1aitmolink/v1/envelope.proto\"9\n\x0e\x44\x65liverRequest\x12\'\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x15.itmolink.v1.Envelope\":\n\x0f\x44\x65liverResponse\x12\'\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x15.itmolink.v1.Envelope2V\n\x0ePartnerService\x12\x44\n\x07\x44\x65liver\x12\x1b.itmolink.v1.DeliverRequest\x1a\x1c.itmolink.v1.DeliverResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!itmolink/v1/partner_service.proto\x12\x0bitmolink.v1\"\"\n\x0e\x44\x65liverRequest\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\"#\n\x0f\x44\x65liverResponse\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x32V\n\x0ePartnerService\x12\x44\n\x07\x44\x65liver\x12\x1b.itmolink.v1.DeliverRequest\x1a\x1c.itmolink.v1.DeliverResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'itmolink.v1.partner_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DELIVERREQUEST']._serialized_start=78
-  _globals['_DELIVERREQUEST']._serialized_end=135
-  _globals['_DELIVERRESPONSE']._serialized_start=137
-  _globals['_DELIVERRESPONSE']._serialized_end=195
-  _globals['_PARTNERSERVICE']._serialized_start=197
-  _globals['_PARTNERSERVICE']._serialized_end=283
+  _globals['_DELIVERREQUEST']._serialized_start=50
+  _globals['_DELIVERREQUEST']._serialized_end=84
+  _globals['_DELIVERRESPONSE']._serialized_start=86
+  _globals['_DELIVERRESPONSE']._serialized_end=121
+  _globals['_PARTNERSERVICE']._serialized_start=123
+  _globals['_PARTNERSERVICE']._serialized_end=209
 # @@protoc_insertion_point(module_scope)

@@ -5,7 +5,6 @@ isort:skip_file
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from itmolink.v1 import envelope_pb2 as _envelope_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,19 +18,21 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class DeliverRequest(_message.Message):
-    """DeliverRequest carries one signed message."""
+    """DeliverRequest carries one signed message: a serialised itmolink.v1.Envelope.
+    It is carried as bytes so the receiver verifies and journals exactly the
+    bytes the sender produced.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ENVELOPE_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def envelope(self) -> _envelope_pb2.Envelope: ...
+    envelope: _builtins.bytes
     def __init__(
         self,
         *,
-        envelope: _envelope_pb2.Envelope | None = ...,
+        envelope: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
@@ -41,19 +42,20 @@ Global___DeliverRequest: _TypeAlias = DeliverRequest  # noqa: Y015
 
 @_typing.final
 class DeliverResponse(_message.Message):
-    """DeliverResponse carries the receiver's signed reply."""
+    """DeliverResponse carries the receiver's signed reply: a serialised
+    itmolink.v1.Envelope.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ENVELOPE_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def envelope(self) -> _envelope_pb2.Envelope: ...
+    envelope: _builtins.bytes
     def __init__(
         self,
         *,
-        envelope: _envelope_pb2.Envelope | None = ...,
+        envelope: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...

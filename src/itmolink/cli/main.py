@@ -1,0 +1,481 @@
+"""The ``itmolink`` command line: key material, the node, and operator actions.
+
+Operator commands talk to a running node through its admin interface, found
+from ``--config`` (the node's ``node.toml``) or given with ``--admin``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from itmolink import __version__
+from itmolink.admin.v1 import admin_pb2, admin_pb2_grpc
+from itmolink.cli.table import print_table
+from itmolink.crypto.pki import DEFAULT_HOSTS, init_party
+from itmolink.node.admin import REJECTION_CODE_KEY
+from itmolink.node.config import ConfigError, load_config
+from itmolink.v1 import common_pb2, transfer_pb2
+
+EXIT_REFUSED = 3
+EXIT_USAGE = 2
+FINAL_STATES = {
+    transfer_pb2.TRANSFER_STATE_COMPLETED,
+    transfer_pb2.TRANSFER_STATE_REJECTED,
+    transfer_pb2.TRANSFER_STATE_VOIDED,
+}
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = code
+
+
+def _state_name(state: int) -> str:
+    return transfer_pb2.TransferState.Name(state).removeprefix("TRANSFER_STATE_")  # type: ignore[arg-type]
+
+
+def _unit_name(unit_type: int) -> str:
+    return common_pb2.UnitType.Name(unit_type).removeprefix("UNIT_TYPE_")  # type: ignore[arg-type]
+
+
+# -- admin client ------------------------------------------------------------------------
+
+
+def _admin_target(args: argparse.Namespace) -> str:
+    if args.admin:
+        return str(args.admin)
+    try:
+        return load_config(args.config).admin_target
+    except ConfigError as exc:
+        raise CliError(
+            f"{exc}\n(give the node's configuration with --config, or --admin)"
+        ) from None
+
+
+def _admin(args: argparse.Namespace) -> admin_pb2_grpc.AdminServiceStub:
+    channel = grpc.insecure_channel(_admin_target(args))
+    return admin_pb2_grpc.AdminServiceStub(channel)
+
+
+def _call(method: Any, request: Any) -> Any:
+    try:
+        return method(request, timeout=30)
+    except grpc.RpcError as error:
+        exc: Any = error  # a grpc.Call as well as an RpcError
+        metadata = {key: value for key, value in exc.trailing_metadata() or ()}
+        if metadata.get(REJECTION_CODE_KEY):
+            raise CliError(f"refused: {exc.details()}", EXIT_REFUSED) from None
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            raise CliError(
+                "cannot reach the node's admin interface: is 'itmolink node run' running "
+                "with this configuration?"
+            ) from None
+        raise CliError(f"admin call failed: {exc.code().name}: {exc.details()}") from None
+
+
+def _emit_json(message: Any) -> None:
+    print(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2))
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def cmd_pki_init(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    try:
+        files = init_party(
+            directory,
+            args.party,
+            args.registry or f"{args.party}-NR",
+            hosts=args.host or DEFAULT_HOSTS,
+            now=dt.datetime.now(dt.UTC),
+        )
+    except (ValueError, FileExistsError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    print(f"created key material for {args.party} in {directory}/")
+    print(f"  {files.ca_certificate.name}, {files.node_certificate.name}  certificates (public)")
+    print(
+        f"  {files.ca_key.name}, {files.node_key.name}, {files.signing_key.name}  "
+        "private keys (mode 0600; never share)"
+    )
+    print(f"  {files.card.name}  partner card: give this file to partner registries")
+    return 0
+
+
+def cmd_node_run(args: argparse.Namespace) -> int:
+    from itmolink.node.runtime import Node
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+    async def run() -> None:
+        node = Node(config)
+        await node.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        logging.getLogger("itmolink.node").info("stopping")
+        await node.stop()
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = _call(_admin(args).GetNodeInfo, admin_pb2.GetNodeInfoRequest())
+    if args.json:
+        _emit_json(info)
+        return 0
+    print(f"party {info.party}, registry {info.registry}, schema version {info.schema_version}")
+    print(f"partner port: {info.partner_address}")
+    print_table(
+        ["partner", "registry", "endpoint"],
+        [[p.party, p.registry, p.endpoint] for p in info.partners],
+    )
+    return 0
+
+
+def cmd_authorise(args: argparse.Namespace) -> int:
+    request = admin_pb2.AuthoriseRequest(
+        activity_id=args.activity_id,
+        activity_name=args.activity_name or args.activity_id,
+        activity_description=args.activity_description,
+        cooperative_approach_id=args.cooperative_approach,
+        acquiring_parties=args.acquiring_party,
+        purposes=[common_pb2.Purpose.Value(f"PURPOSE_{p}") for p in args.purpose],
+        oimp_detail=args.oimp_detail,
+        first_transfer_definition=transfer_definition(args.first_transfer),
+        vintage_from=args.vintage_from,
+        vintage_to=args.vintage_to,
+        quantity_cap=args.cap,
+        unit_type=common_pb2.UnitType.Value(f"UNIT_TYPE_{args.unit_type}"),
+    )
+    stub = _admin(args)
+    response = _call(stub.Authorise, request)
+    say = (lambda *_: None) if args.quiet else print
+    say(f"authorisation {response.authorisation_id} (version {response.version}) recorded")
+    status = 0
+    if args.wait:
+        deadline = time.monotonic() + args.wait_seconds
+        while True:
+            views = _call(stub.ListAuthorisations, admin_pb2.ListAuthorisationsRequest())
+            view = next(
+                v for v in views.authorisations if v.authorisation_id == response.authorisation_id
+            )
+            if all(state != "pending" for state in view.party_states.values()):
+                break
+            if time.monotonic() > deadline:
+                raise CliError(f"no answer from {', '.join(view.party_states)} yet; still pending")
+            time.sleep(0.05)
+        for party, state in sorted(view.party_states.items()):
+            say(f"  {party}: {state}")
+        if any(state != "acknowledged" for state in view.party_states.values()):
+            status = EXIT_REFUSED
+    if args.quiet:
+        print(response.authorisation_id)
+    return status
+
+
+def transfer_definition(value: str) -> common_pb2.FirstTransferDefinition.ValueType:
+    if value == "NONE":
+        return common_pb2.FIRST_TRANSFER_DEFINITION_UNSPECIFIED
+    return common_pb2.FirstTransferDefinition.Value(f"FIRST_TRANSFER_DEFINITION_{value}")
+
+
+def cmd_issue(args: argparse.Namespace) -> int:
+    response = _call(
+        _admin(args).Issue,
+        admin_pb2.IssueRequest(
+            authorisation_id=args.authorisation, vintage=args.vintage, quantity=args.quantity
+        ),
+    )
+    for block in response.blocks:
+        print(
+            f"issued {block.serial_end - block.serial_start + 1:,} tCO2e as {response.issuance_id}: "
+            f"serials {block.originating_registry}:{block.serial_start}-{block.serial_end}, "
+            f"vintage {block.vintage}"
+        )
+    return 0
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    stub = _admin(args)
+    response = _call(
+        stub.Transfer,
+        admin_pb2.TransferRequest(
+            to_party=args.to,
+            authorisation_id=args.authorisation,
+            vintage=args.vintage,
+            quantity=args.quantity,
+            timeout_seconds=args.timeout,
+        ),
+    )
+    print(f"transfer {response.transfer_id} proposed to {args.to}")
+    if not args.wait:
+        return 0
+    deadline = time.monotonic() + args.wait_seconds
+    while True:
+        view = _call(
+            stub.GetTransfer, admin_pb2.GetTransferRequest(transfer_id=response.transfer_id)
+        ).transfer
+        if view.state in FINAL_STATES:
+            break
+        if time.monotonic() > deadline:
+            raise CliError(f"transfer {response.transfer_id} is still {_state_name(view.state)}")
+        time.sleep(0.05)
+    print(f"transfer {response.transfer_id}: {_state_name(view.state)}")
+    if view.state == transfer_pb2.TRANSFER_STATE_REJECTED:
+        from itmolink.v1 import codes_pb2
+
+        code = codes_pb2.RejectionCode.Name(view.rejection_code)
+        print(f"  {code}: {view.rejection_detail}")
+    return 0 if view.state == transfer_pb2.TRANSFER_STATE_COMPLETED else EXIT_REFUSED
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    stub = _admin(args)
+    if args.what == "holdings":
+        response = _call(stub.ListHoldings, admin_pb2.ListHoldingsRequest())
+        if args.json:
+            _emit_json(response)
+            return 0
+        rows = [
+            [
+                f"{h.block.originating_registry}:{h.block.serial_start}-{h.block.serial_end}",
+                f"{h.block.serial_end - h.block.serial_start + 1:,}",
+                _unit_name(h.block.unit_type),
+                h.block.vintage,
+                h.block.authorisation_id,
+                h.account,
+                h.status + (f" ({h.transfer_id})" if h.transfer_id else ""),
+            ]
+            for h in response.blocks
+        ]
+        print_table(
+            ["serials", "tCO2e", "unit", "vintage", "authorisation", "account", "status"], rows
+        )
+        held = sum(h.block.serial_end - h.block.serial_start + 1 for h in response.blocks)
+        print(f"total held: {held:,} tCO2e in {len(response.blocks)} block(s)")
+    elif args.what == "transfers":
+        response = _call(stub.ListTransfers, admin_pb2.ListTransfersRequest())
+        if args.json:
+            _emit_json(response)
+            return 0
+        print_table(
+            ["transfer", "direction", "partner", "tCO2e", "state", "authorisation"],
+            [
+                [
+                    t.transfer_id,
+                    t.direction,
+                    t.partner,
+                    f"{t.quantity:,}",
+                    _state_name(t.state),
+                    t.authorisation_id,
+                ]
+                for t in response.transfers
+            ],
+        )
+    elif args.what == "adjustments":
+        response = _call(stub.ListAdjustments, admin_pb2.ListAdjustmentsRequest())
+        if args.json:
+            _emit_json(response)
+            return 0
+        print_table(
+            ["year", "tCO2e", "unit", "partner", "transfer", "evidence (partner message)"],
+            [
+                [
+                    a.year,
+                    f"{a.amount:+,}",
+                    _unit_name(a.unit_type),
+                    a.partner,
+                    a.transfer_id,
+                    a.evidence_message_id,
+                ]
+                for a in response.adjustments
+            ],
+        )
+        by_year: dict[int, int] = {}
+        for a in response.adjustments:
+            by_year[a.year] = by_year.get(a.year, 0) + a.amount
+        for year, amount in sorted(by_year.items()):
+            print(f"net corresponding adjustment {year}: {amount:+,} tCO2e")
+    elif args.what == "authorisations":
+        response = _call(stub.ListAuthorisations, admin_pb2.ListAuthorisationsRequest())
+        if args.json:
+            _emit_json(response)
+            return 0
+        print_table(
+            ["authorisation", "host", "activity", "vintages", "cap", "issued", "acquiring parties"],
+            [
+                [
+                    a.authorisation_id,
+                    a.host_party,
+                    a.activity_id,
+                    f"{a.vintage_from}-{a.vintage_to}",
+                    f"{a.quantity_cap:,}" if a.quantity_cap else "none",
+                    f"{a.issued:,}",
+                    ", ".join(f"{p} {s}" for p, s in sorted(a.party_states.items())),
+                ]
+                for a in response.authorisations
+            ],
+        )
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", default="node.toml", help="the node's configuration (default: ./node.toml)"
+    )
+    parser.add_argument(
+        "--admin", help="admin address instead of --config, e.g. unix:/path/admin.sock"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="itmolink",
+        description="Registry node for bilateral Article 6 ITMO transfers.",
+    )
+    parser.add_argument("--version", action="version", version=f"itmolink {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pki = commands.add_parser("pki", help="create key material").add_subparsers(
+        dest="pki_command", required=True, metavar="ACTION"
+    )
+    init = pki.add_parser(
+        "init", help="create a party's CA, node certificate, signing key and partner card"
+    )
+    init.add_argument("--party", required=True, help="ISO 3166-1 alpha-3 code, e.g. LAO")
+    init.add_argument("--registry", help="registry identifier (default: PARTY-NR)")
+    init.add_argument("--dir", required=True, help="directory to create the files in")
+    init.add_argument(
+        "--host",
+        action="append",
+        help="host name or IP of the node (repeatable; default: localhost, 127.0.0.1, ::1)",
+    )
+    init.set_defaults(func=cmd_pki_init)
+
+    node = commands.add_parser("node", help="run the registry node").add_subparsers(
+        dest="node_command", required=True, metavar="ACTION"
+    )
+    run = node.add_parser("run", help="run the node until SIGINT or SIGTERM")
+    run.add_argument("--config", required=True, help="the node's node.toml")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.set_defaults(func=cmd_node_run)
+
+    info = commands.add_parser("info", help="show the node's identity and partners")
+    _add_target(info)
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=cmd_info)
+
+    authorise = commands.add_parser(
+        "authorise",
+        help="authorise an activity and send the authorisation to the acquiring parties",
+    )
+    _add_target(authorise)
+    authorise.add_argument("--activity-id", required=True)
+    authorise.add_argument("--activity-name", default="")
+    authorise.add_argument("--activity-description", default="")
+    authorise.add_argument("--cooperative-approach", required=True, help="cooperative approach id")
+    authorise.add_argument(
+        "--acquiring-party", action="append", required=True, help="repeatable, e.g. KOR"
+    )
+    authorise.add_argument(
+        "--purpose", action="append", choices=["NDC", "OIMP"], required=True, help="repeatable"
+    )
+    authorise.add_argument("--oimp-detail", default="", help="for OIMP, e.g. CORSIA")
+    authorise.add_argument(
+        "--first-transfer",
+        default="NONE",
+        choices=["NONE", "AT_AUTHORISATION", "AT_ISSUANCE", "AT_USE_OR_CANCELLATION"],
+        help="for OIMP: when the first transfer happens",
+    )
+    authorise.add_argument("--vintage-from", type=int, required=True)
+    authorise.add_argument("--vintage-to", type=int, required=True)
+    authorise.add_argument("--cap", type=int, default=0, help="tCO2e cap (0: none)")
+    authorise.add_argument(
+        "--unit-type",
+        default="ITMO",
+        choices=["ITMO", "A6_4ER_AUTHORISED", "A6_4ER_MITIGATION_CONTRIBUTION", "TRANSITIONED_CER"],
+    )
+    authorise.add_argument(
+        "--wait", action="store_true", help="wait until every acquiring party has answered"
+    )
+    authorise.add_argument("--wait-seconds", type=float, default=30.0)
+    authorise.add_argument(
+        "--quiet", action="store_true", help="print only the authorisation id at the end"
+    )
+    authorise.set_defaults(func=cmd_authorise)
+
+    issue = commands.add_parser("issue", help="issue units under an authorisation")
+    _add_target(issue)
+    issue.add_argument("--authorisation", required=True)
+    issue.add_argument("--vintage", type=int, required=True)
+    issue.add_argument("--quantity", type=int, required=True, help="tCO2e")
+    issue.set_defaults(func=cmd_issue)
+
+    transfer = commands.add_parser("transfer", help="transfer held units to a partner")
+    _add_target(transfer)
+    transfer.add_argument("--to", required=True, help="acquiring party, e.g. KOR")
+    transfer.add_argument("--authorisation", required=True)
+    transfer.add_argument("--vintage", type=int, required=True)
+    transfer.add_argument("--quantity", type=int, required=True, help="tCO2e")
+    transfer.add_argument(
+        "--timeout", type=int, default=0, help="seconds the partner has to accept (0: node default)"
+    )
+    transfer.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until the transfer is completed, rejected or voided",
+    )
+    transfer.add_argument("--wait-seconds", type=float, default=60.0)
+    transfer.set_defaults(func=cmd_transfer)
+
+    show = commands.add_parser(
+        "show", help="show holdings, transfers, adjustments or authorisations"
+    )
+    _add_target(show)
+    show.add_argument("what", choices=["holdings", "transfers", "adjustments", "authorisations"])
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(func=cmd_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CliError as exc:
+        print(f"itmolink: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""The operator's admin service, served on a local address only.
+
+A refused request fails with FAILED_PRECONDITION (or INVALID_ARGUMENT for a
+malformed one) and carries the rejection code in the trailing metadata key
+``itmolink-rejection-code``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from itmolink.admin.v1 import admin_pb2, admin_pb2_grpc
+from itmolink.core.codes import Rejected, RejectionCode
+from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
+from itmolink.node.convert import block_to_pb, timestamp
+from itmolink.node.engine import Engine
+from itmolink.store.tx import TransferRecord, Tx
+
+if TYPE_CHECKING:
+    from itmolink.node.runtime import Node
+
+REJECTION_CODE_KEY = "itmolink-rejection-code"
+_INVALID_ARGUMENT = {RejectionCode.MISSING_FIELD, RejectionCode.QUANTITY_MISMATCH}
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]
+
+
+def refusals(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Turn a :class:`Rejected` into a gRPC error carrying its code."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
+        try:
+            return await method(self, request, context)
+        except Rejected as rejected:
+            status = (
+                grpc.StatusCode.INVALID_ARGUMENT
+                if rejected.code in _INVALID_ARGUMENT
+                else grpc.StatusCode.FAILED_PRECONDITION
+            )
+            await context.abort(
+                status,
+                str(rejected),
+                trailing_metadata=((REJECTION_CODE_KEY, rejected.code.wire_name),),
+            )
+            raise AssertionError("unreachable") from None
+
+    return wrapper
+
+
+def _enum(kind: type[Any], value: int, field: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        raise Rejected(RejectionCode.MISSING_FIELD, f"{field} = {value} is not valid") from None
+
+
+def _transfer_view(tx: Tx, record: TransferRecord) -> admin_pb2.TransferView:
+    return admin_pb2.TransferView(
+        transfer_id=record.transfer_id,
+        direction=record.direction.value,
+        partner=record.partner,
+        state=int(record.state),  # type: ignore[arg-type]
+        quantity=record.quantity,
+        authorisation_id=record.authorisation_id,
+        blocks=[block_to_pb(b) for b in tx.blocks_of_transfer(record.transfer_id)],
+        rejection_code=record.rejection_code,  # type: ignore[arg-type]
+        rejection_detail=record.rejection_detail,
+        created_at=timestamp(record.created_at),
+        updated_at=timestamp(record.updated_at),
+        first_transfer=record.first_transfer,
+    )
+
+
+def _get_transfer(engine: Engine, transfer_id: str) -> admin_pb2.TransferView:
+    with engine.store.transaction() as tx:
+        record = tx.transfer_get(transfer_id)
+        if record is None:
+            raise Rejected(RejectionCode.UNKNOWN_TRANSFER, f"no transfer {transfer_id!r} here")
+        return _transfer_view(tx, record)
+
+
+def _list_transfers(engine: Engine) -> list[admin_pb2.TransferView]:
+    with engine.store.transaction() as tx:
+        return [_transfer_view(tx, record) for record in tx.transfers()]
+
+
+def _list_authorisations(engine: Engine) -> list[admin_pb2.AuthorisationView]:
+    with engine.store.transaction() as tx:
+        views = []
+        for terms in tx.authorisations():
+            views.append(
+                admin_pb2.AuthorisationView(
+                    authorisation_id=terms.authorisation_id,
+                    version=terms.version,
+                    host_party=terms.host_party,
+                    activity_id=terms.activity_id,
+                    cooperative_approach_id=terms.cooperative_approach_id,
+                    vintage_from=terms.vintage_from,
+                    vintage_to=terms.vintage_to,
+                    quantity_cap=terms.quantity_cap,
+                    party_states=tx.authorisation_party_states(
+                        terms.host_party, terms.authorisation_id, terms.version
+                    ),
+                    issued=tx.issued_total(terms.host_party, terms.authorisation_id),
+                )
+            )
+        return views
+
+
+def _list_holdings(engine: Engine) -> list[admin_pb2.HoldingBlock]:
+    with engine.store.transaction() as tx:
+        return [
+            admin_pb2.HoldingBlock(
+                block=block_to_pb(held.block),
+                account=held.account,
+                status=held.status,
+                transfer_id=held.transfer_id or "",
+            )
+            for held in tx.holdings()
+        ]
+
+
+def _list_adjustments(engine: Engine) -> list[admin_pb2.Adjustment]:
+    with engine.store.transaction() as tx:
+        return [
+            admin_pb2.Adjustment(
+                party=record.entry.party,
+                partner=record.entry.partner,
+                transfer_id=record.entry.transfer_id,
+                year=record.entry.year,
+                amount=record.entry.amount,
+                unit_type=int(record.entry.unit_type),  # type: ignore[arg-type]
+                evidence_message_id=record.evidence_message_id,
+                recorded_at=timestamp(record.recorded_at),
+            )
+            for record in tx.adjustments()
+        ]
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    @property
+    def _engine(self) -> Engine:
+        return self._node.engine
+
+    @refusals
+    async def GetNodeInfo(
+        self, request: admin_pb2.GetNodeInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb2.GetNodeInfoResponse:
+        config = self._node.config
+        return admin_pb2.GetNodeInfoResponse(
+            party=config.party,
+            registry=config.registry,
+            partner_address=f"{config.partner_listen.rsplit(':', 1)[0]}:{self._node.partner_port}",
+            partners=[
+                admin_pb2.PartnerInfo(party=p.party, registry=p.registry, endpoint=p.endpoint)
+                for p in self._engine.partners.values()
+            ],
+            schema_version=await self._node.db(self._engine.store.schema_version),
+        )
+
+    @refusals
+    async def Authorise(
+        self, request: admin_pb2.AuthoriseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb2.AuthoriseResponse:
+        terms = await self._node.db(
+            self._engine.authorise,
+            activity_id=request.activity_id,
+            activity_name=request.activity_name,
+            activity_description=request.activity_description,
+            cooperative_approach_id=request.cooperative_approach_id,
+            acquiring_parties=list(request.acquiring_parties),
+            purposes=[_enum(Purpose, p, "purposes") for p in request.purposes],
+            oimp_detail=request.oimp_detail,
+            first_transfer_definition=_enum(
+                FirstTransferDefinition,
+                request.first_transfer_definition,
+                "first_transfer_definition",
+            ),
+            vintage_from=request.vintage_from,
+            vintage_to=request.vintage_to,
+            quantity_cap=request.quantity_cap,
+            unit_type=_enum(UnitType, request.unit_type, "unit_type"),
+            now=self._node.clock(),
+        )
+        self._node.kick()
+        return admin_pb2.AuthoriseResponse(
+            authorisation_id=terms.authorisation_id, version=terms.version
+        )
+
+    @refusals
+    async def Issue(
+        self, request: admin_pb2.IssueRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb2.IssueResponse:
+        issuance_id, blocks = await self._node.db(
+            self._engine.issue,
+            authorisation_id=request.authorisation_id,
+            vintage=request.vintage,
+            quantity=request.quantity,
+            now=self._node.clock(),
+        )
+        self._node.kick()
+        return admin_pb2.IssueResponse(
+            issuance_id=issuance_id, blocks=[block_to_pb(b) for b in blocks]
+        )
+
+    @refusals
+    async def Transfer(
+        self, request: admin_pb2.TransferRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb2.TransferResponse:
+        import datetime as dt
+
+        transfer_id = await self._node.db(
+            self._engine.start_transfer,
+            to_party=request.to_party,
+            authorisation_id=request.authorisation_id,
+            vintage=request.vintage,
+            quantity=request.quantity,
+            now=self._node.clock(),
+            timeout=dt.timedelta(seconds=request.timeout_seconds)
+            if request.timeout_seconds
+            else None,
+        )
+        self._node.kick()
+        return admin_pb2.TransferResponse(transfer_id=transfer_id)
+
+    @refusals
+    async def GetTransfer(
+        self, request: admin_pb2.GetTransferRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb2.GetTransferResponse:
+        view = await self._node.db(_get_transfer, self._engine, request.transfer_id)
+        return admin_pb2.GetTransferResponse(transfer=view)
+
+    @refusals
+    async def ListTransfers(
+        self, request: admin_pb2.ListTransfersRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb2.ListTransfersResponse:
+        views = await self._node.db(_list_transfers, self._engine)
+        return admin_pb2.ListTransfersResponse(transfers=views)
+
+    @refusals
+    async def ListAuthorisations(
+        self,
+        request: admin_pb2.ListAuthorisationsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> admin_pb2.ListAuthorisationsResponse:
+        views = await self._node.db(_list_authorisations, self._engine)
+        return admin_pb2.ListAuthorisationsResponse(authorisations=views)
+
+    @refusals
+    async def ListHoldings(
+        self, request: admin_pb2.ListHoldingsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb2.ListHoldingsResponse:
+        blocks = await self._node.db(_list_holdings, self._engine)
+        return admin_pb2.ListHoldingsResponse(blocks=blocks)
+
+    @refusals
+    async def ListAdjustments(
+        self,
+        request: admin_pb2.ListAdjustmentsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> admin_pb2.ListAdjustmentsResponse:
+        entries = await self._node.db(_list_adjustments, self._engine)
+        return admin_pb2.ListAdjustmentsResponse(adjustments=entries)
+
+
+def add_admin_service(node: Node, server: grpc.aio.Server) -> None:
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(node), server)

@@ -1,0 +1,127 @@
+"""Node configuration (``node.toml``).
+
+Relative paths are resolved against the directory of the configuration file::
+
+    party = "LAO"                        # ISO 3166-1 alpha-3
+    registry = "LAO-NR"                  # this registry's identifier
+    database = "lao.db"                  # SQLite file
+    partner_listen = "127.0.0.1:50051"   # partner-facing gRPC port (mutual TLS)
+    admin_listen = "unix:admin.sock"     # operator interface: a unix socket or a loopback port
+    transfer_timeout_seconds = 120       # how long a partner has to accept a proposal
+
+    [keys]
+    directory = "pki"                    # from 'itmolink pki init': node.pem, node.key, signing.key
+
+    [[partners]]
+    card = "../kor/pki/card.toml"        # the partner's public card
+    endpoint = "127.0.0.1:50052"         # the partner's partner_listen address
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from itmolink.crypto.pki import PartnerCard, PartyFiles, check_party_code
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class PartnerConfig:
+    card: PartnerCard
+    endpoint: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    path: Path
+    party: str
+    registry: str
+    database: Path
+    partner_listen: str
+    admin_listen: str
+    transfer_timeout_seconds: int
+    keys: PartyFiles
+    partners: tuple[PartnerConfig, ...]
+
+    @property
+    def admin_target(self) -> str:
+        """The address an operator's client dials."""
+        return self.admin_listen
+
+
+def _field(data: dict[str, Any], name: str, kind: type, path: Path) -> Any:
+    if name not in data:
+        raise ConfigError(f"{path}: missing field '{name}'")
+    value = data[name]
+    if not isinstance(value, kind):
+        raise ConfigError(f"{path}: field '{name}' must be a {kind.__name__}, not {value!r}")
+    return value
+
+
+def _check_admin(value: str, base: Path, path: Path) -> str:
+    if value.startswith("unix:"):
+        socket = Path(value.removeprefix("unix:"))
+        return f"unix:{(base / socket).resolve() if not socket.is_absolute() else socket}"
+    host = value.rsplit(":", 1)[0].strip("[]")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise ConfigError(
+            f"{path}: field 'admin_listen' = {value!r} is not local; the admin interface "
+            "listens on a unix socket ('unix:admin.sock') or a loopback address only"
+        )
+    return value
+
+
+def load_config(path: Path | str) -> NodeConfig:
+    path = Path(path).resolve()
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    base = path.parent
+    party = _field(data, "party", str, path)
+    try:
+        check_party_code(party)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: field 'party': {exc}") from None
+    keys = _field(data, "keys", dict, path)
+    partners = []
+    for index, entry in enumerate(data.get("partners", [])):
+        where = path.with_name(f"{path.name} [[partners]] #{index + 1}")
+        card_path = base / _field(entry, "card", str, where)
+        try:
+            card = PartnerCard.load(card_path)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if card.party == party:
+            raise ConfigError(f"{where}: the card is this node's own party {party}")
+        partners.append(PartnerConfig(card=card, endpoint=_field(entry, "endpoint", str, where)))
+    parties = [p.card.party for p in partners]
+    if len(set(parties)) != len(parties):
+        raise ConfigError(f"{path}: a partner is listed twice in [[partners]]: {sorted(parties)}")
+    timeout = data.get("transfer_timeout_seconds", 120)
+    if not isinstance(timeout, int) or timeout <= 0:
+        raise ConfigError(f"{path}: field 'transfer_timeout_seconds' must be a positive integer")
+    return NodeConfig(
+        path=path,
+        party=party,
+        registry=_field(data, "registry", str, path),
+        database=base / _field(data, "database", str, path),
+        partner_listen=_field(data, "partner_listen", str, path),
+        admin_listen=_check_admin(_field(data, "admin_listen", str, path), base, path),
+        transfer_timeout_seconds=timeout,
+        keys=PartyFiles(base / _field(keys, "directory", str, path)),
+        partners=tuple(partners),
+    )

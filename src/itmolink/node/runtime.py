@@ -1,0 +1,284 @@
+"""The running node: gRPC servers, the outbox worker and the database thread.
+
+A thin asyncio adapter around :class:`~itmolink.node.engine.Engine`: it reads
+the clock, runs every engine call on one database thread, serves the partner
+port over mutual TLS and the admin interface locally, and delivers the outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import functools
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from itmolink.crypto.envelope import TrustStore
+from itmolink.crypto.keys import SigningKey, check_private_file
+from itmolink.crypto.pki import issuing_party
+from itmolink.node.config import NodeConfig
+from itmolink.node.engine import Engine, Partner, ReplyError
+from itmolink.store import SqliteStore
+from itmolink.v1 import partner_service_pb2, partner_service_pb2_grpc
+
+if TYPE_CHECKING:
+    from itmolink.v1.partner_service_pb2_grpc import PartnerServiceAsyncStub
+
+log = logging.getLogger("itmolink.node")
+
+T = TypeVar("T")
+Clock = Callable[[], dt.datetime]
+
+RPC_TIMEOUT_SECONDS = 10.0
+MAX_IDLE_WAIT_SECONDS = 1.0
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class PartnerServicer(partner_service_pb2_grpc.PartnerServiceServicer):
+    """The partner-facing endpoint. Reached only through mutual TLS with a pinned CA."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    async def Deliver(
+        self,
+        request: partner_service_pb2.DeliverRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> partner_service_pb2.DeliverResponse:
+        peer = self._node.peer_party(context)
+        if peer is None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the client certificate is not issued by a pinned partner CA",
+            )
+        assert peer is not None
+        reply = await self._node.db(
+            self._node.engine.handle_delivery, peer, request.envelope, self._node.clock()
+        )
+        self._node.kick()
+        return partner_service_pb2.DeliverResponse(envelope=reply)
+
+
+class Node:
+    """One registry node process."""
+
+    def __init__(self, config: NodeConfig, *, clock: Clock = utc_now) -> None:
+        self.config = config
+        self.clock = clock
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="itmolink-db")
+        self._endpoints = {p.card.party: p.endpoint for p in config.partners}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, PartnerServiceAsyncStub] = {}
+        self._inflight: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._kick = asyncio.Event()
+        self._stopping = False
+        self._worker: asyncio.Task[None] | None = None
+        self._partner_server: grpc.aio.Server | None = None
+        self._admin_server: grpc.aio.Server | None = None
+        self.partner_port = 0
+        self.engine: Engine
+        self._tls_key = b""
+        self._tls_cert = b""
+
+    # -- plumbing --------------------------------------------------------------------
+
+    async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` on the database thread (one transaction at a time)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    def kick(self) -> None:
+        """Wake the outbox worker: there may be something new to send."""
+        self._kick.set()
+
+    def peer_party(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+        certificates = context.auth_context().get("x509_pem_cert")
+        if not certificates:
+            return None
+        return issuing_party(next(iter(certificates)), [p.card for p in self.config.partners])
+
+    def set_partner_endpoint(self, party: str, endpoint: str) -> None:
+        """Point the link to ``party`` at another address (tests bind port 0)."""
+        self._endpoints[party] = endpoint
+        channel = self._channels.pop(party, None)
+        self._stubs.pop(party, None)
+        if channel is not None:
+            task = asyncio.get_running_loop().create_task(channel.close(None))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self.config
+        check_private_file(config.keys.node_key)
+        self._tls_key = config.keys.node_key.read_bytes()
+        self._tls_cert = config.keys.node_certificate.read_bytes()
+        signing_key = SigningKey.load(config.party, config.keys.signing_key)
+        trust = TrustStore(key for p in config.partners for key in p.card.signing_keys)
+        store = await self.db(
+            SqliteStore, config.database, party=config.party, registry=config.registry
+        )
+        self.engine = Engine(
+            party=config.party,
+            registry=config.registry,
+            signing_key=signing_key,
+            trust=trust,
+            partners=[Partner(p.card.party, p.card.registry, p.endpoint) for p in config.partners],
+            store=store,
+            default_timeout=dt.timedelta(seconds=config.transfer_timeout_seconds),
+        )
+
+        self._partner_server = grpc.aio.server()
+        partner_service_pb2_grpc.add_PartnerServiceServicer_to_server(
+            PartnerServicer(self), self._partner_server
+        )
+        credentials = grpc.ssl_server_credentials(
+            [(self._tls_key, self._tls_cert)],
+            root_certificates=b"".join(p.card.ca_certificate_pem for p in config.partners) or None,
+            require_client_auth=True,
+        )
+        self.partner_port = self._partner_server.add_secure_port(config.partner_listen, credentials)
+        if self.partner_port == 0:
+            raise OSError(f"cannot listen on partner_listen = {config.partner_listen!r}")
+
+        from itmolink.node.admin import add_admin_service
+
+        self._admin_server = grpc.aio.server()
+        add_admin_service(self, self._admin_server)
+        admin = config.admin_listen
+        if admin.startswith("unix:"):
+            socket = Path(admin.removeprefix("unix:"))
+            with contextlib.suppress(FileNotFoundError):
+                socket.unlink()  # noqa: ASYNC240 (start-up, before serving)
+            old_umask = os.umask(0o177)
+            try:
+                bound = self._admin_server.add_insecure_port(admin)
+            finally:
+                os.umask(old_umask)
+        else:
+            bound = self._admin_server.add_insecure_port(admin)
+        if bound == 0:
+            raise OSError(f"cannot listen on admin_listen = {admin!r}")
+
+        await self._partner_server.start()
+        await self._admin_server.start()
+        if admin.startswith("unix:"):
+            os.chmod(admin.removeprefix("unix:"), 0o600)
+        self._worker = asyncio.get_running_loop().create_task(self._outbox_loop())
+        log.info(
+            "node %s (%s) listening: partners on port %d (mutual TLS), admin on %s",
+            config.party,
+            config.registry,
+            self.partner_port,
+            admin,
+        )
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Stop accepting work, let in-flight steps finish, then close the store."""
+        self._stopping = True
+        self.kick()
+        if self._partner_server is not None:
+            await self._partner_server.stop(grace)
+        if self._admin_server is not None:
+            await self._admin_server.stop(grace)
+        if self._worker is not None:
+            await self._worker
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for channel in self._channels.values():
+            await channel.close(None)
+        if hasattr(self, "engine"):
+            await self.db(self.engine.store.close)
+        self._executor.shutdown(wait=True)
+
+    async def wait_stopped(self) -> None:
+        if self._partner_server is not None:
+            await self._partner_server.wait_for_termination()
+
+    # -- the outbox worker -------------------------------------------------------------
+
+    def _stub(self, party: str) -> PartnerServiceAsyncStub:
+        stub = self._stubs.get(party)
+        if stub is None:
+            card = next(p.card for p in self.config.partners if p.card.party == party)
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=card.ca_certificate_pem,
+                private_key=self._tls_key,
+                certificate_chain=self._tls_cert,
+            )
+            channel = grpc.aio.secure_channel(self._endpoints[party], credentials)
+            self._channels[party] = channel
+            stub = partner_service_pb2_grpc.PartnerServiceStub(channel)
+            self._stubs[party] = stub
+        return stub
+
+    async def _outbox_loop(self) -> None:
+        while not self._stopping:
+            try:
+                await self._outbox_pass()
+            except Exception:
+                log.exception("outbox pass failed; retrying")
+            wait = MAX_IDLE_WAIT_SECONDS
+            next_due = await self.db(self.engine.next_due)
+            if next_due is not None:
+                from itmolink.node.convert import to_us
+
+                wait = max(0.01, min(wait, (next_due - to_us(self.clock())) / 1e6))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), wait)
+            self._kick.clear()
+
+    async def _outbox_pass(self) -> None:
+        now = self.clock()
+        await self.db(self.engine.expire_transfers, now)
+        for message_id, partner, envelope in await self.db(self.engine.due_messages, now):
+            if message_id in self._inflight:
+                continue
+            self._inflight.add(message_id)
+            task = asyncio.get_running_loop().create_task(
+                self._deliver(message_id, partner, envelope)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, message_id: str, partner: str, envelope: bytes) -> None:
+        try:
+            response = await self._stub(partner).Deliver(
+                partner_service_pb2.DeliverRequest(envelope=envelope),
+                timeout=RPC_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.info(
+                "delivery of %s to %s failed (%s); will retry",
+                message_id,
+                partner,
+                exc.code().name,
+            )
+            await self.db(
+                self.engine.delivery_failed,
+                message_id,
+                f"{exc.code().name}: {exc.details()}",
+                self.clock(),
+            )
+        else:
+            try:
+                await self.db(self.engine.handle_reply, message_id, response.envelope, self.clock())
+            except ReplyError as exc:
+                log.error("reply from %s to %s not applied: %s", partner, message_id, exc)
+                await self.db(self.engine.delivery_failed, message_id, str(exc), self.clock())
+        finally:
+            self._inflight.discard(message_id)
+            self.kick()
