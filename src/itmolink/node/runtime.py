@@ -279,6 +279,13 @@ class Node:
             except ReplyError as exc:
                 log.error("reply from %s to %s not applied: %s", partner, message_id, exc)
                 await self.db(self.engine.delivery_failed, message_id, str(exc), self.clock())
+            except Exception as exc:
+                # Nothing of the reply was applied (its transaction rolled back);
+                # redeliver later: the partner answers with its stored reply.
+                log.exception("applying the reply to %s from %s failed", message_id, partner)
+                await self.db(
+                    self.engine.delivery_failed, message_id, f"{type(exc).__name__}", self.clock()
+                )
         finally:
             self._inflight.discard(message_id)
             self.kick()
