@@ -138,17 +138,17 @@ async def authorise(lao: Registry, **overrides: Any) -> str:
     return str(response.authorisation_id)
 
 
-async def eventually(check: Callable[[], Any], *, timeout: float = 10.0) -> Any:
+async def eventually(check: Callable[[], Any], *, within: float = 10.0) -> Any:
     """Poll an async predicate until it returns a truthy value."""
     import asyncio
 
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         result = await check()
         if result:
             return result
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {check}")
+            raise AssertionError(f"condition not met within {within}s: {check}")
         await asyncio.sleep(0.02)
 
 

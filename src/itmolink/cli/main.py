@@ -212,8 +212,9 @@ def cmd_issue(args: argparse.Namespace) -> int:
         ),
     )
     for block in response.blocks:
+        quantity = block.serial_end - block.serial_start + 1
         print(
-            f"issued {block.serial_end - block.serial_start + 1:,} tCO2e as {response.issuance_id}: "
+            f"issued {quantity:,} tCO2e as {response.issuance_id}: "
             f"serials {block.originating_registry}:{block.serial_start}-{block.serial_end}, "
             f"vintage {block.vintage}"
         )
