@@ -270,10 +270,6 @@ def test_check_party_code_accepts_alpha_3(party: str) -> None:
     assert check_party_code(party) == party
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PARTY_CODE uses re.match with '$', which also matches before a trailing newline",
-)
 def test_check_party_code_rejects_a_trailing_newline() -> None:
     with pytest.raises(ValueError):
         check_party_code("LAO\n")
@@ -400,11 +396,6 @@ def test_issuing_party_of_garbage_is_none(parties: dict[str, PartyFiles]) -> Non
     assert issuing_party(parties["LAO"].node_certificate.read_bytes(), []) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="PartnerCard.load indexes signing_keys entries without checking they are tables",
-)
 @pytest.mark.parametrize("signing_keys", ['signing_keys = "abc"', "signing_keys = [1]"])
 def test_card_with_signing_keys_that_are_not_tables_is_rejected(
     parties: dict[str, PartyFiles], tmp_path: Path, signing_keys: str
@@ -414,3 +405,22 @@ def test_card_with_signing_keys_that_are_not_tables_is_rejected(
     path.write_text(text.split("[[signing_keys]]")[0] + signing_keys + "\n")
     with pytest.raises(ValueError, match="partner card"):
         PartnerCard.load(path)
+
+
+@pytest.mark.parametrize("registry", ['LAO "NR"', "", "LAO NR", "-LAO"])
+def test_init_party_refuses_a_registry_id_a_card_could_not_carry(
+    tmp_path: Path, registry: str
+) -> None:
+    with pytest.raises(ValueError, match="registry"):
+        init_party(tmp_path / "p", "LAO", registry, now=dt.datetime.now(dt.UTC))
+
+
+def test_trust_store_refuses_a_key_id_re_pinned_for_another_party() -> None:
+    from itmolink.crypto.envelope import TrustStore
+    from itmolink.crypto.keys import VerifyingKey
+
+    key = SigningKey.generate("LAO").verifying_key()
+    store = TrustStore([key])
+    with pytest.raises(ValueError, match="pinned twice"):
+        store.add(VerifyingKey("KOR", key.key_id, key.public_bytes))
+    assert store.parties() == {"LAO"}

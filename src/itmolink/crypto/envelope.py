@@ -64,8 +64,10 @@ class TrustStore:
 
     def add(self, key: VerifyingKey) -> None:
         existing = self._keys.get(key.key_id)
-        if existing is not None and existing.public_bytes != key.public_bytes:
-            raise ValueError(f"key id {key.key_id!r} is pinned twice with different keys")
+        if existing is not None and existing != key:
+            raise ValueError(
+                f"key id {key.key_id!r} is pinned twice with different keys or parties"
+            )
         self._keys[key.key_id] = key
 
     def get(self, key_id: str) -> VerifyingKey | None:

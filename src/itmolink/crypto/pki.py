@@ -30,18 +30,28 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from itmolink.crypto.keys import SigningKey, VerifyingKey, write_private_file
 
-PARTY_CODE = re.compile(r"^[A-Z]{3}$")
+PARTY_CODE = re.compile(r"[A-Z]{3}")
+REGISTRY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 CA_VALIDITY = dt.timedelta(days=3650)
 NODE_VALIDITY = dt.timedelta(days=825)
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 def check_party_code(party: str) -> str:
-    if not PARTY_CODE.match(party):
+    if not PARTY_CODE.fullmatch(party):
         raise ValueError(
             f"party {party!r} is not an ISO 3166-1 alpha-3 code such as LAO, KOR or JPN"
         )
     return party
+
+
+def check_registry_id(registry: str) -> str:
+    if not REGISTRY_ID.fullmatch(registry):
+        raise ValueError(
+            f"registry {registry!r} must be 1-64 letters, digits, '.', '_' or '-' "
+            "starting with a letter or digit, e.g. LAO-NR"
+        )
+    return registry
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,12 +119,15 @@ class PartnerCard:
             raise ValueError(f"partner card {path}: {exc}") from None
         try:
             party = check_party_code(str(data["party"]))
-            registry = str(data["registry"])
+            registry = check_registry_id(str(data["registry"]))
             ca_pem = str(data["ca_certificate"]).strip().encode("ascii") + b"\n"
             x509.load_pem_x509_certificate(ca_pem)
+            entries = data.get("signing_keys", [])
+            if not isinstance(entries, list) or not all(isinstance(k, dict) for k in entries):
+                raise ValueError("signing_keys must be a list of [[signing_keys]] tables")
             keys = tuple(
                 VerifyingKey.from_base64(party, str(k["key_id"]), str(k["public_key"]))
-                for k in data.get("signing_keys", [])
+                for k in entries
             )
         except KeyError as exc:
             raise ValueError(f"partner card {path}: missing field {exc.args[0]!r}") from None
@@ -166,6 +179,7 @@ def init_party(
     operation, not a side effect of re-running init.
     """
     check_party_code(party)
+    check_registry_id(registry)
     files = PartyFiles(directory)
     directory.mkdir(parents=True, exist_ok=True)
     existing = [

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from itmolink.crypto.pki import PartnerCard, PartyFiles, check_party_code
+from itmolink.crypto.pki import PartnerCard, PartyFiles, check_party_code, check_registry_id
 
 
 class ConfigError(ValueError):
@@ -96,6 +96,11 @@ def load_config(path: Path | str) -> NodeConfig:
         check_party_code(party)
     except ValueError as exc:
         raise ConfigError(f"{path}: field 'party': {exc}") from None
+    registry = _field(data, "registry", str, path)
+    try:
+        check_registry_id(registry)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: field 'registry': {exc}") from None
     keys = _field(data, "keys", dict, path)
     partners = []
     for index, entry in enumerate(data.get("partners", [])):
@@ -117,7 +122,7 @@ def load_config(path: Path | str) -> NodeConfig:
     return NodeConfig(
         path=path,
         party=party,
-        registry=_field(data, "registry", str, path),
+        registry=registry,
         database=base / _field(data, "database", str, path),
         partner_listen=_field(data, "partner_listen", str, path),
         admin_listen=_check_admin(_field(data, "admin_listen", str, path), base, path),
