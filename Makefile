@@ -23,8 +23,8 @@ check-proto: $(STAMP)
 	PY=$(PY) scripts/gen_proto.sh --check
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests examples
+	$(VENV)/bin/ruff format --check src tests examples
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

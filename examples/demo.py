@@ -112,8 +112,13 @@ def start_node(party: str) -> subprocess.Popen[bytes]:
 
 def adjustments(party: str) -> list[dict[str, object]]:
     out = itmolink(
-        "show", "adjustments", "--json", "--config", f"{party.lower()}/node.toml",
-        capture=True, echo=False,
+        "show",
+        "adjustments",
+        "--json",
+        "--config",
+        f"{party.lower()}/node.toml",
+        capture=True,
+        echo=False,
     )
     return list(json.loads(out).get("adjustments", []))
 
@@ -174,13 +179,25 @@ def run_transfer() -> bool:
         goes to Korea's node, which checks and acknowledges it (signed).""",
     )
     out = itmolink(
-        "authorise", "--config", "lao/node.toml",
-        "--activity-id", "LAO-SOLAR-WIND-1GW",
-        "--activity-name", "1 GW solar and wind",
-        "--cooperative-approach", "LAO-KOR-A6.2",
-        "--acquiring-party", "KOR", "--purpose", "NDC",
-        "--vintage-from", "2021", "--vintage-to", "2030",
-        "--wait", "--quiet",
+        "authorise",
+        "--config",
+        "lao/node.toml",
+        "--activity-id",
+        "LAO-SOLAR-WIND-1GW",
+        "--activity-name",
+        "1 GW solar and wind",
+        "--cooperative-approach",
+        "LAO-KOR-A6.2",
+        "--acquiring-party",
+        "KOR",
+        "--purpose",
+        "NDC",
+        "--vintage-from",
+        "2021",
+        "--vintage-to",
+        "2030",
+        "--wait",
+        "--quiet",
         capture=True,
     )
     authorisation = out.strip().splitlines()[-1]
@@ -192,8 +209,17 @@ def run_transfer() -> bool:
         f"""Lao PDR issues {ISSUED:,} tCO2e of vintage {VINTAGE} into its holding account as one
         serial block (a range of serial numbers, not one row per tonne).""",
     )
-    itmolink("issue", "--config", "lao/node.toml", "--authorisation", authorisation,
-             "--vintage", str(VINTAGE), "--quantity", str(ISSUED))
+    itmolink(
+        "issue",
+        "--config",
+        "lao/node.toml",
+        "--authorisation",
+        authorisation,
+        "--vintage",
+        str(VINTAGE),
+        "--quantity",
+        str(ISSUED),
+    )
 
     step(
         "5. Transfer (two phases, the sender decides)",
@@ -203,9 +229,20 @@ def run_transfer() -> bool:
         reported emissions (+CA). It then sends a signed completion; in ONE transaction
         KOR records it, credits the units and subtracts {TRANSFERRED:,} (-CA).""",
     )
-    itmolink("transfer", "--config", "lao/node.toml", "--to", "KOR",
-             "--authorisation", authorisation, "--vintage", str(VINTAGE),
-             "--quantity", str(TRANSFERRED), "--wait")
+    itmolink(
+        "transfer",
+        "--config",
+        "lao/node.toml",
+        "--to",
+        "KOR",
+        "--authorisation",
+        authorisation,
+        "--vintage",
+        str(VINTAGE),
+        "--quantity",
+        str(TRANSFERRED),
+        "--wait",
+    )
     # The receiver applies its adjustment when the completion arrives, right
     # after the sender's: wait for it rather than race it.
     deadline = time.monotonic() + 20
