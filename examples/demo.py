@@ -154,7 +154,7 @@ def main() -> int:
         ok = run_transfer()
     finally:
         step("7. Stopping the nodes", "Each node finishes in-flight work and closes its ledger.")
-        for party, process in nodes.items():
+        for process in nodes.values():
             process.send_signal(signal.SIGTERM)
         for party, process in nodes.items():
             try:
