@@ -47,7 +47,7 @@ from itmolink.node.convert import (
     timestamp,
     to_us,
 )
-from itmolink.store.sqlite import Store
+from itmolink.store.sqlite import HOLDING_ACCOUNT, Store
 from itmolink.store.tx import Tx
 from itmolink.v1 import (
     authorisation_pb2,
@@ -60,7 +60,6 @@ from itmolink.v1 import (
 
 log = logging.getLogger("itmolink.engine")
 
-HOLDING_ACCOUNT = "holding"
 
 AuthorisationStatement = authorisation_pb2.AuthorisationStatement
 AuthorisationAcknowledgement = authorisation_pb2.AuthorisationAcknowledgement

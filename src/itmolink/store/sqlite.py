@@ -13,6 +13,8 @@ from typing import Protocol
 from itmolink.store.migrate import SQLITE, migrations, statements
 from itmolink.store.tx import Tx
 
+HOLDING_ACCOUNT = "holding"
+
 
 class Store(Protocol):
     """What the node needs from a database: transactions and a version."""
@@ -77,6 +79,7 @@ class SqliteStore:
             if not stored:
                 tx.set_meta("party", party)
                 tx.set_meta("registry", registry)
+                tx.account_put(HOLDING_ACCOUNT, "holding", time.time_ns() // 1000)
                 return
         if (stored.get("party"), stored.get("registry")) != (party, registry):
             raise RuntimeError(

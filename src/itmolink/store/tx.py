@@ -460,7 +460,16 @@ class Tx:
         )
         return {r[0]: r[1] for r in rows}
 
-    # -- issuance and holdings ----------------------------------------------------------
+    # -- accounts, issuance and holdings ------------------------------------------------
+
+    def account_put(self, account_id: str, kind: str, now: int) -> None:
+        self._exec(
+            "INSERT INTO accounts (account_id, kind, created_at) VALUES (?, ?, ?)",
+            (account_id, kind, now),
+        )
+
+    def accounts(self) -> dict[str, str]:
+        return {r[0]: r[1] for r in self._exec("SELECT account_id, kind FROM accounts")}
 
     def issuance_put(
         self,

@@ -106,6 +106,13 @@ CREATE TABLE issuances (
     PRIMARY KEY (host_party, issuance_id, originating_registry, serial_start)
 );
 
+-- Accounts of this registry. Every node has a holding account ('holding').
+CREATE TABLE accounts (
+    account_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('holding')),
+    created_at BIGINT NOT NULL
+);
+
 -- Serial blocks held by this registry.
 CREATE TABLE blocks (
     originating_registry TEXT NOT NULL,
@@ -117,7 +124,7 @@ CREATE TABLE blocks (
     authorisation_id TEXT NOT NULL,
     cooperative_approach_id TEXT NOT NULL,
     first_transferring_party TEXT NOT NULL,
-    account TEXT NOT NULL,
+    account TEXT NOT NULL REFERENCES accounts (account_id),
     status TEXT NOT NULL CHECK (status IN ('held', 'reserved')),
     transfer_id TEXT,
     PRIMARY KEY (originating_registry, serial_start),
