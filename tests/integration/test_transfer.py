@@ -479,3 +479,34 @@ def test_every_request_type_is_a_known_message() -> None:
         "itmolink.v1.TransferVoid",
         "itmolink.v1.TransferStatusQuery",
     }
+
+
+async def test_a_partner_can_ask_for_the_status_of_a_transfer(
+    lao_kor: tuple[Registry, Registry],
+) -> None:
+    lao, kor = lao_kor
+    authorisation_id = await issued(lao)
+    transfer_id = await transfer(lao, authorisation_id, 10)
+    await final_state(kor, transfer_id)
+    client = PartnerClient(kor, lao.keys, kor.keys.ca_certificate.read_bytes())
+    key = kor.signing_key().verifying_key()
+    try:
+        states = {}
+        for sequence, asked in ((900, transfer_id), (901, "LAO-T-NEVER")):
+            query = transfer_pb2.TransferStatusQuery(
+                header=header("LAO", "KOR", sequence=sequence), transfer_id=asked
+            )
+            reply = await client.deliver(signed(query, lao.signing_key())[1])
+            verified = open_envelope(reply, TrustStore([key]))
+            assert verified.payload_type == "itmolink.v1.TransferStatusReport"
+            report = transfer_pb2.TransferStatusReport()
+            report.ParseFromString(verified.payload)
+            assert report.header.in_reply_to == query.header.message_id
+            assert report.header.audience == "LAO"
+            states[asked] = report.state
+    finally:
+        await client.close()
+    assert states == {
+        transfer_id: COMPLETED,
+        "LAO-T-NEVER": transfer_pb2.TRANSFER_STATE_UNKNOWN,
+    }

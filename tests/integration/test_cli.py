@@ -1,0 +1,91 @@
+"""The operator's command line against real running nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from itmolink.cli.main import EXIT_REFUSED, main
+
+from .conftest import Registry, eventually
+
+
+async def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run ``itmolink ARGS`` in a thread (it is synchronous) while the nodes serve."""
+    code = await asyncio.to_thread(main, list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+async def test_operator_authorises_issues_transfers_and_reads_both_ledgers(
+    lao_kor: tuple[Registry, Registry], capsys: pytest.CaptureFixture[str]
+) -> None:
+    lao, kor = lao_kor
+    lao_cfg, kor_cfg = str(lao.config_path), str(kor.config_path)
+    code, out, _ = await cli(
+        capsys,
+        "authorise", "--config", lao_cfg, "--activity-id", "LAO-SOLAR-WIND-1GW",
+        "--cooperative-approach", "LAO-KOR-A6.2", "--acquiring-party", "KOR",
+        "--purpose", "NDC", "--vintage-from", "2021", "--vintage-to", "2030",
+        "--wait", "--quiet",
+    )  # fmt: skip
+    assert code == 0, out
+    authorisation = out.strip()
+    assert authorisation == "LAO-A-0001"
+
+    code, out, _ = await cli(
+        capsys, "issue", "--config", lao_cfg, "--authorisation", authorisation,
+        "--vintage", "2025", "--quantity", "100000",
+    )  # fmt: skip
+    assert code == 0
+    assert "serials LAO-NR:1-100000" in out
+
+    code, out, _ = await cli(
+        capsys, "transfer", "--config", lao_cfg, "--to", "KOR", "--authorisation",
+        authorisation, "--vintage", "2025", "--quantity", "60000", "--wait",
+    )  # fmt: skip
+    assert code == 0
+    assert "LAO-T-000001: COMPLETED" in out
+
+    async def kor_adjusted() -> list[dict[str, object]]:
+        code, out, _ = await cli(capsys, "show", "adjustments", "--json", "--config", kor_cfg)
+        assert code == 0
+        return list(json.loads(out).get("adjustments", []))
+
+    kor_entries = await eventually(kor_adjusted)
+    assert [(e["year"], e["amount"]) for e in kor_entries] == [(2025, "-60000")]
+
+    code, out, _ = await cli(capsys, "show", "adjustments", "--config", lao_cfg)
+    assert "net corresponding adjustment 2025: +60,000 tCO2e" in out
+    code, out, _ = await cli(capsys, "show", "holdings", "--config", kor_cfg)
+    assert "total held: 60,000 tCO2e in 1 block(s)" in out
+
+
+async def test_a_refused_request_exits_3_and_names_its_code(
+    lao_kor: tuple[Registry, Registry], capsys: pytest.CaptureFixture[str]
+) -> None:
+    lao, _ = lao_kor
+    code, _, err = await cli(
+        capsys, "issue", "--config", str(lao.config_path), "--authorisation", "LAO-A-9999",
+        "--vintage", "2025", "--quantity", "1",
+    )  # fmt: skip
+    assert code == EXIT_REFUSED
+    assert "REJECTION_CODE_UNKNOWN_AUTHORISATION" in err
+
+    code, _, err = await cli(
+        capsys, "authorise", "--config", str(lao.config_path), "--activity-id", "A",
+        "--cooperative-approach", "C", "--acquiring-party", "KOR", "--purpose", "NDC",
+        "--vintage-from", "2019", "--vintage-to", "2030",
+    )  # fmt: skip
+    assert code == EXIT_REFUSED
+    assert "REJECTION_CODE_VINTAGE_BEFORE_2021" in err
+
+
+async def test_an_unreachable_node_gets_a_message_that_says_what_to_do(
+    tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = await cli(capsys, "info", "--admin", "unix:/nonexistent/admin.sock")
+    assert code == 1
+    assert "is 'itmolink node run' running" in err
