@@ -10,6 +10,7 @@ import pytest
 
 from itmolink.admin.v1 import admin_pb2
 from itmolink.core.codes import RejectionCode
+from itmolink.core.transfer import TransferState
 from itmolink.crypto.envelope import TrustStore, open_envelope
 from itmolink.crypto.keys import SigningKey
 from itmolink.node.engine import REQUEST_TYPES
@@ -389,12 +390,12 @@ async def test_a_failure_while_recording_the_acceptance_leaves_no_adjustment_the
     lao_kor: tuple[Registry, Registry], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """LAO's +CA is written in the transaction that records KOR's acceptance.
-    While that transaction keeps failing after the CA row was inserted, neither
+    While that transaction keeps failing after the CA rows were inserted, neither
     the CA nor the acceptance exists at LAO; once it succeeds, the retried
     delivery gets KOR's stored acceptance and the CA is applied exactly once."""
     lao, kor = lao_kor
     authorisation_id = await issued(lao, quantity=1_000)
-    fault = _inject_failure_after_adjustment(monkeypatch, party="LAO")
+    fault = _inject_failure_before_commit(monkeypatch, direction="out")
     transfer_id = await transfer(lao, authorisation_id, 100)
     await eventually(lambda: _at_least(fault, 2))  # failed, retried, failed again
 
@@ -429,7 +430,7 @@ async def test_a_failure_while_recording_the_completion_leaves_no_adjustment_the
     redelivering the same completion until KOR applies it, once."""
     lao, kor = lao_kor
     authorisation_id = await issued(lao, quantity=1_000)
-    fault = _inject_failure_after_adjustment(monkeypatch, party="KOR")
+    fault = _inject_failure_before_commit(monkeypatch, direction="in")
     transfer_id = await transfer(lao, authorisation_id, 100)
     await eventually(lambda: _at_least(fault, 2))
 
@@ -448,21 +449,31 @@ async def test_a_failure_while_recording_the_completion_leaves_no_adjustment_the
     assert len(completions) == 1
 
 
-def _inject_failure_after_adjustment(
-    monkeypatch: pytest.MonkeyPatch, *, party: str
+def _inject_failure_before_commit(
+    monkeypatch: pytest.MonkeyPatch, *, direction: str
 ) -> dict[str, Any]:
-    """Make ``party``'s transaction fail right after it wrote its CA rows."""
-    original = Tx.adjustments_put
+    """Make the transaction that completes a transfer fail at its very end.
+
+    The failure is raised where the transfer is marked COMPLETED, after the
+    CA rows, the block moves and the journal entry were written in that
+    transaction: a node that committed any of them separately would keep them.
+    """
+    original = Tx.transfer_set_state
     fault: dict[str, Any] = {"on": True, "hits": 0}
 
-    def failing(self: Tx, entries: Any, **kw: Any) -> None:
-        entries = list(entries)
-        original(self, entries, **kw)  # the rows are written inside the transaction...
-        if fault["on"] and entries and entries[0].party == party:
+    def failing(self: Tx, transfer_id: str, state: Any, **kw: Any) -> None:
+        original(self, transfer_id, state, **kw)
+        record = self.transfer_get(transfer_id)
+        if (
+            fault["on"]
+            and state == TransferState.COMPLETED
+            and record is not None
+            and record.direction.value == direction
+        ):
             fault["hits"] += 1
-            raise Boom("simulated failure before commit")  # ...which then fails
+            raise Boom("simulated failure before commit")
 
-    monkeypatch.setattr(Tx, "adjustments_put", failing)
+    monkeypatch.setattr(Tx, "transfer_set_state", failing)
     return fault
 
 
