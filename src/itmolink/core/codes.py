@@ -30,6 +30,7 @@ class RejectionCode(enum.IntEnum):
     MISSING_FIELD = 2003
     UNEXPECTED_REPLY = 2004
     UNKNOWN_PARTNER = 2005
+    INVALID_IDENTIFIER = 2006
 
     # 3xxx: data integrity.
     INVALID_BLOCK = 3001

@@ -224,9 +224,10 @@ class Engine:
             )
         return payload, envelope
 
-    def _rejection(self, subject_id: str, rejected: Rejected) -> Rejection:
+    def _rejection(self, subject_id: str, rejected: Rejected, request: bytes) -> Rejection:
         return Rejection(
             subject_id=subject_id,
+            envelope_digest=digest(request),
             reasons=[
                 codes_pb2.RejectionReason(
                     code=int(rejected.code),  # type: ignore[arg-type]
@@ -268,7 +269,7 @@ class Engine:
         except Rejected as rejected:
             log.warning("refused a message from %s without recording it: %s", peer_party, rejected)
             _, envelope = self._reply(
-                None, peer_party, self._rejection(subject_id, rejected), message_id, now_us
+                None, peer_party, self._rejection(subject_id, rejected, raw), message_id, now_us
             )
             return envelope
 
@@ -291,6 +292,7 @@ class Engine:
                             RejectionCode.DUPLICATE_MESSAGE_CONFLICT,
                             f"message id {message_id} was already received with other content",
                         ),
+                        raw,
                     ),
                     message_id,
                     now_us,
@@ -307,6 +309,7 @@ class Engine:
                             RejectionCode.SEQUENCE_REUSED,
                             f"sequence {header.sequence} already used by message {owner}",
                         ),
+                        raw,
                     ),
                     message_id,
                     now_us,
@@ -328,7 +331,7 @@ class Engine:
                 log.info("rejected %s %s from %s: %s", cls.__name__, subject_id, sender, rejected)
                 self._record_rejected_request(tx, sender, msg, rejected, now_us)
                 _, envelope = self._reply(
-                    tx, sender, self._rejection(subject_id, rejected), message_id, now_us
+                    tx, sender, self._rejection(subject_id, rejected, raw), message_id, now_us
                 )
             tx.inbox_put(
                 partner=sender,
@@ -365,7 +368,7 @@ class Engine:
         self, tx: Tx, sender: str, msg: Message, rejected: Rejected, now_us: int
     ) -> None:
         """Keep a visible record of a rejected transfer proposal (and block reuse of its id)."""
-        if not isinstance(msg, TransferProposal) or not msg.transfer_id:
+        if not isinstance(msg, TransferProposal) or not _owned_by(msg.transfer_id, sender):
             return
         if tx.transfer_get(msg.transfer_id) is not None:
             return
@@ -457,8 +460,7 @@ class Engine:
         journal_id: int,
         now_us: int,
     ) -> bytes:
-        if not msg.transfer_id:
-            raise Rejected(RejectionCode.MISSING_FIELD, "proposal has no transfer_id")
+        _check_transfer_id(msg.transfer_id, sender)
         if tx.transfer_get(msg.transfer_id) is not None:
             raise Rejected(
                 RejectionCode.TRANSFER_STATE_CONFLICT,
@@ -544,8 +546,7 @@ class Engine:
     def _on_void(
         self, tx: Tx, sender: str, msg: TransferVoid, payload: bytes, journal_id: int, now_us: int
     ) -> bytes:
-        if not msg.transfer_id:
-            raise Rejected(RejectionCode.MISSING_FIELD, "void has no transfer_id")
+        _check_transfer_id(msg.transfer_id, sender)
         state = self._incoming_transfer(tx, sender, msg.transfer_id)
         if state is None:
             # The proposal has not arrived (or never will): remember the void so a
@@ -566,9 +567,10 @@ class Engine:
             )
         else:
             transition = step(Role.RECEIVER, state, Event.VOID_RECEIVED)
-            tx.transfer_set_state(
-                msg.transfer_id, transition.state, now=now_us, rejection_detail=msg.reason
-            )
+            if transition.state is not state:  # a rejected transfer keeps its rejection
+                tx.transfer_set_state(
+                    msg.transfer_id, transition.state, now=now_us, rejection_detail=msg.reason
+                )
         receipt = TransferVoidReceipt(transfer_id=msg.transfer_id)
         return self._reply(tx, sender, receipt, msg.header.message_id, now_us)[1]
 
@@ -673,10 +675,11 @@ class Engine:
                 self._check_header_fields(header, sender=request.partner)
             except Rejected as rejected:
                 raise ReplyError(rejected.code, rejected.detail) from None
-            if header.in_reply_to != message_id:
+            self._check_answers(header, reply, request.envelope, message_id)
+            if not header.message_id or tx.journal_has("in", request.partner, header.message_id):
                 raise ReplyError(
-                    RejectionCode.UNEXPECTED_REPLY,
-                    f"reply answers {header.in_reply_to!r}, not {message_id}",
+                    RejectionCode.DUPLICATE_MESSAGE_CONFLICT,
+                    f"reply from {request.partner} reuses message id {header.message_id!r}",
                 )
             journal_id = tx.journal(
                 direction="in",
@@ -708,6 +711,26 @@ class Engine:
                 verified.payload,
                 journal_id,
                 now_us,
+            )
+
+    @staticmethod
+    def _check_answers(
+        header: common_pb2.Header, reply: Message, request: bytes, message_id: str
+    ) -> None:
+        """A reply names the request it answers; a Rejection of a request that could
+        not be read that far is bound to it by the digest of the request's bytes."""
+        if isinstance(reply, Rejection) and reply.envelope_digest:
+            if reply.envelope_digest != digest(request):
+                raise ReplyError(
+                    RejectionCode.UNEXPECTED_REPLY,
+                    "rejection is about another envelope than the one sent",
+                )
+            if header.in_reply_to in ("", message_id):
+                return
+        if header.in_reply_to != message_id:
+            raise ReplyError(
+                RejectionCode.UNEXPECTED_REPLY,
+                f"reply answers {header.in_reply_to!r}, not {message_id}",
             )
 
     def _check_header_fields(self, header: common_pb2.Header, *, sender: str) -> None:
@@ -1082,10 +1105,26 @@ class Engine:
 
 
 def _subject_of(msg: Message) -> str:
-    for name in ("transfer_id", "authorisation_id", "issuance_id"):
+    for name in ("transfer_id", "issuance_id", "authorisation_id"):
         if msg.DESCRIPTOR.fields_by_name.get(name) is not None:
             return str(getattr(msg, name))
     return ""
+
+
+def _owned_by(transfer_id: str, party: str) -> bool:
+    return transfer_id.startswith(f"{party}-") and len(transfer_id) > len(party) + 1
+
+
+def _check_transfer_id(transfer_id: str, sender: str) -> None:
+    """Transfer ids start with the sender's party code, so no partner can take
+    an id that belongs to another (docs/PROTOCOL.md)."""
+    if not transfer_id:
+        raise Rejected(RejectionCode.MISSING_FIELD, "message has no transfer_id")
+    if not _owned_by(transfer_id, sender):
+        raise Rejected(
+            RejectionCode.INVALID_IDENTIFIER,
+            f"transfer id {transfer_id!r} from {sender} must start with '{sender}-'",
+        )
 
 
 def _code_name(code: int) -> str:

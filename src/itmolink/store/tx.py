@@ -232,6 +232,13 @@ class Tx:
         )
         return int(entry_id)
 
+    def journal_has(self, direction: str, partner: str, message_id: str) -> bool:
+        row = self._one(
+            "SELECT 1 FROM journal WHERE direction = ? AND partner = ? AND message_id = ?",
+            (direction, partner, message_id),
+        )
+        return row is not None
+
     def journal_entries(self) -> list[tuple[int, str, str, str, bytes, bytes, bytes]]:
         rows = self._exec(
             "SELECT id, direction, partner, payload_type, envelope, prev_hash, entry_hash "

@@ -38,6 +38,7 @@ class _RejectionCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Rejecti
     REJECTION_CODE_MISSING_FIELD: _RejectionCode.ValueType  # 2003
     REJECTION_CODE_UNEXPECTED_REPLY: _RejectionCode.ValueType  # 2004
     REJECTION_CODE_UNKNOWN_PARTNER: _RejectionCode.ValueType  # 2005
+    REJECTION_CODE_INVALID_IDENTIFIER: _RejectionCode.ValueType  # 2006
     REJECTION_CODE_INVALID_BLOCK: _RejectionCode.ValueType  # 3001
     """3xxx: data integrity."""
     REJECTION_CODE_QUANTITY_MISMATCH: _RejectionCode.ValueType  # 3002
@@ -84,6 +85,7 @@ REJECTION_CODE_MALFORMED_PAYLOAD: RejectionCode.ValueType  # 2002
 REJECTION_CODE_MISSING_FIELD: RejectionCode.ValueType  # 2003
 REJECTION_CODE_UNEXPECTED_REPLY: RejectionCode.ValueType  # 2004
 REJECTION_CODE_UNKNOWN_PARTNER: RejectionCode.ValueType  # 2005
+REJECTION_CODE_INVALID_IDENTIFIER: RejectionCode.ValueType  # 2006
 REJECTION_CODE_INVALID_BLOCK: RejectionCode.ValueType  # 3001
 """3xxx: data integrity."""
 REJECTION_CODE_QUANTITY_MISMATCH: RejectionCode.ValueType  # 3002

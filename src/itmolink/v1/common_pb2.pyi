@@ -122,8 +122,10 @@ class Header(_message.Message):
     rejects any message whose audience is not its own party.
     """
     sequence: _builtins.int
-    """Per-link sequence number: 1 for the first message a sender sends to an
-    audience, then increasing by one for every new message (retries reuse it).
+    """Per-link sequence number: 1 for the first message a sender records for an
+    audience (requests and replies share the counter), then increasing by one
+    for every new message; a retry reuses it. Replies to messages refused
+    before they were recorded carry 0.
     """
     in_reply_to: _builtins.str
     """For a reply: the message_id of the message it answers. Empty otherwise."""

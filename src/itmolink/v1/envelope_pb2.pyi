@@ -40,7 +40,9 @@ class Envelope(_message.Message):
     """The serialised payload message, exactly as signed."""
     @_builtins.property
     def signatures(self) -> _containers.RepeatedCompositeFieldContainer[Global___Signature]:
-        """At least one signature by a signing key pinned for the sending party."""
+        """One or more signatures. Every signature must be by a signing key pinned
+        for the sending party and must verify; all must be of the same party.
+        """
 
     def __init__(
         self,

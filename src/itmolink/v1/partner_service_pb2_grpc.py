@@ -51,7 +51,8 @@ class PartnerServiceServicer:
     def Deliver(self, request, context):
         """Deliver hands one signed message to the node. The response carries the
         node's signed reply: the acknowledgement defined for the message's type,
-        or a Rejection. Delivering the same message again returns the same reply.
+        or a Rejection. Delivering a recorded message again returns the same reply,
+        byte for byte.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

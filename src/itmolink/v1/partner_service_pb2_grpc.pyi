@@ -38,7 +38,8 @@ class PartnerServiceStub:
     Deliver: _grpc.UnaryUnaryMultiCallable[_partner_service_pb2.DeliverRequest, _partner_service_pb2.DeliverResponse]
     """Deliver hands one signed message to the node. The response carries the
     node's signed reply: the acknowledgement defined for the message's type,
-    or a Rejection. Delivering the same message again returns the same reply.
+    or a Rejection. Delivering a recorded message again returns the same reply,
+    byte for byte.
     """
 
 @_typing.type_check_only
@@ -51,7 +52,8 @@ class PartnerServiceAsyncStub(PartnerServiceStub):
     Deliver: _aio.UnaryUnaryMultiCallable[_partner_service_pb2.DeliverRequest, _partner_service_pb2.DeliverResponse]  # type: ignore[assignment]
     """Deliver hands one signed message to the node. The response carries the
     node's signed reply: the acknowledgement defined for the message's type,
-    or a Rejection. Delivering the same message again returns the same reply.
+    or a Rejection. Delivering a recorded message again returns the same reply,
+    byte for byte.
     """
 
 class PartnerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -67,7 +69,8 @@ class PartnerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_partner_service_pb2.DeliverResponse, _abc.Awaitable[_partner_service_pb2.DeliverResponse]]:
         """Deliver hands one signed message to the node. The response carries the
         node's signed reply: the acknowledgement defined for the message's type,
-        or a Rejection. Delivering the same message again returns the same reply.
+        or a Rejection. Delivering a recorded message again returns the same reply,
+        byte for byte.
         """
 
 def add_PartnerServiceServicer_to_server(servicer: PartnerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,13 +26,13 @@ from itmolink.v1 import codes_pb2 as itmolink_dot_v1_dot_codes__pb2
 from itmolink.v1 import common_pb2 as itmolink_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17itmolink/v1/reply.proto\x12\x0bitmolink.v1\x1a\x17itmolink/v1/codes.proto\x1a\x18itmolink/v1/common.proto\"s\n\tRejection\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x12\n\nsubject_id\x18\x02 \x01(\t\x12-\n\x07reasons\x18\x03 \x03(\x0b\x32\x1c.itmolink.v1.RejectionReasonb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17itmolink/v1/reply.proto\x12\x0bitmolink.v1\x1a\x17itmolink/v1/codes.proto\x1a\x18itmolink/v1/common.proto\"\x8c\x01\n\tRejection\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x12\n\nsubject_id\x18\x02 \x01(\t\x12-\n\x07reasons\x18\x03 \x03(\x0b\x32\x1c.itmolink.v1.RejectionReason\x12\x17\n\x0f\x65nvelope_digest\x18\x04 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'itmolink.v1.reply_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REJECTION']._serialized_start=91
-  _globals['_REJECTION']._serialized_end=206
+  _globals['_REJECTION']._serialized_start=92
+  _globals['_REJECTION']._serialized_end=232
 # @@protoc_insertion_point(module_scope)

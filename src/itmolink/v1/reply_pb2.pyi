@@ -22,10 +22,12 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class Rejection(_message.Message):
-    """Rejection is the signed answer to a message that failed a check. It is
-    final for that message id: retrying the same message yields the same
-    Rejection. A Rejection answering a TransferProposal is the transfer
-    rejection, and leaves nothing applied on either side.
+    """Rejection is the signed answer to a message that failed a check, and is
+    final for that message. A Rejection of a recorded message (sequence >= 1)
+    is returned byte for byte when the message is retried; a message refused
+    before it was recorded (sequence 0) is checked again on a retry, with the
+    same outcome for the same bytes. A Rejection answering a TransferProposal
+    is the transfer rejection, and leaves nothing applied on either side.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -33,9 +35,15 @@ class Rejection(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     SUBJECT_ID_FIELD_NUMBER: _builtins.int
     REASONS_FIELD_NUMBER: _builtins.int
+    ENVELOPE_DIGEST_FIELD_NUMBER: _builtins.int
     subject_id: _builtins.str
     """Identifier of the subject the rejected message was about (a transfer,
     authorisation or issuance id), when it could be read.
+    """
+    envelope_digest: _builtins.bytes
+    """SHA-256 of the serialised Envelope that was rejected, exactly as received.
+    It binds the rejection to the request even when the request could not be
+    read far enough to name its message_id in header.in_reply_to.
     """
     @_builtins.property
     def header(self) -> _common_pb2.Header: ...
@@ -49,10 +57,11 @@ class Rejection(_message.Message):
         header: _common_pb2.Header | None = ...,
         subject_id: _builtins.str = ...,
         reasons: _abc.Iterable[_codes_pb2.RejectionReason] | None = ...,
+        envelope_digest: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "reasons", b"reasons", "subject_id", b"subject_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope_digest", b"envelope_digest", "header", b"header", "reasons", b"reasons", "subject_id", b"subject_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

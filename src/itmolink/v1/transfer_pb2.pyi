@@ -37,7 +37,7 @@ class _TransferStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Transfe
     TRANSFER_STATE_REJECTED: _TransferState.ValueType  # 4
     """Final: the receiver rejected the proposal; nothing moved."""
     TRANSFER_STATE_VOIDED: _TransferState.ValueType  # 5
-    """Final: the sender voided the transfer (time-out or operator); nothing moved."""
+    """Final: the sender voided the transfer after its time-out; nothing moved."""
     TRANSFER_STATE_UNKNOWN: _TransferState.ValueType  # 6
     """The node has no record of the transfer."""
 
@@ -54,7 +54,7 @@ TRANSFER_STATE_COMPLETED: TransferState.ValueType  # 3
 TRANSFER_STATE_REJECTED: TransferState.ValueType  # 4
 """Final: the receiver rejected the proposal; nothing moved."""
 TRANSFER_STATE_VOIDED: TransferState.ValueType  # 5
-"""Final: the sender voided the transfer (time-out or operator); nothing moved."""
+"""Final: the sender voided the transfer after its time-out; nothing moved."""
 TRANSFER_STATE_UNKNOWN: TransferState.ValueType  # 6
 """The node has no record of the transfer."""
 Global___TransferState: _TypeAlias = TransferState  # noqa: Y015
@@ -76,7 +76,9 @@ class TransferProposal(_message.Message):
     FIRST_TRANSFER_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     transfer_id: _builtins.str
-    """Identifier chosen by the sender, unique within its registry."""
+    """Identifier chosen by the sender, unique within its registry, and starting
+    with the sender's party code and a hyphen (e.g. "LAO-T-000001").
+    """
     authorisation_id: _builtins.str
     quantity: _builtins.int
     """tCO2e; equals the sum of the blocks' sizes."""

@@ -1,0 +1,195 @@
+"""Protocol engine behaviour, two engines in memory with a hand-moved clock."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from itmolink.core.codes import Rejected, RejectionCode
+from itmolink.core.transfer import Role, TransferState
+from itmolink.crypto.envelope import TrustStore, open_envelope, seal
+from itmolink.crypto.keys import SigningKey
+from itmolink.node.engine import ReplyError
+from itmolink.v1 import reply_pb2, transfer_pb2
+
+from .conftest import Pair, make_engine
+
+
+def issued(pair: Pair, quantity: int = 1_000) -> str:
+    authorisation_id = pair.authorise()
+    pair.lao.issue(authorisation_id=authorisation_id, vintage=2025, quantity=quantity, now=pair.now)
+    pair.pump()
+    return authorisation_id
+
+
+def state(engine: object, transfer_id: str) -> TransferState | None:
+    with engine.store.transaction() as tx:  # type: ignore[attr-defined]
+        record = tx.transfer_get(transfer_id)
+    return None if record is None else record.state
+
+
+def ledger(engine: object) -> list[tuple[str, int, int]]:
+    with engine.store.transaction() as tx:  # type: ignore[attr-defined]
+        return [(a.entry.transfer_id, a.entry.year, a.entry.amount) for a in tx.adjustments()]
+
+
+def held(engine: object) -> int:
+    with engine.store.transaction() as tx:  # type: ignore[attr-defined]
+        return sum(h.block.quantity for h in tx.holdings())
+
+
+def pending(engine: object) -> int:
+    with engine.store.transaction() as tx:  # type: ignore[attr-defined]
+        return tx.outbox_pending_count()
+
+
+def test_two_engines_complete_a_transfer_in_memory(pair: Pair) -> None:
+    authorisation_id = issued(pair)
+    transfer_id = pair.lao.start_transfer(
+        to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=600, now=pair.now
+    )
+    pair.pump()
+    assert state(pair.lao, transfer_id) is TransferState.COMPLETED
+    assert state(pair.kor, transfer_id) is TransferState.COMPLETED
+    assert ledger(pair.lao) == [(transfer_id, 2025, 600)]
+    assert ledger(pair.kor) == [(transfer_id, 2025, -600)]
+    assert (held(pair.lao), held(pair.kor)) == (400, 600)
+    assert pending(pair.lao) == pending(pair.kor) == 0
+
+
+def test_a_request_the_partner_cannot_authenticate_gets_a_final_answer(
+    tmp_path: Path,
+) -> None:
+    """KOR pins a different LAO key: it refuses LAO's authorisation before it
+    can read the message id. The signed rejection is bound to the request by
+    the digest of its envelope, so LAO records the refusal instead of retrying
+    forever."""
+    keys = {party: SigningKey.generate(party) for party in ("LAO", "KOR")}
+    lao = make_engine(tmp_path, "LAO", "KOR", keys, keys["KOR"])
+    kor = make_engine(tmp_path, "KOR", "LAO", keys, SigningKey.generate("LAO"))
+    pair = Pair(lao=lao, kor=kor, keys=keys)
+    authorisation_id = pair.authorise()
+    assert pair.pump() == 1
+    with lao.store.transaction() as tx:
+        terms = tx.authorisation_get("LAO", authorisation_id)
+        assert terms is not None
+        assert tx.authorisation_party_states("LAO", authorisation_id, terms.version) == {
+            "KOR": "rejected"
+        }
+        assert tx.outbox_pending_count() == 0
+    with kor.store.transaction() as tx:
+        assert tx.authorisations() == []
+
+
+def test_a_rejection_about_another_envelope_is_not_accepted_as_the_answer(pair: Pair) -> None:
+    pair.authorise()
+    [(message_id, _, _envelope)] = pair.lao.due_messages(pair.now)
+    other = seal("itmolink.v1.TransferVoid", b"\x12\x05LAO-X", pair.keys["LAO"])
+    reply = pair.kor.handle_delivery("LAO", other, pair.now)  # a rejection of `other`
+    with pytest.raises(ReplyError) as caught:
+        pair.lao.handle_reply(message_id, reply, pair.now)
+    assert caught.value.code is RejectionCode.UNEXPECTED_REPLY
+    assert pending(pair.lao) == 1  # still waiting for the real answer
+
+
+def test_a_reply_signed_by_another_party_is_not_applied(pair: Pair) -> None:
+    pair.authorise()
+    [(message_id, _, envelope)] = pair.lao.due_messages(pair.now)
+    reply = pair.kor.handle_delivery("LAO", envelope, pair.now)
+    verified = open_envelope(reply, TrustStore([pair.keys["KOR"].verifying_key()]))
+    forged = seal(verified.payload_type, verified.payload, pair.keys["LAO"])
+    with pytest.raises(ReplyError) as caught:
+        pair.lao.handle_reply(message_id, forged, pair.now)
+    assert caught.value.code is RejectionCode.UNKNOWN_SIGNING_KEY  # LAO pins only KOR's key
+    pair.lao.handle_reply(message_id, reply, pair.now)
+    assert pending(pair.lao) == 0
+
+
+@pytest.mark.parametrize(
+    ("transfer_id", "code"),
+    [("KOR-T-1", RejectionCode.INVALID_IDENTIFIER), ("LAO-", RejectionCode.INVALID_IDENTIFIER),
+     ("", RejectionCode.MISSING_FIELD)],
+)  # fmt: skip
+def test_a_transfer_id_must_belong_to_its_sender(
+    pair: Pair, transfer_id: str, code: RejectionCode
+) -> None:
+    """A partner cannot take (and so block) a transfer id of another registry."""
+    issued(pair)
+    void = transfer_pb2.TransferVoid(transfer_id=transfer_id, reason="squatting")
+    reply = _deliver_from_lao(pair, void, sequence=77)
+    assert reply.reasons[0].code == code
+    with pair.kor.store.transaction() as tx:
+        assert tx.transfers() == []
+
+
+def _deliver_from_lao(pair: Pair, msg: object, sequence: int) -> reply_pb2.Rejection:
+    msg.header.CopyFrom(pair.lao._header(None, "KOR", 0))  # type: ignore[attr-defined]
+    msg.header.sequence = sequence  # type: ignore[attr-defined]
+    payload = msg.SerializeToString()  # type: ignore[attr-defined]
+    envelope = seal(msg.DESCRIPTOR.full_name, payload, pair.keys["LAO"])  # type: ignore[attr-defined]
+    reply = pair.kor.handle_delivery("LAO", envelope, pair.now)
+    verified = open_envelope(reply, pair.lao.trust)
+    assert verified.payload_type == "itmolink.v1.Rejection"
+    rejection = reply_pb2.Rejection()
+    rejection.ParseFromString(verified.payload)
+    return rejection
+
+
+def test_an_unanswered_proposal_is_voided_on_the_senders_clock_and_a_late_acceptance_ignored(
+    pair: Pair,
+) -> None:
+    authorisation_id = issued(pair)
+    transfer_id = pair.lao.start_transfer(
+        to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=100,
+        now=pair.now, timeout=dt.timedelta(seconds=30),
+    )  # fmt: skip
+    [(message_id, _, proposal)] = pair.lao.due_messages(pair.now)
+    acceptance = pair.kor.handle_delivery("LAO", proposal, pair.now)  # reply lost in transit
+    assert state(pair.kor, transfer_id) is TransferState.ACCEPTED
+
+    pair.advance(31)
+    assert pair.lao.expire_transfers(pair.now) == [transfer_id]
+    pair.lao.handle_reply(message_id, acceptance, pair.now)  # arrives too late: ignored
+    assert state(pair.lao, transfer_id) is TransferState.VOIDED
+    assert held(pair.lao) == 1_000
+    pair.pump()  # the void reaches KOR
+    assert state(pair.kor, transfer_id) is TransferState.VOIDED
+    assert ledger(pair.lao) == ledger(pair.kor) == []
+    assert held(pair.kor) == 0
+
+
+def test_a_void_of_a_rejected_transfer_keeps_the_rejection(pair: Pair) -> None:
+    authorisation_id = issued(pair)
+    transfer_id = pair.lao.start_transfer(
+        to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=100,
+        now=pair.now, timeout=dt.timedelta(seconds=30),
+    )  # fmt: skip
+    [(_message_id, _, proposal)] = pair.lao.due_messages(pair.now)
+    # KOR rejects it: it already expects these serials from an earlier proposal.
+    with pair.lao.store.transaction() as tx:
+        blocks = tx.blocks_of_transfer(transfer_id)
+    with pair.kor.store.transaction() as tx:
+        tx.transfer_put(
+            transfer_id="LAO-T-EARLIER", direction=Role.RECEIVER, partner="LAO",
+            state=TransferState.ACCEPTED, quantity=100, authorisation_id=authorisation_id,
+            first_transfer=True, proposal_message_id="m", proposal_digest=b"", expires_at=0,
+            blocks=blocks, now=0,
+        )  # fmt: skip
+    pair.kor.handle_delivery("LAO", proposal, pair.now)  # rejection lost in transit
+    assert state(pair.kor, transfer_id) is TransferState.REJECTED
+    pair.advance(31)
+    pair.pump()  # LAO voids; KOR answers the void and keeps its rejection
+    assert state(pair.lao, transfer_id) is TransferState.VOIDED
+    with pair.kor.store.transaction() as tx:
+        record = tx.transfer_get(transfer_id)
+    assert record is not None
+    assert record.state is TransferState.REJECTED
+    assert record.rejection_code == RejectionCode.SERIALS_ALREADY_HELD
+
+
+def test_rejected_carries_its_code() -> None:
+    error = Rejected(RejectionCode.WRONG_AUDIENCE, "for JPN")
+    assert error.code is RejectionCode.WRONG_AUDIENCE
+    assert "REJECTION_CODE_WRONG_AUDIENCE" in str(error)
