@@ -46,6 +46,7 @@ class Pair:
             for sender, receiver in (("LAO", "KOR"), ("KOR", "LAO")):
                 engine = self.engine(sender)
                 engine.expire_transfers(self.now)
+                engine.query_pending_transfers(self.now)
                 for message_id, _, envelope in engine.due_messages(self.now):
                     request = self.network(sender, receiver, envelope)
                     if request is None:

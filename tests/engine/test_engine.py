@@ -193,3 +193,58 @@ def test_rejected_carries_its_code() -> None:
     error = Rejected(RejectionCode.WRONG_AUDIENCE, "for JPN")
     assert error.code is RejectionCode.WRONG_AUDIENCE
     assert "REJECTION_CODE_WRONG_AUDIENCE" in str(error)
+
+
+@pytest.mark.parametrize("sender_outcome", ["voided", "forgotten"])
+def test_a_receiver_left_waiting_asks_the_sender_and_resolves_without_crediting(
+    pair: Pair, sender_outcome: str
+) -> None:
+    """KOR accepted, but neither the acceptance nor the void ever reached it
+    or LAO: after the time-out KOR asks LAO and voids on LAO's answer."""
+    authorisation_id = issued(pair)
+    transfer_id = pair.lao.start_transfer(
+        to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=100,
+        now=pair.now, timeout=dt.timedelta(seconds=30),
+    )  # fmt: skip
+    [(_, _, proposal)] = pair.lao.due_messages(pair.now)
+    pair.kor.handle_delivery("LAO", proposal, pair.now)  # the acceptance is lost
+    pair.advance(31)
+    pair.lao.expire_transfers(pair.now)
+    with pair.lao.store.transaction() as tx:  # the void is lost too
+        tx.outbox_cancel(payload_type="itmolink.v1.TransferVoid", subject_id=transfer_id)
+        if sender_outcome == "forgotten":  # e.g. LAO restored from an old backup
+            tx._exec("DELETE FROM transfer_blocks WHERE transfer_id = ?", (transfer_id,))
+            tx._exec("DELETE FROM transfers WHERE transfer_id = ?", (transfer_id,))
+    assert pair.kor.query_pending_transfers(pair.now) == []  # within the grace period
+    pair.advance(30)
+    assert pair.kor.query_pending_transfers(pair.now) == [transfer_id]
+    assert pair.kor.query_pending_transfers(pair.now) == []  # one question at a time
+    pair.pump()
+    assert state(pair.kor, transfer_id) is TransferState.VOIDED
+    assert ledger(pair.kor) == []
+    assert held(pair.kor) == 0
+
+
+def test_a_receiver_keeps_waiting_while_the_sender_has_completed(pair: Pair) -> None:
+    authorisation_id = issued(pair)
+    transfer_id = pair.lao.start_transfer(
+        to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=100,
+        now=pair.now, timeout=dt.timedelta(seconds=30),
+    )  # fmt: skip
+    dropping = {"on": True}
+
+    def network(sender: str, receiver: str, envelope: bytes) -> bytes | None:
+        completion = b"itmolink.v1.TransferCompletion" in envelope
+        return None if dropping["on"] and completion else envelope
+
+    pair.network = network
+    pair.pump()
+    assert state(pair.lao, transfer_id) is TransferState.COMPLETED
+    pair.advance(120)
+    pair.pump()  # KOR asks; LAO says COMPLETED; the completion is still being dropped
+    assert state(pair.kor, transfer_id) is TransferState.ACCEPTED
+    dropping["on"] = False
+    pair.advance(60)
+    pair.pump()
+    assert state(pair.kor, transfer_id) is TransferState.COMPLETED
+    assert ledger(pair.kor) == [(transfer_id, 2025, -100)]

@@ -24,6 +24,8 @@ EXPECTED: dict[tuple[Role, TransferState, Event], Step] = {
         T.COMPLETED, (E.CREDIT_BLOCKS, E.APPLY_ADJUSTMENT)
     ),
     (R, T.ACCEPTED, Event.VOID_RECEIVED): Step(T.VOIDED, ()),
+    # The sender answered a status query with VOIDED, REJECTED or UNKNOWN.
+    (R, T.ACCEPTED, Event.ABANDONMENT_REPORTED): Step(T.VOIDED, ()),
     # A void for a proposal the receiver had already rejected: the rejection stands.
     (R, T.REJECTED, Event.VOID_RECEIVED): Step(T.REJECTED, ()),
 }

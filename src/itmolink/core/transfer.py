@@ -48,6 +48,9 @@ class Event(enum.Enum):
     # Receiver side.
     COMPLETION_RECEIVED = "completion received"
     VOID_RECEIVED = "void received"
+    # The sender answered a status query: it voided, rejected or never knew the
+    # transfer, so it will never send a completion.
+    ABANDONMENT_REPORTED = "sender reported it will not complete"
 
 
 class Effect(enum.Enum):
@@ -81,6 +84,7 @@ TRANSITIONS: dict[tuple[Role, TransferState, Event], Step] = {
         _T.COMPLETED, (_E.CREDIT_BLOCKS, _E.APPLY_ADJUSTMENT)
     ),
     (_R, _T.ACCEPTED, Event.VOID_RECEIVED): Step(_T.VOIDED, ()),
+    (_R, _T.ACCEPTED, Event.ABANDONMENT_REPORTED): Step(_T.VOIDED, ()),
     # The sender voids a proposal it never saw answered; if the receiver had
     # rejected it, the rejection stands and nothing changes.
     (_R, _T.REJECTED, Event.VOID_RECEIVED): Step(_T.REJECTED, ()),

@@ -103,6 +103,11 @@ REQUEST_TYPES: dict[str, type[Message]] = {
 
 RETRY_BASE_US = 200_000
 RETRY_MAX_US = 30_000_000
+# A receiver asks the sender about a transfer it accepted once the proposal's
+# time-out has passed by this much (allowing for clock skew and a completion
+# still in flight), and again at this interval while the answer is "not yet".
+STATUS_QUERY_GRACE_US = 30_000_000
+STATUS_QUERY_INTERVAL_US = 60_000_000
 
 
 def digest(payload: bytes) -> bytes:
@@ -783,6 +788,10 @@ class Engine:
             else:
                 assert isinstance(reply, TransferAcceptance)
                 self._accepted(tx, subject_id, partner, reply, reply_payload, journal_id, now_us)
+        elif request_type == type_name(TransferStatusQuery) and isinstance(
+            reply, TransferStatusReport
+        ):
+            self._status_reported(tx, subject_id, partner, reply, now_us)
         elif request_type == type_name(TransferCompletion) and rejected:
             log.error(
                 "ALARM: %s refused the completion of transfer %s, which is complete here; "
@@ -790,6 +799,30 @@ class Engine:
                 partner,
                 subject_id,
             )
+
+    def _status_reported(
+        self, tx: Tx, transfer_id: str, partner: str, report: TransferStatusReport, now_us: int
+    ) -> None:
+        """Resolve a transfer accepted here from the sender's own view of it."""
+        record = tx.transfer_get(transfer_id)
+        if record is None or record.direction is not Role.RECEIVER or record.partner != partner:
+            return
+        abandoned = (
+            transfer_pb2.TRANSFER_STATE_VOIDED,
+            transfer_pb2.TRANSFER_STATE_REJECTED,
+            transfer_pb2.TRANSFER_STATE_UNKNOWN,
+        )
+        if record.state is not TransferState.ACCEPTED or report.state not in abandoned:
+            return  # still undecided, or a completion is on its way
+        transition = step(Role.RECEIVER, record.state, Event.ABANDONMENT_REPORTED)
+        state_name = transfer_pb2.TransferState.Name(report.state)
+        tx.transfer_set_state(
+            transfer_id,
+            transition.state,
+            now=now_us,
+            rejection_detail=f"the sender reports {state_name}",
+        )
+        log.warning("transfer %s from %s voided here: %s", transfer_id, partner, state_name)
 
     def _proposal_rejected(self, tx: Tx, transfer_id: str, reply: Rejection, now_us: int) -> None:
         record = tx.transfer_get(transfer_id)
@@ -883,6 +916,28 @@ class Engine:
                     "transfer %s to %s voided: time-out", record.transfer_id, record.partner
                 )
         return voided
+
+    def query_pending_transfers(self, now: dt.datetime) -> list[str]:
+        """Ask the sender about transfers accepted here that outlived their time-out.
+
+        The receiver never credits without a completion; when none has come, the
+        sender's answer tells whether one ever will (docs/PROTOCOL.md).
+        """
+        now_us = to_us(now)
+        asked: list[str] = []
+        with self.store.transaction() as tx:
+            for record in tx.transfers_awaiting_completion(now_us - STATUS_QUERY_GRACE_US):
+                last = tx.outbox_last_created(
+                    payload_type=type_name(TransferStatusQuery), subject_id=record.transfer_id
+                )
+                if last is not None and (
+                    last[0] == "pending" or last[1] > now_us - STATUS_QUERY_INTERVAL_US
+                ):
+                    continue
+                query = TransferStatusQuery(transfer_id=record.transfer_id)
+                self._send(tx, record.partner, query, record.transfer_id, now_us)
+                asked.append(record.transfer_id)
+        return asked
 
     def due_messages(self, now: dt.datetime, limit: int = 256) -> list[tuple[str, str, bytes]]:
         """(message id, partner, envelope) of outbox messages due for delivery."""

@@ -244,6 +244,7 @@ class Node:
     async def _outbox_pass(self) -> None:
         now = self.clock()
         await self.db(self.engine.expire_transfers, now)
+        await self.db(self.engine.query_pending_transfers, now)
         for message_id, partner, envelope in await self.db(self.engine.due_messages, now):
             if message_id in self._inflight:
                 continue

@@ -339,6 +339,15 @@ class Tx:
             (payload_type, subject_id),
         )
 
+    def outbox_last_created(self, *, payload_type: str, subject_id: str) -> tuple[str, int] | None:
+        """(state, created_at) of the newest outbox message of a type about a subject."""
+        row = self._one(
+            "SELECT state, created_at FROM outbox WHERE payload_type = ? AND subject_id = ? "
+            "ORDER BY created_at DESC LIMIT 1",
+            (payload_type, subject_id),
+        )
+        return None if row is None else (str(row[0]), int(row[1]))
+
     def outbox_pending_count(self) -> int:
         return int(self._one("SELECT COUNT(*) FROM outbox WHERE state = 'pending'")[0])
 
@@ -698,6 +707,15 @@ class Tx:
             f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE direction = 'out' "
             "AND state = ? AND expires_at <= ?",
             (int(TransferState.PROPOSED), now),
+        )
+        return [_transfer(r) for r in rows]
+
+    def transfers_awaiting_completion(self, expired_before: int) -> list[TransferRecord]:
+        """Incoming transfers accepted here whose proposal expired before the given time."""
+        rows = self._exec(
+            f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE direction = 'in' "
+            "AND state = ? AND expires_at <= ?",
+            (int(TransferState.ACCEPTED), expired_before),
         )
         return [_transfer(r) for r in rows]
 
