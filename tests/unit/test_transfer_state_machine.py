@@ -115,7 +115,11 @@ def test_events_belong_to_one_role() -> None:
     sender_events = {event for role, _, event in TRANSITIONS if role is S}
     receiver_events = {event for role, _, event in TRANSITIONS if role is R}
     assert sender_events == {Event.ACCEPTANCE_RECEIVED, Event.REJECTION_RECEIVED, Event.TIMED_OUT}
-    assert receiver_events == {Event.COMPLETION_RECEIVED, Event.VOID_RECEIVED}
+    assert receiver_events == {
+        Event.COMPLETION_RECEIVED,
+        Event.VOID_RECEIVED,
+        Event.ABANDONMENT_REPORTED,
+    }
 
 
 def test_no_transition_repeats_an_effect() -> None:
