@@ -89,3 +89,24 @@ async def test_an_unreachable_node_gets_a_message_that_says_what_to_do(
     code, _, err = await cli(capsys, "info", "--admin", "unix:/nonexistent/admin.sock")
     assert code == 1
     assert "is 'itmolink node run' running" in err
+
+
+async def test_audit_verify_finds_an_edited_journal_entry(
+    lao_kor: tuple[Registry, Registry], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sqlite3
+
+    from .test_transfer import issued, transfer
+
+    lao, kor = lao_kor
+    authorisation_id = await issued(lao)
+    await transfer(lao, authorisation_id, 10)
+    code, out, _ = await cli(capsys, "audit", "verify", "--config", str(lao.config_path))
+    assert code == 0, out
+    assert "hash chain intact" in out
+
+    with sqlite3.connect(lao.node.config.database) as conn:
+        conn.execute("UPDATE journal SET envelope = X'00' WHERE id = 2")
+    code, out, _ = await cli(capsys, "audit", "verify", "--config", str(lao.config_path))
+    assert code == 4
+    assert "entry 2: content does not match its hash: edited" in out

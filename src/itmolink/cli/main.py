@@ -30,6 +30,7 @@ from itmolink.node.config import ConfigError, load_config
 from itmolink.v1 import common_pb2, transfer_pb2
 
 EXIT_REFUSED = 3
+EXIT_TAMPERED = 4
 EXIT_USAGE = 2
 FINAL_STATES = {
     transfer_pb2.TRANSFER_STATE_COMPLETED,
@@ -345,6 +346,35 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Check the journal's hash chain offline, straight from the database file."""
+    import sqlite3
+
+    from itmolink.core.journal import verify_chain
+    from itmolink.store.tx import Tx
+
+    try:
+        database = load_config(args.config).database if not args.database else Path(args.database)
+    except ConfigError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    if not database.exists():
+        raise CliError(f"{database}: no such database", EXIT_USAGE)
+    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        tx = Tx(conn)
+        entries = list(tx.journal_entries())
+        problems = verify_chain(entries, recorded_head=tx.journal_head())
+    finally:
+        conn.close()
+    for problem in problems:
+        print(f"entry {problem.entry_id}: {problem.problem}")
+    if problems:
+        print(f"journal of {database}: {len(problems)} problem(s) in {len(entries)} entries")
+        return EXIT_TAMPERED
+    print(f"journal of {database}: {len(entries)} entries, hash chain intact")
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------------
 
 
@@ -464,6 +494,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("what", choices=["holdings", "transfers", "adjustments", "authorisations"])
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(func=cmd_show)
+
+    audit = commands.add_parser("audit", help="check the node's evidence").add_subparsers(
+        dest="audit_command", required=True, metavar="ACTION"
+    )
+    verify = audit.add_parser(
+        "verify",
+        help="verify the journal's hash chain (exit 4 if an entry was edited, removed, "
+        "inserted or reordered)",
+    )
+    verify.add_argument("--config", default="node.toml", help="the node's configuration")
+    verify.add_argument("--database", help="the database file instead of --config")
+    verify.set_defaults(func=cmd_audit_verify)
     return parser
 
 

@@ -76,7 +76,7 @@ class SqliteStore:
         """A database belongs to one party's registry; refuse to open another's."""
         with self.transaction() as tx:
             stored = tx.meta()
-            if not stored:
+            if "party" not in stored:
                 tx.set_meta("party", party)
                 tx.set_meta("registry", registry)
                 tx.account_put(HOLDING_ACCOUNT, "holding", time.time_ns() // 1000)

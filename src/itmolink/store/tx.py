@@ -6,7 +6,6 @@ transaction its :class:`Tx` belongs to and never commits on its own.
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -15,11 +14,10 @@ from typing import Any
 
 from itmolink.core.adjustments import AdjustmentEntry
 from itmolink.core.blocks import Block
+from itmolink.core.journal import GENESIS_HASH, JournalEntry, entry_hash
 from itmolink.core.rules import AuthorisationTerms
 from itmolink.core.transfer import Role, TransferState
 from itmolink.core.units import Purpose, UnitType
-
-GENESIS_HASH = b"\x00" * 32
 
 _BLOCK_COLUMNS = (
     "originating_registry, serial_start, serial_end, unit_type, vintage, activity_id, "
@@ -53,15 +51,6 @@ def _block_values(block: Block) -> tuple[Any, ...]:
         block.cooperative_approach_id,
         block.first_transferring_party,
     )
-
-
-def journal_hash(prev_hash: bytes, direction: str, partner: str, envelope: bytes) -> bytes:
-    """Hash of one journal entry, chained to the previous entry's hash."""
-    digest = hashlib.sha256()
-    digest.update(prev_hash)
-    digest.update(f"{direction}\x00{partner}\x00".encode())
-    digest.update(envelope)
-    return digest.digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,8 +165,16 @@ class Tx:
     def meta(self) -> dict[str, str]:
         return {k: v for k, v in self._exec("SELECT key, value FROM node_meta")}
 
+    def meta_get(self, key: str) -> str | None:
+        row = self._one("SELECT value FROM node_meta WHERE key = ?", (key,))
+        return None if row is None else str(row[0])
+
     def set_meta(self, key: str, value: str) -> None:
-        self._exec("INSERT INTO node_meta (key, value) VALUES (?, ?)", (key, value))
+        self._exec(
+            "INSERT INTO node_meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
     def next_counter(self, name: str, count: int = 1) -> int:
         """Reserve ``count`` values of a counter; returns the first (counters start at 1)."""
@@ -213,24 +210,30 @@ class Tx:
         now: int,
     ) -> int:
         """Append an envelope to the hash-chained journal; returns its entry id."""
-        last = self._one("SELECT id, entry_hash FROM journal ORDER BY id DESC LIMIT 1")
-        entry_id, prev_hash = (1, GENESIS_HASH) if last is None else (last[0] + 1, bytes(last[1]))
+        head = self.meta_get("journal_head")
+        if head is None:
+            entry_id, prev_hash = 1, GENESIS_HASH
+        else:
+            last_id, last_hash = head.split(":")
+            entry_id, prev_hash = int(last_id) + 1, bytes.fromhex(last_hash)
+        new_hash = entry_hash(
+            prev_hash,
+            id=entry_id,
+            direction=direction,
+            partner=partner,
+            message_id=message_id,
+            payload_type=payload_type,
+            recorded_at=now,
+            envelope=envelope,
+        )
         self._exec(
             "INSERT INTO journal (id, direction, partner, message_id, payload_type, envelope, "
             "recorded_at, prev_hash, entry_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                entry_id,
-                direction,
-                partner,
-                message_id,
-                payload_type,
-                envelope,
-                now,
-                prev_hash,
-                journal_hash(prev_hash, direction, partner, envelope),
-            ),
-        )
-        return int(entry_id)
+            (entry_id, direction, partner, message_id, payload_type, envelope, now, prev_hash,
+             new_hash),
+        )  # fmt: skip
+        self.set_meta("journal_head", f"{entry_id}:{new_hash.hex()}")
+        return entry_id
 
     def journal_has(self, direction: str, partner: str, message_id: str) -> bool:
         row = self._one(
@@ -239,12 +242,24 @@ class Tx:
         )
         return row is not None
 
-    def journal_entries(self) -> list[tuple[int, str, str, str, bytes, bytes, bytes]]:
+    def journal_entries(self) -> Iterator[JournalEntry]:
         rows = self._exec(
-            "SELECT id, direction, partner, payload_type, envelope, prev_hash, entry_hash "
-            "FROM journal ORDER BY id"
+            "SELECT id, direction, partner, message_id, payload_type, recorded_at, envelope, "
+            "prev_hash, entry_hash FROM journal ORDER BY id"
         )
-        return [(int(r[0]), r[1], r[2], r[3], bytes(r[4]), bytes(r[5]), bytes(r[6])) for r in rows]
+        for r in rows:
+            yield JournalEntry(
+                int(r[0]), r[1], r[2], r[3], r[4], int(r[5]), bytes(r[6]), bytes(r[7]),
+                bytes(r[8]),
+            )  # fmt: skip
+
+    def journal_head(self) -> tuple[int, bytes] | None:
+        """(id, hash) of the last journal entry, as recorded when it was appended."""
+        head = self.meta_get("journal_head")
+        if head is None:
+            return None
+        entry_id, hash_hex = head.split(":")
+        return int(entry_id), bytes.fromhex(hash_hex)
 
     # -- inbox and outbox ---------------------------------------------------------------
 

@@ -1,0 +1,89 @@
+"""The journal's hash chain finds an edited, removed, inserted or reordered entry."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from itmolink.core.journal import GENESIS_HASH, JournalEntry, entry_hash, verify_chain
+
+
+def chain(count: int) -> list[JournalEntry]:
+    entries: list[JournalEntry] = []
+    prev = GENESIS_HASH
+    for i in range(1, count + 1):
+        fields = dict(
+            id=i,
+            direction="in" if i % 2 else "out",
+            partner="KOR",
+            message_id=f"m{i}",
+            payload_type="itmolink.v1.TransferProposal",
+            recorded_at=1_000 * i,
+            envelope=f"envelope {i}".encode(),
+        )
+        digest = entry_hash(prev, **fields)  # type: ignore[arg-type]
+        entries.append(JournalEntry(**fields, prev_hash=prev, entry_hash=digest))  # type: ignore[arg-type]
+        prev = digest
+    return entries
+
+
+def head(entries: list[JournalEntry]) -> tuple[int, bytes]:
+    return entries[-1].id, entries[-1].entry_hash
+
+
+def test_an_intact_chain_has_no_problem() -> None:
+    entries = chain(5)
+    assert verify_chain(entries, recorded_head=head(entries)) == []
+    assert verify_chain([], recorded_head=None) == []
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["direction", "partner", "message_id", "payload_type", "recorded_at", "envelope"],
+)
+def test_an_edited_field_is_found(field: str) -> None:
+    entries = chain(5)
+    value = getattr(entries[2], field)
+    edited = value + 1 if isinstance(value, int) else value + value[:1]
+    entries[2] = replace(entries[2], **{field: edited})
+    problems = verify_chain(entries, recorded_head=head(chain(5)))
+    assert [p.entry_id for p in problems] == [3]
+    assert "edited" in problems[0].problem
+
+
+def test_an_edit_that_recomputes_its_own_hash_breaks_the_next_link() -> None:
+    entries = chain(5)
+    forged = replace(entries[2], envelope=b"forged")
+    entries[2] = replace(forged, entry_hash=entry_hash(
+        forged.prev_hash, id=3, direction=forged.direction, partner=forged.partner,
+        message_id=forged.message_id, payload_type=forged.payload_type,
+        recorded_at=forged.recorded_at, envelope=forged.envelope,
+    ))  # fmt: skip
+    assert [p.entry_id for p in verify_chain(entries)] == [4]
+
+
+def test_a_removed_entry_is_found() -> None:
+    entries = chain(5)
+    del entries[1]
+    assert {p.entry_id for p in verify_chain(entries)} == {3}
+
+
+def test_an_inserted_entry_is_found() -> None:
+    entries = chain(5)
+    entries.insert(2, replace(entries[1], message_id="injected"))
+    assert verify_chain(entries) != []
+
+
+def test_reordered_entries_are_found() -> None:
+    entries = chain(5)
+    entries[1], entries[2] = entries[2], entries[1]
+    assert {p.entry_id for p in verify_chain(entries)} >= {2, 3}
+
+
+def test_entries_removed_from_the_end_are_found_against_the_recorded_head() -> None:
+    entries = chain(5)
+    recorded = head(entries)
+    assert verify_chain(entries[:3]) == []  # the chain alone cannot tell
+    problems = verify_chain(entries[:3], recorded_head=recorded)
+    assert [p.entry_id for p in problems] == [5]
