@@ -98,7 +98,7 @@ async def test_audit_verify_finds_an_edited_journal_entry(
 
     from .test_transfer import issued, transfer
 
-    lao, kor = lao_kor
+    lao, _ = lao_kor
     authorisation_id = await issued(lao)
     await transfer(lao, authorisation_id, 10)
     code, out, _ = await cli(capsys, "audit", "verify", "--config", str(lao.config_path))

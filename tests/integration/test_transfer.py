@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import sqlite3
 from typing import Any
 
@@ -13,6 +14,7 @@ from itmolink.core.codes import RejectionCode
 from itmolink.core.transfer import TransferState
 from itmolink.crypto.envelope import TrustStore, open_envelope
 from itmolink.crypto.keys import SigningKey
+from itmolink.node.convert import timestamp, to_us
 from itmolink.node.engine import REQUEST_TYPES
 from itmolink.store.tx import Tx
 from itmolink.v1 import envelope_pb2, reply_pb2, transfer_pb2
@@ -193,6 +195,9 @@ async def test_a_transfer_the_receiver_rejects_leaves_no_adjustment_on_either_si
             quantity=500,
             blocks=[block],
             first_transfer=True,
+            # Far enough ahead that KOR does not yet ask LAO about it (LAO,
+            # which never sent it, would answer UNKNOWN and KOR would void it).
+            expires_at=timestamp(to_us(dt.datetime.now(dt.UTC)) + 3_600_000_000),
         )
         _, envelope = signed(proposal, lao.signing_key())
         reply = await client.deliver(envelope)
@@ -240,6 +245,7 @@ async def _handmade_proposal(lao: Registry, authorisation_id: str, sequence: int
             }
         ],
         first_transfer=True,
+        expires_at=timestamp(to_us(dt.datetime.now(dt.UTC)) + 3_600_000_000),
     )
 
 

@@ -466,6 +466,8 @@ class Engine:
         now_us: int,
     ) -> bytes:
         _check_transfer_id(msg.transfer_id, sender)
+        if not msg.HasField("expires_at"):
+            raise Rejected(RejectionCode.MISSING_FIELD, "proposal has no expires_at")
         if tx.transfer_get(msg.transfer_id) is not None:
             raise Rejected(
                 RejectionCode.TRANSFER_STATE_CONFLICT,
