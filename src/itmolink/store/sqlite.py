@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
@@ -37,6 +37,9 @@ class SqliteStore:
 
     def __init__(self, path: Path | str, *, party: str, registry: str) -> None:
         self.path = str(path)
+        # A test seam: called inside every transaction just before COMMIT, so a
+        # simulator can crash a node there (the transaction then rolls back).
+        self.before_commit: Callable[[], None] | None = None
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -99,6 +102,8 @@ class SqliteStore:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield Tx(self._conn)
+                if self.before_commit is not None:
+                    self.before_commit()
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
