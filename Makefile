@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv proto check-proto lint typecheck test demo clean
+.PHONY: all venv proto check-proto lint typecheck test demo sim clean
 
 all: test
 
@@ -31,6 +31,11 @@ typecheck: $(STAMP)
 
 test: $(STAMP) check-proto lint typecheck
 	$(PY) -m pytest -q
+
+# A long deterministic-simulation sweep (make test runs 2,000 seeds).
+SIM_SEEDS ?= 10000
+sim: $(STAMP)
+	$(PY) -m tests.sim --seeds $(SIM_SEEDS)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py

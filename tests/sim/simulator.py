@@ -141,6 +141,12 @@ class Simulation:
         logging.disable(logging.WARNING)
         try:
             self._run()
+        except InvariantViolation:
+            raise
+        except Exception as error:  # a step that fails for good is a stuck node
+            raise InvariantViolation(
+                f"seed {self.seed}: unexpected {type(error).__name__}: {error}"
+            ) from error
         finally:
             logging.disable(previous)
 
@@ -348,7 +354,7 @@ class Simulation:
                             t: tx.blocks_of_transfer(t)
                             for t in [r.transfer_id for r in tx.transfers()]
                         },
-                        [h.block for h in tx.holdings()],
+                        tx.holdings(),
                         [a.entry for a in tx.adjustments()],
                         tx.issued_total(HOST, self.authorisations.get("KOR", ""))
                         + tx.issued_total(HOST, self.authorisations.get("JPN", "")),
@@ -362,7 +368,16 @@ def check_invariants(seed: int, views: dict[str, tuple], *, final: bool) -> None
     def fail(text: str) -> None:
         raise InvariantViolation(f"seed {seed}: {text}")
 
-    host_transfers, host_blocks, host_held, host_ca, issued = views[HOST]
+    host_transfers, host_blocks, host_holdings, host_ca, issued = views[HOST]
+    host_held = [h.block for h in host_holdings]
+    # Reserved units belong to a proposal still waiting for its answer; a
+    # transfer that ended must have debited or released its blocks.
+    for holding in host_holdings:
+        if holding.status == "reserved":
+            owner = host_transfers.get(holding.transfer_id or "")
+            if owner is None or owner.state is not TransferState.PROPOSED:
+                fail(f"{holding.block.label()} stays reserved for "
+                     f"{owner.state.name if owner else 'no'} transfer {holding.transfer_id}")  # fmt: skip
     in_transit = []
     for buyer in BUYERS:
         transfers, _, _, ca, _ = views[buyer]
@@ -417,7 +432,7 @@ def check_invariants(seed: int, views: dict[str, tuple], *, final: bool) -> None
     # one place: held by the host, held by a buyer, or in transit.
     everywhere = list(host_held) + in_transit
     for buyer in BUYERS:
-        everywhere += views[buyer][2]
+        everywhere += [h.block for h in views[buyer][2]]
     total = sum(b.quantity for b in everywhere)
     if total != issued:
         fail(f"units not conserved: issued {issued}, accounted for {total}")
