@@ -376,8 +376,9 @@ def check_invariants(seed: int, views: dict[str, tuple], *, final: bool) -> None
         if holding.status == "reserved":
             owner = host_transfers.get(holding.transfer_id or "")
             if owner is None or owner.state is not TransferState.PROPOSED:
-                fail(f"{holding.block.label()} stays reserved for "
-                     f"{owner.state.name if owner else 'no'} transfer {holding.transfer_id}")  # fmt: skip
+                state = owner.state.name if owner else "no"
+                fail(f"{holding.block.label()} stays reserved for {state} transfer "
+                     f"{holding.transfer_id}")  # fmt: skip
     in_transit = []
     for buyer in BUYERS:
         transfers, _, _, ca, _ = views[buyer]
