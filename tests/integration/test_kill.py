@@ -5,6 +5,7 @@ adjustment ledgers match transfer by transfer."""
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import os
 import random
 import signal
@@ -181,7 +182,8 @@ def test_transfers_survive_sigkill_of_either_node_at_random_moments(
         time.sleep(rng.uniform(0.0, 0.05))
 
     assert lao.kills + kor.kills >= 4, "the test must kill the nodes several times"
-    assert lao.kills >= 1 and kor.kills >= 1
+    assert lao.kills >= 1
+    assert kor.kills >= 1
     assert proposed >= 20
 
     # Let everything settle: every transfer final on both sides.
@@ -217,7 +219,7 @@ def test_transfers_survive_sigkill_of_either_node_at_random_moments(
     assert {status for _, _, status in lao_held} <= {"held"}
     blocks = sorted((start, end) for start, end, _ in lao_held + kor_held)
     assert sum(end - start + 1 for start, end in blocks) == ISSUED
-    for (_, end_before), (start_after, _) in zip(blocks, blocks[1:], strict=False):
+    for (_, end_before), (start_after, _) in itertools.pairwise(blocks):
         assert end_before < start_after, "a serial is held twice"
     assert sum(end - start + 1 for start, end, _ in kor_held) == sum(completed.values())
 
