@@ -110,3 +110,39 @@ async def test_audit_verify_finds_an_edited_journal_entry(
     code, out, _ = await cli(capsys, "audit", "verify", "--config", str(lao.config_path))
     assert code == 4
     assert "entry 2: content does not match its hash: edited" in out
+
+
+async def test_reconcile_between_running_nodes(
+    lao_kor: tuple[Registry, Registry], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sqlite3
+
+    from .test_transfer import final_state, issued, transfer
+
+    lao, kor = lao_kor
+    authorisation_id = await issued(lao)
+    transfer_id = await transfer(lao, authorisation_id, 10)
+    await final_state(kor, transfer_id)
+    code, out, _ = await cli(
+        capsys, "reconcile", "--config", str(lao.config_path), "--partner", "KOR",
+        "--snapshot-age", "-5",
+    )  # fmt: skip
+    assert code == 0, out
+    assert "1 transfers here" in out
+    assert "no discrepancy" in out
+
+    def drop_adjustment() -> None:  # an insider deletes KOR's CA entry
+        with kor.node.engine.store.transaction() as tx:
+            tx._exec("DELETE FROM adjustments WHERE transfer_id = ?", (transfer_id,))
+            tx._seal_transfer(transfer_id)
+
+    await kor.node.db(drop_adjustment)
+    code, out, _ = await cli(
+        capsys, "reconcile", "--config", str(kor.config_path), "--partner", "LAO",
+        "--snapshot-age", "-5",
+    )  # fmt: skip
+    assert code == 5
+    assert transfer_id in out
+    with sqlite3.connect(kor.node.config.database) as conn:
+        statuses = conn.execute("SELECT status FROM blocks").fetchall()
+    assert statuses == [("frozen",)]

@@ -495,6 +495,7 @@ def test_every_request_type_is_a_known_message() -> None:
         "itmolink.v1.TransferCompletion",
         "itmolink.v1.TransferVoid",
         "itmolink.v1.TransferStatusQuery",
+        "itmolink.v1.ReconciliationQuery",
     }
 
 

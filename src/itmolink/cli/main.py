@@ -31,6 +31,7 @@ from itmolink.v1 import common_pb2, transfer_pb2
 
 EXIT_REFUSED = 3
 EXIT_TAMPERED = 4
+EXIT_DISCREPANCY = 5
 EXIT_USAGE = 2
 FINAL_STATES = {
     transfer_pb2.TRANSFER_STATE_COMPLETED,
@@ -346,6 +347,31 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    request = admin_pb2.ReconcileRequest(partner=args.partner)
+    if args.snapshot_age is not None:
+        moment = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=args.snapshot_age)
+        request.snapshot_at.FromDatetime(moment)
+    report = _call(_admin(args).Reconcile, request)
+    if args.json:
+        _emit_json(report)
+    else:
+        print(
+            f"reconciliation {report.reconciliation_id} with {args.partner}, snapshot "
+            f"{report.snapshot_at.ToDatetime():%Y-%m-%d %H:%M:%S} UTC: "
+            f"{report.transfers_here} transfers here; {report.queries} queries, "
+            f"{report.buckets_compared} buckets and {report.leaves_compared} leaves compared"
+        )
+        if report.discrepancies:
+            print_table(
+                ["phase", "subject", "detail", "frozen blocks"],
+                [[d.phase, d.subject, d.detail, d.frozen_blocks] for d in report.discrepancies],
+            )
+        else:
+            print("no discrepancy: the two registries agree on totals, blocks and journal")
+    return EXIT_DISCREPANCY if report.discrepancies else 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Check the journal's hash chain offline, straight from the database file."""
     import sqlite3
@@ -494,6 +520,21 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("what", choices=["holdings", "transfers", "adjustments", "authorisations"])
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(func=cmd_show)
+
+    reconcile = commands.add_parser(
+        "reconcile",
+        help="compare transfers with a partner (totals, blocks, journal); exit 5 and freeze "
+        "the blocks involved on a discrepancy",
+    )
+    _add_target(reconcile)
+    reconcile.add_argument("--partner", required=True, help="e.g. KOR")
+    reconcile.add_argument(
+        "--snapshot-age",
+        type=float,
+        help="compare transfers proposed more than this many seconds ago (default: 300)",
+    )
+    reconcile.add_argument("--json", action="store_true", help="print JSON")
+    reconcile.set_defaults(func=cmd_reconcile)
 
     audit = commands.add_parser("audit", help="check the node's evidence").add_subparsers(
         dest="audit_command", required=True, metavar="ACTION"

@@ -17,8 +17,8 @@ import grpc.aio
 from itmolink.admin.v1 import admin_pb2, admin_pb2_grpc
 from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
-from itmolink.node.convert import block_to_pb, timestamp
-from itmolink.node.engine import Engine
+from itmolink.node.convert import block_to_pb, from_us, timestamp, timestamp_us, to_us
+from itmolink.node.engine import Engine, ReplyError
 from itmolink.store.tx import TransferRecord, Tx
 
 if TYPE_CHECKING:
@@ -39,6 +39,19 @@ def refusals(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
         try:
             return await method(self, request, context)
+        except ReplyError as error:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the partner's answer cannot be used: {error}",
+                trailing_metadata=((REJECTION_CODE_KEY, error.code.wire_name),),
+            )
+            raise AssertionError("unreachable") from None
+        except grpc.aio.AioRpcError as error:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the partner did not answer: {error.code().name} {error.details()}",
+            )
+            raise AssertionError("unreachable") from None
         except Rejected as rejected:
             status = (
                 grpc.StatusCode.INVALID_ARGUMENT
@@ -272,6 +285,35 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ListAdjustmentsResponse:
         entries = await self._node.db(_list_adjustments, self._engine)
         return admin_pb2.ListAdjustmentsResponse(adjustments=entries)
+
+    @refusals
+    async def Reconcile(
+        self, request: admin_pb2.ReconcileRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb2.ReconcileResponse:
+        from itmolink.node.reconciliation import DEFAULT_SNAPSHOT_AGE, Reconciliation
+
+        self._engine._require_partner(request.partner)
+        snapshot = (
+            from_us(timestamp_us(request.snapshot_at))
+            if request.HasField("snapshot_at")
+            else self._node.clock() - DEFAULT_SNAPSHOT_AGE
+        )
+        report = await Reconciliation(self._node, request.partner, snapshot).run()
+        return admin_pb2.ReconcileResponse(
+            reconciliation_id=report.reconciliation_id,
+            snapshot_at=timestamp(to_us(report.snapshot_at)),
+            discrepancies=[
+                admin_pb2.Discrepancy(
+                    phase=d.phase, subject=d.subject, detail=d.detail,
+                    frozen_blocks=d.frozen_blocks,
+                )
+                for d in report.discrepancies
+            ],
+            queries=report.queries,
+            buckets_compared=report.buckets_compared,
+            leaves_compared=report.leaves_compared,
+            transfers_here=report.transfers_here,
+        )  # fmt: skip
 
 
 def add_admin_service(node: Node, server: grpc.aio.Server) -> None:

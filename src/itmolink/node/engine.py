@@ -35,6 +35,7 @@ from itmolink.core import rules
 from itmolink.core.adjustments import adjustments_for
 from itmolink.core.blocks import Block, take, total
 from itmolink.core.codes import Rejected, RejectionCode
+from itmolink.core.reconcile import Bucket, Total
 from itmolink.core.rules import AuthorisationTerms
 from itmolink.core.transfer import Effect, Event, Role, TransferState, step
 from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
@@ -45,6 +46,7 @@ from itmolink.node.convert import (
     block_to_pb,
     terms_from_statement,
     timestamp,
+    timestamp_us,
     to_us,
 )
 from itmolink.store.sqlite import HOLDING_ACCOUNT, Store
@@ -54,6 +56,7 @@ from itmolink.v1 import (
     codes_pb2,
     common_pb2,
     issuance_pb2,
+    reconcile_pb2,
     reply_pb2,
     transfer_pb2,
 )
@@ -74,6 +77,8 @@ TransferVoidReceipt = transfer_pb2.TransferVoidReceipt
 TransferStatusQuery = transfer_pb2.TransferStatusQuery
 TransferStatusReport = transfer_pb2.TransferStatusReport
 Rejection = reply_pb2.Rejection
+ReconciliationQuery = reconcile_pb2.ReconciliationQuery
+ReconciliationAnswer = reconcile_pb2.ReconciliationAnswer
 
 
 def type_name(cls: type[Message]) -> str:
@@ -88,6 +93,7 @@ EXPECTED_REPLY: dict[str, type[Message]] = {
     type_name(TransferCompletion): TransferCompletionReceipt,
     type_name(TransferVoid): TransferVoidReceipt,
     type_name(TransferStatusQuery): TransferStatusReport,
+    type_name(ReconciliationQuery): ReconciliationAnswer,
 }
 REQUEST_TYPES: dict[str, type[Message]] = {
     type_name(cls): cls
@@ -98,6 +104,7 @@ REQUEST_TYPES: dict[str, type[Message]] = {
         TransferCompletion,
         TransferVoid,
         TransferStatusQuery,
+        ReconciliationQuery,
     )
 }
 
@@ -500,8 +507,9 @@ class Engine:
             proposal_message_id=msg.header.message_id,
             proposal_digest=acceptance.proposal_digest,
             acceptance_digest=digest(acceptance_payload),
-            expires_at=msg.expires_at.seconds * 1_000_000 + msg.expires_at.nanos // 1000,
+            expires_at=timestamp_us(msg.expires_at),
             blocks=blocks,
+            proposed_at=timestamp_us(msg.header.sent_at),
             now=now_us,
         )
         return envelope
@@ -599,6 +607,39 @@ class Engine:
         report = TransferStatusReport(transfer_id=msg.transfer_id, state=int(state))  # type: ignore[arg-type]
         return self._reply(tx, sender, report, msg.header.message_id, now_us)[1]
 
+    def _on_reconciliation_query(
+        self,
+        tx: Tx,
+        sender: str,
+        msg: ReconciliationQuery,
+        payload: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> bytes:
+        check_reconciliation_query(msg)
+        snapshot = timestamp_us(msg.snapshot_at)
+        answer = ReconciliationAnswer(reconciliation_id=msg.reconciliation_id)
+        if msg.view == reconcile_pb2.RECONCILIATION_VIEW_TOTALS:
+            for total in tx.reconcile_totals(sender, snapshot):
+                answer.totals.add(
+                    sender_party=total.sender, unit_type=total.unit_type,
+                    vintage=total.vintage, authorisation_id=total.authorisation_id,
+                    quantity=total.quantity, transfers=total.transfers,
+                )  # fmt: skip
+        else:
+            view = VIEWS[msg.view]
+            for prefix in msg.prefixes:
+                for bucket in tx.reconcile_buckets(sender, snapshot, view, prefix):
+                    answer.buckets.add(
+                        prefix=bucket.prefix, count=bucket.count, h1=bucket.h1, h2=bucket.h2
+                    )
+            for prefix in msg.leaf_prefixes:
+                for transfer_id, leaf in sorted(
+                    tx.reconcile_leaves(sender, snapshot, view, prefix).items()
+                ):
+                    answer.leaves.add(transfer_id=transfer_id, digest=leaf)
+        return self._reply(tx, sender, answer, msg.header.message_id, now_us)[1]
+
     _request_handlers: ClassVar[dict[str, Callable[..., bytes]]] = {
         type_name(AuthorisationStatement): _on_authorisation,
         type_name(IssuanceNotice): _on_issuance,
@@ -606,6 +647,7 @@ class Engine:
         type_name(TransferCompletion): _on_completion,
         type_name(TransferVoid): _on_void,
         type_name(TransferStatusQuery): _on_status_query,
+        type_name(ReconciliationQuery): _on_reconciliation_query,
     }
 
     def _apply(
@@ -651,51 +693,10 @@ class Engine:
             request = tx.outbox_get(message_id)
             if request is None or request.state != "pending":
                 return  # already answered (a duplicate reply) or cancelled
-            try:
-                verified = open_envelope(raw, self.trust)
-            except Rejected as rejected:
-                raise ReplyError(
-                    rejected.code, f"reply from {request.partner}: {rejected.detail}"
-                ) from None
-            if verified.signer_party != request.partner:
-                raise ReplyError(
-                    RejectionCode.SIGNER_NOT_PEER,
-                    f"reply to a message for {request.partner} is signed by "
-                    f"{verified.signer_party}",
-                )
-            expected = EXPECTED_REPLY[request.payload_type]
-            if verified.payload_type == type_name(expected):
-                reply: Message = expected()
-            elif verified.payload_type == type_name(Rejection):
-                reply = Rejection()
-            else:
-                raise ReplyError(
-                    RejectionCode.UNEXPECTED_REPLY,
-                    f"{verified.payload_type} does not answer {request.payload_type}",
-                )
-            try:
-                reply.ParseFromString(verified.payload)
-            except DecodeError as exc:
-                raise ReplyError(RejectionCode.MALFORMED_PAYLOAD, f"reply payload: {exc}") from None
-            header: common_pb2.Header = reply.header  # type: ignore[attr-defined]
-            try:
-                self._check_header_fields(header, sender=request.partner)
-            except Rejected as rejected:
-                raise ReplyError(rejected.code, rejected.detail) from None
-            self._check_answers(header, reply, request.envelope, message_id)
-            if not header.message_id or tx.journal_has("in", request.partner, header.message_id):
-                raise ReplyError(
-                    RejectionCode.DUPLICATE_MESSAGE_CONFLICT,
-                    f"reply from {request.partner} reuses message id {header.message_id!r}",
-                )
-            journal_id = tx.journal(
-                direction="in",
-                partner=request.partner,
-                message_id=header.message_id,
-                payload_type=verified.payload_type,
-                envelope=raw,
-                now=now_us,
-            )
+            reply, payload, journal_id = self._open_reply(
+                tx, request.partner, request.payload_type, request.envelope, message_id, raw,
+                now_us,
+            )  # fmt: skip
             tx.outbox_answered(message_id, journal_id)
             if isinstance(reply, Rejection):
                 code, detail = _rejection_reasons(reply)
@@ -704,9 +705,7 @@ class Engine:
                     request.partner,
                     request.payload_type,
                     request.subject_id,
-                    RejectionCode(code).wire_name
-                    if code in RejectionCode._value2member_map_
-                    else code,
+                    _code_name(code),
                     detail,
                 )
             self._apply_reply(
@@ -715,10 +714,65 @@ class Engine:
                 request.subject_id,
                 request.partner,
                 reply,
-                verified.payload,
+                payload,
                 journal_id,
                 now_us,
             )
+
+    def _open_reply(
+        self,
+        tx: Tx,
+        partner: str,
+        request_type: str,
+        request: bytes,
+        message_id: str,
+        raw: bytes,
+        now_us: int,
+    ) -> tuple[Message, bytes, int]:
+        """Verify and journal a reply to our request; (reply, payload, journal id)."""
+        try:
+            verified = open_envelope(raw, self.trust)
+        except Rejected as rejected:
+            raise ReplyError(rejected.code, f"reply from {partner}: {rejected.detail}") from None
+        if verified.signer_party != partner:
+            raise ReplyError(
+                RejectionCode.SIGNER_NOT_PEER,
+                f"reply to a message for {partner} is signed by {verified.signer_party}",
+            )
+        expected = EXPECTED_REPLY[request_type]
+        if verified.payload_type == type_name(expected):
+            reply: Message = expected()
+        elif verified.payload_type == type_name(Rejection):
+            reply = Rejection()
+        else:
+            raise ReplyError(
+                RejectionCode.UNEXPECTED_REPLY,
+                f"{verified.payload_type} does not answer {request_type}",
+            )
+        try:
+            reply.ParseFromString(verified.payload)
+        except DecodeError as exc:
+            raise ReplyError(RejectionCode.MALFORMED_PAYLOAD, f"reply payload: {exc}") from None
+        header: common_pb2.Header = reply.header  # type: ignore[attr-defined]
+        try:
+            self._check_header_fields(header, sender=partner)
+        except Rejected as rejected:
+            raise ReplyError(rejected.code, rejected.detail) from None
+        self._check_answers(header, reply, request, message_id)
+        if not header.message_id or tx.journal_has("in", partner, header.message_id):
+            raise ReplyError(
+                RejectionCode.DUPLICATE_MESSAGE_CONFLICT,
+                f"reply from {partner} reuses message id {header.message_id!r}",
+            )
+        journal_id = tx.journal(
+            direction="in",
+            partner=partner,
+            message_id=header.message_id,
+            payload_type=verified.payload_type,
+            envelope=raw,
+            now=now_us,
+        )
+        return reply, verified.payload, journal_id
 
     @staticmethod
     def _check_answers(
@@ -875,7 +929,9 @@ class Engine:
             return
         blocks = tx.blocks_of_transfer(transfer_id)
         year = self._apply(tx, transition.effects, transfer_id, partner, blocks, journal_id, now_us)
-        tx.transfer_set_state(transfer_id, transition.state, now=now_us)
+        tx.transfer_set_state(
+            transfer_id, transition.state, now=now_us, acceptance_digest=digest(acceptance_payload)
+        )
         if Effect.SEND_COMPLETION in transition.effects:
             completion = TransferCompletion(
                 transfer_id=transfer_id,
@@ -886,6 +942,75 @@ class Engine:
         log.info(
             "transfer %s to %s completed: %d tCO2e debited", transfer_id, partner, total(blocks)
         )
+
+    # -- reconciliation (requester side) ------------------------------------------------
+
+    def reconciliation_query(
+        self, partner: str, query: ReconciliationQuery, now: dt.datetime
+    ) -> tuple[str, bytes]:
+        """Seal and journal a query to send now; (message id, envelope)."""
+        self._require_partner(partner)
+        now_us = to_us(now)
+        with self.store.transaction() as tx:
+            query.header.CopyFrom(self._header(tx, partner, now_us))
+            name, _, envelope = self._seal(query)
+            tx.journal(
+                direction="out", partner=partner, message_id=query.header.message_id,
+                payload_type=name, envelope=envelope, now=now_us,
+            )  # fmt: skip
+        return query.header.message_id, envelope
+
+    def reconciliation_answer(
+        self, partner: str, message_id: str, request: bytes, raw: bytes, now: dt.datetime
+    ) -> ReconciliationAnswer:
+        """Verify and journal the partner's answer to a reconciliation query."""
+        with self.store.transaction() as tx:
+            reply, _, _ = self._open_reply(
+                tx, partner, type_name(ReconciliationQuery), request, message_id, raw, to_us(now)
+            )
+        if isinstance(reply, Rejection):
+            code, detail = _rejection_reasons(reply)
+            raise ReplyError(RejectionCode(code), f"{partner} refused the query: {detail}")
+        assert isinstance(reply, ReconciliationAnswer)
+        return reply
+
+    def local_buckets(self, partner: str, snapshot_us: int, view: str, prefix: str) -> list[Bucket]:
+        with self.store.transaction() as tx:
+            return tx.reconcile_buckets(partner, snapshot_us, view, prefix)
+
+    def local_leaves(
+        self, partner: str, snapshot_us: int, view: str, prefix: str
+    ) -> dict[str, bytes]:
+        with self.store.transaction() as tx:
+            return tx.reconcile_leaves(partner, snapshot_us, view, prefix)
+
+    def local_totals(self, partner: str, snapshot_us: int) -> list[Total]:
+        with self.store.transaction() as tx:
+            return tx.reconcile_totals(partner, snapshot_us)
+
+    def record_discrepancy(
+        self,
+        *,
+        reconciliation_id: str,
+        partner: str,
+        phase: str,
+        subject: str,
+        detail: str,
+        freeze: bool,
+        now: dt.datetime,
+    ) -> int:
+        """Record what reconciliation found; freeze the blocks of a named transfer.
+
+        Returns how many blocks were frozen here.
+        """
+        with self.store.transaction() as tx:
+            tx.discrepancy_put(
+                reconciliation_id=reconciliation_id, partner=partner, phase=phase,
+                subject=subject, detail=detail, now=to_us(now),
+            )  # fmt: skip
+            frozen = tx.freeze_blocks_of(subject) if freeze else 0
+        log.error("ALARM: reconciliation with %s: %s %s: %s", partner, phase, subject, detail)
+        return frozen
 
     # -- time-outs and the outbox ------------------------------------------------------
 
@@ -1166,6 +1291,25 @@ def _subject_of(msg: Message) -> str:
         if msg.DESCRIPTOR.fields_by_name.get(name) is not None:
             return str(getattr(msg, name))
     return ""
+
+
+VIEWS = {
+    reconcile_pb2.RECONCILIATION_VIEW_BLOCKS: "blocks",
+    reconcile_pb2.RECONCILIATION_VIEW_JOURNAL: "journal",
+}
+MAX_PREFIXES = 256
+
+
+def check_reconciliation_query(msg: ReconciliationQuery) -> None:
+    if not msg.reconciliation_id or not msg.HasField("snapshot_at"):
+        raise Rejected(RejectionCode.MISSING_FIELD, "query needs reconciliation_id and snapshot_at")
+    if msg.view not in (reconcile_pb2.RECONCILIATION_VIEW_TOTALS, *VIEWS):
+        raise Rejected(RejectionCode.MISSING_FIELD, f"unknown reconciliation view {msg.view}")
+    if len(msg.prefixes) > MAX_PREFIXES or len(msg.leaf_prefixes) > MAX_PREFIXES:
+        raise Rejected(RejectionCode.MISSING_FIELD, f"at most {MAX_PREFIXES} prefixes per query")
+    for prefix in [*msg.prefixes, *msg.leaf_prefixes]:
+        if len(prefix) > 64 or prefix.strip("0123456789abcdef"):
+            raise Rejected(RejectionCode.MISSING_FIELD, f"prefix {prefix!r} is not lower-case hex")
 
 
 def _owned_by(transfer_id: str, party: str) -> bool:

@@ -210,6 +210,10 @@ class Node:
 
     # -- the outbox worker -------------------------------------------------------------
 
+    def partner_stub(self, party: str) -> PartnerServiceAsyncStub:
+        """The mutual-TLS client for a partner link (one channel per partner)."""
+        return self._stub(party)
+
     def _stub(self, party: str) -> PartnerServiceAsyncStub:
         stub = self._stubs.get(party)
         if stub is None:

@@ -15,6 +15,15 @@ from typing import Any
 from itmolink.core.adjustments import AdjustmentEntry
 from itmolink.core.blocks import Block
 from itmolink.core.journal import GENESIS_HASH, JournalEntry, entry_hash
+from itmolink.core.reconcile import (
+    Bucket,
+    Total,
+    TransferFacts,
+    blocks_leaf,
+    id_hash,
+    journal_leaf,
+    slices,
+)
 from itmolink.core.rules import AuthorisationTerms
 from itmolink.core.transfer import Role, TransferState
 from itmolink.core.units import Purpose, UnitType
@@ -111,6 +120,9 @@ _TRANSFER_COLUMNS = (
     "proposal_message_id, proposal_digest, acceptance_digest, expires_at, rejection_code, "
     "rejection_detail, created_at, updated_at"
 )
+
+
+_VIEW_COLUMNS = {"blocks": ("blocks_h1", "blocks_h2"), "journal": ("journal_h1", "journal_h2")}
 
 
 def _transfer(row: Sequence[Any]) -> TransferRecord:
@@ -662,11 +674,12 @@ class Tx:
         rejection_code: int = 0,
         rejection_detail: str = "",
         blocks: Sequence[Block] = (),
+        proposed_at: int | None = None,
         now: int,
     ) -> None:
         self._exec(
-            f"INSERT INTO transfers ({_TRANSFER_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO transfers ({_TRANSFER_COLUMNS}, proposed_at, id_hash) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 transfer_id,
                 direction.value,
@@ -683,6 +696,8 @@ class Tx:
                 rejection_detail,
                 now,
                 now,
+                now if proposed_at is None else proposed_at,
+                id_hash(transfer_id),
             ),
         )
         for block in blocks:
@@ -691,6 +706,8 @@ class Tx:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (transfer_id, *_block_values(block)),
             )
+        if state.is_final:
+            self._seal_transfer(transfer_id)
 
     def transfer_get(self, transfer_id: str) -> TransferRecord | None:
         row = self._one(
@@ -706,11 +723,118 @@ class Tx:
         now: int,
         rejection_code: int = 0,
         rejection_detail: str = "",
+        acceptance_digest: bytes | None = None,
     ) -> None:
         self._exec(
             "UPDATE transfers SET state = ?, rejection_code = ?, rejection_detail = ?, "
             "updated_at = ? WHERE transfer_id = ?",
             (int(state), rejection_code, rejection_detail, now, transfer_id),
+        )
+        if acceptance_digest is not None:
+            self._exec(
+                "UPDATE transfers SET acceptance_digest = ? WHERE transfer_id = ?",
+                (acceptance_digest, transfer_id),
+            )
+        if state.is_final:
+            self._seal_transfer(transfer_id)
+
+    def _seal_transfer(self, transfer_id: str) -> None:
+        """Record a final transfer's reconciliation leaves (core/reconcile.py)."""
+        record = self.transfer_get(transfer_id)
+        assert record is not None
+        assert record.state.is_final
+        me = self.meta_get("party") or ""
+        sender, receiver = (
+            (me, record.partner) if record.direction is Role.SENDER else (record.partner, me)
+        )
+        sign = 1 if record.direction is Role.SENDER else -1
+        moved = record.state is TransferState.COMPLETED
+        facts = TransferFacts(
+            transfer_id=transfer_id,
+            sender=sender,
+            receiver=receiver,
+            moved=moved,
+            blocks=tuple(self.blocks_of_transfer(transfer_id)) if moved else (),
+            adjustments=tuple(
+                (int(year), sign * int(amount))
+                for year, amount in self._exec(
+                    "SELECT year, amount FROM adjustments WHERE transfer_id = ?", (transfer_id,)
+                )
+            ),
+            proposal_digest=record.proposal_digest,
+            acceptance_digest=record.acceptance_digest,
+        )
+        blocks, journal = blocks_leaf(facts), journal_leaf(facts)
+        (b1, b2), (j1, j2) = slices(blocks), slices(journal)
+        self._exec(
+            "UPDATE transfers SET blocks_leaf = ?, journal_leaf = ?, blocks_h1 = ?, "
+            "blocks_h2 = ?, journal_h1 = ?, journal_h2 = ? WHERE transfer_id = ?",
+            (blocks, journal, b1, b2, j1, j2, transfer_id),
+        )
+
+    # -- reconciliation -----------------------------------------------------------------
+
+    def reconcile_buckets(
+        self, partner: str, snapshot: int, view: str, prefix: str
+    ) -> list[Bucket]:
+        """The non-empty children of bucket ``prefix`` (16 at most)."""
+        h1, h2 = _VIEW_COLUMNS[view]
+        rows = self._exec(
+            f"SELECT substr(id_hash, 1, ?) AS child, COUNT(*), SUM({h1}), SUM({h2}) "
+            "FROM transfers WHERE partner = ? AND proposed_at < ? AND blocks_leaf IS NOT NULL "
+            "AND id_hash >= ? AND id_hash < ? GROUP BY child ORDER BY child",
+            (len(prefix) + 1, partner, snapshot, prefix, prefix + "g"),
+        )
+        return [Bucket(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
+
+    def reconcile_leaves(
+        self, partner: str, snapshot: int, view: str, prefix: str
+    ) -> dict[str, bytes]:
+        column = "blocks_leaf" if view == "blocks" else "journal_leaf"
+        rows = self._exec(
+            f"SELECT transfer_id, {column} FROM transfers WHERE partner = ? AND proposed_at < ? "
+            "AND blocks_leaf IS NOT NULL AND id_hash >= ? AND id_hash < ?",
+            (partner, snapshot, prefix, prefix + "g"),
+        )
+        return {r[0]: bytes(r[1]) for r in rows}
+
+    def reconcile_totals(self, partner: str, snapshot: int) -> list[Total]:
+        me = self.meta_get("party") or ""
+        rows = self._exec(
+            "SELECT t.direction, b.unit_type, b.vintage, b.authorisation_id, "
+            "SUM(b.serial_end - b.serial_start + 1), COUNT(DISTINCT t.transfer_id) "
+            "FROM transfers t JOIN transfer_blocks b ON b.transfer_id = t.transfer_id "
+            "WHERE t.partner = ? AND t.proposed_at < ? AND t.state = ? "
+            "GROUP BY t.direction, b.unit_type, b.vintage, b.authorisation_id",
+            (partner, snapshot, int(TransferState.COMPLETED)),
+        )
+        return [
+            Total(me if r[0] == "out" else partner, int(r[1]), int(r[2]), r[3], int(r[4]),
+                  int(r[5]))
+            for r in rows
+        ]  # fmt: skip
+
+    def freeze_blocks_of(self, transfer_id: str) -> int:
+        """Freeze the held blocks that share a serial with a transfer's blocks."""
+        frozen = 0
+        for block in self.blocks_of_transfer(transfer_id):
+            cursor = self._exec(
+                "UPDATE blocks SET status = 'frozen', transfer_id = ? "
+                "WHERE originating_registry = ? AND serial_start <= ? AND serial_end >= ? "
+                "AND status = 'held'",
+                (transfer_id, block.originating_registry, block.serial_end, block.serial_start),
+            )
+            frozen += int(cursor.rowcount)
+        return frozen
+
+    def discrepancy_put(
+        self, *, reconciliation_id: str, partner: str, phase: str, subject: str, detail: str,
+        now: int,
+    ) -> None:  # fmt: skip
+        self._exec(
+            "INSERT INTO discrepancies (reconciliation_id, partner, phase, subject, detail, "
+            "recorded_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (reconciliation_id, partner, phase, subject, detail, now),
         )
 
     def transfers(self) -> list[TransferRecord]:

@@ -23,6 +23,111 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class ReconcileRequest(_message.Message):
+    """ReconcileRequest names the partner and the snapshot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTNER_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_AT_FIELD_NUMBER: _builtins.int
+    partner: _builtins.str
+    @_builtins.property
+    def snapshot_at(self) -> _timestamp_pb2.Timestamp:
+        """Transfers proposed before this instant are compared; unset means five
+        minutes ago, so that transfers still in flight are left out.
+        """
+
+    def __init__(
+        self,
+        *,
+        partner: _builtins.str = ...,
+        snapshot_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["snapshot_at", b"snapshot_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["partner", b"partner", "snapshot_at", b"snapshot_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconcileRequest: _TypeAlias = ReconcileRequest  # noqa: Y015
+
+@_typing.final
+class Discrepancy(_message.Message):
+    """Discrepancy is one thing the two registries disagree on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHASE_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    FROZEN_BLOCKS_FIELD_NUMBER: _builtins.int
+    phase: _builtins.str
+    """"totals", "blocks" or "journal"."""
+    subject: _builtins.str
+    """The transfer, or the total, concerned."""
+    detail: _builtins.str
+    frozen_blocks: _builtins.int
+    """Blocks frozen here because of it."""
+    def __init__(
+        self,
+        *,
+        phase: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        frozen_blocks: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "frozen_blocks", b"frozen_blocks", "phase", b"phase", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Discrepancy: _TypeAlias = Discrepancy  # noqa: Y015
+
+@_typing.final
+class ReconcileResponse(_message.Message):
+    """ReconcileResponse reports what was compared and what differs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECONCILIATION_ID_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_AT_FIELD_NUMBER: _builtins.int
+    DISCREPANCIES_FIELD_NUMBER: _builtins.int
+    QUERIES_FIELD_NUMBER: _builtins.int
+    BUCKETS_COMPARED_FIELD_NUMBER: _builtins.int
+    LEAVES_COMPARED_FIELD_NUMBER: _builtins.int
+    TRANSFERS_HERE_FIELD_NUMBER: _builtins.int
+    reconciliation_id: _builtins.str
+    queries: _builtins.int
+    """Work done: queries sent, buckets and leaves received."""
+    buckets_compared: _builtins.int
+    leaves_compared: _builtins.int
+    transfers_here: _builtins.int
+    """Transfers described by each side in the snapshot."""
+    @_builtins.property
+    def snapshot_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def discrepancies(self) -> _containers.RepeatedCompositeFieldContainer[Global___Discrepancy]: ...
+    def __init__(
+        self,
+        *,
+        reconciliation_id: _builtins.str = ...,
+        snapshot_at: _timestamp_pb2.Timestamp | None = ...,
+        discrepancies: _abc.Iterable[Global___Discrepancy] | None = ...,
+        queries: _builtins.int = ...,
+        buckets_compared: _builtins.int = ...,
+        leaves_compared: _builtins.int = ...,
+        transfers_here: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["snapshot_at", b"snapshot_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buckets_compared", b"buckets_compared", "discrepancies", b"discrepancies", "leaves_compared", b"leaves_compared", "queries", b"queries", "reconciliation_id", b"reconciliation_id", "snapshot_at", b"snapshot_at", "transfers_here", b"transfers_here"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconcileResponse: _TypeAlias = ReconcileResponse  # noqa: Y015
+
+@_typing.final
 class PartnerInfo(_message.Message):
     """PartnerInfo describes one pinned partner."""
 

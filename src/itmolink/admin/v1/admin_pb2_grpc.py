@@ -83,6 +83,11 @@ class AdminServiceStub:
                 request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ListAdjustmentsRequest.SerializeToString,
                 response_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ListAdjustmentsResponse.FromString,
                 _registered_method=True)
+        self.Reconcile = channel.unary_unary(
+                '/itmolink.admin.v1.AdminService/Reconcile',
+                request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ReconcileRequest.SerializeToString,
+                response_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ReconcileResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -155,6 +160,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reconcile(self, request, context):
+        """Reconcile compares this registry's transfers with a partner's in three
+        phases (totals, blocks, journal), records and reports each discrepancy,
+        and freezes the blocks involved.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +216,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListAdjustments,
                     request_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ListAdjustmentsRequest.FromString,
                     response_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ListAdjustmentsResponse.SerializeToString,
+            ),
+            'Reconcile': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reconcile,
+                    request_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ReconcileRequest.FromString,
+                    response_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ReconcileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -451,6 +470,33 @@ class AdminService:
             '/itmolink.admin.v1.AdminService/ListAdjustments',
             itmolink_dot_admin_dot_v1_dot_admin__pb2.ListAdjustmentsRequest.SerializeToString,
             itmolink_dot_admin_dot_v1_dot_admin__pb2.ListAdjustmentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reconcile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/itmolink.admin.v1.AdminService/Reconcile',
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.ReconcileRequest.SerializeToString,
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.ReconcileResponse.FromString,
             options,
             channel_credentials,
             insecure,

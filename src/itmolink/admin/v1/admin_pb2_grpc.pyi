@@ -55,6 +55,11 @@ class AdminServiceStub:
     """ListHoldings lists the serial blocks this registry holds."""
     ListAdjustments: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAdjustmentsRequest, _admin_pb2.ListAdjustmentsResponse]
     """ListAdjustments lists the corresponding adjustment ledger."""
+    Reconcile: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ReconcileRequest, _admin_pb2.ReconcileResponse]
+    """Reconcile compares this registry's transfers with a partner's in three
+    phases (totals, blocks, journal), records and reports each discrepancy,
+    and freezes the blocks involved.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -83,6 +88,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """ListHoldings lists the serial blocks this registry holds."""
     ListAdjustments: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAdjustmentsRequest, _admin_pb2.ListAdjustmentsResponse]  # type: ignore[assignment]
     """ListAdjustments lists the corresponding adjustment ledger."""
+    Reconcile: _aio.UnaryUnaryMultiCallable[_admin_pb2.ReconcileRequest, _admin_pb2.ReconcileResponse]  # type: ignore[assignment]
+    """Reconcile compares this registry's transfers with a partner's in three
+    phases (totals, blocks, journal), records and reports each discrepancy,
+    and freezes the blocks involved.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService is the operator's interface to its own node. It is served on a
@@ -162,5 +172,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListAdjustmentsResponse, _abc.Awaitable[_admin_pb2.ListAdjustmentsResponse]]:
         """ListAdjustments lists the corresponding adjustment ledger."""
+
+    @_abc_1.abstractmethod
+    def Reconcile(
+        self,
+        request: _admin_pb2.ReconcileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ReconcileResponse, _abc.Awaitable[_admin_pb2.ReconcileResponse]]:
+        """Reconcile compares this registry's transfers with a partner's in three
+        phases (totals, blocks, journal), records and reports each discrepancy,
+        and freezes the blocks involved.
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -125,11 +125,11 @@ CREATE TABLE blocks (
     cooperative_approach_id TEXT NOT NULL,
     first_transferring_party TEXT NOT NULL,
     account TEXT NOT NULL REFERENCES accounts (account_id),
-    status TEXT NOT NULL CHECK (status IN ('held', 'reserved')),
+    status TEXT NOT NULL CHECK (status IN ('held', 'reserved', 'frozen')),
     transfer_id TEXT,
     PRIMARY KEY (originating_registry, serial_start),
     CHECK (serial_start >= 1 AND serial_end >= serial_start),
-    CHECK ((status = 'reserved') = (transfer_id IS NOT NULL))
+    CHECK ((status = 'held') = (transfer_id IS NULL))
 );
 CREATE INDEX blocks_transfer ON blocks (transfer_id);
 
@@ -148,8 +148,21 @@ CREATE TABLE transfers (
     rejection_code INTEGER NOT NULL,
     rejection_detail TEXT NOT NULL,
     created_at BIGINT NOT NULL,
-    updated_at BIGINT NOT NULL
+    updated_at BIGINT NOT NULL,
+    -- When the sender proposed it (the proposal's sent_at): what a
+    -- reconciliation snapshot is cut by, identical on both sides.
+    proposed_at BIGINT NOT NULL,
+    -- Set when the transfer reaches a final state: its place in the
+    -- reconciliation tree and its leaves (core/reconcile.py).
+    id_hash TEXT NOT NULL,
+    blocks_leaf BYTEA_OR_BLOB,
+    journal_leaf BYTEA_OR_BLOB,
+    blocks_h1 BIGINT,
+    blocks_h2 BIGINT,
+    journal_h1 BIGINT,
+    journal_h2 BIGINT
 );
+CREATE INDEX transfers_reconcile ON transfers (partner, id_hash);
 
 -- The blocks a transfer moves, kept after it ends as its record.
 CREATE TABLE transfer_blocks (
@@ -181,4 +194,16 @@ CREATE TABLE adjustments (
     evidence_journal_id BIGINT NOT NULL REFERENCES journal (id),
     recorded_at BIGINT NOT NULL,
     UNIQUE (transfer_id, year, unit_type)
+);
+
+-- What reconciliation found: each row names a transfer the two registries
+-- disagree on; the blocks involved are frozen until an operator resolves it.
+CREATE TABLE discrepancies (
+    id AUTO_ID,
+    reconciliation_id TEXT NOT NULL,
+    partner TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    recorded_at BIGINT NOT NULL
 );
