@@ -16,6 +16,7 @@ import pytest
 from itmolink.admin.v1 import admin_pb2, admin_pb2_grpc
 from itmolink.crypto.envelope import seal
 from itmolink.crypto.keys import SigningKey
+from itmolink.crypto.operators import read_token, token_file
 from itmolink.crypto.pki import PartyFiles, init_party
 from itmolink.node.config import load_config
 from itmolink.node.convert import timestamp, to_us
@@ -53,7 +54,10 @@ class Registry:
     _channel: grpc.aio.Channel
 
     async def call(self, method: str, request: Any) -> Any:
-        return await getattr(self.admin, method)(request, timeout=10)
+        token = read_token(token_file(self.keys.directory, "admin"))
+        return await getattr(self.admin, method)(
+            request, timeout=10, metadata=(("authorization", f"Bearer {token}"),)
+        )
 
     async def transfers(self) -> dict[str, Any]:
         response = await self.call("ListTransfers", admin_pb2.ListTransfersRequest())

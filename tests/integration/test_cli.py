@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -84,11 +85,54 @@ async def test_a_refused_request_exits_3_and_names_its_code(
 
 
 async def test_an_unreachable_node_gets_a_message_that_says_what_to_do(
-    tmp_path: object, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = await cli(capsys, "info", "--admin", "unix:/nonexistent/admin.sock")
+    token = tmp_path / "me.token"
+    token.write_text("not-a-real-token\n")
+    token.chmod(0o600)
+    code, _, err = await cli(
+        capsys, "info", "--admin", "unix:/nonexistent/admin.sock", "--token-file", str(token)
+    )
     assert code == 1
     assert "is 'itmolink node run' running" in err
+
+
+async def test_the_admin_interface_wants_an_operator_token_and_records_who_acted(
+    lao_kor: tuple[Registry, Registry], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lao, _ = lao_kor
+    forged = tmp_path / "forged.token"
+    forged.write_text("guessed\n")
+    forged.chmod(0o600)
+    code, _, err = await cli(
+        capsys, "info", "--config", str(lao.config_path), "--token-file", str(forged)
+    )
+    assert code == 1
+    assert "not allowed: no valid operator token" in err
+    assert "guessed" not in err
+
+    code, out, err = await cli(
+        capsys, "operator", "add", "--config", str(lao.config_path), "--name", "alice"
+    )
+    assert code == 0, err
+    alice = lao.keys.directory / "operators" / "alice.token"
+    assert alice.stat().st_mode & 0o777 == 0o600
+    assert alice.read_text().strip() not in out
+    code, _, _ = await cli(
+        capsys, "issue", "--config", str(lao.config_path), "--token-file", str(alice),
+        "--authorisation", "LAO-A-0404", "--vintage", "2025", "--quantity", "5",
+    )  # fmt: skip
+    assert code == 3
+
+    def audit() -> list[tuple[str, str, str, str, int]]:
+        with lao.node.engine.store.transaction() as tx:
+            return tx.admin_audit()
+
+    rows = await lao.node.db(audit)
+    assert ("alice", "Issue", "REJECTION_CODE_UNKNOWN_AUTHORISATION") in [
+        (r[0], r[1], r[3]) for r in rows
+    ]
+    assert all(r[0] in {"admin", "alice"} for r in rows)
 
 
 async def test_audit_verify_finds_an_edited_journal_entry(

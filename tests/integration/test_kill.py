@@ -5,6 +5,7 @@ adjustment ledgers match transfer by transfer."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import itertools
 import os
 import random
@@ -14,11 +15,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from itmolink.admin.v1 import admin_pb2, admin_pb2_grpc
+from itmolink.crypto.operators import read_token, token_file
 from itmolink.crypto.pki import init_party
 from itmolink.v1 import common_pb2, transfer_pb2
 
@@ -39,6 +42,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class Authenticated:
+    """An admin stub that presents the operator's token on every call."""
+
+    def __init__(self, stub: admin_pb2_grpc.AdminServiceStub, token: Path) -> None:
+        self._stub = stub
+        self._token = token
+
+    def __getattr__(self, name: str) -> Any:
+        metadata = (("authorization", f"Bearer {read_token(self._token)}"),)
+        return functools.partial(getattr(self._stub, name), metadata=metadata)
+
+
 class NodeProcess:
     def __init__(self, root: Path, party: str, partner: str, ports: dict[str, int]) -> None:
         self.party = party
@@ -55,7 +70,9 @@ class NodeProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.kills = 0
         channel = grpc.insecure_channel(f"unix:{self.dir / 'admin.sock'}")
-        self.admin = admin_pb2_grpc.AdminServiceStub(channel)
+        self.admin = Authenticated(
+            admin_pb2_grpc.AdminServiceStub(channel), token_file(self.dir / "pki", "admin")
+        )
 
     def start(self) -> None:
         log = (self.dir / "node.log").open("ab")

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import functools
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -24,6 +26,7 @@ from google.protobuf.json_format import MessageToDict
 from itmolink import __version__
 from itmolink.admin.v1 import admin_pb2, admin_pb2_grpc
 from itmolink.cli.table import print_table
+from itmolink.crypto.operators import add_operator, read_token, token_file
 from itmolink.crypto.pki import DEFAULT_HOSTS, init_party
 from itmolink.node.admin import REJECTION_CODE_KEY
 from itmolink.node.config import ConfigError, load_config
@@ -68,9 +71,39 @@ def _admin_target(args: argparse.Namespace) -> str:
         ) from None
 
 
-def _admin(args: argparse.Namespace) -> admin_pb2_grpc.AdminServiceStub:
-    channel = grpc.insecure_channel(_admin_target(args))
-    return admin_pb2_grpc.AdminServiceStub(channel)
+def _token(args: argparse.Namespace) -> str:
+    """The operator's token: --token-file, $ITMOLINK_TOKEN_FILE, or the node's admin token."""
+    explicit = args.token_file or os.environ.get("ITMOLINK_TOKEN_FILE")
+    if explicit:
+        path = Path(explicit)
+    else:
+        try:
+            path = token_file(load_config(args.config).keys.directory, "admin")
+        except ConfigError as exc:
+            raise CliError(f"{exc}\n(give the operator's token with --token-file)") from None
+    try:
+        return read_token(path)
+    except FileNotFoundError:
+        raise CliError(f"no operator token at {path}: pass --token-file") from None
+    except PermissionError as exc:
+        raise CliError(str(exc)) from None
+
+
+class _Admin:
+    """The admin stub with the operator's token on every call."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        channel = grpc.insecure_channel(_admin_target(args))
+        self._stub = admin_pb2_grpc.AdminServiceStub(channel)
+        self._metadata = (("authorization", f"Bearer {_token(args)}"),)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._stub, name)
+        return functools.partial(method, metadata=self._metadata)
+
+
+def _admin(args: argparse.Namespace) -> Any:
+    return _Admin(args)
 
 
 def _call(method: Any, request: Any) -> Any:
@@ -81,6 +114,8 @@ def _call(method: Any, request: Any) -> Any:
         metadata = {key: value for key, value in exc.trailing_metadata() or ()}
         if metadata.get(REJECTION_CODE_KEY):
             raise CliError(f"refused: {exc.details()}", EXIT_REFUSED) from None
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise CliError(f"not allowed: {exc.details()}") from None
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
             raise CliError(
                 "cannot reach the node's admin interface: is 'itmolink node run' running "
@@ -115,6 +150,16 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
         "private keys (mode 0600; never share)"
     )
     print(f"  {files.card.name}  partner card: give this file to partner registries")
+    return 0
+
+
+def cmd_operator_add(args: argparse.Namespace) -> int:
+    try:
+        directory = load_config(args.config).keys.directory
+        path = add_operator(directory, args.name)
+    except (ConfigError, ValueError, FileExistsError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    print(f"operator {args.name} added; token in {path} (mode 0600; give it to {args.name} only)")
     return 0
 
 
@@ -411,6 +456,11 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--admin", help="admin address instead of --config, e.g. unix:/path/admin.sock"
     )
+    parser.add_argument(
+        "--token-file",
+        help="the operator's token (default: $ITMOLINK_TOKEN_FILE, else the node's "
+        "operators/admin.token)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -444,6 +494,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, help="the node's node.toml")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.set_defaults(func=cmd_node_run)
+
+    operator = commands.add_parser("operator", help="manage admin operators").add_subparsers(
+        dest="operator_command", required=True, metavar="ACTION"
+    )
+    add = operator.add_parser("add", help="add an admin operator with a fresh token")
+    add.add_argument("--config", default="node.toml", help="the node's configuration")
+    add.add_argument("--name", required=True, help="e.g. alice")
+    add.set_defaults(func=cmd_operator_add)
 
     info = commands.add_parser("info", help="show the node's identity and partners")
     _add_target(info)

@@ -6,6 +6,8 @@
     node.pem node.key       the node certificate, for both TLS server and client
     signing.key             the Ed25519 key that signs protocol messages
     card.toml               the public partner card to hand to partner registries
+    operators.toml          digests of the admin operators' tokens
+    operators/admin.token   the first operator's token (crypto/operators.py)
 
 Private keys are created with mode 0600 and never printed. A partner pins the
 party's CA certificate (for mutual TLS) and its signing public keys (for
@@ -29,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from itmolink.crypto.keys import SigningKey, VerifyingKey, write_private_file
+from itmolink.crypto.operators import add_operator
 
 PARTY_CODE = re.compile(r"[A-Z]{3}")
 REGISTRY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -260,6 +263,7 @@ def init_party(
         signing_keys=(signing.verifying_key(),),
     )
     files.card.write_text(card.to_toml())
+    add_operator(directory, "admin")
     return files
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import grpc.aio
+from google.protobuf.json_format import MessageToJson
 
 from itmolink.admin.v1 import admin_pb2, admin_pb2_grpc
 from itmolink.core.codes import Rejected, RejectionCode
@@ -32,14 +33,29 @@ Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]
 
 
-def refusals(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Turn a :class:`Rejected` into a gRPC error carrying its code."""
+def admin_method(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Authenticate the operator, run the request, and journal who did what.
+
+    A refused request (:class:`Rejected`) becomes a gRPC error carrying its code.
+    """
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
+    async def wrapper(
+        self: AdminServicer, request: Req, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Resp:
+        operator = self._node.operator(context.invocation_metadata() or ())
+        if operator is None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "no valid operator token: pass --token-file (a file made by 'itmolink pki init' "
+                "or 'itmolink operator add')",
+            )
+            raise AssertionError("unreachable")
+        outcome = "ok"
         try:
             return await method(self, request, context)
         except ReplyError as error:
+            outcome = error.code.wire_name
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"the partner's answer cannot be used: {error}",
@@ -47,12 +63,14 @@ def refusals(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
             )
             raise AssertionError("unreachable") from None
         except grpc.aio.AioRpcError as error:
+            outcome = f"partner unavailable: {error.code().name}"
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 f"the partner did not answer: {error.code().name} {error.details()}",
             )
             raise AssertionError("unreachable") from None
         except Rejected as rejected:
+            outcome = rejected.code.wire_name
             status = (
                 grpc.StatusCode.INVALID_ARGUMENT
                 if rejected.code in _INVALID_ARGUMENT
@@ -64,6 +82,18 @@ def refusals(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
                 trailing_metadata=((REJECTION_CODE_KEY, rejected.code.wire_name),),
             )
             raise AssertionError("unreachable") from None
+        except BaseException as error:
+            outcome = f"error: {type(error).__name__}"
+            raise
+        finally:
+            await self._node.db(
+                self._engine.record_admin_action,
+                operator=operator,
+                method=method.__name__,
+                request=MessageToJson(request, indent=None),  # type: ignore[arg-type]
+                outcome=outcome,
+                now=self._node.clock(),
+            )
 
     return wrapper
 
@@ -166,7 +196,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def _engine(self) -> Engine:
         return self._node.engine
 
-    @refusals
+    @admin_method
     async def GetNodeInfo(
         self, request: admin_pb2.GetNodeInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.GetNodeInfoResponse:
@@ -182,7 +212,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             schema_version=await self._node.db(self._engine.store.schema_version),
         )
 
-    @refusals
+    @admin_method
     async def Authorise(
         self, request: admin_pb2.AuthoriseRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.AuthoriseResponse:
@@ -211,7 +241,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             authorisation_id=terms.authorisation_id, version=terms.version
         )
 
-    @refusals
+    @admin_method
     async def Issue(
         self, request: admin_pb2.IssueRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.IssueResponse:
@@ -227,7 +257,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             issuance_id=issuance_id, blocks=[block_to_pb(b) for b in blocks]
         )
 
-    @refusals
+    @admin_method
     async def Transfer(
         self, request: admin_pb2.TransferRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.TransferResponse:
@@ -247,21 +277,21 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self._node.kick()
         return admin_pb2.TransferResponse(transfer_id=transfer_id)
 
-    @refusals
+    @admin_method
     async def GetTransfer(
         self, request: admin_pb2.GetTransferRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.GetTransferResponse:
         view = await self._node.db(_get_transfer, self._engine, request.transfer_id)
         return admin_pb2.GetTransferResponse(transfer=view)
 
-    @refusals
+    @admin_method
     async def ListTransfers(
         self, request: admin_pb2.ListTransfersRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.ListTransfersResponse:
         views = await self._node.db(_list_transfers, self._engine)
         return admin_pb2.ListTransfersResponse(transfers=views)
 
-    @refusals
+    @admin_method
     async def ListAuthorisations(
         self,
         request: admin_pb2.ListAuthorisationsRequest,
@@ -270,14 +300,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         views = await self._node.db(_list_authorisations, self._engine)
         return admin_pb2.ListAuthorisationsResponse(authorisations=views)
 
-    @refusals
+    @admin_method
     async def ListHoldings(
         self, request: admin_pb2.ListHoldingsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.ListHoldingsResponse:
         blocks = await self._node.db(_list_holdings, self._engine)
         return admin_pb2.ListHoldingsResponse(blocks=blocks)
 
-    @refusals
+    @admin_method
     async def ListAdjustments(
         self,
         request: admin_pb2.ListAdjustmentsRequest,
@@ -286,7 +316,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         entries = await self._node.db(_list_adjustments, self._engine)
         return admin_pb2.ListAdjustmentsResponse(adjustments=entries)
 
-    @refusals
+    @admin_method
     async def Reconcile(
         self, request: admin_pb2.ReconcileRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb2.ReconcileResponse:

@@ -1012,6 +1012,15 @@ class Engine:
         log.error("ALARM: reconciliation with %s: %s %s: %s", partner, phase, subject, detail)
         return frozen
 
+    def record_admin_action(
+        self, *, operator: str, method: str, request: str, outcome: str, now: dt.datetime
+    ) -> None:
+        with self.store.transaction() as tx:
+            tx.admin_audit_put(
+                operator=operator, method=method, request=request, outcome=outcome,
+                now=to_us(now),
+            )  # fmt: skip
+
     # -- time-outs and the outbox ------------------------------------------------------
 
     def expire_transfers(self, now: dt.datetime) -> list[str]:

@@ -23,6 +23,7 @@ import grpc.aio
 
 from itmolink.crypto.envelope import TrustStore
 from itmolink.crypto.keys import SigningKey, check_private_file
+from itmolink.crypto.operators import load_operators, operator_for, operators_file
 from itmolink.crypto.pki import issuing_party
 from itmolink.node.config import NodeConfig
 from itmolink.node.engine import Engine, Partner, ReplyError
@@ -90,6 +91,8 @@ class Node:
         self.partner_port = 0
         self.engine: Engine
         self._tls_key = b""
+        self._operators: dict[str, str] = {}
+        self._operators_mtime = 0
         self._tls_cert = b""
 
     # -- plumbing --------------------------------------------------------------------
@@ -109,6 +112,24 @@ class Node:
             return None
         return issuing_party(next(iter(certificates)), [p.card for p in self.config.partners])
 
+    def operator(self, metadata: Any) -> str | None:
+        """The admin operator a request's bearer token belongs to, if any.
+
+        ``operators.toml`` is read again when it changes, so an operator added
+        with ``itmolink operator add`` can act without a restart.
+        """
+        path = operators_file(self.config.keys.directory)
+        mtime = path.stat().st_mtime_ns if path.exists() else 0
+        if mtime != self._operators_mtime:
+            self._operators = load_operators(self.config.keys.directory)
+            self._operators_mtime = mtime
+        for key, value in metadata:
+            if key == "authorization" and isinstance(value, str):
+                scheme, _, token = value.partition(" ")
+                if scheme.lower() == "bearer" and token:
+                    return operator_for(token, self._operators)
+        return None
+
     def set_partner_endpoint(self, party: str, endpoint: str) -> None:
         """Point the link to ``party`` at another address (tests bind port 0)."""
         self._endpoints[party] = endpoint
@@ -127,6 +148,12 @@ class Node:
         self._tls_key = config.keys.node_key.read_bytes()
         self._tls_cert = config.keys.node_certificate.read_bytes()
         signing_key = SigningKey.load(config.party, config.keys.signing_key)
+        self._operators = load_operators(config.keys.directory)
+        if not self._operators:
+            raise ValueError(
+                f"no admin operator in {config.keys.directory}/operators.toml: "
+                "create one with 'itmolink operator add'"
+            )
         trust = TrustStore(key for p in config.partners for key in p.card.signing_keys)
         store = await self.db(
             SqliteStore, config.database, party=config.party, registry=config.registry

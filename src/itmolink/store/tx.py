@@ -827,6 +827,21 @@ class Tx:
             frozen += int(cursor.rowcount)
         return frozen
 
+    def admin_audit_put(
+        self, *, operator: str, method: str, request: str, outcome: str, now: int
+    ) -> None:
+        self._exec(
+            "INSERT INTO admin_audit (operator, method, request, outcome, recorded_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (operator, method, request, outcome, now),
+        )
+
+    def admin_audit(self) -> list[tuple[str, str, str, str, int]]:
+        rows = self._exec(
+            "SELECT operator, method, request, outcome, recorded_at FROM admin_audit ORDER BY id"
+        )
+        return [(r[0], r[1], r[2], r[3], int(r[4])) for r in rows]
+
     def discrepancy_put(
         self, *, reconciliation_id: str, partner: str, phase: str, subject: str, detail: str,
         now: int,

@@ -207,3 +207,13 @@ CREATE TABLE discrepancies (
     detail TEXT NOT NULL,
     recorded_at BIGINT NOT NULL
 );
+
+-- Every admin request: which operator, what, and how it ended.
+CREATE TABLE admin_audit (
+    id AUTO_ID,
+    operator TEXT NOT NULL,
+    method TEXT NOT NULL,
+    request TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    recorded_at BIGINT NOT NULL
+);
