@@ -311,3 +311,45 @@ HELD = C.SERIALS_ALREADY_HELD
 )
 def test_check_not_held(incoming: list[Block], existing: list[Block], expected: C | None) -> None:
     assert code_of(lambda: check_not_held(incoming, existing)) is expected
+
+
+# Transitioned CERs are pre-2021 by definition; every other unit type starts in 2021.
+
+CER = UnitType.TRANSITIONED_CER
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"unit_type": CER, "vintage_from": 2015, "vintage_to": 2020}, None),
+        ({"unit_type": CER, "vintage_from": 2013, "vintage_to": 2013}, None),
+        ({"unit_type": CER, "vintage_from": 2015, "vintage_to": 2021}, C.VINTAGE_NOT_AUTHORISED),
+        ({"unit_type": CER, "vintage_from": 2023, "vintage_to": 2030}, C.VINTAGE_NOT_AUTHORISED),
+        ({"unit_type": CER, "vintage_from": 2020, "vintage_to": 2019}, C.VINTAGE_NOT_AUTHORISED),
+        ({"unit_type": UnitType.A6_4ER_AUTHORISED, "vintage_from": 2020}, C.VINTAGE_BEFORE_2021),
+    ],
+)
+def test_check_authorisation_terms_vintages_by_unit_type(
+    changes: dict[str, object], expected: C | None
+) -> None:
+    assert code_of(lambda: check_authorisation_terms(terms(**changes))) is expected
+
+
+@pytest.mark.parametrize(
+    ("vintage", "expected"),
+    [
+        (2015, None),
+        (2020, None),
+        (2014, C.VINTAGE_NOT_AUTHORISED),
+        (2021, C.VINTAGE_NOT_AUTHORISED),
+        (2025, C.VINTAGE_NOT_AUTHORISED),
+    ],
+)
+def test_check_vintage_of_transitioned_cers(vintage: int, expected: C | None) -> None:
+    cer_terms = terms(unit_type=CER, vintage_from=2015, vintage_to=2020)
+    assert code_of(lambda: check_vintage(cer_terms, vintage)) is expected
+
+
+def test_terms_that_wrongly_reach_past_2020_cannot_give_cers_a_later_vintage() -> None:
+    wrong = terms(unit_type=CER, vintage_from=2015, vintage_to=2025)
+    assert code_of(lambda: check_vintage(wrong, 2022)) is C.VINTAGE_NOT_AUTHORISED

@@ -12,7 +12,12 @@ from dataclasses import dataclass
 
 from itmolink.core.blocks import Block, check_disjoint, total, validate_block
 from itmolink.core.codes import Rejected, RejectionCode
-from itmolink.core.units import FIRST_ARTICLE6_VINTAGE, Purpose, UnitType
+from itmolink.core.units import (
+    FIRST_ARTICLE6_VINTAGE,
+    LAST_TRANSITIONED_CER_VINTAGE,
+    Purpose,
+    UnitType,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +56,14 @@ def check_authorisation_terms(terms: AuthorisationTerms) -> None:
         raise Rejected(RejectionCode.MISSING_FIELD, "authorisation has no unit_type")
     if terms.version < 1:
         raise Rejected(RejectionCode.MISSING_FIELD, "authorisation version starts at 1")
-    if terms.vintage_from < FIRST_ARTICLE6_VINTAGE:
+    if terms.unit_type is UnitType.TRANSITIONED_CER:
+        if terms.vintage_to > LAST_TRANSITIONED_CER_VINTAGE:
+            raise Rejected(
+                RejectionCode.VINTAGE_NOT_AUTHORISED,
+                f"vintage_to {terms.vintage_to} is after {LAST_TRANSITIONED_CER_VINTAGE}: "
+                "transitioned CERs are pre-2021 emission reductions",
+            )
+    elif terms.vintage_from < FIRST_ARTICLE6_VINTAGE:
         raise Rejected(
             RejectionCode.VINTAGE_BEFORE_2021,
             f"vintage_from {terms.vintage_from} is before {FIRST_ARTICLE6_VINTAGE}",
@@ -79,7 +91,19 @@ def check_received_authorisation(terms: AuthorisationTerms, *, me: str, sender: 
 
 
 def check_vintage(terms: AuthorisationTerms, vintage: int) -> None:
-    if vintage < FIRST_ARTICLE6_VINTAGE:
+    """A vintage exists for the unit type and lies in the authorised range.
+
+    Article 6 outcomes start in 2021; transitioned CERs are the one unit type
+    whose vintages are all before 2021 (see ``UnitType.vintage_allowed``).
+    """
+    if terms.unit_type is UnitType.TRANSITIONED_CER:
+        if not terms.unit_type.vintage_allowed(vintage):
+            raise Rejected(
+                RejectionCode.VINTAGE_NOT_AUTHORISED,
+                f"vintage {vintage} is after {LAST_TRANSITIONED_CER_VINTAGE}: "
+                "transitioned CERs are pre-2021 emission reductions",
+            )
+    elif vintage < FIRST_ARTICLE6_VINTAGE:
         raise Rejected(
             RejectionCode.VINTAGE_BEFORE_2021,
             f"vintage {vintage} is before {FIRST_ARTICLE6_VINTAGE}",
