@@ -243,10 +243,10 @@ def test_init_party_hosts(tmp_path: Path) -> None:
 
 def test_init_party_refuses_to_overwrite(tmp_path: Path) -> None:
     init_party(tmp_path, "LAO", "LAO-NR", now=NOW)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(FileExistsError):
         init_party(tmp_path, "LAO", "LAO-NR", now=NOW)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("existing", [*PRIVATE_FILES, "card.toml"])
@@ -424,3 +424,19 @@ def test_trust_store_refuses_a_key_id_re_pinned_for_another_party() -> None:
     with pytest.raises(ValueError, match="pinned twice"):
         store.add(VerifyingKey("KOR", key.key_id, key.public_bytes))
     assert store.parties() == {"LAO"}
+
+
+def test_init_party_creates_an_admin_operator_with_a_private_random_token(tmp_path: Path) -> None:
+    from itmolink.crypto.operators import load_operators, operator_for, read_token, token_file
+
+    init_party(tmp_path / "a", "LAO", "LAO-NR", now=NOW)
+    init_party(tmp_path / "b", "LAO", "LAO-NR", now=NOW)
+    first = token_file(tmp_path / "a", "admin")
+    assert first.stat().st_mode & 0o777 == 0o600
+    token = read_token(first)
+    assert token != read_token(token_file(tmp_path / "b", "admin"))  # no default secret
+    assert len(token) >= 40
+    operators = load_operators(tmp_path / "a")
+    assert operator_for(token, operators) == "admin"
+    assert operator_for(token + "x", operators) is None
+    assert token not in (tmp_path / "a" / "operators.toml").read_text()
