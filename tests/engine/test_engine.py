@@ -11,6 +11,7 @@ from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.core.transfer import Role, TransferState
 from itmolink.crypto.envelope import TrustStore, open_envelope, seal
 from itmolink.crypto.keys import SigningKey
+from itmolink.node.convert import to_us
 from itmolink.node.engine import ReplyError
 from itmolink.v1 import reply_pb2, transfer_pb2
 
@@ -125,7 +126,7 @@ def test_a_transfer_id_must_belong_to_its_sender(
 
 
 def _deliver_from_lao(pair: Pair, msg: object, sequence: int) -> reply_pb2.Rejection:
-    msg.header.CopyFrom(pair.lao._header(None, "KOR", 0))  # type: ignore[attr-defined]
+    msg.header.CopyFrom(pair.lao._header(None, "KOR", to_us(pair.now)))  # type: ignore[attr-defined]
     msg.header.sequence = sequence  # type: ignore[attr-defined]
     payload = msg.SerializeToString()  # type: ignore[attr-defined]
     envelope = seal(msg.DESCRIPTOR.full_name, payload, pair.keys["LAO"])  # type: ignore[attr-defined]

@@ -26,7 +26,9 @@ from itmolink.v1 import common_pb2, partner_service_pb2, partner_service_pb2_grp
 NOW = dt.datetime(2026, 11, 27, tzinfo=dt.UTC)
 
 
-def write_node(tmp: Path, party: str, partners: list[str], *, timeout: int = 60) -> Path:
+def write_node(
+    tmp: Path, party: str, partners: list[str], *, timeout: int = 60, extra: str = ""
+) -> Path:
     node_dir = tmp / party.lower()
     partner_entries = "".join(
         f'\n[[partners]]\ncard = "../{p.lower()}/pki/card.toml"\nendpoint = "127.0.0.1:1"\n'
@@ -37,7 +39,7 @@ def write_node(tmp: Path, party: str, partners: list[str], *, timeout: int = 60)
         f'party = "{party}"\nregistry = "{party}-NR"\ndatabase = "{party.lower()}.db"\n'
         f'partner_listen = "127.0.0.1:0"\nadmin_listen = "unix:admin.sock"\n'
         f"transfer_timeout_seconds = {timeout}\n"
-        f'[keys]\ndirectory = "pki"\n{partner_entries}'
+        f'[keys]\ndirectory = "pki"\n{partner_entries}\n{extra}'
     )
     return config
 

@@ -23,6 +23,9 @@ class RejectionCode(enum.IntEnum):
     SIGNER_NOT_PEER = 1005
     SENDER_MISMATCH = 1006
     WRONG_AUDIENCE = 1007
+    SIGNING_KEY_NOT_YET_VALID = 1008
+    SIGNING_KEY_EXPIRED = 1009
+    SIGNING_KEY_REVOKED = 1010
 
     # 2xxx: message viability.
     UNKNOWN_PAYLOAD_TYPE = 2001
@@ -31,6 +34,10 @@ class RejectionCode(enum.IntEnum):
     UNEXPECTED_REPLY = 2004
     UNKNOWN_PARTNER = 2005
     INVALID_IDENTIFIER = 2006
+    MESSAGE_TOO_LARGE = 2007
+    TOO_MANY_BLOCKS = 2008
+    RATE_LIMITED = 2009
+    INVALID_FIELD = 2010
 
     # 3xxx: data integrity.
     INVALID_BLOCK = 3001
@@ -43,6 +50,7 @@ class RejectionCode(enum.IntEnum):
     TRANSFER_STATE_CONFLICT = 3008
     AUTHORISATION_CONFLICT = 3009
     DIGEST_MISMATCH = 3010
+    PROPOSAL_EXPIRED = 3011
 
     # 4xxx: Article 6 rules.
     NOT_ACQUIRING_PARTY = 4001
@@ -67,6 +75,7 @@ class RejectionCode(enum.IntEnum):
     # 5xxx: sequence and idempotency.
     DUPLICATE_MESSAGE_CONFLICT = 5001
     SEQUENCE_REUSED = 5002
+    SENT_AT_OUT_OF_WINDOW = 5003
 
     @property
     def wire_name(self) -> str:

@@ -51,49 +51,41 @@ def admin_method(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
                 "or 'itmolink operator add')",
             )
             raise AssertionError("unreachable")
-        outcome = "ok"
+        failure: tuple[grpc.StatusCode, str, str | None] | None = None
         try:
-            return await method(self, request, context)
+            response = await method(self, request, context)
         except ReplyError as error:
-            outcome = error.code.wire_name
-            await context.abort(
+            failure = (
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"the partner's answer cannot be used: {error}",
-                trailing_metadata=((REJECTION_CODE_KEY, error.code.wire_name),),
+                error.code.wire_name,
             )
-            raise AssertionError("unreachable") from None
         except grpc.aio.AioRpcError as error:
-            outcome = f"partner unavailable: {error.code().name}"
-            await context.abort(
+            failure = (
                 grpc.StatusCode.UNAVAILABLE,
                 f"the partner did not answer: {error.code().name} {error.details()}",
+                None,
             )
-            raise AssertionError("unreachable") from None
         except Rejected as rejected:
-            outcome = rejected.code.wire_name
             status = (
                 grpc.StatusCode.INVALID_ARGUMENT
                 if rejected.code in _INVALID_ARGUMENT
                 else grpc.StatusCode.FAILED_PRECONDITION
             )
-            await context.abort(
-                status,
-                str(rejected),
-                trailing_metadata=((REJECTION_CODE_KEY, rejected.code.wire_name),),
-            )
-            raise AssertionError("unreachable") from None
+            failure = (status, str(rejected), rejected.code.wire_name)
         except BaseException as error:
-            outcome = f"error: {type(error).__name__}"
+            await self._audit(operator, method.__name__, request, f"error: {type(error).__name__}")
             raise
-        finally:
-            await self._node.db(
-                self._engine.record_admin_action,
-                operator=operator,
-                method=method.__name__,
-                request=MessageToJson(request, indent=None),  # type: ignore[arg-type]
-                outcome=outcome,
-                now=self._node.clock(),
-            )
+        # The audit entry is written before the operator hears the outcome.
+        if failure is None:
+            await self._audit(operator, method.__name__, request, "ok")
+            return response
+        status, detail, code = failure
+        await self._audit(operator, method.__name__, request, code or status.name)
+        await context.abort(
+            status, detail, trailing_metadata=((REJECTION_CODE_KEY, code),) if code else ()
+        )
+        raise AssertionError("unreachable")
 
     return wrapper
 
@@ -195,6 +187,16 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     @property
     def _engine(self) -> Engine:
         return self._node.engine
+
+    async def _audit(self, operator: str, method: str, request: Any, outcome: str) -> None:
+        await self._node.db(
+            self._engine.record_admin_action,
+            operator=operator,
+            method=method,
+            request=MessageToJson(request, indent=None),
+            outcome=outcome,
+            now=self._node.clock(),
+        )
 
     @admin_method
     async def GetNodeInfo(

@@ -15,6 +15,14 @@ Relative paths are resolved against the directory of the configuration file::
     [[partners]]
     card = "../kor/pki/card.toml"        # the partner's public card
     endpoint = "127.0.0.1:50052"         # the partner's partner_listen address
+
+    [limits]                             # optional; these are the defaults
+    max_message_bytes = 2097152          # largest envelope accepted
+    max_blocks = 10000                   # most blocks in one message
+    max_clock_skew_seconds = 300         # sent_at ahead of our clock / expires_at behind it
+    max_message_age_days = 30            # older messages are refused
+    rate_per_second = 100                # messages accepted per partner per second...
+    rate_burst = 200                     # ...with bursts up to this many
 """
 
 from __future__ import annotations
@@ -39,6 +47,16 @@ class PartnerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_message_bytes: int = 2 * 1024 * 1024
+    max_blocks: int = 10_000
+    max_clock_skew_seconds: int = 300
+    max_message_age_days: int = 30
+    rate_per_second: int = 100
+    rate_burst: int = 200
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     path: Path
     party: str
@@ -49,6 +67,7 @@ class NodeConfig:
     transfer_timeout_seconds: int
     keys: PartyFiles
     partners: tuple[PartnerConfig, ...]
+    limits: LimitsConfig = LimitsConfig()
 
     @property
     def admin_target(self) -> str:
@@ -119,6 +138,16 @@ def load_config(path: Path | str) -> NodeConfig:
     timeout = data.get("transfer_timeout_seconds", 120)
     if not isinstance(timeout, int) or timeout <= 0:
         raise ConfigError(f"{path}: field 'transfer_timeout_seconds' must be a positive integer")
+    limits_table = data.get("limits", {})
+    if not isinstance(limits_table, dict):
+        raise ConfigError(f"{path}: [limits] must be a table")
+    unknown = set(limits_table) - set(LimitsConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"{path}: unknown field(s) in [limits]: {', '.join(sorted(unknown))}")
+    for name, value in limits_table.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{path}: field 'limits.{name}' must be a positive integer")
+    limits = LimitsConfig(**limits_table)
     return NodeConfig(
         path=path,
         party=party,
@@ -129,4 +158,5 @@ def load_config(path: Path | str) -> NodeConfig:
         transfer_timeout_seconds=timeout,
         keys=PartyFiles(base / _field(keys, "directory", str, path)),
         partners=tuple(partners),
+        limits=limits,
     )

@@ -44,11 +44,13 @@ from itmolink.crypto.keys import SigningKey
 from itmolink.node.convert import (
     block_from_pb,
     block_to_pb,
+    from_us,
     terms_from_statement,
     timestamp,
     timestamp_us,
     to_us,
 )
+from itmolink.node.validation import validate
 from itmolink.store.sqlite import HOLDING_ACCOUNT, Store
 from itmolink.store.tx import Tx
 from itmolink.v1 import (
@@ -128,6 +130,22 @@ def retry_delay_us(attempts: int) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """What a node accepts from a partner (docs/SECURITY.md)."""
+
+    # Largest serialised envelope accepted.
+    max_message_bytes: int = 2 * 1024 * 1024
+    # Most blocks in one proposal or issuance notice.
+    max_blocks: int = 10_000
+    # How far a message's sent_at may be ahead of this node's clock, and how far
+    # a proposal's expires_at may be behind it.
+    max_clock_skew: dt.timedelta = dt.timedelta(minutes=5)
+    # Messages older than this are refused, so the inbox need not keep message
+    # ids forever; the sender has voided or completed long before.
+    max_message_age: dt.timedelta = dt.timedelta(days=30)
+
+
+@dataclass(frozen=True, slots=True)
 class Partner:
     party: str
     registry: str
@@ -163,6 +181,7 @@ class Engine:
         store: Store,
         default_timeout: dt.timedelta = dt.timedelta(minutes=2),
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        limits: Limits | None = None,
     ) -> None:
         self.party = party
         self.registry = registry
@@ -172,6 +191,7 @@ class Engine:
         self.store = store
         self.default_timeout = default_timeout
         self._new_id = new_id
+        self.limits = limits or Limits()
 
     # -- sealing ---------------------------------------------------------------------
 
@@ -257,6 +277,11 @@ class Engine:
         message_id = ""
         subject_id = ""
         try:
+            if len(raw) > self.limits.max_message_bytes:
+                raise Rejected(
+                    RejectionCode.MESSAGE_TOO_LARGE,
+                    f"envelope of {len(raw)} bytes; at most {self.limits.max_message_bytes}",
+                )
             verified = open_envelope(raw, self.trust)
             if verified.signer_party != peer_party:
                 raise Rejected(
@@ -277,7 +302,8 @@ class Engine:
             header: common_pb2.Header = msg.header  # type: ignore[attr-defined]
             message_id = header.message_id
             subject_id = _subject_of(msg)
-            self._check_header(header, sender=verified.signer_party)
+            self._check_header(header, sender=verified.signer_party, now_us=now_us)
+            validate(msg, max_blocks=self.limits.max_blocks)
         except Rejected as rejected:
             log.warning("refused a message from %s without recording it: %s", peer_party, rejected)
             _, envelope = self._reply(
@@ -355,7 +381,7 @@ class Engine:
             )
             return envelope
 
-    def _check_header(self, header: common_pb2.Header, *, sender: str) -> None:
+    def _check_header(self, header: common_pb2.Header, *, sender: str, now_us: int) -> None:
         if header.protocol_version != PROTOCOL_VERSION:
             raise Rejected(
                 RejectionCode.UNSUPPORTED_VERSION,
@@ -375,6 +401,23 @@ class Engine:
             )
         if header.sequence < 1:
             raise Rejected(RejectionCode.MISSING_FIELD, "header sequence must be at least 1")
+        if not header.HasField("sent_at"):
+            raise Rejected(RejectionCode.MISSING_FIELD, "header has no sent_at")
+        sent_at = timestamp_us(header.sent_at)
+        skew = self.limits.max_clock_skew // dt.timedelta(microseconds=1)
+        oldest = now_us - self.limits.max_message_age // dt.timedelta(microseconds=1)
+        if sent_at > now_us + skew:
+            raise Rejected(
+                RejectionCode.SENT_AT_OUT_OF_WINDOW,
+                f"sent_at {from_us(sent_at):%Y-%m-%dT%H:%M:%SZ} is ahead of this node's clock "
+                f"by more than {self.limits.max_clock_skew}",
+            )
+        if sent_at < oldest:
+            raise Rejected(
+                RejectionCode.SENT_AT_OUT_OF_WINDOW,
+                f"sent_at {from_us(sent_at):%Y-%m-%dT%H:%M:%SZ} is older than "
+                f"{self.limits.max_message_age}",
+            )
 
     def _record_rejected_request(
         self, tx: Tx, sender: str, msg: Message, rejected: Rejected, now_us: int
@@ -475,6 +518,13 @@ class Engine:
         _check_transfer_id(msg.transfer_id, sender)
         if not msg.HasField("expires_at"):
             raise Rejected(RejectionCode.MISSING_FIELD, "proposal has no expires_at")
+        skew = self.limits.max_clock_skew // dt.timedelta(microseconds=1)
+        if timestamp_us(msg.expires_at) + skew < now_us:
+            raise Rejected(
+                RejectionCode.PROPOSAL_EXPIRED,
+                f"proposal {msg.transfer_id} expired at "
+                f"{from_us(timestamp_us(msg.expires_at)):%Y-%m-%dT%H:%M:%SZ}",
+            )
         if tx.transfer_get(msg.transfer_id) is not None:
             raise Rejected(
                 RejectionCode.TRANSFER_STATE_CONFLICT,

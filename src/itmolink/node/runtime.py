@@ -13,6 +13,7 @@ import datetime as dt
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +27,7 @@ from itmolink.crypto.keys import SigningKey, check_private_file
 from itmolink.crypto.operators import load_operators, operator_for, operators_file
 from itmolink.crypto.pki import issuing_party
 from itmolink.node.config import NodeConfig
-from itmolink.node.engine import Engine, Partner, ReplyError
+from itmolink.node.engine import Engine, Limits, Partner, ReplyError
 from itmolink.store import SqliteStore
 from itmolink.v1 import partner_service_pb2, partner_service_pb2_grpc
 
@@ -44,6 +45,24 @@ MAX_IDLE_WAIT_SECONDS = 1.0
 
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+class TokenBucket:
+    """``rate`` messages a second on average, bursts of up to ``burst``."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.updated = time.monotonic()
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 class PartnerServicer(partner_service_pb2_grpc.PartnerServiceServicer):
@@ -64,6 +83,12 @@ class PartnerServicer(partner_service_pb2_grpc.PartnerServiceServicer):
                 "the client certificate is not issued by a pinned partner CA",
             )
         assert peer is not None
+        if not self._node.admit(peer):
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"more than the agreed rate of messages from {peer}: retry later",
+                trailing_metadata=(("itmolink-rejection-code", "REJECTION_CODE_RATE_LIMITED"),),
+            )
         reply = await self._node.db(
             self._node.engine.handle_delivery, peer, request.envelope, self._node.clock()
         )
@@ -93,6 +118,7 @@ class Node:
         self._tls_key = b""
         self._operators: dict[str, str] = {}
         self._operators_mtime = 0
+        self._buckets: dict[str, TokenBucket] = {}
         self._tls_cert = b""
 
     # -- plumbing --------------------------------------------------------------------
@@ -101,6 +127,10 @@ class Node:
         """Run ``fn`` on the database thread (one transaction at a time)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    def admit(self, party: str) -> bool:
+        """Whether a message from ``party`` is within its rate limit."""
+        return self._buckets[party].take(time.monotonic())
 
     def kick(self) -> None:
         """Wake the outbox worker: there may be something new to send."""
@@ -166,9 +196,22 @@ class Node:
             partners=[Partner(p.card.party, p.card.registry, p.endpoint) for p in config.partners],
             store=store,
             default_timeout=dt.timedelta(seconds=config.transfer_timeout_seconds),
+            limits=Limits(
+                max_message_bytes=config.limits.max_message_bytes,
+                max_blocks=config.limits.max_blocks,
+                max_clock_skew=dt.timedelta(seconds=config.limits.max_clock_skew_seconds),
+                max_message_age=dt.timedelta(days=config.limits.max_message_age_days),
+            ),
         )
+        self._buckets = {
+            p.card.party: TokenBucket(config.limits.rate_per_second, config.limits.rate_burst)
+            for p in config.partners
+        }
 
-        self._partner_server = grpc.aio.server()
+        # gRPC itself refuses anything larger than an envelope may be, plus framing.
+        self._partner_server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", config.limits.max_message_bytes + 1024)]
+        )
         partner_service_pb2_grpc.add_PartnerServiceServicer_to_server(
             PartnerServicer(self), self._partner_server
         )

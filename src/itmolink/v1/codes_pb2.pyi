@@ -32,6 +32,9 @@ class _RejectionCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Rejecti
     REJECTION_CODE_SIGNER_NOT_PEER: _RejectionCode.ValueType  # 1005
     REJECTION_CODE_SENDER_MISMATCH: _RejectionCode.ValueType  # 1006
     REJECTION_CODE_WRONG_AUDIENCE: _RejectionCode.ValueType  # 1007
+    REJECTION_CODE_SIGNING_KEY_NOT_YET_VALID: _RejectionCode.ValueType  # 1008
+    REJECTION_CODE_SIGNING_KEY_EXPIRED: _RejectionCode.ValueType  # 1009
+    REJECTION_CODE_SIGNING_KEY_REVOKED: _RejectionCode.ValueType  # 1010
     REJECTION_CODE_UNKNOWN_PAYLOAD_TYPE: _RejectionCode.ValueType  # 2001
     """2xxx: message viability."""
     REJECTION_CODE_MALFORMED_PAYLOAD: _RejectionCode.ValueType  # 2002
@@ -39,6 +42,10 @@ class _RejectionCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Rejecti
     REJECTION_CODE_UNEXPECTED_REPLY: _RejectionCode.ValueType  # 2004
     REJECTION_CODE_UNKNOWN_PARTNER: _RejectionCode.ValueType  # 2005
     REJECTION_CODE_INVALID_IDENTIFIER: _RejectionCode.ValueType  # 2006
+    REJECTION_CODE_MESSAGE_TOO_LARGE: _RejectionCode.ValueType  # 2007
+    REJECTION_CODE_TOO_MANY_BLOCKS: _RejectionCode.ValueType  # 2008
+    REJECTION_CODE_RATE_LIMITED: _RejectionCode.ValueType  # 2009
+    REJECTION_CODE_INVALID_FIELD: _RejectionCode.ValueType  # 2010
     REJECTION_CODE_INVALID_BLOCK: _RejectionCode.ValueType  # 3001
     """3xxx: data integrity."""
     REJECTION_CODE_QUANTITY_MISMATCH: _RejectionCode.ValueType  # 3002
@@ -50,6 +57,7 @@ class _RejectionCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Rejecti
     REJECTION_CODE_TRANSFER_STATE_CONFLICT: _RejectionCode.ValueType  # 3008
     REJECTION_CODE_AUTHORISATION_CONFLICT: _RejectionCode.ValueType  # 3009
     REJECTION_CODE_DIGEST_MISMATCH: _RejectionCode.ValueType  # 3010
+    REJECTION_CODE_PROPOSAL_EXPIRED: _RejectionCode.ValueType  # 3011
     REJECTION_CODE_NOT_ACQUIRING_PARTY: _RejectionCode.ValueType  # 4001
     """4xxx: Article 6 rules."""
     REJECTION_CODE_VINTAGE_BEFORE_2021: _RejectionCode.ValueType  # 4002
@@ -72,6 +80,7 @@ class _RejectionCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Rejecti
     REJECTION_CODE_DUPLICATE_MESSAGE_CONFLICT: _RejectionCode.ValueType  # 5001
     """5xxx: sequence and idempotency."""
     REJECTION_CODE_SEQUENCE_REUSED: _RejectionCode.ValueType  # 5002
+    REJECTION_CODE_SENT_AT_OUT_OF_WINDOW: _RejectionCode.ValueType  # 5003
 
 class RejectionCode(_RejectionCode, metaclass=_RejectionCodeEnumTypeWrapper):
     """RejectionCode names the check a message failed. Codes are grouped by
@@ -90,6 +99,9 @@ REJECTION_CODE_BAD_SIGNATURE: RejectionCode.ValueType  # 1004
 REJECTION_CODE_SIGNER_NOT_PEER: RejectionCode.ValueType  # 1005
 REJECTION_CODE_SENDER_MISMATCH: RejectionCode.ValueType  # 1006
 REJECTION_CODE_WRONG_AUDIENCE: RejectionCode.ValueType  # 1007
+REJECTION_CODE_SIGNING_KEY_NOT_YET_VALID: RejectionCode.ValueType  # 1008
+REJECTION_CODE_SIGNING_KEY_EXPIRED: RejectionCode.ValueType  # 1009
+REJECTION_CODE_SIGNING_KEY_REVOKED: RejectionCode.ValueType  # 1010
 REJECTION_CODE_UNKNOWN_PAYLOAD_TYPE: RejectionCode.ValueType  # 2001
 """2xxx: message viability."""
 REJECTION_CODE_MALFORMED_PAYLOAD: RejectionCode.ValueType  # 2002
@@ -97,6 +109,10 @@ REJECTION_CODE_MISSING_FIELD: RejectionCode.ValueType  # 2003
 REJECTION_CODE_UNEXPECTED_REPLY: RejectionCode.ValueType  # 2004
 REJECTION_CODE_UNKNOWN_PARTNER: RejectionCode.ValueType  # 2005
 REJECTION_CODE_INVALID_IDENTIFIER: RejectionCode.ValueType  # 2006
+REJECTION_CODE_MESSAGE_TOO_LARGE: RejectionCode.ValueType  # 2007
+REJECTION_CODE_TOO_MANY_BLOCKS: RejectionCode.ValueType  # 2008
+REJECTION_CODE_RATE_LIMITED: RejectionCode.ValueType  # 2009
+REJECTION_CODE_INVALID_FIELD: RejectionCode.ValueType  # 2010
 REJECTION_CODE_INVALID_BLOCK: RejectionCode.ValueType  # 3001
 """3xxx: data integrity."""
 REJECTION_CODE_QUANTITY_MISMATCH: RejectionCode.ValueType  # 3002
@@ -108,6 +124,7 @@ REJECTION_CODE_UNKNOWN_TRANSFER: RejectionCode.ValueType  # 3007
 REJECTION_CODE_TRANSFER_STATE_CONFLICT: RejectionCode.ValueType  # 3008
 REJECTION_CODE_AUTHORISATION_CONFLICT: RejectionCode.ValueType  # 3009
 REJECTION_CODE_DIGEST_MISMATCH: RejectionCode.ValueType  # 3010
+REJECTION_CODE_PROPOSAL_EXPIRED: RejectionCode.ValueType  # 3011
 REJECTION_CODE_NOT_ACQUIRING_PARTY: RejectionCode.ValueType  # 4001
 """4xxx: Article 6 rules."""
 REJECTION_CODE_VINTAGE_BEFORE_2021: RejectionCode.ValueType  # 4002
@@ -130,6 +147,7 @@ REJECTION_CODE_QUANTITY_TOO_SMALL_FOR_LEVIES: RejectionCode.ValueType  # 4018
 REJECTION_CODE_DUPLICATE_MESSAGE_CONFLICT: RejectionCode.ValueType  # 5001
 """5xxx: sequence and idempotency."""
 REJECTION_CODE_SEQUENCE_REUSED: RejectionCode.ValueType  # 5002
+REJECTION_CODE_SENT_AT_OUT_OF_WINDOW: RejectionCode.ValueType  # 5003
 Global___RejectionCode: _TypeAlias = RejectionCode  # noqa: Y015
 
 @_typing.final
