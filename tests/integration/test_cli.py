@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -190,3 +191,43 @@ async def test_reconcile_between_running_nodes(
     with sqlite3.connect(kor.node.config.database) as conn:
         statuses = conn.execute("SELECT status FROM blocks").fetchall()
     assert statuses == [("frozen",)]
+
+
+async def test_an_operator_rotates_the_signing_key_and_transfers_go_on_after_a_restart(
+    pki: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from .conftest import link, start_registry, stop_registry
+    from .test_transfer import final_state, issued, transfer
+
+    lao = await start_registry(pki("LAO", ["KOR"]))
+    kor = await start_registry(pki("KOR", ["LAO"]))
+    link(lao, kor)
+    try:
+        old = lao.node.engine.signing_key.key_id
+        code, out, err = await cli(capsys, "keys", "rotate", "--config", str(lao.config_path))
+        assert code == 0, err
+        new = out.split()[3]
+
+        async def switched() -> bool:
+            return bool(lao.node.engine.signing_key.key_id == new)
+
+        await eventually(switched)
+        assert (lao.keys.directory / f"signing-{new}.key").stat().st_mode & 0o777 == 0o600
+        assert new in (lao.keys.directory / "card.toml").read_text()
+        code, out, _ = await cli(
+            capsys, "keys", "revoke", "--config", str(lao.config_path), "--key-id", old
+        )
+        assert code == 0
+        await stop_registry(lao)  # the node comes back signing with the new key
+        lao = await start_registry(lao.config_path)
+        link(lao, kor)
+        assert lao.node.engine.signing_key.key_id == new
+        authorisation_id = await issued(lao)
+        transfer_id = await transfer(lao, authorisation_id, 10)
+        assert (await final_state(kor, transfer_id)).state == 3
+        code, out, _ = await cli(capsys, "keys", "list", "--config", str(kor.config_path))
+        assert any(old in line and "revoked" in line for line in out.splitlines())
+        assert any(new in line and "pinned" in line for line in out.splitlines())
+    finally:
+        await stop_registry(lao)
+        await stop_registry(kor)

@@ -117,8 +117,8 @@ class Simulation:
 
     def _crash_point(self, party: str) -> Callable[[], None]:
         def maybe_crash() -> None:
-            node = self.nodes[party]
-            if node.crash_armed:
+            node = self.nodes.get(party)  # None while the node is being created
+            if node is not None and node.crash_armed:
                 node.crash_armed = False
                 raise Crash(f"{party} crashed before commit")
 
@@ -299,8 +299,8 @@ class Simulation:
         """Kill a node and bring it back: only what it committed survives."""
         node = self.nodes[party]
         self.faults["crash and restart"] += 1
-        node.engine = self._engine(party, node.store)
         node.crash_armed = False
+        node.engine = self._engine(party, node.store)
 
     def _arm_crash(self, party: str) -> None:
         self.nodes[party].crash_armed = True

@@ -417,6 +417,34 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return EXIT_DISCREPANCY if report.discrepancies else 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    stub = _admin(args)
+    if args.keys_command == "rotate":
+        response = _call(stub.RotateSigningKey, admin_pb2.RotateSigningKeyRequest())
+        print(
+            f"new signing key {response.key_id} announced to every partner; the node signs "
+            "with it once all have acknowledged it ('itmolink keys list' shows when)"
+        )
+    elif args.keys_command == "revoke":
+        _call(
+            stub.RevokeSigningKey,
+            admin_pb2.RevokeSigningKeyRequest(key_id=args.key_id, partner=args.partner or ""),
+        )
+        where = f"{args.partner}'s key, here" if args.partner else "at every partner"
+        print(f"signing key {args.key_id} revoked ({where})")
+    else:
+        response = _call(stub.ListSigningKeys, admin_pb2.ListSigningKeysRequest())
+        print_table(
+            ["party", "key", "status", "not after"],
+            [
+                [k.party, k.key_id, k.status,
+                 k.not_after.ToDatetime().isoformat() if k.HasField("not_after") else "-"]
+                for k in response.keys
+            ],
+        )  # fmt: skip
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Check the journal's hash chain offline, straight from the database file."""
     import sqlite3
@@ -593,6 +621,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reconcile.add_argument("--json", action="store_true", help="print JSON")
     reconcile.set_defaults(func=cmd_reconcile)
+
+    keys = commands.add_parser("keys", help="rotate, revoke and list signing keys").add_subparsers(
+        dest="keys_command", required=True, metavar="ACTION"
+    )
+    rotate = keys.add_parser("rotate", help="make a new signing key and announce it to partners")
+    _add_target(rotate)
+    rotate.set_defaults(func=cmd_keys)
+    revoke = keys.add_parser(
+        "revoke", help="revoke an earlier key of this node, or with --partner a partner's key"
+    )
+    _add_target(revoke)
+    revoke.add_argument("--key-id", required=True)
+    revoke.add_argument("--partner", help="revoke this partner's key here only")
+    revoke.set_defaults(func=cmd_keys)
+    list_keys = keys.add_parser("list", help="this node's and its partners' signing keys")
+    _add_target(list_keys)
+    list_keys.set_defaults(func=cmd_keys)
 
     audit = commands.add_parser("audit", help="check the node's evidence").add_subparsers(
         dest="audit_command", required=True, metavar="ACTION"

@@ -14,6 +14,7 @@ with LEN the ASCII decimal byte length and SP one space (0x20).
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -59,6 +60,7 @@ class TrustStore:
 
     def __init__(self, keys: Iterable[VerifyingKey] = ()) -> None:
         self._keys: dict[str, VerifyingKey] = {}
+        self._revoked: set[str] = set()
         for key in keys:
             self.add(key)
 
@@ -73,11 +75,26 @@ class TrustStore:
     def get(self, key_id: str) -> VerifyingKey | None:
         return self._keys.get(key_id)
 
+    def revoke(self, key_id: str) -> None:
+        """No signature by this key verifies from now on."""
+        self._revoked.add(key_id)
+
+    def is_revoked(self, key_id: str) -> bool:
+        return key_id in self._revoked
+
+    def all(self) -> list[VerifyingKey]:
+        return list(self._keys.values())
+
+    def keys_of(self, party: str) -> list[VerifyingKey]:
+        return [k for k in self._keys.values() if k.party == party]
+
     def parties(self) -> set[str]:
         return {key.party for key in self._keys.values()}
 
 
-def open_envelope(raw: bytes, trust: TrustStore) -> VerifiedEnvelope:
+def open_envelope(
+    raw: bytes, trust: TrustStore, now: dt.datetime | None = None
+) -> VerifiedEnvelope:
     """Verify a serialised Envelope and return its still-unparsed payload.
 
     Raises :class:`Rejected` with the code of the first failed check. The
@@ -91,11 +108,16 @@ def open_envelope(raw: bytes, trust: TrustStore) -> VerifiedEnvelope:
         raise Rejected(
             RejectionCode.MALFORMED_ENVELOPE, f"envelope does not decode: {exc}"
         ) from None
-    return verify(envelope, trust)
+    return verify(envelope, trust, now)
 
 
-def verify(envelope: envelope_pb2.Envelope, trust: TrustStore) -> VerifiedEnvelope:
-    """Verify an already-decoded Envelope (see :func:`open_envelope`)."""
+def verify(
+    envelope: envelope_pb2.Envelope, trust: TrustStore, now: dt.datetime | None = None
+) -> VerifiedEnvelope:
+    """Verify an already-decoded Envelope (see :func:`open_envelope`).
+
+    With ``now``, each signing key must also be inside its validity window.
+    """
     if not envelope.payload_type:
         raise Rejected(RejectionCode.MALFORMED_ENVELOPE, "envelope has no payload_type")
     if not envelope.signatures:
@@ -109,6 +131,20 @@ def verify(envelope: envelope_pb2.Envelope, trust: TrustStore) -> VerifiedEnvelo
             raise Rejected(
                 RejectionCode.UNKNOWN_SIGNING_KEY,
                 f"signing key {signature.key_id!r} is not pinned for any partner",
+            )
+        if trust.is_revoked(key.key_id):
+            raise Rejected(
+                RejectionCode.SIGNING_KEY_REVOKED, f"signing key {key.key_id!r} is revoked"
+            )
+        problem = key.valid_at(now) if now is not None else None
+        if problem is not None:
+            code = (
+                RejectionCode.SIGNING_KEY_EXPIRED
+                if problem == "expired"
+                else RejectionCode.SIGNING_KEY_NOT_YET_VALID
+            )
+            raise Rejected(
+                code, f"signing key {key.key_id!r} is {problem} at {now:%Y-%m-%dT%H:%M:%SZ}"
             )
         if len(signature.sig) != SIGNATURE_LENGTH or not key.verify(signature.sig, message):
             raise Rejected(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -30,6 +31,17 @@ class VerifyingKey:
     party: str
     key_id: str
     public_bytes: bytes
+    # Validity window (aware datetimes); None means unbounded on that side.
+    not_before: dt.datetime | None = None
+    not_after: dt.datetime | None = None
+
+    def valid_at(self, now: dt.datetime) -> str | None:
+        """Why the key is not valid at ``now`` ("not yet valid" / "expired"), else None."""
+        if self.not_before is not None and now < self.not_before:
+            return "not yet valid"
+        if self.not_after is not None and now >= self.not_after:
+            return "expired"
+        return None
 
     def verify(self, signature: bytes, message: bytes) -> bool:
         try:
@@ -37,6 +49,29 @@ class VerifyingKey:
         except InvalidSignature:
             return False
         return True
+
+    @classmethod
+    def from_raw(
+        cls,
+        party: str,
+        key_id: str,
+        raw: bytes,
+        *,
+        not_before: dt.datetime | None = None,
+        not_after: dt.datetime | None = None,
+    ) -> VerifyingKey:
+        """A key from its 32 raw bytes, refusing an id that does not match them."""
+        if len(raw) != 32:
+            raise ValueError(
+                f"signing key {key_id!r}: an Ed25519 public key has 32 bytes, not {len(raw)}"
+            )
+        if key_id_for(party, raw) != key_id:
+            raise ValueError(
+                f"signing key {key_id!r} does not match its public key for party {party}"
+            )
+        if not_before and not_after and not_after <= not_before:
+            raise ValueError(f"signing key {key_id!r}: not_after is not after not_before")
+        return cls(party, key_id, raw, not_before, not_after)
 
     @classmethod
     def from_base64(cls, party: str, key_id: str, value: str) -> VerifyingKey:
@@ -77,11 +112,13 @@ class SigningKey:
     def sign(self, message: bytes) -> bytes:
         return self._private.sign(message)
 
-    def verifying_key(self) -> VerifyingKey:
+    def verifying_key(
+        self, *, not_before: dt.datetime | None = None, not_after: dt.datetime | None = None
+    ) -> VerifyingKey:
         public = self._private.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
-        return VerifyingKey(party=self.party, key_id=self.key_id, public_bytes=public)
+        return VerifyingKey(self.party, self.key_id, public, not_before, not_after)
 
     def private_pem(self) -> bytes:
         return self._private.private_bytes(

@@ -112,6 +112,10 @@ class PartnerCard:
                 f'key_id = "{key.key_id}"',
                 f'public_key = "{key.to_base64()}"',
             ]
+            for name in ("not_before", "not_after"):
+                moment = getattr(key, name)
+                if moment is not None:
+                    lines.append(f"{name} = {moment.astimezone(dt.UTC):%Y-%m-%dT%H:%M:%SZ}")
         return "\n".join(lines) + "\n"
 
     @classmethod
@@ -128,10 +132,7 @@ class PartnerCard:
             entries = data.get("signing_keys", [])
             if not isinstance(entries, list) or not all(isinstance(k, dict) for k in entries):
                 raise ValueError("signing_keys must be a list of [[signing_keys]] tables")
-            keys = tuple(
-                VerifyingKey.from_base64(party, str(k["key_id"]), str(k["public_key"]))
-                for k in entries
-            )
+            keys = tuple(_card_key(party, k) for k in entries)
         except KeyError as exc:
             raise ValueError(f"partner card {path}: missing field {exc.args[0]!r}") from None
         except ValueError as exc:
@@ -139,6 +140,22 @@ class PartnerCard:
         if not keys:
             raise ValueError(f"partner card {path}: no [[signing_keys]] entry")
         return cls(party=party, registry=registry, ca_certificate_pem=ca_pem, signing_keys=keys)
+
+
+def _card_key(party: str, entry: dict[str, object]) -> VerifyingKey:
+    key = VerifyingKey.from_base64(party, str(entry["key_id"]), str(entry["public_key"]))
+    bounds = {}
+    for name in ("not_before", "not_after"):
+        value = entry.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, dt.datetime) or value.tzinfo is None:
+            raise ValueError(
+                f"signing key {key.key_id}: {name} must be a TOML date-time with an offset, "
+                "e.g. 2027-01-01T00:00:00Z"
+            )
+        bounds[name] = value
+    return VerifyingKey.from_raw(party, key.key_id, key.public_bytes, **bounds)
 
 
 def _name(party: str, role: str) -> x509.Name:

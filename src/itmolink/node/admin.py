@@ -347,6 +347,45 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             transfers_here=report.transfers_here,
         )  # fmt: skip
 
+    @admin_method
+    async def RotateSigningKey(
+        self,
+        request: admin_pb2.RotateSigningKeyRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> admin_pb2.RotateSigningKeyResponse:
+        key_id = await self._node.db(self._node.rotate_signing_key)
+        self._node.kick()
+        return admin_pb2.RotateSigningKeyResponse(key_id=key_id)
+
+    @admin_method
+    async def RevokeSigningKey(
+        self,
+        request: admin_pb2.RevokeSigningKeyRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> admin_pb2.RevokeSigningKeyResponse:
+        await self._node.db(
+            self._engine.revoke_signing_key, request.key_id, self._node.clock(), request.partner
+        )
+        self._node.kick()
+        return admin_pb2.RevokeSigningKeyResponse()
+
+    @admin_method
+    async def ListSigningKeys(
+        self,
+        request: admin_pb2.ListSigningKeysRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> admin_pb2.ListSigningKeysResponse:
+        rows = await self._node.db(self._engine.signing_keys_view)
+        views = []
+        for party, key_id, status, key in rows:
+            view = admin_pb2.SigningKeyView(party=party, key_id=key_id, status=status)
+            if key is not None and key.not_before is not None:
+                view.not_before.CopyFrom(timestamp(to_us(key.not_before)))
+            if key is not None and key.not_after is not None:
+                view.not_after.CopyFrom(timestamp(to_us(key.not_after)))
+            views.append(view)
+        return admin_pb2.ListSigningKeysResponse(keys=views)
+
 
 def add_admin_service(node: Node, server: grpc.aio.Server) -> None:
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(node), server)

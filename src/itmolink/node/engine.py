@@ -20,11 +20,12 @@ that journal entry.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -40,7 +41,7 @@ from itmolink.core.rules import AuthorisationTerms
 from itmolink.core.transfer import Effect, Event, Role, TransferState, step
 from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
 from itmolink.crypto.envelope import TrustStore, open_envelope, pae, seal
-from itmolink.crypto.keys import SigningKey
+from itmolink.crypto.keys import SigningKey, VerifyingKey
 from itmolink.node.convert import (
     block_from_pb,
     block_to_pb,
@@ -58,6 +59,7 @@ from itmolink.v1 import (
     codes_pb2,
     common_pb2,
     issuance_pb2,
+    keys_pb2,
     reconcile_pb2,
     reply_pb2,
     transfer_pb2,
@@ -79,6 +81,8 @@ TransferVoidReceipt = transfer_pb2.TransferVoidReceipt
 TransferStatusQuery = transfer_pb2.TransferStatusQuery
 TransferStatusReport = transfer_pb2.TransferStatusReport
 Rejection = reply_pb2.Rejection
+KeyRotation = keys_pb2.KeyRotation
+KeyRotationAcknowledgement = keys_pb2.KeyRotationAcknowledgement
 ReconciliationQuery = reconcile_pb2.ReconciliationQuery
 ReconciliationAnswer = reconcile_pb2.ReconciliationAnswer
 
@@ -96,6 +100,7 @@ EXPECTED_REPLY: dict[str, type[Message]] = {
     type_name(TransferVoid): TransferVoidReceipt,
     type_name(TransferStatusQuery): TransferStatusReport,
     type_name(ReconciliationQuery): ReconciliationAnswer,
+    type_name(KeyRotation): KeyRotationAcknowledgement,
 }
 REQUEST_TYPES: dict[str, type[Message]] = {
     type_name(cls): cls
@@ -107,6 +112,7 @@ REQUEST_TYPES: dict[str, type[Message]] = {
         TransferVoid,
         TransferStatusQuery,
         ReconciliationQuery,
+        KeyRotation,
     )
 }
 
@@ -186,12 +192,51 @@ class Engine:
         self.party = party
         self.registry = registry
         self.signing_key = signing_key
+        # A new signing key announced to the partners, used once all acknowledged.
+        self.pending_key: SigningKey | None = None
+        self._card_keys = trust.all()
         self.trust = trust
         self.partners = {p.party: p for p in partners}
         self.store = store
         self.default_timeout = default_timeout
         self._new_id = new_id
         self.limits = limits or Limits()
+        self._after_commit: list[Callable[[], None]] = []
+        self.reload_trust()
+
+    # -- transactions and trust ------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Tx]:
+        """A store transaction whose in-memory follow-ups run only once it committed."""
+        self._after_commit.clear()
+        try:
+            with self.store.transaction() as tx:
+                yield tx
+        except BaseException:
+            self._after_commit.clear()
+            raise
+        callbacks, self._after_commit = self._after_commit, []
+        for callback in callbacks:
+            callback()
+
+    def reload_trust(self) -> None:
+        """Pinned keys: the partners' cards, plus keys they announced, less revoked ones."""
+        with self.store.transaction() as tx:
+            learned = tx.partner_keys()
+            revoked = tx.revoked_keys()
+        trust = TrustStore(self._card_keys)
+        for key_id, party, public_key, not_before, not_after in learned:
+            trust.add(
+                VerifyingKey.from_raw(
+                    party, key_id, public_key,
+                    not_before=from_us(not_before) if not_before is not None else None,
+                    not_after=from_us(not_after) if not_after is not None else None,
+                )
+            )  # fmt: skip
+        for key_id in revoked:
+            trust.revoke(key_id)
+        self.trust = trust
 
     # -- sealing ---------------------------------------------------------------------
 
@@ -282,7 +327,7 @@ class Engine:
                     RejectionCode.MESSAGE_TOO_LARGE,
                     f"envelope of {len(raw)} bytes; at most {self.limits.max_message_bytes}",
                 )
-            verified = open_envelope(raw, self.trust)
+            verified = open_envelope(raw, self.trust, now)
             if verified.signer_party != peer_party:
                 raise Rejected(
                     RejectionCode.SIGNER_NOT_PEER,
@@ -313,7 +358,7 @@ class Engine:
 
         sender = verified.signer_party
         payload_digest = digest(pae(verified.payload_type, verified.payload))
-        with self.store.transaction() as tx:
+        with self._transaction() as tx:
             seen = tx.inbox_get(sender, message_id)
             if seen is not None:
                 if seen.payload_digest == payload_digest:
@@ -690,6 +735,45 @@ class Engine:
                     answer.leaves.add(transfer_id=transfer_id, digest=leaf)
         return self._reply(tx, sender, answer, msg.header.message_id, now_us)[1]
 
+    def _on_key_rotation(
+        self, tx: Tx, sender: str, msg: KeyRotation, payload: bytes, journal_id: int, now_us: int
+    ) -> bytes:
+        if not msg.rotation_id:
+            raise Rejected(RejectionCode.MISSING_FIELD, "key rotation has no rotation_id")
+        if msg.HasField("new_key"):
+            record = msg.new_key
+            try:
+                key = VerifyingKey.from_raw(
+                    sender, record.key_id, record.public_key,
+                    not_before=from_us(timestamp_us(record.not_before))
+                    if record.HasField("not_before") else None,
+                    not_after=from_us(timestamp_us(record.not_after))
+                    if record.HasField("not_after") else None,
+                )  # fmt: skip
+            except ValueError as exc:
+                raise Rejected(RejectionCode.INVALID_FIELD, str(exc)) from None
+            tx.partner_key_put(
+                key_id=key.key_id, party=sender, public_key=key.public_bytes,
+                not_before=timestamp_us(record.not_before) if key.not_before else None,
+                not_after=timestamp_us(record.not_after) if key.not_after else None,
+                now=now_us,
+            )  # fmt: skip
+        for key_id in msg.revoked_key_ids:
+            known = self.trust.get(key_id)
+            if known is None or known.party != sender:
+                raise Rejected(
+                    RejectionCode.INVALID_FIELD,
+                    f"{sender} can revoke only its own pinned keys, not {key_id!r}",
+                )
+            tx.revoked_key_put(key_id=key_id, party=sender, source=sender, now=now_us)
+        self._after_commit.append(self.reload_trust)
+        log.warning(
+            "%s rotated signing keys: new %s, revoked %s",
+            sender, msg.new_key.key_id or "none", ", ".join(msg.revoked_key_ids) or "none",
+        )  # fmt: skip
+        ack = KeyRotationAcknowledgement(rotation_id=msg.rotation_id)
+        return self._reply(tx, sender, ack, msg.header.message_id, now_us)[1]
+
     _request_handlers: ClassVar[dict[str, Callable[..., bytes]]] = {
         type_name(AuthorisationStatement): _on_authorisation,
         type_name(IssuanceNotice): _on_issuance,
@@ -698,6 +782,7 @@ class Engine:
         type_name(TransferVoid): _on_void,
         type_name(TransferStatusQuery): _on_status_query,
         type_name(ReconciliationQuery): _on_reconciliation_query,
+        type_name(KeyRotation): _on_key_rotation,
     }
 
     def _apply(
@@ -739,7 +824,7 @@ class Engine:
         answer the request; the request then stays pending and is retried.
         """
         now_us = to_us(now)
-        with self.store.transaction() as tx:
+        with self._transaction() as tx:
             request = tx.outbox_get(message_id)
             if request is None or request.state != "pending":
                 return  # already answered (a duplicate reply) or cancelled
@@ -781,7 +866,7 @@ class Engine:
     ) -> tuple[Message, bytes, int]:
         """Verify and journal a reply to our request; (reply, payload, journal id)."""
         try:
-            verified = open_envelope(raw, self.trust)
+            verified = open_envelope(raw, self.trust, from_us(now_us))
         except Rejected as rejected:
             raise ReplyError(rejected.code, f"reply from {partner}: {rejected.detail}") from None
         if verified.signer_party != partner:
@@ -898,6 +983,8 @@ class Engine:
             reply, TransferStatusReport
         ):
             self._status_reported(tx, subject_id, partner, reply, now_us)
+        elif request_type == type_name(KeyRotation):
+            self._rotation_answered(tx, subject_id, partner, rejected)
         elif request_type == type_name(TransferCompletion) and rejected:
             log.error(
                 "ALARM: %s refused the completion of transfer %s, which is complete here; "
@@ -905,6 +992,33 @@ class Engine:
                 partner,
                 subject_id,
             )
+
+    def _rotation_answered(self, tx: Tx, key_id: str, partner: str, rejected: bool) -> None:
+        """Sign with the announced key once every partner acknowledged it."""
+        if tx.meta_get("pending_signing_key") != key_id:
+            return  # a revocation, or an old rotation
+        if rejected:
+            tx.set_meta("pending_signing_key_refused_by", partner)
+            log.error("ALARM: %s refused signing key %s; still signing with the old key",
+                      partner, key_id)  # fmt: skip
+            return
+        if tx.outbox_pending_of(payload_type=type_name(KeyRotation), subject_id=key_id):
+            return
+        if tx.meta_get("pending_signing_key_refused_by"):
+            return
+        self._switch_signing_key(tx, key_id)
+
+    def _switch_signing_key(self, tx: Tx, key_id: str) -> None:
+        tx.set_meta("signing_key_id", key_id)
+        tx.set_meta("pending_signing_key", "")
+
+        def switch() -> None:
+            assert self.pending_key is not None
+            assert self.pending_key.key_id == key_id
+            self.signing_key, self.pending_key = self.pending_key, None
+            log.warning("now signing with key %s", key_id)
+
+        self._after_commit.append(switch)
 
     def _status_reported(
         self, tx: Tx, transfer_id: str, partner: str, report: TransferStatusReport, now_us: int
@@ -1061,6 +1175,77 @@ class Engine:
             frozen = tx.freeze_blocks_of(subject) if freeze else 0
         log.error("ALARM: reconciliation with %s: %s %s: %s", partner, phase, subject, detail)
         return frozen
+
+    def rotate_signing_key(self, new_key: SigningKey, now: dt.datetime) -> None:
+        """Announce ``new_key`` to every partner; sign with it once all acknowledged."""
+        now_us = to_us(now)
+        with self._transaction() as tx:
+            if tx.meta_get("pending_signing_key"):
+                raise Rejected(
+                    RejectionCode.INVALID_FIELD,
+                    f"key {tx.meta_get('pending_signing_key')} is still being announced",
+                )
+            tx.set_meta("pending_signing_key", new_key.key_id)
+            tx.set_meta("pending_signing_key_refused_by", "")
+            public = new_key.verifying_key().public_bytes
+            for partner in sorted(self.partners):
+                rotation = KeyRotation(
+                    rotation_id=new_key.key_id,
+                    new_key=keys_pb2.SigningKeyRecord(
+                        key_id=new_key.key_id, public_key=public, not_before=timestamp(now_us)
+                    ),
+                )
+                self._send(tx, partner, rotation, new_key.key_id, now_us)
+            self._after_commit.append(lambda: setattr(self, "pending_key", new_key))
+            if not self.partners:
+                self._switch_signing_key(tx, new_key.key_id)
+
+    def revoke_signing_key(self, key_id: str, now: dt.datetime, partner: str = "") -> None:
+        """Revoke an earlier key of ours at every partner, or a partner's key here."""
+        now_us = to_us(now)
+        with self._transaction() as tx:
+            if partner:
+                self._require_partner(partner)
+                known = self.trust.get(key_id)
+                if known is None or known.party != partner:
+                    raise Rejected(
+                        RejectionCode.UNKNOWN_SIGNING_KEY, f"{partner} has no pinned key {key_id!r}"
+                    )
+                tx.revoked_key_put(key_id=key_id, party=partner, source="operator", now=now_us)
+                self._after_commit.append(self.reload_trust)
+                return
+            if not key_id.startswith(f"{self.party}-ed25519-"):
+                raise Rejected(
+                    RejectionCode.UNKNOWN_SIGNING_KEY, f"{key_id!r} is not a key of {self.party}"
+                )
+            if key_id in (self.signing_key.key_id, tx.meta_get("pending_signing_key")):
+                raise Rejected(
+                    RejectionCode.INVALID_FIELD,
+                    f"{key_id} is the key this node signs with (or is about to): rotate first",
+                )
+            tx.revoked_key_put(key_id=key_id, party=self.party, source="self", now=now_us)
+            for other in sorted(self.partners):
+                revocation = KeyRotation(rotation_id=f"revoke-{key_id}", revoked_key_ids=[key_id])
+                self._send(tx, other, revocation, f"revoke-{key_id}", now_us)
+
+    def signing_keys_view(self) -> list[tuple[str, str, str, VerifyingKey | None]]:
+        """(party, key id, status, key) for our keys and the partners'."""
+        with self.store.transaction() as tx:
+            revoked = tx.revoked_keys()
+        rows: list[tuple[str, str, str, VerifyingKey | None]] = [
+            (self.party, self.signing_key.key_id, "signing", self.signing_key.verifying_key())
+        ]
+        if self.pending_key is not None:
+            rows.append(
+                (self.party, self.pending_key.key_id, "pending", self.pending_key.verifying_key())
+            )
+        for key_id, party in sorted(revoked.items()):
+            if party == self.party:
+                rows.append((party, key_id, "revoked", None))
+        for key in sorted(self.trust.all(), key=lambda k: (k.party, k.key_id)):
+            status = "revoked" if self.trust.is_revoked(key.key_id) else "pinned"
+            rows.append((key.party, key.key_id, status, key))
+        return rows
 
     def record_admin_action(
         self, *, operator: str, method: str, request: str, outcome: str, now: dt.datetime

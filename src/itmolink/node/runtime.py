@@ -23,9 +23,9 @@ import grpc
 import grpc.aio
 
 from itmolink.crypto.envelope import TrustStore
-from itmolink.crypto.keys import SigningKey, check_private_file
+from itmolink.crypto.keys import SigningKey, check_private_file, write_private_file
 from itmolink.crypto.operators import load_operators, operator_for, operators_file
-from itmolink.crypto.pki import issuing_party
+from itmolink.crypto.pki import PartnerCard, issuing_party
 from itmolink.node.config import NodeConfig
 from itmolink.node.engine import Engine, Limits, Partner, ReplyError
 from itmolink.store import SqliteStore
@@ -203,6 +203,7 @@ class Node:
                 max_message_age=dt.timedelta(days=config.limits.max_message_age_days),
             ),
         )
+        await self.db(self._load_rotated_keys)
         self._buckets = {
             p.card.party: TokenBucket(config.limits.rate_per_second, config.limits.rate_burst)
             for p in config.partners
@@ -277,6 +278,36 @@ class Node:
     async def wait_stopped(self) -> None:
         if self._partner_server is not None:
             await self._partner_server.wait_for_termination()
+
+    def _load_rotated_keys(self) -> None:
+        """After a key rotation, sign with the key the ledger names (signing-<id>.key)."""
+        with self.engine.store.transaction() as tx:
+            current = tx.meta_get("signing_key_id")
+            pending = tx.meta_get("pending_signing_key")
+        directory = self.config.keys.directory
+        if current and current != self.engine.signing_key.key_id:
+            self.engine.signing_key = SigningKey.load(
+                self.config.party, directory / f"signing-{current}.key"
+            )
+        if pending:
+            self.engine.pending_key = SigningKey.load(
+                self.config.party, directory / f"signing-{pending}.key"
+            )
+
+    def rotate_signing_key(self) -> str:
+        """Make and store a new signing key, then announce it (on the database thread)."""
+        key = SigningKey.generate(self.config.party)
+        directory = self.config.keys.directory
+        write_private_file(directory / f"signing-{key.key_id}.key", key.private_pem())
+        self.engine.rotate_signing_key(key, self.clock())
+        card = PartnerCard.load(directory / "card.toml")
+        keys = [k for k in card.signing_keys if k.key_id != key.key_id]
+        updated = PartnerCard(
+            card.party, card.registry, card.ca_certificate_pem,
+            (*keys, key.verifying_key(not_before=self.clock())),
+        )  # fmt: skip
+        (directory / "card.toml").write_text(updated.to_toml())
+        return key.key_id
 
     # -- the outbox worker -------------------------------------------------------------
 

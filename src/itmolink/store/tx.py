@@ -375,6 +375,14 @@ class Tx:
         )
         return None if row is None else (str(row[0]), int(row[1]))
 
+    def outbox_pending_of(self, *, payload_type: str, subject_id: str) -> int:
+        row = self._one(
+            "SELECT COUNT(*) FROM outbox WHERE payload_type = ? AND subject_id = ? "
+            "AND state = 'pending'",
+            (payload_type, subject_id),
+        )
+        return int(row[0])
+
     def outbox_pending_count(self) -> int:
         return int(self._one("SELECT COUNT(*) FROM outbox WHERE state = 'pending'")[0])
 
@@ -841,6 +849,40 @@ class Tx:
             "SELECT operator, method, request, outcome, recorded_at FROM admin_audit ORDER BY id"
         )
         return [(r[0], r[1], r[2], r[3], int(r[4])) for r in rows]
+
+    def partner_key_put(
+        self,
+        *,
+        key_id: str,
+        party: str,
+        public_key: bytes,
+        not_before: int | None,
+        not_after: int | None,
+        now: int,
+    ) -> None:
+        self._exec(
+            "INSERT INTO partner_keys (key_id, party, public_key, not_before, not_after, added_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key_id) DO NOTHING",
+            (key_id, party, public_key, not_before, not_after, now),
+        )
+
+    def partner_keys(self) -> list[tuple[str, str, bytes, int | None, int | None]]:
+        rows = self._exec(
+            "SELECT key_id, party, public_key, not_before, not_after FROM partner_keys "
+            "ORDER BY added_at"
+        )
+        return [(r[0], r[1], bytes(r[2]), r[3], r[4]) for r in rows]
+
+    def revoked_key_put(self, *, key_id: str, party: str, source: str, now: int) -> None:
+        self._exec(
+            "INSERT INTO revoked_keys (key_id, party, source, revoked_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (key_id) DO NOTHING",
+            (key_id, party, source, now),
+        )
+
+    def revoked_keys(self) -> dict[str, str]:
+        """Revoked key id -> its party."""
+        return {r[0]: r[1] for r in self._exec("SELECT key_id, party FROM revoked_keys")}
 
     def discrepancy_put(
         self, *, reconciliation_id: str, partner: str, phase: str, subject: str, detail: str,

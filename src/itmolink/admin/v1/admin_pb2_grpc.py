@@ -88,6 +88,21 @@ class AdminServiceStub:
                 request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ReconcileRequest.SerializeToString,
                 response_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ReconcileResponse.FromString,
                 _registered_method=True)
+        self.RotateSigningKey = channel.unary_unary(
+                '/itmolink.admin.v1.AdminService/RotateSigningKey',
+                request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RotateSigningKeyRequest.SerializeToString,
+                response_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RotateSigningKeyResponse.FromString,
+                _registered_method=True)
+        self.RevokeSigningKey = channel.unary_unary(
+                '/itmolink.admin.v1.AdminService/RevokeSigningKey',
+                request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RevokeSigningKeyRequest.SerializeToString,
+                response_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RevokeSigningKeyResponse.FromString,
+                _registered_method=True)
+        self.ListSigningKeys = channel.unary_unary(
+                '/itmolink.admin.v1.AdminService/ListSigningKeys',
+                request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ListSigningKeysRequest.SerializeToString,
+                response_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ListSigningKeysResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -169,6 +184,29 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateSigningKey(self, request, context):
+        """RotateSigningKey makes a new signing key and announces it to every partner;
+        the node signs with it once every partner has acknowledged it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeSigningKey(self, request, context):
+        """RevokeSigningKey revokes an earlier signing key of this node at every
+        partner, or (with `partner` set) a partner's key here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSigningKeys(self, request, context):
+        """ListSigningKeys lists this node's and its partners' signing keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -221,6 +259,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.Reconcile,
                     request_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ReconcileRequest.FromString,
                     response_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ReconcileResponse.SerializeToString,
+            ),
+            'RotateSigningKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateSigningKey,
+                    request_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RotateSigningKeyRequest.FromString,
+                    response_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RotateSigningKeyResponse.SerializeToString,
+            ),
+            'RevokeSigningKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeSigningKey,
+                    request_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RevokeSigningKeyRequest.FromString,
+                    response_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RevokeSigningKeyResponse.SerializeToString,
+            ),
+            'ListSigningKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSigningKeys,
+                    request_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ListSigningKeysRequest.FromString,
+                    response_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ListSigningKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -497,6 +550,87 @@ class AdminService:
             '/itmolink.admin.v1.AdminService/Reconcile',
             itmolink_dot_admin_dot_v1_dot_admin__pb2.ReconcileRequest.SerializeToString,
             itmolink_dot_admin_dot_v1_dot_admin__pb2.ReconcileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateSigningKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/itmolink.admin.v1.AdminService/RotateSigningKey',
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.RotateSigningKeyRequest.SerializeToString,
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.RotateSigningKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeSigningKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/itmolink.admin.v1.AdminService/RevokeSigningKey',
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.RevokeSigningKeyRequest.SerializeToString,
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.RevokeSigningKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSigningKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/itmolink.admin.v1.AdminService/ListSigningKeys',
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.ListSigningKeysRequest.SerializeToString,
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.ListSigningKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,16 @@ class AdminServiceStub:
     phases (totals, blocks, journal), records and reports each discrepancy,
     and freezes the blocks involved.
     """
+    RotateSigningKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RotateSigningKeyRequest, _admin_pb2.RotateSigningKeyResponse]
+    """RotateSigningKey makes a new signing key and announces it to every partner;
+    the node signs with it once every partner has acknowledged it.
+    """
+    RevokeSigningKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeSigningKeyRequest, _admin_pb2.RevokeSigningKeyResponse]
+    """RevokeSigningKey revokes an earlier signing key of this node at every
+    partner, or (with `partner` set) a partner's key here.
+    """
+    ListSigningKeys: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListSigningKeysRequest, _admin_pb2.ListSigningKeysResponse]
+    """ListSigningKeys lists this node's and its partners' signing keys."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -93,6 +103,16 @@ class AdminServiceAsyncStub(AdminServiceStub):
     phases (totals, blocks, journal), records and reports each discrepancy,
     and freezes the blocks involved.
     """
+    RotateSigningKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.RotateSigningKeyRequest, _admin_pb2.RotateSigningKeyResponse]  # type: ignore[assignment]
+    """RotateSigningKey makes a new signing key and announces it to every partner;
+    the node signs with it once every partner has acknowledged it.
+    """
+    RevokeSigningKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeSigningKeyRequest, _admin_pb2.RevokeSigningKeyResponse]  # type: ignore[assignment]
+    """RevokeSigningKey revokes an earlier signing key of this node at every
+    partner, or (with `partner` set) a partner's key here.
+    """
+    ListSigningKeys: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListSigningKeysRequest, _admin_pb2.ListSigningKeysResponse]  # type: ignore[assignment]
+    """ListSigningKeys lists this node's and its partners' signing keys."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService is the operator's interface to its own node. It is served on a
@@ -183,5 +203,33 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         phases (totals, blocks, journal), records and reports each discrepancy,
         and freezes the blocks involved.
         """
+
+    @_abc_1.abstractmethod
+    def RotateSigningKey(
+        self,
+        request: _admin_pb2.RotateSigningKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RotateSigningKeyResponse, _abc.Awaitable[_admin_pb2.RotateSigningKeyResponse]]:
+        """RotateSigningKey makes a new signing key and announces it to every partner;
+        the node signs with it once every partner has acknowledged it.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeSigningKey(
+        self,
+        request: _admin_pb2.RevokeSigningKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RevokeSigningKeyResponse, _abc.Awaitable[_admin_pb2.RevokeSigningKeyResponse]]:
+        """RevokeSigningKey revokes an earlier signing key of this node at every
+        partner, or (with `partner` set) a partner's key here.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSigningKeys(
+        self,
+        request: _admin_pb2.ListSigningKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListSigningKeysResponse, _abc.Awaitable[_admin_pb2.ListSigningKeysResponse]]:
+        """ListSigningKeys lists this node's and its partners' signing keys."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -217,3 +217,21 @@ CREATE TABLE admin_audit (
     outcome TEXT NOT NULL,
     recorded_at BIGINT NOT NULL
 );
+
+-- Partners' signing keys learned through KeyRotation messages (the keys of
+-- their cards come from the configuration), and revoked keys of anyone.
+CREATE TABLE partner_keys (
+    key_id TEXT PRIMARY KEY,
+    party TEXT NOT NULL,
+    public_key BYTEA_OR_BLOB NOT NULL,
+    not_before BIGINT,
+    not_after BIGINT,
+    added_at BIGINT NOT NULL
+);
+
+CREATE TABLE revoked_keys (
+    key_id TEXT PRIMARY KEY,
+    party TEXT NOT NULL,
+    source TEXT NOT NULL,
+    revoked_at BIGINT NOT NULL
+);
