@@ -24,6 +24,14 @@ def from_us(micros: int) -> dt.datetime:
     return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=micros)
 
 
+def describe_us(micros: int) -> str:
+    """A time for a message to a person, whatever a partner sent."""
+    try:
+        return f"{from_us(micros):%Y-%m-%dT%H:%M:%SZ}"
+    except OverflowError:
+        return f"{micros} microseconds after 1970-01-01"
+
+
 def timestamp(micros: int) -> Timestamp:
     ts = Timestamp()
     ts.seconds, remainder = divmod(micros, 1_000_000)

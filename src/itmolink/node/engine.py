@@ -45,6 +45,7 @@ from itmolink.crypto.keys import SigningKey, VerifyingKey
 from itmolink.node.convert import (
     block_from_pb,
     block_to_pb,
+    describe_us,
     from_us,
     terms_from_statement,
     timestamp,
@@ -347,8 +348,8 @@ class Engine:
             header: common_pb2.Header = msg.header  # type: ignore[attr-defined]
             message_id = header.message_id
             subject_id = _subject_of(msg)
-            self._check_header(header, sender=verified.signer_party, now_us=now_us)
             validate(msg, max_blocks=self.limits.max_blocks)
+            self._check_header(header, sender=verified.signer_party, now_us=now_us)
         except Rejected as rejected:
             log.warning("refused a message from %s without recording it: %s", peer_party, rejected)
             _, envelope = self._reply(
@@ -454,14 +455,13 @@ class Engine:
         if sent_at > now_us + skew:
             raise Rejected(
                 RejectionCode.SENT_AT_OUT_OF_WINDOW,
-                f"sent_at {from_us(sent_at):%Y-%m-%dT%H:%M:%SZ} is ahead of this node's clock "
+                f"sent_at {describe_us(sent_at)} is ahead of this node's clock "
                 f"by more than {self.limits.max_clock_skew}",
             )
         if sent_at < oldest:
             raise Rejected(
                 RejectionCode.SENT_AT_OUT_OF_WINDOW,
-                f"sent_at {from_us(sent_at):%Y-%m-%dT%H:%M:%SZ} is older than "
-                f"{self.limits.max_message_age}",
+                f"sent_at {describe_us(sent_at)} is older than {self.limits.max_message_age}",
             )
 
     def _record_rejected_request(
@@ -568,7 +568,7 @@ class Engine:
             raise Rejected(
                 RejectionCode.PROPOSAL_EXPIRED,
                 f"proposal {msg.transfer_id} expired at "
-                f"{from_us(timestamp_us(msg.expires_at)):%Y-%m-%dT%H:%M:%SZ}",
+                f"{describe_us(timestamp_us(msg.expires_at))}",
             )
         if tx.transfer_get(msg.transfer_id) is not None:
             raise Rejected(

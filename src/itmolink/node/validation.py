@@ -4,8 +4,9 @@ Applied only after the envelope's signature verified and the payload parsed:
 unauthenticated bytes are never inspected further. The rules are generic over
 every message of the protocol, so a new field is covered without a new rule:
 text is bounded and free of control characters, party codes are ISO 3166-1
-alpha-3, integers fit the signed 64-bit columns of the ledger, and repeated
-fields are bounded (blocks by the node's configured limit).
+alpha-3, integers fit the signed 64-bit columns of the ledger, timestamps are
+in the range google.protobuf.Timestamp defines, and repeated fields are
+bounded (blocks by the node's configured limit).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from itmolink.core.codes import Rejected, RejectionCode
 
@@ -46,12 +48,27 @@ def validate(msg: Message, *, max_blocks: int, path: str = "") -> None:
                 )
                 raise Rejected(code, f"{where} has {len(values)} entries; at most {limit}")
         for item in values:
-            if field.type == FieldDescriptor.TYPE_MESSAGE:
+            if field.type == FieldDescriptor.TYPE_MESSAGE and isinstance(item, Timestamp):
+                _timestamp(where, item)
+            elif field.type == FieldDescriptor.TYPE_MESSAGE:
                 validate(item, max_blocks=max_blocks, path=f"{where}.")
             elif field.type == FieldDescriptor.TYPE_STRING:
                 _text(where, field.name, item)
             elif field.type in _UNSIGNED and item > MAX_INT:
                 raise Rejected(RejectionCode.INVALID_FIELD, f"{where} = {item} is above {MAX_INT}")
+
+
+# The range of google.protobuf.Timestamp: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+
+
+def _timestamp(where: str, value: Timestamp) -> None:
+    if not _MIN_SECONDS <= value.seconds <= _MAX_SECONDS or not 0 <= value.nanos < 10**9:
+        raise Rejected(
+            RejectionCode.INVALID_FIELD,
+            f"{where} is not a valid timestamp (seconds {value.seconds}, nanos {value.nanos})",
+        )
 
 
 def _text(where: str, name: str, value: str) -> None:
