@@ -194,3 +194,32 @@ async def test_work_grows_with_the_difference_not_the_ledger(pair: Pair, count: 
     assert report.buckets_compared <= 16 * 4 + 16
     assert report.leaves_compared <= 16
     assert report.queries <= 1 + (4 + 1) + 1
+
+
+async def test_transfers_that_moved_nothing_agree_whichever_way_they_ended(pair: Pair) -> None:
+    authorisation_id = pair.authorise()
+    pair.lao.issue(authorisation_id=authorisation_id, vintage=2025, quantity=100, now=pair.now)
+    pair.pump()
+    # One the receiver rejects (it arrives expired)...
+    rejected = pair.lao.start_transfer(
+        to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=10,
+        now=pair.now, timeout=dt.timedelta(seconds=30),
+    )  # fmt: skip
+    [(message_id, _, envelope)] = pair.lao.due_messages(pair.now)
+    pair.advance(600)
+    pair.lao.handle_reply(message_id, pair.kor.handle_delivery("LAO", envelope, pair.now), pair.now)
+    # ...and one the sender voids before the receiver ever sees it.
+    voided = pair.lao.start_transfer(
+        to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=10,
+        now=pair.now, timeout=dt.timedelta(seconds=30),
+    )  # fmt: skip
+    with pair.lao.store.transaction() as tx:
+        tx.outbox_cancel(payload_type="itmolink.v1.TransferProposal", subject_id=voided)
+    pair.advance(60)
+    pair.pump()
+    with pair.kor.store.transaction() as tx:
+        states = {t.transfer_id: t.state for t in tx.transfers()}
+    assert states == {rejected: TransferState.REJECTED, voided: TransferState.VOIDED}
+    pair.advance(1)
+    for party, partner in (("LAO", "KOR"), ("KOR", "LAO")):
+        assert (await reconcile(pair, party, partner)).discrepancies == []

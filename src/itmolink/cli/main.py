@@ -106,9 +106,9 @@ def _admin(args: argparse.Namespace) -> Any:
     return _Admin(args)
 
 
-def _call(method: Any, request: Any) -> Any:
+def _call(method: Any, request: Any, timeout: float = 30) -> Any:
     try:
-        return method(request, timeout=30)
+        return method(request, timeout=timeout)
     except grpc.RpcError as error:
         exc: Any = error  # a grpc.Call as well as an RpcError
         metadata = {key: value for key, value in exc.trailing_metadata() or ()}
@@ -397,7 +397,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     if args.snapshot_age is not None:
         moment = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=args.snapshot_age)
         request.snapshot_at.FromDatetime(moment)
-    report = _call(_admin(args).Reconcile, request)
+    report = _call(_admin(args).Reconcile, request, timeout=600)
     if args.json:
         _emit_json(report)
     else:

@@ -91,10 +91,14 @@ def blocks_leaf(facts: TransferFacts) -> bytes:
 
 
 def journal_leaf(facts: TransferFacts) -> bytes:
-    """Digest of the signed messages that decided the transfer."""
-    parts: list[bytes | str | int] = [facts.transfer_id, facts.proposal_digest]
+    """Digest of the signed messages that moved the units: the proposal and the
+    acceptance. A transfer that moved nothing has no such evidence on both sides
+    (a receiver may never have seen the proposal), so only the fact is hashed."""
+    parts: list[bytes | str | int] = [facts.transfer_id]
     if facts.moved:
-        parts.append(facts.acceptance_digest)
+        parts += [facts.proposal_digest, facts.acceptance_digest]
+    else:
+        parts.append("not moved")
     return hashlib.sha256(_encode(*parts)).digest()
 
 

@@ -52,6 +52,9 @@ def admin_method(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
             )
             raise AssertionError("unreachable")
         failure: tuple[grpc.StatusCode, str, str | None] | None = None
+        # Recorded before anything happens, so even a crash leaves a trace of who
+        # asked for what; the outcome follows in a second entry.
+        await self._audit(operator, method.__name__, request, "started")
         try:
             response = await method(self, request, context)
         except ReplyError as error:
@@ -61,8 +64,9 @@ def admin_method(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
                 error.code.wire_name,
             )
         except grpc.aio.AioRpcError as error:
+            # Not UNAVAILABLE: that would read as "the admin interface is down".
             failure = (
-                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.FAILED_PRECONDITION,
                 f"the partner did not answer: {error.code().name} {error.details()}",
                 None,
             )

@@ -413,7 +413,7 @@ class Engine:
                     envelope = handler(self, tx, sender, msg, verified.payload, journal_id, now_us)
             except Rejected as rejected:
                 log.info("rejected %s %s from %s: %s", cls.__name__, subject_id, sender, rejected)
-                self._record_rejected_request(tx, sender, msg, rejected, now_us)
+                self._record_rejected_request(tx, sender, msg, verified.payload, rejected, now_us)
                 _, envelope = self._reply(
                     tx, sender, self._rejection(subject_id, rejected, raw), message_id, now_us
                 )
@@ -465,7 +465,7 @@ class Engine:
             )
 
     def _record_rejected_request(
-        self, tx: Tx, sender: str, msg: Message, rejected: Rejected, now_us: int
+        self, tx: Tx, sender: str, msg: Message, payload: bytes, rejected: Rejected, now_us: int
     ) -> None:
         """Keep a visible record of a rejected transfer proposal (and block reuse of its id)."""
         if not isinstance(msg, TransferProposal) or not _owned_by(msg.transfer_id, sender):
@@ -481,10 +481,11 @@ class Engine:
             authorisation_id=msg.authorisation_id,
             first_transfer=msg.first_transfer,
             proposal_message_id=msg.header.message_id,
-            proposal_digest=b"",
+            proposal_digest=digest(payload),
             expires_at=0,
             rejection_code=int(rejected.code),
             rejection_detail=rejected.detail,
+            proposed_at=timestamp_us(msg.header.sent_at),
             now=now_us,
         )
 
@@ -729,9 +730,13 @@ class Engine:
                         prefix=bucket.prefix, count=bucket.count, h1=bucket.h1, h2=bucket.h2
                     )
             for prefix in msg.leaf_prefixes:
-                for transfer_id, leaf in sorted(
-                    tx.reconcile_leaves(sender, snapshot, view, prefix).items()
-                ):
+                leaves = tx.reconcile_leaves(sender, snapshot, view, prefix)
+                if len(answer.leaves) + len(leaves) > MAX_LEAVES:
+                    raise Rejected(
+                        RejectionCode.INVALID_FIELD,
+                        f"more than {MAX_LEAVES} leaves asked for: ask for narrower prefixes",
+                    )
+                for transfer_id, leaf in sorted(leaves.items()):
                     answer.leaves.add(transfer_id=transfer_id, digest=leaf)
         return self._reply(tx, sender, answer, msg.header.message_id, now_us)[1]
 
@@ -1542,18 +1547,19 @@ VIEWS = {
     reconcile_pb2.RECONCILIATION_VIEW_JOURNAL: "journal",
 }
 MAX_PREFIXES = 256
+MAX_LEAVES = 4_096
 
 
 def check_reconciliation_query(msg: ReconciliationQuery) -> None:
     if not msg.reconciliation_id or not msg.HasField("snapshot_at"):
         raise Rejected(RejectionCode.MISSING_FIELD, "query needs reconciliation_id and snapshot_at")
     if msg.view not in (reconcile_pb2.RECONCILIATION_VIEW_TOTALS, *VIEWS):
-        raise Rejected(RejectionCode.MISSING_FIELD, f"unknown reconciliation view {msg.view}")
+        raise Rejected(RejectionCode.INVALID_FIELD, f"unknown reconciliation view {msg.view}")
     if len(msg.prefixes) > MAX_PREFIXES or len(msg.leaf_prefixes) > MAX_PREFIXES:
-        raise Rejected(RejectionCode.MISSING_FIELD, f"at most {MAX_PREFIXES} prefixes per query")
+        raise Rejected(RejectionCode.INVALID_FIELD, f"at most {MAX_PREFIXES} prefixes per query")
     for prefix in [*msg.prefixes, *msg.leaf_prefixes]:
         if len(prefix) > 64 or prefix.strip("0123456789abcdef"):
-            raise Rejected(RejectionCode.MISSING_FIELD, f"prefix {prefix!r} is not lower-case hex")
+            raise Rejected(RejectionCode.INVALID_FIELD, f"prefix {prefix!r} is not lower-case hex")
 
 
 def _owned_by(transfer_id: str, party: str) -> bool:

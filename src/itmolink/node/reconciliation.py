@@ -96,8 +96,11 @@ class Reconciliation:
     async def _walk(self, view: str) -> None:
         frontier, leaf_prefixes = [""], []
         while frontier:
-            answer = await self._ask(view=_VIEWS[view], prefixes=frontier)
-            theirs = [reconcile.Bucket(b.prefix, b.count, b.h1, b.h2) for b in answer.buckets]
+            theirs = []
+            for start in range(0, len(frontier), 256):  # the responder's limit per query
+                chunk = frontier[start : start + 256]
+                answer = await self._ask(view=_VIEWS[view], prefixes=chunk)
+                theirs += [reconcile.Bucket(b.prefix, b.count, b.h1, b.h2) for b in answer.buckets]
             self.report.buckets_compared += len(theirs)
             ours: list[reconcile.Bucket] = []
             for prefix in frontier:
