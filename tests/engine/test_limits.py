@@ -149,3 +149,42 @@ def test_out_of_bounds_fields_are_refused(ready: Pair, overrides: dict[str, Any]
     assert code(rejection) in expected
     if "header_audience" not in overrides:
         assert code(rejection) is RejectionCode.INVALID_FIELD
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda m: setattr(m.blocks[0], "vintage", 2101), RejectionCode.INVALID_FIELD),
+        (lambda m: setattr(m.blocks[0], "serial_start", 0), RejectionCode.MISSING_FIELD),
+        (lambda m: setattr(m.blocks[0], "originating_registry", "LAO NR"),
+         RejectionCode.INVALID_FIELD),
+        (lambda m: setattr(m.header, "sender_registry", ""), RejectionCode.MISSING_FIELD),
+        (lambda m: setattr(m, "quantity", 0), RejectionCode.MISSING_FIELD),
+    ],
+    ids=["vintage-above-2100", "serial-zero", "registry-with-space", "no-registry",
+         "zero-quantity"],
+)  # fmt: skip
+def test_the_field_rules_declared_in_the_proto_are_enforced(
+    ready: Pair, change: Any, expected: RejectionCode
+) -> None:
+    msg = proposal(ready)
+    change(msg)
+    assert code(deliver(ready, msg)) is expected
+
+
+def test_every_rule_pattern_in_the_proto_compiles_and_is_anchored_by_the_validator() -> None:
+    import re
+
+    from itmolink.node.validation import _rules
+    from itmolink.v1 import authorisation_pb2, common_pb2, issuance_pb2
+
+    descriptors = [
+        *common_pb2.DESCRIPTOR.message_types_by_name.values(),
+        *transfer_pb2.DESCRIPTOR.message_types_by_name.values(),
+        *authorisation_pb2.DESCRIPTOR.message_types_by_name.values(),
+        *issuance_pb2.DESCRIPTOR.message_types_by_name.values(),
+    ]
+    patterns = [r.pattern for d in descriptors for _, r in _rules(d) if r.pattern]
+    assert len(patterns) >= 5
+    for pattern in patterns:
+        re.compile(pattern)

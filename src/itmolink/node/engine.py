@@ -895,6 +895,7 @@ class Engine:
             raise ReplyError(RejectionCode.MALFORMED_PAYLOAD, f"reply payload: {exc}") from None
         header: common_pb2.Header = reply.header  # type: ignore[attr-defined]
         try:
+            validate(reply, max_blocks=self.limits.max_blocks)
             self._check_header_fields(header, sender=partner)
         except Rejected as rejected:
             raise ReplyError(rejected.code, rejected.detail) from None

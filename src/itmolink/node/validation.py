@@ -1,88 +1,122 @@
 """Field validation of a verified payload, before any rule looks at it.
 
+The rules live in the proto files, as ``(itmolink.v1.rules)`` field options
+(proto/itmolink/v1/rules.proto), so a partner implementing the protocol reads
+the same constraints this node enforces. On top of them, every field of every
+message gets generic bounds: text at most 256 characters (4,096 for prose
+fields) and free of control characters, integers that fit the ledger's signed
+64-bit columns, timestamps within google.protobuf.Timestamp's range, and at
+most 10,000 entries in a repeated field (blocks: the node's configured limit).
+
 Applied only after the envelope's signature verified and the payload parsed:
-unauthenticated bytes are never inspected further. The rules are generic over
-every message of the protocol, so a new field is covered without a new rule:
-text is bounded and free of control characters, party codes are ISO 3166-1
-alpha-3, integers fit the signed 64-bit columns of the ledger, timestamps are
-in the range google.protobuf.Timestamp defines, and repeated fields are
-bounded (blocks by the node's configured limit).
+unauthenticated bytes are never inspected further.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from itmolink.core.codes import Rejected, RejectionCode
+from itmolink.v1 import rules_pb2
 
 MAX_TEXT = 256
 MAX_PROSE = 4096
 MAX_REPEATED = 10_000
 MAX_INT = 2**63 - 1
 PROSE_FIELDS = frozenset({"description", "detail", "reason", "oimp_detail", "name"})
-PARTY_FIELDS = frozenset(
-    {"sender_party", "audience", "host_party", "first_transferring_party", "acquiring_parties"}
-)
-_PARTY = re.compile(r"[A-Z]{3}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _UNSIGNED = (FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64)
-
-
-def validate(msg: Message, *, max_blocks: int, path: str = "") -> None:
-    """Raise INVALID_FIELD (or TOO_MANY_BLOCKS) for the first field out of bounds."""
-    for field, value in msg.ListFields():
-        where = f"{path}{field.name}"
-        repeated = _is_repeated(field)
-        values = list(value) if repeated else [value]
-        if repeated:
-            limit = max_blocks if field.name == "blocks" else MAX_REPEATED
-            if len(values) > limit:
-                code = (
-                    RejectionCode.TOO_MANY_BLOCKS
-                    if field.name == "blocks"
-                    else RejectionCode.INVALID_FIELD
-                )
-                raise Rejected(code, f"{where} has {len(values)} entries; at most {limit}")
-        for item in values:
-            if field.type == FieldDescriptor.TYPE_MESSAGE and isinstance(item, Timestamp):
-                _timestamp(where, item)
-            elif field.type == FieldDescriptor.TYPE_MESSAGE:
-                validate(item, max_blocks=max_blocks, path=f"{where}.")
-            elif field.type == FieldDescriptor.TYPE_STRING:
-                _text(where, field.name, item)
-            elif field.type in _UNSIGNED and item > MAX_INT:
-                raise Rejected(RejectionCode.INVALID_FIELD, f"{where} = {item} is above {MAX_INT}")
-
-
+_INTEGERS = (
+    FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_INT32,
+    FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_ENUM,
+)  # fmt: skip
 # The range of google.protobuf.Timestamp: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
 _MIN_SECONDS = -62_135_596_800
 _MAX_SECONDS = 253_402_300_799
 
 
-def _timestamp(where: str, value: Timestamp) -> None:
-    if not _MIN_SECONDS <= value.seconds <= _MAX_SECONDS or not 0 <= value.nanos < 10**9:
-        raise Rejected(
-            RejectionCode.INVALID_FIELD,
-            f"{where} is not a valid timestamp (seconds {value.seconds}, nanos {value.nanos})",
-        )
+def _invalid(detail: str) -> Rejected:
+    return Rejected(RejectionCode.INVALID_FIELD, detail)
 
 
-def _text(where: str, name: str, value: str) -> None:
-    limit = MAX_PROSE if name in PROSE_FIELDS else MAX_TEXT
-    if len(value) > limit:
-        raise Rejected(
-            RejectionCode.INVALID_FIELD, f"{where} has {len(value)} characters; at most {limit}"
+@functools.cache
+def _rules(descriptor: Descriptor) -> tuple[tuple[FieldDescriptor, rules_pb2.FieldRules], ...]:
+    """Each field of a message with the rules its proto declares (possibly none)."""
+    found = []
+    for field in descriptor.fields:
+        options = field.GetOptions()
+        rules = (
+            options.Extensions[rules_pb2.rules]
+            if options.HasExtension(rules_pb2.rules)
+            else rules_pb2.FieldRules()
         )
-    if _CONTROL.search(value):
-        raise Rejected(RejectionCode.INVALID_FIELD, f"{where} contains a control character")
-    if name in PARTY_FIELDS and not _PARTY.fullmatch(value):
-        raise Rejected(
-            RejectionCode.INVALID_FIELD, f"{where} = {value!r} is not an ISO 3166-1 alpha-3 code"
-        )
+        found.append((field, rules))
+    return tuple(found)
+
+
+def validate(msg: Message, *, max_blocks: int, path: str = "") -> None:
+    """Raise MISSING_FIELD for a required field left empty, INVALID_FIELD (or
+    TOO_MANY_BLOCKS) for the first field out of bounds."""
+    for field, rules in _rules(msg.DESCRIPTOR):
+        where = f"{path}{field.name}"
+        value = getattr(msg, field.name)
+        if _is_repeated(field):
+            values = list(value)
+            if field.name == "blocks" and len(values) > max_blocks:
+                raise Rejected(
+                    RejectionCode.TOO_MANY_BLOCKS,
+                    f"{where} has {len(values)} entries; at most {max_blocks}",
+                )
+            limit = rules.max_items or MAX_REPEATED
+            if len(values) > limit:
+                raise _invalid(f"{where} has {len(values)} entries; at most {limit}")
+            if rules.required and not values:
+                raise Rejected(RejectionCode.MISSING_FIELD, f"{where} needs at least one entry")
+        else:
+            present = (
+                msg.HasField(field.name)
+                if field.type == FieldDescriptor.TYPE_MESSAGE
+                else bool(value)
+            )
+            if rules.required and not present:
+                raise Rejected(RejectionCode.MISSING_FIELD, f"{where} is required")
+            if not present:
+                continue
+            values = [value]
+        for item in values:
+            _check(where, field, rules, item, max_blocks)
+
+
+def _check(
+    where: str, field: FieldDescriptor, rules: rules_pb2.FieldRules, item: object, max_blocks: int
+) -> None:
+    if isinstance(item, Timestamp):
+        if not _MIN_SECONDS <= item.seconds <= _MAX_SECONDS or not 0 <= item.nanos < 10**9:
+            raise _invalid(
+                f"{where} is not a valid timestamp (seconds {item.seconds}, nanos {item.nanos})"
+            )
+    elif isinstance(item, Message):
+        validate(item, max_blocks=max_blocks, path=f"{where}.")
+    elif isinstance(item, str):
+        limit = rules.max_len or (MAX_PROSE if field.name in PROSE_FIELDS else MAX_TEXT)
+        if len(item) > limit:
+            raise _invalid(f"{where} has {len(item)} characters; at most {limit}")
+        if _CONTROL.search(item):
+            raise _invalid(f"{where} contains a control character")
+        if rules.pattern and not re.fullmatch(rules.pattern, item):
+            raise _invalid(f"{where} = {item!r} does not match {rules.pattern}")
+    elif isinstance(item, int) and field.type in _INTEGERS:
+        if field.type in _UNSIGNED and item > MAX_INT:
+            raise _invalid(f"{where} = {item} is above {MAX_INT}")
+        if rules.min and item < rules.min:  # 0: no bound
+            raise _invalid(f"{where} = {item} is below {rules.min}")
+        if rules.max and item > rules.max:
+            raise _invalid(f"{where} = {item} is above {rules.max}")
 
 
 def _is_repeated(field: FieldDescriptor) -> bool:

@@ -23,19 +23,40 @@ _sym_db = _symbol_database.Default()
 
 
 from itmolink.v1 import common_pb2 as itmolink_dot_v1_dot_common__pb2
+from itmolink.v1 import rules_pb2 as itmolink_dot_v1_dot_rules__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fitmolink/v1/authorisation.proto\x12\x0bitmolink.v1\x1a\x18itmolink/v1/common.proto\"B\n\x08\x41\x63tivity\x12\x13\n\x0b\x61\x63tivity_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"\xd1\x03\n\x16\x41uthorisationStatement\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x18\n\x10\x61uthorisation_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x12\n\nhost_party\x18\x04 \x01(\t\x12\'\n\x08\x61\x63tivity\x18\x05 \x01(\x0b\x32\x15.itmolink.v1.Activity\x12\x1f\n\x17\x63ooperative_approach_id\x18\x06 \x01(\t\x12\x19\n\x11\x61\x63quiring_parties\x18\x07 \x03(\t\x12&\n\x08purposes\x18\x08 \x03(\x0e\x32\x14.itmolink.v1.Purpose\x12\x13\n\x0boimp_detail\x18\t \x01(\t\x12G\n\x19\x66irst_transfer_definition\x18\n \x01(\x0e\x32$.itmolink.v1.FirstTransferDefinition\x12\x14\n\x0cvintage_from\x18\x0b \x01(\r\x12\x12\n\nvintage_to\x18\x0c \x01(\r\x12\x14\n\x0cquantity_cap\x18\r \x01(\x04\x12(\n\tunit_type\x18\x0e \x01(\x0e\x32\x15.itmolink.v1.UnitType\"\x91\x01\n\x1c\x41uthorisationAcknowledgement\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x18\n\x10\x61uthorisation_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12!\n\x19\x61\x63quiring_party_reference\x18\x04 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fitmolink/v1/authorisation.proto\x12\x0bitmolink.v1\x1a\x18itmolink/v1/common.proto\x1a\x17itmolink/v1/rules.proto\"B\n\x08\x41\x63tivity\x12\x13\n\x0b\x61\x63tivity_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"\xc5\x04\n\x16\x41uthorisationStatement\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12#\n\x10\x61uthorisation_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x1b\n\x07version\x18\x03 \x01(\rB\n\xa2\x9f\x19\x06\x08\x01(\xc0\x84=\x12$\n\nhost_party\x18\x04 \x01(\tB\x10\xa2\x9f\x19\x0c\x08\x01\x1a\x08[A-Z]{3}\x12\'\n\x08\x61\x63tivity\x18\x05 \x01(\x0b\x32\x15.itmolink.v1.Activity\x12\x1f\n\x17\x63ooperative_approach_id\x18\x06 \x01(\t\x12.\n\x11\x61\x63quiring_parties\x18\x07 \x03(\tB\x13\xa2\x9f\x19\x0f\x08\x01\x1a\x08[A-Z]{3}0\xac\x02\x12\x30\n\x08purposes\x18\x08 \x03(\x0e\x32\x14.itmolink.v1.PurposeB\x08\xa2\x9f\x19\x04\x08\x01\x30\x02\x12\x13\n\x0boimp_detail\x18\t \x01(\t\x12G\n\x19\x66irst_transfer_definition\x18\n \x01(\x0e\x32$.itmolink.v1.FirstTransferDefinition\x12\"\n\x0cvintage_from\x18\x0b \x01(\rB\x0c\xa2\x9f\x19\x08\x08\x01 \xc6\x0f(\xb4\x10\x12 \n\nvintage_to\x18\x0c \x01(\rB\x0c\xa2\x9f\x19\x08\x08\x01 \xc6\x0f(\xb4\x10\x12$\n\x0cquantity_cap\x18\r \x01(\x04\x42\x0e\xa2\x9f\x19\n(\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x12(\n\tunit_type\x18\x0e \x01(\x0e\x32\x15.itmolink.v1.UnitType\"\xa8\x01\n\x1c\x41uthorisationAcknowledgement\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12#\n\x10\x61uthorisation_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x1b\n\x07version\x18\x03 \x01(\rB\n\xa2\x9f\x19\x06\x08\x01(\xc0\x84=\x12!\n\x19\x61\x63quiring_party_reference\x18\x04 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'itmolink.v1.authorisation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACTIVITY']._serialized_start=74
-  _globals['_ACTIVITY']._serialized_end=140
-  _globals['_AUTHORISATIONSTATEMENT']._serialized_start=143
-  _globals['_AUTHORISATIONSTATEMENT']._serialized_end=608
-  _globals['_AUTHORISATIONACKNOWLEDGEMENT']._serialized_start=611
-  _globals['_AUTHORISATIONACKNOWLEDGEMENT']._serialized_end=756
+  _globals['_AUTHORISATIONSTATEMENT'].fields_by_name['authorisation_id']._loaded_options = None
+  _globals['_AUTHORISATIONSTATEMENT'].fields_by_name['authorisation_id']._serialized_options = b'\242\237\031\005\010\001\020\200\001'
+  _globals['_AUTHORISATIONSTATEMENT'].fields_by_name['version']._loaded_options = None
+  _globals['_AUTHORISATIONSTATEMENT'].fields_by_name['version']._serialized_options = b'\242\237\031\006\010\001(\300\204='
+  _globals['_AUTHORISATIONSTATEMENT'].fields_by_name['host_party']._loaded_options = None
+  _globals['_AUTHORISATIONSTATEMENT'].fields_by_name['host_party']._serialized_options = b'\242\237\031\014\010\001\032\010[A-Z]{3}'
+  _globals['_AUTHORISATIONSTATEMENT'].fields_by_name['acquiring_parties']._loaded_options = None
+  _globals['_AUTHORISATIONSTATEMENT'].fields_by_name['acquiring_parties']._serialized_options = b'\242\237\031\017\010\001\032\010[A-Z]{3}0\254\002'
+  _globals['_AUTHORISATIONSTATEMENT'].fields_by_name['purposes']._loaded_options = None
+  _globals['_AUTHORISATIONSTATEMENT'].fields_by_name['purposes']._serialized_options = b'\242\237\031\004\010\0010\002'
+  _globals['_AUTHORISATIONSTATEMENT'].fields_by_name['vintage_from']._loaded_options = None
+  _globals['_AUTHORISATIONSTATEMENT'].fields_by_name['vintage_from']._serialized_options = b'\242\237\031\010\010\001 \306\017(\264\020'
+  _globals['_AUTHORISATIONSTATEMENT'].fields_by_name['vintage_to']._loaded_options = None
+  _globals['_AUTHORISATIONSTATEMENT'].fields_by_name['vintage_to']._serialized_options = b'\242\237\031\010\010\001 \306\017(\264\020'
+  _globals['_AUTHORISATIONSTATEMENT'].fields_by_name['quantity_cap']._loaded_options = None
+  _globals['_AUTHORISATIONSTATEMENT'].fields_by_name['quantity_cap']._serialized_options = b'\242\237\031\n(\377\377\377\377\377\377\377\377\177'
+  _globals['_AUTHORISATIONACKNOWLEDGEMENT'].fields_by_name['authorisation_id']._loaded_options = None
+  _globals['_AUTHORISATIONACKNOWLEDGEMENT'].fields_by_name['authorisation_id']._serialized_options = b'\242\237\031\005\010\001\020\200\001'
+  _globals['_AUTHORISATIONACKNOWLEDGEMENT'].fields_by_name['version']._loaded_options = None
+  _globals['_AUTHORISATIONACKNOWLEDGEMENT'].fields_by_name['version']._serialized_options = b'\242\237\031\006\010\001(\300\204='
+  _globals['_ACTIVITY']._serialized_start=99
+  _globals['_ACTIVITY']._serialized_end=165
+  _globals['_AUTHORISATIONSTATEMENT']._serialized_start=168
+  _globals['_AUTHORISATIONSTATEMENT']._serialized_end=749
+  _globals['_AUTHORISATIONACKNOWLEDGEMENT']._serialized_start=752
+  _globals['_AUTHORISATIONACKNOWLEDGEMENT']._serialized_end=920
 # @@protoc_insertion_point(module_scope)

@@ -23,23 +23,52 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from itmolink.v1 import rules_pb2 as itmolink_dot_v1_dot_rules__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18itmolink/v1/common.proto\x12\x0bitmolink.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcb\x01\n\x06Header\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x14\n\x0csender_party\x18\x03 \x01(\t\x12\x17\n\x0fsender_registry\x18\x04 \x01(\t\x12\x10\n\x08\x61udience\x18\x05 \x01(\t\x12+\n\x07sent_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x07 \x01(\x04\x12\x13\n\x0bin_reply_to\x18\x08 \x01(\t\"\x80\x02\n\tUnitBlock\x12\x1c\n\x14originating_registry\x18\x01 \x01(\t\x12\x14\n\x0cserial_start\x18\x02 \x01(\x04\x12\x12\n\nserial_end\x18\x03 \x01(\x04\x12(\n\tunit_type\x18\x04 \x01(\x0e\x32\x15.itmolink.v1.UnitType\x12\x0f\n\x07vintage\x18\x05 \x01(\r\x12\x13\n\x0b\x61\x63tivity_id\x18\x06 \x01(\t\x12\x18\n\x10\x61uthorisation_id\x18\x07 \x01(\t\x12\x1f\n\x17\x63ooperative_approach_id\x18\x08 \x01(\t\x12 \n\x18\x66irst_transferring_party\x18\t \x01(\t*\xa8\x01\n\x08UnitType\x12\x19\n\x15UNIT_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0eUNIT_TYPE_ITMO\x10\x01\x12\x1f\n\x1bUNIT_TYPE_A6_4ER_AUTHORISED\x10\x02\x12,\n(UNIT_TYPE_A6_4ER_MITIGATION_CONTRIBUTION\x10\x03\x12\x1e\n\x1aUNIT_TYPE_TRANSITIONED_CER\x10\x04*E\n\x07Purpose\x12\x17\n\x13PURPOSE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPURPOSE_NDC\x10\x01\x12\x10\n\x0cPURPOSE_OIMP\x10\x02*\xd5\x01\n\x17\x46irstTransferDefinition\x12)\n%FIRST_TRANSFER_DEFINITION_UNSPECIFIED\x10\x00\x12.\n*FIRST_TRANSFER_DEFINITION_AT_AUTHORISATION\x10\x01\x12)\n%FIRST_TRANSFER_DEFINITION_AT_ISSUANCE\x10\x02\x12\x34\n0FIRST_TRANSFER_DEFINITION_AT_USE_OR_CANCELLATION\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18itmolink/v1/common.proto\x12\x0bitmolink.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17itmolink/v1/rules.proto\"\xb4\x02\n\x06Header\x12 \n\x10protocol_version\x18\x01 \x01(\rB\x06\xa2\x9f\x19\x02\x08\x01\x12\x1d\n\nmessage_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12&\n\x0csender_party\x18\x03 \x01(\tB\x10\xa2\x9f\x19\x0c\x08\x01\x1a\x08[A-Z]{3}\x12@\n\x0fsender_registry\x18\x04 \x01(\tB\'\xa2\x9f\x19#\x08\x01\x1a\x1f[A-Za-z0-9][A-Za-z0-9._-]{0,63}\x12\"\n\x08\x61udience\x18\x05 \x01(\tB\x10\xa2\x9f\x19\x0c\x08\x01\x1a\x08[A-Z]{3}\x12+\n\x07sent_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x07 \x01(\x04\x12\x1c\n\x0bin_reply_to\x18\x08 \x01(\tB\x07\xa2\x9f\x19\x03\x10\x80\x01\"\x90\x03\n\tUnitBlock\x12\x45\n\x14originating_registry\x18\x01 \x01(\tB\'\xa2\x9f\x19#\x08\x01\x1a\x1f[A-Za-z0-9][A-Za-z0-9._-]{0,63}\x12(\n\x0cserial_start\x18\x02 \x01(\x04\x42\x12\xa2\x9f\x19\x0e\x08\x01 \x01(\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x12&\n\nserial_end\x18\x03 \x01(\x04\x42\x12\xa2\x9f\x19\x0e\x08\x01 \x01(\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x12(\n\tunit_type\x18\x04 \x01(\x0e\x32\x15.itmolink.v1.UnitType\x12\x1d\n\x07vintage\x18\x05 \x01(\rB\x0c\xa2\x9f\x19\x08\x08\x01 \xc6\x0f(\xb4\x10\x12\x1e\n\x0b\x61\x63tivity_id\x18\x06 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12#\n\x10\x61uthorisation_id\x18\x07 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12(\n\x17\x63ooperative_approach_id\x18\x08 \x01(\tB\x07\xa2\x9f\x19\x03\x10\x80\x01\x12\x32\n\x18\x66irst_transferring_party\x18\t \x01(\tB\x10\xa2\x9f\x19\x0c\x08\x01\x1a\x08[A-Z]{3}*\xa8\x01\n\x08UnitType\x12\x19\n\x15UNIT_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0eUNIT_TYPE_ITMO\x10\x01\x12\x1f\n\x1bUNIT_TYPE_A6_4ER_AUTHORISED\x10\x02\x12,\n(UNIT_TYPE_A6_4ER_MITIGATION_CONTRIBUTION\x10\x03\x12\x1e\n\x1aUNIT_TYPE_TRANSITIONED_CER\x10\x04*E\n\x07Purpose\x12\x17\n\x13PURPOSE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPURPOSE_NDC\x10\x01\x12\x10\n\x0cPURPOSE_OIMP\x10\x02*\xd5\x01\n\x17\x46irstTransferDefinition\x12)\n%FIRST_TRANSFER_DEFINITION_UNSPECIFIED\x10\x00\x12.\n*FIRST_TRANSFER_DEFINITION_AT_AUTHORISATION\x10\x01\x12)\n%FIRST_TRANSFER_DEFINITION_AT_ISSUANCE\x10\x02\x12\x34\n0FIRST_TRANSFER_DEFINITION_AT_USE_OR_CANCELLATION\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'itmolink.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_UNITTYPE']._serialized_start=540
-  _globals['_UNITTYPE']._serialized_end=708
-  _globals['_PURPOSE']._serialized_start=710
-  _globals['_PURPOSE']._serialized_end=779
-  _globals['_FIRSTTRANSFERDEFINITION']._serialized_start=782
-  _globals['_FIRSTTRANSFERDEFINITION']._serialized_end=995
-  _globals['_HEADER']._serialized_start=75
-  _globals['_HEADER']._serialized_end=278
-  _globals['_UNITBLOCK']._serialized_start=281
-  _globals['_UNITBLOCK']._serialized_end=537
+  _globals['_HEADER'].fields_by_name['protocol_version']._loaded_options = None
+  _globals['_HEADER'].fields_by_name['protocol_version']._serialized_options = b'\242\237\031\002\010\001'
+  _globals['_HEADER'].fields_by_name['message_id']._loaded_options = None
+  _globals['_HEADER'].fields_by_name['message_id']._serialized_options = b'\242\237\031\005\010\001\020\200\001'
+  _globals['_HEADER'].fields_by_name['sender_party']._loaded_options = None
+  _globals['_HEADER'].fields_by_name['sender_party']._serialized_options = b'\242\237\031\014\010\001\032\010[A-Z]{3}'
+  _globals['_HEADER'].fields_by_name['sender_registry']._loaded_options = None
+  _globals['_HEADER'].fields_by_name['sender_registry']._serialized_options = b'\242\237\031#\010\001\032\037[A-Za-z0-9][A-Za-z0-9._-]{0,63}'
+  _globals['_HEADER'].fields_by_name['audience']._loaded_options = None
+  _globals['_HEADER'].fields_by_name['audience']._serialized_options = b'\242\237\031\014\010\001\032\010[A-Z]{3}'
+  _globals['_HEADER'].fields_by_name['in_reply_to']._loaded_options = None
+  _globals['_HEADER'].fields_by_name['in_reply_to']._serialized_options = b'\242\237\031\003\020\200\001'
+  _globals['_UNITBLOCK'].fields_by_name['originating_registry']._loaded_options = None
+  _globals['_UNITBLOCK'].fields_by_name['originating_registry']._serialized_options = b'\242\237\031#\010\001\032\037[A-Za-z0-9][A-Za-z0-9._-]{0,63}'
+  _globals['_UNITBLOCK'].fields_by_name['serial_start']._loaded_options = None
+  _globals['_UNITBLOCK'].fields_by_name['serial_start']._serialized_options = b'\242\237\031\016\010\001 \001(\377\377\377\377\377\377\377\377\177'
+  _globals['_UNITBLOCK'].fields_by_name['serial_end']._loaded_options = None
+  _globals['_UNITBLOCK'].fields_by_name['serial_end']._serialized_options = b'\242\237\031\016\010\001 \001(\377\377\377\377\377\377\377\377\177'
+  _globals['_UNITBLOCK'].fields_by_name['vintage']._loaded_options = None
+  _globals['_UNITBLOCK'].fields_by_name['vintage']._serialized_options = b'\242\237\031\010\010\001 \306\017(\264\020'
+  _globals['_UNITBLOCK'].fields_by_name['activity_id']._loaded_options = None
+  _globals['_UNITBLOCK'].fields_by_name['activity_id']._serialized_options = b'\242\237\031\005\010\001\020\200\001'
+  _globals['_UNITBLOCK'].fields_by_name['authorisation_id']._loaded_options = None
+  _globals['_UNITBLOCK'].fields_by_name['authorisation_id']._serialized_options = b'\242\237\031\005\010\001\020\200\001'
+  _globals['_UNITBLOCK'].fields_by_name['cooperative_approach_id']._loaded_options = None
+  _globals['_UNITBLOCK'].fields_by_name['cooperative_approach_id']._serialized_options = b'\242\237\031\003\020\200\001'
+  _globals['_UNITBLOCK'].fields_by_name['first_transferring_party']._loaded_options = None
+  _globals['_UNITBLOCK'].fields_by_name['first_transferring_party']._serialized_options = b'\242\237\031\014\010\001\032\010[A-Z]{3}'
+  _globals['_UNITTYPE']._serialized_start=814
+  _globals['_UNITTYPE']._serialized_end=982
+  _globals['_PURPOSE']._serialized_start=984
+  _globals['_PURPOSE']._serialized_end=1053
+  _globals['_FIRSTTRANSFERDEFINITION']._serialized_start=1056
+  _globals['_FIRSTTRANSFERDEFINITION']._serialized_end=1269
+  _globals['_HEADER']._serialized_start=100
+  _globals['_HEADER']._serialized_end=408
+  _globals['_UNITBLOCK']._serialized_start=411
+  _globals['_UNITBLOCK']._serialized_end=811
 # @@protoc_insertion_point(module_scope)

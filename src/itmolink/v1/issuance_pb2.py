@@ -23,17 +23,24 @@ _sym_db = _symbol_database.Default()
 
 
 from itmolink.v1 import common_pb2 as itmolink_dot_v1_dot_common__pb2
+from itmolink.v1 import rules_pb2 as itmolink_dot_v1_dot_rules__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aitmolink/v1/issuance.proto\x12\x0bitmolink.v1\x1a\x18itmolink/v1/common.proto\"\x9e\x01\n\x0eIssuanceNotice\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x13\n\x0bissuance_id\x18\x02 \x01(\t\x12\x18\n\x10\x61uthorisation_id\x18\x03 \x01(\t\x12&\n\x06\x62locks\x18\x04 \x03(\x0b\x32\x16.itmolink.v1.UnitBlock\x12\x10\n\x08quantity\x18\x05 \x01(\x04\"S\n\x17IssuanceAcknowledgement\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x13\n\x0bissuance_id\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aitmolink/v1/issuance.proto\x12\x0bitmolink.v1\x1a\x18itmolink/v1/common.proto\x1a\x17itmolink/v1/rules.proto\"\xbd\x01\n\x0eIssuanceNotice\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0bissuance_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x18\n\x10\x61uthorisation_id\x18\x03 \x01(\t\x12&\n\x06\x62locks\x18\x04 \x03(\x0b\x32\x16.itmolink.v1.UnitBlock\x12$\n\x08quantity\x18\x05 \x01(\x04\x42\x12\xa2\x9f\x19\x0e\x08\x01 \x01(\xff\xff\xff\xff\xff\xff\xff\xff\x7f\"^\n\x17IssuanceAcknowledgement\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0bissuance_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'itmolink.v1.issuance_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ISSUANCENOTICE']._serialized_start=70
-  _globals['_ISSUANCENOTICE']._serialized_end=228
-  _globals['_ISSUANCEACKNOWLEDGEMENT']._serialized_start=230
-  _globals['_ISSUANCEACKNOWLEDGEMENT']._serialized_end=313
+  _globals['_ISSUANCENOTICE'].fields_by_name['issuance_id']._loaded_options = None
+  _globals['_ISSUANCENOTICE'].fields_by_name['issuance_id']._serialized_options = b'\242\237\031\005\010\001\020\200\001'
+  _globals['_ISSUANCENOTICE'].fields_by_name['quantity']._loaded_options = None
+  _globals['_ISSUANCENOTICE'].fields_by_name['quantity']._serialized_options = b'\242\237\031\016\010\001 \001(\377\377\377\377\377\377\377\377\177'
+  _globals['_ISSUANCEACKNOWLEDGEMENT'].fields_by_name['issuance_id']._loaded_options = None
+  _globals['_ISSUANCEACKNOWLEDGEMENT'].fields_by_name['issuance_id']._serialized_options = b'\242\237\031\005\010\001\020\200\001'
+  _globals['_ISSUANCENOTICE']._serialized_start=95
+  _globals['_ISSUANCENOTICE']._serialized_end=284
+  _globals['_ISSUANCEACKNOWLEDGEMENT']._serialized_start=286
+  _globals['_ISSUANCEACKNOWLEDGEMENT']._serialized_end=380
 # @@protoc_insertion_point(module_scope)
