@@ -7,6 +7,7 @@ import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,7 +82,12 @@ class Pair:
 
 
 def make_engine(
-    tmp: Path, party: str, partner: str, keys: dict[str, SigningKey], pinned: SigningKey
+    tmp: Path,
+    party: str,
+    partner: str,
+    keys: dict[str, SigningKey],
+    pinned: SigningKey,
+    **options: Any,
 ) -> Engine:
     counter = itertools.count(1)
     return Engine(
@@ -93,6 +99,7 @@ def make_engine(
         store=SqliteStore(tmp / f"{party.lower()}.db", party=party, registry=f"{party}-NR"),
         default_timeout=dt.timedelta(seconds=60),
         new_id=lambda: f"{party}-msg-{next(counter)}",
+        **options,
     )
 
 

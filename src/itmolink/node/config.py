@@ -16,6 +16,18 @@ Relative paths are resolved against the directory of the configuration file::
     card = "../kor/pki/card.toml"        # the partner's public card
     endpoint = "127.0.0.1:50052"         # the partner's partner_listen address
 
+    [accounting]                         # optional: how this party accounts for adjustments
+    method = "averaging"                 # or "multi-year-trajectory", "multi-year-budget"
+    ndc_first_year = 2021                # the NDC period
+    ndc_last_year = 2030
+    target_year = 2030                   # averaging: the single target year
+    target_emissions = 62000000          # averaging: target-year tCO2e; budget: period total
+    threshold_per_year = 500000          # most tCO2e first-transferred abroad per year
+    threshold_per_period = 3000000       # ... and per NDC period
+    [accounting.trajectory]              # multi-year-trajectory: one point per year
+    [accounting.reported_emissions]      # reported emissions by year, for 'itmolink report ca'
+    2025 = 61000000
+
     [limits]                             # optional; these are the defaults
     max_message_bytes = 2097152          # largest envelope accepted
     max_blocks = 10000                   # most blocks in one message
@@ -29,10 +41,11 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from itmolink.core.accounting import AccountingConfig, AccountingMethod, HostThreshold, NdcPeriod
 from itmolink.crypto.pki import PartnerCard, PartyFiles, check_party_code, check_registry_id
 
 
@@ -68,6 +81,9 @@ class NodeConfig:
     keys: PartyFiles
     partners: tuple[PartnerConfig, ...]
     limits: LimitsConfig = LimitsConfig()
+    accounting: AccountingConfig | None = None
+    threshold: HostThreshold | None = None
+    reported_emissions: dict[int, int] = field(default_factory=dict)
 
     @property
     def admin_target(self) -> str:
@@ -148,6 +164,7 @@ def load_config(path: Path | str) -> NodeConfig:
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"{path}: field 'limits.{name}' must be a positive integer")
     limits = LimitsConfig(**limits_table)
+    accounting, threshold, reported = _accounting(data.get("accounting"), party, path)
     return NodeConfig(
         path=path,
         party=party,
@@ -159,4 +176,65 @@ def load_config(path: Path | str) -> NodeConfig:
         keys=PartyFiles(base / _field(keys, "directory", str, path)),
         partners=tuple(partners),
         limits=limits,
+        accounting=accounting,
+        threshold=threshold,
+        reported_emissions=reported,
     )
+
+
+_ACCOUNTING_FIELDS = {
+    "method", "ndc_number", "ndc_first_year", "ndc_last_year", "target_year", "target_emissions",
+    "threshold_per_year", "threshold_per_period", "trajectory", "reported_emissions",
+    "baseline_year", "baseline_emissions",
+}  # fmt: skip
+
+
+def _year_table(value: object, name: str, path: Path) -> dict[int, int]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: [accounting.{name}] must be a table of year = tCO2e")
+    try:
+        return {int(year): int(amount) for year, amount in value.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}: [accounting.{name}] must map years to whole tCO2e") from None
+
+
+def _accounting(
+    table: object, party: str, path: Path
+) -> tuple[AccountingConfig | None, HostThreshold | None, dict[int, int]]:
+    if table is None:
+        return None, None, {}
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [accounting] must be a table")
+    unknown = set(table) - _ACCOUNTING_FIELDS
+    if unknown:
+        raise ConfigError(f"{path}: unknown field(s) in [accounting]: {', '.join(sorted(unknown))}")
+    methods = {m.value: m for m in AccountingMethod}
+    if table.get("method") not in methods:
+        raise ConfigError(
+            f"{path}: field 'accounting.method' must be one of {', '.join(sorted(methods))}"
+        )
+    for name in ("ndc_first_year", "ndc_last_year"):
+        if not isinstance(table.get(name), int):
+            raise ConfigError(f"{path}: field 'accounting.{name}' must be a year")
+    try:
+        config = AccountingConfig(
+            party=party,
+            method=methods[table["method"]],
+            ndc_period=NdcPeriod(
+                int(table.get("ndc_number", 1)), table["ndc_first_year"], table["ndc_last_year"]
+            ),
+            target_emissions=int(table.get("target_emissions", 0)),
+            target_year=table.get("target_year"),
+            trajectory=_year_table(table.get("trajectory", {}), "trajectory", path),
+            baseline_year=table.get("baseline_year"),
+            baseline_emissions=table.get("baseline_emissions"),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{path}: [accounting]: {exc}") from None
+    threshold = None
+    if "threshold_per_year" in table or "threshold_per_period" in table:
+        threshold = HostThreshold(
+            per_year=table.get("threshold_per_year"), per_period=table.get("threshold_per_period")
+        )
+    reported = _year_table(table.get("reported_emissions", {}), "reported_emissions", path)
+    return config, threshold, reported

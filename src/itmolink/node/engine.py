@@ -33,7 +33,14 @@ from google.protobuf.message import DecodeError, Message
 
 from itmolink import PROTOCOL_VERSION
 from itmolink.core import rules
-from itmolink.core.adjustments import adjustments_for
+from itmolink.core.accounting import (
+    AccountingConfig,
+    HostThreshold,
+    adjustment_entries,
+    booking_year,
+    check_host_threshold,
+)
+from itmolink.core.adjustments import AdjustmentEntry, adjustments_for
 from itmolink.core.blocks import Block, take, total
 from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.core.reconcile import Bucket, Total
@@ -189,6 +196,8 @@ class Engine:
         default_timeout: dt.timedelta = dt.timedelta(minutes=2),
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
         limits: Limits | None = None,
+        accounting: AccountingConfig | None = None,
+        threshold: HostThreshold | None = None,
     ) -> None:
         self.party = party
         self.registry = registry
@@ -202,6 +211,8 @@ class Engine:
         self.default_timeout = default_timeout
         self._new_id = new_id
         self.limits = limits or Limits()
+        self.accounting = accounting
+        self.threshold = threshold
         self._after_commit: list[Callable[[], None]] = []
         self.reload_trust()
 
@@ -586,6 +597,7 @@ class Engine:
         )
         for block in blocks:
             rules.check_not_held([block], tx.blocks_overlapping(block))
+        self._check_booking(blocks)
         acceptance = TransferAcceptance(
             transfer_id=msg.transfer_id, proposal_digest=digest(payload)
         )
@@ -790,6 +802,28 @@ class Engine:
         type_name(KeyRotation): _on_key_rotation,
     }
 
+    def _check_booking(self, blocks: Sequence[Block]) -> None:
+        """Refuse, before anything is promised, units whose adjustment could not be booked."""
+        if self.accounting is None:
+            return
+        for block in blocks:
+            if block.unit_type.requires_adjustment:
+                booking_year(self.accounting, vintage=block.vintage)
+
+    def _adjustment_entries(
+        self, role: Role, partner: str, transfer_id: str, blocks: Sequence[Block]
+    ) -> list[AdjustmentEntry]:
+        """This party's entries for a completed transfer, by its accounting method."""
+        if self.accounting is None:
+            return adjustments_for(role, self.party, partner, transfer_id, blocks)
+        try:
+            return adjustment_entries(self.accounting, role, partner, transfer_id, blocks)
+        except Rejected as rejected:
+            # Checked when the transfer was agreed; the configuration changed since.
+            # The partner's acknowledgement is already binding: book to the vintage.
+            log.error("ALARM: transfer %s booked to its vintage: %s", transfer_id, rejected)
+            return adjustments_for(role, self.party, partner, transfer_id, blocks)
+
     def _apply(
         self,
         tx: Tx,
@@ -815,7 +849,7 @@ class Engine:
                 tx.blocks_release(transfer_id)
         entries = []
         if Effect.APPLY_ADJUSTMENT in effects:
-            entries = adjustments_for(role, self.party, partner, transfer_id, blocks)
+            entries = self._adjustment_entries(role, partner, transfer_id, blocks)
             tx.adjustments_put(entries, evidence_journal_id=evidence_journal_id, now=now_us)
         years = {entry.year for entry in entries}
         return years.pop() if len(years) == 1 else 0
@@ -1505,6 +1539,21 @@ class Engine:
                 account=HOLDING_ACCOUNT, authorisation_id=authorisation_id, vintage=vintage
             )
             taken, remainders = take(held, quantity)
+            self._check_booking(taken)
+            first_transfer = all(b.first_transferring_party == self.party for b in taken)
+            if (
+                first_transfer
+                and terms.unit_type.requires_adjustment
+                and self.threshold is not None
+                and self.accounting is not None
+            ):
+                check_host_threshold(
+                    self.threshold,
+                    self.accounting.ndc_period,
+                    tx.first_transferred_by_year(),
+                    year=booking_year(self.accounting, vintage=vintage),
+                    quantity=quantity,
+                )
             for tail in remainders:
                 tx.block_split(tail)
             transfer_id = f"{self.party}-T-{tx.next_counter('transfer'):06d}"
@@ -1514,7 +1563,7 @@ class Engine:
                 authorisation_id=authorisation_id,
                 quantity=quantity,
                 blocks=[block_to_pb(b) for b in taken],
-                first_transfer=all(b.first_transferring_party == self.party for b in taken),
+                first_transfer=first_transfer,
                 expires_at=timestamp(expires_us),
             )
             payload = self._send(tx, to_party, proposal, transfer_id, now_us)

@@ -196,6 +196,8 @@ class Node:
             partners=[Partner(p.card.party, p.card.registry, p.endpoint) for p in config.partners],
             store=store,
             default_timeout=dt.timedelta(seconds=config.transfer_timeout_seconds),
+            accounting=config.accounting,
+            threshold=config.threshold,
             limits=Limits(
                 max_message_bytes=config.limits.max_message_bytes,
                 max_blocks=config.limits.max_blocks,

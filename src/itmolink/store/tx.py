@@ -937,6 +937,24 @@ class Tx:
                 ),
             )
 
+    def first_transferred_by_year(self) -> dict[int, int]:
+        """tCO2e first-transferred abroad per booking year: adjustments this party
+        booked as sender, plus first transfers still waiting for an answer."""
+        found: dict[int, int] = {}
+        for year, amount in self._exec(
+            "SELECT year, SUM(amount) FROM adjustments WHERE amount > 0 GROUP BY year"
+        ):
+            found[int(year)] = int(amount)
+        for vintage, amount in self._exec(
+            "SELECT b.vintage, SUM(b.serial_end - b.serial_start + 1) FROM transfer_blocks b "
+            "JOIN transfers t ON t.transfer_id = b.transfer_id "
+            "WHERE t.direction = 'out' AND t.state = ? AND t.first_transfer = 1 "
+            "GROUP BY b.vintage",
+            (int(TransferState.PROPOSED),),
+        ):
+            found[int(vintage)] = found.get(int(vintage), 0) + int(amount)
+        return found
+
     def adjustments(self) -> list[AdjustmentRecord]:
         rows = self._exec(
             "SELECT a.party, a.partner, a.transfer_id, a.year, a.amount, a.unit_type, a.method, "
