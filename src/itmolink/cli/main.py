@@ -218,6 +218,8 @@ def cmd_authorise(args: argparse.Namespace) -> int:
         vintage_to=args.vintage_to,
         quantity_cap=args.cap,
         unit_type=common_pb2.UnitType.Value(f"UNIT_TYPE_{args.unit_type}"),
+        buyer_share_bp=round(args.buyer_share_percent * 100),
+        voluntary_omge_bp=round(args.voluntary_omge_percent * 100),
     )
     stub = _admin(args)
     response = _call(stub.Authorise, request)
@@ -445,6 +447,82 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retire(args: argparse.Namespace) -> int:
+    response = _call(
+        _admin(args).Retire,
+        admin_pb2.RetireRequest(
+            action=args.action, host_party=args.host or "", authorisation_id=args.authorisation,
+            vintage=args.vintage, quantity=args.quantity, use_year=args.use_year or 0,
+            oimp_purpose=args.oimp_purpose,
+        ),
+    )  # fmt: skip
+    for block in response.blocks:
+        print(
+            f"{args.action}: {block.serial_end - block.serial_start + 1:,} tCO2e "
+            f"({block.originating_registry}:{block.serial_start}-{block.serial_end}) moved to "
+            f"account {response.account}"
+        )
+    return 0
+
+
+def _ledger(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(configuration, read-only connection to the node's ledger)."""
+    import sqlite3
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    if config.accounting is None:
+        raise CliError(
+            f"{config.path} has no [accounting] table: reports need the NDC period and method",
+            EXIT_USAGE,
+        )
+    if not config.database.exists():
+        raise CliError(f"{config.database}: no such database", EXIT_USAGE)
+    return config, sqlite3.connect(f"file:{config.database}?mode=ro", uri=True)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from itmolink.reports import format_balance, write_aef
+    from itmolink.reports.build import ReportError, build_aef, build_balance
+    from itmolink.store.tx import Tx
+
+    if args.report == "aef":
+        snapshot = _call(
+            _admin(args).SnapshotHoldings, admin_pb2.SnapshotHoldingsRequest(year=args.year)
+        )
+        taken = snapshot.taken_at.ToDatetime(tzinfo=dt.UTC)
+        print(
+            f"holdings of 31 December {args.year}: "
+            + ("frozen now" if snapshot.taken_now else f"as frozen on {taken:%Y-%m-%d %H:%M} UTC")
+            + f" ({snapshot.blocks} blocks)"
+        )
+    config, conn = _ledger(args)
+    try:
+        tx = Tx(conn)
+        if args.report == "aef":
+            report = build_aef(
+                tx, party=config.party, registry=config.registry, year=args.year,
+                accounting=config.accounting, submission_date=dt.datetime.now(dt.UTC).date(),
+            )  # fmt: skip
+            try:
+                paths = write_aef(report, Path(args.out), overwrite=args.overwrite)
+            except FileExistsError as exc:
+                raise CliError(str(exc), EXIT_USAGE) from None
+            for path in paths:
+                print(f"wrote {path}")
+        else:
+            print(format_balance(
+                build_balance(tx, accounting=config.accounting, reported=config.reported_emissions)
+            ))  # fmt: skip
+    except ReportError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        conn.close()
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Check the journal's hash chain offline, straight from the database file."""
     import sqlite3
@@ -567,6 +645,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["ITMO", "A6_4ER_AUTHORISED", "A6_4ER_MITIGATION_CONTRIBUTION", "TRANSITIONED_CER"],
     )
     authorise.add_argument(
+        "--buyer-share-percent",
+        type=float,
+        default=0.0,
+        help="share of every issuance first-transferred at once to the (single) acquiring "
+        "party, e.g. 80 under the JCM",
+    )
+    authorise.add_argument(
+        "--voluntary-omge-percent",
+        type=float,
+        default=0.0,
+        help="share of every issuance cancelled for overall mitigation (OMGE)",
+    )
+    authorise.add_argument(
         "--wait", action="store_true", help="wait until every acquiring party has answered"
     )
     authorise.add_argument("--wait-seconds", type=float, default=30.0)
@@ -638,6 +729,36 @@ def build_parser() -> argparse.ArgumentParser:
     list_keys = keys.add_parser("list", help="this node's and its partners' signing keys")
     _add_target(list_keys)
     list_keys.set_defaults(func=cmd_keys)
+
+    retire = commands.add_parser(
+        "retire", help="use held units toward the NDC or for OIMP, or cancel them voluntarily"
+    )
+    _add_target(retire)
+    retire.add_argument("action", choices=["use-ndc", "use-oimp", "voluntary-cancellation"])
+    retire.add_argument("--authorisation", required=True)
+    retire.add_argument("--host", help="the authorising party (default: this node's party)")
+    retire.add_argument("--vintage", type=int, required=True)
+    retire.add_argument("--quantity", type=int, required=True, help="tCO2e")
+    retire.add_argument("--use-year", type=int, help="use-ndc: the year used toward")
+    retire.add_argument("--oimp-purpose", default="", help="use-oimp: e.g. CORSIA")
+    retire.set_defaults(func=cmd_retire)
+
+    report = commands.add_parser("report", help="AEF tables and the adjusted emissions balance")
+    reports = report.add_subparsers(dest="report", required=True, metavar="REPORT")
+    aef = reports.add_parser(
+        "aef", help="write the five AEF tables of a year as CSV and XLSX (freezes the holdings "
+        "of 31 December on first use)",
+    )  # fmt: skip
+    _add_target(aef)
+    aef.add_argument("--year", type=int, required=True)
+    aef.add_argument("--out", required=True, help="directory to write the files to")
+    aef.add_argument("--overwrite", action="store_true", help="replace existing files")
+    aef.set_defaults(func=cmd_report)
+    ca = reports.add_parser(
+        "ca", help="the adjusted emissions balance by year against the target, per method"
+    )
+    ca.add_argument("--config", default="node.toml", help="the node's configuration")
+    ca.set_defaults(func=cmd_report)
 
     audit = commands.add_parser("audit", help="check the node's evidence").add_subparsers(
         dest="audit_command", required=True, metavar="ACTION"

@@ -241,6 +241,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             quantity_cap=request.quantity_cap,
             unit_type=_enum(UnitType, request.unit_type, "unit_type"),
             now=self._node.clock(),
+            buyer_share_bp=request.buyer_share_bp,
+            voluntary_omge_bp=request.voluntary_omge_bp,
         )
         self._node.kick()
         return admin_pb2.AuthoriseResponse(
@@ -389,6 +391,36 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 view.not_after.CopyFrom(timestamp(to_us(key.not_after)))
             views.append(view)
         return admin_pb2.ListSigningKeysResponse(keys=views)
+
+    @admin_method
+    async def Retire(
+        self, request: admin_pb2.RetireRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb2.RetireResponse:
+        account, blocks = await self._node.db(
+            self._engine.retire,
+            action=request.action,
+            host_party=request.host_party or self._node.config.party,
+            authorisation_id=request.authorisation_id,
+            vintage=request.vintage,
+            quantity=request.quantity,
+            use_year=request.use_year,
+            oimp_purpose=request.oimp_purpose,
+            now=self._node.clock(),
+        )
+        return admin_pb2.RetireResponse(blocks=[block_to_pb(b) for b in blocks], account=account)
+
+    @admin_method
+    async def SnapshotHoldings(
+        self,
+        request: admin_pb2.SnapshotHoldingsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> admin_pb2.SnapshotHoldingsResponse:
+        taken_now, taken_at, blocks = await self._node.db(
+            self._engine.snapshot_holdings, request.year, self._node.clock()
+        )
+        return admin_pb2.SnapshotHoldingsResponse(
+            taken_now=taken_now, taken_at=timestamp(taken_at), blocks=blocks
+        )
 
 
 def add_admin_service(node: Node, server: grpc.aio.Server) -> None:

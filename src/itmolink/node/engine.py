@@ -40,9 +40,18 @@ from itmolink.core.accounting import (
     booking_year,
     check_host_threshold,
 )
+from itmolink.core.actions import (
+    ActionType,
+    check_use_ndc,
+    check_use_oimp,
+    check_voluntary_cancellation,
+)
 from itmolink.core.adjustments import AdjustmentEntry, adjustments_for
+from itmolink.core.aef import ActionSubtype
+from itmolink.core.authorisation import Authorisation, check_authorisation
 from itmolink.core.blocks import Block, take, total
 from itmolink.core.codes import Rejected, RejectionCode
+from itmolink.core.issuance import Destination, IssuancePolicy, allocate_block, split_issuance
 from itmolink.core.reconcile import Bucket, Total
 from itmolink.core.rules import AuthorisationTerms
 from itmolink.core.transfer import Effect, Event, Role, TransferState, step
@@ -123,6 +132,35 @@ REQUEST_TYPES: dict[str, type[Message]] = {
         KeyRotation,
     )
 }
+
+# Where each part of an issuance goes: (account, account kind, AEF action if any).
+ISSUANCE_DESTINATIONS: dict[
+    Destination, tuple[str, str, tuple[ActionType, ActionSubtype] | None]
+] = {
+    Destination.HOST_HOLDING: (HOLDING_ACCOUNT, "holding", None),
+    Destination.BUYER_SHARE: (HOLDING_ACCOUNT, "holding", None),
+    Destination.ADAPTATION_FUND: (
+        "adaptation-fund", "adaptation-fund",
+        (ActionType.TRANSFER, ActionSubtype.MANDATORY_ADAPTATION_FUND),
+    ),
+    Destination.OMGE_CANCELLATION: (
+        "omge-cancellation", "cancellation",
+        (ActionType.CANCELLATION, ActionSubtype.MANDATORY_OMGE),
+    ),
+    Destination.VOLUNTARY_OMGE_CANCELLATION: (
+        "voluntary-omge-cancellation", "cancellation",
+        (ActionType.VOLUNTARY_CANCELLATION, ActionSubtype.VOLUNTARY_OMGE),
+    ),
+}  # fmt: skip
+
+# What an operator may do with held units: (account, account kind, AEF action).
+RETIREMENTS: dict[str, tuple[str, str, ActionType]] = {
+    "use-ndc": ("retired-ndc", "retirement", ActionType.USE_NDC),
+    "use-oimp": ("retired-oimp", "retirement", ActionType.USE_OIMP),
+    "voluntary-cancellation": (
+        "voluntary-cancellation", "cancellation", ActionType.VOLUNTARY_CANCELLATION,
+    ),
+}  # fmt: skip
 
 RETRY_BASE_US = 200_000
 RETRY_MAX_US = 30_000_000
@@ -511,6 +549,14 @@ class Engine:
     ) -> bytes:
         terms = terms_from_statement(msg)
         rules.check_received_authorisation(terms, me=self.party, sender=sender)
+        check_authorisation(
+            Authorisation(
+                terms, oimp_detail=msg.oimp_detail,
+                first_transfer_definition=_enum_or(
+                    FirstTransferDefinition, msg.first_transfer_definition
+                ),
+            )
+        )  # fmt: skip
         existing = tx.authorisation_get(sender, terms.authorisation_id)
         if existing is not None and existing.version >= terms.version:
             if existing != terms:
@@ -657,6 +703,11 @@ class Engine:
             tx, transition.effects, record.transfer_id, sender, blocks, journal_id, now_us
         )
         tx.transfer_set_state(msg.transfer_id, transition.state, now=now_us)
+        for block in blocks:
+            tx.action_put(
+                action_type=ActionType.ACQUISITION.value, block=block, at=now_us,
+                transferring_party=sender, transfer_id=msg.transfer_id,
+            )  # fmt: skip
         log.info(
             "transfer %s from %s completed: %d tCO2e credited",
             msg.transfer_id,
@@ -1012,6 +1063,7 @@ class Engine:
                 state="rejected" if rejected else "acknowledged",
                 rejection_code=code,
                 evidence_journal_id=journal_id,
+                reference="" if isinstance(reply, Rejection) else reply.acquiring_party_reference,  # type: ignore[attr-defined]
             )
         elif request_type == type_name(TransferProposal):
             if isinstance(reply, Rejection):
@@ -1136,6 +1188,16 @@ class Engine:
         tx.transfer_set_state(
             transfer_id, transition.state, now=now_us, acceptance_digest=digest(acceptance_payload)
         )
+        kind, subtype = (
+            (ActionType.FIRST_TRANSFER, ActionSubtype.FIRST_TRANSFER_TO_ANOTHER_PARTY.value)
+            if record.first_transfer
+            else (ActionType.TRANSFER, "")
+        )
+        for block in blocks:
+            tx.action_put(
+                action_type=kind.value, subtype=subtype, block=block, at=now_us,
+                acquiring_party=partner, transfer_id=transfer_id,
+            )  # fmt: skip
         if Effect.SEND_COMPLETION in transition.effects:
             completion = TransferCompletion(
                 transfer_id=transfer_id,
@@ -1287,6 +1349,92 @@ class Engine:
             rows.append((key.party, key.key_id, status, key))
         return rows
 
+    def retire(
+        self,
+        *,
+        action: str,
+        host_party: str,
+        authorisation_id: str,
+        vintage: int,
+        quantity: int,
+        now: dt.datetime,
+        use_year: int = 0,
+        oimp_purpose: str = "",
+    ) -> tuple[str, list[Block]]:
+        """Use held units toward the NDC or for OIMP, or cancel them voluntarily.
+
+        The units move to a retirement or cancellation account of this registry
+        and the action is recorded for the AEF; nothing is sent to a partner.
+        """
+        if action not in RETIREMENTS:
+            raise Rejected(
+                RejectionCode.INVALID_FIELD,
+                f"action {action!r} is not one of {', '.join(sorted(RETIREMENTS))}",
+            )
+        account, kind, action_type = RETIREMENTS[action]
+        now_us = to_us(now)
+        with self.store.transaction() as tx:
+            terms = tx.authorisation_get(host_party, authorisation_id)
+            if terms is None:
+                raise Rejected(
+                    RejectionCode.UNKNOWN_AUTHORISATION,
+                    f"no authorisation {authorisation_id!r} of {host_party} is recorded here",
+                )
+            details = tx.authorisation_details(host_party, authorisation_id)
+            authorisation = Authorisation(
+                terms,
+                oimp_detail=details["oimp_detail"],
+                first_transfer_definition=FirstTransferDefinition(
+                    details["first_transfer_definition"]
+                ),
+            )
+            held = tx.blocks_held(
+                account=HOLDING_ACCOUNT, authorisation_id=authorisation_id, vintage=vintage
+            )
+            taken, remainders = take(held, quantity)
+            received = host_party != self.party
+            if action_type is ActionType.USE_NDC:
+                if self.accounting is None:
+                    raise Rejected(
+                        RejectionCode.MISSING_FIELD,
+                        "using units toward the NDC needs the NDC period: add [accounting] "
+                        "to the node configuration",
+                    )
+                check_use_ndc(
+                    authorisation, me=self.party, blocks=taken, holdings=held,
+                    use_year=use_year, ndc_period=self.accounting.ndc_period,
+                    already_first_transferred=received,
+                )  # fmt: skip
+            elif action_type is ActionType.USE_OIMP:
+                if not oimp_purpose:
+                    raise Rejected(RejectionCode.MISSING_FIELD, "use for OIMP needs its purpose")
+                check_use_oimp(
+                    authorisation, me=self.party, blocks=taken, holdings=held,
+                    already_first_transferred=received,
+                )  # fmt: skip
+            else:
+                check_voluntary_cancellation(blocks=taken, holdings=held)
+            for tail in remainders:
+                tx.block_split(tail)
+            tx.account_ensure(account, kind, now_us)
+            tx.blocks_move(taken, account=account)
+            for block in taken:
+                tx.action_put(
+                    action_type=action_type.value, block=block, at=now_us,
+                    using_party=self.party, oimp_purpose=oimp_purpose,
+                    use_year=use_year or None,
+                )  # fmt: skip
+        log.info("%s: %d tCO2e of %s moved to %s", action, quantity, authorisation_id, account)
+        return account, taken
+
+    def snapshot_holdings(self, year: int, now: dt.datetime) -> tuple[bool, int, int]:
+        """Freeze the holdings of 31 December ``year``: (taken now, taken at, blocks)."""
+        with self.store.transaction() as tx:
+            taken_now = tx.snapshot_take(year, to_us(now))
+            snapshot = tx.snapshot(year)
+        assert snapshot is not None
+        return taken_now, snapshot[0], len(snapshot[1])
+
     def record_admin_action(
         self, *, operator: str, method: str, request: str, outcome: str, now: dt.datetime
     ) -> None:
@@ -1392,8 +1540,23 @@ class Engine:
         quantity_cap: int,
         unit_type: UnitType,
         now: dt.datetime,
+        buyer_share_bp: int = 0,
+        voluntary_omge_bp: int = 0,
     ) -> AuthorisationTerms:
-        """Record an authorisation and send it to each acquiring party."""
+        """Record an authorisation and send it to each acquiring party.
+
+        ``buyer_share_bp`` and ``voluntary_omge_bp`` are the cooperative approach's
+        policy for issuances under it (basis points): a share of every issuance
+        first-transferred to the (single) acquiring party, and a voluntary
+        cancellation for overall mitigation.
+        """
+        if not 0 <= buyer_share_bp <= 10_000 or not 0 <= voluntary_omge_bp <= 10_000:
+            raise Rejected(RejectionCode.INVALID_FIELD, "shares are basis points, 0 to 10,000")
+        if buyer_share_bp and len(set(acquiring_parties)) != 1:
+            raise Rejected(
+                RejectionCode.INVALID_FIELD,
+                "a buyer's share of issuance needs exactly one acquiring party",
+            )
         now_us = to_us(now)
         for party in acquiring_parties:
             self._require_partner(party)
@@ -1412,7 +1575,12 @@ class Engine:
                 quantity_cap=quantity_cap,
                 unit_type=unit_type,
             )
-            rules.check_authorisation_terms(terms)
+            check_authorisation(
+                Authorisation(
+                    terms, oimp_detail=oimp_detail,
+                    first_transfer_definition=first_transfer_definition,
+                )
+            )  # fmt: skip
             tx.authorisation_put(
                 terms,
                 activity_name=activity_name,
@@ -1420,6 +1588,8 @@ class Engine:
                 oimp_detail=oimp_detail,
                 first_transfer_definition=int(first_transfer_definition),
                 now=now_us,
+                buyer_share_bp=buyer_share_bp,
+                voluntary_omge_bp=voluntary_omge_bp,
             )
             for party in sorted(terms.acquiring_parties):
                 tx.authorisation_party_put(terms, party, "pending", None)
@@ -1481,7 +1651,21 @@ class Engine:
                 first_transferring_party=self.party,
             )
             issuance_id = f"{self.party}-I-{tx.next_counter('issuance'):06d}"
-            tx.blocks_insert([block], account=HOLDING_ACCOUNT)
+            details = tx.authorisation_details(self.party, authorisation_id)
+            policy = IssuancePolicy(details["buyer_share_bp"], details["voluntary_omge_bp"])
+            split = split_issuance(terms.unit_type, quantity, policy)
+            buyer_share: list[Block] = []
+            for destination, part in allocate_block(block, split):
+                account, kind, action = ISSUANCE_DESTINATIONS[destination]
+                tx.account_ensure(account, kind, now_us)
+                tx.blocks_insert([part], account=account)
+                if action is not None:
+                    action_type, subtype = action
+                    tx.action_put(
+                        action_type=action_type.value, subtype=subtype.value, block=part, at=now_us
+                    )
+                if destination is Destination.BUYER_SHARE:
+                    buyer_share.append(part)
             tx.issuance_put(
                 host_party=self.party,
                 issuance_id=issuance_id,
@@ -1498,6 +1682,19 @@ class Engine:
                     quantity=quantity,
                 )
                 self._send(tx, party, notice, issuance_id, now_us)
+            if buyer_share:
+                # The buyer's share under the cooperative approach leaves at once, as a
+                # first transfer in this same transaction (JCM-style sharing of issuance).
+                (buyer,) = terms.acquiring_parties
+                states = tx.authorisation_party_states(self.party, authorisation_id, terms.version)
+                rules.check_transfer_request(
+                    terms, to_party=buyer, vintage=vintage,
+                    acknowledged=states.get(buyer) == "acknowledged",
+                )  # fmt: skip
+                self._propose(
+                    tx, terms, to_party=buyer, blocks=buyer_share, now_us=now_us,
+                    expires_us=now_us + self.default_timeout // dt.timedelta(microseconds=1),
+                )  # fmt: skip
         log.info(
             "issued %d tCO2e of vintage %d as %s (%s)",
             quantity,
@@ -1556,33 +1753,60 @@ class Engine:
                 )
             for tail in remainders:
                 tx.block_split(tail)
-            transfer_id = f"{self.party}-T-{tx.next_counter('transfer'):06d}"
-            tx.blocks_reserve(taken, transfer_id=transfer_id)
-            proposal = TransferProposal(
-                transfer_id=transfer_id,
-                authorisation_id=authorisation_id,
-                quantity=quantity,
-                blocks=[block_to_pb(b) for b in taken],
-                first_transfer=first_transfer,
-                expires_at=timestamp(expires_us),
+            transfer_id = self._propose(
+                tx, terms, to_party=to_party, blocks=taken, now_us=now_us, expires_us=expires_us
             )
-            payload = self._send(tx, to_party, proposal, transfer_id, now_us)
-            tx.transfer_put(
-                transfer_id=transfer_id,
-                direction=Role.SENDER,
-                partner=to_party,
-                state=TransferState.PROPOSED,
-                quantity=quantity,
-                authorisation_id=authorisation_id,
-                first_transfer=proposal.first_transfer,
-                proposal_message_id=proposal.header.message_id,
-                proposal_digest=digest(payload),
-                expires_at=expires_us,
-                blocks=taken,
-                now=now_us,
-            )
+        return transfer_id
+
+    def _propose(
+        self,
+        tx: Tx,
+        terms: AuthorisationTerms,
+        *,
+        to_party: str,
+        blocks: Sequence[Block],
+        now_us: int,
+        expires_us: int,
+    ) -> str:
+        """Reserve ``blocks`` and persist a proposal of them to ``to_party``."""
+        quantity = total(blocks)
+        authorisation_id = terms.authorisation_id
+        taken = list(blocks)
+        first_transfer = all(b.first_transferring_party == self.party for b in taken)
+        transfer_id = f"{self.party}-T-{tx.next_counter('transfer'):06d}"
+        tx.blocks_reserve(taken, transfer_id=transfer_id)
+        proposal = TransferProposal(
+            transfer_id=transfer_id,
+            authorisation_id=authorisation_id,
+            quantity=quantity,
+            blocks=[block_to_pb(b) for b in taken],
+            first_transfer=first_transfer,
+            expires_at=timestamp(expires_us),
+        )
+        payload = self._send(tx, to_party, proposal, transfer_id, now_us)
+        tx.transfer_put(
+            transfer_id=transfer_id,
+            direction=Role.SENDER,
+            partner=to_party,
+            state=TransferState.PROPOSED,
+            quantity=quantity,
+            authorisation_id=authorisation_id,
+            first_transfer=proposal.first_transfer,
+            proposal_message_id=proposal.header.message_id,
+            proposal_digest=digest(payload),
+            expires_at=expires_us,
+            blocks=taken,
+            now=now_us,
+        )
         log.info("transfer %s proposed: %d tCO2e to %s", transfer_id, quantity, to_party)
         return transfer_id
+
+
+def _enum_or(kind: type[FirstTransferDefinition], value: int) -> FirstTransferDefinition:
+    try:
+        return kind(value)
+    except ValueError:
+        raise Rejected(RejectionCode.INVALID_FIELD, f"{kind.__name__} {value} is unknown") from None
 
 
 def _subject_of(msg: Message) -> str:

@@ -397,13 +397,15 @@ class Tx:
         oimp_detail: str,
         first_transfer_definition: int,
         now: int,
+        buyer_share_bp: int = 0,
+        voluntary_omge_bp: int = 0,
     ) -> None:
         self._exec(
             "INSERT INTO authorisations (host_party, authorisation_id, version, activity_id, "
             "activity_name, activity_description, cooperative_approach_id, acquiring_parties, "
             "purposes, oimp_detail, first_transfer_definition, vintage_from, vintage_to, "
-            "quantity_cap, unit_type, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "quantity_cap, unit_type, created_at, buyer_share_bp, voluntary_omge_bp) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 terms.host_party,
                 terms.authorisation_id,
@@ -421,6 +423,8 @@ class Tx:
                 terms.quantity_cap,
                 int(terms.unit_type),
                 now,
+                buyer_share_bp,
+                voluntary_omge_bp,
             ),
         )
 
@@ -450,6 +454,20 @@ class Tx:
             quantity_cap=int(row[9]),
             unit_type=UnitType(row[10]),
         )
+
+    def authorisation_details(self, host_party: str, authorisation_id: str) -> dict[str, Any]:
+        """The parts of the latest version that AuthorisationTerms leaves out."""
+        row = self._one(
+            "SELECT oimp_detail, first_transfer_definition, buyer_share_bp, voluntary_omge_bp, "
+            "activity_name, created_at FROM authorisations WHERE host_party = ? "
+            "AND authorisation_id = ? ORDER BY version DESC LIMIT 1",
+            (host_party, authorisation_id),
+        )
+        if row is None:
+            return {}
+        keys = ("oimp_detail", "first_transfer_definition", "buyer_share_bp",
+                "voluntary_omge_bp", "activity_name", "created_at")  # fmt: skip
+        return dict(zip(keys, row, strict=True))
 
     def authorisations(self) -> list[AuthorisationTerms]:
         rows = self._exec(
@@ -485,15 +503,17 @@ class Tx:
         state: str,
         rejection_code: int,
         evidence_journal_id: int,
+        reference: str = "",
     ) -> None:
         self._exec(
             "UPDATE authorisation_parties SET state = ?, rejection_code = ?, "
-            "evidence_journal_id = ? WHERE host_party = ? AND authorisation_id = ? "
+            "evidence_journal_id = ?, reference = ? WHERE host_party = ? AND authorisation_id = ? "
             "AND version = ? AND party = ?",
             (
                 state,
                 rejection_code,
                 evidence_journal_id,
+                reference,
                 host_party,
                 authorisation_id,
                 version,
@@ -518,6 +538,88 @@ class Tx:
             "INSERT INTO accounts (account_id, kind, created_at) VALUES (?, ?, ?)",
             (account_id, kind, now),
         )
+
+    def account_ensure(self, account_id: str, kind: str, now: int) -> None:
+        self._exec(
+            "INSERT INTO accounts (account_id, kind, created_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (account_id) DO NOTHING",
+            (account_id, kind, now),
+        )
+
+    def blocks_move(self, blocks: Iterable[Block], *, account: str) -> None:
+        """Move held blocks to another account of this registry."""
+        for block in blocks:
+            cursor = self._exec(
+                "UPDATE blocks SET account = ? WHERE originating_registry = ? AND serial_start = ? "
+                "AND serial_end = ? AND status = 'held'",
+                (account, block.originating_registry, block.serial_start, block.serial_end),
+            )
+            if cursor.rowcount != 1:
+                raise RuntimeError(f"block {block.label()} is not held and cannot be moved")
+
+    def action_put(
+        self,
+        *,
+        action_type: str,
+        block: Block,
+        at: int,
+        subtype: str = "",
+        transferring_party: str = "",
+        acquiring_party: str = "",
+        using_party: str = "",
+        oimp_purpose: str = "",
+        use_year: int | None = None,
+        transfer_id: str = "",
+    ) -> None:
+        self._exec(
+            f"INSERT INTO actions (action_type, subtype, at, {_BLOCK_COLUMNS}, transferring_party, "
+            "acquiring_party, using_party, oimp_purpose, use_year, transfer_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (action_type, subtype, at, *_block_values(block), transferring_party,
+             acquiring_party, using_party, oimp_purpose, use_year, transfer_id),
+        )  # fmt: skip
+
+    def actions(self) -> list[dict[str, Any]]:
+        rows = self._exec(
+            f"SELECT action_type, subtype, at, {_BLOCK_COLUMNS}, transferring_party, "
+            "acquiring_party, using_party, oimp_purpose, use_year, transfer_id "
+            "FROM actions ORDER BY id"
+        )
+        names = ("action_type", "subtype", "at")
+        tail = ("transferring_party", "acquiring_party", "using_party", "oimp_purpose",
+                "use_year", "transfer_id")  # fmt: skip
+        return [
+            {**dict(zip(names, r[:3], strict=True)), "block": _block(r[3:12]),
+             **dict(zip(tail, r[12:], strict=True))}
+            for r in rows
+        ]  # fmt: skip
+
+    def snapshot_take(self, year: int, now: int) -> bool:
+        """Freeze this registry's holdings as its holdings of 31 December ``year``.
+
+        Returns False, changing nothing, when that year's snapshot was taken before.
+        """
+        if self._one("SELECT 1 FROM snapshot_years WHERE year = ?", (year,)) is not None:
+            return False
+        self._exec("INSERT INTO snapshot_years (year, taken_at) VALUES (?, ?)", (year, now))
+        self._exec(
+            f"INSERT INTO holdings_snapshots (year, taken_at, account, {_BLOCK_COLUMNS}) "
+            f"SELECT ?, ?, account, {_BLOCK_COLUMNS} FROM blocks",
+            (year, now),
+        )
+        return True
+
+    def snapshot(self, year: int) -> tuple[int, list[tuple[str, Block]]] | None:
+        """(taken_at, [(account, block)]) of a year's frozen holdings, if taken."""
+        row = self._one("SELECT taken_at FROM snapshot_years WHERE year = ?", (year,))
+        if row is None:
+            return None
+        rows = self._exec(
+            f"SELECT account, {_BLOCK_COLUMNS} FROM holdings_snapshots WHERE year = ? "
+            "ORDER BY originating_registry, serial_start",
+            (year,),
+        )
+        return int(row[0]), [(r[0], _block(r[1:])) for r in rows]
 
     def accounts(self) -> dict[str, str]:
         return {r[0]: r[1] for r in self._exec("SELECT account_id, kind FROM accounts")}

@@ -23,6 +23,124 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class RetireRequest(_message.Message):
+    """RetireRequest names the units and what to do with them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    HOST_PARTY_FIELD_NUMBER: _builtins.int
+    AUTHORISATION_ID_FIELD_NUMBER: _builtins.int
+    VINTAGE_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    USE_YEAR_FIELD_NUMBER: _builtins.int
+    OIMP_PURPOSE_FIELD_NUMBER: _builtins.int
+    action: _builtins.str
+    """"use-ndc", "use-oimp" or "voluntary-cancellation"."""
+    host_party: _builtins.str
+    """The host party that authorised the units (this node's party for its own)."""
+    authorisation_id: _builtins.str
+    vintage: _builtins.int
+    quantity: _builtins.int
+    use_year: _builtins.int
+    """use-ndc: the year the units are used toward."""
+    oimp_purpose: _builtins.str
+    """use-oimp: the purpose, e.g. "CORSIA"."""
+    def __init__(
+        self,
+        *,
+        action: _builtins.str = ...,
+        host_party: _builtins.str = ...,
+        authorisation_id: _builtins.str = ...,
+        vintage: _builtins.int = ...,
+        quantity: _builtins.int = ...,
+        use_year: _builtins.int = ...,
+        oimp_purpose: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "authorisation_id", b"authorisation_id", "host_party", b"host_party", "oimp_purpose", b"oimp_purpose", "quantity", b"quantity", "use_year", b"use_year", "vintage", b"vintage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetireRequest: _TypeAlias = RetireRequest  # noqa: Y015
+
+@_typing.final
+class RetireResponse(_message.Message):
+    """RetireResponse describes the blocks retired."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOCKS_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    account: _builtins.str
+    @_builtins.property
+    def blocks(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.UnitBlock]: ...
+    def __init__(
+        self,
+        *,
+        blocks: _abc.Iterable[_common_pb2.UnitBlock] | None = ...,
+        account: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "blocks", b"blocks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetireResponse: _TypeAlias = RetireResponse  # noqa: Y015
+
+@_typing.final
+class SnapshotHoldingsRequest(_message.Message):
+    """SnapshotHoldingsRequest names the year."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    YEAR_FIELD_NUMBER: _builtins.int
+    year: _builtins.int
+    def __init__(
+        self,
+        *,
+        year: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["year", b"year"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotHoldingsRequest: _TypeAlias = SnapshotHoldingsRequest  # noqa: Y015
+
+@_typing.final
+class SnapshotHoldingsResponse(_message.Message):
+    """SnapshotHoldingsResponse says whether this call took the snapshot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAKEN_NOW_FIELD_NUMBER: _builtins.int
+    TAKEN_AT_FIELD_NUMBER: _builtins.int
+    BLOCKS_FIELD_NUMBER: _builtins.int
+    taken_now: _builtins.bool
+    """False when the year's snapshot had been taken before (it is unchanged)."""
+    blocks: _builtins.int
+    @_builtins.property
+    def taken_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        taken_now: _builtins.bool = ...,
+        taken_at: _timestamp_pb2.Timestamp | None = ...,
+        blocks: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["taken_at", b"taken_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "taken_at", b"taken_at", "taken_now", b"taken_now"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotHoldingsResponse: _TypeAlias = SnapshotHoldingsResponse  # noqa: Y015
+
+@_typing.final
 class RotateSigningKeyRequest(_message.Message):
     """RotateSigningKeyRequest has no fields: the new key is made by the node."""
 
@@ -382,6 +500,8 @@ class AuthoriseRequest(_message.Message):
     VINTAGE_TO_FIELD_NUMBER: _builtins.int
     QUANTITY_CAP_FIELD_NUMBER: _builtins.int
     UNIT_TYPE_FIELD_NUMBER: _builtins.int
+    BUYER_SHARE_BP_FIELD_NUMBER: _builtins.int
+    VOLUNTARY_OMGE_BP_FIELD_NUMBER: _builtins.int
     activity_id: _builtins.str
     activity_name: _builtins.str
     activity_description: _builtins.str
@@ -392,6 +512,12 @@ class AuthoriseRequest(_message.Message):
     vintage_to: _builtins.int
     quantity_cap: _builtins.int
     unit_type: _common_pb2.UnitType.ValueType
+    buyer_share_bp: _builtins.int
+    """The cooperative approach's share of every issuance that is first-transferred
+    to the (single) acquiring party at once, in basis points (8000 = 80%).
+    """
+    voluntary_omge_bp: _builtins.int
+    """Voluntary cancellation for overall mitigation at each issuance, in basis points."""
     @_builtins.property
     def acquiring_parties(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -411,10 +537,12 @@ class AuthoriseRequest(_message.Message):
         vintage_to: _builtins.int = ...,
         quantity_cap: _builtins.int = ...,
         unit_type: _common_pb2.UnitType.ValueType = ...,
+        buyer_share_bp: _builtins.int = ...,
+        voluntary_omge_bp: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquiring_parties", b"acquiring_parties", "activity_description", b"activity_description", "activity_id", b"activity_id", "activity_name", b"activity_name", "cooperative_approach_id", b"cooperative_approach_id", "first_transfer_definition", b"first_transfer_definition", "oimp_detail", b"oimp_detail", "purposes", b"purposes", "quantity_cap", b"quantity_cap", "unit_type", b"unit_type", "vintage_from", b"vintage_from", "vintage_to", b"vintage_to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquiring_parties", b"acquiring_parties", "activity_description", b"activity_description", "activity_id", b"activity_id", "activity_name", b"activity_name", "buyer_share_bp", b"buyer_share_bp", "cooperative_approach_id", b"cooperative_approach_id", "first_transfer_definition", b"first_transfer_definition", "oimp_detail", b"oimp_detail", "purposes", b"purposes", "quantity_cap", b"quantity_cap", "unit_type", b"unit_type", "vintage_from", b"vintage_from", "vintage_to", b"vintage_to", "voluntary_omge_bp", b"voluntary_omge_bp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -103,6 +103,16 @@ class AdminServiceStub:
                 request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ListSigningKeysRequest.SerializeToString,
                 response_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ListSigningKeysResponse.FromString,
                 _registered_method=True)
+        self.Retire = channel.unary_unary(
+                '/itmolink.admin.v1.AdminService/Retire',
+                request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RetireRequest.SerializeToString,
+                response_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RetireResponse.FromString,
+                _registered_method=True)
+        self.SnapshotHoldings = channel.unary_unary(
+                '/itmolink.admin.v1.AdminService/SnapshotHoldings',
+                request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.SnapshotHoldingsRequest.SerializeToString,
+                response_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.SnapshotHoldingsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -207,6 +217,21 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Retire(self, request, context):
+        """Retire uses held units toward the NDC or for OIMP, or cancels them voluntarily.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SnapshotHoldings(self, request, context):
+        """SnapshotHoldings freezes this registry's holdings as those of 31 December of a
+        year, for the AEF Holdings table; a snapshot once taken never changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -274,6 +299,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListSigningKeys,
                     request_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ListSigningKeysRequest.FromString,
                     response_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ListSigningKeysResponse.SerializeToString,
+            ),
+            'Retire': grpc.unary_unary_rpc_method_handler(
+                    servicer.Retire,
+                    request_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RetireRequest.FromString,
+                    response_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RetireResponse.SerializeToString,
+            ),
+            'SnapshotHoldings': grpc.unary_unary_rpc_method_handler(
+                    servicer.SnapshotHoldings,
+                    request_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.SnapshotHoldingsRequest.FromString,
+                    response_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.SnapshotHoldingsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -631,6 +666,60 @@ class AdminService:
             '/itmolink.admin.v1.AdminService/ListSigningKeys',
             itmolink_dot_admin_dot_v1_dot_admin__pb2.ListSigningKeysRequest.SerializeToString,
             itmolink_dot_admin_dot_v1_dot_admin__pb2.ListSigningKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Retire(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/itmolink.admin.v1.AdminService/Retire',
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.RetireRequest.SerializeToString,
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.RetireResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SnapshotHoldings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/itmolink.admin.v1.AdminService/SnapshotHoldings',
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.SnapshotHoldingsRequest.SerializeToString,
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.SnapshotHoldingsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,6 +70,12 @@ class AdminServiceStub:
     """
     ListSigningKeys: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListSigningKeysRequest, _admin_pb2.ListSigningKeysResponse]
     """ListSigningKeys lists this node's and its partners' signing keys."""
+    Retire: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RetireRequest, _admin_pb2.RetireResponse]
+    """Retire uses held units toward the NDC or for OIMP, or cancels them voluntarily."""
+    SnapshotHoldings: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SnapshotHoldingsRequest, _admin_pb2.SnapshotHoldingsResponse]
+    """SnapshotHoldings freezes this registry's holdings as those of 31 December of a
+    year, for the AEF Holdings table; a snapshot once taken never changes.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -113,6 +119,12 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     ListSigningKeys: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListSigningKeysRequest, _admin_pb2.ListSigningKeysResponse]  # type: ignore[assignment]
     """ListSigningKeys lists this node's and its partners' signing keys."""
+    Retire: _aio.UnaryUnaryMultiCallable[_admin_pb2.RetireRequest, _admin_pb2.RetireResponse]  # type: ignore[assignment]
+    """Retire uses held units toward the NDC or for OIMP, or cancels them voluntarily."""
+    SnapshotHoldings: _aio.UnaryUnaryMultiCallable[_admin_pb2.SnapshotHoldingsRequest, _admin_pb2.SnapshotHoldingsResponse]  # type: ignore[assignment]
+    """SnapshotHoldings freezes this registry's holdings as those of 31 December of a
+    year, for the AEF Holdings table; a snapshot once taken never changes.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService is the operator's interface to its own node. It is served on a
@@ -231,5 +243,23 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListSigningKeysResponse, _abc.Awaitable[_admin_pb2.ListSigningKeysResponse]]:
         """ListSigningKeys lists this node's and its partners' signing keys."""
+
+    @_abc_1.abstractmethod
+    def Retire(
+        self,
+        request: _admin_pb2.RetireRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RetireResponse, _abc.Awaitable[_admin_pb2.RetireResponse]]:
+        """Retire uses held units toward the NDC or for OIMP, or cancels them voluntarily."""
+
+    @_abc_1.abstractmethod
+    def SnapshotHoldings(
+        self,
+        request: _admin_pb2.SnapshotHoldingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SnapshotHoldingsResponse, _abc.Awaitable[_admin_pb2.SnapshotHoldingsResponse]]:
+        """SnapshotHoldings freezes this registry's holdings as those of 31 December of a
+        year, for the AEF Holdings table; a snapshot once taken never changes.
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -77,6 +77,10 @@ CREATE TABLE authorisations (
     vintage_to INTEGER NOT NULL,
     quantity_cap BIGINT NOT NULL,
     unit_type INTEGER NOT NULL,
+    -- Per cooperative approach, in basis points: the buyer's share of each
+    -- issuance (JCM-style) and a voluntary cancellation for OMGE.
+    buyer_share_bp INTEGER NOT NULL DEFAULT 0,
+    voluntary_omge_bp INTEGER NOT NULL DEFAULT 0,
     created_at BIGINT NOT NULL,
     PRIMARY KEY (host_party, authorisation_id, version)
 );
@@ -90,6 +94,8 @@ CREATE TABLE authorisation_parties (
     state TEXT NOT NULL CHECK (state IN ('pending', 'acknowledged', 'rejected')),
     rejection_code INTEGER NOT NULL,
     evidence_journal_id BIGINT REFERENCES journal (id),
+    -- The acquiring party's own authorisation reference, from its acknowledgement.
+    reference TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (host_party, authorisation_id, version, party)
 );
 
@@ -109,7 +115,7 @@ CREATE TABLE issuances (
 -- Accounts of this registry. Every node has a holding account ('holding').
 CREATE TABLE accounts (
     account_id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL CHECK (kind IN ('holding')),
+    kind TEXT NOT NULL CHECK (kind IN ('holding', 'adaptation-fund', 'cancellation', 'retirement')),
     created_at BIGINT NOT NULL
 );
 
@@ -234,4 +240,50 @@ CREATE TABLE revoked_keys (
     party TEXT NOT NULL,
     source TEXT NOT NULL,
     revoked_at BIGINT NOT NULL
+);
+
+-- Article 6 actions as the AEF reports them: first transfers, transfers,
+-- acquisitions, uses and cancellations, each with the block it concerns.
+CREATE TABLE actions (
+    id AUTO_ID,
+    action_type TEXT NOT NULL,
+    subtype TEXT NOT NULL,
+    at BIGINT NOT NULL,
+    originating_registry TEXT NOT NULL,
+    serial_start BIGINT NOT NULL,
+    serial_end BIGINT NOT NULL,
+    unit_type INTEGER NOT NULL,
+    vintage INTEGER NOT NULL,
+    activity_id TEXT NOT NULL,
+    authorisation_id TEXT NOT NULL,
+    cooperative_approach_id TEXT NOT NULL,
+    first_transferring_party TEXT NOT NULL,
+    transferring_party TEXT NOT NULL,
+    acquiring_party TEXT NOT NULL,
+    using_party TEXT NOT NULL,
+    oimp_purpose TEXT NOT NULL,
+    use_year INTEGER,
+    transfer_id TEXT NOT NULL
+);
+
+-- Holdings at 31 December of a year, frozen once taken.
+CREATE TABLE holdings_snapshots (
+    year INTEGER NOT NULL,
+    taken_at BIGINT NOT NULL,
+    account TEXT NOT NULL,
+    originating_registry TEXT NOT NULL,
+    serial_start BIGINT NOT NULL,
+    serial_end BIGINT NOT NULL,
+    unit_type INTEGER NOT NULL,
+    vintage INTEGER NOT NULL,
+    activity_id TEXT NOT NULL,
+    authorisation_id TEXT NOT NULL,
+    cooperative_approach_id TEXT NOT NULL,
+    first_transferring_party TEXT NOT NULL,
+    PRIMARY KEY (year, originating_registry, serial_start)
+);
+
+CREATE TABLE snapshot_years (
+    year INTEGER PRIMARY KEY,
+    taken_at BIGINT NOT NULL
 );
