@@ -447,6 +447,36 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_authorisation(args: argparse.Namespace) -> int:
+    stub = _admin(args)
+    if args.authorisation_command == "revoke":
+        result = _call(
+            stub.RevokeAuthorisation,
+            admin_pb2.RevokeAuthorisationRequest(authorisation_id=args.authorisation),
+        )
+        print(
+            f"authorisation {args.authorisation} revoked (version {result.version}): "
+            f"{result.revoked_quantity:,} tCO2e revoked, {result.refused_quantity:,} refused "
+            f"(already first-transferred), {result.unissued_revoked:,} of the cap never issued"
+        )
+        return 0
+    request = admin_pb2.AmendAuthorisationRequest(
+        authorisation_id=args.authorisation,
+        acquiring_parties=args.acquiring_party or [],
+        purposes=[common_pb2.Purpose.Value(f"PURPOSE_{p}") for p in args.purpose or []],
+        oimp_detail=args.oimp_detail,
+        vintage_from=args.vintage_from or 0,
+        vintage_to=args.vintage_to or 0,
+        quantity_cap=args.cap or 0,
+        clear_cap=args.no_cap,
+    )
+    if args.first_transfer:
+        request.first_transfer_definition = transfer_definition(args.first_transfer)
+    result = _call(stub.AmendAuthorisation, request)
+    print(f"authorisation {result.authorisation_id} amended: version {result.version} sent")
+    return 0
+
+
 def cmd_retire(args: argparse.Namespace) -> int:
     response = _call(
         _admin(args).Retire,
@@ -729,6 +759,32 @@ def build_parser() -> argparse.ArgumentParser:
     list_keys = keys.add_parser("list", help="this node's and its partners' signing keys")
     _add_target(list_keys)
     list_keys.set_defaults(func=cmd_keys)
+
+    authorisation = commands.add_parser(
+        "authorisation", help="amend or revoke an authorisation of this registry"
+    ).add_subparsers(dest="authorisation_command", required=True, metavar="ACTION")
+    amend = authorisation.add_parser(
+        "amend", help="record and send the next version (unset options keep their value)"
+    )
+    _add_target(amend)
+    amend.add_argument("--authorisation", required=True)
+    amend.add_argument("--acquiring-party", action="append", help="repeatable; replaces the list")
+    amend.add_argument("--purpose", action="append", choices=["NDC", "OIMP"])
+    amend.add_argument("--oimp-detail", default="")
+    amend.add_argument(
+        "--first-transfer", choices=["AT_AUTHORISATION", "AT_ISSUANCE", "AT_USE_OR_CANCELLATION"]
+    )
+    amend.add_argument("--vintage-from", type=int)
+    amend.add_argument("--vintage-to", type=int)
+    amend.add_argument("--cap", type=int, help="new tCO2e cap")
+    amend.add_argument("--no-cap", action="store_true", help="remove the cap")
+    amend.set_defaults(func=cmd_authorisation)
+    revoke_auth = authorisation.add_parser(
+        "revoke", help="revoke what may still be revoked (not units already first-transferred)"
+    )
+    _add_target(revoke_auth)
+    revoke_auth.add_argument("--authorisation", required=True)
+    revoke_auth.set_defaults(func=cmd_authorisation)
 
     retire = commands.add_parser(
         "retire", help="use held units toward the NDC or for OIMP, or cancel them voluntarily"

@@ -422,6 +422,56 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             taken_now=taken_now, taken_at=timestamp(taken_at), blocks=blocks
         )
 
+    @admin_method
+    async def AmendAuthorisation(
+        self,
+        request: admin_pb2.AmendAuthorisationRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> admin_pb2.AmendAuthorisationResponse:
+        changes: dict[str, Any] = {}
+        if request.acquiring_parties:
+            changes["acquiring_parties"] = frozenset(request.acquiring_parties)
+        if request.purposes:
+            changes["purposes"] = frozenset(_enum(Purpose, p, "purposes") for p in request.purposes)
+        if request.oimp_detail:
+            changes["oimp_detail"] = request.oimp_detail
+        if request.first_transfer_definition:
+            changes["first_transfer_definition"] = _enum(
+                FirstTransferDefinition, request.first_transfer_definition,
+                "first_transfer_definition",
+            )  # fmt: skip
+        if request.vintage_from:
+            changes["vintage_from"] = request.vintage_from
+        if request.vintage_to:
+            changes["vintage_to"] = request.vintage_to
+        if request.quantity_cap or request.clear_cap:
+            changes["quantity_cap"] = 0 if request.clear_cap else request.quantity_cap
+        terms = await self._node.db(
+            self._engine.amend_authorisation, request.authorisation_id, changes,
+            self._node.clock(),
+        )  # fmt: skip
+        self._node.kick()
+        return admin_pb2.AmendAuthorisationResponse(
+            authorisation_id=terms.authorisation_id, version=terms.version
+        )
+
+    @admin_method
+    async def RevokeAuthorisation(
+        self,
+        request: admin_pb2.RevokeAuthorisationRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> admin_pb2.RevokeAuthorisationResponse:
+        revocation = await self._node.db(
+            self._engine.revoke_authorisation, request.authorisation_id, self._node.clock()
+        )
+        self._node.kick()
+        return admin_pb2.RevokeAuthorisationResponse(
+            version=revocation.authorisation.terms.version,
+            revoked_quantity=revocation.revoked_quantity,
+            refused_quantity=sum(b.quantity for b, _ in revocation.refused),
+            unissued_revoked=revocation.unissued_revoked,
+        )
+
 
 def add_admin_service(node: Node, server: grpc.aio.Server) -> None:
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(node), server)

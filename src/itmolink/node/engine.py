@@ -26,8 +26,8 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 from google.protobuf.message import DecodeError, Message
 
@@ -48,7 +48,14 @@ from itmolink.core.actions import (
 )
 from itmolink.core.adjustments import AdjustmentEntry, adjustments_for
 from itmolink.core.aef import ActionSubtype
-from itmolink.core.authorisation import Authorisation, check_authorisation
+from itmolink.core.authorisation import (
+    Authorisation,
+    Revocation,
+    UnitStatus,
+    check_amendment,
+    check_authorisation,
+    revoke,
+)
 from itmolink.core.blocks import Block, take, total
 from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.core.issuance import Destination, IssuancePolicy, allocate_block, split_issuance
@@ -566,12 +573,15 @@ class Engine:
                     f"already recorded with other terms",
                 )
         else:
+            if existing is not None:
+                self._check_new_version(tx, sender, msg, terms)
             tx.authorisation_put(
                 terms,
                 activity_name=msg.activity.name,
                 activity_description=msg.activity.description,
                 oimp_detail=msg.oimp_detail,
                 first_transfer_definition=msg.first_transfer_definition,
+                revoked=msg.revoked,
                 now=now_us,
             )
             tx.authorisation_party_put(terms, self.party, "acknowledged", journal_id)
@@ -581,6 +591,37 @@ class Engine:
             acquiring_party_reference=f"{self.registry}/{terms.authorisation_id}/v{terms.version}",
         )
         return self._reply(tx, sender, ack, msg.header.message_id, now_us)[1]
+
+    def _check_new_version(
+        self, tx: Tx, sender: str, msg: AuthorisationStatement, terms: AuthorisationTerms
+    ) -> None:
+        """An amendment or a revocation of an authorisation already recorded here."""
+        current = self._authorisation(tx, sender, terms.authorisation_id)
+        proposed = Authorisation(
+            terms, oimp_detail=msg.oimp_detail,
+            first_transfer_definition=_enum_or(
+                FirstTransferDefinition, msg.first_transfer_definition
+            ),
+        )  # fmt: skip
+        if msg.revoked:
+            if current.revoked:
+                raise Rejected(
+                    RejectionCode.AUTHORISATION_REVOKED,
+                    f"authorisation {terms.authorisation_id} is already revoked",
+                )
+            same = replace(current.terms, version=terms.version) == terms
+            if terms.version != current.terms.version + 1 or not same:
+                raise Rejected(
+                    RejectionCode.AMENDMENT_NOT_ALLOWED,
+                    f"a revocation of {terms.authorisation_id} must be the next version "
+                    "with the same terms",
+                )
+            return
+        check_amendment(
+            current, proposed,
+            issued_by_vintage=tx.issued_by_vintage(sender, terms.authorisation_id),
+            received_by={self.party} if tx.has_received(terms.authorisation_id) else set(),
+        )  # fmt: skip
 
     def _on_issuance(
         self, tx: Tx, sender: str, msg: IssuanceNotice, payload: bytes, journal_id: int, now_us: int
@@ -634,6 +675,11 @@ class Engine:
                 f"transfer id {msg.transfer_id} is already used by another transfer",
             )
         blocks = [block_from_pb(b) for b in msg.blocks]
+        if tx.authorisation_details(sender, msg.authorisation_id).get("revoked"):
+            raise Rejected(
+                RejectionCode.AUTHORISATION_REVOKED,
+                f"authorisation {msg.authorisation_id} is revoked",
+            )
         rules.check_transfer_proposal(
             tx.authorisation_get(sender, msg.authorisation_id),
             authorisation_id=msg.authorisation_id,
@@ -1374,20 +1420,7 @@ class Engine:
         account, kind, action_type = RETIREMENTS[action]
         now_us = to_us(now)
         with self.store.transaction() as tx:
-            terms = tx.authorisation_get(host_party, authorisation_id)
-            if terms is None:
-                raise Rejected(
-                    RejectionCode.UNKNOWN_AUTHORISATION,
-                    f"no authorisation {authorisation_id!r} of {host_party} is recorded here",
-                )
-            details = tx.authorisation_details(host_party, authorisation_id)
-            authorisation = Authorisation(
-                terms,
-                oimp_detail=details["oimp_detail"],
-                first_transfer_definition=FirstTransferDefinition(
-                    details["first_transfer_definition"]
-                ),
-            )
+            authorisation = self._authorisation(tx, host_party, authorisation_id)
             held = tx.blocks_held(
                 account=HOLDING_ACCOUNT, authorisation_id=authorisation_id, vintage=vintage
             )
@@ -1591,34 +1624,161 @@ class Engine:
                 buyer_share_bp=buyer_share_bp,
                 voluntary_omge_bp=voluntary_omge_bp,
             )
-            for party in sorted(terms.acquiring_parties):
-                tx.authorisation_party_put(terms, party, "pending", None)
-                statement = AuthorisationStatement(
-                    authorisation_id=authorisation_id,
-                    version=terms.version,
-                    host_party=self.party,
-                    activity=authorisation_pb2.Activity(
-                        activity_id=activity_id,
-                        name=activity_name,
-                        description=activity_description,
-                    ),
-                    cooperative_approach_id=cooperative_approach_id,
-                    acquiring_parties=sorted(terms.acquiring_parties),
-                    purposes=[int(p) for p in sorted(terms.purposes)],  # type: ignore[misc]
-                    oimp_detail=oimp_detail,
-                    first_transfer_definition=int(first_transfer_definition),  # type: ignore[arg-type]
-                    vintage_from=vintage_from,
-                    vintage_to=vintage_to,
-                    quantity_cap=quantity_cap,
-                    unit_type=int(unit_type),  # type: ignore[arg-type]
-                )
-                self._send(tx, party, statement, authorisation_id, now_us)
+            self._send_statement(
+                tx, terms, activity_name=activity_name, activity_description=activity_description,
+                oimp_detail=oimp_detail, first_transfer_definition=first_transfer_definition,
+                revoked=False, now_us=now_us,
+            )  # fmt: skip
         log.info(
             "authorisation %s recorded and sent to %s",
             authorisation_id,
             ", ".join(sorted(acquiring_parties)),
         )
         return terms
+
+    def _send_statement(
+        self,
+        tx: Tx,
+        terms: AuthorisationTerms,
+        *,
+        activity_name: str,
+        activity_description: str,
+        oimp_detail: str,
+        first_transfer_definition: FirstTransferDefinition,
+        revoked: bool,
+        now_us: int,
+    ) -> None:
+        """Send a version of our authorisation to each acquiring party (pending its answer)."""
+        for party in sorted(terms.acquiring_parties):
+            tx.authorisation_party_put(terms, party, "pending", None)
+            statement = AuthorisationStatement(
+                authorisation_id=terms.authorisation_id,
+                version=terms.version,
+                host_party=self.party,
+                activity=authorisation_pb2.Activity(
+                    activity_id=terms.activity_id, name=activity_name,
+                    description=activity_description,
+                ),
+                cooperative_approach_id=terms.cooperative_approach_id,
+                acquiring_parties=sorted(terms.acquiring_parties),
+                purposes=[int(p) for p in sorted(terms.purposes)],  # type: ignore[misc]
+                oimp_detail=oimp_detail,
+                first_transfer_definition=int(first_transfer_definition),  # type: ignore[arg-type]
+                vintage_from=terms.vintage_from,
+                vintage_to=terms.vintage_to,
+                quantity_cap=terms.quantity_cap,
+                unit_type=int(terms.unit_type),  # type: ignore[arg-type]
+                revoked=revoked,
+            )  # fmt: skip
+            self._send(tx, party, statement, terms.authorisation_id, now_us)
+
+    def _authorisation(self, tx: Tx, host_party: str, authorisation_id: str) -> Authorisation:
+        terms = tx.authorisation_get(host_party, authorisation_id)
+        if terms is None:
+            raise Rejected(
+                RejectionCode.UNKNOWN_AUTHORISATION,
+                f"no authorisation {authorisation_id!r} of {host_party} is recorded here",
+            )
+        details = tx.authorisation_details(host_party, authorisation_id)
+        return Authorisation(
+            terms,
+            oimp_detail=details["oimp_detail"],
+            first_transfer_definition=FirstTransferDefinition(details["first_transfer_definition"]),
+            revoked=bool(details["revoked"]),
+        )
+
+    def amend_authorisation(
+        self, authorisation_id: str, changes: dict[str, Any], now: dt.datetime
+    ) -> AuthorisationTerms:
+        """Record the next version of one of our authorisations and send it."""
+        now_us = to_us(now)
+        for party in changes.get("acquiring_parties", ()):
+            self._require_partner(party)
+        with self.store.transaction() as tx:
+            current = self._authorisation(tx, self.party, authorisation_id)
+            details = tx.authorisation_details(self.party, authorisation_id)
+            term_changes = {
+                k: v for k, v in changes.items()
+                if k not in ("oimp_detail", "first_transfer_definition")
+            }  # fmt: skip
+            proposed = replace(
+                current,
+                terms=replace(current.terms, version=current.terms.version + 1, **term_changes),
+                oimp_detail=changes.get("oimp_detail", current.oimp_detail),
+                first_transfer_definition=changes.get(
+                    "first_transfer_definition", current.first_transfer_definition
+                ),
+            )
+            check_amendment(
+                current, proposed,
+                issued_by_vintage=tx.issued_by_vintage(self.party, authorisation_id),
+                received_by=tx.parties_that_received(authorisation_id),
+            )  # fmt: skip
+            tx.authorisation_put(
+                proposed.terms, activity_name=details["activity_name"],
+                activity_description=details["activity_description"],
+                oimp_detail=proposed.oimp_detail,
+                first_transfer_definition=int(proposed.first_transfer_definition),
+                buyer_share_bp=details["buyer_share_bp"],
+                voluntary_omge_bp=details["voluntary_omge_bp"], now=now_us,
+            )  # fmt: skip
+            self._send_statement(
+                tx, proposed.terms, activity_name=details["activity_name"],
+                activity_description=details["activity_description"],
+                oimp_detail=proposed.oimp_detail,
+                first_transfer_definition=proposed.first_transfer_definition,
+                revoked=False, now_us=now_us,
+            )  # fmt: skip
+        return proposed.terms
+
+    def revoke_authorisation(self, authorisation_id: str, now: dt.datetime) -> Revocation:
+        """Revoke what may still be revoked of one of our authorisations.
+
+        Units already first-transferred (or transferred to the Adaptation Fund or
+        cancelled at issuance) keep their authorisation; units still held here
+        move to the 'revoked' account; the unissued rest of the cap lapses.
+        """
+        now_us = to_us(now)
+        with self.store.transaction() as tx:
+            current = self._authorisation(tx, self.party, authorisation_id)
+            here = tx.blocks_of_authorisation(authorisation_id)
+            if any(h.status != "held" for h in here):
+                raise Rejected(
+                    RejectionCode.TRANSFER_STATE_CONFLICT,
+                    f"units of {authorisation_id} are in a pending transfer or frozen: "
+                    "revoke once it has ended",
+                )
+            units = [
+                UnitStatus(h.block, first_transferred=h.account != HOLDING_ACCOUNT) for h in here
+            ] + [
+                UnitStatus(block, first_transferred=True)
+                for block in tx.transferred_blocks_of_authorisation(authorisation_id)
+            ]
+            revocation = revoke(current, units)
+            tx.account_ensure("revoked", "revoked", now_us)
+            tx.blocks_move(revocation.revoked, account="revoked")
+            details = tx.authorisation_details(self.party, authorisation_id)
+            tx.authorisation_put(
+                revocation.authorisation.terms, activity_name=details["activity_name"],
+                activity_description=details["activity_description"],
+                oimp_detail=current.oimp_detail,
+                first_transfer_definition=int(current.first_transfer_definition),
+                buyer_share_bp=details["buyer_share_bp"],
+                voluntary_omge_bp=details["voluntary_omge_bp"], revoked=True, now=now_us,
+            )  # fmt: skip
+            self._send_statement(
+                tx, revocation.authorisation.terms, activity_name=details["activity_name"],
+                activity_description=details["activity_description"],
+                oimp_detail=current.oimp_detail,
+                first_transfer_definition=current.first_transfer_definition,
+                revoked=True, now_us=now_us,
+            )  # fmt: skip
+        log.warning(
+            "authorisation %s revoked: %d tCO2e revoked, %d refused (already first-transferred)",
+            authorisation_id, revocation.revoked_quantity,
+            sum(b.quantity for b, _ in revocation.refused),
+        )  # fmt: skip
+        return revocation
 
     def issue(
         self, *, authorisation_id: str, vintage: int, quantity: int, now: dt.datetime
@@ -1631,6 +1791,11 @@ class Engine:
                 raise Rejected(
                     RejectionCode.UNKNOWN_AUTHORISATION,
                     f"{authorisation_id!r} is not an authorisation of {self.party}",
+                )
+            if tx.authorisation_details(self.party, authorisation_id).get("revoked"):
+                raise Rejected(
+                    RejectionCode.AUTHORISATION_REVOKED,
+                    f"authorisation {authorisation_id} is revoked: nothing more is issued under it",
                 )
             rules.check_issuance(
                 terms,
@@ -1724,6 +1889,11 @@ class Engine:
                 raise Rejected(
                     RejectionCode.UNKNOWN_AUTHORISATION,
                     f"{authorisation_id!r} is not an authorisation of {self.party}",
+                )
+            if tx.authorisation_details(self.party, authorisation_id).get("revoked"):
+                raise Rejected(
+                    RejectionCode.AUTHORISATION_REVOKED,
+                    f"authorisation {authorisation_id} is revoked",
                 )
             states = tx.authorisation_party_states(self.party, authorisation_id, terms.version)
             rules.check_transfer_request(

@@ -399,13 +399,14 @@ class Tx:
         now: int,
         buyer_share_bp: int = 0,
         voluntary_omge_bp: int = 0,
+        revoked: bool = False,
     ) -> None:
         self._exec(
             "INSERT INTO authorisations (host_party, authorisation_id, version, activity_id, "
             "activity_name, activity_description, cooperative_approach_id, acquiring_parties, "
             "purposes, oimp_detail, first_transfer_definition, vintage_from, vintage_to, "
-            "quantity_cap, unit_type, created_at, buyer_share_bp, voluntary_omge_bp) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "quantity_cap, unit_type, created_at, buyer_share_bp, voluntary_omge_bp, revoked) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 terms.host_party,
                 terms.authorisation_id,
@@ -425,6 +426,7 @@ class Tx:
                 now,
                 buyer_share_bp,
                 voluntary_omge_bp,
+                int(revoked),
             ),
         )
 
@@ -459,15 +461,60 @@ class Tx:
         """The parts of the latest version that AuthorisationTerms leaves out."""
         row = self._one(
             "SELECT oimp_detail, first_transfer_definition, buyer_share_bp, voluntary_omge_bp, "
-            "activity_name, created_at FROM authorisations WHERE host_party = ? "
+            "activity_name, created_at, revoked, activity_description FROM authorisations "
+            "WHERE host_party = ? "
             "AND authorisation_id = ? ORDER BY version DESC LIMIT 1",
             (host_party, authorisation_id),
         )
         if row is None:
             return {}
         keys = ("oimp_detail", "first_transfer_definition", "buyer_share_bp",
-                "voluntary_omge_bp", "activity_name", "created_at")  # fmt: skip
+                "voluntary_omge_bp", "activity_name", "created_at", "revoked",
+                "activity_description")  # fmt: skip
         return dict(zip(keys, row, strict=True))
+
+    def issued_by_vintage(self, host_party: str, authorisation_id: str) -> dict[int, int]:
+        rows = self._exec(
+            "SELECT vintage, SUM(quantity) FROM issuances WHERE host_party = ? "
+            "AND authorisation_id = ? GROUP BY vintage",
+            (host_party, authorisation_id),
+        )
+        return {int(r[0]): int(r[1]) for r in rows}
+
+    def parties_that_received(self, authorisation_id: str) -> set[str]:
+        """Partners to which units of an authorisation were transferred."""
+        rows = self._exec(
+            "SELECT DISTINCT partner FROM transfers WHERE direction = 'out' "
+            "AND authorisation_id = ? AND state = ?",
+            (authorisation_id, int(TransferState.COMPLETED)),
+        )
+        return {r[0] for r in rows}
+
+    def has_received(self, authorisation_id: str) -> bool:
+        """Whether units of an authorisation were ever transferred to this registry."""
+        row = self._one(
+            "SELECT 1 FROM transfers WHERE direction = 'in' AND authorisation_id = ? "
+            "AND state = ? LIMIT 1",
+            (authorisation_id, int(TransferState.COMPLETED)),
+        )
+        return row is not None
+
+    def blocks_of_authorisation(self, authorisation_id: str) -> list[HeldBlock]:
+        rows = self._exec(
+            f"SELECT {_BLOCK_COLUMNS}, account, status, transfer_id FROM blocks "
+            "WHERE authorisation_id = ? ORDER BY originating_registry, serial_start",
+            (authorisation_id,),
+        )
+        return [HeldBlock(_block(r), r[9], r[10], r[11]) for r in rows]
+
+    def transferred_blocks_of_authorisation(self, authorisation_id: str) -> list[Block]:
+        rows = self._exec(
+            f"SELECT {', '.join('b.' + c.strip() for c in _BLOCK_COLUMNS.split(','))} "
+            "FROM transfer_blocks b JOIN transfers t ON t.transfer_id = b.transfer_id "
+            "WHERE t.direction = 'out' AND t.state = ? AND b.authorisation_id = ?",
+            (int(TransferState.COMPLETED), authorisation_id),
+        )
+        return [_block(r) for r in rows]
 
     def authorisations(self) -> list[AuthorisationTerms]:
         rows = self._exec(

@@ -70,6 +70,7 @@ class AuthorisationStatement(_message.Message):
     VINTAGE_TO_FIELD_NUMBER: _builtins.int
     QUANTITY_CAP_FIELD_NUMBER: _builtins.int
     UNIT_TYPE_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
     authorisation_id: _builtins.str
     """Identifier chosen by the host, unique within its registry."""
     version: _builtins.int
@@ -87,6 +88,10 @@ class AuthorisationStatement(_message.Message):
     quantity_cap: _builtins.int
     """Most tCO2e that may be issued under this authorisation; 0 means no cap."""
     unit_type: _common_pb2.UnitType.ValueType
+    revoked: _builtins.bool
+    """This version revokes the authorisation: no unit not yet first-transferred
+    may be transferred or used under it any more.
+    """
     @_builtins.property
     def header(self) -> _common_pb2.Header: ...
     @_builtins.property
@@ -116,10 +121,11 @@ class AuthorisationStatement(_message.Message):
         vintage_to: _builtins.int = ...,
         quantity_cap: _builtins.int = ...,
         unit_type: _common_pb2.UnitType.ValueType = ...,
+        revoked: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquiring_parties", b"acquiring_parties", "activity", b"activity", "authorisation_id", b"authorisation_id", "cooperative_approach_id", b"cooperative_approach_id", "first_transfer_definition", b"first_transfer_definition", "header", b"header", "host_party", b"host_party", "oimp_detail", b"oimp_detail", "purposes", b"purposes", "quantity_cap", b"quantity_cap", "unit_type", b"unit_type", "version", b"version", "vintage_from", b"vintage_from", "vintage_to", b"vintage_to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquiring_parties", b"acquiring_parties", "activity", b"activity", "authorisation_id", b"authorisation_id", "cooperative_approach_id", b"cooperative_approach_id", "first_transfer_definition", b"first_transfer_definition", "header", b"header", "host_party", b"host_party", "oimp_detail", b"oimp_detail", "purposes", b"purposes", "quantity_cap", b"quantity_cap", "revoked", b"revoked", "unit_type", b"unit_type", "version", b"version", "vintage_from", b"vintage_from", "vintage_to", b"vintage_to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

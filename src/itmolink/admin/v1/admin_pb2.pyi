@@ -23,6 +23,131 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class AmendAuthorisationRequest(_message.Message):
+    """AmendAuthorisationRequest carries the amended terms; fields left unset keep
+    their current value (`clear_cap` sets an unlimited cap).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHORISATION_ID_FIELD_NUMBER: _builtins.int
+    ACQUIRING_PARTIES_FIELD_NUMBER: _builtins.int
+    PURPOSES_FIELD_NUMBER: _builtins.int
+    OIMP_DETAIL_FIELD_NUMBER: _builtins.int
+    FIRST_TRANSFER_DEFINITION_FIELD_NUMBER: _builtins.int
+    VINTAGE_FROM_FIELD_NUMBER: _builtins.int
+    VINTAGE_TO_FIELD_NUMBER: _builtins.int
+    QUANTITY_CAP_FIELD_NUMBER: _builtins.int
+    CLEAR_CAP_FIELD_NUMBER: _builtins.int
+    authorisation_id: _builtins.str
+    oimp_detail: _builtins.str
+    first_transfer_definition: _common_pb2.FirstTransferDefinition.ValueType
+    vintage_from: _builtins.int
+    vintage_to: _builtins.int
+    quantity_cap: _builtins.int
+    clear_cap: _builtins.bool
+    @_builtins.property
+    def acquiring_parties(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def purposes(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Purpose.ValueType]: ...
+    def __init__(
+        self,
+        *,
+        authorisation_id: _builtins.str = ...,
+        acquiring_parties: _abc.Iterable[_builtins.str] | None = ...,
+        purposes: _abc.Iterable[_common_pb2.Purpose.ValueType] | None = ...,
+        oimp_detail: _builtins.str = ...,
+        first_transfer_definition: _common_pb2.FirstTransferDefinition.ValueType = ...,
+        vintage_from: _builtins.int = ...,
+        vintage_to: _builtins.int = ...,
+        quantity_cap: _builtins.int = ...,
+        clear_cap: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquiring_parties", b"acquiring_parties", "authorisation_id", b"authorisation_id", "clear_cap", b"clear_cap", "first_transfer_definition", b"first_transfer_definition", "oimp_detail", b"oimp_detail", "purposes", b"purposes", "quantity_cap", b"quantity_cap", "vintage_from", b"vintage_from", "vintage_to", b"vintage_to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AmendAuthorisationRequest: _TypeAlias = AmendAuthorisationRequest  # noqa: Y015
+
+@_typing.final
+class AmendAuthorisationResponse(_message.Message):
+    """AmendAuthorisationResponse names the new version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHORISATION_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    authorisation_id: _builtins.str
+    version: _builtins.int
+    def __init__(
+        self,
+        *,
+        authorisation_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorisation_id", b"authorisation_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AmendAuthorisationResponse: _TypeAlias = AmendAuthorisationResponse  # noqa: Y015
+
+@_typing.final
+class RevokeAuthorisationRequest(_message.Message):
+    """RevokeAuthorisationRequest names the authorisation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHORISATION_ID_FIELD_NUMBER: _builtins.int
+    authorisation_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        authorisation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorisation_id", b"authorisation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeAuthorisationRequest: _TypeAlias = RevokeAuthorisationRequest  # noqa: Y015
+
+@_typing.final
+class RevokeAuthorisationResponse(_message.Message):
+    """RevokeAuthorisationResponse says what was revoked and what was refused."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    REVOKED_QUANTITY_FIELD_NUMBER: _builtins.int
+    REFUSED_QUANTITY_FIELD_NUMBER: _builtins.int
+    UNISSUED_REVOKED_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    revoked_quantity: _builtins.int
+    refused_quantity: _builtins.int
+    """Units already first-transferred, which keep their authorisation."""
+    unissued_revoked: _builtins.int
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        revoked_quantity: _builtins.int = ...,
+        refused_quantity: _builtins.int = ...,
+        unissued_revoked: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["refused_quantity", b"refused_quantity", "revoked_quantity", b"revoked_quantity", "unissued_revoked", b"unissued_revoked", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeAuthorisationResponse: _TypeAlias = RevokeAuthorisationResponse  # noqa: Y015
+
+@_typing.final
 class RetireRequest(_message.Message):
     """RetireRequest names the units and what to do with them."""
 

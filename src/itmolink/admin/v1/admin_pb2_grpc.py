@@ -103,6 +103,16 @@ class AdminServiceStub:
                 request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ListSigningKeysRequest.SerializeToString,
                 response_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ListSigningKeysResponse.FromString,
                 _registered_method=True)
+        self.AmendAuthorisation = channel.unary_unary(
+                '/itmolink.admin.v1.AdminService/AmendAuthorisation',
+                request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.AmendAuthorisationRequest.SerializeToString,
+                response_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.AmendAuthorisationResponse.FromString,
+                _registered_method=True)
+        self.RevokeAuthorisation = channel.unary_unary(
+                '/itmolink.admin.v1.AdminService/RevokeAuthorisation',
+                request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RevokeAuthorisationRequest.SerializeToString,
+                response_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RevokeAuthorisationResponse.FromString,
+                _registered_method=True)
         self.Retire = channel.unary_unary(
                 '/itmolink.admin.v1.AdminService/Retire',
                 request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RetireRequest.SerializeToString,
@@ -217,6 +227,20 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AmendAuthorisation(self, request, context):
+        """AmendAuthorisation records the next version of an authorisation and sends it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeAuthorisation(self, request, context):
+        """RevokeAuthorisation revokes what may still be revoked of an authorisation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Retire(self, request, context):
         """Retire uses held units toward the NDC or for OIMP, or cancels them voluntarily.
         """
@@ -299,6 +323,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListSigningKeys,
                     request_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ListSigningKeysRequest.FromString,
                     response_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ListSigningKeysResponse.SerializeToString,
+            ),
+            'AmendAuthorisation': grpc.unary_unary_rpc_method_handler(
+                    servicer.AmendAuthorisation,
+                    request_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.AmendAuthorisationRequest.FromString,
+                    response_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.AmendAuthorisationResponse.SerializeToString,
+            ),
+            'RevokeAuthorisation': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeAuthorisation,
+                    request_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RevokeAuthorisationRequest.FromString,
+                    response_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RevokeAuthorisationResponse.SerializeToString,
             ),
             'Retire': grpc.unary_unary_rpc_method_handler(
                     servicer.Retire,
@@ -666,6 +700,60 @@ class AdminService:
             '/itmolink.admin.v1.AdminService/ListSigningKeys',
             itmolink_dot_admin_dot_v1_dot_admin__pb2.ListSigningKeysRequest.SerializeToString,
             itmolink_dot_admin_dot_v1_dot_admin__pb2.ListSigningKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AmendAuthorisation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/itmolink.admin.v1.AdminService/AmendAuthorisation',
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.AmendAuthorisationRequest.SerializeToString,
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.AmendAuthorisationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeAuthorisation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/itmolink.admin.v1.AdminService/RevokeAuthorisation',
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.RevokeAuthorisationRequest.SerializeToString,
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.RevokeAuthorisationResponse.FromString,
             options,
             channel_credentials,
             insecure,

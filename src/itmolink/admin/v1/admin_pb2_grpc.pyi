@@ -70,6 +70,10 @@ class AdminServiceStub:
     """
     ListSigningKeys: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListSigningKeysRequest, _admin_pb2.ListSigningKeysResponse]
     """ListSigningKeys lists this node's and its partners' signing keys."""
+    AmendAuthorisation: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AmendAuthorisationRequest, _admin_pb2.AmendAuthorisationResponse]
+    """AmendAuthorisation records the next version of an authorisation and sends it."""
+    RevokeAuthorisation: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeAuthorisationRequest, _admin_pb2.RevokeAuthorisationResponse]
+    """RevokeAuthorisation revokes what may still be revoked of an authorisation."""
     Retire: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RetireRequest, _admin_pb2.RetireResponse]
     """Retire uses held units toward the NDC or for OIMP, or cancels them voluntarily."""
     SnapshotHoldings: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SnapshotHoldingsRequest, _admin_pb2.SnapshotHoldingsResponse]
@@ -119,6 +123,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     ListSigningKeys: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListSigningKeysRequest, _admin_pb2.ListSigningKeysResponse]  # type: ignore[assignment]
     """ListSigningKeys lists this node's and its partners' signing keys."""
+    AmendAuthorisation: _aio.UnaryUnaryMultiCallable[_admin_pb2.AmendAuthorisationRequest, _admin_pb2.AmendAuthorisationResponse]  # type: ignore[assignment]
+    """AmendAuthorisation records the next version of an authorisation and sends it."""
+    RevokeAuthorisation: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeAuthorisationRequest, _admin_pb2.RevokeAuthorisationResponse]  # type: ignore[assignment]
+    """RevokeAuthorisation revokes what may still be revoked of an authorisation."""
     Retire: _aio.UnaryUnaryMultiCallable[_admin_pb2.RetireRequest, _admin_pb2.RetireResponse]  # type: ignore[assignment]
     """Retire uses held units toward the NDC or for OIMP, or cancels them voluntarily."""
     SnapshotHoldings: _aio.UnaryUnaryMultiCallable[_admin_pb2.SnapshotHoldingsRequest, _admin_pb2.SnapshotHoldingsResponse]  # type: ignore[assignment]
@@ -243,6 +251,22 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListSigningKeysResponse, _abc.Awaitable[_admin_pb2.ListSigningKeysResponse]]:
         """ListSigningKeys lists this node's and its partners' signing keys."""
+
+    @_abc_1.abstractmethod
+    def AmendAuthorisation(
+        self,
+        request: _admin_pb2.AmendAuthorisationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.AmendAuthorisationResponse, _abc.Awaitable[_admin_pb2.AmendAuthorisationResponse]]:
+        """AmendAuthorisation records the next version of an authorisation and sends it."""
+
+    @_abc_1.abstractmethod
+    def RevokeAuthorisation(
+        self,
+        request: _admin_pb2.RevokeAuthorisationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RevokeAuthorisationResponse, _abc.Awaitable[_admin_pb2.RevokeAuthorisationResponse]]:
+        """RevokeAuthorisation revokes what may still be revoked of an authorisation."""
 
     @_abc_1.abstractmethod
     def Retire(

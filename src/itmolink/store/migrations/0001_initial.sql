@@ -81,6 +81,8 @@ CREATE TABLE authorisations (
     -- issuance (JCM-style) and a voluntary cancellation for OMGE.
     buyer_share_bp INTEGER NOT NULL DEFAULT 0,
     voluntary_omge_bp INTEGER NOT NULL DEFAULT 0,
+    -- A revocation is recorded as a new version with this set.
+    revoked INTEGER NOT NULL DEFAULT 0,
     created_at BIGINT NOT NULL,
     PRIMARY KEY (host_party, authorisation_id, version)
 );
@@ -115,7 +117,9 @@ CREATE TABLE issuances (
 -- Accounts of this registry. Every node has a holding account ('holding').
 CREATE TABLE accounts (
     account_id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL CHECK (kind IN ('holding', 'adaptation-fund', 'cancellation', 'retirement')),
+    kind TEXT NOT NULL CHECK (
+        kind IN ('holding', 'adaptation-fund', 'cancellation', 'retirement', 'revoked')
+    ),
     created_at BIGINT NOT NULL
 );
 

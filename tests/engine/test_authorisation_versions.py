@@ -1,0 +1,96 @@
+"""Authorisation amendments and revocation, host and acquiring party together."""
+
+from __future__ import annotations
+
+import pytest
+
+from itmolink.core.codes import Rejected, RejectionCode
+from itmolink.core.transfer import TransferState
+
+from .conftest import Pair
+
+
+def issued(pair: Pair, quantity: int = 1_000) -> str:
+    authorisation_id = pair.authorise(quantity_cap=5_000)
+    pair.pump()
+    pair.lao.issue(authorisation_id=authorisation_id, vintage=2025, quantity=quantity, now=pair.now)
+    pair.pump()
+    return authorisation_id
+
+
+def versions(pair: Pair, authorisation_id: str) -> dict[str, tuple[int, bool]]:
+    found = {}
+    for party, engine in (("LAO", pair.lao), ("KOR", pair.kor)):
+        with engine.store.transaction() as tx:
+            terms = tx.authorisation_get("LAO", authorisation_id)
+            details = tx.authorisation_details("LAO", authorisation_id)
+        assert terms is not None
+        found[party] = (terms.version, bool(details["revoked"]))
+    return found
+
+
+def test_an_amendment_is_the_next_version_on_both_sides(pair: Pair) -> None:
+    authorisation_id = issued(pair)
+    terms = pair.lao.amend_authorisation(
+        authorisation_id, {"vintage_to": 2035, "quantity_cap": 10_000}, pair.now
+    )
+    assert terms.version == 2
+    pair.pump()
+    assert versions(pair, authorisation_id) == {"LAO": (2, False), "KOR": (2, False)}
+    with pair.kor.store.transaction() as tx:
+        kor_terms = tx.authorisation_get("LAO", authorisation_id)
+    assert kor_terms is not None
+    assert (kor_terms.vintage_to, kor_terms.quantity_cap) == (2035, 10_000)
+    # Transfers go on under the acknowledged new version.
+    transfer_id = pair.lao.start_transfer(
+        to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=10,
+        now=pair.now,
+    )  # fmt: skip
+    pair.pump()
+    with pair.kor.store.transaction() as tx:
+        record = tx.transfer_get(transfer_id)
+    assert record is not None
+    assert record.state is TransferState.COMPLETED
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"quantity_cap": 999}, {"vintage_from": 2026}, {"activity_id": "OTHER"}],
+    ids=["cap-below-issued", "issued-vintage-out-of-range", "activity-changes"],
+)
+def test_an_amendment_that_would_undo_what_happened_is_refused(
+    pair: Pair, changes: dict[str, object]
+) -> None:
+    authorisation_id = issued(pair)
+    with pytest.raises(Rejected) as caught:
+        pair.lao.amend_authorisation(authorisation_id, changes, pair.now)
+    assert caught.value.code is RejectionCode.AMENDMENT_NOT_ALLOWED
+    assert versions(pair, authorisation_id)["LAO"] == (1, False)
+
+
+def test_revocation_spares_units_already_first_transferred(pair: Pair) -> None:
+    authorisation_id = issued(pair)
+    pair.lao.start_transfer(
+        to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=300,
+        now=pair.now,
+    )  # fmt: skip
+    pair.pump()
+    revocation = pair.lao.revoke_authorisation(authorisation_id, pair.now)
+    assert revocation.revoked_quantity == 700
+    assert sum(b.quantity for b, _ in revocation.refused) == 300
+    assert {code for _, code in revocation.refused} == {RejectionCode.ALREADY_FIRST_TRANSFERRED}
+    assert revocation.unissued_revoked == 4_000
+    pair.pump()
+    assert versions(pair, authorisation_id) == {"LAO": (2, True), "KOR": (2, True)}
+    with pair.lao.store.transaction() as tx:
+        accounts = {h.account for h in tx.holdings()}
+    assert accounts == {"revoked"}
+    with pair.kor.store.transaction() as tx:
+        assert sum(h.block.quantity for h in tx.holdings()) == 300  # KOR keeps its units
+
+    with pytest.raises(Rejected) as caught:
+        pair.lao.issue(authorisation_id=authorisation_id, vintage=2025, quantity=1, now=pair.now)
+    assert caught.value.code in {RejectionCode.AUTHORISATION_REVOKED}
+    with pytest.raises(Rejected) as caught:
+        pair.lao.revoke_authorisation(authorisation_id, pair.now)
+    assert caught.value.code is RejectionCode.AUTHORISATION_REVOKED
