@@ -280,6 +280,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
             vintage=args.vintage,
             quantity=args.quantity,
             timeout_seconds=args.timeout,
+            host_party=args.host or "",
         ),
     )
     print(f"transfer {response.transfer_id} proposed to {args.to}")
@@ -707,6 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(transfer)
     transfer.add_argument("--to", required=True, help="acquiring party, e.g. KOR")
     transfer.add_argument("--authorisation", required=True)
+    transfer.add_argument(
+        "--host", help="onward transfer: the party that authorised the units (default: this one)"
+    )
     transfer.add_argument("--vintage", type=int, required=True)
     transfer.add_argument("--quantity", type=int, required=True, help="tCO2e")
     transfer.add_argument(

@@ -274,6 +274,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         transfer_id = await self._node.db(
             self._engine.start_transfer,
             to_party=request.to_party,
+            host_party=request.host_party,
             authorisation_id=request.authorisation_id,
             vintage=request.vintage,
             quantity=request.quantity,

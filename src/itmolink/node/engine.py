@@ -582,6 +582,7 @@ class Engine:
                 oimp_detail=msg.oimp_detail,
                 first_transfer_definition=msg.first_transfer_definition,
                 revoked=msg.revoked,
+                statement_journal_id=journal_id,
                 now=now_us,
             )
             tx.authorisation_party_put(terms, self.party, "acknowledged", journal_id)
@@ -591,6 +592,54 @@ class Engine:
             acquiring_party_reference=f"{self.registry}/{terms.authorisation_id}/v{terms.version}",
         )
         return self._reply(tx, sender, ack, msg.header.message_id, now_us)[1]
+
+    def _learn_authorisation(self, tx: Tx, host: str, msg: TransferProposal, now_us: int) -> None:
+        """Record the host's authorisation from the evidence an onward transfer carries.
+
+        The evidence is the host's own signed statement: verified against the
+        host's pinned key, it must name this party as an acquiring party.
+        """
+        if tx.authorisation_get(host, msg.authorisation_id) is not None:
+            return
+        if not msg.authorisation_evidence:
+            raise Rejected(
+                RejectionCode.UNKNOWN_AUTHORISATION,
+                f"authorisation {msg.authorisation_id} of {host} is unknown here and the "
+                "proposal carries no evidence of it",
+            )
+        verified = open_envelope(msg.authorisation_evidence, self.trust, from_us(now_us))
+        if verified.signer_party != host or verified.payload_type != type_name(
+            AuthorisationStatement
+        ):
+            raise Rejected(
+                RejectionCode.UNKNOWN_AUTHORISATION,
+                f"the evidence is not {host}'s signed authorisation statement",
+            )
+        statement = AuthorisationStatement()
+        try:
+            statement.ParseFromString(verified.payload)
+        except DecodeError:
+            raise Rejected(RejectionCode.MALFORMED_PAYLOAD, "authorisation evidence") from None
+        validate(statement, max_blocks=self.limits.max_blocks)
+        terms = terms_from_statement(statement)
+        if terms.authorisation_id != msg.authorisation_id or statement.revoked:
+            raise Rejected(
+                RejectionCode.UNKNOWN_AUTHORISATION,
+                f"the evidence is not a valid statement of {msg.authorisation_id}",
+            )
+        rules.check_received_authorisation(terms, me=self.party, sender=host)
+        journal_id = tx.journal(
+            direction="in", partner=host, message_id=statement.header.message_id,
+            payload_type=verified.payload_type, envelope=msg.authorisation_evidence, now=now_us,
+        ) if not tx.journal_has("in", host, statement.header.message_id) else None  # fmt: skip
+        tx.authorisation_put(
+            terms, activity_name=statement.activity.name,
+            activity_description=statement.activity.description,
+            oimp_detail=statement.oimp_detail,
+            first_transfer_definition=statement.first_transfer_definition,
+            statement_journal_id=journal_id, now=now_us,
+        )  # fmt: skip
+        tx.authorisation_party_put(terms, self.party, "acknowledged", journal_id)
 
     def _check_new_version(
         self, tx: Tx, sender: str, msg: AuthorisationStatement, terms: AuthorisationTerms
@@ -675,13 +724,17 @@ class Engine:
                 f"transfer id {msg.transfer_id} is already used by another transfer",
             )
         blocks = [block_from_pb(b) for b in msg.blocks]
-        if tx.authorisation_details(sender, msg.authorisation_id).get("revoked"):
+        host = blocks[0].first_transferring_party if blocks else sender
+        if host != sender:
+            # An onward transfer: the units were first transferred by their host.
+            self._learn_authorisation(tx, host, msg, now_us)
+        elif tx.authorisation_details(sender, msg.authorisation_id).get("revoked"):
             raise Rejected(
                 RejectionCode.AUTHORISATION_REVOKED,
                 f"authorisation {msg.authorisation_id} is revoked",
             )
         rules.check_transfer_proposal(
-            tx.authorisation_get(sender, msg.authorisation_id),
+            tx.authorisation_get(host, msg.authorisation_id),
             authorisation_id=msg.authorisation_id,
             me=self.party,
             quantity=msg.quantity,
@@ -1878,29 +1931,40 @@ class Engine:
         quantity: int,
         now: dt.datetime,
         timeout: dt.timedelta | None = None,
+        host_party: str = "",
     ) -> str:
-        """Reserve units and persist a proposal to ``to_party``; returns the transfer id."""
+        """Reserve units and persist a proposal to ``to_party``; returns the transfer id.
+
+        With ``host_party`` another party's, this is an onward transfer of units
+        acquired from that host: the proposal carries the host's signed statement.
+        """
         now_us = to_us(now)
         self._require_partner(to_party)
         expires_us = now_us + (timeout or self.default_timeout) // dt.timedelta(microseconds=1)
+        host = host_party or self.party
+        evidence = b""
         with self.store.transaction() as tx:
-            terms = tx.authorisation_get(self.party, authorisation_id)
+            terms = tx.authorisation_get(host, authorisation_id)
             if terms is None:
                 raise Rejected(
                     RejectionCode.UNKNOWN_AUTHORISATION,
-                    f"{authorisation_id!r} is not an authorisation of {self.party}",
+                    f"no authorisation {authorisation_id!r} of {host} is recorded here",
                 )
-            if tx.authorisation_details(self.party, authorisation_id).get("revoked"):
-                raise Rejected(
-                    RejectionCode.AUTHORISATION_REVOKED,
-                    f"authorisation {authorisation_id} is revoked",
-                )
-            states = tx.authorisation_party_states(self.party, authorisation_id, terms.version)
+            if host == self.party:
+                if tx.authorisation_details(self.party, authorisation_id).get("revoked"):
+                    raise Rejected(
+                        RejectionCode.AUTHORISATION_REVOKED,
+                        f"authorisation {authorisation_id} is revoked",
+                    )
+                states = tx.authorisation_party_states(host, authorisation_id, terms.version)
+                acknowledged = states.get(to_party) == "acknowledged"
+            else:
+                # Units acquired from their host, already first-transferred: the
+                # receiver checks the host's statement itself.
+                evidence = tx.authorisation_evidence(host, authorisation_id) or b""
+                acknowledged = True
             rules.check_transfer_request(
-                terms,
-                to_party=to_party,
-                vintage=vintage,
-                acknowledged=states.get(to_party) == "acknowledged",
+                terms, to_party=to_party, vintage=vintage, acknowledged=acknowledged
             )
             held = tx.blocks_held(
                 account=HOLDING_ACCOUNT, authorisation_id=authorisation_id, vintage=vintage
@@ -1924,8 +1988,9 @@ class Engine:
             for tail in remainders:
                 tx.block_split(tail)
             transfer_id = self._propose(
-                tx, terms, to_party=to_party, blocks=taken, now_us=now_us, expires_us=expires_us
-            )
+                tx, terms, to_party=to_party, blocks=taken, now_us=now_us, expires_us=expires_us,
+                evidence=evidence,
+            )  # fmt: skip
         return transfer_id
 
     def _propose(
@@ -1937,6 +2002,7 @@ class Engine:
         blocks: Sequence[Block],
         now_us: int,
         expires_us: int,
+        evidence: bytes = b"",
     ) -> str:
         """Reserve ``blocks`` and persist a proposal of them to ``to_party``."""
         quantity = total(blocks)
@@ -1952,6 +2018,7 @@ class Engine:
             blocks=[block_to_pb(b) for b in taken],
             first_transfer=first_transfer,
             expires_at=timestamp(expires_us),
+            authorisation_evidence=evidence,
         )
         payload = self._send(tx, to_party, proposal, transfer_id, now_us)
         tx.transfer_put(

@@ -400,13 +400,15 @@ class Tx:
         buyer_share_bp: int = 0,
         voluntary_omge_bp: int = 0,
         revoked: bool = False,
+        statement_journal_id: int | None = None,
     ) -> None:
         self._exec(
             "INSERT INTO authorisations (host_party, authorisation_id, version, activity_id, "
             "activity_name, activity_description, cooperative_approach_id, acquiring_parties, "
             "purposes, oimp_detail, first_transfer_definition, vintage_from, vintage_to, "
-            "quantity_cap, unit_type, created_at, buyer_share_bp, voluntary_omge_bp, revoked) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "quantity_cap, unit_type, created_at, buyer_share_bp, voluntary_omge_bp, revoked, "
+            "statement_journal_id) "
+            f"VALUES ({', '.join('?' * 20)})",
             (
                 terms.host_party,
                 terms.authorisation_id,
@@ -427,6 +429,7 @@ class Tx:
                 buyer_share_bp,
                 voluntary_omge_bp,
                 int(revoked),
+                statement_journal_id,
             ),
         )
 
@@ -472,6 +475,16 @@ class Tx:
                 "voluntary_omge_bp", "activity_name", "created_at", "revoked",
                 "activity_description")  # fmt: skip
         return dict(zip(keys, row, strict=True))
+
+    def authorisation_evidence(self, host_party: str, authorisation_id: str) -> bytes | None:
+        """The host's signed statement of the latest version, as received here."""
+        row = self._one(
+            "SELECT j.envelope FROM authorisations a "
+            "JOIN journal j ON j.id = a.statement_journal_id "
+            "WHERE a.host_party = ? AND a.authorisation_id = ? ORDER BY a.version DESC LIMIT 1",
+            (host_party, authorisation_id),
+        )
+        return None if row is None else bytes(row[0])
 
     def issued_by_vintage(self, host_party: str, authorisation_id: str) -> dict[int, int]:
         rows = self._exec(

@@ -27,7 +27,7 @@ from itmolink.v1 import common_pb2 as itmolink_dot_v1_dot_common__pb2
 from itmolink.v1 import rules_pb2 as itmolink_dot_v1_dot_rules__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aitmolink/v1/transfer.proto\x12\x0bitmolink.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18itmolink/v1/common.proto\x1a\x17itmolink/v1/rules.proto\"\x87\x02\n\x10TransferProposal\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x18\n\x10\x61uthorisation_id\x18\x03 \x01(\t\x12$\n\x08quantity\x18\x04 \x01(\x04\x42\x12\xa2\x9f\x19\x0e\x08\x01 \x01(\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x12&\n\x06\x62locks\x18\x05 \x03(\x0b\x32\x16.itmolink.v1.UnitBlock\x12\x16\n\x0e\x66irst_transfer\x18\x06 \x01(\x08\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"r\n\x12TransferAcceptance\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x17\n\x0fproposal_digest\x18\x03 \x01(\x0c\"\x8d\x01\n\x12TransferCompletion\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x19\n\x11\x61\x63\x63\x65ptance_digest\x18\x03 \x01(\x0c\x12\x17\n\x0f\x61\x64justment_year\x18\x04 \x01(\r\"y\n\x19TransferCompletionReceipt\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x17\n\x0f\x61\x64justment_year\x18\x03 \x01(\r\"c\n\x0cTransferVoid\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\"Z\n\x13TransferVoidReceipt\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\"Z\n\x13TransferStatusQuery\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\"\x86\x01\n\x14TransferStatusReport\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.itmolink.v1.TransferState*\xdb\x01\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17TRANSFER_STATE_PROPOSED\x10\x01\x12\x1b\n\x17TRANSFER_STATE_ACCEPTED\x10\x02\x12\x1c\n\x18TRANSFER_STATE_COMPLETED\x10\x03\x12\x1b\n\x17TRANSFER_STATE_REJECTED\x10\x04\x12\x19\n\x15TRANSFER_STATE_VOIDED\x10\x05\x12\x1a\n\x16TRANSFER_STATE_UNKNOWN\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aitmolink/v1/transfer.proto\x12\x0bitmolink.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18itmolink/v1/common.proto\x1a\x17itmolink/v1/rules.proto\"\xa7\x02\n\x10TransferProposal\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x18\n\x10\x61uthorisation_id\x18\x03 \x01(\t\x12$\n\x08quantity\x18\x04 \x01(\x04\x42\x12\xa2\x9f\x19\x0e\x08\x01 \x01(\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x12&\n\x06\x62locks\x18\x05 \x03(\x0b\x32\x16.itmolink.v1.UnitBlock\x12\x16\n\x0e\x66irst_transfer\x18\x06 \x01(\x08\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16\x61uthorisation_evidence\x18\x08 \x01(\x0c\"r\n\x12TransferAcceptance\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x17\n\x0fproposal_digest\x18\x03 \x01(\x0c\"\x8d\x01\n\x12TransferCompletion\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x19\n\x11\x61\x63\x63\x65ptance_digest\x18\x03 \x01(\x0c\x12\x17\n\x0f\x61\x64justment_year\x18\x04 \x01(\r\"y\n\x19TransferCompletionReceipt\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x17\n\x0f\x61\x64justment_year\x18\x03 \x01(\r\"c\n\x0cTransferVoid\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\"Z\n\x13TransferVoidReceipt\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\"Z\n\x13TransferStatusQuery\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\"\x86\x01\n\x14TransferStatusReport\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.itmolink.v1.TransferState*\xdb\x01\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17TRANSFER_STATE_PROPOSED\x10\x01\x12\x1b\n\x17TRANSFER_STATE_ACCEPTED\x10\x02\x12\x1c\n\x18TRANSFER_STATE_COMPLETED\x10\x03\x12\x1b\n\x17TRANSFER_STATE_REJECTED\x10\x04\x12\x19\n\x15TRANSFER_STATE_VOIDED\x10\x05\x12\x1a\n\x16TRANSFER_STATE_UNKNOWN\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,22 +52,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRANSFERSTATUSQUERY'].fields_by_name['transfer_id']._serialized_options = b'\242\237\031\005\010\001\020\200\001'
   _globals['_TRANSFERSTATUSREPORT'].fields_by_name['transfer_id']._loaded_options = None
   _globals['_TRANSFERSTATUSREPORT'].fields_by_name['transfer_id']._serialized_options = b'\242\237\031\005\010\001\020\200\001'
-  _globals['_TRANSFERSTATE']._serialized_start=1199
-  _globals['_TRANSFERSTATE']._serialized_end=1418
+  _globals['_TRANSFERSTATE']._serialized_start=1231
+  _globals['_TRANSFERSTATE']._serialized_end=1450
   _globals['_TRANSFERPROPOSAL']._serialized_start=128
-  _globals['_TRANSFERPROPOSAL']._serialized_end=391
-  _globals['_TRANSFERACCEPTANCE']._serialized_start=393
-  _globals['_TRANSFERACCEPTANCE']._serialized_end=507
-  _globals['_TRANSFERCOMPLETION']._serialized_start=510
-  _globals['_TRANSFERCOMPLETION']._serialized_end=651
-  _globals['_TRANSFERCOMPLETIONRECEIPT']._serialized_start=653
-  _globals['_TRANSFERCOMPLETIONRECEIPT']._serialized_end=774
-  _globals['_TRANSFERVOID']._serialized_start=776
-  _globals['_TRANSFERVOID']._serialized_end=875
-  _globals['_TRANSFERVOIDRECEIPT']._serialized_start=877
-  _globals['_TRANSFERVOIDRECEIPT']._serialized_end=967
-  _globals['_TRANSFERSTATUSQUERY']._serialized_start=969
-  _globals['_TRANSFERSTATUSQUERY']._serialized_end=1059
-  _globals['_TRANSFERSTATUSREPORT']._serialized_start=1062
-  _globals['_TRANSFERSTATUSREPORT']._serialized_end=1196
+  _globals['_TRANSFERPROPOSAL']._serialized_end=423
+  _globals['_TRANSFERACCEPTANCE']._serialized_start=425
+  _globals['_TRANSFERACCEPTANCE']._serialized_end=539
+  _globals['_TRANSFERCOMPLETION']._serialized_start=542
+  _globals['_TRANSFERCOMPLETION']._serialized_end=683
+  _globals['_TRANSFERCOMPLETIONRECEIPT']._serialized_start=685
+  _globals['_TRANSFERCOMPLETIONRECEIPT']._serialized_end=806
+  _globals['_TRANSFERVOID']._serialized_start=808
+  _globals['_TRANSFERVOID']._serialized_end=907
+  _globals['_TRANSFERVOIDRECEIPT']._serialized_start=909
+  _globals['_TRANSFERVOIDRECEIPT']._serialized_end=999
+  _globals['_TRANSFERSTATUSQUERY']._serialized_start=1001
+  _globals['_TRANSFERSTATUSQUERY']._serialized_end=1091
+  _globals['_TRANSFERSTATUSREPORT']._serialized_start=1094
+  _globals['_TRANSFERSTATUSREPORT']._serialized_end=1228
 # @@protoc_insertion_point(module_scope)

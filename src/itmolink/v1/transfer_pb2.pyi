@@ -75,6 +75,7 @@ class TransferProposal(_message.Message):
     BLOCKS_FIELD_NUMBER: _builtins.int
     FIRST_TRANSFER_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    AUTHORISATION_EVIDENCE_FIELD_NUMBER: _builtins.int
     transfer_id: _builtins.str
     """Identifier chosen by the sender, unique within its registry, and starting
     with the sender's party code and a hyphen (e.g. "LAO-T-000001").
@@ -84,6 +85,12 @@ class TransferProposal(_message.Message):
     """tCO2e; equals the sum of the blocks' sizes."""
     first_transfer: _builtins.bool
     """True when this transfer is the first transfer of the units."""
+    authorisation_evidence: _builtins.bytes
+    """For an onward transfer (units first transferred by another party): the
+    host's signed AuthorisationStatement envelope, exactly as the sender
+    received it, so a receiver that never dealt with the host can check the
+    authorisation against the host's pinned key. Empty otherwise.
+    """
     @_builtins.property
     def header(self) -> _common_pb2.Header: ...
     @_builtins.property
@@ -102,10 +109,11 @@ class TransferProposal(_message.Message):
         blocks: _abc.Iterable[_common_pb2.UnitBlock] | None = ...,
         first_transfer: _builtins.bool = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        authorisation_evidence: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorisation_id", b"authorisation_id", "blocks", b"blocks", "expires_at", b"expires_at", "first_transfer", b"first_transfer", "header", b"header", "quantity", b"quantity", "transfer_id", b"transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorisation_evidence", b"authorisation_evidence", "authorisation_id", b"authorisation_id", "blocks", b"blocks", "expires_at", b"expires_at", "first_transfer", b"first_transfer", "header", b"header", "quantity", b"quantity", "transfer_id", b"transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -760,6 +760,7 @@ class TransferRequest(_message.Message):
     VINTAGE_FIELD_NUMBER: _builtins.int
     QUANTITY_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    HOST_PARTY_FIELD_NUMBER: _builtins.int
     to_party: _builtins.str
     authorisation_id: _builtins.str
     vintage: _builtins.int
@@ -768,6 +769,8 @@ class TransferRequest(_message.Message):
     """How long the partner has to accept before the transfer is voided; 0 uses
     the node's configured default.
     """
+    host_party: _builtins.str
+    """For an onward transfer: the party that authorised the units (empty: this node's)."""
     def __init__(
         self,
         *,
@@ -776,10 +779,11 @@ class TransferRequest(_message.Message):
         vintage: _builtins.int = ...,
         quantity: _builtins.int = ...,
         timeout_seconds: _builtins.int = ...,
+        host_party: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorisation_id", b"authorisation_id", "quantity", b"quantity", "timeout_seconds", b"timeout_seconds", "to_party", b"to_party", "vintage", b"vintage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorisation_id", b"authorisation_id", "host_party", b"host_party", "quantity", b"quantity", "timeout_seconds", b"timeout_seconds", "to_party", b"to_party", "vintage", b"vintage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

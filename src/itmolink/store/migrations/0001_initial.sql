@@ -83,6 +83,9 @@ CREATE TABLE authorisations (
     voluntary_omge_bp INTEGER NOT NULL DEFAULT 0,
     -- A revocation is recorded as a new version with this set.
     revoked INTEGER NOT NULL DEFAULT 0,
+    -- For an authorisation received from its host: the journal entry of the
+    -- signed statement, handed on as evidence with onward transfers.
+    statement_journal_id BIGINT REFERENCES journal (id),
     created_at BIGINT NOT NULL,
     PRIMARY KEY (host_party, authorisation_id, version)
 );

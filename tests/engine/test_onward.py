@@ -1,0 +1,158 @@
+"""An onward transfer: Korea passes units first transferred by Lao PDR to Japan,
+whose registry never heard from Lao PDR about them and checks the host's own
+signed authorisation statement carried with the proposal."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from pathlib import Path
+
+import pytest
+
+from itmolink.core.codes import Rejected, RejectionCode
+from itmolink.core.transfer import TransferState
+from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
+from itmolink.crypto.envelope import TrustStore
+from itmolink.crypto.keys import SigningKey
+from itmolink.node.engine import Engine, Partner
+from itmolink.store import SqliteStore
+from itmolink.store.tx import Tx
+
+from .conftest import START
+
+PARTIES = ("LAO", "KOR", "JPN")
+
+
+def network(tmp: Path) -> dict[str, Engine]:
+    keys = {p: SigningKey.generate(p) for p in PARTIES}
+    engines = {}
+    for party in PARTIES:
+        others = [p for p in PARTIES if p != party]
+        counter = itertools.count(1)
+        engines[party] = Engine(
+            party=party, registry=f"{party}-NR", signing_key=keys[party],
+            trust=TrustStore(keys[p].verifying_key() for p in others),
+            partners=[Partner(p, f"{p}-NR", "x") for p in others],
+            store=SqliteStore(tmp / f"{party}.db", party=party, registry=f"{party}-NR"),
+            new_id=lambda party=party, counter=counter: f"{party}-{next(counter)}",
+        )  # fmt: skip
+    return engines
+
+
+def pump(engines: dict[str, Engine], now: dt.datetime, *, blocked: set[tuple[str, str]]) -> None:
+    for _ in range(20):
+        moved = False
+        for sender, engine in engines.items():
+            for message_id, receiver, envelope in engine.due_messages(now):
+                if (sender, receiver) in blocked:
+                    engine.delivery_failed(message_id, "blocked", now)
+                    continue
+                reply = engines[receiver].handle_delivery(sender, envelope, now)
+                engine.handle_reply(message_id, reply, now)
+                moved = True
+        if not moved:
+            return
+
+
+def test_units_move_on_to_a_third_party_with_the_hosts_evidence(tmp_path: Path) -> None:
+    engines = network(tmp_path)
+    lao, kor, jpn = engines["LAO"], engines["KOR"], engines["JPN"]
+    now = START
+    blocked = {("LAO", "JPN")}  # JPN never hears from LAO directly
+    terms = lao.authorise(
+        activity_id="LAO-SOLAR", activity_name="", activity_description="",
+        cooperative_approach_id="LAO-KOR-JPN", acquiring_parties=["KOR", "JPN"],
+        purposes=[Purpose.NDC], oimp_detail="",
+        first_transfer_definition=FirstTransferDefinition.UNSPECIFIED, vintage_from=2021,
+        vintage_to=2030, quantity_cap=0, unit_type=UnitType.ITMO, now=now,
+    )  # fmt: skip
+    authorisation_id = terms.authorisation_id
+    lao.issue(authorisation_id=authorisation_id, vintage=2025, quantity=1_000, now=now)
+    pump(engines, now, blocked=blocked)
+    first = lao.start_transfer(to_party="KOR", authorisation_id=authorisation_id, vintage=2025,
+                               quantity=600, now=now)  # fmt: skip
+    pump(engines, now, blocked=blocked)
+
+    onward = kor.start_transfer(
+        to_party="JPN", host_party="LAO", authorisation_id=authorisation_id, vintage=2025,
+        quantity=250, now=now,
+    )  # fmt: skip
+    pump(engines, now, blocked=blocked)
+
+    def state(engine: Engine, transfer_id: str) -> TransferState | None:
+        with engine.store.transaction() as tx:
+            record = tx.transfer_get(transfer_id)
+        return None if record is None else record.state
+
+    assert state(kor, first) is state(kor, onward) is TransferState.COMPLETED
+    assert state(jpn, onward) is TransferState.COMPLETED
+    with kor.store.transaction() as tx:
+        assert not tx.transfer_get(onward).first_transfer  # type: ignore[union-attr]
+        kor_ca = sorted((a.entry.transfer_id, a.entry.amount) for a in tx.adjustments())
+    with jpn.store.transaction() as tx:
+        jpn_ca = [(a.entry.transfer_id, a.entry.amount) for a in tx.adjustments()]
+        jpn_held = [(h.block.first_transferring_party, h.block.quantity) for h in tx.holdings()]
+        assert tx.authorisation_get("LAO", authorisation_id) is not None  # learnt from evidence
+    # KOR subtracted 600 on acquisition and adds back the 250 it passed on.
+    assert kor_ca == sorted([(first, -600), (onward, 250)])
+    assert jpn_ca == [(onward, -250)]
+    assert jpn_held == [("LAO", 250)]
+
+
+def test_an_onward_transfer_to_a_party_the_host_did_not_authorise_is_refused(
+    tmp_path: Path,
+) -> None:
+    engines = network(tmp_path)
+    lao, kor = engines["LAO"], engines["KOR"]
+    now = START
+    terms = lao.authorise(
+        activity_id="LAO-SOLAR", activity_name="", activity_description="",
+        cooperative_approach_id="LAO-KOR", acquiring_parties=["KOR"],  # JPN not authorised
+        purposes=[Purpose.NDC], oimp_detail="",
+        first_transfer_definition=FirstTransferDefinition.UNSPECIFIED, vintage_from=2021,
+        vintage_to=2030, quantity_cap=0, unit_type=UnitType.ITMO, now=now,
+    )  # fmt: skip
+    lao.issue(authorisation_id=terms.authorisation_id, vintage=2025, quantity=100, now=now)
+    pump(engines, now, blocked=set())
+    lao.start_transfer(to_party="KOR", authorisation_id=terms.authorisation_id, vintage=2025,
+                       quantity=100, now=now)  # fmt: skip
+    pump(engines, now, blocked=set())
+    with pytest.raises(Rejected) as caught:
+        kor.start_transfer(to_party="JPN", host_party="LAO",
+                           authorisation_id=terms.authorisation_id, vintage=2025, quantity=10,
+                           now=now)  # fmt: skip
+    assert caught.value.code is RejectionCode.NOT_ACQUIRING_PARTY
+
+
+def test_a_third_party_refuses_an_onward_transfer_without_the_hosts_evidence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engines = network(tmp_path)
+    lao, kor, jpn = engines["LAO"], engines["KOR"], engines["JPN"]
+    now = START
+    blocked = {("LAO", "JPN")}
+    terms = lao.authorise(
+        activity_id="LAO-SOLAR", activity_name="", activity_description="",
+        cooperative_approach_id="LAO-KOR-JPN", acquiring_parties=["KOR", "JPN"],
+        purposes=[Purpose.NDC], oimp_detail="",
+        first_transfer_definition=FirstTransferDefinition.UNSPECIFIED, vintage_from=2021,
+        vintage_to=2030, quantity_cap=0, unit_type=UnitType.ITMO, now=now,
+    )  # fmt: skip
+    lao.issue(authorisation_id=terms.authorisation_id, vintage=2025, quantity=100, now=now)
+    pump(engines, now, blocked=blocked)
+    lao.start_transfer(to_party="KOR", authorisation_id=terms.authorisation_id, vintage=2025,
+                       quantity=100, now=now)  # fmt: skip
+    pump(engines, now, blocked=blocked)
+    monkeypatch.setattr(Tx, "authorisation_evidence", lambda self, host, auth: None)
+    onward = kor.start_transfer(to_party="JPN", host_party="LAO",
+                                authorisation_id=terms.authorisation_id, vintage=2025,
+                                quantity=10, now=now)  # fmt: skip
+    pump(engines, now, blocked=blocked)
+    with kor.store.transaction() as tx:
+        record = tx.transfer_get(onward)
+    assert record is not None
+    assert record.state is TransferState.REJECTED
+    assert record.rejection_code == RejectionCode.UNKNOWN_AUTHORISATION
+    with jpn.store.transaction() as tx:
+        assert tx.adjustments() == []
