@@ -72,6 +72,10 @@ class TrustStore:
             )
         self._keys[key.key_id] = key
 
+    def replace(self, key: VerifyingKey) -> None:
+        """Pin ``key``, replacing a key with the same id (e.g. a new validity window)."""
+        self._keys[key.key_id] = key
+
     def get(self, key_id: str) -> VerifyingKey | None:
         return self._keys.get(key_id)
 

@@ -370,9 +370,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         request: admin_pb2.RevokeSigningKeyRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> admin_pb2.RevokeSigningKeyResponse:
-        await self._node.db(
-            self._engine.revoke_signing_key, request.key_id, self._node.clock(), request.partner
-        )
+        await self._node.db(self._node.revoke_signing_key, request.key_id, request.partner)
         self._node.kick()
         return admin_pb2.RevokeSigningKeyResponse()
 

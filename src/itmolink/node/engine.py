@@ -284,7 +284,12 @@ class Engine:
             revoked = tx.revoked_keys()
         trust = TrustStore(self._card_keys)
         for key_id, party, public_key, not_before, not_after in learned:
-            trust.add(
+            known = trust.get(key_id)
+            if known is not None and (known.party, known.public_bytes) != (party, public_key):
+                continue  # cannot happen: a key id is derived from its party and bytes
+            # A key announced in-band replaces the same key from a card: its
+            # validity window is the partner's latest word on it.
+            trust.replace(
                 VerifyingKey.from_raw(
                     party, key_id, public_key,
                     not_before=from_us(not_before) if not_before is not None else None,
@@ -402,9 +407,10 @@ class Engine:
             except DecodeError as exc:
                 raise Rejected(RejectionCode.MALFORMED_PAYLOAD, f"payload: {exc}") from None
             header: common_pb2.Header = msg.header  # type: ignore[attr-defined]
+            validate(msg, max_blocks=self.limits.max_blocks)
+            # Echoed in a rejection's in_reply_to only once known to be well formed.
             message_id = header.message_id
             subject_id = _subject_of(msg)
-            validate(msg, max_blocks=self.limits.max_blocks)
             self._check_header(header, sender=verified.signer_party, now_us=now_us)
         except Rejected as rejected:
             log.warning("refused a message from %s without recording it: %s", peer_party, rejected)
@@ -436,6 +442,13 @@ class Engine:
                     ),
                     message_id,
                     now_us,
+                )
+                return envelope
+            try:
+                self._check_window(header, now_us)
+            except Rejected as rejected:
+                _, envelope = self._reply(
+                    None, sender, self._rejection(subject_id, rejected, raw), message_id, now_us
                 )
                 return envelope
             owner = tx.inbox_sequence_owner(sender, header.sequence)
@@ -505,6 +518,10 @@ class Engine:
             raise Rejected(RejectionCode.MISSING_FIELD, "header sequence must be at least 1")
         if not header.HasField("sent_at"):
             raise Rejected(RejectionCode.MISSING_FIELD, "header has no sent_at")
+
+    def _check_window(self, header: common_pb2.Header, now_us: int) -> None:
+        """A new request's sent_at must be near this node's clock. Checked after the
+        inbox lookup, so a recorded request retried later still gets its reply."""
         sent_at = timestamp_us(header.sent_at)
         skew = self.limits.max_clock_skew // dt.timedelta(microseconds=1)
         oldest = now_us - self.limits.max_message_age // dt.timedelta(microseconds=1)
@@ -1373,7 +1390,7 @@ class Engine:
                 reconciliation_id=reconciliation_id, partner=partner, phase=phase,
                 subject=subject, detail=detail, now=to_us(now),
             )  # fmt: skip
-            frozen = tx.freeze_blocks_of(subject) if freeze else 0
+            frozen = tx.freeze_blocks_of(subject, partner) if freeze else 0
         log.error("ALARM: reconciliation with %s: %s %s: %s", partner, phase, subject, detail)
         return frozen
 
@@ -1392,8 +1409,14 @@ class Engine:
             for partner in sorted(self.partners):
                 rotation = KeyRotation(
                     rotation_id=new_key.key_id,
+                    # Valid from a little before now, so a partner whose clock lags
+                    # does not refuse the first messages signed with it.
                     new_key=keys_pb2.SigningKeyRecord(
-                        key_id=new_key.key_id, public_key=public, not_before=timestamp(now_us)
+                        key_id=new_key.key_id,
+                        public_key=public,
+                        not_before=timestamp(
+                            now_us - self.limits.max_clock_skew // dt.timedelta(microseconds=1)
+                        ),
                     ),
                 )
                 self._send(tx, partner, rotation, new_key.key_id, now_us)

@@ -116,7 +116,13 @@ class Reconciliation:
         for start in range(0, len(leaf_prefixes), 256):
             chunk = leaf_prefixes[start : start + 256]
             answer = await self._ask(view=_VIEWS[view], leaf_prefixes=chunk)
-            theirs_leaves = {leaf.transfer_id: leaf.digest for leaf in answer.leaves}
+            # Only leaves under the prefixes asked for: a partner cannot name
+            # transfers of other links to have their blocks frozen here.
+            theirs_leaves = {
+                leaf.transfer_id: leaf.digest
+                for leaf in answer.leaves
+                if reconcile.id_hash(leaf.transfer_id).startswith(tuple(chunk))
+            }
             ours_leaves: dict[str, bytes] = {}
             for prefix in chunk:
                 ours_leaves.update(

@@ -311,6 +311,18 @@ class Node:
         (directory / "card.toml").write_text(updated.to_toml())
         return key.key_id
 
+    def revoke_signing_key(self, key_id: str, partner: str) -> None:
+        """Revoke a key (on the database thread); our own leaves our partner card too."""
+        self.engine.revoke_signing_key(key_id, self.clock(), partner)
+        if partner:
+            return
+        path = self.config.keys.directory / "card.toml"
+        card = PartnerCard.load(path)
+        kept = tuple(k for k in card.signing_keys if k.key_id != key_id)
+        path.write_text(
+            PartnerCard(card.party, card.registry, card.ca_certificate_pem, kept).to_toml()
+        )
+
     # -- the outbox worker -------------------------------------------------------------
 
     def partner_stub(self, party: str) -> PartnerServiceAsyncStub:

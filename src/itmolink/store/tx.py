@@ -984,8 +984,12 @@ class Tx:
             for r in rows
         ]  # fmt: skip
 
-    def freeze_blocks_of(self, transfer_id: str) -> int:
-        """Freeze the held blocks that share a serial with a transfer's blocks."""
+    def freeze_blocks_of(self, transfer_id: str, partner: str) -> int:
+        """Freeze the held blocks that share a serial with the blocks of a transfer
+        with ``partner`` (nothing if the transfer is of another link)."""
+        record = self.transfer_get(transfer_id)
+        if record is None or record.partner != partner:
+            return 0
         frozen = 0
         for block in self.blocks_of_transfer(transfer_id):
             cursor = self._exec(
