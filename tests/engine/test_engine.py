@@ -249,3 +249,58 @@ def test_a_receiver_keeps_waiting_while_the_sender_has_completed(pair: Pair) -> 
     pair.pump()
     assert state(pair.kor, transfer_id) is TransferState.COMPLETED
     assert ledger(pair.kor) == [(transfer_id, 2025, -100)]
+
+
+def test_a_completion_the_receiver_could_not_record_is_sealed_again_until_it_lands(
+    pair: Pair,
+) -> None:
+    """The completion is stuck for longer than the receiver's message-age window;
+    when it finally arrives the receiver refuses it unrecorded (too old), and the
+    sender re-seals it: the units and the -CA still land, once."""
+    authorisation_id = issued(pair)
+    transfer_id = pair.lao.start_transfer(
+        to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=100,
+        now=pair.now,
+    )  # fmt: skip
+    blocked = {"on": True}
+
+    def network(sender: str, receiver: str, envelope: bytes) -> bytes | None:
+        stuck = b"itmolink.v1.TransferCompletion" in envelope and blocked["on"]
+        return None if stuck else envelope
+
+    pair.network = network
+    pair.pump()
+    assert state(pair.lao, transfer_id) is TransferState.COMPLETED
+    assert state(pair.kor, transfer_id) is TransferState.ACCEPTED
+    pair.advance(31 * 24 * 3600)  # past the 30-day message age
+    blocked["on"] = False
+    pair.pump()
+    assert state(pair.kor, transfer_id) is TransferState.COMPLETED
+    assert ledger(pair.kor) == [(transfer_id, 2025, -100)]
+    assert held(pair.kor) == 100
+
+
+def test_a_key_still_signing_undelivered_messages_cannot_be_revoked(pair: Pair) -> None:
+    from itmolink.crypto.keys import SigningKey
+
+    authorisation_id = issued(pair)
+    old = pair.lao.signing_key
+    pair.lao.start_transfer(
+        to_party="KOR",
+        authorisation_id=authorisation_id,
+        vintage=2025,
+        quantity=100,
+        now=pair.now,
+    )  # fmt: skip  (the proposal, sealed with the old key, is not delivered yet)
+    pair.lao.rotate_signing_key(SigningKey.generate("LAO"), pair.now)
+    [(rotation_id, _, rotation)] = [
+        m for m in pair.lao.due_messages(pair.now) if b"KeyRotation" in m[2]
+    ]
+    pair.lao.handle_reply(rotation_id, pair.kor.handle_delivery("LAO", rotation, pair.now),
+                          pair.now)  # fmt: skip
+    assert pair.lao.signing_key.key_id != old.key_id
+    with pytest.raises(Rejected) as caught:
+        pair.lao.revoke_signing_key(old.key_id, pair.now)
+    assert caught.value.code is RejectionCode.TRANSFER_STATE_CONFLICT
+    pair.pump()
+    pair.lao.revoke_signing_key(old.key_id, pair.now)  # once delivered, it can be

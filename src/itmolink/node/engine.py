@@ -879,6 +879,9 @@ class Engine:
             if record is not None and record.partner == sender
             else transfer_pb2.TRANSFER_STATE_UNKNOWN
         )
+        if state == TransferState.COMPLETED and record is not None:
+            # The receiver still waits for our completion: make sure one is coming.
+            self._resend_completion(tx, msg.transfer_id, now_us)
         report = TransferStatusReport(transfer_id=msg.transfer_id, state=int(state))  # type: ignore[arg-type]
         return self._reply(tx, sender, report, msg.header.message_id, now_us)[1]
 
@@ -1193,13 +1196,43 @@ class Engine:
             self._status_reported(tx, subject_id, partner, reply, now_us)
         elif request_type == type_name(KeyRotation):
             self._rotation_answered(tx, subject_id, partner, rejected)
-        elif request_type == type_name(TransferCompletion) and rejected:
-            log.error(
-                "ALARM: %s refused the completion of transfer %s, which is complete here; "
-                "reconcile with the partner",
-                partner,
-                subject_id,
+        elif request_type == type_name(TransferCompletion) and isinstance(reply, Rejection):
+            if reply.header.sequence == 0:
+                # Refused before it was recorded (e.g. signed with a key revoked since,
+                # or too old): the completion is a commitment already carried out here,
+                # so it is sent again, freshly sealed, until the partner records it.
+                log.warning(
+                    "%s could not record the completion of %s (%s): sending it again",
+                    partner, subject_id, _code_name(_rejection_reasons(reply)[0]),
+                )  # fmt: skip
+                self._resend_completion(tx, subject_id, now_us)
+            else:
+                log.error(
+                    "ALARM: %s refused the completion of transfer %s, which is complete here; "
+                    "reconcile with the partner",
+                    partner, subject_id,
+                )  # fmt: skip
+
+    def _resend_completion(self, tx: Tx, transfer_id: str, now_us: int) -> None:
+        """Queue a freshly sealed completion of a transfer completed here, unless one
+        is already on its way."""
+        record = tx.transfer_get(transfer_id)
+        if (
+            record is None
+            or record.direction is not Role.SENDER
+            or record.state is not TransferState.COMPLETED
+            or tx.outbox_pending_of(
+                payload_type=type_name(TransferCompletion), subject_id=transfer_id
             )
+        ):
+            return
+        years = {year for year, _ in tx.adjustment_amounts(transfer_id)}
+        completion = TransferCompletion(
+            transfer_id=transfer_id,
+            acceptance_digest=record.acceptance_digest,
+            adjustment_year=years.pop() if len(years) == 1 else 0,
+        )
+        self._send(tx, record.partner, completion, transfer_id, now_us)
 
     def _rotation_answered(self, tx: Tx, key_id: str, partner: str, rejected: bool) -> None:
         """Sign with the announced key once every partner acknowledged it."""
@@ -1446,6 +1479,12 @@ class Engine:
                 raise Rejected(
                     RejectionCode.INVALID_FIELD,
                     f"{key_id} is the key this node signs with (or is about to): rotate first",
+                )
+            if tx.outbox_pending_signed_by(key_id):
+                raise Rejected(
+                    RejectionCode.TRANSFER_STATE_CONFLICT,
+                    f"messages signed with {key_id} are still being delivered: revoke it once "
+                    "they are answered",
                 )
             tx.revoked_key_put(key_id=key_id, party=self.party, source="self", now=now_us)
             for other in sorted(self.partners):

@@ -383,6 +383,17 @@ class Tx:
         )
         return int(row[0])
 
+    def outbox_pending_signed_by(self, key_id: str) -> int:
+        """How many undelivered messages carry a signature by ``key_id``."""
+        from itmolink.v1 import envelope_pb2
+
+        count = 0
+        for (raw,) in self._exec("SELECT envelope FROM outbox WHERE state = 'pending'"):
+            envelope = envelope_pb2.Envelope()
+            envelope.ParseFromString(bytes(raw))
+            count += any(sig.key_id == key_id for sig in envelope.signatures)
+        return count
+
     def outbox_pending_count(self) -> int:
         return int(self._one("SELECT COUNT(*) FROM outbox WHERE state = 'pending'")[0])
 
@@ -1120,6 +1131,12 @@ class Tx:
         ):
             found[int(vintage)] = found.get(int(vintage), 0) + int(amount)
         return found
+
+    def adjustment_amounts(self, transfer_id: str) -> list[tuple[int, int]]:
+        rows = self._exec(
+            "SELECT year, amount FROM adjustments WHERE transfer_id = ?", (transfer_id,)
+        )
+        return [(int(r[0]), int(r[1])) for r in rows]
 
     def adjustments(self) -> list[AdjustmentRecord]:
         rows = self._exec(
