@@ -188,3 +188,21 @@ def test_every_rule_pattern_in_the_proto_compiles_and_is_anchored_by_the_validat
     assert len(patterns) >= 5
     for pattern in patterns:
         re.compile(pattern)
+
+
+def test_a_partner_cannot_hand_over_serials_of_another_registry(ready: Pair) -> None:
+    msg = proposal(ready)
+    msg.blocks[0].originating_registry = "KOR-NR"  # KOR's own serial space
+    assert code(deliver(ready, msg)) is RejectionCode.BLOCK_ATTRIBUTE_MISMATCH
+
+
+def test_an_authorisation_id_must_carry_its_hosts_prefix(ready: Pair) -> None:
+    from itmolink.v1 import authorisation_pb2
+
+    statement = authorisation_pb2.AuthorisationStatement(
+        header=header(ready), authorisation_id="KOR-A-0001", version=1, host_party="LAO",
+        activity=authorisation_pb2.Activity(activity_id="X"), cooperative_approach_id="C",
+        acquiring_parties=["KOR"], purposes=[common_pb2.PURPOSE_NDC], vintage_from=2021,
+        vintage_to=2030, unit_type=common_pb2.UNIT_TYPE_ITMO,
+    )  # fmt: skip
+    assert code(deliver(ready, statement)) is RejectionCode.INVALID_IDENTIFIER

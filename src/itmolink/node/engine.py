@@ -468,6 +468,16 @@ class Engine:
                     now_us,
                 )
                 return envelope
+            if tx.journal_has("in", sender, message_id):  # an id of one of its replies
+                _, envelope = self._reply(
+                    None, sender,
+                    self._rejection(subject_id, Rejected(
+                        RejectionCode.DUPLICATE_MESSAGE_CONFLICT,
+                        f"message id {message_id} was already used by another message",
+                    ), raw),
+                    message_id, now_us,
+                )  # fmt: skip
+                return envelope
             journal_id = tx.journal(
                 direction="in",
                 partner=sender,
@@ -572,6 +582,7 @@ class Engine:
         now_us: int,
     ) -> bytes:
         terms = terms_from_statement(msg)
+        _check_owned_id(terms.authorisation_id, sender, "authorisation id")
         rules.check_received_authorisation(terms, me=self.party, sender=sender)
         check_authorisation(
             Authorisation(
@@ -644,6 +655,7 @@ class Engine:
                 RejectionCode.UNKNOWN_AUTHORISATION,
                 f"the evidence is not a valid statement of {msg.authorisation_id}",
             )
+        _check_owned_id(terms.authorisation_id, host, "authorisation id")
         rules.check_received_authorisation(terms, me=self.party, sender=host)
         journal_id = tx.journal(
             direction="in", partner=host, message_id=statement.header.message_id,
@@ -695,6 +707,7 @@ class Engine:
         blocks = [block_from_pb(b) for b in msg.blocks]
         if not msg.issuance_id:
             raise Rejected(RejectionCode.MISSING_FIELD, "issuance notice has no issuance_id")
+        self._check_origin(sender, blocks)
         # An issuance notice carries blocks under an authorisation exactly as a
         # proposal does, so the same content checks apply.
         rules.check_transfer_proposal(
@@ -757,6 +770,7 @@ class Engine:
             quantity=msg.quantity,
             blocks=blocks,
         )
+        self._check_origin(host, blocks)
         for block in blocks:
             rules.check_not_held([block], tx.blocks_overlapping(block))
         self._check_booking(blocks)
@@ -813,6 +827,14 @@ class Engine:
                 RejectionCode.DIGEST_MISMATCH,
                 f"completion of {msg.transfer_id} does not refer to this node's acceptance",
             )
+        if state is TransferState.COMPLETED:
+            # A completion sent again (freshly sealed) after this node had applied the
+            # first: already posted, nothing more to do.
+            years = {year for year, _ in tx.adjustment_amounts(msg.transfer_id)}
+            receipt = TransferCompletionReceipt(
+                transfer_id=msg.transfer_id, adjustment_year=years.pop() if len(years) == 1 else 0
+            )
+            return self._reply(tx, sender, receipt, msg.header.message_id, now_us)[1]
         transition = step(Role.RECEIVER, state, Event.COMPLETION_RECEIVED)
         blocks = tx.blocks_of_transfer(msg.transfer_id)
         year = self._apply(
@@ -906,12 +928,12 @@ class Engine:
                 )  # fmt: skip
         else:
             view = VIEWS[msg.view]
-            for prefix in msg.prefixes:
+            for prefix in dict.fromkeys(msg.prefixes):
                 for bucket in tx.reconcile_buckets(sender, snapshot, view, prefix):
                     answer.buckets.add(
                         prefix=bucket.prefix, count=bucket.count, h1=bucket.h1, h2=bucket.h2
                     )
-            for prefix in msg.leaf_prefixes:
+            for prefix in dict.fromkeys(msg.leaf_prefixes):
                 leaves = tx.reconcile_leaves(sender, snapshot, view, prefix)
                 if len(answer.leaves) + len(leaves) > MAX_LEAVES:
                     raise Rejected(
@@ -971,6 +993,37 @@ class Engine:
         type_name(ReconciliationQuery): _on_reconciliation_query,
         type_name(KeyRotation): _on_key_rotation,
     }
+
+    def _check_origin(self, host: str, blocks: Sequence[Block]) -> None:
+        """Units come from their host's registry: no partner can hand this node
+        serials of another registry (its own included)."""
+        partner = self.partners.get(host)
+        expected = partner.registry if partner is not None else None
+        for block in blocks:
+            if block.originating_registry != expected:
+                raise Rejected(
+                    RejectionCode.BLOCK_ATTRIBUTE_MISMATCH,
+                    f"block {block.label()} does not come from {host}'s registry "
+                    f"{expected or '(unknown: no partner card for ' + host + ')'}",
+                )
+
+    def _check_threshold(
+        self, tx: Tx, terms: AuthorisationTerms, vintage: int, quantity: int
+    ) -> None:
+        """The host threshold on first transfers (only units that carry an adjustment)."""
+        if (
+            self.threshold is None
+            or self.accounting is None
+            or not terms.unit_type.requires_adjustment
+        ):
+            return
+        check_host_threshold(
+            self.threshold,
+            self.accounting.ndc_period,
+            tx.first_transferred_by_year(),
+            year=booking_year(self.accounting, vintage=vintage),
+            quantity=quantity,
+        )
 
     def _check_booking(self, blocks: Sequence[Block]) -> None:
         """Refuse, before anything is promised, units whose adjustment could not be booked."""
@@ -1170,14 +1223,13 @@ class Engine:
     ) -> None:
         rejected = isinstance(reply, Rejection)
         if request_type == type_name(AuthorisationStatement):
-            terms = tx.authorisation_get(self.party, subject_id)
-            if terms is None:
-                raise RuntimeError(f"acknowledged authorisation {subject_id} is not recorded")
+            # The subject names the version this answer is about, not the latest one.
+            authorisation_id, _, version = subject_id.rpartition("#")
             code = _rejection_reasons(reply)[0] if isinstance(reply, Rejection) else 0
             tx.authorisation_party_set(
                 host_party=self.party,
-                authorisation_id=subject_id,
-                version=terms.version,
+                authorisation_id=authorisation_id,
+                version=int(version),
                 party=partner,
                 state="rejected" if rejected else "acknowledged",
                 rejection_code=code,
@@ -1646,10 +1698,19 @@ class Engine:
                 asked.append(record.transfer_id)
         return asked
 
-    def due_messages(self, now: dt.datetime, limit: int = 256) -> list[tuple[str, str, bytes]]:
-        """(message id, partner, envelope) of outbox messages due for delivery."""
+    def due_messages(
+        self, now: dt.datetime, limit: int = 256, *, lease: dt.timedelta | None = None
+    ) -> list[tuple[str, str, bytes]]:
+        """(message id, partner, envelope) of outbox messages due for delivery.
+
+        With ``lease``, each message returned is claimed for that long: it is not
+        due again while its delivery is in flight.
+        """
+        now_us = to_us(now)
+        lease_until = None if lease is None else now_us + lease // dt.timedelta(microseconds=1)
         with self.store.transaction() as tx:
-            return [(m.message_id, m.partner, m.envelope) for m in tx.outbox_due(to_us(now), limit)]
+            due = tx.outbox_due(now_us, limit, lease_until=lease_until)
+        return [(m.message_id, m.partner, m.envelope) for m in due]
 
     def next_due(self) -> int | None:
         with self.store.transaction() as tx:
@@ -1785,7 +1846,7 @@ class Engine:
                 unit_type=int(terms.unit_type),  # type: ignore[arg-type]
                 revoked=revoked,
             )  # fmt: skip
-            self._send(tx, party, statement, terms.authorisation_id, now_us)
+            self._send(tx, party, statement, f"{terms.authorisation_id}#{terms.version}", now_us)
 
     def _authorisation(self, tx: Tx, host_party: str, authorisation_id: str) -> Authorisation:
         terms = tx.authorisation_get(host_party, authorisation_id)
@@ -1930,6 +1991,7 @@ class Engine:
                 cooperative_approach_id=terms.cooperative_approach_id,
                 first_transferring_party=self.party,
             )
+            rules.check_not_held([block], tx.blocks_overlapping(block))
             issuance_id = f"{self.party}-I-{tx.next_counter('issuance'):06d}"
             details = tx.authorisation_details(self.party, authorisation_id)
             policy = IssuancePolicy(details["buyer_share_bp"], details["voluntary_omge_bp"])
@@ -1971,6 +2033,7 @@ class Engine:
                     terms, to_party=buyer, vintage=vintage,
                     acknowledged=states.get(buyer) == "acknowledged",
                 )  # fmt: skip
+                self._check_threshold(tx, terms, vintage, total(buyer_share))
                 self._propose(
                     tx, terms, to_party=buyer, blocks=buyer_share, now_us=now_us,
                     expires_us=now_us + self.default_timeout // dt.timedelta(microseconds=1),
@@ -2033,20 +2096,8 @@ class Engine:
             )
             taken, remainders = take(held, quantity)
             self._check_booking(taken)
-            first_transfer = all(b.first_transferring_party == self.party for b in taken)
-            if (
-                first_transfer
-                and terms.unit_type.requires_adjustment
-                and self.threshold is not None
-                and self.accounting is not None
-            ):
-                check_host_threshold(
-                    self.threshold,
-                    self.accounting.ndc_period,
-                    tx.first_transferred_by_year(),
-                    year=booking_year(self.accounting, vintage=vintage),
-                    quantity=quantity,
-                )
+            if all(b.first_transferring_party == self.party for b in taken):
+                self._check_threshold(tx, terms, vintage, quantity)
             for tail in remainders:
                 tx.block_split(tail)
             transfer_id = self._propose(
@@ -2137,6 +2188,14 @@ def check_reconciliation_query(msg: ReconciliationQuery) -> None:
 
 def _owned_by(transfer_id: str, party: str) -> bool:
     return transfer_id.startswith(f"{party}-") and len(transfer_id) > len(party) + 1
+
+
+def _check_owned_id(identifier: str, owner: str, what: str) -> None:
+    if not _owned_by(identifier, owner):
+        raise Rejected(
+            RejectionCode.INVALID_IDENTIFIER,
+            f"{what} {identifier!r} of {owner} must start with '{owner}-'",
+        )
 
 
 def _check_transfer_id(transfer_id: str, sender: str) -> None:

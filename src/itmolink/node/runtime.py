@@ -364,7 +364,10 @@ class Node:
         now = self.clock()
         await self.db(self.engine.expire_transfers, now)
         await self.db(self.engine.query_pending_transfers, now)
-        for message_id, partner, envelope in await self.db(self.engine.due_messages, now):
+        lease = dt.timedelta(seconds=RPC_TIMEOUT_SECONDS + 1)
+        for message_id, partner, envelope in await self.db(
+            self.engine.due_messages, now, lease=lease
+        ):
             if message_id in self._inflight:
                 continue
             self._inflight.add(message_id)

@@ -322,13 +322,23 @@ class Tx:
             (message_id, partner, payload_type, subject_id, envelope, now, now),
         )
 
-    def outbox_due(self, now: int, limit: int) -> list[OutboxMessage]:
+    def outbox_due(
+        self, now: int, limit: int, *, lease_until: int | None = None
+    ) -> list[OutboxMessage]:
+        """Messages due for delivery; with ``lease_until``, each is claimed until then
+        (its next attempt waits for the answer or the lease to run out)."""
         rows = self._exec(
             "SELECT message_id, partner, payload_type, subject_id, envelope, state, attempts, "
             "next_attempt_at FROM outbox WHERE state = 'pending' AND next_attempt_at <= ? "
             "ORDER BY next_attempt_at, created_at LIMIT ?",
             (now, limit),
-        )
+        ).fetchall()
+        if lease_until is not None:
+            for r in rows:
+                self._exec(
+                    "UPDATE outbox SET next_attempt_at = ? WHERE message_id = ?",
+                    (lease_until, r[0]),
+                )
         return [OutboxMessage(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6], r[7]) for r in rows]
 
     def outbox_next_due(self) -> int | None:
@@ -491,8 +501,8 @@ class Tx:
         """The host's signed statement of the latest version, as received here."""
         row = self._one(
             "SELECT j.envelope FROM authorisations a "
-            "JOIN journal j ON j.id = a.statement_journal_id "
-            "WHERE a.host_party = ? AND a.authorisation_id = ? ORDER BY a.version DESC LIMIT 1",
+            "JOIN journal j ON j.id = a.statement_journal_id WHERE a.host_party = ? "
+            "AND a.authorisation_id = ? AND a.revoked = 0 ORDER BY a.version DESC LIMIT 1",
             (host_party, authorisation_id),
         )
         return None if row is None else bytes(row[0])
@@ -757,11 +767,21 @@ class Tx:
     def blocks_overlapping(self, block: Block) -> list[Block]:
         """Blocks held here, or moving in or out, that share a serial with ``block``."""
         params = (block.originating_registry, block.serial_end, block.serial_start)
+        # Blocks held here never overlap one another, so only those starting inside
+        # the range and the one starting last before it can overlap: two index seeks,
+        # however many blocks the registry holds.
         held = self._exec(
             f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE originating_registry = ? "
-            "AND serial_start <= ? AND serial_end >= ?",
-            params,
+            "AND serial_start >= ? AND serial_start <= ?",
+            (block.originating_registry, block.serial_start, block.serial_end),
         ).fetchall()
+        before = self._one(
+            f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE originating_registry = ? "
+            "AND serial_start < ? ORDER BY serial_start DESC LIMIT 1",
+            (block.originating_registry, block.serial_start),
+        )
+        if before is not None and int(before[2]) >= block.serial_start:
+            held.append(before)
         pending = self._exec(
             f"SELECT {', '.join('b.' + c.strip() for c in _BLOCK_COLUMNS.split(','))} "
             "FROM transfer_blocks b JOIN transfers t ON t.transfer_id = b.transfer_id "
@@ -773,21 +793,19 @@ class Tx:
 
     def block_split(self, tail: Block) -> None:
         """Split the held block that ends with ``tail`` so that ``tail`` is a block of its own."""
-        cursor = self._exec(
-            "UPDATE blocks SET serial_end = ? WHERE originating_registry = ? "
-            "AND serial_start < ? AND serial_end = ? AND status = 'held'",
-            (tail.serial_start - 1, tail.originating_registry, tail.serial_start, tail.serial_end),
-        )
-        if cursor.rowcount != 1:
-            raise RuntimeError(f"no held block ends with {tail.label()}; cannot split it")
-        self.blocks_insert([tail], account=self._account_of_split(tail))
-
-    def _account_of_split(self, tail: Block) -> str:
         row = self._one(
-            "SELECT account FROM blocks WHERE originating_registry = ? AND serial_end = ?",
-            (tail.originating_registry, tail.serial_start - 1),
+            "SELECT serial_start, serial_end, status, account FROM blocks "
+            "WHERE originating_registry = ? AND serial_start < ? "
+            "ORDER BY serial_start DESC LIMIT 1",
+            (tail.originating_registry, tail.serial_start),
         )
-        return str(row[0])
+        if row is None or int(row[1]) != tail.serial_end or row[2] != "held":
+            raise RuntimeError(f"no held block ends with {tail.label()}; cannot split it")
+        self._exec(
+            "UPDATE blocks SET serial_end = ? WHERE originating_registry = ? AND serial_start = ?",
+            (tail.serial_start - 1, tail.originating_registry, int(row[0])),
+        )
+        self.blocks_insert([tail], account=str(row[3]))
 
     def blocks_reserve(self, blocks: Iterable[Block], *, transfer_id: str) -> None:
         for block in blocks:
@@ -1119,15 +1137,17 @@ class Tx:
         booked as sender, plus first transfers still waiting for an answer."""
         found: dict[int, int] = {}
         for year, amount in self._exec(
-            "SELECT year, SUM(amount) FROM adjustments WHERE amount > 0 GROUP BY year"
+            "SELECT a.year, SUM(a.amount) FROM adjustments a "
+            "JOIN transfers t ON t.transfer_id = a.transfer_id "
+            "WHERE a.amount > 0 AND t.direction = 'out' AND t.first_transfer = 1 GROUP BY a.year"
         ):
             found[int(year)] = int(amount)
         for vintage, amount in self._exec(
             "SELECT b.vintage, SUM(b.serial_end - b.serial_start + 1) FROM transfer_blocks b "
             "JOIN transfers t ON t.transfer_id = b.transfer_id "
             "WHERE t.direction = 'out' AND t.state = ? AND t.first_transfer = 1 "
-            "GROUP BY b.vintage",
-            (int(TransferState.PROPOSED),),
+            "AND b.unit_type IN (?, ?) GROUP BY b.vintage",
+            (int(TransferState.PROPOSED), int(UnitType.ITMO), int(UnitType.A6_4ER_AUTHORISED)),
         ):
             found[int(vintage)] = found.get(int(vintage), 0) + int(amount)
         return found

@@ -60,6 +60,7 @@ CREATE TABLE outbox (
     answered_journal_id BIGINT REFERENCES journal (id)
 );
 CREATE INDEX outbox_due ON outbox (state, next_attempt_at);
+CREATE INDEX outbox_subject ON outbox (payload_type, subject_id, created_at);
 
 CREATE TABLE authorisations (
     host_party TEXT NOT NULL,
@@ -176,6 +177,7 @@ CREATE TABLE transfers (
     journal_h2 BIGINT
 );
 CREATE INDEX transfers_reconcile ON transfers (partner, id_hash);
+CREATE INDEX transfers_state ON transfers (direction, state, expires_at);
 
 -- The blocks a transfer moves, kept after it ends as its record.
 CREATE TABLE transfer_blocks (
