@@ -42,9 +42,11 @@ from itmolink.core.accounting import (
 )
 from itmolink.core.actions import (
     ActionType,
+    FirstTransferTrigger,
     check_use_ndc,
     check_use_oimp,
     check_voluntary_cancellation,
+    first_transfer_triggers,
 )
 from itmolink.core.adjustments import AdjustmentEntry, adjustments_for
 from itmolink.core.aef import ActionSubtype
@@ -1007,6 +1009,25 @@ class Engine:
                     f"{expected or '(unknown: no partner card for ' + host + ')'}",
                 )
 
+    def _book_first_transfer(
+        self,
+        tx: Tx,
+        blocks: Sequence[Block],
+        *,
+        reference: str,
+        subtype: ActionSubtype,
+        now_us: int,
+    ) -> None:
+        """The host's adjustment for a first transfer that is not an international
+        transfer (OIMP at issuance or at use): booked now, in this transaction."""
+        entries = self._adjustment_entries(Role.SENDER, "", "", blocks)
+        tx.adjustments_put(entries, evidence_journal_id=None, now=now_us, reference=reference)
+        for block in blocks:
+            tx.action_put(
+                action_type=ActionType.FIRST_TRANSFER.value, subtype=subtype.value,
+                block=block, at=now_us,
+            )  # fmt: skip
+
     def _check_threshold(
         self, tx: Tx, terms: AuthorisationTerms, vintage: int, quantity: int
     ) -> None:
@@ -1032,6 +1053,34 @@ class Engine:
         for block in blocks:
             if block.unit_type.requires_adjustment:
                 booking_year(self.accounting, vintage=block.vintage)
+
+    @staticmethod
+    def _ca_point(authorisation: Authorisation) -> str:
+        """When the host's first transfer (and so its adjustment) happens:
+        "issuance" (OIMP first transferred at authorisation or issuance), "transfer"
+        (the first international transfer: NDC use) or "use" (OIMP at use or
+        cancellation). With several, the earliest event counts."""
+        triggers = first_transfer_triggers(authorisation)
+        if {FirstTransferTrigger.ISSUANCE, FirstTransferTrigger.AUTHORISATION} & triggers:
+            return "issuance"
+        if FirstTransferTrigger.INTERNATIONAL_TRANSFER in triggers:
+            return "transfer"
+        return "use"
+
+    def _transfer_counts(self, tx: Tx, role: Role, blocks: Sequence[Block]) -> bool:
+        """Whether this party books an adjustment for a transfer of ``blocks``.
+
+        The host books its first transfer when it happens (at the international
+        transfer only for NDC use); an acquiring party subtracts, and gives back
+        when it transfers onward, only units authorised for use toward an NDC.
+        """
+        if not blocks:
+            return False
+        host = blocks[0].first_transferring_party
+        authorisation = self._authorisation(tx, host, blocks[0].authorisation_id)
+        if role is Role.SENDER and host == self.party:
+            return self._ca_point(authorisation) == "transfer"
+        return Purpose.NDC in authorisation.terms.purposes
 
     def _adjustment_entries(
         self, role: Role, partner: str, transfer_id: str, blocks: Sequence[Block]
@@ -1072,7 +1121,11 @@ class Engine:
                 tx.blocks_release(transfer_id)
         entries = []
         if Effect.APPLY_ADJUSTMENT in effects:
-            entries = self._adjustment_entries(role, partner, transfer_id, blocks)
+            entries = (
+                self._adjustment_entries(role, partner, transfer_id, blocks)
+                if self._transfer_counts(tx, role, blocks)
+                else []
+            )
             tx.adjustments_put(entries, evidence_journal_id=evidence_journal_id, now=now_us)
         years = {entry.year for entry in entries}
         return years.pop() if len(years) == 1 else 0
@@ -1618,6 +1671,18 @@ class Engine:
                 tx.block_split(tail)
             tx.account_ensure(account, kind, now_us)
             tx.blocks_move(taken, account=account)
+            if (
+                action_type is ActionType.USE_OIMP
+                and not received
+                and FirstTransferTrigger.USE_OR_CANCELLATION
+                in first_transfer_triggers(authorisation)
+                and self._ca_point(authorisation) != "issuance"
+            ):
+                # The host uses its own OIMP units: that use is their first transfer.
+                self._book_first_transfer(
+                    tx, taken, reference=f"use:{authorisation_id}:{now_us}",
+                    subtype=ActionSubtype.USE_OR_CANCELLATION, now_us=now_us,
+                )  # fmt: skip
             for block in taken:
                 tx.action_put(
                     action_type=action_type.value, block=block, at=now_us,
@@ -2008,6 +2073,20 @@ class Engine:
                     )
                 if destination is Destination.BUYER_SHARE:
                     buyer_share.append(part)
+            authorisation = self._authorisation(tx, self.party, authorisation_id)
+            if self._ca_point(authorisation) == "issuance":
+                # OIMP units first transferred at issuance: the host adds them now
+                # (the Adaptation Fund's share included; units cancelled for OMGE not).
+                counted = [
+                    part for destination, part in allocate_block(block, split)
+                    if destination not in (
+                        Destination.OMGE_CANCELLATION, Destination.VOLUNTARY_OMGE_CANCELLATION
+                    )
+                ]  # fmt: skip
+                self._book_first_transfer(
+                    tx, counted, reference=issuance_id, subtype=ActionSubtype.ISSUANCE,
+                    now_us=now_us,
+                )  # fmt: skip
             tx.issuance_put(
                 host_party=self.party,
                 issuance_id=issuance_id,
@@ -2121,7 +2200,9 @@ class Engine:
         quantity = total(blocks)
         authorisation_id = terms.authorisation_id
         taken = list(blocks)
-        first_transfer = all(b.first_transferring_party == self.party for b in taken)
+        first_transfer = all(b.first_transferring_party == self.party for b in taken) and (
+            self._ca_point(self._authorisation(tx, self.party, authorisation_id)) == "transfer"
+        )
         transfer_id = f"{self.party}-T-{tx.next_counter('transfer'):06d}"
         tx.blocks_reserve(taken, transfer_id=transfer_id)
         proposal = TransferProposal(

@@ -1113,22 +1113,31 @@ class Tx:
     # -- corresponding adjustments ------------------------------------------------------
 
     def adjustments_put(
-        self, entries: Iterable[AdjustmentEntry], *, evidence_journal_id: int, now: int
+        self,
+        entries: Iterable[AdjustmentEntry],
+        *,
+        evidence_journal_id: int | None,
+        now: int,
+        reference: str = "",
     ) -> None:
+        """Record entries. Entries of a transfer need the partner's evidence; others
+        (``transfer_id`` empty) name their issuance or action in ``reference``."""
         for entry in entries:
             self._exec(
                 "INSERT INTO adjustments (party, partner, transfer_id, year, amount, unit_type, "
-                "method, evidence_journal_id, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "method, evidence_journal_id, recorded_at, reference) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     entry.party,
                     entry.partner,
-                    entry.transfer_id,
+                    entry.transfer_id or None,
                     entry.year,
                     entry.amount,
                     int(entry.unit_type),
                     entry.method,
                     evidence_journal_id,
                     now,
+                    reference,
                 ),
             )
 
@@ -1138,8 +1147,9 @@ class Tx:
         found: dict[int, int] = {}
         for year, amount in self._exec(
             "SELECT a.year, SUM(a.amount) FROM adjustments a "
-            "JOIN transfers t ON t.transfer_id = a.transfer_id "
-            "WHERE a.amount > 0 AND t.direction = 'out' AND t.first_transfer = 1 GROUP BY a.year"
+            "LEFT JOIN transfers t ON t.transfer_id = a.transfer_id WHERE a.amount > 0 "
+            "AND (a.transfer_id IS NULL OR (t.direction = 'out' AND t.first_transfer = 1)) "
+            "GROUP BY a.year"
         ):
             found[int(year)] = int(amount)
         for vintage, amount in self._exec(
@@ -1160,9 +1170,9 @@ class Tx:
 
     def adjustments(self) -> list[AdjustmentRecord]:
         rows = self._exec(
-            "SELECT a.party, a.partner, a.transfer_id, a.year, a.amount, a.unit_type, a.method, "
-            "j.message_id, a.recorded_at FROM adjustments a "
-            "JOIN journal j ON j.id = a.evidence_journal_id ORDER BY a.id"
+            "SELECT a.party, a.partner, COALESCE(a.transfer_id, a.reference), a.year, a.amount, "
+            "a.unit_type, a.method, COALESCE(j.message_id, ''), a.recorded_at FROM adjustments a "
+            "LEFT JOIN journal j ON j.id = a.evidence_journal_id ORDER BY a.id"
         )
         return [
             AdjustmentRecord(

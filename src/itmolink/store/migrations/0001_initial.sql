@@ -201,13 +201,20 @@ CREATE TABLE adjustments (
     id AUTO_ID,
     party TEXT NOT NULL,
     partner TEXT NOT NULL,
-    transfer_id TEXT NOT NULL REFERENCES transfers (transfer_id),
+    -- The transfer it belongs to; NULL for a first transfer that is not an
+    -- international transfer (OIMP first transferred at issuance or at use),
+    -- which names its issuance or action in `reference` instead.
+    transfer_id TEXT REFERENCES transfers (transfer_id),
+    reference TEXT NOT NULL DEFAULT '',
     year INTEGER NOT NULL,
     amount BIGINT NOT NULL CHECK (amount <> 0),
     unit_type INTEGER NOT NULL,
     method TEXT NOT NULL,
-    evidence_journal_id BIGINT NOT NULL REFERENCES journal (id),
+    evidence_journal_id BIGINT REFERENCES journal (id),
     recorded_at BIGINT NOT NULL,
+    -- An adjustment for a transfer always cites the partner's signed acknowledgement.
+    CHECK (transfer_id IS NULL OR evidence_journal_id IS NOT NULL),
+    CHECK (transfer_id IS NOT NULL OR reference <> ''),
     UNIQUE (transfer_id, year, unit_type)
 );
 

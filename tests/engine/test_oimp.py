@@ -1,0 +1,90 @@
+"""When the host's adjustment is booked follows the authorisation's definition of
+the first transfer (decision 2/CMA.3, annex, paragraph 2(b))."""
+
+from __future__ import annotations
+
+import pytest
+
+from itmolink.core.units import FirstTransferDefinition, Purpose
+
+from .conftest import Pair
+
+
+def ledger(engine: object) -> list[tuple[str, int]]:
+    with engine.store.transaction() as tx:  # type: ignore[attr-defined]
+        return [(a.entry.transfer_id, a.entry.amount) for a in tx.adjustments()]
+
+
+def authorise(pair: Pair, purposes: list[Purpose], definition: FirstTransferDefinition) -> str:
+    return pair.authorise(
+        purposes=purposes,
+        oimp_detail="CORSIA" if Purpose.OIMP in purposes else "",
+        first_transfer_definition=definition,
+    )
+
+
+def issue_and_transfer(pair: Pair, authorisation_id: str) -> tuple[str, str]:
+    pair.pump()
+    issuance_id, _ = pair.lao.issue(
+        authorisation_id=authorisation_id, vintage=2025, quantity=1_000, now=pair.now
+    )
+    pair.pump()
+    transfer_id = pair.lao.start_transfer(
+        to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=400,
+        now=pair.now,
+    )  # fmt: skip
+    pair.pump()
+    return issuance_id, transfer_id
+
+
+def test_ndc_units_are_adjusted_at_the_first_international_transfer(pair: Pair) -> None:
+    authorisation_id = authorise(pair, [Purpose.NDC], FirstTransferDefinition.UNSPECIFIED)
+    _, transfer_id = issue_and_transfer(pair, authorisation_id)
+    assert ledger(pair.lao) == [(transfer_id, 400)]
+    assert ledger(pair.kor) == [(transfer_id, -400)]
+
+
+@pytest.mark.parametrize(
+    "definition",
+    [FirstTransferDefinition.AT_ISSUANCE, FirstTransferDefinition.AT_AUTHORISATION],
+)
+def test_oimp_units_first_transferred_at_issuance_are_adjusted_by_the_host_then(
+    pair: Pair, definition: FirstTransferDefinition
+) -> None:
+    authorisation_id = authorise(pair, [Purpose.OIMP], definition)
+    issuance_id, transfer_id = issue_and_transfer(pair, authorisation_id)
+    # The host added all 1,000 at issuance; the later transfer is no first
+    # transfer, and KOR, holding OIMP-only units, books nothing.
+    assert ledger(pair.lao) == [(issuance_id, 1_000)]
+    assert ledger(pair.kor) == []
+    with pair.lao.store.transaction() as tx:
+        record = tx.transfer_get(transfer_id)
+    assert record is not None
+    assert not record.first_transfer
+
+
+def test_oimp_units_first_transferred_at_use_are_adjusted_when_the_host_uses_them(
+    pair: Pair,
+) -> None:
+    authorisation_id = authorise(
+        pair, [Purpose.OIMP], FirstTransferDefinition.AT_USE_OR_CANCELLATION
+    )
+    pair.pump()
+    pair.lao.issue(authorisation_id=authorisation_id, vintage=2025, quantity=1_000, now=pair.now)
+    assert ledger(pair.lao) == []
+    pair.lao.retire(
+        action="use-oimp", host_party="LAO", authorisation_id=authorisation_id, vintage=2025,
+        quantity=300, oimp_purpose="CORSIA", now=pair.now,
+    )  # fmt: skip
+    [(reference, amount)] = ledger(pair.lao)
+    assert amount == 300
+    assert reference.startswith("use:")
+
+
+def test_units_for_both_purposes_first_transferred_at_issuance_balance_out(pair: Pair) -> None:
+    authorisation_id = authorise(
+        pair, [Purpose.NDC, Purpose.OIMP], FirstTransferDefinition.AT_ISSUANCE
+    )
+    issuance_id, transfer_id = issue_and_transfer(pair, authorisation_id)
+    assert ledger(pair.lao) == [(issuance_id, 1_000)]  # all first transferred at issuance
+    assert ledger(pair.kor) == [(transfer_id, -400)]  # KOR may use them toward its NDC
