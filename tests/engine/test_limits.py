@@ -48,9 +48,17 @@ def proposal(pair: Pair, **overrides: Any) -> transfer_pb2.TransferProposal:
 
 
 def deliver(pair: Pair, msg: Any, *, to: str = "KOR") -> reply_pb2.Rejection | None:
+    return deliver_from(pair, "LAO", msg, to=to)
+
+
+def deliver_from(
+    pair: Pair, sender: str, msg: Any, *, to: str | None = None
+) -> reply_pb2.Rejection | None:
+    """Seal ``msg`` with ``sender``'s key, deliver it, and return the Rejection (if any)."""
+    to = to or ("KOR" if sender == "LAO" else "LAO")
     payload = msg.SerializeToString()
-    envelope = seal(msg.DESCRIPTOR.full_name, payload, pair.keys["LAO"])
-    reply = pair.engine(to).handle_delivery("LAO", envelope, pair.now)
+    envelope = seal(msg.DESCRIPTOR.full_name, payload, pair.keys[sender])
+    reply = pair.engine(to).handle_delivery(sender, envelope, pair.now)
     verified = open_envelope(reply, TrustStore([pair.keys[to].verifying_key()]))
     if verified.payload_type != "itmolink.v1.Rejection":
         return None

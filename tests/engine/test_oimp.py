@@ -88,3 +88,53 @@ def test_units_for_both_purposes_first_transferred_at_issuance_balance_out(pair:
     issuance_id, transfer_id = issue_and_transfer(pair, authorisation_id)
     assert ledger(pair.lao) == [(issuance_id, 1_000)]  # all first transferred at issuance
     assert ledger(pair.kor) == [(transfer_id, -400)]  # KOR may use them toward its NDC
+
+
+def test_a_buyers_use_of_oimp_units_is_their_first_transfer_booked_by_the_host(
+    pair: Pair,
+) -> None:
+    authorisation_id = authorise(
+        pair, [Purpose.OIMP], FirstTransferDefinition.AT_USE_OR_CANCELLATION
+    )
+    issue_and_transfer(pair, authorisation_id)
+    assert ledger(pair.lao) == []  # the international transfer is not the first transfer
+    assert ledger(pair.kor) == []
+    pair.kor.retire(
+        action="use-oimp", host_party="LAO", authorisation_id=authorisation_id, vintage=2025,
+        quantity=100, oimp_purpose="CORSIA", now=pair.now,
+    )  # fmt: skip
+    pair.pump()  # the notice reaches LAO, which books its first transfer
+    [(reference, amount)] = ledger(pair.lao)
+    assert (reference.startswith("KOR-U-"), amount) == (True, 100)
+    assert ledger(pair.kor) == []
+    with pair.lao.store.transaction() as tx:
+        [record] = tx.adjustments()
+    assert record.entry.partner == "KOR"
+    assert record.evidence_message_id  # the notice, signed by KOR
+
+
+def test_a_notice_for_serials_already_first_transferred_is_refused(pair: Pair) -> None:
+    from itmolink.core.codes import RejectionCode
+    from itmolink.v1 import use_pb2
+
+    from .test_limits import code, deliver_from, header
+
+    authorisation_id = authorise(
+        pair, [Purpose.OIMP], FirstTransferDefinition.AT_USE_OR_CANCELLATION
+    )
+    issue_and_transfer(pair, authorisation_id)
+    pair.kor.retire(
+        action="use-oimp", host_party="LAO", authorisation_id=authorisation_id, vintage=2025,
+        quantity=100, oimp_purpose="CORSIA", now=pair.now,
+    )  # fmt: skip
+    pair.pump()
+    with pair.kor.store.transaction() as tx:
+        [used] = [h.block for h in tx.holdings() if h.account == "retired-oimp"]
+    from itmolink.node.convert import block_to_pb
+
+    again = use_pb2.FirstTransferNotice(
+        header=header(pair, sender_party="KOR", sender_registry="KOR-NR", audience="LAO"),
+        notice_id="KOR-U-AGAIN", blocks=[block_to_pb(used)], oimp_purpose="CORSIA",
+    )  # fmt: skip
+    assert code(deliver_from(pair, "KOR", again)) is RejectionCode.ALREADY_FIRST_TRANSFERRED
+    assert [amount for _, amount in ledger(pair.lao)] == [100]

@@ -497,6 +497,7 @@ def test_every_request_type_is_a_known_message() -> None:
         "itmolink.v1.TransferStatusQuery",
         "itmolink.v1.ReconciliationQuery",
         "itmolink.v1.KeyRotation",
+        "itmolink.v1.FirstTransferNotice",
     }
 
 

@@ -58,7 +58,7 @@ from itmolink.core.authorisation import (
     check_authorisation,
     revoke,
 )
-from itmolink.core.blocks import Block, take, total
+from itmolink.core.blocks import Block, take, total, validate_block
 from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.core.issuance import Destination, IssuancePolicy, allocate_block, split_issuance
 from itmolink.core.reconcile import Bucket, Total
@@ -89,6 +89,7 @@ from itmolink.v1 import (
     reconcile_pb2,
     reply_pb2,
     transfer_pb2,
+    use_pb2,
 )
 
 log = logging.getLogger("itmolink.engine")
@@ -107,6 +108,8 @@ TransferVoidReceipt = transfer_pb2.TransferVoidReceipt
 TransferStatusQuery = transfer_pb2.TransferStatusQuery
 TransferStatusReport = transfer_pb2.TransferStatusReport
 Rejection = reply_pb2.Rejection
+FirstTransferNotice = use_pb2.FirstTransferNotice
+FirstTransferNoticeAcknowledgement = use_pb2.FirstTransferNoticeAcknowledgement
 KeyRotation = keys_pb2.KeyRotation
 KeyRotationAcknowledgement = keys_pb2.KeyRotationAcknowledgement
 ReconciliationQuery = reconcile_pb2.ReconciliationQuery
@@ -127,6 +130,7 @@ EXPECTED_REPLY: dict[str, type[Message]] = {
     type_name(TransferStatusQuery): TransferStatusReport,
     type_name(ReconciliationQuery): ReconciliationAnswer,
     type_name(KeyRotation): KeyRotationAcknowledgement,
+    type_name(FirstTransferNotice): FirstTransferNoticeAcknowledgement,
 }
 REQUEST_TYPES: dict[str, type[Message]] = {
     type_name(cls): cls
@@ -139,6 +143,7 @@ REQUEST_TYPES: dict[str, type[Message]] = {
         TransferStatusQuery,
         ReconciliationQuery,
         KeyRotation,
+        FirstTransferNotice,
     )
 }
 
@@ -985,6 +990,61 @@ class Engine:
         ack = KeyRotationAcknowledgement(rotation_id=msg.rotation_id)
         return self._reply(tx, sender, ack, msg.header.message_id, now_us)[1]
 
+    def _on_first_transfer_notice(
+        self,
+        tx: Tx,
+        sender: str,
+        msg: FirstTransferNotice,
+        payload: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> bytes:
+        """A holder used or cancelled our OIMP units whose first transfer is that use."""
+        _check_owned_id(msg.notice_id, sender, "notice id")
+        blocks = [block_from_pb(b) for b in msg.blocks]
+        self._check_origin(self.party, blocks)
+        authorisation_ids = {b.authorisation_id for b in blocks}
+        if len(authorisation_ids) != 1:
+            raise Rejected(
+                RejectionCode.BLOCK_ATTRIBUTE_MISMATCH, "a notice covers one authorisation"
+            )
+        authorisation = self._authorisation(tx, self.party, authorisation_ids.pop())
+        if self._ca_point(authorisation) != "use":
+            raise Rejected(
+                RejectionCode.PURPOSE_NOT_AUTHORISED,
+                f"units of {authorisation.authorisation_id} are not first transferred at use",
+            )
+        for block in blocks:
+            validate_block(block)
+            if not tx.serials_left_registry(block):
+                raise Rejected(
+                    RejectionCode.UNKNOWN_TRANSFER,
+                    f"serials {block.label()} never left this registry",
+                )
+            if tx.serials_first_transferred(block):
+                raise Rejected(
+                    RejectionCode.ALREADY_FIRST_TRANSFERRED,
+                    f"serials {block.label()} were first transferred already",
+                )
+        entries = [
+            replace(entry, partner=sender)
+            for entry in self._adjustment_entries(Role.SENDER, sender, "", blocks)
+        ]
+        tx.adjustments_put(
+            entries, evidence_journal_id=journal_id, now=now_us, reference=msg.notice_id
+        )
+        for block in blocks:
+            tx.action_put(
+                action_type=ActionType.FIRST_TRANSFER.value,
+                subtype=ActionSubtype.USE_OR_CANCELLATION.value, block=block, at=now_us,
+                using_party=sender, oimp_purpose=msg.oimp_purpose,
+            )  # fmt: skip
+        years = {entry.year for entry in entries}
+        ack = FirstTransferNoticeAcknowledgement(
+            notice_id=msg.notice_id, adjustment_year=years.pop() if len(years) == 1 else 0
+        )
+        return self._reply(tx, sender, ack, msg.header.message_id, now_us)[1]
+
     _request_handlers: ClassVar[dict[str, Callable[..., bytes]]] = {
         type_name(AuthorisationStatement): _on_authorisation,
         type_name(IssuanceNotice): _on_issuance,
@@ -994,13 +1054,14 @@ class Engine:
         type_name(TransferStatusQuery): _on_status_query,
         type_name(ReconciliationQuery): _on_reconciliation_query,
         type_name(KeyRotation): _on_key_rotation,
+        type_name(FirstTransferNotice): _on_first_transfer_notice,
     }
 
     def _check_origin(self, host: str, blocks: Sequence[Block]) -> None:
         """Units come from their host's registry: no partner can hand this node
         serials of another registry (its own included)."""
         partner = self.partners.get(host)
-        expected = partner.registry if partner is not None else None
+        expected = self.registry if host == self.party else partner.registry if partner else None
         for block in blocks:
             if block.originating_registry != expected:
                 raise Rejected(
@@ -1683,6 +1744,19 @@ class Engine:
                     tx, taken, reference=f"use:{authorisation_id}:{now_us}",
                     subtype=ActionSubtype.USE_OR_CANCELLATION, now_us=now_us,
                 )  # fmt: skip
+            elif (
+                action_type is ActionType.USE_OIMP
+                and received
+                and self._ca_point(authorisation) == "use"
+            ):
+                # Units of another host whose first transfer is this use: the host
+                # books its adjustment when it records the notice.
+                self._require_partner(host_party)
+                notice = FirstTransferNotice(
+                    notice_id=f"{self.party}-U-{tx.next_counter('use-notice'):06d}",
+                    blocks=[block_to_pb(b) for b in taken], oimp_purpose=oimp_purpose,
+                )  # fmt: skip
+                self._send(tx, host_party, notice, notice.notice_id, now_us)
             for block in taken:
                 tx.action_put(
                     action_type=action_type.value, block=block, at=now_us,

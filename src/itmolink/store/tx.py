@@ -524,6 +524,27 @@ class Tx:
         )
         return {r[0] for r in rows}
 
+    def serials_left_registry(self, block: Block) -> bool:
+        """Whether ``block`` lies inside blocks this registry transferred out."""
+        row = self._one(
+            "SELECT 1 FROM transfer_blocks b JOIN transfers t ON t.transfer_id = b.transfer_id "
+            "WHERE t.direction = 'out' AND t.state = ? AND b.originating_registry = ? "
+            "AND b.serial_start <= ? AND b.serial_end >= ? LIMIT 1",
+            (int(TransferState.COMPLETED), block.originating_registry, block.serial_start,
+             block.serial_end),
+        )  # fmt: skip
+        return row is not None
+
+    def serials_first_transferred(self, block: Block) -> bool:
+        """Whether any serial of ``block`` was first transferred other than by an
+        international transfer (recorded as a first-transfer action without one)."""
+        row = self._one(
+            "SELECT 1 FROM actions WHERE action_type = 'first-transfer' AND transfer_id = '' "
+            "AND originating_registry = ? AND serial_start <= ? AND serial_end >= ? LIMIT 1",
+            (block.originating_registry, block.serial_end, block.serial_start),
+        )
+        return row is not None
+
     def has_received(self, authorisation_id: str) -> bool:
         """Whether units of an authorisation were ever transferred to this registry."""
         row = self._one(
