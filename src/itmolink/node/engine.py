@@ -84,6 +84,7 @@ from itmolink.v1 import (
     authorisation_pb2,
     codes_pb2,
     common_pb2,
+    envelope_pb2,
     issuance_pb2,
     keys_pb2,
     reconcile_pb2,
@@ -642,7 +643,9 @@ class Engine:
                 f"authorisation {msg.authorisation_id} of {host} is unknown here and the "
                 "proposal carries no evidence of it",
             )
-        verified = open_envelope(msg.authorisation_evidence, self.trust, from_us(now_us))
+        # Checked without the key's validity window: the statement may well have been
+        # signed with a key the host has since rotated out. A revoked key still fails.
+        verified = open_envelope(msg.authorisation_evidence, self.trust)
         if verified.signer_party != host or verified.payload_type != type_name(
             AuthorisationStatement
         ):
@@ -664,6 +667,14 @@ class Engine:
             )
         _check_owned_id(terms.authorisation_id, host, "authorisation id")
         rules.check_received_authorisation(terms, me=self.party, sender=host)
+        check_authorisation(
+            Authorisation(
+                terms, oimp_detail=statement.oimp_detail,
+                first_transfer_definition=_enum_or(
+                    FirstTransferDefinition, statement.first_transfer_definition
+                ),
+            )
+        )  # fmt: skip
         journal_id = tx.journal(
             direction="in", partner=host, message_id=statement.header.message_id,
             payload_type=verified.payload_type, envelope=msg.authorisation_evidence, now=now_us,
@@ -1363,10 +1374,11 @@ class Engine:
         elif request_type == type_name(KeyRotation):
             self._rotation_answered(tx, subject_id, partner, rejected)
         elif request_type == type_name(TransferCompletion) and isinstance(reply, Rejection):
-            if reply.header.sequence == 0:
-                # Refused before it was recorded (e.g. signed with a key revoked since,
-                # or too old): the completion is a commitment already carried out here,
-                # so it is sent again, freshly sealed, until the partner records it.
+            code = _rejection_reasons(reply)[0]
+            if reply.header.sequence == 0 and self._fresh_seal_helps(tx, code, subject_id):
+                # Refused before it was recorded because it was too old or signed with a
+                # key no longer valid there: the completion is a commitment already
+                # carried out here, so it is sent again, freshly sealed with today's key.
                 log.warning(
                     "%s could not record the completion of %s (%s): sending it again",
                     partner, subject_id, _code_name(_rejection_reasons(reply)[0]),
@@ -1378,6 +1390,26 @@ class Engine:
                     "reconcile with the partner",
                     partner, subject_id,
                 )  # fmt: skip
+
+    def _fresh_seal_helps(self, tx: Tx, code: int, transfer_id: str) -> bool:
+        """Whether sealing a refused completion again (new sent_at, current key) can
+        change the partner's answer. Anything else needs an operator, not a loop."""
+        if code == RejectionCode.SENT_AT_OUT_OF_WINDOW:
+            return True
+        key_codes = (
+            RejectionCode.SIGNING_KEY_REVOKED, RejectionCode.SIGNING_KEY_EXPIRED,
+            RejectionCode.SIGNING_KEY_NOT_YET_VALID, RejectionCode.UNKNOWN_SIGNING_KEY,
+        )  # fmt: skip
+        if code not in key_codes:
+            return False
+        last = tx.outbox_last_envelope(
+            payload_type=type_name(TransferCompletion), subject_id=transfer_id
+        )
+        if last is None:
+            return False
+        envelope = envelope_pb2.Envelope()
+        envelope.ParseFromString(last)
+        return all(sig.key_id != self.signing_key.key_id for sig in envelope.signatures)
 
     def _resend_completion(self, tx: Tx, transfer_id: str, now_us: int) -> None:
         """Queue a freshly sealed completion of a transfer completed here, unless one
@@ -2002,6 +2034,21 @@ class Engine:
             revoked=bool(details["revoked"]),
         )
 
+    @staticmethod
+    def _require_delivered(tx: Tx, current: Authorisation) -> None:
+        """Versions go out one at a time: a partner records them only in order."""
+        terms = current.terms
+        states = tx.authorisation_party_states(
+            terms.host_party, terms.authorisation_id, terms.version
+        )
+        waiting = sorted(p for p, state in states.items() if state == "pending")
+        if waiting:
+            raise Rejected(
+                RejectionCode.AUTHORISATION_NOT_ACKNOWLEDGED,
+                f"version {terms.version} of {terms.authorisation_id} is not yet answered by "
+                f"{', '.join(waiting)}: change it once they have",
+            )
+
     def amend_authorisation(
         self, authorisation_id: str, changes: dict[str, Any], now: dt.datetime
     ) -> AuthorisationTerms:
@@ -2011,7 +2058,16 @@ class Engine:
             self._require_partner(party)
         with self.store.transaction() as tx:
             current = self._authorisation(tx, self.party, authorisation_id)
+            self._require_delivered(tx, current)
             details = tx.authorisation_details(self.party, authorisation_id)
+            if (
+                details["buyer_share_bp"]
+                and len(changes.get("acquiring_parties", current.terms.acquiring_parties)) != 1
+            ):
+                raise Rejected(
+                    RejectionCode.INVALID_FIELD,
+                    "a buyer's share of issuance needs exactly one acquiring party",
+                )
             term_changes = {
                 k: v for k, v in changes.items()
                 if k not in ("oimp_detail", "first_transfer_definition")
@@ -2056,6 +2112,7 @@ class Engine:
         now_us = to_us(now)
         with self.store.transaction() as tx:
             current = self._authorisation(tx, self.party, authorisation_id)
+            self._require_delivered(tx, current)
             here = tx.blocks_of_authorisation(authorisation_id)
             if any(h.status != "held" for h in here):
                 raise Rejected(
@@ -2186,6 +2243,7 @@ class Engine:
                     terms, to_party=buyer, vintage=vintage,
                     acknowledged=states.get(buyer) == "acknowledged",
                 )  # fmt: skip
+                self._check_booking(buyer_share)
                 self._check_threshold(tx, terms, vintage, total(buyer_share))
                 self._propose(
                     tx, terms, to_party=buyer, blocks=buyer_share, now_us=now_us,

@@ -304,10 +304,11 @@ class Node:
         self.engine.rotate_signing_key(key, self.clock())
         card = PartnerCard.load(directory / "card.toml")
         keys = [k for k in card.signing_keys if k.key_id != key.key_id]
+        skew = dt.timedelta(seconds=self.config.limits.max_clock_skew_seconds)
+        announced = key.verifying_key(not_before=self.clock() - skew)  # as announced in-band
         updated = PartnerCard(
-            card.party, card.registry, card.ca_certificate_pem,
-            (*keys, key.verifying_key(not_before=self.clock())),
-        )  # fmt: skip
+            card.party, card.registry, card.ca_certificate_pem, (*keys, announced)
+        )
         (directory / "card.toml").write_text(updated.to_toml())
         return key.key_id
 

@@ -404,6 +404,14 @@ class Tx:
             count += any(sig.key_id == key_id for sig in envelope.signatures)
         return count
 
+    def outbox_last_envelope(self, *, payload_type: str, subject_id: str) -> bytes | None:
+        row = self._one(
+            "SELECT envelope FROM outbox WHERE payload_type = ? AND subject_id = ? "
+            "ORDER BY created_at DESC LIMIT 1",
+            (payload_type, subject_id),
+        )
+        return None if row is None else bytes(row[0])
+
     def outbox_pending_count(self) -> int:
         return int(self._one("SELECT COUNT(*) FROM outbox WHERE state = 'pending'")[0])
 
