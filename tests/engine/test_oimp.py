@@ -81,13 +81,17 @@ def test_oimp_units_first_transferred_at_use_are_adjusted_when_the_host_uses_the
     assert reference.startswith("use:")
 
 
-def test_units_for_both_purposes_first_transferred_at_issuance_balance_out(pair: Pair) -> None:
+def test_units_for_both_purposes_are_first_transferred_at_the_international_transfer(
+    pair: Pair,
+) -> None:
+    """With NDC among the purposes, the NDC rule decides: the first international
+    transfer, booked by both parties in the same transfer (equal and opposite)."""
     authorisation_id = authorise(
         pair, [Purpose.NDC, Purpose.OIMP], FirstTransferDefinition.AT_ISSUANCE
     )
-    issuance_id, transfer_id = issue_and_transfer(pair, authorisation_id)
-    assert ledger(pair.lao) == [(issuance_id, 1_000)]  # all first transferred at issuance
-    assert ledger(pair.kor) == [(transfer_id, -400)]  # KOR may use them toward its NDC
+    _, transfer_id = issue_and_transfer(pair, authorisation_id)
+    assert ledger(pair.lao) == [(transfer_id, 400)]
+    assert ledger(pair.kor) == [(transfer_id, -400)]
 
 
 def test_a_buyers_use_of_oimp_units_is_their_first_transfer_booked_by_the_host(
@@ -138,3 +142,27 @@ def test_a_notice_for_serials_already_first_transferred_is_refused(pair: Pair) -
     )  # fmt: skip
     assert code(deliver_from(pair, "KOR", again)) is RejectionCode.ALREADY_FIRST_TRANSFERRED
     assert [amount for _, amount in ledger(pair.lao)] == [100]
+
+
+def test_a_notice_must_describe_the_units_as_they_left_the_host(pair: Pair) -> None:
+    from dataclasses import replace
+
+    from itmolink.core.codes import RejectionCode
+    from itmolink.node.convert import block_to_pb
+    from itmolink.v1 import use_pb2
+
+    from .test_limits import code, deliver_from, header
+
+    authorisation_id = authorise(
+        pair, [Purpose.OIMP], FirstTransferDefinition.AT_USE_OR_CANCELLATION
+    )
+    issue_and_transfer(pair, authorisation_id)
+    with pair.kor.store.transaction() as tx:
+        [held] = [h.block for h in tx.holdings()]
+    forged = replace(held, vintage=2030)  # claims another vintage than was transferred
+    notice = use_pb2.FirstTransferNotice(
+        header=header(pair, sender_party="KOR", sender_registry="KOR-NR", audience="LAO"),
+        notice_id="KOR-U-FORGED", blocks=[block_to_pb(forged)], oimp_purpose="CORSIA",
+    )  # fmt: skip
+    assert code(deliver_from(pair, "KOR", notice)) is RejectionCode.BLOCK_ATTRIBUTE_MISMATCH
+    assert ledger(pair.lao) == []

@@ -791,7 +791,7 @@ class Engine:
         self._check_origin(host, blocks)
         for block in blocks:
             rules.check_not_held([block], tx.blocks_overlapping(block))
-        self._check_booking(blocks)
+        self._check_booking(tx, Role.RECEIVER, blocks)
         acceptance = TransferAcceptance(
             transfer_id=msg.transfer_id, proposal_digest=digest(payload)
         )
@@ -1020,6 +1020,11 @@ class Engine:
                 RejectionCode.BLOCK_ATTRIBUTE_MISMATCH, "a notice covers one authorisation"
             )
         authorisation = self._authorisation(tx, self.party, authorisation_ids.pop())
+        if authorisation.revoked:
+            raise Rejected(
+                RejectionCode.AUTHORISATION_REVOKED,
+                f"authorisation {authorisation.authorisation_id} is revoked",
+            )
         if self._ca_point(authorisation) != "use":
             raise Rejected(
                 RejectionCode.PURPOSE_NOT_AUTHORISED,
@@ -1027,10 +1032,16 @@ class Engine:
             )
         for block in blocks:
             validate_block(block)
-            if not tx.serials_left_registry(block):
+            sent = tx.transferred_block_containing(block)
+            if sent is None:
                 raise Rejected(
                     RejectionCode.UNKNOWN_TRANSFER,
                     f"serials {block.label()} never left this registry",
+                )
+            if sent.attributes() != block.attributes():
+                raise Rejected(
+                    RejectionCode.BLOCK_ATTRIBUTE_MISMATCH,
+                    f"serials {block.label()} left this registry as {sent.attributes()}",
                 )
             if tx.serials_first_transferred(block):
                 raise Rejected(
@@ -1118,9 +1129,10 @@ class Engine:
             quantity=quantity,
         )
 
-    def _check_booking(self, blocks: Sequence[Block]) -> None:
-        """Refuse, before anything is promised, units whose adjustment could not be booked."""
-        if self.accounting is None:
+    def _check_booking(self, tx: Tx, role: Role, blocks: Sequence[Block]) -> None:
+        """Refuse, before anything is promised, units whose adjustment could not be
+        booked (only where this party books one for the transfer)."""
+        if self.accounting is None or not self._transfer_counts(tx, role, blocks):
             return
         for block in blocks:
             if block.unit_type.requires_adjustment:
@@ -1128,15 +1140,19 @@ class Engine:
 
     @staticmethod
     def _ca_point(authorisation: Authorisation) -> str:
-        """When the host's first transfer (and so its adjustment) happens:
-        "issuance" (OIMP first transferred at authorisation or issuance), "transfer"
-        (the first international transfer: NDC use) or "use" (OIMP at use or
-        cancellation). With several, the earliest event counts."""
+        """When the host's first transfer (and so its adjustment) happens.
+
+        Units authorised for use toward an NDC, alone or with OIMP, are first
+        transferred at the first international transfer ("transfer"), as the NDC
+        rule requires, so both parties book the same transfer. Units authorised
+        for OIMP only follow the host's definition: "issuance" (at authorisation
+        or issuance) or "use" (at use or cancellation).
+        """
         triggers = first_transfer_triggers(authorisation)
-        if {FirstTransferTrigger.ISSUANCE, FirstTransferTrigger.AUTHORISATION} & triggers:
-            return "issuance"
         if FirstTransferTrigger.INTERNATIONAL_TRANSFER in triggers:
             return "transfer"
+        if {FirstTransferTrigger.ISSUANCE, FirstTransferTrigger.AUTHORISATION} & triggers:
+            return "issuance"
         return "use"
 
     def _transfer_counts(self, tx: Tx, role: Role, blocks: Sequence[Block]) -> bool:
@@ -1239,6 +1255,7 @@ class Engine:
                 payload,
                 journal_id,
                 now_us,
+                request.envelope,
             )
 
     def _open_reply(
@@ -1345,6 +1362,7 @@ class Engine:
         reply_payload: bytes,
         journal_id: int,
         now_us: int,
+        request_envelope: bytes = b"",
     ) -> None:
         rejected = isinstance(reply, Rejection)
         if request_type == type_name(AuthorisationStatement):
@@ -1375,7 +1393,7 @@ class Engine:
             self._rotation_answered(tx, subject_id, partner, rejected)
         elif request_type == type_name(TransferCompletion) and isinstance(reply, Rejection):
             code = _rejection_reasons(reply)[0]
-            if reply.header.sequence == 0 and self._fresh_seal_helps(tx, code, subject_id):
+            if reply.header.sequence == 0 and self._fresh_seal_helps(code, request_envelope):
                 # Refused before it was recorded because it was too old or signed with a
                 # key no longer valid there: the completion is a commitment already
                 # carried out here, so it is sent again, freshly sealed with today's key.
@@ -1391,7 +1409,7 @@ class Engine:
                     partner, subject_id,
                 )  # fmt: skip
 
-    def _fresh_seal_helps(self, tx: Tx, code: int, transfer_id: str) -> bool:
+    def _fresh_seal_helps(self, code: int, refused: bytes) -> bool:
         """Whether sealing a refused completion again (new sent_at, current key) can
         change the partner's answer. Anything else needs an operator, not a loop."""
         if code == RejectionCode.SENT_AT_OUT_OF_WINDOW:
@@ -1400,15 +1418,10 @@ class Engine:
             RejectionCode.SIGNING_KEY_REVOKED, RejectionCode.SIGNING_KEY_EXPIRED,
             RejectionCode.SIGNING_KEY_NOT_YET_VALID, RejectionCode.UNKNOWN_SIGNING_KEY,
         )  # fmt: skip
-        if code not in key_codes:
-            return False
-        last = tx.outbox_last_envelope(
-            payload_type=type_name(TransferCompletion), subject_id=transfer_id
-        )
-        if last is None:
+        if code not in key_codes or not refused:
             return False
         envelope = envelope_pb2.Envelope()
-        envelope.ParseFromString(last)
+        envelope.ParseFromString(refused)
         return all(sig.key_id != self.signing_key.key_id for sig in envelope.signatures)
 
     def _resend_completion(self, tx: Tx, transfer_id: str, now_us: int) -> None:
@@ -1739,6 +1752,9 @@ class Engine:
             )
             taken, remainders = take(held, quantity)
             received = host_party != self.party
+            # Received units are first transferred, except OIMP units whose first
+            # transfer is their use: this use.
+            first_transferred = received and self._ca_point(authorisation) != "use"
             if action_type is ActionType.USE_NDC:
                 if self.accounting is None:
                     raise Rejected(
@@ -1749,14 +1765,14 @@ class Engine:
                 check_use_ndc(
                     authorisation, me=self.party, blocks=taken, holdings=held,
                     use_year=use_year, ndc_period=self.accounting.ndc_period,
-                    already_first_transferred=received,
+                    already_first_transferred=first_transferred,
                 )  # fmt: skip
             elif action_type is ActionType.USE_OIMP:
                 if not oimp_purpose:
                     raise Rejected(RejectionCode.MISSING_FIELD, "use for OIMP needs its purpose")
                 check_use_oimp(
                     authorisation, me=self.party, blocks=taken, holdings=held,
-                    already_first_transferred=received,
+                    already_first_transferred=first_transferred,
                 )  # fmt: skip
             else:
                 check_voluntary_cancellation(blocks=taken, holdings=held)
@@ -2120,10 +2136,16 @@ class Engine:
                     f"units of {authorisation_id} are in a pending transfer or frozen: "
                     "revoke once it has ended",
                 )
+            at_use = self._ca_point(current) == "use"
             units = [
                 UnitStatus(h.block, first_transferred=h.account != HOLDING_ACCOUNT) for h in here
             ] + [
-                UnitStatus(block, first_transferred=True)
+                # Units that left for another registry are first transferred, unless
+                # their first transfer is their (not yet reported) use.
+                UnitStatus(
+                    block,
+                    first_transferred=not at_use or tx.serials_first_transferred(block),
+                )
                 for block in tx.transferred_blocks_of_authorisation(authorisation_id)
             ]
             revocation = revoke(current, units)
@@ -2214,6 +2236,7 @@ class Engine:
                         Destination.OMGE_CANCELLATION, Destination.VOLUNTARY_OMGE_CANCELLATION
                     )
                 ]  # fmt: skip
+                self._check_threshold(tx, terms, vintage, total(counted))
                 self._book_first_transfer(
                     tx, counted, reference=issuance_id, subtype=ActionSubtype.ISSUANCE,
                     now_us=now_us,
@@ -2243,8 +2266,9 @@ class Engine:
                     terms, to_party=buyer, vintage=vintage,
                     acknowledged=states.get(buyer) == "acknowledged",
                 )  # fmt: skip
-                self._check_booking(buyer_share)
-                self._check_threshold(tx, terms, vintage, total(buyer_share))
+                self._check_booking(tx, Role.SENDER, buyer_share)
+                if self._ca_point(authorisation) == "transfer":
+                    self._check_threshold(tx, terms, vintage, total(buyer_share))
                 self._propose(
                     tx, terms, to_party=buyer, blocks=buyer_share, now_us=now_us,
                     expires_us=now_us + self.default_timeout // dt.timedelta(microseconds=1),
@@ -2306,8 +2330,10 @@ class Engine:
                 account=HOLDING_ACCOUNT, authorisation_id=authorisation_id, vintage=vintage
             )
             taken, remainders = take(held, quantity)
-            self._check_booking(taken)
-            if all(b.first_transferring_party == self.party for b in taken):
+            self._check_booking(tx, Role.SENDER, taken)
+            if all(b.first_transferring_party == self.party for b in taken) and (
+                self._ca_point(self._authorisation(tx, host, authorisation_id)) == "transfer"
+            ):
                 self._check_threshold(tx, terms, vintage, quantity)
             for tail in remainders:
                 tx.block_split(tail)

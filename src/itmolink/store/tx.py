@@ -532,16 +532,17 @@ class Tx:
         )
         return {r[0] for r in rows}
 
-    def serials_left_registry(self, block: Block) -> bool:
-        """Whether ``block`` lies inside blocks this registry transferred out."""
+    def transferred_block_containing(self, block: Block) -> Block | None:
+        """The block this registry transferred out (completed) that contains ``block``."""
         row = self._one(
-            "SELECT 1 FROM transfer_blocks b JOIN transfers t ON t.transfer_id = b.transfer_id "
+            f"SELECT {', '.join('b.' + c.strip() for c in _BLOCK_COLUMNS.split(','))} "
+            "FROM transfer_blocks b JOIN transfers t ON t.transfer_id = b.transfer_id "
             "WHERE t.direction = 'out' AND t.state = ? AND b.originating_registry = ? "
             "AND b.serial_start <= ? AND b.serial_end >= ? LIMIT 1",
             (int(TransferState.COMPLETED), block.originating_registry, block.serial_start,
              block.serial_end),
         )  # fmt: skip
-        return row is not None
+        return None if row is None else _block(row)
 
     def serials_first_transferred(self, block: Block) -> bool:
         """Whether any serial of ``block`` was first transferred other than by an
