@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Fuzzing (issue #5): seconds per atheris harness in `make fuzz`, and in the bounded run
+# that `make test` ends with. The harnesses run side by side, one per core.
+FUZZ_SECONDS ?= 600
+FUZZ_CI_SECONDS ?= 20
 
-.PHONY: all venv proto check-proto lint typecheck test demo sim clean
+.PHONY: all venv proto check-proto lint typecheck test fuzz fuzz-ci demo sim clean
 
 all: test
 
@@ -23,14 +27,25 @@ check-proto: $(STAMP)
 	PY=$(PY) scripts/gen_proto.sh --check
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests examples
-	$(VENV)/bin/ruff format --check src tests examples
+	$(VENV)/bin/ruff check src tests examples fuzz
+	$(VENV)/bin/ruff format --check src tests examples fuzz
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: $(STAMP) check-proto lint typecheck
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory fuzz-ci
+
+# Bounded atheris run (part of `make test`): FUZZ_CI_SECONDS per harness, temporary corpus.
+fuzz-ci: $(STAMP)
+	$(PY) fuzz/run.py --seconds $(FUZZ_CI_SECONDS)
+
+# Long fuzzing run: the atheris harnesses for FUZZ_SECONDS each (the corpus is kept in
+# fuzz/corpus/ for the next run), then the hypothesis fuzz tests with many more examples.
+fuzz: $(STAMP)
+	$(PY) fuzz/run.py --seconds $(FUZZ_SECONDS) --keep
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q tests/fuzz
 
 # A long deterministic-simulation sweep (make test runs 2,000 seeds).
 SIM_SEEDS ?= 10000
@@ -41,4 +56,4 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache demo-run
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache demo-run fuzz/seeds
