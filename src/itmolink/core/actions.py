@@ -32,7 +32,11 @@ from itmolink.core.accounting import NdcPeriod
 from itmolink.core.authorisation import Authorisation
 from itmolink.core.blocks import Block, check_disjoint, coalesce, validate_block
 from itmolink.core.codes import Rejected, RejectionCode
-from itmolink.core.rules import check_not_held, check_transfer_proposal, check_vintage
+from itmolink.core.rules import (
+    check_blocks_under,
+    check_not_held,
+    check_transfer_proposal,
+)
 from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
 
 
@@ -123,29 +127,7 @@ def check_held(blocks: Sequence[Block], holdings: Sequence[Block]) -> None:
 
 
 def _check_blocks_of(authorisation: Authorisation, blocks: Sequence[Block]) -> None:
-    terms = authorisation.terms
-    expected = (
-        terms.authorisation_id,
-        terms.unit_type,
-        terms.cooperative_approach_id,
-        terms.host_party,
-        terms.activity_id,
-    )
-    for block in blocks:
-        actual = (
-            block.authorisation_id,
-            block.unit_type,
-            block.cooperative_approach_id,
-            block.first_transferring_party,
-            block.activity_id,
-        )
-        if actual != expected:
-            raise Rejected(
-                RejectionCode.BLOCK_ATTRIBUTE_MISMATCH,
-                f"block {block.label()} attributes {actual} do not match authorisation "
-                f"{terms.authorisation_id} {expected}",
-            )
-        check_vintage(terms, block.vintage)
+    check_blocks_under(authorisation.terms, blocks)
 
 
 def _check_unit_type_for(unit_type: UnitType, purpose: Purpose) -> None:

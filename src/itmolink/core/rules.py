@@ -178,14 +178,19 @@ def check_transfer_proposal(
             f"blocks add up to {total(blocks)} tCO2e but the proposal says {quantity}",
         )
     check_disjoint(blocks)
+    check_blocks_under(terms, blocks)
+
+
+def check_blocks_under(terms: AuthorisationTerms, blocks: Sequence[Block]) -> None:
+    """Each block carries the authorisation's attributes and an authorised vintage."""
+    expected = (
+        terms.authorisation_id,
+        terms.unit_type,
+        terms.cooperative_approach_id,
+        terms.host_party,
+        terms.activity_id,
+    )
     for block in blocks:
-        expected = (
-            terms.authorisation_id,
-            terms.unit_type,
-            terms.cooperative_approach_id,
-            terms.host_party,
-            terms.activity_id,
-        )
         actual = (
             block.authorisation_id,
             block.unit_type,

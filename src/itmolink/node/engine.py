@@ -589,17 +589,7 @@ class Engine:
         journal_id: int,
         now_us: int,
     ) -> bytes:
-        terms = terms_from_statement(msg)
-        _check_owned_id(terms.authorisation_id, sender, "authorisation id")
-        rules.check_received_authorisation(terms, me=self.party, sender=sender)
-        check_authorisation(
-            Authorisation(
-                terms, oimp_detail=msg.oimp_detail,
-                first_transfer_definition=_enum_or(
-                    FirstTransferDefinition, msg.first_transfer_definition
-                ),
-            )
-        )  # fmt: skip
+        terms = self._check_statement(msg, sender)
         existing = tx.authorisation_get(sender, terms.authorisation_id)
         if existing is not None and existing.version >= terms.version:
             if existing != terms:
@@ -659,22 +649,12 @@ class Engine:
         except DecodeError:
             raise Rejected(RejectionCode.MALFORMED_PAYLOAD, "authorisation evidence") from None
         validate(statement, max_blocks=self.limits.max_blocks)
-        terms = terms_from_statement(statement)
-        if terms.authorisation_id != msg.authorisation_id or statement.revoked:
+        if statement.authorisation_id != msg.authorisation_id or statement.revoked:
             raise Rejected(
                 RejectionCode.UNKNOWN_AUTHORISATION,
                 f"the evidence is not a valid statement of {msg.authorisation_id}",
             )
-        _check_owned_id(terms.authorisation_id, host, "authorisation id")
-        rules.check_received_authorisation(terms, me=self.party, sender=host)
-        check_authorisation(
-            Authorisation(
-                terms, oimp_detail=statement.oimp_detail,
-                first_transfer_definition=_enum_or(
-                    FirstTransferDefinition, statement.first_transfer_definition
-                ),
-            )
-        )  # fmt: skip
+        terms = self._check_statement(statement, host)
         journal_id = tx.journal(
             direction="in", partner=host, message_id=statement.header.message_id,
             payload_type=verified.payload_type, envelope=msg.authorisation_evidence, now=now_us,
@@ -687,6 +667,22 @@ class Engine:
             statement_journal_id=journal_id, now=now_us,
         )  # fmt: skip
         tx.authorisation_party_put(terms, self.party, "acknowledged", journal_id)
+
+    def _check_statement(self, statement: AuthorisationStatement, host: str) -> AuthorisationTerms:
+        """The acquiring party's checks on a host's statement, received directly or
+        as an onward transfer's evidence."""
+        terms = terms_from_statement(statement)
+        _check_owned_id(terms.authorisation_id, host, "authorisation id")
+        rules.check_received_authorisation(terms, me=self.party, sender=host)
+        check_authorisation(
+            Authorisation(
+                terms, oimp_detail=statement.oimp_detail,
+                first_transfer_definition=_enum_or(
+                    FirstTransferDefinition, statement.first_transfer_definition
+                ),
+            )
+        )  # fmt: skip
+        return terms
 
     def _check_new_version(
         self, tx: Tx, sender: str, msg: AuthorisationStatement, terms: AuthorisationTerms
