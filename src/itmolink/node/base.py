@@ -1,0 +1,807 @@
+"""The protocol engine's shared parts: messages, limits, sealing, transactions,
+and the steps both sides take.
+
+Every protocol step is one database transaction. The engine is synchronous and
+clock-free: callers pass ``now`` and it runs on the node's single database
+thread. It verifies envelopes, applies the core rules and state machine, and
+persists each step together with the messages it sends (outbox) and the
+evidence it received (journal):
+
+* a request from a partner (``Requests.handle_delivery``) is verified before it
+  is parsed, applied at most once (inbox), and answered with a signed reply;
+* a reply to one of our requests (``Replies.handle_reply``) is verified,
+  journaled and applied in the transaction that marks the request answered;
+* operator requests (``Operations``: ``authorise``, ``issue``,
+  ``start_transfer``, ...) persist their outgoing messages before anything is sent.
+
+The corresponding adjustment of a transfer is written only by
+``Replies._accepted`` (sender) and ``Requests._on_completion`` (receiver), each
+in the transaction that journals the partner's signed acknowledgement; the
+adjustment row references that journal entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import logging
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError, Message
+
+from itmolink import PROTOCOL_VERSION
+from itmolink.core.accounting import (
+    AccountingConfig,
+    HostThreshold,
+    adjustment_entries,
+    booking_year,
+    check_host_threshold,
+)
+from itmolink.core.actions import (
+    ActionType,
+    FirstTransferTrigger,
+    first_transfer_triggers,
+)
+from itmolink.core.adjustments import AdjustmentEntry, adjustments_for
+from itmolink.core.aef import ActionSubtype
+from itmolink.core.authorisation import (
+    Authorisation,
+)
+from itmolink.core.blocks import Block, total
+from itmolink.core.codes import Rejected, RejectionCode
+from itmolink.core.issuance import Destination
+from itmolink.core.rules import AuthorisationTerms
+from itmolink.core.transfer import Effect, Role, TransferState
+from itmolink.core.units import FirstTransferDefinition, Purpose
+from itmolink.crypto.envelope import TrustStore, open_envelope, seal
+from itmolink.crypto.keys import SigningKey, VerifyingKey
+from itmolink.node.convert import (
+    block_to_pb,
+    from_us,
+    timestamp,
+)
+from itmolink.node.validation import validate
+from itmolink.store.sqlite import HOLDING_ACCOUNT, Store
+from itmolink.store.tx import Tx
+from itmolink.v1 import (
+    authorisation_pb2,
+    codes_pb2,
+    common_pb2,
+    issuance_pb2,
+    keys_pb2,
+    reconcile_pb2,
+    reply_pb2,
+    transfer_pb2,
+    use_pb2,
+)
+
+log = logging.getLogger("itmolink.engine")
+
+
+AuthorisationStatement = authorisation_pb2.AuthorisationStatement
+AuthorisationAcknowledgement = authorisation_pb2.AuthorisationAcknowledgement
+IssuanceNotice = issuance_pb2.IssuanceNotice
+IssuanceAcknowledgement = issuance_pb2.IssuanceAcknowledgement
+TransferProposal = transfer_pb2.TransferProposal
+TransferAcceptance = transfer_pb2.TransferAcceptance
+TransferCompletion = transfer_pb2.TransferCompletion
+TransferCompletionReceipt = transfer_pb2.TransferCompletionReceipt
+TransferVoid = transfer_pb2.TransferVoid
+TransferVoidReceipt = transfer_pb2.TransferVoidReceipt
+TransferStatusQuery = transfer_pb2.TransferStatusQuery
+TransferStatusReport = transfer_pb2.TransferStatusReport
+Rejection = reply_pb2.Rejection
+FirstTransferNotice = use_pb2.FirstTransferNotice
+FirstTransferNoticeAcknowledgement = use_pb2.FirstTransferNoticeAcknowledgement
+KeyRotation = keys_pb2.KeyRotation
+KeyRotationAcknowledgement = keys_pb2.KeyRotationAcknowledgement
+ReconciliationQuery = reconcile_pb2.ReconciliationQuery
+ReconciliationAnswer = reconcile_pb2.ReconciliationAnswer
+
+
+def type_name(cls: type[Message]) -> str:
+    return str(cls.DESCRIPTOR.full_name)
+
+
+# Each request type and the reply type that answers it (a Rejection may answer any).
+EXPECTED_REPLY: dict[str, type[Message]] = {
+    type_name(AuthorisationStatement): AuthorisationAcknowledgement,
+    type_name(IssuanceNotice): IssuanceAcknowledgement,
+    type_name(TransferProposal): TransferAcceptance,
+    type_name(TransferCompletion): TransferCompletionReceipt,
+    type_name(TransferVoid): TransferVoidReceipt,
+    type_name(TransferStatusQuery): TransferStatusReport,
+    type_name(ReconciliationQuery): ReconciliationAnswer,
+    type_name(KeyRotation): KeyRotationAcknowledgement,
+    type_name(FirstTransferNotice): FirstTransferNoticeAcknowledgement,
+}
+REQUEST_TYPES: dict[str, type[Message]] = {
+    type_name(cls): cls
+    for cls in (
+        AuthorisationStatement,
+        IssuanceNotice,
+        TransferProposal,
+        TransferCompletion,
+        TransferVoid,
+        TransferStatusQuery,
+        ReconciliationQuery,
+        KeyRotation,
+        FirstTransferNotice,
+    )
+}
+
+# Where each part of an issuance goes: (account, account kind, AEF action if any).
+ISSUANCE_DESTINATIONS: dict[
+    Destination, tuple[str, str, tuple[ActionType, ActionSubtype] | None]
+] = {
+    Destination.HOST_HOLDING: (HOLDING_ACCOUNT, "holding", None),
+    Destination.BUYER_SHARE: (HOLDING_ACCOUNT, "holding", None),
+    Destination.ADAPTATION_FUND: (
+        "adaptation-fund", "adaptation-fund",
+        (ActionType.TRANSFER, ActionSubtype.MANDATORY_ADAPTATION_FUND),
+    ),
+    Destination.OMGE_CANCELLATION: (
+        "omge-cancellation", "cancellation",
+        (ActionType.CANCELLATION, ActionSubtype.MANDATORY_OMGE),
+    ),
+    Destination.VOLUNTARY_OMGE_CANCELLATION: (
+        "voluntary-omge-cancellation", "cancellation",
+        (ActionType.VOLUNTARY_CANCELLATION, ActionSubtype.VOLUNTARY_OMGE),
+    ),
+}  # fmt: skip
+
+# What an operator may do with held units: (account, account kind, AEF action).
+RETIREMENTS: dict[str, tuple[str, str, ActionType]] = {
+    "use-ndc": ("retired-ndc", "retirement", ActionType.USE_NDC),
+    "use-oimp": ("retired-oimp", "retirement", ActionType.USE_OIMP),
+    "voluntary-cancellation": (
+        "voluntary-cancellation", "cancellation", ActionType.VOLUNTARY_CANCELLATION,
+    ),
+}  # fmt: skip
+
+RETRY_BASE_US = 200_000
+RETRY_MAX_US = 30_000_000
+# A receiver asks the sender about a transfer it accepted once the proposal's
+# time-out has passed by this much (allowing for clock skew and a completion
+# still in flight), and again at this interval while the answer is "not yet".
+STATUS_QUERY_GRACE_US = 30_000_000
+STATUS_QUERY_INTERVAL_US = 60_000_000
+
+
+def digest(payload: bytes) -> bytes:
+    """SHA-256 of a payload's bytes: how one message refers to another."""
+    return hashlib.sha256(payload).digest()
+
+
+def retry_delay_us(attempts: int) -> int:
+    """Exponential backoff for redelivering an unanswered message."""
+    return int(min(RETRY_MAX_US, RETRY_BASE_US * 2 ** min(attempts, 20)))
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a node accepts from a partner (docs/SECURITY.md)."""
+
+    # Largest serialised envelope accepted.
+    max_message_bytes: int = 2 * 1024 * 1024
+    # Most blocks in one proposal or issuance notice.
+    max_blocks: int = 10_000
+    # How far a message's sent_at may be ahead of this node's clock, and how far
+    # a proposal's expires_at may be behind it.
+    max_clock_skew: dt.timedelta = dt.timedelta(minutes=5)
+    # Messages older than this are refused, so the inbox need not keep message
+    # ids forever; the sender has voided or completed long before.
+    max_message_age: dt.timedelta = dt.timedelta(days=30)
+
+
+@dataclass(frozen=True, slots=True)
+class Partner:
+    party: str
+    registry: str
+    endpoint: str
+
+
+class ReplyError(Exception):
+    """A partner's reply that cannot be applied; the request stays pending."""
+
+    def __init__(self, code: RejectionCode, detail: str) -> None:
+        super().__init__(f"{code.wire_name}: {detail}")
+        self.code = code
+
+
+def _rejection_reasons(rejection: Rejection) -> tuple[int, str]:
+    if not rejection.reasons:
+        return int(RejectionCode.UNSPECIFIED), "rejected without a reason"
+    first = rejection.reasons[0]
+    return int(first.code), first.detail
+
+
+class EngineBase:
+    """One registry's protocol logic over its store."""
+
+    def __init__(
+        self,
+        *,
+        party: str,
+        registry: str,
+        signing_key: SigningKey,
+        trust: TrustStore,
+        partners: Sequence[Partner],
+        store: Store,
+        default_timeout: dt.timedelta = dt.timedelta(minutes=2),
+        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        limits: Limits | None = None,
+        accounting: AccountingConfig | None = None,
+        threshold: HostThreshold | None = None,
+    ) -> None:
+        self.party = party
+        self.registry = registry
+        self.signing_key = signing_key
+        # A new signing key announced to the partners, used once all acknowledged.
+        self.pending_key: SigningKey | None = None
+        self._card_keys = trust.all()
+        self.trust = trust
+        self.partners = {p.party: p for p in partners}
+        self.store = store
+        self.default_timeout = default_timeout
+        self._new_id = new_id
+        self.limits = limits or Limits()
+        self.accounting = accounting
+        self.threshold = threshold
+        self._after_commit: list[Callable[[], None]] = []
+        self.reload_trust()
+
+    # -- transactions and trust ------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Tx]:
+        """A store transaction whose in-memory follow-ups run only once it committed."""
+        self._after_commit.clear()
+        try:
+            with self.store.transaction() as tx:
+                yield tx
+        except BaseException:
+            self._after_commit.clear()
+            raise
+        callbacks, self._after_commit = self._after_commit, []
+        for callback in callbacks:
+            callback()
+
+    def reload_trust(self) -> None:
+        """Pinned keys: the partners' cards, plus keys they announced, less revoked ones."""
+        with self.store.transaction() as tx:
+            learned = tx.partner_keys()
+            revoked = tx.revoked_keys()
+        trust = TrustStore(self._card_keys)
+        for key_id, party, public_key, not_before, not_after in learned:
+            known = trust.get(key_id)
+            if known is not None and (known.party, known.public_bytes) != (party, public_key):
+                continue  # cannot happen: a key id is derived from its party and bytes
+            # A key announced in-band replaces the same key from a card: its
+            # validity window is the partner's latest word on it.
+            trust.replace(
+                VerifyingKey.from_raw(
+                    party, key_id, public_key,
+                    not_before=from_us(not_before) if not_before is not None else None,
+                    not_after=from_us(not_after) if not_after is not None else None,
+                )
+            )  # fmt: skip
+        for key_id in revoked:
+            trust.revoke(key_id)
+        self.trust = trust
+
+    # -- sealing ---------------------------------------------------------------------
+
+    def _header(
+        self, tx: Tx | None, partner: str, now_us: int, in_reply_to: str = ""
+    ) -> common_pb2.Header:
+        return common_pb2.Header(
+            protocol_version=PROTOCOL_VERSION,
+            message_id=self._new_id(),
+            sender_party=self.party,
+            sender_registry=self.registry,
+            audience=partner,
+            sent_at=timestamp(now_us),
+            # Replies to messages that failed authentication are not recorded and
+            # carry sequence 0 (docs/PROTOCOL.md).
+            sequence=0 if tx is None else tx.next_sequence(partner),
+            in_reply_to=in_reply_to,
+        )
+
+    def _seal(self, msg: Message) -> tuple[str, bytes, bytes]:
+        payload = msg.SerializeToString()
+        name = type_name(type(msg))
+        return name, payload, seal(name, payload, self.signing_key)
+
+    def _send(self, tx: Tx, partner: str, msg: Message, subject_id: str, now_us: int) -> bytes:
+        """Persist an outgoing request (journal and outbox); returns its payload bytes."""
+        msg.header.CopyFrom(self._header(tx, partner, now_us))  # type: ignore[attr-defined]
+        name, payload, envelope = self._seal(msg)
+        message_id = msg.header.message_id  # type: ignore[attr-defined]
+        tx.journal(
+            direction="out",
+            partner=partner,
+            message_id=message_id,
+            payload_type=name,
+            envelope=envelope,
+            now=now_us,
+        )
+        tx.outbox_put(
+            message_id=message_id,
+            partner=partner,
+            payload_type=name,
+            subject_id=subject_id,
+            envelope=envelope,
+            now=now_us,
+        )
+        return payload
+
+    def _reply(
+        self, tx: Tx | None, partner: str, msg: Message, in_reply_to: str, now_us: int
+    ) -> tuple[bytes, bytes]:
+        """Seal a reply (journaled when ``tx`` is given); returns (payload, envelope)."""
+        msg.header.CopyFrom(self._header(tx, partner, now_us, in_reply_to))  # type: ignore[attr-defined]
+        name, payload, envelope = self._seal(msg)
+        if tx is not None:
+            tx.journal(
+                direction="out",
+                partner=partner,
+                message_id=msg.header.message_id,  # type: ignore[attr-defined]
+                payload_type=name,
+                envelope=envelope,
+                now=now_us,
+            )
+        return payload, envelope
+
+    def _rejection(self, subject_id: str, rejected: Rejected, request: bytes) -> Rejection:
+        return Rejection(
+            subject_id=subject_id,
+            envelope_digest=digest(request),
+            reasons=[
+                codes_pb2.RejectionReason(
+                    code=int(rejected.code),  # type: ignore[arg-type]
+                    detail=rejected.detail,
+                )
+            ],
+        )
+
+    def _check_origin(self, host: str, blocks: Sequence[Block]) -> None:
+        """Units come from their host's registry: no partner can hand this node
+        serials of another registry (its own included)."""
+        partner = self.partners.get(host)
+        expected = self.registry if host == self.party else partner.registry if partner else None
+        for block in blocks:
+            if block.originating_registry != expected:
+                raise Rejected(
+                    RejectionCode.BLOCK_ATTRIBUTE_MISMATCH,
+                    f"block {block.label()} does not come from {host}'s registry "
+                    f"{expected or '(unknown: no partner card for ' + host + ')'}",
+                )
+
+    def _book_first_transfer(
+        self,
+        tx: Tx,
+        blocks: Sequence[Block],
+        *,
+        reference: str,
+        subtype: ActionSubtype,
+        now_us: int,
+    ) -> None:
+        """The host's adjustment for a first transfer that is not an international
+        transfer (OIMP at issuance or at use): booked now, in this transaction."""
+        entries = self._adjustment_entries(Role.SENDER, "", "", blocks)
+        tx.adjustments_put(entries, evidence_journal_id=None, now=now_us, reference=reference)
+        for block in blocks:
+            tx.action_put(
+                action_type=ActionType.FIRST_TRANSFER.value, subtype=subtype.value,
+                block=block, at=now_us,
+            )  # fmt: skip
+
+    def _check_threshold(
+        self, tx: Tx, terms: AuthorisationTerms, vintage: int, quantity: int
+    ) -> None:
+        """The host threshold on first transfers (only units that carry an adjustment)."""
+        if (
+            self.threshold is None
+            or self.accounting is None
+            or not terms.unit_type.requires_adjustment
+        ):
+            return
+        check_host_threshold(
+            self.threshold,
+            self.accounting.ndc_period,
+            tx.first_transferred_by_year(),
+            year=booking_year(self.accounting, vintage=vintage),
+            quantity=quantity,
+        )
+
+    def _check_booking(self, tx: Tx, role: Role, blocks: Sequence[Block]) -> None:
+        """Refuse, before anything is promised, units whose adjustment could not be
+        booked (only where this party books one for the transfer)."""
+        if self.accounting is None or not self._transfer_counts(tx, role, blocks):
+            return
+        for block in blocks:
+            if block.unit_type.requires_adjustment:
+                booking_year(self.accounting, vintage=block.vintage)
+
+    @staticmethod
+    def _ca_point(authorisation: Authorisation) -> str:
+        """When the host's first transfer (and so its adjustment) happens.
+
+        Units authorised for use toward an NDC, alone or with OIMP, are first
+        transferred at the first international transfer ("transfer"), as the NDC
+        rule requires, so both parties book the same transfer. Units authorised
+        for OIMP only follow the host's definition: "issuance" (at authorisation
+        or issuance) or "use" (at use or cancellation).
+        """
+        triggers = first_transfer_triggers(authorisation)
+        if FirstTransferTrigger.INTERNATIONAL_TRANSFER in triggers:
+            return "transfer"
+        if {FirstTransferTrigger.ISSUANCE, FirstTransferTrigger.AUTHORISATION} & triggers:
+            return "issuance"
+        return "use"
+
+    def _transfer_counts(self, tx: Tx, role: Role, blocks: Sequence[Block]) -> bool:
+        """Whether this party books an adjustment for a transfer of ``blocks``.
+
+        The host books its first transfer when it happens (at the international
+        transfer only for NDC use); an acquiring party subtracts, and gives back
+        when it transfers onward, only units authorised for use toward an NDC.
+        """
+        if not blocks:
+            return False
+        host = blocks[0].first_transferring_party
+        authorisation = self._authorisation(tx, host, blocks[0].authorisation_id)
+        if role is Role.SENDER and host == self.party:
+            return self._ca_point(authorisation) == "transfer"
+        return Purpose.NDC in authorisation.terms.purposes
+
+    def _adjustment_entries(
+        self, role: Role, partner: str, transfer_id: str, blocks: Sequence[Block]
+    ) -> list[AdjustmentEntry]:
+        """This party's entries for a completed transfer, by its accounting method."""
+        if self.accounting is None:
+            return adjustments_for(role, self.party, partner, transfer_id, blocks)
+        try:
+            return adjustment_entries(self.accounting, role, partner, transfer_id, blocks)
+        except Rejected as rejected:
+            # Checked when the transfer was agreed; the configuration changed since.
+            # The partner's acknowledgement is already binding: book to the vintage.
+            log.error("ALARM: transfer %s booked to its vintage: %s", transfer_id, rejected)
+            return adjustments_for(role, self.party, partner, transfer_id, blocks)
+
+    def _apply(
+        self,
+        tx: Tx,
+        effects: Sequence[Effect],
+        transfer_id: str,
+        partner: str,
+        blocks: Sequence[Block],
+        evidence_journal_id: int,
+        now_us: int,
+    ) -> int:
+        """Carry out a transition's block and adjustment effects; returns the CA year."""
+        role = Role.SENDER if Effect.DEBIT_RESERVED_BLOCKS in effects else Role.RECEIVER
+        for effect in effects:
+            if effect is Effect.DEBIT_RESERVED_BLOCKS:
+                debited = tx.blocks_debit_reserved(transfer_id)
+                if debited != len(blocks):
+                    raise RuntimeError(
+                        f"transfer {transfer_id}: {debited} reserved blocks, expected {len(blocks)}"
+                    )
+            elif effect is Effect.CREDIT_BLOCKS:
+                tx.blocks_insert(blocks, account=HOLDING_ACCOUNT)
+            elif effect is Effect.RELEASE_RESERVED_BLOCKS:
+                tx.blocks_release(transfer_id)
+        entries = []
+        if Effect.APPLY_ADJUSTMENT in effects:
+            entries = (
+                self._adjustment_entries(role, partner, transfer_id, blocks)
+                if self._transfer_counts(tx, role, blocks)
+                else []
+            )
+            tx.adjustments_put(entries, evidence_journal_id=evidence_journal_id, now=now_us)
+        years = {entry.year for entry in entries}
+        return years.pop() if len(years) == 1 else 0
+
+    def _open_reply(
+        self,
+        tx: Tx,
+        partner: str,
+        request_type: str,
+        request: bytes,
+        message_id: str,
+        raw: bytes,
+        now_us: int,
+    ) -> tuple[Message, bytes, int]:
+        """Verify and journal a reply to our request; (reply, payload, journal id)."""
+        try:
+            verified = open_envelope(raw, self.trust, from_us(now_us))
+        except Rejected as rejected:
+            raise ReplyError(rejected.code, f"reply from {partner}: {rejected.detail}") from None
+        if verified.signer_party != partner:
+            raise ReplyError(
+                RejectionCode.SIGNER_NOT_PEER,
+                f"reply to a message for {partner} is signed by {verified.signer_party}",
+            )
+        expected = EXPECTED_REPLY[request_type]
+        if verified.payload_type == type_name(expected):
+            reply: Message = expected()
+        elif verified.payload_type == type_name(Rejection):
+            reply = Rejection()
+        else:
+            raise ReplyError(
+                RejectionCode.UNEXPECTED_REPLY,
+                f"{verified.payload_type} does not answer {request_type}",
+            )
+        try:
+            reply.ParseFromString(verified.payload)
+        except DecodeError as exc:
+            raise ReplyError(RejectionCode.MALFORMED_PAYLOAD, f"reply payload: {exc}") from None
+        header: common_pb2.Header = reply.header  # type: ignore[attr-defined]
+        try:
+            validate(reply, max_blocks=self.limits.max_blocks)
+            self._check_header_fields(header, sender=partner)
+        except Rejected as rejected:
+            raise ReplyError(rejected.code, rejected.detail) from None
+        self._check_answers(header, reply, request, message_id)
+        if not header.message_id or tx.journal_has("in", partner, header.message_id):
+            raise ReplyError(
+                RejectionCode.DUPLICATE_MESSAGE_CONFLICT,
+                f"reply from {partner} reuses message id {header.message_id!r}",
+            )
+        journal_id = tx.journal(
+            direction="in",
+            partner=partner,
+            message_id=header.message_id,
+            payload_type=verified.payload_type,
+            envelope=raw,
+            now=now_us,
+        )
+        return reply, verified.payload, journal_id
+
+    @staticmethod
+    def _check_answers(
+        header: common_pb2.Header, reply: Message, request: bytes, message_id: str
+    ) -> None:
+        """A reply names the request it answers; a Rejection of a request that could
+        not be read that far is bound to it by the digest of the request's bytes."""
+        if isinstance(reply, Rejection) and reply.envelope_digest:
+            if reply.envelope_digest != digest(request):
+                raise ReplyError(
+                    RejectionCode.UNEXPECTED_REPLY,
+                    "rejection is about another envelope than the one sent",
+                )
+            if header.in_reply_to in ("", message_id):
+                return
+        if header.in_reply_to != message_id:
+            raise ReplyError(
+                RejectionCode.UNEXPECTED_REPLY,
+                f"reply answers {header.in_reply_to!r}, not {message_id}",
+            )
+
+    def _check_header_fields(self, header: common_pb2.Header, *, sender: str) -> None:
+        """Header checks for replies (sequence 0 is allowed there)."""
+        if header.protocol_version != PROTOCOL_VERSION:
+            raise Rejected(
+                RejectionCode.UNSUPPORTED_VERSION,
+                f"protocol_version {header.protocol_version}; this node speaks {PROTOCOL_VERSION}",
+            )
+        if header.sender_party != sender:
+            raise Rejected(
+                RejectionCode.SENDER_MISMATCH,
+                f"reply names sender {header.sender_party!r} but is signed by {sender}",
+            )
+        if header.audience != self.party:
+            raise Rejected(
+                RejectionCode.WRONG_AUDIENCE,
+                f"reply is addressed to {header.audience!r}, this node is {self.party}",
+            )
+
+    def _resend_completion(self, tx: Tx, transfer_id: str, now_us: int) -> None:
+        """Queue a freshly sealed completion of a transfer completed here, unless one
+        is already on its way."""
+        record = tx.transfer_get(transfer_id)
+        if (
+            record is None
+            or record.direction is not Role.SENDER
+            or record.state is not TransferState.COMPLETED
+            or tx.outbox_pending_of(
+                payload_type=type_name(TransferCompletion), subject_id=transfer_id
+            )
+        ):
+            return
+        years = {year for year, _ in tx.adjustment_amounts(transfer_id)}
+        completion = TransferCompletion(
+            transfer_id=transfer_id,
+            acceptance_digest=record.acceptance_digest,
+            adjustment_year=years.pop() if len(years) == 1 else 0,
+        )
+        self._send(tx, record.partner, completion, transfer_id, now_us)
+
+    def _switch_signing_key(self, tx: Tx, key_id: str) -> None:
+        tx.set_meta("signing_key_id", key_id)
+        tx.set_meta("pending_signing_key", "")
+
+        def switch() -> None:
+            assert self.pending_key is not None
+            assert self.pending_key.key_id == key_id
+            self.signing_key, self.pending_key = self.pending_key, None
+            log.warning("now signing with key %s", key_id)
+
+        self._after_commit.append(switch)
+
+    # -- operator requests -------------------------------------------------------------
+
+    def _require_partner(self, party: str) -> None:
+        if party not in self.partners:
+            raise Rejected(
+                RejectionCode.UNKNOWN_PARTNER,
+                f"{party} is not a partner of this node: add its card under [[partners]]",
+            )
+
+    def _send_statement(
+        self,
+        tx: Tx,
+        terms: AuthorisationTerms,
+        *,
+        activity_name: str,
+        activity_description: str,
+        oimp_detail: str,
+        first_transfer_definition: FirstTransferDefinition,
+        revoked: bool,
+        now_us: int,
+    ) -> None:
+        """Send a version of our authorisation to each acquiring party (pending its answer)."""
+        for party in sorted(terms.acquiring_parties):
+            tx.authorisation_party_put(terms, party, "pending", None)
+            statement = AuthorisationStatement(
+                authorisation_id=terms.authorisation_id,
+                version=terms.version,
+                host_party=self.party,
+                activity=authorisation_pb2.Activity(
+                    activity_id=terms.activity_id, name=activity_name,
+                    description=activity_description,
+                ),
+                cooperative_approach_id=terms.cooperative_approach_id,
+                acquiring_parties=sorted(terms.acquiring_parties),
+                purposes=[int(p) for p in sorted(terms.purposes)],  # type: ignore[misc]
+                oimp_detail=oimp_detail,
+                first_transfer_definition=int(first_transfer_definition),  # type: ignore[arg-type]
+                vintage_from=terms.vintage_from,
+                vintage_to=terms.vintage_to,
+                quantity_cap=terms.quantity_cap,
+                unit_type=int(terms.unit_type),  # type: ignore[arg-type]
+                revoked=revoked,
+            )  # fmt: skip
+            self._send(tx, party, statement, f"{terms.authorisation_id}#{terms.version}", now_us)
+
+    def _authorisation(self, tx: Tx, host_party: str, authorisation_id: str) -> Authorisation:
+        terms = tx.authorisation_get(host_party, authorisation_id)
+        if terms is None:
+            raise Rejected(
+                RejectionCode.UNKNOWN_AUTHORISATION,
+                f"no authorisation {authorisation_id!r} of {host_party} is recorded here",
+            )
+        details = tx.authorisation_details(host_party, authorisation_id)
+        return Authorisation(
+            terms,
+            oimp_detail=details["oimp_detail"],
+            first_transfer_definition=FirstTransferDefinition(details["first_transfer_definition"]),
+            revoked=bool(details["revoked"]),
+        )
+
+    def _propose(
+        self,
+        tx: Tx,
+        terms: AuthorisationTerms,
+        *,
+        to_party: str,
+        blocks: Sequence[Block],
+        now_us: int,
+        expires_us: int,
+        evidence: bytes = b"",
+    ) -> str:
+        """Reserve ``blocks`` and persist a proposal of them to ``to_party``."""
+        quantity = total(blocks)
+        authorisation_id = terms.authorisation_id
+        taken = list(blocks)
+        first_transfer = all(b.first_transferring_party == self.party for b in taken) and (
+            self._ca_point(self._authorisation(tx, self.party, authorisation_id)) == "transfer"
+        )
+        transfer_id = f"{self.party}-T-{tx.next_counter('transfer'):06d}"
+        tx.blocks_reserve(taken, transfer_id=transfer_id)
+        proposal = TransferProposal(
+            transfer_id=transfer_id,
+            authorisation_id=authorisation_id,
+            quantity=quantity,
+            blocks=[block_to_pb(b) for b in taken],
+            first_transfer=first_transfer,
+            expires_at=timestamp(expires_us),
+            authorisation_evidence=evidence,
+        )
+        payload = self._send(tx, to_party, proposal, transfer_id, now_us)
+        tx.transfer_put(
+            transfer_id=transfer_id,
+            direction=Role.SENDER,
+            partner=to_party,
+            state=TransferState.PROPOSED,
+            quantity=quantity,
+            authorisation_id=authorisation_id,
+            first_transfer=proposal.first_transfer,
+            proposal_message_id=proposal.header.message_id,
+            proposal_digest=digest(payload),
+            expires_at=expires_us,
+            blocks=taken,
+            now=now_us,
+        )
+        log.info("transfer %s proposed: %d tCO2e to %s", transfer_id, quantity, to_party)
+        return transfer_id
+
+
+def _enum_or(kind: type[FirstTransferDefinition], value: int) -> FirstTransferDefinition:
+    try:
+        return kind(value)
+    except ValueError:
+        raise Rejected(RejectionCode.INVALID_FIELD, f"{kind.__name__} {value} is unknown") from None
+
+
+def _subject_of(msg: Message) -> str:
+    for name in ("transfer_id", "issuance_id", "authorisation_id"):
+        if msg.DESCRIPTOR.fields_by_name.get(name) is not None:
+            return str(getattr(msg, name))
+    return ""
+
+
+VIEWS = {
+    reconcile_pb2.RECONCILIATION_VIEW_BLOCKS: "blocks",
+    reconcile_pb2.RECONCILIATION_VIEW_JOURNAL: "journal",
+}
+MAX_PREFIXES = 256
+MAX_LEAVES = 4_096
+
+
+def check_reconciliation_query(msg: ReconciliationQuery) -> None:
+    if not msg.reconciliation_id or not msg.HasField("snapshot_at"):
+        raise Rejected(RejectionCode.MISSING_FIELD, "query needs reconciliation_id and snapshot_at")
+    if msg.view not in (reconcile_pb2.RECONCILIATION_VIEW_TOTALS, *VIEWS):
+        raise Rejected(RejectionCode.INVALID_FIELD, f"unknown reconciliation view {msg.view}")
+    if len(msg.prefixes) > MAX_PREFIXES or len(msg.leaf_prefixes) > MAX_PREFIXES:
+        raise Rejected(RejectionCode.INVALID_FIELD, f"at most {MAX_PREFIXES} prefixes per query")
+    for prefix in [*msg.prefixes, *msg.leaf_prefixes]:
+        if len(prefix) > 64 or prefix.strip("0123456789abcdef"):
+            raise Rejected(RejectionCode.INVALID_FIELD, f"prefix {prefix!r} is not lower-case hex")
+
+
+def _owned_by(transfer_id: str, party: str) -> bool:
+    return transfer_id.startswith(f"{party}-") and len(transfer_id) > len(party) + 1
+
+
+def _check_owned_id(identifier: str, owner: str, what: str) -> None:
+    if not _owned_by(identifier, owner):
+        raise Rejected(
+            RejectionCode.INVALID_IDENTIFIER,
+            f"{what} {identifier!r} of {owner} must start with '{owner}-'",
+        )
+
+
+def _check_transfer_id(transfer_id: str, sender: str) -> None:
+    """Transfer ids start with the sender's party code, so no partner can take
+    an id that belongs to another (docs/PROTOCOL.md)."""
+    if not transfer_id:
+        raise Rejected(RejectionCode.MISSING_FIELD, "message has no transfer_id")
+    if not _owned_by(transfer_id, sender):
+        raise Rejected(
+            RejectionCode.INVALID_IDENTIFIER,
+            f"transfer id {transfer_id!r} from {sender} must start with '{sender}-'",
+        )
+
+
+def _code_name(code: int) -> str:
+    try:
+        return RejectionCode(code).wire_name
+    except ValueError:
+        return f"REJECTION_CODE_{code}"

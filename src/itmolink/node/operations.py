@@ -1,0 +1,784 @@
+"""Operator requests, time-outs, the outbox and reconciliation's requester side."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from itmolink.core import rules
+from itmolink.core.actions import (
+    ActionType,
+    FirstTransferTrigger,
+    check_use_ndc,
+    check_use_oimp,
+    check_voluntary_cancellation,
+    first_transfer_triggers,
+)
+from itmolink.core.aef import ActionSubtype
+from itmolink.core.authorisation import (
+    Authorisation,
+    Revocation,
+    UnitStatus,
+    check_amendment,
+    check_authorisation,
+    revoke,
+)
+from itmolink.core.blocks import Block, take, total
+from itmolink.core.codes import Rejected, RejectionCode
+from itmolink.core.issuance import Destination, IssuancePolicy, allocate_block, split_issuance
+from itmolink.core.reconcile import Bucket, Total
+from itmolink.core.rules import AuthorisationTerms
+from itmolink.core.transfer import Effect, Event, Role, step
+from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
+from itmolink.crypto.keys import SigningKey, VerifyingKey
+from itmolink.node.base import (
+    ISSUANCE_DESTINATIONS,
+    RETIREMENTS,
+    STATUS_QUERY_GRACE_US,
+    STATUS_QUERY_INTERVAL_US,
+    EngineBase,
+    FirstTransferNotice,
+    IssuanceNotice,
+    KeyRotation,
+    ReconciliationAnswer,
+    ReconciliationQuery,
+    Rejection,
+    ReplyError,
+    TransferProposal,
+    TransferStatusQuery,
+    TransferVoid,
+    _rejection_reasons,
+    log,
+    retry_delay_us,
+    type_name,
+)
+from itmolink.node.convert import (
+    block_to_pb,
+    timestamp,
+    to_us,
+)
+from itmolink.store.sqlite import HOLDING_ACCOUNT
+from itmolink.store.tx import Tx
+from itmolink.v1 import (
+    keys_pb2,
+)
+
+
+class Operations(EngineBase):
+    """What a registry's operator asks of its node, and what its clock drives."""
+
+    # -- reconciliation (requester side) ------------------------------------------------
+
+    def reconciliation_query(
+        self, partner: str, query: ReconciliationQuery, now: dt.datetime
+    ) -> tuple[str, bytes]:
+        """Seal and journal a query to send now; (message id, envelope)."""
+        self._require_partner(partner)
+        now_us = to_us(now)
+        with self.store.transaction() as tx:
+            query.header.CopyFrom(self._header(tx, partner, now_us))
+            name, _, envelope = self._seal(query)
+            tx.journal(
+                direction="out", partner=partner, message_id=query.header.message_id,
+                payload_type=name, envelope=envelope, now=now_us,
+            )  # fmt: skip
+        return query.header.message_id, envelope
+
+    def reconciliation_answer(
+        self, partner: str, message_id: str, request: bytes, raw: bytes, now: dt.datetime
+    ) -> ReconciliationAnswer:
+        """Verify and journal the partner's answer to a reconciliation query."""
+        with self.store.transaction() as tx:
+            reply, _, _ = self._open_reply(
+                tx, partner, type_name(ReconciliationQuery), request, message_id, raw, to_us(now)
+            )
+        if isinstance(reply, Rejection):
+            code, detail = _rejection_reasons(reply)
+            raise ReplyError(RejectionCode(code), f"{partner} refused the query: {detail}")
+        assert isinstance(reply, ReconciliationAnswer)
+        return reply
+
+    def local_buckets(self, partner: str, snapshot_us: int, view: str, prefix: str) -> list[Bucket]:
+        with self.store.transaction() as tx:
+            return tx.reconcile_buckets(partner, snapshot_us, view, prefix)
+
+    def local_leaves(
+        self, partner: str, snapshot_us: int, view: str, prefix: str
+    ) -> dict[str, bytes]:
+        with self.store.transaction() as tx:
+            return tx.reconcile_leaves(partner, snapshot_us, view, prefix)
+
+    def local_totals(self, partner: str, snapshot_us: int) -> list[Total]:
+        with self.store.transaction() as tx:
+            return tx.reconcile_totals(partner, snapshot_us)
+
+    def record_discrepancy(
+        self,
+        *,
+        reconciliation_id: str,
+        partner: str,
+        phase: str,
+        subject: str,
+        detail: str,
+        freeze: bool,
+        now: dt.datetime,
+    ) -> int:
+        """Record what reconciliation found; freeze the blocks of a named transfer.
+
+        Returns how many blocks were frozen here.
+        """
+        with self.store.transaction() as tx:
+            tx.discrepancy_put(
+                reconciliation_id=reconciliation_id, partner=partner, phase=phase,
+                subject=subject, detail=detail, now=to_us(now),
+            )  # fmt: skip
+            frozen = tx.freeze_blocks_of(subject, partner) if freeze else 0
+        log.error("ALARM: reconciliation with %s: %s %s: %s", partner, phase, subject, detail)
+        return frozen
+
+    def rotate_signing_key(self, new_key: SigningKey, now: dt.datetime) -> None:
+        """Announce ``new_key`` to every partner; sign with it once all acknowledged."""
+        now_us = to_us(now)
+        with self._transaction() as tx:
+            if tx.meta_get("pending_signing_key"):
+                raise Rejected(
+                    RejectionCode.INVALID_FIELD,
+                    f"key {tx.meta_get('pending_signing_key')} is still being announced",
+                )
+            tx.set_meta("pending_signing_key", new_key.key_id)
+            tx.set_meta("pending_signing_key_refused_by", "")
+            public = new_key.verifying_key().public_bytes
+            for partner in sorted(self.partners):
+                rotation = KeyRotation(
+                    rotation_id=new_key.key_id,
+                    # Valid from a little before now, so a partner whose clock lags
+                    # does not refuse the first messages signed with it.
+                    new_key=keys_pb2.SigningKeyRecord(
+                        key_id=new_key.key_id,
+                        public_key=public,
+                        not_before=timestamp(
+                            now_us - self.limits.max_clock_skew // dt.timedelta(microseconds=1)
+                        ),
+                    ),
+                )
+                self._send(tx, partner, rotation, new_key.key_id, now_us)
+            self._after_commit.append(lambda: setattr(self, "pending_key", new_key))
+            if not self.partners:
+                self._switch_signing_key(tx, new_key.key_id)
+
+    def revoke_signing_key(self, key_id: str, now: dt.datetime, partner: str = "") -> None:
+        """Revoke an earlier key of ours at every partner, or a partner's key here."""
+        now_us = to_us(now)
+        with self._transaction() as tx:
+            if partner:
+                self._require_partner(partner)
+                known = self.trust.get(key_id)
+                if known is None or known.party != partner:
+                    raise Rejected(
+                        RejectionCode.UNKNOWN_SIGNING_KEY, f"{partner} has no pinned key {key_id!r}"
+                    )
+                tx.revoked_key_put(key_id=key_id, party=partner, source="operator", now=now_us)
+                self._after_commit.append(self.reload_trust)
+                return
+            if not key_id.startswith(f"{self.party}-ed25519-"):
+                raise Rejected(
+                    RejectionCode.UNKNOWN_SIGNING_KEY, f"{key_id!r} is not a key of {self.party}"
+                )
+            if key_id in (self.signing_key.key_id, tx.meta_get("pending_signing_key")):
+                raise Rejected(
+                    RejectionCode.INVALID_FIELD,
+                    f"{key_id} is the key this node signs with (or is about to): rotate first",
+                )
+            if tx.outbox_pending_signed_by(key_id):
+                raise Rejected(
+                    RejectionCode.TRANSFER_STATE_CONFLICT,
+                    f"messages signed with {key_id} are still being delivered: revoke it once "
+                    "they are answered",
+                )
+            tx.revoked_key_put(key_id=key_id, party=self.party, source="self", now=now_us)
+            for other in sorted(self.partners):
+                revocation = KeyRotation(rotation_id=f"revoke-{key_id}", revoked_key_ids=[key_id])
+                self._send(tx, other, revocation, f"revoke-{key_id}", now_us)
+
+    def signing_keys_view(self) -> list[tuple[str, str, str, VerifyingKey | None]]:
+        """(party, key id, status, key) for our keys and the partners'."""
+        with self.store.transaction() as tx:
+            revoked = tx.revoked_keys()
+        rows: list[tuple[str, str, str, VerifyingKey | None]] = [
+            (self.party, self.signing_key.key_id, "signing", self.signing_key.verifying_key())
+        ]
+        if self.pending_key is not None:
+            rows.append(
+                (self.party, self.pending_key.key_id, "pending", self.pending_key.verifying_key())
+            )
+        for key_id, party in sorted(revoked.items()):
+            if party == self.party:
+                rows.append((party, key_id, "revoked", None))
+        for key in sorted(self.trust.all(), key=lambda k: (k.party, k.key_id)):
+            status = "revoked" if self.trust.is_revoked(key.key_id) else "pinned"
+            rows.append((key.party, key.key_id, status, key))
+        return rows
+
+    def retire(
+        self,
+        *,
+        action: str,
+        host_party: str,
+        authorisation_id: str,
+        vintage: int,
+        quantity: int,
+        now: dt.datetime,
+        use_year: int = 0,
+        oimp_purpose: str = "",
+    ) -> tuple[str, list[Block]]:
+        """Use held units toward the NDC or for OIMP, or cancel them voluntarily.
+
+        The units move to a retirement or cancellation account of this registry
+        and the action is recorded for the AEF; nothing is sent to a partner.
+        """
+        if action not in RETIREMENTS:
+            raise Rejected(
+                RejectionCode.INVALID_FIELD,
+                f"action {action!r} is not one of {', '.join(sorted(RETIREMENTS))}",
+            )
+        account, kind, action_type = RETIREMENTS[action]
+        now_us = to_us(now)
+        with self.store.transaction() as tx:
+            authorisation = self._authorisation(tx, host_party, authorisation_id)
+            held = tx.blocks_held(
+                account=HOLDING_ACCOUNT, authorisation_id=authorisation_id, vintage=vintage
+            )
+            taken, remainders = take(held, quantity)
+            received = host_party != self.party
+            # Received units are first transferred, except OIMP units whose first
+            # transfer is their use: this use.
+            first_transferred = received and self._ca_point(authorisation) != "use"
+            if action_type is ActionType.USE_NDC:
+                if self.accounting is None:
+                    raise Rejected(
+                        RejectionCode.MISSING_FIELD,
+                        "using units toward the NDC needs the NDC period: add [accounting] "
+                        "to the node configuration",
+                    )
+                check_use_ndc(
+                    authorisation, me=self.party, blocks=taken, holdings=held,
+                    use_year=use_year, ndc_period=self.accounting.ndc_period,
+                    already_first_transferred=first_transferred,
+                )  # fmt: skip
+            elif action_type is ActionType.USE_OIMP:
+                if not oimp_purpose:
+                    raise Rejected(RejectionCode.MISSING_FIELD, "use for OIMP needs its purpose")
+                check_use_oimp(
+                    authorisation, me=self.party, blocks=taken, holdings=held,
+                    already_first_transferred=first_transferred,
+                )  # fmt: skip
+            else:
+                check_voluntary_cancellation(blocks=taken, holdings=held)
+            for tail in remainders:
+                tx.block_split(tail)
+            tx.account_ensure(account, kind, now_us)
+            tx.blocks_move(taken, account=account)
+            if (
+                action_type is ActionType.USE_OIMP
+                and not received
+                and FirstTransferTrigger.USE_OR_CANCELLATION
+                in first_transfer_triggers(authorisation)
+                and self._ca_point(authorisation) != "issuance"
+            ):
+                # The host uses its own OIMP units: that use is their first transfer.
+                self._book_first_transfer(
+                    tx, taken, reference=f"use:{authorisation_id}:{now_us}",
+                    subtype=ActionSubtype.USE_OR_CANCELLATION, now_us=now_us,
+                )  # fmt: skip
+            elif (
+                action_type is ActionType.USE_OIMP
+                and received
+                and self._ca_point(authorisation) == "use"
+            ):
+                # Units of another host whose first transfer is this use: the host
+                # books its adjustment when it records the notice.
+                self._require_partner(host_party)
+                notice = FirstTransferNotice(
+                    notice_id=f"{self.party}-U-{tx.next_counter('use-notice'):06d}",
+                    blocks=[block_to_pb(b) for b in taken], oimp_purpose=oimp_purpose,
+                )  # fmt: skip
+                self._send(tx, host_party, notice, notice.notice_id, now_us)
+            for block in taken:
+                tx.action_put(
+                    action_type=action_type.value, block=block, at=now_us,
+                    using_party=self.party, oimp_purpose=oimp_purpose,
+                    use_year=use_year or None,
+                )  # fmt: skip
+        log.info("%s: %d tCO2e of %s moved to %s", action, quantity, authorisation_id, account)
+        return account, taken
+
+    def snapshot_holdings(self, year: int, now: dt.datetime) -> tuple[bool, int, int]:
+        """Freeze the holdings of 31 December ``year``: (taken now, taken at, blocks)."""
+        with self.store.transaction() as tx:
+            taken_now = tx.snapshot_take(year, to_us(now))
+            snapshot = tx.snapshot(year)
+        assert snapshot is not None
+        return taken_now, snapshot[0], len(snapshot[1])
+
+    def record_admin_action(
+        self, *, operator: str, method: str, request: str, outcome: str, now: dt.datetime
+    ) -> None:
+        with self.store.transaction() as tx:
+            tx.admin_audit_put(
+                operator=operator, method=method, request=request, outcome=outcome,
+                now=to_us(now),
+            )  # fmt: skip
+
+    # -- time-outs and the outbox ------------------------------------------------------
+
+    def expire_transfers(self, now: dt.datetime) -> list[str]:
+        """Void our proposals left unanswered past their time-out (the sender decides)."""
+        now_us = to_us(now)
+        voided: list[str] = []
+        with self.store.transaction() as tx:
+            for record in tx.transfers_expired(now_us):
+                transition = step(Role.SENDER, record.state, Event.TIMED_OUT)
+                self._apply(
+                    tx, transition.effects, record.transfer_id, record.partner, [], 0, now_us
+                )
+                tx.transfer_set_state(
+                    record.transfer_id,
+                    transition.state,
+                    now=now_us,
+                    rejection_detail="no acceptance before the time-out",
+                )
+                tx.outbox_cancel(
+                    payload_type=type_name(TransferProposal), subject_id=record.transfer_id
+                )
+                if Effect.SEND_VOID in transition.effects:
+                    void = TransferVoid(
+                        transfer_id=record.transfer_id, reason="no acceptance before the time-out"
+                    )
+                    self._send(tx, record.partner, void, record.transfer_id, now_us)
+                voided.append(record.transfer_id)
+                log.warning(
+                    "transfer %s to %s voided: time-out", record.transfer_id, record.partner
+                )
+        return voided
+
+    def query_pending_transfers(self, now: dt.datetime) -> list[str]:
+        """Ask the sender about transfers accepted here that outlived their time-out.
+
+        The receiver never credits without a completion; when none has come, the
+        sender's answer tells whether one ever will (docs/PROTOCOL.md).
+        """
+        now_us = to_us(now)
+        asked: list[str] = []
+        with self.store.transaction() as tx:
+            for record in tx.transfers_awaiting_completion(now_us - STATUS_QUERY_GRACE_US):
+                last = tx.outbox_last_created(
+                    payload_type=type_name(TransferStatusQuery), subject_id=record.transfer_id
+                )
+                if last is not None and (
+                    last[0] == "pending" or last[1] > now_us - STATUS_QUERY_INTERVAL_US
+                ):
+                    continue
+                query = TransferStatusQuery(transfer_id=record.transfer_id)
+                self._send(tx, record.partner, query, record.transfer_id, now_us)
+                asked.append(record.transfer_id)
+        return asked
+
+    def due_messages(
+        self, now: dt.datetime, limit: int = 256, *, lease: dt.timedelta | None = None
+    ) -> list[tuple[str, str, bytes]]:
+        """(message id, partner, envelope) of outbox messages due for delivery.
+
+        With ``lease``, each message returned is claimed for that long: it is not
+        due again while its delivery is in flight.
+        """
+        now_us = to_us(now)
+        lease_until = None if lease is None else now_us + lease // dt.timedelta(microseconds=1)
+        with self.store.transaction() as tx:
+            due = tx.outbox_due(now_us, limit, lease_until=lease_until)
+        return [(m.message_id, m.partner, m.envelope) for m in due]
+
+    def next_due(self) -> int | None:
+        with self.store.transaction() as tx:
+            return tx.outbox_next_due()
+
+    def delivery_failed(self, message_id: str, error: str, now: dt.datetime) -> None:
+        with self.store.transaction() as tx:
+            message = tx.outbox_get(message_id)
+            if message is None or message.state != "pending":
+                return
+            delay = retry_delay_us(message.attempts)
+            tx.outbox_retry_later(message_id, next_attempt_at=to_us(now) + delay, error=error)
+
+    def authorise(
+        self,
+        *,
+        activity_id: str,
+        activity_name: str,
+        activity_description: str,
+        cooperative_approach_id: str,
+        acquiring_parties: Sequence[str],
+        purposes: Sequence[Purpose],
+        oimp_detail: str,
+        first_transfer_definition: FirstTransferDefinition,
+        vintage_from: int,
+        vintage_to: int,
+        quantity_cap: int,
+        unit_type: UnitType,
+        now: dt.datetime,
+        buyer_share_bp: int = 0,
+        voluntary_omge_bp: int = 0,
+    ) -> AuthorisationTerms:
+        """Record an authorisation and send it to each acquiring party.
+
+        ``buyer_share_bp`` and ``voluntary_omge_bp`` are the cooperative approach's
+        policy for issuances under it (basis points): a share of every issuance
+        first-transferred to the (single) acquiring party, and a voluntary
+        cancellation for overall mitigation.
+        """
+        if not 0 <= buyer_share_bp <= 10_000 or not 0 <= voluntary_omge_bp <= 10_000:
+            raise Rejected(RejectionCode.INVALID_FIELD, "shares are basis points, 0 to 10,000")
+        if buyer_share_bp and len(set(acquiring_parties)) != 1:
+            raise Rejected(
+                RejectionCode.INVALID_FIELD,
+                "a buyer's share of issuance needs exactly one acquiring party",
+            )
+        now_us = to_us(now)
+        for party in acquiring_parties:
+            self._require_partner(party)
+        with self.store.transaction() as tx:
+            authorisation_id = f"{self.party}-A-{tx.next_counter('authorisation'):04d}"
+            terms = AuthorisationTerms(
+                authorisation_id=authorisation_id,
+                version=1,
+                host_party=self.party,
+                activity_id=activity_id,
+                cooperative_approach_id=cooperative_approach_id,
+                acquiring_parties=frozenset(acquiring_parties),
+                purposes=frozenset(purposes),
+                vintage_from=vintage_from,
+                vintage_to=vintage_to,
+                quantity_cap=quantity_cap,
+                unit_type=unit_type,
+            )
+            check_authorisation(
+                Authorisation(
+                    terms, oimp_detail=oimp_detail,
+                    first_transfer_definition=first_transfer_definition,
+                )
+            )  # fmt: skip
+            tx.authorisation_put(
+                terms,
+                activity_name=activity_name,
+                activity_description=activity_description,
+                oimp_detail=oimp_detail,
+                first_transfer_definition=int(first_transfer_definition),
+                now=now_us,
+                buyer_share_bp=buyer_share_bp,
+                voluntary_omge_bp=voluntary_omge_bp,
+            )
+            self._send_statement(
+                tx, terms, activity_name=activity_name, activity_description=activity_description,
+                oimp_detail=oimp_detail, first_transfer_definition=first_transfer_definition,
+                revoked=False, now_us=now_us,
+            )  # fmt: skip
+        log.info(
+            "authorisation %s recorded and sent to %s",
+            authorisation_id,
+            ", ".join(sorted(acquiring_parties)),
+        )
+        return terms
+
+    @staticmethod
+    def _require_delivered(tx: Tx, current: Authorisation) -> None:
+        """Versions go out one at a time: a partner records them only in order."""
+        terms = current.terms
+        states = tx.authorisation_party_states(
+            terms.host_party, terms.authorisation_id, terms.version
+        )
+        waiting = sorted(p for p, state in states.items() if state == "pending")
+        if waiting:
+            raise Rejected(
+                RejectionCode.AUTHORISATION_NOT_ACKNOWLEDGED,
+                f"version {terms.version} of {terms.authorisation_id} is not yet answered by "
+                f"{', '.join(waiting)}: change it once they have",
+            )
+
+    def amend_authorisation(
+        self, authorisation_id: str, changes: dict[str, Any], now: dt.datetime
+    ) -> AuthorisationTerms:
+        """Record the next version of one of our authorisations and send it."""
+        now_us = to_us(now)
+        for party in changes.get("acquiring_parties", ()):
+            self._require_partner(party)
+        with self.store.transaction() as tx:
+            current = self._authorisation(tx, self.party, authorisation_id)
+            self._require_delivered(tx, current)
+            details = tx.authorisation_details(self.party, authorisation_id)
+            if (
+                details["buyer_share_bp"]
+                and len(changes.get("acquiring_parties", current.terms.acquiring_parties)) != 1
+            ):
+                raise Rejected(
+                    RejectionCode.INVALID_FIELD,
+                    "a buyer's share of issuance needs exactly one acquiring party",
+                )
+            term_changes = {
+                k: v for k, v in changes.items()
+                if k not in ("oimp_detail", "first_transfer_definition")
+            }  # fmt: skip
+            proposed = replace(
+                current,
+                terms=replace(current.terms, version=current.terms.version + 1, **term_changes),
+                oimp_detail=changes.get("oimp_detail", current.oimp_detail),
+                first_transfer_definition=changes.get(
+                    "first_transfer_definition", current.first_transfer_definition
+                ),
+            )
+            check_amendment(
+                current, proposed,
+                issued_by_vintage=tx.issued_by_vintage(self.party, authorisation_id),
+                received_by=tx.parties_that_received(authorisation_id),
+            )  # fmt: skip
+            tx.authorisation_put(
+                proposed.terms, activity_name=details["activity_name"],
+                activity_description=details["activity_description"],
+                oimp_detail=proposed.oimp_detail,
+                first_transfer_definition=int(proposed.first_transfer_definition),
+                buyer_share_bp=details["buyer_share_bp"],
+                voluntary_omge_bp=details["voluntary_omge_bp"], now=now_us,
+            )  # fmt: skip
+            self._send_statement(
+                tx, proposed.terms, activity_name=details["activity_name"],
+                activity_description=details["activity_description"],
+                oimp_detail=proposed.oimp_detail,
+                first_transfer_definition=proposed.first_transfer_definition,
+                revoked=False, now_us=now_us,
+            )  # fmt: skip
+        return proposed.terms
+
+    def revoke_authorisation(self, authorisation_id: str, now: dt.datetime) -> Revocation:
+        """Revoke what may still be revoked of one of our authorisations.
+
+        Units already first-transferred (or transferred to the Adaptation Fund or
+        cancelled at issuance) keep their authorisation; units still held here
+        move to the 'revoked' account; the unissued rest of the cap lapses.
+        """
+        now_us = to_us(now)
+        with self.store.transaction() as tx:
+            current = self._authorisation(tx, self.party, authorisation_id)
+            self._require_delivered(tx, current)
+            here = tx.blocks_of_authorisation(authorisation_id)
+            if any(h.status != "held" for h in here):
+                raise Rejected(
+                    RejectionCode.TRANSFER_STATE_CONFLICT,
+                    f"units of {authorisation_id} are in a pending transfer or frozen: "
+                    "revoke once it has ended",
+                )
+            at_use = self._ca_point(current) == "use"
+            units = [
+                UnitStatus(h.block, first_transferred=h.account != HOLDING_ACCOUNT) for h in here
+            ] + [
+                # Units that left for another registry are first transferred, unless
+                # their first transfer is their (not yet reported) use.
+                UnitStatus(
+                    block,
+                    first_transferred=not at_use or tx.serials_first_transferred(block),
+                )
+                for block in tx.transferred_blocks_of_authorisation(authorisation_id)
+            ]
+            revocation = revoke(current, units)
+            tx.account_ensure("revoked", "revoked", now_us)
+            tx.blocks_move(revocation.revoked, account="revoked")
+            details = tx.authorisation_details(self.party, authorisation_id)
+            tx.authorisation_put(
+                revocation.authorisation.terms, activity_name=details["activity_name"],
+                activity_description=details["activity_description"],
+                oimp_detail=current.oimp_detail,
+                first_transfer_definition=int(current.first_transfer_definition),
+                buyer_share_bp=details["buyer_share_bp"],
+                voluntary_omge_bp=details["voluntary_omge_bp"], revoked=True, now=now_us,
+            )  # fmt: skip
+            self._send_statement(
+                tx, revocation.authorisation.terms, activity_name=details["activity_name"],
+                activity_description=details["activity_description"],
+                oimp_detail=current.oimp_detail,
+                first_transfer_definition=current.first_transfer_definition,
+                revoked=True, now_us=now_us,
+            )  # fmt: skip
+        log.warning(
+            "authorisation %s revoked: %d tCO2e revoked, %d refused (already first-transferred)",
+            authorisation_id, revocation.revoked_quantity,
+            sum(b.quantity for b, _ in revocation.refused),
+        )  # fmt: skip
+        return revocation
+
+    def issue(
+        self, *, authorisation_id: str, vintage: int, quantity: int, now: dt.datetime
+    ) -> tuple[str, list[Block]]:
+        """Issue units into the holding account and notify the acquiring parties."""
+        now_us = to_us(now)
+        with self.store.transaction() as tx:
+            terms = tx.authorisation_get(self.party, authorisation_id)
+            if terms is None:
+                raise Rejected(
+                    RejectionCode.UNKNOWN_AUTHORISATION,
+                    f"{authorisation_id!r} is not an authorisation of {self.party}",
+                )
+            if tx.authorisation_details(self.party, authorisation_id).get("revoked"):
+                raise Rejected(
+                    RejectionCode.AUTHORISATION_REVOKED,
+                    f"authorisation {authorisation_id} is revoked: nothing more is issued under it",
+                )
+            rules.check_issuance(
+                terms,
+                vintage=vintage,
+                quantity=quantity,
+                issued=tx.issued_total(self.party, authorisation_id),
+            )
+            start = tx.next_counter(f"serial:{self.registry}", quantity)
+            block = Block(
+                originating_registry=self.registry,
+                serial_start=start,
+                serial_end=start + quantity - 1,
+                unit_type=terms.unit_type,
+                vintage=vintage,
+                activity_id=terms.activity_id,
+                authorisation_id=authorisation_id,
+                cooperative_approach_id=terms.cooperative_approach_id,
+                first_transferring_party=self.party,
+            )
+            rules.check_not_held([block], tx.blocks_overlapping(block))
+            issuance_id = f"{self.party}-I-{tx.next_counter('issuance'):06d}"
+            details = tx.authorisation_details(self.party, authorisation_id)
+            policy = IssuancePolicy(details["buyer_share_bp"], details["voluntary_omge_bp"])
+            split = split_issuance(terms.unit_type, quantity, policy)
+            buyer_share: list[Block] = []
+            for destination, part in allocate_block(block, split):
+                account, kind, action = ISSUANCE_DESTINATIONS[destination]
+                tx.account_ensure(account, kind, now_us)
+                tx.blocks_insert([part], account=account)
+                if action is not None:
+                    action_type, subtype = action
+                    tx.action_put(
+                        action_type=action_type.value, subtype=subtype.value, block=part, at=now_us
+                    )
+                if destination is Destination.BUYER_SHARE:
+                    buyer_share.append(part)
+            authorisation = self._authorisation(tx, self.party, authorisation_id)
+            if self._ca_point(authorisation) == "issuance":
+                # OIMP units first transferred at issuance: the host adds them now
+                # (the Adaptation Fund's share included; units cancelled for OMGE not).
+                counted = [
+                    part for destination, part in allocate_block(block, split)
+                    if destination not in (
+                        Destination.OMGE_CANCELLATION, Destination.VOLUNTARY_OMGE_CANCELLATION
+                    )
+                ]  # fmt: skip
+                self._check_threshold(tx, terms, vintage, total(counted))
+                self._book_first_transfer(
+                    tx, counted, reference=issuance_id, subtype=ActionSubtype.ISSUANCE,
+                    now_us=now_us,
+                )  # fmt: skip
+            tx.issuance_put(
+                host_party=self.party,
+                issuance_id=issuance_id,
+                authorisation_id=authorisation_id,
+                vintage=vintage,
+                blocks=[block],
+                now=now_us,
+            )
+            for party in sorted(terms.acquiring_parties):
+                notice = IssuanceNotice(
+                    issuance_id=issuance_id,
+                    authorisation_id=authorisation_id,
+                    blocks=[block_to_pb(block)],
+                    quantity=quantity,
+                )
+                self._send(tx, party, notice, issuance_id, now_us)
+            if buyer_share:
+                # The buyer's share under the cooperative approach leaves at once, as a
+                # first transfer in this same transaction (JCM-style sharing of issuance).
+                (buyer,) = terms.acquiring_parties
+                states = tx.authorisation_party_states(self.party, authorisation_id, terms.version)
+                rules.check_transfer_request(
+                    terms, to_party=buyer, vintage=vintage,
+                    acknowledged=states.get(buyer) == "acknowledged",
+                )  # fmt: skip
+                self._check_booking(tx, Role.SENDER, buyer_share)
+                if self._ca_point(authorisation) == "transfer":
+                    self._check_threshold(tx, terms, vintage, total(buyer_share))
+                self._propose(
+                    tx, terms, to_party=buyer, blocks=buyer_share, now_us=now_us,
+                    expires_us=now_us + self.default_timeout // dt.timedelta(microseconds=1),
+                )  # fmt: skip
+        log.info(
+            "issued %d tCO2e of vintage %d as %s (%s)",
+            quantity,
+            vintage,
+            issuance_id,
+            block.label(),
+        )
+        return issuance_id, [block]
+
+    def start_transfer(
+        self,
+        *,
+        to_party: str,
+        authorisation_id: str,
+        vintage: int,
+        quantity: int,
+        now: dt.datetime,
+        timeout: dt.timedelta | None = None,
+        host_party: str = "",
+    ) -> str:
+        """Reserve units and persist a proposal to ``to_party``; returns the transfer id.
+
+        With ``host_party`` another party's, this is an onward transfer of units
+        acquired from that host: the proposal carries the host's signed statement.
+        """
+        now_us = to_us(now)
+        self._require_partner(to_party)
+        expires_us = now_us + (timeout or self.default_timeout) // dt.timedelta(microseconds=1)
+        host = host_party or self.party
+        evidence = b""
+        with self.store.transaction() as tx:
+            terms = tx.authorisation_get(host, authorisation_id)
+            if terms is None:
+                raise Rejected(
+                    RejectionCode.UNKNOWN_AUTHORISATION,
+                    f"no authorisation {authorisation_id!r} of {host} is recorded here",
+                )
+            if host == self.party:
+                if tx.authorisation_details(self.party, authorisation_id).get("revoked"):
+                    raise Rejected(
+                        RejectionCode.AUTHORISATION_REVOKED,
+                        f"authorisation {authorisation_id} is revoked",
+                    )
+                states = tx.authorisation_party_states(host, authorisation_id, terms.version)
+                acknowledged = states.get(to_party) == "acknowledged"
+            else:
+                # Units acquired from their host, already first-transferred: the
+                # receiver checks the host's statement itself.
+                evidence = tx.authorisation_evidence(host, authorisation_id) or b""
+                acknowledged = True
+            rules.check_transfer_request(
+                terms, to_party=to_party, vintage=vintage, acknowledged=acknowledged
+            )
+            held = tx.blocks_held(
+                account=HOLDING_ACCOUNT, authorisation_id=authorisation_id, vintage=vintage
+            )
+            taken, remainders = take(held, quantity)
+            self._check_booking(tx, Role.SENDER, taken)
+            if all(b.first_transferring_party == self.party for b in taken) and (
+                self._ca_point(self._authorisation(tx, host, authorisation_id)) == "transfer"
+            ):
+                self._check_threshold(tx, terms, vintage, quantity)
+            for tail in remainders:
+                tx.block_split(tail)
+            transfer_id = self._propose(
+                tx, terms, to_party=to_party, blocks=taken, now_us=now_us, expires_us=expires_us,
+                evidence=evidence,
+            )  # fmt: skip
+        return transfer_id

@@ -1,0 +1,777 @@
+"""Requests from partners: verified before parsed, applied at most once, answered.
+
+Every request is handled in one database transaction that journals it, applies
+it (or records why not) and stores the signed reply in the inbox.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import replace
+from typing import ClassVar
+
+from google.protobuf.message import DecodeError, Message
+
+from itmolink import PROTOCOL_VERSION
+from itmolink.core import rules
+from itmolink.core.actions import (
+    ActionType,
+)
+from itmolink.core.aef import ActionSubtype
+from itmolink.core.authorisation import (
+    Authorisation,
+    check_amendment,
+    check_authorisation,
+)
+from itmolink.core.blocks import total, validate_block
+from itmolink.core.codes import Rejected, RejectionCode
+from itmolink.core.rules import AuthorisationTerms
+from itmolink.core.transfer import Event, Role, TransferState, step
+from itmolink.core.units import FirstTransferDefinition
+from itmolink.crypto.envelope import open_envelope, pae
+from itmolink.crypto.keys import VerifyingKey
+from itmolink.node.base import (
+    MAX_LEAVES,
+    REQUEST_TYPES,
+    VIEWS,
+    AuthorisationAcknowledgement,
+    AuthorisationStatement,
+    EngineBase,
+    FirstTransferNotice,
+    FirstTransferNoticeAcknowledgement,
+    IssuanceAcknowledgement,
+    IssuanceNotice,
+    KeyRotation,
+    KeyRotationAcknowledgement,
+    ReconciliationAnswer,
+    ReconciliationQuery,
+    TransferAcceptance,
+    TransferCompletion,
+    TransferCompletionReceipt,
+    TransferProposal,
+    TransferStatusQuery,
+    TransferStatusReport,
+    TransferVoid,
+    TransferVoidReceipt,
+    _check_owned_id,
+    _check_transfer_id,
+    _enum_or,
+    _owned_by,
+    _subject_of,
+    check_reconciliation_query,
+    digest,
+    log,
+    type_name,
+)
+from itmolink.node.convert import (
+    block_from_pb,
+    describe_us,
+    from_us,
+    terms_from_statement,
+    timestamp_us,
+    to_us,
+)
+from itmolink.node.validation import validate
+from itmolink.store.tx import Tx
+from itmolink.v1 import (
+    common_pb2,
+    reconcile_pb2,
+    transfer_pb2,
+)
+
+
+class Requests(EngineBase):
+    """The receiver's side of the protocol."""
+
+    # -- requests from partners ------------------------------------------------------
+
+    def handle_delivery(self, peer_party: str, raw: bytes, now: dt.datetime) -> bytes:
+        """Apply one request delivered by ``peer_party`` (the mTLS-authenticated
+        partner) and return the signed reply envelope."""
+        now_us = to_us(now)
+        message_id = ""
+        subject_id = ""
+        try:
+            if len(raw) > self.limits.max_message_bytes:
+                raise Rejected(
+                    RejectionCode.MESSAGE_TOO_LARGE,
+                    f"envelope of {len(raw)} bytes; at most {self.limits.max_message_bytes}",
+                )
+            verified = open_envelope(raw, self.trust, now)
+            if verified.signer_party != peer_party:
+                raise Rejected(
+                    RejectionCode.SIGNER_NOT_PEER,
+                    f"envelope signed by {verified.signer_party} but delivered by {peer_party}",
+                )
+            cls = REQUEST_TYPES.get(verified.payload_type)
+            if cls is None:
+                raise Rejected(
+                    RejectionCode.UNKNOWN_PAYLOAD_TYPE,
+                    f"{verified.payload_type!r} is not a request this node accepts",
+                )
+            msg = cls()
+            try:
+                msg.ParseFromString(verified.payload)
+            except DecodeError as exc:
+                raise Rejected(RejectionCode.MALFORMED_PAYLOAD, f"payload: {exc}") from None
+            header: common_pb2.Header = msg.header  # type: ignore[attr-defined]
+            validate(msg, max_blocks=self.limits.max_blocks)
+            # Echoed in a rejection's in_reply_to only once known to be well formed.
+            message_id = header.message_id
+            subject_id = _subject_of(msg)
+            self._check_header(header, sender=verified.signer_party, now_us=now_us)
+        except Rejected as rejected:
+            log.warning("refused a message from %s without recording it: %s", peer_party, rejected)
+            _, envelope = self._reply(
+                None, peer_party, self._rejection(subject_id, rejected, raw), message_id, now_us
+            )
+            return envelope
+
+        sender = verified.signer_party
+        payload_digest = digest(pae(verified.payload_type, verified.payload))
+        with self._transaction() as tx:
+            seen = tx.inbox_get(sender, message_id)
+            if seen is not None:
+                if seen.payload_digest == payload_digest:
+                    return seen.reply
+                log.error(
+                    "ALARM: %s reused message id %s with different content", sender, message_id
+                )
+                _, envelope = self._reply(
+                    None,
+                    sender,
+                    self._rejection(
+                        subject_id,
+                        Rejected(
+                            RejectionCode.DUPLICATE_MESSAGE_CONFLICT,
+                            f"message id {message_id} was already received with other content",
+                        ),
+                        raw,
+                    ),
+                    message_id,
+                    now_us,
+                )
+                return envelope
+            try:
+                self._check_window(header, now_us)
+            except Rejected as rejected:
+                _, envelope = self._reply(
+                    None, sender, self._rejection(subject_id, rejected, raw), message_id, now_us
+                )
+                return envelope
+            owner = tx.inbox_sequence_owner(sender, header.sequence)
+            if owner is not None:
+                _, envelope = self._reply(
+                    None,
+                    sender,
+                    self._rejection(
+                        subject_id,
+                        Rejected(
+                            RejectionCode.SEQUENCE_REUSED,
+                            f"sequence {header.sequence} already used by message {owner}",
+                        ),
+                        raw,
+                    ),
+                    message_id,
+                    now_us,
+                )
+                return envelope
+            if tx.journal_has("in", sender, message_id):  # an id of one of its replies
+                _, envelope = self._reply(
+                    None, sender,
+                    self._rejection(subject_id, Rejected(
+                        RejectionCode.DUPLICATE_MESSAGE_CONFLICT,
+                        f"message id {message_id} was already used by another message",
+                    ), raw),
+                    message_id, now_us,
+                )  # fmt: skip
+                return envelope
+            journal_id = tx.journal(
+                direction="in",
+                partner=sender,
+                message_id=message_id,
+                payload_type=verified.payload_type,
+                envelope=raw,
+                now=now_us,
+            )
+            handler = self._request_handlers[verified.payload_type]
+            try:
+                with tx.savepoint():
+                    envelope = handler(self, tx, sender, msg, verified.payload, journal_id, now_us)
+            except Rejected as rejected:
+                log.info("rejected %s %s from %s: %s", cls.__name__, subject_id, sender, rejected)
+                self._record_rejected_request(tx, sender, msg, verified.payload, rejected, now_us)
+                _, envelope = self._reply(
+                    tx, sender, self._rejection(subject_id, rejected, raw), message_id, now_us
+                )
+            tx.inbox_put(
+                partner=sender,
+                message_id=message_id,
+                payload_digest=payload_digest,
+                sequence=header.sequence,
+                reply=envelope,
+                journal_id=journal_id,
+            )
+            return envelope
+
+    def _check_header(self, header: common_pb2.Header, *, sender: str, now_us: int) -> None:
+        if header.protocol_version != PROTOCOL_VERSION:
+            raise Rejected(
+                RejectionCode.UNSUPPORTED_VERSION,
+                f"protocol_version {header.protocol_version}; this node speaks {PROTOCOL_VERSION}",
+            )
+        if not header.message_id:
+            raise Rejected(RejectionCode.MISSING_FIELD, "header has no message_id")
+        if header.sender_party != sender:
+            raise Rejected(
+                RejectionCode.SENDER_MISMATCH,
+                f"header names sender {header.sender_party!r} but the signature is {sender}'s",
+            )
+        if header.audience != self.party:
+            raise Rejected(
+                RejectionCode.WRONG_AUDIENCE,
+                f"message is addressed to {header.audience!r}, this node is {self.party}",
+            )
+        if header.sequence < 1:
+            raise Rejected(RejectionCode.MISSING_FIELD, "header sequence must be at least 1")
+        if not header.HasField("sent_at"):
+            raise Rejected(RejectionCode.MISSING_FIELD, "header has no sent_at")
+
+    def _check_window(self, header: common_pb2.Header, now_us: int) -> None:
+        """A new request's sent_at must be near this node's clock. Checked after the
+        inbox lookup, so a recorded request retried later still gets its reply."""
+        sent_at = timestamp_us(header.sent_at)
+        skew = self.limits.max_clock_skew // dt.timedelta(microseconds=1)
+        oldest = now_us - self.limits.max_message_age // dt.timedelta(microseconds=1)
+        if sent_at > now_us + skew:
+            raise Rejected(
+                RejectionCode.SENT_AT_OUT_OF_WINDOW,
+                f"sent_at {describe_us(sent_at)} is ahead of this node's clock "
+                f"by more than {self.limits.max_clock_skew}",
+            )
+        if sent_at < oldest:
+            raise Rejected(
+                RejectionCode.SENT_AT_OUT_OF_WINDOW,
+                f"sent_at {describe_us(sent_at)} is older than {self.limits.max_message_age}",
+            )
+
+    def _record_rejected_request(
+        self, tx: Tx, sender: str, msg: Message, payload: bytes, rejected: Rejected, now_us: int
+    ) -> None:
+        """Keep a visible record of a rejected transfer proposal (and block reuse of its id)."""
+        if not isinstance(msg, TransferProposal) or not _owned_by(msg.transfer_id, sender):
+            return
+        if tx.transfer_get(msg.transfer_id) is not None:
+            return
+        tx.transfer_put(
+            transfer_id=msg.transfer_id,
+            direction=Role.RECEIVER,
+            partner=sender,
+            state=TransferState.REJECTED,
+            quantity=msg.quantity,
+            authorisation_id=msg.authorisation_id,
+            first_transfer=msg.first_transfer,
+            proposal_message_id=msg.header.message_id,
+            proposal_digest=digest(payload),
+            expires_at=0,
+            rejection_code=int(rejected.code),
+            rejection_detail=rejected.detail,
+            proposed_at=timestamp_us(msg.header.sent_at),
+            now=now_us,
+        )
+
+    def _on_authorisation(
+        self,
+        tx: Tx,
+        sender: str,
+        msg: AuthorisationStatement,
+        payload: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> bytes:
+        terms = self._check_statement(msg, sender)
+        existing = tx.authorisation_get(sender, terms.authorisation_id)
+        if existing is not None and existing.version >= terms.version:
+            if existing != terms:
+                raise Rejected(
+                    RejectionCode.AUTHORISATION_CONFLICT,
+                    f"authorisation {terms.authorisation_id} version {existing.version} is "
+                    f"already recorded with other terms",
+                )
+        else:
+            if existing is not None:
+                self._check_new_version(tx, sender, msg, terms)
+            tx.authorisation_put(
+                terms,
+                activity_name=msg.activity.name,
+                activity_description=msg.activity.description,
+                oimp_detail=msg.oimp_detail,
+                first_transfer_definition=msg.first_transfer_definition,
+                revoked=msg.revoked,
+                statement_journal_id=journal_id,
+                now=now_us,
+            )
+            tx.authorisation_party_put(terms, self.party, "acknowledged", journal_id)
+        ack = AuthorisationAcknowledgement(
+            authorisation_id=terms.authorisation_id,
+            version=terms.version,
+            acquiring_party_reference=f"{self.registry}/{terms.authorisation_id}/v{terms.version}",
+        )
+        return self._reply(tx, sender, ack, msg.header.message_id, now_us)[1]
+
+    def _learn_authorisation(self, tx: Tx, host: str, msg: TransferProposal, now_us: int) -> None:
+        """Record the host's authorisation from the evidence an onward transfer carries.
+
+        The evidence is the host's own signed statement: verified against the
+        host's pinned key, it must name this party as an acquiring party.
+        """
+        if tx.authorisation_get(host, msg.authorisation_id) is not None:
+            return
+        if not msg.authorisation_evidence:
+            raise Rejected(
+                RejectionCode.UNKNOWN_AUTHORISATION,
+                f"authorisation {msg.authorisation_id} of {host} is unknown here and the "
+                "proposal carries no evidence of it",
+            )
+        # Checked without the key's validity window: the statement may well have been
+        # signed with a key the host has since rotated out. A revoked key still fails.
+        verified = open_envelope(msg.authorisation_evidence, self.trust)
+        if verified.signer_party != host or verified.payload_type != type_name(
+            AuthorisationStatement
+        ):
+            raise Rejected(
+                RejectionCode.UNKNOWN_AUTHORISATION,
+                f"the evidence is not {host}'s signed authorisation statement",
+            )
+        statement = AuthorisationStatement()
+        try:
+            statement.ParseFromString(verified.payload)
+        except DecodeError:
+            raise Rejected(RejectionCode.MALFORMED_PAYLOAD, "authorisation evidence") from None
+        validate(statement, max_blocks=self.limits.max_blocks)
+        if statement.authorisation_id != msg.authorisation_id or statement.revoked:
+            raise Rejected(
+                RejectionCode.UNKNOWN_AUTHORISATION,
+                f"the evidence is not a valid statement of {msg.authorisation_id}",
+            )
+        terms = self._check_statement(statement, host)
+        journal_id = tx.journal(
+            direction="in", partner=host, message_id=statement.header.message_id,
+            payload_type=verified.payload_type, envelope=msg.authorisation_evidence, now=now_us,
+        ) if not tx.journal_has("in", host, statement.header.message_id) else None  # fmt: skip
+        tx.authorisation_put(
+            terms, activity_name=statement.activity.name,
+            activity_description=statement.activity.description,
+            oimp_detail=statement.oimp_detail,
+            first_transfer_definition=statement.first_transfer_definition,
+            statement_journal_id=journal_id, now=now_us,
+        )  # fmt: skip
+        tx.authorisation_party_put(terms, self.party, "acknowledged", journal_id)
+
+    def _check_statement(self, statement: AuthorisationStatement, host: str) -> AuthorisationTerms:
+        """The acquiring party's checks on a host's statement, received directly or
+        as an onward transfer's evidence."""
+        terms = terms_from_statement(statement)
+        _check_owned_id(terms.authorisation_id, host, "authorisation id")
+        rules.check_received_authorisation(terms, me=self.party, sender=host)
+        check_authorisation(
+            Authorisation(
+                terms, oimp_detail=statement.oimp_detail,
+                first_transfer_definition=_enum_or(
+                    FirstTransferDefinition, statement.first_transfer_definition
+                ),
+            )
+        )  # fmt: skip
+        return terms
+
+    def _check_new_version(
+        self, tx: Tx, sender: str, msg: AuthorisationStatement, terms: AuthorisationTerms
+    ) -> None:
+        """An amendment or a revocation of an authorisation already recorded here."""
+        current = self._authorisation(tx, sender, terms.authorisation_id)
+        proposed = Authorisation(
+            terms, oimp_detail=msg.oimp_detail,
+            first_transfer_definition=_enum_or(
+                FirstTransferDefinition, msg.first_transfer_definition
+            ),
+        )  # fmt: skip
+        if msg.revoked:
+            if current.revoked:
+                raise Rejected(
+                    RejectionCode.AUTHORISATION_REVOKED,
+                    f"authorisation {terms.authorisation_id} is already revoked",
+                )
+            same = replace(current.terms, version=terms.version) == terms
+            if terms.version != current.terms.version + 1 or not same:
+                raise Rejected(
+                    RejectionCode.AMENDMENT_NOT_ALLOWED,
+                    f"a revocation of {terms.authorisation_id} must be the next version "
+                    "with the same terms",
+                )
+            return
+        check_amendment(
+            current, proposed,
+            issued_by_vintage=tx.issued_by_vintage(sender, terms.authorisation_id),
+            received_by={self.party} if tx.has_received(terms.authorisation_id) else set(),
+        )  # fmt: skip
+
+    def _on_issuance(
+        self, tx: Tx, sender: str, msg: IssuanceNotice, payload: bytes, journal_id: int, now_us: int
+    ) -> bytes:
+        blocks = [block_from_pb(b) for b in msg.blocks]
+        if not msg.issuance_id:
+            raise Rejected(RejectionCode.MISSING_FIELD, "issuance notice has no issuance_id")
+        self._check_origin(sender, blocks)
+        # An issuance notice carries blocks under an authorisation exactly as a
+        # proposal does, so the same content checks apply.
+        rules.check_transfer_proposal(
+            tx.authorisation_get(sender, msg.authorisation_id),
+            authorisation_id=msg.authorisation_id,
+            me=self.party,
+            quantity=msg.quantity,
+            blocks=blocks,
+        )
+        if not tx.issuance_exists(sender, msg.issuance_id):
+            tx.issuance_put(
+                host_party=sender,
+                issuance_id=msg.issuance_id,
+                authorisation_id=msg.authorisation_id,
+                vintage=blocks[0].vintage,
+                blocks=blocks,
+                now=now_us,
+            )
+        ack = IssuanceAcknowledgement(issuance_id=msg.issuance_id)
+        return self._reply(tx, sender, ack, msg.header.message_id, now_us)[1]
+
+    def _on_proposal(
+        self,
+        tx: Tx,
+        sender: str,
+        msg: TransferProposal,
+        payload: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> bytes:
+        _check_transfer_id(msg.transfer_id, sender)
+        if not msg.HasField("expires_at"):
+            raise Rejected(RejectionCode.MISSING_FIELD, "proposal has no expires_at")
+        skew = self.limits.max_clock_skew // dt.timedelta(microseconds=1)
+        if timestamp_us(msg.expires_at) + skew < now_us:
+            raise Rejected(
+                RejectionCode.PROPOSAL_EXPIRED,
+                f"proposal {msg.transfer_id} expired at "
+                f"{describe_us(timestamp_us(msg.expires_at))}",
+            )
+        if tx.transfer_get(msg.transfer_id) is not None:
+            raise Rejected(
+                RejectionCode.TRANSFER_STATE_CONFLICT,
+                f"transfer id {msg.transfer_id} is already used by another transfer",
+            )
+        blocks = [block_from_pb(b) for b in msg.blocks]
+        host = blocks[0].first_transferring_party if blocks else sender
+        if host != sender:
+            # An onward transfer: the units were first transferred by their host.
+            self._learn_authorisation(tx, host, msg, now_us)
+        elif tx.authorisation_details(sender, msg.authorisation_id).get("revoked"):
+            raise Rejected(
+                RejectionCode.AUTHORISATION_REVOKED,
+                f"authorisation {msg.authorisation_id} is revoked",
+            )
+        rules.check_transfer_proposal(
+            tx.authorisation_get(host, msg.authorisation_id),
+            authorisation_id=msg.authorisation_id,
+            me=self.party,
+            quantity=msg.quantity,
+            blocks=blocks,
+        )
+        self._check_origin(host, blocks)
+        for block in blocks:
+            rules.check_not_held([block], tx.blocks_overlapping(block))
+        self._check_booking(tx, Role.RECEIVER, blocks)
+        acceptance = TransferAcceptance(
+            transfer_id=msg.transfer_id, proposal_digest=digest(payload)
+        )
+        acceptance_payload, envelope = self._reply(
+            tx, sender, acceptance, msg.header.message_id, now_us
+        )
+        tx.transfer_put(
+            transfer_id=msg.transfer_id,
+            direction=Role.RECEIVER,
+            partner=sender,
+            state=TransferState.ACCEPTED,
+            quantity=msg.quantity,
+            authorisation_id=msg.authorisation_id,
+            first_transfer=msg.first_transfer,
+            proposal_message_id=msg.header.message_id,
+            proposal_digest=acceptance.proposal_digest,
+            acceptance_digest=digest(acceptance_payload),
+            expires_at=timestamp_us(msg.expires_at),
+            blocks=blocks,
+            proposed_at=timestamp_us(msg.header.sent_at),
+            now=now_us,
+        )
+        return envelope
+
+    def _incoming_transfer(self, tx: Tx, sender: str, transfer_id: str) -> TransferState | None:
+        record = tx.transfer_get(transfer_id)
+        if record is None:
+            return None
+        if record.direction is not Role.RECEIVER or record.partner != sender:
+            raise Rejected(
+                RejectionCode.UNKNOWN_TRANSFER,
+                f"{sender} has no transfer {transfer_id} to this node",
+            )
+        return record.state
+
+    def _on_completion(
+        self,
+        tx: Tx,
+        sender: str,
+        msg: TransferCompletion,
+        payload: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> bytes:
+        state = self._incoming_transfer(tx, sender, msg.transfer_id)
+        record = tx.transfer_get(msg.transfer_id)
+        if state is None or record is None:
+            raise Rejected(RejectionCode.UNKNOWN_TRANSFER, f"no transfer {msg.transfer_id!r}")
+        if msg.acceptance_digest != record.acceptance_digest:
+            raise Rejected(
+                RejectionCode.DIGEST_MISMATCH,
+                f"completion of {msg.transfer_id} does not refer to this node's acceptance",
+            )
+        if state is TransferState.COMPLETED:
+            # A completion sent again (freshly sealed) after this node had applied the
+            # first: already posted, nothing more to do.
+            years = {year for year, _ in tx.adjustment_amounts(msg.transfer_id)}
+            receipt = TransferCompletionReceipt(
+                transfer_id=msg.transfer_id, adjustment_year=years.pop() if len(years) == 1 else 0
+            )
+            return self._reply(tx, sender, receipt, msg.header.message_id, now_us)[1]
+        transition = step(Role.RECEIVER, state, Event.COMPLETION_RECEIVED)
+        blocks = tx.blocks_of_transfer(msg.transfer_id)
+        year = self._apply(
+            tx, transition.effects, record.transfer_id, sender, blocks, journal_id, now_us
+        )
+        tx.transfer_set_state(msg.transfer_id, transition.state, now=now_us)
+        for block in blocks:
+            tx.action_put(
+                action_type=ActionType.ACQUISITION.value, block=block, at=now_us,
+                transferring_party=sender, transfer_id=msg.transfer_id,
+            )  # fmt: skip
+        log.info(
+            "transfer %s from %s completed: %d tCO2e credited",
+            msg.transfer_id,
+            sender,
+            total(blocks),
+        )
+        receipt = TransferCompletionReceipt(transfer_id=msg.transfer_id, adjustment_year=year)
+        return self._reply(tx, sender, receipt, msg.header.message_id, now_us)[1]
+
+    def _on_void(
+        self, tx: Tx, sender: str, msg: TransferVoid, payload: bytes, journal_id: int, now_us: int
+    ) -> bytes:
+        _check_transfer_id(msg.transfer_id, sender)
+        state = self._incoming_transfer(tx, sender, msg.transfer_id)
+        if state is None:
+            # The proposal has not arrived (or never will): remember the void so a
+            # late proposal with this id is refused.
+            tx.transfer_put(
+                transfer_id=msg.transfer_id,
+                direction=Role.RECEIVER,
+                partner=sender,
+                state=TransferState.VOIDED,
+                quantity=0,
+                authorisation_id="",
+                first_transfer=False,
+                proposal_message_id="",
+                proposal_digest=b"",
+                expires_at=0,
+                rejection_detail=msg.reason,
+                now=now_us,
+            )
+        else:
+            transition = step(Role.RECEIVER, state, Event.VOID_RECEIVED)
+            if transition.state is not state:  # a rejected transfer keeps its rejection
+                tx.transfer_set_state(
+                    msg.transfer_id, transition.state, now=now_us, rejection_detail=msg.reason
+                )
+        receipt = TransferVoidReceipt(transfer_id=msg.transfer_id)
+        return self._reply(tx, sender, receipt, msg.header.message_id, now_us)[1]
+
+    def _on_status_query(
+        self,
+        tx: Tx,
+        sender: str,
+        msg: TransferStatusQuery,
+        payload: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> bytes:
+        record = tx.transfer_get(msg.transfer_id)
+        state = (
+            record.state
+            if record is not None and record.partner == sender
+            else transfer_pb2.TRANSFER_STATE_UNKNOWN
+        )
+        if state == TransferState.COMPLETED and record is not None:
+            # The receiver still waits for our completion: make sure one is coming.
+            self._resend_completion(tx, msg.transfer_id, now_us)
+        report = TransferStatusReport(transfer_id=msg.transfer_id, state=int(state))  # type: ignore[arg-type]
+        return self._reply(tx, sender, report, msg.header.message_id, now_us)[1]
+
+    def _on_reconciliation_query(
+        self,
+        tx: Tx,
+        sender: str,
+        msg: ReconciliationQuery,
+        payload: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> bytes:
+        check_reconciliation_query(msg)
+        snapshot = timestamp_us(msg.snapshot_at)
+        answer = ReconciliationAnswer(reconciliation_id=msg.reconciliation_id)
+        if msg.view == reconcile_pb2.RECONCILIATION_VIEW_TOTALS:
+            for total in tx.reconcile_totals(sender, snapshot):
+                answer.totals.add(
+                    sender_party=total.sender, unit_type=total.unit_type,
+                    vintage=total.vintage, authorisation_id=total.authorisation_id,
+                    quantity=total.quantity, transfers=total.transfers,
+                )  # fmt: skip
+        else:
+            view = VIEWS[msg.view]
+            for prefix in dict.fromkeys(msg.prefixes):
+                for bucket in tx.reconcile_buckets(sender, snapshot, view, prefix):
+                    answer.buckets.add(
+                        prefix=bucket.prefix, count=bucket.count, h1=bucket.h1, h2=bucket.h2
+                    )
+            for prefix in dict.fromkeys(msg.leaf_prefixes):
+                leaves = tx.reconcile_leaves(sender, snapshot, view, prefix)
+                if len(answer.leaves) + len(leaves) > MAX_LEAVES:
+                    raise Rejected(
+                        RejectionCode.INVALID_FIELD,
+                        f"more than {MAX_LEAVES} leaves asked for: ask for narrower prefixes",
+                    )
+                for transfer_id, leaf in sorted(leaves.items()):
+                    answer.leaves.add(transfer_id=transfer_id, digest=leaf)
+        return self._reply(tx, sender, answer, msg.header.message_id, now_us)[1]
+
+    def _on_key_rotation(
+        self, tx: Tx, sender: str, msg: KeyRotation, payload: bytes, journal_id: int, now_us: int
+    ) -> bytes:
+        if not msg.rotation_id:
+            raise Rejected(RejectionCode.MISSING_FIELD, "key rotation has no rotation_id")
+        if msg.HasField("new_key"):
+            record = msg.new_key
+            try:
+                key = VerifyingKey.from_raw(
+                    sender, record.key_id, record.public_key,
+                    not_before=from_us(timestamp_us(record.not_before))
+                    if record.HasField("not_before") else None,
+                    not_after=from_us(timestamp_us(record.not_after))
+                    if record.HasField("not_after") else None,
+                )  # fmt: skip
+            except ValueError as exc:
+                raise Rejected(RejectionCode.INVALID_FIELD, str(exc)) from None
+            tx.partner_key_put(
+                key_id=key.key_id, party=sender, public_key=key.public_bytes,
+                not_before=timestamp_us(record.not_before) if key.not_before else None,
+                not_after=timestamp_us(record.not_after) if key.not_after else None,
+                now=now_us,
+            )  # fmt: skip
+        for key_id in msg.revoked_key_ids:
+            known = self.trust.get(key_id)
+            if known is None or known.party != sender:
+                raise Rejected(
+                    RejectionCode.INVALID_FIELD,
+                    f"{sender} can revoke only its own pinned keys, not {key_id!r}",
+                )
+            tx.revoked_key_put(key_id=key_id, party=sender, source=sender, now=now_us)
+        self._after_commit.append(self.reload_trust)
+        log.warning(
+            "%s rotated signing keys: new %s, revoked %s",
+            sender, msg.new_key.key_id or "none", ", ".join(msg.revoked_key_ids) or "none",
+        )  # fmt: skip
+        ack = KeyRotationAcknowledgement(rotation_id=msg.rotation_id)
+        return self._reply(tx, sender, ack, msg.header.message_id, now_us)[1]
+
+    def _on_first_transfer_notice(
+        self,
+        tx: Tx,
+        sender: str,
+        msg: FirstTransferNotice,
+        payload: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> bytes:
+        """A holder used or cancelled our OIMP units whose first transfer is that use."""
+        _check_owned_id(msg.notice_id, sender, "notice id")
+        blocks = [block_from_pb(b) for b in msg.blocks]
+        self._check_origin(self.party, blocks)
+        authorisation_ids = {b.authorisation_id for b in blocks}
+        if len(authorisation_ids) != 1:
+            raise Rejected(
+                RejectionCode.BLOCK_ATTRIBUTE_MISMATCH, "a notice covers one authorisation"
+            )
+        authorisation = self._authorisation(tx, self.party, authorisation_ids.pop())
+        if authorisation.revoked:
+            raise Rejected(
+                RejectionCode.AUTHORISATION_REVOKED,
+                f"authorisation {authorisation.authorisation_id} is revoked",
+            )
+        if self._ca_point(authorisation) != "use":
+            raise Rejected(
+                RejectionCode.PURPOSE_NOT_AUTHORISED,
+                f"units of {authorisation.authorisation_id} are not first transferred at use",
+            )
+        for block in blocks:
+            validate_block(block)
+            sent = tx.transferred_block_containing(block)
+            if sent is None:
+                raise Rejected(
+                    RejectionCode.UNKNOWN_TRANSFER,
+                    f"serials {block.label()} never left this registry",
+                )
+            if sent.attributes() != block.attributes():
+                raise Rejected(
+                    RejectionCode.BLOCK_ATTRIBUTE_MISMATCH,
+                    f"serials {block.label()} left this registry as {sent.attributes()}",
+                )
+            if tx.serials_first_transferred(block):
+                raise Rejected(
+                    RejectionCode.ALREADY_FIRST_TRANSFERRED,
+                    f"serials {block.label()} were first transferred already",
+                )
+        entries = [
+            replace(entry, partner=sender)
+            for entry in self._adjustment_entries(Role.SENDER, sender, "", blocks)
+        ]
+        tx.adjustments_put(
+            entries, evidence_journal_id=journal_id, now=now_us, reference=msg.notice_id
+        )
+        for block in blocks:
+            tx.action_put(
+                action_type=ActionType.FIRST_TRANSFER.value,
+                subtype=ActionSubtype.USE_OR_CANCELLATION.value, block=block, at=now_us,
+                using_party=sender, oimp_purpose=msg.oimp_purpose,
+            )  # fmt: skip
+        years = {entry.year for entry in entries}
+        ack = FirstTransferNoticeAcknowledgement(
+            notice_id=msg.notice_id, adjustment_year=years.pop() if len(years) == 1 else 0
+        )
+        return self._reply(tx, sender, ack, msg.header.message_id, now_us)[1]
+
+    _request_handlers: ClassVar[dict[str, Callable[..., bytes]]] = {
+        type_name(AuthorisationStatement): _on_authorisation,
+        type_name(IssuanceNotice): _on_issuance,
+        type_name(TransferProposal): _on_proposal,
+        type_name(TransferCompletion): _on_completion,
+        type_name(TransferVoid): _on_void,
+        type_name(TransferStatusQuery): _on_status_query,
+        type_name(ReconciliationQuery): _on_reconciliation_query,
+        type_name(KeyRotation): _on_key_rotation,
+        type_name(FirstTransferNotice): _on_first_transfer_notice,
+    }
