@@ -63,6 +63,16 @@ async def test_operator_authorises_issues_transfers_and_reads_both_ledgers(
     assert "net corresponding adjustment 2025: +60,000 tCO2e" in out
     code, out, _ = await cli(capsys, "show", "holdings", "--config", kor_cfg)
     assert "total held: 60,000 tCO2e in 1 block(s)" in out
+    # Each block is shown by its unique identifier, which reads back to the block.
+    from itmolink.core.identifier import parse_identifier
+
+    [row] = [line for line in out.splitlines() if line.startswith("ITMO:")]
+    identifier = parse_identifier(row.split()[0])
+    assert (identifier.cooperative_approach_id, identifier.originating_registry) == (
+        "LAO-KOR-A6.2", "LAO-NR"
+    )  # fmt: skip
+    assert (identifier.first_transferring_party, identifier.vintage) == ("LAO", 2025)
+    assert (identifier.serial_start, identifier.serial_end) == (1, 60_000)
 
 
 async def test_a_refused_request_exits_3_and_names_its_code(

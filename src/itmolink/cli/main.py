@@ -312,21 +312,20 @@ def cmd_show(args: argparse.Namespace) -> int:
         if args.json:
             _emit_json(response)
             return 0
+        from itmolink.core.identifier import format_identifier, identifier_of
+        from itmolink.node.convert import block_from_pb
+
         rows = [
             [
-                f"{h.block.originating_registry}:{h.block.serial_start}-{h.block.serial_end}",
+                format_identifier(identifier_of(block_from_pb(h.block))),
                 f"{h.block.serial_end - h.block.serial_start + 1:,}",
-                _unit_name(h.block.unit_type),
-                h.block.vintage,
                 h.block.authorisation_id,
                 h.account,
                 h.status + (f" ({h.transfer_id})" if h.transfer_id else ""),
             ]
             for h in response.blocks
         ]
-        print_table(
-            ["serials", "tCO2e", "unit", "vintage", "authorisation", "account", "status"], rows
-        )
+        print_table(["unit identifier", "tCO2e", "authorisation", "account", "status"], rows)
         held = sum(h.block.serial_end - h.block.serial_start + 1 for h in response.blocks)
         print(f"total held: {held:,} tCO2e in {len(response.blocks)} block(s)")
     elif args.what == "transfers":
