@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 FUZZ_SECONDS ?= 600
 FUZZ_CI_SECONDS ?= 20
 
-.PHONY: all venv proto check-proto lint typecheck test fuzz fuzz-ci demo sim clean
+.PHONY: all venv proto check-proto lint typecheck test fuzz fuzz-ci demo sim bench clean
 
 all: test
 
@@ -27,8 +27,8 @@ check-proto: $(STAMP)
 	PY=$(PY) scripts/gen_proto.sh --check
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests examples fuzz
-	$(VENV)/bin/ruff format --check src tests examples fuzz
+	$(VENV)/bin/ruff check src tests examples fuzz bench
+	$(VENV)/bin/ruff format --check src tests examples fuzz bench
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
@@ -51,6 +51,11 @@ fuzz: $(STAMP)
 SIM_SEEDS ?= 10000
 sim: $(STAMP)
 	$(PY) -m tests.sim --seeds $(SIM_SEEDS)
+
+# Benchmarks against the gRPC floor measured in the same run (not part of make test).
+BENCH_COUNT ?= 200
+bench: $(STAMP)
+	$(PY) bench/bench.py --count $(BENCH_COUNT)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
