@@ -1,0 +1,698 @@
+"""Play a scenario through real nodes and write its tables and charts.
+
+:func:`run_scenario` starts one :class:`~itmolink.node.runtime.Node` per party in this
+process (grpc.aio, mutual TLS on 127.0.0.1 port 0, key material from
+:func:`~itmolink.crypto.pki.init_party`, a ``node.toml`` with ``[accounting]``), links
+the partners, then plays the schedule year by year: authorisations first (waiting for
+each acquiring party's acknowledgement), then for each simulated year its issuances and
+its transfers, one at a time, each waited for until both ledgers are final.
+
+The nodes run on the real clock (partners refuse messages far from their own clock);
+simulated years are data only: vintages, booking years, and the dates written in the
+AEF tables, which map every action to the simulated year it was played in. Operations
+run one at a time in the scenario's order (shuffled within a year by ``seed``), so
+transfer ids, ledgers and tables are the same bytes for the same file and seed.
+
+Output (``out_dir``)::
+
+    summary.csv  summary.txt          one row per party: mitigation, transfers, target
+    transfers.csv  refusals.csv       every scheduled transfer and the ones refused
+    <PARTY>/ca-ledger.csv             the corresponding adjustments booked by the node
+    <PARTY>/balance.csv               the numbers behind the chart, by year
+    <PARTY>/aef/                      the five AEF tables for each year, CSV and XLSX
+    <PARTY>/chart.png  chart.svg      only when matplotlib is importable
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import csv
+import datetime as dt
+import io
+import itertools
+import random
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from itmolink.core.accounting import (
+    AccountingConfig,
+    AccountingMethod,
+    BalanceReport,
+    emissions_balance,
+)
+from itmolink.core.actions import ActionType
+from itmolink.core.adjustments import AdjustmentEntry
+from itmolink.core.aef import (
+    ActionRecord,
+    ActionSubtype,
+    AefReport,
+    AuthorisationRecord,
+    HoldingsSnapshot,
+    Submission,
+    aef_report,
+)
+from itmolink.core.authorisation import Authorisation
+from itmolink.core.codes import Rejected
+from itmolink.core.transfer import Role, TransferState
+from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
+from itmolink.crypto.pki import init_party
+from itmolink.node.config import load_config
+from itmolink.node.runtime import Node
+from itmolink.reports import write_aef
+from itmolink.sim.scenario import Party, Scenario
+from itmolink.store.tx import HeldBlock
+
+Progress = Callable[[str, int, int], None]  # (label, done, total)
+
+WAIT_SECONDS = 30.0
+POLL_SECONDS = 0.005
+
+
+class SimulationError(RuntimeError):
+    """The run could not complete, or an invariant does not hold."""
+
+
+@dataclass(frozen=True, slots=True)
+class PartySummary:
+    party: str
+    name: str
+    method: str
+    mitigation: int  # the party's activities over the scenario years
+    issued: int
+    transferred_out: int  # first transferred to other parties (completed)
+    acquired: int
+    adjustments: int  # net corresponding adjustments booked (+ host, - buyer)
+    met: bool | None  # target met after adjustments (None: cannot tell)
+    met_without_adjustments: bool | None
+
+    @property
+    def share_leaving(self) -> str:
+        """The share of the party's own mitigation that leaves with transfers."""
+        if not self.mitigation:
+            return "-"
+        return f"{100 * self.transferred_out / self.mitigation:.1f}%"
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    scenario: str
+    seed: int
+    out_dir: Path
+    parties: tuple[PartySummary, ...]
+    transfers_completed: int
+    transfers_refused: int
+    invariants: tuple[str, ...] = field(default=())  # the checks that passed
+
+    def table(self) -> str:
+        """The summary as a plain-text table."""
+        headers = ("party", "method", "mitigation", "issued", "transferred out", "leaves",
+                   "acquired", "net CA", "target met", "without CA")  # fmt: skip
+        rows = [
+            (p.party, p.method, f"{p.mitigation:,}", f"{p.issued:,}", f"{p.transferred_out:,}",
+             p.share_leaving, f"{p.acquired:,}", f"{p.adjustments:+,}", _verdict(p.met),
+             _verdict(p.met_without_adjustments))
+            for p in self.parties
+        ]  # fmt: skip
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+        lines = [
+            f"{self.scenario} (seed {self.seed}): {self.transfers_completed} transfers "
+            f"completed, {self.transfers_refused} refused",
+            "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
+        ]
+        for row in rows:
+            lines.append(
+                "  ".join(
+                    v.ljust(w) if i < 2 else v.rjust(w)
+                    for i, (v, w) in enumerate(zip(row, widths, strict=True))
+                ).rstrip()
+            )
+        return "\n".join(lines) + "\n"
+
+
+def _verdict(met: bool | None) -> str:
+    return "open" if met is None else ("yes" if met else "NO")
+
+
+def accounting_config(party: Party) -> AccountingConfig:
+    from itmolink.core.accounting import NdcPeriod
+
+    ndc = party.ndc
+    return AccountingConfig(
+        party=party.code,
+        method=AccountingMethod(ndc.method),
+        ndc_period=NdcPeriod(1, ndc.first_year, ndc.last_year),
+        target_emissions=ndc.target_emissions,
+        target_year=ndc.target_year,
+        trajectory=dict(ndc.trajectory),
+        baseline_year=ndc.baseline_year,
+        baseline_emissions=ndc.baseline_emissions,
+    )
+
+
+def _node_toml(party: Party, partners: Iterable[str]) -> str:
+    ndc = party.ndc
+    lines = [
+        f'party = "{party.code}"',
+        f'registry = "{party.registry}"',
+        f'database = "{party.code.lower()}.db"',
+        'partner_listen = "127.0.0.1:0"',
+        'admin_listen = "127.0.0.1:0"',
+        "transfer_timeout_seconds = 120",
+        '[keys]\ndirectory = "pki"',
+        "[limits]\nrate_per_second = 100000\nrate_burst = 100000",
+        "[accounting]",
+        f'method = "{ndc.method}"',
+        f"ndc_first_year = {ndc.first_year}",
+        f"ndc_last_year = {ndc.last_year}",
+        f"target_emissions = {ndc.target_emissions}",
+    ]
+    if ndc.target_year is not None:
+        lines.append(f"target_year = {ndc.target_year}")
+    if ndc.baseline_year is not None:
+        lines.append(f"baseline_year = {ndc.baseline_year}")
+    if ndc.baseline_emissions is not None:
+        lines.append(f"baseline_emissions = {ndc.baseline_emissions}")
+    if party.threshold is not None:
+        if party.threshold.per_year is not None:
+            lines.append(f"threshold_per_year = {party.threshold.per_year}")
+        if party.threshold.per_period is not None:
+            lines.append(f"threshold_per_period = {party.threshold.per_period}")
+    if ndc.trajectory:
+        lines.append("[accounting.trajectory]")
+        lines.extend(f"{y} = {v}" for y, v in sorted(ndc.trajectory.items()))
+    lines.append("[accounting.reported_emissions]")
+    lines.extend(f"{y} = {v}" for y, v in sorted(ndc.reported_emissions.items()))
+    # [[partners]] after every table of [accounting] would be read as part of it: put them
+    # first by returning them separately.
+    head = lines[:8]
+    tail = lines[8:]
+    partner_lines = [
+        f'[[partners]]\ncard = "../{p.lower()}/pki/card.toml"\nendpoint = "127.0.0.1:1"'
+        for p in partners
+    ]
+    return "\n".join([*head[:6], *partner_lines, *head[6:], *tail]) + "\n"
+
+
+class _Clock:
+    """Maps wall-clock microseconds of the run to the simulated date of that moment."""
+
+    def __init__(self) -> None:
+        self._marks: list[int] = []
+        self._dates: list[dt.date] = []
+
+    def mark(self, date: dt.date) -> None:
+        self._marks.append(time.time_ns() // 1000)
+        self._dates.append(date)
+
+    def date(self, micros: int) -> dt.date:
+        index = bisect.bisect_right(self._marks, micros) - 1
+        return self._dates[max(0, index)]
+
+
+@dataclass
+class _Outcome:
+    transfers: list[tuple[int, str, str, str, str, int, int, str]] = field(default_factory=list)
+    refusals: list[tuple[int, str, str, str, int, int, str]] = field(default_factory=list)
+
+
+async def _eventually(check: Callable[[], object], what: str) -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not check():
+        if time.monotonic() > deadline:
+            raise SimulationError(f"{what}: not done within {WAIT_SECONDS:.0f} s")
+        await asyncio.sleep(POLL_SECONDS)
+
+
+class _Network:
+    def __init__(self, scenario: Scenario, root: Path) -> None:
+        self.scenario = scenario
+        self.root = root
+        self.nodes: dict[str, Node] = {}
+
+    async def start(self) -> None:
+        links: dict[str, set[str]] = defaultdict(set)
+        for host, buyer in self.scenario.links():
+            links[host].add(buyer)
+            links[buyer].add(host)
+        for party in self.scenario.parties:
+            init_party(self.root / party.code.lower() / "pki", party.code, party.registry,
+                       now=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))  # fmt: skip
+        for party in self.scenario.parties:
+            path = self.root / party.code.lower() / "node.toml"
+            path.write_text(_node_toml(party, sorted(links[party.code])))
+            node = Node(load_config(path))
+            await node.start()
+            self.nodes[party.code] = node
+        for host, buyer in self.scenario.links():
+            a, b = self.nodes[host], self.nodes[buyer]
+            a.set_partner_endpoint(buyer, f"127.0.0.1:{b.partner_port}")
+            b.set_partner_endpoint(host, f"127.0.0.1:{a.partner_port}")
+
+    async def stop(self) -> None:
+        for node in self.nodes.values():
+            await node.stop(0.5)
+
+
+def _transfer_state(node: Node, transfer_id: str) -> TransferState | None:
+    with node.engine.store.transaction() as tx:
+        record = tx.transfer_get(transfer_id)
+    return None if record is None else record.state
+
+
+async def _final(nodes: dict[str, Node], sender: str, receiver: str, transfer_id: str) -> str:
+    """Wait until both sides of a transfer are final; its state at the sender."""
+    a, b = nodes[sender], nodes[receiver]
+    states: dict[str, TransferState | None] = {}
+
+    async def poll() -> bool:
+        states["a"] = await a.db(_transfer_state, a, transfer_id)
+        if states["a"] is None or not states["a"].is_final:
+            return False
+        if states["a"] is not TransferState.COMPLETED:
+            return True
+        states["b"] = await b.db(_transfer_state, b, transfer_id)
+        return states["b"] is TransferState.COMPLETED
+
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not await poll():
+        if time.monotonic() > deadline:
+            raise SimulationError(f"transfer {transfer_id} {sender}->{receiver} not final")
+        a.kick()
+        b.kick()
+        await asyncio.sleep(POLL_SECONDS)
+    state = states["a"]
+    assert state is not None
+    return state.name.lower()
+
+
+async def _play(
+    scenario: Scenario, net: _Network, clock: _Clock, seed: int, progress: Progress | None
+) -> _Outcome:
+    nodes = net.nodes
+    outcome = _Outcome()
+    ids: dict[str, str] = {}
+    total = len(scenario.authorisations) + len(scenario.issuances) + len(scenario.transfers)
+    done = 0
+
+    def step(label: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(label, done, total)
+
+    clock.mark(dt.date(scenario.first_year, 1, 1))
+    for spec in scenario.authorisations:
+        node = nodes[spec.host]
+        activity = scenario.activity(spec.activity)
+        terms = await node.db(
+            node.engine.authorise, activity_id=activity.id, activity_name=activity.name,
+            activity_description="", cooperative_approach_id=spec.cooperative_approach,
+            acquiring_parties=list(spec.acquiring), purposes=[Purpose.NDC], oimp_detail="",
+            first_transfer_definition=FirstTransferDefinition.UNSPECIFIED,
+            vintage_from=spec.vintage_from, vintage_to=spec.vintage_to,
+            quantity_cap=spec.quantity_cap, unit_type=UnitType.ITMO,
+            now=dt.datetime.now(dt.UTC), buyer_share_bp=spec.buyer_share_bp,
+        )  # fmt: skip
+        ids[spec.id] = terms.authorisation_id
+        node.kick()
+
+        def acknowledged(node: Node = node, host: str = spec.host, aid: str = ids[spec.id]) -> bool:
+            with node.engine.store.transaction() as tx:
+                states = tx.authorisation_party_states(host, aid, 1)
+            return bool(states) and all(s == "acknowledged" for s in states.values())
+
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not await node.db(acknowledged):
+            if time.monotonic() > deadline:
+                raise SimulationError(f"authorisation {spec.id} not acknowledged")
+            node.kick()
+            await asyncio.sleep(POLL_SECONDS)
+        step(f"authorised {spec.id}")
+
+    rng = random.Random(seed)  # noqa: S311 (an order of play, not a secret)
+    for year in scenario.years:
+        clock.mark(dt.date(year, 7, 1))
+        for issuance in [x for x in scenario.issuances if x.year == year]:
+            spec = scenario.authorisation(issuance.authorisation)
+            node = nodes[spec.host]
+            await node.db(
+                node.engine.issue, authorisation_id=ids[spec.id], vintage=issuance.vintage,
+                quantity=issuance.quantity, now=dt.datetime.now(dt.UTC),
+            )  # fmt: skip
+            node.kick()
+            share = scenario.buyer_share(issuance)
+            if share:
+                # The buyer's share left in the issuance's transaction: wait for it.
+                (buyer,) = spec.acquiring
+                transfer_id = await node.db(_last_outgoing, node)
+                state = await _final(nodes, spec.host, buyer, transfer_id)
+                outcome.transfers.append(
+                    (year, transfer_id, spec.id, spec.host, buyer, issuance.vintage, share, state)
+                )
+            step(f"{year} issued {issuance.quantity:,} {spec.id}")
+        todays = [t for t in scenario.transfers if t.year == year]
+        rng.shuffle(todays)
+        for transfer in todays:
+            node = nodes[transfer.from_party]
+            try:
+                transfer_id = await node.db(
+                    node.engine.start_transfer, to_party=transfer.to_party,
+                    authorisation_id=ids[transfer.authorisation], vintage=transfer.vintage,
+                    quantity=transfer.quantity, now=dt.datetime.now(dt.UTC),
+                )  # fmt: skip
+            except Rejected as exc:
+                outcome.refusals.append(
+                    (year, transfer.authorisation, transfer.from_party, transfer.to_party,
+                     transfer.vintage, transfer.quantity, f"{exc.code.name}: {exc.detail}")
+                )  # fmt: skip
+                step(f"{year} refused {transfer.authorisation}")
+                continue
+            node.kick()
+            state = await _final(nodes, transfer.from_party, transfer.to_party, transfer_id)
+            outcome.transfers.append(
+                (year, transfer_id, transfer.authorisation, transfer.from_party,
+                 transfer.to_party, transfer.vintage, transfer.quantity, state)
+            )  # fmt: skip
+            step(f"{year} {transfer.from_party}->{transfer.to_party} {transfer.quantity:,}")
+        for node in nodes.values():
+            await node.db(node.engine.snapshot_holdings, year, dt.datetime.now(dt.UTC))
+    clock.mark(dt.date(scenario.last_year, 12, 31))
+    return outcome
+
+
+def _last_outgoing(node: Node) -> str:
+    with node.engine.store.transaction() as tx:
+        mine = [t for t in tx.transfers() if t.direction is Role.SENDER]
+    return max(mine, key=lambda t: t.transfer_id).transfer_id
+
+
+# -- invariants ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Ledger:
+    """What the reports and checks need from one node, read on its database thread."""
+
+    holdings: list[HeldBlock]
+    entries: list[AdjustmentEntry]
+    amounts: dict[str, list[tuple[int, int]]]
+    aef: list[AefReport]
+
+
+def _collect(
+    node: Node, accounting: AccountingConfig, years: range, clock: _Clock, transfer_ids: list[str]
+) -> _Ledger:
+    with node.engine.store.transaction() as tx:
+        holdings = tx.holdings()
+        entries = [r.entry for r in tx.adjustments()]
+        amounts = {t: tx.adjustment_amounts(t) for t in transfer_ids}
+    return _Ledger(
+        holdings, entries, amounts, [_aef(node, accounting, year, clock) for year in years]
+    )
+
+
+def _check_invariants(
+    scenario: Scenario, ledgers: dict[str, _Ledger], outcome: _Outcome
+) -> list[str]:
+    passed: list[str] = []
+    # Conservation: every issued serial of a host registry is held exactly once somewhere.
+    issued: dict[str, int] = defaultdict(int)
+    for issuance in scenario.issuances:
+        host = scenario.authorisation(issuance.authorisation).host
+        issued[scenario.party(host).registry] += issuance.quantity
+    ranges: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for party, ledger in ledgers.items():
+        for held in ledger.holdings:
+            block = held.block
+            ranges[block.originating_registry].append((block.serial_start, block.serial_end))
+            if held.status != "held":
+                raise SimulationError(
+                    f"{party}: block {block.label()} still {held.status} after the run"
+                )
+    for registry in sorted(set(issued) | set(ranges)):
+        spans = sorted(ranges[registry])
+        for (_, end), (start, _) in itertools.pairwise(spans):
+            if start <= end:
+                raise SimulationError(f"{registry}: serials {start}-{end} are held twice")
+        held_total = sum(e - s + 1 for s, e in spans)
+        if held_total != issued[registry]:
+            raise SimulationError(
+                f"{registry}: {issued[registry]} tCO2e issued but {held_total} held in all "
+                "registries together"
+            )
+        passed.append(f"conservation {registry}: {held_total} tCO2e issued, each held once")
+    # Every completed transfer: the CAs are equal and opposite, for its vintage and size.
+    for _, transfer_id, _, sender, receiver, vintage, quantity, state in outcome.transfers:
+        plus = ledgers[sender].amounts[transfer_id]
+        minus = ledgers[receiver].amounts[transfer_id]
+        if state != "completed":
+            if plus or minus:
+                raise SimulationError(f"{transfer_id} is {state} but carries adjustments")
+            continue
+        expected = [(vintage, quantity)]
+        if sorted(plus) != expected or sorted((y, -a) for y, a in minus) != expected:
+            raise SimulationError(
+                f"{transfer_id}: adjustments {plus} at {sender} and {minus} at {receiver}, "
+                f"expected +{quantity} and -{quantity} for {vintage}"
+            )
+    completed = sum(1 for t in outcome.transfers if t[7] == "completed")
+    passed.append(f"{completed} completed transfers with equal and opposite adjustments")
+    return passed
+
+
+# -- reports --------------------------------------------------------------------------------
+
+
+def _csv(rows: Iterable[Iterable[object]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _aef(node: Node, accounting: AccountingConfig, year: int, clock: _Clock) -> AefReport:
+    party, registry = node.config.party, node.config.registry
+    with node.engine.store.transaction() as tx:
+        snapshot = tx.snapshot(year)
+        assert snapshot is not None
+        authorisations = []
+        for terms in tx.authorisations():
+            if terms.host_party != party:
+                continue
+            details = tx.authorisation_details(terms.host_party, terms.authorisation_id)
+            authorisations.append(
+                AuthorisationRecord(
+                    authorisation=Authorisation(
+                        terms,
+                        oimp_detail=details["oimp_detail"],
+                        first_transfer_definition=FirstTransferDefinition(
+                            details["first_transfer_definition"]
+                        ),
+                    ),
+                    date=clock.date(details["created_at"]),
+                    sectors=details["activity_name"],
+                )
+            )
+        actions = []
+        for row in tx.actions():
+            date = clock.date(row["at"])
+            actions.append(
+                ActionRecord(
+                    at=dt.datetime(date.year, date.month, date.day, tzinfo=dt.UTC),
+                    action_type=ActionType(row["action_type"]),
+                    block=row["block"],
+                    registry_id=registry,
+                    subtype=ActionSubtype(row["subtype"]) if row["subtype"] else None,
+                    transferring_party=row["transferring_party"],
+                    acquiring_party=row["acquiring_party"],
+                    oimp_purpose=row["oimp_purpose"],
+                    using_party=row["using_party"],
+                    use_year=row["use_year"],
+                )
+            )
+    return aef_report(
+        Submission(
+            party=party,
+            reported_year=year,
+            submission_date=dt.date(year + 1, 4, 15),
+            ndc_period=accounting.ndc_period,
+        ),
+        authorisations,
+        actions,
+        HoldingsSnapshot(
+            registry_id=registry,
+            at=dt.date(year, 12, 31),
+            blocks=tuple(block for _, block in snapshot[1]),
+        ),
+        (),
+    )
+
+
+def _balance_csv(report: BalanceReport) -> str:
+    rows: list[list[object]] = [["year", "reported_emissions", "booked_adjustment",
+                                 "applied_adjustment", "adjusted_emissions", "target"]]  # fmt: skip
+    for row in report.rows:
+        rows.append(
+            [row.year, _cell(row.reported_emissions), row.booked_adjustment,
+             row.applied_adjustment, _cell(row.adjusted_emissions), _cell(row.target)]
+        )  # fmt: skip
+    return _csv(rows)
+
+
+def _cell(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def _write_party(
+    scenario: Scenario, party: Party, ledger: _Ledger, outcome: _Outcome, out: Path
+) -> PartySummary:
+    directory = out / party.code
+    directory.mkdir(parents=True, exist_ok=True)
+    entries = ledger.entries
+    ca_rows: list[list[object]] = [["transfer_id", "party", "partner", "year", "amount",
+                                   "unit_type", "method"]]  # fmt: skip
+    for e in sorted(entries, key=lambda e: (e.transfer_id, e.year, e.amount)):
+        ca_rows.append([e.transfer_id, e.party, e.partner, e.year, e.amount, e.unit_type.name,
+                       e.method])  # fmt: skip
+    (directory / "ca-ledger.csv").write_text(_csv(ca_rows))
+    accounting = accounting_config(party)
+    reported = dict(party.ndc.reported_emissions)
+    report = emissions_balance(accounting, reported, entries)
+    without = emissions_balance(accounting, reported, [])
+    (directory / "balance.csv").write_text(_balance_csv(report))
+    aef_dir = directory / "aef"
+    aef_dir.mkdir(exist_ok=True)
+    for aef in ledger.aef:
+        write_aef(aef, aef_dir, overwrite=True)
+    from itmolink.sim.charts import write_chart
+
+    write_chart(party, report, directory)
+    done = [t for t in outcome.transfers if t[7] == "completed"]
+    return PartySummary(
+        party=party.code,
+        name=party.name,
+        method=party.ndc.method,
+        mitigation=sum(
+            a.mitigation_per_year * len(a.years)
+            for a in scenario.activities
+            if a.host == party.code
+        ),
+        issued=sum(
+            x.quantity
+            for x in scenario.issuances
+            if scenario.authorisation(x.authorisation).host == party.code
+        ),
+        transferred_out=sum(t[6] for t in done if t[3] == party.code),
+        acquired=sum(t[6] for t in done if t[4] == party.code),
+        adjustments=sum(e.amount for e in entries),
+        met=report.met,
+        met_without_adjustments=without.met,
+    )
+
+
+def _write_summary(out: Path, summary: Summary, outcome: _Outcome) -> None:
+    header: list[object] = ["party", "name", "method", "mitigation", "issued", "transferred_out",
+              "share_leaving", "acquired", "net_adjustments", "target_met",
+              "target_met_without_ca"]  # fmt: skip
+    rows: list[list[object]] = [header]
+    for p in summary.parties:
+        rows.append([p.party, p.name, p.method, p.mitigation, p.issued, p.transferred_out,
+                     p.share_leaving, p.acquired, p.adjustments, _verdict(p.met),
+                     _verdict(p.met_without_adjustments)])  # fmt: skip
+    (out / "summary.csv").write_text(_csv(rows))
+    (out / "summary.txt").write_text(summary.table())
+    (out / "transfers.csv").write_text(
+        _csv(
+            [
+                [
+                    "year",
+                    "transfer_id",
+                    "authorisation",
+                    "from",
+                    "to",
+                    "vintage",
+                    "quantity",
+                    "state",
+                ],
+                *outcome.transfers,
+            ]
+        )
+    )
+    (out / "refusals.csv").write_text(
+        _csv(
+            [
+                ["year", "authorisation", "from", "to", "vintage", "quantity", "reason"],
+                *outcome.refusals,
+            ]
+        )
+    )
+
+
+def _prepare(out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="nodes-", dir=out))
+
+
+async def run_scenario_async(
+    scenario: Scenario,
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    progress: Progress | None = None,
+    keep_nodes: bool = False,
+) -> Summary:
+    """:func:`run_scenario` inside a running event loop."""
+    out = Path(out_dir)
+    root = await asyncio.to_thread(_prepare, out)
+    net = _Network(scenario, root)
+    clock = _Clock()
+    try:
+        await net.start()
+        outcome = await _play(scenario, net, clock, seed, progress)
+        transfer_ids = [t[1] for t in outcome.transfers]
+        ledgers = {}
+        for party in scenario.parties:
+            node = net.nodes[party.code]
+            ledgers[party.code] = await node.db(
+                _collect, node, accounting_config(party), scenario.years, clock, transfer_ids
+            )
+        passed = _check_invariants(scenario, ledgers, outcome)
+        parties = tuple(
+            _write_party(scenario, party, ledgers[party.code], outcome, out)
+            for party in scenario.parties
+        )
+    finally:
+        await net.stop()
+        if not keep_nodes:
+            shutil.rmtree(root, ignore_errors=True)
+    summary = Summary(
+        scenario=scenario.name,
+        seed=seed,
+        out_dir=out,
+        parties=parties,
+        transfers_completed=sum(1 for t in outcome.transfers if t[7] == "completed"),
+        transfers_refused=len(outcome.refusals),
+        invariants=tuple(passed),
+    )
+    _write_summary(out, summary, outcome)
+    return summary
+
+
+def run_scenario(
+    scenario: Scenario,
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    progress: Progress | None = None,
+    keep_nodes: bool = False,
+) -> Summary:
+    """Run ``scenario`` through real nodes and write its tables (and charts) to ``out_dir``."""
+    return asyncio.run(
+        run_scenario_async(scenario, out_dir, seed=seed, progress=progress, keep_nodes=keep_nodes)
+    )

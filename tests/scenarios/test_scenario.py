@@ -1,0 +1,106 @@
+"""The scenario schema: the examples parse, and bad files name the offending field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from itmolink.sim.scenario import ScenarioError, load_scenario, parse_scenario
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+GOOD = """
+[scenario]
+name = "t"
+[[parties]]
+code = "LAO"
+[parties.ndc]
+method = "averaging"
+target_year = 2030
+target_emissions = 62000000
+reported_emissions = [64000000, 61000000]
+[[parties]]
+code = "KOR"
+[parties.ndc]
+method = "multi-year-budget"
+target_emissions = 5000000000
+reported_emissions = [500000000, 440000000]
+[[activities]]
+id = "LAO-SOLAR"
+host = "LAO"
+mitigation_per_year = 100000
+[[authorisations]]
+id = "solar"
+activity = "LAO-SOLAR"
+cooperative_approach = "LAO-KOR-A6.2"
+acquiring = ["KOR"]
+[[issuances]]
+authorisation = "solar"
+years = [2021, 2030]
+[[transfers]]
+authorisation = "solar"
+to = "KOR"
+years = [2022, 2030]
+quantity = 60000
+vintage_offset = -1
+"""
+
+
+def test_good_scenario_expands_the_schedule() -> None:
+    scenario = parse_scenario(GOOD, "good.toml")
+    assert len(scenario.issuances) == 10
+    assert [t.vintage for t in scenario.transfers] == list(range(2021, 2030))
+    assert scenario.party("LAO").ndc.reported_emissions[2021] == 64000000
+    assert scenario.party("LAO").ndc.reported_emissions[2030] == 61000000
+    assert scenario.links() == [("LAO", "KOR")]
+
+
+@pytest.mark.parametrize("name", ["lao-korea.toml", "lao-japan-jcm.toml", "asean-network.toml"])
+def test_examples_parse(name: str) -> None:
+    scenario = load_scenario(EXAMPLES / name)
+    assert scenario.first_year == 2021
+    assert scenario.last_year == 2030
+
+
+def test_examples_carry_the_chapter_figures() -> None:
+    lao = load_scenario(EXAMPLES / "lao-korea.toml")
+    figures = {a.id: a.mitigation_per_year for a in lao.activities}
+    assert figures["LAO-SOLAR-WIND-1GW"] == 100_000
+    assert figures["LAO-BIOMASS-300MW"] == 84_000
+    jcm = load_scenario(EXAMPLES / "lao-japan-jcm.toml")
+    assert jcm.activities[0].mitigation_per_year == 19_751
+    assert jcm.authorisations[0].buyer_share_bp == 8000
+    asean = load_scenario(EXAMPLES / "asean-network.toml")
+    assert len(asean.parties) >= 10
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field"),
+    [
+        ('method = "averaging"', 'method = "cumulative"', "parties[0].ndc.method: must be one of"),
+        ('code = "KOR"', 'code = "Korea"', "parties[1].code:"),
+        ("mitigation_per_year = 100000", "mitigation_per_year = -5",
+         "activities[0].mitigation_per_year: must be at least 1"),
+        ('acquiring = ["KOR"]', 'acquiring = ["JPN"]', "authorisations[0].acquiring[0]:"),
+        ("years = [2022, 2030]", "years = [2022, 2040]", "transfers[0].years:"),
+        ("quantity = 60000", "quantity = 160000", "transfers[0].quantity:"),
+        ("vintage_offset = -1", "vintage_offset = 0\ncolour = 1", "transfers[0].colour: unknown"),
+        ("reported_emissions = [64000000, 61000000]", "reported_emissions = { 2021 = 1 }",
+         "parties[0].ndc.reported_emissions: no value for 2022"),
+        ('to = "KOR"', 'to = "LAO"', "transfers[0].to:"),
+    ],
+)  # fmt: skip
+def test_bad_files_name_the_field(old: str, new: str, field: str) -> None:
+    assert old in GOOD
+    with pytest.raises(ScenarioError) as caught:
+        parse_scenario(GOOD.replace(old, new, 1), "examples/x.toml")
+    assert str(caught.value).startswith("examples/x.toml: ")
+    assert field in str(caught.value)
+
+
+def test_not_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ScenarioError, match="not valid TOML"):
+        parse_scenario("[scenario", "bad.toml")
+    with pytest.raises(ScenarioError, match="no such scenario file"):
+        load_scenario(tmp_path / "missing.toml")
