@@ -6,7 +6,11 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
+from itmolink.admin.v1 import admin_pb2
 from itmolink.core.accounting import emissions_balance
+from itmolink.sim import runner
 from itmolink.sim.runner import accounting_config, run_scenario
 from itmolink.sim.scenario import load_scenario
 
@@ -70,3 +74,30 @@ def test_lao_korea_end_to_end(tmp_path: Path) -> None:
     # Deterministic: the same file and seed give the same tables, byte for byte.
     run_scenario(scenario, tmp_path / "b", seed=3)
     assert tables(out) == tables(tmp_path / "b")
+
+
+def test_nodes_are_processes_stopped_even_when_the_run_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, runner._NodeProcess] = {}
+
+    async def fail(scenario: object, net: runner._Network, *args: object) -> None:
+        seen.update(net.nodes)
+        for node in net.nodes.values():  # each answers on its own admin port, in its process
+            assert node.process is not None
+            assert node.process.poll() is None
+            info = await node.admin.GetNodeInfo(
+                admin_pb2.GetNodeInfoRequest(), metadata=node.metadata, timeout=5
+            )
+            assert info.party == node.party
+        raise runner.SimulationError("stop here")
+
+    monkeypatch.setattr(runner, "_play", fail)
+    with pytest.raises(runner.SimulationError, match="stop here"):
+        run_scenario(load_scenario(EXAMPLE), tmp_path / "out", keep_nodes=True)
+    assert sorted(seen) == ["KOR", "LAO"]
+    for node in seen.values():
+        assert node.process is not None
+        assert node.process.returncode == 0  # SIGTERM, a clean shutdown
+    config = (next(iter(seen.values())).config).read_text()
+    assert "127.0.0.1:0" not in config

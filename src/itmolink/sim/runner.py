@@ -1,11 +1,15 @@
 """Play a scenario through real nodes and write its tables and charts.
 
-:func:`run_scenario` starts one :class:`~itmolink.node.runtime.Node` per party in this
-process (grpc.aio, mutual TLS on 127.0.0.1 port 0, key material from
-:func:`~itmolink.crypto.pki.init_party`, a ``node.toml`` with ``[accounting]``), links
-the partners, then plays the schedule year by year: authorisations first (waiting for
-each acquiring party's acknowledgement), then for each simulated year its issuances and
-its transfers, one at a time, each waited for until both ledgers are final.
+:func:`run_scenario` starts one node *process* per party, all at once (``python -m
+itmolink.cli.main node run``; key material from :func:`~itmolink.crypto.pki.init_party`,
+a ``node.toml`` with ``[accounting]``, partners over mutual TLS on loopback ports chosen
+up front, the admin interface on another loopback port), then drives them through the
+admin gRPC API only, authenticated with each party's ``admin`` operator token. It plays
+the schedule year by year: authorisations first (waiting for each acquiring party's
+acknowledgement), then for each simulated year its issuances and its transfers, one at
+a time, each waited for until both ledgers are final, then every node's holdings
+snapshot of the year. The processes are then stopped (SIGTERM, then waited for; also
+when the run fails), and the reports read each node's SQLite database read-only.
 
 The nodes run on the real clock (partners refuse messages far from their own clock);
 simulated years are data only: vintages, booking years, and the dates written in the
@@ -33,13 +37,22 @@ import io
 import itertools
 import random
 import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import grpc
+
+from itmolink.admin.v1 import admin_pb2, admin_pb2_grpc
 from itmolink.core.accounting import (
     AccountingConfig,
     AccountingMethod,
@@ -58,20 +71,23 @@ from itmolink.core.aef import (
     aef_report,
 )
 from itmolink.core.authorisation import Authorisation
-from itmolink.core.codes import Rejected
-from itmolink.core.transfer import Role, TransferState
-from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
+from itmolink.core.transfer import TransferState
+from itmolink.core.units import FirstTransferDefinition
+from itmolink.crypto.operators import read_token, token_file
 from itmolink.crypto.pki import init_party
-from itmolink.node.config import load_config
-from itmolink.node.runtime import Node
 from itmolink.reports import write_aef
 from itmolink.sim.scenario import Party, Scenario
-from itmolink.store.tx import HeldBlock
+from itmolink.store.tx import HeldBlock, Tx
+from itmolink.v1 import common_pb2
 
 Progress = Callable[[str, int, int], None]  # (label, done, total)
 
 WAIT_SECONDS = 30.0
 POLL_SECONDS = 0.005
+START_SECONDS = 60.0  # for every node process to answer on its admin port
+STOP_SECONDS = 10.0  # after SIGTERM, before SIGKILL
+CALL_SECONDS = 10.0  # per admin call
+REJECTION_CODE_KEY = "itmolink-rejection-code"
 
 
 class SimulationError(RuntimeError):
@@ -155,14 +171,15 @@ def accounting_config(party: Party) -> AccountingConfig:
     )
 
 
-def _node_toml(party: Party, partners: Iterable[str]) -> str:
+def _node_toml(party: Party, partners: Iterable[str], ports: dict[str, tuple[int, int]]) -> str:
+    """``ports``: the (partner port, admin port) of every party."""
     ndc = party.ndc
     lines = [
         f'party = "{party.code}"',
         f'registry = "{party.registry}"',
         f'database = "{party.code.lower()}.db"',
-        'partner_listen = "127.0.0.1:0"',
-        'admin_listen = "127.0.0.1:0"',
+        f'partner_listen = "127.0.0.1:{ports[party.code][0]}"',
+        f'admin_listen = "127.0.0.1:{ports[party.code][1]}"',
         "transfer_timeout_seconds = 120",
         '[keys]\ndirectory = "pki"',
         "[limits]\nrate_per_second = 100000\nrate_burst = 100000",
@@ -193,7 +210,7 @@ def _node_toml(party: Party, partners: Iterable[str]) -> str:
     head = lines[:8]
     tail = lines[8:]
     partner_lines = [
-        f'[[partners]]\ncard = "../{p.lower()}/pki/card.toml"\nendpoint = "127.0.0.1:1"'
+        f'[[partners]]\ncard = "../{p.lower()}/pki/card.toml"\nendpoint = "127.0.0.1:{ports[p][0]}"'
         for p in partners
     ]
     return "\n".join([*head[:6], *partner_lines, *head[6:], *tail]) + "\n"
@@ -221,74 +238,181 @@ class _Outcome:
     refusals: list[tuple[int, str, str, str, int, int, str]] = field(default_factory=list)
 
 
-async def _eventually(check: Callable[[], object], what: str) -> None:
-    deadline = time.monotonic() + WAIT_SECONDS
-    while not check():
-        if time.monotonic() > deadline:
-            raise SimulationError(f"{what}: not done within {WAIT_SECONDS:.0f} s")
-        await asyncio.sleep(POLL_SECONDS)
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (all held open until all are chosen)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            sockets.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _rejection(exc: grpc.aio.AioRpcError) -> str | None:
+    """The rejection code name a refused admin call carries, e.g. ``UNKNOWN_TRANSFER``."""
+    metadata: Any = exc.trailing_metadata() or ()  # (key, value) pairs
+    for key, value in metadata:
+        if key == REJECTION_CODE_KEY:
+            return str(value).removeprefix("REJECTION_CODE_")
+    return None
+
+
+class _NodeProcess:
+    """One party's node, run as ``itmolink node run`` in its own process."""
+
+    def __init__(self, party: Party, directory: Path, admin_port: int) -> None:
+        self.party = party.code
+        self.registry = party.registry
+        self.directory = directory
+        self.config = directory / "node.toml"
+        self.database = directory / f"{party.code.lower()}.db"
+        self.log = directory / "node.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._channel = grpc.aio.insecure_channel(f"127.0.0.1:{admin_port}")
+        self.admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+        token = read_token(token_file(directory / "pki", "admin"))
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(  # noqa: S603 (this interpreter, our arguments)
+                [sys.executable, "-m", "itmolink.cli.main", "node", "run", "--config",
+                 str(self.config), "--log-level", "warning"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+
+    def _failed(self, what: str) -> SimulationError:
+        tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+        return SimulationError(f"node {self.party}: {what}\n{tail}".rstrip())
+
+    async def wait_ready(self, deadline: float) -> None:
+        assert self.process is not None
+        while True:
+            if self.process.poll() is not None:
+                raise self._failed(f"exited with status {self.process.returncode} at start-up")
+            try:
+                await self.admin.GetNodeInfo(
+                    admin_pb2.GetNodeInfoRequest(), metadata=self.metadata, timeout=1
+                )
+                return
+            except grpc.aio.AioRpcError:
+                if time.monotonic() > deadline:
+                    raise self._failed(f"not answering within {START_SECONDS:.0f} s") from None
+                await asyncio.sleep(0.05)
+
+    def terminate(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait_stopped(self) -> None:
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout=STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    async def close(self) -> None:
+        await self._channel.close(None)
 
 
 class _Network:
     def __init__(self, scenario: Scenario, root: Path) -> None:
         self.scenario = scenario
         self.root = root
-        self.nodes: dict[str, Node] = {}
+        self.nodes: dict[str, _NodeProcess] = {}
 
     async def start(self) -> None:
         links: dict[str, set[str]] = defaultdict(set)
         for host, buyer in self.scenario.links():
             links[host].add(buyer)
             links[buyer].add(host)
-        for party in self.scenario.parties:
-            init_party(self.root / party.code.lower() / "pki", party.code, party.registry,
-                       now=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))  # fmt: skip
-        for party in self.scenario.parties:
-            path = self.root / party.code.lower() / "node.toml"
-            path.write_text(_node_toml(party, sorted(links[party.code])))
-            node = Node(load_config(path))
-            await node.start()
+        parties = self.scenario.parties
+        free = _free_ports(2 * len(parties))
+        ports = {p.code: (free[2 * i], free[2 * i + 1]) for i, p in enumerate(parties)}
+        now = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+        for party in parties:
+            directory = self.root / party.code.lower()
+            init_party(directory / "pki", party.code, party.registry, now=now)
+            (directory / "node.toml").write_text(
+                _node_toml(party, sorted(links[party.code]), ports)
+            )
+        for party in parties:
+            node = _NodeProcess(party, self.root / party.code.lower(), ports[party.code][1])
             self.nodes[party.code] = node
-        for host, buyer in self.scenario.links():
-            a, b = self.nodes[host], self.nodes[buyer]
-            a.set_partner_endpoint(buyer, f"127.0.0.1:{b.partner_port}")
-            b.set_partner_endpoint(host, f"127.0.0.1:{a.partner_port}")
+            node.start()
+        deadline = time.monotonic() + START_SECONDS
+        waits = [asyncio.ensure_future(n.wait_ready(deadline)) for n in self.nodes.values()]
+        try:
+            await asyncio.gather(*waits)
+        finally:  # one node failed: stop waiting for the others
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     async def stop(self) -> None:
+        """SIGTERM every node, then wait for each (SIGKILL after ``STOP_SECONDS``)."""
         for node in self.nodes.values():
-            await node.stop(0.5)
+            node.terminate()
+        for node in self.nodes.values():
+            await asyncio.to_thread(node.wait_stopped)
+        for node in self.nodes.values():
+            await node.close()
 
 
-def _transfer_state(node: Node, transfer_id: str) -> TransferState | None:
-    with node.engine.store.transaction() as tx:
-        record = tx.transfer_get(transfer_id)
-    return None if record is None else record.state
+async def _transfer_state(node: _NodeProcess, transfer_id: str) -> TransferState | None:
+    try:
+        response = await node.admin.GetTransfer(
+            admin_pb2.GetTransferRequest(transfer_id=transfer_id),
+            metadata=node.metadata,
+            timeout=CALL_SECONDS,
+        )
+    except grpc.aio.AioRpcError as exc:
+        if _rejection(exc) == "UNKNOWN_TRANSFER":
+            return None
+        raise
+    return TransferState(response.transfer.state)
 
 
-async def _final(nodes: dict[str, Node], sender: str, receiver: str, transfer_id: str) -> str:
+async def _final(
+    nodes: dict[str, _NodeProcess], sender: str, receiver: str, transfer_id: str
+) -> str:
     """Wait until both sides of a transfer are final; its state at the sender."""
     a, b = nodes[sender], nodes[receiver]
-    states: dict[str, TransferState | None] = {}
-
-    async def poll() -> bool:
-        states["a"] = await a.db(_transfer_state, a, transfer_id)
-        if states["a"] is None or not states["a"].is_final:
-            return False
-        if states["a"] is not TransferState.COMPLETED:
-            return True
-        states["b"] = await b.db(_transfer_state, b, transfer_id)
-        return states["b"] is TransferState.COMPLETED
-
     deadline = time.monotonic() + WAIT_SECONDS
-    while not await poll():
+    while True:
+        state = await _transfer_state(a, transfer_id)
+        if state is not None and state.is_final:
+            if state is not TransferState.COMPLETED:
+                return state.name.lower()
+            if await _transfer_state(b, transfer_id) is TransferState.COMPLETED:
+                return state.name.lower()
         if time.monotonic() > deadline:
             raise SimulationError(f"transfer {transfer_id} {sender}->{receiver} not final")
-        a.kick()
-        b.kick()
         await asyncio.sleep(POLL_SECONDS)
-    state = states["a"]
-    assert state is not None
-    return state.name.lower()
+
+
+async def _acknowledged(node: _NodeProcess, authorisation_id: str) -> bool:
+    response = await node.admin.ListAuthorisations(
+        admin_pb2.ListAuthorisationsRequest(), metadata=node.metadata, timeout=CALL_SECONDS
+    )
+    for view in response.authorisations:
+        if view.authorisation_id == authorisation_id and view.host_party == node.party:
+            states = dict(view.party_states)
+            return bool(states) and all(s == "acknowledged" for s in states.values())
+    return False
+
+
+async def _last_outgoing(node: _NodeProcess) -> str:
+    response = await node.admin.ListTransfers(
+        admin_pb2.ListTransfersRequest(), metadata=node.metadata, timeout=CALL_SECONDS
+    )
+    return max(t.transfer_id for t in response.transfers if t.direction == "out")
 
 
 async def _play(
@@ -310,28 +434,23 @@ async def _play(
     for spec in scenario.authorisations:
         node = nodes[spec.host]
         activity = scenario.activity(spec.activity)
-        terms = await node.db(
-            node.engine.authorise, activity_id=activity.id, activity_name=activity.name,
-            activity_description="", cooperative_approach_id=spec.cooperative_approach,
-            acquiring_parties=list(spec.acquiring), purposes=[Purpose.NDC], oimp_detail="",
-            first_transfer_definition=FirstTransferDefinition.UNSPECIFIED,
-            vintage_from=spec.vintage_from, vintage_to=spec.vintage_to,
-            quantity_cap=spec.quantity_cap, unit_type=UnitType.ITMO,
-            now=dt.datetime.now(dt.UTC), buyer_share_bp=spec.buyer_share_bp,
+        response = await node.admin.Authorise(
+            admin_pb2.AuthoriseRequest(
+                activity_id=activity.id, activity_name=activity.name,
+                cooperative_approach_id=spec.cooperative_approach,
+                acquiring_parties=list(spec.acquiring), purposes=[common_pb2.PURPOSE_NDC],
+                first_transfer_definition=common_pb2.FIRST_TRANSFER_DEFINITION_UNSPECIFIED,
+                vintage_from=spec.vintage_from, vintage_to=spec.vintage_to,
+                quantity_cap=spec.quantity_cap, unit_type=common_pb2.UNIT_TYPE_ITMO,
+                buyer_share_bp=spec.buyer_share_bp,
+            ),
+            metadata=node.metadata, timeout=CALL_SECONDS,
         )  # fmt: skip
-        ids[spec.id] = terms.authorisation_id
-        node.kick()
-
-        def acknowledged(node: Node = node, host: str = spec.host, aid: str = ids[spec.id]) -> bool:
-            with node.engine.store.transaction() as tx:
-                states = tx.authorisation_party_states(host, aid, 1)
-            return bool(states) and all(s == "acknowledged" for s in states.values())
-
+        ids[spec.id] = response.authorisation_id
         deadline = time.monotonic() + WAIT_SECONDS
-        while not await node.db(acknowledged):
+        while not await _acknowledged(node, ids[spec.id]):
             if time.monotonic() > deadline:
                 raise SimulationError(f"authorisation {spec.id} not acknowledged")
-            node.kick()
             await asyncio.sleep(POLL_SECONDS)
         step(f"authorised {spec.id}")
 
@@ -341,16 +460,18 @@ async def _play(
         for issuance in [x for x in scenario.issuances if x.year == year]:
             spec = scenario.authorisation(issuance.authorisation)
             node = nodes[spec.host]
-            await node.db(
-                node.engine.issue, authorisation_id=ids[spec.id], vintage=issuance.vintage,
-                quantity=issuance.quantity, now=dt.datetime.now(dt.UTC),
+            await node.admin.Issue(
+                admin_pb2.IssueRequest(
+                    authorisation_id=ids[spec.id], vintage=issuance.vintage,
+                    quantity=issuance.quantity,
+                ),
+                metadata=node.metadata, timeout=CALL_SECONDS,
             )  # fmt: skip
-            node.kick()
             share = scenario.buyer_share(issuance)
             if share:
                 # The buyer's share left in the issuance's transaction: wait for it.
                 (buyer,) = spec.acquiring
-                transfer_id = await node.db(_last_outgoing, node)
+                transfer_id = await _last_outgoing(node)
                 state = await _final(nodes, spec.host, buyer, transfer_id)
                 outcome.transfers.append(
                     (year, transfer_id, spec.id, spec.host, buyer, issuance.vintage, share, state)
@@ -361,35 +482,46 @@ async def _play(
         for transfer in todays:
             node = nodes[transfer.from_party]
             try:
-                transfer_id = await node.db(
-                    node.engine.start_transfer, to_party=transfer.to_party,
-                    authorisation_id=ids[transfer.authorisation], vintage=transfer.vintage,
-                    quantity=transfer.quantity, now=dt.datetime.now(dt.UTC),
-                )  # fmt: skip
-            except Rejected as exc:
+                proposed = await node.admin.Transfer(
+                    admin_pb2.TransferRequest(
+                        to_party=transfer.to_party,
+                        authorisation_id=ids[transfer.authorisation],
+                        vintage=transfer.vintage,
+                        quantity=transfer.quantity,
+                    ),
+                    metadata=node.metadata,
+                    timeout=CALL_SECONDS,
+                )
+            except grpc.aio.AioRpcError as exc:
+                code = _rejection(exc)
+                if code is None:
+                    raise
+                detail = (exc.details() or "").removeprefix("REJECTION_CODE_")
                 outcome.refusals.append(
                     (year, transfer.authorisation, transfer.from_party, transfer.to_party,
-                     transfer.vintage, transfer.quantity, f"{exc.code.name}: {exc.detail}")
+                     transfer.vintage, transfer.quantity, detail)
                 )  # fmt: skip
                 step(f"{year} refused {transfer.authorisation}")
                 continue
-            node.kick()
+            transfer_id = proposed.transfer_id
             state = await _final(nodes, transfer.from_party, transfer.to_party, transfer_id)
             outcome.transfers.append(
                 (year, transfer_id, transfer.authorisation, transfer.from_party,
                  transfer.to_party, transfer.vintage, transfer.quantity, state)
             )  # fmt: skip
             step(f"{year} {transfer.from_party}->{transfer.to_party} {transfer.quantity:,}")
-        for node in nodes.values():
-            await node.db(node.engine.snapshot_holdings, year, dt.datetime.now(dt.UTC))
+        await asyncio.gather(
+            *(
+                node.admin.SnapshotHoldings(
+                    admin_pb2.SnapshotHoldingsRequest(year=year),
+                    metadata=node.metadata,
+                    timeout=CALL_SECONDS,
+                )
+                for node in nodes.values()
+            )
+        )
     clock.mark(dt.date(scenario.last_year, 12, 31))
     return outcome
-
-
-def _last_outgoing(node: Node) -> str:
-    with node.engine.store.transaction() as tx:
-        mine = [t for t in tx.transfers() if t.direction is Role.SENDER]
-    return max(mine, key=lambda t: t.transfer_id).transfer_id
 
 
 # -- invariants ----------------------------------------------------------------------------
@@ -406,15 +538,23 @@ class _Ledger:
 
 
 def _collect(
-    node: Node, accounting: AccountingConfig, years: range, clock: _Clock, transfer_ids: list[str]
+    node: _NodeProcess,
+    accounting: AccountingConfig,
+    years: range,
+    clock: _Clock,
+    transfer_ids: list[str],
 ) -> _Ledger:
-    with node.engine.store.transaction() as tx:
+    """Read a stopped node's ledger, read-only."""
+    conn = sqlite3.connect(f"file:{node.database}?mode=ro", uri=True)
+    try:
+        tx = Tx(conn)
         holdings = tx.holdings()
         entries = [r.entry for r in tx.adjustments()]
         amounts = {t: tx.adjustment_amounts(t) for t in transfer_ids}
-    return _Ledger(
-        holdings, entries, amounts, [_aef(node, accounting, year, clock) for year in years]
-    )
+        aef = [_aef(tx, node.party, node.registry, accounting, year, clock) for year in years]
+    finally:
+        conn.close()
+    return _Ledger(holdings, entries, amounts, aef)
 
 
 def _check_invariants(
@@ -476,46 +616,46 @@ def _csv(rows: Iterable[Iterable[object]]) -> str:
     return buffer.getvalue()
 
 
-def _aef(node: Node, accounting: AccountingConfig, year: int, clock: _Clock) -> AefReport:
-    party, registry = node.config.party, node.config.registry
-    with node.engine.store.transaction() as tx:
-        snapshot = tx.snapshot(year)
-        assert snapshot is not None
-        authorisations = []
-        for terms in tx.authorisations():
-            if terms.host_party != party:
-                continue
-            details = tx.authorisation_details(terms.host_party, terms.authorisation_id)
-            authorisations.append(
-                AuthorisationRecord(
-                    authorisation=Authorisation(
-                        terms,
-                        oimp_detail=details["oimp_detail"],
-                        first_transfer_definition=FirstTransferDefinition(
-                            details["first_transfer_definition"]
-                        ),
+def _aef(
+    tx: Tx, party: str, registry: str, accounting: AccountingConfig, year: int, clock: _Clock
+) -> AefReport:
+    snapshot = tx.snapshot(year)
+    assert snapshot is not None
+    authorisations = []
+    for terms in tx.authorisations():
+        if terms.host_party != party:
+            continue
+        details = tx.authorisation_details(terms.host_party, terms.authorisation_id)
+        authorisations.append(
+            AuthorisationRecord(
+                authorisation=Authorisation(
+                    terms,
+                    oimp_detail=details["oimp_detail"],
+                    first_transfer_definition=FirstTransferDefinition(
+                        details["first_transfer_definition"]
                     ),
-                    date=clock.date(details["created_at"]),
-                    sectors=details["activity_name"],
-                )
+                ),
+                date=clock.date(details["created_at"]),
+                sectors=details["activity_name"],
             )
-        actions = []
-        for row in tx.actions():
-            date = clock.date(row["at"])
-            actions.append(
-                ActionRecord(
-                    at=dt.datetime(date.year, date.month, date.day, tzinfo=dt.UTC),
-                    action_type=ActionType(row["action_type"]),
-                    block=row["block"],
-                    registry_id=registry,
-                    subtype=ActionSubtype(row["subtype"]) if row["subtype"] else None,
-                    transferring_party=row["transferring_party"],
-                    acquiring_party=row["acquiring_party"],
-                    oimp_purpose=row["oimp_purpose"],
-                    using_party=row["using_party"],
-                    use_year=row["use_year"],
-                )
+        )
+    actions = []
+    for row in tx.actions():
+        date = clock.date(row["at"])
+        actions.append(
+            ActionRecord(
+                at=dt.datetime(date.year, date.month, date.day, tzinfo=dt.UTC),
+                action_type=ActionType(row["action_type"]),
+                block=row["block"],
+                registry_id=registry,
+                subtype=ActionSubtype(row["subtype"]) if row["subtype"] else None,
+                transferring_party=row["transferring_party"],
+                acquiring_party=row["acquiring_party"],
+                oimp_purpose=row["oimp_purpose"],
+                using_party=row["using_party"],
+                use_year=row["use_year"],
             )
+        )
     return aef_report(
         Submission(
             party=party,
@@ -653,22 +793,24 @@ async def run_scenario_async(
     net = _Network(scenario, root)
     clock = _Clock()
     try:
-        await net.start()
-        outcome = await _play(scenario, net, clock, seed, progress)
+        try:
+            await net.start()
+            outcome = await _play(scenario, net, clock, seed, progress)
+        finally:
+            await net.stop()
         transfer_ids = [t[1] for t in outcome.transfers]
         ledgers = {}
         for party in scenario.parties:
-            node = net.nodes[party.code]
-            ledgers[party.code] = await node.db(
-                _collect, node, accounting_config(party), scenario.years, clock, transfer_ids
-            )
+            ledgers[party.code] = await asyncio.to_thread(
+                _collect, net.nodes[party.code], accounting_config(party), scenario.years,
+                clock, transfer_ids,
+            )  # fmt: skip
         passed = _check_invariants(scenario, ledgers, outcome)
         parties = tuple(
             _write_party(scenario, party, ledgers[party.code], outcome, out)
             for party in scenario.parties
         )
     finally:
-        await net.stop()
         if not keep_nodes:
             shutil.rmtree(root, ignore_errors=True)
     summary = Summary(
