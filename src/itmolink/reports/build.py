@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 
 from itmolink.core.accounting import AccountingConfig, BalanceReport, emissions_balance
 from itmolink.core.actions import ActionType
@@ -24,8 +25,8 @@ class ReportError(ValueError):
     """The ledger or configuration cannot give this report; the message says why."""
 
 
-def _date(micros: int) -> dt.date:
-    return (dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=micros)).date()
+def _instant(micros: int) -> dt.datetime:
+    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=micros)
 
 
 def build_aef(
@@ -36,8 +37,13 @@ def build_aef(
     year: int,
     accounting: AccountingConfig,
     submission_date: dt.date,
+    when: Callable[[int], dt.datetime] = _instant,
 ) -> AefReport:
-    """The five AEF tables of ``year``; the holdings are the frozen 31 December snapshot."""
+    """The five AEF tables of ``year``; the holdings are the frozen 31 December snapshot.
+
+    ``when`` turns a ledger time (microseconds since 1970) into the instant reported; a
+    simulation maps it to its simulated year.
+    """
     snapshot = tx.snapshot(year)
     if snapshot is None:
         raise ReportError(
@@ -58,13 +64,13 @@ def build_aef(
                         details["first_transfer_definition"]
                     ),
                 ),
-                date=_date(details["created_at"]),
+                date=when(details["created_at"]).date(),
                 sectors=details["activity_name"],
             )
         )
     actions = [
         ActionRecord(
-            at=dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=row["at"]),
+            at=when(row["at"]),
             action_type=ActionType(row["action_type"]),
             block=row["block"],
             registry_id=registry,

@@ -59,23 +59,15 @@ from itmolink.core.accounting import (
     BalanceReport,
     emissions_balance,
 )
-from itmolink.core.actions import ActionType
 from itmolink.core.adjustments import AdjustmentEntry
 from itmolink.core.aef import (
-    ActionRecord,
-    ActionSubtype,
     AefReport,
-    AuthorisationRecord,
-    HoldingsSnapshot,
-    Submission,
-    aef_report,
 )
-from itmolink.core.authorisation import Authorisation
 from itmolink.core.transfer import TransferState
-from itmolink.core.units import FirstTransferDefinition
 from itmolink.crypto.operators import read_token, token_file
 from itmolink.crypto.pki import init_party
 from itmolink.reports import write_aef
+from itmolink.reports.build import build_aef
 from itmolink.sim.scenario import Party, Scenario
 from itmolink.store.tx import HeldBlock, Tx
 from itmolink.v1 import common_pb2
@@ -619,59 +611,16 @@ def _csv(rows: Iterable[Iterable[object]]) -> str:
 def _aef(
     tx: Tx, party: str, registry: str, accounting: AccountingConfig, year: int, clock: _Clock
 ) -> AefReport:
-    snapshot = tx.snapshot(year)
-    assert snapshot is not None
-    authorisations = []
-    for terms in tx.authorisations():
-        if terms.host_party != party:
-            continue
-        details = tx.authorisation_details(terms.host_party, terms.authorisation_id)
-        authorisations.append(
-            AuthorisationRecord(
-                authorisation=Authorisation(
-                    terms,
-                    oimp_detail=details["oimp_detail"],
-                    first_transfer_definition=FirstTransferDefinition(
-                        details["first_transfer_definition"]
-                    ),
-                ),
-                date=clock.date(details["created_at"]),
-                sectors=details["activity_name"],
-            )
-        )
-    actions = []
-    for row in tx.actions():
-        date = clock.date(row["at"])
-        actions.append(
-            ActionRecord(
-                at=dt.datetime(date.year, date.month, date.day, tzinfo=dt.UTC),
-                action_type=ActionType(row["action_type"]),
-                block=row["block"],
-                registry_id=registry,
-                subtype=ActionSubtype(row["subtype"]) if row["subtype"] else None,
-                transferring_party=row["transferring_party"],
-                acquiring_party=row["acquiring_party"],
-                oimp_purpose=row["oimp_purpose"],
-                using_party=row["using_party"],
-                use_year=row["use_year"],
-            )
-        )
-    return aef_report(
-        Submission(
-            party=party,
-            reported_year=year,
-            submission_date=dt.date(year + 1, 4, 15),
-            ndc_period=accounting.ndc_period,
-        ),
-        authorisations,
-        actions,
-        HoldingsSnapshot(
-            registry_id=registry,
-            at=dt.date(year, 12, 31),
-            blocks=tuple(block for _, block in snapshot[1]),
-        ),
-        (),
-    )
+    """The year's AEF tables, dated in simulated time (no wall-clock date in the output)."""
+
+    def when(micros: int) -> dt.datetime:
+        date = clock.date(micros)
+        return dt.datetime(date.year, date.month, date.day, tzinfo=dt.UTC)
+
+    return build_aef(
+        tx, party=party, registry=registry, year=year, accounting=accounting,
+        submission_date=dt.date(year + 1, 4, 15), when=when,
+    )  # fmt: skip
 
 
 def _balance_csv(report: BalanceReport) -> str:
