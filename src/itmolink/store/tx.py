@@ -462,19 +462,17 @@ class Tx:
             ),
         )
 
-    def authorisation_get(
-        self, host_party: str, authorisation_id: str
-    ) -> AuthorisationTerms | None:
-        """The latest version of an authorisation."""
-        row = self._one(
-            "SELECT host_party, authorisation_id, version, activity_id, cooperative_approach_id, "
-            "acquiring_parties, purposes, vintage_from, vintage_to, quantity_cap, unit_type "
-            "FROM authorisations WHERE host_party = ? AND authorisation_id = ? "
-            "ORDER BY version DESC LIMIT 1",
-            (host_party, authorisation_id),
-        )
-        if row is None:
-            return None
+    _AUTHORISATION_COLUMNS = (
+        "host_party, authorisation_id, version, activity_id, cooperative_approach_id, "
+        "acquiring_parties, purposes, vintage_from, vintage_to, quantity_cap, unit_type"
+    )
+    _AUTHORISATION_DETAILS = (
+        "oimp_detail", "first_transfer_definition", "buyer_share_bp", "voluntary_omge_bp",
+        "activity_name", "created_at", "revoked", "activity_description",
+    )  # fmt: skip
+
+    @staticmethod
+    def _terms(row: Sequence[Any]) -> AuthorisationTerms:
         return AuthorisationTerms(
             host_party=row[0],
             authorisation_id=row[1],
@@ -489,21 +487,43 @@ class Tx:
             unit_type=UnitType(row[10]),
         )
 
+    def authorisation_get(
+        self, host_party: str, authorisation_id: str
+    ) -> AuthorisationTerms | None:
+        """The latest version of an authorisation."""
+        row = self._one(
+            f"SELECT {self._AUTHORISATION_COLUMNS} "
+            "FROM authorisations WHERE host_party = ? AND authorisation_id = ? "
+            "ORDER BY version DESC LIMIT 1",
+            (host_party, authorisation_id),
+        )
+        return None if row is None else self._terms(row)
+
+    def authorisation_versions(
+        self, host_party: str, authorisation_id: str
+    ) -> list[tuple[AuthorisationTerms, dict[str, Any]]]:
+        """Every version of an authorisation, oldest first, each with its details."""
+        details = ", ".join(self._AUTHORISATION_DETAILS)
+        rows = self._exec(
+            f"SELECT {self._AUTHORISATION_COLUMNS}, {details} "
+            "FROM authorisations WHERE host_party = ? AND authorisation_id = ? ORDER BY version",
+            (host_party, authorisation_id),
+        ).fetchall()
+        return [
+            (self._terms(row), dict(zip(self._AUTHORISATION_DETAILS, row[11:], strict=True)))
+            for row in rows
+        ]
+
     def authorisation_details(self, host_party: str, authorisation_id: str) -> dict[str, Any]:
         """The parts of the latest version that AuthorisationTerms leaves out."""
         row = self._one(
-            "SELECT oimp_detail, first_transfer_definition, buyer_share_bp, voluntary_omge_bp, "
-            "activity_name, created_at, revoked, activity_description FROM authorisations "
-            "WHERE host_party = ? "
-            "AND authorisation_id = ? ORDER BY version DESC LIMIT 1",
+            f"SELECT {', '.join(self._AUTHORISATION_DETAILS)} FROM authorisations "
+            "WHERE host_party = ? AND authorisation_id = ? ORDER BY version DESC LIMIT 1",
             (host_party, authorisation_id),
         )
         if row is None:
             return {}
-        keys = ("oimp_detail", "first_transfer_definition", "buyer_share_bp",
-                "voluntary_omge_bp", "activity_name", "created_at", "revoked",
-                "activity_description")  # fmt: skip
-        return dict(zip(keys, row, strict=True))
+        return dict(zip(self._AUTHORISATION_DETAILS, row, strict=True))
 
     def authorisation_evidence(self, host_party: str, authorisation_id: str) -> bytes | None:
         """The host's signed statement of the latest version, as received here."""
