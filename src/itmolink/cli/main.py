@@ -555,7 +555,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    """Check the journal's hash chain offline, straight from the database file."""
+    """Check the hash chains offline, straight from the database file: the journal of
+    every envelope sent and received, and the operators' audit trail."""
     import sqlite3
 
     from itmolink.core.journal import verify_chain
@@ -572,15 +573,26 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         tx = Tx(conn)
         entries = list(tx.journal_entries())
         problems = verify_chain(entries, recorded_head=tx.journal_head())
+        legacy, audit = tx.admin_audit_entries()
+        audit_problems = verify_chain(
+            audit, recorded_head=tx.admin_audit_head(), first_id=legacy + 1
+        )
     finally:
         conn.close()
     for problem in problems:
-        print(f"entry {problem.entry_id}: {problem.problem}")
+        print(f"journal entry {problem.entry_id}: {problem.problem}")
+    for problem in audit_problems:
+        print(f"audit row {problem.entry_id}: {problem.problem}")
     if problems:
         print(f"journal of {database}: {len(problems)} problem(s) in {len(entries)} entries")
-        return EXIT_TAMPERED
-    print(f"journal of {database}: {len(entries)} entries, hash chain intact")
-    return 0
+    else:
+        print(f"journal of {database}: {len(entries)} entries, hash chain intact")
+    unchained = f" ({legacy} earlier rows from before the chain)" if legacy else ""
+    if audit_problems:
+        print(f"audit trail of {database}: {len(audit_problems)} problem(s) in {len(audit)} rows")
+    else:
+        print(f"audit trail of {database}: {len(audit)} rows, hash chain intact{unchained}")
+    return EXIT_TAMPERED if problems or audit_problems else 0
 
 
 # -- parser --------------------------------------------------------------------------------
@@ -826,8 +838,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify = audit.add_parser(
         "verify",
-        help="verify the journal's hash chain (exit 4 if an entry was edited, removed, "
-        "inserted or reordered)",
+        help="verify the hash chains of the journal and of the operators' audit trail "
+        "(exit 4 if an entry was edited, removed, inserted or reordered)",
     )
     verify.add_argument("--config", default="node.toml", help="the node's configuration")
     verify.add_argument("--database", help="the database file instead of --config")
