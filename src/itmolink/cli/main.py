@@ -30,6 +30,7 @@ from itmolink.crypto.operators import add_operator, read_token, token_file
 from itmolink.crypto.pki import DEFAULT_HOSTS, init_party
 from itmolink.node.admin import REJECTION_CODE_KEY
 from itmolink.node.config import ConfigError, load_config
+from itmolink.conformance.cli import add_conformance_parser
 from itmolink.sim.cli import add_simulate_parser
 from itmolink.v1 import common_pb2, transfer_pb2
 
@@ -608,6 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"itmolink {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_simulate_parser(commands)
+    add_conformance_parser(commands)
 
     pki = commands.add_parser("pki", help="create key material").add_subparsers(
         dest="pki_command", required=True, metavar="ACTION"
