@@ -94,3 +94,29 @@ def test_every_message_is_covered_by_some_proto_module() -> None:
     root = PROTOCOL.parents[1] / "proto" / "itmolink" / "v1"
     files = {p.name for p in root.glob("*.proto")}
     assert files == {Path(m.DESCRIPTOR.name).name for m in proto_modules()}
+
+
+def test_protocol_md_lists_every_conformance_test() -> None:
+    from itmolink.conformance.stages import TESTS
+
+    section = PROTOCOL.read_text().split("## 13. Conformance kit")[1].split("## Appendix A")[0]
+    for test in TESTS:
+        row = f"| `{test.id}` |"
+        assert row in section, f"§13.4 does not list the kit test {test.id}"
+        line = next(line for line in section.splitlines() if line.startswith(row))
+        assert test.section in line, f"§13.4 gives another section for {test.id}"
+
+
+def test_the_example_kit_configuration_names_every_driver_action() -> None:
+    import tomllib
+
+    from itmolink.conformance.driver import ACTIONS, Driver
+
+    example = PROTOCOL.parents[1] / "conformance" / "partner.example.toml"
+    data = tomllib.loads(example.read_text())
+    commands = {k: v for k, v in data["driver"].items() if k != "vars"}
+    driver = Driver(commands, data["driver"].get("vars", {}))
+    for action, placeholders in ACTIONS.items():
+        common = {"kit_party": "XKT", "target_party": "LAO", "kit_endpoint": "h:1"}
+        command = driver.render(action, {**dict.fromkeys(placeholders, "1"), **common})
+        assert "{" not in command, command
