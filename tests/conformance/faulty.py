@@ -5,6 +5,14 @@ node (its engine's class is swapped for a subclass, its trust store or store
 wrapped) and, for a rule checked in the core, by a monkeypatch that the test
 undoes. tests/conformance/test_faulty.py runs the kit against each variant and
 asserts that the kit fails it, in the test named here.
+
+Not a variant, because the kit cannot see it from outside: a receiver that books
+its corresponding adjustment when it accepts instead of when the completion
+arrives. For a transfer that completes, the final records are the same; for one
+that is voided, the stray entry appears in no reconciliation leaf (§11.4 hashes
+adjustments only of transfers that moved), so no partner can observe it. A
+variant that books the adjustment wrongly in a way that survives to the final
+records is caught (receiver-books-no-adjustment, sender-adjustment-wrong-sign).
 """
 
 from __future__ import annotations
