@@ -82,6 +82,12 @@ def _retrust(node: Node, cls: type[VerifyingKey]) -> None:
     )
 
 
+class IgnoresRevocations(Engine):
+    def reload_trust(self) -> None:
+        super().reload_trust()
+        self.trust = TrustStore(self.trust.all())  # the same keys, none revoked
+
+
 class IgnoresAudience(Engine):
     def _check_header(self, header: common_pb2.Header, *, sender: str, now_us: int) -> None:
         readdressed = common_pb2.Header()
@@ -293,6 +299,8 @@ VARIANTS = [
             "1.09-wrong-audience", lambda n: _swap(n, IgnoresAudience)),
     Variant("accepts-expired-key", "buyer", "accepts signatures of keys outside their window",
             "1.07-expired-key", lambda n: _retrust(n, _NoWindow)),
+    Variant("ignores-key-revocation", "buyer", "accepts signatures of a key revoked in-band",
+            "1.17-key-rotation", lambda n: _swap(n, IgnoresRevocations)),
     Variant("accepts-replay", "buyer", "accepts a replayed old message (no sent_at window)",
             "1.13-stale-sent-at", lambda n: _swap(n, NoSentAtWindow)),
     Variant("forgets-replies", "buyer", "answers a retried message anew, not with its stored reply",

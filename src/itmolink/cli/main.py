@@ -26,11 +26,11 @@ from google.protobuf.json_format import MessageToDict
 from itmolink import __version__
 from itmolink.admin.v1 import admin_pb2, admin_pb2_grpc
 from itmolink.cli.table import print_table
+from itmolink.conformance.cli import add_conformance_parser
 from itmolink.crypto.operators import add_operator, read_token, token_file
 from itmolink.crypto.pki import DEFAULT_HOSTS, init_party
 from itmolink.node.admin import REJECTION_CODE_KEY
 from itmolink.node.config import ConfigError, load_config
-from itmolink.conformance.cli import add_conformance_parser
 from itmolink.sim.cli import add_simulate_parser
 from itmolink.v1 import common_pb2, transfer_pb2
 

@@ -37,6 +37,7 @@ from itmolink.v1 import (
     codes_pb2,
     envelope_pb2,
     issuance_pb2,
+    keys_pb2,
     reconcile_pb2,
     transfer_pb2,
 )
@@ -297,6 +298,36 @@ async def t_reused_sequence(ctx: Context) -> None:
     ctx.expect(await ctx.link.deliver_raw(envelope), transfer_pb2.TransferStatusReport, "query")
     reply = await ctx.link.send(_status_query(ctx), sequence=first.header.sequence)
     ctx.expect_rejection(reply, C.REJECTION_CODE_SEQUENCE_REUSED, "reused sequence", recorded=False)
+
+
+@kit_test(
+    "1.17-key-rotation",
+    1,
+    "§5.12, §3.8",
+    "a key announced in-band signs; once revoked in-band: 1010",
+)
+async def t_rotation(ctx: Context) -> None:
+    new = SigningKey.generate(ctx.kit)
+    record = keys_pb2.SigningKeyRecord(
+        key_id=new.key_id, public_key=new.verifying_key().public_bytes
+    )
+    rotation = keys_pb2.KeyRotation(rotation_id=new.key_id, new_key=record)
+    ack = ctx.expect(
+        await ctx.link.send(rotation), keys_pb2.KeyRotationAcknowledgement, "key rotation"
+    )
+    check(ack.rotation_id == rotation.rotation_id, f"acknowledgement names {ack.rotation_id!r}")
+    reply = await ctx.link.send(_status_query(ctx), key=new)
+    ctx.expect(reply, transfer_pb2.TransferStatusReport, "a query signed with the announced key")
+    revocation = keys_pb2.KeyRotation(
+        rotation_id=f"revoke-{new.key_id}", revoked_key_ids=[new.key_id]
+    )
+    ctx.expect(
+        await ctx.link.send(revocation), keys_pb2.KeyRotationAcknowledgement, "key revocation"
+    )
+    reply = await ctx.link.send(_status_query(ctx), key=new)
+    ctx.expect_rejection(
+        reply, C.REJECTION_CODE_SIGNING_KEY_REVOKED, "a revoked key", recorded=False
+    )
 
 
 # ======================================================================================
