@@ -198,6 +198,34 @@ class AcceptsPre2021(Engine):
         return terms_from_statement(statement)
 
 
+class _NeverRevoked:
+    """A transaction in which no authorisation is ever revoked."""
+
+    def __init__(self, tx: Tx) -> None:
+        self._tx = tx
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tx, name)
+
+    def authorisation_details(self, host: str, authorisation_id: str) -> dict[str, Any]:
+        details = dict(self._tx.authorisation_details(host, authorisation_id))
+        details["revoked"] = False
+        return details
+
+
+class IgnoresAuthorisationRevocation(Engine):
+    """Accepts transfers under an authorisation its host revoked."""
+
+    def _on_proposal(self, tx: Tx, *args: Any) -> bytes:
+        handler = Engine._request_handlers["itmolink.v1.TransferProposal"]
+        return handler(self, _NeverRevoked(tx), *args)
+
+    _request_handlers: ClassVar[dict[str, Callable[..., bytes]]] = {
+        **Engine._request_handlers,
+        "itmolink.v1.TransferProposal": _on_proposal,
+    }
+
+
 class CreditsOnAcceptance(Engine):
     """Credits the blocks when it accepts, not when the sender completes."""
 
@@ -309,6 +337,8 @@ VARIANTS = [
             "1.15-reused-message-id", _inbox(ReusedIdAsNew)),
     Variant("accepts-vintage-2020", "buyer", "accepts an authorisation of vintages before 2021",
             "2.02-authorisation-vintage-before-2021", lambda n: _swap(n, AcceptsPre2021)),
+    Variant("ignores-authorisation-revocation", "buyer", "accepts units of a revoked authorisation",
+            "3.16-revoked-authorisation", lambda n: _swap(n, IgnoresAuthorisationRevocation)),
     Variant("credits-on-acceptance", "buyer", "credits units on acceptance, not on completion",
             "3.14-void-after-acceptance", lambda n: _swap(n, CreditsOnAcceptance)),
     Variant("reapplies-completion", "buyer", "applies a completion sent again a second time",

@@ -427,6 +427,22 @@ async def t_b_issuance_unknown(ctx: Context) -> None:
     )
 
 
+@kit_test(
+    "2.07-authorisation-revoked",
+    2,
+    "§5.6",
+    "the next version with the same terms and revoked set is acknowledged",
+    ("buyer",),
+)
+async def t_b_revocation(ctx: Context) -> None:
+    revoked = await _authorise_at_target(ctx, "REV")
+    statement = ctx.statement("REV", version=2, revoked=True)
+    reply = await ctx.link.send(statement)
+    ack = ctx.expect(reply, authorisation_pb2.AuthorisationAcknowledgement, "revocation")
+    check(ack.version == 2, f"the acknowledgement names version {ack.version}, not 2")
+    ctx.notes["revoked_auth"] = revoked
+
+
 # ======================================================================================
 # Stage 2, target = host: the target authorises and issues (driver), the kit acknowledges
 # ======================================================================================
@@ -976,6 +992,21 @@ async def t_b_completion_checks(ctx: Context) -> None:
     )
     await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_ACCEPTED, "§5.9")
     await _complete(ctx, record, "the right completion after a wrong one")
+
+
+@kit_test(
+    "3.16-revoked-authorisation",
+    3,
+    "§5.6, §5.8 T2a",
+    "a proposal under a revoked authorisation: 4014",
+    ("buyer",),
+)
+async def t_b_revoked(ctx: Context) -> None:
+    blocks = ctx.new_blocks(100, ctx.notes["revoked_auth"])
+    record = await _refused_proposal(
+        ctx, C.REJECTION_CODE_AUTHORISATION_REVOKED, "revoked authorisation", blocks=blocks
+    )
+    await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_REJECTED, "§5.2 D10")
 
 
 # ======================================================================================
