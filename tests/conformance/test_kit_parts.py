@@ -66,3 +66,33 @@ def test_a_bad_configuration_is_refused_with_exit_status_2(
     )
     assert code == 2
     assert "[target] card is required" in capsys.readouterr().err
+
+
+def test_the_kit_answers_a_targets_status_query_from_its_own_record(tmp_path: Path) -> None:
+    from itmolink.conformance.context import Context, KitTransfer
+    from itmolink.conformance.link import Incoming
+    from itmolink.conformance.runner import _status_report
+    from itmolink.v1 import transfer_pb2
+
+    config = load_kit_config(prepare(tmp_path).kit_config)
+    ctx = Context(config=config, role="buyer", link=None, server=None, driver=None)  # type: ignore[arg-type]
+    ctx.transfers = {
+        "XKT-T-1": KitTransfer("XKT-T-1", "XKT", "LAO", "A", moved=True, final_at_target=True),
+        "XKT-T-2": KitTransfer("XKT-T-2", "XKT", "LAO", "A", final_at_target=True),
+        "XKT-T-3": KitTransfer(
+            "XKT-T-3", "XKT", "LAO", "A", final_at_target=True, acceptance_digest=b"x"
+        ),
+        "XKT-T-4": KitTransfer("XKT-T-4", "XKT", "LAO", "A"),
+    }
+    states = {}
+    for transfer_id in [*ctx.transfers, "XKT-T-9"]:
+        query = transfer_pb2.TransferStatusQuery(transfer_id=transfer_id)
+        report = _status_report(ctx, Incoming(b"", "", b"", query, 0.0))
+        states[transfer_id] = transfer_pb2.TransferState.Name(report.state)  # type: ignore[attr-defined]
+    assert states == {
+        "XKT-T-1": "TRANSFER_STATE_COMPLETED",
+        "XKT-T-2": "TRANSFER_STATE_REJECTED",
+        "XKT-T-3": "TRANSFER_STATE_VOIDED",
+        "XKT-T-4": "TRANSFER_STATE_PROPOSED",
+        "XKT-T-9": "TRANSFER_STATE_UNKNOWN",
+    }

@@ -95,9 +95,13 @@ def cmd_conformance_run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(result_line(result), flush=True)
 
-    report = asyncio.run(
-        run_kit(config, args.target, args.role, stages=args.stages, progress=progress)
-    )
+    try:
+        report = asyncio.run(
+            run_kit(config, args.target, args.role, stages=args.stages, progress=progress)
+        )
+    except OSError as exc:  # e.g. the kit cannot listen on [kit] listen
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.junit:
         Path(args.junit).write_bytes(junit_xml(report))
     if args.report:

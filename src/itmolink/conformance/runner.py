@@ -13,11 +13,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from google.protobuf.message import Message
+
 from itmolink.conformance.config import ROLES, KitConfig
 from itmolink.conformance.context import CheckFailed, Context
 from itmolink.conformance.driver import Driver
-from itmolink.conformance.link import KitServer, Link, default_answer
+from itmolink.conformance.link import Incoming, KitServer, Link, default_answer
 from itmolink.conformance.stages import STAGES, KitTest, tests_for
+from itmolink.v1 import transfer_pb2
 
 TEST_TIMEOUT_SECONDS = 120.0
 
@@ -99,6 +102,9 @@ async def run_kit(
         },
     )
     ctx = Context(config=config, role=role, link=link, server=server, driver=driver)
+    server.policies[str(transfer_pb2.TransferStatusQuery.DESCRIPTOR.full_name)] = lambda incoming: (
+        _status_report(ctx, incoming)
+    )
     blocked: int | None = None
     try:
         for stage in sorted(STAGES):
@@ -126,6 +132,27 @@ async def run_kit(
         report.seconds = time.monotonic() - began
         report.driver_log = [f"[{r.action}] exit {r.returncode}: {r.command}" for r in driver.log]
     return report
+
+
+def _status_report(ctx: Context, incoming: Incoming) -> Message:
+    """The kit's own view of a transfer, for a target that asks (§5.11, §7.7)."""
+    transfer_id = str(incoming.message.transfer_id)  # type: ignore[attr-defined]
+    record = ctx.transfers.get(transfer_id)
+    if record is None:
+        state = transfer_pb2.TRANSFER_STATE_UNKNOWN
+    elif record.moved:
+        state = transfer_pb2.TRANSFER_STATE_COMPLETED
+    elif record.final_at_target:
+        state = (
+            transfer_pb2.TRANSFER_STATE_VOIDED
+            if record.acceptance_digest
+            else transfer_pb2.TRANSFER_STATE_REJECTED
+        )
+    elif record.sender == ctx.kit:
+        state = transfer_pb2.TRANSFER_STATE_PROPOSED
+    else:
+        state = transfer_pb2.TRANSFER_STATE_ACCEPTED
+    return transfer_pb2.TransferStatusReport(transfer_id=transfer_id, state=state)
 
 
 async def _run_one(test: KitTest, ctx: Context) -> Result:
