@@ -268,6 +268,29 @@ class ReappliesCompletion(Engine):
     }
 
 
+class VoidsCompletedTransfer(Engine):
+    """Takes a void of a transfer it completed as the end of that transfer."""
+
+    def _on_void(self, tx: Tx, sender: str, msg: Any, *args: Any) -> bytes:
+        record = tx.transfer_get(msg.transfer_id)
+        if (
+            record is not None
+            and record.partner == sender
+            and record.state is TransferState.COMPLETED
+        ):
+            now_us = args[2]
+            tx.transfer_set_state(msg.transfer_id, TransferState.VOIDED, now=now_us)
+            receipt = transfer_pb2.TransferVoidReceipt(transfer_id=msg.transfer_id)
+            return self._reply(tx, sender, receipt, msg.header.message_id, now_us)[1]
+        handler = Engine._request_handlers["itmolink.v1.TransferVoid"]
+        return handler(self, tx, sender, msg, *args)
+
+    _request_handlers: ClassVar[dict[str, Callable[..., bytes]]] = {
+        **Engine._request_handlers,
+        "itmolink.v1.TransferVoid": _on_void,
+    }
+
+
 class ReceiverBooksNoAdjustment(Engine):
     def _adjustment_entries(
         self, role: Role, partner: str, transfer_id: str, blocks: Sequence[Block]
@@ -343,6 +366,8 @@ VARIANTS = [
             "3.14-void-after-acceptance", lambda n: _swap(n, CreditsOnAcceptance)),
     Variant("reapplies-completion", "buyer", "applies a completion sent again a second time",
             "3.03-completion-resealed", lambda n: _swap(n, ReappliesCompletion)),
+    Variant("voids-completed-transfer", "buyer", "lets a void end a transfer it completed",
+            "3.17-void-rules", lambda n: _swap(n, VoidsCompletedTransfer)),
     Variant("receiver-books-no-adjustment", "buyer", "books no adjustment on completion",
             "3.01-transfer-completed", lambda n: _swap(n, ReceiverBooksNoAdjustment)),
     Variant("ignores-cap", "host", "issues beyond the authorisation's quantity cap",

@@ -1009,6 +1009,39 @@ async def t_b_revoked(ctx: Context) -> None:
     await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_REJECTED, "§5.2 D10")
 
 
+@kit_test(
+    "3.17-void-rules",
+    3,
+    "§5.10 V3, V4",
+    "a void before its proposal leaves a tombstone (the late proposal: 3008); "
+    "a void of a completed transfer: 3008",
+    ("buyer",),
+)
+async def t_b_void_rules(ctx: Context) -> None:
+    blocks = ctx.new_blocks(100, ctx.notes["auth"])
+    proposal = ctx.proposal(blocks)
+    void = transfer_pb2.TransferVoid(transfer_id=proposal.transfer_id, reason="conformance")
+    receipt = ctx.expect(await ctx.link.send(void), transfer_pb2.TransferVoidReceipt, "early void")
+    check(receipt.transfer_id == proposal.transfer_id, f"receipt names {receipt.transfer_id!r}")
+    tombstone = KitTransfer(proposal.transfer_id, ctx.kit, ctx.target, proposal.authorisation_id)
+    tombstone.final_at_target = True
+    ctx.transfers[tombstone.transfer_id] = tombstone
+    await _expect_state(ctx, proposal.transfer_id, transfer_pb2.TRANSFER_STATE_VOIDED, "§5.10 V3")
+    reply = await ctx.link.send(proposal)
+    ctx.expect_rejection(
+        reply, C.REJECTION_CODE_TRANSFER_STATE_CONFLICT, "a proposal after its void", recorded=True
+    )
+    done: KitTransfer = ctx.notes["completed"]
+    late = transfer_pb2.TransferVoid(transfer_id=done.transfer_id, reason="conformance")
+    ctx.expect_rejection(
+        await ctx.link.send(late),
+        C.REJECTION_CODE_TRANSFER_STATE_CONFLICT,
+        "a void of a completed transfer",
+        recorded=True,
+    )
+    await _expect_state(ctx, done.transfer_id, transfer_pb2.TRANSFER_STATE_COMPLETED, "§5.10 V4")
+
+
 # ======================================================================================
 # Stage 3, target = host: the target proposes (driver), the kit answers
 # ======================================================================================
