@@ -443,6 +443,31 @@ async def t_b_revocation(ctx: Context) -> None:
     ctx.notes["revoked_auth"] = revoked
 
 
+@kit_test(
+    "2.08-authorisation-amended",
+    2,
+    "§5.6",
+    "an amendment (next version) is acknowledged; a version gap (4015) or an amendment of a "
+    "revoked authorisation (4014) is not",
+    ("buyer",),
+)
+async def t_b_amendment(ctx: Context) -> None:
+    amended = await _authorise_at_target(ctx, "AMD")
+    reply = await ctx.link.send(ctx.statement("AMD", version=2, vintage_to=2026))
+    ack = ctx.expect(reply, authorisation_pb2.AuthorisationAcknowledgement, "amendment")
+    check(ack.version == 2, f"the acknowledgement names version {ack.version}, not 2")
+    ctx.authorisations[amended] = ctx.statement("AMD", version=2, vintage_to=2026)
+    ctx.notes["amended_auth"] = amended
+    reply = await ctx.link.send(ctx.statement("AMD", version=4, vintage_to=2025))
+    ctx.expect_rejection(
+        reply, C.REJECTION_CODE_AMENDMENT_NOT_ALLOWED, "version 4 after 2", recorded=True
+    )
+    reply = await ctx.link.send(ctx.statement("REV", version=3, vintage_to=2029))
+    ctx.expect_rejection(
+        reply, C.REJECTION_CODE_AUTHORISATION_REVOKED, "amending a revoked one", recorded=True
+    )
+
+
 # ======================================================================================
 # Stage 2, target = host: the target authorises and issues (driver), the kit acknowledges
 # ======================================================================================
@@ -1040,6 +1065,20 @@ async def t_b_void_rules(ctx: Context) -> None:
         recorded=True,
     )
     await _expect_state(ctx, done.transfer_id, transfer_pb2.TRANSFER_STATE_COMPLETED, "§5.10 V4")
+
+
+@kit_test(
+    "3.18-amended-terms-apply",
+    3,
+    "§5.6, §5.5.2",
+    "a proposal of a vintage the amendment removed: 4003",
+    ("buyer",),
+)
+async def t_b_amended(ctx: Context) -> None:
+    blocks = ctx.new_blocks(100, ctx.notes["amended_auth"], vintage=2028)
+    await _refused_proposal(
+        ctx, C.REJECTION_CODE_VINTAGE_NOT_AUTHORISED, "vintage removed by amendment", blocks=blocks
+    )
 
 
 # ======================================================================================
