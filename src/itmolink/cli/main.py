@@ -26,6 +26,7 @@ from google.protobuf.json_format import MessageToDict
 from itmolink import __version__
 from itmolink.admin.v1 import admin_pb2, admin_pb2_grpc
 from itmolink.cli.table import print_table
+from itmolink.conformance.cli import add_conformance_parser
 from itmolink.crypto.operators import add_operator, read_token, token_file
 from itmolink.crypto.pki import DEFAULT_HOSTS, init_party
 from itmolink.node.admin import REJECTION_CODE_KEY
@@ -620,6 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"itmolink {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_simulate_parser(commands)
+    add_conformance_parser(commands)
 
     pki = commands.add_parser("pki", help="create key material").add_subparsers(
         dest="pki_command", required=True, metavar="ACTION"
