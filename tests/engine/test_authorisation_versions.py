@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
+from itmolink.core.accounting import AccountingConfig, AccountingMethod, NdcPeriod
 from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.core.transfer import TransferState
+from itmolink.reports.build import build_aef
 
 from .conftest import Pair
+
+ACCOUNTING = AccountingConfig(
+    party="LAO", method=AccountingMethod.BUDGET, ndc_period=NdcPeriod(1, 2021, 2030),
+    target_emissions=600_000_000,
+)  # fmt: skip
 
 
 def issued(pair: Pair, quantity: int = 1_000) -> str:
@@ -111,3 +120,35 @@ def test_versions_go_out_one_at_a_time_and_answers_land_on_their_version(pair: P
         v2_states = tx.authorisation_party_states("LAO", authorisation_id, 2)
     assert v1_states == {"KOR": "acknowledged"}
     assert v2_states == {"KOR": "acknowledged"}
+
+
+def test_the_aef_reports_every_version_in_the_year_it_was_issued(pair: Pair) -> None:
+    authorisation_id = issued(pair)
+    pair.lao.amend_authorisation(authorisation_id, {"quantity_cap": 8_000}, pair.now)
+    pair.pump()
+    pair.lao.revoke_authorisation(authorisation_id, pair.now)
+    pair.pump()
+    year = pair.now.year
+    pair.lao.snapshot_holdings(year, pair.now)
+    with pair.lao.store.transaction() as tx:
+        report = build_aef(
+            tx, party="LAO", registry="LAO-NR", year=year, accounting=ACCOUNTING,
+            submission_date=dt.date(year + 1, 4, 15),
+        )  # fmt: skip
+    table = report.authorizations
+    column = {name: i for i, name in enumerate(table.columns)}
+    rows = [r for r in table.rows if r[column["Authorization ID"]] == authorisation_id]
+    assert [r[column["Version of the authorization"]] for r in rows] == ["1", "2", "3"]
+    assert [r[column["Authorized quantity"]] for r in rows] == ["5000", "8000", "8000"]
+    information = [r[column["Additional explanatory information"]] for r in rows]
+    assert [text.startswith("This version revokes") for text in information] == [
+        False, False, True
+    ]  # fmt: skip
+    # A report of the following year has none of them: each was reported in its own year.
+    pair.lao.snapshot_holdings(year + 1, pair.now)
+    with pair.lao.store.transaction() as tx:
+        later = build_aef(
+            tx, party="LAO", registry="LAO-NR", year=year + 1, accounting=ACCOUNTING,
+            submission_date=dt.date(year + 2, 4, 15),
+        )  # fmt: skip
+    assert later.authorizations.rows == ()

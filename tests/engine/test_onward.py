@@ -155,3 +155,50 @@ def test_a_third_party_refuses_an_onward_transfer_without_the_hosts_evidence(
     assert record.rejection_code == RejectionCode.UNKNOWN_AUTHORISATION
     with jpn.store.transaction() as tx:
         assert tx.adjustments() == []
+
+
+def test_a_party_removed_by_an_amendment_is_told_and_can_no_longer_acquire(
+    databases: Databases,
+) -> None:
+    engines = network(databases)
+    lao, kor, jpn = engines["LAO"], engines["KOR"], engines["JPN"]
+    now = START
+    terms = lao.authorise(
+        activity_id="LAO-SOLAR", activity_name="", activity_description="",
+        cooperative_approach_id="LAO-KOR-JPN", acquiring_parties=["KOR", "JPN"],
+        purposes=[Purpose.NDC], oimp_detail="",
+        first_transfer_definition=FirstTransferDefinition.UNSPECIFIED, vintage_from=2021,
+        vintage_to=2030, quantity_cap=0, unit_type=UnitType.ITMO, now=now,
+    )  # fmt: skip
+    authorisation_id = terms.authorisation_id
+    lao.issue(authorisation_id=authorisation_id, vintage=2025, quantity=1_000, now=now)
+    pump(engines, now, blocked=set())
+
+    amended = lao.amend_authorisation(
+        authorisation_id, {"acquiring_parties": frozenset({"KOR"})}, now
+    )
+    assert amended.acquiring_parties == {"KOR"}
+    with lao.store.transaction() as tx:
+        waiting = tx.authorisation_party_states("LAO", authorisation_id, 2)
+    assert waiting == {"KOR": "pending", "JPN": "pending"}  # JPN is told of its removal
+    pump(engines, now, blocked=set())
+    with lao.store.transaction() as tx:
+        answered = tx.authorisation_party_states("LAO", authorisation_id, 2)
+    assert answered == {"KOR": "acknowledged", "JPN": "acknowledged"}
+    with jpn.store.transaction() as tx:
+        recorded = tx.authorisation_get("LAO", authorisation_id)
+    assert recorded is not None
+    assert (recorded.version, recorded.acquiring_parties) == (2, frozenset({"KOR"}))
+
+    # The host no longer proposes to JPN, and JPN would refuse a proposal under it.
+    with pytest.raises(Rejected) as caught:
+        lao.start_transfer(to_party="JPN", authorisation_id=authorisation_id, vintage=2025,
+                           quantity=10, now=now)  # fmt: skip
+    assert caught.value.code is RejectionCode.NOT_ACQUIRING_PARTY
+    kor_transfer = lao.start_transfer(to_party="KOR", authorisation_id=authorisation_id,
+                                      vintage=2025, quantity=10, now=now)  # fmt: skip
+    pump(engines, now, blocked=set())
+    with kor.store.transaction() as tx:
+        record = tx.transfer_get(kor_transfer)
+    assert record is not None
+    assert record.state is TransferState.COMPLETED

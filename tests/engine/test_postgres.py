@@ -142,7 +142,7 @@ def test_a_password_never_shows_and_never_sits_in_the_configuration(tmp_path: Pa
         _database("mysql://x/y", tmp_path, tmp_path / "node.toml")
 
 
-def test_a_key_rotated_through_one_process_is_used_by_the_other(tmp_path: Path) -> None:
+def test_a_key_rotated_through_one_process_is_used_by_the_other() -> None:
     # LAO runs as two engines over one database (two processes); KOR is its partner.
     cluster = postgres_cluster()
     lao_url = cluster.new_database("lao")
@@ -189,3 +189,44 @@ def test_a_key_rotated_through_one_process_is_used_by_the_other(tmp_path: Path) 
         assert tx.authorisation_party_states("LAO", authorisation_id, 1) == {"KOR": "acknowledged"}
     for engine in (a, b, kor):
         engine.store.close()
+
+
+def test_a_version_1_database_is_upgraded_in_place(url: str) -> None:
+    import psycopg
+
+    from itmolink.core.journal import verify_chain
+    from itmolink.store.migrate import latest_version, migrations, statements
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE schema_migrations ("
+            "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)"
+        )
+        first = migrations()[0]
+        for statement in statements(POSTGRES.render(first.sql)):
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_migrations VALUES (1, %s, 0)", (first.name,))
+        conn.execute(
+            "INSERT INTO node_meta (key, value) VALUES ('party', 'LAO'), ('registry', 'LAO-NR')"
+        )
+        for outcome, at in (("started", 1), ("ok", 2)):  # ids from the identity column
+            conn.execute(
+                "INSERT INTO admin_audit (operator, method, request, outcome, recorded_at) "
+                "VALUES ('admin', 'Issue', 'q=5', %s, %s)",
+                (outcome, at),
+            )
+    store = open_store(url, party="LAO", registry="LAO-NR")
+    assert store.schema_version() == latest_version() >= 2
+    with store.transaction() as tx:
+        tx.admin_audit_put(operator="admin", method="Info", request="", outcome="started", now=3)
+        tx.admin_audit_put(operator="admin", method="Info", request="", outcome="ok", now=4)
+    with store.transaction() as tx:
+        legacy, entries = tx.admin_audit_entries()
+        head = tx.admin_audit_head()
+    store.close()
+    assert legacy == 2
+    assert [e.id for e in entries] == [3, 4]
+    assert verify_chain(entries, recorded_head=head, first_id=legacy + 1) == []
+    again = open_store(url, party="LAO", registry="LAO-NR")  # applies nothing twice
+    assert again.schema_version() == latest_version()
+    again.close()

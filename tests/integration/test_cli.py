@@ -165,7 +165,46 @@ async def test_audit_verify_finds_an_edited_journal_entry(
     await lao.node.db(tamper)
     code, out, _ = await cli(capsys, "audit", "verify", "--config", str(lao.config_path))
     assert code == 4
-    assert "entry 2: content does not match its hash: edited" in out
+    assert "journal entry 2: content does not match its hash: edited" in out
+
+
+async def test_audit_verify_finds_an_edited_or_removed_audit_row(
+    lao_kor: tuple[Registry, Registry], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from .test_transfer import issued
+
+    lao, _ = lao_kor
+
+    def run_sql(statement: str) -> list[Any]:  # an insider, behind the node's back
+        with lao.node.engine.store.transaction() as tx:
+            cursor = tx._exec(statement)
+            return list(cursor.fetchall()) if statement.startswith("SELECT") else []
+
+    await issued(lao)  # admin requests: each writes a "started" row and an outcome row
+    code, out, _ = await cli(capsys, "audit", "verify", "--config", str(lao.config_path))
+    assert code == 0, out
+    assert "audit trail of" in out
+    assert "rows, hash chain intact" in out
+    [(rows,)] = await lao.node.db(run_sql, "SELECT COUNT(*) FROM admin_audit")
+    assert rows >= 4
+
+    # An operator's action edited after the fact...
+    await lao.node.db(run_sql, "UPDATE admin_audit SET operator = 'nobody' WHERE id = 2")
+    code, out, _ = await cli(capsys, "audit", "verify", "--config", str(lao.config_path))
+    assert code == 4
+    assert "audit row 2: content does not match its hash: edited" in out
+    assert "entries, hash chain intact" in out  # the journal is untouched
+    await lao.node.db(run_sql, "UPDATE admin_audit SET operator = 'admin' WHERE id = 2")
+    code, out, _ = await cli(capsys, "audit", "verify", "--config", str(lao.config_path))
+    assert code == 0, out
+
+    # ... or the last rows removed.
+    await lao.node.db(
+        run_sql, "DELETE FROM admin_audit WHERE id = (SELECT MAX(id) FROM admin_audit)"
+    )
+    code, out, _ = await cli(capsys, "audit", "verify", "--config", str(lao.config_path))
+    assert code == 4
+    assert "the chain does not end at its recorded head: entries removed" in out
 
 
 async def test_reconcile_between_running_nodes(

@@ -69,6 +69,20 @@ def test_lao_korea_end_to_end(tmp_path: Path) -> None:
     without = emissions_balance(accounting_config(party), party.ndc.reported_emissions, [])
     assert lao.met_without_adjustments == without.met
     assert (out / "LAO" / "aef" / "2025-actions.csv").exists()
+
+    # Korea's uses toward its NDC: each one applied, retired, and in its AEF Actions table.
+    uses = read(out / "uses.csv")
+    assert len(uses) == len(scenario.uses) > 0
+    assert all(u["outcome"] == "used" for u in uses)
+    assert kor.used == sum(u.quantity for u in scenario.uses)
+    assert lao.used == 0
+    actions = read(out / "KOR" / "aef" / "2025-actions.csv")
+    used_2025 = [a for a in actions if a["Action type"] == "Use"]
+    assert sum(int(a["Quantity (t CO2 eq)"]) for a in used_2025) == sum(
+        u.quantity for u in scenario.uses if u.year == 2025
+    )
+    assert {a["Calendar year for which the ITMOs are used towards the Party's NDC"]
+            for a in used_2025} == {"2025"}  # fmt: skip
     assert any("conservation LAO-NR" in line for line in summary.invariants)
 
     # Deterministic: the same file and seed give the same tables, byte for byte.

@@ -44,6 +44,12 @@ to = "KOR"
 years = [2022, 2030]
 quantity = 60000
 vintage_offset = -1
+[[uses]]
+party = "KOR"
+authorisation = "solar"
+years = [2023, 2030]
+quantity = 50000
+vintage_offset = -2
 """
 
 
@@ -54,6 +60,9 @@ def test_good_scenario_expands_the_schedule() -> None:
     assert scenario.party("LAO").ndc.reported_emissions[2021] == 64000000
     assert scenario.party("LAO").ndc.reported_emissions[2030] == 61000000
     assert scenario.links() == [("LAO", "KOR")]
+    assert [(u.year, u.vintage, u.party) for u in scenario.uses][:2] == [
+        (2023, 2021, "KOR"), (2024, 2022, "KOR")
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["lao-korea.toml", "lao-japan-jcm.toml", "asean-network.toml"])
@@ -89,6 +98,10 @@ def test_examples_carry_the_chapter_figures() -> None:
         ("reported_emissions = [64000000, 61000000]", "reported_emissions = { 2021 = 1 }",
          "parties[0].ndc.reported_emissions: no value for 2022"),
         ('to = "KOR"', 'to = "LAO"', "transfers[0].to:"),
+        ('party = "KOR"', 'party = "LAO"', "uses[0].party: LAO is not an acquiring party"),
+        ("quantity = 50000", "quantity = 60001", "uses[0].quantity: by 2023 KOR would use 60001"),
+        ("vintage_offset = -2", "vintage_offset = 0", "uses[0].quantity: by 2023 KOR would use"),
+        ("years = [2023, 2030]", "years = [2023, 2031]", "uses[0].years:"),
     ],
 )  # fmt: skip
 def test_bad_files_name_the_field(old: str, new: str, field: str) -> None:

@@ -6,7 +6,14 @@ from dataclasses import replace
 
 import pytest
 
-from itmolink.core.journal import GENESIS_HASH, JournalEntry, entry_hash, verify_chain
+from itmolink.core.journal import (
+    GENESIS_HASH,
+    AuditEntry,
+    JournalEntry,
+    audit_hash,
+    entry_hash,
+    verify_chain,
+)
 
 
 def chain(count: int) -> list[JournalEntry]:
@@ -87,3 +94,33 @@ def test_entries_removed_from_the_end_are_found_against_the_recorded_head() -> N
     assert verify_chain(entries[:3]) == []  # the chain alone cannot tell
     problems = verify_chain(entries[:3], recorded_head=recorded)
     assert [p.entry_id for p in problems] == [5]
+
+
+def audit_chain(n: int) -> list[AuditEntry]:
+    entries: list[AuditEntry] = []
+    prev = GENESIS_HASH
+    for i in range(1, n + 1):
+        fields = {
+            "id": i, "operator": "admin", "method": "Issue", "request": f"quantity={i}",
+            "outcome": "started" if i % 2 else "ok", "recorded_at": 1_700_000_000_000_000 + i,
+        }  # fmt: skip
+        digest = audit_hash(prev, **fields)  # type: ignore[arg-type]
+        entries.append(AuditEntry(**fields, prev_hash=prev, entry_hash=digest))  # type: ignore[arg-type]
+        prev = digest
+    return entries
+
+
+def test_the_audit_trail_is_chained_like_the_journal() -> None:
+    entries = audit_chain(6)
+    assert verify_chain(entries, recorded_head=(6, entries[-1].entry_hash)) == []
+    edited = list(entries)
+    edited[3] = replace(edited[3], outcome="ok, says nobody")
+    assert [p.entry_id for p in verify_chain(edited)] == [4]
+    # The hash covers every field, so another field's value gives another hash.
+    assert replace(entries[0], operator="alice").computed_hash() != entries[0].entry_hash
+    # A chain that starts after older, unchained rows.
+    shifted = [
+        replace(e, id=e.id + 3) for e in entries
+    ]  # ids shift, so each hash no longer matches
+    assert verify_chain(shifted, first_id=4) != []
+    assert verify_chain(entries, first_id=4)[0].problem.startswith("entry 4 expected here")

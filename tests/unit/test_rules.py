@@ -127,6 +127,22 @@ def test_check_received_authorisation(
     assert code_of(check) is expected
 
 
+def test_a_version_that_removes_me_is_accepted_only_if_an_earlier_one_named_me() -> None:
+    removal = terms(acquiring_parties=frozenset({"JPN"}), version=2)
+    check_received_authorisation(removal, me="KOR", sender="LAO", named_before=True)
+    assert (
+        code_of(lambda: check_received_authorisation(removal, me="KOR", sender="LAO"))
+        is C.NOT_ACQUIRING_PARTY
+    )
+    # The host check still comes first.
+    assert (
+        code_of(
+            lambda: check_received_authorisation(removal, me="KOR", sender="JPN", named_before=True)
+        )
+        is C.NOT_HOST_PARTY
+    )
+
+
 # check_vintage
 
 

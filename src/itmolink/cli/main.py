@@ -27,6 +27,7 @@ from google.protobuf.json_format import MessageToDict
 from itmolink import __version__
 from itmolink.admin.v1 import admin_pb2, admin_pb2_grpc
 from itmolink.cli.table import print_table
+from itmolink.conformance.cli import add_conformance_parser
 from itmolink.crypto.operators import add_operator, read_token, token_file
 from itmolink.crypto.pki import DEFAULT_HOSTS, init_party
 from itmolink.node.admin import REJECTION_CODE_KEY
@@ -572,7 +573,8 @@ def _report(args: argparse.Namespace, config: Any, tx: Any) -> None:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    """Check the journal's hash chain offline, straight from the database."""
+    """Check the hash chains offline, straight from the database: the journal of
+    every envelope sent and received, and the operators' audit trail."""
     from itmolink.core.journal import verify_chain
     from itmolink.store import is_postgres_url
     from itmolink.store.postgres import redact
@@ -588,15 +590,26 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     with _read_ledger(database) as tx:
         entries = list(tx.journal_entries())
         problems = verify_chain(entries, recorded_head=tx.journal_head())
+        legacy, audit = tx.admin_audit_entries()
+        audit_problems = verify_chain(
+            audit, recorded_head=tx.admin_audit_head(), first_id=legacy + 1
+        )
     if is_postgres_url(database):
         database = redact(str(database))
     for problem in problems:
-        print(f"entry {problem.entry_id}: {problem.problem}")
+        print(f"journal entry {problem.entry_id}: {problem.problem}")
+    for problem in audit_problems:
+        print(f"audit row {problem.entry_id}: {problem.problem}")
     if problems:
         print(f"journal of {database}: {len(problems)} problem(s) in {len(entries)} entries")
-        return EXIT_TAMPERED
-    print(f"journal of {database}: {len(entries)} entries, hash chain intact")
-    return 0
+    else:
+        print(f"journal of {database}: {len(entries)} entries, hash chain intact")
+    unchained = f" ({legacy} earlier rows from before the chain)" if legacy else ""
+    if audit_problems:
+        print(f"audit trail of {database}: {len(audit_problems)} problem(s) in {len(audit)} rows")
+    else:
+        print(f"audit trail of {database}: {len(audit)} rows, hash chain intact{unchained}")
+    return EXIT_TAMPERED if problems or audit_problems else 0
 
 
 # -- parser --------------------------------------------------------------------------------
@@ -624,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"itmolink {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_simulate_parser(commands)
+    add_conformance_parser(commands)
 
     pki = commands.add_parser("pki", help="create key material").add_subparsers(
         dest="pki_command", required=True, metavar="ACTION"
@@ -842,8 +856,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify = audit.add_parser(
         "verify",
-        help="verify the journal's hash chain (exit 4 if an entry was edited, removed, "
-        "inserted or reordered)",
+        help="verify the hash chains of the journal and of the operators' audit trail "
+        "(exit 4 if an entry was edited, removed, inserted or reordered)",
     )
     verify.add_argument("--config", default="node.toml", help="the node's configuration")
     verify.add_argument(

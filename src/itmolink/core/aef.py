@@ -298,6 +298,18 @@ def submission_table(submission: Submission) -> AefTable:
     return AefTable("Table 1 Submission", SUBMISSION_COLUMNS, (row,))
 
 
+def _authorisation_information(record: AuthorisationRecord) -> str:
+    """The additional information of a version; a revocation says so first."""
+    notes = [record.additional_information] if record.additional_information else []
+    if record.authorisation.revoked:
+        notes.insert(
+            0,
+            "This version revokes the authorization: units not yet first transferred "
+            "are no longer authorized",
+        )
+    return "; ".join(notes)
+
+
 def authorizations_table(records: Iterable[AuthorisationRecord], year: int) -> AefTable:
     chosen = sorted(
         (r for r in records if r.date.year == year),
@@ -328,7 +340,7 @@ def authorizations_table(records: Iterable[AuthorisationRecord], year: int) -> A
                 record.terms_and_conditions,
                 "",
                 FIRST_TRANSFER_DEFINITION_LABELS[auth.first_transfer_definition] if oimp else NA,
-                record.additional_information,
+                _authorisation_information(record),
             )
         )
     return AefTable("Table 2 Authorizations", AUTHORIZATIONS_COLUMNS, tuple(rows))

@@ -11,6 +11,12 @@ The first entry's prev_hash is 32 zero bytes. ``verify_chain`` finds an
 edited, removed, inserted or reordered entry. Removing entries from the end
 leaves a valid shorter chain; the recorded head (kept beside the journal) and
 the partner's own journal catch that.
+
+The operators' audit trail (every admin request, "started" and then its
+outcome) is chained the same way, over its own fields::
+
+    audit_hash = SHA-256(prev_hash || F(id) || F(operator) || F(method) ||
+                         F(request) || F(outcome) || F(recorded_at))
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 GENESIS_HASH = b"\x00" * 32
 
@@ -34,9 +41,24 @@ class JournalEntry:
     prev_hash: bytes
     entry_hash: bytes
 
+    def computed_hash(self) -> bytes:
+        return expected_hash(self)
+
 
 def _field(value: bytes) -> bytes:
     return len(value).to_bytes(8, "big") + value
+
+
+def link_hash(prev_hash: bytes, fields: Iterable[bytes]) -> bytes:
+    """SHA-256 over the previous hash and each field, length-prefixed."""
+    digest = hashlib.sha256(prev_hash)
+    for value in fields:
+        digest.update(_field(value))
+    return digest.digest()
+
+
+def _int(value: int) -> bytes:
+    return value.to_bytes(8, "big", signed=True)
 
 
 def entry_hash(
@@ -50,18 +72,81 @@ def entry_hash(
     recorded_at: int,
     envelope: bytes,
 ) -> bytes:
-    digest = hashlib.sha256(prev_hash)
-    for value in (
-        id.to_bytes(8, "big", signed=True),
-        direction.encode(),
-        partner.encode(),
-        message_id.encode(),
-        payload_type.encode(),
-        recorded_at.to_bytes(8, "big", signed=True),
-        envelope,
-    ):
-        digest.update(_field(value))
-    return digest.digest()
+    return link_hash(
+        prev_hash,
+        (
+            _int(id),
+            direction.encode(),
+            partner.encode(),
+            message_id.encode(),
+            payload_type.encode(),
+            _int(recorded_at),
+            envelope,
+        ),
+    )
+
+
+def audit_hash(
+    prev_hash: bytes,
+    *,
+    id: int,
+    operator: str,
+    method: str,
+    request: str,
+    outcome: str,
+    recorded_at: int,
+) -> bytes:
+    return link_hash(
+        prev_hash,
+        (
+            _int(id),
+            operator.encode(),
+            method.encode(),
+            request.encode(),
+            outcome.encode(),
+            _int(recorded_at),
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One row of the operators' audit trail."""
+
+    id: int
+    operator: str
+    method: str
+    request: str
+    outcome: str
+    recorded_at: int
+    prev_hash: bytes
+    entry_hash: bytes
+
+    def computed_hash(self) -> bytes:
+        return audit_hash(
+            self.prev_hash,
+            id=self.id,
+            operator=self.operator,
+            method=self.method,
+            request=self.request,
+            outcome=self.outcome,
+            recorded_at=self.recorded_at,
+        )
+
+
+class Chained(Protocol):
+    """A link of a hash chain: its position, its predecessor's hash and its own."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def prev_hash(self) -> bytes: ...
+
+    @property
+    def entry_hash(self) -> bytes: ...
+
+    def computed_hash(self) -> bytes: ...
 
 
 def expected_hash(entry: JournalEntry) -> bytes:
@@ -84,17 +169,21 @@ class ChainProblem:
 
 
 def verify_chain(
-    entries: Iterable[JournalEntry], *, recorded_head: tuple[int, bytes] | None = None
+    entries: Iterable[Chained],
+    *,
+    recorded_head: tuple[int, bytes] | None = None,
+    first_id: int = 1,
 ) -> list[ChainProblem]:
-    """Every break in the chain, in order; an empty list when the journal is intact.
+    """Every break in the chain, in order; an empty list when the chain is intact.
 
-    ``entries`` must be in id order. ``recorded_head`` is the (id, hash) of the
-    last entry as recorded when it was appended.
+    ``entries`` must be in id order, the first with id ``first_id``.
+    ``recorded_head`` is the (id, hash) of the last entry as recorded when it
+    was appended.
     """
     problems: list[ChainProblem] = []
     prev_hash = GENESIS_HASH
-    expected_id = 1
-    last: JournalEntry | None = None
+    expected_id = first_id
+    last: Chained | None = None
     for entry in entries:
         if entry.id != expected_id:
             problems.append(
@@ -102,7 +191,7 @@ def verify_chain(
             )
         if entry.prev_hash != prev_hash:
             problems.append(ChainProblem(entry.id, "does not follow the previous entry"))
-        if expected_hash(entry) != entry.entry_hash:
+        if entry.computed_hash() != entry.entry_hash:
             problems.append(ChainProblem(entry.id, "content does not match its hash: edited"))
         prev_hash = entry.entry_hash
         expected_id = entry.id + 1
@@ -112,7 +201,7 @@ def verify_chain(
         if last is None or (last.id, last.entry_hash) != (head_id, head_hash):
             problems.append(
                 ChainProblem(
-                    head_id, "the journal does not end at its recorded head: entries removed"
+                    head_id, "the chain does not end at its recorded head: entries removed"
                 )
             )
     return problems

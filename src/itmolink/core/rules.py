@@ -75,15 +75,21 @@ def check_authorisation_terms(terms: AuthorisationTerms) -> None:
         )
 
 
-def check_received_authorisation(terms: AuthorisationTerms, *, me: str, sender: str) -> None:
-    """An acquiring party's checks on an AuthorisationStatement it received."""
+def check_received_authorisation(
+    terms: AuthorisationTerms, *, me: str, sender: str, named_before: bool = False
+) -> None:
+    """An acquiring party's checks on an AuthorisationStatement it received.
+
+    ``named_before``: an earlier version recorded here named ``me``, so a version
+    that no longer does is an amendment removing ``me``, which is recorded too.
+    """
     check_authorisation_terms(terms)
     if terms.host_party != sender:
         raise Rejected(
             RejectionCode.NOT_HOST_PARTY,
             f"authorisation names host {terms.host_party} but was sent by {sender}",
         )
-    if me not in terms.acquiring_parties:
+    if me not in terms.acquiring_parties and not named_before:
         raise Rejected(
             RejectionCode.NOT_ACQUIRING_PARTY,
             f"authorisation {terms.authorisation_id} does not name {me} as an acquiring party",

@@ -686,9 +686,11 @@ class EngineBase:
         first_transfer_definition: FirstTransferDefinition,
         revoked: bool,
         now_us: int,
+        removed: frozenset[str] = frozenset(),
     ) -> None:
-        """Send a version of our authorisation to each acquiring party (pending its answer)."""
-        for party in sorted(terms.acquiring_parties):
+        """Send a version of our authorisation to each acquiring party, and to each party
+        it removes, and record each as pending its answer."""
+        for party in sorted(terms.acquiring_parties | removed):
             tx.authorisation_party_put(terms, party, "pending", None)
             statement = AuthorisationStatement(
                 authorisation_id=terms.authorisation_id,

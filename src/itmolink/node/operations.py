@@ -557,6 +557,7 @@ class Operations(EngineBase):
                 oimp_detail=proposed.oimp_detail,
                 first_transfer_definition=proposed.first_transfer_definition,
                 revoked=False, now_us=now_us,
+                removed=current.terms.acquiring_parties - proposed.terms.acquiring_parties,
             )  # fmt: skip
         return proposed.terms
 

@@ -290,7 +290,13 @@ class Requests(EngineBase):
         journal_id: int,
         now_us: int,
     ) -> bytes:
-        terms = self._check_statement(msg, sender)
+        # A party that an amendment removes is sent that amendment too: it may
+        # record a version that no longer names it, if an earlier one did.
+        named_before = any(
+            self.party in version.acquiring_parties
+            for version, _ in tx.authorisation_versions(sender, msg.authorisation_id)
+        )
+        terms = self._check_statement(msg, sender, named_before=named_before)
         existing = tx.authorisation_get(sender, terms.authorisation_id)
         if existing is not None and existing.version >= terms.version:
             if existing != terms:
@@ -369,12 +375,16 @@ class Requests(EngineBase):
         )  # fmt: skip
         tx.authorisation_party_put(terms, self.party, "acknowledged", journal_id)
 
-    def _check_statement(self, statement: AuthorisationStatement, host: str) -> AuthorisationTerms:
+    def _check_statement(
+        self, statement: AuthorisationStatement, host: str, *, named_before: bool = False
+    ) -> AuthorisationTerms:
         """The acquiring party's checks on a host's statement, received directly or
         as an onward transfer's evidence."""
         terms = terms_from_statement(statement)
         _check_owned_id(terms.authorisation_id, host, "authorisation id")
-        rules.check_received_authorisation(terms, me=self.party, sender=host)
+        rules.check_received_authorisation(
+            terms, me=self.party, sender=host, named_before=named_before
+        )
         check_authorisation(
             Authorisation(
                 terms, oimp_detail=statement.oimp_detail,

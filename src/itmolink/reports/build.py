@@ -54,20 +54,23 @@ def build_aef(
     for terms in tx.authorisations():
         if terms.host_party != party:
             continue  # a Party reports the authorisations it gave
-        details = tx.authorisation_details(terms.host_party, terms.authorisation_id)
-        authorisations.append(
-            AuthorisationRecord(
-                authorisation=Authorisation(
-                    terms,
-                    oimp_detail=details["oimp_detail"],
-                    first_transfer_definition=FirstTransferDefinition(
-                        details["first_transfer_definition"]
+        # Every version is reported, each in the year it was issued: an amendment or a
+        # revocation is a new row, and the earlier rows stay as they were reported.
+        for version, details in tx.authorisation_versions(party, terms.authorisation_id):
+            authorisations.append(
+                AuthorisationRecord(
+                    authorisation=Authorisation(
+                        version,
+                        oimp_detail=details["oimp_detail"],
+                        first_transfer_definition=FirstTransferDefinition(
+                            details["first_transfer_definition"]
+                        ),
+                        revoked=bool(details["revoked"]),
                     ),
-                ),
-                date=when(details["created_at"]).date(),
-                sectors=details["activity_name"],
+                    date=when(details["created_at"]).date(),
+                    sectors=details["activity_name"],
+                )
             )
-        )
     actions = [
         ActionRecord(
             at=when(row["at"]),

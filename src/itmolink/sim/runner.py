@@ -7,9 +7,10 @@ up front, the admin interface on another loopback port), then drives them throug
 admin gRPC API only, authenticated with each party's ``admin`` operator token. It plays
 the schedule year by year: authorisations first (waiting for each acquiring party's
 acknowledgement), then for each simulated year its issuances and its transfers, one at
-a time, each waited for until both ledgers are final, then every node's holdings
-snapshot of the year. The processes are then stopped (SIGTERM, then waited for; also
-when the run fails), and the reports read each node's SQLite database read-only.
+a time, each waited for until both ledgers are final, then the year's uses toward NDCs,
+then every node's holdings snapshot of the year. The processes are then stopped
+(SIGTERM, then waited for; also when the run fails), and the reports read each node's
+SQLite database read-only.
 
 The nodes run on the real clock (partners refuse messages far from their own clock);
 simulated years are data only: vintages, booking years, and the dates written in the
@@ -21,6 +22,7 @@ Output (``out_dir``)::
 
     summary.csv  summary.txt          one row per party: mitigation, transfers, target
     transfers.csv  refusals.csv       every scheduled transfer and the ones refused
+    uses.csv                          every scheduled use toward an NDC, and its outcome
     <PARTY>/ca-ledger.csv             the corresponding adjustments booked by the node
     <PARTY>/balance.csv               the numbers behind the chart, by year
     <PARTY>/aef/                      the five AEF tables for each year, CSV and XLSX
@@ -95,6 +97,7 @@ class PartySummary:
     issued: int
     transferred_out: int  # first transferred to other parties (completed)
     acquired: int
+    used: int  # acquired units used toward the party's NDC (retired)
     adjustments: int  # net corresponding adjustments booked (+ host, - buyer)
     met: bool | None  # target met after adjustments (None: cannot tell)
     met_without_adjustments: bool | None
@@ -120,11 +123,11 @@ class Summary:
     def table(self) -> str:
         """The summary as a plain-text table."""
         headers = ("party", "method", "mitigation", "issued", "transferred out", "leaves",
-                   "acquired", "net CA", "target met", "without CA")  # fmt: skip
+                   "acquired", "used", "net CA", "target met", "without CA")  # fmt: skip
         rows = [
             (p.party, p.method, f"{p.mitigation:,}", f"{p.issued:,}", f"{p.transferred_out:,}",
-             p.share_leaving, f"{p.acquired:,}", f"{p.adjustments:+,}", _verdict(p.met),
-             _verdict(p.met_without_adjustments))
+             p.share_leaving, f"{p.acquired:,}", f"{p.used:,}", f"{p.adjustments:+,}",
+             _verdict(p.met), _verdict(p.met_without_adjustments))
             for p in self.parties
         ]  # fmt: skip
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
@@ -228,6 +231,8 @@ class _Clock:
 class _Outcome:
     transfers: list[tuple[int, str, str, str, str, int, int, str]] = field(default_factory=list)
     refusals: list[tuple[int, str, str, str, int, int, str]] = field(default_factory=list)
+    # (year, authorisation, party, vintage, quantity, outcome: "used" or the refusal)
+    uses: list[tuple[int, str, str, int, int, str]] = field(default_factory=list)
 
 
 def _free_ports(count: int) -> list[int]:
@@ -413,7 +418,12 @@ async def _play(
     nodes = net.nodes
     outcome = _Outcome()
     ids: dict[str, str] = {}
-    total = len(scenario.authorisations) + len(scenario.issuances) + len(scenario.transfers)
+    total = (
+        len(scenario.authorisations)
+        + len(scenario.issuances)
+        + len(scenario.transfers)
+        + len(scenario.uses)
+    )
     done = 0
 
     def step(label: str) -> None:
@@ -502,6 +512,28 @@ async def _play(
                  transfer.to_party, transfer.vintage, transfer.quantity, state)
             )  # fmt: skip
             step(f"{year} {transfer.from_party}->{transfer.to_party} {transfer.quantity:,}")
+        for use in [u for u in scenario.uses if u.year == year]:
+            spec = scenario.authorisation(use.authorisation)
+            node = nodes[use.party]
+            try:
+                await node.admin.Retire(
+                    admin_pb2.RetireRequest(
+                        action="use-ndc", host_party=spec.host, authorisation_id=ids[spec.id],
+                        vintage=use.vintage, quantity=use.quantity, use_year=year,
+                    ),
+                    metadata=node.metadata, timeout=CALL_SECONDS,
+                )  # fmt: skip
+            except grpc.aio.AioRpcError as exc:
+                code = _rejection(exc)
+                if code is None:
+                    raise
+                result = (exc.details() or "").removeprefix("REJECTION_CODE_")
+            else:
+                result = "used"
+            outcome.uses.append(
+                (year, use.authorisation, use.party, use.vintage, use.quantity, result)
+            )
+            step(f"{year} {use.party} used {use.quantity:,} {use.authorisation}")
         await asyncio.gather(
             *(
                 node.admin.SnapshotHoldings(
@@ -595,6 +627,16 @@ def _check_invariants(
             )
     completed = sum(1 for t in outcome.transfers if t[7] == "completed")
     passed.append(f"{completed} completed transfers with equal and opposite adjustments")
+    # Every use: the units are in the party's NDC retirement account, and no more.
+    for party, ledger in ledgers.items():
+        used = sum(u[4] for u in outcome.uses if u[2] == party and u[5] == "used")
+        retired = sum(h.block.quantity for h in ledger.holdings if h.account == "retired-ndc")
+        if used != retired:
+            raise SimulationError(
+                f"{party}: {used} tCO2e used toward its NDC but {retired} in its retirement account"
+            )
+        if used:
+            passed.append(f"{party}: {used} tCO2e used toward its NDC, all of it retired")
     return passed
 
 
@@ -679,6 +721,7 @@ def _write_party(
         ),
         transferred_out=sum(t[6] for t in done if t[3] == party.code),
         acquired=sum(t[6] for t in done if t[4] == party.code),
+        used=sum(u[4] for u in outcome.uses if u[2] == party.code and u[5] == "used"),
         adjustments=sum(e.amount for e in entries),
         met=report.met,
         met_without_adjustments=without.met,
@@ -687,12 +730,12 @@ def _write_party(
 
 def _write_summary(out: Path, summary: Summary, outcome: _Outcome) -> None:
     header: list[object] = ["party", "name", "method", "mitigation", "issued", "transferred_out",
-              "share_leaving", "acquired", "net_adjustments", "target_met",
+              "share_leaving", "acquired", "used", "net_adjustments", "target_met",
               "target_met_without_ca"]  # fmt: skip
     rows: list[list[object]] = [header]
     for p in summary.parties:
         rows.append([p.party, p.name, p.method, p.mitigation, p.issued, p.transferred_out,
-                     p.share_leaving, p.acquired, p.adjustments, _verdict(p.met),
+                     p.share_leaving, p.acquired, p.used, p.adjustments, _verdict(p.met),
                      _verdict(p.met_without_adjustments)])  # fmt: skip
     (out / "summary.csv").write_text(_csv(rows))
     (out / "summary.txt").write_text(summary.table())
@@ -712,6 +755,9 @@ def _write_summary(out: Path, summary: Summary, outcome: _Outcome) -> None:
                 *outcome.transfers,
             ]
         )
+    )
+    (out / "uses.csv").write_text(
+        _csv([["year", "authorisation", "party", "vintage", "quantity", "outcome"], *outcome.uses])
     )
     (out / "refusals.csv").write_text(
         _csv(

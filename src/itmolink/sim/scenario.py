@@ -60,13 +60,21 @@ Quantities are whole tCO2e, shares are basis points (8000 = 80%)::
     quantity = 60000
     vintage_offset = -1                   # optional: vintage = year + offset (<= 0)
 
+    [[uses]]                              # optional: an acquiring party uses units it
+    party = "KOR"                         # acquired toward its NDC (they are retired)...
+    authorisation = "solar-kor"
+    years = [2023, 2030]                  # ...every year of this range (or: year = 2025),
+    quantity = 50000                      # each toward the NDC of that year
+    vintage_offset = -1                   # optional: vintage = year + offset (<= 0)
+
 A *year series* is either a table ``{ 2021 = 63000000, 2022 = ... }`` with one entry for
 every year of the NDC period, or a pair ``[first, last]`` interpolated linearly (rounded
 down) over the NDC period.
 
 The schedule is checked before anything runs: vintages inside the authorisation and the
-activity's years, issuance per vintage never above the activity's mitigation, and no
-transfer of a vintage before enough of it is held. A bad file raises :class:`ScenarioError`
+activity's years, issuance per vintage never above the activity's mitigation, no
+transfer of a vintage before enough of it is held, and no use of more than the party has
+acquired of that vintage by then. A bad file raises :class:`ScenarioError`
 whose message names the file and the field, e.g.
 ``examples/x.toml: parties[1].ndc.method: must be one of averaging, ...``.
 """
@@ -176,6 +184,17 @@ class Transfer:
 
 
 @dataclass(frozen=True, slots=True)
+class Use:
+    """``party`` uses ``quantity`` of ``vintage`` toward its NDC of simulated ``year``."""
+
+    year: int
+    authorisation: str
+    party: str
+    vintage: int
+    quantity: int
+
+
+@dataclass(frozen=True, slots=True)
 class Scenario:
     path: str
     name: str
@@ -187,6 +206,7 @@ class Scenario:
     authorisations: tuple[AuthorisationSpec, ...]
     issuances: tuple[Issuance, ...]  # expanded, one per year, in file order within a year
     transfers: tuple[Transfer, ...]
+    uses: tuple[Use, ...] = ()
 
     @property
     def years(self) -> range:
@@ -360,7 +380,9 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{path}: not valid TOML: {exc}") from None
     r.unknown(
-        data, {"scenario", "parties", "activities", "authorisations", "issuances", "transfers"}, ""
+        data,
+        {"scenario", "parties", "activities", "authorisations", "issuances", "transfers", "uses"},
+        "",
     )
     head = r.table(data, "scenario", "")
     r.unknown(head, {"name", "description", "first_year", "last_year"}, "scenario.")
@@ -528,6 +550,24 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
             )
         _check_held(r, where, issuances, transfers, by_key)
 
+    uses: list[Use] = []
+    for i, item in enumerate(r.array(data, "uses", "")):
+        where = f"uses[{i}]."
+        r.unknown(
+            item, {"party", "authorisation", "year", "years", "quantity", "vintage_offset"}, where
+        )
+        spec = spec_of(item, where)
+        party_code = r.string(item, "party", where)
+        if party_code not in spec.acquiring:
+            raise r.fail(f"{where}party", f"{party_code} is not an acquiring party of {spec.id}")
+        ndc_years = next(p.ndc.years for p in parties if p.code == party_code)
+        quantity = r.integer(item, "quantity", where, minimum=1)
+        for year in r.years(item, where, first, last):
+            if year not in ndc_years:
+                raise r.fail(f"{where}years", f"{year} is outside the NDC period of {party_code}")
+            uses.append(Use(year, spec.id, party_code, vintage(item, where, spec, year), quantity))
+        _check_acquired(r, where, issuances, transfers, uses, by_key)
+
     scenario = Scenario(
         path=path,
         name=r.string(head, "name", "scenario."),
@@ -539,6 +579,7 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         authorisations=tuple(authorisations),
         issuances=tuple(sorted(issuances, key=lambda x: x.year)),
         transfers=tuple(sorted(transfers, key=lambda x: x.year)),
+        uses=tuple(sorted(uses, key=lambda x: x.year)),
     )
     for i, party in enumerate(parties):
         for year in {x.vintage for x in issuances if by_key[x.authorisation].host == party.code}:
@@ -577,6 +618,47 @@ def _check_held(
                 f"{where}quantity",
                 f"by {transfer.year} {sent} tCO2e of vintage {transfer.vintage} of "
                 f"{transfer.authorisation} would be transferred but only {held} issued to the host",
+            )
+
+
+def _check_acquired(
+    r: _Reader,
+    where: str,
+    issuances: list[Issuance],
+    transfers: list[Transfer],
+    uses: list[Use],
+    specs: Mapping[str, AuthorisationSpec],
+) -> None:
+    """Refuse a use of a vintage before the party has acquired enough of it.
+
+    Acquired: the scheduled transfers to the party, and its share of issuances.
+    """
+    for use in uses:
+        spec = specs[use.authorisation]
+        policy = IssuancePolicy(spec.buyer_share_bp, 0)
+        acquired = sum(
+            t.quantity
+            for t in transfers
+            if (t.authorisation, t.to_party, t.vintage)
+            == (use.authorisation, use.party, use.vintage)
+            and t.year <= use.year
+        ) + sum(
+            split_issuance(UnitType.ITMO, x.quantity, policy).buyer_share
+            for x in issuances
+            if (x.authorisation, x.vintage) == (use.authorisation, use.vintage)
+            and x.year <= use.year
+        )
+        used = sum(
+            u.quantity
+            for u in uses
+            if (u.authorisation, u.party, u.vintage) == (use.authorisation, use.party, use.vintage)
+            and u.year <= use.year
+        )
+        if used > acquired:
+            raise r.fail(
+                f"{where}quantity",
+                f"by {use.year} {use.party} would use {used} tCO2e of vintage {use.vintage} of "
+                f"{use.authorisation} but acquires only {acquired}",
             )
 
 

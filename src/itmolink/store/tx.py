@@ -16,7 +16,13 @@ from typing import Any, Literal, Protocol
 
 from itmolink.core.adjustments import AdjustmentEntry
 from itmolink.core.blocks import Block
-from itmolink.core.journal import GENESIS_HASH, JournalEntry, entry_hash
+from itmolink.core.journal import (
+    GENESIS_HASH,
+    AuditEntry,
+    JournalEntry,
+    audit_hash,
+    entry_hash,
+)
 from itmolink.core.reconcile import (
     Bucket,
     Total,
@@ -324,11 +330,7 @@ class Tx:
 
     def journal_head(self) -> tuple[int, bytes] | None:
         """(id, hash) of the last journal entry, as recorded when it was appended."""
-        head = self.meta_get("journal_head")
-        if head is None:
-            return None
-        entry_id, hash_hex = head.split(":")
-        return int(entry_id), bytes.fromhex(hash_hex)
+        return self._head("journal_head")
 
     # -- inbox and outbox ---------------------------------------------------------------
 
@@ -523,19 +525,17 @@ class Tx:
             ),
         )
 
-    def authorisation_get(
-        self, host_party: str, authorisation_id: str
-    ) -> AuthorisationTerms | None:
-        """The latest version of an authorisation."""
-        row = self._one(
-            "SELECT host_party, authorisation_id, version, activity_id, cooperative_approach_id, "
-            "acquiring_parties, purposes, vintage_from, vintage_to, quantity_cap, unit_type "
-            "FROM authorisations WHERE host_party = ? AND authorisation_id = ? "
-            "ORDER BY version DESC LIMIT 1",
-            (host_party, authorisation_id),
-        )
-        if row is None:
-            return None
+    _AUTHORISATION_COLUMNS = (
+        "host_party, authorisation_id, version, activity_id, cooperative_approach_id, "
+        "acquiring_parties, purposes, vintage_from, vintage_to, quantity_cap, unit_type"
+    )
+    _AUTHORISATION_DETAILS = (
+        "oimp_detail", "first_transfer_definition", "buyer_share_bp", "voluntary_omge_bp",
+        "activity_name", "created_at", "revoked", "activity_description",
+    )  # fmt: skip
+
+    @staticmethod
+    def _terms(row: Sequence[Any]) -> AuthorisationTerms:
         return AuthorisationTerms(
             host_party=row[0],
             authorisation_id=row[1],
@@ -550,21 +550,43 @@ class Tx:
             unit_type=UnitType(row[10]),
         )
 
+    def authorisation_get(
+        self, host_party: str, authorisation_id: str
+    ) -> AuthorisationTerms | None:
+        """The latest version of an authorisation."""
+        row = self._one(
+            f"SELECT {self._AUTHORISATION_COLUMNS} "
+            "FROM authorisations WHERE host_party = ? AND authorisation_id = ? "
+            "ORDER BY version DESC LIMIT 1",
+            (host_party, authorisation_id),
+        )
+        return None if row is None else self._terms(row)
+
+    def authorisation_versions(
+        self, host_party: str, authorisation_id: str
+    ) -> list[tuple[AuthorisationTerms, dict[str, Any]]]:
+        """Every version of an authorisation, oldest first, each with its details."""
+        details = ", ".join(self._AUTHORISATION_DETAILS)
+        rows = self._exec(
+            f"SELECT {self._AUTHORISATION_COLUMNS}, {details} "
+            "FROM authorisations WHERE host_party = ? AND authorisation_id = ? ORDER BY version",
+            (host_party, authorisation_id),
+        ).fetchall()
+        return [
+            (self._terms(row), dict(zip(self._AUTHORISATION_DETAILS, row[11:], strict=True)))
+            for row in rows
+        ]
+
     def authorisation_details(self, host_party: str, authorisation_id: str) -> dict[str, Any]:
         """The parts of the latest version that AuthorisationTerms leaves out."""
         row = self._one(
-            "SELECT oimp_detail, first_transfer_definition, buyer_share_bp, voluntary_omge_bp, "
-            "activity_name, created_at, revoked, activity_description FROM authorisations "
-            "WHERE host_party = ? "
-            "AND authorisation_id = ? ORDER BY version DESC LIMIT 1",
+            f"SELECT {', '.join(self._AUTHORISATION_DETAILS)} FROM authorisations "
+            "WHERE host_party = ? AND authorisation_id = ? ORDER BY version DESC LIMIT 1",
             (host_party, authorisation_id),
         )
         if row is None:
             return {}
-        keys = ("oimp_detail", "first_transfer_definition", "buyer_share_bp",
-                "voluntary_omge_bp", "activity_name", "created_at", "revoked",
-                "activity_description")  # fmt: skip
-        return dict(zip(keys, row, strict=True))
+        return dict(zip(self._AUTHORISATION_DETAILS, row, strict=True))
 
     def authorisation_evidence(self, host_party: str, authorisation_id: str) -> bytes | None:
         """The host's signed statement of the latest version, as received here."""
@@ -1124,17 +1146,66 @@ class Tx:
     def admin_audit_put(
         self, *, operator: str, method: str, request: str, outcome: str, now: int
     ) -> None:
+        """Append to the operators' audit trail, a hash chain like the journal."""
+        head = self.admin_audit_head()
+        if head is None:
+            # The first chained row (rows from before the chain have no hash).
+            row = self._one("SELECT MAX(id) FROM admin_audit")
+            entry_id, prev_hash = int(row[0] or 0) + 1, GENESIS_HASH
+        else:
+            entry_id, prev_hash = head[0] + 1, head[1]
+        new_hash = audit_hash(
+            prev_hash, id=entry_id, operator=operator, method=method, request=request,
+            outcome=outcome, recorded_at=now,
+        )  # fmt: skip
         self._exec(
-            "INSERT INTO admin_audit (operator, method, request, outcome, recorded_at) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (operator, method, request, outcome, now),
+            "INSERT INTO admin_audit (id, operator, method, request, outcome, recorded_at, "
+            "prev_hash, entry_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (entry_id, operator, method, request, outcome, now, prev_hash, new_hash),
         )
+        self.set_meta("admin_audit_head", f"{entry_id}:{new_hash.hex()}")
 
     def admin_audit(self) -> list[tuple[str, str, str, str, int]]:
         rows = self._exec(
             "SELECT operator, method, request, outcome, recorded_at FROM admin_audit ORDER BY id"
         )
         return [(r[0], r[1], r[2], r[3], int(r[4])) for r in rows]
+
+    def admin_audit_entries(self) -> tuple[int, list[AuditEntry]]:
+        """(rows written before the chain existed, the chained rows in id order).
+
+        Unchained rows after the first chained one are returned as entries with
+        empty hashes, so that verification reports them.
+        """
+        rows = self._exec(
+            "SELECT id, operator, method, request, outcome, recorded_at, prev_hash, entry_hash "
+            "FROM admin_audit ORDER BY id"
+        ).fetchall()
+        legacy = 0
+        entries: list[AuditEntry] = []
+        for r in rows:
+            if r[7] is None and not entries:
+                legacy += 1
+                continue
+            prev_hash, own_hash = bytes(r[6] or b""), bytes(r[7] or b"")
+            operator, method, request, outcome = r[1], r[2], r[3], r[4]
+            entries.append(
+                AuditEntry(
+                    int(r[0]), operator, method, request, outcome, int(r[5]), prev_hash, own_hash
+                )
+            )
+        return legacy, entries
+
+    def admin_audit_head(self) -> tuple[int, bytes] | None:
+        """(id, hash) of the last audit row, as recorded when it was appended."""
+        return self._head("admin_audit_head")
+
+    def _head(self, key: str) -> tuple[int, bytes] | None:
+        head = self.meta_get(key)
+        if head is None:
+            return None
+        entry_id, hash_hex = head.split(":")
+        return int(entry_id), bytes.fromhex(hash_hex)
 
     def partner_key_put(
         self,

@@ -1,0 +1,137 @@
+"""The conformance kit's configuration (``partner.toml``) and its own identity.
+
+The kit is a partner registry of its own: a party code, a CA and node
+certificate for mutual TLS and Ed25519 signing keys, all made by
+``itmolink conformance init`` (``itmolink pki init`` plus two extra signing
+keys whose validity windows lie in the past and in the future, so that the
+target can be shown messages signed by an expired and a not-yet-valid key).
+Its partner card is given to the target's operator out of band, exactly as a
+real partner's would be.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from itmolink.crypto.keys import SigningKey, write_private_file
+from itmolink.crypto.pki import PartnerCard, PartyFiles, init_party
+
+EXPIRED_KEY_FILE = "conformance-expired.key"
+FUTURE_KEY_FILE = "conformance-not-yet-valid.key"
+
+ROLES = ("host", "buyer")
+
+
+class KitConfigError(ValueError):
+    """partner.toml or the kit's key material is not usable."""
+
+
+@dataclass(frozen=True)
+class KitConfig:
+    """What ``itmolink conformance run`` needs besides the command line."""
+
+    path: Path
+    keys: PartyFiles
+    card: PartnerCard
+    listen: str
+    target_card: PartnerCard
+    max_message_bytes: int = 2 * 1024 * 1024
+    max_message_age_days: int = 30
+    act_within_seconds: float = 20.0
+    # Driver commands by action name, and the user's own placeholder values.
+    driver: dict[str, str] = field(default_factory=dict)
+    driver_vars: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def party(self) -> str:
+        return self.card.party
+
+    @property
+    def registry(self) -> str:
+        return self.card.registry
+
+    @property
+    def target_party(self) -> str:
+        return self.target_card.party
+
+    def signing_key(self) -> SigningKey:
+        return SigningKey.load(self.party, self.keys.signing_key)
+
+    def extra_key(self, name: str) -> SigningKey | None:
+        path = self.keys.directory / name
+        return SigningKey.load(self.party, path) if path.exists() else None
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else base / path
+
+
+def load_kit_config(path: Path | str) -> KitConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise KitConfigError(f"{path}: {exc}") from None
+    base = path.parent
+    kit = data.get("kit", {})
+    target = data.get("target", {})
+    driver = data.get("driver", {})
+    if not isinstance(kit, dict) or not isinstance(target, dict) or not isinstance(driver, dict):
+        raise KitConfigError(f"{path}: [kit], [target] and [driver] must be tables")
+    for table, key in (("kit", "keys"), ("target", "card")):
+        if not isinstance(data.get(table, {}).get(key), str):
+            raise KitConfigError(f"{path}: [{table}] {key} is required (a path)")
+    keys = PartyFiles(_resolve(base, kit["keys"]))
+    try:
+        card = PartnerCard.load(keys.card)
+        target_card = PartnerCard.load(_resolve(base, target["card"]))
+    except ValueError as exc:
+        raise KitConfigError(str(exc)) from None
+    if card.party == target_card.party:
+        raise KitConfigError(f"{path}: the kit and the target are both {card.party}")
+    variables = driver.get("vars", {})
+    commands = {k: v for k, v in driver.items() if k != "vars"}
+    if not all(isinstance(v, str) for v in commands.values()) or not isinstance(variables, dict):
+        raise KitConfigError(f"{path}: [driver] entries are strings; [driver.vars] a table")
+    try:
+        return KitConfig(
+            path=path,
+            keys=keys,
+            card=card,
+            listen=str(kit.get("listen", "127.0.0.1:0")),
+            target_card=target_card,
+            max_message_bytes=int(target.get("max_message_bytes", 2 * 1024 * 1024)),
+            max_message_age_days=int(target.get("max_message_age_days", 30)),
+            act_within_seconds=float(target.get("act_within_seconds", 20.0)),
+            driver=commands,
+            driver_vars={str(k): str(v) for k, v in variables.items()},
+        )
+    except (TypeError, ValueError) as exc:
+        raise KitConfigError(f"{path}: {exc}") from None
+
+
+def init_kit_identity(
+    directory: Path, party: str, registry: str, *, now: dt.datetime
+) -> PartyFiles:
+    """``pki init`` for the kit, plus an expired and a not-yet-valid signing key
+    listed in its card (their private keys stay with the kit)."""
+    files = init_party(directory, party, registry, now=now)
+    card = PartnerCard.load(files.card)
+    expired = SigningKey.generate(party)
+    future = SigningKey.generate(party)
+    write_private_file(directory / EXPIRED_KEY_FILE, expired.private_pem())
+    write_private_file(directory / FUTURE_KEY_FILE, future.private_pem())
+    keys = (
+        *card.signing_keys,
+        expired.verifying_key(
+            not_before=now - dt.timedelta(days=60), not_after=now - dt.timedelta(days=30)
+        ),
+        future.verifying_key(not_before=now + dt.timedelta(days=3650)),
+    )
+    updated = PartnerCard(card.party, card.registry, card.ca_certificate_pem, keys)
+    files.card.write_text(updated.to_toml())
+    return files

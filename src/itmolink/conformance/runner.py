@@ -1,0 +1,170 @@
+"""Runs the conformance tests against a target, stage by stage.
+
+As in the Kyoto ITL's initialisation test plan, every test of a stage must
+pass before the next stage starts; the tests of later stages are reported as
+not run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from google.protobuf.message import Message
+
+from itmolink.conformance.config import ROLES, KitConfig
+from itmolink.conformance.context import CheckFailed, Context
+from itmolink.conformance.driver import Driver
+from itmolink.conformance.link import Incoming, KitServer, Link, default_answer
+from itmolink.conformance.stages import STAGES, KitTest, tests_for
+from itmolink.v1 import transfer_pb2
+
+TEST_TIMEOUT_SECONDS = 120.0
+
+PASSED, FAILED, ERROR, NOT_RUN = "passed", "failed", "error", "not run"
+
+
+@dataclass
+class Result:
+    test: KitTest
+    status: str
+    message: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class RunReport:
+    role: str
+    target: str
+    kit_party: str
+    target_party: str
+    started: dt.datetime
+    seconds: float = 0.0
+    results: list[Result] = field(default_factory=list)
+    driver_log: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """No test failed or errored (tests not run come after a failure, or --stages)."""
+        return any(r.status == PASSED for r in self.results) and not any(
+            r.status in (FAILED, ERROR) for r in self.results
+        )
+
+    def by_status(self, status: str) -> list[Result]:
+        return [r for r in self.results if r.status == status]
+
+    def failed_ids(self) -> list[str]:
+        return [r.test.id for r in self.results if r.status in (FAILED, ERROR)]
+
+    def stage_status(self, stage: int) -> str:
+        statuses = {r.status for r in self.results if r.test.stage == stage}
+        if not statuses:
+            return "no tests"
+        if statuses == {NOT_RUN}:
+            return NOT_RUN
+        return PASSED if statuses == {PASSED} else FAILED
+
+
+async def run_kit(
+    config: KitConfig,
+    target: str,
+    role: str,
+    *,
+    stages: int = max(STAGES),
+    progress: Callable[[Result], None] | None = None,
+) -> RunReport:
+    """Run the tests of ``role`` (the target's role) up to stage ``stages``."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    report = RunReport(
+        role=role,
+        target=target,
+        kit_party=config.party,
+        target_party=config.target_party,
+        started=dt.datetime.now(dt.UTC),
+    )
+    began = time.monotonic()
+    link = Link(config, target)
+    server = KitServer(config, link)
+    server.default_policy = default_answer
+    await server.start()
+    host = config.listen.rsplit(":", 1)[0]
+    driver = Driver(
+        config.driver,
+        {
+            **config.driver_vars,
+            "kit_party": config.party,
+            "target_party": config.target_party,
+            "kit_endpoint": f"{host}:{server.port}",
+        },
+    )
+    ctx = Context(config=config, role=role, link=link, server=server, driver=driver)
+    server.policies[str(transfer_pb2.TransferStatusQuery.DESCRIPTOR.full_name)] = lambda incoming: (
+        _status_report(ctx, incoming)
+    )
+    blocked: int | None = None
+    try:
+        for stage in sorted(STAGES):
+            tests = [t for t in tests_for(role) if t.stage == stage]
+            for test in tests:
+                if blocked is not None or stage > stages:
+                    why = (
+                        f"stage {blocked} did not pass"
+                        if blocked is not None
+                        else f"only stages up to {stages} were asked for"
+                    )
+                    result = Result(test, NOT_RUN, why)
+                else:
+                    result = await _run_one(test, ctx)
+                report.results.append(result)
+                if progress is not None:
+                    progress(result)
+            if blocked is None and any(
+                r.status != PASSED for r in report.results if r.test.stage == stage
+            ):
+                blocked = stage
+    finally:
+        await server.stop()
+        await link.close()
+        report.seconds = time.monotonic() - began
+        report.driver_log = [f"[{r.action}] exit {r.returncode}: {r.command}" for r in driver.log]
+    return report
+
+
+def _status_report(ctx: Context, incoming: Incoming) -> Message:
+    """The kit's own view of a transfer, for a target that asks (§5.11, §7.7)."""
+    transfer_id = str(incoming.message.transfer_id)  # type: ignore[attr-defined]
+    record = ctx.transfers.get(transfer_id)
+    if record is None:
+        state = transfer_pb2.TRANSFER_STATE_UNKNOWN
+    elif record.moved:
+        state = transfer_pb2.TRANSFER_STATE_COMPLETED
+    elif record.final_at_target:
+        state = (
+            transfer_pb2.TRANSFER_STATE_VOIDED
+            if record.acceptance_digest
+            else transfer_pb2.TRANSFER_STATE_REJECTED
+        )
+    elif record.sender == ctx.kit:
+        state = transfer_pb2.TRANSFER_STATE_PROPOSED
+    else:
+        state = transfer_pb2.TRANSFER_STATE_ACCEPTED
+    return transfer_pb2.TransferStatusReport(transfer_id=transfer_id, state=state)
+
+
+async def _run_one(test: KitTest, ctx: Context) -> Result:
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(test.run(ctx), TEST_TIMEOUT_SECONDS)
+    except CheckFailed as exc:
+        return Result(test, FAILED, str(exc), time.monotonic() - started)
+    except TimeoutError:
+        return Result(
+            test, ERROR, f"timed out after {TEST_TIMEOUT_SECONDS:.0f} s", time.monotonic() - started
+        )
+    except Exception as exc:  # the test could not be carried out
+        return Result(test, ERROR, f"{type(exc).__name__}: {exc}", time.monotonic() - started)
+    return Result(test, PASSED, "", time.monotonic() - started)

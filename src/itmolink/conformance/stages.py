@@ -1,0 +1,1491 @@
+"""The conformance tests, in four stages (docs/PROTOCOL.md §13).
+
+Each test names the section of docs/PROTOCOL.md it checks and the roles of the
+target it applies to: ``host`` (the target transfers out; the kit plays the
+acquiring party) or ``buyer`` (the target acquires; the kit plays the host).
+Tests of a stage run in order and share the run's context; a later test may
+rely on what an earlier test of the same or an earlier stage set up.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import tempfile
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from google.protobuf.message import Message
+
+from itmolink.conformance.config import EXPIRED_KEY_FILE, FUTURE_KEY_FILE, ROLES
+from itmolink.conformance.context import CheckFailed, Context, KitTransfer, check
+from itmolink.conformance.link import Incoming, Reply, default_answer, now_utc, sha256
+from itmolink.core.blocks import Block
+from itmolink.core.reconcile import (
+    Total,
+    blocks_leaf,
+    id_hash,
+    slices,
+)
+from itmolink.crypto.keys import SigningKey
+from itmolink.crypto.pki import init_party
+from itmolink.node.base import Rejection
+from itmolink.node.convert import block_from_pb, timestamp, timestamp_us, to_us
+from itmolink.v1 import (
+    authorisation_pb2,
+    codes_pb2,
+    envelope_pb2,
+    issuance_pb2,
+    keys_pb2,
+    reconcile_pb2,
+    transfer_pb2,
+)
+
+STAGES = {
+    1: "connectivity and envelope",
+    2: "authorisation and issuance",
+    3: "transfers",
+    4: "reconciliation",
+}
+
+
+@dataclass(frozen=True)
+class KitTest:
+    id: str
+    stage: int
+    section: str
+    title: str
+    roles: tuple[str, ...]
+    run: Callable[[Context], Awaitable[None]]
+
+
+TESTS: list[KitTest] = []
+
+
+def kit_test(
+    test_id: str, stage: int, section: str, title: str, roles: tuple[str, ...] = ROLES
+) -> Callable[[Callable[[Context], Awaitable[None]]], Callable[[Context], Awaitable[None]]]:
+    def register(fn: Callable[[Context], Awaitable[None]]) -> Callable[[Context], Awaitable[None]]:
+        TESTS.append(KitTest(test_id, stage, section, title, roles, fn))
+        return fn
+
+    return register
+
+
+def tests_for(role: str) -> list[KitTest]:
+    return [t for t in TESTS if role in t.roles]
+
+
+C = codes_pb2  # rejection code constants
+
+
+def _status_query(ctx: Context, transfer_id: str = "") -> transfer_pb2.TransferStatusQuery:
+    return transfer_pb2.TransferStatusQuery(
+        transfer_id=transfer_id or f"{ctx.kit}-T-{ctx.nonce}-PROBE"
+    )
+
+
+async def _status(ctx: Context, transfer_id: str) -> int:
+    reply = await ctx.link.send(_status_query(ctx, transfer_id))
+    report = ctx.expect(reply, transfer_pb2.TransferStatusReport, f"status of {transfer_id}")
+    check(
+        report.transfer_id == transfer_id,
+        f"status report names {report.transfer_id!r}, not {transfer_id!r}",
+    )
+    return int(report.state)
+
+
+def _state(value: int) -> str:
+    return str(transfer_pb2.TransferState.Name(value))  # type: ignore[arg-type]
+
+
+async def _expect_state(ctx: Context, transfer_id: str, state: int, section: str) -> None:
+    got = await _status(ctx, transfer_id)
+    check(
+        got == state,
+        f"{section}: {transfer_id} is {_state(got)} at the target, not {_state(state)}",
+    )
+
+
+# ======================================================================================
+# Stage 1: connectivity and envelope (both roles)
+# ======================================================================================
+
+
+@kit_test(
+    "1.01-mtls-status-query", 1, "§2.2, §5.11", "mutual TLS; a status query gets a signed report"
+)
+async def t_mtls(ctx: Context) -> None:
+    reply = await ctx.link.send(_status_query(ctx))
+    report = ctx.expect(reply, transfer_pb2.TransferStatusReport, "status query")
+    check(
+        report.state == transfer_pb2.TRANSFER_STATE_UNKNOWN,
+        f"an unknown transfer is TRANSFER_STATE_UNKNOWN, got {_state(report.state)}",
+    )
+
+
+@kit_test(
+    "1.02-unpinned-client-refused", 1, "§2.3", "a client certificate of an unpinned CA is refused"
+)
+async def t_unpinned(ctx: Context) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        stranger = init_party(Path(tmp) / "pki", ctx.kit, ctx.config.registry, now=now_utc())
+        credentials = ctx.link.credentials(
+            cert=stranger.node_certificate.read_bytes(), key=stranger.node_key.read_bytes()
+        )
+    _, envelope = ctx.link.seal(_status_query(ctx))
+    reply = await ctx.link.deliver_raw(envelope, credentials=credentials)
+    check(
+        not reply.ok,
+        "a client whose certificate no pinned CA issued got a reply (gRPC OK); "
+        "it must fail the handshake or get UNAUTHENTICATED",
+    )
+
+
+@kit_test("1.03-garbage-bytes", 1, "§3.6, §5.2 D2", "bytes that are no envelope: 1002, unrecorded")
+async def t_garbage(ctx: Context) -> None:
+    reply = await ctx.link.deliver_raw(b"\x0a\xff\xff\xff\xff\x0f garbage")
+    rejection = ctx.expect_rejection(
+        reply, C.REJECTION_CODE_MALFORMED_ENVELOPE, "garbage bytes", recorded=False
+    )
+    check(
+        rejection.header.in_reply_to == "" and rejection.subject_id == "",
+        "a refusal at D2 echoes no id (in_reply_to and subject_id empty, §5.2)",
+    )
+
+
+@kit_test("1.04-oversized", 1, "§2.5, §5.2 D1b", "an envelope over max_message_bytes: 2007")
+async def t_oversized(ctx: Context) -> None:
+    size = ctx.config.max_message_bytes + 200
+    envelope = envelope_pb2.Envelope(
+        payload_type="itmolink.v1.TransferStatusQuery", payload=b"\x00" * size
+    ).SerializeToString()
+    reply = await ctx.link.deliver_raw(envelope)
+    ctx.expect_rejection(reply, C.REJECTION_CODE_MESSAGE_TOO_LARGE, "oversized", recorded=False)
+
+
+@kit_test("1.05-unknown-key", 1, "§3.6, §5.2 D2", "a signature by an unpinned key: 1003")
+async def t_unknown_key(ctx: Context) -> None:
+    reply = await ctx.link.send(_status_query(ctx), key=SigningKey.generate(ctx.kit))
+    ctx.expect_rejection(reply, C.REJECTION_CODE_UNKNOWN_SIGNING_KEY, "unknown key", recorded=False)
+
+
+@kit_test("1.06-bad-signature", 1, "§3.6, §5.2 D2", "a signature that does not verify: 1004")
+async def t_bad_signature(ctx: Context) -> None:
+    _, envelope = ctx.link.seal(_status_query(ctx))
+    env = envelope_pb2.Envelope()
+    env.ParseFromString(envelope)
+    sig = bytearray(env.signatures[0].sig)
+    sig[0] ^= 0x01
+    env.signatures[0].sig = bytes(sig)
+    reply = await ctx.link.deliver_raw(env.SerializeToString())
+    ctx.expect_rejection(reply, C.REJECTION_CODE_BAD_SIGNATURE, "bad signature", recorded=False)
+
+
+def _extra_key(ctx: Context, name: str) -> SigningKey:
+    key = ctx.config.extra_key(name)
+    if key is None:
+        raise CheckFailed(
+            f"the kit has no {name} (make the kit's identity with 'itmolink conformance init' "
+            "and give the target its card)"
+        )
+    return key
+
+
+@kit_test("1.07-expired-key", 1, "§3.6, §3.8", "a signature by an expired pinned key: 1009")
+async def t_expired_key(ctx: Context) -> None:
+    reply = await ctx.link.send(_status_query(ctx), key=_extra_key(ctx, EXPIRED_KEY_FILE))
+    ctx.expect_rejection(reply, C.REJECTION_CODE_SIGNING_KEY_EXPIRED, "expired key", recorded=False)
+
+
+@kit_test("1.08-not-yet-valid-key", 1, "§3.6, §3.8", "a signature by a key not valid yet: 1008")
+async def t_future_key(ctx: Context) -> None:
+    reply = await ctx.link.send(_status_query(ctx), key=_extra_key(ctx, FUTURE_KEY_FILE))
+    ctx.expect_rejection(
+        reply, C.REJECTION_CODE_SIGNING_KEY_NOT_YET_VALID, "not-yet-valid key", recorded=False
+    )
+
+
+@kit_test("1.09-wrong-audience", 1, "§4.5, §4.7", "a message addressed to another party: 1007")
+async def t_audience(ctx: Context) -> None:
+    other = "ZZZ" if ctx.target != "ZZZ" else "ZZY"
+    reply = await ctx.link.send(_status_query(ctx), audience=other)
+    ctx.expect_rejection(reply, C.REJECTION_CODE_WRONG_AUDIENCE, "wrong audience", recorded=False)
+
+
+@kit_test("1.10-sender-mismatch", 1, "§4.7", "a header naming another sender than the signer: 1006")
+async def t_sender(ctx: Context) -> None:
+    other = "ZZZ" if ctx.kit != "ZZZ" else "ZZY"
+    reply = await ctx.link.send(_status_query(ctx), sender_party=other)
+    ctx.expect_rejection(reply, C.REJECTION_CODE_SENDER_MISMATCH, "sender mismatch", recorded=False)
+
+
+@kit_test("1.11-unsupported-version", 1, "§4.7, §10", "protocol_version 2: 1001")
+async def t_version(ctx: Context) -> None:
+    reply = await ctx.link.send(_status_query(ctx), protocol_version=2)
+    ctx.expect_rejection(reply, C.REJECTION_CODE_UNSUPPORTED_VERSION, "version 2", recorded=False)
+
+
+@kit_test("1.12-unknown-payload-type", 1, "§5.1, §5.2 D4", "a reply type sent as a request: 2001")
+async def t_payload_type(ctx: Context) -> None:
+    msg = transfer_pb2.TransferStatusReport(
+        transfer_id=f"{ctx.kit}-T-X", state=transfer_pb2.TRANSFER_STATE_PROPOSED
+    )
+    reply = await ctx.link.send(msg)
+    ctx.expect_rejection(
+        reply, C.REJECTION_CODE_UNKNOWN_PAYLOAD_TYPE, "reply type as request", recorded=False
+    )
+
+
+@kit_test(
+    "1.13-stale-sent-at",
+    1,
+    "§4.6, §5.2 D7a",
+    "a replayed old message, sent_at out of the window: 5003",
+)
+async def t_stale(ctx: Context) -> None:
+    old = now_utc() - dt.timedelta(days=ctx.config.max_message_age_days + 1)
+    reply = await ctx.link.send(_status_query(ctx), sent_at=timestamp(to_us(old)))
+    ctx.expect_rejection(
+        reply, C.REJECTION_CODE_SENT_AT_OUT_OF_WINDOW, "old sent_at", recorded=False
+    )
+    ahead = now_utc() + dt.timedelta(days=1)
+    reply = await ctx.link.send(_status_query(ctx), sent_at=timestamp(to_us(ahead)))
+    ctx.expect_rejection(
+        reply, C.REJECTION_CODE_SENT_AT_OUT_OF_WINDOW, "sent_at a day ahead", recorded=False
+    )
+
+
+@kit_test(
+    "1.14-identical-retry",
+    1,
+    "§7.2, §5.2 D7",
+    "the same request twice: the same reply, byte for byte",
+)
+async def t_retry(ctx: Context) -> None:
+    _, envelope = ctx.link.seal(_status_query(ctx))
+    first = await ctx.link.deliver_raw(envelope)
+    ctx.expect(first, transfer_pb2.TransferStatusReport, "status query")
+    second = await ctx.link.deliver_raw(envelope)
+    check(second.ok, f"the retry got {second.describe()}")
+    check(
+        second.raw == first.raw,
+        f"the retry of a recorded request must get the stored reply byte for byte; "
+        f"got {second.describe()} (a different envelope)",
+    )
+    ctx.notes["recorded_query"] = envelope
+
+
+@kit_test("1.15-reused-message-id", 1, "§5.2 D7", "a message id reused with other content: 5001")
+async def t_reused_id(ctx: Context) -> None:
+    first = _status_query(ctx, f"{ctx.kit}-T-{ctx.nonce}-R1")
+    _, envelope = ctx.link.seal(first)
+    ctx.expect(await ctx.link.deliver_raw(envelope), transfer_pb2.TransferStatusReport, "query")
+    other = _status_query(ctx, f"{ctx.kit}-T-{ctx.nonce}-R2")
+    reply = await ctx.link.send(other, message_id=first.header.message_id)
+    ctx.expect_rejection(
+        reply, C.REJECTION_CODE_DUPLICATE_MESSAGE_CONFLICT, "reused message id", recorded=False
+    )
+
+
+@kit_test(
+    "1.16-reused-sequence", 1, "§4.3, §5.2 D8", "a new message with a sequence already used: 5002"
+)
+async def t_reused_sequence(ctx: Context) -> None:
+    first = _status_query(ctx)
+    _, envelope = ctx.link.seal(first)
+    ctx.expect(await ctx.link.deliver_raw(envelope), transfer_pb2.TransferStatusReport, "query")
+    reply = await ctx.link.send(_status_query(ctx), sequence=first.header.sequence)
+    ctx.expect_rejection(reply, C.REJECTION_CODE_SEQUENCE_REUSED, "reused sequence", recorded=False)
+
+
+@kit_test(
+    "1.17-key-rotation",
+    1,
+    "§5.12, §3.8",
+    "a key announced in-band signs; once revoked in-band: 1010",
+)
+async def t_rotation(ctx: Context) -> None:
+    new = SigningKey.generate(ctx.kit)
+    record = keys_pb2.SigningKeyRecord(
+        key_id=new.key_id, public_key=new.verifying_key().public_bytes
+    )
+    rotation = keys_pb2.KeyRotation(rotation_id=new.key_id, new_key=record)
+    ack = ctx.expect(
+        await ctx.link.send(rotation), keys_pb2.KeyRotationAcknowledgement, "key rotation"
+    )
+    check(ack.rotation_id == rotation.rotation_id, f"acknowledgement names {ack.rotation_id!r}")
+    reply = await ctx.link.send(_status_query(ctx), key=new)
+    ctx.expect(reply, transfer_pb2.TransferStatusReport, "a query signed with the announced key")
+    revocation = keys_pb2.KeyRotation(
+        rotation_id=f"revoke-{new.key_id}", revoked_key_ids=[new.key_id]
+    )
+    ctx.expect(
+        await ctx.link.send(revocation), keys_pb2.KeyRotationAcknowledgement, "key revocation"
+    )
+    reply = await ctx.link.send(_status_query(ctx), key=new)
+    ctx.expect_rejection(
+        reply, C.REJECTION_CODE_SIGNING_KEY_REVOKED, "a revoked key", recorded=False
+    )
+
+
+# ======================================================================================
+# Stage 2, target = buyer: the kit is the host and sends authorisations and issuances
+# ======================================================================================
+
+
+async def _authorise_at_target(ctx: Context, suffix: str) -> str:
+    statement = ctx.statement(suffix)
+    reply = await ctx.link.send(statement)
+    ack = ctx.expect(reply, authorisation_pb2.AuthorisationAcknowledgement, "statement")
+    check(
+        (ack.authorisation_id, ack.version) == (statement.authorisation_id, statement.version),
+        f"acknowledgement names {ack.authorisation_id} v{ack.version}",
+    )
+    ctx.authorisations[statement.authorisation_id] = statement
+    return str(statement.authorisation_id)
+
+
+@kit_test(
+    "2.01-authorisation-acknowledged",
+    2,
+    "§5.6",
+    "an authorisation statement is acknowledged",
+    ("buyer",),
+)
+async def t_b_authorise(ctx: Context) -> None:
+    ctx.notes["auth"] = await _authorise_at_target(ctx, "1")
+
+
+@kit_test(
+    "2.02-authorisation-vintage-before-2021",
+    2,
+    "§5.6, §5.5.2",
+    "an authorisation from vintage 2020: 4002",
+    ("buyer",),
+)
+async def t_b_auth_2020(ctx: Context) -> None:
+    reply = await ctx.link.send(ctx.statement("OLD", vintage_from=2020))
+    ctx.expect_rejection(
+        reply, C.REJECTION_CODE_VINTAGE_BEFORE_2021, "vintage_from 2020", recorded=True
+    )
+
+
+@kit_test(
+    "2.03-authorisation-not-acquiring",
+    2,
+    "§5.6",
+    "an authorisation not naming the target: 4001",
+    ("buyer",),
+)
+async def t_b_auth_other(ctx: Context) -> None:
+    other = "ZZZ" if ctx.target != "ZZZ" else "ZZY"
+    reply = await ctx.link.send(ctx.statement("OTHER", acquiring_parties=[other]))
+    ctx.expect_rejection(
+        reply, C.REJECTION_CODE_NOT_ACQUIRING_PARTY, "other acquiring party", recorded=True
+    )
+
+
+@kit_test(
+    "2.04-authorisation-conflict",
+    2,
+    "§5.6",
+    "a recorded version sent again with other terms: 3009",
+    ("buyer",),
+)
+async def t_b_auth_conflict(ctx: Context) -> None:
+    reply = await ctx.link.send(ctx.statement("1", vintage_to=2029))
+    ctx.expect_rejection(
+        reply, C.REJECTION_CODE_AUTHORISATION_CONFLICT, "conflicting version", recorded=True
+    )
+
+
+@kit_test("2.05-issuance-acknowledged", 2, "§5.7", "an issuance notice is acknowledged", ("buyer",))
+async def t_b_issuance(ctx: Context) -> None:
+    blocks = ctx.new_blocks(5_000, ctx.notes["auth"])
+    notice = ctx.issuance(f"{ctx.kit}-I-{ctx.nonce}-1", blocks)
+    reply = await ctx.link.send(notice)
+    ack = ctx.expect(reply, issuance_pb2.IssuanceAcknowledgement, "issuance notice")
+    check(ack.issuance_id == notice.issuance_id, f"acknowledgement names {ack.issuance_id!r}")
+
+
+@kit_test(
+    "2.06-issuance-unknown-authorisation",
+    2,
+    "§5.7",
+    "an issuance under an unknown authorisation: 3006",
+    ("buyer",),
+)
+async def t_b_issuance_unknown(ctx: Context) -> None:
+    ghost = ctx.statement("GHOST")
+    ctx.authorisations[ghost.authorisation_id] = ghost  # known to the kit only
+    blocks = ctx.new_blocks(10, ghost.authorisation_id)
+    reply = await ctx.link.send(ctx.issuance(f"{ctx.kit}-I-{ctx.nonce}-2", blocks))
+    ctx.expect_rejection(
+        reply, C.REJECTION_CODE_UNKNOWN_AUTHORISATION, "unknown authorisation", recorded=True
+    )
+
+
+@kit_test(
+    "2.07-authorisation-revoked",
+    2,
+    "§5.6",
+    "the next version with the same terms and revoked set is acknowledged",
+    ("buyer",),
+)
+async def t_b_revocation(ctx: Context) -> None:
+    revoked = await _authorise_at_target(ctx, "REV")
+    statement = ctx.statement("REV", version=2, revoked=True)
+    reply = await ctx.link.send(statement)
+    ack = ctx.expect(reply, authorisation_pb2.AuthorisationAcknowledgement, "revocation")
+    check(ack.version == 2, f"the acknowledgement names version {ack.version}, not 2")
+    ctx.notes["revoked_auth"] = revoked
+
+
+@kit_test(
+    "2.08-authorisation-amended",
+    2,
+    "§5.6",
+    "an amendment (next version) is acknowledged; a version gap (4015) or an amendment of a "
+    "revoked authorisation (4014) is not",
+    ("buyer",),
+)
+async def t_b_amendment(ctx: Context) -> None:
+    amended = await _authorise_at_target(ctx, "AMD")
+    reply = await ctx.link.send(ctx.statement("AMD", version=2, vintage_to=2026))
+    ack = ctx.expect(reply, authorisation_pb2.AuthorisationAcknowledgement, "amendment")
+    check(ack.version == 2, f"the acknowledgement names version {ack.version}, not 2")
+    ctx.authorisations[amended] = ctx.statement("AMD", version=2, vintage_to=2026)
+    ctx.notes["amended_auth"] = amended
+    reply = await ctx.link.send(ctx.statement("AMD", version=4, vintage_to=2025))
+    ctx.expect_rejection(
+        reply, C.REJECTION_CODE_AMENDMENT_NOT_ALLOWED, "version 4 after 2", recorded=True
+    )
+    reply = await ctx.link.send(ctx.statement("REV", version=3, vintage_to=2029))
+    ctx.expect_rejection(
+        reply, C.REJECTION_CODE_AUTHORISATION_REVOKED, "amending a revoked one", recorded=True
+    )
+
+
+# ======================================================================================
+# Stage 2, target = host: the target authorises and issues (driver), the kit acknowledges
+# ======================================================================================
+
+CAP = 50_000
+ISSUED = 20_000
+VINTAGE = 2025
+
+
+def _incoming_after(ctx: Context, cls: type[Message], seen: int) -> list[Incoming]:
+    return ctx.server.of_type(cls)[seen:]
+
+
+async def _driver(ctx: Context, action: str, **values: object) -> bool:
+    result = await ctx.driver.run(action, **values)
+    ctx.notes.setdefault("driver", []).append(result)
+    return result.ok
+
+
+def _require_ok(ok: bool, action: str, ctx: Context) -> None:
+    if not ok:
+        last = ctx.driver.log[-1]
+        raise CheckFailed(
+            f"driver action {action} failed (exit {last.returncode}): {last.output.strip()[-500:]}"
+        )
+
+
+def _unstored(ctx: Context, incoming: Incoming, answer: Message, *, corrupt: bool = False) -> bytes:
+    """A sealed reply the kit's server returns once without recording it."""
+    answer.header.CopyFrom(ctx.link.header(in_reply_to=incoming.message_id))  # type: ignore[attr-defined]
+    _, envelope = ctx.link.seal(answer)
+    if corrupt:
+        env = envelope_pb2.Envelope()
+        env.ParseFromString(envelope)
+        sig = bytearray(env.signatures[0].sig)
+        sig[-1] ^= 0x80
+        env.signatures[0].sig = bytes(sig)
+        envelope = env.SerializeToString()
+    return envelope
+
+
+@kit_test(
+    "2.01-statement-received",
+    2,
+    "§5.6, §4.7",
+    "the target's authorisation reaches the kit, well formed",
+    ("host",),
+)
+async def t_h_statement(ctx: Context) -> None:
+    name = str(authorisation_pb2.AuthorisationStatement.DESCRIPTOR.full_name)
+    deliveries: list[Incoming] = []
+
+    def policy(incoming: Incoming) -> Message | bytes | None:
+        deliveries.append(incoming)
+        n = len(deliveries)
+        if n == 1:
+            return None  # gRPC UNAVAILABLE: the target must deliver again (§7.1)
+        if n == 2:  # answers another message: the target must not apply it (§5.3 P7)
+            wrong = default_answer(incoming)
+            assert wrong is not None
+            wrong.header.CopyFrom(ctx.link.header(in_reply_to=str(uuid.uuid4())))  # type: ignore[attr-defined]
+            return ctx.link.seal(wrong)[1]
+        if n == 3:  # a signature that does not verify (§5.3 P2)
+            ack = default_answer(incoming)
+            assert ack is not None
+            return _unstored(ctx, incoming, ack, corrupt=True)
+        return default_answer(incoming)
+
+    ctx.server.policies[name] = policy
+    _require_ok(
+        await _driver(
+            ctx, "authorise", activity_id=f"{ctx.target}-CONF-{ctx.nonce}",
+            cooperative_approach_id=f"{ctx.target}-{ctx.kit}-CONF", vintage_from=2021,
+            vintage_to=2030, cap=CAP,
+        ),
+        "authorise", ctx,
+    )  # fmt: skip
+    got = await ctx.server.wait_for(lambda: len(deliveries) >= 1, ctx.config.act_within_seconds)
+    check(got, "no AuthorisationStatement reached the kit after the driver's authorise")
+    statement = deliveries[0].message
+    assert isinstance(statement, authorisation_pb2.AuthorisationStatement)
+    check(not deliveries[0].problems, f"statement header: {'; '.join(deliveries[0].problems)}")
+    check(statement.host_party == ctx.target, f"host_party {statement.host_party!r}")
+    check(
+        statement.authorisation_id.startswith(f"{ctx.target}-"),
+        f"authorisation id {statement.authorisation_id!r} must start with '{ctx.target}-' (§1.5)",
+    )
+    check(statement.version == 1, f"a new authorisation is version 1, got {statement.version}")
+    check(ctx.kit in statement.acquiring_parties, "the statement does not name the kit")
+    check(
+        (statement.vintage_from, statement.vintage_to, statement.quantity_cap) == (2021, 2030, CAP),
+        "vintages or cap differ from what the driver asked for: "
+        f"{statement.vintage_from}-{statement.vintage_to}, cap {statement.quantity_cap}",
+    )
+    ctx.notes["statement_deliveries"] = deliveries
+    ctx.authorisations[statement.authorisation_id] = statement
+    ctx.notes["auth"] = statement.authorisation_id
+
+
+@kit_test(
+    "2.02-statement-redelivered",
+    2,
+    "§7.1, §5.3",
+    "unanswered or badly answered, the statement is delivered again, byte for byte",
+    ("host",),
+)
+async def t_h_redelivery(ctx: Context) -> None:
+    deliveries: list[Incoming] = ctx.notes["statement_deliveries"]
+    got = await ctx.server.wait_for(lambda: len(deliveries) >= 4, ctx.config.act_within_seconds)
+    check(
+        got,
+        f"the statement was delivered {len(deliveries)} time(s): after gRPC UNAVAILABLE, a reply "
+        "answering another message and a reply with a bad signature, it must be delivered "
+        "again each time",
+    )
+    check(
+        all(d.raw == deliveries[0].raw for d in deliveries),
+        "a retry must carry the same envelope bytes as the first delivery (§7.1)",
+    )
+
+
+@kit_test(
+    "2.03-issuance-notice",
+    2,
+    "§5.7, §6.7",
+    "an issuance reaches the kit with the authorisation's attributes",
+    ("host",),
+)
+async def t_h_issuance(ctx: Context) -> None:
+    seen = len(ctx.server.of_type(issuance_pb2.IssuanceNotice))
+    _require_ok(
+        await _driver(
+            ctx, "issue", authorisation_id=ctx.notes["auth"], vintage=VINTAGE, quantity=ISSUED
+        ),
+        "issue",
+        ctx,
+    )
+    got = await ctx.server.wait_for(
+        lambda: _incoming_after(ctx, issuance_pb2.IssuanceNotice, seen),
+        ctx.config.act_within_seconds,
+    )
+    check(got, "no IssuanceNotice reached the kit after the driver's issue")
+    incoming = got[0]
+    notice = incoming.message
+    assert isinstance(notice, issuance_pb2.IssuanceNotice)
+    check(not incoming.problems, f"notice header: {'; '.join(incoming.problems)}")
+    statement = ctx.authorisations[ctx.notes["auth"]]
+    blocks = [block_from_pb(b) for b in notice.blocks]
+    check(blocks, "the notice carries no blocks")
+    check(
+        sum(b.quantity for b in blocks) == notice.quantity == ISSUED,
+        f"notice quantity {notice.quantity}, blocks {sum(b.quantity for b in blocks)}, "
+        f"issued {ISSUED}",
+    )
+    _check_blocks(ctx, blocks, statement, VINTAGE)
+    ctx.notes["issued"] = blocks
+
+
+def _check_blocks(
+    ctx: Context,
+    blocks: list[Block],
+    statement: authorisation_pb2.AuthorisationStatement,
+    vintage: int,
+) -> None:
+    for b in blocks:
+        check(
+            b.originating_registry == ctx.config.target_card.registry,
+            f"block {b.label()} does not come from the target's registry",
+        )
+        expected = (
+            statement.authorisation_id, statement.activity.activity_id,
+            statement.cooperative_approach_id, ctx.target, int(statement.unit_type), vintage,
+        )  # fmt: skip
+        actual = (
+            b.authorisation_id, b.activity_id, b.cooperative_approach_id,
+            b.first_transferring_party, int(b.unit_type), b.vintage,
+        )  # fmt: skip
+        check(actual == expected, f"block {b.label()} attributes {actual}, expected {expected}")
+
+
+@kit_test(
+    "2.04-issue-over-cap-refused",
+    2,
+    "§5.6, §6.7",
+    "the target refuses to issue beyond the authorisation's cap",
+    ("host",),
+)
+async def t_h_cap(ctx: Context) -> None:
+    seen = len(ctx.server.of_type(issuance_pb2.IssuanceNotice))
+    ok = await _driver(
+        ctx, "issue", authorisation_id=ctx.notes["auth"], vintage=VINTAGE, quantity=CAP - ISSUED + 1
+    )
+    arrived = await ctx.server.wait_for(
+        lambda: _incoming_after(ctx, issuance_pb2.IssuanceNotice, seen), 1.5
+    )
+    check(not arrived, f"an IssuanceNotice beyond the cap of {CAP} tCO2e reached the kit")
+    check(not ok, f"the driver's issue of {CAP - ISSUED + 1} tCO2e over a cap of {CAP} succeeded")
+
+
+@kit_test(
+    "2.05-authorise-before-2021-refused",
+    2,
+    "§5.6, §5.5.2",
+    "the target refuses to authorise vintages before 2021",
+    ("host",),
+)
+async def t_h_2020(ctx: Context) -> None:
+    seen = len(ctx.server.of_type(authorisation_pb2.AuthorisationStatement))
+    ok = await _driver(
+        ctx, "authorise", activity_id=f"{ctx.target}-CONF-{ctx.nonce}-OLD",
+        cooperative_approach_id=f"{ctx.target}-{ctx.kit}-CONF", vintage_from=2020,
+        vintage_to=2030, cap=0,
+    )  # fmt: skip
+    arrived = await ctx.server.wait_for(
+        lambda: _incoming_after(ctx, authorisation_pb2.AuthorisationStatement, seen), 1.5
+    )
+    check(not arrived, "an AuthorisationStatement for vintage 2020 reached the kit")
+    check(not ok, "the driver's authorise from vintage 2020 succeeded")
+
+
+# ======================================================================================
+# Stage 3, target = buyer: the kit proposes, completes and voids
+# ======================================================================================
+
+
+async def _propose(
+    ctx: Context, quantity: int, **kwargs: object
+) -> tuple[KitTransfer, bytes, Reply]:
+    blocks = ctx.new_blocks(quantity, ctx.notes["auth"])
+    proposal = ctx.proposal(blocks, **kwargs)  # type: ignore[arg-type]
+    payload, envelope = ctx.link.seal(proposal)
+    record = ctx.record_outgoing(proposal, payload, blocks)
+    reply = await ctx.link.deliver_raw(envelope)
+    return record, envelope, reply
+
+
+def _accepted(ctx: Context, record: KitTransfer, reply: object, what: str) -> None:
+    acceptance = ctx.expect(reply, transfer_pb2.TransferAcceptance, what)  # type: ignore[arg-type]
+    check(
+        acceptance.transfer_id == record.transfer_id, f"acceptance names {acceptance.transfer_id!r}"
+    )
+    check(
+        acceptance.proposal_digest == record.proposal_digest,
+        "proposal_digest must be SHA-256 of the proposal payload as received (§5.8)",
+    )
+    record.acceptance_digest = sha256(reply.payload)  # type: ignore[attr-defined]
+
+
+async def _complete(ctx: Context, record: KitTransfer, what: str) -> bytes:
+    completion = transfer_pb2.TransferCompletion(
+        transfer_id=record.transfer_id,
+        acceptance_digest=record.acceptance_digest,
+        adjustment_year=record.blocks[0].vintage,
+    )
+    _, envelope = ctx.link.seal(completion)
+    reply = await ctx.link.deliver_raw(envelope)
+    receipt = ctx.expect(reply, transfer_pb2.TransferCompletionReceipt, what)
+    check(receipt.transfer_id == record.transfer_id, f"receipt names {receipt.transfer_id!r}")
+    check(
+        receipt.adjustment_year == record.blocks[0].vintage,
+        f"the receipt's adjustment_year is {receipt.adjustment_year}; the receiver books its "
+        f"adjustment for vintage {record.blocks[0].vintage} (§5.9, §6.6)",
+    )
+    record.moved = record.final_at_target = True
+    return envelope
+
+
+def _refused(ctx: Context, record: KitTransfer, *, recorded_as_rejected: bool = True) -> None:
+    record.final_at_target = recorded_as_rejected
+    record.moved = False
+
+
+@kit_test(
+    "3.01-transfer-completed",
+    3,
+    "§5.8, §5.9, §6.2",
+    "proposal, acceptance, completion, receipt",
+    ("buyer",),
+)
+async def t_b_transfer(ctx: Context) -> None:
+    record, _, reply = await _propose(ctx, 1_000)
+    _accepted(ctx, record, reply, "proposal")
+    await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_ACCEPTED, "§6.4")
+    await _complete(ctx, record, "completion")
+    await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_COMPLETED, "§6.4")
+    ctx.notes["completed"] = record
+
+
+@kit_test(
+    "3.02-retries-same-reply",
+    3,
+    "§7.2",
+    "a proposal and a completion delivered twice get their stored replies",
+    ("buyer",),
+)
+async def t_b_retries(ctx: Context) -> None:
+    record, envelope, reply = await _propose(ctx, 700)
+    _accepted(ctx, record, reply, "proposal")
+    again = await ctx.link.deliver_raw(envelope)
+    check(
+        again.ok and again.raw == reply.raw,
+        f"the retried proposal got {again.describe()}, not the stored acceptance",
+    )
+    completion = await _complete(ctx, record, "completion")
+    first = ctx.link  # the stored receipt
+    retry = await first.deliver_raw(completion)
+    retry2 = await first.deliver_raw(completion)
+    check(retry.ok and retry.raw == retry2.raw, f"the retried completion got {retry.describe()}")
+    ctx.expect(retry, transfer_pb2.TransferCompletionReceipt, "retried completion")
+
+
+@kit_test(
+    "3.03-completion-resealed",
+    3,
+    "§5.9, §7.2",
+    "a completion sealed again (new message id) is receipted and applied once",
+    ("buyer",),
+)
+async def t_b_resealed(ctx: Context) -> None:
+    record: KitTransfer = ctx.notes["completed"]
+    await _complete(ctx, record, "completion sent again")
+    await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_COMPLETED, "§6.4")
+
+
+@kit_test(
+    "3.04-proposal-reused-message-id",
+    3,
+    "§5.2 D7",
+    "a proposal reusing a message id with another payload: 5001, applied never",
+    ("buyer",),
+)
+async def t_b_reused(ctx: Context) -> None:
+    record, envelope, reply = await _propose(ctx, 300)
+    _accepted(ctx, record, reply, "proposal")
+    await _complete(ctx, record, "completion")
+    first = envelope_pb2.Envelope()
+    first.ParseFromString(envelope)
+    original = transfer_pb2.TransferProposal()
+    original.ParseFromString(first.payload)
+    blocks = ctx.new_blocks(300, ctx.notes["auth"])
+    other = ctx.proposal(blocks)
+    reply = await ctx.link.send(other, message_id=original.header.message_id)
+    ctx.expect_rejection(
+        reply, C.REJECTION_CODE_DUPLICATE_MESSAGE_CONFLICT, "reused id", recorded=False
+    )
+    await _expect_state(ctx, other.transfer_id, transfer_pb2.TRANSFER_STATE_UNKNOWN, "§5.2 D7")
+
+
+async def _refused_proposal(
+    ctx: Context, code: int, what: str, *, size: int = 100, recorded: bool = True,
+    blocks: list[Block] | None = None, **fields: object,
+) -> KitTransfer:  # fmt: skip
+    blocks = blocks if blocks is not None else ctx.new_blocks(size, ctx.notes["auth"])
+    proposal = ctx.proposal(blocks, **fields)  # type: ignore[arg-type]
+    payload, envelope = ctx.link.seal(proposal)
+    record = ctx.record_outgoing(proposal, payload, blocks)
+    reply = await ctx.link.deliver_raw(envelope)
+    ctx.expect_rejection(reply, code, what, recorded=True)
+    _refused(ctx, record, recorded_as_rejected=recorded)
+    return record
+
+
+@kit_test(
+    "3.05-vintage-before-2021",
+    3,
+    "§5.5.2, §5.8 T3",
+    "a proposal of vintage 2020 units: 4002",
+    ("buyer",),
+)
+async def t_b_2020(ctx: Context) -> None:
+    blocks = ctx.new_blocks(100, ctx.notes["auth"], vintage=2020)
+    record = await _refused_proposal(
+        ctx, C.REJECTION_CODE_VINTAGE_BEFORE_2021, "vintage 2020", blocks=blocks
+    )
+    await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_REJECTED, "§5.2 D10")
+
+
+@kit_test(
+    "3.06-vintage-not-authorised",
+    3,
+    "§5.5.2, §5.8 T3",
+    "a proposal of a vintage outside the authorisation: 4003",
+    ("buyer",),
+)
+async def t_b_2031(ctx: Context) -> None:
+    blocks = ctx.new_blocks(100, ctx.notes["auth"], vintage=2031)
+    await _refused_proposal(
+        ctx, C.REJECTION_CODE_VINTAGE_NOT_AUTHORISED, "vintage 2031", blocks=blocks
+    )
+
+
+@kit_test(
+    "3.07-unknown-authorisation",
+    3,
+    "§5.5.2, §5.8 T3",
+    "a proposal under an authorisation never sent: 3006",
+    ("buyer",),
+)
+async def t_b_unknown_auth(ctx: Context) -> None:
+    ghost = ctx.statement("GHOST2")
+    ctx.authorisations[ghost.authorisation_id] = ghost
+    blocks = ctx.new_blocks(100, ghost.authorisation_id)
+    await _refused_proposal(
+        ctx, C.REJECTION_CODE_UNKNOWN_AUTHORISATION, "unknown authorisation", blocks=blocks
+    )
+
+
+@kit_test(
+    "3.08-quantity-mismatch",
+    3,
+    "§5.5.2, §5.8 T3",
+    "a quantity that is not the sum of the blocks: 3002",
+    ("buyer",),
+)
+async def t_b_quantity(ctx: Context) -> None:
+    await _refused_proposal(
+        ctx, C.REJECTION_CODE_QUANTITY_MISMATCH, "quantity mismatch", size=100, quantity=101
+    )
+
+
+@kit_test(
+    "3.09-foreign-origin",
+    3,
+    "§5.5.2 O1, §5.8 T3a",
+    "blocks of another registry than the sender's: 3004",
+    ("buyer",),
+)
+async def t_b_origin(ctx: Context) -> None:
+    registry = ctx.config.target_card.registry
+    blocks = [
+        replace(b, originating_registry=registry) for b in ctx.new_blocks(100, ctx.notes["auth"])
+    ]
+    await _refused_proposal(
+        ctx, C.REJECTION_CODE_BLOCK_ATTRIBUTE_MISMATCH, "foreign origin", blocks=blocks
+    )
+
+
+@kit_test(
+    "3.10-expired-proposal",
+    3,
+    "§5.8 T1b",
+    "a proposal whose expires_at has long passed: 3011",
+    ("buyer",),
+)
+async def t_b_expired(ctx: Context) -> None:
+    await _refused_proposal(
+        ctx,
+        C.REJECTION_CODE_PROPOSAL_EXPIRED,
+        "expired proposal",
+        expires_in=-dt.timedelta(hours=1),
+    )
+
+
+@kit_test(
+    "3.11-transfer-id-reused",
+    3,
+    "§5.8 T2",
+    "a new proposal with a transfer id already used: 3008",
+    ("buyer",),
+)
+async def t_b_reused_transfer(ctx: Context) -> None:
+    done: KitTransfer = ctx.notes["completed"]
+    blocks = ctx.new_blocks(100, ctx.notes["auth"])
+    proposal = ctx.proposal(blocks, transfer_id=done.transfer_id)
+    reply = await ctx.link.send(proposal)
+    ctx.expect_rejection(
+        reply, C.REJECTION_CODE_TRANSFER_STATE_CONFLICT, "reused transfer id", recorded=True
+    )
+    await _expect_state(ctx, done.transfer_id, transfer_pb2.TRANSFER_STATE_COMPLETED, "§5.8 T2")
+
+
+@kit_test(
+    "3.12-foreign-transfer-id",
+    3,
+    "§1.5, §5.8 T1",
+    "a transfer id without the sender's prefix: 2006, nothing recorded",
+    ("buyer",),
+)
+async def t_b_foreign_id(ctx: Context) -> None:
+    transfer_id = f"{ctx.target}-T-{ctx.nonce}-STOLEN"
+    blocks = ctx.new_blocks(100, ctx.notes["auth"])
+    reply = await ctx.link.send(ctx.proposal(blocks, transfer_id=transfer_id))
+    ctx.expect_rejection(reply, C.REJECTION_CODE_INVALID_IDENTIFIER, "foreign id", recorded=True)
+
+
+@kit_test(
+    "3.13-serials-already-held", 3, "§5.8 T4", "serials the target already holds: 3005", ("buyer",)
+)
+async def t_b_held(ctx: Context) -> None:
+    done: KitTransfer = ctx.notes["completed"]
+    await _refused_proposal(
+        ctx, C.REJECTION_CODE_SERIALS_ALREADY_HELD, "held serials", blocks=list(done.blocks)
+    )
+
+
+@kit_test(
+    "3.14-void-after-acceptance",
+    3,
+    "§5.10, §6.4",
+    "a void after acceptance: nothing credited, the serials can come again",
+    ("buyer",),
+)
+async def t_b_void(ctx: Context) -> None:
+    record, _, reply = await _propose(ctx, 400)
+    _accepted(ctx, record, reply, "proposal")
+    void = transfer_pb2.TransferVoid(transfer_id=record.transfer_id, reason="conformance: time-out")
+    receipt = ctx.expect(await ctx.link.send(void), transfer_pb2.TransferVoidReceipt, "void")
+    check(receipt.transfer_id == record.transfer_id, f"void receipt names {receipt.transfer_id!r}")
+    record.final_at_target, record.moved = True, False
+    await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_VOIDED, "§6.4")
+    # The units were never credited: the same serials are accepted in a new transfer.
+    proposal = ctx.proposal(list(record.blocks))
+    payload, envelope = ctx.link.seal(proposal)
+    again = ctx.record_outgoing(proposal, payload, list(record.blocks))
+    _accepted(ctx, again, await ctx.link.deliver_raw(envelope), "the voided serials proposed again")
+    await _complete(ctx, again, "completion of the second proposal")
+
+
+@kit_test(
+    "3.15-completion-checks",
+    3,
+    "§5.9",
+    "a completion of an unknown transfer (3007) or with a wrong digest (3010)",
+    ("buyer",),
+)
+async def t_b_completion_checks(ctx: Context) -> None:
+    unknown = transfer_pb2.TransferCompletion(
+        transfer_id=f"{ctx.kit}-T-{ctx.nonce}-NONE",
+        acceptance_digest=b"\x00" * 32,
+        adjustment_year=2025,
+    )
+    ctx.expect_rejection(
+        await ctx.link.send(unknown),
+        C.REJECTION_CODE_UNKNOWN_TRANSFER,
+        "unknown transfer",
+        recorded=True,
+    )
+    record, _, reply = await _propose(ctx, 250)
+    _accepted(ctx, record, reply, "proposal")
+    wrong = transfer_pb2.TransferCompletion(
+        transfer_id=record.transfer_id,
+        acceptance_digest=sha256(b"not the acceptance"),
+        adjustment_year=2025,
+    )
+    ctx.expect_rejection(
+        await ctx.link.send(wrong), C.REJECTION_CODE_DIGEST_MISMATCH, "wrong digest", recorded=True
+    )
+    await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_ACCEPTED, "§5.9")
+    await _complete(ctx, record, "the right completion after a wrong one")
+
+
+@kit_test(
+    "3.16-revoked-authorisation",
+    3,
+    "§5.6, §5.8 T2a",
+    "a proposal under a revoked authorisation: 4014",
+    ("buyer",),
+)
+async def t_b_revoked(ctx: Context) -> None:
+    blocks = ctx.new_blocks(100, ctx.notes["revoked_auth"])
+    record = await _refused_proposal(
+        ctx, C.REJECTION_CODE_AUTHORISATION_REVOKED, "revoked authorisation", blocks=blocks
+    )
+    await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_REJECTED, "§5.2 D10")
+
+
+@kit_test(
+    "3.17-void-rules",
+    3,
+    "§5.10 V3, V4",
+    "a void before its proposal leaves a tombstone (the late proposal: 3008); "
+    "a void of a completed transfer: 3008",
+    ("buyer",),
+)
+async def t_b_void_rules(ctx: Context) -> None:
+    blocks = ctx.new_blocks(100, ctx.notes["auth"])
+    proposal = ctx.proposal(blocks)
+    void = transfer_pb2.TransferVoid(transfer_id=proposal.transfer_id, reason="conformance")
+    receipt = ctx.expect(await ctx.link.send(void), transfer_pb2.TransferVoidReceipt, "early void")
+    check(receipt.transfer_id == proposal.transfer_id, f"receipt names {receipt.transfer_id!r}")
+    tombstone = KitTransfer(proposal.transfer_id, ctx.kit, ctx.target, proposal.authorisation_id)
+    tombstone.final_at_target = True
+    ctx.transfers[tombstone.transfer_id] = tombstone
+    await _expect_state(ctx, proposal.transfer_id, transfer_pb2.TRANSFER_STATE_VOIDED, "§5.10 V3")
+    reply = await ctx.link.send(proposal)
+    ctx.expect_rejection(
+        reply, C.REJECTION_CODE_TRANSFER_STATE_CONFLICT, "a proposal after its void", recorded=True
+    )
+    done: KitTransfer = ctx.notes["completed"]
+    late = transfer_pb2.TransferVoid(transfer_id=done.transfer_id, reason="conformance")
+    ctx.expect_rejection(
+        await ctx.link.send(late),
+        C.REJECTION_CODE_TRANSFER_STATE_CONFLICT,
+        "a void of a completed transfer",
+        recorded=True,
+    )
+    await _expect_state(ctx, done.transfer_id, transfer_pb2.TRANSFER_STATE_COMPLETED, "§5.10 V4")
+
+
+@kit_test(
+    "3.18-amended-terms-apply",
+    3,
+    "§5.6, §5.5.2",
+    "a proposal of a vintage the amendment removed: 4003",
+    ("buyer",),
+)
+async def t_b_amended(ctx: Context) -> None:
+    blocks = ctx.new_blocks(100, ctx.notes["amended_auth"], vintage=2028)
+    await _refused_proposal(
+        ctx, C.REJECTION_CODE_VINTAGE_NOT_AUTHORISED, "vintage removed by amendment", blocks=blocks
+    )
+
+
+# ======================================================================================
+# Stage 3, target = host: the target proposes (driver), the kit answers
+# ======================================================================================
+
+
+def _proposals_after(ctx: Context, seen: int) -> list[Incoming]:
+    return _incoming_after(ctx, transfer_pb2.TransferProposal, seen)
+
+
+async def _driver_propose(
+    ctx: Context, quantity: int, policy: Callable[[Incoming], Message | bytes | None],
+    timeout_seconds: int = 0,
+) -> Incoming:  # fmt: skip
+    name = str(transfer_pb2.TransferProposal.DESCRIPTOR.full_name)
+    seen = len(ctx.server.of_type(transfer_pb2.TransferProposal))
+    ctx.server.policies[name] = policy
+    _require_ok(
+        await _driver(
+            ctx, "propose_transfer", authorisation_id=ctx.notes["auth"], vintage=VINTAGE,
+            quantity=quantity, timeout_seconds=timeout_seconds,
+        ),
+        "propose_transfer", ctx,
+    )  # fmt: skip
+    got = await ctx.server.wait_for(
+        lambda: _proposals_after(ctx, seen), ctx.config.act_within_seconds
+    )
+    check(got, "no TransferProposal reached the kit after the driver's propose_transfer")
+    incoming: Incoming = got[0]
+    proposal = incoming.message
+    assert isinstance(proposal, transfer_pb2.TransferProposal)
+    check(not incoming.problems, f"proposal header: {'; '.join(incoming.problems)}")
+    check(
+        proposal.transfer_id.startswith(f"{ctx.target}-"),
+        f"transfer id {proposal.transfer_id!r} must start with '{ctx.target}-' (§1.5)",
+    )
+    blocks = [block_from_pb(b) for b in proposal.blocks]
+    check(blocks, "the proposal carries no blocks")
+    check(
+        proposal.quantity == quantity == sum(b.quantity for b in blocks),
+        f"proposal quantity {proposal.quantity}, blocks {sum(b.quantity for b in blocks)}, "
+        f"asked {quantity}",
+    )
+    _check_blocks(ctx, blocks, ctx.authorisations[ctx.notes["auth"]], VINTAGE)
+    check(proposal.HasField("expires_at"), "the proposal has no expires_at (§5.8 T1a)")
+    check(
+        timestamp_us(proposal.expires_at) > to_us(now_utc()) - 300_000_000,
+        "the proposal expired before it was sent",
+    )
+    check(
+        proposal.first_transfer, "a host's transfer of its NDC units is their first transfer (§5.8)"
+    )
+    record = KitTransfer(
+        transfer_id=proposal.transfer_id, sender=ctx.target, receiver=ctx.kit,
+        authorisation_id=proposal.authorisation_id, blocks=tuple(blocks),
+        proposal_digest=sha256(incoming.payload),
+    )  # fmt: skip
+    ctx.transfers[record.transfer_id] = record
+    return incoming
+
+
+def _completions_of(ctx: Context, transfer_id: str) -> list[Incoming]:
+    return [
+        i for i in ctx.server.of_type(transfer_pb2.TransferCompletion)
+        if i.message.transfer_id == transfer_id  # type: ignore[attr-defined]
+    ]  # fmt: skip
+
+
+async def _wait_completion(ctx: Context, record: KitTransfer) -> None:
+    got = await ctx.server.wait_for(
+        lambda: _completions_of(ctx, record.transfer_id), ctx.config.act_within_seconds
+    )
+    check(
+        got, f"no TransferCompletion of {record.transfer_id} reached the kit after its acceptance"
+    )
+    completion = got[0].message
+    assert isinstance(completion, transfer_pb2.TransferCompletion)
+    check(not got[0].problems, f"completion header: {'; '.join(got[0].problems)}")
+    check(
+        completion.acceptance_digest == record.acceptance_digest,
+        "the completion's acceptance_digest is not SHA-256 of the kit's acceptance payload (§5.9)",
+    )
+    check(
+        completion.adjustment_year == VINTAGE,
+        f"the completion's adjustment_year is {completion.adjustment_year}, the host books "
+        f"its adjustment for vintage {VINTAGE} (§5.9, §6.6)",
+    )
+    record.moved = record.final_at_target = True
+
+
+def _accepting(ctx: Context, *, bad_first: int = 0) -> Callable[[Incoming], Message | bytes | None]:
+    """Accept the proposal (after ``bad_first`` acceptances with a wrong digest)."""
+    bad: list[Incoming] = []
+
+    def policy(incoming: Incoming) -> Message | bytes | None:
+        msg = incoming.message
+        assert isinstance(msg, transfer_pb2.TransferProposal)
+        if len(bad) < bad_first:
+            bad.append(incoming)
+            wrong = transfer_pb2.TransferAcceptance(
+                transfer_id=msg.transfer_id, proposal_digest=sha256(b"another proposal")
+            )
+            return _unstored(ctx, incoming, wrong)
+        answer = default_answer(incoming)
+        assert isinstance(answer, transfer_pb2.TransferAcceptance)
+        answer.header.CopyFrom(ctx.link.header(in_reply_to=incoming.message_id))
+        payload, _ = ctx.link.seal(answer)
+        record = ctx.transfers.get(msg.transfer_id)
+        if record is not None:
+            record.acceptance_digest = sha256(payload)
+        ctx.notes.setdefault("acceptances", {})[msg.transfer_id] = sha256(payload)
+        return answer
+
+    return policy
+
+
+@kit_test(
+    "3.01-proposal-completed",
+    3,
+    "§5.8, §5.9, §6.2",
+    "the target's proposal, the kit's acceptance, the target's completion",
+    ("host",),
+)
+async def t_h_transfer(ctx: Context) -> None:
+    incoming = await _driver_propose(ctx, 3_000, _accepting(ctx))
+    record = ctx.transfers[incoming.message.transfer_id]  # type: ignore[attr-defined]
+    record.acceptance_digest = ctx.notes.get("acceptances", {}).get(record.transfer_id, b"")
+    await _wait_completion(ctx, record)
+    await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_COMPLETED, "§6.3")
+
+
+@kit_test(
+    "3.02-acceptance-digest-checked",
+    3,
+    "§5.8, §5.3",
+    "an acceptance with a wrong proposal_digest is not applied",
+    ("host",),
+)
+async def t_h_wrong_digest(ctx: Context) -> None:
+    incoming = await _driver_propose(ctx, 1_500, _accepting(ctx, bad_first=1))
+    record = ctx.transfers[incoming.message.transfer_id]  # type: ignore[attr-defined]
+    got = await ctx.server.wait_for(
+        lambda: _completions_of(ctx, record.transfer_id), ctx.config.act_within_seconds
+    )
+    check(got, f"no TransferCompletion of {record.transfer_id} reached the kit")
+    good = ctx.notes.get("acceptances", {}).get(record.transfer_id)
+    check(
+        good is not None,
+        "the target completed the transfer on an acceptance whose proposal_digest is wrong "
+        "instead of delivering the proposal again (§5.8: 3010, nothing applied)",
+    )
+    deliveries = [
+        i for i in ctx.server.of_type(transfer_pb2.TransferProposal)
+        if i.message.transfer_id == record.transfer_id  # type: ignore[attr-defined]
+    ]  # fmt: skip
+    check(
+        all(d.raw == deliveries[0].raw for d in deliveries),
+        "retries must carry the same bytes (§7.1)",
+    )
+    record.acceptance_digest = good
+    await _wait_completion(ctx, record)
+
+
+@kit_test(
+    "3.03-rejection-final",
+    3,
+    "§5.8, §6.3",
+    "a rejected proposal is not completed; its status is REJECTED",
+    ("host",),
+)
+async def t_h_rejected(ctx: Context) -> None:
+    def reject(incoming: Incoming) -> Message:
+        msg = incoming.message
+        return Rejection(
+            subject_id=msg.transfer_id,  # type: ignore[attr-defined]
+            envelope_digest=sha256(incoming.raw),
+            reasons=[codes_pb2.RejectionReason(
+                code=C.REJECTION_CODE_VINTAGE_OUTSIDE_NDC_PERIOD, detail="conformance: refused"
+            )],
+        )  # fmt: skip
+
+    incoming = await _driver_propose(ctx, 1_000, reject)
+    record = ctx.transfers[incoming.message.transfer_id]  # type: ignore[attr-defined]
+    record.final_at_target = True
+    await ctx.server.wait_for(lambda: False, 1.0)
+    check(not _completions_of(ctx, record.transfer_id), "the target completed a rejected transfer")
+    await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_REJECTED, "§6.3")
+
+
+@kit_test(
+    "3.04-timeout-void",
+    3,
+    "§7.4, §5.10",
+    "an unanswered proposal is voided after its time-out",
+    ("host",),
+)
+async def t_h_timeout(ctx: Context) -> None:
+    incoming = await _driver_propose(ctx, 500, lambda incoming: None, timeout_seconds=2)
+    record = ctx.transfers[incoming.message.transfer_id]  # type: ignore[attr-defined]
+    voids = await ctx.server.wait_for(
+        lambda: [
+            i for i in ctx.server.of_type(transfer_pb2.TransferVoid)
+            if i.message.transfer_id == record.transfer_id  # type: ignore[attr-defined]
+        ],
+        ctx.config.act_within_seconds + 2,
+    )  # fmt: skip
+    check(voids, f"no TransferVoid of {record.transfer_id} reached the kit after its time-out")
+    proposal = incoming.message
+    assert isinstance(proposal, transfer_pb2.TransferProposal)
+    check(
+        voids[0].received_at >= incoming.received_at,
+        "the void arrived before the proposal",
+    )
+    record.final_at_target = True
+    await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_VOIDED, "§6.3")
+    check(not _completions_of(ctx, record.transfer_id), "the target completed a voided transfer")
+
+
+@kit_test(
+    "3.20-status-unknown", 3, "§5.11", "a status query about a transfer never made: UNKNOWN", ROLES
+)
+async def t_status_unknown(ctx: Context) -> None:
+    await _expect_state(
+        ctx, f"{ctx.target}-T-{ctx.nonce}-NEVER", transfer_pb2.TRANSFER_STATE_UNKNOWN, "§5.11"
+    )
+
+
+# ======================================================================================
+# Stage 4: reconciliation (both roles)
+# ======================================================================================
+
+
+async def _query(ctx: Context, view: int, **fields: object) -> reconcile_pb2.ReconciliationAnswer:
+    query = reconcile_pb2.ReconciliationQuery(
+        reconciliation_id=ctx.notes.setdefault("reconciliation_id", str(uuid.uuid4())),
+        snapshot_at=timestamp(to_us(now_utc())),
+        view=view,  # type: ignore[arg-type]
+        **fields,  # type: ignore[arg-type]
+    )
+    reply = await ctx.link.send(query)
+    answer = ctx.expect(reply, reconcile_pb2.ReconciliationAnswer, "reconciliation query")
+    check(
+        answer.reconciliation_id == query.reconciliation_id,
+        f"answer names reconciliation {answer.reconciliation_id!r}",
+    )
+    return answer  # type: ignore[no-any-return]
+
+
+def _final(ctx: Context) -> list[KitTransfer]:
+    return [t for t in ctx.transfers.values() if t.final_at_target]
+
+
+async def _leaves(ctx: Context, view: int) -> dict[str, bytes]:
+    ids = [t.transfer_id for t in _final(ctx)]
+    leaves: dict[str, bytes] = {}
+    for start in range(0, len(ids), 256):
+        answer = await _query(
+            ctx, view, leaf_prefixes=[id_hash(t) for t in ids[start : start + 256]]
+        )
+        leaves.update({leaf.transfer_id: bytes(leaf.digest) for leaf in answer.leaves})
+    return leaves
+
+
+@kit_test(
+    "4.01-totals", 4, "§11.3", "the target's totals for this run's authorisations equal the kit's"
+)
+async def t_totals(ctx: Context) -> None:
+    answer = await _query(ctx, reconcile_pb2.RECONCILIATION_VIEW_TOTALS)
+    theirs: dict[tuple[str, int, int, str], tuple[int, int]] = {
+        (t.sender_party, int(t.unit_type), t.vintage, t.authorisation_id): (t.quantity, t.transfers)
+        for t in answer.totals
+        if t.authorisation_id in ctx.authorisations
+    }
+    mine: dict[tuple[str, int, int, str], tuple[int, int]] = {}
+    for record in _final(ctx):
+        if not record.moved:
+            continue
+        keys = {
+            (record.sender, int(b.unit_type), b.vintage, b.authorisation_id) for b in record.blocks
+        }
+        for key in keys:
+            quantity = sum(
+                b.quantity for b in record.blocks
+                if (record.sender, int(b.unit_type), b.vintage, b.authorisation_id) == key
+            )  # fmt: skip
+            q, n = mine.get(key, (0, 0))
+            mine[key] = (q + quantity, n + 1)
+    differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    check(
+        not differing,
+        "totals differ: "
+        + "; ".join(
+            f"{k}: kit {mine.get(k, (0, 0))}, target {theirs.get(k, (0, 0))}" for k in differing
+        ),
+    )
+    ctx.notes["totals"] = [Total(k[0], k[1], k[2], k[3], *v) for k, v in mine.items()]
+
+
+@kit_test(
+    "4.02-one-adjustment-per-transfer",
+    4,
+    "§6.6, §11.4",
+    "exactly one corresponding adjustment per completed transfer, none for the others",
+)
+async def t_adjustments(ctx: Context) -> None:
+    leaves = await _leaves(ctx, reconcile_pb2.RECONCILIATION_VIEW_BLOCKS)
+    problems = []
+    for record in _final(ctx):
+        got = leaves.get(record.transfer_id)
+        if got is None or not record.moved:
+            continue  # reported by 4.03
+        if got == record.blocks_leaf():
+            continue
+        expected = record.expected_adjustments()
+        variants = {
+            "no adjustment": (),
+            "the adjustment twice": tuple(sorted(expected * 2)),
+            "the adjustment with the wrong sign": tuple((y, -a) for y, a in expected),
+        }
+        found = [
+            name for name, adjustments in variants.items()
+            if blocks_leaf(record.facts(adjustments)) == got
+        ]  # fmt: skip
+        problems.append(
+            f"{record.transfer_id}: the target records "
+            + (found[0] if found else "other blocks or adjustments")
+            + f" (expected one entry {expected})"
+        )
+    check(not problems, "; ".join(problems))
+
+
+@kit_test("4.03-blocks-leaves", 4, "§11.4", "every final transfer's blocks leaf equals the kit's")
+async def t_blocks_leaves(ctx: Context) -> None:
+    leaves = await _leaves(ctx, reconcile_pb2.RECONCILIATION_VIEW_BLOCKS)
+    _compare_leaves(ctx, leaves, lambda r: r.blocks_leaf(), "blocks")
+
+
+@kit_test("4.04-journal-leaves", 4, "§11.4", "every final transfer's journal leaf equals the kit's")
+async def t_journal_leaves(ctx: Context) -> None:
+    leaves = await _leaves(ctx, reconcile_pb2.RECONCILIATION_VIEW_JOURNAL)
+    _compare_leaves(ctx, leaves, lambda r: r.journal_leaf(), "journal")
+
+
+def _compare_leaves(
+    ctx: Context, leaves: dict[str, bytes], mine: Callable[[KitTransfer], bytes], view: str
+) -> None:
+    asked = {t.transfer_id for t in _final(ctx)}
+    problems = []
+    for record in _final(ctx):
+        got = leaves.get(record.transfer_id)
+        if got is None:
+            problems.append(
+                f"{record.transfer_id} is missing (not final, or unknown, at the target)"
+            )
+        elif got != mine(record):
+            state = "moved" if record.moved else "not moved"
+            problems.append(f"{record.transfer_id} ({state}) differs")
+    extra = sorted(set(leaves) - asked)
+    if extra:
+        problems.append(f"leaves the kit did not ask for: {', '.join(extra[:5])}")
+    check(not problems, f"{view} leaves: " + "; ".join(problems))
+
+
+@kit_test(
+    "4.05-bucket-summaries", 4, "§11.5", "bucket summaries (count, h1, h2) agree with the leaves"
+)
+async def t_buckets(ctx: Context) -> None:
+    problems = []
+    records = _final(ctx)
+    answer = await _query(
+        ctx, reconcile_pb2.RECONCILIATION_VIEW_BLOCKS,
+        prefixes=[id_hash(r.transfer_id)[:63] for r in records][:256],
+    )  # fmt: skip
+    buckets = {b.prefix: b for b in answer.buckets}
+    for record in records[:256]:
+        bucket = buckets.get(id_hash(record.transfer_id))
+        h1, h2 = slices(record.blocks_leaf())
+        if bucket is None or (bucket.count, bucket.h1, bucket.h2) != (1, h1, h2):
+            problems.append(
+                f"{record.transfer_id}: bucket "
+                f"{bucket and (bucket.count, bucket.h1, bucket.h2)}, expected {(1, h1, h2)}"
+            )
+    check(not problems, "; ".join(problems))
+
+
+@kit_test(
+    "4.06-query-checks",
+    4,
+    "§11.3 R1, R2",
+    "a query without a view (2010) or a snapshot (2003) is rejected",
+)
+async def t_query_checks(ctx: Context) -> None:
+    bad_view = reconcile_pb2.ReconciliationQuery(
+        reconciliation_id=str(uuid.uuid4()),
+        snapshot_at=timestamp(to_us(now_utc())),
+        view=reconcile_pb2.RECONCILIATION_VIEW_UNSPECIFIED,
+    )
+    ctx.expect_rejection(
+        await ctx.link.send(bad_view), C.REJECTION_CODE_INVALID_FIELD, "view 0", recorded=True
+    )
+    no_snapshot = reconcile_pb2.ReconciliationQuery(
+        reconciliation_id=str(uuid.uuid4()), view=reconcile_pb2.RECONCILIATION_VIEW_TOTALS
+    )
+    ctx.expect_rejection(
+        await ctx.link.send(no_snapshot),
+        C.REJECTION_CODE_MISSING_FIELD,
+        "no snapshot",
+        recorded=True,
+    )

@@ -1,0 +1,382 @@
+"""Deliberately faulty variants of our node, each breaking ONE protocol rule.
+
+Tests only: nothing in src/ can reach these. A variant is applied to a started
+node (its engine's class is swapped for a subclass, its trust store or store
+wrapped) and, for a rule checked in the core, by a monkeypatch that the test
+undoes. tests/conformance/test_faulty.py runs the kit against each variant and
+asserts that the kit fails it, in the test named here.
+
+Not a variant, because the kit cannot see it from outside: a receiver that books
+its corresponding adjustment when it accepts instead of when the completion
+arrives. For a transfer that completes, the final records are the same; for one
+that is voided, the stray entry appears in no reconciliation leaf (§11.4 hashes
+adjustments only of transfers that moved), so no partner can observe it. A
+variant that books the adjustment wrongly in a way that survives to the final
+records is caught (receiver-books-no-adjustment, sender-adjustment-wrong-sign).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from google.protobuf.message import DecodeError, Message
+
+from itmolink.core import rules
+from itmolink.core.adjustments import AdjustmentEntry
+from itmolink.core.blocks import Block
+from itmolink.core.rules import AuthorisationTerms
+from itmolink.core.transfer import Effect, Role, TransferState
+from itmolink.crypto.envelope import TrustStore, pae
+from itmolink.crypto.keys import VerifyingKey
+from itmolink.node.convert import block_from_pb, terms_from_statement
+from itmolink.node.engine import Engine
+from itmolink.node.runtime import Node
+from itmolink.store.sqlite import HOLDING_ACCOUNT
+from itmolink.store.tx import Tx
+from itmolink.v1 import authorisation_pb2, common_pb2, envelope_pb2, transfer_pb2
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    role: str  # the role in which the kit must catch it
+    rule: str
+    catches: str  # the kit test that must fail
+    patch: Callable[[Node], None]
+    # (object, attribute, replacement factory taking the original) for core rules.
+    core_patches: tuple[tuple[Any, str, Callable[[Any], Any]], ...] = field(default=())
+
+
+def _swap(node: Node, cls: type[Engine]) -> None:
+    node.engine.__class__ = cls
+
+
+# -- envelope and header ----------------------------------------------------------------
+
+
+class _AnySignature(VerifyingKey):
+    __slots__ = ()
+
+    def verify(self, signature: bytes, message: bytes) -> bool:
+        return True
+
+
+class _NoWindow(VerifyingKey):
+    __slots__ = ()
+
+    def valid_at(self, now: dt.datetime) -> str | None:
+        return None
+
+
+def _retrust(node: Node, cls: type[VerifyingKey]) -> None:
+    engine = node.engine
+    engine.trust = TrustStore(
+        cls(k.party, k.key_id, k.public_bytes, k.not_before, k.not_after)
+        for k in engine.trust.all()
+    )
+
+
+class IgnoresRevocations(Engine):
+    def reload_trust(self) -> None:
+        super().reload_trust()
+        self.trust = TrustStore(self.trust.all())  # the same keys, none revoked
+
+
+class IgnoresAudience(Engine):
+    def _check_header(self, header: common_pb2.Header, *, sender: str, now_us: int) -> None:
+        readdressed = common_pb2.Header()
+        readdressed.CopyFrom(header)
+        readdressed.audience = self.party
+        super()._check_header(readdressed, sender=sender, now_us=now_us)
+
+
+class NoSentAtWindow(Engine):
+    def _check_window(self, header: common_pb2.Header, now_us: int) -> None:
+        return None
+
+
+# -- the inbox ------------------------------------------------------------------------
+
+
+class _TxProxy:
+    """A transaction whose inbox misbehaves as its engine's variant says."""
+
+    def __init__(self, tx: Tx, engine: Any) -> None:
+        self._tx = tx
+        self._engine = engine
+        self._forgotten: set[tuple[str, str]] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tx, name)
+
+    def inbox_get(self, partner: str, message_id: str) -> Any:
+        seen = self._tx.inbox_get(partner, message_id)
+        if seen is None:
+            return None
+        if self._engine.forget_all_replies:
+            return None
+        if seen.payload_digest != self._engine.incoming_digest:
+            self._forgotten.add((partner, message_id))
+            return None
+        return seen
+
+    def journal_has(self, direction: str, partner: str, message_id: str) -> bool:
+        if (partner, message_id) in self._forgotten:
+            return False
+        return bool(self._tx.journal_has(direction, partner, message_id))
+
+    def journal(self, **entry: Any) -> int:
+        key = (entry["partner"], entry["message_id"])
+        if entry["direction"] == "in" and key in self._forgotten:
+            self._tx._exec("DELETE FROM inbox WHERE partner = ? AND message_id = ?", key)
+            self._tx._exec(
+                "DELETE FROM journal WHERE direction = 'in' AND partner = ? AND message_id = ?",
+                key,
+            )
+        return int(self._tx.journal(**entry))
+
+
+class _StoreProxy:
+    def __init__(self, store: Any, engine: Any) -> None:
+        self._store = store
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Any]:
+        with self._store.transaction() as tx:
+            yield _TxProxy(tx, self._engine)
+
+
+class InboxVariant(Engine):
+    forget_all_replies = False
+    incoming_digest = b""
+
+    def handle_delivery(self, peer_party: str, raw: bytes, now: dt.datetime) -> bytes:
+        envelope = envelope_pb2.Envelope()
+        with contextlib.suppress(DecodeError):
+            envelope.ParseFromString(raw)
+        self.incoming_digest = hashlib.sha256(pae(envelope.payload_type, envelope.payload)).digest()
+        return super().handle_delivery(peer_party, raw, now)
+
+
+class ForgetsReplies(InboxVariant):
+    forget_all_replies = True
+
+
+class ReusedIdAsNew(InboxVariant):
+    forget_all_replies = False
+
+
+def _inbox(cls: type[InboxVariant]) -> Callable[[Node], None]:
+    def patch(node: Node) -> None:
+        _swap(node, cls)
+        node.engine.store = _StoreProxy(node.engine.store, node.engine)  # type: ignore[assignment]
+
+    return patch
+
+
+# -- Article 6 rules and the transfer steps ---------------------------------------------
+
+
+class AcceptsPre2021(Engine):
+    def _check_statement(
+        self, statement: authorisation_pb2.AuthorisationStatement, host: str
+    ) -> AuthorisationTerms:
+        checked = authorisation_pb2.AuthorisationStatement()
+        checked.CopyFrom(statement)
+        checked.vintage_from = max(2021, statement.vintage_from)
+        super()._check_statement(checked, host)
+        return terms_from_statement(statement)
+
+
+class _NeverRevoked:
+    """A transaction in which no authorisation is ever revoked."""
+
+    def __init__(self, tx: Tx) -> None:
+        self._tx = tx
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tx, name)
+
+    def authorisation_details(self, host: str, authorisation_id: str) -> dict[str, Any]:
+        details = dict(self._tx.authorisation_details(host, authorisation_id))
+        details["revoked"] = False
+        return details
+
+
+class IgnoresAuthorisationRevocation(Engine):
+    """Accepts transfers under an authorisation its host revoked."""
+
+    def _on_proposal(self, tx: Tx, *args: Any) -> bytes:
+        handler = Engine._request_handlers["itmolink.v1.TransferProposal"]
+        return handler(self, _NeverRevoked(tx), *args)
+
+    _request_handlers: ClassVar[dict[str, Callable[..., bytes]]] = {
+        **Engine._request_handlers,
+        "itmolink.v1.TransferProposal": _on_proposal,
+    }
+
+
+class CreditsOnAcceptance(Engine):
+    """Credits the blocks when it accepts, not when the sender completes."""
+
+    def _on_proposal(self, tx: Tx, sender: str, msg: Any, *args: Any) -> bytes:
+        envelope = Engine._request_handlers["itmolink.v1.TransferProposal"](
+            self, tx, sender, msg, *args
+        )
+        tx.blocks_insert([block_from_pb(b) for b in msg.blocks], account=HOLDING_ACCOUNT)
+        return envelope
+
+    def _apply(self, tx: Tx, effects: Sequence[Effect], *args: Any, **kwargs: Any) -> int:
+        kept = [e for e in effects if e is not Effect.CREDIT_BLOCKS]
+        return super()._apply(tx, kept, *args, **kwargs)
+
+    _request_handlers: ClassVar[dict[str, Callable[..., bytes]]] = {
+        **Engine._request_handlers,
+        "itmolink.v1.TransferProposal": _on_proposal,
+    }
+
+
+class ReappliesCompletion(Engine):
+    """A completion of a transfer already completed is applied again (against our
+    schema the second credit fails: the node answers with an internal error)."""
+
+    def _on_completion(self, tx: Tx, sender: str, msg: Any, *args: Any) -> bytes:
+        record = tx.transfer_get(msg.transfer_id)
+        if record is not None and record.state is TransferState.COMPLETED:
+            blocks = tx.blocks_of_transfer(msg.transfer_id)
+            self._apply(
+                tx, [Effect.CREDIT_BLOCKS, Effect.APPLY_ADJUSTMENT], msg.transfer_id, sender,
+                blocks, args[1], args[2],
+            )  # fmt: skip
+        return bytes(
+            Engine._request_handlers["itmolink.v1.TransferCompletion"](self, tx, sender, msg, *args)
+        )
+
+    _request_handlers: ClassVar[dict[str, Callable[..., bytes]]] = {
+        **Engine._request_handlers,
+        "itmolink.v1.TransferCompletion": _on_completion,
+    }
+
+
+class VoidsCompletedTransfer(Engine):
+    """Takes a void of a transfer it completed as the end of that transfer."""
+
+    def _on_void(self, tx: Tx, sender: str, msg: Any, *args: Any) -> bytes:
+        record = tx.transfer_get(msg.transfer_id)
+        if (
+            record is not None
+            and record.partner == sender
+            and record.state is TransferState.COMPLETED
+        ):
+            now_us = args[2]
+            tx.transfer_set_state(msg.transfer_id, TransferState.VOIDED, now=now_us)
+            receipt = transfer_pb2.TransferVoidReceipt(transfer_id=msg.transfer_id)
+            return self._reply(tx, sender, receipt, msg.header.message_id, now_us)[1]
+        handler = Engine._request_handlers["itmolink.v1.TransferVoid"]
+        return handler(self, tx, sender, msg, *args)
+
+    _request_handlers: ClassVar[dict[str, Callable[..., bytes]]] = {
+        **Engine._request_handlers,
+        "itmolink.v1.TransferVoid": _on_void,
+    }
+
+
+class ReceiverBooksNoAdjustment(Engine):
+    def _adjustment_entries(
+        self, role: Role, partner: str, transfer_id: str, blocks: Sequence[Block]
+    ) -> list[AdjustmentEntry]:
+        entries = super()._adjustment_entries(role, partner, transfer_id, blocks)
+        return [] if role is Role.RECEIVER else entries
+
+
+class SenderBooksWrongSign(Engine):
+    def _adjustment_entries(
+        self, role: Role, partner: str, transfer_id: str, blocks: Sequence[Block]
+    ) -> list[AdjustmentEntry]:
+        entries = super()._adjustment_entries(role, partner, transfer_id, blocks)
+        if role is Role.SENDER:
+            return [dataclasses.replace(e, amount=-e.amount) for e in entries]
+        return entries
+
+
+class WrongCompletionDigest(Engine):
+    """The completion carries the proposal's digest instead of the acceptance's."""
+
+    def _send(self, tx: Tx, partner: str, msg: Message, subject_id: str, now_us: int) -> bytes:
+        if isinstance(msg, transfer_pb2.TransferCompletion):
+            record = tx.transfer_get(msg.transfer_id)
+            if record is not None:
+                msg.acceptance_digest = record.proposal_digest
+        return super()._send(tx, partner, msg, subject_id, now_us)
+
+
+class AppliesUnmatchedAcceptance(Engine):
+    """Applies an acceptance without checking that it accepts this proposal."""
+
+    def _accepted(
+        self, tx: Tx, transfer_id: str, partner: str, acceptance: Any, *args: Any
+    ) -> None:
+        record = tx.transfer_get(transfer_id)
+        if record is not None:
+            acceptance = transfer_pb2.TransferAcceptance(
+                header=acceptance.header,
+                transfer_id=transfer_id,
+                proposal_digest=record.proposal_digest,
+            )
+        super()._accepted(tx, transfer_id, partner, acceptance, *args)
+
+
+def _no_cap(original: Callable[..., None]) -> Callable[..., None]:
+    def check_issuance(terms: AuthorisationTerms, **kwargs: Any) -> None:
+        original(dataclasses.replace(terms, quantity_cap=0), **kwargs)
+
+    return check_issuance
+
+
+VARIANTS = [
+    Variant("accepts-bad-signature", "buyer", "accepts a signature that does not verify",
+            "1.06-bad-signature", lambda n: _retrust(n, _AnySignature)),
+    Variant("ignores-audience", "buyer", "processes messages addressed to another party",
+            "1.09-wrong-audience", lambda n: _swap(n, IgnoresAudience)),
+    Variant("accepts-expired-key", "buyer", "accepts signatures of keys outside their window",
+            "1.07-expired-key", lambda n: _retrust(n, _NoWindow)),
+    Variant("ignores-key-revocation", "buyer", "accepts signatures of a key revoked in-band",
+            "1.17-key-rotation", lambda n: _swap(n, IgnoresRevocations)),
+    Variant("accepts-replay", "buyer", "accepts a replayed old message (no sent_at window)",
+            "1.13-stale-sent-at", lambda n: _swap(n, NoSentAtWindow)),
+    Variant("forgets-replies", "buyer", "answers a retried message anew, not with its stored reply",
+            "1.14-identical-retry", _inbox(ForgetsReplies)),
+    Variant("reused-id-as-new", "buyer", "answers a reused id with a different payload as new",
+            "1.15-reused-message-id", _inbox(ReusedIdAsNew)),
+    Variant("accepts-vintage-2020", "buyer", "accepts an authorisation of vintages before 2021",
+            "2.02-authorisation-vintage-before-2021", lambda n: _swap(n, AcceptsPre2021)),
+    Variant("ignores-authorisation-revocation", "buyer", "accepts units of a revoked authorisation",
+            "3.16-revoked-authorisation", lambda n: _swap(n, IgnoresAuthorisationRevocation)),
+    Variant("credits-on-acceptance", "buyer", "credits units on acceptance, not on completion",
+            "3.14-void-after-acceptance", lambda n: _swap(n, CreditsOnAcceptance)),
+    Variant("reapplies-completion", "buyer", "applies a completion sent again a second time",
+            "3.03-completion-resealed", lambda n: _swap(n, ReappliesCompletion)),
+    Variant("voids-completed-transfer", "buyer", "lets a void end a transfer it completed",
+            "3.17-void-rules", lambda n: _swap(n, VoidsCompletedTransfer)),
+    Variant("receiver-books-no-adjustment", "buyer", "books no adjustment on completion",
+            "3.01-transfer-completed", lambda n: _swap(n, ReceiverBooksNoAdjustment)),
+    Variant("ignores-cap", "host", "issues beyond the authorisation's quantity cap",
+            "2.04-issue-over-cap-refused", lambda n: None,
+            ((rules, "check_issuance", _no_cap),)),
+    Variant("applies-unmatched-acceptance", "host", "applies an acceptance of another proposal",
+            "3.02-acceptance-digest-checked", lambda n: _swap(n, AppliesUnmatchedAcceptance)),
+    Variant("wrong-completion-digest", "host", "puts the proposal's digest in the completion",
+            "3.01-proposal-completed", lambda n: _swap(n, WrongCompletionDigest)),
+    Variant("sender-adjustment-wrong-sign", "host", "books its adjustment with the wrong sign",
+            "4.02-one-adjustment-per-transfer", lambda n: _swap(n, SenderBooksWrongSign)),
+]  # fmt: skip

@@ -1,0 +1,78 @@
+"""The conformance kit against our own node: the unmodified node passes in both
+roles (through the command line, as CI and partners run it), and each faulty
+variant fails, in the test that checks the rule it breaks."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from itmolink.conformance import stages
+from itmolink.conformance.config import load_kit_config
+from itmolink.conformance.runner import FAILED, NOT_RUN, PASSED, run_kit
+from tests.conformance.faulty import VARIANTS, Variant
+from tests.conformance.harness import ITMOLINK, prepare, start_target
+
+
+@pytest.mark.parametrize("role", ["host", "buyer"])
+async def test_our_node_conforms_in_both_roles(tmp_path: Path, role: str) -> None:
+    setup = prepare(tmp_path)
+    node = await start_target(setup)
+    junit, report = tmp_path / "junit.xml", tmp_path / "report.md"
+    try:
+        process = await asyncio.create_subprocess_exec(
+            str(ITMOLINK), "conformance", "run", "--target",
+            f"127.0.0.1:{node.partner_port}", "--role", role, "--config",
+            str(setup.kit_config), "--junit", str(junit), "--report", str(report),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(process.communicate(), 240)
+    finally:
+        await node.stop(0.2)
+    text = out.decode()
+    sys.stdout.write(text)
+    assert process.returncode == 0, text
+    assert "CONFORMS" in text
+    suites = ET.parse(junit).getroot()
+    expected = stages.tests_for(role)
+    assert int(suites.get("tests", "-1")) == len(expected)
+    assert (suites.get("failures"), suites.get("errors"), suites.get("skipped")) == ("0", "0", "0")
+    names = [case.get("name", "") for case in suites.iter("testcase")]
+    assert [n.split(" ")[0] for n in names] == [t.id for t in expected]
+    assert all("§" in n for n in names), "every test names the PROTOCOL.md section it checks"
+    assert "**conforms**" in report.read_text()
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v.name for v in VARIANTS])
+async def test_the_kit_catches_each_faulty_variant(
+    tmp_path: Path, variant: Variant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup = prepare(tmp_path, act_within=8.0)
+    for owner, attribute, make in variant.core_patches:
+        monkeypatch.setattr(owner, attribute, make(getattr(owner, attribute)))
+    node = await start_target(setup, variant.patch)
+    try:
+        report = await run_kit(
+            load_kit_config(setup.kit_config), f"127.0.0.1:{node.partner_port}", variant.role
+        )
+    finally:
+        await node.stop(0.2)
+    failed = {r.test.id: r.message for r in report.results if r.status == FAILED}
+    print(f"{variant.name}: failed {sorted(failed)}")
+    assert not report.passed, f"the kit passed {variant.name}, which {variant.rule}"
+    assert variant.catches in failed, (
+        f"{variant.name} should fail {variant.catches}; failed: {failed}, "
+        f"errors: {[(r.test.id, r.message) for r in report.results if r.status == 'error']}"
+    )
+    # Everything before the catching test's stage passed: the variant breaks one rule.
+    stage = next(r.test.stage for r in report.results if r.test.id == variant.catches)
+    earlier = [r for r in report.results if r.test.stage < stage]
+    assert all(r.status == PASSED for r in earlier), [
+        (r.test.id, r.message) for r in earlier if r.status != PASSED
+    ]
+    later = [r for r in report.results if r.test.stage > stage]
+    assert all(r.status == NOT_RUN for r in later)
