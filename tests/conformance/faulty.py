@@ -151,8 +151,8 @@ class _StoreProxy:
         return getattr(self._store, name)
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Any]:
-        with self._store.transaction() as tx:
+    def transaction(self, *, exclusive: bool = True) -> Iterator[Any]:
+        with self._store.transaction(exclusive=exclusive) as tx:
             yield _TxProxy(tx, self._engine)
 
 

@@ -17,6 +17,8 @@ from itmolink.crypto.keys import SigningKey
 from itmolink.node.engine import Engine, Partner
 from itmolink.store import SqliteStore
 
+from ..conftest import Databases
+
 START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
@@ -82,7 +84,7 @@ class Pair:
 
 
 def make_engine(
-    tmp: Path,
+    databases: Databases | Path,
     party: str,
     partner: str,
     keys: dict[str, SigningKey],
@@ -96,7 +98,10 @@ def make_engine(
         signing_key=keys[party],
         trust=TrustStore([pinned.verifying_key()]),
         partners=[Partner(partner, f"{partner}-NR", "in-memory")],
-        store=SqliteStore(tmp / f"{party.lower()}.db", party=party, registry=f"{party}-NR"),
+        # A directory (the fuzz harnesses): SQLite files there.
+        store=databases.open(party)
+        if isinstance(databases, Databases)
+        else SqliteStore(databases / f"{party.lower()}.db", party=party, registry=f"{party}-NR"),
         default_timeout=dt.timedelta(seconds=60),
         new_id=lambda: f"{party}-msg-{next(counter)}",
         **options,
@@ -104,10 +109,10 @@ def make_engine(
 
 
 @pytest.fixture
-def pair(tmp_path: Path) -> Iterator[Pair]:
+def pair(databases: Databases) -> Iterator[Pair]:
     keys = {party: SigningKey.generate(party) for party in ("LAO", "KOR")}
-    lao = make_engine(tmp_path, "LAO", "KOR", keys, keys["KOR"])
-    kor = make_engine(tmp_path, "KOR", "LAO", keys, keys["LAO"])
+    lao = make_engine(databases, "LAO", "KOR", keys, keys["KOR"])
+    kor = make_engine(databases, "KOR", "LAO", keys, keys["LAO"])
     yield Pair(lao=lao, kor=kor, keys=keys)
     lao.store.close()
     kor.store.close()

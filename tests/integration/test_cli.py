@@ -149,8 +149,6 @@ async def test_the_admin_interface_wants_an_operator_token_and_records_who_acted
 async def test_audit_verify_finds_an_edited_journal_entry(
     lao_kor: tuple[Registry, Registry], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import sqlite3
-
     from .test_transfer import issued, transfer
 
     lao, _ = lao_kor
@@ -160,8 +158,11 @@ async def test_audit_verify_finds_an_edited_journal_entry(
     assert code == 0, out
     assert "hash chain intact" in out
 
-    with sqlite3.connect(lao.node.config.database) as conn:
-        conn.execute("UPDATE journal SET envelope = X'00' WHERE id = 2")
+    def tamper() -> None:  # an insider edits a journal entry behind the node's back
+        with lao.node.engine.store.transaction() as tx:
+            tx._exec("UPDATE journal SET envelope = ? WHERE id = 2", (b"\x00",))
+
+    await lao.node.db(tamper)
     code, out, _ = await cli(capsys, "audit", "verify", "--config", str(lao.config_path))
     assert code == 4
     assert "journal entry 2: content does not match its hash: edited" in out
@@ -170,36 +171,37 @@ async def test_audit_verify_finds_an_edited_journal_entry(
 async def test_audit_verify_finds_an_edited_or_removed_audit_row(
     lao_kor: tuple[Registry, Registry], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import sqlite3
-
     from .test_transfer import issued
 
     lao, _ = lao_kor
+
+    def run_sql(statement: str) -> list[Any]:  # an insider, behind the node's back
+        with lao.node.engine.store.transaction() as tx:
+            cursor = tx._exec(statement)
+            return list(cursor.fetchall()) if statement.startswith("SELECT") else []
+
     await issued(lao)  # admin requests: each writes a "started" row and an outcome row
     code, out, _ = await cli(capsys, "audit", "verify", "--config", str(lao.config_path))
     assert code == 0, out
     assert "audit trail of" in out
     assert "rows, hash chain intact" in out
-    database = lao.node.config.database
-    with sqlite3.connect(database) as conn:
-        (rows,) = conn.execute("SELECT COUNT(*) FROM admin_audit").fetchone()
+    [(rows,)] = await lao.node.db(run_sql, "SELECT COUNT(*) FROM admin_audit")
     assert rows >= 4
 
     # An operator's action edited after the fact...
-    with sqlite3.connect(database) as conn:
-        conn.execute("UPDATE admin_audit SET operator = 'nobody' WHERE id = 2")
+    await lao.node.db(run_sql, "UPDATE admin_audit SET operator = 'nobody' WHERE id = 2")
     code, out, _ = await cli(capsys, "audit", "verify", "--config", str(lao.config_path))
     assert code == 4
     assert "audit row 2: content does not match its hash: edited" in out
     assert "entries, hash chain intact" in out  # the journal is untouched
-    with sqlite3.connect(database) as conn:
-        conn.execute("UPDATE admin_audit SET operator = 'admin' WHERE id = 2")
+    await lao.node.db(run_sql, "UPDATE admin_audit SET operator = 'admin' WHERE id = 2")
     code, out, _ = await cli(capsys, "audit", "verify", "--config", str(lao.config_path))
     assert code == 0, out
 
     # ... or the last rows removed.
-    with sqlite3.connect(database) as conn:
-        conn.execute("DELETE FROM admin_audit WHERE id = (SELECT MAX(id) FROM admin_audit)")
+    await lao.node.db(
+        run_sql, "DELETE FROM admin_audit WHERE id = (SELECT MAX(id) FROM admin_audit)"
+    )
     code, out, _ = await cli(capsys, "audit", "verify", "--config", str(lao.config_path))
     assert code == 4
     assert "the chain does not end at its recorded head: entries removed" in out
@@ -208,7 +210,7 @@ async def test_audit_verify_finds_an_edited_or_removed_audit_row(
 async def test_reconcile_between_running_nodes(
     lao_kor: tuple[Registry, Registry], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import sqlite3
+    from itmolink.store import read_only
 
     from .test_transfer import final_state, issued, transfer
 
@@ -236,8 +238,8 @@ async def test_reconcile_between_running_nodes(
     )  # fmt: skip
     assert code == 5
     assert transfer_id in out
-    with sqlite3.connect(kor.node.config.database) as conn:
-        statuses = conn.execute("SELECT status FROM blocks").fetchall()
+    with read_only(kor.node.config.database) as tx:
+        statuses = [tuple(row) for row in tx._exec("SELECT status FROM blocks").fetchall()]
     assert statuses == [("frozen",)]
 
 
