@@ -252,6 +252,9 @@ class EngineBase:
         self.accounting = accounting
         self.threshold = threshold
         self._after_commit: list[Callable[[], None]] = []
+        # Told of every Rejection sent or received (direction, partner, code name),
+        # once its transaction committed: the node counts them for its metrics.
+        self.on_rejection: Callable[[str, str, str], None] | None = None
         self.reload_trust()
 
     # -- transactions and trust ------------------------------------------------------
@@ -345,6 +348,8 @@ class EngineBase:
         """Seal a reply (journaled when ``tx`` is given); returns (payload, envelope)."""
         msg.header.CopyFrom(self._header(tx, partner, now_us, in_reply_to))  # type: ignore[attr-defined]
         name, payload, envelope = self._seal(msg)
+        if isinstance(msg, Rejection):
+            self._notify_rejection(tx, "sent", partner, msg)
         if tx is not None:
             tx.journal(
                 direction="out",
@@ -355,6 +360,22 @@ class EngineBase:
                 now=now_us,
             )
         return payload, envelope
+
+    def _notify_rejection(
+        self, tx: Tx | None, direction: str, partner: str, rejection: Rejection
+    ) -> None:
+        callback = self.on_rejection
+        if callback is None:
+            return
+        code = _code_name(_rejection_reasons(rejection)[0])
+
+        def notify() -> None:
+            callback(direction, partner, code)
+
+        if tx is None:
+            notify()
+        else:
+            self._after_commit.append(notify)
 
     def _rejection(self, subject_id: str, rejected: Rejected, request: bytes) -> Rejection:
         return Rejection(
@@ -561,6 +582,8 @@ class EngineBase:
             envelope=raw,
             now=now_us,
         )
+        if isinstance(reply, Rejection):
+            self._notify_rejection(tx, "received", partner, reply)
         return reply, verified.payload, journal_id
 
     @staticmethod
@@ -738,7 +761,10 @@ class EngineBase:
             blocks=taken,
             now=now_us,
         )
-        log.info("transfer %s proposed: %d tCO2e to %s", transfer_id, quantity, to_party)
+        log.info(
+            "transfer %s proposed: %d tCO2e to %s", transfer_id, quantity, to_party,
+            extra={"transfer_id": transfer_id, "partner": to_party},
+        )  # fmt: skip
         return transfer_id
 
 
