@@ -13,8 +13,9 @@ from itmolink.conformance import vectors
 from itmolink.crypto.envelope import TrustStore, open_envelope
 from itmolink.crypto.keys import VerifyingKey
 from itmolink.node.engine import Engine, Partner
-from itmolink.store import SqliteStore
 from itmolink.v1 import codes_pb2, reply_pb2
+
+from ..conftest import Databases
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENT = json.loads((ROOT / vectors.PATH).read_text())
@@ -26,7 +27,7 @@ def test_the_committed_vectors_are_what_the_generator_makes() -> None:
     )
 
 
-def receiver(tmp: Path) -> Engine:
+def receiver(databases: Databases) -> Engine:
     keys = []
     for entry in DOCUMENT["pinned_keys"]:
         not_after = entry.get("not_after")
@@ -42,15 +43,15 @@ def receiver(tmp: Path) -> Engine:
     engine = Engine(
         party="KOR", registry="KOR-NR", signing_key=vectors.test_key("KOR-1", "KOR"),
         trust=trust, partners=[Partner("LAO", "LAO-NR", "x"), Partner("JPN", "JPN-NR", "x")],
-        store=SqliteStore(tmp / "kor.db", party="KOR", registry="KOR-NR"),
+        store=databases.open("KOR"),
     )  # fmt: skip
     engine.trust = trust  # the revocations above are the vector's, not the ledger's
     return engine
 
 
 @pytest.mark.parametrize("vector", DOCUMENT["vectors"], ids=lambda v: v["name"])
-def test_vector(vector: dict[str, object], tmp_path: Path) -> None:
-    engine = receiver(tmp_path)
+def test_vector(vector: dict[str, object], databases: Databases) -> None:
+    engine = receiver(databases)
     now = dt.datetime.fromisoformat(DOCUMENT["receiver"]["now"])
     kor = TrustStore([vectors.test_key("KOR-1", "KOR").verifying_key()])
     for delivery in vector["deliveries"]:  # type: ignore[attr-defined]

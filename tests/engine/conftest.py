@@ -6,7 +6,6 @@ import datetime as dt
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +14,8 @@ from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
 from itmolink.crypto.envelope import TrustStore
 from itmolink.crypto.keys import SigningKey
 from itmolink.node.engine import Engine, Partner
-from itmolink.store import SqliteStore
+
+from ..conftest import Databases
 
 START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
@@ -82,7 +82,7 @@ class Pair:
 
 
 def make_engine(
-    tmp: Path,
+    databases: Databases,
     party: str,
     partner: str,
     keys: dict[str, SigningKey],
@@ -96,7 +96,7 @@ def make_engine(
         signing_key=keys[party],
         trust=TrustStore([pinned.verifying_key()]),
         partners=[Partner(partner, f"{partner}-NR", "in-memory")],
-        store=SqliteStore(tmp / f"{party.lower()}.db", party=party, registry=f"{party}-NR"),
+        store=databases.open(party),
         default_timeout=dt.timedelta(seconds=60),
         new_id=lambda: f"{party}-msg-{next(counter)}",
         **options,
@@ -104,10 +104,10 @@ def make_engine(
 
 
 @pytest.fixture
-def pair(tmp_path: Path) -> Iterator[Pair]:
+def pair(databases: Databases) -> Iterator[Pair]:
     keys = {party: SigningKey.generate(party) for party in ("LAO", "KOR")}
-    lao = make_engine(tmp_path, "LAO", "KOR", keys, keys["KOR"])
-    kor = make_engine(tmp_path, "KOR", "LAO", keys, keys["LAO"])
+    lao = make_engine(databases, "LAO", "KOR", keys, keys["KOR"])
+    kor = make_engine(databases, "KOR", "LAO", keys, keys["LAO"])
     yield Pair(lao=lao, kor=kor, keys=keys)
     lao.store.close()
     kor.store.close()

@@ -4,7 +4,6 @@ host threshold and the NDC period, before anything is promised."""
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 
 import pytest
 
@@ -13,6 +12,7 @@ from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.core.transfer import TransferState
 from itmolink.crypto.keys import SigningKey
 
+from ..conftest import Databases
 from .conftest import Pair, make_engine
 
 
@@ -24,11 +24,11 @@ def averaging(party: str, first: int = 2021, last: int = 2030) -> AccountingConf
 
 
 @pytest.fixture
-def accounted(tmp_path: Path) -> Pair:
+def accounted(databases: Databases) -> Pair:
     keys = {p: SigningKey.generate(p) for p in ("LAO", "KOR")}
-    lao = make_engine(tmp_path, "LAO", "KOR", keys, keys["KOR"], accounting=averaging("LAO"),
+    lao = make_engine(databases, "LAO", "KOR", keys, keys["KOR"], accounting=averaging("LAO"),
                       threshold=HostThreshold(per_year=150, per_period=1_000))  # fmt: skip
-    kor = make_engine(tmp_path, "KOR", "LAO", keys, keys["LAO"],
+    kor = make_engine(databases, "KOR", "LAO", keys, keys["LAO"],
                       accounting=averaging("KOR", 2021, 2025))  # fmt: skip
     return Pair(lao=lao, kor=kor, keys=keys)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 
 import pytest
 
@@ -15,6 +14,7 @@ from itmolink.node.convert import to_us
 from itmolink.node.engine import ReplyError
 from itmolink.v1 import reply_pb2, transfer_pb2
 
+from ..conftest import Databases
 from .conftest import Pair, make_engine
 
 
@@ -61,15 +61,15 @@ def test_two_engines_complete_a_transfer_in_memory(pair: Pair) -> None:
 
 
 def test_a_request_the_partner_cannot_authenticate_gets_a_final_answer(
-    tmp_path: Path,
+    databases: Databases,
 ) -> None:
     """KOR pins a different LAO key: it refuses LAO's authorisation before it
     can read the message id. The signed rejection is bound to the request by
     the digest of its envelope, so LAO records the refusal instead of retrying
     forever."""
     keys = {party: SigningKey.generate(party) for party in ("LAO", "KOR")}
-    lao = make_engine(tmp_path, "LAO", "KOR", keys, keys["KOR"])
-    kor = make_engine(tmp_path, "KOR", "LAO", keys, SigningKey.generate("LAO"))
+    lao = make_engine(databases, "LAO", "KOR", keys, keys["KOR"])
+    kor = make_engine(databases, "KOR", "LAO", keys, SigningKey.generate("LAO"))
     pair = Pair(lao=lao, kor=kor, keys=keys)
     authorisation_id = pair.authorise()
     assert pair.pump() == 1

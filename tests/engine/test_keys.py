@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 
 import pytest
 
@@ -12,9 +11,9 @@ from itmolink.core.transfer import TransferState
 from itmolink.crypto.envelope import TrustStore, open_envelope, seal
 from itmolink.crypto.keys import SigningKey
 from itmolink.node.engine import Engine, Partner
-from itmolink.store import SqliteStore
 from itmolink.v1 import keys_pb2, reply_pb2
 
+from ..conftest import Databases
 from .conftest import START, Pair
 from .test_limits import deliver, proposal
 
@@ -39,14 +38,14 @@ def code_of(reply: bytes, key: SigningKey) -> RejectionCode | None:
     ids=["expired", "not-yet-valid", "valid"],
 )  # fmt: skip
 def test_a_key_outside_its_validity_window_signs_nothing(
-    tmp_path: Path, window: dict[str, dt.datetime], expected: RejectionCode | None
+    databases: Databases, window: dict[str, dt.datetime], expected: RejectionCode | None
 ) -> None:
     lao, kor = SigningKey.generate("LAO"), SigningKey.generate("KOR")
     engine = Engine(
         party="KOR", registry="KOR-NR", signing_key=kor,
         trust=TrustStore([lao.verifying_key(**window)]),
         partners=[Partner("LAO", "LAO-NR", "x")],
-        store=SqliteStore(tmp_path / "kor.db", party="KOR", registry="KOR-NR"),
+        store=databases.open("KOR"),
     )  # fmt: skip
     pair = Pair(lao=engine, kor=engine, keys={"LAO": lao, "KOR": kor})
     query = proposal(pair)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import itertools
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +15,7 @@ from itmolink.node.convert import timestamp, to_us
 from itmolink.node.engine import Limits
 from itmolink.v1 import common_pb2, reply_pb2, transfer_pb2
 
+from ..conftest import Databases
 from .conftest import Pair, make_engine
 
 _numbers = itertools.count(1_000)
@@ -103,9 +103,9 @@ def test_an_expired_proposal_is_refused(ready: Pair) -> None:
 
 
 def test_a_message_for_kor_replayed_to_another_party_is_refused(
-    ready: Pair, tmp_path: Path
+    ready: Pair, databases: Databases
 ) -> None:
-    jpn = make_engine(tmp_path, "JPN", "LAO", {**ready.keys, "JPN": ready.keys["KOR"]},
+    jpn = make_engine(databases, "JPN", "LAO", {**ready.keys, "JPN": ready.keys["KOR"]},
                       ready.keys["LAO"])  # fmt: skip
     msg = proposal(ready)
     payload = msg.SerializeToString()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-from pathlib import Path
 
 import pytest
 
@@ -16,15 +15,15 @@ from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
 from itmolink.crypto.envelope import TrustStore
 from itmolink.crypto.keys import SigningKey
 from itmolink.node.engine import Engine, Partner
-from itmolink.store import SqliteStore
 from itmolink.store.tx import Tx
 
+from ..conftest import Databases
 from .conftest import START
 
 PARTIES = ("LAO", "KOR", "JPN")
 
 
-def network(tmp: Path) -> dict[str, Engine]:
+def network(databases: Databases) -> dict[str, Engine]:
     keys = {p: SigningKey.generate(p) for p in PARTIES}
     engines = {}
     for party in PARTIES:
@@ -34,7 +33,7 @@ def network(tmp: Path) -> dict[str, Engine]:
             party=party, registry=f"{party}-NR", signing_key=keys[party],
             trust=TrustStore(keys[p].verifying_key() for p in others),
             partners=[Partner(p, f"{p}-NR", "x") for p in others],
-            store=SqliteStore(tmp / f"{party}.db", party=party, registry=f"{party}-NR"),
+            store=databases.open(party),
             new_id=lambda party=party, counter=counter: f"{party}-{next(counter)}",
         )  # fmt: skip
     return engines
@@ -55,8 +54,8 @@ def pump(engines: dict[str, Engine], now: dt.datetime, *, blocked: set[tuple[str
             return
 
 
-def test_units_move_on_to_a_third_party_with_the_hosts_evidence(tmp_path: Path) -> None:
-    engines = network(tmp_path)
+def test_units_move_on_to_a_third_party_with_the_hosts_evidence(databases: Databases) -> None:
+    engines = network(databases)
     lao, kor, jpn = engines["LAO"], engines["KOR"], engines["JPN"]
     now = START
     blocked = {("LAO", "JPN")}  # JPN never hears from LAO directly
@@ -101,9 +100,9 @@ def test_units_move_on_to_a_third_party_with_the_hosts_evidence(tmp_path: Path) 
 
 
 def test_an_onward_transfer_to_a_party_the_host_did_not_authorise_is_refused(
-    tmp_path: Path,
+    databases: Databases,
 ) -> None:
-    engines = network(tmp_path)
+    engines = network(databases)
     lao, kor = engines["LAO"], engines["KOR"]
     now = START
     terms = lao.authorise(
@@ -126,9 +125,9 @@ def test_an_onward_transfer_to_a_party_the_host_did_not_authorise_is_refused(
 
 
 def test_a_third_party_refuses_an_onward_transfer_without_the_hosts_evidence(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    databases: Databases, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engines = network(tmp_path)
+    engines = network(databases)
     lao, kor, jpn = engines["LAO"], engines["KOR"], engines["JPN"]
     now = START
     blocked = {("LAO", "JPN")}

@@ -23,11 +23,19 @@ from itmolink.node.convert import timestamp, to_us
 from itmolink.node.runtime import Node
 from itmolink.v1 import common_pb2, partner_service_pb2, partner_service_pb2_grpc
 
+from ..conftest import Databases
+
 NOW = dt.datetime(2026, 11, 27, tzinfo=dt.UTC)
 
 
 def write_node(
-    tmp: Path, party: str, partners: list[str], *, timeout: int = 60, extra: str = ""
+    tmp: Path,
+    party: str,
+    partners: list[str],
+    *,
+    timeout: int = 60,
+    extra: str = "",
+    database: str | None = None,
 ) -> Path:
     node_dir = tmp / party.lower()
     partner_entries = "".join(
@@ -36,7 +44,8 @@ def write_node(
     )
     config = node_dir / "node.toml"
     config.write_text(
-        f'party = "{party}"\nregistry = "{party}-NR"\ndatabase = "{party.lower()}.db"\n'
+        f'party = "{party}"\nregistry = "{party}-NR"\n'
+        f'database = "{database or party.lower() + ".db"}"\n'
         f'partner_listen = "127.0.0.1:0"\nadmin_listen = "unix:admin.sock"\n'
         f"transfer_timeout_seconds = {timeout}\n"
         f'[keys]\ndirectory = "pki"\n{partner_entries}\n{extra}'
@@ -103,15 +112,19 @@ def link(a: Registry, b: Registry) -> None:
 
 
 @pytest.fixture
-def pki(tmp_path: Path) -> Callable[..., Path]:
-    """Create key material for parties and a node.toml for one of them."""
+def pki(tmp_path: Path, databases: Databases) -> Callable[..., Path]:
+    """Create key material for parties and a node.toml for one of them, whose
+    database is a fresh one of the kind under test (SQLite or PostgreSQL)."""
+    made: dict[str, str] = {}
 
     def make(party: str, partners: list[str], **kwargs: Any) -> Path:
         for p in [party, *partners]:
             files = PartyFiles(tmp_path / p.lower() / "pki")
             if not files.card.exists():
                 init_party(files.directory, p, f"{p}-NR", now=NOW)
-        return write_node(tmp_path, party, partners, **kwargs)
+        if party not in made:
+            made[party] = databases.new(party.lower())
+        return write_node(tmp_path, party, partners, database=made[party], **kwargs)
 
     return make
 

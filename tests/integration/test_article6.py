@@ -118,6 +118,10 @@ async def test_an_a64_issuance_pays_its_levies_shares_with_the_buyer_and_is_repo
         assert code == 0
         assert (out / f"{year}-holdings.csv").read_bytes() == before
 
+        async def kor_booked_both() -> bool:  # the second share reaches KOR asynchronously
+            return sum(a.amount for a in await kor.adjustments()) == -1116
+
+        await eventually(kor_booked_both)
         capsys.readouterr()
         code = await asyncio.to_thread(main, ["report", "ca", "--config", str(kor.config_path)])
         assert code == 0

@@ -149,8 +149,6 @@ async def test_the_admin_interface_wants_an_operator_token_and_records_who_acted
 async def test_audit_verify_finds_an_edited_journal_entry(
     lao_kor: tuple[Registry, Registry], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import sqlite3
-
     from .test_transfer import issued, transfer
 
     lao, _ = lao_kor
@@ -160,8 +158,11 @@ async def test_audit_verify_finds_an_edited_journal_entry(
     assert code == 0, out
     assert "hash chain intact" in out
 
-    with sqlite3.connect(lao.node.config.database) as conn:
-        conn.execute("UPDATE journal SET envelope = X'00' WHERE id = 2")
+    def tamper() -> None:  # an insider edits a journal entry behind the node's back
+        with lao.node.engine.store.transaction() as tx:
+            tx._exec("UPDATE journal SET envelope = ? WHERE id = 2", (b"\x00",))
+
+    await lao.node.db(tamper)
     code, out, _ = await cli(capsys, "audit", "verify", "--config", str(lao.config_path))
     assert code == 4
     assert "entry 2: content does not match its hash: edited" in out
@@ -170,7 +171,7 @@ async def test_audit_verify_finds_an_edited_journal_entry(
 async def test_reconcile_between_running_nodes(
     lao_kor: tuple[Registry, Registry], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import sqlite3
+    from itmolink.store import read_only
 
     from .test_transfer import final_state, issued, transfer
 
@@ -198,8 +199,8 @@ async def test_reconcile_between_running_nodes(
     )  # fmt: skip
     assert code == 5
     assert transfer_id in out
-    with sqlite3.connect(kor.node.config.database) as conn:
-        statuses = conn.execute("SELECT status FROM blocks").fetchall()
+    with read_only(kor.node.config.database) as tx:
+        statuses = [tuple(row) for row in tx._exec("SELECT status FROM blocks").fetchall()]
     assert statuses == [("frozen",)]
 
 

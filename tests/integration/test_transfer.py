@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
 from typing import Any
 
 import grpc
@@ -16,6 +15,7 @@ from itmolink.crypto.envelope import TrustStore, open_envelope
 from itmolink.crypto.keys import SigningKey
 from itmolink.node.convert import timestamp, to_us
 from itmolink.node.engine import REQUEST_TYPES
+from itmolink.store import read_only
 from itmolink.store.tx import Tx
 from itmolink.v1 import envelope_pb2, reply_pb2, transfer_pb2
 
@@ -77,19 +77,25 @@ async def transfer(lao: Registry, authorisation_id: str, quantity: int, **kw: An
 
 
 def journal_rows(registry: Registry) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(registry.node.config.database) as conn:
-        return conn.execute(
-            "SELECT id, direction, partner, message_id, payload_type FROM journal ORDER BY id"
-        ).fetchall()
+    with read_only(registry.node.config.database) as tx:
+        return [
+            tuple(row)
+            for row in tx._exec(
+                "SELECT id, direction, partner, message_id, payload_type FROM journal ORDER BY id"
+            ).fetchall()
+        ]
 
 
 def evidence_of_adjustments(registry: Registry) -> list[tuple[Any, ...]]:
     """For every CA entry: the journal entry it cites (direction, partner, payload type)."""
-    with sqlite3.connect(registry.node.config.database) as conn:
-        return conn.execute(
-            "SELECT a.transfer_id, a.amount, j.direction, j.partner, j.payload_type "
-            "FROM adjustments a JOIN journal j ON j.id = a.evidence_journal_id ORDER BY a.id"
-        ).fetchall()
+    with read_only(registry.node.config.database) as tx:
+        return [
+            tuple(row)
+            for row in tx._exec(
+                "SELECT a.transfer_id, a.amount, j.direction, j.partner, j.payload_type "
+                "FROM adjustments a JOIN journal j ON j.id = a.evidence_journal_id ORDER BY a.id"
+            ).fetchall()
+        ]
 
 
 def reply_rejection(reply: bytes, registry: Registry) -> reply_pb2.Rejection:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import functools
 import json
@@ -16,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -499,10 +500,8 @@ def cmd_retire(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ledger(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(configuration, read-only connection to the node's ledger)."""
-    import sqlite3
-
+def _ledger(args: argparse.Namespace) -> Any:
+    """The node's configuration (with [accounting]) for a report read from its ledger."""
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -512,15 +511,25 @@ def _ledger(args: argparse.Namespace) -> tuple[Any, Any]:
             f"{config.path} has no [accounting] table: reports need the NDC period and method",
             EXIT_USAGE,
         )
-    if not config.database.exists():
-        raise CliError(f"{config.database}: no such database", EXIT_USAGE)
-    return config, sqlite3.connect(f"file:{config.database}?mode=ro", uri=True)
+    return config
+
+
+@contextlib.contextmanager
+def _read_ledger(database: Path | str) -> Iterator[Any]:
+    """A read-only transaction on a ledger (SQLite file or PostgreSQL URL)."""
+    from itmolink.store import read_only
+
+    try:
+        with read_only(database) as tx:
+            yield tx
+    except FileNotFoundError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    except RuntimeError as exc:  # PostgreSQL unreachable
+        raise CliError(str(exc)) from None
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from itmolink.reports import format_balance, write_aef
-    from itmolink.reports.build import ReportError, build_aef, build_balance
-    from itmolink.store.tx import Tx
+    from itmolink.reports.build import ReportError
 
     if args.report == "aef":
         snapshot = _call(
@@ -532,51 +541,55 @@ def cmd_report(args: argparse.Namespace) -> int:
             + ("frozen now" if snapshot.taken_now else f"as frozen on {taken:%Y-%m-%d %H:%M} UTC")
             + f" ({snapshot.blocks} blocks)"
         )
-    config, conn = _ledger(args)
+    config = _ledger(args)
     try:
-        tx = Tx(conn)
-        if args.report == "aef":
-            report = build_aef(
-                tx, party=config.party, registry=config.registry, year=args.year,
-                accounting=config.accounting, submission_date=dt.datetime.now(dt.UTC).date(),
-            )  # fmt: skip
-            try:
-                paths = write_aef(report, Path(args.out), overwrite=args.overwrite)
-            except FileExistsError as exc:
-                raise CliError(str(exc), EXIT_USAGE) from None
-            for path in paths:
-                print(f"wrote {path}")
-        else:
-            print(format_balance(
-                build_balance(tx, accounting=config.accounting, reported=config.reported_emissions)
-            ))  # fmt: skip
+        with _read_ledger(config.database) as tx:
+            _report(args, config, tx)
     except ReportError as exc:
         raise CliError(str(exc)) from None
-    finally:
-        conn.close()
     return 0
 
 
+def _report(args: argparse.Namespace, config: Any, tx: Any) -> None:
+    from itmolink.reports import format_balance, write_aef
+    from itmolink.reports.build import build_aef, build_balance
+
+    if args.report == "aef":
+        report = build_aef(
+            tx, party=config.party, registry=config.registry, year=args.year,
+            accounting=config.accounting, submission_date=dt.datetime.now(dt.UTC).date(),
+        )  # fmt: skip
+        try:
+            paths = write_aef(report, Path(args.out), overwrite=args.overwrite)
+        except FileExistsError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+        for path in paths:
+            print(f"wrote {path}")
+    else:
+        print(format_balance(
+            build_balance(tx, accounting=config.accounting, reported=config.reported_emissions)
+        ))  # fmt: skip
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    """Check the journal's hash chain offline, straight from the database file."""
-    import sqlite3
-
+    """Check the journal's hash chain offline, straight from the database."""
     from itmolink.core.journal import verify_chain
-    from itmolink.store.tx import Tx
+    from itmolink.store import is_postgres_url
+    from itmolink.store.postgres import redact
 
-    try:
-        database = load_config(args.config).database if not args.database else Path(args.database)
-    except ConfigError as exc:
-        raise CliError(str(exc), EXIT_USAGE) from None
-    if not database.exists():
-        raise CliError(f"{database}: no such database", EXIT_USAGE)
-    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
-    try:
-        tx = Tx(conn)
+    database: Path | str
+    if args.database:
+        database = args.database if is_postgres_url(args.database) else Path(args.database)
+    else:
+        try:
+            database = load_config(args.config).database
+        except ConfigError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+    with _read_ledger(database) as tx:
         entries = list(tx.journal_entries())
         problems = verify_chain(entries, recorded_head=tx.journal_head())
-    finally:
-        conn.close()
+    if is_postgres_url(database):
+        database = redact(str(database))
     for problem in problems:
         print(f"entry {problem.entry_id}: {problem.problem}")
     if problems:
@@ -846,7 +859,10 @@ def build_parser() -> argparse.ArgumentParser:
         "inserted or reordered)",
     )
     verify.add_argument("--config", default="node.toml", help="the node's configuration")
-    verify.add_argument("--database", help="the database file instead of --config")
+    verify.add_argument(
+        "--database",
+        help="the database instead of --config: a SQLite file or a postgresql:// URL",
+    )
     verify.set_defaults(func=cmd_audit_verify)
     return parser
 

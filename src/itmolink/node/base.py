@@ -236,6 +236,7 @@ class EngineBase:
         limits: Limits | None = None,
         accounting: AccountingConfig | None = None,
         threshold: HostThreshold | None = None,
+        key_loader: Callable[[str], SigningKey] | None = None,
     ) -> None:
         self.party = party
         self.registry = registry
@@ -255,6 +256,11 @@ class EngineBase:
         # Told of every Rejection sent or received (direction, partner, code name),
         # once its transaction committed: the node counts them for its metrics.
         self.on_rejection: Callable[[str, str, str], None] | None = None
+        # Several node processes may share one database (PostgreSQL): what they
+        # cache here (pinned keys, signing keys) is reloaded when the ledger's
+        # shared-state counter moves. ``key_loader`` reads a signing key by id.
+        self._key_loader = key_loader
+        self._shared_seen = -1
         self.reload_trust()
 
     # -- transactions and trust ------------------------------------------------------
@@ -265,6 +271,7 @@ class EngineBase:
         self._after_commit.clear()
         try:
             with self.store.transaction() as tx:
+                self._sync_shared(tx)
                 yield tx
         except BaseException:
             self._after_commit.clear()
@@ -273,11 +280,32 @@ class EngineBase:
         for callback in callbacks:
             callback()
 
+    def _sync_shared(self, tx: Tx) -> None:
+        """Catch up with changes another process sharing the database committed."""
+        seen = tx.shared_state()
+        if seen == self._shared_seen:
+            return
+        self._load_trust(tx)
+        current = tx.meta_get("signing_key_id")
+        pending = tx.meta_get("pending_signing_key")
+        if self._key_loader is not None:
+            if current and current != self.signing_key.key_id:
+                self.signing_key = self._key_loader(current)
+            if not pending:
+                self.pending_key = None
+            elif self.pending_key is None or self.pending_key.key_id != pending:
+                self.pending_key = self._key_loader(pending)
+        self._shared_seen = seen
+
     def reload_trust(self) -> None:
         """Pinned keys: the partners' cards, plus keys they announced, less revoked ones."""
         with self.store.transaction() as tx:
-            learned = tx.partner_keys()
-            revoked = tx.revoked_keys()
+            self._load_trust(tx)
+            self._shared_seen = tx.shared_state()
+
+    def _load_trust(self, tx: Tx) -> None:
+        learned = tx.partner_keys()
+        revoked = tx.revoked_keys()
         trust = TrustStore(self._card_keys)
         for key_id, party, public_key, not_before, not_after in learned:
             known = trust.get(key_id)

@@ -246,14 +246,14 @@ def _rows(conn: Any) -> Callable[[str], list[Any]]:
 
 def _postgres(config: NodeConfig, conninfo: str) -> str:
     try:
-        import psycopg  # type: ignore[import-not-found, unused-ignore]
+        import psycopg
     except ImportError:
         raise _Failed("PostgreSQL database, but psycopg is not installed") from None
     try:
         with psycopg.connect(conninfo, connect_timeout=5) as conn:
             conn.read_only = True
             exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
-            if not exists[0]:
+            if exists is None or not exists[0]:
                 return "PostgreSQL reachable; the schema is created at first start"
             return _schema(config, _rows(conn), "the PostgreSQL database")
     except psycopg.Error as exc:

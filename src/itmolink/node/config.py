@@ -1,10 +1,14 @@
 """Node configuration (``node.toml``).
 
-Relative paths are resolved against the directory of the configuration file::
+Relative paths are resolved against the directory of the configuration file.
+``database`` is either a SQLite file or a PostgreSQL URL (libpq syntax,
+``postgresql://`` or ``postgres://``), used as written; put no password in
+it: libpq reads one from ``passfile=`` or ``PGPASSFILE`` (docs/POSTGRES.md)::
 
     party = "LAO"                        # ISO 3166-1 alpha-3
     registry = "LAO-NR"                  # this registry's identifier
-    database = "lao.db"                  # SQLite file
+    database = "lao.db"                  # SQLite file, or e.g.
+    # database = "postgresql://itmolink@db.lao.example/lao?passfile=/run/secrets/pgpass"
     partner_listen = "127.0.0.1:50051"   # partner-facing gRPC port (mutual TLS)
     admin_listen = "unix:admin.sock"     # operator interface: a unix socket or a loopback port
     transfer_timeout_seconds = 120       # how long a partner has to accept a proposal
@@ -53,6 +57,7 @@ from typing import Any
 
 from itmolink.core.accounting import AccountingConfig, AccountingMethod, HostThreshold, NdcPeriod
 from itmolink.crypto.pki import PartnerCard, PartyFiles, check_party_code, check_registry_id
+from itmolink.store.url import is_postgres_url
 
 
 class ConfigError(ValueError):
@@ -80,7 +85,8 @@ class NodeConfig:
     path: Path
     party: str
     registry: str
-    database: Path
+    # A SQLite file (Path) or a PostgreSQL URL (str, see is_postgres_url).
+    database: Path | str
     partner_listen: str
     admin_listen: str
     transfer_timeout_seconds: int
@@ -183,7 +189,7 @@ def load_config(path: Path | str) -> NodeConfig:
         path=path,
         party=party,
         registry=registry,
-        database=base / _field(data, "database", str, path),
+        database=_database(_field(data, "database", str, path), base, path),
         partner_listen=_field(data, "partner_listen", str, path),
         admin_listen=_check_admin(_field(data, "admin_listen", str, path), base, path),
         transfer_timeout_seconds=timeout,
@@ -219,6 +225,31 @@ def _metrics(table: object, path: Path) -> str | None:
     except ValueError as exc:
         raise ConfigError(f"{path}: field 'metrics.listen': {exc}") from None
     return str(listen)
+
+
+def _database(value: str, base: Path, path: Path) -> Path | str:
+    if is_postgres_url(value):
+        import psycopg
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            params = conninfo_to_dict(value)
+        except psycopg.ProgrammingError as exc:
+            raise ConfigError(
+                f"{path}: field 'database' is not a valid PostgreSQL URL: {exc}"
+            ) from None
+        if params.get("password"):
+            raise ConfigError(
+                f"{path}: field 'database' holds a password; keep it out of the configuration: "
+                "use a passfile (passfile=... in the URL, or PGPASSFILE)"
+            )
+        return value
+    if "://" in value:
+        raise ConfigError(
+            f"{path}: field 'database' = {value.split('://')[0]}://...: only postgresql:// "
+            "URLs or SQLite file paths are supported"
+        )
+    return base / value
 
 
 _ACCOUNTING_FIELDS = {

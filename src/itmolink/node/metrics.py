@@ -57,7 +57,8 @@ class StoreReading:
 def read_store(store: Any) -> StoreReading:
     """Read the database-backed values in one transaction (on the database thread)."""
     bounds_us = [int(b * 1_000_000) for b in DURATION_BUCKETS]
-    with store.transaction() as tx:
+    # Reads only: on PostgreSQL it need not wait for the registry's write lock.
+    with store.transaction(exclusive=False) as tx:
         transfers = tx.metrics_transfer_counts()
         durations = {
             direction: (cumulative, count, total_us / 1e6)

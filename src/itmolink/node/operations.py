@@ -396,12 +396,14 @@ class Operations(EngineBase):
         """
         now_us = to_us(now)
         lease_until = None if lease is None else now_us + lease // dt.timedelta(microseconds=1)
-        with self.store.transaction() as tx:
+        # Not exclusive: on PostgreSQL several processes claim at once, each message
+        # by one of them (FOR UPDATE SKIP LOCKED), without the registry lock.
+        with self.store.transaction(exclusive=False) as tx:
             due = tx.outbox_due(now_us, limit, lease_until=lease_until)
         return [(m.message_id, m.partner, m.envelope) for m in due]
 
     def next_due(self) -> int | None:
-        with self.store.transaction() as tx:
+        with self.store.transaction(exclusive=False) as tx:  # a read: no registry lock
             return tx.outbox_next_due()
 
     def delivery_failed(self, message_id: str, error: str, now: dt.datetime) -> None:

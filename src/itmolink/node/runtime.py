@@ -41,7 +41,7 @@ from itmolink.crypto.pki import PartnerCard, issuing_party
 from itmolink.node.config import NodeConfig
 from itmolink.node.engine import Engine, Limits, Partner, ReplyError
 from itmolink.node.metrics import NodeMetrics
-from itmolink.store import SqliteStore
+from itmolink.store import open_store
 from itmolink.v1 import partner_service_pb2, partner_service_pb2_grpc
 
 if TYPE_CHECKING:
@@ -211,8 +211,9 @@ class Node:
             )
         trust = TrustStore(key for p in config.partners for key in p.card.signing_keys)
         store = await self.db(
-            SqliteStore, config.database, party=config.party, registry=config.registry
+            open_store, config.database, party=config.party, registry=config.registry
         )
+        directory = config.keys.directory
         self.engine = Engine(
             party=config.party,
             registry=config.registry,
@@ -220,6 +221,10 @@ class Node:
             trust=trust,
             partners=[Partner(p.card.party, p.card.registry, p.endpoint) for p in config.partners],
             store=store,
+            # Processes sharing a PostgreSQL database load a key another rotated to.
+            key_loader=lambda key_id: SigningKey.load(
+                config.party, directory / f"signing-{key_id}.key"
+            ),
             default_timeout=dt.timedelta(seconds=config.transfer_timeout_seconds),
             accounting=config.accounting,
             threshold=config.threshold,

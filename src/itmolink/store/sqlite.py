@@ -19,7 +19,19 @@ HOLDING_ACCOUNT = "holding"
 class Store(Protocol):
     """What the node needs from a database: transactions and a version."""
 
-    def transaction(self) -> AbstractContextManager[Tx]: ...
+    def transaction(self, *, exclusive: bool = True) -> AbstractContextManager[Tx]:
+        """One transaction. ``exclusive=False`` is allowed only for one that
+        touches nothing but outbox rows it claims (PostgreSQL then skips the
+        registry lock and relies on row locks); SQLite ignores it."""
+        ...
+
+    @property
+    def before_commit(self) -> Callable[[], None] | None:
+        """A test seam: called inside each transaction just before COMMIT."""
+        ...
+
+    @before_commit.setter
+    def before_commit(self, hook: Callable[[], None] | None) -> None: ...
 
     def schema_version(self) -> int: ...
 
@@ -97,8 +109,11 @@ class SqliteStore:
         return int(row[0] or 0)
 
     @contextmanager
-    def transaction(self) -> Iterator[Tx]:
-        """One database transaction: committed when the block ends, else rolled back."""
+    def transaction(self, *, exclusive: bool = True) -> Iterator[Tx]:
+        """One database transaction: committed when the block ends, else rolled back.
+
+        Always ``BEGIN IMMEDIATE`` (one writer at a time), whatever ``exclusive``.
+        """
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:

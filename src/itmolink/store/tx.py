@@ -1,16 +1,18 @@
 """Domain operations inside one database transaction.
 
-Written in portable SQL with ``?`` placeholders; every method runs inside the
-transaction its :class:`Tx` belongs to and never commits on its own.
+Written in portable SQL with ``?`` placeholders, shared by SQLite and
+PostgreSQL: on PostgreSQL (``paramstyle="format"``, psycopg) each ``?`` becomes
+``%s``. Every method runs inside the transaction its :class:`Tx` belongs to and
+never commits on its own.
 """
 
 from __future__ import annotations
 
-import sqlite3
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from itmolink.core.adjustments import AdjustmentEntry
 from itmolink.core.blocks import Block
@@ -122,6 +124,11 @@ _TRANSFER_COLUMNS = (
 )
 
 
+# What node processes sharing one database cache in memory: a change to any of it
+# bumps the counter _SHARED_STATE, and each process reloads when it sees it move.
+_SHARED_STATE = "shared_state"
+_SHARED_META = frozenset({"signing_key_id", "pending_signing_key"})
+
 _VIEW_COLUMNS = {"blocks": ("blocks_h1", "blocks_h2"), "journal": ("journal_h1", "journal_h2")}
 
 
@@ -145,15 +152,53 @@ def _transfer(row: Sequence[Any]) -> TransferRecord:
     )
 
 
-class Tx:
-    """Operations inside one open transaction."""
+class Cursor(Protocol):
+    """The part of a DB-API cursor that :class:`Tx` uses (sqlite3 and psycopg)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Connection(Protocol):
+    """A connection with ``execute`` returning a cursor (sqlite3 and psycopg both have it)."""
+
+    def execute(self, sql: Any, params: Any = ...) -> Any: ...
+
+
+Paramstyle = Literal["qmark", "format"]
+
+
+@functools.lru_cache(maxsize=1024)
+def to_format(sql: str) -> str:
+    """``?`` placeholders as ``%s`` (psycopg); a literal ``%`` is doubled.
+
+    The queries of this module hold no ``?`` inside string literals.
+    """
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class Tx:
+    """Operations inside one open transaction.
+
+    ``paramstyle`` is ``"qmark"`` for sqlite3 and ``"format"`` for psycopg
+    (PostgreSQL), which also switches the few statements that differ.
+    """
+
+    def __init__(self, conn: Connection, paramstyle: Paramstyle = "qmark") -> None:
         self._conn = conn
         self._savepoints = 0
+        self.postgres = paramstyle == "format"
 
-    def _exec(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
-        return self._conn.execute(sql, params)
+    def _exec(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        if self.postgres:
+            return self._conn.execute(to_format(sql), params)  # type: ignore[no-any-return]
+        return self._conn.execute(sql, params)  # type: ignore[no-any-return]
 
     def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
         return self._exec(sql, params).fetchone()
@@ -187,6 +232,18 @@ class Tx:
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (key, value),
         )
+        if key in _SHARED_META:
+            self.shared_state_changed()
+
+    def shared_state_changed(self) -> None:
+        """Note a change that every node process of this registry must reload
+        (signing keys, partner keys, revocations): see :meth:`shared_state`."""
+        self.next_counter(_SHARED_STATE)
+
+    def shared_state(self) -> int:
+        """A number that changes whenever :meth:`shared_state_changed` was called."""
+        row = self._one("SELECT value FROM counters WHERE name = ?", (_SHARED_STATE,))
+        return 0 if row is None else int(row[0])
 
     def next_counter(self, name: str, count: int = 1) -> int:
         """Reserve ``count`` values of a counter; returns the first (counters start at 1)."""
@@ -327,10 +384,14 @@ class Tx:
     ) -> list[OutboxMessage]:
         """Messages due for delivery; with ``lease_until``, each is claimed until then
         (its next attempt waits for the answer or the lease to run out)."""
+        # On PostgreSQL several node processes claim from one outbox: FOR UPDATE SKIP
+        # LOCKED hands each due message to one claimer only (one that another is
+        # claiming right now is skipped, not waited for); the lease then keeps it.
+        claim = " FOR UPDATE SKIP LOCKED" if self.postgres and lease_until is not None else ""
         rows = self._exec(
             "SELECT message_id, partner, payload_type, subject_id, envelope, state, attempts, "
             "next_attempt_at FROM outbox WHERE state = 'pending' AND next_attempt_at <= ? "
-            "ORDER BY next_attempt_at, created_at LIMIT ?",
+            "ORDER BY next_attempt_at, created_at LIMIT ?" + claim,
             (now, limit),
         ).fetchall()
         if lease_until is not None:
@@ -1127,6 +1188,7 @@ class Tx:
             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key_id) DO NOTHING",
             (key_id, party, public_key, not_before, not_after, now),
         )
+        self.shared_state_changed()
 
     def partner_keys(self) -> list[tuple[str, str, bytes, int | None, int | None]]:
         rows = self._exec(
@@ -1141,6 +1203,7 @@ class Tx:
             "ON CONFLICT (key_id) DO NOTHING",
             (key_id, party, source, now),
         )
+        self.shared_state_changed()
 
     def revoked_keys(self) -> dict[str, str]:
         """Revoked key id -> its party."""
