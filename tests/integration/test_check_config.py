@@ -3,8 +3,6 @@ with the check that names it, and nothing is started or written."""
 
 from __future__ import annotations
 
-import shutil
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +10,8 @@ import pytest
 
 from itmolink.cli.main import main
 from itmolink.crypto.keys import SigningKey, write_private_file
-from itmolink.store import SqliteStore
+from itmolink.node.config import load_config
+from itmolink.store import Store, open_store
 from itmolink.store.migrate import latest_version
 
 
@@ -37,6 +36,10 @@ def config(pki: Callable[..., Path]) -> Path:
     return pki("LAO", ["KOR"], extra='[metrics]\nlisten = "127.0.0.1:9464"\n')
 
 
+def _open(config: Path, party: str = "LAO") -> Store:
+    return open_store(load_config(config).database, party=party, registry=f"{party}-NR")
+
+
 def test_a_good_configuration_passes_every_check_and_creates_nothing(
     config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -47,13 +50,15 @@ def test_a_good_configuration_passes_every_check_and_creates_nothing(
                  "own partner card", "signing key", "partner KOR", "partner_listen",
                  "admin_listen", "metrics.listen", "operators", "database"):  # fmt: skip
         assert verdicts.get(name) == "OK", name
-    assert not (config.parent / "lao.db").exists()  # read-only: no database created
+    database = load_config(config).database
+    if isinstance(database, Path):
+        assert not database.exists()  # read-only: no database created
 
 
 def test_an_existing_database_reports_its_schema_version(
     config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    SqliteStore(config.parent / "lao.db", party="LAO", registry="LAO-NR").close()
+    _open(config).close()
     code = main(["node", "check-config", str(config)])
     out = capsys.readouterr().out
     assert code == 0
@@ -116,11 +121,8 @@ def test_bad_listen_addresses_fail(config: Path, capsys: pytest.CaptureFixture[s
     assert sorted(failed(verdicts)) == ["admin_listen", "partner_listen"]
 
 
-def test_another_partys_database_fails(
-    config: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    SqliteStore(tmp_path / "kor.db", party="KOR", registry="KOR-NR").close()
-    shutil.copy(tmp_path / "kor.db", config.parent / "lao.db")
+def test_another_partys_database_fails(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _open(config, party="KOR").close()
     code, verdicts = run(config, capsys)
     assert code == 1
     assert failed(verdicts) == ["database"]
@@ -129,19 +131,19 @@ def test_another_partys_database_fails(
 def test_a_database_newer_than_the_code_fails(
     config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    database = config.parent / "lao.db"
-    SqliteStore(database, party="LAO", registry="LAO-NR").close()
-    with sqlite3.connect(database) as conn:
-        conn.execute(
+    store = _open(config)
+    with store.transaction() as tx:
+        tx._exec(
             "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, 'future', 0)",
             (latest_version() + 1,),
         )
+    store.close()
     code = main(["node", "check-config", str(config)])
     out = capsys.readouterr().out
     assert code == 1
     assert f"schema version {latest_version() + 1}, newer than this itmolink" in out
     with pytest.raises(RuntimeError, match="newer than this itmolink"):
-        SqliteStore(database, party="LAO", registry="LAO-NR")
+        _open(config)
 
 
 def test_a_missing_configuration_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
