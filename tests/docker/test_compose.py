@@ -41,7 +41,7 @@ import yaml
 
 from itmolink.cli.main import main
 
-from ..pgcluster import TEST_USER, _unprivileged_user, find_bindir
+from ..pgcluster import SKIP_ENV, TEST_USER, PostgresMissing, _unprivileged_user, find_bindir
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 COMMITTED = ("Dockerfile", "compose.yaml", "setup.sh", "lao/node.toml", "kor/node.toml")
@@ -257,6 +257,12 @@ class Engine:
 
 @pytest.fixture
 def compose(tmp_path: Path) -> Iterator[Engine]:
+    try:
+        find_bindir()
+    except PostgresMissing as exc:  # as for the other PostgreSQL runs (tests/conftest.py)
+        if os.environ.get(SKIP_ENV):
+            pytest.skip(f"{SKIP_ENV} is set: {exc}")
+        pytest.fail(f"{exc} (set {SKIP_ENV}=1 to skip the PostgreSQL runs locally)")
     compose_dir = tmp_path / "docker"
     for name in COMMITTED:
         (compose_dir / name).parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import datetime as dt
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
 from itmolink.crypto.envelope import TrustStore
 from itmolink.crypto.keys import SigningKey
 from itmolink.node.engine import Engine, Partner
+from itmolink.store import SqliteStore
 
 from ..conftest import Databases
 
@@ -82,7 +84,7 @@ class Pair:
 
 
 def make_engine(
-    databases: Databases,
+    databases: Databases | Path,
     party: str,
     partner: str,
     keys: dict[str, SigningKey],
@@ -96,7 +98,10 @@ def make_engine(
         signing_key=keys[party],
         trust=TrustStore([pinned.verifying_key()]),
         partners=[Partner(partner, f"{partner}-NR", "in-memory")],
-        store=databases.open(party),
+        # A directory (the fuzz harnesses): SQLite files there.
+        store=databases.open(party)
+        if isinstance(databases, Databases)
+        else SqliteStore(databases / f"{party.lower()}.db", party=party, registry=f"{party}-NR"),
         default_timeout=dt.timedelta(seconds=60),
         new_id=lambda: f"{party}-msg-{next(counter)}",
         **options,

@@ -4,18 +4,24 @@ message to one claimer, and what a process caches follows the ledger."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from itmolink.crypto.envelope import TrustStore
+from itmolink.crypto.keys import SigningKey
 from itmolink.node.config import ConfigError, _database
+from itmolink.node.engine import Engine, Partner
 from itmolink.store import open_store
 from itmolink.store.migrate import POSTGRES, SQLITE
 from itmolink.store.postgres import PostgresStore, redact
+from itmolink.v1 import envelope_pb2
 
 from ..conftest import postgres_cluster
+from .conftest import Pair
 
 
 @pytest.fixture
@@ -134,3 +140,52 @@ def test_a_password_never_shows_and_never_sits_in_the_configuration(tmp_path: Pa
     assert _database("lao.db", tmp_path, tmp_path / "node.toml") == tmp_path / "lao.db"
     with pytest.raises(ConfigError, match="only postgresql://"):
         _database("mysql://x/y", tmp_path, tmp_path / "node.toml")
+
+
+def test_a_key_rotated_through_one_process_is_used_by_the_other(tmp_path: Path) -> None:
+    # LAO runs as two engines over one database (two processes); KOR is its partner.
+    cluster = postgres_cluster()
+    lao_url = cluster.new_database("lao")
+    keys = {party: SigningKey.generate(party) for party in ("LAO", "KOR")}
+    new = SigningKey.generate("LAO")
+    files = {keys["LAO"].key_id: keys["LAO"], new.key_id: new}
+
+    def lao_process(name: str) -> Engine:
+        counter = itertools.count(1)
+        return Engine(
+            party="LAO", registry="LAO-NR", signing_key=keys["LAO"],
+            trust=TrustStore([keys["KOR"].verifying_key()]),
+            partners=[Partner("KOR", "KOR-NR", "x")],
+            store=open_store(lao_url, party="LAO", registry="LAO-NR"),
+            new_id=lambda: f"LAO-{name}-{next(counter)}", key_loader=files.__getitem__,
+        )  # fmt: skip
+
+    a, b = lao_process("a"), lao_process("b")
+    kor = Engine(
+        party="KOR", registry="KOR-NR", signing_key=keys["KOR"],
+        trust=TrustStore([keys["LAO"].verifying_key()]), partners=[Partner("LAO", "LAO-NR", "x")],
+        store=open_store(postgres_cluster().new_database("kor"), party="KOR", registry="KOR-NR"),
+    )  # fmt: skip
+    pair = Pair(lao=a, kor=kor, keys=keys)
+    a.rotate_signing_key(new, pair.now)
+    pair.pump()  # KOR acknowledges; A switches to the new key
+    assert a.signing_key is new
+
+    # B never saw the rotation in memory: it signs its next message with the key
+    # the ledger names, which KOR accepts.
+    pair.lao = b
+    authorisation_id = pair.authorise()
+    with b.store.transaction() as tx:
+        envelope = tx.outbox_last_envelope(
+            payload_type="itmolink.v1.AuthorisationStatement",
+            subject_id=f"{authorisation_id}#1",
+        )
+    assert envelope is not None
+    signed = envelope_pb2.Envelope.FromString(envelope)
+    assert [s.key_id for s in signed.signatures] == [new.key_id]
+    assert b.signing_key.key_id == new.key_id
+    pair.pump()
+    with b.store.transaction() as tx:
+        assert tx.authorisation_party_states("LAO", authorisation_id, 1) == {"KOR": "acknowledged"}
+    for engine in (a, b, kor):
+        engine.store.close()

@@ -267,7 +267,11 @@ class EngineBase:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Tx]:
-        """A store transaction whose in-memory follow-ups run only once it committed."""
+        """A store transaction whose in-memory follow-ups run only once it committed.
+
+        It first catches up with what other processes sharing the database changed
+        (:meth:`_sync_shared`), so it verifies and signs with the ledger's keys.
+        """
         self._after_commit.clear()
         try:
             with self.store.transaction() as tx:

@@ -77,7 +77,7 @@ class Operations(EngineBase):
         """Seal and journal a query to send now; (message id, envelope)."""
         self._require_partner(partner)
         now_us = to_us(now)
-        with self.store.transaction() as tx:
+        with self._transaction() as tx:
             query.header.CopyFrom(self._header(tx, partner, now_us))
             name, _, envelope = self._seal(query)
             tx.journal(
@@ -90,7 +90,7 @@ class Operations(EngineBase):
         self, partner: str, message_id: str, request: bytes, raw: bytes, now: dt.datetime
     ) -> ReconciliationAnswer:
         """Verify and journal the partner's answer to a reconciliation query."""
-        with self.store.transaction() as tx:
+        with self._transaction() as tx:
             reply, _, _ = self._open_reply(
                 tx, partner, type_name(ReconciliationQuery), request, message_id, raw, to_us(now)
             )
@@ -101,17 +101,17 @@ class Operations(EngineBase):
         return reply
 
     def local_buckets(self, partner: str, snapshot_us: int, view: str, prefix: str) -> list[Bucket]:
-        with self.store.transaction() as tx:
+        with self._transaction() as tx:
             return tx.reconcile_buckets(partner, snapshot_us, view, prefix)
 
     def local_leaves(
         self, partner: str, snapshot_us: int, view: str, prefix: str
     ) -> dict[str, bytes]:
-        with self.store.transaction() as tx:
+        with self._transaction() as tx:
             return tx.reconcile_leaves(partner, snapshot_us, view, prefix)
 
     def local_totals(self, partner: str, snapshot_us: int) -> list[Total]:
-        with self.store.transaction() as tx:
+        with self._transaction() as tx:
             return tx.reconcile_totals(partner, snapshot_us)
 
     def record_discrepancy(
@@ -129,7 +129,7 @@ class Operations(EngineBase):
 
         Returns how many blocks were frozen here.
         """
-        with self.store.transaction() as tx:
+        with self._transaction() as tx:
             tx.discrepancy_put(
                 reconciliation_id=reconciliation_id, partner=partner, phase=phase,
                 subject=subject, detail=detail, now=to_us(now),
@@ -204,7 +204,7 @@ class Operations(EngineBase):
 
     def signing_keys_view(self) -> list[tuple[str, str, str, VerifyingKey | None]]:
         """(party, key id, status, key) for our keys and the partners'."""
-        with self.store.transaction() as tx:
+        with self._transaction() as tx:
             revoked = tx.revoked_keys()
         rows: list[tuple[str, str, str, VerifyingKey | None]] = [
             (self.party, self.signing_key.key_id, "signing", self.signing_key.verifying_key())
@@ -245,7 +245,7 @@ class Operations(EngineBase):
             )
         account, kind, action_type = RETIREMENTS[action]
         now_us = to_us(now)
-        with self.store.transaction() as tx:
+        with self._transaction() as tx:
             authorisation = self._authorisation(tx, host_party, authorisation_id)
             held = tx.blocks_held(
                 account=HOLDING_ACCOUNT, authorisation_id=authorisation_id, vintage=vintage
@@ -316,7 +316,7 @@ class Operations(EngineBase):
 
     def snapshot_holdings(self, year: int, now: dt.datetime) -> tuple[bool, int, int]:
         """Freeze the holdings of 31 December ``year``: (taken now, taken at, blocks)."""
-        with self.store.transaction() as tx:
+        with self._transaction() as tx:
             taken_now = tx.snapshot_take(year, to_us(now))
             snapshot = tx.snapshot(year)
         assert snapshot is not None
@@ -325,7 +325,7 @@ class Operations(EngineBase):
     def record_admin_action(
         self, *, operator: str, method: str, request: str, outcome: str, now: dt.datetime
     ) -> None:
-        with self.store.transaction() as tx:
+        with self._transaction() as tx:
             tx.admin_audit_put(
                 operator=operator, method=method, request=request, outcome=outcome,
                 now=to_us(now),
@@ -337,7 +337,7 @@ class Operations(EngineBase):
         """Void our proposals left unanswered past their time-out (the sender decides)."""
         now_us = to_us(now)
         voided: list[str] = []
-        with self.store.transaction() as tx:
+        with self._transaction() as tx:
             for record in tx.transfers_expired(now_us):
                 transition = step(Role.SENDER, record.state, Event.TIMED_OUT)
                 self._apply(
@@ -372,7 +372,7 @@ class Operations(EngineBase):
         """
         now_us = to_us(now)
         asked: list[str] = []
-        with self.store.transaction() as tx:
+        with self._transaction() as tx:
             for record in tx.transfers_awaiting_completion(now_us - STATUS_QUERY_GRACE_US):
                 last = tx.outbox_last_created(
                     payload_type=type_name(TransferStatusQuery), subject_id=record.transfer_id
@@ -450,7 +450,7 @@ class Operations(EngineBase):
         now_us = to_us(now)
         for party in acquiring_parties:
             self._require_partner(party)
-        with self.store.transaction() as tx:
+        with self._transaction() as tx:
             authorisation_id = f"{self.party}-A-{tx.next_counter('authorisation'):04d}"
             terms = AuthorisationTerms(
                 authorisation_id=authorisation_id,
@@ -515,7 +515,7 @@ class Operations(EngineBase):
         now_us = to_us(now)
         for party in changes.get("acquiring_parties", ()):
             self._require_partner(party)
-        with self.store.transaction() as tx:
+        with self._transaction() as tx:
             current = self._authorisation(tx, self.party, authorisation_id)
             self._require_delivered(tx, current)
             details = tx.authorisation_details(self.party, authorisation_id)
@@ -569,7 +569,7 @@ class Operations(EngineBase):
         move to the 'revoked' account; the unissued rest of the cap lapses.
         """
         now_us = to_us(now)
-        with self.store.transaction() as tx:
+        with self._transaction() as tx:
             current = self._authorisation(tx, self.party, authorisation_id)
             self._require_delivered(tx, current)
             here = tx.blocks_of_authorisation(authorisation_id)
@@ -622,7 +622,7 @@ class Operations(EngineBase):
     ) -> tuple[str, list[Block]]:
         """Issue units into the holding account and notify the acquiring parties."""
         now_us = to_us(now)
-        with self.store.transaction() as tx:
+        with self._transaction() as tx:
             terms = tx.authorisation_get(self.party, authorisation_id)
             if terms is None:
                 raise Rejected(
@@ -746,7 +746,7 @@ class Operations(EngineBase):
         expires_us = now_us + (timeout or self.default_timeout) // dt.timedelta(microseconds=1)
         host = host_party or self.party
         evidence = b""
-        with self.store.transaction() as tx:
+        with self._transaction() as tx:
             terms = tx.authorisation_get(host, authorisation_id)
             if terms is None:
                 raise Rejected(
