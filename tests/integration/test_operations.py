@@ -174,6 +174,9 @@ async def test_node_health_command_exits_0_only_while_serving(
     try:
         assert await asyncio.to_thread(main, ["node", "health", "--config", str(config)]) == 0
         assert capsys.readouterr().out.strip() == "SERVING"
+        await lao.node.health.set("", NOT_SERVING)
+        assert await asyncio.to_thread(main, ["node", "health", "--config", str(config)]) == 1
+        assert capsys.readouterr().out.strip() == "NOT_SERVING"
     finally:
         await stop_registry(lao)
     assert await asyncio.to_thread(main, ["node", "health", "--config", str(config)]) == 1
@@ -351,3 +354,27 @@ async def test_json_logs_carry_structured_fields_and_no_secret(
     for party in (lao, kor):
         for secret in _secrets(party.keys.directory):
             assert secret not in stream.getvalue()
+
+
+# -- backup command ---------------------------------------------------------------------------
+
+
+def test_node_backup_refuses_to_overwrite_and_points_postgresql_to_pg_dump(
+    pki: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from itmolink.node.config import load_config
+    from itmolink.store import is_postgres_url, open_store
+
+    config = pki("LAO", ["KOR"])
+    database = load_config(config).database
+    open_store(database, party="LAO", registry="LAO-NR").close()
+    out = tmp_path / "existing.db"
+    out.write_text("keep me")
+    code = main(["node", "backup", "--config", str(config), "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    if is_postgres_url(database):
+        assert "pg_dump" in err
+    else:
+        assert "already exists" in err
+    assert out.read_text() == "keep me"
