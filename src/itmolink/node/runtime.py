@@ -279,6 +279,10 @@ class Node:
         if bound == 0:
             raise OSError(f"cannot listen on admin_listen = {admin!r}")
 
+        # Until everything below has started, health says NOT_SERVING (the servicer's
+        # default would be SERVING for the node as a whole).
+        for service in ("", PARTNER_SERVICE, ADMIN_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._partner_server.start()
         await self._admin_server.start()
         if admin.startswith("unix:"):
