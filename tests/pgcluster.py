@@ -35,6 +35,8 @@ class PostgresMissing(RuntimeError):
 def find_bindir() -> Path:
     configured = os.environ.get("ITMOLINK_PG_BINDIR")
     if configured:
+        if not (Path(configured) / "initdb").exists():
+            raise PostgresMissing(f"ITMOLINK_PG_BINDIR={configured} holds no initdb")
         return Path(configured)
 
     def version(path: str) -> tuple[int, ...]:
@@ -58,7 +60,7 @@ class Cluster:
 
     def __init__(self) -> None:
         self.bindir = find_bindir()
-        self.root = Path(tempfile.mkdtemp(prefix="itmolink-pg-"))
+        self.root = Path(tempfile.mkdtemp(prefix="itmolink-pg-", dir=_base_directory()))
         self.data = self.root / "data"
         self.socket_dir = self.root / "socket"
         self._as: list[str] = []
@@ -128,6 +130,18 @@ class Cluster:
                        "stop"])  # fmt: skip
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _base_directory() -> str | None:
+    """Where to make the cluster's directory: the usual temporary directory, unless
+    running as root and the unprivileged server user could not reach it."""
+    if os.geteuid() != 0:
+        return None
+    base = Path(tempfile.gettempdir()).resolve()
+    for directory in (base, *base.parents):
+        if not os.stat(directory).st_mode & 0o001:
+            return "/tmp"  # a fresh mkdtemp directory inside it
+    return None
 
 
 def _unprivileged_user() -> str:

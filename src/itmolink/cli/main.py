@@ -517,15 +517,18 @@ def _ledger(args: argparse.Namespace) -> Any:
 @contextlib.contextmanager
 def _read_ledger(database: Path | str) -> Iterator[Any]:
     """A read-only transaction on a ledger (SQLite file or PostgreSQL URL)."""
-    from itmolink.store import read_only
+    from itmolink.store import LedgerUnavailable, read_only
 
+    opened = read_only(database)
     try:
-        with read_only(database) as tx:
-            yield tx
+        tx = opened.__enter__()
     except FileNotFoundError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
-    except RuntimeError as exc:  # PostgreSQL unreachable
+    except LedgerUnavailable as exc:
         raise CliError(str(exc)) from None
+    with contextlib.ExitStack() as stack:
+        stack.push(opened)
+        yield tx
 
 
 def cmd_report(args: argparse.Namespace) -> int:

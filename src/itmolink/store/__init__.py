@@ -13,9 +13,17 @@ from pathlib import Path
 
 from itmolink.store.sqlite import SqliteStore, Store
 from itmolink.store.tx import Tx
-from itmolink.store.url import is_postgres_url
+from itmolink.store.url import LedgerUnavailable, is_postgres_url
 
-__all__ = ["SqliteStore", "Store", "Tx", "is_postgres_url", "open_store", "read_only"]
+__all__ = [
+    "LedgerUnavailable",
+    "SqliteStore",
+    "Store",
+    "Tx",
+    "is_postgres_url",
+    "open_store",
+    "read_only",
+]
 
 
 def open_store(database: str | Path, *, party: str, registry: str) -> Store:
@@ -36,8 +44,8 @@ def open_store(database: str | Path, *, party: str, registry: str) -> Store:
 def read_only(database: str | Path) -> Iterator[Tx]:
     """A read-only view of an existing ledger, for reports and offline checks.
 
-    Raises FileNotFoundError for a SQLite file that does not exist, RuntimeError
-    for a PostgreSQL database that cannot be reached.
+    Raises FileNotFoundError for a SQLite file that does not exist,
+    LedgerUnavailable for a PostgreSQL database that cannot be reached.
     """
     if is_postgres_url(database):
         from itmolink.store.postgres import read_only as pg_read_only

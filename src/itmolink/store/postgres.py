@@ -28,7 +28,7 @@ import psycopg
 
 from itmolink.store.migrate import POSTGRES, migrations, refuse_newer, statements
 from itmolink.store.tx import Tx
-from itmolink.store.url import is_postgres_url
+from itmolink.store.url import LedgerUnavailable, is_postgres_url
 
 HOLDING_ACCOUNT = "holding"
 
@@ -83,7 +83,7 @@ class PostgresStore:
         try:
             conn = psycopg.connect(self.url, autocommit=True, application_name="itmolink")
         except psycopg.OperationalError as exc:
-            raise RuntimeError(f"cannot connect to {redact(self.url)}: {exc}") from None
+            raise LedgerUnavailable(f"cannot connect to {redact(self.url)}: {exc}") from None
         conn.execute("SET TIME ZONE 'UTC'")
         return conn
 
@@ -179,7 +179,7 @@ def read_only(url: str) -> Iterator[Tx]:
     try:
         conn = psycopg.connect(url, autocommit=True, application_name="itmolink-read")
     except psycopg.OperationalError as exc:
-        raise RuntimeError(f"cannot connect to {redact(url)}: {exc}") from None
+        raise LedgerUnavailable(f"cannot connect to {redact(url)}: {exc}") from None
     try:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         try:
