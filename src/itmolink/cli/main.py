@@ -26,6 +26,7 @@ from google.protobuf.json_format import MessageToDict
 
 from itmolink import __version__
 from itmolink.admin.v1 import admin_pb2, admin_pb2_grpc
+from itmolink.cli.node_ops import add_node_ops_parsers
 from itmolink.cli.table import print_table
 from itmolink.conformance.cli import add_conformance_parser
 from itmolink.crypto.operators import add_operator, read_token, token_file
@@ -167,27 +168,29 @@ def cmd_operator_add(args: argparse.Namespace) -> int:
 
 
 def cmd_node_run(args: argparse.Namespace) -> int:
+    from itmolink.node.logs import configure_logging
     from itmolink.node.runtime import Node
 
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_format, args.log_level, config.party)
 
     async def run() -> None:
         node = Node(config)
-        await node.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        try:
+            await node.start()
+        except BaseException:
+            await node.stop(0)
+            raise
         await stop.wait()
-        logging.getLogger("itmolink.node").info("stopping")
-        await node.stop()
+        logging.getLogger("itmolink.node").info("signal received: shutting down gracefully")
+        await node.stop(args.grace)
 
     asyncio.run(run())
     return 0
@@ -661,7 +664,20 @@ def build_parser() -> argparse.ArgumentParser:
     run = node.add_parser("run", help="run the node until SIGINT or SIGTERM")
     run.add_argument("--config", required=True, help="the node's node.toml")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text lines, or one JSON object per line (time, level, logger, message, fields)",
+    )
+    run.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        help="on SIGTERM/SIGINT, seconds calls in progress get to finish (default: 10)",
+    )
     run.set_defaults(func=cmd_node_run)
+    add_node_ops_parsers(node)
 
     operator = commands.add_parser("operator", help="manage admin operators").add_subparsers(
         dest="operator_command", required=True, metavar="ACTION"

@@ -59,9 +59,11 @@ def check_registry_id(registry: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class PartyFiles:
-    """Paths of one party's key material."""
+    """Paths of one party's key material (private keys may live elsewhere)."""
 
     directory: Path
+    node_key_file: Path | None = None
+    signing_key_file: Path | None = None
 
     @property
     def ca_certificate(self) -> Path:
@@ -77,11 +79,11 @@ class PartyFiles:
 
     @property
     def node_key(self) -> Path:
-        return self.directory / "node.key"
+        return self.node_key_file or self.directory / "node.key"
 
     @property
     def signing_key(self) -> Path:
-        return self.directory / "signing.key"
+        return self.signing_key_file or self.directory / "signing.key"
 
     @property
     def card(self) -> Path:

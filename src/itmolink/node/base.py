@@ -253,6 +253,9 @@ class EngineBase:
         self.accounting = accounting
         self.threshold = threshold
         self._after_commit: list[Callable[[], None]] = []
+        # Told of every Rejection sent or received (direction, partner, code name),
+        # once its transaction committed: the node counts them for its metrics.
+        self.on_rejection: Callable[[str, str, str], None] | None = None
         # Several node processes may share one database (PostgreSQL): what they
         # cache here (pinned keys, signing keys) is reloaded when the ledger's
         # shared-state counter moves. ``key_loader`` reads a signing key by id.
@@ -377,6 +380,8 @@ class EngineBase:
         """Seal a reply (journaled when ``tx`` is given); returns (payload, envelope)."""
         msg.header.CopyFrom(self._header(tx, partner, now_us, in_reply_to))  # type: ignore[attr-defined]
         name, payload, envelope = self._seal(msg)
+        if isinstance(msg, Rejection):
+            self._notify_rejection(tx, "sent", partner, msg)
         if tx is not None:
             tx.journal(
                 direction="out",
@@ -387,6 +392,22 @@ class EngineBase:
                 now=now_us,
             )
         return payload, envelope
+
+    def _notify_rejection(
+        self, tx: Tx | None, direction: str, partner: str, rejection: Rejection
+    ) -> None:
+        callback = self.on_rejection
+        if callback is None:
+            return
+        code = _code_name(_rejection_reasons(rejection)[0])
+
+        def notify() -> None:
+            callback(direction, partner, code)
+
+        if tx is None:
+            notify()
+        else:
+            self._after_commit.append(notify)
 
     def _rejection(self, subject_id: str, rejected: Rejected, request: bytes) -> Rejection:
         return Rejection(
@@ -593,6 +614,8 @@ class EngineBase:
             envelope=raw,
             now=now_us,
         )
+        if isinstance(reply, Rejection):
+            self._notify_rejection(tx, "received", partner, reply)
         return reply, verified.payload, journal_id
 
     @staticmethod
@@ -772,7 +795,10 @@ class EngineBase:
             blocks=taken,
             now=now_us,
         )
-        log.info("transfer %s proposed: %d tCO2e to %s", transfer_id, quantity, to_party)
+        log.info(
+            "transfer %s proposed: %d tCO2e to %s", transfer_id, quantity, to_party,
+            extra={"transfer_id": transfer_id, "partner": to_party},
+        )  # fmt: skip
         return transfer_id
 
 

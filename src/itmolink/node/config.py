@@ -15,6 +15,9 @@ it: libpq reads one from ``passfile=`` or ``PGPASSFILE`` (docs/POSTGRES.md)::
 
     [keys]
     directory = "pki"                    # from 'itmolink pki init': node.pem, node.key, signing.key
+    node_key = "/run/secrets/node_key"   # optional: the TLS private key elsewhere (default:
+    signing_key = "/run/secrets/signing" # directory/node.key, directory/signing.key), e.g. a
+                                         # Docker secret; rotated keys go to the directory
 
     [[partners]]
     card = "../kor/pki/card.toml"        # the partner's public card
@@ -31,6 +34,9 @@ it: libpq reads one from ``passfile=`` or ``PGPASSFILE`` (docs/POSTGRES.md)::
     [accounting.trajectory]              # multi-year-trajectory: one point per year
     [accounting.reported_emissions]      # reported emissions by year, for 'itmolink report ca'
     2025 = 61000000
+
+    [metrics]                            # optional; no metrics endpoint when absent
+    listen = "127.0.0.1:9464"            # Prometheus /metrics over plain HTTP (host:port)
 
     [limits]                             # optional; these are the defaults
     max_message_bytes = 2097152          # largest envelope accepted
@@ -90,6 +96,7 @@ class NodeConfig:
     accounting: AccountingConfig | None = None
     threshold: HostThreshold | None = None
     reported_emissions: dict[int, int] = field(default_factory=dict)
+    metrics_listen: str | None = None
 
     @property
     def admin_target(self) -> str:
@@ -143,6 +150,13 @@ def load_config(path: Path | str) -> NodeConfig:
     except ValueError as exc:
         raise ConfigError(f"{path}: field 'registry': {exc}") from None
     keys = _field(data, "keys", dict, path)
+    unknown_keys = set(keys) - {"directory", "node_key", "signing_key"}
+    if unknown_keys:
+        raise ConfigError(f"{path}: unknown field(s) in [keys]: {', '.join(sorted(unknown_keys))}")
+    key_files = {}
+    for name in ("node_key", "signing_key"):
+        if name in keys:
+            key_files[f"{name}_file"] = base / _field(keys, name, str, path)
     partners = []
     for index, entry in enumerate(data.get("partners", [])):
         where = path.with_name(f"{path.name} [[partners]] #{index + 1}")
@@ -179,13 +193,38 @@ def load_config(path: Path | str) -> NodeConfig:
         partner_listen=_field(data, "partner_listen", str, path),
         admin_listen=_check_admin(_field(data, "admin_listen", str, path), base, path),
         transfer_timeout_seconds=timeout,
-        keys=PartyFiles(base / _field(keys, "directory", str, path)),
+        keys=PartyFiles(base / _field(keys, "directory", str, path), **key_files),
         partners=tuple(partners),
         limits=limits,
         accounting=accounting,
         threshold=threshold,
         reported_emissions=reported,
+        metrics_listen=_metrics(data.get("metrics"), path),
     )
+
+
+def check_host_port(value: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) with a port of 0-65535."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def _metrics(table: object, path: Path) -> str | None:
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [metrics] must be a table")
+    unknown = set(table) - {"listen"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown field(s) in [metrics]: {', '.join(sorted(unknown))}")
+    listen = _field(table, "listen", str, path)
+    try:
+        check_host_port(listen)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: field 'metrics.listen': {exc}") from None
+    return str(listen)
 
 
 def _database(value: str, base: Path, path: Path) -> Path | str:

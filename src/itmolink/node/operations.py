@@ -359,8 +359,9 @@ class Operations(EngineBase):
                     self._send(tx, record.partner, void, record.transfer_id, now_us)
                 voided.append(record.transfer_id)
                 log.warning(
-                    "transfer %s to %s voided: time-out", record.transfer_id, record.partner
-                )
+                    "transfer %s to %s voided: time-out", record.transfer_id, record.partner,
+                    extra={"transfer_id": record.transfer_id, "partner": record.partner},
+                )  # fmt: skip
         return voided
 
     def query_pending_transfers(self, now: dt.datetime) -> list[str]:

@@ -70,6 +70,12 @@ class Replies(EngineBase):
                     request.subject_id,
                     _code_name(code),
                     detail,
+                    extra={
+                        "partner": request.partner,
+                        "message_id": message_id,
+                        "subject_id": request.subject_id,
+                        "code": _code_name(code),
+                    },
                 )
             self._apply_reply(
                 tx,
@@ -192,7 +198,10 @@ class Replies(EngineBase):
             now=now_us,
             rejection_detail=f"the sender reports {state_name}",
         )
-        log.warning("transfer %s from %s voided here: %s", transfer_id, partner, state_name)
+        log.warning(
+            "transfer %s from %s voided here: %s", transfer_id, partner, state_name,
+            extra={"transfer_id": transfer_id, "partner": partner},
+        )  # fmt: skip
 
     def _proposal_rejected(self, tx: Tx, transfer_id: str, reply: Rejection, now_us: int) -> None:
         record = tx.transfer_get(transfer_id)
@@ -264,5 +273,6 @@ class Replies(EngineBase):
             )
             self._send(tx, partner, completion, transfer_id, now_us)
         log.info(
-            "transfer %s to %s completed: %d tCO2e debited", transfer_id, partner, total(blocks)
-        )
+            "transfer %s to %s completed: %d tCO2e debited", transfer_id, partner, total(blocks),
+            extra={"transfer_id": transfer_id, "partner": partner},
+        )  # fmt: skip

@@ -122,7 +122,10 @@ class Requests(EngineBase):
             subject_id = _subject_of(msg)
             self._check_header(header, sender=verified.signer_party, now_us=now_us)
         except Rejected as rejected:
-            log.warning("refused a message from %s without recording it: %s", peer_party, rejected)
+            log.warning(
+                "refused a message from %s without recording it: %s", peer_party, rejected,
+                extra={"partner": peer_party, "code": rejected.code.wire_name},
+            )  # fmt: skip
             _, envelope = self._reply(
                 None, peer_party, self._rejection(subject_id, rejected, raw), message_id, now_us
             )
@@ -200,7 +203,13 @@ class Requests(EngineBase):
                 with tx.savepoint():
                     envelope = handler(self, tx, sender, msg, verified.payload, journal_id, now_us)
             except Rejected as rejected:
-                log.info("rejected %s %s from %s: %s", cls.__name__, subject_id, sender, rejected)
+                log.info(
+                    "rejected %s %s from %s: %s", cls.__name__, subject_id, sender, rejected,
+                    extra={
+                        "partner": sender, "message_id": message_id, "subject_id": subject_id,
+                        "code": rejected.code.wire_name,
+                    },
+                )  # fmt: skip
                 self._record_rejected_request(tx, sender, msg, verified.payload, rejected, now_us)
                 _, envelope = self._reply(
                     tx, sender, self._rejection(subject_id, rejected, raw), message_id, now_us
@@ -576,6 +585,7 @@ class Requests(EngineBase):
             msg.transfer_id,
             sender,
             total(blocks),
+            extra={"transfer_id": msg.transfer_id, "partner": sender},
         )
         receipt = TransferCompletionReceipt(transfer_id=msg.transfer_id, adjustment_year=year)
         return self._reply(tx, sender, receipt, msg.header.message_id, now_us)[1]

@@ -3,6 +3,14 @@
 A thin asyncio adapter around :class:`~itmolink.node.engine.Engine`: it reads
 the clock, runs every engine call on one database thread, serves the partner
 port over mutual TLS and the admin interface locally, and delivers the outbox.
+
+Both gRPC servers also carry the standard health service (``grpc.health.v1``)
+and server reflection, so ``grpcurl`` can list and call them: on the partner
+port only with a client certificate of a pinned partner CA, on the admin
+interface without a token (neither reveals anything an operator's token
+guards). Health is SERVING once the store is open and both servers started,
+and NOT_SERVING from the first moment of :meth:`Node.stop`. Metrics are served
+over HTTP when ``[metrics] listen`` is set (:mod:`itmolink.node.metrics`).
 """
 
 from __future__ import annotations
@@ -15,19 +23,24 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
 
+from itmolink.admin.v1 import admin_pb2
 from itmolink.crypto.envelope import TrustStore
 from itmolink.crypto.keys import SigningKey, check_private_file, write_private_file
 from itmolink.crypto.operators import load_operators, operator_for, operators_file
 from itmolink.crypto.pki import PartnerCard, issuing_party
 from itmolink.node.config import NodeConfig
 from itmolink.node.engine import Engine, Limits, Partner, ReplyError
+from itmolink.node.metrics import NodeMetrics
 from itmolink.store import open_store
 from itmolink.v1 import partner_service_pb2, partner_service_pb2_grpc
 
@@ -40,6 +53,8 @@ T = TypeVar("T")
 Clock = Callable[[], dt.datetime]
 
 RPC_TIMEOUT_SECONDS = 10.0
+PARTNER_SERVICE = partner_service_pb2.DESCRIPTOR.services_by_name["PartnerService"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 MAX_IDLE_WAIT_SECONDS = 1.0
 
 
@@ -84,6 +99,8 @@ class PartnerServicer(partner_service_pb2_grpc.PartnerServiceServicer):
             )
         assert peer is not None
         if not self._node.admit(peer):
+            self._node.metrics.received.labels(peer, "rate_limited").inc()
+            self._node.metrics.rejection("sent", peer, "RATE_LIMITED")
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"more than the agreed rate of messages from {peer}: retry later",
@@ -92,6 +109,7 @@ class PartnerServicer(partner_service_pb2_grpc.PartnerServiceServicer):
         reply = await self._node.db(
             self._node.engine.handle_delivery, peer, request.envelope, self._node.clock()
         )
+        self._node.metrics.received.labels(peer, "handled").inc()
         self._node.kick()
         return partner_service_pb2.DeliverResponse(envelope=reply)
 
@@ -120,6 +138,9 @@ class Node:
         self._operators_mtime = 0
         self._buckets: dict[str, TokenBucket] = {}
         self._tls_cert = b""
+        self.metrics = NodeMetrics()
+        self.health = HealthServicer()
+        self.metrics_port = 0
 
     # -- plumbing --------------------------------------------------------------------
 
@@ -127,6 +148,10 @@ class Node:
         """Run ``fn`` on the database thread (one transaction at a time)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    def run_on_db_thread(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Queue ``fn`` on the database thread from any thread (metrics scrapes)."""
+        return self._executor.submit(fn, *args)
 
     def admit(self, party: str) -> bool:
         """Whether a message from ``party`` is within its rate limit."""
@@ -211,6 +236,7 @@ class Node:
             ),
         )
         await self.db(self._load_rotated_keys)
+        self.engine.on_rejection = self.metrics.rejection
         self._buckets = {
             p.card.party: TokenBucket(config.limits.rate_per_second, config.limits.rate_burst)
             for p in config.partners
@@ -223,6 +249,7 @@ class Node:
         partner_service_pb2_grpc.add_PartnerServiceServicer_to_server(
             PartnerServicer(self), self._partner_server
         )
+        self._add_health_and_reflection(self._partner_server, PARTNER_SERVICE)
         credentials = grpc.ssl_server_credentials(
             [(self._tls_key, self._tls_cert)],
             root_certificates=b"".join(p.card.ca_certificate_pem for p in config.partners) or None,
@@ -236,6 +263,7 @@ class Node:
 
         self._admin_server = grpc.aio.server()
         add_admin_service(self, self._admin_server)
+        self._add_health_and_reflection(self._admin_server, ADMIN_SERVICE)
         admin = config.admin_listen
         if admin.startswith("unix:"):
             socket = Path(admin.removeprefix("unix:"))
@@ -251,36 +279,66 @@ class Node:
         if bound == 0:
             raise OSError(f"cannot listen on admin_listen = {admin!r}")
 
+        # Until everything below has started, health says NOT_SERVING (the servicer's
+        # default would be SERVING for the node as a whole).
+        for service in ("", PARTNER_SERVICE, ADMIN_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._partner_server.start()
         await self._admin_server.start()
         if admin.startswith("unix:"):
             os.chmod(admin.removeprefix("unix:"), 0o600)
         self._worker = asyncio.get_running_loop().create_task(self._outbox_loop())
+        if config.metrics_listen is not None:
+            self.metrics.attach(self, config.party, config.registry)
+            self.metrics_port = self.metrics.serve(config.metrics_listen)
+        for service in ("", PARTNER_SERVICE, ADMIN_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.metrics.serving.set(1)
         log.info(
-            "node %s (%s) listening: partners on port %d (mutual TLS), admin on %s",
+            "node %s (%s) listening: partners on port %d (mutual TLS), admin on %s%s",
             config.party,
             config.registry,
             self.partner_port,
             admin,
+            f", metrics on port {self.metrics_port}" if config.metrics_listen is not None else "",
         )
 
+    def _add_health_and_reflection(self, server: grpc.aio.Server, service: str) -> None:
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (service, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)
+
     async def stop(self, grace: float = 2.0) -> None:
-        """Stop accepting work, let in-flight steps finish, then close the store."""
+        """Stop gracefully: health goes NOT_SERVING, the servers stop taking calls and
+        give those in progress ``grace`` seconds, the outbox worker finishes its pass
+        and the deliveries in flight (each applies its reply or records the failure),
+        the database thread finishes its queue, and only then is the store closed.
+
+        A call still running after ``grace`` is cancelled on the gRPC side, but its
+        database transaction, already queued, still runs to its end: the partner's
+        retry then gets the stored reply.
+        """
         self._stopping = True
+        await self.health.enter_graceful_shutdown()
+        self.metrics.serving.set(0)
+        log.info("stopping: health NOT_SERVING, finishing in-flight steps")
         self.kick()
-        if self._partner_server is not None:
-            await self._partner_server.stop(grace)
-        if self._admin_server is not None:
-            await self._admin_server.stop(grace)
+        # Partners first: while their calls drain, the admin interface still answers
+        # (its health service says NOT_SERVING).
+        for server in (self._partner_server, self._admin_server):
+            if server is not None:
+                await server.stop(grace)
         if self._worker is not None:
             await self._worker
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
         for channel in self._channels.values():
             await channel.close(None)
         if hasattr(self, "engine"):
             await self.db(self.engine.store.close)
         self._executor.shutdown(wait=True)
+        self.metrics.close()
+        log.info("stopped")
 
     async def wait_stopped(self) -> None:
         if self._partner_server is not None:
@@ -384,17 +442,25 @@ class Node:
             task.add_done_callback(self._tasks.discard)
 
     async def _deliver(self, message_id: str, partner: str, envelope: bytes) -> None:
+        fields = {"message_id": message_id, "partner": partner}
+        started = time.monotonic()
         try:
             response = await self._stub(partner).Deliver(
                 partner_service_pb2.DeliverRequest(envelope=envelope),
                 timeout=RPC_TIMEOUT_SECONDS,
             )
         except grpc.aio.AioRpcError as exc:
+            self.metrics.deliveries.labels(partner, "unreachable").inc()
+            trailers: Any = exc.trailing_metadata() or ()
+            code = next((v for k, v in trailers if k == "itmolink-rejection-code"), None)
+            if isinstance(code, str):
+                self.metrics.rejection("received", partner, code.removeprefix("REJECTION_CODE_"))
             log.info(
                 "delivery of %s to %s failed (%s); will retry",
                 message_id,
                 partner,
                 exc.code().name,
+                extra=fields,
             )
             await self.db(
                 self.engine.delivery_failed,
@@ -403,15 +469,27 @@ class Node:
                 self.clock(),
             )
         else:
+            self.metrics.delivery_seconds.labels(partner).observe(time.monotonic() - started)
             try:
                 await self.db(self.engine.handle_reply, message_id, response.envelope, self.clock())
+                self.metrics.deliveries.labels(partner, "ok").inc()
             except ReplyError as exc:
-                log.error("reply from %s to %s not applied: %s", partner, message_id, exc)
+                self.metrics.deliveries.labels(partner, "bad_reply").inc()
+                log.error(
+                    "reply from %s to %s not applied: %s",
+                    partner,
+                    message_id,
+                    exc,
+                    extra={**fields, "code": exc.code.wire_name},
+                )
                 await self.db(self.engine.delivery_failed, message_id, str(exc), self.clock())
             except Exception as exc:
                 # Nothing of the reply was applied (its transaction rolled back);
                 # redeliver later: the partner answers with its stored reply.
-                log.exception("applying the reply to %s from %s failed", message_id, partner)
+                self.metrics.deliveries.labels(partner, "bad_reply").inc()
+                log.exception(
+                    "applying the reply to %s from %s failed", message_id, partner, extra=fields
+                )
                 await self.db(
                     self.engine.delivery_failed, message_id, f"{type(exc).__name__}", self.clock()
                 )

@@ -66,6 +66,18 @@ def latest_version() -> int:
     return len(migrations())
 
 
+def refuse_newer(applied: set[int], where: str) -> None:
+    """A database migrated by a newer itmolink is not opened by an older one: the
+    old code would not know the new schema's rules. Upgrading is one-way."""
+    latest = latest_version()
+    newest = max(applied, default=0)
+    if newest > latest:
+        raise RuntimeError(
+            f"{where} has schema version {newest}, newer than this itmolink knows ({latest}): "
+            "run the newer itmolink, or restore a backup taken before the upgrade"
+        )
+
+
 def statements(sql: str) -> list[str]:
     """Split a migration into statements (no semicolons inside our literals)."""
     lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]

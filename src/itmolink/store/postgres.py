@@ -26,7 +26,7 @@ from typing import Any
 
 import psycopg
 
-from itmolink.store.migrate import POSTGRES, migrations, statements
+from itmolink.store.migrate import POSTGRES, migrations, refuse_newer, statements
 from itmolink.store.tx import Tx
 from itmolink.store.url import LedgerUnavailable, is_postgres_url
 
@@ -96,6 +96,11 @@ class PostgresStore:
         """Apply missing migrations; concurrent starters wait on an advisory lock."""
         with self._lock:
             conn = self._connection()
+            with conn.transaction():
+                exists = conn.execute("SELECT to_regclass('schema_migrations')").fetchone()
+                if exists is not None and exists[0] is not None:
+                    rows = conn.execute("SELECT version FROM schema_migrations").fetchall()
+                    refuse_newer({int(r[0]) for r in rows}, "the PostgreSQL database")
             for migration in migrations():
                 with conn.transaction():
                     conn.execute(

@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
-from itmolink.store.migrate import SQLITE, migrations, statements
+from itmolink.store.migrate import SQLITE, migrations, refuse_newer, statements
 from itmolink.store.tx import Tx
 
 HOLDING_ACCOUNT = "holding"
@@ -70,6 +70,7 @@ class SqliteStore:
             applied = {
                 row[0] for row in self._conn.execute("SELECT version FROM schema_migrations")
             }
+            refuse_newer(applied, f"database {self.path}")
             for migration in migrations():
                 if migration.version in applied:
                     continue

@@ -478,6 +478,43 @@ class Tx:
     def outbox_pending_count(self) -> int:
         return int(self._one("SELECT COUNT(*) FROM outbox WHERE state = 'pending'")[0])
 
+    # -- metrics (read at scrape time) --------------------------------------------------
+
+    def metrics_transfer_counts(self) -> list[tuple[str, str, int, int]]:
+        """(direction, partner, state, count) over every transfer."""
+        rows = self._exec(
+            "SELECT direction, partner, state, COUNT(*) FROM transfers "
+            "GROUP BY direction, partner, state ORDER BY direction, partner, state"
+        ).fetchall()
+        return [(str(d), str(p), int(s), int(c)) for d, p, s, c in rows]
+
+    def metrics_transfer_durations(
+        self, bounds_us: Sequence[int]
+    ) -> list[tuple[str, list[int], int, int]]:
+        """Per direction, how long finished transfers took (updated_at - created_at):
+        (direction, cumulative count at or under each bound, count, sum in µs)."""
+        final = ", ".join(str(int(s)) for s in TransferState if s.is_final)
+        buckets = "".join(
+            f", SUM(CASE WHEN updated_at - created_at <= {int(b)} THEN 1 ELSE 0 END)"
+            for b in bounds_us
+        )
+        rows = self._exec(
+            f"SELECT direction, COUNT(*), SUM(updated_at - created_at){buckets} FROM transfers "
+            f"WHERE state IN ({final}) GROUP BY direction ORDER BY direction"
+        ).fetchall()
+        return [
+            (str(row[0]), [int(c or 0) for c in row[3:]], int(row[1]), int(row[2] or 0))
+            for row in rows
+        ]
+
+    def metrics_outbox(self) -> list[tuple[str, int, int]]:
+        """(partner, pending messages, oldest created_at in µs) for the outbox."""
+        rows = self._exec(
+            "SELECT partner, COUNT(*), MIN(created_at) FROM outbox WHERE state = 'pending' "
+            "GROUP BY partner ORDER BY partner"
+        ).fetchall()
+        return [(str(p), int(c), int(m)) for p, c, m in rows]
+
     # -- authorisations -----------------------------------------------------------------
 
     def authorisation_put(

@@ -1,0 +1,131 @@
+"""Operations subcommands of ``itmolink node``: health, check-config, backup.
+
+Kept apart from :mod:`itmolink.cli.main` so that other subcommands can be added
+there without touching these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from itmolink.node.config import ConfigError, load_config
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def cmd_node_health(args: argparse.Namespace) -> int:
+    """Ask the node's admin interface for its gRPC health status."""
+    target = args.admin
+    if not target:
+        try:
+            target = load_config(args.config).admin_target
+        except ConfigError as exc:
+            print(f"itmolink: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            response = stub.Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as error:
+            code = error.code() if isinstance(error, grpc.Call) else None
+            name = code.name if code is not None else "ERROR"
+            print(f"UNREACHABLE ({name}): no health answer from {target}", file=sys.stderr)
+            return EXIT_FAILED
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(status)
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else EXIT_FAILED
+
+
+def cmd_node_check_config(args: argparse.Namespace) -> int:
+    from itmolink.node.checkconfig import check_config
+
+    checks = check_config(args.config)
+    width = max(len(c.name) for c in checks)
+    for check in checks:
+        print(f"{'OK  ' if check.ok else 'FAIL'}  {check.name.ljust(width)}  {check.detail}")
+    failed = sum(not c.ok for c in checks)
+    if failed:
+        print(f"{failed} of {len(checks)} checks failed")
+        return EXIT_FAILED
+    print(f"all {len(checks)} checks passed")
+    return 0
+
+
+def cmd_node_backup(args: argparse.Namespace) -> int:
+    """An online, consistent copy of a SQLite database (the node may be running)."""
+    try:
+        database = str(load_config(args.config).database)
+    except ConfigError as exc:
+        print(f"itmolink: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if database.startswith(("postgresql:", "postgres:")):
+        print(
+            "itmolink: the database is PostgreSQL: back it up with pg_dump or "
+            "pg_basebackup (docs/OPERATIONS.md)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    source_path = Path(database)
+    out = Path(args.out)
+    if not source_path.exists():
+        print(f"itmolink: {source_path}: no such database", file=sys.stderr)
+        return EXIT_USAGE
+    if out.exists():
+        print(f"itmolink: {out} already exists; not overwriting it", file=sys.stderr)
+        return EXIT_USAGE
+    source = sqlite3.connect(f"file:{source_path}?mode=ro", uri=True)
+    target = sqlite3.connect(out)
+    try:
+        source.backup(target)  # one step: a single consistent snapshot
+        (check,) = target.execute("PRAGMA integrity_check").fetchone()
+        (version,) = target.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+        (entries,) = target.execute("SELECT COUNT(*) FROM journal").fetchone()
+    finally:
+        target.close()
+        source.close()
+    out.chmod(0o600)
+    if check != "ok":
+        print(f"itmolink: the copy fails SQLite's integrity check: {check}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"backed up {source_path} to {out}: schema version {version}, {entries} journal entries")
+    return 0
+
+
+def add_node_ops_parsers(node: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    health = node.add_parser(
+        "health",
+        help="print the node's gRPC health status (exit 0 only when SERVING); "
+        "for container health checks",
+    )
+    where = health.add_mutually_exclusive_group()
+    where.add_argument("--config", default="node.toml", help="the node's node.toml")
+    where.add_argument("--admin", help="the admin address, e.g. unix:/path/admin.sock")
+    health.add_argument(
+        "--service", default="", help="a service name (default: the node as a whole)"
+    )
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds (default: 3)")
+    health.set_defaults(func=cmd_node_health)
+
+    check = node.add_parser(
+        "check-config",
+        help="check node.toml and everything it refers to without starting the node; "
+        "exit 1 if a check fails",
+    )
+    check.add_argument("config", help="the node's node.toml")
+    check.set_defaults(func=cmd_node_check_config)
+
+    backup = node.add_parser(
+        "backup", help="copy the SQLite database consistently while the node runs"
+    )
+    backup.add_argument("--config", default="node.toml", help="the node's node.toml")
+    backup.add_argument("--out", required=True, help="the backup file to create")
+    backup.set_defaults(func=cmd_node_backup)

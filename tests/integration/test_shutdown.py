@@ -1,0 +1,156 @@
+"""Graceful shutdown of a node process: SIGTERM (or SIGINT) in the middle of a stream
+of transfers ends the process with exit code 0 after its in-flight steps, and the
+ledgers agree once it is back."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from itmolink.admin.v1 import admin_pb2
+from itmolink.crypto.pki import init_party
+from itmolink.store import read_only
+from itmolink.v1 import common_pb2
+
+from ..conftest import Databases
+from .conftest import NOW
+from .test_kill import FINAL, NodeProcess, free_port
+
+ISSUED = 100_000
+
+
+class JsonLoggingNode(NodeProcess):
+    """A node process that logs JSON lines at info level."""
+
+    def start(self) -> None:
+        self.log = self.dir / "node.log"
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "itmolink.cli.main", "node", "run", "--config",
+                 str(self.config), "--log-format", "json", "--grace", "5"],
+                stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                self.admin.GetNodeInfo(admin_pb2.GetNodeInfoRequest(), timeout=1)
+                return
+            except grpc.RpcError:
+                time.sleep(0.05)
+        raise AssertionError(f"{self.party} did not start")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_transfers_finishes_in_flight_steps_and_exits_0(
+    tmp_path: Path, sig: signal.Signals, databases: Databases
+) -> None:
+    ports = {"LAO": free_port(), "KOR": free_port()}
+    for party in ports:
+        init_party(tmp_path / party.lower() / "pki", party, f"{party}-NR", now=NOW)
+    lao_database = databases.new("lao")
+    lao = JsonLoggingNode(tmp_path, "LAO", "KOR", ports, lao_database)
+    kor = JsonLoggingNode(tmp_path, "KOR", "LAO", ports, databases.new("kor"))
+    lao.start()
+    kor.start()
+    try:
+        authorisation = lao.admin.Authorise(
+            admin_pb2.AuthoriseRequest(
+                activity_id="LAO-SOLAR", cooperative_approach_id="LAO-KOR-A6.2",
+                acquiring_parties=["KOR"], purposes=[common_pb2.PURPOSE_NDC],
+                vintage_from=2021, vintage_to=2030, unit_type=common_pb2.UNIT_TYPE_ITMO,
+            ),
+            timeout=10,
+        ).authorisation_id  # fmt: skip
+        lao.admin.Issue(
+            admin_pb2.IssueRequest(authorisation_id=authorisation, vintage=2025, quantity=ISSUED),
+            timeout=10,
+        )
+        deadline = time.monotonic() + 30
+        while (
+            lao.admin.ListAuthorisations(admin_pb2.ListAuthorisationsRequest(), timeout=10)
+            .authorisations[0]
+            .party_states["KOR"]
+            != "acknowledged"
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+        # A stream of transfers from another thread; the signal lands in the middle
+        # of it, with proposals, acceptances and completions in flight.
+        proposed: list[str] = []
+        stop_stream = threading.Event()
+
+        def stream() -> None:
+            while not stop_stream.is_set():
+                try:
+                    proposed.append(
+                        lao.admin.Transfer(
+                            admin_pb2.TransferRequest(
+                                to_party="KOR",
+                                authorisation_id=authorisation,
+                                vintage=2025,
+                                quantity=7,
+                            ),
+                            timeout=5,
+                        ).transfer_id
+                    )
+                except grpc.RpcError:
+                    return  # LAO stopped taking admin calls
+
+        streamer = threading.Thread(target=stream)
+        streamer.start()
+        time.sleep(1.0)
+        assert lao.process is not None
+        assert kor.process is not None
+        lao.process.send_signal(sig)
+        assert lao.process.wait(timeout=30) == 0, lao.log.read_text()
+        stop_stream.set()
+        streamer.join()
+        assert len(proposed) >= 5
+        kor.process.send_signal(sig)
+        assert kor.process.wait(timeout=30) == 0, kor.log.read_text()
+        for node in (lao, kor):
+            entries = [json.loads(line) for line in node.log.read_text().splitlines() if line]
+            messages = [e["message"] for e in entries]
+            assert any(m.startswith("stopping: health NOT_SERVING") for m in messages)
+            assert messages[-1] == "stopped"
+            assert not [e for e in entries if e["level"] in ("error", "critical")]
+            assert all(e["party"] == node.party for e in entries)
+
+        with read_only(lao_database) as tx:  # for the record: how much was in flight
+            unfinished = [t for t in proposed if tx.transfer_get(t).state not in FINAL]
+            print(f"{len(unfinished)} of {len(proposed)} unfinished after the stop")
+        lao.start()
+        kor.start()
+        deadline = time.monotonic() + 60
+        while True:
+            here, there = lao.transfers(), kor.transfers()
+            if all(
+                here[t].state in FINAL and t in there and there[t].state in FINAL for t in proposed
+            ):
+                break
+            assert time.monotonic() < deadline, "transfers did not finish after the restart"
+            time.sleep(0.1)
+        completed = [t for t in proposed if here[t].state == there[t].state]
+        assert completed == proposed  # both sides agree on every transfer's outcome
+        moved = sum(7 for t in proposed if here[t].state == FINAL_COMPLETED)
+        held_lao = sum(e - s + 1 for s, e, _ in lao.holdings())
+        held_kor = sum(e - s + 1 for s, e, _ in kor.holdings())
+        assert held_lao + held_kor == ISSUED
+        assert held_kor == moved
+        assert lao.adjustments().keys() == kor.adjustments().keys()
+    finally:
+        lao.stop()
+        kor.stop()
+
+
+FINAL_COMPLETED = 3
