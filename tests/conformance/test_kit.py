@@ -68,6 +68,10 @@ async def test_the_kit_catches_each_faulty_variant(
         f"{variant.name} should fail {variant.catches}; failed: {failed}, "
         f"errors: {[(r.test.id, r.message) for r in report.results if r.status == 'error']}"
     )
+    assert variant.expect in failed[variant.catches], (
+        f"{variant.name} should fail {variant.catches} for its fault ({variant.expect!r}), "
+        f"not: {failed[variant.catches]}"
+    )
     # Everything before the catching test's stage passed: the variant breaks one rule.
     stage = next(r.test.stage for r in report.results if r.test.id == variant.catches)
     earlier = [r for r in report.results if r.test.stage < stage]
@@ -76,3 +80,17 @@ async def test_the_kit_catches_each_faulty_variant(
     ]
     later = [r for r in report.results if r.test.stage > stage]
     assert all(r.status == NOT_RUN for r in later)
+
+
+async def test_the_kit_runs_again_against_the_same_target(tmp_path: Path) -> None:
+    """§13.4: a second run against the same node passes too (new sequences, ids, serials)."""
+    setup = prepare(tmp_path)
+    node = await start_target(setup)
+    try:
+        for _ in range(2):
+            report = await run_kit(
+                load_kit_config(setup.kit_config), f"127.0.0.1:{node.partner_port}", "buyer"
+            )
+            assert report.passed, [(r.test.id, r.message) for r in report.results if r.message]
+    finally:
+        await node.stop(0.2)
