@@ -13,7 +13,7 @@ import pytest
 
 from itmolink.conformance import stages
 from itmolink.conformance.config import load_kit_config
-from itmolink.conformance.runner import FAILED, NOT_RUN, PASSED, run_kit
+from itmolink.conformance.runner import ERROR, FAILED, NOT_RUN, PASSED, run_kit
 from tests.conformance.faulty import VARIANTS, Variant
 from tests.conformance.harness import ITMOLINK, prepare, start_target
 
@@ -72,6 +72,9 @@ async def test_the_kit_catches_each_faulty_variant(
         f"{variant.name} should fail {variant.catches} for its fault ({variant.expect!r}), "
         f"not: {failed[variant.catches]}"
     )
+    # A test that needs what a failed test should have set up is not run, not an error.
+    errors = [(r.test.id, r.message) for r in report.results if r.status == ERROR]
+    assert not errors, errors
     # Everything before the catching test's stage passed: the variant breaks one rule.
     stage = next(r.test.stage for r in report.results if r.test.id == variant.catches)
     earlier = [r for r in report.results if r.test.stage < stage]

@@ -205,3 +205,54 @@ async def test_1_02_fails_when_the_target_is_down(tmp_path: Path) -> None:
     finally:
         await link.close()
     assert time.monotonic() - started < 30
+
+
+def test_stage_4_takes_a_tombstones_leaf_as_optional_and_cuts_after_every_proposal(
+    tmp_path: Path,
+) -> None:
+    from itmolink.conformance import stages
+    from itmolink.conformance.context import KitTransfer
+    from itmolink.node.convert import to_us
+
+    config = load_kit_config(prepare(tmp_path).kit_config)
+    ctx = Context(config=config, link=None, server=None, driver=None)  # type: ignore[arg-type]
+    ahead = to_us(dt.datetime.now(dt.UTC) + dt.timedelta(minutes=4))  # a target clock ahead
+    moved = KitTransfer("LAO-T-1", "LAO", "XKT", "A", final_at_target=True, proposed_at_us=ahead)
+    tombstone = KitTransfer(
+        "XKT-T-2", "XKT", "LAO", "A", final_at_target=True, voided=True, tombstone=True
+    )
+    ctx.transfers = {t.transfer_id: t for t in (moved, tombstone)}
+    assert stages._snapshot_at(ctx) == ahead + 1
+    leaf = {"LAO-T-1": moved.blocks_leaf()}
+    stages._compare_leaves(ctx, leaf, lambda r: r.blocks_leaf(), "blocks")  # tombstone absent
+    stages._compare_leaves(
+        ctx, {**leaf, "XKT-T-2": tombstone.blocks_leaf()}, lambda r: r.blocks_leaf(), "blocks"
+    )
+    with pytest.raises(CheckFailed, match="XKT-T-2 \\(not moved\\) differs"):
+        stages._compare_leaves(
+            ctx, {**leaf, "XKT-T-2": b"x" * 32}, lambda r: r.blocks_leaf(), "blocks"
+        )
+    with pytest.raises(CheckFailed, match="LAO-T-1 is missing"):
+        stages._compare_leaves(ctx, {}, lambda r: r.blocks_leaf(), "blocks")
+
+
+async def test_a_failure_names_the_deliveries_the_kit_refused_meanwhile(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from itmolink.conformance.runner import FAILED, _run_one
+    from itmolink.conformance.stages import KitTest
+
+    config = load_kit_config(prepare(tmp_path).kit_config)
+    server = SimpleNamespace(refused=["old: before the test"])
+    ctx = Context(config=config, link=None, server=server, driver=None)  # type: ignore[arg-type]
+
+    async def failing(ctx: Context) -> None:
+        ctx.server.refused.append("Rejected: signature does not verify")
+        raise CheckFailed("no TransferProposal reached the kit")
+
+    result = await _run_one(KitTest("9.99-x", 1, "§0", "x", ("buyer",), failing), ctx)
+    assert result.status == FAILED
+    assert result.message == (
+        "no TransferProposal reached the kit [the kit refused 1 delivery(ies) of the target: "
+        "Rejected: signature does not verify]"
+    )
