@@ -268,6 +268,44 @@ def _inbox(cls: type[InboxVariant]) -> Callable[[Node], None]:
     return patch
 
 
+# -- time-outs ------------------------------------------------------------------------
+
+
+class _EarlyVoidTx:
+    """A transaction in which a proposal with a short time-out (at most 5 s) counts as
+    expired 0.3 s after it was made."""
+
+    def __init__(self, tx: Tx) -> None:
+        self._tx = tx
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tx, name)
+
+    def transfers_expired(self, now: int) -> list[Any]:
+        return [
+            r for r in self._tx.transfers_expired(now + 60_000_000)
+            if r.expires_at <= now
+            or (r.expires_at - r.created_at <= 5_000_000 and now >= r.created_at + 300_000)
+        ]  # fmt: skip
+
+
+class _EarlyVoidStore:
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Any]:
+        with self._store.transaction() as tx:
+            yield _EarlyVoidTx(tx)
+
+
+def _voids_early(node: Node) -> None:
+    node.engine.store = _EarlyVoidStore(node.engine.store)  # type: ignore[assignment]
+
+
 # -- Article 6 rules and the transfer steps ---------------------------------------------
 
 
@@ -529,6 +567,8 @@ VARIANTS = [
             "3.01-transfer-completed",
             "the receipt's adjustment_year is 0",
             lambda n: _swap(n, ReceiverBooksNoAdjustment)),
+    Variant("voids-before-time-out", "host", "voids its proposal before the time-out",
+            "3.04-timeout-void", "before the time-out of 2 s", _voids_early),
     Variant("ignores-cap", "host", "issues beyond the authorisation's quantity cap",
             "2.04-issue-over-cap-refused",
             "an IssuanceNotice beyond the cap",

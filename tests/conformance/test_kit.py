@@ -8,13 +8,15 @@ import asyncio
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from itmolink.conformance import stages
 from itmolink.conformance.config import load_kit_config
 from itmolink.conformance.runner import ERROR, FAILED, NOT_RUN, PASSED, run_kit
-from tests.conformance.faulty import VARIANTS, Variant
+from itmolink.v1 import reply_pb2
+from tests.conformance.faulty import VARIANTS, Variant, _RewritesReplies, _swap
 from tests.conformance.harness import ITMOLINK, prepare, start_target
 
 
@@ -97,3 +99,26 @@ async def test_the_kit_runs_again_against_the_same_target(tmp_path: Path) -> Non
             assert report.passed, [(r.test.id, r.message) for r in report.results if r.message]
     finally:
         await node.stop(0.2)
+
+
+class _OmitsOptionalDigest(_RewritesReplies):
+    """Conforming: no envelope_digest on a Rejection that names the request in
+    in_reply_to (§5.4: MUST only when in_reply_to is empty, SHOULD otherwise)."""
+
+    def rewrite(self, message: Any) -> bool:
+        if isinstance(message, reply_pb2.Rejection) and message.header.in_reply_to:
+            message.envelope_digest = b""
+            return True
+        return False
+
+
+async def test_the_kit_accepts_a_rejection_bound_by_in_reply_to_alone(tmp_path: Path) -> None:
+    setup = prepare(tmp_path)
+    node = await start_target(setup, lambda n: _swap(n, _OmitsOptionalDigest))
+    try:
+        report = await run_kit(
+            load_kit_config(setup.kit_config), f"127.0.0.1:{node.partner_port}", "buyer"
+        )
+    finally:
+        await node.stop(0.2)
+    assert report.passed, [(r.test.id, r.message) for r in report.results if r.message]

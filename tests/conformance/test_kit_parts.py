@@ -99,8 +99,11 @@ async def test_driver_reports_the_exit_status() -> None:
     assert (result.ok, result.returncode, result.output.strip()) == (False, 3, "refused")
 
 
-def test_conformance_init_lists_an_expired_and_a_future_key(tmp_path: Path) -> None:
+def test_conformance_init_lists_an_expired_and_a_future_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["conformance", "init", "--party", "XKT", "--dir", str(tmp_path / "kit")]) == 0
+    assert "pin it only in a test deployment" in capsys.readouterr().out
     card = PartnerCard.load(tmp_path / "kit" / "card.toml")
     now = dt.datetime.now(dt.UTC)
     windows = [key.valid_at(now) for key in card.signing_keys]
