@@ -3,8 +3,9 @@
 Tests only: nothing in src/ can reach these. A variant is applied to a started
 node (its engine's class is swapped for a subclass, its trust store or store
 wrapped) and, for a rule checked in the core, by a monkeypatch that the test
-undoes. tests/conformance/test_faulty.py runs the kit against each variant and
-asserts that the kit fails it, in the test named here.
+undoes. tests/conformance/test_kit.py runs the kit against each variant and
+asserts that the kit fails it, in the test named here, for the reason named here
+(a fragment of the failure message).
 
 Not a variant, because the kit cannot see it from outside: a receiver that books
 its corresponding adjustment when it accepts instead of when the completion
@@ -13,6 +14,13 @@ that is voided, the stray entry appears in no reconciliation leaf (§11.4 hashes
 adjustments only of transfers that moved), so no partner can observe it. A
 variant that books the adjustment wrongly in a way that survives to the final
 records is caught (receiver-books-no-adjustment, sender-adjustment-wrong-sign).
+
+Nor a receiver that applies a completion sent again a second time (credits the
+units or books the adjustment twice): once a transfer is final its leaves are
+fixed (§11.4: they hash the transfer's blocks and the entries booked for it,
+which a second application may or may not touch), and the totals count
+transfers, not postings. What the kit can see of a repeated completion is the
+answer: a receipt, and the state still COMPLETED (answers-repeated-completion).
 """
 
 from __future__ import annotations
@@ -30,16 +38,17 @@ from google.protobuf.message import DecodeError, Message
 from itmolink.core import rules
 from itmolink.core.adjustments import AdjustmentEntry
 from itmolink.core.blocks import Block
+from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.core.rules import AuthorisationTerms
 from itmolink.core.transfer import Effect, Role, TransferState
-from itmolink.crypto.envelope import TrustStore, pae
+from itmolink.crypto.envelope import TrustStore, pae, seal
 from itmolink.crypto.keys import VerifyingKey
 from itmolink.node.convert import block_from_pb, terms_from_statement
 from itmolink.node.engine import Engine
 from itmolink.node.runtime import Node
 from itmolink.store.sqlite import HOLDING_ACCOUNT
 from itmolink.store.tx import Tx
-from itmolink.v1 import authorisation_pb2, common_pb2, envelope_pb2, transfer_pb2
+from itmolink.v1 import authorisation_pb2, common_pb2, envelope_pb2, reply_pb2, transfer_pb2
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,7 @@ class Variant:
     role: str  # the role in which the kit must catch it
     rule: str
     catches: str  # the kit test that must fail
+    expect: str  # a fragment of its failure message: why it fails
     patch: Callable[[Node], None]
     # (object, attribute, replacement factory taking the original) for core rules.
     core_patches: tuple[tuple[Any, str, Callable[[Any], Any]], ...] = field(default=())
@@ -99,6 +109,80 @@ class IgnoresAudience(Engine):
 class NoSentAtWindow(Engine):
     def _check_window(self, header: common_pb2.Header, now_us: int) -> None:
         return None
+
+
+# -- replies: right verdict, wrong reply --------------------------------------------------
+
+
+class _RewritesReplies(Engine):
+    """Decides as the reference does, then changes its reply and signs it again."""
+
+    def handle_delivery(self, peer_party: str, raw: bytes, now: dt.datetime) -> bytes:
+        reply = super().handle_delivery(peer_party, raw, now)
+        envelope = envelope_pb2.Envelope()
+        envelope.ParseFromString(reply)
+        rejection = envelope.payload_type == "itmolink.v1.Rejection"
+        cls = reply_pb2.Rejection if rejection else _reply_class(envelope.payload_type)
+        message = cls()
+        message.ParseFromString(envelope.payload)
+        if not self.rewrite(message):
+            return reply
+        return seal(envelope.payload_type, message.SerializeToString(), self.signing_key)
+
+    def rewrite(self, message: Any) -> bool:
+        raise NotImplementedError
+
+
+def _reply_class(payload_type: str) -> type[Message]:
+    from itmolink.node.base import EXPECTED_REPLY
+
+    return next(c for c in EXPECTED_REPLY.values() if c.DESCRIPTOR.full_name == payload_type)
+
+
+class ExpiredKeyAsBadSignature(_RewritesReplies):
+    def rewrite(self, message: Any) -> bool:
+        if isinstance(message, reply_pb2.Rejection) and message.reasons[0].code == int(
+            RejectionCode.SIGNING_KEY_EXPIRED
+        ):
+            message.reasons[0].code = int(RejectionCode.BAD_SIGNATURE)
+            return True
+        return False
+
+
+class RecordsEarlyRefusals(_RewritesReplies):
+    """Gives a refusal before recording a sequence, as if it had recorded it."""
+
+    def rewrite(self, message: Any) -> bool:
+        if isinstance(message, reply_pb2.Rejection) and message.header.sequence == 0:
+            message.header.sequence = 7
+            return True
+        return False
+
+
+class UnrecordedLookingRefusals(_RewritesReplies):
+    """Gives a recorded refusal sequence 0, as if it had not recorded it."""
+
+    def rewrite(self, message: Any) -> bool:
+        if isinstance(message, reply_pb2.Rejection) and message.header.sequence > 0:
+            message.header.sequence = 0
+            return True
+        return False
+
+
+class WrongInReplyTo(_RewritesReplies):
+    def rewrite(self, message: Any) -> bool:
+        if isinstance(message, reply_pb2.Rejection):
+            return False
+        message.header.in_reply_to = "00000000-0000-4000-8000-000000000000"
+        return True
+
+
+class WrongEnvelopeDigest(_RewritesReplies):
+    def rewrite(self, message: Any) -> bool:
+        if isinstance(message, reply_pb2.Rejection):
+            message.envelope_digest = hashlib.sha256(b"another envelope").digest()
+            return True
+        return False
 
 
 # -- the inbox ------------------------------------------------------------------------
@@ -184,17 +268,55 @@ def _inbox(cls: type[InboxVariant]) -> Callable[[Node], None]:
     return patch
 
 
+# -- time-outs ------------------------------------------------------------------------
+
+
+class _EarlyVoidTx:
+    """A transaction in which a proposal with a short time-out (at most 5 s) counts as
+    expired 0.3 s after it was made."""
+
+    def __init__(self, tx: Tx) -> None:
+        self._tx = tx
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tx, name)
+
+    def transfers_expired(self, now: int) -> list[Any]:
+        return [
+            r for r in self._tx.transfers_expired(now + 60_000_000)
+            if r.expires_at <= now
+            or (r.expires_at - r.created_at <= 5_000_000 and now >= r.created_at + 300_000)
+        ]  # fmt: skip
+
+
+class _EarlyVoidStore:
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    @contextlib.contextmanager
+    def transaction(self, *, exclusive: bool = True) -> Iterator[Any]:
+        with self._store.transaction(exclusive=exclusive) as tx:
+            yield _EarlyVoidTx(tx)
+
+
+def _voids_early(node: Node) -> None:
+    node.engine.store = _EarlyVoidStore(node.engine.store)  # type: ignore[assignment]
+
+
 # -- Article 6 rules and the transfer steps ---------------------------------------------
 
 
 class AcceptsPre2021(Engine):
     def _check_statement(
-        self, statement: authorisation_pb2.AuthorisationStatement, host: str
+        self, statement: authorisation_pb2.AuthorisationStatement, host: str, **kwargs: Any
     ) -> AuthorisationTerms:
         checked = authorisation_pb2.AuthorisationStatement()
         checked.CopyFrom(statement)
         checked.vintage_from = max(2021, statement.vintage_from)
-        super()._check_statement(checked, host)
+        super()._check_statement(checked, host, **kwargs)
         return terms_from_statement(statement)
 
 
@@ -246,18 +368,14 @@ class CreditsOnAcceptance(Engine):
     }
 
 
-class ReappliesCompletion(Engine):
-    """A completion of a transfer already completed is applied again (against our
-    schema the second credit fails: the node answers with an internal error)."""
+class AnswersRepeatedCompletion(Engine):
+    """Refuses a completion of a transfer it has already completed (3008), instead of
+    receipting it again (§5.9: the sender seals a new one when it lost the receipt)."""
 
     def _on_completion(self, tx: Tx, sender: str, msg: Any, *args: Any) -> bytes:
         record = tx.transfer_get(msg.transfer_id)
         if record is not None and record.state is TransferState.COMPLETED:
-            blocks = tx.blocks_of_transfer(msg.transfer_id)
-            self._apply(
-                tx, [Effect.CREDIT_BLOCKS, Effect.APPLY_ADJUSTMENT], msg.transfer_id, sender,
-                blocks, args[1], args[2],
-            )  # fmt: skip
+            raise Rejected(RejectionCode.TRANSFER_STATE_CONFLICT, "already completed")
         return bytes(
             Engine._request_handlers["itmolink.v1.TransferCompletion"](self, tx, sender, msg, *args)
         )
@@ -265,6 +383,35 @@ class ReappliesCompletion(Engine):
     _request_handlers: ClassVar[dict[str, Callable[..., bytes]]] = {
         **Engine._request_handlers,
         "itmolink.v1.TransferCompletion": _on_completion,
+    }
+
+
+class RecordsForeignTransferIds(Engine):
+    """Keeps a proposal refused for a transfer id of another party (§5.8 T1) as a
+    REJECTED transfer, as its status reports show."""
+
+    def _on_proposal(self, tx: Tx, sender: str, msg: Any, *args: Any) -> bytes:
+        try:
+            handler = Engine._request_handlers["itmolink.v1.TransferProposal"]
+            return bytes(handler(self, tx, sender, msg, *args))
+        except Rejected as refused:
+            if refused.code is RejectionCode.INVALID_IDENTIFIER:
+                self.__dict__.setdefault("foreign", set()).add(msg.transfer_id)
+            raise
+
+    def _on_status_query(self, tx: Tx, sender: str, msg: Any, *args: Any) -> bytes:
+        if msg.transfer_id in self.__dict__.get("foreign", set()):
+            report = transfer_pb2.TransferStatusReport(
+                transfer_id=msg.transfer_id, state=transfer_pb2.TRANSFER_STATE_REJECTED
+            )
+            return self._reply(tx, sender, report, msg.header.message_id, args[2])[1]
+        handler = Engine._request_handlers["itmolink.v1.TransferStatusQuery"]
+        return bytes(handler(self, tx, sender, msg, *args))
+
+    _request_handlers: ClassVar[dict[str, Callable[..., bytes]]] = {
+        **Engine._request_handlers,
+        "itmolink.v1.TransferProposal": _on_proposal,
+        "itmolink.v1.TransferStatusQuery": _on_status_query,
     }
 
 
@@ -345,38 +492,98 @@ def _no_cap(original: Callable[..., None]) -> Callable[..., None]:
 
 VARIANTS = [
     Variant("accepts-bad-signature", "buyer", "accepts a signature that does not verify",
-            "1.06-bad-signature", lambda n: _retrust(n, _AnySignature)),
+            "1.06-bad-signature",
+            "expected Rejection REJECTION_CODE_BAD_SIGNATURE (1004), got TransferStatusReport",
+            lambda n: _retrust(n, _AnySignature)),
     Variant("ignores-audience", "buyer", "processes messages addressed to another party",
-            "1.09-wrong-audience", lambda n: _swap(n, IgnoresAudience)),
+            "1.09-wrong-audience",
+            "expected Rejection REJECTION_CODE_WRONG_AUDIENCE (1007), got TransferStatusReport",
+            lambda n: _swap(n, IgnoresAudience)),
     Variant("accepts-expired-key", "buyer", "accepts signatures of keys outside their window",
-            "1.07-expired-key", lambda n: _retrust(n, _NoWindow)),
+            "1.07-expired-key",
+            "REJECTION_CODE_SIGNING_KEY_EXPIRED (1009), got TransferStatusReport",
+            lambda n: _retrust(n, _NoWindow)),
+    Variant("expired-key-as-bad-signature", "buyer", "refuses an expired key with 1004, not 1009",
+            "1.07-expired-key",
+            "expected REJECTION_CODE_SIGNING_KEY_EXPIRED (1009), got Rejection [1004",
+            lambda n: _swap(n, ExpiredKeyAsBadSignature)),
+    Variant("records-early-refusals", "buyer", "gives a refusal before recording a sequence",
+            "1.03-garbage-bytes",
+            "a refusal before recording carries sequence 0 (§5.2), got 7",
+            lambda n: _swap(n, RecordsEarlyRefusals)),
+    Variant("unrecorded-looking-refusals", "buyer", "gives a recorded refusal sequence 0",
+            "2.02-authorisation-vintage-before-2021",
+            "a recorded Rejection carries a sequence >= 1",
+            lambda n: _swap(n, UnrecordedLookingRefusals)),
+    Variant("wrong-in-reply-to", "buyer", "names another message in a reply's in_reply_to",
+            "1.01-mtls-status-query",
+            "the reply breaks §5.3: REJECTION_CODE_UNEXPECTED_REPLY: reply answers '00000000-",
+            lambda n: _swap(n, WrongInReplyTo)),
+    Variant("wrong-envelope-digest", "buyer", "binds a rejection to another envelope",
+            "1.03-garbage-bytes",
+            "REJECTION_CODE_UNEXPECTED_REPLY: rejection is about another envelope",
+            lambda n: _swap(n, WrongEnvelopeDigest)),
     Variant("ignores-key-revocation", "buyer", "accepts signatures of a key revoked in-band",
-            "1.17-key-rotation", lambda n: _swap(n, IgnoresRevocations)),
+            "1.17-key-rotation",
+            "REJECTION_CODE_SIGNING_KEY_REVOKED (1010), got TransferStatusReport",
+            lambda n: _swap(n, IgnoresRevocations)),
     Variant("accepts-replay", "buyer", "accepts a replayed old message (no sent_at window)",
-            "1.13-stale-sent-at", lambda n: _swap(n, NoSentAtWindow)),
+            "1.13-stale-sent-at",
+            "REJECTION_CODE_SENT_AT_OUT_OF_WINDOW (5003), got TransferStatusReport",
+            lambda n: _swap(n, NoSentAtWindow)),
     Variant("forgets-replies", "buyer", "answers a retried message anew, not with its stored reply",
-            "1.14-identical-retry", _inbox(ForgetsReplies)),
+            "1.14-identical-retry",
+            "must get the stored reply byte for byte",
+            _inbox(ForgetsReplies)),
     Variant("reused-id-as-new", "buyer", "answers a reused id with a different payload as new",
-            "1.15-reused-message-id", _inbox(ReusedIdAsNew)),
+            "1.15-reused-message-id",
+            "REJECTION_CODE_DUPLICATE_MESSAGE_CONFLICT (5001), got TransferStatusReport",
+            _inbox(ReusedIdAsNew)),
     Variant("accepts-vintage-2020", "buyer", "accepts an authorisation of vintages before 2021",
-            "2.02-authorisation-vintage-before-2021", lambda n: _swap(n, AcceptsPre2021)),
+            "2.02-authorisation-vintage-before-2021",
+            "REJECTION_CODE_VINTAGE_BEFORE_2021 (4002), got AuthorisationAcknowledgement",
+            lambda n: _swap(n, AcceptsPre2021)),
     Variant("ignores-authorisation-revocation", "buyer", "accepts units of a revoked authorisation",
-            "3.16-revoked-authorisation", lambda n: _swap(n, IgnoresAuthorisationRevocation)),
+            "3.16-revoked-authorisation",
+            "REJECTION_CODE_AUTHORISATION_REVOKED (4014), got TransferAcceptance",
+            lambda n: _swap(n, IgnoresAuthorisationRevocation)),
     Variant("credits-on-acceptance", "buyer", "credits units on acceptance, not on completion",
-            "3.14-void-after-acceptance", lambda n: _swap(n, CreditsOnAcceptance)),
-    Variant("reapplies-completion", "buyer", "applies a completion sent again a second time",
-            "3.03-completion-resealed", lambda n: _swap(n, ReappliesCompletion)),
+            "3.14-void-after-acceptance",
+            "the voided serials proposed again: expected TransferAcceptance, got Rejection [3005",
+            lambda n: _swap(n, CreditsOnAcceptance)),
+    Variant("answers-repeated-completion", "buyer", "refuses a completion sealed again (3008)",
+            "3.03-completion-resealed",
+            "expected TransferCompletionReceipt, got Rejection [3008",
+            lambda n: _swap(n, AnswersRepeatedCompletion)),
+    Variant("records-foreign-transfer-id", "buyer", "records a proposal with another's transfer id",
+            "3.12-foreign-transfer-id",
+            "is TRANSFER_STATE_REJECTED at the target, not TRANSFER_STATE_UNKNOWN",
+            lambda n: _swap(n, RecordsForeignTransferIds)),
     Variant("voids-completed-transfer", "buyer", "lets a void end a transfer it completed",
-            "3.17-void-rules", lambda n: _swap(n, VoidsCompletedTransfer)),
+            "3.17-void-rules",
+            "REJECTION_CODE_TRANSFER_STATE_CONFLICT (3008), got TransferVoidReceipt",
+            lambda n: _swap(n, VoidsCompletedTransfer)),
     Variant("receiver-books-no-adjustment", "buyer", "books no adjustment on completion",
-            "3.01-transfer-completed", lambda n: _swap(n, ReceiverBooksNoAdjustment)),
+            "3.01-transfer-completed",
+            "the receipt's adjustment_year is 0",
+            lambda n: _swap(n, ReceiverBooksNoAdjustment)),
+    Variant("voids-before-time-out", "host", "voids its proposal before the time-out",
+            "3.04-timeout-void", "before the time-out of 2 s", _voids_early),
     Variant("ignores-cap", "host", "issues beyond the authorisation's quantity cap",
-            "2.04-issue-over-cap-refused", lambda n: None,
+            "2.04-issue-over-cap-refused",
+            "an IssuanceNotice beyond the cap",
+            lambda n: None,
             ((rules, "check_issuance", _no_cap),)),
     Variant("applies-unmatched-acceptance", "host", "applies an acceptance of another proposal",
-            "3.02-acceptance-digest-checked", lambda n: _swap(n, AppliesUnmatchedAcceptance)),
+            "3.02-acceptance-digest-checked",
+            "the target completed the transfer on an acceptance whose proposal_digest is wrong",
+            lambda n: _swap(n, AppliesUnmatchedAcceptance)),
     Variant("wrong-completion-digest", "host", "puts the proposal's digest in the completion",
-            "3.01-proposal-completed", lambda n: _swap(n, WrongCompletionDigest)),
+            "3.01-proposal-completed",
+            "the completion's acceptance_digest is not SHA-256 of the kit's acceptance payload",
+            lambda n: _swap(n, WrongCompletionDigest)),
     Variant("sender-adjustment-wrong-sign", "host", "books its adjustment with the wrong sign",
-            "4.02-one-adjustment-per-transfer", lambda n: _swap(n, SenderBooksWrongSign)),
+            "4.02-blocks-leaves",
+            "the target books the adjustment with the wrong sign",
+            lambda n: _swap(n, SenderBooksWrongSign)),
 ]  # fmt: skip

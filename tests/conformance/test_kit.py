@@ -8,13 +8,15 @@ import asyncio
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from itmolink.conformance import stages
 from itmolink.conformance.config import load_kit_config
-from itmolink.conformance.runner import FAILED, NOT_RUN, PASSED, run_kit
-from tests.conformance.faulty import VARIANTS, Variant
+from itmolink.conformance.runner import ERROR, FAILED, NOT_RUN, PASSED, run_kit
+from itmolink.v1 import reply_pb2
+from tests.conformance.faulty import VARIANTS, Variant, _RewritesReplies, _swap
 from tests.conformance.harness import ITMOLINK, prepare, start_target
 
 
@@ -68,6 +70,13 @@ async def test_the_kit_catches_each_faulty_variant(
         f"{variant.name} should fail {variant.catches}; failed: {failed}, "
         f"errors: {[(r.test.id, r.message) for r in report.results if r.status == 'error']}"
     )
+    assert variant.expect in failed[variant.catches], (
+        f"{variant.name} should fail {variant.catches} for its fault ({variant.expect!r}), "
+        f"not: {failed[variant.catches]}"
+    )
+    # A test that needs what a failed test should have set up is not run, not an error.
+    errors = [(r.test.id, r.message) for r in report.results if r.status == ERROR]
+    assert not errors, errors
     # Everything before the catching test's stage passed: the variant breaks one rule.
     stage = next(r.test.stage for r in report.results if r.test.id == variant.catches)
     earlier = [r for r in report.results if r.test.stage < stage]
@@ -76,3 +85,48 @@ async def test_the_kit_catches_each_faulty_variant(
     ]
     later = [r for r in report.results if r.test.stage > stage]
     assert all(r.status == NOT_RUN for r in later)
+
+
+async def test_the_kit_runs_again_against_the_same_target(tmp_path: Path) -> None:
+    """§13.4: a second run against the same node passes too (new sequences, ids, serials)."""
+    setup = prepare(tmp_path)
+    node = await start_target(setup)
+    try:
+        for _ in range(2):
+            report = await run_kit(
+                load_kit_config(setup.kit_config), f"127.0.0.1:{node.partner_port}", "buyer"
+            )
+            assert report.passed, [(r.test.id, r.message) for r in report.results if r.message]
+    finally:
+        await node.stop(0.2)
+
+
+class _OmitsOptionalDigest(_RewritesReplies):
+    """Conforming: no envelope_digest on a Rejection that names the request in
+    in_reply_to (§5.4: MUST only when in_reply_to is empty, SHOULD otherwise)."""
+
+    def rewrite(self, message: Any) -> bool:
+        if isinstance(message, reply_pb2.Rejection) and message.header.in_reply_to:
+            message.envelope_digest = b""
+            return True
+        return False
+
+
+async def test_the_kit_accepts_a_rejection_bound_by_in_reply_to_alone(tmp_path: Path) -> None:
+    setup = prepare(tmp_path)
+    node = await start_target(setup, lambda n: _swap(n, _OmitsOptionalDigest))
+    try:
+        report = await run_kit(
+            load_kit_config(setup.kit_config), f"127.0.0.1:{node.partner_port}", "buyer"
+        )
+    finally:
+        await node.stop(0.2)
+    assert report.passed, [(r.test.id, r.message) for r in report.results if r.message]
+
+
+def test_protocol_md_and_readme_give_the_number_of_variants() -> None:
+    words = {23: "twenty-three", 24: "twenty-four", 25: "twenty-five", 26: "twenty-six"}
+    root = Path(__file__).resolve().parents[2]
+    number = words[len(VARIANTS)]
+    assert f"fails each of {number}" in (root / "docs" / "PROTOCOL.md").read_text()
+    assert f"against {number}" in (root / "README.md").read_text()

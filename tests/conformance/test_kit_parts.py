@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -14,16 +17,71 @@ from itmolink.conformance.config import (
     KitConfigError,
     load_kit_config,
 )
+from itmolink.conformance.context import CheckFailed, Context
 from itmolink.conformance.driver import Driver, DriverError
+from itmolink.conformance.link import Link
 from itmolink.crypto.pki import PartnerCard
-from tests.conformance.harness import prepare
+from tests.conformance.harness import free_port, prepare
 
 
 def test_driver_fills_placeholders_and_quotes_the_kits_values() -> None:
-    driver = Driver({"issue": "tool issue --config {cfg} --id {authorisation_id}"}, {"cfg": "a b"})
+    driver = Driver(
+        {"issue": "tool issue --config {cfg} --id {authorisation_id} --to {kit_party}"},
+        {"cfg": "a b"},
+        {"kit_party": "X K"},
+    )
     command = driver.render("issue", {"authorisation_id": "X; rm -rf /"})
-    # The operator's own [driver.vars] text is used as written; the kit's values are quoted.
-    assert command == "tool issue --config a b --id 'X; rm -rf /'"
+    # The operator's own [driver.vars] text is used as written; the kit's values
+    # (the action's and kit_party, target_party, kit_endpoint) are quoted.
+    assert command == "tool issue --config a b --id 'X; rm -rf /' --to 'X K'"
+
+
+async def test_the_report_masks_driver_vars(tmp_path: Path) -> None:
+    driver = Driver({"issue": "tool --token {token} --id {authorisation_id}"}, {"token": "s3cr3t"})
+    driver.commands["issue"] = "true --token {token} --id {authorisation_id}"
+    result = await driver.run("issue", authorisation_id="A-1")
+    assert result.ok
+    assert "s3cr3t" in result.command
+    assert result.shown == "true --token <token> --id A-1"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has ended; only its parent's wait is missing.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(") ")[1][0] != "Z"
+
+
+async def _wait_gone(pid: int) -> bool:
+    for _ in range(50):
+        if not _alive(pid):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("how", ["driver time-out", "test cancelled"])
+async def test_a_driver_command_leaves_no_process_behind(tmp_path: Path, how: str) -> None:
+    pidfile = tmp_path / "pid"
+    command = f"sleep 37 & echo $! > {pidfile}; wait"
+    driver = Driver({"issue": command}, {}, timeout=0.5 if how == "driver time-out" else 30.0)
+    task = asyncio.ensure_future(driver.run("issue"))
+    for _ in range(250):
+        if pidfile.exists() and pidfile.read_text().strip():
+            break
+        await asyncio.sleep(0.02)
+    child = int(pidfile.read_text())
+    if how == "driver time-out":
+        result = await task
+        assert (result.ok, result.output) == (False, "timed out after 0.5 s")
+    else:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert await _wait_gone(child), f"the command's child {child} still runs after the {how}"
 
 
 def test_driver_refuses_a_missing_action_or_an_unknown_placeholder() -> None:
@@ -41,8 +99,11 @@ async def test_driver_reports_the_exit_status() -> None:
     assert (result.ok, result.returncode, result.output.strip()) == (False, 3, "refused")
 
 
-def test_conformance_init_lists_an_expired_and_a_future_key(tmp_path: Path) -> None:
+def test_conformance_init_lists_an_expired_and_a_future_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["conformance", "init", "--party", "XKT", "--dir", str(tmp_path / "kit")]) == 0
+    assert "pin it only in a test deployment" in capsys.readouterr().out
     card = PartnerCard.load(tmp_path / "kit" / "card.toml")
     now = dt.datetime.now(dt.UTC)
     windows = [key.valid_at(now) for key in card.signing_keys]
@@ -75,13 +136,11 @@ def test_the_kit_answers_a_targets_status_query_from_its_own_record(tmp_path: Pa
     from itmolink.v1 import transfer_pb2
 
     config = load_kit_config(prepare(tmp_path).kit_config)
-    ctx = Context(config=config, role="buyer", link=None, server=None, driver=None)  # type: ignore[arg-type]
+    ctx = Context(config=config, link=None, server=None, driver=None)  # type: ignore[arg-type]
     ctx.transfers = {
         "XKT-T-1": KitTransfer("XKT-T-1", "XKT", "LAO", "A", moved=True, final_at_target=True),
         "XKT-T-2": KitTransfer("XKT-T-2", "XKT", "LAO", "A", final_at_target=True),
-        "XKT-T-3": KitTransfer(
-            "XKT-T-3", "XKT", "LAO", "A", final_at_target=True, acceptance_digest=b"x"
-        ),
+        "XKT-T-3": KitTransfer("XKT-T-3", "XKT", "LAO", "A", final_at_target=True, voided=True),
         "XKT-T-4": KitTransfer("XKT-T-4", "XKT", "LAO", "A"),
     }
     states = {}
@@ -96,3 +155,107 @@ def test_the_kit_answers_a_targets_status_query_from_its_own_record(tmp_path: Pa
         "XKT-T-4": "TRANSFER_STATE_PROPOSED",
         "XKT-T-9": "TRANSFER_STATE_UNKNOWN",
     }
+
+
+def test_the_configuration_refuses_a_wait_that_is_not_positive(tmp_path: Path) -> None:
+    setup = prepare(tmp_path)
+    text = setup.kit_config.read_text()
+    setup.kit_config.write_text(text.replace("act_within_seconds = 15.0", "act_within_seconds = 0"))
+    with pytest.raises(KitConfigError, match=r"act_within_seconds must be positive"):
+        load_kit_config(setup.kit_config)
+    setup.kit_config.write_text(text.replace("[kit]\n", "[kit]\ndriver_timeout_seconds = 600\n"))
+    assert load_kit_config(setup.kit_config).driver_timeout_seconds == 600.0
+
+
+def test_role_host_without_driver_commands_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    setup = prepare(tmp_path)
+    text = setup.kit_config.read_text()
+    setup.kit_config.write_text(
+        "\n".join(line for line in text.splitlines() if not line.startswith("issue ="))
+    )
+    args = ["conformance", "run", "--target", "127.0.0.1:1", "--config", str(setup.kit_config)]
+    assert main([*args, "--role", "host"]) == 2
+    assert "role host needs a [driver] command for issue" in capsys.readouterr().err
+
+
+def test_a_kit_that_cannot_listen_exits_with_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    setup = prepare(tmp_path)
+    text = setup.kit_config.read_text()
+    setup.kit_config.write_text(
+        text.replace(f'listen = "127.0.0.1:{setup.kit_port}"', 'listen = "192.0.2.1:5"')
+    )
+    args = ["conformance", "run", "--target", "127.0.0.1:1", "--config", str(setup.kit_config)]
+    assert main([*args, "--role", "buyer"]) == 2
+    assert "the kit cannot listen on '192.0.2.1:5'" in capsys.readouterr().err
+
+
+async def test_1_02_fails_when_the_target_is_down(tmp_path: Path) -> None:
+    """Refusing the stranger's certificate is not enough: the kit's own must get in."""
+    from itmolink.conformance import stages
+
+    config = load_kit_config(prepare(tmp_path).kit_config)
+    link = Link(config, f"127.0.0.1:{free_port()}")
+    ctx = Context(config=config, link=link, server=None, driver=None)  # type: ignore[arg-type]
+    test = next(t for t in stages.TESTS if t.id == "1.02-unpinned-client-refused")
+    started = time.monotonic()
+    try:
+        with pytest.raises(CheckFailed, match="a status query right after"):
+            await test.run(ctx)
+    finally:
+        await link.close()
+    assert time.monotonic() - started < 30
+
+
+def test_stage_4_takes_a_tombstones_leaf_as_optional_and_cuts_after_every_proposal(
+    tmp_path: Path,
+) -> None:
+    from itmolink.conformance import stages
+    from itmolink.conformance.context import KitTransfer
+    from itmolink.node.convert import to_us
+
+    config = load_kit_config(prepare(tmp_path).kit_config)
+    ctx = Context(config=config, link=None, server=None, driver=None)  # type: ignore[arg-type]
+    ahead = to_us(dt.datetime.now(dt.UTC) + dt.timedelta(minutes=4))  # a target clock ahead
+    moved = KitTransfer("LAO-T-1", "LAO", "XKT", "A", final_at_target=True, proposed_at_us=ahead)
+    tombstone = KitTransfer(
+        "XKT-T-2", "XKT", "LAO", "A", final_at_target=True, voided=True, tombstone=True
+    )
+    ctx.transfers = {t.transfer_id: t for t in (moved, tombstone)}
+    assert stages._snapshot_at(ctx) == ahead + 1
+    leaf = {"LAO-T-1": moved.blocks_leaf()}
+    stages._compare_leaves(ctx, leaf, lambda r: r.blocks_leaf(), "blocks")  # tombstone absent
+    stages._compare_leaves(
+        ctx, {**leaf, "XKT-T-2": tombstone.blocks_leaf()}, lambda r: r.blocks_leaf(), "blocks"
+    )
+    with pytest.raises(CheckFailed, match="XKT-T-2 \\(not moved\\) differs"):
+        stages._compare_leaves(
+            ctx, {**leaf, "XKT-T-2": b"x" * 32}, lambda r: r.blocks_leaf(), "blocks"
+        )
+    with pytest.raises(CheckFailed, match="LAO-T-1 is missing"):
+        stages._compare_leaves(ctx, {}, lambda r: r.blocks_leaf(), "blocks")
+
+
+async def test_a_failure_names_the_deliveries_the_kit_refused_meanwhile(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from itmolink.conformance.runner import FAILED, _run_one
+    from itmolink.conformance.stages import KitTest
+
+    config = load_kit_config(prepare(tmp_path).kit_config)
+    server = SimpleNamespace(refused=["old: before the test"])
+    ctx = Context(config=config, link=None, server=server, driver=None)  # type: ignore[arg-type]
+
+    async def failing(ctx: Context) -> None:
+        ctx.server.refused.append("Rejected: signature does not verify")
+        raise CheckFailed("no TransferProposal reached the kit")
+
+    result = await _run_one(KitTest("9.99-x", 1, "§0", "x", ("buyer",), failing), ctx)
+    assert result.status == FAILED
+    assert result.message == (
+        "no TransferProposal reached the kit [the kit refused 1 delivery(ies) of the target: "
+        "Rejected: signature does not verify]"
+    )

@@ -12,6 +12,7 @@ import pytest
 from itmolink.conformance import vectors
 from itmolink.crypto.envelope import TrustStore, open_envelope
 from itmolink.crypto.keys import VerifyingKey
+from itmolink.node.base import Limits
 from itmolink.node.engine import Engine, Partner
 from itmolink.v1 import codes_pb2, reply_pb2
 
@@ -30,10 +31,11 @@ def test_the_committed_vectors_are_what_the_generator_makes() -> None:
 def receiver(databases: Databases) -> Engine:
     keys = []
     for entry in DOCUMENT["pinned_keys"]:
-        not_after = entry.get("not_after")
+        not_before, not_after = entry.get("not_before"), entry.get("not_after")
         keys.append(
             VerifyingKey.from_raw(
                 entry["party"], entry["key_id"], base64.b64decode(entry["public_key"]),
+                not_before=dt.datetime.fromisoformat(not_before) if not_before else None,
                 not_after=dt.datetime.fromisoformat(not_after) if not_after else None,
             )
         )  # fmt: skip
@@ -44,6 +46,10 @@ def receiver(databases: Databases) -> Engine:
         party="KOR", registry="KOR-NR", signing_key=vectors.test_key("KOR-1", "KOR"),
         trust=trust, partners=[Partner("LAO", "LAO-NR", "x"), Partner("JPN", "JPN-NR", "x")],
         store=databases.open("KOR"),
+        limits=Limits(
+            max_clock_skew=dt.timedelta(seconds=DOCUMENT["receiver"]["max_clock_skew_seconds"]),
+            max_message_age=dt.timedelta(days=DOCUMENT["receiver"]["max_message_age_days"]),
+        ),
     )  # fmt: skip
     engine.trust = trust  # the revocations above are the vector's, not the ledger's
     return engine

@@ -58,7 +58,8 @@ def add_conformance_parser(commands: Any) -> None:
         description=(
             "Like 'itmolink pki init', plus an expired and a not-yet-valid signing key listed "
             "in the card, which the kit uses to check that the target refuses them. Give "
-            "card.toml to the target's operator to pin."
+            "card.toml to the target's operator to pin in a TEST deployment only, and to remove "
+            "after the run."
         ),
     )
     init.add_argument("--party", required=True, help="the kit's party code, e.g. XKT")
@@ -77,6 +78,10 @@ def cmd_conformance_init(args: argparse.Namespace) -> int:
         now=dt.datetime.now(dt.UTC),
     )
     print(f"kit identity for {args.party} in {files.directory}; give {files.card} to the target")
+    print(
+        "warning: the card lists keys valid for 10 years; pin it only in a test deployment of "
+        "the target, and remove it from there after the run (docs/PROTOCOL.md §13.2)"
+    )
     return 0
 
 
@@ -99,7 +104,7 @@ def cmd_conformance_run(args: argparse.Namespace) -> int:
         report = asyncio.run(
             run_kit(config, args.target, args.role, stages=args.stages, progress=progress)
         )
-    except OSError as exc:  # e.g. the kit cannot listen on [kit] listen
+    except (OSError, KitConfigError) as exc:  # the kit cannot listen; no driver for the role
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.junit:

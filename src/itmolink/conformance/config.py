@@ -41,6 +41,8 @@ class KitConfig:
     max_message_bytes: int = 2 * 1024 * 1024
     max_message_age_days: int = 30
     act_within_seconds: float = 20.0
+    # How long a driver command may run (a command may wait for a person).
+    driver_timeout_seconds: float = 60.0
     # Driver commands by action name, and the user's own placeholder values.
     driver: dict[str, str] = field(default_factory=dict)
     driver_vars: dict[str, str] = field(default_factory=dict)
@@ -98,7 +100,7 @@ def load_kit_config(path: Path | str) -> KitConfig:
     if not all(isinstance(v, str) for v in commands.values()) or not isinstance(variables, dict):
         raise KitConfigError(f"{path}: [driver] entries are strings; [driver.vars] a table")
     try:
-        return KitConfig(
+        config = KitConfig(
             path=path,
             keys=keys,
             card=card,
@@ -107,11 +109,37 @@ def load_kit_config(path: Path | str) -> KitConfig:
             max_message_bytes=int(target.get("max_message_bytes", 2 * 1024 * 1024)),
             max_message_age_days=int(target.get("max_message_age_days", 30)),
             act_within_seconds=float(target.get("act_within_seconds", 20.0)),
+            driver_timeout_seconds=float(kit.get("driver_timeout_seconds", 60.0)),
             driver=commands,
             driver_vars={str(k): str(v) for k, v in variables.items()},
         )
     except (TypeError, ValueError) as exc:
         raise KitConfigError(f"{path}: {exc}") from None
+    for table, key, value in (
+        ("target", "act_within_seconds", config.act_within_seconds),
+        ("kit", "driver_timeout_seconds", config.driver_timeout_seconds),
+        ("target", "max_message_bytes", config.max_message_bytes),
+        ("target", "max_message_age_days", config.max_message_age_days),
+    ):
+        if not value > 0:
+            raise KitConfigError(f"{path}: [{table}] {key} must be positive, not {value}")
+    return config
+
+
+def check_role(config: KitConfig, role: str) -> None:
+    """What a run in ``role`` needs from the configuration: in role host, a driver
+    command for every action (§13.3)."""
+    from itmolink.conformance.driver import ACTIONS
+
+    if role not in ROLES:
+        raise KitConfigError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    missing = [action for action in ACTIONS if action not in config.driver]
+    if role == "host" and missing:
+        raise KitConfigError(
+            f"{config.path}: role host needs a [driver] command for "
+            + ", ".join(missing)
+            + " (docs/PROTOCOL.md §13.3)"
+        )
 
 
 def init_kit_identity(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import hashlib
 import time
 import uuid
 from collections.abc import Callable
@@ -24,13 +23,24 @@ import grpc.aio
 from google.protobuf.message import DecodeError, Message
 
 from itmolink.conformance.config import KitConfig
+from itmolink.core.codes import Rejected
 from itmolink.crypto.envelope import TrustStore, open_envelope, pae, seal
 from itmolink.crypto.keys import SigningKey
-from itmolink.node.base import EXPECTED_REPLY, REQUEST_TYPES, Rejection
+from itmolink.node.base import (
+    EXPECTED_REPLY,
+    REQUEST_TYPES,
+    Rejection,
+    ReplyError,
+    check_answers,
+    check_reply_header,
+    digest,
+)
 from itmolink.node.convert import timestamp, to_us
+from itmolink.node.validation import validate
 from itmolink.v1 import (
     authorisation_pb2,
     common_pb2,
+    envelope_pb2,
     issuance_pb2,
     keys_pb2,
     partner_service_pb2,
@@ -39,6 +49,8 @@ from itmolink.v1 import (
 )
 
 RPC_TIMEOUT_SECONDS = 10.0
+# The field rules' bound on blocks in one message (the reference node's default, §5.13).
+MAX_BLOCKS = 10_000
 REJECTION_TYPE = str(Rejection.DESCRIPTOR.full_name)
 
 
@@ -46,16 +58,12 @@ def now_utc() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def sha256(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
+# SHA-256 of bytes, as the protocol's digests use it (§5.4, §5.8): the node's own function.
+sha256 = digest
 
 
 def type_of(msg: Message) -> str:
     return str(msg.DESCRIPTOR.full_name)
-
-
-class ReplyProblem(AssertionError):
-    """The target's reply breaks a rule of §5.3 (the requester's checks)."""
 
 
 @dataclass
@@ -70,7 +78,6 @@ class Reply:
     payload: bytes = b""
     message: Message | None = None
     problems: list[str] = field(default_factory=list)
-    trailing: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -99,7 +106,12 @@ class Link:
         self.target = target
         self.key = config.signing_key()
         self.trust = TrustStore(config.target_card.signing_keys)
-        self._sequence = 0
+        # The link's sequence counter (§4.3: never reused, towards the target). A run
+        # starts it at the current time in milliseconds, so a later run against the
+        # same target continues above every sequence an earlier run used (a run sends
+        # far fewer than 1,000 messages a second); the numbers still fit the signed
+        # 64-bit columns of any ledger.
+        self._sequence = int(time.time() * 1000)
         self._channel: grpc.aio.Channel | None = None
         self._stub: Any = None
 
@@ -173,9 +185,7 @@ class Link:
             response = await call
             raw = bytes(response.envelope)
         except grpc.aio.AioRpcError as exc:
-            metadata: Any = exc.trailing_metadata() or ()
-            trailing = {str(k): str(v) for k, v in metadata}
-            return Reply(envelope, exc.code(), exc.details() or "", trailing=trailing)
+            return Reply(envelope, exc.code(), exc.details() or "")
         finally:
             if channel is not None:
                 await channel.close(None)
@@ -214,30 +224,26 @@ class Link:
             return
         reply.message = message
         header: common_pb2.Header = message.header  # type: ignore[attr-defined]
-        if header.protocol_version != 1:
-            reply.problems.append(f"reply protocol_version {header.protocol_version}")
-        if header.sender_party != self.config.target_party:
-            reply.problems.append(f"reply sender_party {header.sender_party!r}")
-        if header.audience != self.config.party:
-            reply.problems.append(f"reply audience {header.audience!r}, not {self.config.party}")
+        try:  # §5.3 P5a to P7: the node's own checks of a reply
+            validate(message, max_blocks=MAX_BLOCKS)
+            check_reply_header(header, sender=self.config.target_party, audience=self.config.party)
+            check_answers(header, message, reply.sent, request[1] if request else "")
+        except (Rejected, ReplyError) as exc:
+            reply.problems.append(str(exc))
         if not header.message_id:
             reply.problems.append("reply has no message_id")
-        request_id = request[1] if request else ""
-        if isinstance(message, Rejection) and message.envelope_digest:
-            if message.envelope_digest != sha256(reply.sent):
-                reply.problems.append("Rejection.envelope_digest is not SHA-256 of the request")
-            if header.in_reply_to not in ("", request_id):
-                reply.problems.append(f"in_reply_to {header.in_reply_to!r} names another message")
-        elif header.in_reply_to != request_id or not request_id:
+        if not header.in_reply_to and not (
+            isinstance(message, Rejection) and message.envelope_digest
+        ):
+            # check_answers cannot tell this from a match when the kit's request has no id
             reply.problems.append(
-                f"in_reply_to {header.in_reply_to!r} does not name the request {request_id!r}"
+                "the reply names no request: an empty in_reply_to needs a Rejection whose "
+                "envelope_digest binds it to the request (§4.4, §5.4)"
             )
 
     @staticmethod
     def _request_of(envelope: bytes) -> tuple[str, str] | None:
         """(payload type, message id) of an envelope the kit sent, if it can be read."""
-        from itmolink.v1 import envelope_pb2
-
         try:
             env = envelope_pb2.Envelope()
             env.ParseFromString(envelope)
@@ -249,6 +255,16 @@ class Link:
             return (env.payload_type, msg.header.message_id)  # type: ignore[attr-defined]
         except (DecodeError, ValueError):
             return None
+
+
+def flip_signature(envelope: bytes, index: int = 0, mask: int = 0x01) -> bytes:
+    """``envelope`` with one bit of its first signature flipped: it no longer verifies."""
+    env = envelope_pb2.Envelope()
+    env.ParseFromString(envelope)
+    sig = bytearray(env.signatures[0].sig)
+    sig[index] ^= mask
+    env.signatures[0].sig = bytes(sig)
+    return env.SerializeToString()
 
 
 # -- the kit's server: requests from the target ----------------------------------------
@@ -307,7 +323,10 @@ class KitServer(partner_service_pb2_grpc.PartnerServiceServicer):
             root_certificates=self.config.target_card.ca_certificate_pem,
             require_client_auth=True,
         )
-        self.port = self._server.add_secure_port(self.config.listen, credentials)
+        try:  # grpc returns 0, or (newer versions) raises, when it cannot bind
+            self.port = self._server.add_secure_port(self.config.listen, credentials)
+        except RuntimeError as exc:
+            raise OSError(f"the kit cannot listen on {self.config.listen!r}: {exc}") from None
         if self.port == 0:
             raise OSError(f"the kit cannot listen on {self.config.listen!r}")
         await self._server.start()
@@ -324,7 +343,9 @@ class KitServer(partner_service_pb2_grpc.PartnerServiceServicer):
         raw = bytes(request.envelope)
         try:
             verified = open_envelope(raw, self.link.trust, now_utc())
-            cls = REQUEST_TYPES[verified.payload_type]
+            cls = REQUEST_TYPES.get(verified.payload_type)
+            if cls is None:
+                raise ValueError(f"{verified.payload_type!r} is not a request type")
             msg = cls()
             msg.ParseFromString(verified.payload)
         except Exception as exc:
@@ -334,6 +355,10 @@ class KitServer(partner_service_pb2_grpc.PartnerServiceServicer):
             raise  # unreachable: abort raises
         incoming = Incoming(raw, verified.payload_type, verified.payload, msg, time.monotonic())
         incoming.problems.extend(self._check_header(msg))
+        try:  # the field rules (§5.13) the target's requests must keep
+            validate(msg, max_blocks=MAX_BLOCKS)
+        except Rejected as exc:
+            incoming.problems.append(str(exc))
         self.received.append(incoming)
         self.changed.set()
         content = sha256(pae(verified.payload_type, verified.payload))

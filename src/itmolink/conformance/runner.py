@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
 
-from itmolink.conformance.config import ROLES, KitConfig
-from itmolink.conformance.context import CheckFailed, Context
+from itmolink.conformance.config import KitConfig, check_role
+from itmolink.conformance.context import CheckFailed, Context, NotRunnable
 from itmolink.conformance.driver import Driver
 from itmolink.conformance.link import Incoming, KitServer, Link, default_answer
 from itmolink.conformance.stages import STAGES, KitTest, tests_for
 from itmolink.v1 import transfer_pb2
 
+# How long one test may take besides its driver commands (a host test runs at most
+# two, each of which may take [kit] driver_timeout_seconds).
 TEST_TIMEOUT_SECONDS = 120.0
 
 PASSED, FAILED, ERROR, NOT_RUN = "passed", "failed", "error", "not run"
@@ -76,9 +78,11 @@ async def run_kit(
     stages: int = max(STAGES),
     progress: Callable[[Result], None] | None = None,
 ) -> RunReport:
-    """Run the tests of ``role`` (the target's role) up to stage ``stages``."""
-    if role not in ROLES:
-        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    """Run the tests of ``role`` (the target's role) up to stage ``stages``.
+
+    Raises KitConfigError when the configuration cannot serve ``role`` and OSError
+    when the kit cannot listen."""
+    check_role(config, role)
     report = RunReport(
         role=role,
         target=target,
@@ -94,14 +98,15 @@ async def run_kit(
     host = config.listen.rsplit(":", 1)[0]
     driver = Driver(
         config.driver,
+        config.driver_vars,
         {
-            **config.driver_vars,
             "kit_party": config.party,
             "target_party": config.target_party,
             "kit_endpoint": f"{host}:{server.port}",
         },
+        timeout=config.driver_timeout_seconds,
     )
-    ctx = Context(config=config, role=role, link=link, server=server, driver=driver)
+    ctx = Context(config=config, link=link, server=server, driver=driver)
     server.policies[str(transfer_pb2.TransferStatusQuery.DESCRIPTOR.full_name)] = lambda incoming: (
         _status_report(ctx, incoming)
     )
@@ -130,7 +135,8 @@ async def run_kit(
         await server.stop()
         await link.close()
         report.seconds = time.monotonic() - began
-        report.driver_log = [f"[{r.action}] exit {r.returncode}: {r.command}" for r in driver.log]
+        # [driver.vars] masked: they may hold credentials (the report goes to CI artifacts).
+        report.driver_log = [f"[{r.action}] exit {r.returncode}: {r.shown}" for r in driver.log]
     return report
 
 
@@ -145,7 +151,7 @@ def _status_report(ctx: Context, incoming: Incoming) -> Message:
     elif record.final_at_target:
         state = (
             transfer_pb2.TRANSFER_STATE_VOIDED
-            if record.acceptance_digest
+            if record.voided
             else transfer_pb2.TRANSFER_STATE_REJECTED
         )
     elif record.sender == ctx.kit:
@@ -157,14 +163,32 @@ def _status_report(ctx: Context, incoming: Incoming) -> Message:
 
 async def _run_one(test: KitTest, ctx: Context) -> Result:
     started = time.monotonic()
+    refused = len(ctx.server.refused)
+    timeout = TEST_TIMEOUT_SECONDS + 2 * ctx.config.driver_timeout_seconds
     try:
-        await asyncio.wait_for(test.run(ctx), TEST_TIMEOUT_SECONDS)
+        await asyncio.wait_for(test.run(ctx), timeout)
+    except NotRunnable as exc:
+        return Result(test, NOT_RUN, str(exc), time.monotonic() - started)
     except CheckFailed as exc:
-        return Result(test, FAILED, str(exc), time.monotonic() - started)
+        return Result(test, FAILED, _with_refusals(str(exc), ctx, refused), _since(started))
     except TimeoutError:
-        return Result(
-            test, ERROR, f"timed out after {TEST_TIMEOUT_SECONDS:.0f} s", time.monotonic() - started
-        )
+        message = _with_refusals(f"timed out after {timeout:.0f} s", ctx, refused)
+        return Result(test, ERROR, message, _since(started))
     except Exception as exc:  # the test could not be carried out
-        return Result(test, ERROR, f"{type(exc).__name__}: {exc}", time.monotonic() - started)
-    return Result(test, PASSED, "", time.monotonic() - started)
+        message = _with_refusals(f"{type(exc).__name__}: {exc}", ctx, refused)
+        return Result(test, ERROR, message, _since(started))
+    return Result(test, PASSED, "", _since(started))
+
+
+def _since(started: float) -> float:
+    return time.monotonic() - started
+
+
+def _with_refusals(message: str, ctx: Context, seen: int) -> str:
+    """The failure, and the target's deliveries the kit refused during the test
+    (a message that fails the kit's checks never reaches the test itself)."""
+    refused = ctx.server.refused[seen:]
+    if not refused:
+        return message
+    shown = "; ".join(refused[:3]) + (f"; and {len(refused) - 3} more" if len(refused) > 3 else "")
+    return f"{message} [the kit refused {len(refused)} delivery(ies) of the target: {shown}]"

@@ -26,6 +26,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from itmolink.conformance.link import flip_signature
 from itmolink.crypto.envelope import seal
 from itmolink.crypto.keys import SigningKey
 from itmolink.node.convert import timestamp, to_us
@@ -34,6 +35,9 @@ from itmolink.v1 import common_pb2, envelope_pb2, transfer_pb2
 VERSION = 1
 NOW = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
 PATH = Path("conformance/vectors/v1/envelopes.json")
+# The receiver's windows (§2.5) that the sent_at verdicts assume.
+MAX_CLOCK_SKEW = dt.timedelta(seconds=300)
+MAX_MESSAGE_AGE = dt.timedelta(days=30)
 
 
 def test_key(name: str, party: str) -> SigningKey:
@@ -45,6 +49,7 @@ def test_key(name: str, party: str) -> SigningKey:
 LAO = test_key("LAO-1", "LAO")
 LAO_EXPIRED = test_key("LAO-expired", "LAO")
 LAO_REVOKED = test_key("LAO-revoked", "LAO")
+LAO_FUTURE = test_key("LAO-not-yet-valid", "LAO")
 STRANGER = test_key("LAO-unpinned", "LAO")
 
 
@@ -74,11 +79,8 @@ def _mutate(envelope: bytes, **change: Any) -> bytes:
         message.payload = change["payload"]
     if "payload_type" in change:
         message.payload_type = change["payload_type"]
-    if "flip_signature" in change:
-        signature = bytearray(message.signatures[0].sig)
-        signature[0] ^= 1
-        message.signatures[0].sig = bytes(signature)
-    return message.SerializeToString()
+    mutated = message.SerializeToString()
+    return flip_signature(mutated) if "flip_signature" in change else mutated
 
 
 @dataclass
@@ -107,6 +109,8 @@ def vectors() -> list[Vector]:
                [(sealed(query(), STRANGER), "REJECTION_CODE_UNKNOWN_SIGNING_KEY")]),
         Vector("expired-key", "Signed with a pinned key whose validity ended before now.",
                [(sealed(query(), LAO_EXPIRED), "REJECTION_CODE_SIGNING_KEY_EXPIRED")]),
+        Vector("not-yet-valid-key", "Signed with a pinned key whose validity starts after now.",
+               [(sealed(query(), LAO_FUTURE), "REJECTION_CODE_SIGNING_KEY_NOT_YET_VALID")]),
         Vector("revoked-key", "Signed with a pinned key that was revoked.",
                [(sealed(query(), LAO_REVOKED), "REJECTION_CODE_SIGNING_KEY_REVOKED")]),
         Vector("not-an-envelope", "Bytes that do not decode as an Envelope.",
@@ -122,6 +126,11 @@ def vectors() -> list[Vector]:
                [(good, "REJECTION_CODE_SIGNER_NOT_PEER")], peer="JPN"),
         Vector("sent-at-ahead", "sent_at ten minutes ahead of the receiver's clock.",
                [(sealed(query(sent_at=timestamp(to_us(NOW + dt.timedelta(minutes=10))))),
+                 "REJECTION_CODE_SENT_AT_OUT_OF_WINDOW")]),
+        Vector("sent-at-too-old", "sent_at 31 days behind the receiver's clock (older than "
+               "max_message_age_days).",
+               [(sealed(query(sent_at=timestamp(to_us(NOW - MAX_MESSAGE_AGE
+                                                     - dt.timedelta(days=1))))),
                  "REJECTION_CODE_SENT_AT_OUT_OF_WINDOW")]),
         Vector("unknown-payload-type", "A verified envelope of a type no node accepts.",
                [(sealed(b"", payload_type="itmolink.v1.NoSuchMessage"),
@@ -148,11 +157,19 @@ def document() -> dict[str, Any]:
     return {
         "version": VERSION,
         "description": __doc__.split("\n\n")[0] if __doc__ else "",
-        "receiver": {"party": "KOR", "registry": "KOR-NR", "now": NOW.isoformat()},
+        "receiver": {
+            "party": "KOR",
+            "registry": "KOR-NR",
+            "now": NOW.isoformat(),
+            # The verdicts on sent_at assume these windows (docs/PROTOCOL.md §2.5).
+            "max_clock_skew_seconds": MAX_CLOCK_SKEW // dt.timedelta(seconds=1),
+            "max_message_age_days": MAX_MESSAGE_AGE.days,
+        },
         "pinned_keys": [
             key(LAO),
             key(LAO_EXPIRED, not_after=(NOW - dt.timedelta(days=1)).isoformat()),
             key(LAO_REVOKED),
+            key(LAO_FUTURE, not_before=(NOW + dt.timedelta(days=1)).isoformat()),
         ],
         "revoked_key_ids": [LAO_REVOKED.key_id],
         "private_key_seeds": {
@@ -161,6 +178,7 @@ def document() -> dict[str, Any]:
                 (LAO, "LAO-1"),
                 (LAO_EXPIRED, "LAO-expired"),
                 (LAO_REVOKED, "LAO-revoked"),
+                (LAO_FUTURE, "LAO-not-yet-valid"),
                 (STRANGER, "LAO-unpinned"),
             )
         },

@@ -622,39 +622,11 @@ class EngineBase:
     def _check_answers(
         header: common_pb2.Header, reply: Message, request: bytes, message_id: str
     ) -> None:
-        """A reply names the request it answers; a Rejection of a request that could
-        not be read that far is bound to it by the digest of the request's bytes."""
-        if isinstance(reply, Rejection) and reply.envelope_digest:
-            if reply.envelope_digest != digest(request):
-                raise ReplyError(
-                    RejectionCode.UNEXPECTED_REPLY,
-                    "rejection is about another envelope than the one sent",
-                )
-            if header.in_reply_to in ("", message_id):
-                return
-        if header.in_reply_to != message_id:
-            raise ReplyError(
-                RejectionCode.UNEXPECTED_REPLY,
-                f"reply answers {header.in_reply_to!r}, not {message_id}",
-            )
+        check_answers(header, reply, request, message_id)
 
     def _check_header_fields(self, header: common_pb2.Header, *, sender: str) -> None:
         """Header checks for replies (sequence 0 is allowed there)."""
-        if header.protocol_version != PROTOCOL_VERSION:
-            raise Rejected(
-                RejectionCode.UNSUPPORTED_VERSION,
-                f"protocol_version {header.protocol_version}; this node speaks {PROTOCOL_VERSION}",
-            )
-        if header.sender_party != sender:
-            raise Rejected(
-                RejectionCode.SENDER_MISMATCH,
-                f"reply names sender {header.sender_party!r} but is signed by {sender}",
-            )
-        if header.audience != self.party:
-            raise Rejected(
-                RejectionCode.WRONG_AUDIENCE,
-                f"reply is addressed to {header.audience!r}, this node is {self.party}",
-            )
+        check_reply_header(header, sender=sender, audience=self.party)
 
     def _resend_completion(self, tx: Tx, transfer_id: str, now_us: int) -> None:
         """Queue a freshly sealed completion of a transfer completed here, unless one
@@ -800,6 +772,45 @@ class EngineBase:
             extra={"transfer_id": transfer_id, "partner": to_party},
         )  # fmt: skip
         return transfer_id
+
+
+def check_answers(
+    header: common_pb2.Header, reply: Message, request: bytes, message_id: str
+) -> None:
+    """A reply names the request it answers; a Rejection of a request that could
+    not be read that far is bound to it by the digest of the request's bytes."""
+    if isinstance(reply, Rejection) and reply.envelope_digest:
+        if reply.envelope_digest != digest(request):
+            raise ReplyError(
+                RejectionCode.UNEXPECTED_REPLY,
+                "rejection is about another envelope than the one sent",
+            )
+        if header.in_reply_to in ("", message_id):
+            return
+    if header.in_reply_to != message_id:
+        raise ReplyError(
+            RejectionCode.UNEXPECTED_REPLY,
+            f"reply answers {header.in_reply_to!r}, not {message_id}",
+        )
+
+
+def check_reply_header(header: common_pb2.Header, *, sender: str, audience: str) -> None:
+    """Header checks for replies (sequence 0 is allowed there)."""
+    if header.protocol_version != PROTOCOL_VERSION:
+        raise Rejected(
+            RejectionCode.UNSUPPORTED_VERSION,
+            f"protocol_version {header.protocol_version}; this node speaks {PROTOCOL_VERSION}",
+        )
+    if header.sender_party != sender:
+        raise Rejected(
+            RejectionCode.SENDER_MISMATCH,
+            f"reply names sender {header.sender_party!r} but is signed by {sender}",
+        )
+    if header.audience != audience:
+        raise Rejected(
+            RejectionCode.WRONG_AUDIENCE,
+            f"reply is addressed to {header.audience!r}, this node is {audience}",
+        )
 
 
 def _enum_or(kind: type[FirstTransferDefinition], value: int) -> FirstTransferDefinition:
