@@ -252,6 +252,11 @@ class EngineBase:
         self.accounting = accounting
         self.threshold = threshold
         self._after_commit: list[Callable[[], None]] = []
+        # Set by a runtime that delivers new requests as soon as they are committed:
+        # each is then claimed for this long in the outbox (not due to the outbox
+        # worker meanwhile) and listed in ``sent`` for the runtime to take.
+        self.claim_sent_us = 0
+        self.sent: list[tuple[str, str, bytes]] = []
         self.reload_trust()
 
     # -- transactions and trust ------------------------------------------------------
@@ -267,8 +272,13 @@ class EngineBase:
             self._after_commit.clear()
             raise
         callbacks, self._after_commit = self._after_commit, []
+        # Inside a group commit (store.group) they wait for the group's commit.
+        after_commit = getattr(self.store, "after_commit", None)
         for callback in callbacks:
-            callback()
+            if after_commit is not None:
+                after_commit(callback)
+            else:
+                callback()
 
     def reload_trust(self) -> None:
         """Pinned keys: the partners' cards, plus keys they announced, less revoked ones."""
@@ -336,7 +346,10 @@ class EngineBase:
             subject_id=subject_id,
             envelope=envelope,
             now=now_us,
+            next_attempt_at=now_us + self.claim_sent_us if self.claim_sent_us else None,
         )
+        if self.claim_sent_us:
+            self.sent.append((message_id, partner, envelope))
         return payload
 
     def _reply(
