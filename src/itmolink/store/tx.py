@@ -819,11 +819,14 @@ class Tx:
         )
         if before is not None and int(before[2]) >= block.serial_start:
             held.append(before)
+        # From the few transfers accepted here and not yet completed (transfers_state),
+        # not from the serials of every block ever transferred: CROSS JOIN keeps
+        # SQLite from starting at transfer_blocks_serials, a scan of all serials below.
         pending = self._exec(
             f"SELECT {', '.join('b.' + c.strip() for c in _BLOCK_COLUMNS.split(','))} "
-            "FROM transfer_blocks b JOIN transfers t ON t.transfer_id = b.transfer_id "
-            "WHERE t.direction = 'in' AND t.state = ? AND b.originating_registry = ? "
-            "AND b.serial_start <= ? AND b.serial_end >= ?",
+            "FROM transfers t CROSS JOIN transfer_blocks b "
+            "WHERE b.transfer_id = t.transfer_id AND t.direction = 'in' AND t.state = ? "
+            "AND b.originating_registry = ? AND b.serial_start <= ? AND b.serial_end >= ?",
             (int(TransferState.ACCEPTED), *params),
         ).fetchall()
         return [_block(r) for r in [*held, *pending]]
