@@ -8,6 +8,7 @@ port over mutual TLS and the admin interface locally, and delivers the outbox.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import functools
@@ -41,8 +42,10 @@ T = TypeVar("T")
 Clock = Callable[[], dt.datetime]
 
 RPC_TIMEOUT_SECONDS = 10.0
-# At most this many queued database calls share one group commit.
+# At most this many queued database calls, begun within this many seconds, share
+# one group commit.
 MAX_GROUP = 128
+GROUP_SECONDS = 0.02
 # A message being delivered is claimed in the outbox for this long (not due again).
 LEASE = dt.timedelta(seconds=RPC_TIMEOUT_SECONDS + 1)
 MAX_IDLE_WAIT_SECONDS = 1.0
@@ -110,7 +113,9 @@ class Node:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="itmolink-db")
         # Group commit (see db()): calls waiting for the database thread.
         self._group: Callable[[], contextlib.AbstractContextManager[None]] | None = None
-        self._queue: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        self._queue: collections.deque[tuple[Callable[[], Any], asyncio.Future[Any]]] = (
+            collections.deque()
+        )
         self._queue_lock = threading.Lock()
         self._draining = False
         self._batching = False
@@ -158,21 +163,33 @@ class Node:
         return await future
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
-        """On the database thread: run queued calls in groups until none is left."""
+        """On the database thread: run queued calls in groups until none is left.
+
+        A group takes the calls queued when it begins, up to MAX_GROUP of them,
+        and stops taking them after GROUP_SECONDS, so that a slow call (a report,
+        a large query) holds back the answers of only the calls before it in its
+        group.
+        """
         engine = self.engine
         while True:
             with self._queue_lock:
-                batch = self._queue[:MAX_GROUP]
-                del self._queue[:MAX_GROUP]
-                if not batch:
+                waiting = min(len(self._queue), MAX_GROUP)
+                if not waiting:
                     self._draining = False
                     return
+            ran: list[asyncio.Future[Any]] = []
             outcomes: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = []
             engine.sent = []
+            started = time.monotonic()
             try:
                 # Without a group (a store without one) each call commits alone.
                 with self._group() if self._group is not None else contextlib.nullcontext():
-                    for call, future in batch:
+                    while len(ran) < waiting and (
+                        not ran or time.monotonic() - started < GROUP_SECONDS
+                    ):
+                        with self._queue_lock:
+                            call, future = self._queue.popleft()
+                        ran.append(future)
                         mark = len(engine.sent)
                         try:
                             outcomes.append((future, None, call()))
@@ -180,8 +197,8 @@ class Node:
                             del engine.sent[mark:]
                             outcomes.append((future, exc, None))
             except Exception as exc:  # the group did not commit: nothing of it is durable
-                log.error("group commit of %d calls failed: %s", len(batch), exc)
-                outcomes = [(future, exc, None) for _, future in batch]
+                log.error("group commit of %d calls failed: %s", len(ran), exc)
+                outcomes = [(future, exc, None) for future in ran]
                 engine.sent = []
             sent, engine.sent = engine.sent, []
             with contextlib.suppress(RuntimeError):  # the loop closed (shutting down)
