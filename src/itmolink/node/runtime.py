@@ -200,6 +200,10 @@ class Node:
                 log.error("group commit of %d calls failed: %s", len(ran), exc)
                 outcomes = [(future, exc, None) for future in ran]
                 engine.sent = []
+            except BaseException:  # the thread is being torn down: let later calls start anew
+                with self._queue_lock:
+                    self._draining = False
+                raise
             sent, engine.sent = engine.sent, []
             with contextlib.suppress(RuntimeError):  # the loop closed (shutting down)
                 loop.call_soon_threadsafe(self._settle, outcomes, sent)
