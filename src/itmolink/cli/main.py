@@ -567,11 +567,15 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         raise CliError(str(exc), EXIT_USAGE) from None
     if not database.exists():
         raise CliError(f"{database}: no such database", EXIT_USAGE)
-    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True, isolation_level=None)
     try:
+        # One read transaction: the entries and the recorded head from the same
+        # snapshot, even while the node keeps appending.
+        conn.execute("BEGIN")
         tx = Tx(conn)
         entries = list(tx.journal_entries())
         problems = verify_chain(entries, recorded_head=tx.journal_head())
+        conn.execute("COMMIT")
     finally:
         conn.close()
     for problem in problems:
