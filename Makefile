@@ -56,10 +56,12 @@ SIM_SEEDS ?= 10000
 sim: $(STAMP)
 	$(PY) -m tests.sim --seeds $(SIM_SEEDS)
 
-# Benchmarks against the gRPC floor measured in the same run (not part of make test).
+# Benchmarks against the gRPC floor measured in the same run (not part of make test):
+# transfers, then reconciliation of two ledgers of BENCH_RECONCILE transfers (0: skip).
 BENCH_COUNT ?= 200
+BENCH_RECONCILE ?= 1000000
 bench: $(STAMP)
-	$(PY) bench/bench.py --count $(BENCH_COUNT)
+	$(PY) bench/bench.py --count $(BENCH_COUNT) --reconcile $(BENCH_RECONCILE)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py

@@ -223,3 +223,70 @@ async def test_transfers_that_moved_nothing_agree_whichever_way_they_ended(pair:
     pair.advance(1)
     for party, partner in (("LAO", "KOR"), ("KOR", "LAO")):
         assert (await reconcile(pair, party, partner)).discrepancies == []
+
+
+def _summed_afresh(tx: Tx, partner: str, snapshot: int, view: str, prefix: str) -> list[Any]:
+    """The children of ``prefix`` summed over every final transfer (no running sums)."""
+    h1, h2 = ("blocks_h1", "blocks_h2") if view == "blocks" else ("journal_h1", "journal_h2")
+    rows = tx._exec(
+        f"SELECT substr(id_hash, 1, ?) AS child, COUNT(*), SUM({h1}), SUM({h2}) FROM transfers "
+        "WHERE partner = ? AND proposed_at < ? AND blocks_leaf IS NOT NULL AND id_hash >= ? "
+        "AND id_hash < ? GROUP BY child ORDER BY child",
+        (len(prefix) + 1, partner, snapshot, prefix, prefix + "g"),
+    )
+    return [(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
+
+
+def _totals_afresh(tx: Tx, partner: str, snapshot: int) -> list[Any]:
+    rows = tx._exec(
+        "SELECT t.direction, b.unit_type, b.vintage, b.authorisation_id, "
+        "SUM(b.serial_end - b.serial_start + 1), COUNT(DISTINCT t.transfer_id) "
+        "FROM transfers t JOIN transfer_blocks b ON b.transfer_id = t.transfer_id "
+        "WHERE t.partner = ? AND t.proposed_at < ? AND t.state = 3 "
+        "GROUP BY t.direction, b.unit_type, b.vintage, b.authorisation_id",
+        (partner, snapshot),
+    )
+    return sorted((int(r[1]), int(r[2]), r[3], int(r[4]), int(r[5])) for r in rows)
+
+
+async def test_the_running_sums_match_the_ledger_at_any_snapshot(pair: Pair) -> None:
+    """Buckets near the root and the totals come from sums kept as transfers become
+    final, less what was proposed after the snapshot: the same as summing afresh."""
+    early = pair.now
+    transfers(pair, 40)
+    pair.advance(60)
+    transfers(pair, 25, quantity=7)
+    pair.advance(60)
+    # A proposal that timed out is final too: a leaf that moved nothing.
+    authorisation_id = pair.authorise()
+    pair.lao.issue(authorisation_id=authorisation_id, vintage=2025, quantity=5, now=pair.now)
+    pair.pump()
+    pair.network = lambda sender, receiver, envelope: None
+    pair.lao.start_transfer(
+        to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=5,
+        now=pair.now, timeout=dt.timedelta(seconds=10),
+    )  # fmt: skip
+    pair.advance(20)
+    pair.pump()
+    with pair.lao.store.transaction() as tx:
+        assert [t.state for t in tx.transfers()].count(TransferState.VOIDED) == 1
+    for engine, partner in ((pair.lao, "KOR"), (pair.kor, "LAO")):
+        with engine.store.transaction() as tx:
+            for moment in (early, early + dt.timedelta(seconds=30), pair.now):
+                snapshot = int(moment.timestamp() * 1_000_000) + 1
+                for view in ("blocks", "journal"):
+                    root = tx.reconcile_buckets(partner, snapshot, view, "")
+                    assert [(b.prefix, b.count, b.h1, b.h2) for b in root] == _summed_afresh(
+                        tx, partner, snapshot, view, ""
+                    )
+                    for bucket in root:
+                        children = tx.reconcile_buckets(partner, snapshot, view, bucket.prefix)
+                        assert [
+                            (b.prefix, b.count, b.h1, b.h2) for b in children
+                        ] == _summed_afresh(tx, partner, snapshot, view, bucket.prefix)
+                totals = tx.reconcile_totals(partner, snapshot)
+                assert sorted(
+                    (t.unit_type, t.vintage, t.authorisation_id, t.quantity, t.transfers)
+                    for t in totals
+                ) == _totals_afresh(tx, partner, snapshot)
+            assert sum(t.transfers for t in tx.reconcile_totals(partner, 2**62)) == 65

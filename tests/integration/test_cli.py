@@ -207,6 +207,40 @@ async def test_audit_verify_finds_an_edited_or_removed_audit_row(
     assert "the chain does not end at its recorded head: entries removed" in out
 
 
+async def test_audit_verify_reads_the_journal_and_its_head_from_one_snapshot(
+    lao_kor: tuple[Registry, Registry],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The node keeps appending while an auditor verifies: an entry appended between
+    reading the entries and reading the recorded head is not an entry removed."""
+    from itmolink.store.tx import Tx
+
+    from .test_transfer import issued
+
+    lao, _ = lao_kor
+    await issued(lao)
+    read_entries = Tx.journal_entries
+
+    def entries_then_append(self: Tx) -> Any:
+        entries = list(read_entries(self))
+
+        def append() -> None:
+            with lao.node.engine.store.transaction() as tx:
+                tx.journal(
+                    direction="out", partner="KOR", message_id="appended-meanwhile",
+                    payload_type="itmolink.v1.TransferStatusQuery", envelope=b"x", now=1,
+                )  # fmt: skip
+
+        append()  # another connection (the node's) commits one more entry
+        return iter(entries)
+
+    monkeypatch.setattr(Tx, "journal_entries", entries_then_append)
+    code, out, _ = await cli(capsys, "audit", "verify", "--config", str(lao.config_path))
+    assert code == 0, out
+    assert "hash chain intact" in out
+
+
 async def test_reconcile_between_running_nodes(
     lao_kor: tuple[Registry, Registry], capsys: pytest.CaptureFixture[str]
 ) -> None:

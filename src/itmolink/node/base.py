@@ -261,6 +261,11 @@ class EngineBase:
         # shared-state counter moves. ``key_loader`` reads a signing key by id.
         self._key_loader = key_loader
         self._shared_seen = -1
+        # Set by a runtime that delivers new requests as soon as they are committed:
+        # each is then claimed for this long in the outbox (not due to the outbox
+        # worker meanwhile) and listed in ``sent`` for the runtime to take.
+        self.claim_sent_us = 0
+        self.sent: list[tuple[str, str, bytes]] = []
         self.reload_trust()
 
     # -- transactions and trust ------------------------------------------------------
@@ -281,8 +286,13 @@ class EngineBase:
             self._after_commit.clear()
             raise
         callbacks, self._after_commit = self._after_commit, []
+        # Inside a group commit (store.group) they wait for the group's commit.
+        after_commit = getattr(self.store, "after_commit", None)
         for callback in callbacks:
-            callback()
+            if after_commit is not None:
+                after_commit(callback)
+            else:
+                callback()
 
     def _sync_shared(self, tx: Tx) -> None:
         """Catch up with changes another process sharing the database committed."""
@@ -371,7 +381,10 @@ class EngineBase:
             subject_id=subject_id,
             envelope=envelope,
             now=now_us,
+            next_attempt_at=now_us + self.claim_sent_us if self.claim_sent_us else None,
         )
+        if self.claim_sent_us:
+            self.sent.append((message_id, partner, envelope))
         return payload
 
     def _reply(

@@ -16,11 +16,13 @@ over HTTP when ``[metrics] listen`` is set (:mod:`itmolink.node.metrics`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,6 +57,12 @@ Clock = Callable[[], dt.datetime]
 RPC_TIMEOUT_SECONDS = 10.0
 PARTNER_SERVICE = partner_service_pb2.DESCRIPTOR.services_by_name["PartnerService"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+# At most this many queued database calls, begun within this many seconds, share
+# one group commit.
+MAX_GROUP = 128
+GROUP_SECONDS = 0.02
+# A message being delivered is claimed in the outbox for this long (not due again).
+LEASE = dt.timedelta(seconds=RPC_TIMEOUT_SECONDS + 1)
 MAX_IDLE_WAIT_SECONDS = 1.0
 
 
@@ -121,6 +129,14 @@ class Node:
         self.config = config
         self.clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="itmolink-db")
+        # Group commit (see db()): calls waiting for the database thread.
+        self._group: Callable[[], contextlib.AbstractContextManager[None]] | None = None
+        self._queue: collections.deque[tuple[Callable[[], Any], asyncio.Future[Any]]] = (
+            collections.deque()
+        )
+        self._queue_lock = threading.Lock()
+        self._draining = False
+        self._batching = False
         self._endpoints = {p.card.party: p.endpoint for p in config.partners}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, PartnerServiceAsyncStub] = {}
@@ -137,6 +153,7 @@ class Node:
         self._operators: dict[str, str] = {}
         self._operators_mtime = 0
         self._buckets: dict[str, TokenBucket] = {}
+        self._peers: dict[bytes, str | None] = {}
         self._tls_cert = b""
         self.metrics = NodeMetrics()
         self.health = HealthServicer()
@@ -145,9 +162,89 @@ class Node:
     # -- plumbing --------------------------------------------------------------------
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn`` on the database thread (one transaction at a time)."""
+        """Run ``fn`` on the database thread and return once its work is durable.
+
+        Once the engine exists, calls queued while the thread is busy run one
+        after another in one group commit (``Store.group``, when the store has
+        it): each keeps its own transaction as a savepoint, and none returns
+        (so no reply or delivery leaves) before the group has committed. The
+        requests they put in the outbox are delivered at once after the commit.
+        """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        call = functools.partial(fn, *args, **kwargs)
+        if not self._batching:
+            return await loop.run_in_executor(self._executor, call)
+        future: asyncio.Future[T] = loop.create_future()
+        with self._queue_lock:
+            self._queue.append((call, future))
+            idle = not self._draining
+            self._draining = True
+        if idle:
+            loop.run_in_executor(self._executor, self._drain, loop)
+        return await future
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the database thread: run queued calls in groups until none is left.
+
+        A group takes the calls queued when it begins, up to MAX_GROUP of them,
+        and stops taking them after GROUP_SECONDS, so that a slow call (a report,
+        a large query) holds back the answers of only the calls before it in its
+        group.
+        """
+        engine = self.engine
+        while True:
+            with self._queue_lock:
+                waiting = min(len(self._queue), MAX_GROUP)
+                if not waiting:
+                    self._draining = False
+                    return
+            ran: list[asyncio.Future[Any]] = []
+            outcomes: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = []
+            engine.sent = []
+            started = time.monotonic()
+            try:
+                # Without a group (a store without one) each call commits alone.
+                with self._group() if self._group is not None else contextlib.nullcontext():
+                    while len(ran) < waiting and (
+                        not ran or time.monotonic() - started < GROUP_SECONDS
+                    ):
+                        with self._queue_lock:
+                            call, future = self._queue.popleft()
+                        ran.append(future)
+                        mark = len(engine.sent)
+                        try:
+                            outcomes.append((future, None, call()))
+                        except Exception as exc:  # its own transaction was rolled back
+                            del engine.sent[mark:]
+                            outcomes.append((future, exc, None))
+            except Exception as exc:  # the group did not commit: nothing of it is durable
+                log.error("group commit of %d calls failed: %s", len(ran), exc)
+                outcomes = [(future, exc, None) for future in ran]
+                engine.sent = []
+            except BaseException:  # the thread is being torn down: let later calls start anew
+                with self._queue_lock:
+                    self._draining = False
+                raise
+            sent, engine.sent = engine.sent, []
+            with contextlib.suppress(RuntimeError):  # the loop closed (shutting down)
+                loop.call_soon_threadsafe(self._settle, outcomes, sent)
+
+    def _settle(
+        self,
+        outcomes: list[tuple[asyncio.Future[Any], BaseException | None, Any]],
+        sent: list[tuple[str, str, bytes]],
+    ) -> None:
+        """On the event loop, after a group committed: deliver the requests it put in
+        the outbox, and hand its results to the calls waiting for them."""
+        for message_id, partner, envelope in sent:
+            self._start_delivery(message_id, partner, envelope)
+        for future, error, result in outcomes:
+            if future.cancelled():
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
 
     def run_on_db_thread(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Queue ``fn`` on the database thread from any thread (metrics scrapes)."""
@@ -165,7 +262,17 @@ class Node:
         certificates = context.auth_context().get("x509_pem_cert")
         if not certificates:
             return None
-        return issuing_party(next(iter(certificates)), [p.card for p in self.config.partners])
+        # Parsing the certificate and checking it against each pinned CA costs more
+        # than the rest of a delivery's handling outside the database: remembered
+        # per certificate (the pinned CAs do not change while the node runs).
+        certificate = next(iter(certificates))
+        if certificate not in self._peers:
+            if len(self._peers) >= 1024:
+                self._peers.clear()
+            self._peers[certificate] = issuing_party(
+                certificate, [p.card for p in self.config.partners]
+            )
+        return self._peers[certificate]
 
     def operator(self, metadata: Any) -> str | None:
         """The admin operator a request's bearer token belongs to, if any.
@@ -237,6 +344,9 @@ class Node:
         )
         await self.db(self._load_rotated_keys)
         self.engine.on_rejection = self.metrics.rejection
+        self._group = getattr(store, "group", None)
+        self.engine.claim_sent_us = LEASE // dt.timedelta(microseconds=1)
+        self._batching = True
         self._buckets = {
             p.card.party: TokenBucket(config.limits.rate_per_second, config.limits.rate_burst)
             for p in config.partners
@@ -335,6 +445,7 @@ class Node:
         for channel in self._channels.values():
             await channel.close(None)
         if hasattr(self, "engine"):
+            self._batching = False  # what is queued runs before the store closes
             await self.db(self.engine.store.close)
         self._executor.shutdown(wait=True)
         self.metrics.close()
@@ -410,36 +521,43 @@ class Node:
 
     async def _outbox_loop(self) -> None:
         while not self._stopping:
+            wait = MAX_IDLE_WAIT_SECONDS
             try:
-                await self._outbox_pass()
+                next_due = await self._outbox_pass()
             except Exception:
                 log.exception("outbox pass failed; retrying")
-            wait = MAX_IDLE_WAIT_SECONDS
-            next_due = await self.db(self.engine.next_due)
-            if next_due is not None:
-                from itmolink.node.convert import to_us
+            else:
+                if next_due is not None:
+                    from itmolink.node.convert import to_us
 
-                wait = max(0.01, min(wait, (next_due - to_us(self.clock())) / 1e6))
+                    wait = max(0.01, min(wait, (next_due - to_us(self.clock())) / 1e6))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), wait)
             self._kick.clear()
 
-    async def _outbox_pass(self) -> None:
-        now = self.clock()
-        await self.db(self.engine.expire_transfers, now)
-        await self.db(self.engine.query_pending_transfers, now)
-        lease = dt.timedelta(seconds=RPC_TIMEOUT_SECONDS + 1)
-        for message_id, partner, envelope in await self.db(
-            self.engine.due_messages, now, lease=lease
-        ):
-            if message_id in self._inflight:
-                continue
-            self._inflight.add(message_id)
-            task = asyncio.get_running_loop().create_task(
-                self._deliver(message_id, partner, envelope)
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    async def _outbox_pass(self) -> int | None:
+        """Start delivering what is due; when the next message falls due (µs)."""
+        # One call on the database thread (one group commit) for the whole pass.
+        due, next_due = await self.db(self._outbox_step, self.clock(), LEASE)
+        for message_id, partner, envelope in due:
+            self._start_delivery(message_id, partner, envelope)
+        return next_due
+
+    def _start_delivery(self, message_id: str, partner: str, envelope: bytes) -> None:
+        if message_id in self._inflight or self._stopping:
+            return
+        self._inflight.add(message_id)
+        task = asyncio.get_running_loop().create_task(self._deliver(message_id, partner, envelope))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _outbox_step(
+        self, now: dt.datetime, lease: dt.timedelta
+    ) -> tuple[list[tuple[str, str, bytes]], int | None]:
+        self.engine.expire_transfers(now)
+        self.engine.query_pending_transfers(now)
+        due = self.engine.due_messages(now, lease=lease)
+        return due, self.engine.next_due()
 
     async def _deliver(self, message_id: str, partner: str, envelope: bytes) -> None:
         fields = {"message_id": message_id, "partner": partner}

@@ -58,8 +58,14 @@ def read_only(database: str | Path) -> Iterator[Tx]:
     path = Path(database)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such database")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
     try:
-        yield Tx(conn)
+        # One read transaction: every query sees the same snapshot, even while the
+        # node keeps appending (the journal and its recorded head must agree).
+        conn.execute("BEGIN")
+        try:
+            yield Tx(conn)
+        finally:
+            conn.execute("ROLLBACK")
     finally:
         conn.close()

@@ -53,6 +53,11 @@ class SqliteStore:
         # simulator can crash a node there (the transaction then rolls back).
         self.before_commit: Callable[[], None] | None = None
         self._lock = threading.Lock()
+        # While a group (group commit) is open: the thread that holds it, how many
+        # of its transactions have begun, and the follow-ups awaiting its commit.
+        self._group_owner: int | None = None
+        self._group_size = 0
+        self._group_followups: list[Callable[[], None]] = []
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
@@ -104,8 +109,8 @@ class SqliteStore:
             )
 
     def schema_version(self) -> int:
-        with self._lock:
-            row = self._conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+        with self.transaction() as tx:
+            row = tx._one("SELECT MAX(version) FROM schema_migrations")
         return int(row[0] or 0)
 
     @contextmanager
@@ -113,7 +118,14 @@ class SqliteStore:
         """One database transaction: committed when the block ends, else rolled back.
 
         Always ``BEGIN IMMEDIATE`` (one writer at a time), whatever ``exclusive``.
+        Inside :meth:`group` (on the thread that opened it) it is a savepoint of
+        the group's transaction instead: undone alone if it raises, made durable
+        with the whole group.
         """
+        if self._group_owner == threading.get_ident():
+            with self._grouped_transaction() as tx:
+                yield tx
+            return
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -124,6 +136,63 @@ class SqliteStore:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+
+    @contextmanager
+    def _grouped_transaction(self) -> Iterator[Tx]:
+        if not self._conn.in_transaction:
+            # SQLite rolled the group back itself (an I/O error, a full disk):
+            # nothing more may run in it, or it would commit statement by statement.
+            raise sqlite3.OperationalError("the group's transaction was rolled back")
+        self._group_size += 1
+        name = f"g{self._group_size}"
+        self._conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield Tx(self._conn)
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.execute(f"ROLLBACK TO SAVEPOINT {name}")
+                self._conn.execute(f"RELEASE SAVEPOINT {name}")
+            raise
+        self._conn.execute(f"RELEASE SAVEPOINT {name}")
+
+    @contextmanager
+    def group(self) -> Iterator[None]:
+        """Group commit: the transactions begun inside this block, on this thread,
+        are committed together, with one durable write, when the block ends; if
+        the block raises (or the commit fails) none of them is.
+
+        The caller must let no result of a transaction in the group out of the
+        process (a reply, a delivery) before the group has committed.
+        """
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._group_owner = threading.get_ident()
+            self._group_size = 0
+            self._group_followups = []
+            try:
+                try:
+                    yield
+                    if self.before_commit is not None:
+                        self.before_commit()
+                finally:
+                    self._group_owner = None
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._group_followups = []
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+            followups, self._group_followups = self._group_followups, []
+        for followup in followups:
+            followup()
+
+    def after_commit(self, followup: Callable[[], None]) -> None:
+        """Run ``followup`` (an in-memory consequence of a committed transaction)
+        now, or inside a group once the group has committed."""
+        if self._group_owner == threading.get_ident():
+            self._group_followups.append(followup)
+        else:
+            followup()
 
     def close(self) -> None:
         with self._lock:

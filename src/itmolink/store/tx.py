@@ -136,6 +136,9 @@ _SHARED_STATE = "shared_state"
 _SHARED_META = frozenset({"signing_key_id", "pending_signing_key"})
 
 _VIEW_COLUMNS = {"blocks": ("blocks_h1", "blocks_h2"), "journal": ("journal_h1", "journal_h2")}
+# The running sums of the reconciliation tree (migration 0003) are kept per
+# prefix of this many hex digits: buckets above that depth are read from them.
+SUMMARY_PREFIX = 3
 
 
 def _transfer(row: Sequence[Any]) -> TransferRecord:
@@ -373,13 +376,17 @@ class Tx:
         subject_id: str,
         envelope: bytes,
         now: int,
+        next_attempt_at: int | None = None,
     ) -> None:
+        """A request to deliver: due at once, or (claimed for a delivery that starts
+        as soon as this commits) at ``next_attempt_at``."""
         self._exec(
             "INSERT INTO outbox (message_id, partner, payload_type, subject_id, envelope, state, "
             "attempts, next_attempt_at, last_error, created_at) "
             "VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, '', ?)",
-            (message_id, partner, payload_type, subject_id, envelope, now, now),
-        )
+            (message_id, partner, payload_type, subject_id, envelope,
+             now if next_attempt_at is None else next_attempt_at, now),
+        )  # fmt: skip
 
     def outbox_due(
         self, now: int, limit: int, *, lease_until: int | None = None
@@ -932,11 +939,14 @@ class Tx:
         )
         if before is not None and int(before[2]) >= block.serial_start:
             held.append(before)
+        # From the few transfers accepted here and not yet completed (transfers_state),
+        # not from the serials of every block ever transferred: CROSS JOIN keeps
+        # SQLite from starting at transfer_blocks_serials, a scan of all serials below.
         pending = self._exec(
             f"SELECT {', '.join('b.' + c.strip() for c in _BLOCK_COLUMNS.split(','))} "
-            "FROM transfer_blocks b JOIN transfers t ON t.transfer_id = b.transfer_id "
-            "WHERE t.direction = 'in' AND t.state = ? AND b.originating_registry = ? "
-            "AND b.serial_start <= ? AND b.serial_end >= ?",
+            "FROM transfers t CROSS JOIN transfer_blocks b "
+            "WHERE b.transfer_id = t.transfer_id AND t.direction = 'in' AND t.state = ? "
+            "AND b.originating_registry = ? AND b.serial_start <= ? AND b.serial_end >= ?",
             (int(TransferState.ACCEPTED), *params),
         ).fetchall()
         return [_block(r) for r in [*held, *pending]]
@@ -1115,10 +1125,65 @@ class Tx:
         )
         blocks, journal = blocks_leaf(facts), journal_leaf(facts)
         (b1, b2), (j1, j2) = slices(blocks), slices(journal)
+        before = self._one(
+            "SELECT id_hash, blocks_h1, blocks_h2, journal_h1, journal_h2 FROM transfers "
+            "WHERE transfer_id = ? AND blocks_leaf IS NOT NULL",
+            (transfer_id,),
+        )
         self._exec(
             "UPDATE transfers SET blocks_leaf = ?, journal_leaf = ?, blocks_h1 = ?, "
             "blocks_h2 = ?, journal_h1 = ?, journal_h2 = ? WHERE transfer_id = ?",
             (blocks, journal, b1, b2, j1, j2, transfer_id),
+        )
+        # The running sums (migration 0003): a transfer sealed again (a final
+        # state recorded twice) replaces its earlier leaves.
+        prefix = id_hash(transfer_id)[:SUMMARY_PREFIX]
+        if before is not None:
+            self._add_to_bucket(record.partner, prefix, -1, *(-int(v) for v in before[1:]))
+        self._add_to_bucket(record.partner, prefix, 1, b1, b2, j1, j2)
+        if moved and before is not None:
+            # Not a protocol step (a completed transfer is sealed once): a repair
+            # of its record. The partner's totals are summed again from the ledger.
+            self._exec("DELETE FROM reconcile_totals WHERE partner = ?", (record.partner,))
+            self._exec(
+                "INSERT INTO reconcile_totals (partner, direction, unit_type, vintage, "
+                "authorisation_id, quantity, transfers) "
+                "SELECT t.partner, t.direction, b.unit_type, b.vintage, b.authorisation_id, "
+                "SUM(b.serial_end - b.serial_start + 1), COUNT(DISTINCT t.transfer_id) "
+                "FROM transfers t JOIN transfer_blocks b ON b.transfer_id = t.transfer_id "
+                "WHERE t.partner = ? AND t.state = ? AND t.blocks_leaf IS NOT NULL "
+                "GROUP BY t.partner, t.direction, b.unit_type, b.vintage, b.authorisation_id",
+                (record.partner, int(TransferState.COMPLETED)),
+            )
+        elif moved:
+            moved_by: dict[tuple[int, int, str], int] = {}
+            for block in facts.blocks:
+                key = (int(block.unit_type), block.vintage, block.authorisation_id)
+                moved_by[key] = moved_by.get(key, 0) + block.quantity
+            for (unit_type, vintage, authorisation_id), quantity in moved_by.items():
+                self._exec(
+                    "INSERT INTO reconcile_totals (partner, direction, unit_type, vintage, "
+                    "authorisation_id, quantity, transfers) VALUES (?, ?, ?, ?, ?, ?, 1) "
+                    "ON CONFLICT (partner, direction, unit_type, vintage, authorisation_id) "
+                    "DO UPDATE SET quantity = reconcile_totals.quantity + excluded.quantity, "
+                    "transfers = reconcile_totals.transfers + 1",
+                    (record.partner, record.direction.value, unit_type, vintage,
+                     authorisation_id, quantity),
+                )  # fmt: skip
+
+    def _add_to_bucket(
+        self, partner: str, prefix: str, leaves: int, b1: int, b2: int, j1: int, j2: int
+    ) -> None:
+        self._exec(
+            "INSERT INTO reconcile_buckets (partner, prefix, leaves, blocks_h1, blocks_h2, "
+            "journal_h1, journal_h2) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (partner, prefix) DO UPDATE SET "
+            "leaves = reconcile_buckets.leaves + excluded.leaves, "
+            "blocks_h1 = reconcile_buckets.blocks_h1 + excluded.blocks_h1, "
+            "blocks_h2 = reconcile_buckets.blocks_h2 + excluded.blocks_h2, "
+            "journal_h1 = reconcile_buckets.journal_h1 + excluded.journal_h1, "
+            "journal_h2 = reconcile_buckets.journal_h2 + excluded.journal_h2",
+            (partner, prefix, leaves, b1, b2, j1, j2),
         )
 
     # -- reconciliation -----------------------------------------------------------------
@@ -1128,13 +1193,40 @@ class Tx:
     ) -> list[Bucket]:
         """The non-empty children of bucket ``prefix`` (16 at most)."""
         h1, h2 = _VIEW_COLUMNS[view]
-        rows = self._exec(
-            f"SELECT substr(id_hash, 1, ?) AS child, COUNT(*), SUM({h1}), SUM({h2}) "
-            "FROM transfers WHERE partner = ? AND proposed_at < ? AND blocks_leaf IS NOT NULL "
-            "AND id_hash >= ? AND id_hash < ? GROUP BY child ORDER BY child",
-            (len(prefix) + 1, partner, snapshot, prefix, prefix + "g"),
-        )
-        return [Bucket(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
+        if len(prefix) >= SUMMARY_PREFIX:
+            rows = self._exec(
+                f"SELECT substr(id_hash, 1, ?) AS child, COUNT(*), SUM({h1}), SUM({h2}) "
+                "FROM transfers WHERE partner = ? AND proposed_at < ? "
+                "AND blocks_leaf IS NOT NULL AND id_hash >= ? AND id_hash < ? "
+                "GROUP BY child ORDER BY child",
+                (len(prefix) + 1, partner, snapshot, prefix, prefix + "g"),
+            )
+            return [Bucket(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
+        # Near the root: the running sums, less what was proposed at or after the
+        # snapshot (only the most recent transfers).
+        size = len(prefix) + 1
+        sums: dict[str, list[int]] = {}
+        for child, count, s1, s2 in self._exec(
+            f"SELECT prefix, leaves, {h1}, {h2} FROM reconcile_buckets "
+            "WHERE partner = ? AND prefix >= ? AND prefix < ?",
+            (partner, prefix, prefix + "g"),
+        ):
+            totals = sums.setdefault(child[:size], [0, 0, 0])
+            totals[0] += int(count)
+            totals[1] += int(s1)
+            totals[2] += int(s2)
+        for hashed, s1, s2 in self._exec(
+            f"SELECT id_hash, {h1}, {h2} FROM transfers WHERE partner = ? AND proposed_at >= ? "
+            "AND blocks_leaf IS NOT NULL",  # by transfers_proposed: no condition on id_hash
+            (partner, snapshot),
+        ):
+            if not hashed.startswith(prefix):
+                continue
+            totals = sums[hashed[:size]]
+            totals[0] -= 1
+            totals[1] -= int(s1)
+            totals[2] -= int(s2)
+        return [Bucket(child, *sums[child]) for child in sorted(sums) if sums[child][0]]
 
     def reconcile_leaves(
         self, partner: str, snapshot: int, view: str, prefix: str
@@ -1148,20 +1240,35 @@ class Tx:
         return {r[0]: bytes(r[1]) for r in rows}
 
     def reconcile_totals(self, partner: str, snapshot: int) -> list[Total]:
+        """Per sender and (unit type, vintage, authorisation): the tCO2e moved by
+        completed transfers proposed before ``snapshot``, and how many moved them.
+        The running sums, less the completed transfers proposed since."""
         me = self.meta_get("party") or ""
-        rows = self._exec(
+        sums: dict[tuple[str, int, int, str], list[int]] = {}
+        for direction, unit_type, vintage, authorisation_id, quantity, transfers in self._exec(
+            "SELECT direction, unit_type, vintage, authorisation_id, quantity, transfers "
+            "FROM reconcile_totals WHERE partner = ?",
+            (partner,),
+        ):
+            key = (direction, int(unit_type), int(vintage), authorisation_id)
+            sums[key] = [int(quantity), int(transfers)]
+        for direction, unit_type, vintage, authorisation_id, quantity, transfers in self._exec(
             "SELECT t.direction, b.unit_type, b.vintage, b.authorisation_id, "
             "SUM(b.serial_end - b.serial_start + 1), COUNT(DISTINCT t.transfer_id) "
             "FROM transfers t JOIN transfer_blocks b ON b.transfer_id = t.transfer_id "
-            "WHERE t.partner = ? AND t.proposed_at < ? AND t.state = ? "
+            "WHERE t.partner = ? AND t.proposed_at >= ? AND t.state = ? "
+            "AND t.blocks_leaf IS NOT NULL "
             "GROUP BY t.direction, b.unit_type, b.vintage, b.authorisation_id",
             (partner, snapshot, int(TransferState.COMPLETED)),
-        )
+        ):
+            key = (direction, int(unit_type), int(vintage), authorisation_id)
+            sums[key][0] -= int(quantity)
+            sums[key][1] -= int(transfers)
         return [
-            Total(me if r[0] == "out" else partner, int(r[1]), int(r[2]), r[3], int(r[4]),
-                  int(r[5]))
-            for r in rows
-        ]  # fmt: skip
+            Total(me if key[0] == "out" else partner, key[1], key[2], key[3], *values)
+            for key, values in sorted(sums.items())
+            if values[1]
+        ]
 
     def freeze_blocks_of(self, transfer_id: str, partner: str) -> int:
         """Freeze the held blocks that share a serial with the blocks of a transfer

@@ -1,0 +1,37 @@
+"""Two node processes making transfers, nothing else: a target for a profiler.
+
+    py-spy record --subprocesses --format raw -o prof.txt -- \\
+        .venv/bin/python bench/pair.py --count 3000 --in-flight 64
+
+prints (transfers per second, p50, p99) when done (docs/PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import tempfile
+from pathlib import Path
+
+import bench  # the script's own directory is on the path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="bench/pair.py")
+    parser.add_argument("--count", type=int, default=3000)
+    parser.add_argument("--in-flight", type=int, default=64)
+    args = parser.parse_args()
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        bench.make_parties(root)
+        pair = bench.Pair(ctx, root)
+        try:
+            pair.call("LAO", "authorise")
+            print(pair.call("LAO", "transfers", args.count, args.in_flight, 1_000))
+        finally:
+            pair.stop()
+
+
+if __name__ == "__main__":
+    main()

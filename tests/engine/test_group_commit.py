@@ -1,0 +1,86 @@
+"""Group commit (DESIGN.md decision 27): several transactions, one durable commit."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from itmolink.store import SqliteStore
+
+
+class Boom(Exception):
+    pass
+
+
+def _store(tmp_path: Path) -> SqliteStore:
+    return SqliteStore(tmp_path / "lao.db", party="LAO", registry="LAO-NR")
+
+
+def _meta(path: Path) -> dict[str, str]:
+    """What another connection sees: only what was committed."""
+    with sqlite3.connect(path) as conn:
+        return dict(conn.execute("SELECT key, value FROM node_meta"))
+
+
+def test_a_failing_transaction_in_a_group_is_undone_alone(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+
+    def failing() -> None:
+        with store.transaction() as tx:
+            tx.set_meta("second", "2")
+            raise Boom
+
+    with store.group():
+        with store.transaction() as tx:
+            tx.set_meta("first", "1")
+        with pytest.raises(Boom):
+            failing()
+        with store.transaction() as tx:
+            tx.set_meta("third", "3")
+            assert tx.meta_get("first") == "1"  # the group's own writes are visible in it
+        assert "first" not in _meta(store.path)  # nothing is committed before the group ends
+    committed = _meta(store.path)
+    assert (committed.get("first"), committed.get("second"), committed.get("third")) == (
+        "1",
+        None,
+        "3",
+    )
+
+
+def test_a_group_whose_commit_fails_keeps_nothing_and_runs_no_follow_up(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    ran: list[str] = []
+
+    def crash() -> None:
+        raise Boom("the disk refused")
+
+    def group() -> None:
+        with store.group():
+            with store.transaction() as tx:
+                tx.set_meta("first", "1")
+            store.after_commit(lambda: ran.append("first"))
+
+    store.before_commit = crash
+    with pytest.raises(Boom):
+        group()
+    store.before_commit = None
+    assert "first" not in _meta(store.path)
+    assert ran == []
+    with store.transaction() as tx:  # the store is usable again
+        tx.set_meta("after", "1")
+    assert _meta(store.path)["after"] == "1"
+
+
+def test_follow_ups_wait_for_the_group_commit(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    seen: list[str | None] = []
+    with store.group():
+        with store.transaction() as tx:
+            tx.set_meta("key", "value")
+        store.after_commit(lambda: seen.append(_meta(store.path).get("key")))
+        assert seen == []
+    assert seen == ["value"]  # it ran after the commit, and saw the committed value
+    store.after_commit(lambda: seen.append("now"))  # outside a group: at once
+    assert seen == ["value", "now"]
