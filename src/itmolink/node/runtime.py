@@ -118,8 +118,7 @@ class PartnerServicer(partner_service_pb2_grpc.PartnerServiceServicer):
             self._node.engine.handle_delivery, peer, request.envelope, self._node.clock()
         )
         self._node.metrics.received.labels(peer, "handled").inc()
-        if not self._node.delivers_at_once:
-            self._node.kick()
+        self._node.kick_after_call()
         return partner_service_pb2.DeliverResponse(envelope=reply)
 
 
@@ -266,6 +265,12 @@ class Node:
         worker is needed to send it (a pass costs four transactions on the database
         thread, queued ahead of the next protocol step)."""
         return self._batching
+
+    def kick_after_call(self) -> None:
+        """Wake the outbox worker after an engine call that may have put requests in
+        the outbox, unless they are already on their way (:attr:`delivers_at_once`)."""
+        if not self.delivers_at_once:
+            self.kick()
 
     def peer_party(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
         certificates = context.auth_context().get("x509_pem_cert")
