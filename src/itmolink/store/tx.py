@@ -644,6 +644,22 @@ class Tx:
         )
         return None if row is None else self._terms(row)
 
+    def authorisation_latest(
+        self, host_party: str, authorisation_id: str
+    ) -> tuple[AuthorisationTerms, dict[str, Any]] | None:
+        """The latest version of an authorisation with its details, in one query
+        (:meth:`authorisation_get` and :meth:`authorisation_details` together)."""
+        details = ", ".join(self._AUTHORISATION_DETAILS)
+        row = self._one(
+            f"SELECT {self._AUTHORISATION_COLUMNS}, {details} "
+            "FROM authorisations WHERE host_party = ? AND authorisation_id = ? "
+            "ORDER BY version DESC LIMIT 1",
+            (host_party, authorisation_id),
+        )
+        if row is None:
+            return None
+        return self._terms(row), dict(zip(self._AUTHORISATION_DETAILS, row[11:], strict=True))
+
     def authorisation_versions(
         self, host_party: str, authorisation_id: str
     ) -> list[tuple[AuthorisationTerms, dict[str, Any]]]:
