@@ -230,7 +230,7 @@ class Driver:
             vintage_from=2021, vintage_to=2030, quantity_cap=0, unit_type=UnitType.ITMO, now=NOW,
         )  # fmt: skip
         self.authorisation = terms.authorisation_id
-        self.node.kick()
+        self.node.kick_after_call()
         while (await self.node.db(self._states)).get("KOR") != "acknowledged":  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         await self.node.db(
@@ -251,7 +251,7 @@ class Driver:
         )  # fmt: skip
         done: asyncio.Future[float] = loop.create_future()
         self.node.waiting[transfer_id] = done
-        self.node.kick()
+        self.node.kick_after_call()
         return await done
 
     async def transfers(self, count: int, in_flight: int, quantity: int) -> Figures:

@@ -334,6 +334,14 @@ class _NeverRevoked:
         details["revoked"] = False
         return details
 
+    def authorisation_latest(
+        self, host: str, authorisation_id: str
+    ) -> tuple[AuthorisationTerms, dict[str, Any]] | None:
+        latest = self._tx.authorisation_latest(host, authorisation_id)
+        if latest is None:
+            return None
+        return latest[0], {**latest[1], "revoked": False}
+
 
 class IgnoresAuthorisationRevocation(Engine):
     """Accepts transfers under an authorisation its host revoked."""

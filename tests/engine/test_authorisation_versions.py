@@ -33,6 +33,7 @@ def versions(pair: Pair, authorisation_id: str) -> dict[str, tuple[int, bool]]:
         with engine.store.transaction() as tx:
             terms = tx.authorisation_get("LAO", authorisation_id)
             details = tx.authorisation_details("LAO", authorisation_id)
+            assert tx.authorisation_latest("LAO", authorisation_id) == (terms, details)
         assert terms is not None
         found[party] = (terms.version, bool(details["revoked"]))
     return found

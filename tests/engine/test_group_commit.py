@@ -84,3 +84,33 @@ def test_follow_ups_wait_for_the_group_commit(tmp_path: Path) -> None:
     assert seen == ["value"]  # it ran after the commit, and saw the committed value
     store.after_commit(lambda: seen.append("now"))  # outside a group: at once
     assert seen == ["value", "now"]
+
+
+def test_a_rolled_back_transaction_in_a_group_leaves_no_remembered_meta_or_counter(
+    tmp_path: Path,
+) -> None:
+    """The transactions of a group share what they read of node_meta and counters
+    (Tx._cache): one rolled back must not leave its writes there."""
+    store = _store(tmp_path)
+
+    def failing() -> None:
+        with store.transaction() as tx:
+            assert tx.next_counter("transfer") == 2
+            tx.set_meta("journal_head", "rolled back")
+            tx.shared_state_changed()
+            raise Boom
+
+    with store.group():
+        with store.transaction() as tx:
+            assert tx.next_counter("transfer") == 1
+            tx.set_meta("journal_head", "kept")
+            seen = tx.shared_state()
+        with pytest.raises(Boom):
+            failing()
+        with store.transaction() as tx:
+            assert tx.meta_get("journal_head") == "kept"
+            assert tx.shared_state() == seen
+            assert tx.next_counter("transfer") == 2
+    with store.transaction() as tx:
+        assert tx.next_counter("transfer") == 3
+        assert tx.meta_get("journal_head") == "kept"

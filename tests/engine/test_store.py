@@ -6,6 +6,7 @@ import pytest
 
 from itmolink.store import open_store, read_only
 from itmolink.store.migrate import latest_version
+from itmolink.store.tx import Tx
 
 from ..conftest import Databases
 
@@ -53,3 +54,39 @@ def test_a_ledger_opens_again_and_only_for_its_own_registry(databases: Databases
         assert tx.meta_get("marker") == "here"
     with pytest.raises(RuntimeError, match="belongs to LAO/LAO-NR, not KOR/KOR-NR"):
         open_store(database, party="KOR", registry="KOR-NR")
+
+
+def test_a_rolled_back_savepoint_leaves_no_remembered_meta_or_counter(
+    databases: Databases,
+) -> None:
+    """Within a transaction the store may remember node_meta and counters (SQLite);
+    a savepoint rolled back must take its writes out of that too, and the journal
+    chains on from the head that stayed."""
+    store = databases.open("LAO")
+
+    def append(tx: Tx, message_id: str) -> int:
+        return tx.journal(
+            direction="out", partner="KOR", message_id=message_id, payload_type="t",
+            envelope=b"e", now=1,
+        )  # fmt: skip
+
+    with store.transaction() as tx:
+        first = append(tx, "m1")
+        assert tx.next_counter("transfer") == 1
+
+        def undone() -> None:
+            with tx.savepoint():
+                append(tx, "m2")
+                tx.next_counter("transfer")
+                tx.set_meta("note", "rolled back")
+                raise RuntimeError
+
+        with pytest.raises(RuntimeError):
+            undone()
+        assert tx.meta_get("note") is None
+        assert tx.next_counter("transfer") == 2
+        assert append(tx, "m3") == first + 1
+    with store.transaction() as tx:
+        entries = list(tx.journal_entries())
+        assert [e.message_id for e in entries][-2:] == ["m1", "m3"]
+        assert tx.journal_head() == (entries[-1].id, entries[-1].entry_hash)

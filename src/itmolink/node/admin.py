@@ -244,7 +244,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             buyer_share_bp=request.buyer_share_bp,
             voluntary_omge_bp=request.voluntary_omge_bp,
         )
-        self._node.kick()
+        self._node.kick_after_call()
         return admin_pb2.AuthoriseResponse(
             authorisation_id=terms.authorisation_id, version=terms.version
         )
@@ -260,7 +260,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             quantity=request.quantity,
             now=self._node.clock(),
         )
-        self._node.kick()
+        self._node.kick_after_call()
         return admin_pb2.IssueResponse(
             issuance_id=issuance_id, blocks=[block_to_pb(b) for b in blocks]
         )
@@ -283,7 +283,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             if request.timeout_seconds
             else None,
         )
-        self._node.kick()
+        self._node.kick_after_call()
         return admin_pb2.TransferResponse(transfer_id=transfer_id)
 
     @admin_method
@@ -361,7 +361,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> admin_pb2.RotateSigningKeyResponse:
         key_id = await self._node.db(self._node.rotate_signing_key)
-        self._node.kick()
+        self._node.kick_after_call()
         return admin_pb2.RotateSigningKeyResponse(key_id=key_id)
 
     @admin_method
@@ -371,7 +371,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> admin_pb2.RevokeSigningKeyResponse:
         await self._node.db(self._node.revoke_signing_key, request.key_id, request.partner)
-        self._node.kick()
+        self._node.kick_after_call()
         return admin_pb2.RevokeSigningKeyResponse()
 
     @admin_method
@@ -449,7 +449,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             self._engine.amend_authorisation, request.authorisation_id, changes,
             self._node.clock(),
         )  # fmt: skip
-        self._node.kick()
+        self._node.kick_after_call()
         return admin_pb2.AmendAuthorisationResponse(
             authorisation_id=terms.authorisation_id, version=terms.version
         )
@@ -463,7 +463,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         revocation = await self._node.db(
             self._engine.revoke_authorisation, request.authorisation_id, self._node.clock()
         )
-        self._node.kick()
+        self._node.kick_after_call()
         return admin_pb2.RevokeAuthorisationResponse(
             version=revocation.authorisation.terms.version,
             revoked_quantity=revocation.revoked_quantity,

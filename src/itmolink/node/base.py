@@ -722,13 +722,13 @@ class EngineBase:
             self._send(tx, party, statement, f"{terms.authorisation_id}#{terms.version}", now_us)
 
     def _authorisation(self, tx: Tx, host_party: str, authorisation_id: str) -> Authorisation:
-        terms = tx.authorisation_get(host_party, authorisation_id)
-        if terms is None:
+        latest = tx.authorisation_latest(host_party, authorisation_id)
+        if latest is None:
             raise Rejected(
                 RejectionCode.UNKNOWN_AUTHORISATION,
                 f"no authorisation {authorisation_id!r} of {host_party} is recorded here",
             )
-        details = tx.authorisation_details(host_party, authorisation_id)
+        terms, details = latest
         return Authorisation(
             terms,
             oimp_detail=details["oimp_detail"],

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from itmolink.store.migrate import SQLITE, migrations, refuse_newer, statements
 from itmolink.store.tx import Tx
@@ -54,10 +54,12 @@ class SqliteStore:
         self.before_commit: Callable[[], None] | None = None
         self._lock = threading.Lock()
         # While a group (group commit) is open: the thread that holds it, how many
-        # of its transactions have begun, and the follow-ups awaiting its commit.
+        # of its transactions have begun, the follow-ups awaiting its commit, and what
+        # its transactions read of node_meta and counters (Tx._cache).
         self._group_owner: int | None = None
         self._group_size = 0
         self._group_followups: list[Callable[[], None]] = []
+        self._group_cache: dict[tuple[str, str], Any] = {}
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
@@ -129,7 +131,9 @@ class SqliteStore:
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield Tx(self._conn)
+                # BEGIN IMMEDIATE: no other connection writes until this commits,
+                # so what the transaction read of node_meta and counters holds.
+                yield Tx(self._conn, cache={})
                 if self.before_commit is not None:
                     self.before_commit()
             except BaseException:
@@ -147,8 +151,9 @@ class SqliteStore:
         name = f"g{self._group_size}"
         self._conn.execute(f"SAVEPOINT {name}")
         try:
-            yield Tx(self._conn)
+            yield Tx(self._conn, cache=self._group_cache)
         except BaseException:
+            self._group_cache.clear()
             if self._conn.in_transaction:
                 self._conn.execute(f"ROLLBACK TO SAVEPOINT {name}")
                 self._conn.execute(f"RELEASE SAVEPOINT {name}")
@@ -169,6 +174,7 @@ class SqliteStore:
             self._group_owner = threading.get_ident()
             self._group_size = 0
             self._group_followups = []
+            self._group_cache = {}
             try:
                 try:
                     yield

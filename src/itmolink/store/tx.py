@@ -199,10 +199,21 @@ class Tx:
     (PostgreSQL), which also switches the few statements that differ.
     """
 
-    def __init__(self, conn: Connection, paramstyle: Paramstyle = "qmark") -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        paramstyle: Paramstyle = "qmark",
+        *,
+        cache: dict[tuple[str, str], Any] | None = None,
+    ) -> None:
         self._conn = conn
         self._savepoints = 0
         self.postgres = paramstyle == "format"
+        # Rows of node_meta and counters read or written in this database
+        # transaction, given by a store whose transaction nothing else can write
+        # (SQLite: BEGIN IMMEDIATE), shared by the savepoints of a group commit and
+        # emptied when any of them is rolled back (:meth:`forget`). None: no cache.
+        self._cache = cache
 
     def _exec(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
         if self.postgres:
@@ -221,10 +232,17 @@ class Tx:
         try:
             yield
         except BaseException:
+            self.forget()
             self._exec(f"ROLLBACK TO SAVEPOINT {name}")
             self._exec(f"RELEASE SAVEPOINT {name}")
             raise
         self._exec(f"RELEASE SAVEPOINT {name}")
+
+    def forget(self) -> None:
+        """Drop what this transaction remembers of node_meta and counters (some of its
+        writes are being rolled back)."""
+        if self._cache is not None:
+            self._cache.clear()
 
     # -- node identity and counters ------------------------------------------------------
 
@@ -232,8 +250,14 @@ class Tx:
         return {k: v for k, v in self._exec("SELECT key, value FROM node_meta")}
 
     def meta_get(self, key: str) -> str | None:
+        cache = self._cache
+        if cache is not None and ("meta", key) in cache:
+            return cache["meta", key]  # type: ignore[no-any-return]
         row = self._one("SELECT value FROM node_meta WHERE key = ?", (key,))
-        return None if row is None else str(row[0])
+        value = None if row is None else str(row[0])
+        if cache is not None:
+            cache["meta", key] = value
+        return value
 
     def set_meta(self, key: str, value: str) -> None:
         self._exec(
@@ -241,6 +265,8 @@ class Tx:
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (key, value),
         )
+        if self._cache is not None:
+            self._cache["meta", key] = value
         if key in _SHARED_META:
             self.shared_state_changed()
 
@@ -251,17 +277,29 @@ class Tx:
 
     def shared_state(self) -> int:
         """A number that changes whenever :meth:`shared_state_changed` was called."""
-        row = self._one("SELECT value FROM counters WHERE name = ?", (_SHARED_STATE,))
-        return 0 if row is None else int(row[0])
+        value = self._counter(_SHARED_STATE)
+        return 0 if value is None else value
+
+    def _counter(self, name: str) -> int | None:
+        cache = self._cache
+        if cache is not None and ("counter", name) in cache:
+            return cache["counter", name]  # type: ignore[no-any-return]
+        row = self._one("SELECT value FROM counters WHERE name = ?", (name,))
+        value = None if row is None else int(row[0])
+        if cache is not None:
+            cache["counter", name] = value
+        return value
 
     def next_counter(self, name: str, count: int = 1) -> int:
         """Reserve ``count`` values of a counter; returns the first (counters start at 1)."""
-        row = self._one("SELECT value FROM counters WHERE name = ?", (name,))
-        first = 1 if row is None else int(row[0])
-        if row is None:
+        value = self._counter(name)
+        first = 1 if value is None else value
+        if value is None:
             self._exec("INSERT INTO counters (name, value) VALUES (?, ?)", (name, first + count))
         else:
             self._exec("UPDATE counters SET value = ? WHERE name = ?", (first + count, name))
+        if self._cache is not None:
+            self._cache["counter", name] = first + count
         return first
 
     def next_sequence(self, partner: str) -> int:
@@ -605,6 +643,22 @@ class Tx:
             (host_party, authorisation_id),
         )
         return None if row is None else self._terms(row)
+
+    def authorisation_latest(
+        self, host_party: str, authorisation_id: str
+    ) -> tuple[AuthorisationTerms, dict[str, Any]] | None:
+        """The latest version of an authorisation with its details, in one query
+        (:meth:`authorisation_get` and :meth:`authorisation_details` together)."""
+        details = ", ".join(self._AUTHORISATION_DETAILS)
+        row = self._one(
+            f"SELECT {self._AUTHORISATION_COLUMNS}, {details} "
+            "FROM authorisations WHERE host_party = ? AND authorisation_id = ? "
+            "ORDER BY version DESC LIMIT 1",
+            (host_party, authorisation_id),
+        )
+        if row is None:
+            return None
+        return self._terms(row), dict(zip(self._AUTHORISATION_DETAILS, row[11:], strict=True))
 
     def authorisation_versions(
         self, host_party: str, authorisation_id: str
