@@ -230,3 +230,74 @@ def test_a_version_1_database_is_upgraded_in_place(url: str) -> None:
     again = open_store(url, party="LAO", registry="LAO-NR")  # applies nothing twice
     assert again.schema_version() == latest_version()
     again.close()
+
+
+def _kor_processes_and_lao(
+    keys: dict[str, SigningKey], files: dict[str, SigningKey]
+) -> tuple[Engine, Engine, Engine]:
+    """KOR as two engines over one database (two processes), and LAO its partner."""
+    cluster = postgres_cluster()
+    kor_url = cluster.new_database("kor")
+
+    def kor_process(name: str) -> Engine:
+        counter = itertools.count(1)
+        return Engine(
+            party="KOR", registry="KOR-NR", signing_key=keys["KOR"],
+            trust=TrustStore([keys["LAO"].verifying_key()]),
+            partners=[Partner("LAO", "LAO-NR", "x")],
+            store=open_store(kor_url, party="KOR", registry="KOR-NR"),
+            new_id=lambda: f"KOR-{name}-{next(counter)}",
+        )  # fmt: skip
+
+    lao = Engine(
+        party="LAO", registry="LAO-NR", signing_key=keys["LAO"],
+        trust=TrustStore([keys["KOR"].verifying_key()]), partners=[Partner("KOR", "KOR-NR", "x")],
+        store=open_store(cluster.new_database("lao"), party="LAO", registry="LAO-NR"),
+        key_loader=files.__getitem__,
+    )  # fmt: skip
+    return kor_process("a"), kor_process("b"), lao
+
+
+def test_a_partner_key_learned_by_one_process_is_accepted_by_the_other() -> None:
+    # KOR's process A records LAO's new key; LAO then signs with it, and its next
+    # request reaches process B, which must not refuse the key as unknown.
+    keys = {party: SigningKey.generate(party) for party in ("LAO", "KOR")}
+    new = SigningKey.generate("LAO")
+    a, b, lao = _kor_processes_and_lao(keys, {keys["LAO"].key_id: keys["LAO"], new.key_id: new})
+    pair = Pair(lao=lao, kor=a, keys=keys)
+    lao.rotate_signing_key(new, pair.now)
+    pair.pump()
+    assert lao.signing_key is new
+    pair.kor = b
+    authorisation_id = pair.authorise()
+    pair.pump()
+    with lao.store.transaction() as tx:
+        assert tx.authorisation_party_states("LAO", authorisation_id, 1) == {"KOR": "acknowledged"}
+    for engine in (a, b, lao):
+        engine.store.close()
+
+
+def test_a_partner_key_revoked_through_one_process_is_refused_by_the_other() -> None:
+    # LAO rotates and then revokes its old key; process A records both. A message
+    # signed with the revoked key that reaches process B must be refused.
+    keys = {party: SigningKey.generate(party) for party in ("LAO", "KOR")}
+    old, new = keys["LAO"], SigningKey.generate("LAO")
+    a, b, lao = _kor_processes_and_lao(keys, {old.key_id: old, new.key_id: new})
+    pair = Pair(lao=lao, kor=a, keys=keys)
+    lao.rotate_signing_key(new, pair.now)
+    pair.pump()
+    lao.revoke_signing_key(old.key_id, pair.now)
+    pair.pump()
+    with a.store.transaction() as tx:
+        assert old.key_id in tx.revoked_keys()
+    # A stolen old key signs LAO's next request; B receives it.
+    lao.signing_key = old
+    pair.kor = b
+    authorisation_id = pair.authorise()
+    pair.pump()
+    with lao.store.transaction() as tx:
+        assert tx.authorisation_party_states("LAO", authorisation_id, 1) == {"KOR": "rejected"}
+    with b.store.transaction() as tx:
+        assert tx.authorisation_party_states("LAO", authorisation_id, 1) == {}
+    for engine in (a, b, lao):
+        engine.store.close()
