@@ -301,3 +301,11 @@ def test_a_partner_key_revoked_through_one_process_is_refused_by_the_other() -> 
         assert tx.authorisation_party_states("LAO", authorisation_id, 1) == {}
     for engine in (a, b, lao):
         engine.store.close()
+
+
+def test_the_test_cluster_is_reachable_only_by_its_user() -> None:
+    # The cluster trusts every local connection that reaches its socket: only its
+    # own user (and root) may reach it.
+    cluster = postgres_cluster()
+    for directory in (cluster.root, cluster.socket_dir):
+        assert directory.stat().st_mode & 0o777 == 0o700
