@@ -17,7 +17,8 @@ from itmolink.node.config import ConfigError, _database
 from itmolink.node.engine import Engine, Partner
 from itmolink.store import open_store
 from itmolink.store.migrate import POSTGRES, SQLITE
-from itmolink.store.postgres import PostgresStore, redact
+from itmolink.store.postgres import PostgresStore, connect_defaults, redact
+from itmolink.store.url import LedgerUnavailable
 from itmolink.v1 import envelope_pb2
 
 from ..conftest import postgres_cluster
@@ -69,6 +70,9 @@ def test_a_claimed_outbox_message_is_skipped_by_the_other_claimer(url: str) -> N
                 message_id=f"m{n}", partner="KOR", payload_type="t", subject_id=f"s{n}",
                 envelope=b"e", now=n,
             )  # fmt: skip
+    # Were A's rows waited for, B's claim would wait forever for A (on this same
+    # thread): a short lock timeout makes it fail instead.
+    b._conn.execute("SET lock_timeout = '2s'")
     with a.transaction(exclusive=False) as claimer:
         mine = claimer.outbox_due(100, 3, lease_until=10_000)
         # Before A commits its claim, B claims too: it skips A's rows instead of
@@ -309,3 +313,23 @@ def test_the_test_cluster_is_reachable_only_by_its_user() -> None:
     cluster = postgres_cluster()
     for directory in (cluster.root, cluster.socket_dir):
         assert directory.stat().st_mode & 0o777 == 0o700
+
+
+def test_connections_bound_their_waits_unless_the_url_says_otherwise() -> None:
+    defaults = connect_defaults("postgresql://db.example/lao?connect_timeout=3")
+    assert "connect_timeout" not in defaults
+    assert defaults["keepalives"] == "1"
+    assert defaults["tcp_user_timeout"] == "60000"
+
+
+def test_a_registry_lock_held_too_long_fails_the_transaction_cleanly(url: str) -> None:
+    a, b = two_stores(url)
+    b._conn.execute("SET lock_timeout = '200ms'")
+    with a.transaction() as tx:
+        tx.next_counter("x")
+        with pytest.raises(LedgerUnavailable, match="registry lock"), b.transaction() as other:
+            other.next_counter("x")  # never reached
+    with b.transaction() as tx:  # B's connection still works; nothing of B was applied
+        assert tx.next_counter("x") == 2
+    a.close()
+    b.close()

@@ -9,7 +9,9 @@ and server reflection, so ``grpcurl`` can list and call them: on the partner
 port only with a client certificate of a pinned partner CA, on the admin
 interface without a token (neither reveals anything an operator's token
 guards). Health is SERVING once the store is open and both servers started,
-and NOT_SERVING from the first moment of :meth:`Node.stop`. Metrics are served
+and NOT_SERVING from the first moment of :meth:`Node.stop`, after
+STORE_FAILURES_UNHEALTHY outbox passes in a row failed (SERVING again once one
+works) and once the outbox worker ended. Metrics are served
 over HTTP when ``[metrics] listen`` is set (:mod:`itmolink.node.metrics`).
 """
 
