@@ -7,6 +7,7 @@ there without touching these.
 from __future__ import annotations
 
 import argparse
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -82,17 +83,29 @@ def cmd_node_backup(args: argparse.Namespace) -> int:
     if out.exists():
         print(f"itmolink: {out} already exists; not overwriting it", file=sys.stderr)
         return EXIT_USAGE
-    source = sqlite3.connect(f"file:{source_path}?mode=ro", uri=True)
-    target = sqlite3.connect(out)
+    # The copy holds the whole ledger: readable by the owner only from its creation on.
     try:
-        source.backup(target)  # one step: a single consistent snapshot
-        (check,) = target.execute("PRAGMA integrity_check").fetchone()
-        (version,) = target.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
-        (entries,) = target.execute("SELECT COUNT(*) FROM journal").fetchone()
+        os.close(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        print(f"itmolink: {out} already exists; not overwriting it", file=sys.stderr)
+        return EXIT_USAGE
+    os.chmod(out, 0o600)  # whatever the umask took away from 0600
+    check = "the copy failed"
+    try:
+        source = sqlite3.connect(f"file:{source_path}?mode=ro", uri=True)
+        target = sqlite3.connect(out)
+        try:
+            source.backup(target)  # one step: a single consistent snapshot
+            (check,) = target.execute("PRAGMA integrity_check").fetchone()
+            (version,) = target.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+            (entries,) = target.execute("SELECT COUNT(*) FROM journal").fetchone()
+        finally:
+            target.close()
+            source.close()
     finally:
-        target.close()
-        source.close()
-    out.chmod(0o600)
+        if check != "ok":  # a copy that failed (or fails its check) is no backup: remove it
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                Path(f"{out}{suffix}").unlink(missing_ok=True)
     if check != "ok":
         print(f"itmolink: the copy fails SQLite's integrity check: {check}", file=sys.stderr)
         return EXIT_FAILED
