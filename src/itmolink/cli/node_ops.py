@@ -49,7 +49,10 @@ def cmd_node_health(args: argparse.Namespace) -> int:
 def cmd_node_check_config(args: argparse.Namespace) -> int:
     from itmolink.node.checkconfig import check_config
 
-    checks = check_config(args.config)
+    if args.config is not None and args.config_option is not None:
+        print("itmolink: give the configuration once (--config or a path)", file=sys.stderr)
+        return EXIT_USAGE
+    checks = check_config(args.config or args.config_option or "node.toml")
     width = max(len(c.name) for c in checks)
     for check in checks:
         print(f"{'OK  ' if check.ok else 'FAIL'}  {check.name.ljust(width)}  {check.detail}")
@@ -133,7 +136,16 @@ def add_node_ops_parsers(node: argparse._SubParsersAction) -> None:  # type: ign
         help="check node.toml and everything it refers to without starting the node; "
         "exit 1 if a check fails",
     )
-    check.add_argument("config", help="the node's node.toml")
+    # --config as every other command takes it; the positional form still works.
+    check.add_argument(
+        "config", nargs="?", default=None, help="the node's node.toml (or give --config)"
+    )
+    check.add_argument(
+        "--config",
+        dest="config_option",
+        default=None,
+        help="the node's node.toml (default: node.toml)",
+    )
     check.set_defaults(func=cmd_node_check_config)
 
     backup = node.add_parser(
