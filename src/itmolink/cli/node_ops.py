@@ -143,6 +143,7 @@ def add_node_ops_parsers(node: argparse._SubParsersAction) -> None:  # type: ign
     check.add_argument(
         "--config",
         dest="config_option",
+        metavar="CONFIG",
         default=None,
         help="the node's node.toml (default: node.toml)",
     )
