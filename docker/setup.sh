@@ -23,8 +23,8 @@ for party in LAO KOR; do
     mv "$dir/pki/ca.key" "offline/$dir/"
     password=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')
     printf '%s' "$password" > "secrets/$dir/db_password"
-    # libpq passfile: host:port:database:user:password (any host and port).
-    printf '*:*:itmolink:itmolink:%s\n' "$password" > "secrets/$dir/pgpass"
+    # libpq passfile: host:port:database:user:password, for this party's database only.
+    printf '%s-db:5432:itmolink:itmolink:%s\n' "$dir" "$password" > "secrets/$dir/pgpass"
     chmod 600 "secrets/$dir"/*
     chmod 644 "$dir/pki/card.toml" "$dir/pki/ca.pem" "$dir/pki/node.pem"
 done

@@ -14,6 +14,7 @@ The binaries are found in ``$ITMOLINK_PG_BINDIR``, else the newest
 
 from __future__ import annotations
 
+import atexit
 import glob
 import itertools
 import os
@@ -67,7 +68,7 @@ class Cluster:
         if os.geteuid() == 0:
             self._as = ["runuser", "-u", _unprivileged_user(), "--"]
             os.chown(self.root, pwd.getpwnam(TEST_USER).pw_uid, -1)
-        os.chmod(self.root, 0o700 if not self._as else 0o755)
+        os.chmod(self.root, 0o700)
         self._run(["mkdir", "-m", "0700", str(self.socket_dir)])
         self._run(
             [
@@ -75,11 +76,21 @@ class Cluster:
                 "--auth=trust", "--encoding=UTF8", "--no-locale", "--no-sync",
             ]
         )  # fmt: skip
+        self.start()
+        self._names = itertools.count(1)
+        # An interrupted run (Ctrl-C, a failed session) must not leave a server behind.
+        atexit.register(self.stop)
+
+    def start(self) -> None:
+        """Start the server (again, after :meth:`stop_server`)."""
         options = " ".join(
             [
                 "-c listen_addresses=''",
                 f"-c unix_socket_directories='{self.socket_dir}'",
-                "-c unix_socket_permissions=0777",
+                # Only the server's user (and root) may reach the socket: its
+                # directory and the cluster's are 0700 (the cluster trusts any
+                # local connection that reaches it).
+                "-c unix_socket_permissions=0700",
                 # Tests only: speed over durability (see the module docstring).
                 "-c fsync=off",
                 "-c synchronous_commit=off",
@@ -94,9 +105,11 @@ class Cluster:
                 str(self.root / "server.log"), "-o", options, "-w", "-t", "60", "start",
             ]
         )  # fmt: skip
-        if self._as:
-            os.chmod(self.socket_dir, 0o755)
-        self._names = itertools.count(1)
+
+    def stop_server(self) -> None:
+        """Stop the server, keeping its data (an outage; :meth:`start` again)."""
+        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
+                   "stop"])  # fmt: skip
 
     def _run(self, command: list[str]) -> None:
         result = subprocess.run(
@@ -125,6 +138,9 @@ class Cluster:
         return self.url(name)
 
     def stop(self) -> None:
+        """Stop the server and remove the cluster (idempotent)."""
+        if not self.root.exists():
+            return
         try:
             self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
                        "stop"])  # fmt: skip

@@ -191,6 +191,13 @@ class Engine:
 
     def start_node(self, service: str, spec: dict[str, Any]) -> None:
         config = self.node_config(service)
+        for target in self.mounts(service):
+            if target.endswith("pgpass"):  # host:port names the database service
+                mounted = self.fs(service) / target.lstrip("/")
+                text = self.translate(service, mounted.read_text())
+                mounted.unlink()
+                mounted.write_text(text)
+                mounted.chmod(0o600)
         entrypoint = spec.get("entrypoint", dockerfile_instruction("ENTRYPOINT"))
         assert entrypoint == ["itmolink"]
         command = spec.get("command", dockerfile_instruction("CMD"))

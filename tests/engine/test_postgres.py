@@ -17,7 +17,8 @@ from itmolink.node.config import ConfigError, _database
 from itmolink.node.engine import Engine, Partner
 from itmolink.store import open_store
 from itmolink.store.migrate import POSTGRES, SQLITE
-from itmolink.store.postgres import PostgresStore, redact
+from itmolink.store.postgres import PostgresStore, connect_defaults, redact
+from itmolink.store.url import LedgerUnavailable
 from itmolink.v1 import envelope_pb2
 
 from ..conftest import postgres_cluster
@@ -69,6 +70,9 @@ def test_a_claimed_outbox_message_is_skipped_by_the_other_claimer(url: str) -> N
                 message_id=f"m{n}", partner="KOR", payload_type="t", subject_id=f"s{n}",
                 envelope=b"e", now=n,
             )  # fmt: skip
+    # Were A's rows waited for, B's claim would wait forever for A (on this same
+    # thread): a short lock timeout makes it fail instead.
+    b._conn.execute("SET lock_timeout = '2s'")
     with a.transaction(exclusive=False) as claimer:
         mine = claimer.outbox_due(100, 3, lease_until=10_000)
         # Before A commits its claim, B claims too: it skips A's rows instead of
@@ -230,3 +234,102 @@ def test_a_version_1_database_is_upgraded_in_place(url: str) -> None:
     again = open_store(url, party="LAO", registry="LAO-NR")  # applies nothing twice
     assert again.schema_version() == latest_version()
     again.close()
+
+
+def _kor_processes_and_lao(
+    keys: dict[str, SigningKey], files: dict[str, SigningKey]
+) -> tuple[Engine, Engine, Engine]:
+    """KOR as two engines over one database (two processes), and LAO its partner."""
+    cluster = postgres_cluster()
+    kor_url = cluster.new_database("kor")
+
+    def kor_process(name: str) -> Engine:
+        counter = itertools.count(1)
+        return Engine(
+            party="KOR", registry="KOR-NR", signing_key=keys["KOR"],
+            trust=TrustStore([keys["LAO"].verifying_key()]),
+            partners=[Partner("LAO", "LAO-NR", "x")],
+            store=open_store(kor_url, party="KOR", registry="KOR-NR"),
+            new_id=lambda: f"KOR-{name}-{next(counter)}",
+        )  # fmt: skip
+
+    lao = Engine(
+        party="LAO", registry="LAO-NR", signing_key=keys["LAO"],
+        trust=TrustStore([keys["KOR"].verifying_key()]), partners=[Partner("KOR", "KOR-NR", "x")],
+        store=open_store(cluster.new_database("lao"), party="LAO", registry="LAO-NR"),
+        key_loader=files.__getitem__,
+    )  # fmt: skip
+    return kor_process("a"), kor_process("b"), lao
+
+
+def test_a_partner_key_learned_by_one_process_is_accepted_by_the_other() -> None:
+    # KOR's process A records LAO's new key; LAO then signs with it, and its next
+    # request reaches process B, which must not refuse the key as unknown.
+    keys = {party: SigningKey.generate(party) for party in ("LAO", "KOR")}
+    new = SigningKey.generate("LAO")
+    a, b, lao = _kor_processes_and_lao(keys, {keys["LAO"].key_id: keys["LAO"], new.key_id: new})
+    pair = Pair(lao=lao, kor=a, keys=keys)
+    lao.rotate_signing_key(new, pair.now)
+    pair.pump()
+    assert lao.signing_key is new
+    pair.kor = b
+    authorisation_id = pair.authorise()
+    pair.pump()
+    with lao.store.transaction() as tx:
+        assert tx.authorisation_party_states("LAO", authorisation_id, 1) == {"KOR": "acknowledged"}
+    for engine in (a, b, lao):
+        engine.store.close()
+
+
+def test_a_partner_key_revoked_through_one_process_is_refused_by_the_other() -> None:
+    # LAO rotates and then revokes its old key; process A records both. A message
+    # signed with the revoked key that reaches process B must be refused.
+    keys = {party: SigningKey.generate(party) for party in ("LAO", "KOR")}
+    old, new = keys["LAO"], SigningKey.generate("LAO")
+    a, b, lao = _kor_processes_and_lao(keys, {old.key_id: old, new.key_id: new})
+    pair = Pair(lao=lao, kor=a, keys=keys)
+    lao.rotate_signing_key(new, pair.now)
+    pair.pump()
+    lao.revoke_signing_key(old.key_id, pair.now)
+    pair.pump()
+    with a.store.transaction() as tx:
+        assert old.key_id in tx.revoked_keys()
+    # A stolen old key signs LAO's next request; B receives it.
+    lao.signing_key = old
+    pair.kor = b
+    authorisation_id = pair.authorise()
+    pair.pump()
+    with lao.store.transaction() as tx:
+        assert tx.authorisation_party_states("LAO", authorisation_id, 1) == {"KOR": "rejected"}
+    with b.store.transaction() as tx:
+        assert tx.authorisation_party_states("LAO", authorisation_id, 1) == {}
+    for engine in (a, b, lao):
+        engine.store.close()
+
+
+def test_the_test_cluster_is_reachable_only_by_its_user() -> None:
+    # The cluster trusts every local connection that reaches its socket: only its
+    # own user (and root) may reach it.
+    cluster = postgres_cluster()
+    for directory in (cluster.root, cluster.socket_dir):
+        assert directory.stat().st_mode & 0o777 == 0o700
+
+
+def test_connections_bound_their_waits_unless_the_url_says_otherwise() -> None:
+    defaults = connect_defaults("postgresql://db.example/lao?connect_timeout=3")
+    assert "connect_timeout" not in defaults
+    assert defaults["keepalives"] == "1"
+    assert defaults["tcp_user_timeout"] == "60000"
+
+
+def test_a_registry_lock_held_too_long_fails_the_transaction_cleanly(url: str) -> None:
+    a, b = two_stores(url)
+    b._conn.execute("SET lock_timeout = '200ms'")
+    with a.transaction() as tx:
+        tx.next_counter("x")
+        with pytest.raises(LedgerUnavailable, match="registry lock"), b.transaction() as other:
+            other.next_counter("x")  # never reached
+    with b.transaction() as tx:  # B's connection still works; nothing of B was applied
+        assert tx.next_counter("x") == 2
+    a.close()
+    b.close()

@@ -135,3 +135,56 @@ async def test_an_older_backup_restores_the_ledger_of_its_time_but_the_partner_r
     finally:
         await stop_registry(restored if restored is not None else lao)
         await stop_registry(kor)
+
+
+@pytest.mark.parametrize("databases", ["sqlite"], indirect=True)
+def test_a_backup_is_private_from_its_creation_and_a_failed_copy_is_removed(
+    pki: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import sqlite3
+
+    from itmolink.store import open_store
+
+    config = pki("LAO", ["KOR"])
+    open_store(load_config(config).database, party="LAO", registry="LAO-NR").close()
+    out = tmp_path / "lao.backup"
+    real_connect = sqlite3.connect
+    modes: list[int] = []
+
+    class Copy:  # the backup file's connection: its integrity check fails
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def execute(self, sql: str) -> sqlite3.Cursor:
+            if "integrity_check" in sql:
+                return real_connect(":memory:").execute("SELECT 'page 2: btree corrupt'")
+            return self.conn.execute(sql)
+
+        def close(self) -> None:
+            self.conn.close()
+
+    class Source:  # notes the copy's mode while the ledger is being copied into it
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def backup(self, target: Copy) -> None:
+            modes.append(out.stat().st_mode & 0o777)
+            self.conn.backup(target.conn)
+
+        def close(self) -> None:
+            self.conn.close()
+
+    def connect(name: object, *args: object, **kwargs: object) -> object:
+        conn = real_connect(name, *args, **kwargs)  # type: ignore[call-overload]
+        return Copy(conn) if Path(str(name)) == out else Source(conn)
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    umask = os.umask(0o022)
+    try:
+        code = main(["node", "backup", "--config", str(config), "--out", str(out)])
+    finally:
+        os.umask(umask)
+    assert code == 1
+    assert modes == [0o600]
+    assert not out.exists()

@@ -150,3 +150,16 @@ def test_a_missing_configuration_fails(tmp_path: Path, capsys: pytest.CaptureFix
     code, verdicts = run(tmp_path / "nope.toml", capsys)
     assert code == 1
     assert verdicts == {"configuration": "FAIL"}
+
+
+def test_the_configuration_is_named_with_config_as_by_every_command_or_as_a_path(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["node", "check-config", "--config", str(config)]) == 0
+    with_option = capsys.readouterr().out
+    assert main(["node", "check-config", str(config)]) == 0
+    assert capsys.readouterr().out == with_option
+    assert "OK" in with_option
+    code = main(["node", "check-config", str(config), "--config", str(config)])
+    assert code == 2
+    assert "once" in capsys.readouterr().err

@@ -7,6 +7,7 @@ there without touching these.
 from __future__ import annotations
 
 import argparse
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -48,7 +49,10 @@ def cmd_node_health(args: argparse.Namespace) -> int:
 def cmd_node_check_config(args: argparse.Namespace) -> int:
     from itmolink.node.checkconfig import check_config
 
-    checks = check_config(args.config)
+    if args.config is not None and args.config_option is not None:
+        print("itmolink: give the configuration once (--config or a path)", file=sys.stderr)
+        return EXIT_USAGE
+    checks = check_config(args.config or args.config_option or "node.toml")
     width = max(len(c.name) for c in checks)
     for check in checks:
         print(f"{'OK  ' if check.ok else 'FAIL'}  {check.name.ljust(width)}  {check.detail}")
@@ -82,17 +86,29 @@ def cmd_node_backup(args: argparse.Namespace) -> int:
     if out.exists():
         print(f"itmolink: {out} already exists; not overwriting it", file=sys.stderr)
         return EXIT_USAGE
-    source = sqlite3.connect(f"file:{source_path}?mode=ro", uri=True)
-    target = sqlite3.connect(out)
+    # The copy holds the whole ledger: readable by the owner only from its creation on.
     try:
-        source.backup(target)  # one step: a single consistent snapshot
-        (check,) = target.execute("PRAGMA integrity_check").fetchone()
-        (version,) = target.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
-        (entries,) = target.execute("SELECT COUNT(*) FROM journal").fetchone()
+        os.close(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        print(f"itmolink: {out} already exists; not overwriting it", file=sys.stderr)
+        return EXIT_USAGE
+    os.chmod(out, 0o600)  # whatever the umask took away from 0600
+    check = "the copy failed"
+    try:
+        source = sqlite3.connect(f"file:{source_path}?mode=ro", uri=True)
+        target = sqlite3.connect(out)
+        try:
+            source.backup(target)  # one step: a single consistent snapshot
+            (check,) = target.execute("PRAGMA integrity_check").fetchone()
+            (version,) = target.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+            (entries,) = target.execute("SELECT COUNT(*) FROM journal").fetchone()
+        finally:
+            target.close()
+            source.close()
     finally:
-        target.close()
-        source.close()
-    out.chmod(0o600)
+        if check != "ok":  # a copy that failed (or fails its check) is no backup: remove it
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                Path(f"{out}{suffix}").unlink(missing_ok=True)
     if check != "ok":
         print(f"itmolink: the copy fails SQLite's integrity check: {check}", file=sys.stderr)
         return EXIT_FAILED
@@ -120,7 +136,17 @@ def add_node_ops_parsers(node: argparse._SubParsersAction) -> None:  # type: ign
         help="check node.toml and everything it refers to without starting the node; "
         "exit 1 if a check fails",
     )
-    check.add_argument("config", help="the node's node.toml")
+    # --config as every other command takes it; the positional form still works.
+    check.add_argument(
+        "config", nargs="?", default=None, help="the node's node.toml (or give --config)"
+    )
+    check.add_argument(
+        "--config",
+        dest="config_option",
+        metavar="CONFIG",
+        default=None,
+        help="the node's node.toml (default: node.toml)",
+    )
     check.set_defaults(func=cmd_node_check_config)
 
     backup = node.add_parser(

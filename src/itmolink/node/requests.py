@@ -29,7 +29,7 @@ from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.core.rules import AuthorisationTerms
 from itmolink.core.transfer import Event, Role, TransferState, step
 from itmolink.core.units import FirstTransferDefinition
-from itmolink.crypto.envelope import open_envelope, pae
+from itmolink.crypto.envelope import VerifiedEnvelope, open_envelope, pae
 from itmolink.crypto.keys import VerifyingKey
 from itmolink.node.base import (
     MAX_LEAVES,
@@ -80,11 +80,33 @@ from itmolink.v1 import (
     transfer_pb2,
 )
 
+# Refusals that a stale copy of the pinned keys can cause (a key learned, revoked or
+# renewed through another process sharing the database).
+_KEY_CODES = frozenset({
+    RejectionCode.UNKNOWN_SIGNING_KEY,
+    RejectionCode.SIGNING_KEY_REVOKED,
+    RejectionCode.SIGNING_KEY_EXPIRED,
+    RejectionCode.SIGNING_KEY_NOT_YET_VALID,
+})  # fmt: skip
+
 
 class Requests(EngineBase):
     """The receiver's side of the protocol."""
 
     # -- requests from partners ------------------------------------------------------
+
+    def _open_delivery(self, raw: bytes, now: dt.datetime) -> VerifiedEnvelope:
+        """Verify a delivered envelope with the pinned keys, catching up first with
+        the ledger when they do not accept its key: another process sharing the
+        database may have recorded the partner's new key (docs/DESIGN.md)."""
+        try:
+            return open_envelope(raw, self.trust, now)
+        except Rejected as rejected:
+            if rejected.code not in _KEY_CODES:
+                raise
+        with self.store.transaction() as tx:
+            self._sync_shared(tx)
+        return open_envelope(raw, self.trust, now)
 
     def handle_delivery(self, peer_party: str, raw: bytes, now: dt.datetime) -> bytes:
         """Apply one request delivered by ``peer_party`` (the mTLS-authenticated
@@ -98,7 +120,7 @@ class Requests(EngineBase):
                     RejectionCode.MESSAGE_TOO_LARGE,
                     f"envelope of {len(raw)} bytes; at most {self.limits.max_message_bytes}",
                 )
-            verified = open_envelope(raw, self.trust, now)
+            verified = self._open_delivery(raw, now)
             if verified.signer_party != peer_party:
                 raise Rejected(
                     RejectionCode.SIGNER_NOT_PEER,
@@ -133,7 +155,24 @@ class Requests(EngineBase):
 
         sender = verified.signer_party
         payload_digest = digest(pae(verified.payload_type, verified.payload))
+        verified_with = self.trust
         with self._transaction() as tx:
+            if self.trust is not verified_with:
+                # Another process sharing the database changed the pinned keys since
+                # the check above (a revocation, a new validity window): check again
+                # with the ledger's keys before anything is recorded.
+                try:
+                    open_envelope(raw, self.trust, now)
+                except Rejected as rejected:
+                    log.warning(
+                        "refused a message from %s without recording it: %s", sender, rejected,
+                        extra={"partner": sender, "code": rejected.code.wire_name},
+                    )  # fmt: skip
+                    _, envelope = self._reply(
+                        None, sender, self._rejection(subject_id, rejected, raw), message_id,
+                        now_us,
+                    )  # fmt: skip
+                    return envelope
             seen = tx.inbox_get(sender, message_id)
             if seen is not None:
                 if seen.payload_digest == payload_digest:

@@ -9,7 +9,9 @@ and server reflection, so ``grpcurl`` can list and call them: on the partner
 port only with a client certificate of a pinned partner CA, on the admin
 interface without a token (neither reveals anything an operator's token
 guards). Health is SERVING once the store is open and both servers started,
-and NOT_SERVING from the first moment of :meth:`Node.stop`. Metrics are served
+and NOT_SERVING from the first moment of :meth:`Node.stop`, after
+STORE_FAILURES_UNHEALTHY outbox passes in a row failed (SERVING again once one
+works) and once the outbox worker ended. Metrics are served
 over HTTP when ``[metrics] listen`` is set (:mod:`itmolink.node.metrics`).
 """
 
@@ -64,6 +66,9 @@ GROUP_SECONDS = 0.02
 # A message being delivered is claimed in the outbox for this long (not due again).
 LEASE = dt.timedelta(seconds=RPC_TIMEOUT_SECONDS + 1)
 MAX_IDLE_WAIT_SECONDS = 1.0
+# Health says NOT_SERVING after this many outbox passes in a row failed (the store
+# unreachable), and SERVING again after the next one that works.
+STORE_FAILURES_UNHEALTHY = 3
 
 
 def utc_now() -> dt.datetime:
@@ -412,6 +417,7 @@ class Node:
         if admin.startswith("unix:"):
             os.chmod(admin.removeprefix("unix:"), 0o600)
         self._worker = asyncio.get_running_loop().create_task(self._outbox_loop())
+        self._worker.add_done_callback(self._worker_ended)
         if config.metrics_listen is not None:
             self.metrics.attach(self, config.party, config.registry)
             self.metrics_port = self.metrics.serve(config.metrics_listen)
@@ -452,7 +458,7 @@ class Node:
         for server in (self._partner_server, self._admin_server):
             if server is not None:
                 await server.stop(grace)
-        if self._worker is not None:
+        if self._worker is not None and not self._worker.done():  # else it died (logged)
             await self._worker
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
@@ -533,14 +539,39 @@ class Node:
             self._stubs[party] = stub
         return stub
 
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else (
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        )  # fmt: skip
+        for service in ("", PARTNER_SERVICE, ADMIN_SERVICE):
+            await self.health.set(service, status)  # ignored once stopping
+        self.metrics.serving.set(1 if serving and not self._stopping else 0)
+
+    def _worker_ended(self, task: asyncio.Task[None]) -> None:
+        """The outbox worker must run until the node stops: health says so if not."""
+        if self._stopping:
+            return
+        reason = "cancelled" if task.cancelled() else repr(task.exception())
+        log.error("ALARM: the outbox worker ended (%s): health NOT_SERVING", reason)
+        asyncio.get_running_loop().create_task(self._set_health(False))
+
     async def _outbox_loop(self) -> None:
+        failures = 0
         while not self._stopping:
             wait = MAX_IDLE_WAIT_SECONDS
             try:
                 next_due = await self._outbox_pass()
             except Exception:
                 log.exception("outbox pass failed; retrying")
+                failures += 1
+                if failures == STORE_FAILURES_UNHEALTHY:
+                    log.error("%d outbox passes failed in a row: health NOT_SERVING", failures)
+                    await self._set_health(False)
             else:
+                if failures >= STORE_FAILURES_UNHEALTHY:
+                    log.info("outbox pass works again: health SERVING")
+                    await self._set_health(True)
+                failures = 0
                 if next_due is not None:
                     from itmolink.node.convert import to_us
 

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from itmolink.store.migrate import POSTGRES, migrations, refuse_newer, statements
 from itmolink.store.tx import Tx
@@ -56,6 +57,33 @@ def redact(url: str) -> str:
     return make_conninfo("", **{k: v for k, v in params.items() if v is not None})
 
 
+# Unless the URL says otherwise: give up connecting after this long, and notice a
+# dead server or network path (TCP keepalives, unacknowledged data) in about a minute
+# instead of the kernel's hours. libpq ignores them on a unix socket.
+CONNECT_DEFAULTS = {
+    "connect_timeout": "10",
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "60000",
+}
+# How long a transaction waits for a lock (the registry lock another process holds)
+# before it fails, unless the URL sets lock_timeout (options=-c lock_timeout=...).
+LOCK_TIMEOUT_SECONDS = 60
+
+
+def connect_defaults(url: str) -> dict[str, str]:
+    """The connection parameters of :data:`CONNECT_DEFAULTS` that ``url`` does not set."""
+    given = conninfo_to_dict(url)
+    return {k: v for k, v in CONNECT_DEFAULTS.items() if k not in given}
+
+
+def with_defaults(url: str) -> str:
+    """``url`` as a libpq connection string, completed with :func:`connect_defaults`."""
+    return make_conninfo(url, **connect_defaults(url))
+
+
 class PostgresStore:
     """A PostgreSQL database named by a libpq URL (``postgresql://...``).
 
@@ -81,10 +109,14 @@ class PostgresStore:
 
     def _connect(self) -> psycopg.Connection[Any]:
         try:
-            conn = psycopg.connect(self.url, autocommit=True, application_name="itmolink")
+            conn = psycopg.connect(
+                with_defaults(self.url), autocommit=True, application_name="itmolink"
+            )
         except psycopg.OperationalError as exc:
             raise LedgerUnavailable(f"cannot connect to {redact(self.url)}: {exc}") from None
         conn.execute("SET TIME ZONE 'UTC'")
+        if "lock_timeout" not in self.url:  # else the URL's options=-c lock_timeout=... holds
+            conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT_SECONDS}s'")
         return conn
 
     def _connection(self) -> psycopg.Connection[Any]:
@@ -158,7 +190,13 @@ class PostgresStore:
             conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
             try:
                 if exclusive:
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._registry_key,))
+                    try:
+                        conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._registry_key,))
+                    except psycopg.errors.LockNotAvailable:
+                        raise LedgerUnavailable(
+                            "another process sharing the database held the registry lock "
+                            "longer than lock_timeout: nothing was applied (docs/POSTGRES.md)"
+                        ) from None
                 yield Tx(conn, "format")
                 if self.before_commit is not None:
                     self.before_commit()
@@ -177,7 +215,9 @@ class PostgresStore:
 def read_only(url: str) -> Iterator[Tx]:
     """A read-only transaction on a PostgreSQL ledger (reports, ``audit verify``)."""
     try:
-        conn = psycopg.connect(url, autocommit=True, application_name="itmolink-read")
+        conn = psycopg.connect(
+            with_defaults(url), autocommit=True, application_name="itmolink-read"
+        )
     except psycopg.OperationalError as exc:
         raise LedgerUnavailable(f"cannot connect to {redact(url)}: {exc}") from None
     try:
