@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 FUZZ_SECONDS ?= 600
 FUZZ_CI_SECONDS ?= 20
 
-.PHONY: all venv proto check-proto lint typecheck docker-lint test fuzz fuzz-ci demo sim bench clean
+.PHONY: all venv proto check-proto lint typecheck docker-lint postgres test fuzz fuzz-ci demo sim bench clean
 
 all: test
 
@@ -37,7 +37,11 @@ typecheck: $(STAMP)
 docker-lint: $(STAMP)
 	$(VENV)/bin/hadolint docker/Dockerfile
 
-test: $(STAMP) check-proto lint typecheck docker-lint
+# The PostgreSQL server binaries the tests' throwaway clusters need (installed as root).
+postgres:
+	scripts/ensure_postgres.sh
+
+test: $(STAMP) postgres check-proto lint typecheck docker-lint
 	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory fuzz-ci
 
