@@ -222,6 +222,22 @@ def test_transfers_survive_sigkill_of_either_node_at_random_moments(
         assert time.monotonic() < deadline, "transfers did not settle after the kills"
         time.sleep(0.2)
 
+    completed, voided = check_exactly_once(lao, kor, lao_view, kor_view)
+    print(
+        f"{proposed} proposed, {len(completed)} completed, {voided} voided, "
+        f"kills: LAO {lao.kills}, KOR {kor.kills}, at {dt.datetime.now(dt.UTC):%H:%M:%S}"
+    )
+
+
+def check_exactly_once(
+    lao: Any, kor: Any, lao_view: dict[str, Any], kor_view: dict[str, Any]
+) -> tuple[dict[str, int], int]:
+    """Once every transfer is final on both sides, check that each moved exactly once.
+
+    ``lao`` and ``kor`` are node processes (their ledgers, read from their admin
+    interfaces or databases, and their node.toml). Returns (the quantity of each
+    completed transfer, the number voided).
+    """
     completed = {
         t: v.quantity
         for t, v in lao_view.items()
@@ -232,7 +248,8 @@ def test_transfers_survive_sigkill_of_either_node_at_random_moments(
         moved_here = view.state == transfer_pb2.TRANSFER_STATE_COMPLETED
         assert moved_here == (transfer_id in completed), (transfer_id, view.state)
 
-    # The two CA ledgers match transfer by transfer; nothing else has a CA.
+    # The two CA ledgers match transfer by transfer; nothing else has a CA
+    # (adjustments() refuses two entries for one transfer).
     assert lao.adjustments() == completed
     assert kor.adjustments() == {t: -q for t, q in completed.items()}
 
@@ -253,7 +270,4 @@ def test_transfers_survive_sigkill_of_either_node_at_random_moments(
         )  # fmt: skip
         assert result.returncode == 0, result.stdout + result.stderr
     voided = sum(v.state == transfer_pb2.TRANSFER_STATE_VOIDED for v in lao_view.values())
-    print(
-        f"{proposed} proposed, {len(completed)} completed, {voided} voided, "
-        f"kills: LAO {lao.kills}, KOR {kor.kills}, at {dt.datetime.now(dt.UTC):%H:%M:%S}"
-    )
+    return completed, voided
