@@ -65,7 +65,7 @@ from itmolink.node.convert import (
 )
 from itmolink.node.validation import validate
 from itmolink.store.sqlite import HOLDING_ACCOUNT, Store
-from itmolink.store.tx import Tx
+from itmolink.store.tx import NewTransfer, Tx
 from itmolink.v1 import (
     authorisation_pb2,
     codes_pb2,
@@ -93,6 +93,13 @@ TransferVoid = transfer_pb2.TransferVoid
 TransferVoidReceipt = transfer_pb2.TransferVoidReceipt
 TransferStatusQuery = transfer_pb2.TransferStatusQuery
 TransferStatusReport = transfer_pb2.TransferStatusReport
+TransferBatchProposal = transfer_pb2.TransferBatchProposal
+TransferBatchItem = transfer_pb2.TransferBatchItem
+TransferBatchAcceptance = transfer_pb2.TransferBatchAcceptance
+TransferBatchOutcome = transfer_pb2.TransferBatchOutcome
+TransferBatchCompletion = transfer_pb2.TransferBatchCompletion
+TransferBatchCompletionItem = transfer_pb2.TransferBatchCompletionItem
+TransferBatchCompletionReceipt = transfer_pb2.TransferBatchCompletionReceipt
 Rejection = reply_pb2.Rejection
 FirstTransferNotice = use_pb2.FirstTransferNotice
 FirstTransferNoticeAcknowledgement = use_pb2.FirstTransferNoticeAcknowledgement
@@ -117,6 +124,8 @@ EXPECTED_REPLY: dict[str, type[Message]] = {
     type_name(ReconciliationQuery): ReconciliationAnswer,
     type_name(KeyRotation): KeyRotationAcknowledgement,
     type_name(FirstTransferNotice): FirstTransferNoticeAcknowledgement,
+    type_name(TransferBatchProposal): TransferBatchAcceptance,
+    type_name(TransferBatchCompletion): TransferBatchCompletionReceipt,
 }
 REQUEST_TYPES: dict[str, type[Message]] = {
     type_name(cls): cls
@@ -130,8 +139,14 @@ REQUEST_TYPES: dict[str, type[Message]] = {
         ReconciliationQuery,
         KeyRotation,
         FirstTransferNotice,
+        TransferBatchProposal,
+        TransferBatchCompletion,
     )
 }
+
+# Most transfers in one TransferBatchProposal (docs/PROTOCOL.md §5.15): the
+# `max_items` rule of its `items` field, so a partner reads the same limit.
+MAX_BATCH_ITEMS = 1_000
 
 # Where each part of an issuance goes: (account, account kind, AEF action if any).
 ISSUANCE_DESTINATIONS: dict[
@@ -467,22 +482,33 @@ class EngineBase:
             )  # fmt: skip
 
     def _check_threshold(
-        self, tx: Tx, terms: AuthorisationTerms, vintage: int, quantity: int
+        self,
+        tx: Tx,
+        terms: AuthorisationTerms,
+        vintage: int,
+        quantity: int,
+        pending: dict[int, int] | None = None,
     ) -> None:
-        """The host threshold on first transfers (only units that carry an adjustment)."""
+        """The host threshold on first transfers (only units that carry an adjustment).
+
+        ``pending``: tCO2e per booking year of first transfers checked earlier in the
+        same operator request (a batch) and not recorded yet; this one is added.
+        """
         if (
             self.threshold is None
             or self.accounting is None
             or not terms.unit_type.requires_adjustment
         ):
             return
+        year = booking_year(self.accounting, vintage=vintage)
+        done = tx.first_transferred_by_year()
+        for pending_year, amount in (pending or {}).items():
+            done[pending_year] = done.get(pending_year, 0) + amount
         check_host_threshold(
-            self.threshold,
-            self.accounting.ndc_period,
-            tx.first_transferred_by_year(),
-            year=booking_year(self.accounting, vintage=vintage),
-            quantity=quantity,
+            self.threshold, self.accounting.ndc_period, done, year=year, quantity=quantity
         )
+        if pending is not None:
+            pending[year] = pending.get(year, 0) + quantity
 
     def _check_booking(self, tx: Tx, role: Role, blocks: Sequence[Block]) -> None:
         """Refuse, before anything is promised, units whose adjustment could not be
@@ -652,6 +678,12 @@ class EngineBase:
             or tx.outbox_pending_of(
                 payload_type=type_name(TransferCompletion), subject_id=transfer_id
             )
+            or (
+                record.batch_id
+                and tx.outbox_pending_of(
+                    payload_type=type_name(TransferBatchCompletion), subject_id=record.batch_id
+                )
+            )
         ):
             return
         years = {year for year, _ in tx.adjustment_amounts(transfer_id)}
@@ -736,6 +768,50 @@ class EngineBase:
             revoked=bool(details["revoked"]),
         )
 
+    def _reserve_outgoing(
+        self, tx: Tx, authorisation_id: str, blocks: Sequence[Block], evidence: bytes = b""
+    ) -> Outgoing:
+        """Give a transfer of ``blocks`` its id and reserve them for it (one transfer,
+        proposed alone or in a batch)."""
+        taken = list(blocks)
+        first_transfer = all(b.first_transferring_party == self.party for b in taken) and (
+            self._ca_point(self._authorisation(tx, self.party, authorisation_id)) == "transfer"
+        )
+        transfer_id = f"{self.party}-T-{tx.next_counter('transfer'):06d}"
+        tx.blocks_reserve(taken, transfer_id=transfer_id)
+        return Outgoing(
+            transfer_id, authorisation_id, total(taken), taken, first_transfer, evidence
+        )
+
+    def _record_outgoing(
+        self,
+        tx: Tx,
+        to_party: str,
+        items: Sequence[Outgoing],
+        *,
+        message_id: str,
+        payload: bytes,
+        expires_us: int,
+        now_us: int,
+        batch_id: str = "",
+    ) -> None:
+        """Record proposed transfers, each PROPOSED with the digest of the proposal
+        (or batch proposal) that carries it."""
+        proposal_digest = digest(payload)
+        tx.transfers_put(
+            [
+                NewTransfer(
+                    transfer_id=item.transfer_id, direction=Role.SENDER, partner=to_party,
+                    state=TransferState.PROPOSED, quantity=item.quantity,
+                    authorisation_id=item.authorisation_id, first_transfer=item.first_transfer,
+                    proposal_message_id=message_id, proposal_digest=proposal_digest,
+                    expires_at=expires_us, blocks=item.blocks, batch_id=batch_id,
+                )
+                for item in items
+            ],
+            now=now_us,
+        )  # fmt: skip
+
     def _propose(
         self,
         tx: Tx,
@@ -748,43 +824,39 @@ class EngineBase:
         evidence: bytes = b"",
     ) -> str:
         """Reserve ``blocks`` and persist a proposal of them to ``to_party``."""
-        quantity = total(blocks)
-        authorisation_id = terms.authorisation_id
-        taken = list(blocks)
-        first_transfer = all(b.first_transferring_party == self.party for b in taken) and (
-            self._ca_point(self._authorisation(tx, self.party, authorisation_id)) == "transfer"
-        )
-        transfer_id = f"{self.party}-T-{tx.next_counter('transfer'):06d}"
-        tx.blocks_reserve(taken, transfer_id=transfer_id)
+        item = self._reserve_outgoing(tx, terms.authorisation_id, blocks, evidence)
         proposal = TransferProposal(
-            transfer_id=transfer_id,
-            authorisation_id=authorisation_id,
-            quantity=quantity,
-            blocks=[block_to_pb(b) for b in taken],
-            first_transfer=first_transfer,
+            transfer_id=item.transfer_id,
+            authorisation_id=item.authorisation_id,
+            quantity=item.quantity,
+            blocks=[block_to_pb(b) for b in item.blocks],
+            first_transfer=item.first_transfer,
             expires_at=timestamp(expires_us),
             authorisation_evidence=evidence,
         )
-        payload = self._send(tx, to_party, proposal, transfer_id, now_us)
-        tx.transfer_put(
-            transfer_id=transfer_id,
-            direction=Role.SENDER,
-            partner=to_party,
-            state=TransferState.PROPOSED,
-            quantity=quantity,
-            authorisation_id=authorisation_id,
-            first_transfer=proposal.first_transfer,
-            proposal_message_id=proposal.header.message_id,
-            proposal_digest=digest(payload),
-            expires_at=expires_us,
-            blocks=taken,
-            now=now_us,
-        )
-        log.info(
-            "transfer %s proposed: %d tCO2e to %s", transfer_id, quantity, to_party,
-            extra={"transfer_id": transfer_id, "partner": to_party},
+        payload = self._send(tx, to_party, proposal, item.transfer_id, now_us)
+        self._record_outgoing(
+            tx, to_party, [item], message_id=proposal.header.message_id, payload=payload,
+            expires_us=expires_us, now_us=now_us,
         )  # fmt: skip
-        return transfer_id
+        log.info(
+            "transfer %s proposed: %d tCO2e to %s", item.transfer_id, item.quantity, to_party,
+            extra={"transfer_id": item.transfer_id, "partner": to_party},
+        )  # fmt: skip
+        return item.transfer_id
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A transfer this node is about to propose: its id, the blocks reserved for it
+    and what its proposal (or its item of a batch proposal) says."""
+
+    transfer_id: str
+    authorisation_id: str
+    quantity: int
+    blocks: list[Block]
+    first_transfer: bool
+    evidence: bytes
 
 
 def check_answers(
@@ -834,7 +906,7 @@ def _enum_or(kind: type[FirstTransferDefinition], value: int) -> FirstTransferDe
 
 
 def _subject_of(msg: Message) -> str:
-    for name in ("transfer_id", "issuance_id", "authorisation_id"):
+    for name in ("batch_id", "transfer_id", "issuance_id", "authorisation_id"):
         if msg.DESCRIPTOR.fields_by_name.get(name) is not None:
             return str(getattr(msg, name))
     return ""

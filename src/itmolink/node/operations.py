@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from itmolink.core import rules
@@ -35,6 +35,7 @@ from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
 from itmolink.crypto.keys import SigningKey, VerifyingKey
 from itmolink.node.base import (
     ISSUANCE_DESTINATIONS,
+    MAX_BATCH_ITEMS,
     RETIREMENTS,
     STATUS_QUERY_GRACE_US,
     STATUS_QUERY_INTERVAL_US,
@@ -42,10 +43,13 @@ from itmolink.node.base import (
     FirstTransferNotice,
     IssuanceNotice,
     KeyRotation,
+    Outgoing,
     ReconciliationAnswer,
     ReconciliationQuery,
     Rejection,
     ReplyError,
+    TransferBatchItem,
+    TransferBatchProposal,
     TransferProposal,
     TransferStatusQuery,
     TransferVoid,
@@ -352,6 +356,12 @@ class Operations(EngineBase):
                 tx.outbox_cancel(
                     payload_type=type_name(TransferProposal), subject_id=record.transfer_id
                 )
+                if record.batch_id:
+                    # The items of a batch share its expires_at: all of them are voided
+                    # now, each with its own void, and the batch proposal is withdrawn.
+                    tx.outbox_cancel(
+                        payload_type=type_name(TransferBatchProposal), subject_id=record.batch_id
+                    )
                 if Effect.SEND_VOID in transition.effects:
                     void = TransferVoid(
                         transfer_id=record.transfer_id, reason="no acceptance before the time-out"
@@ -726,6 +736,55 @@ class Operations(EngineBase):
         )
         return issuance_id, [block]
 
+    def _prepare_transfer(
+        self,
+        tx: Tx,
+        *,
+        to_party: str,
+        host: str,
+        authorisation_id: str,
+        vintage: int,
+        quantity: int,
+        pending_threshold: dict[int, int] | None = None,
+    ) -> tuple[AuthorisationTerms, list[Block], bytes]:
+        """The sender's checks on one transfer (docs/PROTOCOL.md §5.8, "Sender"), and
+        the held blocks it takes (the last one split off): (terms, blocks, evidence)."""
+        terms = tx.authorisation_get(host, authorisation_id)
+        if terms is None:
+            raise Rejected(
+                RejectionCode.UNKNOWN_AUTHORISATION,
+                f"no authorisation {authorisation_id!r} of {host} is recorded here",
+            )
+        evidence = b""
+        if host == self.party:
+            if tx.authorisation_details(self.party, authorisation_id).get("revoked"):
+                raise Rejected(
+                    RejectionCode.AUTHORISATION_REVOKED,
+                    f"authorisation {authorisation_id} is revoked",
+                )
+            states = tx.authorisation_party_states(host, authorisation_id, terms.version)
+            acknowledged = states.get(to_party) == "acknowledged"
+        else:
+            # Units acquired from their host, already first-transferred: the
+            # receiver checks the host's statement itself.
+            evidence = tx.authorisation_evidence(host, authorisation_id) or b""
+            acknowledged = True
+        rules.check_transfer_request(
+            terms, to_party=to_party, vintage=vintage, acknowledged=acknowledged
+        )
+        held = tx.blocks_held(
+            account=HOLDING_ACCOUNT, authorisation_id=authorisation_id, vintage=vintage
+        )
+        taken, remainders = take(held, quantity)
+        self._check_booking(tx, Role.SENDER, taken)
+        if all(b.first_transferring_party == self.party for b in taken) and (
+            self._ca_point(self._authorisation(tx, host, authorisation_id)) == "transfer"
+        ):
+            self._check_threshold(tx, terms, vintage, quantity, pending_threshold)
+        for tail in remainders:
+            tx.block_split(tail)
+        return terms, taken, evidence
+
     def start_transfer(
         self,
         *,
@@ -745,44 +804,89 @@ class Operations(EngineBase):
         now_us = to_us(now)
         self._require_partner(to_party)
         expires_us = now_us + (timeout or self.default_timeout) // dt.timedelta(microseconds=1)
-        host = host_party or self.party
-        evidence = b""
         with self._transaction() as tx:
-            terms = tx.authorisation_get(host, authorisation_id)
-            if terms is None:
-                raise Rejected(
-                    RejectionCode.UNKNOWN_AUTHORISATION,
-                    f"no authorisation {authorisation_id!r} of {host} is recorded here",
-                )
-            if host == self.party:
-                if tx.authorisation_details(self.party, authorisation_id).get("revoked"):
-                    raise Rejected(
-                        RejectionCode.AUTHORISATION_REVOKED,
-                        f"authorisation {authorisation_id} is revoked",
-                    )
-                states = tx.authorisation_party_states(host, authorisation_id, terms.version)
-                acknowledged = states.get(to_party) == "acknowledged"
-            else:
-                # Units acquired from their host, already first-transferred: the
-                # receiver checks the host's statement itself.
-                evidence = tx.authorisation_evidence(host, authorisation_id) or b""
-                acknowledged = True
-            rules.check_transfer_request(
-                terms, to_party=to_party, vintage=vintage, acknowledged=acknowledged
-            )
-            held = tx.blocks_held(
-                account=HOLDING_ACCOUNT, authorisation_id=authorisation_id, vintage=vintage
-            )
-            taken, remainders = take(held, quantity)
-            self._check_booking(tx, Role.SENDER, taken)
-            if all(b.first_transferring_party == self.party for b in taken) and (
-                self._ca_point(self._authorisation(tx, host, authorisation_id)) == "transfer"
-            ):
-                self._check_threshold(tx, terms, vintage, quantity)
-            for tail in remainders:
-                tx.block_split(tail)
+            terms, taken, evidence = self._prepare_transfer(
+                tx, to_party=to_party, host=host_party or self.party,
+                authorisation_id=authorisation_id, vintage=vintage, quantity=quantity,
+            )  # fmt: skip
             transfer_id = self._propose(
                 tx, terms, to_party=to_party, blocks=taken, now_us=now_us, expires_us=expires_us,
                 evidence=evidence,
             )  # fmt: skip
         return transfer_id
+
+    def start_transfer_batch(
+        self,
+        *,
+        to_party: str,
+        items: Sequence[BatchItemRequest],
+        now: dt.datetime,
+        timeout: dt.timedelta | None = None,
+    ) -> tuple[str, list[str]]:
+        """Reserve units for several transfers to ``to_party`` and persist one
+        TransferBatchProposal of them (docs/PROTOCOL.md §5.15); returns the batch id
+        and the transfer ids, in the order of ``items``.
+
+        All or nothing: if any item fails the sender's checks, nothing is reserved
+        and the request is refused with that item's code.
+        """
+        now_us = to_us(now)
+        self._require_partner(to_party)
+        if not items:
+            raise Rejected(RejectionCode.MISSING_FIELD, "a batch needs at least one transfer")
+        if len(items) > MAX_BATCH_ITEMS:
+            raise Rejected(
+                RejectionCode.TOO_MANY_ITEMS,
+                f"a batch of {len(items)} transfers; at most {MAX_BATCH_ITEMS}",
+            )
+        expires_us = now_us + (timeout or self.default_timeout) // dt.timedelta(microseconds=1)
+        with self._transaction() as tx:
+            outgoing: list[Outgoing] = []
+            pending: dict[int, int] = {}
+            for number, item in enumerate(items, start=1):
+                try:
+                    terms, taken, evidence = self._prepare_transfer(
+                        tx, to_party=to_party, host=item.host_party or self.party,
+                        authorisation_id=item.authorisation_id, vintage=item.vintage,
+                        quantity=item.quantity, pending_threshold=pending,
+                    )  # fmt: skip
+                except Rejected as rejected:
+                    raise Rejected(
+                        rejected.code, f"item {number} of the batch: {rejected.detail}"
+                    ) from None
+                outgoing.append(self._reserve_outgoing(tx, terms.authorisation_id, taken, evidence))
+            batch_id = f"{self.party}-B-{tx.next_counter('batch'):06d}"
+            proposal = TransferBatchProposal(
+                batch_id=batch_id,
+                expires_at=timestamp(expires_us),
+                items=[
+                    TransferBatchItem(
+                        transfer_id=o.transfer_id, authorisation_id=o.authorisation_id,
+                        quantity=o.quantity, blocks=[block_to_pb(b) for b in o.blocks],
+                        first_transfer=o.first_transfer, authorisation_evidence=o.evidence,
+                    )
+                    for o in outgoing
+                ],
+            )  # fmt: skip
+            payload = self._send(tx, to_party, proposal, batch_id, now_us)
+            self._record_outgoing(
+                tx, to_party, outgoing, message_id=proposal.header.message_id, payload=payload,
+                expires_us=expires_us, now_us=now_us, batch_id=batch_id,
+            )  # fmt: skip
+        log.info(
+            "batch %s proposed: %d transfers, %d tCO2e to %s", batch_id, len(outgoing),
+            sum(o.quantity for o in outgoing), to_party,
+            extra={"subject_id": batch_id, "partner": to_party},
+        )  # fmt: skip
+        return batch_id, [o.transfer_id for o in outgoing]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItemRequest:
+    """One transfer of an operator's batch request (:meth:`Operations.start_transfer_batch`)."""
+
+    authorisation_id: str
+    vintage: int
+    quantity: int
+    # For an onward transfer: the party that authorised the units (empty: this node's).
+    host_party: str = ""

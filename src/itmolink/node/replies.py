@@ -20,6 +20,11 @@ from itmolink.node.base import (
     Rejection,
     ReplyError,
     TransferAcceptance,
+    TransferBatchAcceptance,
+    TransferBatchCompletion,
+    TransferBatchCompletionItem,
+    TransferBatchCompletionReceipt,
+    TransferBatchProposal,
     TransferCompletion,
     TransferProposal,
     TransferStatusQuery,
@@ -33,7 +38,7 @@ from itmolink.node.base import (
 from itmolink.node.convert import (
     to_us,
 )
-from itmolink.store.tx import Tx
+from itmolink.store.tx import NewAction, TransferRecord, Tx
 from itmolink.v1 import (
     envelope_pb2,
     transfer_pb2,
@@ -122,6 +127,18 @@ class Replies(EngineBase):
             else:
                 assert isinstance(reply, TransferAcceptance)
                 self._accepted(tx, subject_id, partner, reply, reply_payload, journal_id, now_us)
+        elif request_type == type_name(TransferBatchProposal):
+            if isinstance(reply, Rejection):
+                self._batch_rejected(tx, subject_id, partner, reply, now_us)
+            else:
+                assert isinstance(reply, TransferBatchAcceptance)
+                self._batch_accepted(
+                    tx, subject_id, partner, reply, reply_payload, journal_id, now_us
+                )
+        elif request_type == type_name(TransferBatchCompletion):
+            self._batch_completion_answered(
+                tx, subject_id, partner, reply, request_envelope, now_us
+            )
         elif request_type == type_name(TransferStatusQuery) and isinstance(
             reply, TransferStatusReport
         ):
@@ -207,18 +224,27 @@ class Replies(EngineBase):
         record = tx.transfer_get(transfer_id)
         if record is None:
             raise RuntimeError(f"rejected transfer {transfer_id} is not recorded")
+        code, detail = _rejection_reasons(reply)
+        self._reject_outgoing(tx, record, code, detail, now_us)
+
+    def _reject_outgoing(
+        self, tx: Tx, record: TransferRecord, code: int, detail: str, now_us: int
+    ) -> None:
+        """The receiver rejected our proposal of a transfer (alone or as an item of a
+        batch): release its blocks, unless it is no longer PROPOSED here."""
         try:
             transition = step(Role.SENDER, record.state, Event.REJECTION_RECEIVED)
         except Rejected:
             log.info(
-                "late rejection of transfer %s in state %s ignored", transfer_id, record.state.name
-            )
+                "late rejection of transfer %s in state %s ignored",
+                record.transfer_id, record.state.name,
+            )  # fmt: skip
             return
-        self._apply(tx, transition.effects, transfer_id, record.partner, [], 0, now_us)
-        code, detail = _rejection_reasons(reply)
+        self._apply(tx, transition.effects, record.transfer_id, record.partner, [], 0, now_us)
         tx.transfer_set_state(
-            transfer_id, transition.state, now=now_us, rejection_code=code, rejection_detail=detail
-        )
+            record.transfer_id, transition.state, now=now_us, rejection_code=code,
+            rejection_detail=detail,
+        )  # fmt: skip
 
     def _accepted(
         self,
@@ -241,6 +267,28 @@ class Replies(EngineBase):
                 RejectionCode.DIGEST_MISMATCH,
                 f"acceptance from {partner} does not match proposal of transfer {transfer_id}",
             )
+        acceptance_digest = digest(acceptance_payload)
+        year = self._complete_outgoing(tx, record, acceptance_digest, journal_id, now_us)
+        if year is not None:
+            completion = TransferCompletion(
+                transfer_id=transfer_id, acceptance_digest=acceptance_digest, adjustment_year=year
+            )
+            self._send(tx, partner, completion, transfer_id, now_us)
+
+    def _complete_outgoing(
+        self,
+        tx: Tx,
+        record: TransferRecord,
+        acceptance_digest: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> int | None:
+        """The sender's completion step for an accepted transfer (alone or an item of a
+        batch), in the transaction that journals the acceptance: debit the reserved
+        blocks, book +CA, record the AEF actions, COMPLETED. Returns the year of the
+        adjustment, for the completion to send; None if the transfer is no longer
+        PROPOSED here (nothing is applied)."""
+        transfer_id, partner = record.transfer_id, record.partner
         try:
             transition = step(Role.SENDER, record.state, Event.ACCEPTANCE_RECEIVED)
         except Rejected:
@@ -249,30 +297,132 @@ class Replies(EngineBase):
             log.info(
                 "late acceptance of transfer %s in state %s ignored", transfer_id, record.state.name
             )
-            return
+            return None
+        assert Effect.SEND_COMPLETION in transition.effects
         blocks = tx.blocks_of_transfer(transfer_id)
         year = self._apply(tx, transition.effects, transfer_id, partner, blocks, journal_id, now_us)
         tx.transfer_set_state(
-            transfer_id, transition.state, now=now_us, acceptance_digest=digest(acceptance_payload)
+            transfer_id, transition.state, now=now_us, acceptance_digest=acceptance_digest
         )
         kind, subtype = (
             (ActionType.FIRST_TRANSFER, ActionSubtype.FIRST_TRANSFER_TO_ANOTHER_PARTY.value)
             if record.first_transfer
             else (ActionType.TRANSFER, "")
         )
-        for block in blocks:
-            tx.action_put(
+        tx.actions_put([
+            NewAction(
                 action_type=kind.value, subtype=subtype, block=block, at=now_us,
                 acquiring_party=partner, transfer_id=transfer_id,
-            )  # fmt: skip
-        if Effect.SEND_COMPLETION in transition.effects:
-            completion = TransferCompletion(
-                transfer_id=transfer_id,
-                acceptance_digest=digest(acceptance_payload),
-                adjustment_year=year,
             )
-            self._send(tx, partner, completion, transfer_id, now_us)
+            for block in blocks
+        ])  # fmt: skip
         log.info(
             "transfer %s to %s completed: %d tCO2e debited", transfer_id, partner, total(blocks),
             extra={"transfer_id": transfer_id, "partner": partner},
         )  # fmt: skip
+        return year
+
+    # -- batches (docs/PROTOCOL.md §5.15) -----------------------------------------------
+
+    def _batch_rejected(
+        self, tx: Tx, batch_id: str, partner: str, reply: Rejection, now_us: int
+    ) -> None:
+        """The whole batch was refused: each item is rejected with the reason."""
+        code, detail = _rejection_reasons(reply)
+        for record in tx.transfers_of_batch(batch_id, partner):
+            if record.direction is Role.SENDER:
+                self._reject_outgoing(tx, record, code, detail, now_us)
+
+    def _batch_accepted(
+        self,
+        tx: Tx,
+        batch_id: str,
+        partner: str,
+        acceptance: TransferBatchAcceptance,
+        acceptance_payload: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> None:
+        """Apply each item's outcome as for a transfer proposed alone, then send one
+        completion for the items completed here."""
+        records = {
+            r.transfer_id: r
+            for r in tx.transfers_of_batch(batch_id, partner)
+            if r.direction is Role.SENDER
+        }
+        answered = [outcome.transfer_id for outcome in acceptance.items]
+        if (
+            acceptance.batch_id != batch_id
+            or not records
+            or any(r.proposal_digest != acceptance.proposal_digest for r in records.values())
+            or len(answered) != len(records)
+            or set(answered) != set(records)
+        ):
+            raise ReplyError(
+                RejectionCode.DIGEST_MISMATCH,
+                f"batch acceptance from {partner} does not match the proposal of batch {batch_id}",
+            )
+        acceptance_digest = digest(acceptance_payload)
+        completed: list[TransferBatchCompletionItem] = []
+        for outcome in acceptance.items:
+            record = records[outcome.transfer_id]
+            if outcome.HasField("rejection"):
+                code, detail = int(outcome.rejection.code), outcome.rejection.detail
+                if not code:
+                    code, detail = int(RejectionCode.UNSPECIFIED), detail or "rejected"
+                self._reject_outgoing(tx, record, code, detail, now_us)
+                continue
+            year = self._complete_outgoing(tx, record, acceptance_digest, journal_id, now_us)
+            if year is not None:
+                completed.append(
+                    TransferBatchCompletionItem(
+                        transfer_id=record.transfer_id, adjustment_year=year
+                    )
+                )
+        if completed:
+            completion = TransferBatchCompletion(
+                batch_id=batch_id, acceptance_digest=acceptance_digest, items=completed
+            )
+            self._send(tx, partner, completion, batch_id, now_us)
+        log.info(
+            "batch %s answered by %s: %d of %d transfers completed", batch_id, partner,
+            len(completed), len(records), extra={"subject_id": batch_id, "partner": partner},
+        )  # fmt: skip
+
+    def _batch_completion_answered(
+        self,
+        tx: Tx,
+        batch_id: str,
+        partner: str,
+        reply: Message,
+        request_envelope: bytes,
+        now_us: int,
+    ) -> None:
+        """A receipt, or a refusal, of our batch completion."""
+        if isinstance(reply, TransferBatchCompletionReceipt):
+            for outcome in reply.items:
+                if outcome.HasField("rejection"):
+                    log.error(
+                        "ALARM: %s refused the completion of transfer %s (batch %s), which is "
+                        "complete here: %s %s; reconcile with the partner",
+                        partner, outcome.transfer_id, batch_id,
+                        _code_name(outcome.rejection.code), outcome.rejection.detail,
+                    )  # fmt: skip
+            return
+        assert isinstance(reply, Rejection)
+        code = _rejection_reasons(reply)[0]
+        if reply.header.sequence == 0 and self._fresh_seal_helps(code, request_envelope):
+            # Refused before it was recorded (too old, or a key no longer valid there):
+            # each completed item is sent again as a freshly sealed TransferCompletion.
+            log.warning(
+                "%s could not record the completion of batch %s (%s): sending each "
+                "transfer's completion again", partner, batch_id, _code_name(code),
+            )  # fmt: skip
+            for record in tx.transfers_of_batch(batch_id, partner):
+                self._resend_completion(tx, record.transfer_id, now_us)
+        else:
+            log.error(
+                "ALARM: %s refused the completion of batch %s, which is complete here; "
+                "reconcile with the partner",
+                partner, batch_id,
+            )  # fmt: skip

@@ -61,7 +61,8 @@ def _rules(descriptor: Descriptor) -> tuple[tuple[FieldDescriptor, rules_pb2.Fie
 
 def validate(msg: Message, *, max_blocks: int, path: str = "") -> None:
     """Raise MISSING_FIELD for a required field left empty, INVALID_FIELD (or
-    TOO_MANY_BLOCKS) for the first field out of bounds."""
+    TOO_MANY_BLOCKS, or TOO_MANY_ITEMS for a batch's transfers) for the first field
+    out of bounds."""
     for field, rules in _rules(msg.DESCRIPTOR):
         where = f"{path}{field.name}"
         value = getattr(msg, field.name)
@@ -74,6 +75,11 @@ def validate(msg: Message, *, max_blocks: int, path: str = "") -> None:
                 )
             limit = rules.max_items or MAX_REPEATED
             if len(values) > limit:
+                if field.name == "items":  # the transfers of a batch (§5.15)
+                    raise Rejected(
+                        RejectionCode.TOO_MANY_ITEMS,
+                        f"{where} has {len(values)} transfers; at most {limit} in one batch",
+                    )
                 raise _invalid(f"{where} has {len(values)} entries; at most {limit}")
             if rules.required and not values:
                 raise Rejected(RejectionCode.MISSING_FIELD, f"{where} needs at least one entry")

@@ -106,6 +106,46 @@ class TransferRecord:
     rejection_detail: str
     created_at: int
     updated_at: int
+    # The batch it was proposed in (docs/PROTOCOL.md §5.15); empty if proposed alone.
+    batch_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NewTransfer:
+    """A transfer to record (:meth:`Tx.transfers_put`)."""
+
+    transfer_id: str
+    direction: Role
+    partner: str
+    state: TransferState
+    quantity: int
+    authorisation_id: str
+    first_transfer: bool
+    proposal_message_id: str
+    proposal_digest: bytes
+    expires_at: int
+    acceptance_digest: bytes = b""
+    rejection_code: int = 0
+    rejection_detail: str = ""
+    blocks: Sequence[Block] = ()
+    proposed_at: int | None = None
+    batch_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NewAction:
+    """An Article 6 action to record for the AEF (:meth:`Tx.actions_put`)."""
+
+    action_type: str
+    block: Block
+    at: int
+    subtype: str = ""
+    transferring_party: str = ""
+    acquiring_party: str = ""
+    using_party: str = ""
+    oimp_purpose: str = ""
+    use_year: int | None = None
+    transfer_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +166,7 @@ class AdjustmentRecord:
 _TRANSFER_COLUMNS = (
     "transfer_id, direction, partner, state, quantity, authorisation_id, first_transfer, "
     "proposal_message_id, proposal_digest, acceptance_digest, expires_at, rejection_code, "
-    "rejection_detail, created_at, updated_at"
+    "rejection_detail, created_at, updated_at, batch_id"
 )
 
 
@@ -158,6 +198,7 @@ def _transfer(row: Sequence[Any]) -> TransferRecord:
         rejection_detail=row[12],
         created_at=int(row[13]),
         updated_at=int(row[14]),
+        batch_id=row[15] or "",
     )
 
 
@@ -222,6 +263,17 @@ class Tx:
 
     def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
         return self._exec(sql, params).fetchone()
+
+    def _many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """One statement run for each row of parameters (one call into the driver)."""
+        if not rows:
+            return
+        if len(rows) == 1:
+            self._exec(sql, rows[0])
+        elif self.postgres:
+            self._conn.cursor().executemany(to_format(sql), rows)  # type: ignore[attr-defined]
+        else:
+            self._conn.executemany(sql, rows)  # type: ignore[attr-defined]
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -863,12 +915,25 @@ class Tx:
         use_year: int | None = None,
         transfer_id: str = "",
     ) -> None:
-        self._exec(
+        self.actions_put([
+            NewAction(
+                action_type=action_type, block=block, at=at, subtype=subtype,
+                transferring_party=transferring_party, acquiring_party=acquiring_party,
+                using_party=using_party, oimp_purpose=oimp_purpose, use_year=use_year,
+                transfer_id=transfer_id,
+            )
+        ])  # fmt: skip
+
+    def actions_put(self, actions: Sequence[NewAction]) -> None:
+        self._many(
             f"INSERT INTO actions (action_type, subtype, at, {_BLOCK_COLUMNS}, transferring_party, "
             "acquiring_party, using_party, oimp_purpose, use_year, transfer_id) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (action_type, subtype, at, *_block_values(block), transferring_party,
-             acquiring_party, using_party, oimp_purpose, use_year, transfer_id),
+            [
+                (a.action_type, a.subtype, a.at, *_block_values(a.block), a.transferring_party,
+                 a.acquiring_party, a.using_party, a.oimp_purpose, a.use_year, a.transfer_id)
+                for a in actions
+            ],
         )  # fmt: skip
 
     def actions(self) -> list[dict[str, Any]]:
@@ -960,12 +1025,11 @@ class Tx:
         return int(row[0])
 
     def blocks_insert(self, blocks: Iterable[Block], *, account: str) -> None:
-        for block in blocks:
-            self._exec(
-                f"INSERT INTO blocks ({_BLOCK_COLUMNS}, account, status, transfer_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'held', NULL)",
-                (*_block_values(block), account),
-            )
+        self._many(
+            f"INSERT INTO blocks ({_BLOCK_COLUMNS}, account, status, transfer_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'held', NULL)",
+            [(*_block_values(block), account) for block in blocks],
+        )
 
     def blocks_held(self, *, account: str, authorisation_id: str, vintage: int) -> list[Block]:
         rows = self._exec(
@@ -1090,37 +1154,58 @@ class Tx:
         proposed_at: int | None = None,
         now: int,
     ) -> None:
-        self._exec(
+        self.transfers_put(
+            [
+                NewTransfer(
+                    transfer_id=transfer_id, direction=direction, partner=partner, state=state,
+                    quantity=quantity, authorisation_id=authorisation_id,
+                    first_transfer=first_transfer, proposal_message_id=proposal_message_id,
+                    proposal_digest=proposal_digest, acceptance_digest=acceptance_digest,
+                    expires_at=expires_at, rejection_code=rejection_code,
+                    rejection_detail=rejection_detail, blocks=blocks, proposed_at=proposed_at,
+                )
+            ],
+            now=now,
+        )  # fmt: skip
+
+    def transfers_put(self, transfers: Sequence[NewTransfer], *, now: int) -> None:
+        """Record transfers and their blocks: one statement per table for all of them."""
+        self._many(
             f"INSERT INTO transfers ({_TRANSFER_COLUMNS}, proposed_at, id_hash) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                transfer_id,
-                direction.value,
-                partner,
-                int(state),
-                quantity,
-                authorisation_id,
-                int(first_transfer),
-                proposal_message_id,
-                proposal_digest,
-                acceptance_digest,
-                expires_at,
-                rejection_code,
-                rejection_detail,
-                now,
-                now,
-                now if proposed_at is None else proposed_at,
-                id_hash(transfer_id),
-            ),
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (t.transfer_id, t.direction.value, t.partner, int(t.state), t.quantity,
+                 t.authorisation_id, int(t.first_transfer), t.proposal_message_id,
+                 t.proposal_digest, t.acceptance_digest, t.expires_at, t.rejection_code,
+                 t.rejection_detail, now, now, t.batch_id,
+                 now if t.proposed_at is None else t.proposed_at, id_hash(t.transfer_id))
+                for t in transfers
+            ],
+        )  # fmt: skip
+        self._many(
+            f"INSERT INTO transfer_blocks (transfer_id, {_BLOCK_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(t.transfer_id, *_block_values(b)) for t in transfers for b in t.blocks],
         )
-        for block in blocks:
-            self._exec(
-                f"INSERT INTO transfer_blocks (transfer_id, {_BLOCK_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (transfer_id, *_block_values(block)),
-            )
-        if state.is_final:
-            self._seal_transfer(transfer_id)
+        for t in transfers:
+            if t.state.is_final:
+                self._seal_transfer(t.transfer_id)
+
+    def transfers_of_batch(self, batch_id: str, partner: str) -> list[TransferRecord]:
+        """The transfers of a batch exchanged with ``partner`` (either direction)."""
+        rows = self._exec(
+            f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE batch_id = ? AND partner = ? "
+            "ORDER BY transfer_id",
+            (batch_id, partner),
+        )
+        return [_transfer(r) for r in rows]
+
+    def batch_known(self, batch_id: str, partner: str) -> bool:
+        row = self._one(
+            "SELECT 1 FROM transfers WHERE batch_id = ? AND partner = ? LIMIT 1",
+            (batch_id, partner),
+        )
+        return row is not None
 
     def transfer_get(self, transfer_id: str) -> TransferRecord | None:
         row = self._one(
@@ -1484,24 +1569,16 @@ class Tx:
     ) -> None:
         """Record entries. Entries of a transfer need the partner's evidence; others
         (``transfer_id`` empty) name their issuance or action in ``reference``."""
-        for entry in entries:
-            self._exec(
-                "INSERT INTO adjustments (party, partner, transfer_id, year, amount, unit_type, "
-                "method, evidence_journal_id, recorded_at, reference) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    entry.party,
-                    entry.partner,
-                    entry.transfer_id or None,
-                    entry.year,
-                    entry.amount,
-                    int(entry.unit_type),
-                    entry.method,
-                    evidence_journal_id,
-                    now,
-                    reference,
-                ),
-            )
+        self._many(
+            "INSERT INTO adjustments (party, partner, transfer_id, year, amount, unit_type, "
+            "method, evidence_journal_id, recorded_at, reference) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (entry.party, entry.partner, entry.transfer_id or None, entry.year, entry.amount,
+                 int(entry.unit_type), entry.method, evidence_journal_id, now, reference)
+                for entry in entries
+            ],
+        )  # fmt: skip
 
     def first_transferred_by_year(self) -> dict[int, int]:
         """tCO2e first-transferred abroad per booking year: adjustments this party
