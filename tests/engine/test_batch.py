@@ -57,7 +57,8 @@ def test_a_batch_completes_each_transfer_as_if_proposed_alone(pair: Pair) -> Non
     batch_id, ids = pair.lao.start_transfer_batch(
         to_party="KOR", items=items(authorisation_id, 100, 200, 300), now=pair.now
     )
-    assert batch_id == "LAO-B-000001" and len(ids) == 3
+    assert batch_id == "LAO-B-000001"
+    assert len(ids) == 3
     # Three messages for three transfers: proposal, completion, and nothing else.
     assert pair.pump() == 2
     for transfer_id in ids:
@@ -148,7 +149,8 @@ def test_a_batch_refused_as_a_whole_rejects_every_item_on_both_sides(pair: Pair)
             refused = record(engine, transfer_id)
             assert refused.state is TransferState.REJECTED  # type: ignore[attr-defined]
             assert refused.rejection_code == RejectionCode.PROPOSAL_EXPIRED  # type: ignore[attr-defined]
-    assert held(pair.lao) == 1_000 and held(pair.kor) == 0
+    assert held(pair.lao) == 1_000
+    assert held(pair.kor) == 0
 
 
 def test_a_redelivered_batch_gets_the_same_reply_and_applies_once(pair: Pair) -> None:
@@ -206,7 +208,7 @@ def test_a_batch_left_unanswered_is_voided_item_by_item(pair: Pair) -> None:
         to_party="KOR", items=items(authorisation_id, 10, 20), now=pair.now,
         timeout=dt.timedelta(seconds=30),
     )  # fmt: skip
-    [(message_id, _, envelope)] = pair.lao.due_messages(pair.now)
+    [(_message_id, _, envelope)] = pair.lao.due_messages(pair.now)
     pair.kor.handle_delivery("LAO", envelope, pair.now)  # accepted, but the reply is lost
     assert [state(pair.kor, t) for t in ids] == [TransferState.ACCEPTED] * 2
     pair.advance(31)
@@ -214,7 +216,8 @@ def test_a_batch_left_unanswered_is_voided_item_by_item(pair: Pair) -> None:
     pair.pump()
     assert [state(pair.lao, t) for t in ids] == [TransferState.VOIDED] * 2
     assert [state(pair.kor, t) for t in ids] == [TransferState.VOIDED] * 2
-    assert held(pair.lao) == 1_000 and held(pair.kor) == 0
+    assert held(pair.lao) == 1_000
+    assert held(pair.kor) == 0
     assert ledger(pair.lao) == ledger(pair.kor) == []
     assert pending(pair.lao) == pending(pair.kor) == 0  # the batch proposal was withdrawn
 
