@@ -3,7 +3,9 @@
     py-spy record --subprocesses --format raw -o prof.txt -- \\
         .venv/bin/python bench/pair.py --count 3000 --in-flight 64
 
-prints (transfers per second, p50, p99) when done (docs/PERFORMANCE.md).
+prints (transfers per second, p50, p99) when done (docs/PERFORMANCE.md). With
+``--batch N`` the transfers go N to a batched proposal, ``--in-flight`` batches
+at a time.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="bench/pair.py")
     parser.add_argument("--count", type=int, default=3000)
     parser.add_argument("--in-flight", type=int, default=64)
+    parser.add_argument(
+        "--batch", type=int, default=0,
+        help="transfers per batched proposal (--in-flight then counts batches)",
+    )  # fmt: skip
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
@@ -28,7 +34,10 @@ def main() -> None:
         pair = bench.Pair(ctx, root)
         try:
             pair.call("LAO", "authorise")
-            print(pair.call("LAO", "transfers", args.count, args.in_flight, 1_000))
+            if args.batch:
+                print(pair.call("LAO", "batches", args.count, args.batch, args.in_flight, 1_000))
+            else:
+                print(pair.call("LAO", "transfers", args.count, args.in_flight, 1_000))
         finally:
             pair.stop()
 
