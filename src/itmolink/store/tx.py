@@ -224,6 +224,18 @@ class Connection(Protocol):
 Paramstyle = Literal["qmark", "format"]
 
 
+_CHUNK = 500  # ids per IN (...) list: well within every database's limit on parameters
+
+
+def _chunks(values: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(values), _CHUNK):
+        yield values[start : start + _CHUNK]
+
+
+def _marks(count: int) -> str:
+    return ", ".join("?" * count)
+
+
 @functools.lru_cache(maxsize=1024)
 def to_format(sql: str) -> str:
     """``?`` placeholders as ``%s`` (psycopg); a literal ``%`` is doubled.
@@ -628,6 +640,7 @@ class Tx:
         revoked: bool = False,
         statement_journal_id: int | None = None,
     ) -> None:
+        self._authorisations_changed()
         self._exec(
             "INSERT INTO authorisations (host_party, authorisation_id, version, activity_id, "
             "activity_name, activity_description, cooperative_approach_id, acquiring_parties, "
@@ -688,19 +701,38 @@ class Tx:
         self, host_party: str, authorisation_id: str
     ) -> AuthorisationTerms | None:
         """The latest version of an authorisation."""
-        row = self._one(
-            f"SELECT {self._AUTHORISATION_COLUMNS} "
-            "FROM authorisations WHERE host_party = ? AND authorisation_id = ? "
-            "ORDER BY version DESC LIMIT 1",
-            (host_party, authorisation_id),
-        )
-        return None if row is None else self._terms(row)
+        latest = self.authorisation_latest(host_party, authorisation_id)
+        return None if latest is None else latest[0]
+
+    def _authorisations_changed(self) -> None:
+        """Forget what this transaction remembers of authorisations (one was written)."""
+        cache = self._cache
+        if cache is not None:
+            for key in [k for k in cache if k[0] == "auth"]:
+                del cache[key]
 
     def authorisation_latest(
         self, host_party: str, authorisation_id: str
     ) -> tuple[AuthorisationTerms, dict[str, Any]] | None:
         """The latest version of an authorisation with its details, in one query
-        (:meth:`authorisation_get` and :meth:`authorisation_details` together)."""
+        (:meth:`authorisation_get` and :meth:`authorisation_details` together).
+
+        Remembered for the rest of the transaction where the store allows it (as
+        node_meta and counters are): every write to authorisations goes through this
+        class, which forgets them. Callers must not change what they get.
+        """
+        cache = self._cache
+        key = ("auth", f"latest|{host_party}|{authorisation_id}")
+        if cache is not None and key in cache:
+            return cache[key]  # type: ignore[no-any-return]
+        latest = self._authorisation_latest(host_party, authorisation_id)
+        if cache is not None:
+            cache[key] = latest
+        return latest
+
+    def _authorisation_latest(
+        self, host_party: str, authorisation_id: str
+    ) -> tuple[AuthorisationTerms, dict[str, Any]] | None:
         details = ", ".join(self._AUTHORISATION_DETAILS)
         row = self._one(
             f"SELECT {self._AUTHORISATION_COLUMNS}, {details} "
@@ -729,14 +761,8 @@ class Tx:
 
     def authorisation_details(self, host_party: str, authorisation_id: str) -> dict[str, Any]:
         """The parts of the latest version that AuthorisationTerms leaves out."""
-        row = self._one(
-            f"SELECT {', '.join(self._AUTHORISATION_DETAILS)} FROM authorisations "
-            "WHERE host_party = ? AND authorisation_id = ? ORDER BY version DESC LIMIT 1",
-            (host_party, authorisation_id),
-        )
-        if row is None:
-            return {}
-        return dict(zip(self._AUTHORISATION_DETAILS, row, strict=True))
+        latest = self.authorisation_latest(host_party, authorisation_id)
+        return {} if latest is None else dict(latest[1])
 
     def authorisation_evidence(self, host_party: str, authorisation_id: str) -> bytes | None:
         """The host's signed statement of the latest version, as received here."""
@@ -824,6 +850,7 @@ class Tx:
     def authorisation_party_put(
         self, terms: AuthorisationTerms, party: str, state: str, evidence_journal_id: int | None
     ) -> None:
+        self._authorisations_changed()
         self._exec(
             "INSERT INTO authorisation_parties (host_party, authorisation_id, version, party, "
             "state, rejection_code, evidence_journal_id) VALUES (?, ?, ?, ?, ?, 0, ?)",
@@ -849,6 +876,7 @@ class Tx:
         evidence_journal_id: int,
         reference: str = "",
     ) -> None:
+        self._authorisations_changed()
         self._exec(
             "UPDATE authorisation_parties SET state = ?, rejection_code = ?, "
             "evidence_journal_id = ?, reference = ? WHERE host_party = ? AND authorisation_id = ? "
@@ -868,12 +896,19 @@ class Tx:
     def authorisation_party_states(
         self, host_party: str, authorisation_id: str, version: int
     ) -> dict[str, str]:
+        cache = self._cache
+        key = ("auth", f"parties|{host_party}|{authorisation_id}|{version}")
+        if cache is not None and key in cache:
+            return dict(cache[key])
         rows = self._exec(
             "SELECT party, state FROM authorisation_parties WHERE host_party = ? "
             "AND authorisation_id = ? AND version = ?",
             (host_party, authorisation_id, version),
         )
-        return {r[0]: r[1] for r in rows}
+        states = {r[0]: r[1] for r in rows}
+        if cache is not None:
+            cache[key] = dict(states)
+        return states
 
     # -- accounts, issuance and holdings ------------------------------------------------
 
@@ -1187,9 +1222,7 @@ class Tx:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(t.transfer_id, *_block_values(b)) for t in transfers for b in t.blocks],
         )
-        for t in transfers:
-            if t.state.is_final:
-                self._seal_transfer(t.transfer_id)
+        self._seal_transfers([t.transfer_id for t in transfers if t.state.is_final])
 
     def transfers_of_batch(self, batch_id: str, partner: str) -> list[TransferRecord]:
         """The transfers of a batch exchanged with ``partner`` (either direction)."""
@@ -1234,86 +1267,167 @@ class Tx:
                 (acceptance_digest, transfer_id),
             )
         if state.is_final:
-            self._seal_transfer(transfer_id)
+            self._seal_transfers([transfer_id])
+
+    def transfers_set_state(
+        self,
+        transfer_ids: Sequence[str],
+        state: TransferState,
+        *,
+        now: int,
+        acceptance_digest: bytes | None = None,
+    ) -> None:
+        """Move several transfers to ``state`` (no rejection), in one statement."""
+        if acceptance_digest is None:
+            self._many(
+                "UPDATE transfers SET state = ?, rejection_code = 0, rejection_detail = '', "
+                "updated_at = ? WHERE transfer_id = ?",
+                [(int(state), now, t) for t in transfer_ids],
+            )
+        else:
+            self._many(
+                "UPDATE transfers SET state = ?, rejection_code = 0, rejection_detail = '', "
+                "updated_at = ?, acceptance_digest = ? WHERE transfer_id = ?",
+                [(int(state), now, acceptance_digest, t) for t in transfer_ids],
+            )
+        if state.is_final:
+            self._seal_transfers(transfer_ids)
+
+    def transfers_get(self, transfer_ids: Sequence[str]) -> dict[str, TransferRecord]:
+        """The transfers with these ids that exist, by id (one query per 500 ids)."""
+        found: dict[str, TransferRecord] = {}
+        for chunk in _chunks(transfer_ids):
+            rows = self._exec(
+                f"SELECT {_TRANSFER_COLUMNS} FROM transfers "
+                f"WHERE transfer_id IN ({_marks(len(chunk))})",
+                chunk,
+            )
+            for row in rows:
+                record = _transfer(row)
+                found[record.transfer_id] = record
+        return found
+
+    def blocks_of_transfers(self, transfer_ids: Sequence[str]) -> dict[str, list[Block]]:
+        """The blocks of each of these transfers, in serial order (as
+        :meth:`blocks_of_transfer`), by transfer id; every id has an entry."""
+        found: dict[str, list[Block]] = {t: [] for t in transfer_ids}
+        for chunk in _chunks(transfer_ids):
+            rows = self._exec(
+                f"SELECT transfer_id, {_BLOCK_COLUMNS} FROM transfer_blocks "
+                f"WHERE transfer_id IN ({_marks(len(chunk))}) "
+                "ORDER BY transfer_id, originating_registry, serial_start",
+                chunk,
+            )
+            for row in rows:
+                found[row[0]].append(_block(row[1:]))
+        return found
+
+    def blocks_debit_reserved_of(self, transfer_ids: Sequence[str]) -> int:
+        """Delete the blocks reserved for these transfers; returns how many."""
+        debited = 0
+        for chunk in _chunks(transfer_ids):
+            cursor = self._exec(
+                f"DELETE FROM blocks WHERE status = 'reserved' "
+                f"AND transfer_id IN ({_marks(len(chunk))})",
+                chunk,
+            )
+            debited += int(cursor.rowcount)
+        return debited
+
+    def adjustment_amounts_of(
+        self, transfer_ids: Sequence[str]
+    ) -> dict[str, list[tuple[int, int]]]:
+        found: dict[str, list[tuple[int, int]]] = {t: [] for t in transfer_ids}
+        for chunk in _chunks(transfer_ids):
+            rows = self._exec(
+                "SELECT transfer_id, year, amount FROM adjustments "
+                f"WHERE transfer_id IN ({_marks(len(chunk))})",
+                chunk,
+            )
+            for row in rows:
+                found[row[0]].append((int(row[1]), int(row[2])))
+        return found
 
     def _seal_transfer(self, transfer_id: str) -> None:
-        """Record a final transfer's reconciliation leaves (core/reconcile.py)."""
-        record = self.transfer_get(transfer_id)
-        assert record is not None
-        assert record.state.is_final
+        """Record a final transfer's reconciliation leaves (:meth:`_seal_transfers`)."""
+        self._seal_transfers([transfer_id])
+
+    def _seal_transfers(self, transfer_ids: Sequence[str]) -> None:
+        """Record final transfers' reconciliation leaves (core/reconcile.py) and add
+        them to the running sums (migration 0003), a few statements for all of them."""
+        if not transfer_ids:
+            return
         me = self.meta_get("party") or ""
-        sender, receiver = (
-            (me, record.partner) if record.direction is Role.SENDER else (record.partner, me)
-        )
-        sign = 1 if record.direction is Role.SENDER else -1
-        moved = record.state is TransferState.COMPLETED
-        facts = TransferFacts(
-            transfer_id=transfer_id,
-            sender=sender,
-            receiver=receiver,
-            moved=moved,
-            blocks=tuple(self.blocks_of_transfer(transfer_id)) if moved else (),
-            adjustments=tuple(
-                (int(year), sign * int(amount))
-                for year, amount in self._exec(
-                    "SELECT year, amount FROM adjustments WHERE transfer_id = ?", (transfer_id,)
-                )
-            ),
-            proposal_digest=record.proposal_digest,
-            acceptance_digest=record.acceptance_digest,
-        )
-        blocks, journal = blocks_leaf(facts), journal_leaf(facts)
-        (b1, b2), (j1, j2) = slices(blocks), slices(journal)
-        before = self._one(
-            "SELECT id_hash, blocks_h1, blocks_h2, journal_h1, journal_h2 FROM transfers "
-            "WHERE transfer_id = ? AND blocks_leaf IS NOT NULL",
-            (transfer_id,),
-        )
-        self._exec(
+        records = self.transfers_get(transfer_ids)
+        moved_ids = [t for t in transfer_ids if records[t].state is TransferState.COMPLETED]
+        blocks_of = self.blocks_of_transfers(moved_ids) if moved_ids else {}
+        adjustments_of = self.adjustment_amounts_of(transfer_ids)
+        before: dict[str, tuple[int, int, int, int]] = {}
+        for chunk in _chunks(transfer_ids):
+            for row in self._exec(
+                "SELECT transfer_id, blocks_h1, blocks_h2, journal_h1, journal_h2 FROM transfers "
+                f"WHERE transfer_id IN ({_marks(len(chunk))}) AND blocks_leaf IS NOT NULL",
+                chunk,
+            ):
+                before[row[0]] = (int(row[1]), int(row[2]), int(row[3]), int(row[4]))
+        leaves: list[tuple[Any, ...]] = []
+        buckets: dict[tuple[str, str], list[int]] = {}
+        totals: dict[tuple[str, str, int, int, str], list[int]] = {}
+        repaired: set[str] = set()
+        for transfer_id in transfer_ids:
+            record = records[transfer_id]
+            assert record.state.is_final
+            sender, receiver = (
+                (me, record.partner) if record.direction is Role.SENDER else (record.partner, me)
+            )
+            sign = 1 if record.direction is Role.SENDER else -1
+            moved = record.state is TransferState.COMPLETED
+            facts = TransferFacts(
+                transfer_id=transfer_id,
+                sender=sender,
+                receiver=receiver,
+                moved=moved,
+                blocks=tuple(blocks_of[transfer_id]) if moved else (),
+                adjustments=tuple(
+                    (year, sign * amount) for year, amount in adjustments_of[transfer_id]
+                ),
+                proposal_digest=record.proposal_digest,
+                acceptance_digest=record.acceptance_digest,
+            )
+            blocks, journal = blocks_leaf(facts), journal_leaf(facts)
+            (b1, b2), (j1, j2) = slices(blocks), slices(journal)
+            leaves.append((blocks, journal, b1, b2, j1, j2, transfer_id))
+            # A transfer sealed again (a final state recorded twice) replaces its
+            # earlier leaves in the sums.
+            bucket = buckets.setdefault(
+                (record.partner, id_hash(transfer_id)[:SUMMARY_PREFIX]), [0, 0, 0, 0, 0]
+            )
+            old = before.get(transfer_id)
+            for i, value in enumerate((1, b1, b2, j1, j2)):
+                bucket[i] += value
+            if old is not None:
+                bucket[0] -= 1
+                for i, value in enumerate(old, start=1):
+                    bucket[i] -= value
+            if moved and old is not None:
+                # Not a protocol step (a completed transfer is sealed once): a repair
+                # of its record. The partner's totals are summed again from the ledger.
+                repaired.add(record.partner)
+            elif moved:
+                for block in facts.blocks:
+                    key = (record.partner, record.direction.value, int(block.unit_type),
+                           block.vintage, block.authorisation_id)  # fmt: skip
+                    total = totals.setdefault(key, [0, 0, -1])
+                    total[0] += block.quantity
+                    if total[2] != len(leaves):  # count each transfer once per key
+                        total[1] += 1
+                        total[2] = len(leaves)
+        self._many(
             "UPDATE transfers SET blocks_leaf = ?, journal_leaf = ?, blocks_h1 = ?, "
             "blocks_h2 = ?, journal_h1 = ?, journal_h2 = ? WHERE transfer_id = ?",
-            (blocks, journal, b1, b2, j1, j2, transfer_id),
+            leaves,
         )
-        # The running sums (migration 0003): a transfer sealed again (a final
-        # state recorded twice) replaces its earlier leaves.
-        prefix = id_hash(transfer_id)[:SUMMARY_PREFIX]
-        if before is not None:
-            self._add_to_bucket(record.partner, prefix, -1, *(-int(v) for v in before[1:]))
-        self._add_to_bucket(record.partner, prefix, 1, b1, b2, j1, j2)
-        if moved and before is not None:
-            # Not a protocol step (a completed transfer is sealed once): a repair
-            # of its record. The partner's totals are summed again from the ledger.
-            self._exec("DELETE FROM reconcile_totals WHERE partner = ?", (record.partner,))
-            self._exec(
-                "INSERT INTO reconcile_totals (partner, direction, unit_type, vintage, "
-                "authorisation_id, quantity, transfers) "
-                "SELECT t.partner, t.direction, b.unit_type, b.vintage, b.authorisation_id, "
-                "SUM(b.serial_end - b.serial_start + 1), COUNT(DISTINCT t.transfer_id) "
-                "FROM transfers t JOIN transfer_blocks b ON b.transfer_id = t.transfer_id "
-                "WHERE t.partner = ? AND t.state = ? AND t.blocks_leaf IS NOT NULL "
-                "GROUP BY t.partner, t.direction, b.unit_type, b.vintage, b.authorisation_id",
-                (record.partner, int(TransferState.COMPLETED)),
-            )
-        elif moved:
-            moved_by: dict[tuple[int, int, str], int] = {}
-            for block in facts.blocks:
-                key = (int(block.unit_type), block.vintage, block.authorisation_id)
-                moved_by[key] = moved_by.get(key, 0) + block.quantity
-            for (unit_type, vintage, authorisation_id), quantity in moved_by.items():
-                self._exec(
-                    "INSERT INTO reconcile_totals (partner, direction, unit_type, vintage, "
-                    "authorisation_id, quantity, transfers) VALUES (?, ?, ?, ?, ?, ?, 1) "
-                    "ON CONFLICT (partner, direction, unit_type, vintage, authorisation_id) "
-                    "DO UPDATE SET quantity = reconcile_totals.quantity + excluded.quantity, "
-                    "transfers = reconcile_totals.transfers + 1",
-                    (record.partner, record.direction.value, unit_type, vintage,
-                     authorisation_id, quantity),
-                )  # fmt: skip
-
-    def _add_to_bucket(
-        self, partner: str, prefix: str, leaves: int, b1: int, b2: int, j1: int, j2: int
-    ) -> None:
-        self._exec(
+        self._many(
             "INSERT INTO reconcile_buckets (partner, prefix, leaves, blocks_h1, blocks_h2, "
             "journal_h1, journal_h2) VALUES (?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (partner, prefix) DO UPDATE SET "
@@ -1322,7 +1436,31 @@ class Tx:
             "blocks_h2 = reconcile_buckets.blocks_h2 + excluded.blocks_h2, "
             "journal_h1 = reconcile_buckets.journal_h1 + excluded.journal_h1, "
             "journal_h2 = reconcile_buckets.journal_h2 + excluded.journal_h2",
-            (partner, prefix, leaves, b1, b2, j1, j2),
+            [(partner, prefix, *sums) for (partner, prefix), sums in buckets.items()],
+        )
+        for partner in sorted(repaired):
+            self._exec("DELETE FROM reconcile_totals WHERE partner = ?", (partner,))
+            self._exec(
+                "INSERT INTO reconcile_totals (partner, direction, unit_type, vintage, "
+                "authorisation_id, quantity, transfers) "
+                "SELECT t.partner, t.direction, b.unit_type, b.vintage, b.authorisation_id, "
+                "SUM(b.serial_end - b.serial_start + 1), COUNT(DISTINCT t.transfer_id) "
+                "FROM transfers t JOIN transfer_blocks b ON b.transfer_id = t.transfer_id "
+                "WHERE t.partner = ? AND t.state = ? AND t.blocks_leaf IS NOT NULL "
+                "GROUP BY t.partner, t.direction, b.unit_type, b.vintage, b.authorisation_id",
+                (partner, int(TransferState.COMPLETED)),
+            )
+        self._many(
+            "INSERT INTO reconcile_totals (partner, direction, unit_type, vintage, "
+            "authorisation_id, quantity, transfers) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (partner, direction, unit_type, vintage, authorisation_id) "
+            "DO UPDATE SET quantity = reconcile_totals.quantity + excluded.quantity, "
+            "transfers = reconcile_totals.transfers + excluded.transfers",
+            [
+                (*key, quantity, count)
+                for key, (quantity, count, _) in totals.items()
+                if key[0] not in repaired
+            ],
         )
 
     # -- reconciliation -----------------------------------------------------------------
