@@ -576,28 +576,52 @@ class EngineBase:
         now_us: int,
     ) -> int:
         """Carry out a transition's block and adjustment effects; returns the CA year."""
+        years = self._apply_many(
+            tx, effects, [(transfer_id, partner, blocks)], evidence_journal_id, now_us
+        )
+        return years[transfer_id]
+
+    def _apply_many(
+        self,
+        tx: Tx,
+        effects: Sequence[Effect],
+        transfers: Sequence[tuple[str, str, Sequence[Block]]],
+        evidence_journal_id: int,
+        now_us: int,
+    ) -> dict[str, int]:
+        """Carry out the same transition's effects for several transfers (transfer id,
+        partner, blocks) at once, with one statement per table; returns each CA year
+        (0 when none, or entries for several years)."""
         role = Role.SENDER if Effect.DEBIT_RESERVED_BLOCKS in effects else Role.RECEIVER
+        ids = [transfer_id for transfer_id, _, _ in transfers]
         for effect in effects:
             if effect is Effect.DEBIT_RESERVED_BLOCKS:
-                debited = tx.blocks_debit_reserved(transfer_id)
-                if debited != len(blocks):
+                debited = tx.blocks_debit_reserved_of(ids)
+                expected = sum(len(blocks) for _, _, blocks in transfers)
+                if debited != expected:
                     raise RuntimeError(
-                        f"transfer {transfer_id}: {debited} reserved blocks, expected {len(blocks)}"
+                        f"transfers {', '.join(ids)}: {debited} reserved blocks, "
+                        f"expected {expected}"
                     )
             elif effect is Effect.CREDIT_BLOCKS:
-                tx.blocks_insert(blocks, account=HOLDING_ACCOUNT)
+                tx.blocks_insert(
+                    [b for _, _, blocks in transfers for b in blocks], account=HOLDING_ACCOUNT
+                )
             elif effect is Effect.RELEASE_RESERVED_BLOCKS:
-                tx.blocks_release(transfer_id)
-        entries = []
+                for transfer_id in ids:
+                    tx.blocks_release(transfer_id)
+        years = dict.fromkeys(ids, 0)
         if Effect.APPLY_ADJUSTMENT in effects:
-            entries = (
-                self._adjustment_entries(role, partner, transfer_id, blocks)
-                if self._transfer_counts(tx, role, blocks)
-                else []
-            )
-            tx.adjustments_put(entries, evidence_journal_id=evidence_journal_id, now=now_us)
-        years = {entry.year for entry in entries}
-        return years.pop() if len(years) == 1 else 0
+            booked: list[AdjustmentEntry] = []
+            for transfer_id, partner, blocks in transfers:
+                if not self._transfer_counts(tx, role, blocks):
+                    continue
+                entries = self._adjustment_entries(role, partner, transfer_id, blocks)
+                booked.extend(entries)
+                entry_years = {entry.year for entry in entries}
+                years[transfer_id] = entry_years.pop() if len(entry_years) == 1 else 0
+            tx.adjustments_put(booked, evidence_journal_id=evidence_journal_id, now=now_us)
+        return years
 
     def _open_reply(
         self,

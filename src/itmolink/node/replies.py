@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 
 from google.protobuf.message import Message
 
@@ -283,44 +284,73 @@ class Replies(EngineBase):
         journal_id: int,
         now_us: int,
     ) -> int | None:
-        """The sender's completion step for an accepted transfer (alone or an item of a
-        batch), in the transaction that journals the acceptance: debit the reserved
-        blocks, book +CA, record the AEF actions, COMPLETED. Returns the year of the
-        adjustment, for the completion to send; None if the transfer is no longer
-        PROPOSED here (nothing is applied)."""
-        transfer_id, partner = record.transfer_id, record.partner
-        try:
-            transition = step(Role.SENDER, record.state, Event.ACCEPTANCE_RECEIVED)
-        except Rejected:
-            # Voided on our clock before the acceptance arrived: the void we sent
-            # tells the receiver; nothing is applied here.
-            log.info(
-                "late acceptance of transfer %s in state %s ignored", transfer_id, record.state.name
-            )
-            return None
+        """The sender's completion step for one accepted transfer
+        (:meth:`_complete_outgoing_many`); None if nothing was applied."""
+        years = self._complete_outgoing_many(tx, [record], acceptance_digest, journal_id, now_us)
+        return years.get(record.transfer_id)
+
+    def _complete_outgoing_many(
+        self,
+        tx: Tx,
+        records: Sequence[TransferRecord],
+        acceptance_digest: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> dict[str, int]:
+        """The sender's completion step for accepted transfers (one proposed alone, or
+        the accepted items of a batch), in the transaction that journals the
+        acceptance: debit the reserved blocks, book +CA, record the AEF actions,
+        COMPLETED. Returns the year of each one's adjustment, for the completion to
+        send; a transfer no longer PROPOSED here (voided by its time-out before the
+        acceptance arrived) is left out and nothing is applied to it."""
+        live: list[TransferRecord] = []
+        transition = None
+        for record in records:
+            try:
+                transition = step(Role.SENDER, record.state, Event.ACCEPTANCE_RECEIVED)
+            except Rejected:
+                # Voided on our clock before the acceptance arrived: the void we sent
+                # tells the receiver; nothing is applied here.
+                log.info(
+                    "late acceptance of transfer %s in state %s ignored",
+                    record.transfer_id, record.state.name,
+                )  # fmt: skip
+                continue
+            live.append(record)
+        if transition is None or not live:
+            return {}
         assert Effect.SEND_COMPLETION in transition.effects
-        blocks = tx.blocks_of_transfer(transfer_id)
-        year = self._apply(tx, transition.effects, transfer_id, partner, blocks, journal_id, now_us)
-        tx.transfer_set_state(
-            transfer_id, transition.state, now=now_us, acceptance_digest=acceptance_digest
-        )
-        kind, subtype = (
-            (ActionType.FIRST_TRANSFER, ActionSubtype.FIRST_TRANSFER_TO_ANOTHER_PARTY.value)
-            if record.first_transfer
-            else (ActionType.TRANSFER, "")
-        )
-        tx.actions_put([
-            NewAction(
-                action_type=kind.value, subtype=subtype, block=block, at=now_us,
-                acquiring_party=partner, transfer_id=transfer_id,
-            )
-            for block in blocks
-        ])  # fmt: skip
-        log.info(
-            "transfer %s to %s completed: %d tCO2e debited", transfer_id, partner, total(blocks),
-            extra={"transfer_id": transfer_id, "partner": partner},
+        ids = [record.transfer_id for record in live]
+        blocks = tx.blocks_of_transfers(ids)
+        years = self._apply_many(
+            tx, transition.effects,
+            [(r.transfer_id, r.partner, blocks[r.transfer_id]) for r in live],
+            journal_id, now_us,
         )  # fmt: skip
-        return year
+        tx.transfers_set_state(
+            ids, transition.state, now=now_us, acceptance_digest=acceptance_digest
+        )
+        actions: list[NewAction] = []
+        for record in live:
+            kind, subtype = (
+                (ActionType.FIRST_TRANSFER, ActionSubtype.FIRST_TRANSFER_TO_ANOTHER_PARTY.value)
+                if record.first_transfer
+                else (ActionType.TRANSFER, "")
+            )
+            actions.extend(
+                NewAction(
+                    action_type=kind.value, subtype=subtype, block=block, at=now_us,
+                    acquiring_party=record.partner, transfer_id=record.transfer_id,
+                )
+                for block in blocks[record.transfer_id]
+            )  # fmt: skip
+        tx.actions_put(actions)
+        if len(live) == 1:  # a batch logs one line for all (Replies._batch_accepted)
+            log.info(
+                "transfer %s to %s completed: %d tCO2e debited", ids[0], live[0].partner,
+                total(blocks[ids[0]]), extra={"transfer_id": ids[0], "partner": live[0].partner},
+            )  # fmt: skip
+        return years
 
     # -- batches (docs/PROTOCOL.md §5.15) -----------------------------------------------
 
@@ -363,7 +393,7 @@ class Replies(EngineBase):
                 f"batch acceptance from {partner} does not match the proposal of batch {batch_id}",
             )
         acceptance_digest = digest(acceptance_payload)
-        completed: list[TransferBatchCompletionItem] = []
+        accepted: list[TransferRecord] = []
         for outcome in acceptance.items:
             record = records[outcome.transfer_id]
             if outcome.HasField("rejection"):
@@ -371,14 +401,14 @@ class Replies(EngineBase):
                 if not code:
                     code, detail = int(RejectionCode.UNSPECIFIED), detail or "rejected"
                 self._reject_outgoing(tx, record, code, detail, now_us)
-                continue
-            year = self._complete_outgoing(tx, record, acceptance_digest, journal_id, now_us)
-            if year is not None:
-                completed.append(
-                    TransferBatchCompletionItem(
-                        transfer_id=record.transfer_id, adjustment_year=year
-                    )
-                )
+            else:
+                accepted.append(record)
+        years = self._complete_outgoing_many(tx, accepted, acceptance_digest, journal_id, now_us)
+        completed = [
+            TransferBatchCompletionItem(transfer_id=record.transfer_id, adjustment_year=year)
+            for record in accepted
+            if (year := years.get(record.transfer_id)) is not None
+        ]
         if completed:
             completion = TransferBatchCompletion(
                 batch_id=batch_id, acceptance_digest=acceptance_digest, items=completed

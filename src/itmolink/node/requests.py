@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import ClassVar
 
@@ -589,9 +589,10 @@ class Requests(EngineBase):
             )
 
     @staticmethod
-    def _check_unknown_id(tx: Tx, transfer_id: str) -> None:
-        """T2: a transfer id is used once, whatever the direction, partner or outcome."""
-        if tx.transfer_get(transfer_id) is not None:
+    def _check_unknown_id(tx: Tx, transfer_id: str, known: set[str] | None = None) -> None:
+        """T2: a transfer id is used once, whatever the direction, partner or outcome
+        (``known``: the ids of a batch already recorded here, read beforehand)."""
+        if (transfer_id in known) if known is not None else tx.transfer_get(transfer_id):
             raise Rejected(
                 RejectionCode.TRANSFER_STATE_CONFLICT,
                 f"transfer id {transfer_id} is already used by another transfer",
@@ -626,7 +627,8 @@ class Requests(EngineBase):
         )
         self._check_origin(host, blocks)
         for block in blocks:
-            rules.check_not_held([block], tx.blocks_overlapping(block))
+            # In a batch, the serials expected here were read once for all its items.
+            rules.check_not_held([block], tx.blocks_overlapping(block, expected=batch is None))
         if batch is not None:
             batch.check(blocks)
         self._check_booking(tx, Role.RECEIVER, blocks)
@@ -663,7 +665,8 @@ class Requests(EngineBase):
         accepted: list[tuple[TransferBatchItem, list[Block]]] = []
         refused: list[NewTransfer] = []
         seen: set[str] = set()
-        serials = _BatchSerials()
+        known = set(tx.transfers_get([item.transfer_id for item in msg.items]))
+        serials = _BatchSerials(tx.blocks_expected())
         for item in msg.items:
             recordable = False
             try:
@@ -673,7 +676,7 @@ class Requests(EngineBase):
                         RejectionCode.TRANSFER_STATE_CONFLICT,
                         f"transfer id {item.transfer_id} appears twice in batch {msg.batch_id}",
                     )
-                self._check_unknown_id(tx, item.transfer_id)  # T2
+                self._check_unknown_id(tx, item.transfer_id, known)  # T2
                 recordable = True
                 onward = bool(item.blocks) and item.blocks[0].first_transferring_party != sender
                 # Only T2a writes (what it learns): undone if a later check fails.
@@ -729,11 +732,18 @@ class Requests(EngineBase):
         return envelope
 
     def _completion_target(
-        self, tx: Tx, sender: str, transfer_id: str, acceptance_digest: bytes, batch_id: str = ""
+        self,
+        tx: Tx,
+        sender: str,
+        transfer_id: str,
+        acceptance_digest: bytes,
+        batch_id: str = "",
+        *,
+        known: TransferRecord | None = None,
     ) -> TransferRecord:
         """C1 and C2: the incoming transfer a completion is about (alone, or an item of
-        the batch ``batch_id``), whose acceptance it names."""
-        record = tx.transfer_get(transfer_id)
+        the batch ``batch_id``, read beforehand as ``known``), whose acceptance it names."""
+        record = known if batch_id else tx.transfer_get(transfer_id)
         if (
             record is None
             or record.direction is not Role.RECEIVER
@@ -755,31 +765,71 @@ class Requests(EngineBase):
     def _complete_incoming(
         self, tx: Tx, sender: str, record: TransferRecord, journal_id: int, now_us: int
     ) -> int:
-        """C3, C4 and the receiver's completion step: credit the blocks, book −CA,
-        record the AEF actions, COMPLETED. Returns the year of the adjustment (a
-        completion received again for a COMPLETED transfer books nothing: C3)."""
-        transfer_id = record.transfer_id
-        if record.state is TransferState.COMPLETED:
+        """C3, C4 and the receiver's completion step for one transfer
+        (:meth:`_complete_incoming_many`); raises the Rejected of C4."""
+        years, refused = self._complete_incoming_many(tx, sender, [record], journal_id, now_us)
+        if record.transfer_id in refused:
+            raise refused[record.transfer_id]
+        return years[record.transfer_id]
+
+    def _complete_incoming_many(
+        self,
+        tx: Tx,
+        sender: str,
+        records: Sequence[TransferRecord],
+        journal_id: int,
+        now_us: int,
+    ) -> tuple[dict[str, int], dict[str, Rejected]]:
+        """C3, C4 and the receiver's completion step for transfers that passed C1 and
+        C2 (one completed alone, or the items of a batch completion), in the
+        transaction that journals the completion: credit the blocks, book −CA, record
+        the AEF actions, COMPLETED. Returns the year of each one's adjustment (for a
+        transfer already COMPLETED, C3, the year booked the first time, and nothing
+        is applied), and the refusal of each that is in another state (C4, 3008)."""
+        years: dict[str, int] = {}
+        refused: dict[str, Rejected] = {}
+        posted = [r.transfer_id for r in records if r.state is TransferState.COMPLETED]
+        if posted:
             # A completion sent again (freshly sealed) after this node had applied the
             # first: already posted, nothing more to do.
-            years = {year for year, _ in tx.adjustment_amounts(transfer_id)}
-            return years.pop() if len(years) == 1 else 0
-        transition = step(Role.RECEIVER, record.state, Event.COMPLETION_RECEIVED)
-        blocks = tx.blocks_of_transfer(transfer_id)
-        year = self._apply(tx, transition.effects, transfer_id, sender, blocks, journal_id, now_us)
-        tx.transfer_set_state(transfer_id, transition.state, now=now_us)
+            for transfer_id, amounts in tx.adjustment_amounts_of(posted).items():
+                booked = {year for year, _ in amounts}
+                years[transfer_id] = booked.pop() if len(booked) == 1 else 0
+        live: list[TransferRecord] = []
+        transition = None
+        for record in records:
+            if record.state is TransferState.COMPLETED:
+                continue
+            try:
+                transition = step(Role.RECEIVER, record.state, Event.COMPLETION_RECEIVED)
+            except Rejected as rejected:
+                refused[record.transfer_id] = rejected
+                continue
+            live.append(record)
+        if transition is None or not live:
+            return years, refused
+        ids = [record.transfer_id for record in live]
+        blocks = tx.blocks_of_transfers(ids)
+        years.update(
+            self._apply_many(
+                tx, transition.effects, [(t, sender, blocks[t]) for t in ids], journal_id, now_us
+            )
+        )
+        tx.transfers_set_state(ids, transition.state, now=now_us)
         tx.actions_put([
             NewAction(
                 action_type=ActionType.ACQUISITION.value, block=block, at=now_us,
                 transferring_party=sender, transfer_id=transfer_id,
             )
-            for block in blocks
+            for transfer_id in ids
+            for block in blocks[transfer_id]
         ])  # fmt: skip
-        log.info(
-            "transfer %s from %s completed: %d tCO2e credited", transfer_id, sender, total(blocks),
-            extra={"transfer_id": transfer_id, "partner": sender},
-        )  # fmt: skip
-        return year
+        if len(ids) == 1:  # a batch logs one line for all (_on_batch_completion)
+            log.info(
+                "transfer %s from %s completed: %d tCO2e credited", ids[0], sender,
+                total(blocks[ids[0]]), extra={"transfer_id": ids[0], "partner": sender},
+            )  # fmt: skip
+        return years, refused
 
     def _on_completion(
         self,
@@ -807,31 +857,52 @@ class Requests(EngineBase):
         """Each item is completed as a TransferCompletion of its own would be (C1 to
         C4); an item that fails is answered with its reason, the others apply."""
         _check_owned_id(msg.batch_id, sender, "batch id")
-        outcomes: list[TransferBatchOutcome] = []
-        for item in msg.items:
+        ids = [item.transfer_id for item in msg.items]
+        known = tx.transfers_get(ids)
+        refused: dict[str, Rejected] = {}
+        targets: dict[str, TransferRecord] = {}
+        for transfer_id in ids:
             try:
                 record = self._completion_target(
-                    tx, sender, item.transfer_id, msg.acceptance_digest, msg.batch_id
-                )
-                year = self._complete_incoming(tx, sender, record, journal_id, now_us)
-            except Rejected as rejected:
-                log.error(
-                    "refused the completion of transfer %s of batch %s from %s: %s",
-                    item.transfer_id, msg.batch_id, sender, rejected,
+                    tx, sender, transfer_id, msg.acceptance_digest, msg.batch_id,
+                    known=known.get(transfer_id),
                 )  # fmt: skip
+            except Rejected as rejected:
+                refused[transfer_id] = rejected
+            else:
+                targets[transfer_id] = record
+        years, not_applied = self._complete_incoming_many(
+            tx, sender, list(targets.values()), journal_id, now_us
+        )
+        refused.update(not_applied)
+        outcomes: list[TransferBatchOutcome] = []
+        for transfer_id in ids:
+            refusal = refused.get(transfer_id)
+            if refusal is None:
                 outcomes.append(
                     TransferBatchOutcome(
-                        transfer_id=item.transfer_id,
-                        rejection=codes_pb2.RejectionReason(
-                            code=int(rejected.code),  # type: ignore[arg-type]
-                            detail=rejected.detail,
-                        ),
+                        transfer_id=transfer_id, adjustment_year=years[transfer_id]
                     )
                 )
-            else:
-                outcomes.append(
-                    TransferBatchOutcome(transfer_id=item.transfer_id, adjustment_year=year)
+                continue
+            log.error(
+                "refused the completion of transfer %s of batch %s from %s: %s",
+                transfer_id, msg.batch_id, sender, refusal,
+            )  # fmt: skip
+            outcomes.append(
+                TransferBatchOutcome(
+                    transfer_id=transfer_id,
+                    rejection=codes_pb2.RejectionReason(
+                        code=int(refusal.code),  # type: ignore[arg-type]
+                        detail=refusal.detail,
+                    ),
                 )
+            )
+        log.info(
+            "batch %s from %s completed: %d of %d transfers", msg.batch_id, sender,
+            len(ids) - len(refused), len(ids),
+            extra={"subject_id": msg.batch_id, "partner": sender},
+        )  # fmt: skip
         receipt = TransferBatchCompletionReceipt(batch_id=msg.batch_id, items=outcomes)
         return self._reply(tx, sender, receipt, msg.header.message_id, now_us)[1]
 
@@ -1056,11 +1127,19 @@ class Requests(EngineBase):
 
 
 class _BatchSerials:
-    """Serials accepted so far in one batch (T4 within the batch): the items are
-    recorded only once the acceptance is sealed, so the ledger does not see them yet."""
+    """Serials expected here while a batch is checked (T4): those of transfers accepted
+    earlier, read once for the batch, and those of its items accepted so far, which
+    are recorded only once the acceptance is sealed."""
 
-    def __init__(self) -> None:
+    def __init__(self, expected: list[Block]) -> None:
+        # Blocks of transfers accepted here earlier (T4), then those of this batch.
         self._ranges: dict[str, list[tuple[int, int]]] = {}
+        for block in expected:
+            self._ranges.setdefault(block.originating_registry, []).append(
+                (block.serial_start, block.serial_end)
+            )
+        for ranges in self._ranges.values():
+            ranges.sort()
 
     def check(self, blocks: list[Block]) -> None:
         for block in blocks:
@@ -1070,7 +1149,7 @@ class _BatchSerials:
                 if start <= block.serial_end and block.serial_start <= end:
                     raise Rejected(
                         RejectionCode.SERIALS_ALREADY_HELD,
-                        f"serials {block.label()} are in another transfer of this batch",
+                        f"serials {block.label()} are expected here in another transfer",
                     )
         for block in blocks:
             bisect.insort(

@@ -1074,8 +1074,20 @@ class Tx:
         )
         return [_block(r) for r in rows]
 
-    def blocks_overlapping(self, block: Block) -> list[Block]:
-        """Blocks held here, or moving in or out, that share a serial with ``block``."""
+    def blocks_expected(self) -> list[Block]:
+        """The blocks of the transfers accepted here and not yet completed (expected)."""
+        rows = self._exec(
+            f"SELECT {', '.join('b.' + c.strip() for c in _BLOCK_COLUMNS.split(','))} "
+            "FROM transfers t CROSS JOIN transfer_blocks b "
+            "WHERE b.transfer_id = t.transfer_id AND t.direction = 'in' AND t.state = ?",
+            (int(TransferState.ACCEPTED),),
+        )
+        return [_block(r) for r in rows]
+
+    def blocks_overlapping(self, block: Block, *, expected: bool = True) -> list[Block]:
+        """Blocks held here, or moving in or out, that share a serial with ``block``;
+        with ``expected`` False, not those of transfers accepted here (the caller
+        checks them against :meth:`blocks_expected`)."""
         params = (block.originating_registry, block.serial_end, block.serial_start)
         # Blocks held here never overlap one another, so only those starting inside
         # the range and the one starting last before it can overlap: two index seeks,
@@ -1092,6 +1104,8 @@ class Tx:
         )
         if before is not None and int(before[2]) >= block.serial_start:
             held.append(before)
+        if not expected:
+            return [_block(r) for r in held]
         # From the few transfers accepted here and not yet completed (transfers_state),
         # not from the serials of every block ever transferred: CROSS JOIN keeps
         # SQLite from starting at transfer_blocks_serials, a scan of all serials below.
