@@ -38,7 +38,7 @@ from itmolink.core.reconcile import (
 from itmolink.crypto.keys import SigningKey
 from itmolink.crypto.pki import init_party
 from itmolink.node.base import Rejection
-from itmolink.node.convert import block_from_pb, timestamp, timestamp_us, to_us
+from itmolink.node.convert import block_from_pb, block_to_pb, timestamp, timestamp_us, to_us
 from itmolink.v1 import (
     authorisation_pb2,
     codes_pb2,
@@ -1330,6 +1330,149 @@ async def t_h_timeout(ctx: Context) -> None:
 async def t_status_unknown(ctx: Context) -> None:
     await _expect_state(
         ctx, f"{ctx.target}-T-{ctx.nonce}-NEVER", transfer_pb2.TRANSFER_STATE_UNKNOWN, "§5.11"
+    )
+
+
+def _batch(
+    ctx: Context, items: list[tuple[list[Block], dict[str, object]]], *, suffix: str,
+    expires_in: dt.timedelta = dt.timedelta(minutes=10),
+) -> transfer_pb2.TransferBatchProposal:  # fmt: skip
+    """A batch proposal of the kit (§5.15): one item per (blocks, field overrides)."""
+    expires = dt.datetime.now(dt.UTC) + expires_in
+    return transfer_pb2.TransferBatchProposal(
+        batch_id=f"{ctx.kit}-B-{ctx.nonce}-{suffix}",
+        expires_at=timestamp(to_us(expires)),
+        items=[
+            transfer_pb2.TransferBatchItem(
+                **{  # type: ignore[arg-type]
+                    "transfer_id": ctx.new_transfer_id(),
+                    "authorisation_id": blocks[0].authorisation_id,
+                    "quantity": sum(b.quantity for b in blocks),
+                    "blocks": [block_to_pb(b) for b in blocks],
+                    "first_transfer": True,
+                    **overrides,
+                }
+            )
+            for blocks, overrides in items
+        ],
+    )  # fmt: skip
+
+
+def _record_batch(
+    ctx: Context, batch: transfer_pb2.TransferBatchProposal, payload: bytes,
+    blocks: list[list[Block]],
+) -> list[KitTransfer]:  # fmt: skip
+    """The kit's record of each transfer of a batch: the batch's digests are its own."""
+    records = []
+    for item, item_blocks in zip(batch.items, blocks, strict=True):
+        record = KitTransfer(
+            transfer_id=item.transfer_id, sender=ctx.kit, receiver=ctx.target,
+            authorisation_id=item.authorisation_id, blocks=tuple(item_blocks),
+            proposal_digest=sha256(payload),
+            proposed_at_us=timestamp_us(batch.header.sent_at),
+        )  # fmt: skip
+        ctx.transfers[record.transfer_id] = record
+        records.append(record)
+    return records
+
+
+@kit_test(
+    "3.20-batch-transfer",
+    3,
+    "§5.15, §6.10",
+    "a batch: each item accepted or rejected on its own, one completion, per-item receipt",
+    ("buyer",),
+)
+async def t_b_batch(ctx: Context) -> None:
+    authorisation = ctx.needs("auth", "2.01")
+    blocks = [
+        ctx.new_blocks(300, authorisation),
+        ctx.new_blocks(100, authorisation, vintage=2020),  # refused alone: 4002
+        ctx.new_blocks(200, authorisation),
+    ]
+    batch = _batch(ctx, [(b, {}) for b in blocks], suffix="1")
+    payload, envelope = ctx.link.seal(batch)
+    first, refused, last = _record_batch(ctx, batch, payload, blocks)
+    reply = await ctx.link.deliver_raw(envelope)
+    acceptance = ctx.expect(reply, transfer_pb2.TransferBatchAcceptance, "batch proposal")
+    check(acceptance.batch_id == batch.batch_id, f"acceptance names {acceptance.batch_id!r}")
+    check(
+        acceptance.proposal_digest == sha256(payload),
+        "proposal_digest must be SHA-256 of the batch proposal's payload as received (§5.15)",
+    )
+    outcomes = [(o.transfer_id, o.rejection.code) for o in acceptance.items]
+    wanted = [
+        (first.transfer_id, 0),
+        (refused.transfer_id, C.REJECTION_CODE_VINTAGE_BEFORE_2021),
+        (last.transfer_id, 0),
+    ]
+    check(
+        outcomes == wanted,
+        f"the batch's outcomes are {outcomes}; expected one per item, in order, the item of "
+        f"vintage 2020 alone rejected with 4002 (§5.15): {wanted}",
+    )
+    acceptance_digest = sha256(reply.payload)
+    for record in (first, last):
+        record.acceptance_digest = acceptance_digest
+    refused.final_at_target, refused.moved = True, False
+    await _expect_state(ctx, first.transfer_id, transfer_pb2.TRANSFER_STATE_ACCEPTED, "§5.15")
+    await _expect_state(ctx, refused.transfer_id, transfer_pb2.TRANSFER_STATE_REJECTED, "§5.15")
+    completion = transfer_pb2.TransferBatchCompletion(
+        batch_id=batch.batch_id,
+        acceptance_digest=acceptance_digest,
+        items=[
+            transfer_pb2.TransferBatchCompletionItem(
+                transfer_id=r.transfer_id, adjustment_year=2025
+            )
+            for r in (first, last)
+        ],
+    )
+    receipt = ctx.expect(
+        await ctx.link.send(completion), transfer_pb2.TransferBatchCompletionReceipt,
+        "batch completion",
+    )  # fmt: skip
+    answered = [(o.transfer_id, o.adjustment_year, o.HasField("rejection")) for o in receipt.items]
+    check(
+        answered == [(first.transfer_id, 2025, False), (last.transfer_id, 2025, False)],
+        f"the receipt's items are {answered}; expected each completed item with the year of "
+        "the receiver's adjustment, 2025 (§5.15, §6.6)",
+    )
+    for record in (first, last):
+        record.moved = record.final_at_target = True
+        await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_COMPLETED, "§5.15")
+    # A completion of one batched transfer, alone, names the batch's acceptance (§5.15).
+    await _complete(ctx, first, "a TransferCompletion of one transfer of the batch")
+    await _expect_state(ctx, first.transfer_id, transfer_pb2.TRANSFER_STATE_COMPLETED, "§5.15")
+
+
+@kit_test(
+    "3.21-batch-refused-whole",
+    3,
+    "§5.15 B2, §5.13",
+    "an expired batch: 3011, every item REJECTED; over 1,000 items: 2011, unrecorded",
+    ("buyer",),
+)
+async def t_b_batch_refused(ctx: Context) -> None:
+    authorisation = ctx.needs("auth", "2.01")
+    blocks = [ctx.new_blocks(50, authorisation), ctx.new_blocks(60, authorisation)]
+    batch = _batch(ctx, [(b, {}) for b in blocks], suffix="2", expires_in=-dt.timedelta(hours=1))
+    payload, envelope = ctx.link.seal(batch)
+    records = _record_batch(ctx, batch, payload, blocks)
+    ctx.expect_rejection(
+        await ctx.link.deliver_raw(envelope), C.REJECTION_CODE_PROPOSAL_EXPIRED, "expired batch",
+        recorded=True,
+    )  # fmt: skip
+    for record in records:
+        record.final_at_target, record.moved = True, False
+        await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_REJECTED, "§5.15")
+    one = ctx.new_blocks(1, authorisation)
+    huge = _batch(ctx, [(one, {})] * 1_001, suffix="3")
+    ctx.expect_rejection(
+        await ctx.link.send(huge), C.REJECTION_CODE_TOO_MANY_ITEMS, "a batch of 1,001 transfers",
+        recorded=False,
+    )  # fmt: skip
+    await _expect_state(
+        ctx, huge.items[0].transfer_id, transfer_pb2.TRANSFER_STATE_UNKNOWN, "§5.15"
     )
 
 
