@@ -34,10 +34,13 @@ def main() -> None:
         pair = bench.Pair(ctx, root)
         try:
             pair.call("LAO", "authorise")
+            before = {p: pair.call(p, "cpu") for p in ("LAO", "KOR")}
             if args.batch:
                 print(pair.call("LAO", "batches", args.count, args.batch, args.in_flight, 1_000))
             else:
                 print(pair.call("LAO", "transfers", args.count, args.in_flight, 1_000))
+            cpu = {p: (pair.call(p, "cpu") - before[p]) / args.count * 1000 for p in before}
+            print(f"CPU per transfer: sender {cpu['LAO']:.3f} ms, receiver {cpu['KOR']:.3f} ms")
         finally:
             pair.stop()
 

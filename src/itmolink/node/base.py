@@ -792,20 +792,23 @@ class EngineBase:
             revoked=bool(details["revoked"]),
         )
 
+    def _first_transfer(self, tx: Tx, authorisation_id: str, blocks: Sequence[Block]) -> bool:
+        """Whether a transfer of ``blocks`` is their first transfer (§5.8, "Sender")."""
+        return all(b.first_transferring_party == self.party for b in blocks) and (
+            self._ca_point(self._authorisation(tx, self.party, authorisation_id)) == "transfer"
+        )
+
     def _reserve_outgoing(
         self, tx: Tx, authorisation_id: str, blocks: Sequence[Block], evidence: bytes = b""
     ) -> Outgoing:
-        """Give a transfer of ``blocks`` its id and reserve them for it (one transfer,
-        proposed alone or in a batch)."""
+        """Give a transfer of held ``blocks`` its id and reserve them for it."""
         taken = list(blocks)
-        first_transfer = all(b.first_transferring_party == self.party for b in taken) and (
-            self._ca_point(self._authorisation(tx, self.party, authorisation_id)) == "transfer"
-        )
         transfer_id = f"{self.party}-T-{tx.next_counter('transfer'):06d}"
         tx.blocks_reserve(taken, transfer_id=transfer_id)
         return Outgoing(
-            transfer_id, authorisation_id, total(taken), taken, first_transfer, evidence
-        )
+            transfer_id, authorisation_id, total(taken), taken,
+            self._first_transfer(tx, authorisation_id, taken), evidence,
+        )  # fmt: skip
 
     def _record_outgoing(
         self,
@@ -847,8 +850,15 @@ class EngineBase:
         expires_us: int,
         evidence: bytes = b"",
     ) -> str:
-        """Reserve ``blocks`` and persist a proposal of them to ``to_party``."""
+        """Reserve held ``blocks`` and persist a proposal of them to ``to_party``."""
         item = self._reserve_outgoing(tx, terms.authorisation_id, blocks, evidence)
+        return self._send_proposal(tx, to_party, item, now_us=now_us, expires_us=expires_us)
+
+    def _send_proposal(
+        self, tx: Tx, to_party: str, item: Outgoing, *, now_us: int, expires_us: int
+    ) -> str:
+        """Persist the proposal of one transfer whose blocks are reserved, and record
+        the transfer as PROPOSED."""
         proposal = TransferProposal(
             transfer_id=item.transfer_id,
             authorisation_id=item.authorisation_id,
@@ -856,7 +866,7 @@ class EngineBase:
             blocks=[block_to_pb(b) for b in item.blocks],
             first_transfer=item.first_transfer,
             expires_at=timestamp(expires_us),
-            authorisation_evidence=evidence,
+            authorisation_evidence=item.evidence,
         )
         payload = self._send(tx, to_party, proposal, item.transfer_id, now_us)
         self._record_outgoing(

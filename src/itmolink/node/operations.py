@@ -736,19 +736,11 @@ class Operations(EngineBase):
         )
         return issuance_id, [block]
 
-    def _prepare_transfer(
-        self,
-        tx: Tx,
-        *,
-        to_party: str,
-        host: str,
-        authorisation_id: str,
-        vintage: int,
-        quantity: int,
-        pending_threshold: dict[int, int] | None = None,
-    ) -> tuple[AuthorisationTerms, list[Block], bytes]:
-        """The sender's checks on one transfer (docs/PROTOCOL.md §5.8, "Sender"), and
-        the held blocks it takes (the last one split off): (terms, blocks, evidence)."""
+    def _check_transfer_request(
+        self, tx: Tx, *, to_party: str, host: str, authorisation_id: str, vintage: int
+    ) -> tuple[AuthorisationTerms, bytes]:
+        """The sender's checks on a transfer before it looks at its holdings
+        (docs/PROTOCOL.md §5.8, "Sender"): (terms, onward-transfer evidence)."""
         terms = tx.authorisation_get(host, authorisation_id)
         if terms is None:
             raise Rejected(
@@ -772,18 +764,73 @@ class Operations(EngineBase):
         rules.check_transfer_request(
             terms, to_party=to_party, vintage=vintage, acknowledged=acknowledged
         )
-        held = tx.blocks_held(
-            account=HOLDING_ACCOUNT, authorisation_id=authorisation_id, vintage=vintage
-        )
-        taken, remainders = take(held, quantity)
-        self._check_booking(tx, Role.SENDER, taken)
-        if all(b.first_transferring_party == self.party for b in taken) and (
-            self._ca_point(self._authorisation(tx, host, authorisation_id)) == "transfer"
-        ):
-            self._check_threshold(tx, terms, vintage, quantity, pending_threshold)
-        for tail in remainders:
-            tx.block_split(tail)
-        return terms, taken, evidence
+        return terms, evidence
+
+    def _take_for_transfers(
+        self, tx: Tx, to_party: str, requests: Sequence[BatchItemRequest]
+    ) -> list[Outgoing]:
+        """The sender's checks on each requested transfer, in order, each counting the
+        ones before it against the holdings and the host threshold; then the held
+        blocks each takes (in serial order, the last one split) are reserved for it,
+        and it gets its id. One transfer proposed alone is a list of one.
+
+        All or nothing: the first transfer that fails a check refuses the request
+        (in a batch, its detail names the item), and nothing is reserved."""
+        pools: dict[tuple[str, int], tuple[list[Block], list[Block]]] = {}
+        pending: dict[int, int] = {}
+        chosen: list[tuple[AuthorisationTerms, list[Block], bytes]] = []
+        for number, request in enumerate(requests, start=1):
+            host = request.host_party or self.party
+            try:
+                terms, evidence = self._check_transfer_request(
+                    tx, to_party=to_party, host=host, authorisation_id=request.authorisation_id,
+                    vintage=request.vintage,
+                )  # fmt: skip
+                key = (request.authorisation_id, request.vintage)
+                if key not in pools:
+                    held = tx.blocks_held(
+                        account=HOLDING_ACCOUNT, authorisation_id=request.authorisation_id,
+                        vintage=request.vintage,
+                    )  # fmt: skip
+                    pools[key] = (held, held)
+                originals, current = pools[key]
+                taken, remainders = take(current, request.quantity)
+                # What is left, in serial order: the split tail, then the blocks untouched.
+                pools[key] = (originals, remainders + current[len(taken) :])
+                self._check_booking(tx, Role.SENDER, taken)
+                if all(b.first_transferring_party == self.party for b in taken) and (
+                    self._ca_point(self._authorisation(tx, host, request.authorisation_id))
+                    == "transfer"
+                ):
+                    self._check_threshold(tx, terms, request.vintage, request.quantity, pending)
+            except Rejected as rejected:
+                if len(requests) == 1:
+                    raise
+                raise Rejected(
+                    rejected.code, f"item {number} of the batch: {rejected.detail}"
+                ) from None
+            chosen.append((terms, taken, evidence))
+        first = tx.next_counter("transfer", len(chosen))
+        ids = [f"{self.party}-T-{first + n:06d}" for n in range(len(chosen))]
+        sources: list[Block] = []
+        left: list[Block] = []
+        for originals, current in pools.values():
+            before, after = set(originals), set(current)
+            sources.extend(b for b in originals if b not in after)
+            left.extend(b for b in current if b not in before)
+        tx.blocks_carve(
+            sources, left,
+            [(b, transfer_id) for transfer_id, (_, taken, _) in zip(ids, chosen, strict=True)
+             for b in taken],
+            account=HOLDING_ACCOUNT,
+        )  # fmt: skip
+        return [
+            Outgoing(
+                transfer_id, terms.authorisation_id, total(taken), taken,
+                self._first_transfer(tx, terms.authorisation_id, taken), evidence,
+            )
+            for transfer_id, (terms, taken, evidence) in zip(ids, chosen, strict=True)
+        ]  # fmt: skip
 
     def start_transfer(
         self,
@@ -804,16 +851,10 @@ class Operations(EngineBase):
         now_us = to_us(now)
         self._require_partner(to_party)
         expires_us = now_us + (timeout or self.default_timeout) // dt.timedelta(microseconds=1)
+        request = BatchItemRequest(authorisation_id, vintage, quantity, host_party)
         with self._transaction() as tx:
-            terms, taken, evidence = self._prepare_transfer(
-                tx, to_party=to_party, host=host_party or self.party,
-                authorisation_id=authorisation_id, vintage=vintage, quantity=quantity,
-            )  # fmt: skip
-            transfer_id = self._propose(
-                tx, terms, to_party=to_party, blocks=taken, now_us=now_us, expires_us=expires_us,
-                evidence=evidence,
-            )  # fmt: skip
-        return transfer_id
+            [item] = self._take_for_transfers(tx, to_party, [request])
+            return self._send_proposal(tx, to_party, item, now_us=now_us, expires_us=expires_us)
 
     def start_transfer_batch(
         self,
@@ -841,20 +882,7 @@ class Operations(EngineBase):
             )
         expires_us = now_us + (timeout or self.default_timeout) // dt.timedelta(microseconds=1)
         with self._transaction() as tx:
-            outgoing: list[Outgoing] = []
-            pending: dict[int, int] = {}
-            for number, item in enumerate(items, start=1):
-                try:
-                    terms, taken, evidence = self._prepare_transfer(
-                        tx, to_party=to_party, host=item.host_party or self.party,
-                        authorisation_id=item.authorisation_id, vintage=item.vintage,
-                        quantity=item.quantity, pending_threshold=pending,
-                    )  # fmt: skip
-                except Rejected as rejected:
-                    raise Rejected(
-                        rejected.code, f"item {number} of the batch: {rejected.detail}"
-                    ) from None
-                outgoing.append(self._reserve_outgoing(tx, terms.authorisation_id, taken, evidence))
+            outgoing = self._take_for_transfers(tx, to_party, items)
             batch_id = f"{self.party}-B-{tx.next_counter('batch'):06d}"
             proposal = TransferBatchProposal(
                 batch_id=batch_id,

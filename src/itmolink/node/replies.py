@@ -328,7 +328,7 @@ class Replies(EngineBase):
             journal_id, now_us,
         )  # fmt: skip
         tx.transfers_set_state(
-            ids, transition.state, now=now_us, acceptance_digest=acceptance_digest
+            ids, transition.state, now=now_us, acceptance_digest=acceptance_digest, blocks=blocks
         )
         actions: list[NewAction] = []
         for record in live:

@@ -627,10 +627,12 @@ class Requests(EngineBase):
         )
         self._check_origin(host, blocks)
         for block in blocks:
-            # In a batch, the serials expected here were read once for all its items.
-            rules.check_not_held([block], tx.blocks_overlapping(block, expected=batch is None))
+            # In a batch, what is held and expected here was read once for all its items.
+            rules.check_not_held(
+                [block], tx.blocks_overlapping(block) if batch is None else batch.overlapping(block)
+            )
         if batch is not None:
-            batch.check(blocks)
+            batch.add(blocks)
         self._check_booking(tx, Role.RECEIVER, blocks)
         return blocks
 
@@ -666,7 +668,9 @@ class Requests(EngineBase):
         refused: list[NewTransfer] = []
         seen: set[str] = set()
         known = set(tx.transfers_get([item.transfer_id for item in msg.items]))
-        serials = _BatchSerials(tx.blocks_expected())
+        every_block = [block_from_pb(b) for item in msg.items for b in item.blocks]
+        held = tx.blocks_overlapping_each(every_block)
+        serials = _BatchSerials(tx.blocks_expected(), dict(zip(every_block, held, strict=True)))
         for item in msg.items:
             recordable = False
             try:
@@ -815,7 +819,7 @@ class Requests(EngineBase):
                 tx, transition.effects, [(t, sender, blocks[t]) for t in ids], journal_id, now_us
             )
         )
-        tx.transfers_set_state(ids, transition.state, now=now_us)
+        tx.transfers_set_state(ids, transition.state, now=now_us, blocks=blocks)
         tx.actions_put([
             NewAction(
                 action_type=ActionType.ACQUISITION.value, block=block, at=now_us,
@@ -1127,31 +1131,30 @@ class Requests(EngineBase):
 
 
 class _BatchSerials:
-    """Serials expected here while a batch is checked (T4): those of transfers accepted
-    earlier, read once for the batch, and those of its items accepted so far, which
-    are recorded only once the acceptance is sealed."""
+    """What T4 checks a batch's items against, read once for the whole batch: the
+    blocks held here that overlap each of its blocks, the serials expected here
+    (transfers accepted earlier), and those of the batch's items accepted so far
+    (recorded only once the acceptance is sealed)."""
 
-    def __init__(self, expected: list[Block]) -> None:
-        # Blocks of transfers accepted here earlier (T4), then those of this batch.
-        self._ranges: dict[str, list[tuple[int, int]]] = {}
-        for block in expected:
-            self._ranges.setdefault(block.originating_registry, []).append(
-                (block.serial_start, block.serial_end)
-            )
-        for ranges in self._ranges.values():
-            ranges.sort()
+    def __init__(self, expected: list[Block], held: dict[Block, list[Block]]) -> None:
+        self._held = held
+        # Expected serials and accepted items never overlap one another (T4 holds for
+        # each): sorted by start, only the neighbours of a range can overlap it.
+        self._ranges: dict[str, list[tuple[int, int, Block]]] = {}
+        self.add(expected)
 
-    def check(self, blocks: list[Block]) -> None:
-        for block in blocks:
-            ranges = self._ranges.setdefault(block.originating_registry, [])
-            at = bisect.bisect_left(ranges, (block.serial_start, block.serial_end))
-            for start, end in ranges[max(at - 1, 0) : at + 1]:
-                if start <= block.serial_end and block.serial_start <= end:
-                    raise Rejected(
-                        RejectionCode.SERIALS_ALREADY_HELD,
-                        f"serials {block.label()} are expected here in another transfer",
-                    )
+    def overlapping(self, block: Block) -> list[Block]:
+        found = list(self._held.get(block, ()))
+        ranges = self._ranges.get(block.originating_registry, [])
+        at = bisect.bisect_left(ranges, (block.serial_start, block.serial_end))
+        for start, end, other in ranges[max(at - 1, 0) : at + 1]:
+            if start <= block.serial_end and block.serial_start <= end:
+                found.append(other)
+        return found
+
+    def add(self, blocks: list[Block]) -> None:
         for block in blocks:
             bisect.insort(
-                self._ranges[block.originating_registry], (block.serial_start, block.serial_end)
+                self._ranges.setdefault(block.originating_registry, []),
+                (block.serial_start, block.serial_end, block),
             )

@@ -8,6 +8,7 @@ never commits on its own.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -1074,6 +1075,34 @@ class Tx:
         )
         return [_block(r) for r in rows]
 
+    def blocks_overlapping_each(self, blocks: Sequence[Block]) -> list[list[Block]]:
+        """For each of ``blocks``, the blocks held here (in any account, held, reserved
+        or frozen) that share a serial with it: :meth:`blocks_overlapping` without the
+        expected ones, for many blocks in one query per 250 of them."""
+        found: list[list[Block]] = [[] for _ in blocks]
+        columns = ", ".join("b." + c.strip() for c in _BLOCK_COLUMNS.split(","))
+        for first in range(0, len(blocks), 250):
+            chunk = blocks[first : first + 250]
+            values = ", ".join("(?, ?, ?, ?)" for _ in chunk)
+            params: list[Any] = []
+            for i, block in enumerate(chunk, start=first):
+                params += [i, block.originating_registry, block.serial_start, block.serial_end]
+            # As blocks_overlapping: the blocks starting inside each range, and the one
+            # starting last before it (held blocks never overlap one another).
+            rows = self._exec(
+                f"WITH q (i, reg, s, e) AS (VALUES {values}) "
+                f"SELECT q.i, {columns} FROM q JOIN blocks b ON b.originating_registry = q.reg "
+                "AND b.serial_start >= q.s AND b.serial_start <= q.e "
+                f"UNION ALL SELECT q.i, {columns} FROM q JOIN blocks b "
+                "ON b.originating_registry = q.reg AND b.serial_start = (SELECT "
+                "MAX(x.serial_start) FROM blocks x WHERE x.originating_registry = q.reg "
+                "AND x.serial_start < q.s) AND b.serial_end >= q.s",
+                params,
+            )
+            for row in rows:
+                found[int(row[0])].append(_block(row[1:]))
+        return found
+
     def blocks_expected(self) -> list[Block]:
         """The blocks of the transfers accepted here and not yet completed (expected)."""
         rows = self._exec(
@@ -1144,6 +1173,36 @@ class Tx:
             )
             if cursor.rowcount != 1:
                 raise RuntimeError(f"block {block.label()} is not held and cannot be reserved")
+
+    def blocks_carve(
+        self,
+        sources: Sequence[Block],
+        held: Sequence[Block],
+        reserved: Sequence[tuple[Block, str]],
+        *,
+        account: str,
+    ) -> None:
+        """Replace held blocks of ``account`` (``sources``) by the pieces cut from them:
+        ``held`` ones (what is left of them) and ``reserved`` ones, each reserved for
+        its transfer. The pieces cover exactly the sources' serials."""
+        if sum(b.quantity for b in sources) != sum(b.quantity for b in held) + sum(
+            b.quantity for b, _ in reserved
+        ):
+            raise RuntimeError("the pieces do not cover the blocks they are cut from")
+        for block in sources:
+            cursor = self._exec(
+                "DELETE FROM blocks WHERE originating_registry = ? AND serial_start = ? "
+                "AND serial_end = ? AND status = 'held' AND account = ?",
+                (block.originating_registry, block.serial_start, block.serial_end, account),
+            )
+            if cursor.rowcount != 1:
+                raise RuntimeError(f"block {block.label()} is not held and cannot be reserved")
+        self.blocks_insert(held, account=account)
+        self._many(
+            f"INSERT INTO blocks ({_BLOCK_COLUMNS}, account, status, transfer_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?)",
+            [(*_block_values(block), account, transfer_id) for block, transfer_id in reserved],
+        )
 
     def blocks_delete(self, blocks: Iterable[Block]) -> None:
         for block in blocks:
@@ -1290,9 +1349,25 @@ class Tx:
         *,
         now: int,
         acceptance_digest: bytes | None = None,
+        blocks: dict[str, list[Block]] | None = None,
     ) -> None:
-        """Move several transfers to ``state`` (no rejection), in one statement."""
-        if acceptance_digest is None:
+        """Move several transfers to ``state`` (no rejection), in one statement; a final
+        state seals them in that statement (``blocks``: each one's blocks, if the
+        caller has them already)."""
+        if state.is_final:
+            records = self.transfers_get(transfer_ids)
+            self._seal_records(
+                [
+                    dataclasses.replace(
+                        records[t], state=state, rejection_code=0, rejection_detail="",
+                        acceptance_digest=records[t].acceptance_digest
+                        if acceptance_digest is None else acceptance_digest,
+                    )
+                    for t in transfer_ids
+                ],
+                blocks=blocks, now=now,
+            )  # fmt: skip
+        elif acceptance_digest is None:
             self._many(
                 "UPDATE transfers SET state = ?, rejection_code = 0, rejection_detail = '', "
                 "updated_at = ? WHERE transfer_id = ?",
@@ -1304,8 +1379,6 @@ class Tx:
                 "updated_at = ?, acceptance_digest = ? WHERE transfer_id = ?",
                 [(int(state), now, acceptance_digest, t) for t in transfer_ids],
             )
-        if state.is_final:
-            self._seal_transfers(transfer_ids)
 
     def transfers_get(self, transfer_ids: Sequence[str]) -> dict[str, TransferRecord]:
         """The transfers with these ids that exist, by id (one query per 500 ids)."""
@@ -1369,12 +1442,27 @@ class Tx:
     def _seal_transfers(self, transfer_ids: Sequence[str]) -> None:
         """Record final transfers' reconciliation leaves (core/reconcile.py) and add
         them to the running sums (migration 0003), a few statements for all of them."""
-        if not transfer_ids:
-            return
+        if transfer_ids:
+            records = self.transfers_get(transfer_ids)
+            self._seal_records([records[t] for t in transfer_ids])
+
+    def _seal_records(
+        self,
+        records: Sequence[TransferRecord],
+        *,
+        blocks: dict[str, list[Block]] | None = None,
+        now: int | None = None,
+    ) -> None:
+        """:meth:`_seal_transfers` of these records, as they are to be. With ``now``,
+        their state, rejection and acceptance digest are written too, in the same
+        statement (:meth:`transfers_set_state`)."""
         me = self.meta_get("party") or ""
-        records = self.transfers_get(transfer_ids)
-        moved_ids = [t for t in transfer_ids if records[t].state is TransferState.COMPLETED]
-        blocks_of = self.blocks_of_transfers(moved_ids) if moved_ids else {}
+        transfer_ids = [r.transfer_id for r in records]
+        by_id = {r.transfer_id: r for r in records}
+        moved_ids = [r.transfer_id for r in records if r.state is TransferState.COMPLETED]
+        blocks_of = blocks if blocks is not None else (
+            self.blocks_of_transfers(moved_ids) if moved_ids else {}
+        )  # fmt: skip
         adjustments_of = self.adjustment_amounts_of(transfer_ids)
         before: dict[str, tuple[int, int, int, int]] = {}
         for chunk in _chunks(transfer_ids):
@@ -1389,7 +1477,7 @@ class Tx:
         totals: dict[tuple[str, str, int, int, str], list[int]] = {}
         repaired: set[str] = set()
         for transfer_id in transfer_ids:
-            record = records[transfer_id]
+            record = by_id[transfer_id]
             assert record.state.is_final
             sender, receiver = (
                 (me, record.partner) if record.direction is Role.SENDER else (record.partner, me)
@@ -1408,9 +1496,14 @@ class Tx:
                 proposal_digest=record.proposal_digest,
                 acceptance_digest=record.acceptance_digest,
             )
-            blocks, journal = blocks_leaf(facts), journal_leaf(facts)
-            (b1, b2), (j1, j2) = slices(blocks), slices(journal)
-            leaves.append((blocks, journal, b1, b2, j1, j2, transfer_id))
+            b_leaf, j_leaf = blocks_leaf(facts), journal_leaf(facts)
+            (b1, b2), (j1, j2) = slices(b_leaf), slices(j_leaf)
+            leaves.append(
+                (b_leaf, j_leaf, b1, b2, j1, j2, transfer_id)
+                if now is None
+                else (int(record.state), record.rejection_code, record.rejection_detail, now,
+                      record.acceptance_digest, b_leaf, j_leaf, b1, b2, j1, j2, transfer_id)
+            )  # fmt: skip
             # A transfer sealed again (a final state recorded twice) replaces its
             # earlier leaves in the sums.
             bucket = buckets.setdefault(
@@ -1437,10 +1530,14 @@ class Tx:
                         total[1] += 1
                         total[2] = len(leaves)
         self._many(
-            "UPDATE transfers SET blocks_leaf = ?, journal_leaf = ?, blocks_h1 = ?, "
+            ("" if now is None else
+             "UPDATE transfers SET state = ?, rejection_code = ?, rejection_detail = ?, "
+             "updated_at = ?, acceptance_digest = ?, ")
+            + ("UPDATE transfers SET " if now is None else "")
+            + "blocks_leaf = ?, journal_leaf = ?, blocks_h1 = ?, "
             "blocks_h2 = ?, journal_h1 = ?, journal_h2 = ? WHERE transfer_id = ?",
             leaves,
-        )
+        )  # fmt: skip
         self._many(
             "INSERT INTO reconcile_buckets (partner, prefix, leaves, blocks_h1, blocks_h2, "
             "journal_h1, journal_h2) VALUES (?, ?, ?, ?, ?, ?, ?) "
