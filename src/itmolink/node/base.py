@@ -281,6 +281,8 @@ class EngineBase:
         # worker meanwhile) and listed in ``sent`` for the runtime to take.
         self.claim_sent_us = 0
         self.sent: list[tuple[str, str, bytes]] = []
+        # The last authorisation row read and what was built of it (_authorisation).
+        self._authorisation_memo: tuple[object, Authorisation] | None = None
         self.reload_trust()
 
     # -- transactions and trust ------------------------------------------------------
@@ -784,13 +786,20 @@ class EngineBase:
                 RejectionCode.UNKNOWN_AUTHORISATION,
                 f"no authorisation {authorisation_id!r} of {host_party} is recorded here",
             )
+        # A store that remembers what a transaction read (SQLite) gives the same row
+        # object again: its Authorisation is built once (a batch asks per item).
+        memo = self._authorisation_memo
+        if memo is not None and memo[0] is latest:
+            return memo[1]
         terms, details = latest
-        return Authorisation(
+        authorisation = Authorisation(
             terms,
             oimp_detail=details["oimp_detail"],
             first_transfer_definition=FirstTransferDefinition(details["first_transfer_definition"]),
             revoked=bool(details["revoked"]),
         )
+        self._authorisation_memo = (latest, authorisation)
+        return authorisation
 
     def _first_transfer(self, tx: Tx, authorisation_id: str, blocks: Sequence[Block]) -> bool:
         """Whether a transfer of ``blocks`` is their first transfer (§5.8, "Sender")."""

@@ -44,6 +44,10 @@ def _invalid(detail: str) -> Rejected:
     return Rejected(RejectionCode.INVALID_FIELD, detail)
 
 
+# How a field is checked (see _plan).
+_REPEATED, _MESSAGE, _SCALAR = 0, 1, 2
+
+
 @functools.cache
 def _rules(descriptor: Descriptor) -> tuple[tuple[FieldDescriptor, rules_pb2.FieldRules], ...]:
     """Each field of a message with the rules its proto declares (possibly none)."""
@@ -59,70 +63,110 @@ def _rules(descriptor: Descriptor) -> tuple[tuple[FieldDescriptor, rules_pb2.Fie
     return tuple(found)
 
 
+@functools.cache
+def _plan(
+    descriptor: Descriptor,
+) -> tuple[tuple[str, int, bool, FieldDescriptor, rules_pb2.FieldRules], ...]:
+    """Each field of a message as (name, how it is checked, whether it holds
+    messages other than timestamps, field, rules), worked out once per message type."""
+    return tuple(
+        (
+            field.name,
+            _REPEATED
+            if _is_repeated(field)
+            else _MESSAGE
+            if field.type == FieldDescriptor.TYPE_MESSAGE
+            else _SCALAR,
+            field.type == FieldDescriptor.TYPE_MESSAGE
+            and field.message_type is not None
+            and field.message_type.full_name != Timestamp.DESCRIPTOR.full_name,
+            field,
+            rules,
+        )
+        for field, rules in _rules(descriptor)
+    )
+
+
 def validate(msg: Message, *, max_blocks: int, path: str = "") -> None:
     """Raise MISSING_FIELD for a required field left empty, INVALID_FIELD (or
     TOO_MANY_BLOCKS, or TOO_MANY_ITEMS for a batch's transfers) for the first field
     out of bounds."""
-    for field, rules in _rules(msg.DESCRIPTOR):
-        where = f"{path}{field.name}"
-        value = getattr(msg, field.name)
-        if _is_repeated(field):
-            values = list(value)
-            if field.name == "blocks" and len(values) > max_blocks:
+    for name, how, holds_messages, field, rules in _plan(msg.DESCRIPTOR):
+        value = getattr(msg, name)
+        if how == _REPEATED:
+            count = len(value)
+            if name == "blocks" and count > max_blocks:
                 raise Rejected(
                     RejectionCode.TOO_MANY_BLOCKS,
-                    f"{where} has {len(values)} entries; at most {max_blocks}",
+                    f"{path}{name} has {count} entries; at most {max_blocks}",
                 )
             limit = rules.max_items or MAX_REPEATED
-            if len(values) > limit:
-                if field.name == "items":  # the transfers of a batch (§5.15)
+            if count > limit:
+                if name == "items":  # the transfers of a batch (§5.15)
                     raise Rejected(
                         RejectionCode.TOO_MANY_ITEMS,
-                        f"{where} has {len(values)} transfers; at most {limit} in one batch",
+                        f"{path}{name} has {count} transfers; at most {limit} in one batch",
                     )
-                raise _invalid(f"{where} has {len(values)} entries; at most {limit}")
-            if rules.required and not values:
-                raise Rejected(RejectionCode.MISSING_FIELD, f"{where} needs at least one entry")
-        else:
-            present = (
-                msg.HasField(field.name)
-                if field.type == FieldDescriptor.TYPE_MESSAGE
-                else bool(value)
-            )
-            if rules.required and not present:
-                raise Rejected(RejectionCode.MISSING_FIELD, f"{where} is required")
-            if not present:
+                raise _invalid(f"{path}{name} has {count} entries; at most {limit}")
+            if not count:
+                if rules.required:
+                    raise Rejected(
+                        RejectionCode.MISSING_FIELD, f"{path}{name} needs at least one entry"
+                    )
                 continue
-            values = [value]
+            if holds_messages:
+                inner = f"{path}{name}."
+                for item in value:
+                    validate(item, max_blocks=max_blocks, path=inner)
+                continue
+            values = value
+        elif how == _MESSAGE:
+            if not msg.HasField(name):
+                if rules.required:
+                    raise Rejected(RejectionCode.MISSING_FIELD, f"{path}{name} is required")
+                continue
+            values = (value,)
+        else:
+            if not value:
+                if rules.required:
+                    raise Rejected(RejectionCode.MISSING_FIELD, f"{path}{name} is required")
+                continue
+            values = (value,)
         for item in values:
-            _check(where, field, rules, item, max_blocks)
+            _check(path, name, field, rules, item, max_blocks)
 
 
 def _check(
-    where: str, field: FieldDescriptor, rules: rules_pb2.FieldRules, item: object, max_blocks: int
+    path: str,
+    name: str,
+    field: FieldDescriptor,
+    rules: rules_pb2.FieldRules,
+    item: object,
+    max_blocks: int,
 ) -> None:
-    if isinstance(item, Timestamp):
-        if not _MIN_SECONDS <= item.seconds <= _MAX_SECONDS or not 0 <= item.nanos < 10**9:
-            raise _invalid(
-                f"{where} is not a valid timestamp (seconds {item.seconds}, nanos {item.nanos})"
-            )
-    elif isinstance(item, Message):
-        validate(item, max_blocks=max_blocks, path=f"{where}.")
-    elif isinstance(item, str):
-        limit = rules.max_len or (MAX_PROSE if field.name in PROSE_FIELDS else MAX_TEXT)
+    if isinstance(item, str):
+        limit = rules.max_len or (MAX_PROSE if name in PROSE_FIELDS else MAX_TEXT)
         if len(item) > limit:
-            raise _invalid(f"{where} has {len(item)} characters; at most {limit}")
+            raise _invalid(f"{path}{name} has {len(item)} characters; at most {limit}")
         if _CONTROL.search(item):
-            raise _invalid(f"{where} contains a control character")
+            raise _invalid(f"{path}{name} contains a control character")
         if rules.pattern and not re.fullmatch(rules.pattern, item):
-            raise _invalid(f"{where} = {item!r} does not match {rules.pattern}")
+            raise _invalid(f"{path}{name} = {item!r} does not match {rules.pattern}")
     elif isinstance(item, int) and field.type in _INTEGERS:
         if field.type in _UNSIGNED and item > MAX_INT:
-            raise _invalid(f"{where} = {item} is above {MAX_INT}")
+            raise _invalid(f"{path}{name} = {item} is above {MAX_INT}")
         if rules.min and item < rules.min:  # 0: no bound
-            raise _invalid(f"{where} = {item} is below {rules.min}")
+            raise _invalid(f"{path}{name} = {item} is below {rules.min}")
         if rules.max and item > rules.max:
-            raise _invalid(f"{where} = {item} is above {rules.max}")
+            raise _invalid(f"{path}{name} = {item} is above {rules.max}")
+    elif isinstance(item, Timestamp):
+        if not _MIN_SECONDS <= item.seconds <= _MAX_SECONDS or not 0 <= item.nanos < 10**9:
+            raise _invalid(
+                f"{path}{name} is not a valid timestamp (seconds {item.seconds}, nanos "
+                f"{item.nanos})"
+            )
+    elif isinstance(item, Message):
+        validate(item, max_blocks=max_blocks, path=f"{path}{name}.")
 
 
 def _is_repeated(field: FieldDescriptor) -> bool:

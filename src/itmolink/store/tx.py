@@ -8,7 +8,6 @@ never commits on its own.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -201,6 +200,19 @@ def _transfer(row: Sequence[Any]) -> TransferRecord:
         updated_at=int(row[14]),
         batch_id=row[15] or "",
     )
+
+
+def _moved_to(
+    record: TransferRecord, state: TransferState, acceptance_digest: bytes
+) -> TransferRecord:
+    """``record`` in ``state``, without a rejection (dataclasses.replace, spelt out: it
+    is called for every transfer of a batch)."""
+    r = record
+    return TransferRecord(
+        r.transfer_id, r.direction, r.partner, state, r.quantity, r.authorisation_id,
+        r.first_transfer, r.proposal_message_id, r.proposal_digest, acceptance_digest,
+        r.expires_at, 0, "", r.created_at, r.updated_at, r.batch_id,
+    )  # fmt: skip
 
 
 class Cursor(Protocol):
@@ -1358,10 +1370,10 @@ class Tx:
             records = self.transfers_get(transfer_ids)
             self._seal_records(
                 [
-                    dataclasses.replace(
-                        records[t], state=state, rejection_code=0, rejection_detail="",
-                        acceptance_digest=records[t].acceptance_digest
-                        if acceptance_digest is None else acceptance_digest,
+                    _moved_to(
+                        records[t], state,
+                        records[t].acceptance_digest if acceptance_digest is None
+                        else acceptance_digest,
                     )
                     for t in transfer_ids
                 ],
