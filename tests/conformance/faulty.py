@@ -524,6 +524,22 @@ class BatchAllOrNothing(Engine):
     }
 
 
+class CompletesRejectedBatchItems(Engine):
+    """Completes every item of its batch, those the receiver rejected too (§5.15)."""
+
+    def _batch_accepted(
+        self, tx: Tx, batch_id: str, partner: str, acceptance: Any, acceptance_payload: bytes,
+        journal_id: int, now_us: int,
+    ) -> None:  # fmt: skip
+        everything = transfer_pb2.TransferBatchAcceptance()
+        everything.CopyFrom(acceptance)
+        for outcome in everything.items:
+            outcome.ClearField("rejection")
+        super()._batch_accepted(
+            tx, batch_id, partner, everything, acceptance_payload, journal_id, now_us
+        )
+
+
 class ForgetsRefusedBatchItems(Engine):
     """Records nothing of the items of a batch it refuses as a whole (§5.15, §5.2 D10)."""
 
@@ -638,4 +654,8 @@ VARIANTS = [
             "records nothing of the items of a batch it refuses",
             "3.21-batch-refused-whole", "TRANSFER_STATE_UNKNOWN",
             lambda n: _swap(n, ForgetsRefusedBatchItems)),
+    Variant("completes-rejected-batch-items", "host",
+            "completes the items of its batch that the receiver rejected",
+            "3.06-batch-completed", "expected the two accepted transfers",
+            lambda n: _swap(n, CompletesRejectedBatchItems)),
 ]  # fmt: skip

@@ -340,12 +340,16 @@ def _batch_items(args: argparse.Namespace) -> list[admin_pb2.TransferBatchReques
         return items
     if not args.quantity or not args.authorisation or args.vintage is None:
         raise CliError("give --authorisation, --vintage and one --quantity per transfer, or --csv")
+    try:
+        quantities = [int(q) for given in args.quantity for q in given.split(",") if q.strip()]
+    except ValueError:
+        raise CliError(f"--quantity takes whole tCO2e, not {args.quantity}") from None
     return [
         admin_pb2.TransferBatchRequestItem(
             authorisation_id=args.authorisation, vintage=args.vintage, quantity=quantity,
             host_party=args.host or "",
         )
-        for quantity in args.quantity
+        for quantity in quantities
     ]  # fmt: skip
 
 
@@ -866,8 +870,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     batch.add_argument("--vintage", type=int, help="the vintage of every --quantity")
     batch.add_argument(
-        "--quantity", type=int, action="append", default=[],
-        help="tCO2e of one transfer; repeat for each transfer of the batch",
+        "--quantity", action="append", default=[],
+        help="tCO2e of one transfer; repeat for each transfer of the batch (or give several "
+        "comma-separated: --quantity 100,200,300)",
     )  # fmt: skip
     batch.add_argument(
         "--csv",

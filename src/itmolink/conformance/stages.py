@@ -20,7 +20,14 @@ import grpc
 from google.protobuf.message import Message
 
 from itmolink.conformance.config import EXPIRED_KEY_FILE, FUTURE_KEY_FILE, ROLES
-from itmolink.conformance.context import CheckFailed, Context, KitTransfer, check, other_party
+from itmolink.conformance.context import (
+    CheckFailed,
+    Context,
+    KitTransfer,
+    NotRunnable,
+    check,
+    other_party,
+)
 from itmolink.conformance.link import (
     Incoming,
     Reply,
@@ -1331,6 +1338,118 @@ async def t_status_unknown(ctx: Context) -> None:
     await _expect_state(
         ctx, f"{ctx.target}-T-{ctx.nonce}-NEVER", transfer_pb2.TRANSFER_STATE_UNKNOWN, "§5.11"
     )
+
+
+@kit_test(
+    "3.06-batch-completed",
+    3,
+    "§5.15, §6.10",
+    "the target's batch of three: the item the kit rejects is REJECTED there, the others "
+    "completed by one batch completion",
+    ("host",),
+)
+async def t_h_batch(ctx: Context) -> None:
+    if "propose_batch" not in ctx.config.driver:
+        raise NotRunnable("no [driver] propose_batch command (optional, §13.3)")
+    authorisation = ctx.needs("auth", "2.01")
+    quantities = [300, 200, 100]
+    proposals = ctx.server.of_type(transfer_pb2.TransferBatchProposal)
+    completions = ctx.server.of_type(transfer_pb2.TransferBatchCompletion)
+    seen, seen_completions = len(proposals), len(completions)
+    answers: dict[str, bytes] = {}
+
+    def policy(incoming: Incoming) -> Message:
+        batch = incoming.message
+        assert isinstance(batch, transfer_pb2.TransferBatchProposal)
+        acceptance = transfer_pb2.TransferBatchAcceptance(
+            header=ctx.link.header(in_reply_to=incoming.message_id),
+            batch_id=batch.batch_id,
+            proposal_digest=sha256(incoming.payload),
+            items=[
+                transfer_pb2.TransferBatchOutcome(transfer_id=item.transfer_id)
+                if n != 1
+                else transfer_pb2.TransferBatchOutcome(
+                    transfer_id=item.transfer_id,
+                    rejection=codes_pb2.RejectionReason(
+                        code=C.REJECTION_CODE_SERIALS_ALREADY_HELD,
+                        detail="conformance: the kit refuses the second transfer",
+                    ),
+                )
+                for n, item in enumerate(batch.items)
+            ],
+        )
+        payload, _ = ctx.link.seal(acceptance)
+        answers[batch.batch_id] = sha256(payload)
+        return acceptance
+
+    ctx.server.policies[str(transfer_pb2.TransferBatchProposal.DESCRIPTOR.full_name)] = policy
+    _require_ok(
+        await _driver(
+            ctx, "propose_batch", authorisation_id=authorisation, vintage=VINTAGE,
+            quantities=",".join(str(q) for q in quantities), timeout_seconds=0,
+        ),
+        "propose_batch", ctx,
+    )  # fmt: skip
+    got = await ctx.server.wait_for(
+        lambda: ctx.server.of_type(transfer_pb2.TransferBatchProposal)[seen:],
+        ctx.config.act_within_seconds,
+    )
+    check(got, "no TransferBatchProposal reached the kit after the driver's propose_batch")
+    incoming = got[0]
+    batch = incoming.message
+    assert isinstance(batch, transfer_pb2.TransferBatchProposal)
+    check(not incoming.problems, f"batch proposal header: {'; '.join(incoming.problems)}")
+    check(
+        batch.batch_id.startswith(f"{ctx.target}-"),
+        f"batch id {batch.batch_id!r} must start with '{ctx.target}-' (§5.15 B1)",
+    )
+    check(
+        [item.quantity for item in batch.items] == quantities,
+        f"the batch's quantities are {[i.quantity for i in batch.items]}, asked {quantities}",
+    )
+    records: list[KitTransfer] = []
+    for item in batch.items:
+        blocks = [block_from_pb(b) for b in item.blocks]
+        check(
+            sum(b.quantity for b in blocks) == item.quantity,
+            f"item {item.transfer_id}: blocks add up to {sum(b.quantity for b in blocks)}",
+        )
+        _check_blocks(ctx, blocks, ctx.authorisations[ctx.notes["auth"]], VINTAGE)
+        record = KitTransfer(
+            transfer_id=item.transfer_id, sender=ctx.target, receiver=ctx.kit,
+            authorisation_id=item.authorisation_id, blocks=tuple(blocks),
+            proposal_digest=sha256(incoming.payload),
+            proposed_at_us=timestamp_us(batch.header.sent_at),
+        )  # fmt: skip
+        ctx.transfers[record.transfer_id] = record
+        records.append(record)
+    first, refused, last = records
+    refused.final_at_target, refused.moved = True, False
+    got = await ctx.server.wait_for(
+        lambda: ctx.server.of_type(transfer_pb2.TransferBatchCompletion)[seen_completions:],
+        ctx.config.act_within_seconds,
+    )
+    check(got, "no TransferBatchCompletion reached the kit after its batch acceptance")
+    completion = got[0].message
+    assert isinstance(completion, transfer_pb2.TransferBatchCompletion)
+    check(not got[0].problems, f"batch completion header: {'; '.join(got[0].problems)}")
+    check(
+        completion.batch_id == batch.batch_id
+        and completion.acceptance_digest == answers.get(batch.batch_id),
+        "the batch completion must name the batch and carry SHA-256 of the kit's batch "
+        "acceptance payload (§5.15)",
+    )
+    listed = [(i.transfer_id, i.adjustment_year) for i in completion.items]
+    check(
+        listed == [(first.transfer_id, VINTAGE), (last.transfer_id, VINTAGE)],
+        f"the batch completion lists {listed}; expected the two accepted transfers, each "
+        f"with the year of the host's adjustment, {VINTAGE}, and not the rejected one (§5.15)",
+    )
+    for record in (first, last):
+        record.acceptance_digest = answers[batch.batch_id]
+        record.moved = record.final_at_target = True
+        await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_COMPLETED, "§6.3")
+    await _expect_state(ctx, refused.transfer_id, transfer_pb2.TRANSFER_STATE_REJECTED, "§6.3")
 
 
 def _batch(
