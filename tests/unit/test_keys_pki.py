@@ -29,9 +29,12 @@ from itmolink.crypto.pki import (
     NODE_VALIDITY,
     PartnerCard,
     PartyFiles,
+    certificate_hosts,
+    check_node_pair,
     check_party_code,
     init_party,
     issuing_party,
+    renew_node_certificate,
 )
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
@@ -440,3 +443,83 @@ def test_init_party_creates_an_admin_operator_with_a_private_random_token(tmp_pa
     assert operator_for(token, operators) == "admin"
     assert operator_for(token + "x", operators) is None
     assert token not in (tmp_path / "a" / "operators.toml").read_text()
+
+
+# node certificate renewal (itmolink pki renew)
+
+
+def _copy_party(source: PartyFiles, to: Path) -> PartyFiles:
+    to.mkdir()
+    for path in source.directory.iterdir():
+        if path.is_file():
+            (to / path.name).write_bytes(path.read_bytes())
+            (to / path.name).chmod(mode(path))
+    return PartyFiles(to)
+
+
+def _renew(files: PartyFiles, **overrides: object) -> x509.Certificate:
+    arguments: dict[str, object] = dict(
+        ca_certificate=files.ca_certificate, ca_key=files.ca_key,
+        node_certificate=files.node_certificate, node_key=files.node_key, hosts=None,
+        now=NOW + dt.timedelta(days=800),
+    )  # fmt: skip
+    arguments.update(overrides)
+    return renew_node_certificate(**arguments)  # type: ignore[arg-type]
+
+
+def test_renewal_makes_a_new_key_and_certificate_from_the_same_ca(
+    parties: dict[str, PartyFiles], tmp_path: Path
+) -> None:
+    files = _copy_party(parties["LAO"], tmp_path / "lao")
+    old_cert = x509.load_pem_x509_certificate(files.node_certificate.read_bytes())
+    old_key = files.node_key.read_bytes()
+    new = _renew(files)
+
+    assert x509.load_pem_x509_certificate(files.node_certificate.read_bytes()) == new
+    assert new.serial_number != old_cert.serial_number
+    assert new.subject == old_cert.subject
+    assert (
+        certificate_hosts(new) == certificate_hosts(old_cert) == ["localhost", "127.0.0.1", "::1"]
+    )
+    assert new.not_valid_after_utc == NOW + dt.timedelta(days=800) + NODE_VALIDITY
+    ca = x509.load_pem_x509_certificate(files.ca_certificate.read_bytes())
+    new.verify_directly_issued_by(ca)
+    assert files.node_key.read_bytes() != old_key  # a new key, and the certificate is for it
+    assert check_node_pair(files.node_key.read_bytes(), files.node_certificate.read_bytes()) == new
+    assert mode(files.node_key) == PRIVATE_FILE_MODE
+    assert sorted(p.name for p in files.directory.iterdir() if p.name.startswith(".")) == []
+    # The partner card does not change: partners pin the CA, which is the same.
+    assert issuing_party(files.node_certificate.read_bytes(), [PartnerCard.load(files.card)]) == (
+        "LAO"
+    )
+
+
+def test_renewal_takes_new_host_names(parties: dict[str, PartyFiles], tmp_path: Path) -> None:
+    files = _copy_party(parties["KOR"], tmp_path / "kor")
+    new = _renew(files, hosts=["registry.kor.example", "10.0.0.7"])
+    assert certificate_hosts(new) == ["registry.kor.example", "10.0.0.7"]
+
+
+@pytest.mark.parametrize("wrong", ["ca_key", "node_certificate"])
+def test_renewal_refuses_material_of_another_ca_and_changes_nothing(
+    parties: dict[str, PartyFiles], tmp_path: Path, wrong: str
+) -> None:
+    files = _copy_party(parties["LAO"], tmp_path / "lao")
+    impostor = parties["LAO-impostor"]
+    if wrong == "node_certificate":  # a node certificate the CA did not issue
+        files.node_certificate.write_bytes(impostor.node_certificate.read_bytes())
+    before = {p.name: p.read_bytes() for p in files.directory.iterdir() if p.is_file()}
+    overrides = {"ca_key": impostor.ca_key} if wrong == "ca_key" else {}
+    with pytest.raises(ValueError, match=r"not the key of the CA|not issued by the CA"):
+        _renew(files, **overrides)
+    assert {p.name: p.read_bytes() for p in files.directory.iterdir() if p.is_file()} == before
+
+
+def test_check_node_pair_refuses_a_certificate_for_another_key(
+    parties: dict[str, PartyFiles],
+) -> None:
+    lao, kor = parties["LAO"], parties["KOR"]
+    with pytest.raises(ValueError, match="not for the node key"):
+        check_node_pair(lao.node_key.read_bytes(), kor.node_certificate.read_bytes())
+    with pytest.raises(ValueError, match="no PEM certificate"):
+        check_node_pair(lao.node_key.read_bytes(), b"not a certificate")

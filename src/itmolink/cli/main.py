@@ -30,7 +30,13 @@ from itmolink.cli.node_ops import add_node_ops_parsers
 from itmolink.cli.table import print_table
 from itmolink.conformance.cli import add_conformance_parser
 from itmolink.crypto.operators import add_operator, read_token, token_file
-from itmolink.crypto.pki import DEFAULT_HOSTS, init_party
+from itmolink.crypto.pki import (
+    DEFAULT_HOSTS,
+    PartyFiles,
+    certificate_hosts,
+    init_party,
+    renew_node_certificate,
+)
 from itmolink.node.admin import REJECTION_CODE_KEY
 from itmolink.node.config import ConfigError, load_config
 from itmolink.sim.cli import add_simulate_parser
@@ -154,6 +160,30 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
         "private keys (mode 0600; never share)"
     )
     print(f"  {files.card.name}  partner card: give this file to partner registries")
+    return 0
+
+
+def cmd_pki_renew(args: argparse.Namespace) -> int:
+    try:
+        keys = load_config(args.config).keys if args.config else PartyFiles(Path(args.dir))
+        ca_key = Path(args.ca_key) if args.ca_key else keys.ca_key
+        certificate = renew_node_certificate(
+            ca_certificate=keys.ca_certificate,
+            ca_key=ca_key,
+            node_certificate=keys.node_certificate,
+            node_key=keys.node_key,
+            hosts=args.host,
+            now=dt.datetime.now(dt.UTC),
+        )
+    except (ConfigError, ValueError, OSError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    hosts = ", ".join(certificate_hosts(certificate))
+    print(
+        f"renewed the node certificate: serial {certificate.serial_number:x}, valid until "
+        f"{certificate.not_valid_after_utc:%Y-%m-%d}, hosts {hosts}"
+    )
+    print(f"  {keys.node_certificate}, {keys.node_key} (new key, mode 0600) replaced")
+    print("  a running node takes them up at its next connection; partners need nothing new")
     return 0
 
 
@@ -642,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_parser(commands)
     add_conformance_parser(commands)
 
-    pki = commands.add_parser("pki", help="create key material").add_subparsers(
+    pki = commands.add_parser("pki", help="create and renew key material").add_subparsers(
         dest="pki_command", required=True, metavar="ACTION"
     )
     init = pki.add_parser(
@@ -657,6 +687,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="host name or IP of the node (repeatable; default: localhost, 127.0.0.1, ::1)",
     )
     init.set_defaults(func=cmd_pki_init)
+    renew = pki.add_parser(
+        "renew",
+        help="replace the node's TLS key and certificate with new ones from the party's CA",
+        description="Make a new TLS key and a node certificate for it, signed by the party's "
+        "CA, valid for 825 days, with the current certificate's host names unless --host is "
+        "given, and replace node.key and node.pem. A running node takes them up at its next "
+        "connection (no restart); partners pin the CA, so they need nothing new.",
+    )
+    where = renew.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", help="the node's configuration (its [keys] paths)")
+    where.add_argument("--dir", help="a key directory made by 'pki init'")
+    renew.add_argument(
+        "--ca-key", help="the CA's private key (default: ca.key in the key directory)"
+    )
+    renew.add_argument("--host", action="append", help="host name or IP of the node (repeatable)")
+    renew.set_defaults(func=cmd_pki_renew)
 
     node = commands.add_parser("node", help="run the registry node").add_subparsers(
         dest="node_command", required=True, metavar="ACTION"

@@ -55,12 +55,14 @@ def cmd_node_check_config(args: argparse.Namespace) -> int:
     checks = check_config(args.config or args.config_option or "node.toml")
     width = max(len(c.name) for c in checks)
     for check in checks:
-        print(f"{'OK  ' if check.ok else 'FAIL'}  {check.name.ljust(width)}  {check.detail}")
+        label = "FAIL" if not check.ok else "WARN" if check.warning else "OK  "
+        print(f"{label}  {check.name.ljust(width)}  {check.detail}")
     failed = sum(not c.ok for c in checks)
     if failed:
         print(f"{failed} of {len(checks)} checks failed")
         return EXIT_FAILED
-    print(f"all {len(checks)} checks passed")
+    warned = sum(c.warning for c in checks)
+    print(f"all {len(checks)} checks passed" + (f", {warned} with a warning" if warned else ""))
     return 0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Sequence
@@ -245,27 +246,7 @@ def init_party(
     )
 
     node_key = ec.generate_private_key(ec.SECP256R1())
-    node_cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(party, "registry node"))
-        .issuer_name(ca_name)
-        .public_key(node_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + NODE_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_san(hosts), critical=False)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    node_cert = _node_certificate(ca_key, ca_cert, party, node_key, hosts, now)
 
     signing = SigningKey.generate(party)
 
@@ -284,6 +265,141 @@ def init_party(
     files.card.write_text(card.to_toml())
     add_operator(directory, "admin")
     return files
+
+
+def _node_certificate(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    party: str,
+    node_key: ec.EllipticCurvePrivateKey,
+    hosts: Sequence[str],
+    now: dt.datetime,
+) -> x509.Certificate:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(party, "registry node"))
+        .issuer_name(ca_cert.subject)
+        .public_key(node_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + NODE_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_san(hosts), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
+def _public_der(key: object) -> bytes:
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ValueError("not an ECDSA key")
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _ec_private_key(pem: bytes, what: str) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{what} is no unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{what} is not an ECDSA key")
+    return key
+
+
+def check_node_pair(key_pem: bytes, certificate_pem: bytes) -> x509.Certificate:
+    """The node certificate, once checked to be a PEM certificate for ``key_pem``."""
+    try:
+        certificate = x509.load_pem_x509_certificate(certificate_pem)
+    except ValueError as exc:
+        raise ValueError(f"the node certificate is no PEM certificate ({exc})") from None
+    key = _ec_private_key(key_pem, "the node key")
+    if _public_der(certificate.public_key()) != _public_der(key.public_key()):
+        raise ValueError("the node certificate is not for the node key")
+    return certificate
+
+
+def certificate_hosts(certificate: x509.Certificate) -> list[str]:
+    """The DNS names and IP addresses a certificate names, in its order."""
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(name.value) for name in san if isinstance(name, (x509.DNSName, x509.IPAddress))]
+
+
+def renew_node_certificate(
+    *,
+    ca_certificate: Path,
+    ca_key: Path,
+    node_certificate: Path,
+    node_key: Path,
+    hosts: Sequence[str] | None,
+    now: dt.datetime,
+) -> x509.Certificate:
+    """Replace the node's TLS key and certificate with new ones from the party's CA.
+
+    A new key is made (renewal is also key rotation). The new certificate keeps
+    the current one's subject and, unless ``hosts`` is given, its host names; it
+    is valid for NODE_VALIDITY from ``now``. Partners pin the CA, not the node
+    certificate, so they need nothing new. Refuses unless the CA key is the CA
+    certificate's and the current node certificate was issued by that CA (a node
+    certificate from another CA would not be accepted by the partners).
+
+    Each file is replaced by a rename, the key first: a node reading them in
+    between sees a key and a certificate that do not match, and keeps what it has
+    until both are new (:class:`itmolink.node.tls.NodeTls`).
+    """
+    ca_cert = x509.load_pem_x509_certificate(ca_certificate.read_bytes())
+    signer = _ec_private_key(ca_key.read_bytes(), str(ca_key))
+    if _public_der(ca_cert.public_key()) != _public_der(signer.public_key()):
+        raise ValueError(f"{ca_key} is not the key of the CA certificate {ca_certificate}")
+    current = x509.load_pem_x509_certificate(node_certificate.read_bytes())
+    try:
+        current.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ValueError(
+            f"{node_certificate} was not issued by the CA in {ca_certificate}: "
+            "partners pin that CA, so a node certificate must come from it"
+        ) from None
+    party = _party_of(current)
+    names = list(hosts) if hosts else certificate_hosts(current)
+    if not names:
+        raise ValueError(f"{node_certificate} names no host: give the node's hosts with --host")
+    new_key = ec.generate_private_key(ec.SECP256R1())
+    new_cert = _node_certificate(signer, ca_cert, party, new_key, names, now)
+    _replace(node_key, _pem_key(new_key), private=True)
+    _replace(node_certificate, new_cert.public_bytes(serialization.Encoding.PEM), private=False)
+    return new_cert
+
+
+def _party_of(certificate: x509.Certificate) -> str:
+    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    party = str(names[0].value).split(" ", 1)[0] if names else ""
+    return check_party_code(party)
+
+
+def _replace(path: Path, data: bytes, *, private: bool) -> None:
+    """Write ``data`` to a new file beside ``path``, flush it, and rename it over ``path``."""
+    temporary = path.with_name(f".{path.name}.new")
+    temporary.unlink(missing_ok=True)
+    if private:
+        write_private_file(temporary, data)
+    else:
+        temporary.write_bytes(data)
+        temporary.chmod(0o644)
+    with temporary.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
 
 
 def issuing_party(peer_certificate_pem: bytes, cards: Sequence[PartnerCard]) -> str | None:

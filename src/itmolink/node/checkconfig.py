@@ -1,9 +1,9 @@
 """``itmolink node check-config``: everything a node.toml refers to, checked without
 starting the node.
 
-Each check gives OK or FAIL with a detail; the command exits non-zero when any
-fails. Nothing is written: the database is opened read-only and its schema is
-not migrated.
+Each check gives OK, WARN or FAIL with a detail; the command exits non-zero when
+any fails (a warning does not fail it). Nothing is written: the database is opened
+read-only and its schema is not migrated.
 """
 
 from __future__ import annotations
@@ -27,12 +27,20 @@ from itmolink.crypto.pki import PartnerCard
 from itmolink.node.config import ConfigError, NodeConfig, check_host_port, load_config
 from itmolink.store.migrate import latest_version
 
+# A node certificate with less than this left is reported (WARN) by check-config.
+RENEW_WITHIN = dt.timedelta(days=30)
+
 
 @dataclass(frozen=True, slots=True)
 class Check:
     name: str
     ok: bool
     detail: str
+    warning: bool = False
+
+
+class _Warning(Exception):
+    """The check passes, with something the operator must act on soon."""
 
 
 class _Failed(Exception):
@@ -42,6 +50,8 @@ class _Failed(Exception):
 def _run(name: str, fn: Callable[[], str]) -> Check:
     try:
         return Check(name, True, fn())
+    except _Warning as warning:
+        return Check(name, True, str(warning), warning=True)
     except (_Failed, OSError, ValueError, ConfigError, sqlite3.Error) as exc:
         return Check(name, False, str(exc) or type(exc).__name__)
 
@@ -136,10 +146,17 @@ def _node_certificate(config: NodeConfig, now: dt.datetime) -> str:
             f"{keys.node_certificate} is not issued by the CA in {keys.card}: partners "
             "would refuse the TLS handshake"
         ) from None
-    return (
+    detail = (
         f"{keys.node_certificate}: matches {keys.node_key.name}, issued by this party's CA, "
         f"valid until {cert.not_valid_after_utc:%Y-%m-%d}"
     )
+    left = cert.not_valid_after_utc - now
+    if left < RENEW_WITHIN:
+        raise _Warning(
+            f"{detail}: {left.days} day(s) left; renew it now with 'itmolink pki renew' "
+            "(the running node takes it up without a restart)"
+        )
+    return detail
 
 
 def _own_card_of(config: NodeConfig) -> PartnerCard:

@@ -175,11 +175,18 @@ class NodeMetrics:
             ["partner", "outcome"],
             registry=self.registry,
         )
+        self.certificate_expiry = Gauge(
+            "itmolink_node_certificate_expiry_timestamp_seconds",
+            "When the node's TLS certificate in use expires (Unix time): renew it before "
+            "(itmolink pki renew)",
+            registry=self.registry,
+        )
         self._server: Any = None
         self.port = 0
 
     def attach(self, node: Any, party: str, registry: str) -> None:
         self.info.labels(party, registry, __version__).set(1)
+        self.certificate_expiry.set_function(lambda: node.tls.not_after.timestamp())
         self.registry.register(StoreCollector(node))
 
     def rejection(self, direction: str, partner: str, code: str) -> None:

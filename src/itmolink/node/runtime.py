@@ -39,12 +39,13 @@ from grpc_reflection.v1alpha import reflection
 
 from itmolink.admin.v1 import admin_pb2
 from itmolink.crypto.envelope import TrustStore
-from itmolink.crypto.keys import SigningKey, check_private_file, write_private_file
+from itmolink.crypto.keys import SigningKey, write_private_file
 from itmolink.crypto.operators import load_operators, operator_for, operators_file
 from itmolink.crypto.pki import PartnerCard, issuing_party
 from itmolink.node.config import NodeConfig
 from itmolink.node.engine import Engine, Limits, Partner, ReplyError
 from itmolink.node.metrics import NodeMetrics
+from itmolink.node.tls import NodeTls
 from itmolink.store import open_store
 from itmolink.v1 import partner_service_pb2, partner_service_pb2_grpc
 
@@ -154,12 +155,12 @@ class Node:
         self._admin_server: grpc.aio.Server | None = None
         self.partner_port = 0
         self.engine: Engine
-        self._tls_key = b""
+        self.tls: NodeTls
+        self._stub_generation: dict[str, int] = {}
         self._operators: dict[str, str] = {}
         self._operators_mtime = 0
         self._buckets: dict[str, TokenBucket] = {}
         self._peers: dict[bytes, str | None] = {}
-        self._tls_cert = b""
         self.metrics = NodeMetrics()
         self.health = HealthServicer()
         self.metrics_port = 0
@@ -314,6 +315,10 @@ class Node:
     def set_partner_endpoint(self, party: str, endpoint: str) -> None:
         """Point the link to ``party`` at another address (tests bind port 0)."""
         self._endpoints[party] = endpoint
+        self._close_channel(party)
+
+    def _close_channel(self, party: str) -> None:
+        """Forget the link to ``party``; its channel closes once its calls end."""
         channel = self._channels.pop(party, None)
         self._stubs.pop(party, None)
         if channel is not None:
@@ -325,9 +330,11 @@ class Node:
 
     async def start(self) -> None:
         config = self.config
-        check_private_file(config.keys.node_key)
-        self._tls_key = config.keys.node_key.read_bytes()
-        self._tls_cert = config.keys.node_certificate.read_bytes()
+        self.tls = NodeTls(
+            config.keys.node_key,
+            config.keys.node_certificate,
+            b"".join(p.card.ca_certificate_pem for p in config.partners) or None,
+        )
         signing_key = SigningKey.load(config.party, config.keys.signing_key)
         self._operators = load_operators(config.keys.directory)
         if not self._operators:
@@ -379,12 +386,9 @@ class Node:
             PartnerServicer(self), self._partner_server
         )
         self._add_health_and_reflection(self._partner_server, PARTNER_SERVICE)
-        credentials = grpc.ssl_server_credentials(
-            [(self._tls_key, self._tls_cert)],
-            root_certificates=b"".join(p.card.ca_certificate_pem for p in config.partners) or None,
-            require_client_auth=True,
+        self.partner_port = self._partner_server.add_secure_port(
+            config.partner_listen, self.tls.server_credentials()
         )
-        self.partner_port = self._partner_server.add_secure_port(config.partner_listen, credentials)
         if self.partner_port == 0:
             raise OSError(f"cannot listen on partner_listen = {config.partner_listen!r}")
 
@@ -526,15 +530,16 @@ class Node:
 
     def _stub(self, party: str) -> PartnerServiceAsyncStub:
         stub = self._stubs.get(party)
+        if stub is not None and self._stub_generation.get(party) != self.tls.generation:
+            self._close_channel(party)  # the node certificate was renewed: dial anew
+            stub = None
         if stub is None:
             card = next(p.card for p in self.config.partners if p.card.party == party)
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=card.ca_certificate_pem,
-                private_key=self._tls_key,
-                certificate_chain=self._tls_cert,
+            channel = grpc.aio.secure_channel(
+                self._endpoints[party], self.tls.channel_credentials(card.ca_certificate_pem)
             )
-            channel = grpc.aio.secure_channel(self._endpoints[party], credentials)
             self._channels[party] = channel
+            self._stub_generation[party] = self.tls.generation
             stub = partner_service_pb2_grpc.PartnerServiceStub(channel)
             self._stubs[party] = stub
         return stub
@@ -559,6 +564,10 @@ class Node:
         failures = 0
         while not self._stopping:
             wait = MAX_IDLE_WAIT_SECONDS
+            try:
+                self.tls.reload()  # a renewed node certificate (node/tls.py)
+            except Exception:
+                log.exception("reading the node certificate failed")
             try:
                 next_due = await self._outbox_pass()
             except Exception:
