@@ -6,8 +6,9 @@ a ``node.toml`` with ``[accounting]``, partners over mutual TLS on loopback port
 up front, the admin interface on another loopback port), then drives them through the
 admin gRPC API only, authenticated with each party's ``admin`` operator token. It plays
 the schedule year by year: authorisations first (waiting for each acquiring party's
-acknowledgement), then for each simulated year its issuances and its transfers, one at
-a time, each waited for until both ledgers are final, then the year's uses toward NDCs,
+acknowledgement), then for each simulated year its issuances, its first transfers and
+then its onward transfers (units passed on by an acquiring party), one at a time, each
+waited for until both ledgers are final, then the year's uses toward NDCs,
 then every node's holdings snapshot of the year. The processes are then stopped
 (SIGTERM, then waited for; also when the run fails), and the reports read each node's
 SQLite database read-only.
@@ -96,7 +97,8 @@ class PartySummary:
     mitigation: int  # the party's activities over the scenario years
     issued: int
     transferred_out: int  # first transferred to other parties (completed)
-    acquired: int
+    acquired: int  # received by transfers, first or onward (completed)
+    passed_on: int  # acquired units transferred on to other parties (completed)
     used: int  # acquired units used toward the party's NDC (retired)
     adjustments: int  # net corresponding adjustments booked (+ host, - buyer)
     met: bool | None  # target met after adjustments (None: cannot tell)
@@ -123,11 +125,12 @@ class Summary:
     def table(self) -> str:
         """The summary as a plain-text table."""
         headers = ("party", "method", "mitigation", "issued", "transferred out", "leaves",
-                   "acquired", "used", "net CA", "target met", "without CA")  # fmt: skip
+                   "acquired", "passed on", "used", "net CA", "target met",
+                   "without CA")  # fmt: skip
         rows = [
             (p.party, p.method, f"{p.mitigation:,}", f"{p.issued:,}", f"{p.transferred_out:,}",
-             p.share_leaving, f"{p.acquired:,}", f"{p.used:,}", f"{p.adjustments:+,}",
-             _verdict(p.met), _verdict(p.met_without_adjustments))
+             p.share_leaving, f"{p.acquired:,}", f"{p.passed_on:,}", f"{p.used:,}",
+             f"{p.adjustments:+,}", _verdict(p.met), _verdict(p.met_without_adjustments))
             for p in self.parties
         ]  # fmt: skip
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
@@ -479,9 +482,12 @@ async def _play(
                     (year, transfer_id, spec.id, spec.host, buyer, issuance.vintage, share, state)
                 )
             step(f"{year} issued {issuance.quantity:,} {spec.id}")
-        todays = [t for t in scenario.transfers if t.year == year]
-        rng.shuffle(todays)
-        for transfer in todays:
+        # First transfers, then onward ones: units may move on in the year they arrive.
+        firsts = [t for t in scenario.transfers if t.year == year and not scenario.onward(t)]
+        onwards = [t for t in scenario.transfers if t.year == year and scenario.onward(t)]
+        rng.shuffle(firsts)
+        rng.shuffle(onwards)
+        for transfer in [*firsts, *onwards]:
             node = nodes[transfer.from_party]
             try:
                 proposed = await node.admin.Transfer(
@@ -490,6 +496,7 @@ async def _play(
                         authorisation_id=ids[transfer.authorisation],
                         vintage=transfer.vintage,
                         quantity=transfer.quantity,
+                        host_party=scenario.authorisation(transfer.authorisation).host,
                     ),
                     metadata=node.metadata,
                     timeout=CALL_SECONDS,
@@ -705,6 +712,10 @@ def _write_party(
 
     write_chart(party, report, directory)
     done = [t for t in outcome.transfers if t[7] == "completed"]
+
+    def host_of(authorisation: str) -> str:
+        return scenario.authorisation(authorisation).host
+
     return PartySummary(
         party=party.code,
         name=party.name,
@@ -719,8 +730,9 @@ def _write_party(
             for x in scenario.issuances
             if scenario.authorisation(x.authorisation).host == party.code
         ),
-        transferred_out=sum(t[6] for t in done if t[3] == party.code),
+        transferred_out=sum(t[6] for t in done if t[3] == party.code == host_of(t[2])),
         acquired=sum(t[6] for t in done if t[4] == party.code),
+        passed_on=sum(t[6] for t in done if t[3] == party.code != host_of(t[2])),
         used=sum(u[4] for u in outcome.uses if u[2] == party.code and u[5] == "used"),
         adjustments=sum(e.amount for e in entries),
         met=report.met,
@@ -730,13 +742,13 @@ def _write_party(
 
 def _write_summary(out: Path, summary: Summary, outcome: _Outcome) -> None:
     header: list[object] = ["party", "name", "method", "mitigation", "issued", "transferred_out",
-              "share_leaving", "acquired", "used", "net_adjustments", "target_met",
+              "share_leaving", "acquired", "passed_on", "used", "net_adjustments", "target_met",
               "target_met_without_ca"]  # fmt: skip
     rows: list[list[object]] = [header]
     for p in summary.parties:
         rows.append([p.party, p.name, p.method, p.mitigation, p.issued, p.transferred_out,
-                     p.share_leaving, p.acquired, p.used, p.adjustments, _verdict(p.met),
-                     _verdict(p.met_without_adjustments)])  # fmt: skip
+                     p.share_leaving, p.acquired, p.passed_on, p.used, p.adjustments,
+                     _verdict(p.met), _verdict(p.met_without_adjustments)])  # fmt: skip
     (out / "summary.csv").write_text(_csv(rows))
     (out / "summary.txt").write_text(summary.table())
     (out / "transfers.csv").write_text(
