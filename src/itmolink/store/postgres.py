@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from itmolink.store.migrate import POSTGRES, migrations, refuse_newer, statements
+from itmolink.store.migrate import POSTGRES, Migration, migrations, refuse_newer, statements
 from itmolink.store.tx import Tx
 from itmolink.store.url import LedgerUnavailable, is_postgres_url
 
@@ -84,6 +84,25 @@ def with_defaults(url: str) -> str:
     return make_conninfo(url, **connect_defaults(url))
 
 
+def apply_migration(conn: psycopg.Connection[Any], migration: Migration) -> None:
+    """Apply ``migration`` in the connection's current transaction, unless recorded."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY "
+        "KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)"
+    )
+    done = conn.execute(
+        "SELECT 1 FROM schema_migrations WHERE version = %s", (migration.version,)
+    ).fetchone()
+    if done is not None:
+        return
+    for statement in statements(POSTGRES.render(migration.sql)):
+        conn.execute(statement)
+    conn.execute(
+        "INSERT INTO schema_migrations (version, name, applied_at) VALUES (%s, %s, %s)",
+        (migration.version, migration.name, time.time_ns() // 1000),
+    )
+
+
 class PostgresStore:
     """A PostgreSQL database named by a libpq URL (``postgresql://...``).
 
@@ -138,22 +157,7 @@ class PostgresStore:
                     conn.execute(
                         "SELECT pg_advisory_xact_lock(%s)", (advisory_key(_MIGRATION_LOCK_NAME),)
                     )
-                    conn.execute(
-                        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY "
-                        "KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)"
-                    )
-                    done = conn.execute(
-                        "SELECT 1 FROM schema_migrations WHERE version = %s", (migration.version,)
-                    ).fetchone()
-                    if done is not None:
-                        continue
-                    for statement in statements(POSTGRES.render(migration.sql)):
-                        conn.execute(statement)
-                    conn.execute(
-                        "INSERT INTO schema_migrations (version, name, applied_at) "
-                        "VALUES (%s, %s, %s)",
-                        (migration.version, migration.name, time.time_ns() // 1000),
-                    )
+                    apply_migration(conn, migration)
 
     def _check_identity(self, party: str, registry: str) -> None:
         """A database belongs to one party's registry; refuse to open another's."""
