@@ -11,7 +11,7 @@ from itmolink.core.actions import (
 )
 from itmolink.core.aef import ActionSubtype
 from itmolink.core.blocks import total
-from itmolink.core.codes import Rejected, RejectionCode
+from itmolink.core.codes import Rejected, RejectionCode, wire_name_of
 from itmolink.core.transfer import Effect, Event, Role, TransferState, step
 from itmolink.node.base import (
     AuthorisationStatement,
@@ -24,7 +24,6 @@ from itmolink.node.base import (
     TransferProposal,
     TransferStatusQuery,
     TransferStatusReport,
-    _code_name,
     _rejection_reasons,
     digest,
     log,
@@ -68,13 +67,13 @@ class Replies(EngineBase):
                     request.partner,
                     request.payload_type,
                     request.subject_id,
-                    _code_name(code),
+                    wire_name_of(code),
                     detail,
                     extra={
                         "partner": request.partner,
                         "message_id": message_id,
                         "subject_id": request.subject_id,
-                        "code": _code_name(code),
+                        "code": wire_name_of(code),
                     },
                 )
             self._apply_reply(
@@ -136,7 +135,7 @@ class Replies(EngineBase):
                 # carried out here, so it is sent again, freshly sealed with today's key.
                 log.warning(
                     "%s could not record the completion of %s (%s): sending it again",
-                    partner, subject_id, _code_name(_rejection_reasons(reply)[0]),
+                    partner, subject_id, wire_name_of(_rejection_reasons(reply)[0]),
                 )  # fmt: skip
                 self._resend_completion(tx, subject_id, now_us)
             else:
