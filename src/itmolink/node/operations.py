@@ -32,6 +32,7 @@ from itmolink.core.reconcile import Bucket, Total
 from itmolink.core.rules import AuthorisationTerms
 from itmolink.core.transfer import Effect, Event, Role, step
 from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
+from itmolink.crypto.envelope import signing_key_ids
 from itmolink.crypto.keys import SigningKey, VerifyingKey
 from itmolink.node.base import (
     ISSUANCE_DESTINATIONS,
@@ -191,7 +192,7 @@ class Operations(EngineBase):
                     RejectionCode.INVALID_FIELD,
                     f"{key_id} is the key this node signs with (or is about to): rotate first",
                 )
-            if tx.outbox_pending_signed_by(key_id):
+            if any(key_id in signing_key_ids(e) for e in tx.outbox_pending_envelopes()):
                 raise Rejected(
                     RejectionCode.TRANSFER_STATE_CONFLICT,
                     f"messages signed with {key_id} are still being delivered: revoke it once "

@@ -501,16 +501,10 @@ class Tx:
         )
         return int(row[0])
 
-    def outbox_pending_signed_by(self, key_id: str) -> int:
-        """How many undelivered messages carry a signature by ``key_id``."""
-        from itmolink.v1 import envelope_pb2
-
-        count = 0
+    def outbox_pending_envelopes(self) -> Iterator[bytes]:
+        """The sealed envelopes of every undelivered message."""
         for (raw,) in self._exec("SELECT envelope FROM outbox WHERE state = 'pending'"):
-            envelope = envelope_pb2.Envelope()
-            envelope.ParseFromString(bytes(raw))
-            count += any(sig.key_id == key_id for sig in envelope.signatures)
-        return count
+            yield bytes(raw)
 
     def outbox_last_envelope(self, *, payload_type: str, subject_id: str) -> bytes | None:
         row = self._one(
