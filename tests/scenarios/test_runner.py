@@ -136,6 +136,15 @@ def test_onward_transfers_end_to_end(tmp_path: Path) -> None:
     assert parties["KOR"].passed_on == parties["JPN"].acquired == onward
     assert parties["KOR"].transferred_out == parties["LAO"].passed_on == 0
     assert parties["JPN"].used == sum(u.quantity for u in scenario.uses if u.party == "JPN")
+    cancellations = [u for u in scenario.uses if u.action == "voluntary-cancellation"]
+    assert cancellations
+    assert parties["KOR"].cancelled == sum(u.quantity for u in cancellations)
+    assert parties["KOR"].used == sum(
+        u.quantity for u in scenario.uses if u.party == "KOR" and u.action == "use-ndc"
+    )
+    outcomes = [u["outcome"] for u in read(tmp_path / "uses.csv")]
+    assert outcomes.count("cancelled") == len(cancellations)
+    assert set(outcomes) == {"used", "cancelled"}
 
     # Corresponding adjustments: the host adds only what it first transferred; Korea
     # subtracts what it acquired and adds back what it passed on; Japan subtracts that.
@@ -159,3 +168,7 @@ def test_onward_transfers_end_to_end(tmp_path: Path) -> None:
     assert {a["First transferring participating Party ID"] for a in acquisitions} == {"LAO"}
     assert {a["Transferring participating Party ID"] for a in acquisitions} == {"KOR"}
     assert any("conservation LAO-NR" in line for line in summary.invariants)
+    kor_actions = read(tmp_path / "KOR" / "aef" / "2026-actions.csv")
+    assert [int(a["Quantity (t CO2 eq)"]) for a in kor_actions
+            if a["Action type"] == "Voluntary Cancellation"] == [5_000]  # fmt: skip
+    assert any("KOR: 25000 tCO2e cancelled voluntarily" in line for line in summary.invariants)

@@ -171,6 +171,13 @@ def test_onward_transfers_are_scheduled_from_the_acquiring_party() -> None:
         ('from = "KOR"', 'from = "THA"', "transfers[1].from: THA is neither the host nor"),
         ('from = "KOR"', 'from = "JPN"', "transfers[1].from: JPN cannot transfer to itself"),
         ('to = "JPN"', 'to = "LAO"', "transfers[1].to: LAO is not an acquiring party"),
+        ('party = "KOR"\nauthorisation = "solar"\nyears = [2023, 2030]',
+         'party = "KOR"\nauthorisation = "solar"\naction = "retire"\nyears = [2023, 2030]',
+         "uses[0].action: must be one of use-ndc, voluntary-cancellation"),
+        # A host may cancel its own units voluntarily, but not use them as a buyer would.
+        ('party = "KOR"\nauthorisation = "solar"\nyears = [2023, 2030]',
+         'party = "LAO"\nauthorisation = "solar"\nyears = [2023, 2030]',
+         "uses[0].party: LAO is not an acquiring party"),
     ],
 )  # fmt: skip
 def test_bad_onward_transfers_name_the_field(old: str, new: str, field: str) -> None:
@@ -178,3 +185,16 @@ def test_bad_onward_transfers_name_the_field(old: str, new: str, field: str) -> 
     with pytest.raises(ScenarioError) as caught:
         parse_scenario(ONWARD.replace(old, new, 1), "examples/x.toml")
     assert field in str(caught.value)
+
+
+def test_a_host_or_a_buyer_cancels_voluntarily() -> None:
+    cancel = ONWARD.replace(
+        'party = "KOR"\nauthorisation = "solar"\nyears = [2023, 2030]',
+        'party = "LAO"\nauthorisation = "solar"\naction = "voluntary-cancellation"\n'
+        "years = [2023, 2030]",
+    )
+    # The host holds 40,000 of each vintage after its first transfers.
+    scenario = parse_scenario(cancel.replace("quantity = 50000", "quantity = 40000"))
+    assert {(u.party, u.action) for u in scenario.uses} == {("LAO", "voluntary-cancellation")}
+    with pytest.raises(ScenarioError, match=r"uses\[0\].quantity: by 2023 LAO would cancel"):
+        parse_scenario(cancel.replace("quantity = 50000", "quantity = 40001"))

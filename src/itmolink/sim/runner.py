@@ -23,7 +23,9 @@ Output (``out_dir``)::
 
     summary.csv  summary.txt          one row per party: mitigation, transfers, target
     transfers.csv  refusals.csv       every scheduled transfer and the ones refused
-    uses.csv                          every scheduled use toward an NDC, and its outcome
+    uses.csv                          every scheduled use toward an NDC or voluntary
+                                      cancellation, and its outcome (used, cancelled or
+                                      the refusal's code)
     <PARTY>/ca-ledger.csv             the corresponding adjustments booked by the node
     <PARTY>/balance.csv               the numbers behind the chart, by year
     <PARTY>/aef/                      the five AEF tables for each year, CSV and XLSX
@@ -100,6 +102,7 @@ class PartySummary:
     acquired: int  # received by transfers, first or onward (completed)
     passed_on: int  # acquired units transferred on to other parties (completed)
     used: int  # acquired units used toward the party's NDC (retired)
+    cancelled: int  # units the party cancelled voluntarily
     adjustments: int  # net corresponding adjustments booked (+ host, - buyer)
     met: bool | None  # target met after adjustments (None: cannot tell)
     met_without_adjustments: bool | None
@@ -125,12 +128,13 @@ class Summary:
     def table(self) -> str:
         """The summary as a plain-text table."""
         headers = ("party", "method", "mitigation", "issued", "transferred out", "leaves",
-                   "acquired", "passed on", "used", "net CA", "target met",
+                   "acquired", "passed on", "used", "cancelled", "net CA", "target met",
                    "without CA")  # fmt: skip
         rows = [
             (p.party, p.method, f"{p.mitigation:,}", f"{p.issued:,}", f"{p.transferred_out:,}",
              p.share_leaving, f"{p.acquired:,}", f"{p.passed_on:,}", f"{p.used:,}",
-             f"{p.adjustments:+,}", _verdict(p.met), _verdict(p.met_without_adjustments))
+             f"{p.cancelled:,}", f"{p.adjustments:+,}", _verdict(p.met),
+             _verdict(p.met_without_adjustments))
             for p in self.parties
         ]  # fmt: skip
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
@@ -525,8 +529,9 @@ async def _play(
             try:
                 await node.admin.Retire(
                     admin_pb2.RetireRequest(
-                        action="use-ndc", host_party=spec.host, authorisation_id=ids[spec.id],
-                        vintage=use.vintage, quantity=use.quantity, use_year=year,
+                        action=use.action, host_party=spec.host, authorisation_id=ids[spec.id],
+                        vintage=use.vintage, quantity=use.quantity,
+                        use_year=year if use.action == "use-ndc" else 0,
                     ),
                     metadata=node.metadata, timeout=CALL_SECONDS,
                 )  # fmt: skip
@@ -536,11 +541,11 @@ async def _play(
                     raise
                 result = (exc.details() or "").removeprefix("REJECTION_CODE_")
             else:
-                result = "used"
+                result = "used" if use.action == "use-ndc" else "cancelled"
             outcome.uses.append(
                 (year, use.authorisation, use.party, use.vintage, use.quantity, result)
             )
-            step(f"{year} {use.party} used {use.quantity:,} {use.authorisation}")
+            step(f"{year} {use.party} {result} {use.quantity:,} {use.authorisation}")
         await asyncio.gather(
             *(
                 node.admin.SnapshotHoldings(
@@ -644,6 +649,17 @@ def _check_invariants(
             )
         if used:
             passed.append(f"{party}: {used} tCO2e used toward its NDC, all of it retired")
+        cancelled = sum(u[4] for u in outcome.uses if u[2] == party and u[5] == "cancelled")
+        in_account = sum(
+            h.block.quantity for h in ledger.holdings if h.account == "voluntary-cancellation"
+        )
+        if cancelled != in_account:
+            raise SimulationError(
+                f"{party}: {cancelled} tCO2e cancelled voluntarily but {in_account} in its "
+                "cancellation account"
+            )
+        if cancelled:
+            passed.append(f"{party}: {cancelled} tCO2e cancelled voluntarily, all of it cancelled")
     return passed
 
 
@@ -734,6 +750,7 @@ def _write_party(
         acquired=sum(t[6] for t in done if t[4] == party.code),
         passed_on=sum(t[6] for t in done if t[3] == party.code != host_of(t[2])),
         used=sum(u[4] for u in outcome.uses if u[2] == party.code and u[5] == "used"),
+        cancelled=sum(u[4] for u in outcome.uses if u[2] == party.code and u[5] == "cancelled"),
         adjustments=sum(e.amount for e in entries),
         met=report.met,
         met_without_adjustments=without.met,
@@ -742,13 +759,14 @@ def _write_party(
 
 def _write_summary(out: Path, summary: Summary, outcome: _Outcome) -> None:
     header: list[object] = ["party", "name", "method", "mitigation", "issued", "transferred_out",
-              "share_leaving", "acquired", "passed_on", "used", "net_adjustments", "target_met",
-              "target_met_without_ca"]  # fmt: skip
+              "share_leaving", "acquired", "passed_on", "used", "cancelled", "net_adjustments",
+              "target_met", "target_met_without_ca"]  # fmt: skip
     rows: list[list[object]] = [header]
     for p in summary.parties:
         rows.append([p.party, p.name, p.method, p.mitigation, p.issued, p.transferred_out,
-                     p.share_leaving, p.acquired, p.passed_on, p.used, p.adjustments,
-                     _verdict(p.met), _verdict(p.met_without_adjustments)])  # fmt: skip
+                     p.share_leaving, p.acquired, p.passed_on, p.used, p.cancelled,
+                     p.adjustments, _verdict(p.met),
+                     _verdict(p.met_without_adjustments)])  # fmt: skip
     (out / "summary.csv").write_text(_csv(rows))
     (out / "summary.txt").write_text(summary.table())
     (out / "transfers.csv").write_text(

@@ -70,6 +70,9 @@ Quantities are whole tCO2e, shares are basis points (8000 = 80%)::
     years = [2023, 2030]                  # ...every year of this range (or: year = 2025),
     quantity = 50000                      # each toward the NDC of that year
     vintage_offset = -1                   # optional: vintage = year + offset (<= 0)
+    action = "use-ndc"                    # optional: or "voluntary-cancellation", by the
+                                          # host or an acquiring party (units cancelled,
+                                          # toward no NDC)
 
 A *year series* is either a table ``{ 2021 = 63000000, 2022 = ... }`` with one entry for
 every year of the NDC period, or a pair ``[first, last]`` interpolated linearly (rounded
@@ -190,15 +193,20 @@ class Transfer:
     quantity: int
 
 
+USE_ACTIONS = ("use-ndc", "voluntary-cancellation")
+
+
 @dataclass(frozen=True, slots=True)
 class Use:
-    """``party`` uses ``quantity`` of ``vintage`` toward its NDC of simulated ``year``."""
+    """``party`` uses ``quantity`` of ``vintage`` toward its NDC of simulated ``year``
+    (``action`` "use-ndc"), or cancels it voluntarily ("voluntary-cancellation")."""
 
     year: int
     authorisation: str
     party: str
     vintage: int
     quantity: int
+    action: str = "use-ndc"
 
 
 @dataclass(frozen=True, slots=True)
@@ -579,18 +587,29 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
     for i, item in enumerate(r.array(data, "uses", "")):
         where = f"uses[{i}]."
         r.unknown(
-            item, {"party", "authorisation", "year", "years", "quantity", "vintage_offset"}, where
+            item,
+            {"party", "authorisation", "year", "years", "quantity", "vintage_offset", "action"},
+            where,
         )
         spec = spec_of(item, where)
+        action = r.string(item, "action", where, "use-ndc")
+        if action not in USE_ACTIONS:
+            raise r.fail(f"{where}action", f"must be one of {', '.join(USE_ACTIONS)}")
         party_code = r.string(item, "party", where)
-        if party_code not in spec.acquiring:
+        cancelling = action == "voluntary-cancellation"
+        if party_code not in spec.acquiring and not (cancelling and party_code == spec.host):
             raise r.fail(f"{where}party", f"{party_code} is not an acquiring party of {spec.id}")
         ndc_years = next(p.ndc.years for p in parties if p.code == party_code)
         quantity = r.integer(item, "quantity", where, minimum=1)
         for year in r.years(item, where, first, last):
-            if year not in ndc_years:
+            if year not in ndc_years and not cancelling:
                 raise r.fail(f"{where}years", f"{year} is outside the NDC period of {party_code}")
-            uses.append(Use(year, spec.id, party_code, vintage(item, where, spec, year), quantity))
+            uses.append(
+                Use(
+                    year, spec.id, party_code, vintage(item, where, spec, year), quantity,
+                    action,
+                )
+            )  # fmt: skip
             use_where.append(where)
     _check_schedule(
         r, issuances, list(zip(transfers, transfer_where, strict=True)),
@@ -665,7 +684,8 @@ def _check_schedule(
         for use, where in uses:
             if use.year != year:
                 continue
-            take(where, use.party, "use", (use.party, use.authorisation, use.vintage), use.quantity)
+            what = "use" if use.action == "use-ndc" else "cancel"
+            take(where, use.party, what, (use.party, use.authorisation, use.vintage), use.quantity)
 
 
 def _party(r: _Reader, item: Mapping[str, Any], where: str, years: range) -> Party:
