@@ -31,6 +31,16 @@ def _pki(tmp_path: Path) -> dict[str, Path]:
     return configs
 
 
+def run_sql(database: Path, *statements: str) -> None:
+    conn = sqlite3.connect(database)
+    try:
+        for statement in statements:
+            conn.execute(statement)
+        conn.commit()
+    finally:
+        conn.close()
+
+
 def _rows(url: str) -> int:
     with psycopg.connect(url) as conn:
         if conn.execute("SELECT to_regclass('journal')").fetchone()[0] is None:
@@ -108,13 +118,35 @@ def test_a_source_that_does_not_verify_is_not_copied(
 
     asyncio.run(run())
     database = configs["LAO"].parent / "lao.db"
+    run_sql(database, "PRAGMA wal_checkpoint(TRUNCATE)")  # the whole ledger in the main file
     shutil.copy2(database, tmp_path / "pristine.db")
-    with sqlite3.connect(database) as conn:  # an edited journal entry
-        conn.execute("UPDATE journal SET envelope = X'00' WHERE id = 1")
+
+    def restore_pristine() -> None:
+        for suffix in ("-wal", "-shm"):
+            Path(f"{database}{suffix}").unlink(missing_ok=True)
+        shutil.copy2(tmp_path / "pristine.db", database)
+
+    run_sql(database, "UPDATE journal SET envelope = X'00' WHERE id = 1")  # an edited entry
     url = postgres_cluster().new_database("copy")
     assert main(["node", "copy-store", "--config", str(configs["LAO"]), "--to", url]) == 1
     assert "hash chain check failed" in capsys.readouterr().err
     assert not _has_schema(url)  # the copy's transaction made the schema: rolled back too
+
+    # A table the schema does not have, or a value PostgreSQL refuses: refused, named.
+    restore_pristine()
+    run_sql(database, "CREATE TABLE notes (text TEXT)", "INSERT INTO notes VALUES ('by hand')")
+    url = postgres_cluster().new_database("copy")
+    assert main(["node", "copy-store", "--config", str(configs["LAO"]), "--to", url]) == 1
+    assert "['notes'] are not in the schema" in capsys.readouterr().err
+    assert not _has_schema(url)
+    restore_pristine()
+    # SQLite keeps text in an integer column; PostgreSQL refuses it.
+    run_sql(database, "UPDATE accounts SET created_at = 'yesterday'")
+    assert main(["node", "copy-store", "--config", str(configs["LAO"]), "--to", url]) == 1
+    err = capsys.readouterr().err
+    assert "table accounts, rows 1 to" in err
+    assert "nothing was written" in err
+    assert not _has_schema(url)
 
     # A password in the URL is refused before anything is read.
     assert main(["node", "copy-store", "--config", str(configs["LAO"]),

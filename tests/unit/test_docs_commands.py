@@ -1,5 +1,6 @@
 """Every `itmolink` command line shown in a fenced code block of the README, docker/README.md
-and docs/ parses with the CLI as it is:
+and docs/ (also as run in a container, `docker compose exec SERVICE itmolink ...`) parses
+with the CLI as it is:
 the subcommands and options the README and the guides tell an operator to type exist.
 
 A shown line may elide with ``...`` (then only missing required arguments are forgiven),
@@ -39,6 +40,8 @@ def shown_commands() -> list[tuple[str, str]]:
                 continue
             text = pending + " " + line.strip() if pending else line.strip()
             text = text.removeprefix("$ ")
+            # As run in a container: docker compose exec [-T] SERVICE itmolink ...
+            text = re.sub(r"^docker compose exec (?:-T )?\S+ (?=itmolink )", "", text)
             if not pending and not text.startswith("itmolink "):
                 continue
             if text.endswith("\\"):

@@ -167,11 +167,13 @@ def cmd_pki_renew(args: argparse.Namespace) -> int:
     try:
         keys = load_config(args.config).keys if args.config else PartyFiles(Path(args.dir))
         ca_key = Path(args.ca_key) if args.ca_key else keys.ca_key
+        node_key = Path(args.node_key) if args.node_key else keys.node_key
+        node_certificate = Path(args.node_cert) if args.node_cert else keys.node_certificate
         certificate = renew_node_certificate(
             ca_certificate=keys.ca_certificate,
             ca_key=ca_key,
-            node_certificate=keys.node_certificate,
-            node_key=keys.node_key,
+            node_certificate=node_certificate,
+            node_key=node_key,
             hosts=args.host,
             now=dt.datetime.now(dt.UTC),
         )
@@ -182,8 +184,12 @@ def cmd_pki_renew(args: argparse.Namespace) -> int:
         f"renewed the node certificate: serial {certificate.serial_number:x}, valid until "
         f"{certificate.not_valid_after_utc:%Y-%m-%d}, hosts {hosts}"
     )
-    print(f"  {keys.node_certificate}, {keys.node_key} (new key, mode 0600) replaced")
-    print("  a running node takes them up at its next connection; partners need nothing new")
+    print(f"  {node_certificate} and {node_key} (a new key) replaced; the old ones are kept as")
+    print(f"  {node_certificate.name}.previous and {node_key.name}.previous")
+    print(
+        "  a node that reads these files takes them up at its next connection (a Docker file "
+        "secret: restart it); partners need nothing new"
+    )
     return 0
 
 
@@ -691,9 +697,11 @@ def build_parser() -> argparse.ArgumentParser:
         "renew",
         help="replace the node's TLS key and certificate with new ones from the party's CA",
         description="Make a new TLS key and a node certificate for it, signed by the party's "
-        "CA, valid for 825 days, with the current certificate's host names unless --host is "
-        "given, and replace node.key and node.pem. A running node takes them up at its next "
-        "connection (no restart); partners pin the CA, so they need nothing new.",
+        "CA, valid for 825 days (at most until the CA expires), with the current certificate's "
+        "subject and host names unless --host is given, and replace node.key and node.pem, "
+        "keeping their owner and mode and the old files as *.previous. A running node that "
+        "reads these files takes them up at its next connection, without a restart; partners "
+        "pin the CA, so they need nothing new.",
     )
     where = renew.add_mutually_exclusive_group(required=True)
     where.add_argument("--config", help="the node's configuration (its [keys] paths)")
@@ -702,6 +710,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--ca-key", help="the CA's private key (default: ca.key in the key directory)"
     )
     renew.add_argument("--host", action="append", help="host name or IP of the node (repeatable)")
+    renew.add_argument(
+        "--node-key",
+        help="the node's TLS key file to replace, if not node.key in the key directory (e.g. "
+        "the file behind a Docker secret)",
+    )
+    renew.add_argument("--node-cert", help="the node certificate file, if not node.pem there")
     renew.set_defaults(func=cmd_pki_renew)
 
     node = commands.add_parser("node", help="run the registry node").add_subparsers(

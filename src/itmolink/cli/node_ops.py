@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from itmolink.node.config import ConfigError, load_config
+from itmolink.store.sqlite import read_only_uri
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -97,7 +98,7 @@ def cmd_node_backup(args: argparse.Namespace) -> int:
     os.chmod(out, 0o600)  # whatever the umask took away from 0600
     check = "the copy failed"
     try:
-        source = sqlite3.connect(f"file:{source_path}?mode=ro", uri=True)
+        source = sqlite3.connect(read_only_uri(source_path), uri=True)
         target = sqlite3.connect(out)
         try:
             source.backup(target)  # one step: a single consistent snapshot

@@ -318,11 +318,12 @@ class Node:
         self._close_channel(party)
 
     def _close_channel(self, party: str) -> None:
-        """Forget the link to ``party``; its channel closes once its calls end."""
+        """Forget the link to ``party``; its channel closes once its calls end (at
+        most after a call's deadline)."""
         channel = self._channels.pop(party, None)
         self._stubs.pop(party, None)
         if channel is not None:
-            task = asyncio.get_running_loop().create_task(channel.close(None))
+            task = asyncio.get_running_loop().create_task(channel.close(RPC_TIMEOUT_SECONDS))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -334,6 +335,7 @@ class Node:
             config.keys.node_key,
             config.keys.node_certificate,
             b"".join(p.card.ca_certificate_pem for p in config.partners) or None,
+            own_ca=PartnerCard.load(config.keys.card).ca_certificate_pem,
         )
         signing_key = SigningKey.load(config.party, config.keys.signing_key)
         self._operators = load_operators(config.keys.directory)

@@ -11,9 +11,11 @@ the key first). A running node notices the change without a restart:
   looks at the files at least once a second, so that happens even while no
   partner connects.
 
-Connections already open keep the certificate they were opened with. A key and
-certificate that do not match (caught between the two renames, or a mistake)
-are not taken: the node keeps the pair it has and says so in its log.
+Connections already open keep the certificate they were opened with. A pair that
+would not work is not taken: a key and certificate that do not match (caught
+between the two renames, or a mistake), a certificate not issued by the party's
+own CA (the one partners pin) or not valid now. The node keeps the pair it has
+and says so in its log; at start-up such a pair stops the node.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 import grpc
 
 from itmolink.crypto.keys import check_private_file
-from itmolink.crypto.pki import check_node_pair
+from itmolink.crypto.pki import check_node_certificate
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +36,18 @@ log = logging.getLogger(__name__)
 class NodeTls:
     """The TLS key and certificate the node serves and dials with."""
 
-    def __init__(self, key_path: Path, certificate_path: Path, client_roots: bytes | None) -> None:
+    def __init__(
+        self,
+        key_path: Path,
+        certificate_path: Path,
+        client_roots: bytes | None,
+        *,
+        own_ca: bytes,
+    ) -> None:
         self._key_path = key_path
         self._certificate_path = certificate_path
         self._client_roots = client_roots
+        self._own_ca = own_ca
         self._lock = threading.Lock()
         self._stamp: tuple[tuple[int, int, int], ...] | None = None
         self._refused: tuple[tuple[int, int, int], ...] | None = None
@@ -66,7 +76,9 @@ class NodeTls:
                 check_private_file(self._key_path)
                 key = self._key_path.read_bytes()
                 certificate_pem = self._certificate_path.read_bytes()
-                certificate = check_node_pair(key, certificate_pem)
+                certificate = check_node_certificate(
+                    key, certificate_pem, ca_pem=self._own_ca, now=dt.datetime.now(dt.UTC)
+                )
             except (OSError, ValueError) as exc:
                 if first:
                     raise

@@ -74,6 +74,7 @@ from itmolink.crypto.pki import init_party
 from itmolink.reports import write_aef
 from itmolink.reports.build import build_aef
 from itmolink.sim.scenario import Party, Scenario
+from itmolink.store.sqlite import read_only_uri
 from itmolink.store.tx import HeldBlock, Tx
 from itmolink.v1 import common_pb2
 
@@ -581,7 +582,7 @@ def _collect(
     transfer_ids: list[str],
 ) -> _Ledger:
     """Read a stopped node's ledger, read-only."""
-    conn = sqlite3.connect(f"file:{node.database}?mode=ro", uri=True)
+    conn = sqlite3.connect(read_only_uri(node.database), uri=True)
     try:
         tx = Tx(conn)
         holdings = tx.holdings()

@@ -10,8 +10,8 @@ The copy reads the SQLite file in one snapshot and writes a new PostgreSQL
 database in one transaction, which first makes the schema with the same
 migrations as a node: it happens entirely or not at all. Before committing it
 compares, table by table, the number of rows and a digest of their contents
-read back from PostgreSQL with the source's, and checks both hash chains; any
-difference rolls it back.
+read back from PostgreSQL with the source's, after checking the source's hash
+chains; any difference rolls it back.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +28,18 @@ import psycopg
 
 from itmolink.core.journal import verify_chain
 from itmolink.store.migrate import latest_version, migrations
-from itmolink.store.postgres import apply_migration, redact, with_defaults
+from itmolink.store.postgres import (
+    MIGRATION_LOCK_NAME,
+    advisory_key,
+    apply_migration,
+    redact,
+    with_defaults,
+)
+from itmolink.store.sqlite import read_only_uri
 from itmolink.store.tx import Tx
 
 BATCH = 5_000
-_CREATE = re.compile(r"CREATE TABLE (\w+)", re.IGNORECASE)
+_CREATE = re.compile(r"^CREATE TABLE (?:IF NOT EXISTS )?(\w+)", re.IGNORECASE | re.MULTILINE)
 
 
 class CopyError(RuntimeError):
@@ -58,6 +65,28 @@ def tables() -> list[str]:
             if name not in found:
                 found.append(name)
     return found
+
+
+def _source_tables(src: sqlite3.Connection) -> set[str]:
+    rows = src.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    return {str(r[0]) for r in rows if not str(r[0]).startswith("sqlite_")}
+
+
+def _target_tables(dst: psycopg.Connection[Any]) -> set[str]:
+    rows = dst.execute(
+        "SELECT table_name FROM information_schema.tables "
+        "WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'"
+    ).fetchall()
+    return {str(r[0]) for r in rows}
+
+
+def _identity_columns(dst: psycopg.Connection[Any], table: str) -> list[str]:
+    rows = dst.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = "
+        "current_schema() AND table_name = %s AND is_identity = 'YES'",
+        (table,),
+    ).fetchall()
+    return [str(r[0]) for r in rows]
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
@@ -93,7 +122,7 @@ def copy_sqlite_to_postgres(
     """Copy the ledger in ``source`` into the empty database at ``url``."""
     if not source.exists():
         raise CopyError(f"{source}: no such database")
-    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, isolation_level=None)
+    src = sqlite3.connect(read_only_uri(source), uri=True, isolation_level=None)
     try:
         src.execute("BEGIN")  # one snapshot of the source for the whole copy
         meta = dict(src.execute("SELECT key, value FROM node_meta").fetchall())
@@ -111,6 +140,10 @@ def copy_sqlite_to_postgres(
             )
         _refuse_unless_new(url)
         return _copy(src, url, party, registry, version, progress)
+    except sqlite3.Error as exc:
+        raise CopyError(f"{source}: {exc}: nothing was written") from None
+    except psycopg.Error as exc:
+        raise CopyError(f"{redact(url)}: {exc}: nothing was written") from None
     finally:
         src.close()
 
@@ -137,10 +170,23 @@ def _copy(
     progress: Callable[[str, int], None] | None,
 ) -> CopyReport:
     rows: dict[str, int] = {}
+    journal, audit = _check_chains(Tx(src))  # the source's chains, read as they are copied
     with psycopg.connect(with_defaults(url)) as dst, dst.transaction():
-        # The schema, made by the same migrations as a node's, in the copy's transaction.
+        # The schema, made by the same migrations as a node's, in the copy's transaction,
+        # under the lock that node start-ups take to migrate: no schema may appear meanwhile.
+        dst.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key(MIGRATION_LOCK_NAME),))
+        found = dst.execute("SELECT to_regclass('schema_migrations')").fetchone()
+        if found is not None and found[0] is not None:
+            raise CopyError(f"{redact(url)} got an itmolink schema meanwhile: nothing was written")
         for migration in migrations():
             apply_migration(dst, migration)
+        expected = _target_tables(dst) - {"schema_migrations"}
+        present = _source_tables(src) - {"schema_migrations"}
+        if present != expected or set(tables()) != expected:
+            raise CopyError(
+                f"the source's tables {sorted(present - expected)} are not in the schema, or the "
+                f"schema's {sorted(expected - present)} are not in the source: nothing was written"
+            )
         for table in tables():
             columns = _columns(src, table)
             names = ", ".join(columns)
@@ -149,31 +195,47 @@ def _copy(
             copied = 0
             with dst.cursor() as out:
                 while batch := cursor.fetchmany(BATCH):
-                    out.executemany(insert, batch)
+                    try:
+                        out.executemany(insert, batch)
+                    except psycopg.Error as exc:
+                        raise CopyError(
+                            f"table {table}, rows {copied + 1} to {copied + len(batch)}: "
+                            f"{exc}: nothing was written"
+                        ) from None
                     copied += len(batch)
                     if progress is not None:
                         progress(table, copied)
             rows[table] = copied
-            if "id" in columns:  # an AUTO_ID column: new rows continue after the copied ones
+            for column in _identity_columns(dst, table):  # new ids follow the copied ones
                 dst.execute(
-                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
-                    f"COALESCE((SELECT MAX(id) FROM {table}), 0) + 1, false)"
+                    f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'), "
+                    f"COALESCE((SELECT MAX({column}) FROM {table}), 0) + 1, false)"
                 )
             source_sum = _multiset_digest(src.execute(f"SELECT {names} FROM {table}"))
-            target_sum = _multiset_digest(dst.execute(f"SELECT {names} FROM {table}"))
+            with dst.cursor(name=f"read_back_{table}") as back:  # server-side: streamed
+                back.execute(f"SELECT {names} FROM {table}")
+                target_sum = _multiset_digest(back)
             if source_sum != target_sum:
                 raise CopyError(
                     f"table {table}: {source_sum[0]} rows in the source, {target_sum[0]} read "
                     "back, or their contents differ: nothing was written"
                 )
-        journal, audit = _check_chains(Tx(dst, "format"))
-        _check_chains(Tx(src))
     return CopyReport(party, registry, version, rows, journal, audit)
 
 
 def _check_chains(tx: Tx) -> tuple[int, int]:
-    entries = list(tx.journal_entries())
-    problems = verify_chain(entries, recorded_head=tx.journal_head())
+    """The source's journal and audit trail, checked entry by entry (not held in
+    memory); the copy is then compared with the source table by table."""
+    counted = 0
+
+    def counting(entries: Iterable[Any]) -> Iterator[Any]:
+        nonlocal counted
+        for entry in entries:
+            counted += 1
+            yield entry
+
+    problems = verify_chain(counting(tx.journal_entries()), recorded_head=tx.journal_head())
+    journal = counted
     legacy, audit = tx.admin_audit_entries()
     problems += verify_chain(audit, recorded_head=tx.admin_audit_head(), first_id=legacy + 1)
     if problems:
@@ -181,4 +243,4 @@ def _check_chains(tx: Tx) -> tuple[int, int]:
             f"hash chain check failed ({problems[0].entry_id}: {problems[0].problem}): "
             "nothing was written; run 'itmolink audit verify' on the source"
         )
-    return len(entries), len(audit)
+    return journal, len(audit)

@@ -35,7 +35,7 @@ HOLDING_ACCOUNT = "holding"
 
 # Advisory lock keys live in one 64-bit space per database; ours are derived from
 # a fixed prefix so that they do not collide with another application's.
-_MIGRATION_LOCK_NAME = "itmolink:migrations"
+MIGRATION_LOCK_NAME = "itmolink:migrations"
 
 
 def advisory_key(name: str) -> int:
@@ -155,7 +155,7 @@ class PostgresStore:
             for migration in migrations():
                 with conn.transaction():
                     conn.execute(
-                        "SELECT pg_advisory_xact_lock(%s)", (advisory_key(_MIGRATION_LOCK_NAME),)
+                        "SELECT pg_advisory_xact_lock(%s)", (advisory_key(MIGRATION_LOCK_NAME),)
                     )
                     apply_migration(conn, migration)
 
