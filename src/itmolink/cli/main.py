@@ -461,6 +461,20 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return EXIT_DISCREPANCY if report.discrepancies else 0
 
 
+def cmd_unfreeze(args: argparse.Namespace) -> int:
+    response = _call(
+        _admin(args).ReleaseFrozenBlocks,
+        admin_pb2.ReleaseFrozenBlocksRequest(transfer_id=args.transfer, reason=args.reason),
+    )
+    if args.json:
+        _emit_json(response)
+        return 0
+    total = sum(h.block.serial_end - h.block.serial_start + 1 for h in response.blocks)
+    count = len(response.blocks)
+    print(f"{count} block(s), {total:,} tCO2e, frozen for {args.transfer} are held again")
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     stub = _admin(args)
     if args.keys_command == "rotate":
@@ -853,6 +867,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reconcile.add_argument("--json", action="store_true", help="print JSON")
     reconcile.set_defaults(func=cmd_reconcile)
+
+    unfreeze = commands.add_parser(
+        "unfreeze",
+        help="make the blocks a reconciliation discrepancy froze held again, once resolved",
+        description="Make the blocks that reconciliation froze for a transfer held again, once "
+        "the operators of both registries have resolved the discrepancy, or found it to be one "
+        "of the known deviations (docs/PROTOCOL.md 11.9). Local to this registry: the partner "
+        "is not told, and nothing checks that the discrepancy is gone. The operator and the "
+        "reason are kept in the admin audit trail.",
+    )
+    _add_target(unfreeze)
+    unfreeze.add_argument("--transfer", required=True, help="the transfer id the blocks name")
+    unfreeze.add_argument(
+        "--reason", required=True, help="how the discrepancy was resolved (kept in the audit)"
+    )
+    unfreeze.add_argument("--json", action="store_true", help="print JSON")
+    unfreeze.set_defaults(func=cmd_unfreeze)
 
     keys = commands.add_parser("keys", help="rotate, revoke and list signing keys").add_subparsers(
         dest="keys_command", required=True, metavar="ACTION"

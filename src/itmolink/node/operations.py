@@ -61,7 +61,7 @@ from itmolink.node.convert import (
     to_us,
 )
 from itmolink.store.sqlite import HOLDING_ACCOUNT
-from itmolink.store.tx import Tx
+from itmolink.store.tx import HeldBlock, Tx
 from itmolink.v1 import (
     keys_pb2,
 )
@@ -138,6 +138,31 @@ class Operations(EngineBase):
             frozen = tx.freeze_blocks_of(subject, partner) if freeze else 0
         log.error("ALARM: reconciliation with %s: %s %s: %s", partner, phase, subject, detail)
         return frozen
+
+    def unfreeze(self, transfer_id: str, reason: str) -> list[HeldBlock]:
+        """Make the blocks a reconciliation discrepancy about ``transfer_id`` froze
+        held again, once the operator resolved it with the partner (a local action:
+        the partner is not told; the admin audit trail keeps who did it and why)."""
+        if not reason.strip():
+            raise Rejected(
+                RejectionCode.MISSING_FIELD,
+                "say why the blocks may be held again (how the discrepancy was resolved)",
+            )
+        with self._transaction() as tx:
+            released = tx.unfreeze_blocks_of(transfer_id)
+            if not released:
+                raise Rejected(
+                    RejectionCode.UNKNOWN_TRANSFER,
+                    f"no block is frozen for transfer {transfer_id!r}",
+                )
+        log.warning(
+            "%d block(s) frozen for %s are held again: %s",
+            len(released),
+            transfer_id,
+            reason,
+            extra={"transfer_id": transfer_id},
+        )
+        return released
 
     def rotate_signing_key(self, new_key: SigningKey, now: dt.datetime) -> None:
         """Announce ``new_key`` to every partner; sign with it once all acknowledged."""

@@ -1335,6 +1335,21 @@ class Tx:
             frozen += int(cursor.rowcount)
         return frozen
 
+    def unfreeze_blocks_of(self, transfer_id: str) -> list[HeldBlock]:
+        """Make the blocks frozen for ``transfer_id`` held again; the blocks released."""
+        rows = self._exec(
+            f"SELECT {_BLOCK_COLUMNS}, account, status, transfer_id FROM blocks "
+            "WHERE status = 'frozen' AND transfer_id = ? ORDER BY originating_registry, "
+            "serial_start",
+            (transfer_id,),
+        ).fetchall()
+        self._exec(
+            "UPDATE blocks SET status = 'held', transfer_id = NULL "
+            "WHERE status = 'frozen' AND transfer_id = ?",
+            (transfer_id,),
+        )
+        return [HeldBlock(_block(r), r[9], "held", None) for r in rows]
+
     def admin_audit_put(
         self, *, operator: str, method: str, request: str, outcome: str, now: int
     ) -> None:
