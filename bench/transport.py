@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import bench  # the script's own directory is on the path
 import grpc
 import grpc.aio
 
-import bench  # the script's own directory is on the path
 from itmolink.crypto.pki import PartyFiles, init_party
 from itmolink.v1 import partner_service_pb2, partner_service_pb2_grpc
 
@@ -77,8 +77,9 @@ def server(keys: PartyFiles, port: int, stop: Any, out: Any) -> None:
     asyncio.run(serve())
 
 
-async def run_client(keys: PartyFiles, port: int, mode: str, size: int, count: int,
-                     in_flight: int) -> float:
+async def run_client(
+    keys: PartyFiles, port: int, mode: str, size: int, count: int, in_flight: int
+) -> float:
     channel = grpc.aio.secure_channel(
         f"127.0.0.1:{port}",
         grpc.ssl_channel_credentials(
@@ -152,16 +153,16 @@ def main() -> None:
             stop.put("cpu")
             server_cpu = out.get()
             client_cpu = time.process_time()
-            elapsed = asyncio.run(
-                run_client(keys, port, mode, size, args.count, args.in_flight)
-            )
+            elapsed = asyncio.run(run_client(keys, port, mode, size, args.count, args.in_flight))
             client_cpu = time.process_time() - client_cpu
             stop.put("cpu")
             server_cpu = out.get() - server_cpu
             label = f"batch of {size}" if mode == "batch" else mode
             done = args.count // size * size
-            print(f"{label:>12}: {done / elapsed:8.0f} envelopes/s, CPU per envelope "
-                  f"client {client_cpu / done * 1e3:.3f} ms, server {server_cpu / done * 1e3:.3f} ms")
+            print(
+                f"{label:>12}: {done / elapsed:8.0f} envelopes/s, CPU per envelope "
+                f"client {client_cpu / done * 1e3:.3f} ms, server {server_cpu / done * 1e3:.3f} ms"
+            )
         stop.put("stop")
         srv.join()
 
