@@ -153,6 +153,30 @@ async def test_each_envelope_is_answered_in_its_place_as_deliver_would(
     ) == 1  # fmt: skip
 
 
+async def test_the_peer_of_the_call_is_the_peer_of_every_envelope(
+    pki: Callable[..., Path],
+) -> None:
+    """KOR pins LAO and JPN. Over LAO's TLS connection, an envelope signed by JPN is
+    refused with 1005 (signer not the peer, §5.2 D3) while LAO's own is answered."""
+    kor = await start_registry(pki("KOR", ["LAO", "JPN"]))
+    lao = await start_registry(pki("LAO", ["KOR"]))
+    jpn = await start_registry(pki("JPN", ["KOR"]))
+    link(lao, kor)
+    try:
+        ours, ours_envelope = Queries(lao).make()
+        theirs = transfer_pb2.TransferStatusQuery(
+            header=header("JPN", "KOR", 1_000_001), transfer_id="JPN-T-NONE"
+        )
+        _, theirs_envelope = signed(theirs, jpn.signing_key())
+        async with client(kor, lao) as partner:
+            outcomes = await partner.batch([theirs_envelope, ours_envelope])
+    finally:
+        for registry in (jpn, lao, kor):
+            await stop_registry(registry)
+    assert code_of(reply_rejection(outcomes[0].envelope, kor)) == RejectionCode.SIGNER_NOT_PEER
+    assert answered(outcomes[1].envelope, kor)[1] == ours.header.message_id
+
+
 @pytest.mark.parametrize("count", [0, MAX_BATCH + 1])
 async def test_an_empty_or_oversized_batch_is_refused_whole_and_records_nothing(
     lao_kor: tuple[Registry, Registry], count: int

@@ -897,10 +897,13 @@ class Node:
             else:
                 settle(lambda future: future.set_exception(failed))
             return
-        except BaseException as exc:  # cancelled: the deliveries end as cancelled too
+        except Exception as exc:  # not a gRPC status (none expected): retry each later
+            log.exception("DeliverBatch to %s failed", partner)
+            broken = DeliveryFailed("INTERNAL", f"DeliverBatch failed: {type(exc).__name__}")
+            settle(lambda future: future.set_exception(broken))
+            return
+        except BaseException:  # cancelled: the deliveries end as cancelled too
             settle(lambda future: future.cancel())
-            if isinstance(exc, Exception):
-                return
             raise
         if len(response.outcomes) != len(batch):
             wrong = DeliveryFailed(
