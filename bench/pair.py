@@ -3,7 +3,8 @@
     py-spy record --subprocesses --format raw -o prof.txt -- \\
         .venv/bin/python bench/pair.py --count 3000 --in-flight 64
 
-prints (transfers per second, p50, p99) when done (docs/PERFORMANCE.md).
+prints (transfers per second, p50, p99) when done, then the CPU time each node
+process spent per transfer (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ def main() -> None:
         pair = bench.Pair(ctx, root)
         try:
             pair.call("LAO", "authorise")
+            cpu = {party: pair.call(party, "cpu") for party in ("LAO", "KOR")}
             print(pair.call("LAO", "transfers", args.count, args.in_flight, 1_000))
+            used = {party: pair.call(party, "cpu") - cpu[party] for party in cpu}
+            print(
+                f"CPU per transfer: sender {used['LAO'] / args.count * 1e3:.3f} ms, "
+                f"receiver {used['KOR'] / args.count * 1e3:.3f} ms"
+            )
         finally:
             pair.stop()
 

@@ -171,7 +171,8 @@ class NodeMetrics:
         )
         self.received = Counter(
             "itmolink_messages_received",
-            "Deliver calls received from partners, by outcome: handled, rate_limited",
+            "Envelopes received from partners (Deliver or DeliverBatch), by outcome: handled, "
+            "rate_limited, failed (a step that failed inside a DeliverBatch call)",
             ["partner", "outcome"],
             registry=self.registry,
         )
@@ -179,6 +180,13 @@ class NodeMetrics:
             "itmolink_node_certificate_expiry_timestamp_seconds",
             "When the node's TLS certificate in use expires (Unix time): renew it before "
             "(itmolink pki renew)",
+            registry=self.registry,
+        )
+        self.calls = Counter(
+            "itmolink_partner_calls",
+            "Partner RPC calls sent and received, by method: Deliver (one envelope) or "
+            "DeliverBatch (several); the messages counters above count envelopes",
+            ["direction", "partner", "method"],
             registry=self.registry,
         )
         self._server: Any = None
