@@ -1,8 +1,10 @@
 #!/bin/sh
 # Prepares docker/ for `docker compose up`: key material for LAO and KOR, the
 # private keys moved to secrets/, the CA keys moved to offline/ (keep them off the
-# servers), and a random PostgreSQL password per party (the database's password
-# file and the node's libpq passfile). Refuses to overwrite existing material.
+# servers), and two random PostgreSQL passwords per party: the cluster superuser's
+# (db_admin_password, for the database service only) and the node role's
+# (db_password, for the database service's initialisation and in the node's libpq
+# passfile). Refuses to overwrite existing material.
 #
 #   ITMOLINK=itmolink ./setup.sh      # ITMOLINK: how to run the itmolink command
 set -eu
@@ -21,6 +23,7 @@ for party in LAO KOR; do
     mkdir -p "secrets/$dir" "offline/$dir"
     mv "$dir/pki/node.key" "$dir/pki/signing.key" "secrets/$dir/"
     mv "$dir/pki/ca.key" "offline/$dir/"
+    od -An -N24 -tx1 /dev/urandom | tr -d ' \n' > "secrets/$dir/db_admin_password"
     password=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')
     printf '%s' "$password" > "secrets/$dir/db_password"
     # libpq passfile: host:port:database:user:password, for this party's database only.
@@ -30,8 +33,8 @@ for party in LAO KOR; do
 done
 # The node runs as uid 10001 in its container: it must own its key directory (it
 # writes rotated keys there) and be able to read its secrets (mode 0600). The
-# postgres image reads its password file as its user postgres (uid 999).
-owners="chown -R 10001:10001 lao/pki kor/pki secrets && chown 999:999 secrets/*/db_password"
+# postgres image reads its password files as its user postgres (uid 999).
+owners="chown -R 10001:10001 lao/pki kor/pki secrets && chown 999:999 secrets/*/db_admin_password secrets/*/db_password"
 if [ "$(id -u)" = 0 ]; then
     sh -c "$owners"
 else

@@ -491,6 +491,20 @@ class AppliesUnmatchedAcceptance(Engine):
         super()._accepted(tx, transfer_id, partner, acceptance, *args)
 
 
+# -- the transport ------------------------------------------------------------------
+
+
+def _reorders_batch_outcomes(node: Node) -> None:
+    """DeliverBatch outcomes in reverse order: each envelope is handled right, but
+    its reply goes back in another envelope's place (§2.6)."""
+    handle = node.db_many
+
+    async def db_many(calls: Sequence[Callable[[], Any]]) -> list[Any]:
+        return list(reversed(await handle(calls)))
+
+    node.db_many = db_many  # type: ignore[method-assign]
+
+
 def _no_cap(original: Callable[..., None]) -> Callable[..., None]:
     def check_issuance(terms: AuthorisationTerms, **kwargs: Any) -> None:
         original(dataclasses.replace(terms, quantity_cap=0), **kwargs)
@@ -555,6 +569,10 @@ VARIANTS = [
             "1.06-bad-signature",
             "expected Rejection REJECTION_CODE_BAD_SIGNATURE (1004), got TransferStatusReport",
             lambda n: _retrust(n, _AnySignature)),
+    Variant("reorders-batch-outcomes", "buyer", "answers a DeliverBatch call out of order",
+            "1.18-deliver-batch",
+            "DeliverBatch outcome 0 (outcomes come in the order of the request, §2.6)",
+            _reorders_batch_outcomes),
     Variant("ignores-audience", "buyer", "processes messages addressed to another party",
             "1.09-wrong-audience",
             "expected Rejection REJECTION_CODE_WRONG_AUDIENCE (1007), got TransferStatusReport",

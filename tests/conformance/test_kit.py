@@ -15,7 +15,8 @@ import pytest
 from itmolink.conformance import stages
 from itmolink.conformance.config import load_kit_config
 from itmolink.conformance.runner import ERROR, FAILED, NOT_RUN, PASSED, run_kit
-from itmolink.v1 import reply_pb2
+from itmolink.node import runtime
+from itmolink.v1 import partner_service_pb2_grpc, reply_pb2
 from tests.conformance.faulty import VARIANTS, Variant, _RewritesReplies, _swap
 from tests.conformance.harness import ITMOLINK, prepare, start_target
 
@@ -133,3 +134,27 @@ def test_protocol_md_and_readme_give_the_number_of_variants() -> None:
     number = words[len(VARIANTS)]
     assert f"fails each of {number}" in (root / "docs" / "PROTOCOL.md").read_text()
     assert f"against {number}" in (root / "README.md").read_text()
+
+
+class _DeliverOnly(runtime.PartnerServicer):
+    """A target of before DeliverBatch: the method is not served (UNIMPLEMENTED)."""
+
+    DeliverBatch = partner_service_pb2_grpc.PartnerServiceServicer.DeliverBatch  # type: ignore[assignment]
+
+
+async def test_the_kit_accepts_a_target_without_deliver_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """§2.6: serving DeliverBatch is optional; 1.18 passes on UNIMPLEMENTED."""
+    setup = prepare(tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(runtime, "PartnerServicer", _DeliverOnly)
+        node = await start_target(setup)
+    try:
+        report = await run_kit(
+            load_kit_config(setup.kit_config), f"127.0.0.1:{node.partner_port}", "buyer"
+        )
+    finally:
+        await node.stop(0.2)
+    assert report.passed, [(r.test.id, r.message) for r in report.results if r.message]
+    assert any(r.test.id == "1.18-deliver-batch" and r.status == PASSED for r in report.results)

@@ -9,7 +9,9 @@ ports, and starts the services in depends_on order:
 
 * each PostgreSQL service as a throwaway cluster, initialised the way the postgres
   image does it from POSTGRES_USER, POSTGRES_DB and POSTGRES_PASSWORD_FILE
-  (password authentication over TCP), with the service's ``command`` options;
+  (password authentication over TCP), with the service's ``command`` options, and
+  then the scripts the service mounts in /docker-entrypoint-initdb.d, in name
+  order, with the service's environment and the server on a local socket;
 * each node service with the Dockerfile's ENTRYPOINT and the service's
   ``command``, reading the node.toml the compose file mounts.
 
@@ -44,7 +46,11 @@ from itmolink.cli.main import main
 from ..pgcluster import SKIP_ENV, TEST_USER, PostgresMissing, _unprivileged_user, find_bindir
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
-COMMITTED = ("Dockerfile", "compose.yaml", "setup.sh", "lao/node.toml", "kor/node.toml")
+COMMITTED = (
+    "Dockerfile", "compose.yaml", "setup.sh", "lao/node.toml", "kor/node.toml",
+    "initdb/10-itmolink-role.sh",
+)  # fmt: skip
+INITDB = "/docker-entrypoint-initdb.d/"
 
 
 def free_port() -> int:
@@ -149,7 +155,8 @@ class Engine:
     def start_postgres(self, service: str, spec: dict[str, Any]) -> None:
         bindir = find_bindir()
         env = spec["environment"]
-        user, database = env["POSTGRES_USER"], env["POSTGRES_DB"]
+        user = env["POSTGRES_USER"]
+        database = env.get("POSTGRES_DB", user)
         password_file = self.fs(service) / env["POSTGRES_PASSWORD_FILE"].lstrip("/")
         cluster = Path(tempfile.mkdtemp(prefix=f"itmolink-{service}-"))
         self.clusters[service] = cluster
@@ -178,10 +185,35 @@ class Engine:
              str(cluster / "server.log"), "-o", " ".join(options), "-w", "-t", "60", "start"],
             cluster,
         )  # fmt: skip
-        self.run_as_postgres(
-            [str(bindir / "createdb"), "-h", str(cluster), "-p", str(port), "-U", user,
-             database], cluster,
+        if database != "postgres":
+            self.run_as_postgres(
+                [str(bindir / "createdb"), "-h", str(cluster), "-p", str(port), "-U", user,
+                 database], cluster,
+            )  # fmt: skip
+        scripts = sorted(t for t in self.mounts(service) if t.startswith(INITDB))
+        for target in scripts:  # as the image runs them: with the service's environment
+            script_env = {
+                name: self.translate(service, f"={value}")[1:] if value.startswith("/") else value
+                for name, value in env.items()
+            }
+            result = subprocess.run(
+                ["sh", str(self.fs(service) / target.lstrip("/"))], capture_output=True,
+                text=True, check=False, cwd=cluster,
+                env={**os.environ, **script_env, "PATH": f"{bindir}:{os.environ['PATH']}",
+                     "PGHOST": str(cluster), "PGPORT": str(port)},
+            )  # fmt: skip
+            assert result.returncode == 0, f"{target}: {result.stdout}{result.stderr}"
+
+    def psql(self, service: str, query: str, database: str = "postgres") -> str:
+        """A query's rows (unaligned, tuples only) as the cluster's superuser."""
+        user = self.services[service]["environment"]["POSTGRES_USER"]
+        result = subprocess.run(
+            [str(find_bindir() / "psql"), "-h", str(self.clusters[service]),
+             "-p", str(self.host_port(service, 5432)), "-U", user, "-d", database,
+             "--no-psqlrc", "-tA", "-c", query], capture_output=True, text=True, check=False,
         )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
 
     def run_as_postgres(self, command: list[str], cwd: Path) -> None:
         result = subprocess.run(
@@ -327,6 +359,20 @@ def test_the_compose_services_run_and_lao_transfers_to_kor(
     assert 'itmolink_transfers{direction="out",partner="KOR",state="completed"} 1.0' in metrics
     kor_metrics = scrape(compose.host_port("kor", 9464))
     assert 'itmolink_transfers{direction="in",partner="LAO",state="completed"} 1.0' in kor_metrics
+
+    # Each node connects as its own role, which is no superuser and owns the node's
+    # database and the tables the node made there.
+    for db in ("lao-db", "kor-db"):
+        assert compose.psql(db, "SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles "
+                            "WHERE rolname = 'itmolink'") == "f|f|f"  # fmt: skip
+        assert compose.psql(db, "SELECT pg_get_userbyid(datdba) FROM pg_database "
+                            "WHERE datname = 'itmolink'") == "itmolink"  # fmt: skip
+        owners = compose.psql(db, "SELECT DISTINCT tableowner FROM pg_tables "
+                              "WHERE schemaname = 'public'", database="itmolink")  # fmt: skip
+        assert owners == "itmolink"
+        sessions = compose.psql(db, "SELECT DISTINCT usename FROM pg_stat_activity "
+                                "WHERE datname = 'itmolink'")  # fmt: skip
+        assert sessions == "itmolink"
 
     for service in ("lao", "kor"):
         assert compose.stop_node(service) == 0

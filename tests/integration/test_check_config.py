@@ -3,13 +3,19 @@ with the check that names it, and nothing is started or written."""
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from itmolink.cli.main import main
 from itmolink.crypto.keys import SigningKey, write_private_file
+from itmolink.crypto.pki import NODE_VALIDITY
+from itmolink.node import checkconfig
+from itmolink.node.checkconfig import check_config
 from itmolink.node.config import load_config
 from itmolink.store import Store, open_store
 from itmolink.store.migrate import latest_version
@@ -163,3 +169,32 @@ def test_the_configuration_is_named_with_config_as_by_every_command_or_as_a_path
     code = main(["node", "check-config", str(config), "--config", str(config)])
     assert code == 2
     assert "once" in capsys.readouterr().err
+
+
+def test_a_node_certificate_near_its_end_warns_without_failing(
+    config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expires = load_config(config).keys.node_certificate
+    not_after = x509.load_pem_x509_certificate(expires.read_bytes()).not_valid_after_utc
+    soon = {c.name: c for c in check_config(config, now=not_after - dt.timedelta(days=10))}
+    assert soon["node certificate"].ok
+    assert soon["node certificate"].warning
+    assert (
+        "10 day(s) left; renew it now with 'itmolink pki renew'" in soon["node certificate"].detail
+    )
+    later = {c.name: c for c in check_config(config, now=not_after - dt.timedelta(days=31))}
+    assert later["node certificate"].ok
+    assert not later["node certificate"].warning
+
+    # Through the command: the certificate made by the fixture (a day or more ago) has
+    # less than its full validity left, so it warns; renewed, it has all of it.
+    monkeypatch.setattr(checkconfig, "RENEW_WITHIN", NODE_VALIDITY - dt.timedelta(hours=12))
+    assert main(["node", "check-config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^WARN  node certificate +.*renew it now", out, flags=re.M)
+    assert "checks passed, 1 with a warning" in out
+    assert main(["pki", "renew", "--config", str(config)]) == 0
+    assert main(["node", "check-config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^OK    node certificate ", out, flags=re.M)
+    assert "warning" not in out

@@ -276,6 +276,38 @@ async def test_reconcile_between_running_nodes(
         statuses = [tuple(row) for row in tx._exec("SELECT status FROM blocks").fetchall()]
     assert statuses == [("frozen",)]
 
+    # Frozen, the units cannot be used; once the operators have resolved it, they can.
+    kor_cfg = str(kor.config_path)
+    retire = (
+        "retire", "voluntary-cancellation", "--config", kor_cfg, "--host", "LAO",
+        "--authorisation", authorisation_id, "--vintage", "2025", "--quantity", "10",
+    )  # fmt: skip
+    code, _, err = await cli(capsys, *retire)
+    assert code == 3
+    assert "INSUFFICIENT_HOLDINGS" in err
+    code, _, err = await cli(capsys, "unfreeze", "--config", kor_cfg, "--transfer", transfer_id,
+                             "--reason", " ")  # fmt: skip
+    assert code == 3
+    assert "MISSING_FIELD" in err
+    reason = "LAO confirmed the transfer; our CA entry was restored by hand (ticket 42)"
+    code, out, err = await cli(capsys, "unfreeze", "--config", kor_cfg, "--transfer", transfer_id,
+                               "--reason", reason)  # fmt: skip
+    assert code == 0, err
+    assert f"1 block(s), 10 tCO2e, frozen for {transfer_id} are held again" in out
+    with read_only(kor.node.config.database) as tx:
+        statuses = [tuple(row) for row in tx._exec("SELECT status FROM blocks").fetchall()]
+        audit = tx._exec(
+            "SELECT request FROM admin_audit WHERE method = 'ReleaseFrozenBlocks'"
+        ).fetchall()
+    assert statuses == [("held",)]
+    assert any(reason in str(row[0]) for row in audit)
+    code, _, err = await cli(capsys, "unfreeze", "--config", kor_cfg, "--transfer", transfer_id,
+                             "--reason", reason)  # fmt: skip
+    assert code == 3
+    assert "no block is frozen" in err
+    code, _, err = await cli(capsys, *retire)
+    assert code == 0, err
+
 
 async def test_an_operator_rotates_the_signing_key_and_transfers_go_on_after_a_restart(
     pki: Any, capsys: pytest.CaptureFixture[str]

@@ -115,3 +115,60 @@ def test_nodes_are_processes_stopped_even_when_the_run_fails(
         assert node.process.returncode == 0  # SIGTERM, a clean shutdown
     config = (next(iter(seen.values())).config).read_text()
     assert "127.0.0.1:0" not in config
+
+
+ONWARD = EXAMPLE.parent / "lao-korea-japan-onward.toml"
+
+
+def test_onward_transfers_end_to_end(tmp_path: Path) -> None:
+    """Korea passes on part of what it acquires from Lao PDR to Japan, which never
+    deals with Lao PDR's registry for these units."""
+    scenario = load_scenario(ONWARD)
+    summary = run_scenario(scenario, tmp_path, seed=5)
+    transfers = read(tmp_path / "transfers.csv")
+    assert len(transfers) == len(scenario.transfers)
+    assert all(t["state"] == "completed" for t in transfers)
+    first = sum(t.quantity for t in scenario.transfers if not scenario.onward(t))
+    onward = sum(t.quantity for t in scenario.transfers if scenario.onward(t))
+    assert onward > 0
+    parties = {p.party: p for p in summary.parties}
+    assert parties["LAO"].transferred_out == parties["KOR"].acquired == first
+    assert parties["KOR"].passed_on == parties["JPN"].acquired == onward
+    assert parties["KOR"].transferred_out == parties["LAO"].passed_on == 0
+    assert parties["JPN"].used == sum(u.quantity for u in scenario.uses if u.party == "JPN")
+    cancellations = [u for u in scenario.uses if u.action == "voluntary-cancellation"]
+    assert cancellations
+    assert parties["KOR"].cancelled == sum(u.quantity for u in cancellations)
+    assert parties["KOR"].used == sum(
+        u.quantity for u in scenario.uses if u.party == "KOR" and u.action == "use-ndc"
+    )
+    outcomes = [u["outcome"] for u in read(tmp_path / "uses.csv")]
+    assert outcomes.count("cancelled") == len(cancellations)
+    assert set(outcomes) == {"used", "cancelled"}
+
+    # Corresponding adjustments: the host adds only what it first transferred; Korea
+    # subtracts what it acquired and adds back what it passed on; Japan subtracts that.
+    def ledger(party: str) -> dict[str, int]:
+        rows = read(tmp_path / party / "ca-ledger.csv")
+        return {r["transfer_id"]: int(r["amount"]) for r in rows}
+
+    lao, kor, jpn = ledger("LAO"), ledger("KOR"), ledger("JPN")
+    assert sum(lao.values()) == first
+    assert sum(kor.values()) == onward - first
+    assert sum(jpn.values()) == -onward
+    assert set(jpn) <= set(kor)
+    assert all(kor[t] == -amount > 0 for t, amount in jpn.items())
+    assert parties["KOR"].adjustments == onward - first
+
+    # Japan's AEF actions name Lao PDR as first transferring party and Korea as the
+    # transferring one.
+    actions = read(tmp_path / "JPN" / "aef" / "2025-actions.csv")
+    acquisitions = [a for a in actions if a["Action type"] == "Acquisition"]
+    assert acquisitions
+    assert {a["First transferring participating Party ID"] for a in acquisitions} == {"LAO"}
+    assert {a["Transferring participating Party ID"] for a in acquisitions} == {"KOR"}
+    assert any("conservation LAO-NR" in line for line in summary.invariants)
+    kor_actions = read(tmp_path / "KOR" / "aef" / "2026-actions.csv")
+    assert [int(a["Quantity (t CO2 eq)"]) for a in kor_actions
+            if a["Action type"] == "Voluntary Cancellation"] == [5_000]  # fmt: skip
+    assert any("KOR: 25000 tCO2e cancelled voluntarily" in line for line in summary.invariants)

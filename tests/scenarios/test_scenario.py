@@ -65,7 +65,10 @@ def test_good_scenario_expands_the_schedule() -> None:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["lao-korea.toml", "lao-japan-jcm.toml", "asean-network.toml"])
+@pytest.mark.parametrize(
+    "name",
+    ["lao-korea.toml", "lao-japan-jcm.toml", "asean-network.toml", "lao-korea-japan-onward.toml"],
+)
 def test_examples_parse(name: str) -> None:
     scenario = load_scenario(EXAMPLES / name)
     assert scenario.first_year == 2021
@@ -117,3 +120,81 @@ def test_not_toml_and_missing_file(tmp_path: Path) -> None:
         parse_scenario("[scenario", "bad.toml")
     with pytest.raises(ScenarioError, match="no such scenario file"):
         load_scenario(tmp_path / "missing.toml")
+
+
+JPN = """[[parties]]
+code = "JPN"
+[parties.ndc]
+method = "averaging"
+target_year = 2030
+target_emissions = 760000000
+reported_emissions = [1150000000, 760000000]
+"""
+ONWARD_TRANSFER = """[[transfers]]
+authorisation = "solar"
+from = "KOR"
+to = "JPN"
+years = [2022, 2030]
+quantity = 10000
+vintage_offset = -1
+"""
+ONWARD = (
+    GOOD.replace('acquiring = ["KOR"]', 'acquiring = ["KOR", "JPN"]')
+    .replace("[[activities]]", JPN + "[[activities]]")
+    .replace("[[uses]]", ONWARD_TRANSFER + "[[uses]]")
+)
+
+
+def test_onward_transfers_are_scheduled_from_the_acquiring_party() -> None:
+    scenario = parse_scenario(ONWARD)
+    onward = [t for t in scenario.transfers if scenario.onward(t)]
+    assert [(t.year, t.from_party, t.to_party, t.vintage) for t in onward][:2] == [
+        (2022, "KOR", "JPN", 2021), (2023, "KOR", "JPN", 2022)
+    ]  # fmt: skip
+    assert len(onward) == 9
+    assert not any(scenario.onward(t) for t in scenario.transfers if t.from_party == "LAO")
+    # LAO links to both acquiring parties; KOR and JPN link for the onward transfers.
+    assert scenario.links() == [("KOR", "JPN"), ("LAO", "JPN"), ("LAO", "KOR")]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field"),
+    [
+        # Units arriving in a year may move on in that year: 60,000 in, 10,000 + 50,000 out.
+        ("quantity = 10000", "quantity = 10001",
+         "uses[0].quantity: by 2023 KOR would use 50000 tCO2e of vintage 2021 of solar but "
+         "holds only 49999"),
+        # ...but not more than arrived, whatever the order within the year.
+        ("quantity = 10000", "quantity = 60001",
+         "transfers[1].quantity: by 2022 KOR would transfer 60001 tCO2e of vintage 2021 of "
+         "solar but holds only 60000"),
+        ('from = "KOR"', 'from = "THA"', "transfers[1].from: THA is neither the host nor"),
+        ('from = "KOR"', 'from = "JPN"', "transfers[1].from: JPN cannot transfer to itself"),
+        ('to = "JPN"', 'to = "LAO"', "transfers[1].to: LAO is not an acquiring party"),
+        ('party = "KOR"\nauthorisation = "solar"\nyears = [2023, 2030]',
+         'party = "KOR"\nauthorisation = "solar"\naction = "retire"\nyears = [2023, 2030]',
+         "uses[0].action: must be one of use-ndc, voluntary-cancellation"),
+        # A host may cancel its own units voluntarily, but not use them as a buyer would.
+        ('party = "KOR"\nauthorisation = "solar"\nyears = [2023, 2030]',
+         'party = "LAO"\nauthorisation = "solar"\nyears = [2023, 2030]',
+         "uses[0].party: LAO is not an acquiring party"),
+    ],
+)  # fmt: skip
+def test_bad_onward_transfers_name_the_field(old: str, new: str, field: str) -> None:
+    assert old in ONWARD
+    with pytest.raises(ScenarioError) as caught:
+        parse_scenario(ONWARD.replace(old, new, 1), "examples/x.toml")
+    assert field in str(caught.value)
+
+
+def test_a_host_or_a_buyer_cancels_voluntarily() -> None:
+    cancel = ONWARD.replace(
+        'party = "KOR"\nauthorisation = "solar"\nyears = [2023, 2030]',
+        'party = "LAO"\nauthorisation = "solar"\naction = "voluntary-cancellation"\n'
+        "years = [2023, 2030]",
+    )
+    # The host holds 40,000 of each vintage after its first transfers.
+    scenario = parse_scenario(cancel.replace("quantity = 50000", "quantity = 40000"))
+    assert {(u.party, u.action) for u in scenario.uses} == {("LAO", "voluntary-cancellation")}
+    with pytest.raises(ScenarioError, match=r"uses\[0\].quantity: by 2023 LAO would cancel"):
+        parse_scenario(cancel.replace("quantity = 50000", "quantity = 40001"))

@@ -29,9 +29,12 @@ from itmolink.crypto.pki import (
     NODE_VALIDITY,
     PartnerCard,
     PartyFiles,
+    certificate_hosts,
+    check_node_certificate,
     check_party_code,
     init_party,
     issuing_party,
+    renew_node_certificate,
 )
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
@@ -440,3 +443,144 @@ def test_init_party_creates_an_admin_operator_with_a_private_random_token(tmp_pa
     assert operator_for(token, operators) == "admin"
     assert operator_for(token + "x", operators) is None
     assert token not in (tmp_path / "a" / "operators.toml").read_text()
+
+
+# node certificate renewal (itmolink pki renew)
+
+
+def _copy_party(source: PartyFiles, to: Path) -> PartyFiles:
+    to.mkdir()
+    for path in source.directory.iterdir():
+        if path.is_file():
+            (to / path.name).write_bytes(path.read_bytes())
+            (to / path.name).chmod(mode(path))
+    return PartyFiles(to)
+
+
+def _renew(files: PartyFiles, **overrides: object) -> x509.Certificate:
+    arguments: dict[str, object] = dict(
+        ca_certificate=files.ca_certificate, ca_key=files.ca_key,
+        node_certificate=files.node_certificate, node_key=files.node_key, hosts=None,
+        now=NOW + dt.timedelta(days=800),
+    )  # fmt: skip
+    arguments.update(overrides)
+    return renew_node_certificate(**arguments)  # type: ignore[arg-type]
+
+
+def test_renewal_makes_a_new_key_and_certificate_from_the_same_ca(
+    parties: dict[str, PartyFiles], tmp_path: Path
+) -> None:
+    files = _copy_party(parties["LAO"], tmp_path / "lao")
+    old_cert = x509.load_pem_x509_certificate(files.node_certificate.read_bytes())
+    old_key = files.node_key.read_bytes()
+    new = _renew(files)
+
+    assert x509.load_pem_x509_certificate(files.node_certificate.read_bytes()) == new
+    assert new.serial_number != old_cert.serial_number
+    assert new.subject == old_cert.subject
+    assert (
+        certificate_hosts(new) == certificate_hosts(old_cert) == ["localhost", "127.0.0.1", "::1"]
+    )
+    assert new.not_valid_after_utc == NOW + dt.timedelta(days=800) + NODE_VALIDITY
+    ca = x509.load_pem_x509_certificate(files.ca_certificate.read_bytes())
+    new.verify_directly_issued_by(ca)
+    assert files.node_key.read_bytes() != old_key  # a new key, and the certificate is for it
+    assert check_node_certificate(
+        files.node_key.read_bytes(), files.node_certificate.read_bytes(),
+        ca_pem=files.ca_certificate.read_bytes(), now=NOW + dt.timedelta(days=800),
+    ) == new  # fmt: skip
+    assert mode(files.node_key) == PRIVATE_FILE_MODE
+    assert mode(files.node_certificate) == 0o644
+    assert sorted(p.name for p in files.directory.iterdir() if p.name.startswith(".")) == []
+    # The old pair is kept beside the new one.
+    assert (files.directory / "node.key.previous").read_bytes() == old_key
+    assert (
+        x509.load_pem_x509_certificate((files.directory / "node.pem.previous").read_bytes())
+        == old_cert
+    )
+    # The partner card does not change: partners pin the CA, which is the same.
+    assert issuing_party(files.node_certificate.read_bytes(), [PartnerCard.load(files.card)]) == (
+        "LAO"
+    )
+
+
+def test_renewal_takes_new_host_names(parties: dict[str, PartyFiles], tmp_path: Path) -> None:
+    files = _copy_party(parties["KOR"], tmp_path / "kor")
+    new = _renew(files, hosts=["registry.kor.example", "10.0.0.7"])
+    assert certificate_hosts(new) == ["registry.kor.example", "10.0.0.7"]
+
+
+@pytest.mark.parametrize("wrong", ["ca_key", "node_certificate"])
+def test_renewal_refuses_material_of_another_ca_and_changes_nothing(
+    parties: dict[str, PartyFiles], tmp_path: Path, wrong: str
+) -> None:
+    files = _copy_party(parties["LAO"], tmp_path / "lao")
+    impostor = parties["LAO-impostor"]
+    if wrong == "node_certificate":  # a node certificate the CA did not issue
+        files.node_certificate.write_bytes(impostor.node_certificate.read_bytes())
+    before = {p.name: p.read_bytes() for p in files.directory.iterdir() if p.is_file()}
+    overrides = {"ca_key": impostor.ca_key} if wrong == "ca_key" else {}
+    with pytest.raises(ValueError, match=r"not the key of the CA|not issued by the CA"):
+        _renew(files, **overrides)
+    assert {p.name: p.read_bytes() for p in files.directory.iterdir() if p.is_file()} == before
+
+
+def test_check_node_certificate_refuses_what_would_not_work(
+    parties: dict[str, PartyFiles],
+) -> None:
+    lao, kor, impostor = parties["LAO"], parties["KOR"], parties["LAO-impostor"]
+    key, cert = lao.node_key.read_bytes(), lao.node_certificate.read_bytes()
+    ca = lao.ca_certificate.read_bytes()
+    assert check_node_certificate(key, cert, ca_pem=ca, now=NOW)  # the good pair
+    with pytest.raises(ValueError, match="not for the node key"):
+        check_node_certificate(key, kor.node_certificate.read_bytes())
+    with pytest.raises(ValueError, match="no PEM certificate"):
+        check_node_certificate(key, b"not a certificate")
+    with pytest.raises(ValueError, match="not issued by this party's CA"):
+        check_node_certificate(
+            impostor.node_key.read_bytes(), impostor.node_certificate.read_bytes(), ca_pem=ca
+        )
+    with pytest.raises(ValueError, match="not now"):
+        check_node_certificate(key, cert, now=NOW + NODE_VALIDITY + dt.timedelta(days=1))
+
+
+def test_renewal_refuses_an_expired_ca_and_ends_with_the_ca(
+    parties: dict[str, PartyFiles], tmp_path: Path
+) -> None:
+    files = _copy_party(parties["LAO"], tmp_path / "lao")
+    with pytest.raises(ValueError, match="a new CA needs a new partner card"):
+        _renew(files, now=NOW + CA_VALIDITY + dt.timedelta(days=1))
+    near_end = NOW + CA_VALIDITY - dt.timedelta(days=100)
+    new = _renew(files, now=near_end)  # the CA is valid for 100 days more
+    ca = x509.load_pem_x509_certificate(files.ca_certificate.read_bytes())
+    assert new.not_valid_after_utc == ca.not_valid_after_utc
+
+
+def test_a_renewal_that_cannot_write_the_certificate_changes_nothing(
+    parties: dict[str, PartyFiles], tmp_path: Path
+) -> None:
+    files = _copy_party(parties["LAO"], tmp_path / "lao")
+    before = {p.name: p.read_bytes() for p in files.directory.iterdir() if p.is_file()}
+    # The certificate's staging file cannot be made (a directory is in its way).
+    (files.directory / ".node.pem.new").mkdir()
+    with pytest.raises(OSError):
+        _renew(files)
+    (files.directory / ".node.pem.new").rmdir()
+    after = {p.name: p.read_bytes() for p in files.directory.iterdir() if p.is_file()}
+    assert after == before  # the key was not replaced, and no staging file is left
+
+
+def test_renewal_replaces_the_key_file_it_is_told(
+    parties: dict[str, PartyFiles], tmp_path: Path
+) -> None:
+    files = _copy_party(parties["LAO"], tmp_path / "lao")
+    secret = tmp_path / "secrets" / "node.key"  # as a Docker secret's file on the host
+    secret.parent.mkdir()
+    files.node_key.rename(secret)
+    with pytest.raises(ValueError, match="--node-key"):
+        _renew(files)  # no node.key where it looked: nothing is created there
+    assert not files.node_key.exists()
+    new = _renew(files, node_key=secret)
+    assert check_node_certificate(secret.read_bytes(), files.node_certificate.read_bytes()) == new
+    assert mode(secret) == PRIVATE_FILE_MODE
+    assert not files.node_key.exists()

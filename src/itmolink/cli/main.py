@@ -30,7 +30,13 @@ from itmolink.cli.node_ops import add_node_ops_parsers
 from itmolink.cli.table import print_table
 from itmolink.conformance.cli import add_conformance_parser
 from itmolink.crypto.operators import add_operator, read_token, token_file
-from itmolink.crypto.pki import DEFAULT_HOSTS, init_party
+from itmolink.crypto.pki import (
+    DEFAULT_HOSTS,
+    PartyFiles,
+    certificate_hosts,
+    init_party,
+    renew_node_certificate,
+)
 from itmolink.node.admin import REJECTION_CODE_KEY
 from itmolink.node.config import ConfigError, load_config
 from itmolink.sim.cli import add_simulate_parser
@@ -154,6 +160,36 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
         "private keys (mode 0600; never share)"
     )
     print(f"  {files.card.name}  partner card: give this file to partner registries")
+    return 0
+
+
+def cmd_pki_renew(args: argparse.Namespace) -> int:
+    try:
+        keys = load_config(args.config).keys if args.config else PartyFiles(Path(args.dir))
+        ca_key = Path(args.ca_key) if args.ca_key else keys.ca_key
+        node_key = Path(args.node_key) if args.node_key else keys.node_key
+        node_certificate = Path(args.node_cert) if args.node_cert else keys.node_certificate
+        certificate = renew_node_certificate(
+            ca_certificate=keys.ca_certificate,
+            ca_key=ca_key,
+            node_certificate=node_certificate,
+            node_key=node_key,
+            hosts=args.host,
+            now=dt.datetime.now(dt.UTC),
+        )
+    except (ConfigError, ValueError, OSError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    hosts = ", ".join(certificate_hosts(certificate))
+    print(
+        f"renewed the node certificate: serial {certificate.serial_number:x}, valid until "
+        f"{certificate.not_valid_after_utc:%Y-%m-%d}, hosts {hosts}"
+    )
+    print(f"  {node_certificate} and {node_key} (a new key) replaced; the old ones are kept as")
+    print(f"  {node_certificate.name}.previous and {node_key.name}.previous")
+    print(
+        "  a node that reads these files takes them up at its next connection (a Docker file "
+        "secret: restart it); partners need nothing new"
+    )
     return 0
 
 
@@ -508,6 +544,20 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return EXIT_DISCREPANCY if report.discrepancies else 0
 
 
+def cmd_unfreeze(args: argparse.Namespace) -> int:
+    response = _call(
+        _admin(args).ReleaseFrozenBlocks,
+        admin_pb2.ReleaseFrozenBlocksRequest(transfer_id=args.transfer, reason=args.reason),
+    )
+    if args.json:
+        _emit_json(response)
+        return 0
+    total = sum(h.block.serial_end - h.block.serial_start + 1 for h in response.blocks)
+    count = len(response.blocks)
+    print(f"{count} block(s), {total:,} tCO2e, frozen for {args.transfer} are held again")
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     stub = _admin(args)
     if args.keys_command == "rotate":
@@ -725,7 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_parser(commands)
     add_conformance_parser(commands)
 
-    pki = commands.add_parser("pki", help="create key material").add_subparsers(
+    pki = commands.add_parser("pki", help="create and renew key material").add_subparsers(
         dest="pki_command", required=True, metavar="ACTION"
     )
     init = pki.add_parser(
@@ -740,6 +790,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="host name or IP of the node (repeatable; default: localhost, 127.0.0.1, ::1)",
     )
     init.set_defaults(func=cmd_pki_init)
+    renew = pki.add_parser(
+        "renew",
+        help="replace the node's TLS key and certificate with new ones from the party's CA",
+        description="Make a new TLS key and a node certificate for it, signed by the party's "
+        "CA, valid for 825 days (at most until the CA expires), with the current certificate's "
+        "subject and host names unless --host is given, and replace node.key and node.pem, "
+        "keeping their owner and mode and the old files as *.previous. A running node that "
+        "reads these files takes them up at its next connection, without a restart; partners "
+        "pin the CA, so they need nothing new.",
+    )
+    where = renew.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", help="the node's configuration (its [keys] paths)")
+    where.add_argument("--dir", help="a key directory made by 'pki init'")
+    renew.add_argument(
+        "--ca-key", help="the CA's private key (default: ca.key in the key directory)"
+    )
+    renew.add_argument("--host", action="append", help="host name or IP of the node (repeatable)")
+    renew.add_argument(
+        "--node-key",
+        help="the node's TLS key file to replace, if not node.key in the key directory (e.g. "
+        "the file behind a Docker secret)",
+    )
+    renew.add_argument("--node-cert", help="the node certificate file, if not node.pem there")
+    renew.set_defaults(func=cmd_pki_renew)
 
     node = commands.add_parser("node", help="run the registry node").add_subparsers(
         dest="node_command", required=True, metavar="ACTION"
@@ -912,6 +986,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reconcile.add_argument("--json", action="store_true", help="print JSON")
     reconcile.set_defaults(func=cmd_reconcile)
+
+    unfreeze = commands.add_parser(
+        "unfreeze",
+        help="make the blocks a reconciliation discrepancy froze held again, once resolved",
+        description="Make the blocks that reconciliation froze for a transfer held again, once "
+        "the operators of both registries have resolved the discrepancy, or found it to be one "
+        "of the known deviations (docs/PROTOCOL.md 11.9). Local to this registry: the partner "
+        "is not told, and nothing checks that the discrepancy is gone. The operator and the "
+        "reason are kept in the admin audit trail.",
+    )
+    _add_target(unfreeze)
+    unfreeze.add_argument("--transfer", required=True, help="the transfer id the blocks name")
+    unfreeze.add_argument(
+        "--reason", required=True, help="how the discrepancy was resolved (kept in the audit)"
+    )
+    unfreeze.add_argument("--json", action="store_true", help="print JSON")
+    unfreeze.set_defaults(func=cmd_unfreeze)
 
     keys = commands.add_parser("keys", help="rotate, revoke and list signing keys").add_subparsers(
         dest="keys_command", required=True, metavar="ACTION"

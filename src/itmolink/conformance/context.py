@@ -16,10 +16,10 @@ from itmolink.conformance.config import KitConfig
 from itmolink.conformance.driver import Driver
 from itmolink.conformance.link import KitServer, Link, Reply, sha256
 from itmolink.core.blocks import Block
+from itmolink.core.codes import wire_name_of as code_name
 from itmolink.core.reconcile import TransferFacts, blocks_leaf, journal_leaf
 from itmolink.core.units import UnitType
 from itmolink.node.base import Rejection
-from itmolink.node.base import _code_name as code_name
 from itmolink.node.convert import block_to_pb, timestamp, timestamp_us, to_us
 from itmolink.v1 import authorisation_pb2, common_pb2, issuance_pb2, transfer_pb2
 

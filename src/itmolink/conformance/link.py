@@ -3,8 +3,10 @@ signed requests and checks the signed replies, and a mutual-TLS server that
 receives the target's requests and answers them as a partner registry would.
 
 Nothing here reads the target's database: everything the kit learns about the
-target comes through ``PartnerService.Deliver`` (and, for target actions, the
-driver commands).
+target comes through ``PartnerService.Deliver`` and ``DeliverBatch`` (and, for
+target actions, the driver commands). The kit's own server serves ``Deliver``
+only: a target that sends it several envelopes in one ``DeliverBatch`` call gets
+UNIMPLEMENTED and must fall back to ``Deliver`` (PROTOCOL.md §2.6).
 """
 
 from __future__ import annotations
@@ -96,6 +98,24 @@ class Reply:
             reasons = ", ".join(f"{r.code} {r.detail!r}" for r in self.message.reasons)
             return f"Rejection [{reasons}]"
         return self.payload_type.removeprefix("itmolink.v1.") or "unreadable reply"
+
+
+@dataclass
+class BatchReply:
+    """The target's answer to one DeliverBatch call: the call's status and, when OK,
+    one :class:`Reply` per outcome (checked as in §5.3 against the envelope in the
+    same position of the request)."""
+
+    status: grpc.StatusCode
+    details: str = ""
+    replies: list[Reply] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == grpc.StatusCode.OK
+
+
+STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class Link:
@@ -192,6 +212,34 @@ class Link:
         reply = Reply(envelope, grpc.StatusCode.OK, raw=raw)
         self._check_reply(reply)
         return reply
+
+    async def deliver_batch(self, envelopes: list[bytes]) -> BatchReply:
+        """One DeliverBatch call with exactly these envelopes (§2.6). Outcome i is
+        checked as the reply to envelope i; extra outcomes are checked against no
+        request (and so fail §5.3)."""
+        stub = self._open()
+        try:
+            response = await stub.DeliverBatch(
+                partner_service_pb2.DeliverBatchRequest(envelopes=envelopes),
+                timeout=RPC_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            return BatchReply(exc.code(), exc.details() or "")
+        batch = BatchReply(grpc.StatusCode.OK)
+        for index, outcome in enumerate(response.outcomes):
+            sent = envelopes[index] if index < len(envelopes) else b""
+            kind = outcome.WhichOneof("outcome")
+            if kind == "envelope":
+                reply = Reply(sent, grpc.StatusCode.OK, raw=bytes(outcome.envelope))
+                self._check_reply(reply)
+            elif kind == "failure" and outcome.failure.code != 0:
+                status = STATUS_BY_NUMBER.get(outcome.failure.code, grpc.StatusCode.UNKNOWN)
+                reply = Reply(sent, status, outcome.failure.message)
+            else:
+                reply = Reply(sent, grpc.StatusCode.UNKNOWN, "an outcome with no reply or status")
+                reply.problems.append("an outcome carries neither a reply nor a non-OK status")
+            batch.replies.append(reply)
+        return batch
 
     async def send(self, msg: Message, **seal_args: Any) -> Reply:
         """Seal ``msg`` (a fresh header unless it has one) and deliver it."""
@@ -379,6 +427,16 @@ class KitServer(partner_service_pb2_grpc.PartnerServiceServicer):
         _, envelope = self.link.seal(answer)
         self._replies[incoming.message_id] = (content, envelope)
         return partner_service_pb2.DeliverResponse(envelope=envelope)
+
+    async def DeliverBatch(
+        self,
+        request: partner_service_pb2.DeliverBatchRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> partner_service_pb2.DeliverBatchResponse:
+        """Not served, on purpose: a target must then deliver each envelope by
+        Deliver (§2.6), which every test that waits for its requests checks."""
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the kit serves Deliver only")
+        raise AssertionError("unreachable: abort raises")
 
     def _check_header(self, msg: Message) -> list[str]:
         header: common_pb2.Header = msg.header  # type: ignore[attr-defined]

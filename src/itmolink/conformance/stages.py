@@ -340,6 +340,67 @@ async def t_rotation(ctx: Context) -> None:
     )
 
 
+@kit_test(
+    "1.18-deliver-batch",
+    1,
+    "§2.6",
+    "DeliverBatch answers each envelope as Deliver would, in order, or is UNIMPLEMENTED",
+)
+async def t_deliver_batch(ctx: Context) -> None:
+    query = _status_query(ctx, f"{ctx.kit}-T-{ctx.nonce}-B1")
+    _, first = ctx.link.seal(query)
+    _, reused = ctx.link.seal(
+        _status_query(ctx, f"{ctx.kit}-T-{ctx.nonce}-B2"), message_id=query.header.message_id
+    )
+    _, unsigned = ctx.link.seal(_status_query(ctx))
+    garbage = b"\x0a\xff\xff\xff\xff\x0f garbage"
+    # Valid, undecodable, badly signed, the first again, a reused id: each answered
+    # as alone, the repeat with the first one's reply (§7.2).
+    envelopes = [first, garbage, flip_signature(unsigned), first, reused]
+    batch = await ctx.link.deliver_batch(envelopes)
+    if batch.status == grpc.StatusCode.UNIMPLEMENTED:
+        ctx.notes["deliver_batch"] = False  # MAY: the target serves Deliver alone
+        return
+    check(
+        batch.ok,
+        f"a DeliverBatch call of {len(envelopes)} envelopes got gRPC {batch.status.name} "
+        f"({batch.details}): a node that serves DeliverBatch answers OK with one outcome "
+        "per envelope, one that does not answers UNIMPLEMENTED (§2.6)",
+    )
+    check(
+        len(batch.replies) == len(envelopes),
+        f"DeliverBatch answered {len(batch.replies)} outcomes for {len(envelopes)} envelopes",
+    )
+    r = batch.replies
+
+    def slot(i: int) -> str:
+        return f"DeliverBatch outcome {i} (outcomes come in the order of the request, §2.6)"
+
+    ctx.expect(r[0], transfer_pb2.TransferStatusReport, slot(0))
+    ctx.expect_rejection(r[1], C.REJECTION_CODE_MALFORMED_ENVELOPE, slot(1), recorded=False)
+    ctx.expect_rejection(r[2], C.REJECTION_CODE_BAD_SIGNATURE, slot(2), recorded=False)
+    check(
+        r[3].ok and r[3].raw == r[0].raw,
+        f"{slot(3)}: the same envelope twice in one call gets the same reply byte for byte "
+        f"(§7.2), got {r[3].describe()}",
+    )
+    ctx.expect_rejection(r[4], C.REJECTION_CODE_DUPLICATE_MESSAGE_CONFLICT, slot(4), recorded=False)
+    again = await ctx.link.deliver_raw(first)
+    check(
+        again.ok and again.raw == r[0].raw,
+        "the envelope answered in a DeliverBatch call, delivered again by Deliver, must get "
+        f"the same reply byte for byte (§2.6, §7.2), got {again.describe()}",
+    )
+    for count in (0, 129):
+        refused = await ctx.link.deliver_batch([garbage] * count)
+        check(
+            refused.status == grpc.StatusCode.INVALID_ARGUMENT,
+            f"a DeliverBatch call of {count} envelopes must be refused with INVALID_ARGUMENT "
+            f"(1 to 128, §2.6), got {refused.status.name}",
+        )
+    ctx.notes["deliver_batch"] = True
+
+
 # ======================================================================================
 # Stage 2, target = buyer: the kit is the host and sends authorisations and issuances
 # ======================================================================================

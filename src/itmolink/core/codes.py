@@ -84,6 +84,15 @@ class RejectionCode(enum.IntEnum):
         return f"REJECTION_CODE_{self.name}"
 
 
+def wire_name_of(code: int) -> str:
+    """The wire name of a code number, also of one this version does not know
+    (``REJECTION_CODE_<number>``): a partner's newer code is shown, not refused."""
+    try:
+        return RejectionCode(code).wire_name
+    except ValueError:
+        return f"REJECTION_CODE_{code}"
+
+
 class Rejected(Exception):
     """A check failed. Carries the code and a detail naming the offending input."""
 

@@ -45,6 +45,14 @@ def seal(payload_type: str, payload: bytes, key: SigningKey) -> bytes:
     return envelope.SerializeToString()
 
 
+def signing_key_ids(sealed: bytes) -> list[str]:
+    """The key ids an envelope of our own (sealed by :func:`seal`) was signed with.
+    Not a verification: for envelopes this node made and stored itself."""
+    envelope = envelope_pb2.Envelope()
+    envelope.ParseFromString(sealed)
+    return [signature.key_id for signature in envelope.signatures]
+
+
 @dataclass(frozen=True, slots=True)
 class VerifiedEnvelope:
     """An envelope whose every signature verified against a pinned key."""

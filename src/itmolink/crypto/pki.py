@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Sequence
@@ -245,26 +246,8 @@ def init_party(
     )
 
     node_key = ec.generate_private_key(ec.SECP256R1())
-    node_cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(party, "registry node"))
-        .issuer_name(ca_name)
-        .public_key(node_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + NODE_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_san(hosts), critical=False)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
+    node_cert = _node_certificate(
+        ca_key, ca_cert, _name(party, "registry node"), node_key, hosts, now, now + NODE_VALIDITY
     )
 
     signing = SigningKey.generate(party)
@@ -284,6 +267,203 @@ def init_party(
     files.card.write_text(card.to_toml())
     add_operator(directory, "admin")
     return files
+
+
+def _node_certificate(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    subject: x509.Name,
+    node_key: ec.EllipticCurvePrivateKey,
+    hosts: Sequence[str],
+    now: dt.datetime,
+    not_after: dt.datetime,
+) -> x509.Certificate:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(node_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_san(hosts), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
+def _public_der(key: object) -> bytes:
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ValueError("not an ECDSA key")
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _ec_private_key(pem: bytes, what: str) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{what} is no unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{what} is not an ECDSA key")
+    return key
+
+
+def check_node_certificate(
+    key_pem: bytes,
+    certificate_pem: bytes,
+    *,
+    ca_pem: bytes | None = None,
+    now: dt.datetime | None = None,
+) -> x509.Certificate:
+    """The node certificate, once checked: a PEM certificate for ``key_pem``; when
+    ``ca_pem`` is given, issued by that CA (the one partners pin); when ``now`` is
+    given, valid at that instant. Raises ValueError naming what is wrong."""
+    try:
+        certificate = x509.load_pem_x509_certificate(certificate_pem)
+    except ValueError as exc:
+        raise ValueError(f"the node certificate is no PEM certificate ({exc})") from None
+    key = _ec_private_key(key_pem, "the node key")
+    if _public_der(certificate.public_key()) != _public_der(key.public_key()):
+        raise ValueError("the node certificate is not for the node key")
+    if ca_pem is not None:
+        try:
+            certificate.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_pem))
+        except (ValueError, TypeError, InvalidSignature):
+            raise ValueError(
+                "the node certificate is not issued by this party's CA: partners would refuse "
+                "the TLS handshake"
+            ) from None
+    if now is not None and not (
+        certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc
+    ):
+        raise ValueError(
+            f"the node certificate is valid from {certificate.not_valid_before_utc:%Y-%m-%d} "
+            f"to {certificate.not_valid_after_utc:%Y-%m-%d}, not now"
+        )
+    return certificate
+
+
+def certificate_hosts(certificate: x509.Certificate) -> list[str]:
+    """The DNS names and IP addresses a certificate names, in its order."""
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(name.value) for name in san if isinstance(name, (x509.DNSName, x509.IPAddress))]
+
+
+def renew_node_certificate(
+    *,
+    ca_certificate: Path,
+    ca_key: Path,
+    node_certificate: Path,
+    node_key: Path,
+    hosts: Sequence[str] | None,
+    now: dt.datetime,
+) -> x509.Certificate:
+    """Replace the node's TLS key and certificate with new ones from the party's CA.
+
+    A new key is made (renewal is also key rotation). The new certificate keeps
+    the current one's subject and, unless ``hosts`` is given, its host names; it
+    is valid for NODE_VALIDITY from ``now``, but never beyond the CA's own end.
+    Partners pin the CA, not the node certificate, so they need nothing new.
+    Refuses unless the CA key is the CA certificate's, the CA is valid now, and
+    the current node certificate was issued by that CA (a node certificate from
+    another CA would not be accepted by the partners).
+
+    Both new files are written and flushed beside the old ones first, with the
+    old ones' owner and mode, then renamed over them one after the other, the
+    key first; the old pair is kept as ``<name>.previous``. A node reading the
+    files between the two renames sees a key and a certificate that do not
+    match, and keeps what it has until both are new
+    (:class:`itmolink.node.tls.NodeTls`).
+    """
+    ca_cert = x509.load_pem_x509_certificate(ca_certificate.read_bytes())
+    signer = _ec_private_key(ca_key.read_bytes(), str(ca_key))
+    if _public_der(ca_cert.public_key()) != _public_der(signer.public_key()):
+        raise ValueError(f"{ca_key} is not the key of the CA certificate {ca_certificate}")
+    if not ca_cert.not_valid_before_utc <= now < ca_cert.not_valid_after_utc:
+        raise ValueError(
+            f"the CA in {ca_certificate} is valid until {ca_cert.not_valid_after_utc:%Y-%m-%d}, "
+            "not now: a new CA needs a new partner card at every partner"
+        )
+    if not node_key.is_file():
+        raise ValueError(
+            f"{node_key}: no such file; name the node's TLS key with --node-key (or --config) "
+            "so that the key the node reads is the one replaced"
+        )
+    current = x509.load_pem_x509_certificate(node_certificate.read_bytes())
+    try:
+        current.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ValueError(
+            f"{node_certificate} was not issued by the CA in {ca_certificate}: "
+            "partners pin that CA, so a node certificate must come from it"
+        ) from None
+    names = list(hosts) if hosts else certificate_hosts(current)
+    if not names:
+        raise ValueError(f"{node_certificate} names no host: give the node's hosts with --host")
+    new_key = ec.generate_private_key(ec.SECP256R1())
+    not_after = min(now + NODE_VALIDITY, ca_cert.not_valid_after_utc)
+    new_cert = _node_certificate(signer, ca_cert, current.subject, new_key, names, now, not_after)
+    key_file = _staged(node_key, _pem_key(new_key))
+    try:
+        cert_file = _staged(node_certificate, new_cert.public_bytes(serialization.Encoding.PEM))
+    except BaseException:
+        key_file.unlink(missing_ok=True)
+        raise
+    try:
+        for path in (node_key, node_certificate):
+            previous = path.with_name(f"{path.name}.previous")
+            previous.unlink(missing_ok=True)
+            os.link(path, previous)  # the old file stays, under another name
+        os.replace(key_file, node_key)
+        os.replace(cert_file, node_certificate)
+    finally:
+        key_file.unlink(missing_ok=True)
+        cert_file.unlink(missing_ok=True)
+    for directory in {node_key.parent, node_certificate.parent}:
+        _fsync_directory(directory)
+    return new_cert
+
+
+def _staged(path: Path, data: bytes) -> Path:
+    """``data`` written and flushed to a new file beside ``path``, with ``path``'s
+    mode, owner and group (so that a renewal run as root leaves the node's key
+    readable by the node's user)."""
+    staged = path.with_name(f".{path.name}.new")
+    staged.unlink(missing_ok=True)
+    old = path.stat()
+    try:
+        write_private_file(staged, data)  # 0600 from the start
+        if os.geteuid() == 0:
+            os.chown(staged, old.st_uid, old.st_gid)
+        staged.chmod(old.st_mode & 0o777)
+        with staged.open("rb") as handle:
+            os.fsync(handle.fileno())
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    return staged
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def issuing_party(peer_certificate_pem: bytes, cards: Sequence[PartnerCard]) -> str | None:

@@ -387,6 +387,22 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         )  # fmt: skip
 
     @admin_method
+    async def ReleaseFrozenBlocks(
+        self,
+        request: admin_pb2.ReleaseFrozenBlocksRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> admin_pb2.ReleaseFrozenBlocksResponse:
+        released = await self._node.db(self._engine.unfreeze, request.transfer_id, request.reason)
+        return admin_pb2.ReleaseFrozenBlocksResponse(
+            blocks=[
+                admin_pb2.HoldingBlock(
+                    block=block_to_pb(held.block), account=held.account, status=held.status
+                )
+                for held in released
+            ]
+        )
+
+    @admin_method
     async def RotateSigningKey(
         self,
         request: admin_pb2.RotateSigningKeyRequest,

@@ -51,7 +51,7 @@ from itmolink.core.authorisation import (
     Authorisation,
 )
 from itmolink.core.blocks import Block, total
-from itmolink.core.codes import Rejected, RejectionCode
+from itmolink.core.codes import Rejected, RejectionCode, wire_name_of
 from itmolink.core.issuance import Destination
 from itmolink.core.rules import AuthorisationTerms
 from itmolink.core.transfer import Effect, Role, TransferState
@@ -429,7 +429,7 @@ class EngineBase:
         callback = self.on_rejection
         if callback is None:
             return
-        code = _code_name(_rejection_reasons(rejection)[0])
+        code = wire_name_of(_rejection_reasons(rejection)[0])
 
         def notify() -> None:
             callback(direction, partner, code)
@@ -997,10 +997,3 @@ def _check_transfer_id(transfer_id: str, sender: str) -> None:
             RejectionCode.INVALID_IDENTIFIER,
             f"transfer id {transfer_id!r} from {sender} must start with '{sender}-'",
         )
-
-
-def _code_name(code: int) -> str:
-    try:
-        return RejectionCode(code).wire_name
-    except ValueError:
-        return f"REJECTION_CODE_{code}"

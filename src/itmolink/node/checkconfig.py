@@ -1,9 +1,9 @@
 """``itmolink node check-config``: everything a node.toml refers to, checked without
 starting the node.
 
-Each check gives OK or FAIL with a detail; the command exits non-zero when any
-fails. Nothing is written: the database is opened read-only and its schema is
-not migrated.
+Each check gives OK, WARN or FAIL with a detail; the command exits non-zero when
+any fails (a warning does not fail it). Nothing is written: the database is opened
+read-only and its schema is not migrated.
 """
 
 from __future__ import annotations
@@ -18,14 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 
 from itmolink.crypto.keys import SigningKey, check_private_file
 from itmolink.crypto.operators import load_operators, operators_file
-from itmolink.crypto.pki import PartnerCard
+from itmolink.crypto.pki import PartnerCard, check_node_certificate
 from itmolink.node.config import ConfigError, NodeConfig, check_host_port, load_config
 from itmolink.store.migrate import latest_version
+from itmolink.store.sqlite import read_only_uri
+
+# A node certificate with less than this left is reported (WARN) by check-config.
+RENEW_WITHIN = dt.timedelta(days=30)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +35,11 @@ class Check:
     name: str
     ok: bool
     detail: str
+    warning: bool = False
+
+
+class _Warning(Exception):
+    """The check passes, with something the operator must act on soon."""
 
 
 class _Failed(Exception):
@@ -42,6 +49,8 @@ class _Failed(Exception):
 def _run(name: str, fn: Callable[[], str]) -> Check:
     try:
         return Check(name, True, fn())
+    except _Warning as warning:
+        return Check(name, True, str(warning), warning=True)
     except (_Failed, OSError, ValueError, ConfigError, sqlite3.Error) as exc:
         return Check(name, False, str(exc) or type(exc).__name__)
 
@@ -112,34 +121,28 @@ def _load_certificate(path: Path) -> x509.Certificate:
 def _node_certificate(config: NodeConfig, now: dt.datetime) -> str:
     keys = config.keys
     cert = _load_certificate(keys.node_certificate)
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise _Failed(
-            f"{keys.node_certificate}: valid from {cert.not_valid_before_utc:%Y-%m-%d} to "
-            f"{cert.not_valid_after_utc:%Y-%m-%d}, not now"
-        )
     try:
-        key = serialization.load_pem_private_key(keys.node_key.read_bytes(), password=None)
+        key = keys.node_key.read_bytes()
     except (FileNotFoundError, PermissionError) as exc:
         raise _Failed(f"{keys.node_key}: {exc.strerror}") from None
-    except (ValueError, TypeError) as exc:
-        raise _Failed(f"{keys.node_key}: not a PEM private key: {exc}") from None
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    pem = serialization.Encoding.PEM
-    if key.public_key().public_bytes(pem, spki) != cert.public_key().public_bytes(pem, spki):
-        raise _Failed(f"{keys.node_certificate} does not match the private key {keys.node_key}")
     own = _own_card_of(config)
-    ca = x509.load_pem_x509_certificate(own.ca_certificate_pem)
     try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        raise _Failed(
-            f"{keys.node_certificate} is not issued by the CA in {keys.card}: partners "
-            "would refuse the TLS handshake"
-        ) from None
-    return (
+        check_node_certificate(
+            key, keys.node_certificate.read_bytes(), ca_pem=own.ca_certificate_pem, now=now
+        )
+    except ValueError as exc:
+        raise _Failed(f"{keys.node_certificate} (key {keys.node_key}): {exc}") from None
+    detail = (
         f"{keys.node_certificate}: matches {keys.node_key.name}, issued by this party's CA, "
         f"valid until {cert.not_valid_after_utc:%Y-%m-%d}"
     )
+    left = cert.not_valid_after_utc - now
+    if left < RENEW_WITHIN:
+        raise _Warning(
+            f"{detail}: {left.days} day(s) left; renew it now with 'itmolink pki renew' "
+            "(docs/OPERATIONS.md §5)"
+        )
+    return detail
 
 
 def _own_card_of(config: NodeConfig) -> PartnerCard:
@@ -229,7 +232,7 @@ def _database(config: NodeConfig) -> str:
         if not os.access(path.parent, os.W_OK):
             raise _Failed(f"{path} does not exist and {path.parent} is not writable")
         return f"{path} does not exist yet: created at first start"
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn = sqlite3.connect(read_only_uri(path), uri=True)
     try:
         return _schema(config, _rows(conn), str(path))
     finally:

@@ -171,8 +171,22 @@ class NodeMetrics:
         )
         self.received = Counter(
             "itmolink_messages_received",
-            "Deliver calls received from partners, by outcome: handled, rate_limited",
+            "Envelopes received from partners (Deliver or DeliverBatch), by outcome: handled, "
+            "rate_limited, failed (a step that failed inside a DeliverBatch call)",
             ["partner", "outcome"],
+            registry=self.registry,
+        )
+        self.certificate_expiry = Gauge(
+            "itmolink_node_certificate_expiry_timestamp_seconds",
+            "When the node's TLS certificate in use expires (Unix time): renew it before "
+            "(itmolink pki renew)",
+            registry=self.registry,
+        )
+        self.calls = Counter(
+            "itmolink_partner_calls",
+            "Partner RPC calls sent and received, by method: Deliver (one envelope) or "
+            "DeliverBatch (several); the messages counters above count envelopes",
+            ["direction", "partner", "method"],
             registry=self.registry,
         )
         self._server: Any = None
@@ -180,6 +194,7 @@ class NodeMetrics:
 
     def attach(self, node: Any, party: str, registry: str) -> None:
         self.info.labels(party, registry, __version__).set(1)
+        self.certificate_expiry.set_function(lambda: node.tls.not_after.timestamp())
         self.registry.register(StoreCollector(node))
 
     def rejection(self, direction: str, partner: str, code: str) -> None:

@@ -32,6 +32,7 @@ from itmolink.core.reconcile import Bucket, Total
 from itmolink.core.rules import AuthorisationTerms
 from itmolink.core.transfer import Effect, Event, Role, step
 from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
+from itmolink.crypto.envelope import signing_key_ids
 from itmolink.crypto.keys import SigningKey, VerifyingKey
 from itmolink.node.base import (
     ISSUANCE_DESTINATIONS,
@@ -64,7 +65,7 @@ from itmolink.node.convert import (
     to_us,
 )
 from itmolink.store.sqlite import HOLDING_ACCOUNT
-from itmolink.store.tx import Tx
+from itmolink.store.tx import HeldBlock, Tx
 from itmolink.v1 import (
     keys_pb2,
 )
@@ -142,6 +143,31 @@ class Operations(EngineBase):
         log.error("ALARM: reconciliation with %s: %s %s: %s", partner, phase, subject, detail)
         return frozen
 
+    def unfreeze(self, transfer_id: str, reason: str) -> list[HeldBlock]:
+        """Make the blocks a reconciliation discrepancy about ``transfer_id`` froze
+        held again, once the operator resolved it with the partner (a local action:
+        the partner is not told; the admin audit trail keeps who did it and why)."""
+        if not reason.strip():
+            raise Rejected(
+                RejectionCode.MISSING_FIELD,
+                "say why the blocks may be held again (how the discrepancy was resolved)",
+            )
+        with self._transaction() as tx:
+            released = tx.unfreeze_blocks_of(transfer_id)
+            if not released:
+                raise Rejected(
+                    RejectionCode.UNKNOWN_TRANSFER,
+                    f"no block is frozen for transfer {transfer_id!r}",
+                )
+        log.warning(
+            "%d block(s) frozen for %s are held again: %s",
+            len(released),
+            transfer_id,
+            reason,
+            extra={"transfer_id": transfer_id},
+        )
+        return released
+
     def rotate_signing_key(self, new_key: SigningKey, now: dt.datetime) -> None:
         """Announce ``new_key`` to every partner; sign with it once all acknowledged."""
         now_us = to_us(now)
@@ -195,7 +221,7 @@ class Operations(EngineBase):
                     RejectionCode.INVALID_FIELD,
                     f"{key_id} is the key this node signs with (or is about to): rotate first",
                 )
-            if tx.outbox_pending_signed_by(key_id):
+            if any(key_id in signing_key_ids(e) for e in tx.outbox_pending_envelopes()):
                 raise Rejected(
                     RejectionCode.TRANSFER_STATE_CONFLICT,
                     f"messages signed with {key_id} are still being delivered: revoke it once "

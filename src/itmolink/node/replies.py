@@ -12,7 +12,7 @@ from itmolink.core.actions import (
 )
 from itmolink.core.aef import ActionSubtype
 from itmolink.core.blocks import total
-from itmolink.core.codes import Rejected, RejectionCode
+from itmolink.core.codes import Rejected, RejectionCode, wire_name_of
 from itmolink.core.transfer import Effect, Event, Role, TransferState, step
 from itmolink.node.base import (
     AuthorisationStatement,
@@ -30,7 +30,6 @@ from itmolink.node.base import (
     TransferProposal,
     TransferStatusQuery,
     TransferStatusReport,
-    _code_name,
     _rejection_reasons,
     digest,
     log,
@@ -74,13 +73,13 @@ class Replies(EngineBase):
                     request.partner,
                     request.payload_type,
                     request.subject_id,
-                    _code_name(code),
+                    wire_name_of(code),
                     detail,
                     extra={
                         "partner": request.partner,
                         "message_id": message_id,
                         "subject_id": request.subject_id,
-                        "code": _code_name(code),
+                        "code": wire_name_of(code),
                     },
                 )
             self._apply_reply(
@@ -154,7 +153,7 @@ class Replies(EngineBase):
                 # carried out here, so it is sent again, freshly sealed with today's key.
                 log.warning(
                     "%s could not record the completion of %s (%s): sending it again",
-                    partner, subject_id, _code_name(_rejection_reasons(reply)[0]),
+                    partner, subject_id, wire_name_of(_rejection_reasons(reply)[0]),
                 )  # fmt: skip
                 self._resend_completion(tx, subject_id, now_us)
             else:
@@ -436,7 +435,7 @@ class Replies(EngineBase):
                         "ALARM: %s refused the completion of transfer %s (batch %s), which is "
                         "complete here: %s %s; reconcile with the partner",
                         partner, outcome.transfer_id, batch_id,
-                        _code_name(outcome.rejection.code), outcome.rejection.detail,
+                        wire_name_of(outcome.rejection.code), outcome.rejection.detail,
                     )  # fmt: skip
             return
         assert isinstance(reply, Rejection)
@@ -446,7 +445,7 @@ class Replies(EngineBase):
             # each completed item is sent again as a freshly sealed TransferCompletion.
             log.warning(
                 "%s could not record the completion of batch %s (%s): sending each "
-                "transfer's completion again", partner, batch_id, _code_name(code),
+                "transfer's completion again", partner, batch_id, wire_name_of(code),
             )  # fmt: skip
             for record in tx.transfers_of_batch(batch_id, partner):
                 self._resend_completion(tx, record.transfer_id, now_us)

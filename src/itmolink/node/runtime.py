@@ -26,7 +26,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -39,12 +39,13 @@ from grpc_reflection.v1alpha import reflection
 
 from itmolink.admin.v1 import admin_pb2
 from itmolink.crypto.envelope import TrustStore
-from itmolink.crypto.keys import SigningKey, check_private_file, write_private_file
+from itmolink.crypto.keys import SigningKey, write_private_file
 from itmolink.crypto.operators import load_operators, operator_for, operators_file
 from itmolink.crypto.pki import PartnerCard, issuing_party
 from itmolink.node.config import NodeConfig
 from itmolink.node.engine import Engine, Limits, Partner, ReplyError
 from itmolink.node.metrics import NodeMetrics
+from itmolink.node.tls import NodeTls
 from itmolink.store import open_store
 from itmolink.v1 import partner_service_pb2, partner_service_pb2_grpc
 
@@ -63,6 +64,11 @@ ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 # one group commit.
 MAX_GROUP = 128
 GROUP_SECONDS = 0.02
+# A DeliverBatch call carries at most this many envelopes (PROTOCOL.md §2.6).
+MAX_BATCH = 128
+# After a partner answered DeliverBatch with UNIMPLEMENTED, use Deliver alone for
+# this long before trying DeliverBatch again (it may have been upgraded).
+BATCH_RETRY_SECONDS = 600.0
 # A message being delivered is claimed in the outbox for this long (not due again).
 LEASE = dt.timedelta(seconds=RPC_TIMEOUT_SECONDS + 1)
 MAX_IDLE_WAIT_SECONDS = 1.0
@@ -123,8 +129,109 @@ class PartnerServicer(partner_service_pb2_grpc.PartnerServiceServicer):
             self._node.engine.handle_delivery, peer, request.envelope, self._node.clock()
         )
         self._node.metrics.received.labels(peer, "handled").inc()
+        self._node.metrics.calls.labels("received", peer, "Deliver").inc()
         self._node.kick_after_call()
         return partner_service_pb2.DeliverResponse(envelope=reply)
+
+    async def DeliverBatch(
+        self,
+        request: partner_service_pb2.DeliverBatchRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> partner_service_pb2.DeliverBatchResponse:
+        """Each envelope handled as a Deliver call of its own would be (PROTOCOL.md
+        §2.6), all of them queued on the database thread together so that they share
+        one group commit; one outcome per envelope, in order, none sent before the
+        commit."""
+        node = self._node
+        peer = node.peer_party(context)
+        if peer is None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the client certificate is not issued by a pinned partner CA",
+            )
+        assert peer is not None
+        count = len(request.envelopes)
+        if not 1 <= count <= MAX_BATCH:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a DeliverBatch call carries 1 to {MAX_BATCH} envelopes, not {count}",
+            )
+        node.metrics.calls.labels("received", peer, "DeliverBatch").inc()
+        outcomes: list[partner_service_pb2.DeliverOutcome] = [
+            partner_service_pb2.DeliverOutcome() for _ in range(count)
+        ]
+        calls: list[Callable[[], bytes]] = []
+        slots: list[int] = []
+        now = node.clock()
+        for slot, envelope in enumerate(request.envelopes):
+            if node.admit(peer):
+                calls.append(functools.partial(node.engine.handle_delivery, peer, envelope, now))
+                slots.append(slot)
+                continue
+            node.metrics.received.labels(peer, "rate_limited").inc()
+            node.metrics.rejection("sent", peer, "RATE_LIMITED")
+            outcomes[slot].failure.CopyFrom(
+                failure(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"more than the agreed rate of messages from {peer}: retry later",
+                    "REJECTION_CODE_RATE_LIMITED",
+                )
+            )
+        for slot, done in zip(slots, await node.db_many(calls), strict=True):
+            error = done.exception()
+            if error is None:
+                outcomes[slot].envelope = done.result()
+                node.metrics.received.labels(peer, "handled").inc()
+                continue
+            # What Deliver would end with: the step's transaction was rolled back.
+            log.error(
+                "handling envelope %d of a DeliverBatch call from %s failed",
+                slot,
+                peer,
+                exc_info=error,
+            )
+            node.metrics.received.labels(peer, "failed").inc()
+            outcomes[slot].failure.CopyFrom(
+                failure(grpc.StatusCode.UNKNOWN, f"the step failed: {type(error).__name__}")
+            )
+        node.kick_after_call()
+        return partner_service_pb2.DeliverBatchResponse(outcomes=outcomes)
+
+
+def failure(
+    code: grpc.StatusCode, message: str, rejection_code: str = ""
+) -> partner_service_pb2.DeliverFailure:
+    """A batch slot's non-OK status (PROTOCOL.md §2.6)."""
+    number: int = code.value[0]
+    return partner_service_pb2.DeliverFailure(
+        code=number, message=message, rejection_code=rejection_code
+    )
+
+
+STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+class DeliveryFailed(Exception):
+    """A delivery that ended without a reply: the gRPC status a Deliver call ended
+    with, or a DeliverBatch call or one of its slots (PROTOCOL.md §2.1, §2.6)."""
+
+    def __init__(self, code: str, details: str, rejection_code: str | None = None) -> None:
+        super().__init__(f"{code}: {details}")
+        self.code = code
+        self.details = details
+        self.rejection_code = rejection_code
+
+    @classmethod
+    def of_rpc(cls, exc: grpc.aio.AioRpcError) -> DeliveryFailed:
+        trailers: Any = exc.trailing_metadata() or ()
+        code = next((v for k, v in trailers if k == "itmolink-rejection-code"), None)
+        return cls(exc.code().name, exc.details() or "", code if isinstance(code, str) else None)
+
+    @classmethod
+    def of_slot(cls, slot: partner_service_pb2.DeliverFailure) -> DeliveryFailed:
+        # A slot that claims OK (0) or an unknown code still failed: UNKNOWN.
+        name = STATUS_NAMES.get(slot.code) if slot.code else None
+        return cls(name or "UNKNOWN", slot.message, slot.rejection_code or None)
 
 
 class Node:
@@ -136,7 +243,9 @@ class Node:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="itmolink-db")
         # Group commit (see db()): calls waiting for the database thread.
         self._group: Callable[[], contextlib.AbstractContextManager[None]] | None = None
-        self._queue: collections.deque[tuple[Callable[[], Any], asyncio.Future[Any]]] = (
+        # Each entry: calls that share one group commit (one db() call, or the
+        # envelopes of one DeliverBatch call).
+        self._queue: collections.deque[list[tuple[Callable[[], Any], asyncio.Future[Any]]]] = (
             collections.deque()
         )
         self._queue_lock = threading.Lock()
@@ -146,6 +255,11 @@ class Node:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, PartnerServiceAsyncStub] = {}
         self._inflight: set[str] = set()
+        # Envelopes for a partner that became ready in this turn of the event loop,
+        # sent together when it ends (_flush), and the partners that answered
+        # DeliverBatch with UNIMPLEMENTED (until when Deliver alone is used).
+        self._ready: dict[str, list[tuple[bytes, asyncio.Future[bytes | None]]]] = {}
+        self._no_batch: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._kick = asyncio.Event()
         self._stopping = False
@@ -154,12 +268,12 @@ class Node:
         self._admin_server: grpc.aio.Server | None = None
         self.partner_port = 0
         self.engine: Engine
-        self._tls_key = b""
+        self.tls: NodeTls
+        self._stub_generation: dict[str, int] = {}
         self._operators: dict[str, str] = {}
         self._operators_mtime = 0
         self._buckets: dict[str, TokenBucket] = {}
         self._peers: dict[bytes, str | None] = {}
-        self._tls_cert = b""
         self.metrics = NodeMetrics()
         self.health = HealthServicer()
         self.metrics_port = 0
@@ -180,13 +294,40 @@ class Node:
         if not self._batching:
             return await loop.run_in_executor(self._executor, call)
         future: asyncio.Future[T] = loop.create_future()
+        self._enqueue(loop, [(call, future)])
+        return await future
+
+    async def db_many(self, calls: Sequence[Callable[[], T]]) -> list[asyncio.Future[T]]:
+        """Run ``calls`` on the database thread, each in its own transaction, all in
+        one group commit (when the node groups its calls; a group may then hold more
+        than MAX_GROUP calls). Returns, once the group is durable, a settled future
+        per call, in order: one call's error leaves the others alone, as separate
+        :meth:`db` calls would."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[T]] = [loop.create_future() for _ in calls]
+        if not futures:
+            return futures
+        if not self._batching:
+            for call, future in zip(calls, futures, strict=True):
+                try:
+                    future.set_result(await loop.run_in_executor(self._executor, call))
+                except Exception as exc:
+                    future.set_exception(exc)
+            return futures
+        self._enqueue(loop, list(zip(calls, futures, strict=True)))
+        await asyncio.wait(futures)
+        return futures
+
+    def _enqueue(
+        self, loop: asyncio.AbstractEventLoop, entry: list[tuple[Callable[[], Any], Any]]
+    ) -> None:
+        """Queue calls that must share a group commit (one entry) for the database thread."""
         with self._queue_lock:
-            self._queue.append((call, future))
+            self._queue.append(entry)
             idle = not self._draining
             self._draining = True
         if idle:
             loop.run_in_executor(self._executor, self._drain, loop)
-        return await future
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         """On the database thread: run queued calls in groups until none is left.
@@ -194,15 +335,22 @@ class Node:
         A group takes the calls queued when it begins, up to MAX_GROUP of them,
         and stops taking them after GROUP_SECONDS, so that a slow call (a report,
         a large query) holds back the answers of only the calls before it in its
-        group.
+        group. The calls of one queue entry (a DeliverBatch call's envelopes) are
+        never split between groups.
         """
         engine = self.engine
         while True:
             with self._queue_lock:
-                waiting = min(len(self._queue), MAX_GROUP)
-                if not waiting:
+                if not self._queue:
                     self._draining = False
                     return
+                waiting = calls = 0
+                for entry in self._queue:
+                    if waiting and calls + len(entry) > MAX_GROUP:
+                        break
+                    waiting += 1
+                    calls += len(entry)
+            taken = 0
             ran: list[asyncio.Future[Any]] = []
             outcomes: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = []
             engine.sent = []
@@ -210,18 +358,20 @@ class Node:
             try:
                 # Without a group (a store without one) each call commits alone.
                 with self._group() if self._group is not None else contextlib.nullcontext():
-                    while len(ran) < waiting and (
-                        not ran or time.monotonic() - started < GROUP_SECONDS
+                    while taken < waiting and (
+                        not taken or time.monotonic() - started < GROUP_SECONDS
                     ):
                         with self._queue_lock:
-                            call, future = self._queue.popleft()
-                        ran.append(future)
-                        mark = len(engine.sent)
-                        try:
-                            outcomes.append((future, None, call()))
-                        except Exception as exc:  # its own transaction was rolled back
-                            del engine.sent[mark:]
-                            outcomes.append((future, exc, None))
+                            entry = self._queue.popleft()
+                        taken += 1
+                        for call, future in entry:
+                            ran.append(future)
+                            mark = len(engine.sent)
+                            try:
+                                outcomes.append((future, None, call()))
+                            except Exception as exc:  # its own transaction was rolled back
+                                del engine.sent[mark:]
+                                outcomes.append((future, exc, None))
             except Exception as exc:  # the group did not commit: nothing of it is durable
                 log.error("group commit of %d calls failed: %s", len(ran), exc)
                 outcomes = [(future, exc, None) for future in ran]
@@ -314,10 +464,15 @@ class Node:
     def set_partner_endpoint(self, party: str, endpoint: str) -> None:
         """Point the link to ``party`` at another address (tests bind port 0)."""
         self._endpoints[party] = endpoint
+        self._close_channel(party)
+
+    def _close_channel(self, party: str) -> None:
+        """Forget the link to ``party``; its channel closes once its calls end (at
+        most after a call's deadline)."""
         channel = self._channels.pop(party, None)
         self._stubs.pop(party, None)
         if channel is not None:
-            task = asyncio.get_running_loop().create_task(channel.close(None))
+            task = asyncio.get_running_loop().create_task(channel.close(RPC_TIMEOUT_SECONDS))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -325,9 +480,12 @@ class Node:
 
     async def start(self) -> None:
         config = self.config
-        check_private_file(config.keys.node_key)
-        self._tls_key = config.keys.node_key.read_bytes()
-        self._tls_cert = config.keys.node_certificate.read_bytes()
+        self.tls = NodeTls(
+            config.keys.node_key,
+            config.keys.node_certificate,
+            b"".join(p.card.ca_certificate_pem for p in config.partners) or None,
+            own_ca=PartnerCard.load(config.keys.card).ca_certificate_pem,
+        )
         signing_key = SigningKey.load(config.party, config.keys.signing_key)
         self._operators = load_operators(config.keys.directory)
         if not self._operators:
@@ -379,12 +537,9 @@ class Node:
             PartnerServicer(self), self._partner_server
         )
         self._add_health_and_reflection(self._partner_server, PARTNER_SERVICE)
-        credentials = grpc.ssl_server_credentials(
-            [(self._tls_key, self._tls_cert)],
-            root_certificates=b"".join(p.card.ca_certificate_pem for p in config.partners) or None,
-            require_client_auth=True,
+        self.partner_port = self._partner_server.add_secure_port(
+            config.partner_listen, self.tls.server_credentials()
         )
-        self.partner_port = self._partner_server.add_secure_port(config.partner_listen, credentials)
         if self.partner_port == 0:
             raise OSError(f"cannot listen on partner_listen = {config.partner_listen!r}")
 
@@ -526,15 +681,16 @@ class Node:
 
     def _stub(self, party: str) -> PartnerServiceAsyncStub:
         stub = self._stubs.get(party)
+        if stub is not None and self._stub_generation.get(party) != self.tls.generation:
+            self._close_channel(party)  # the node certificate was renewed: dial anew
+            stub = None
         if stub is None:
             card = next(p.card for p in self.config.partners if p.card.party == party)
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=card.ca_certificate_pem,
-                private_key=self._tls_key,
-                certificate_chain=self._tls_cert,
+            channel = grpc.aio.secure_channel(
+                self._endpoints[party], self.tls.channel_credentials(card.ca_certificate_pem)
             )
-            channel = grpc.aio.secure_channel(self._endpoints[party], credentials)
             self._channels[party] = channel
+            self._stub_generation[party] = self.tls.generation
             stub = partner_service_pb2_grpc.PartnerServiceStub(channel)
             self._stubs[party] = stub
         return stub
@@ -559,6 +715,10 @@ class Node:
         failures = 0
         while not self._stopping:
             wait = MAX_IDLE_WAIT_SECONDS
+            try:
+                self.tls.reload()  # a renewed node certificate (node/tls.py)
+            except Exception:
+                log.exception("reading the node certificate failed")
             try:
                 next_due = await self._outbox_pass()
             except Exception:
@@ -612,33 +772,25 @@ class Node:
         # or the call was cancelled).
         retry = True
         try:
-            response = await self._stub(partner).Deliver(
-                partner_service_pb2.DeliverRequest(envelope=envelope),
-                timeout=RPC_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
+            reply = await self._exchange(partner, envelope)
+        except DeliveryFailed as exc:
             self.metrics.deliveries.labels(partner, "unreachable").inc()
-            trailers: Any = exc.trailing_metadata() or ()
-            code = next((v for k, v in trailers if k == "itmolink-rejection-code"), None)
-            if isinstance(code, str):
-                self.metrics.rejection("received", partner, code.removeprefix("REJECTION_CODE_"))
+            if exc.rejection_code is not None:
+                self.metrics.rejection(
+                    "received", partner, exc.rejection_code.removeprefix("REJECTION_CODE_")
+                )
             log.info(
                 "delivery of %s to %s failed (%s); will retry",
                 message_id,
                 partner,
-                exc.code().name,
+                exc.code,
                 extra=fields,
             )
-            await self.db(
-                self.engine.delivery_failed,
-                message_id,
-                f"{exc.code().name}: {exc.details()}",
-                self.clock(),
-            )
+            await self.db(self.engine.delivery_failed, message_id, str(exc), self.clock())
         else:
             self.metrics.delivery_seconds.labels(partner).observe(time.monotonic() - started)
             try:
-                await self.db(self.engine.handle_reply, message_id, response.envelope, self.clock())
+                await self.db(self.engine.handle_reply, message_id, reply, self.clock())
                 self.metrics.deliveries.labels(partner, "ok").inc()
                 retry = not self.delivers_at_once
             except ReplyError as exc:
@@ -665,3 +817,120 @@ class Node:
             self._inflight.discard(message_id)
             if retry:
                 self.kick()
+
+    # -- several envelopes in one call (PROTOCOL.md §2.6) ------------------------------
+
+    async def _exchange(self, partner: str, envelope: bytes) -> bytes:
+        """Send one envelope to ``partner`` and return its signed reply, or raise
+        :class:`DeliveryFailed`.
+
+        Envelopes for the same partner that become ready in the same turn of the
+        event loop (the deliveries started after one group commit, or by one outbox
+        pass) go together in one DeliverBatch call when the partner serves it; an
+        envelope ready alone goes in a Deliver call, as before, without waiting.
+        """
+        loop = asyncio.get_running_loop()
+        ready = self._ready.setdefault(partner, [])
+        future: asyncio.Future[bytes | None] = loop.create_future()
+        ready.append((envelope, future))
+        if len(ready) == 1:
+            # Runs after the other deliveries started in this turn took their step.
+            loop.call_soon(self._flush, partner)
+        reply = await future
+        if reply is not None:
+            return reply
+        # Alone (or the partner has no DeliverBatch): one Deliver call.
+        self.metrics.calls.labels("sent", partner, "Deliver").inc()
+        try:
+            response = await self._stub(partner).Deliver(
+                partner_service_pb2.DeliverRequest(envelope=envelope),
+                timeout=RPC_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise DeliveryFailed.of_rpc(exc) from exc
+        return response.envelope
+
+    def _flush(self, partner: str) -> None:
+        """Send what became ready for ``partner``: batches of up to MAX_BATCH envelopes
+        and ``limits.max_message_bytes`` in all; an envelope left alone goes by Deliver."""
+        ready = self._ready.pop(partner, [])
+        until = self._no_batch.get(partner)
+        if until is not None and time.monotonic() >= until:
+            del self._no_batch[partner]  # try DeliverBatch again
+            until = None
+        budget = self.config.limits.max_message_bytes
+        batch: list[tuple[bytes, asyncio.Future[bytes | None]]] = []
+        size = 0
+        for item in [*ready, None]:
+            if item is not None and item[1].done():
+                continue  # its delivery was cancelled
+            if batch and (item is None or len(batch) == MAX_BATCH or size + len(item[0]) > budget):
+                if len(batch) == 1 or until is not None:
+                    for _, future in batch:
+                        future.set_result(None)  # Deliver, in its own task
+                else:
+                    task = asyncio.get_running_loop().create_task(self._send_batch(partner, batch))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                batch, size = [], 0
+            if item is not None:
+                batch.append(item)
+                size += len(item[0])
+
+    async def _send_batch(
+        self, partner: str, batch: list[tuple[bytes, asyncio.Future[bytes | None]]]
+    ) -> None:
+        """One DeliverBatch call; each envelope's delivery gets its own outcome."""
+
+        def settle(outcome: Callable[[asyncio.Future[bytes | None]], object]) -> None:
+            for _, future in batch:
+                if not future.done():
+                    outcome(future)
+
+        self.metrics.calls.labels("sent", partner, "DeliverBatch").inc()
+        try:
+            response = await self._stub(partner).DeliverBatch(
+                partner_service_pb2.DeliverBatchRequest(envelopes=[e for e, _ in batch]),
+                timeout=RPC_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            failed = DeliveryFailed.of_rpc(exc)
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                # A partner without DeliverBatch: Deliver each now, and for a while.
+                log.info("%s does not serve DeliverBatch: using Deliver", partner)
+                self._no_batch[partner] = time.monotonic() + BATCH_RETRY_SECONDS
+                settle(lambda future: future.set_result(None))
+            elif exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and failed.rejection_code is None:
+                # Not the rate limit (no rejection code; that refuses no whole call
+                # here), so a message size limit of the partner's gRPC or ours for
+                # the response: each envelope alone.
+                settle(lambda future: future.set_result(None))
+            else:
+                settle(lambda future: future.set_exception(failed))
+            return
+        except Exception as exc:  # not a gRPC status (none expected): retry each later
+            log.exception("DeliverBatch to %s failed", partner)
+            broken = DeliveryFailed("INTERNAL", f"DeliverBatch failed: {type(exc).__name__}")
+            settle(lambda future: future.set_exception(broken))
+            return
+        except BaseException:  # cancelled: the deliveries end as cancelled too
+            settle(lambda future: future.cancel())
+            raise
+        if len(response.outcomes) != len(batch):
+            wrong = DeliveryFailed(
+                "INTERNAL",
+                f"DeliverBatch answered {len(response.outcomes)} outcomes "
+                f"for {len(batch)} envelopes",
+            )
+            log.error("%s: %s", partner, wrong)
+            settle(lambda future: future.set_exception(wrong))
+            return
+        for (_, future), outcome in zip(batch, response.outcomes, strict=True):
+            if future.done():
+                continue
+            if outcome.WhichOneof("outcome") == "envelope":
+                future.set_result(outcome.envelope)
+            elif outcome.WhichOneof("outcome") == "failure":
+                future.set_exception(DeliveryFailed.of_slot(outcome.failure))
+            else:
+                future.set_exception(DeliveryFailed("INTERNAL", "DeliverBatch: an empty outcome"))

@@ -6,8 +6,9 @@ a ``node.toml`` with ``[accounting]``, partners over mutual TLS on loopback port
 up front, the admin interface on another loopback port), then drives them through the
 admin gRPC API only, authenticated with each party's ``admin`` operator token. It plays
 the schedule year by year: authorisations first (waiting for each acquiring party's
-acknowledgement), then for each simulated year its issuances and its transfers, one at
-a time, each waited for until both ledgers are final, then the year's uses toward NDCs,
+acknowledgement), then for each simulated year its issuances, its first transfers and
+then its onward transfers (units passed on by an acquiring party), one at a time, each
+waited for until both ledgers are final, then the year's uses toward NDCs,
 then every node's holdings snapshot of the year. The processes are then stopped
 (SIGTERM, then waited for; also when the run fails), and the reports read each node's
 SQLite database read-only.
@@ -22,7 +23,9 @@ Output (``out_dir``)::
 
     summary.csv  summary.txt          one row per party: mitigation, transfers, target
     transfers.csv  refusals.csv       every scheduled transfer and the ones refused
-    uses.csv                          every scheduled use toward an NDC, and its outcome
+    uses.csv                          every scheduled use toward an NDC or voluntary
+                                      cancellation, and its outcome (used, cancelled or
+                                      the refusal's code)
     <PARTY>/ca-ledger.csv             the corresponding adjustments booked by the node
     <PARTY>/balance.csv               the numbers behind the chart, by year
     <PARTY>/aef/                      the five AEF tables for each year, CSV and XLSX
@@ -71,6 +74,7 @@ from itmolink.crypto.pki import init_party
 from itmolink.reports import write_aef
 from itmolink.reports.build import build_aef
 from itmolink.sim.scenario import Party, Scenario
+from itmolink.store.sqlite import read_only_uri
 from itmolink.store.tx import HeldBlock, Tx
 from itmolink.v1 import common_pb2
 
@@ -96,8 +100,10 @@ class PartySummary:
     mitigation: int  # the party's activities over the scenario years
     issued: int
     transferred_out: int  # first transferred to other parties (completed)
-    acquired: int
+    acquired: int  # received by transfers, first or onward (completed)
+    passed_on: int  # acquired units transferred on to other parties (completed)
     used: int  # acquired units used toward the party's NDC (retired)
+    cancelled: int  # units the party cancelled voluntarily
     adjustments: int  # net corresponding adjustments booked (+ host, - buyer)
     met: bool | None  # target met after adjustments (None: cannot tell)
     met_without_adjustments: bool | None
@@ -123,11 +129,13 @@ class Summary:
     def table(self) -> str:
         """The summary as a plain-text table."""
         headers = ("party", "method", "mitigation", "issued", "transferred out", "leaves",
-                   "acquired", "used", "net CA", "target met", "without CA")  # fmt: skip
+                   "acquired", "passed on", "used", "cancelled", "net CA", "target met",
+                   "without CA")  # fmt: skip
         rows = [
             (p.party, p.method, f"{p.mitigation:,}", f"{p.issued:,}", f"{p.transferred_out:,}",
-             p.share_leaving, f"{p.acquired:,}", f"{p.used:,}", f"{p.adjustments:+,}",
-             _verdict(p.met), _verdict(p.met_without_adjustments))
+             p.share_leaving, f"{p.acquired:,}", f"{p.passed_on:,}", f"{p.used:,}",
+             f"{p.cancelled:,}", f"{p.adjustments:+,}", _verdict(p.met),
+             _verdict(p.met_without_adjustments))
             for p in self.parties
         ]  # fmt: skip
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
@@ -479,9 +487,12 @@ async def _play(
                     (year, transfer_id, spec.id, spec.host, buyer, issuance.vintage, share, state)
                 )
             step(f"{year} issued {issuance.quantity:,} {spec.id}")
-        todays = [t for t in scenario.transfers if t.year == year]
-        rng.shuffle(todays)
-        for transfer in todays:
+        # First transfers, then onward ones: units may move on in the year they arrive.
+        firsts = [t for t in scenario.transfers if t.year == year and not scenario.onward(t)]
+        onwards = [t for t in scenario.transfers if t.year == year and scenario.onward(t)]
+        rng.shuffle(firsts)
+        rng.shuffle(onwards)
+        for transfer in [*firsts, *onwards]:
             node = nodes[transfer.from_party]
             try:
                 proposed = await node.admin.Transfer(
@@ -490,6 +501,7 @@ async def _play(
                         authorisation_id=ids[transfer.authorisation],
                         vintage=transfer.vintage,
                         quantity=transfer.quantity,
+                        host_party=scenario.authorisation(transfer.authorisation).host,
                     ),
                     metadata=node.metadata,
                     timeout=CALL_SECONDS,
@@ -518,8 +530,9 @@ async def _play(
             try:
                 await node.admin.Retire(
                     admin_pb2.RetireRequest(
-                        action="use-ndc", host_party=spec.host, authorisation_id=ids[spec.id],
-                        vintage=use.vintage, quantity=use.quantity, use_year=year,
+                        action=use.action, host_party=spec.host, authorisation_id=ids[spec.id],
+                        vintage=use.vintage, quantity=use.quantity,
+                        use_year=year if use.action == "use-ndc" else 0,
                     ),
                     metadata=node.metadata, timeout=CALL_SECONDS,
                 )  # fmt: skip
@@ -529,11 +542,11 @@ async def _play(
                     raise
                 result = (exc.details() or "").removeprefix("REJECTION_CODE_")
             else:
-                result = "used"
+                result = "used" if use.action == "use-ndc" else "cancelled"
             outcome.uses.append(
                 (year, use.authorisation, use.party, use.vintage, use.quantity, result)
             )
-            step(f"{year} {use.party} used {use.quantity:,} {use.authorisation}")
+            step(f"{year} {use.party} {result} {use.quantity:,} {use.authorisation}")
         await asyncio.gather(
             *(
                 node.admin.SnapshotHoldings(
@@ -569,7 +582,7 @@ def _collect(
     transfer_ids: list[str],
 ) -> _Ledger:
     """Read a stopped node's ledger, read-only."""
-    conn = sqlite3.connect(f"file:{node.database}?mode=ro", uri=True)
+    conn = sqlite3.connect(read_only_uri(node.database), uri=True)
     try:
         tx = Tx(conn)
         holdings = tx.holdings()
@@ -637,6 +650,17 @@ def _check_invariants(
             )
         if used:
             passed.append(f"{party}: {used} tCO2e used toward its NDC, all of it retired")
+        cancelled = sum(u[4] for u in outcome.uses if u[2] == party and u[5] == "cancelled")
+        in_account = sum(
+            h.block.quantity for h in ledger.holdings if h.account == "voluntary-cancellation"
+        )
+        if cancelled != in_account:
+            raise SimulationError(
+                f"{party}: {cancelled} tCO2e cancelled voluntarily but {in_account} in its "
+                "cancellation account"
+            )
+        if cancelled:
+            passed.append(f"{party}: {cancelled} tCO2e cancelled voluntarily, all of it cancelled")
     return passed
 
 
@@ -705,6 +729,10 @@ def _write_party(
 
     write_chart(party, report, directory)
     done = [t for t in outcome.transfers if t[7] == "completed"]
+
+    def host_of(authorisation: str) -> str:
+        return scenario.authorisation(authorisation).host
+
     return PartySummary(
         party=party.code,
         name=party.name,
@@ -719,9 +747,11 @@ def _write_party(
             for x in scenario.issuances
             if scenario.authorisation(x.authorisation).host == party.code
         ),
-        transferred_out=sum(t[6] for t in done if t[3] == party.code),
+        transferred_out=sum(t[6] for t in done if t[3] == party.code == host_of(t[2])),
         acquired=sum(t[6] for t in done if t[4] == party.code),
+        passed_on=sum(t[6] for t in done if t[3] == party.code != host_of(t[2])),
         used=sum(u[4] for u in outcome.uses if u[2] == party.code and u[5] == "used"),
+        cancelled=sum(u[4] for u in outcome.uses if u[2] == party.code and u[5] == "cancelled"),
         adjustments=sum(e.amount for e in entries),
         met=report.met,
         met_without_adjustments=without.met,
@@ -730,12 +760,13 @@ def _write_party(
 
 def _write_summary(out: Path, summary: Summary, outcome: _Outcome) -> None:
     header: list[object] = ["party", "name", "method", "mitigation", "issued", "transferred_out",
-              "share_leaving", "acquired", "used", "net_adjustments", "target_met",
-              "target_met_without_ca"]  # fmt: skip
+              "share_leaving", "acquired", "passed_on", "used", "cancelled", "net_adjustments",
+              "target_met", "target_met_without_ca"]  # fmt: skip
     rows: list[list[object]] = [header]
     for p in summary.parties:
         rows.append([p.party, p.name, p.method, p.mitigation, p.issued, p.transferred_out,
-                     p.share_leaving, p.acquired, p.used, p.adjustments, _verdict(p.met),
+                     p.share_leaving, p.acquired, p.passed_on, p.used, p.cancelled,
+                     p.adjustments, _verdict(p.met),
                      _verdict(p.met_without_adjustments)])  # fmt: skip
     (out / "summary.csv").write_text(_csv(rows))
     (out / "summary.txt").write_text(summary.table())

@@ -59,6 +59,10 @@ Quantities are whole tCO2e, shares are basis points (8000 = 80%)::
     years = [2022, 2030]                  # ...every year of this range (or: year = 2025)
     quantity = 60000
     vintage_offset = -1                   # optional: vintage = year + offset (<= 0)
+    from = "LAO"                          # optional, default the host; another acquiring
+                                          # party passes on units it acquired (an onward
+                                          # transfer, to an acquiring party of the same
+                                          # authorisation)
 
     [[uses]]                              # optional: an acquiring party uses units it
     party = "KOR"                         # acquired toward its NDC (they are retired)...
@@ -66,6 +70,9 @@ Quantities are whole tCO2e, shares are basis points (8000 = 80%)::
     years = [2023, 2030]                  # ...every year of this range (or: year = 2025),
     quantity = 50000                      # each toward the NDC of that year
     vintage_offset = -1                   # optional: vintage = year + offset (<= 0)
+    action = "use-ndc"                    # optional: or "voluntary-cancellation", by the
+                                          # host or an acquiring party (units cancelled,
+                                          # toward no NDC)
 
 A *year series* is either a table ``{ 2021 = 63000000, 2022 = ... }`` with one entry for
 every year of the NDC period, or a pair ``[first, last]`` interpolated linearly (rounded
@@ -74,7 +81,10 @@ down) over the NDC period.
 The schedule is checked before anything runs: vintages inside the authorisation and the
 activity's years, issuance per vintage never above the activity's mitigation, no
 transfer of a vintage before enough of it is held, and no use of more than the party has
-acquired of that vintage by then. A bad file raises :class:`ScenarioError`
+acquired of that vintage by then. Within a simulated year the runner plays the
+issuances, then the first transfers, then the onward transfers, then the uses (each
+group in a seeded random order), so units may move on in the year they arrive, but
+not twice in one year. A bad file raises :class:`ScenarioError`
 whose message names the file and the field, e.g.
 ``examples/x.toml: parties[1].ndc.method: must be one of averaging, ...``.
 """
@@ -183,15 +193,20 @@ class Transfer:
     quantity: int
 
 
+USE_ACTIONS = ("use-ndc", "voluntary-cancellation")
+
+
 @dataclass(frozen=True, slots=True)
 class Use:
-    """``party`` uses ``quantity`` of ``vintage`` toward its NDC of simulated ``year``."""
+    """``party`` uses ``quantity`` of ``vintage`` toward its NDC of simulated ``year``
+    (``action`` "use-ndc"), or cancels it voluntarily ("voluntary-cancellation")."""
 
     year: int
     authorisation: str
     party: str
     vintage: int
     quantity: int
+    action: str = "use-ndc"
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,9 +237,15 @@ class Scenario:
         return next(a for a in self.authorisations if a.id == key)
 
     def links(self) -> list[tuple[str, str]]:
-        """The (host, acquirer) pairs that need a partner link, sorted."""
+        """The pairs that need a partner link, sorted: (host, acquirer) of each
+        authorisation, and (sender, receiver) of each onward transfer."""
         pairs = {(a.host, b) for a in self.authorisations for b in a.acquiring}
+        pairs |= {(t.from_party, t.to_party) for t in self.transfers if self.onward(t)}
         return sorted(pairs)
+
+    def onward(self, transfer: Transfer) -> bool:
+        """Whether ``transfer`` passes on units first transferred by their host."""
+        return transfer.from_party != self.authorisation(transfer.authorisation).host
 
     def buyer_share(self, issuance: Issuance) -> int:
         """How much of an issuance goes to the acquiring party at issuance (JCM share)."""
@@ -534,39 +555,66 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
             raise r.fail(f"{where}quantity", f"more than the quantity_cap of {spec.id}")
 
     transfers: list[Transfer] = []
+    transfer_where: list[str] = []
     for i, item in enumerate(r.array(data, "transfers", "")):
         where = f"transfers[{i}]."
         r.unknown(
-            item, {"authorisation", "to", "year", "years", "quantity", "vintage_offset"}, where
+            item,
+            {"authorisation", "to", "from", "year", "years", "quantity", "vintage_offset"},
+            where,
         )
         spec = spec_of(item, where)
         to = r.string(item, "to", where)
         if to not in spec.acquiring:
             raise r.fail(f"{where}to", f"{to} is not an acquiring party of {spec.id}")
+        sender = r.string(item, "from", where, spec.host)
+        if sender != spec.host and sender not in spec.acquiring:
+            raise r.fail(
+                f"{where}from",
+                f"{sender} is neither the host nor an acquiring party of {spec.id}",
+            )
+        if sender == to:
+            raise r.fail(f"{where}from", f"{sender} cannot transfer to itself")
         quantity = r.integer(item, "quantity", where, minimum=1)
         for year in r.years(item, where, first, last):
             transfers.append(
-                Transfer(year, spec.id, spec.host, to, vintage(item, where, spec, year), quantity)
+                Transfer(year, spec.id, sender, to, vintage(item, where, spec, year), quantity)
             )
-        _check_held(r, where, issuances, transfers, by_key)
+            transfer_where.append(where)
 
     uses: list[Use] = []
+    use_where: list[str] = []
     for i, item in enumerate(r.array(data, "uses", "")):
         where = f"uses[{i}]."
         r.unknown(
-            item, {"party", "authorisation", "year", "years", "quantity", "vintage_offset"}, where
+            item,
+            {"party", "authorisation", "year", "years", "quantity", "vintage_offset", "action"},
+            where,
         )
         spec = spec_of(item, where)
+        action = r.string(item, "action", where, "use-ndc")
+        if action not in USE_ACTIONS:
+            raise r.fail(f"{where}action", f"must be one of {', '.join(USE_ACTIONS)}")
         party_code = r.string(item, "party", where)
-        if party_code not in spec.acquiring:
+        cancelling = action == "voluntary-cancellation"
+        if party_code not in spec.acquiring and not (cancelling and party_code == spec.host):
             raise r.fail(f"{where}party", f"{party_code} is not an acquiring party of {spec.id}")
         ndc_years = next(p.ndc.years for p in parties if p.code == party_code)
         quantity = r.integer(item, "quantity", where, minimum=1)
         for year in r.years(item, where, first, last):
-            if year not in ndc_years:
+            if year not in ndc_years and not cancelling:
                 raise r.fail(f"{where}years", f"{year} is outside the NDC period of {party_code}")
-            uses.append(Use(year, spec.id, party_code, vintage(item, where, spec, year), quantity))
-        _check_acquired(r, where, issuances, transfers, uses, by_key)
+            uses.append(
+                Use(
+                    year, spec.id, party_code, vintage(item, where, spec, year), quantity,
+                    action,
+                )
+            )  # fmt: skip
+            use_where.append(where)
+    _check_schedule(
+        r, issuances, list(zip(transfers, transfer_where, strict=True)),
+        list(zip(uses, use_where, strict=True)), by_key,
+    )  # fmt: skip
 
     scenario = Scenario(
         path=path,
@@ -588,78 +636,56 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
     return scenario
 
 
-def _check_held(
+def _check_schedule(
     r: _Reader,
-    where: str,
     issuances: list[Issuance],
-    transfers: list[Transfer],
+    transfers: list[tuple[Transfer, str]],
+    uses: list[tuple[Use, str]],
     specs: Mapping[str, AuthorisationSpec],
 ) -> None:
-    """Refuse a transfer of a vintage before the host holds enough of it."""
-    for transfer in transfers:
-        spec = specs[transfer.authorisation]
-        policy = IssuancePolicy(spec.buyer_share_bp, 0)
-        held = sum(
-            split_issuance(UnitType.ITMO, x.quantity, policy).host_holding
-            for x in issuances
-            if x.authorisation == transfer.authorisation
-            and x.vintage == transfer.vintage
-            and x.year <= transfer.year
-        )
-        sent = sum(
-            t.quantity
-            for t in transfers
-            if t.authorisation == transfer.authorisation
-            and t.vintage == transfer.vintage
-            and t.year <= transfer.year
-        )
-        if sent > held:
-            raise r.fail(
-                f"{where}quantity",
-                f"by {transfer.year} {sent} tCO2e of vintage {transfer.vintage} of "
-                f"{transfer.authorisation} would be transferred but only {held} issued to the host",
-            )
-
-
-def _check_acquired(
-    r: _Reader,
-    where: str,
-    issuances: list[Issuance],
-    transfers: list[Transfer],
-    uses: list[Use],
-    specs: Mapping[str, AuthorisationSpec],
-) -> None:
-    """Refuse a use of a vintage before the party has acquired enough of it.
-
-    Acquired: the scheduled transfers to the party, and its share of issuances.
+    """Play the schedule on paper, in the runner's order within each year (issuances,
+    first transfers, onward transfers, uses), and refuse the first step that moves
+    units a party does not hold by then. Onward transfers of one year are played in
+    any order, so what a party receives by one of them counts only after all of them.
     """
-    for use in uses:
-        spec = specs[use.authorisation]
-        policy = IssuancePolicy(spec.buyer_share_bp, 0)
-        acquired = sum(
-            t.quantity
-            for t in transfers
-            if (t.authorisation, t.to_party, t.vintage)
-            == (use.authorisation, use.party, use.vintage)
-            and t.year <= use.year
-        ) + sum(
-            split_issuance(UnitType.ITMO, x.quantity, policy).buyer_share
-            for x in issuances
-            if (x.authorisation, x.vintage) == (use.authorisation, use.vintage)
-            and x.year <= use.year
-        )
-        used = sum(
-            u.quantity
-            for u in uses
-            if (u.authorisation, u.party, u.vintage) == (use.authorisation, use.party, use.vintage)
-            and u.year <= use.year
-        )
-        if used > acquired:
+    held: dict[tuple[str, str, int], int] = defaultdict(int)  # (party, authorisation, vintage)
+
+    def take(where: str, party: str, what: str, key: tuple[str, str, int], quantity: int) -> None:
+        if held[key] < quantity:
+            _, authorisation, vintage = key
             raise r.fail(
                 f"{where}quantity",
-                f"by {use.year} {use.party} would use {used} tCO2e of vintage {use.vintage} of "
-                f"{use.authorisation} but acquires only {acquired}",
+                f"by {year} {party} would {what} {quantity} tCO2e of vintage {vintage} of "
+                f"{authorisation} but holds only {held[key]}",
             )
+        held[key] -= quantity
+
+    for year in sorted({x.year for x in issuances} | {t.year for t, _ in transfers}
+                       | {u.year for u, _ in uses}):  # fmt: skip
+        for issuance in (x for x in issuances if x.year == year):
+            spec = specs[issuance.authorisation]
+            split = split_issuance(
+                UnitType.ITMO, issuance.quantity, IssuancePolicy(spec.buyer_share_bp, 0)
+            )
+            held[spec.host, spec.id, issuance.vintage] += split.host_holding
+            if split.buyer_share:
+                held[spec.acquiring[0], spec.id, issuance.vintage] += split.buyer_share
+        for onward in (False, True):
+            arriving: dict[tuple[str, str, int], int] = defaultdict(int)
+            for transfer, where in transfers:
+                spec = specs[transfer.authorisation]
+                if transfer.year != year or (transfer.from_party != spec.host) != onward:
+                    continue
+                key = (transfer.from_party, spec.id, transfer.vintage)
+                take(where, transfer.from_party, "transfer", key, transfer.quantity)
+                arriving[transfer.to_party, spec.id, transfer.vintage] += transfer.quantity
+            for key, quantity in arriving.items():
+                held[key] += quantity
+        for use, where in uses:
+            if use.year != year:
+                continue
+            what = "use" if use.action == "use-ndc" else "cancel"
+            take(where, use.party, what, (use.party, use.authorisation, use.vintage), use.quantity)
 
 
 def _party(r: _Reader, item: Mapping[str, Any], where: str, years: range) -> Party:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from itmolink.store.sqlite import SqliteStore, Store
+from itmolink.store.sqlite import SqliteStore, Store, read_only_uri
 from itmolink.store.tx import Tx
 from itmolink.store.url import LedgerUnavailable, is_postgres_url
 
@@ -58,7 +58,7 @@ def read_only(database: str | Path) -> Iterator[Tx]:
     path = Path(database)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such database")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    conn = sqlite3.connect(read_only_uri(path), uri=True, isolation_level=None)
     try:
         # One read transaction: every query sees the same snapshot, even while the
         # node keeps appending (the journal and its recorded head must agree).

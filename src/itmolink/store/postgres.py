@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from itmolink.store.migrate import POSTGRES, migrations, refuse_newer, statements
+from itmolink.store.migrate import POSTGRES, Migration, migrations, refuse_newer, statements
 from itmolink.store.tx import Tx
 from itmolink.store.url import LedgerUnavailable, is_postgres_url
 
@@ -35,7 +35,7 @@ HOLDING_ACCOUNT = "holding"
 
 # Advisory lock keys live in one 64-bit space per database; ours are derived from
 # a fixed prefix so that they do not collide with another application's.
-_MIGRATION_LOCK_NAME = "itmolink:migrations"
+MIGRATION_LOCK_NAME = "itmolink:migrations"
 
 
 def advisory_key(name: str) -> int:
@@ -82,6 +82,25 @@ def connect_defaults(url: str) -> dict[str, str]:
 def with_defaults(url: str) -> str:
     """``url`` as a libpq connection string, completed with :func:`connect_defaults`."""
     return make_conninfo(url, **connect_defaults(url))
+
+
+def apply_migration(conn: psycopg.Connection[Any], migration: Migration) -> None:
+    """Apply ``migration`` in the connection's current transaction, unless recorded."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY "
+        "KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)"
+    )
+    done = conn.execute(
+        "SELECT 1 FROM schema_migrations WHERE version = %s", (migration.version,)
+    ).fetchone()
+    if done is not None:
+        return
+    for statement in statements(POSTGRES.render(migration.sql)):
+        conn.execute(statement)
+    conn.execute(
+        "INSERT INTO schema_migrations (version, name, applied_at) VALUES (%s, %s, %s)",
+        (migration.version, migration.name, time.time_ns() // 1000),
+    )
 
 
 class PostgresStore:
@@ -136,24 +155,9 @@ class PostgresStore:
             for migration in migrations():
                 with conn.transaction():
                     conn.execute(
-                        "SELECT pg_advisory_xact_lock(%s)", (advisory_key(_MIGRATION_LOCK_NAME),)
+                        "SELECT pg_advisory_xact_lock(%s)", (advisory_key(MIGRATION_LOCK_NAME),)
                     )
-                    conn.execute(
-                        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY "
-                        "KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)"
-                    )
-                    done = conn.execute(
-                        "SELECT 1 FROM schema_migrations WHERE version = %s", (migration.version,)
-                    ).fetchone()
-                    if done is not None:
-                        continue
-                    for statement in statements(POSTGRES.render(migration.sql)):
-                        conn.execute(statement)
-                    conn.execute(
-                        "INSERT INTO schema_migrations (version, name, applied_at) "
-                        "VALUES (%s, %s, %s)",
-                        (migration.version, migration.name, time.time_ns() // 1000),
-                    )
+                    apply_migration(conn, migration)
 
     def _check_identity(self, party: str, registry: str) -> None:
         """A database belongs to one party's registry; refuse to open another's."""

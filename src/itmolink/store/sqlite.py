@@ -38,6 +38,12 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+def read_only_uri(path: Path | str) -> str:
+    """The URI that opens a SQLite file read-only (for ``sqlite3.connect(..., uri=True)``),
+    whatever characters its path holds."""
+    return Path(path).resolve().as_uri() + "?mode=ro"
+
+
 class SqliteStore:
     """SQLite in WAL mode with ``synchronous=FULL``: a commit survives power loss.
 

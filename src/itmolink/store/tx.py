@@ -578,16 +578,10 @@ class Tx:
         )
         return int(row[0])
 
-    def outbox_pending_signed_by(self, key_id: str) -> int:
-        """How many undelivered messages carry a signature by ``key_id``."""
-        from itmolink.v1 import envelope_pb2
-
-        count = 0
+    def outbox_pending_envelopes(self) -> Iterator[bytes]:
+        """The sealed envelopes of every undelivered message."""
         for (raw,) in self._exec("SELECT envelope FROM outbox WHERE state = 'pending'"):
-            envelope = envelope_pb2.Envelope()
-            envelope.ParseFromString(bytes(raw))
-            count += any(sig.key_id == key_id for sig in envelope.signatures)
-        return count
+            yield bytes(raw)
 
     def outbox_last_envelope(self, *, payload_type: str, subject_id: str) -> bytes | None:
         row = self._one(
@@ -1686,6 +1680,21 @@ class Tx:
             )
             frozen += int(cursor.rowcount)
         return frozen
+
+    def unfreeze_blocks_of(self, transfer_id: str) -> list[HeldBlock]:
+        """Make the blocks frozen for ``transfer_id`` held again; the blocks released."""
+        rows = self._exec(
+            f"SELECT {_BLOCK_COLUMNS}, account, status, transfer_id FROM blocks "
+            "WHERE status = 'frozen' AND transfer_id = ? ORDER BY originating_registry, "
+            "serial_start",
+            (transfer_id,),
+        ).fetchall()
+        self._exec(
+            "UPDATE blocks SET status = 'held', transfer_id = NULL "
+            "WHERE status = 'frozen' AND transfer_id = ?",
+            (transfer_id,),
+        )
+        return [HeldBlock(_block(r), r[9], "held", None) for r in rows]
 
     def admin_audit_put(
         self, *, operator: str, method: str, request: str, outcome: str, now: int

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!itmolink/v1/partner_service.proto\x12\x0bitmolink.v1\"\"\n\x0e\x44\x65liverRequest\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\"#\n\x0f\x44\x65liverResponse\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x32V\n\x0ePartnerService\x12\x44\n\x07\x44\x65liver\x12\x1b.itmolink.v1.DeliverRequest\x1a\x1c.itmolink.v1.DeliverResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!itmolink/v1/partner_service.proto\x12\x0bitmolink.v1\"\"\n\x0e\x44\x65liverRequest\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\"#\n\x0f\x44\x65liverResponse\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\"(\n\x13\x44\x65liverBatchRequest\x12\x11\n\tenvelopes\x18\x01 \x03(\x0c\"E\n\x14\x44\x65liverBatchResponse\x12-\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1b.itmolink.v1.DeliverOutcome\"_\n\x0e\x44\x65liverOutcome\x12\x12\n\x08\x65nvelope\x18\x01 \x01(\x0cH\x00\x12.\n\x07\x66\x61ilure\x18\x02 \x01(\x0b\x32\x1b.itmolink.v1.DeliverFailureH\x00\x42\t\n\x07outcome\"G\n\x0e\x44\x65liverFailure\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0erejection_code\x18\x03 \x01(\t2\xab\x01\n\x0ePartnerService\x12\x44\n\x07\x44\x65liver\x12\x1b.itmolink.v1.DeliverRequest\x1a\x1c.itmolink.v1.DeliverResponse\x12S\n\x0c\x44\x65liverBatch\x12 .itmolink.v1.DeliverBatchRequest\x1a!.itmolink.v1.DeliverBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELIVERREQUEST']._serialized_end=84
   _globals['_DELIVERRESPONSE']._serialized_start=86
   _globals['_DELIVERRESPONSE']._serialized_end=121
-  _globals['_PARTNERSERVICE']._serialized_start=123
-  _globals['_PARTNERSERVICE']._serialized_end=209
+  _globals['_DELIVERBATCHREQUEST']._serialized_start=123
+  _globals['_DELIVERBATCHREQUEST']._serialized_end=163
+  _globals['_DELIVERBATCHRESPONSE']._serialized_start=165
+  _globals['_DELIVERBATCHRESPONSE']._serialized_end=234
+  _globals['_DELIVEROUTCOME']._serialized_start=236
+  _globals['_DELIVEROUTCOME']._serialized_end=331
+  _globals['_DELIVERFAILURE']._serialized_start=333
+  _globals['_DELIVERFAILURE']._serialized_end=404
+  _globals['_PARTNERSERVICE']._serialized_start=407
+  _globals['_PARTNERSERVICE']._serialized_end=578
 # @@protoc_insertion_point(module_scope)

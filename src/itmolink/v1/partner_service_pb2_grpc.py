@@ -41,6 +41,11 @@ class PartnerServiceStub:
                 request_serializer=itmolink_dot_v1_dot_partner__service__pb2.DeliverRequest.SerializeToString,
                 response_deserializer=itmolink_dot_v1_dot_partner__service__pb2.DeliverResponse.FromString,
                 _registered_method=True)
+        self.DeliverBatch = channel.unary_unary(
+                '/itmolink.v1.PartnerService/DeliverBatch',
+                request_serializer=itmolink_dot_v1_dot_partner__service__pb2.DeliverBatchRequest.SerializeToString,
+                response_deserializer=itmolink_dot_v1_dot_partner__service__pb2.DeliverBatchResponse.FromString,
+                _registered_method=True)
 
 
 class PartnerServiceServicer:
@@ -58,6 +63,17 @@ class PartnerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeliverBatch(self, request, context):
+        """DeliverBatch hands several signed messages to the node in one call. Each is
+        handled exactly as if it had come alone in a Deliver call, and the response
+        carries one outcome per message, in the order of the request. A node MAY
+        serve it; one that does not answers UNIMPLEMENTED, and the caller then uses
+        Deliver.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PartnerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -65,6 +81,11 @@ def add_PartnerServiceServicer_to_server(servicer, server):
                     servicer.Deliver,
                     request_deserializer=itmolink_dot_v1_dot_partner__service__pb2.DeliverRequest.FromString,
                     response_serializer=itmolink_dot_v1_dot_partner__service__pb2.DeliverResponse.SerializeToString,
+            ),
+            'DeliverBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeliverBatch,
+                    request_deserializer=itmolink_dot_v1_dot_partner__service__pb2.DeliverBatchRequest.FromString,
+                    response_serializer=itmolink_dot_v1_dot_partner__service__pb2.DeliverBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -96,6 +117,33 @@ class PartnerService:
             '/itmolink.v1.PartnerService/Deliver',
             itmolink_dot_v1_dot_partner__service__pb2.DeliverRequest.SerializeToString,
             itmolink_dot_v1_dot_partner__service__pb2.DeliverResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeliverBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/itmolink.v1.PartnerService/DeliverBatch',
+            itmolink_dot_v1_dot_partner__service__pb2.DeliverBatchRequest.SerializeToString,
+            itmolink_dot_v1_dot_partner__service__pb2.DeliverBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,13 @@ class PartnerServiceStub:
     or a Rejection. Delivering a recorded message again returns the same reply,
     byte for byte.
     """
+    DeliverBatch: _grpc.UnaryUnaryMultiCallable[_partner_service_pb2.DeliverBatchRequest, _partner_service_pb2.DeliverBatchResponse]
+    """DeliverBatch hands several signed messages to the node in one call. Each is
+    handled exactly as if it had come alone in a Deliver call, and the response
+    carries one outcome per message, in the order of the request. A node MAY
+    serve it; one that does not answers UNIMPLEMENTED, and the caller then uses
+    Deliver.
+    """
 
 @_typing.type_check_only
 class PartnerServiceAsyncStub(PartnerServiceStub):
@@ -54,6 +61,13 @@ class PartnerServiceAsyncStub(PartnerServiceStub):
     node's signed reply: the acknowledgement defined for the message's type,
     or a Rejection. Delivering a recorded message again returns the same reply,
     byte for byte.
+    """
+    DeliverBatch: _aio.UnaryUnaryMultiCallable[_partner_service_pb2.DeliverBatchRequest, _partner_service_pb2.DeliverBatchResponse]  # type: ignore[assignment]
+    """DeliverBatch hands several signed messages to the node in one call. Each is
+    handled exactly as if it had come alone in a Deliver call, and the response
+    carries one outcome per message, in the order of the request. A node MAY
+    serve it; one that does not answers UNIMPLEMENTED, and the caller then uses
+    Deliver.
     """
 
 class PartnerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -71,6 +85,19 @@ class PartnerServiceServicer(metaclass=_abc_1.ABCMeta):
         node's signed reply: the acknowledgement defined for the message's type,
         or a Rejection. Delivering a recorded message again returns the same reply,
         byte for byte.
+        """
+
+    @_abc_1.abstractmethod
+    def DeliverBatch(
+        self,
+        request: _partner_service_pb2.DeliverBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_partner_service_pb2.DeliverBatchResponse, _abc.Awaitable[_partner_service_pb2.DeliverBatchResponse]]:
+        """DeliverBatch hands several signed messages to the node in one call. Each is
+        handled exactly as if it had come alone in a Deliver call, and the response
+        carries one outcome per message, in the order of the request. A node MAY
+        serve it; one that does not answers UNIMPLEMENTED, and the caller then uses
+        Deliver.
         """
 
 def add_PartnerServiceServicer_to_server(servicer: PartnerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

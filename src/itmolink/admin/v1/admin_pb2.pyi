@@ -1164,7 +1164,9 @@ class HoldingBlock(_message.Message):
     TRANSFER_ID_FIELD_NUMBER: _builtins.int
     account: _builtins.str
     status: _builtins.str
-    """"held", or "reserved" while an outgoing transfer is pending."""
+    """"held", "reserved" while an outgoing transfer is pending, or "frozen" by a
+    reconciliation discrepancy about `transfer_id`.
+    """
     transfer_id: _builtins.str
     @_builtins.property
     def block(self) -> _common_pb2.UnitBlock: ...
@@ -1183,6 +1185,53 @@ class HoldingBlock(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HoldingBlock: _TypeAlias = HoldingBlock  # noqa: Y015
+
+@_typing.final
+class ReleaseFrozenBlocksRequest(_message.Message):
+    """ReleaseFrozenBlocksRequest names the transfer whose discrepancy froze blocks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    transfer_id: _builtins.str
+    reason: _builtins.str
+    """Why the blocks may be held again (how the discrepancy was resolved); required."""
+    def __init__(
+        self,
+        *,
+        transfer_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseFrozenBlocksRequest: _TypeAlias = ReleaseFrozenBlocksRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseFrozenBlocksResponse(_message.Message):
+    """ReleaseFrozenBlocksResponse lists the blocks made held again."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOCKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___HoldingBlock]: ...
+    def __init__(
+        self,
+        *,
+        blocks: _abc.Iterable[Global___HoldingBlock] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseFrozenBlocksResponse: _TypeAlias = ReleaseFrozenBlocksResponse  # noqa: Y015
 
 @_typing.final
 class ListHoldingsRequest(_message.Message):

@@ -93,6 +93,11 @@ class AdminServiceStub:
                 request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ReconcileRequest.SerializeToString,
                 response_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ReconcileResponse.FromString,
                 _registered_method=True)
+        self.ReleaseFrozenBlocks = channel.unary_unary(
+                '/itmolink.admin.v1.AdminService/ReleaseFrozenBlocks',
+                request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ReleaseFrozenBlocksRequest.SerializeToString,
+                response_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ReleaseFrozenBlocksResponse.FromString,
+                _registered_method=True)
         self.RotateSigningKey = channel.unary_unary(
                 '/itmolink.admin.v1.AdminService/RotateSigningKey',
                 request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RotateSigningKeyRequest.SerializeToString,
@@ -217,6 +222,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseFrozenBlocks(self, request, context):
+        """ReleaseFrozenBlocks makes the blocks that reconciliation froze for a
+        transfer held again, once the operator has resolved the discrepancy with the
+        partner; the reason is kept in the audit trail. Local to this registry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RotateSigningKey(self, request, context):
         """RotateSigningKey makes a new signing key and announces it to every partner;
         the node signs with it once every partner has acknowledged it.
@@ -326,6 +340,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.Reconcile,
                     request_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ReconcileRequest.FromString,
                     response_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ReconcileResponse.SerializeToString,
+            ),
+            'ReleaseFrozenBlocks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseFrozenBlocks,
+                    request_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ReleaseFrozenBlocksRequest.FromString,
+                    response_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ReleaseFrozenBlocksResponse.SerializeToString,
             ),
             'RotateSigningKey': grpc.unary_unary_rpc_method_handler(
                     servicer.RotateSigningKey,
@@ -664,6 +683,33 @@ class AdminService:
             '/itmolink.admin.v1.AdminService/Reconcile',
             itmolink_dot_admin_dot_v1_dot_admin__pb2.ReconcileRequest.SerializeToString,
             itmolink_dot_admin_dot_v1_dot_admin__pb2.ReconcileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseFrozenBlocks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/itmolink.admin.v1.AdminService/ReleaseFrozenBlocks',
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.ReleaseFrozenBlocksRequest.SerializeToString,
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.ReleaseFrozenBlocksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,11 @@ class AdminServiceStub:
     phases (totals, blocks, journal), records and reports each discrepancy,
     and freezes the blocks involved.
     """
+    ReleaseFrozenBlocks: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ReleaseFrozenBlocksRequest, _admin_pb2.ReleaseFrozenBlocksResponse]
+    """ReleaseFrozenBlocks makes the blocks that reconciliation froze for a
+    transfer held again, once the operator has resolved the discrepancy with the
+    partner; the reason is kept in the audit trail. Local to this registry.
+    """
     RotateSigningKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RotateSigningKeyRequest, _admin_pb2.RotateSigningKeyResponse]
     """RotateSigningKey makes a new signing key and announces it to every partner;
     the node signs with it once every partner has acknowledged it.
@@ -120,6 +125,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Reconcile compares this registry's transfers with a partner's in three
     phases (totals, blocks, journal), records and reports each discrepancy,
     and freezes the blocks involved.
+    """
+    ReleaseFrozenBlocks: _aio.UnaryUnaryMultiCallable[_admin_pb2.ReleaseFrozenBlocksRequest, _admin_pb2.ReleaseFrozenBlocksResponse]  # type: ignore[assignment]
+    """ReleaseFrozenBlocks makes the blocks that reconciliation froze for a
+    transfer held again, once the operator has resolved the discrepancy with the
+    partner; the reason is kept in the audit trail. Local to this registry.
     """
     RotateSigningKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.RotateSigningKeyRequest, _admin_pb2.RotateSigningKeyResponse]  # type: ignore[assignment]
     """RotateSigningKey makes a new signing key and announces it to every partner;
@@ -240,6 +250,17 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Reconcile compares this registry's transfers with a partner's in three
         phases (totals, blocks, journal), records and reports each discrepancy,
         and freezes the blocks involved.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseFrozenBlocks(
+        self,
+        request: _admin_pb2.ReleaseFrozenBlocksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ReleaseFrozenBlocksResponse, _abc.Awaitable[_admin_pb2.ReleaseFrozenBlocksResponse]]:
+        """ReleaseFrozenBlocks makes the blocks that reconciliation froze for a
+        transfer held again, once the operator has resolved the discrepancy with the
+        partner; the reason is kept in the audit trail. Local to this registry.
         """
 
     @_abc_1.abstractmethod
