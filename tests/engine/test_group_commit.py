@@ -114,3 +114,37 @@ def test_a_rolled_back_transaction_in_a_group_leaves_no_remembered_meta_or_count
     with store.transaction() as tx:
         assert tx.next_counter("transfer") == 3
         assert tx.meta_get("journal_head") == "kept"
+
+
+def _open_temporary_files() -> list[str]:
+    """SQLite's temporary files this process holds open (created, then unlinked)."""
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = fd.readlink()
+        except OSError:
+            continue
+        if "etilqs_" in target.name:
+            found.append(str(target))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux's /proc")
+def test_savepoints_keep_their_journal_in_memory(tmp_path: Path) -> None:
+    """Each call of a group commit is a savepoint, and so is a request's handler:
+    undoing one needs the pages it changed, kept in a statement journal. A protocol
+    step changes some twenty pages, more than SQLite keeps in memory by default: the
+    journal must not become a temporary file created, written and deleted in every
+    transaction (PRAGMA temp_store)."""
+    store = _store(tmp_path)
+    messages = [f"m-{number}" for number in range(40)]
+    with store.transaction() as tx:  # forty pages, each changed again below
+        for message_id in messages:
+            tx.outbox_put(
+                message_id=message_id, partner="KOR", payload_type="t", subject_id="s",
+                envelope=b"x" * 3000, now=0,
+            )  # fmt: skip
+    with store.group(), store.transaction() as tx, tx.savepoint():
+        for message_id in messages:
+            tx.outbox_retry_later(message_id, next_attempt_at=1, error="e")
+        assert _open_temporary_files() == []

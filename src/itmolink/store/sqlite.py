@@ -65,6 +65,12 @@ class SqliteStore:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.execute("PRAGMA busy_timeout=10000")
+        # A savepoint (one per call of a group commit, one around each request's
+        # handler) keeps the pages it changes in a statement journal, which SQLite
+        # moves to a temporary file past 64 KiB: a protocol step changes about
+        # twenty pages, so every transaction created, wrote and deleted one. In
+        # memory instead: it only undoes a savepoint; crash safety rests on the WAL.
+        self._conn.execute("PRAGMA temp_store=MEMORY")
         self._migrate()
         self._check_identity(party, registry)
 
