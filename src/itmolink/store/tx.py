@@ -192,6 +192,38 @@ def to_format(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+class TxMemory:
+    """What a SQLite transaction remembers of the node_meta and counters rows it
+    read or wrote, and which of its writes to them wait for the commit.
+
+    Given by a store whose transaction nothing else can write (SQLite: BEGIN
+    IMMEDIATE) and shared by the savepoints of a group commit. A row written
+    several times in one transaction (the journal's head at every append, the
+    transfer counter at every proposal) is written to the database once, by
+    :meth:`Tx.write_deferred`, which the store calls just before COMMIT.
+    """
+
+    __slots__ = ("dirty", "values")
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, str], Any] = {}
+        self.dirty: set[tuple[str, str]] = set()
+
+    def mark(self) -> tuple[dict[tuple[str, str], Any], set[tuple[str, str]]]:
+        """The state to return to if a savepoint beginning now is rolled back."""
+        return dict(self.values), set(self.dirty)
+
+    def restore(self, mark: tuple[dict[tuple[str, str], Any], set[tuple[str, str]]]) -> None:
+        self.values.clear()
+        self.values.update(mark[0])
+        self.dirty.clear()
+        self.dirty.update(mark[1])
+
+    def clear(self) -> None:
+        self.values.clear()
+        self.dirty.clear()
+
+
 class Tx:
     """Operations inside one open transaction.
 
@@ -204,16 +236,16 @@ class Tx:
         conn: Connection,
         paramstyle: Paramstyle = "qmark",
         *,
-        cache: dict[tuple[str, str], Any] | None = None,
+        cache: TxMemory | None = None,
     ) -> None:
         self._conn = conn
         self._savepoints = 0
         self.postgres = paramstyle == "format"
         # Rows of node_meta and counters read or written in this database
-        # transaction, given by a store whose transaction nothing else can write
-        # (SQLite: BEGIN IMMEDIATE), shared by the savepoints of a group commit and
-        # emptied when any of them is rolled back (:meth:`forget`). None: no cache.
-        self._cache = cache
+        # transaction, and the writes to them deferred until its commit
+        # (:class:`TxMemory`); None (PostgreSQL, read-only use): every read and
+        # write goes to the database at once.
+        self._memory = cache
 
     def _exec(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
         if self.postgres:
@@ -228,29 +260,55 @@ class Tx:
         """A nested scope whose writes are undone if it raises."""
         self._savepoints += 1
         name = f"sp{self._savepoints}"
+        memory = self._memory
+        mark = None if memory is None else memory.mark()
         self._exec(f"SAVEPOINT {name}")
         try:
             yield
         except BaseException:
-            self.forget()
+            if memory is not None and mark is not None:
+                memory.restore(mark)
             self._exec(f"ROLLBACK TO SAVEPOINT {name}")
             self._exec(f"RELEASE SAVEPOINT {name}")
             raise
         self._exec(f"RELEASE SAVEPOINT {name}")
 
     def forget(self) -> None:
-        """Drop what this transaction remembers of node_meta and counters (some of its
-        writes are being rolled back)."""
-        if self._cache is not None:
-            self._cache.clear()
+        """Drop what this transaction remembers of node_meta and counters, and the
+        writes to them it deferred (the whole transaction is being rolled back)."""
+        if self._memory is not None:
+            self._memory.clear()
+
+    def write_deferred(self) -> None:
+        """Write the node_meta and counters rows whose writes wait for the commit
+        (:class:`TxMemory`): called by the store just before COMMIT."""
+        memory = self._memory
+        if memory is None or not memory.dirty:
+            return
+        for kind, key in sorted(memory.dirty):
+            value = memory.values[kind, key]
+            if kind == "meta":
+                self._exec(
+                    "INSERT INTO node_meta (key, value) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+            else:
+                self._exec(
+                    "INSERT INTO counters (name, value) VALUES (?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+        memory.dirty.clear()
 
     # -- node identity and counters ------------------------------------------------------
 
     def meta(self) -> dict[str, str]:
+        self.write_deferred()
         return {k: v for k, v in self._exec("SELECT key, value FROM node_meta")}
 
     def meta_get(self, key: str) -> str | None:
-        cache = self._cache
+        cache = None if self._memory is None else self._memory.values
         if cache is not None and ("meta", key) in cache:
             return cache["meta", key]  # type: ignore[no-any-return]
         row = self._one("SELECT value FROM node_meta WHERE key = ?", (key,))
@@ -260,13 +318,16 @@ class Tx:
         return value
 
     def set_meta(self, key: str, value: str) -> None:
-        self._exec(
-            "INSERT INTO node_meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )
-        if self._cache is not None:
-            self._cache["meta", key] = value
+        if self._memory is not None:
+            # Written before the commit (write_deferred), however often set.
+            self._memory.values["meta", key] = value
+            self._memory.dirty.add(("meta", key))
+        else:
+            self._exec(
+                "INSERT INTO node_meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
         if key in _SHARED_META:
             self.shared_state_changed()
 
@@ -281,7 +342,7 @@ class Tx:
         return 0 if value is None else value
 
     def _counter(self, name: str) -> int | None:
-        cache = self._cache
+        cache = None if self._memory is None else self._memory.values
         if cache is not None and ("counter", name) in cache:
             return cache["counter", name]  # type: ignore[no-any-return]
         row = self._one("SELECT value FROM counters WHERE name = ?", (name,))
@@ -294,12 +355,14 @@ class Tx:
         """Reserve ``count`` values of a counter; returns the first (counters start at 1)."""
         value = self._counter(name)
         first = 1 if value is None else value
-        if value is None:
+        if self._memory is not None:
+            # Written before the commit (write_deferred), however often reserved.
+            self._memory.values["counter", name] = first + count
+            self._memory.dirty.add(("counter", name))
+        elif value is None:
             self._exec("INSERT INTO counters (name, value) VALUES (?, ?)", (name, first + count))
         else:
             self._exec("UPDATE counters SET value = ? WHERE name = ?", (first + count, name))
-        if self._cache is not None:
-            self._cache["counter", name] = first + count
         return first
 
     def next_sequence(self, partner: str) -> int:
