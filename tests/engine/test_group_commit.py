@@ -159,8 +159,9 @@ def _append(tx: Tx, message_id: str) -> int:
 
 
 def test_the_journal_head_and_counters_are_written_once_per_transaction(tmp_path: Path) -> None:
-    """Every journal append moves the chain's head and every proposal the transfer
-    counter: their rows are written once, just before the commit, not at each step."""
+    """Every journal append moves the chain's head, every proposal the transfer
+    counter and every message sent its link's sequence: their rows are written
+    once, just before the commit, not at each step."""
     store = _store(tmp_path)
     written: list[str] = []
     store._conn.set_trace_callback(written.append)
@@ -171,6 +172,7 @@ def test_the_journal_head_and_counters_are_written_once_per_transaction(tmp_path
                 assert appended == [first, first + 1, first + 2]
                 assert tx.next_counter("transfer") == counted
                 assert tx.next_counter("transfer") == counted + 1
+                assert [tx.next_sequence("KOR") for _ in range(3)] == appended
     store._conn.set_trace_callback(None)
     upserts = [
         s for s in written if s.startswith(("INSERT INTO node_meta", "INSERT INTO counters"))
@@ -182,9 +184,11 @@ def test_the_journal_head_and_counters_are_written_once_per_transaction(tmp_path
             "SELECT id, entry_hash FROM journal ORDER BY id DESC LIMIT 1"
         ).fetchone()
         counter = conn.execute("SELECT value FROM counters WHERE name = 'transfer'").fetchone()
+        link = conn.execute("SELECT next_out_sequence FROM links WHERE partner = 'KOR'").fetchone()
     assert head == f"{last[0]}:{last[1].hex()}"
     assert last[0] == 6
     assert counter == (5,)
+    assert link == (7,)
 
 
 def test_a_rolled_back_transaction_keeps_the_deferred_writes_of_the_group_before_it(
@@ -198,18 +202,21 @@ def test_a_rolled_back_transaction_keeps_the_deferred_writes_of_the_group_before
         with tx.savepoint():
             _append(tx, "undone")
             tx.next_counter("transfer")
+            tx.next_sequence("KOR")
             raise Boom
 
     def failing() -> None:
         with store.transaction() as tx:
             _append(tx, "rolled-back")
             tx.next_counter("transfer")
+            tx.next_sequence("KOR")
             raise Boom
 
     with store.group():
         with store.transaction() as tx:
             assert _append(tx, "first") == 1
             assert tx.next_counter("transfer") == 1
+            assert tx.next_sequence("KOR") == 1
         with pytest.raises(Boom):
             failing()
         with store.transaction() as tx:
@@ -217,9 +224,11 @@ def test_a_rolled_back_transaction_keeps_the_deferred_writes_of_the_group_before
                 undone(tx)
             assert _append(tx, "second") == 2
             assert tx.next_counter("transfer") == 2
+            assert tx.next_sequence("KOR") == 2
     with store.transaction() as tx:
         entries = list(tx.journal_entries())
         assert [e.message_id for e in entries] == ["first", "second"]
         assert entries[1].prev_hash == entries[0].entry_hash
         assert tx.journal_head() == (2, entries[1].entry_hash)
         assert tx.next_counter("transfer") == 3
+        assert tx.next_sequence("KOR") == 3

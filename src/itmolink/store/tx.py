@@ -193,13 +193,14 @@ def to_format(sql: str) -> str:
 
 
 class TxMemory:
-    """What a SQLite transaction remembers of the node_meta and counters rows it
-    read or wrote, and which of its writes to them wait for the commit.
+    """What a SQLite transaction remembers of the node_meta, counters and links rows
+    it read or wrote, and which of its writes to them wait for the commit.
 
     Given by a store whose transaction nothing else can write (SQLite: BEGIN
     IMMEDIATE) and shared by the savepoints of a group commit. A row written
     several times in one transaction (the journal's head at every append, the
-    transfer counter at every proposal) is written to the database once, by
+    transfer counter at every proposal, a link's sequence at every message sent)
+    is written to the database once, by
     :meth:`Tx.write_deferred`, which the store calls just before COMMIT.
     """
 
@@ -240,6 +241,12 @@ class Tx:
     ) -> None:
         self._conn = conn
         self._savepoints = 0
+        # The latest version of each authorisation read in this transaction (a
+        # transfer's steps look at it several times): forgotten when one is written
+        # or a savepoint rolled back.
+        self._authorisations: dict[
+            tuple[str, str], tuple[AuthorisationTerms, dict[str, Any]] | None
+        ] = {}
         self.postgres = paramstyle == "format"
         # Rows of node_meta and counters read or written in this database
         # transaction, and the writes to them deferred until its commit
@@ -268,6 +275,7 @@ class Tx:
         except BaseException:
             if memory is not None and mark is not None:
                 memory.restore(mark)
+            self._authorisations.clear()
             self._exec(f"ROLLBACK TO SAVEPOINT {name}")
             self._exec(f"RELEASE SAVEPOINT {name}")
             raise
@@ -291,6 +299,13 @@ class Tx:
                 self._exec(
                     "INSERT INTO node_meta (key, value) VALUES (?, ?) "
                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+            elif kind == "link":
+                self._exec(
+                    "INSERT INTO links (partner, next_out_sequence) VALUES (?, ?) "
+                    "ON CONFLICT (partner) DO UPDATE SET "
+                    "next_out_sequence = excluded.next_out_sequence",
                     (key, value),
                 )
             else:
@@ -366,6 +381,19 @@ class Tx:
         return first
 
     def next_sequence(self, partner: str) -> int:
+        memory = self._memory
+        if memory is not None:
+            # Every message sent takes one: remembered, written before the commit.
+            if ("link", partner) in memory.values:
+                sequence = int(memory.values["link", partner])
+            else:
+                row = self._one(
+                    "SELECT next_out_sequence FROM links WHERE partner = ?", (partner,)
+                )
+                sequence = 1 if row is None else int(row[0])
+            memory.values["link", partner] = sequence + 1
+            memory.dirty.add(("link", partner))
+            return sequence
         row = self._one("SELECT next_out_sequence FROM links WHERE partner = ?", (partner,))
         if row is None:
             self._exec("INSERT INTO links (partner, next_out_sequence) VALUES (?, 2)", (partner,))
@@ -639,6 +667,7 @@ class Tx:
         revoked: bool = False,
         statement_journal_id: int | None = None,
     ) -> None:
+        self._authorisations.clear()
         self._exec(
             "INSERT INTO authorisations (host_party, authorisation_id, version, activity_id, "
             "activity_name, activity_description, cooperative_approach_id, acquiring_parties, "
@@ -699,19 +728,19 @@ class Tx:
         self, host_party: str, authorisation_id: str
     ) -> AuthorisationTerms | None:
         """The latest version of an authorisation."""
-        row = self._one(
-            f"SELECT {self._AUTHORISATION_COLUMNS} "
-            "FROM authorisations WHERE host_party = ? AND authorisation_id = ? "
-            "ORDER BY version DESC LIMIT 1",
-            (host_party, authorisation_id),
-        )
-        return None if row is None else self._terms(row)
+        latest = self.authorisation_latest(host_party, authorisation_id)
+        return None if latest is None else latest[0]
 
     def authorisation_latest(
         self, host_party: str, authorisation_id: str
     ) -> tuple[AuthorisationTerms, dict[str, Any]] | None:
         """The latest version of an authorisation with its details, in one query
-        (:meth:`authorisation_get` and :meth:`authorisation_details` together)."""
+        (:meth:`authorisation_get` and :meth:`authorisation_details` together), read
+        once per transaction."""
+        key = (host_party, authorisation_id)
+        if key in self._authorisations:
+            found = self._authorisations[key]
+            return None if found is None else (found[0], dict(found[1]))
         details = ", ".join(self._AUTHORISATION_DETAILS)
         row = self._one(
             f"SELECT {self._AUTHORISATION_COLUMNS}, {details} "
@@ -720,8 +749,12 @@ class Tx:
             (host_party, authorisation_id),
         )
         if row is None:
+            self._authorisations[key] = None
             return None
-        return self._terms(row), dict(zip(self._AUTHORISATION_DETAILS, row[11:], strict=True))
+        terms = self._terms(row)
+        values = dict(zip(self._AUTHORISATION_DETAILS, row[11:], strict=True))
+        self._authorisations[key] = (terms, values)
+        return terms, dict(values)
 
     def authorisation_versions(
         self, host_party: str, authorisation_id: str
@@ -740,14 +773,8 @@ class Tx:
 
     def authorisation_details(self, host_party: str, authorisation_id: str) -> dict[str, Any]:
         """The parts of the latest version that AuthorisationTerms leaves out."""
-        row = self._one(
-            f"SELECT {', '.join(self._AUTHORISATION_DETAILS)} FROM authorisations "
-            "WHERE host_party = ? AND authorisation_id = ? ORDER BY version DESC LIMIT 1",
-            (host_party, authorisation_id),
-        )
-        if row is None:
-            return {}
-        return dict(zip(self._AUTHORISATION_DETAILS, row, strict=True))
+        latest = self.authorisation_latest(host_party, authorisation_id)
+        return {} if latest is None else latest[1]
 
     def authorisation_evidence(self, host_party: str, authorisation_id: str) -> bytes | None:
         """The host's signed statement of the latest version, as received here."""
