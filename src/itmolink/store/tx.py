@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 from itmolink.core.adjustments import AdjustmentEntry
@@ -387,9 +387,7 @@ class Tx:
             if ("link", partner) in memory.values:
                 sequence = int(memory.values["link", partner])
             else:
-                row = self._one(
-                    "SELECT next_out_sequence FROM links WHERE partner = ?", (partner,)
-                )
+                row = self._one("SELECT next_out_sequence FROM links WHERE partner = ?", (partner,))
                 sequence = 1 if row is None else int(row[0])
             memory.values["link", partner] = sequence + 1
             memory.dirty.add(("link", partner))
@@ -1227,24 +1225,59 @@ class Tx:
         rejection_code: int = 0,
         rejection_detail: str = "",
         acceptance_digest: bytes | None = None,
+        blocks: Sequence[Block] | None = None,
     ) -> None:
-        self._exec(
-            "UPDATE transfers SET state = ?, rejection_code = ?, rejection_detail = ?, "
-            "updated_at = ? WHERE transfer_id = ?",
-            (int(state), rejection_code, rejection_detail, now, transfer_id),
-        )
+        """Move a transfer to ``state``; a final state also seals it (its
+        reconciliation leaves). ``blocks``, when the caller has read them, are the
+        transfer's blocks (else read again to seal a completed transfer)."""
+        if state.is_final:
+            self._seal_transfer(
+                transfer_id,
+                blocks=blocks,
+                change=(state, rejection_code, rejection_detail, now, acceptance_digest),
+            )
+            return
         if acceptance_digest is not None:
             self._exec(
-                "UPDATE transfers SET acceptance_digest = ? WHERE transfer_id = ?",
-                (acceptance_digest, transfer_id),
+                "UPDATE transfers SET state = ?, rejection_code = ?, rejection_detail = ?, "
+                "updated_at = ?, acceptance_digest = ? WHERE transfer_id = ?",
+                (int(state), rejection_code, rejection_detail, now, acceptance_digest,
+                 transfer_id),
+            )  # fmt: skip
+        else:
+            self._exec(
+                "UPDATE transfers SET state = ?, rejection_code = ?, rejection_detail = ?, "
+                "updated_at = ? WHERE transfer_id = ?",
+                (int(state), rejection_code, rejection_detail, now, transfer_id),
             )
-        if state.is_final:
-            self._seal_transfer(transfer_id)
 
-    def _seal_transfer(self, transfer_id: str) -> None:
-        """Record a final transfer's reconciliation leaves (core/reconcile.py)."""
-        record = self.transfer_get(transfer_id)
-        assert record is not None
+    def _seal_transfer(
+        self,
+        transfer_id: str,
+        *,
+        blocks: Sequence[Block] | None = None,
+        change: tuple[TransferState, int, str, int, bytes | None] | None = None,
+    ) -> None:
+        """Record a final transfer's reconciliation leaves (core/reconcile.py).
+
+        With ``change`` (state, rejection code and detail, time, acceptance digest
+        or None), the transfer moves to that final state in the same statement.
+        """
+        row = self._one(
+            f"SELECT {_TRANSFER_COLUMNS}, blocks_leaf IS NOT NULL, blocks_h1, blocks_h2, "
+            "journal_h1, journal_h2 FROM transfers WHERE transfer_id = ?",
+            (transfer_id,),
+        )
+        assert row is not None
+        record = _transfer(row)
+        before = row[16:] if row[15] else None
+        if change is not None:
+            state, code, detail, now, acceptance = change
+            record = replace(
+                record, state=state, rejection_code=code, rejection_detail=detail,
+                updated_at=now,
+                acceptance_digest=record.acceptance_digest if acceptance is None else acceptance,
+            )  # fmt: skip
         assert record.state.is_final
         me = self.meta_get("party") or ""
         sender, receiver = (
@@ -1252,12 +1285,14 @@ class Tx:
         )
         sign = 1 if record.direction is Role.SENDER else -1
         moved = record.state is TransferState.COMPLETED
+        if moved and blocks is None:
+            blocks = self.blocks_of_transfer(transfer_id)
         facts = TransferFacts(
             transfer_id=transfer_id,
             sender=sender,
             receiver=receiver,
             moved=moved,
-            blocks=tuple(self.blocks_of_transfer(transfer_id)) if moved else (),
+            blocks=tuple(blocks or ()) if moved else (),
             adjustments=tuple(
                 (int(year), sign * int(amount))
                 for year, amount in self._exec(
@@ -1267,23 +1302,21 @@ class Tx:
             proposal_digest=record.proposal_digest,
             acceptance_digest=record.acceptance_digest,
         )
-        blocks, journal = blocks_leaf(facts), journal_leaf(facts)
-        (b1, b2), (j1, j2) = slices(blocks), slices(journal)
-        before = self._one(
-            "SELECT id_hash, blocks_h1, blocks_h2, journal_h1, journal_h2 FROM transfers "
-            "WHERE transfer_id = ? AND blocks_leaf IS NOT NULL",
-            (transfer_id,),
-        )
+        blocks_digest, journal = blocks_leaf(facts), journal_leaf(facts)
+        (b1, b2), (j1, j2) = slices(blocks_digest), slices(journal)
         self._exec(
-            "UPDATE transfers SET blocks_leaf = ?, journal_leaf = ?, blocks_h1 = ?, "
-            "blocks_h2 = ?, journal_h1 = ?, journal_h2 = ? WHERE transfer_id = ?",
-            (blocks, journal, b1, b2, j1, j2, transfer_id),
-        )
+            "UPDATE transfers SET state = ?, rejection_code = ?, rejection_detail = ?, "
+            "updated_at = ?, acceptance_digest = ?, blocks_leaf = ?, journal_leaf = ?, "
+            "blocks_h1 = ?, blocks_h2 = ?, journal_h1 = ?, journal_h2 = ? WHERE transfer_id = ?",
+            (int(record.state), record.rejection_code, record.rejection_detail,
+             record.updated_at, record.acceptance_digest, blocks_digest, journal, b1, b2, j1,
+             j2, transfer_id),
+        )  # fmt: skip
         # The running sums (migration 0003): a transfer sealed again (a final
         # state recorded twice) replaces its earlier leaves.
         prefix = id_hash(transfer_id)[:SUMMARY_PREFIX]
         if before is not None:
-            self._add_to_bucket(record.partner, prefix, -1, *(-int(v) for v in before[1:]))
+            self._add_to_bucket(record.partner, prefix, -1, *(-int(v) for v in before))
         self._add_to_bucket(record.partner, prefix, 1, b1, b2, j1, j2)
         if moved and before is not None:
             # Not a protocol step (a completed transfer is sealed once): a repair
