@@ -75,6 +75,13 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _drain_ended(done: Future[None]) -> None:
+    """Report a database thread's drain that ended by an exception (it settles the
+    calls it ran itself; one raising past that is a bug or a shutdown)."""
+    if not done.cancelled() and done.exception() is not None:
+        log.error("the database thread's drain ended: %r", done.exception())
+
+
 class TokenBucket:
     """``rate`` messages a second on average, bursts of up to ``burst``."""
 
@@ -185,7 +192,9 @@ class Node:
             idle = not self._draining
             self._draining = True
         if idle:
-            loop.run_in_executor(self._executor, self._drain, loop)
+            # Not run_in_executor: its asyncio future would wake the event loop a
+            # second time when _drain returns; _settle already hands over the results.
+            self._executor.submit(self._drain, loop).add_done_callback(_drain_ended)
         return await future
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
