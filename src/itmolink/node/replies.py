@@ -252,7 +252,11 @@ class Replies(EngineBase):
         blocks = tx.blocks_of_transfer(transfer_id)
         year = self._apply(tx, transition.effects, transfer_id, partner, blocks, journal_id, now_us)
         tx.transfer_set_state(
-            transfer_id, transition.state, now=now_us, acceptance_digest=digest(acceptance_payload)
+            transfer_id,
+            transition.state,
+            now=now_us,
+            acceptance_digest=digest(acceptance_payload),
+            blocks=blocks,
         )
         kind, subtype = (
             (ActionType.FIRST_TRANSFER, ActionSubtype.FIRST_TRANSFER_TO_ANOTHER_PARTY.value)

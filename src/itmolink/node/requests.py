@@ -73,7 +73,7 @@ from itmolink.node.convert import (
     to_us,
 )
 from itmolink.node.validation import validate
-from itmolink.store.tx import Tx
+from itmolink.store.tx import TransferRecord, Tx
 from itmolink.v1 import (
     common_pb2,
     reconcile_pb2,
@@ -572,6 +572,10 @@ class Requests(EngineBase):
         return envelope
 
     def _incoming_transfer(self, tx: Tx, sender: str, transfer_id: str) -> TransferState | None:
+        record = self._incoming_record(tx, sender, transfer_id)
+        return None if record is None else record.state
+
+    def _incoming_record(self, tx: Tx, sender: str, transfer_id: str) -> TransferRecord | None:
         record = tx.transfer_get(transfer_id)
         if record is None:
             return None
@@ -580,7 +584,7 @@ class Requests(EngineBase):
                 RejectionCode.UNKNOWN_TRANSFER,
                 f"{sender} has no transfer {transfer_id} to this node",
             )
-        return record.state
+        return record
 
     def _on_completion(
         self,
@@ -591,10 +595,10 @@ class Requests(EngineBase):
         journal_id: int,
         now_us: int,
     ) -> bytes:
-        state = self._incoming_transfer(tx, sender, msg.transfer_id)
-        record = tx.transfer_get(msg.transfer_id)
-        if state is None or record is None:
+        record = self._incoming_record(tx, sender, msg.transfer_id)
+        if record is None:
             raise Rejected(RejectionCode.UNKNOWN_TRANSFER, f"no transfer {msg.transfer_id!r}")
+        state = record.state
         if msg.acceptance_digest != record.acceptance_digest:
             raise Rejected(
                 RejectionCode.DIGEST_MISMATCH,
@@ -613,7 +617,7 @@ class Requests(EngineBase):
         year = self._apply(
             tx, transition.effects, record.transfer_id, sender, blocks, journal_id, now_us
         )
-        tx.transfer_set_state(msg.transfer_id, transition.state, now=now_us)
+        tx.transfer_set_state(msg.transfer_id, transition.state, now=now_us, blocks=blocks)
         for block in blocks:
             tx.action_put(
                 action_type=ActionType.ACQUISITION.value, block=block, at=now_us,

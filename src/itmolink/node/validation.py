@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -59,64 +61,121 @@ def _rules(descriptor: Descriptor) -> tuple[tuple[FieldDescriptor, rules_pb2.Fie
     return tuple(found)
 
 
+# What a value of a field is checked as.
+_TIMESTAMP, _MESSAGE, _TEXT, _INTEGER, _UNCHECKED = range(5)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """One field's rules, read once from its descriptor (reading them from the
+    protobuf options on every message cost more than the checks themselves)."""
+
+    name: str
+    repeated: bool
+    blocks: bool  # "blocks": bounded by the node's configured limit too
+    has_field: bool  # presence is HasField (a message), not a non-empty value
+    required: bool
+    max_items: int
+    kind: int
+    max_len: int
+    pattern: re.Pattern[str] | None
+    pattern_text: str
+    unsigned: bool
+    min: int
+    max: int
+
+
+@functools.cache
+def _plan(descriptor: Descriptor) -> tuple[_Plan, ...]:
+    plans = []
+    for field, rules in _rules(descriptor):
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            message = field.message_type
+            timestamp = message is not None and message.full_name == Timestamp.DESCRIPTOR.full_name
+            kind = _TIMESTAMP if timestamp else _MESSAGE
+        elif field.type == FieldDescriptor.TYPE_STRING:
+            kind = _TEXT
+        elif field.type in _INTEGERS:
+            kind = _INTEGER
+        else:
+            kind = _UNCHECKED
+        plans.append(
+            _Plan(
+                name=field.name,
+                repeated=_is_repeated(field),
+                blocks=field.name == "blocks",
+                has_field=field.type == FieldDescriptor.TYPE_MESSAGE,
+                required=rules.required,
+                max_items=rules.max_items or MAX_REPEATED,
+                kind=kind,
+                max_len=rules.max_len or (MAX_PROSE if field.name in PROSE_FIELDS else MAX_TEXT),
+                pattern=re.compile(rules.pattern) if rules.pattern else None,
+                pattern_text=rules.pattern,
+                unsigned=field.type in _UNSIGNED,
+                min=rules.min,
+                max=rules.max,
+            )
+        )
+    return tuple(plans)
+
+
 def validate(msg: Message, *, max_blocks: int, path: str = "") -> None:
     """Raise MISSING_FIELD for a required field left empty, INVALID_FIELD (or
     TOO_MANY_BLOCKS) for the first field out of bounds."""
-    for field, rules in _rules(msg.DESCRIPTOR):
-        where = f"{path}{field.name}"
-        value = getattr(msg, field.name)
-        if _is_repeated(field):
-            values = list(value)
-            if field.name == "blocks" and len(values) > max_blocks:
+    for plan in _plan(msg.DESCRIPTOR):
+        value = getattr(msg, plan.name)
+        if plan.repeated:
+            count = len(value)
+            if plan.blocks and count > max_blocks:
                 raise Rejected(
                     RejectionCode.TOO_MANY_BLOCKS,
-                    f"{where} has {len(values)} entries; at most {max_blocks}",
+                    f"{path}{plan.name} has {count} entries; at most {max_blocks}",
                 )
-            limit = rules.max_items or MAX_REPEATED
-            if len(values) > limit:
-                raise _invalid(f"{where} has {len(values)} entries; at most {limit}")
-            if rules.required and not values:
-                raise Rejected(RejectionCode.MISSING_FIELD, f"{where} needs at least one entry")
-        else:
-            present = (
-                msg.HasField(field.name)
-                if field.type == FieldDescriptor.TYPE_MESSAGE
-                else bool(value)
-            )
-            if rules.required and not present:
-                raise Rejected(RejectionCode.MISSING_FIELD, f"{where} is required")
-            if not present:
+            if count > plan.max_items:
+                raise _invalid(f"{path}{plan.name} has {count} entries; at most {plan.max_items}")
+            if plan.required and not count:
+                raise Rejected(
+                    RejectionCode.MISSING_FIELD, f"{path}{plan.name} needs at least one entry"
+                )
+            if plan.kind == _UNCHECKED:
                 continue
-            values = [value]
-        for item in values:
-            _check(where, field, rules, item, max_blocks)
+            for item in value:
+                _check(path, plan, item, max_blocks)
+        else:
+            present = msg.HasField(plan.name) if plan.has_field else bool(value)
+            if not present:
+                if plan.required:
+                    raise Rejected(RejectionCode.MISSING_FIELD, f"{path}{plan.name} is required")
+                continue
+            if plan.kind != _UNCHECKED:
+                _check(path, plan, value, max_blocks)
 
 
-def _check(
-    where: str, field: FieldDescriptor, rules: rules_pb2.FieldRules, item: object, max_blocks: int
-) -> None:
-    if isinstance(item, Timestamp):
-        if not _MIN_SECONDS <= item.seconds <= _MAX_SECONDS or not 0 <= item.nanos < 10**9:
-            raise _invalid(
-                f"{where} is not a valid timestamp (seconds {item.seconds}, nanos {item.nanos})"
-            )
-    elif isinstance(item, Message):
-        validate(item, max_blocks=max_blocks, path=f"{where}.")
-    elif isinstance(item, str):
-        limit = rules.max_len or (MAX_PROSE if field.name in PROSE_FIELDS else MAX_TEXT)
-        if len(item) > limit:
-            raise _invalid(f"{where} has {len(item)} characters; at most {limit}")
+def _check(path: str, plan: _Plan, item: Any, max_blocks: int) -> None:
+    kind = plan.kind
+    if kind == _TEXT:
+        if len(item) > plan.max_len:
+            raise _invalid(f"{path}{plan.name} has {len(item)} characters; at most {plan.max_len}")
         if _CONTROL.search(item):
-            raise _invalid(f"{where} contains a control character")
-        if rules.pattern and not re.fullmatch(rules.pattern, item):
-            raise _invalid(f"{where} = {item!r} does not match {rules.pattern}")
-    elif isinstance(item, int) and field.type in _INTEGERS:
-        if field.type in _UNSIGNED and item > MAX_INT:
-            raise _invalid(f"{where} = {item} is above {MAX_INT}")
-        if rules.min and item < rules.min:  # 0: no bound
-            raise _invalid(f"{where} = {item} is below {rules.min}")
-        if rules.max and item > rules.max:
-            raise _invalid(f"{where} = {item} is above {rules.max}")
+            raise _invalid(f"{path}{plan.name} contains a control character")
+        if plan.pattern is not None and not plan.pattern.fullmatch(item):
+            raise _invalid(f"{path}{plan.name} = {item!r} does not match {plan.pattern_text}")
+    elif kind == _MESSAGE:
+        validate(item, max_blocks=max_blocks, path=f"{path}{plan.name}.")
+    elif kind == _INTEGER:
+        if plan.unsigned and item > MAX_INT:
+            raise _invalid(f"{path}{plan.name} = {item} is above {MAX_INT}")
+        if plan.min and item < plan.min:  # 0: no bound
+            raise _invalid(f"{path}{plan.name} = {item} is below {plan.min}")
+        if plan.max and item > plan.max:
+            raise _invalid(f"{path}{plan.name} = {item} is above {plan.max}")
+    elif kind == _TIMESTAMP and (
+        not _MIN_SECONDS <= item.seconds <= _MAX_SECONDS or not 0 <= item.nanos < 10**9
+    ):
+        raise _invalid(
+            f"{path}{plan.name} is not a valid timestamp "
+            f"(seconds {item.seconds}, nanos {item.nanos})"
+        )
 
 
 def _is_repeated(field: FieldDescriptor) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 from itmolink.core.adjustments import AdjustmentEntry
@@ -192,6 +192,39 @@ def to_format(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+class TxMemory:
+    """What a SQLite transaction remembers of the node_meta, counters and links rows
+    it read or wrote, and which of its writes to them wait for the commit.
+
+    Given by a store whose transaction nothing else can write (SQLite: BEGIN
+    IMMEDIATE) and shared by the savepoints of a group commit. A row written
+    several times in one transaction (the journal's head at every append, the
+    transfer counter at every proposal, a link's sequence at every message sent)
+    is written to the database once, by
+    :meth:`Tx.write_deferred`, which the store calls just before COMMIT.
+    """
+
+    __slots__ = ("dirty", "values")
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, str], Any] = {}
+        self.dirty: set[tuple[str, str]] = set()
+
+    def mark(self) -> tuple[dict[tuple[str, str], Any], set[tuple[str, str]]]:
+        """The state to return to if a savepoint beginning now is rolled back."""
+        return dict(self.values), set(self.dirty)
+
+    def restore(self, mark: tuple[dict[tuple[str, str], Any], set[tuple[str, str]]]) -> None:
+        self.values.clear()
+        self.values.update(mark[0])
+        self.dirty.clear()
+        self.dirty.update(mark[1])
+
+    def clear(self) -> None:
+        self.values.clear()
+        self.dirty.clear()
+
+
 class Tx:
     """Operations inside one open transaction.
 
@@ -204,16 +237,22 @@ class Tx:
         conn: Connection,
         paramstyle: Paramstyle = "qmark",
         *,
-        cache: dict[tuple[str, str], Any] | None = None,
+        cache: TxMemory | None = None,
     ) -> None:
         self._conn = conn
         self._savepoints = 0
+        # The latest version of each authorisation read in this transaction (a
+        # transfer's steps look at it several times): forgotten when one is written
+        # or a savepoint rolled back.
+        self._authorisations: dict[
+            tuple[str, str], tuple[AuthorisationTerms, dict[str, Any]] | None
+        ] = {}
         self.postgres = paramstyle == "format"
         # Rows of node_meta and counters read or written in this database
-        # transaction, given by a store whose transaction nothing else can write
-        # (SQLite: BEGIN IMMEDIATE), shared by the savepoints of a group commit and
-        # emptied when any of them is rolled back (:meth:`forget`). None: no cache.
-        self._cache = cache
+        # transaction, and the writes to them deferred until its commit
+        # (:class:`TxMemory`); None (PostgreSQL, read-only use): every read and
+        # write goes to the database at once.
+        self._memory = cache
 
     def _exec(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
         if self.postgres:
@@ -228,29 +267,63 @@ class Tx:
         """A nested scope whose writes are undone if it raises."""
         self._savepoints += 1
         name = f"sp{self._savepoints}"
+        memory = self._memory
+        mark = None if memory is None else memory.mark()
         self._exec(f"SAVEPOINT {name}")
         try:
             yield
         except BaseException:
-            self.forget()
+            if memory is not None and mark is not None:
+                memory.restore(mark)
+            self._authorisations.clear()
             self._exec(f"ROLLBACK TO SAVEPOINT {name}")
             self._exec(f"RELEASE SAVEPOINT {name}")
             raise
         self._exec(f"RELEASE SAVEPOINT {name}")
 
     def forget(self) -> None:
-        """Drop what this transaction remembers of node_meta and counters (some of its
-        writes are being rolled back)."""
-        if self._cache is not None:
-            self._cache.clear()
+        """Drop what this transaction remembers of node_meta and counters, and the
+        writes to them it deferred (the whole transaction is being rolled back)."""
+        if self._memory is not None:
+            self._memory.clear()
+
+    def write_deferred(self) -> None:
+        """Write the node_meta and counters rows whose writes wait for the commit
+        (:class:`TxMemory`): called by the store just before COMMIT."""
+        memory = self._memory
+        if memory is None or not memory.dirty:
+            return
+        for kind, key in sorted(memory.dirty):
+            value = memory.values[kind, key]
+            if kind == "meta":
+                self._exec(
+                    "INSERT INTO node_meta (key, value) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+            elif kind == "link":
+                self._exec(
+                    "INSERT INTO links (partner, next_out_sequence) VALUES (?, ?) "
+                    "ON CONFLICT (partner) DO UPDATE SET "
+                    "next_out_sequence = excluded.next_out_sequence",
+                    (key, value),
+                )
+            else:
+                self._exec(
+                    "INSERT INTO counters (name, value) VALUES (?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+        memory.dirty.clear()
 
     # -- node identity and counters ------------------------------------------------------
 
     def meta(self) -> dict[str, str]:
+        self.write_deferred()
         return {k: v for k, v in self._exec("SELECT key, value FROM node_meta")}
 
     def meta_get(self, key: str) -> str | None:
-        cache = self._cache
+        cache = None if self._memory is None else self._memory.values
         if cache is not None and ("meta", key) in cache:
             return cache["meta", key]  # type: ignore[no-any-return]
         row = self._one("SELECT value FROM node_meta WHERE key = ?", (key,))
@@ -260,13 +333,16 @@ class Tx:
         return value
 
     def set_meta(self, key: str, value: str) -> None:
-        self._exec(
-            "INSERT INTO node_meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )
-        if self._cache is not None:
-            self._cache["meta", key] = value
+        if self._memory is not None:
+            # Written before the commit (write_deferred), however often set.
+            self._memory.values["meta", key] = value
+            self._memory.dirty.add(("meta", key))
+        else:
+            self._exec(
+                "INSERT INTO node_meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
         if key in _SHARED_META:
             self.shared_state_changed()
 
@@ -281,7 +357,7 @@ class Tx:
         return 0 if value is None else value
 
     def _counter(self, name: str) -> int | None:
-        cache = self._cache
+        cache = None if self._memory is None else self._memory.values
         if cache is not None and ("counter", name) in cache:
             return cache["counter", name]  # type: ignore[no-any-return]
         row = self._one("SELECT value FROM counters WHERE name = ?", (name,))
@@ -294,15 +370,28 @@ class Tx:
         """Reserve ``count`` values of a counter; returns the first (counters start at 1)."""
         value = self._counter(name)
         first = 1 if value is None else value
-        if value is None:
+        if self._memory is not None:
+            # Written before the commit (write_deferred), however often reserved.
+            self._memory.values["counter", name] = first + count
+            self._memory.dirty.add(("counter", name))
+        elif value is None:
             self._exec("INSERT INTO counters (name, value) VALUES (?, ?)", (name, first + count))
         else:
             self._exec("UPDATE counters SET value = ? WHERE name = ?", (first + count, name))
-        if self._cache is not None:
-            self._cache["counter", name] = first + count
         return first
 
     def next_sequence(self, partner: str) -> int:
+        memory = self._memory
+        if memory is not None:
+            # Every message sent takes one: remembered, written before the commit.
+            if ("link", partner) in memory.values:
+                sequence = int(memory.values["link", partner])
+            else:
+                row = self._one("SELECT next_out_sequence FROM links WHERE partner = ?", (partner,))
+                sequence = 1 if row is None else int(row[0])
+            memory.values["link", partner] = sequence + 1
+            memory.dirty.add(("link", partner))
+            return sequence
         row = self._one("SELECT next_out_sequence FROM links WHERE partner = ?", (partner,))
         if row is None:
             self._exec("INSERT INTO links (partner, next_out_sequence) VALUES (?, 2)", (partner,))
@@ -570,6 +659,7 @@ class Tx:
         revoked: bool = False,
         statement_journal_id: int | None = None,
     ) -> None:
+        self._authorisations.clear()
         self._exec(
             "INSERT INTO authorisations (host_party, authorisation_id, version, activity_id, "
             "activity_name, activity_description, cooperative_approach_id, acquiring_parties, "
@@ -630,19 +720,19 @@ class Tx:
         self, host_party: str, authorisation_id: str
     ) -> AuthorisationTerms | None:
         """The latest version of an authorisation."""
-        row = self._one(
-            f"SELECT {self._AUTHORISATION_COLUMNS} "
-            "FROM authorisations WHERE host_party = ? AND authorisation_id = ? "
-            "ORDER BY version DESC LIMIT 1",
-            (host_party, authorisation_id),
-        )
-        return None if row is None else self._terms(row)
+        latest = self.authorisation_latest(host_party, authorisation_id)
+        return None if latest is None else latest[0]
 
     def authorisation_latest(
         self, host_party: str, authorisation_id: str
     ) -> tuple[AuthorisationTerms, dict[str, Any]] | None:
         """The latest version of an authorisation with its details, in one query
-        (:meth:`authorisation_get` and :meth:`authorisation_details` together)."""
+        (:meth:`authorisation_get` and :meth:`authorisation_details` together), read
+        once per transaction."""
+        key = (host_party, authorisation_id)
+        if key in self._authorisations:
+            found = self._authorisations[key]
+            return None if found is None else (found[0], dict(found[1]))
         details = ", ".join(self._AUTHORISATION_DETAILS)
         row = self._one(
             f"SELECT {self._AUTHORISATION_COLUMNS}, {details} "
@@ -651,8 +741,12 @@ class Tx:
             (host_party, authorisation_id),
         )
         if row is None:
+            self._authorisations[key] = None
             return None
-        return self._terms(row), dict(zip(self._AUTHORISATION_DETAILS, row[11:], strict=True))
+        terms = self._terms(row)
+        values = dict(zip(self._AUTHORISATION_DETAILS, row[11:], strict=True))
+        self._authorisations[key] = (terms, values)
+        return terms, dict(values)
 
     def authorisation_versions(
         self, host_party: str, authorisation_id: str
@@ -671,14 +765,8 @@ class Tx:
 
     def authorisation_details(self, host_party: str, authorisation_id: str) -> dict[str, Any]:
         """The parts of the latest version that AuthorisationTerms leaves out."""
-        row = self._one(
-            f"SELECT {', '.join(self._AUTHORISATION_DETAILS)} FROM authorisations "
-            "WHERE host_party = ? AND authorisation_id = ? ORDER BY version DESC LIMIT 1",
-            (host_party, authorisation_id),
-        )
-        if row is None:
-            return {}
-        return dict(zip(self._AUTHORISATION_DETAILS, row, strict=True))
+        latest = self.authorisation_latest(host_party, authorisation_id)
+        return {} if latest is None else latest[1]
 
     def authorisation_evidence(self, host_party: str, authorisation_id: str) -> bytes | None:
         """The host's signed statement of the latest version, as received here."""
@@ -1131,24 +1219,59 @@ class Tx:
         rejection_code: int = 0,
         rejection_detail: str = "",
         acceptance_digest: bytes | None = None,
+        blocks: Sequence[Block] | None = None,
     ) -> None:
-        self._exec(
-            "UPDATE transfers SET state = ?, rejection_code = ?, rejection_detail = ?, "
-            "updated_at = ? WHERE transfer_id = ?",
-            (int(state), rejection_code, rejection_detail, now, transfer_id),
-        )
+        """Move a transfer to ``state``; a final state also seals it (its
+        reconciliation leaves). ``blocks``, when the caller has read them, are the
+        transfer's blocks (else read again to seal a completed transfer)."""
+        if state.is_final:
+            self._seal_transfer(
+                transfer_id,
+                blocks=blocks,
+                change=(state, rejection_code, rejection_detail, now, acceptance_digest),
+            )
+            return
         if acceptance_digest is not None:
             self._exec(
-                "UPDATE transfers SET acceptance_digest = ? WHERE transfer_id = ?",
-                (acceptance_digest, transfer_id),
+                "UPDATE transfers SET state = ?, rejection_code = ?, rejection_detail = ?, "
+                "updated_at = ?, acceptance_digest = ? WHERE transfer_id = ?",
+                (int(state), rejection_code, rejection_detail, now, acceptance_digest,
+                 transfer_id),
+            )  # fmt: skip
+        else:
+            self._exec(
+                "UPDATE transfers SET state = ?, rejection_code = ?, rejection_detail = ?, "
+                "updated_at = ? WHERE transfer_id = ?",
+                (int(state), rejection_code, rejection_detail, now, transfer_id),
             )
-        if state.is_final:
-            self._seal_transfer(transfer_id)
 
-    def _seal_transfer(self, transfer_id: str) -> None:
-        """Record a final transfer's reconciliation leaves (core/reconcile.py)."""
-        record = self.transfer_get(transfer_id)
-        assert record is not None
+    def _seal_transfer(
+        self,
+        transfer_id: str,
+        *,
+        blocks: Sequence[Block] | None = None,
+        change: tuple[TransferState, int, str, int, bytes | None] | None = None,
+    ) -> None:
+        """Record a final transfer's reconciliation leaves (core/reconcile.py).
+
+        With ``change`` (state, rejection code and detail, time, acceptance digest
+        or None), the transfer moves to that final state in the same statement.
+        """
+        row = self._one(
+            f"SELECT {_TRANSFER_COLUMNS}, blocks_leaf IS NOT NULL, blocks_h1, blocks_h2, "
+            "journal_h1, journal_h2 FROM transfers WHERE transfer_id = ?",
+            (transfer_id,),
+        )
+        assert row is not None
+        record = _transfer(row)
+        before = row[16:] if row[15] else None
+        if change is not None:
+            state, code, detail, now, acceptance = change
+            record = replace(
+                record, state=state, rejection_code=code, rejection_detail=detail,
+                updated_at=now,
+                acceptance_digest=record.acceptance_digest if acceptance is None else acceptance,
+            )  # fmt: skip
         assert record.state.is_final
         me = self.meta_get("party") or ""
         sender, receiver = (
@@ -1156,12 +1279,14 @@ class Tx:
         )
         sign = 1 if record.direction is Role.SENDER else -1
         moved = record.state is TransferState.COMPLETED
+        if moved and blocks is None:
+            blocks = self.blocks_of_transfer(transfer_id)
         facts = TransferFacts(
             transfer_id=transfer_id,
             sender=sender,
             receiver=receiver,
             moved=moved,
-            blocks=tuple(self.blocks_of_transfer(transfer_id)) if moved else (),
+            blocks=tuple(blocks or ()) if moved else (),
             adjustments=tuple(
                 (int(year), sign * int(amount))
                 for year, amount in self._exec(
@@ -1171,23 +1296,21 @@ class Tx:
             proposal_digest=record.proposal_digest,
             acceptance_digest=record.acceptance_digest,
         )
-        blocks, journal = blocks_leaf(facts), journal_leaf(facts)
-        (b1, b2), (j1, j2) = slices(blocks), slices(journal)
-        before = self._one(
-            "SELECT id_hash, blocks_h1, blocks_h2, journal_h1, journal_h2 FROM transfers "
-            "WHERE transfer_id = ? AND blocks_leaf IS NOT NULL",
-            (transfer_id,),
-        )
+        blocks_digest, journal = blocks_leaf(facts), journal_leaf(facts)
+        (b1, b2), (j1, j2) = slices(blocks_digest), slices(journal)
         self._exec(
-            "UPDATE transfers SET blocks_leaf = ?, journal_leaf = ?, blocks_h1 = ?, "
-            "blocks_h2 = ?, journal_h1 = ?, journal_h2 = ? WHERE transfer_id = ?",
-            (blocks, journal, b1, b2, j1, j2, transfer_id),
-        )
+            "UPDATE transfers SET state = ?, rejection_code = ?, rejection_detail = ?, "
+            "updated_at = ?, acceptance_digest = ?, blocks_leaf = ?, journal_leaf = ?, "
+            "blocks_h1 = ?, blocks_h2 = ?, journal_h1 = ?, journal_h2 = ? WHERE transfer_id = ?",
+            (int(record.state), record.rejection_code, record.rejection_detail,
+             record.updated_at, record.acceptance_digest, blocks_digest, journal, b1, b2, j1,
+             j2, transfer_id),
+        )  # fmt: skip
         # The running sums (migration 0003): a transfer sealed again (a final
         # state recorded twice) replaces its earlier leaves.
         prefix = id_hash(transfer_id)[:SUMMARY_PREFIX]
         if before is not None:
-            self._add_to_bucket(record.partner, prefix, -1, *(-int(v) for v in before[1:]))
+            self._add_to_bucket(record.partner, prefix, -1, *(-int(v) for v in before))
         self._add_to_bucket(record.partner, prefix, 1, b1, b2, j1, j2)
         if moved and before is not None:
             # Not a protocol step (a completed transfer is sealed once): a repair
