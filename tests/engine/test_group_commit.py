@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from itmolink.store import SqliteStore
+from itmolink.store.tx import Tx
 
 
 class Boom(Exception):
@@ -114,3 +115,120 @@ def test_a_rolled_back_transaction_in_a_group_leaves_no_remembered_meta_or_count
     with store.transaction() as tx:
         assert tx.next_counter("transfer") == 3
         assert tx.meta_get("journal_head") == "kept"
+
+
+def _open_temporary_files() -> list[str]:
+    """SQLite's temporary files this process holds open (created, then unlinked)."""
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = fd.readlink()
+        except OSError:
+            continue
+        if "etilqs_" in target.name:
+            found.append(str(target))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux's /proc")
+def test_savepoints_keep_their_journal_in_memory(tmp_path: Path) -> None:
+    """Each call of a group commit is a savepoint, and so is a request's handler:
+    undoing one needs the pages it changed, kept in a statement journal. A protocol
+    step changes some twenty pages, more than SQLite keeps in memory by default: the
+    journal must not become a temporary file created, written and deleted in every
+    transaction (PRAGMA temp_store)."""
+    store = _store(tmp_path)
+    messages = [f"m-{number}" for number in range(40)]
+    with store.transaction() as tx:  # forty pages, each changed again below
+        for message_id in messages:
+            tx.outbox_put(
+                message_id=message_id, partner="KOR", payload_type="t", subject_id="s",
+                envelope=b"x" * 3000, now=0,
+            )  # fmt: skip
+    with store.group(), store.transaction() as tx, tx.savepoint():
+        for message_id in messages:
+            tx.outbox_retry_later(message_id, next_attempt_at=1, error="e")
+        assert _open_temporary_files() == []
+
+
+def _append(tx: Tx, message_id: str) -> int:
+    return tx.journal(
+        direction="in", partner="KOR", message_id=message_id, payload_type="t",
+        envelope=b"x", now=1,
+    )  # fmt: skip
+
+
+def test_the_journal_head_and_counters_are_written_once_per_transaction(tmp_path: Path) -> None:
+    """Every journal append moves the chain's head, every proposal the transfer
+    counter and every message sent its link's sequence: their rows are written
+    once, just before the commit, not at each step."""
+    store = _store(tmp_path)
+    written: list[str] = []
+    store._conn.set_trace_callback(written.append)
+    with store.group():
+        for first, counted in ((1, 1), (4, 3)):
+            with store.transaction() as tx:
+                appended = [_append(tx, f"m-{first + i}") for i in range(3)]
+                assert appended == [first, first + 1, first + 2]
+                assert tx.next_counter("transfer") == counted
+                assert tx.next_counter("transfer") == counted + 1
+                assert [tx.next_sequence("KOR") for _ in range(3)] == appended
+    store._conn.set_trace_callback(None)
+    upserts = [
+        s for s in written if s.startswith(("INSERT INTO node_meta", "INSERT INTO counters"))
+    ]
+    assert len(upserts) == 2  # the head and the counter, once each for the group
+    with sqlite3.connect(store.path) as conn:
+        head = dict(conn.execute("SELECT key, value FROM node_meta"))["journal_head"]
+        last = conn.execute(
+            "SELECT id, entry_hash FROM journal ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        counter = conn.execute("SELECT value FROM counters WHERE name = 'transfer'").fetchone()
+        link = conn.execute("SELECT next_out_sequence FROM links WHERE partner = 'KOR'").fetchone()
+    assert head == f"{last[0]}:{last[1].hex()}"
+    assert last[0] == 6
+    assert counter == (5,)
+    assert link == (7,)
+
+
+def test_a_rolled_back_transaction_keeps_the_deferred_writes_of_the_group_before_it(
+    tmp_path: Path,
+) -> None:
+    """The head written by the group's first transaction waits for the commit; the
+    second transaction, rolled back, must leave the third the first one's head."""
+    store = _store(tmp_path)
+
+    def undone(tx: Tx) -> None:
+        with tx.savepoint():
+            _append(tx, "undone")
+            tx.next_counter("transfer")
+            tx.next_sequence("KOR")
+            raise Boom
+
+    def failing() -> None:
+        with store.transaction() as tx:
+            _append(tx, "rolled-back")
+            tx.next_counter("transfer")
+            tx.next_sequence("KOR")
+            raise Boom
+
+    with store.group():
+        with store.transaction() as tx:
+            assert _append(tx, "first") == 1
+            assert tx.next_counter("transfer") == 1
+            assert tx.next_sequence("KOR") == 1
+        with pytest.raises(Boom):
+            failing()
+        with store.transaction() as tx:
+            with pytest.raises(Boom):
+                undone(tx)
+            assert _append(tx, "second") == 2
+            assert tx.next_counter("transfer") == 2
+            assert tx.next_sequence("KOR") == 2
+    with store.transaction() as tx:
+        entries = list(tx.journal_entries())
+        assert [e.message_id for e in entries] == ["first", "second"]
+        assert entries[1].prev_hash == entries[0].entry_hash
+        assert tx.journal_head() == (2, entries[1].entry_hash)
+        assert tx.next_counter("transfer") == 3
+        assert tx.next_sequence("KOR") == 3

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
+from itmolink.core.rules import AuthorisationTerms
+from itmolink.core.units import Purpose, UnitType
 from itmolink.store import open_store, read_only
 from itmolink.store.migrate import latest_version
 from itmolink.store.tx import Tx
@@ -90,3 +94,42 @@ def test_a_rolled_back_savepoint_leaves_no_remembered_meta_or_counter(
         entries = list(tx.journal_entries())
         assert [e.message_id for e in entries][-2:] == ["m1", "m3"]
         assert tx.journal_head() == (entries[-1].id, entries[-1].entry_hash)
+
+
+def test_an_authorisation_is_read_once_per_transaction_and_again_once_written(
+    databases: Databases,
+) -> None:
+    """A transfer's steps look at its authorisation several times: one query per
+    transaction, and a version recorded in it is what the next look sees."""
+    store = databases.open("LAO")
+    terms = AuthorisationTerms(
+        authorisation_id="LAO-A-1", version=1, host_party="LAO", activity_id="LAO-ACT",
+        cooperative_approach_id="LAO-KOR", acquiring_parties=frozenset({"KOR"}),
+        purposes=frozenset({Purpose.NDC}), vintage_from=2021, vintage_to=2030,
+        quantity_cap=0, unit_type=UnitType.ITMO,
+    )  # fmt: skip
+
+    def put(tx: Tx, version: AuthorisationTerms, revoked: bool) -> None:
+        tx.authorisation_put(
+            version, activity_name="", activity_description="", oimp_detail="",
+            first_transfer_definition=0, now=1, revoked=revoked,
+        )  # fmt: skip
+
+    queries: list[str] = []
+    with store.transaction() as tx:
+        put(tx, terms, revoked=False)
+        original = tx._exec
+        tx._exec = lambda sql, params=(): (queries.append(sql), original(sql, params))[1]  # type: ignore[method-assign]
+        assert tx.authorisation_get("LAO", "LAO-A-1") == terms
+        assert tx.authorisation_details("LAO", "LAO-A-1")["revoked"] == 0
+        latest = tx.authorisation_latest("LAO", "LAO-A-1")
+        assert latest is not None
+        assert latest[0] == terms
+        assert tx.authorisation_get("LAO", "LAO-A-2") is None
+        assert tx.authorisation_get("LAO", "LAO-A-2") is None
+        reads = [q for q in queries if q.startswith("SELECT")]
+        assert len(reads) == 2  # LAO-A-1 once, LAO-A-2 (absent) once
+        amended = dataclasses.replace(terms, version=2, quantity_cap=10)
+        put(tx, amended, revoked=True)
+        assert tx.authorisation_get("LAO", "LAO-A-1") == amended
+        assert tx.authorisation_details("LAO", "LAO-A-1")["revoked"] == 1

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import gc
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,6 +18,7 @@ from itmolink.crypto.envelope import TrustStore, open_envelope
 from itmolink.crypto.keys import SigningKey
 from itmolink.node.convert import timestamp, to_us
 from itmolink.node.engine import REQUEST_TYPES
+from itmolink.node.runtime import GC_THRESHOLD
 from itmolink.store import read_only
 from itmolink.store.tx import Tx
 from itmolink.v1 import envelope_pb2, reply_pb2, transfer_pb2
@@ -28,6 +32,8 @@ from .conftest import (
     final_state,
     header,
     signed,
+    start_registry,
+    stop_registry,
 )
 
 COMPLETED = transfer_pb2.TRANSFER_STATE_COMPLETED
@@ -548,3 +554,20 @@ async def test_a_partner_can_ask_for_the_status_of_a_transfer(
         transfer_id: COMPLETED,
         "LAO-T-NEVER": transfer_pb2.TRANSFER_STATE_UNKNOWN,
     }
+
+
+async def test_a_started_node_collects_young_garbage_less_often(
+    pki: Callable[..., Path],
+) -> None:
+    """A protocol step allocates thousands of short-lived objects: the node raises
+    the collector's first threshold (Python's default is 700) once it has started."""
+    previous = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)
+    try:
+        lao = await start_registry(pki("LAO", ["KOR"]))
+        try:
+            assert gc.get_threshold() == GC_THRESHOLD
+        finally:
+            await stop_registry(lao)
+    finally:
+        gc.set_threshold(*previous)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 
 import pytest
@@ -124,3 +125,28 @@ def test_the_audit_trail_is_chained_like_the_journal() -> None:
     ]  # ids shift, so each hash no longer matches
     assert verify_chain(shifted, first_id=4) != []
     assert verify_chain(entries, first_id=4)[0].problem.startswith("entry 4 expected here")
+
+
+def test_an_entry_hash_is_the_documented_encoding() -> None:
+    """SHA-256(prev_hash || F(id) || F(direction) || ... || F(envelope)), each field
+    its 8-byte big-endian length then its bytes (integers as 8 bytes): journals
+    written before stay verifiable however the hash is computed."""
+
+    def field(value: bytes) -> bytes:
+        return len(value).to_bytes(8, "big") + value
+
+    prev = bytes(range(32))
+    expected = hashlib.sha256(
+        prev
+        + field((7).to_bytes(8, "big", signed=True))
+        + field(b"out")
+        + field(b"KOR")
+        + field(b"m-7")
+        + field(b"itmolink.v1.TransferAcceptance")
+        + field((-5).to_bytes(8, "big", signed=True))
+        + field(b"\x00envelope")
+    ).digest()
+    assert expected == entry_hash(
+        prev, id=7, direction="out", partner="KOR", message_id="m-7",
+        payload_type="itmolink.v1.TransferAcceptance", recorded_at=-5, envelope=b"\x00envelope",
+    )  # fmt: skip

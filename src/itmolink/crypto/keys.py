@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -22,6 +23,12 @@ PRIVATE_FILE_MODE = 0o600
 def key_id_for(party: str, public_bytes: bytes) -> str:
     """A stable key id: the party code and a digest of the raw public key."""
     return f"{party}-ed25519-{hashlib.sha256(public_bytes).hexdigest()[:16]}"
+
+
+@functools.lru_cache(maxsize=256)
+def _public_key(raw: bytes) -> Ed25519PublicKey:
+    """The key object for 32 raw bytes, made once per key rather than per signature."""
+    return Ed25519PublicKey.from_public_bytes(raw)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +52,7 @@ class VerifyingKey:
 
     def verify(self, signature: bytes, message: bytes) -> bool:
         try:
-            Ed25519PublicKey.from_public_bytes(self.public_bytes).verify(signature, message)
+            _public_key(self.public_bytes).verify(signature, message)
         except InvalidSignature:
             return False
         return True

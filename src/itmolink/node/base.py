@@ -786,19 +786,19 @@ class EngineBase:
                 RejectionCode.UNKNOWN_AUTHORISATION,
                 f"no authorisation {authorisation_id!r} of {host_party} is recorded here",
             )
-        # A store that remembers what a transaction read (SQLite) gives the same row
-        # object again: its Authorisation is built once (a batch asks per item).
-        memo = self._authorisation_memo
-        if memo is not None and memo[0] is latest:
-            return memo[1]
+        # A transaction that remembers what it read gives the same terms object again:
+        # their Authorisation is built once (a batch asks per item).
         terms, details = latest
+        memo = self._authorisation_memo
+        if memo is not None and memo[0] is terms:
+            return memo[1]
         authorisation = Authorisation(
             terms,
             oimp_detail=details["oimp_detail"],
             first_transfer_definition=FirstTransferDefinition(details["first_transfer_definition"]),
             revoked=bool(details["revoked"]),
         )
-        self._authorisation_memo = (latest, authorisation)
+        self._authorisation_memo = (terms, authorisation)
         return authorisation
 
     def _first_transfer(self, tx: Tx, authorisation_id: str, blocks: Sequence[Block]) -> bool:

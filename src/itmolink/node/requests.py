@@ -336,7 +336,7 @@ class Requests(EngineBase):
                 continue
             seen.add(item.transfer_id)
             records.append(
-                self._incoming_record(
+                self._incoming_row(
                     sender, msg, item, TransferState.REJECTED, [], proposal_digest=digest(payload),
                     expires_at=expires_at, batch_id=batch_id, rejected=rejected,
                 )
@@ -344,7 +344,7 @@ class Requests(EngineBase):
         tx.transfers_put(records, now=now_us)
 
     @staticmethod
-    def _incoming_record(
+    def _incoming_row(
         sender: str,
         msg: TransferProposal | TransferBatchProposal,
         item: TransferProposal | TransferBatchItem,
@@ -564,7 +564,7 @@ class Requests(EngineBase):
         )
         tx.transfers_put(
             [
-                self._incoming_record(
+                self._incoming_row(
                     sender, msg, msg, TransferState.ACCEPTED, blocks,
                     proposal_digest=acceptance.proposal_digest,
                     acceptance_digest=digest(acceptance_payload),
@@ -704,7 +704,7 @@ class Requests(EngineBase):
                 )
                 if recordable:
                     refused.append(
-                        self._incoming_record(
+                        self._incoming_row(
                             sender, msg, item, TransferState.REJECTED, [],
                             proposal_digest=proposal_digest, expires_at=0,
                             batch_id=msg.batch_id, rejected=rejected,
@@ -723,7 +723,7 @@ class Requests(EngineBase):
         acceptance_digest = digest(acceptance_payload)
         tx.transfers_put(
             [
-                self._incoming_record(
+                self._incoming_row(
                     sender, msg, item, TransferState.ACCEPTED, blocks,
                     proposal_digest=proposal_digest, acceptance_digest=acceptance_digest,
                     expires_at=expires_at, batch_id=msg.batch_id,
@@ -911,6 +911,10 @@ class Requests(EngineBase):
         return self._reply(tx, sender, receipt, msg.header.message_id, now_us)[1]
 
     def _incoming_transfer(self, tx: Tx, sender: str, transfer_id: str) -> TransferState | None:
+        record = self._incoming_record(tx, sender, transfer_id)
+        return None if record is None else record.state
+
+    def _incoming_record(self, tx: Tx, sender: str, transfer_id: str) -> TransferRecord | None:
         record = tx.transfer_get(transfer_id)
         if record is None:
             return None
@@ -919,7 +923,7 @@ class Requests(EngineBase):
                 RejectionCode.UNKNOWN_TRANSFER,
                 f"{sender} has no transfer {transfer_id} to this node",
             )
-        return record.state
+        return record
 
     def _on_void(
         self, tx: Tx, sender: str, msg: TransferVoid, payload: bytes, journal_id: int, now_us: int

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -44,10 +46,6 @@ def _invalid(detail: str) -> Rejected:
     return Rejected(RejectionCode.INVALID_FIELD, detail)
 
 
-# How a field is checked (see _plan).
-_REPEATED, _MESSAGE, _SCALAR = 0, 1, 2
-
-
 @functools.cache
 def _rules(descriptor: Descriptor) -> tuple[tuple[FieldDescriptor, rules_pb2.FieldRules], ...]:
     """Each field of a message with the rules its proto declares (possibly none)."""
@@ -63,110 +61,128 @@ def _rules(descriptor: Descriptor) -> tuple[tuple[FieldDescriptor, rules_pb2.Fie
     return tuple(found)
 
 
+# What a value of a field is checked as.
+_TIMESTAMP, _MESSAGE, _TEXT, _INTEGER, _UNCHECKED = range(5)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """One field's rules, read once from its descriptor (reading them from the
+    protobuf options on every message cost more than the checks themselves)."""
+
+    name: str
+    repeated: bool
+    blocks: bool  # "blocks": bounded by the node's configured limit too
+    has_field: bool  # presence is HasField (a message), not a non-empty value
+    required: bool
+    max_items: int
+    kind: int
+    max_len: int
+    pattern: re.Pattern[str] | None
+    pattern_text: str
+    unsigned: bool
+    min: int
+    max: int
+
+
 @functools.cache
-def _plan(
-    descriptor: Descriptor,
-) -> tuple[tuple[str, int, bool, FieldDescriptor, rules_pb2.FieldRules], ...]:
-    """Each field of a message as (name, how it is checked, whether it holds
-    messages other than timestamps, field, rules), worked out once per message type."""
-    return tuple(
-        (
-            field.name,
-            _REPEATED
-            if _is_repeated(field)
-            else _MESSAGE
-            if field.type == FieldDescriptor.TYPE_MESSAGE
-            else _SCALAR,
-            field.type == FieldDescriptor.TYPE_MESSAGE
-            and field.message_type is not None
-            and field.message_type.full_name != Timestamp.DESCRIPTOR.full_name,
-            field,
-            rules,
+def _plan(descriptor: Descriptor) -> tuple[_Plan, ...]:
+    plans = []
+    for field, rules in _rules(descriptor):
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            message = field.message_type
+            timestamp = message is not None and message.full_name == Timestamp.DESCRIPTOR.full_name
+            kind = _TIMESTAMP if timestamp else _MESSAGE
+        elif field.type == FieldDescriptor.TYPE_STRING:
+            kind = _TEXT
+        elif field.type in _INTEGERS:
+            kind = _INTEGER
+        else:
+            kind = _UNCHECKED
+        plans.append(
+            _Plan(
+                name=field.name,
+                repeated=_is_repeated(field),
+                blocks=field.name == "blocks",
+                has_field=field.type == FieldDescriptor.TYPE_MESSAGE,
+                required=rules.required,
+                max_items=rules.max_items or MAX_REPEATED,
+                kind=kind,
+                max_len=rules.max_len or (MAX_PROSE if field.name in PROSE_FIELDS else MAX_TEXT),
+                pattern=re.compile(rules.pattern) if rules.pattern else None,
+                pattern_text=rules.pattern,
+                unsigned=field.type in _UNSIGNED,
+                min=rules.min,
+                max=rules.max,
+            )
         )
-        for field, rules in _rules(descriptor)
-    )
+    return tuple(plans)
 
 
 def validate(msg: Message, *, max_blocks: int, path: str = "") -> None:
     """Raise MISSING_FIELD for a required field left empty, INVALID_FIELD (or
     TOO_MANY_BLOCKS, or TOO_MANY_ITEMS for a batch's transfers) for the first field
     out of bounds."""
-    for name, how, holds_messages, field, rules in _plan(msg.DESCRIPTOR):
-        value = getattr(msg, name)
-        if how == _REPEATED:
+    for plan in _plan(msg.DESCRIPTOR):
+        value = getattr(msg, plan.name)
+        if plan.repeated:
             count = len(value)
-            if name == "blocks" and count > max_blocks:
+            if plan.blocks and count > max_blocks:
                 raise Rejected(
                     RejectionCode.TOO_MANY_BLOCKS,
-                    f"{path}{name} has {count} entries; at most {max_blocks}",
+                    f"{path}{plan.name} has {count} entries; at most {max_blocks}",
                 )
-            limit = rules.max_items or MAX_REPEATED
-            if count > limit:
-                if name == "items":  # the transfers of a batch (§5.15)
+            if count > plan.max_items:
+                if plan.name == "items":  # the transfers of a batch (§5.15)
                     raise Rejected(
                         RejectionCode.TOO_MANY_ITEMS,
-                        f"{path}{name} has {count} transfers; at most {limit} in one batch",
+                        f"{path}{plan.name} has {count} transfers; at most {plan.max_items} in "
+                        "one batch",
                     )
-                raise _invalid(f"{path}{name} has {count} entries; at most {limit}")
-            if not count:
-                if rules.required:
-                    raise Rejected(
-                        RejectionCode.MISSING_FIELD, f"{path}{name} needs at least one entry"
-                    )
+                raise _invalid(f"{path}{plan.name} has {count} entries; at most {plan.max_items}")
+            if plan.required and not count:
+                raise Rejected(
+                    RejectionCode.MISSING_FIELD, f"{path}{plan.name} needs at least one entry"
+                )
+            if plan.kind == _UNCHECKED:
                 continue
-            if holds_messages:
-                inner = f"{path}{name}."
-                for item in value:
-                    validate(item, max_blocks=max_blocks, path=inner)
-                continue
-            values = value
-        elif how == _MESSAGE:
-            if not msg.HasField(name):
-                if rules.required:
-                    raise Rejected(RejectionCode.MISSING_FIELD, f"{path}{name} is required")
-                continue
-            values = (value,)
+            for item in value:
+                _check(path, plan, item, max_blocks)
         else:
-            if not value:
-                if rules.required:
-                    raise Rejected(RejectionCode.MISSING_FIELD, f"{path}{name} is required")
+            present = msg.HasField(plan.name) if plan.has_field else bool(value)
+            if not present:
+                if plan.required:
+                    raise Rejected(RejectionCode.MISSING_FIELD, f"{path}{plan.name} is required")
                 continue
-            values = (value,)
-        for item in values:
-            _check(path, name, field, rules, item, max_blocks)
+            if plan.kind != _UNCHECKED:
+                _check(path, plan, value, max_blocks)
 
 
-def _check(
-    path: str,
-    name: str,
-    field: FieldDescriptor,
-    rules: rules_pb2.FieldRules,
-    item: object,
-    max_blocks: int,
-) -> None:
-    if isinstance(item, str):
-        limit = rules.max_len or (MAX_PROSE if name in PROSE_FIELDS else MAX_TEXT)
-        if len(item) > limit:
-            raise _invalid(f"{path}{name} has {len(item)} characters; at most {limit}")
+def _check(path: str, plan: _Plan, item: Any, max_blocks: int) -> None:
+    kind = plan.kind
+    if kind == _TEXT:
+        if len(item) > plan.max_len:
+            raise _invalid(f"{path}{plan.name} has {len(item)} characters; at most {plan.max_len}")
         if _CONTROL.search(item):
-            raise _invalid(f"{path}{name} contains a control character")
-        if rules.pattern and not re.fullmatch(rules.pattern, item):
-            raise _invalid(f"{path}{name} = {item!r} does not match {rules.pattern}")
-    elif isinstance(item, int) and field.type in _INTEGERS:
-        if field.type in _UNSIGNED and item > MAX_INT:
-            raise _invalid(f"{path}{name} = {item} is above {MAX_INT}")
-        if rules.min and item < rules.min:  # 0: no bound
-            raise _invalid(f"{path}{name} = {item} is below {rules.min}")
-        if rules.max and item > rules.max:
-            raise _invalid(f"{path}{name} = {item} is above {rules.max}")
-    elif isinstance(item, Timestamp):
-        if not _MIN_SECONDS <= item.seconds <= _MAX_SECONDS or not 0 <= item.nanos < 10**9:
-            raise _invalid(
-                f"{path}{name} is not a valid timestamp (seconds {item.seconds}, nanos "
-                f"{item.nanos})"
-            )
-    elif isinstance(item, Message):
-        validate(item, max_blocks=max_blocks, path=f"{path}{name}.")
+            raise _invalid(f"{path}{plan.name} contains a control character")
+        if plan.pattern is not None and not plan.pattern.fullmatch(item):
+            raise _invalid(f"{path}{plan.name} = {item!r} does not match {plan.pattern_text}")
+    elif kind == _MESSAGE:
+        validate(item, max_blocks=max_blocks, path=f"{path}{plan.name}.")
+    elif kind == _INTEGER:
+        if plan.unsigned and item > MAX_INT:
+            raise _invalid(f"{path}{plan.name} = {item} is above {MAX_INT}")
+        if plan.min and item < plan.min:  # 0: no bound
+            raise _invalid(f"{path}{plan.name} = {item} is below {plan.min}")
+        if plan.max and item > plan.max:
+            raise _invalid(f"{path}{plan.name} = {item} is above {plan.max}")
+    elif kind == _TIMESTAMP and (
+        not _MIN_SECONDS <= item.seconds <= _MAX_SECONDS or not 0 <= item.nanos < 10**9
+    ):
+        raise _invalid(
+            f"{path}{plan.name} is not a valid timestamp "
+            f"(seconds {item.seconds}, nanos {item.nanos})"
+        )
 
 
 def _is_repeated(field: FieldDescriptor) -> bool:

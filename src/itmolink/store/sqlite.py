@@ -8,10 +8,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from itmolink.store.migrate import SQLITE, migrations, refuse_newer, statements
-from itmolink.store.tx import Tx
+from itmolink.store.tx import Tx, TxMemory
 
 HOLDING_ACCOUNT = "holding"
 
@@ -61,16 +61,22 @@ class SqliteStore:
         self._lock = threading.Lock()
         # While a group (group commit) is open: the thread that holds it, how many
         # of its transactions have begun, the follow-ups awaiting its commit, and what
-        # its transactions read of node_meta and counters (Tx._cache).
+        # its transactions read and deferred of node_meta and counters (TxMemory).
         self._group_owner: int | None = None
         self._group_size = 0
         self._group_followups: list[Callable[[], None]] = []
-        self._group_cache: dict[tuple[str, str], Any] = {}
+        self._group_memory = TxMemory()
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.execute("PRAGMA busy_timeout=10000")
+        # A savepoint (one per call of a group commit, one around each request's
+        # handler) keeps the pages it changes in a statement journal, which SQLite
+        # moves to a temporary file past 64 KiB: a protocol step changes about
+        # twenty pages, so every transaction created, wrote and deleted one. In
+        # memory instead: it only undoes a savepoint; crash safety rests on the WAL.
+        self._conn.execute("PRAGMA temp_store=MEMORY")
         self._migrate()
         self._check_identity(party, registry)
 
@@ -139,7 +145,9 @@ class SqliteStore:
             try:
                 # BEGIN IMMEDIATE: no other connection writes until this commits,
                 # so what the transaction read of node_meta and counters holds.
-                yield Tx(self._conn, cache={})
+                tx = Tx(self._conn, cache=TxMemory())
+                yield tx
+                tx.write_deferred()
                 if self.before_commit is not None:
                     self.before_commit()
             except BaseException:
@@ -155,11 +163,15 @@ class SqliteStore:
             raise sqlite3.OperationalError("the group's transaction was rolled back")
         self._group_size += 1
         name = f"g{self._group_size}"
+        memory = self._group_memory
+        mark = memory.mark()
         self._conn.execute(f"SAVEPOINT {name}")
         try:
-            yield Tx(self._conn, cache=self._group_cache)
+            yield Tx(self._conn, cache=memory)
         except BaseException:
-            self._group_cache.clear()
+            # Back to what the group's earlier transactions left (their deferred
+            # writes included), as the database is.
+            memory.restore(mark)
             if self._conn.in_transaction:
                 self._conn.execute(f"ROLLBACK TO SAVEPOINT {name}")
                 self._conn.execute(f"RELEASE SAVEPOINT {name}")
@@ -180,10 +192,15 @@ class SqliteStore:
             self._group_owner = threading.get_ident()
             self._group_size = 0
             self._group_followups = []
-            self._group_cache = {}
+            self._group_memory = TxMemory()
             try:
                 try:
                     yield
+                    if not self._conn.in_transaction:
+                        # SQLite rolled the group back itself: the deferred writes
+                        # must not run (each would commit alone), nor the COMMIT.
+                        raise sqlite3.OperationalError("the group's transaction was rolled back")
+                    Tx(self._conn, cache=self._group_memory).write_deferred()
                     if self.before_commit is not None:
                         self.before_commit()
                 finally:

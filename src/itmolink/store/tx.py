@@ -203,15 +203,19 @@ def _transfer(row: Sequence[Any]) -> TransferRecord:
 
 
 def _moved_to(
-    record: TransferRecord, state: TransferState, acceptance_digest: bytes
+    record: TransferRecord,
+    state: TransferState,
+    acceptance_digest: bytes,
+    rejection_code: int = 0,
+    rejection_detail: str = "",
 ) -> TransferRecord:
-    """``record`` in ``state``, without a rejection (dataclasses.replace, spelt out: it
-    is called for every transfer of a batch)."""
+    """``record`` in ``state`` (dataclasses.replace, spelt out: it is called for every
+    transfer of a batch)."""
     r = record
     return TransferRecord(
         r.transfer_id, r.direction, r.partner, state, r.quantity, r.authorisation_id,
         r.first_transfer, r.proposal_message_id, r.proposal_digest, acceptance_digest,
-        r.expires_at, 0, "", r.created_at, r.updated_at, r.batch_id,
+        r.expires_at, rejection_code, rejection_detail, r.created_at, r.updated_at, r.batch_id,
     )  # fmt: skip
 
 
@@ -258,6 +262,39 @@ def to_format(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+class TxMemory:
+    """What a SQLite transaction remembers of the node_meta, counters and links rows
+    it read or wrote, and which of its writes to them wait for the commit.
+
+    Given by a store whose transaction nothing else can write (SQLite: BEGIN
+    IMMEDIATE) and shared by the savepoints of a group commit. A row written
+    several times in one transaction (the journal's head at every append, the
+    transfer counter at every proposal, a link's sequence at every message sent)
+    is written to the database once, by
+    :meth:`Tx.write_deferred`, which the store calls just before COMMIT.
+    """
+
+    __slots__ = ("dirty", "values")
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, str], Any] = {}
+        self.dirty: set[tuple[str, str]] = set()
+
+    def mark(self) -> tuple[dict[tuple[str, str], Any], set[tuple[str, str]]]:
+        """The state to return to if a savepoint beginning now is rolled back."""
+        return dict(self.values), set(self.dirty)
+
+    def restore(self, mark: tuple[dict[tuple[str, str], Any], set[tuple[str, str]]]) -> None:
+        self.values.clear()
+        self.values.update(mark[0])
+        self.dirty.clear()
+        self.dirty.update(mark[1])
+
+    def clear(self) -> None:
+        self.values.clear()
+        self.dirty.clear()
+
+
 class Tx:
     """Operations inside one open transaction.
 
@@ -270,16 +307,22 @@ class Tx:
         conn: Connection,
         paramstyle: Paramstyle = "qmark",
         *,
-        cache: dict[tuple[str, str], Any] | None = None,
+        cache: TxMemory | None = None,
     ) -> None:
         self._conn = conn
         self._savepoints = 0
+        # The latest version of each authorisation read in this transaction (a
+        # transfer's steps look at it several times): forgotten when one is written
+        # or a savepoint rolled back.
+        self._authorisations: dict[
+            tuple[str, str], tuple[AuthorisationTerms, dict[str, Any]] | None
+        ] = {}
         self.postgres = paramstyle == "format"
         # Rows of node_meta and counters read or written in this database
-        # transaction, given by a store whose transaction nothing else can write
-        # (SQLite: BEGIN IMMEDIATE), shared by the savepoints of a group commit and
-        # emptied when any of them is rolled back (:meth:`forget`). None: no cache.
-        self._cache = cache
+        # transaction, and the writes to them deferred until its commit
+        # (:class:`TxMemory`); None (PostgreSQL, read-only use): every read and
+        # write goes to the database at once.
+        self._memory = cache
 
     def _exec(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
         if self.postgres:
@@ -305,29 +348,63 @@ class Tx:
         """A nested scope whose writes are undone if it raises."""
         self._savepoints += 1
         name = f"sp{self._savepoints}"
+        memory = self._memory
+        mark = None if memory is None else memory.mark()
         self._exec(f"SAVEPOINT {name}")
         try:
             yield
         except BaseException:
-            self.forget()
+            if memory is not None and mark is not None:
+                memory.restore(mark)
+            self._authorisations.clear()
             self._exec(f"ROLLBACK TO SAVEPOINT {name}")
             self._exec(f"RELEASE SAVEPOINT {name}")
             raise
         self._exec(f"RELEASE SAVEPOINT {name}")
 
     def forget(self) -> None:
-        """Drop what this transaction remembers of node_meta and counters (some of its
-        writes are being rolled back)."""
-        if self._cache is not None:
-            self._cache.clear()
+        """Drop what this transaction remembers of node_meta and counters, and the
+        writes to them it deferred (the whole transaction is being rolled back)."""
+        if self._memory is not None:
+            self._memory.clear()
+
+    def write_deferred(self) -> None:
+        """Write the node_meta and counters rows whose writes wait for the commit
+        (:class:`TxMemory`): called by the store just before COMMIT."""
+        memory = self._memory
+        if memory is None or not memory.dirty:
+            return
+        for kind, key in sorted(memory.dirty):
+            value = memory.values[kind, key]
+            if kind == "meta":
+                self._exec(
+                    "INSERT INTO node_meta (key, value) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+            elif kind == "link":
+                self._exec(
+                    "INSERT INTO links (partner, next_out_sequence) VALUES (?, ?) "
+                    "ON CONFLICT (partner) DO UPDATE SET "
+                    "next_out_sequence = excluded.next_out_sequence",
+                    (key, value),
+                )
+            else:
+                self._exec(
+                    "INSERT INTO counters (name, value) VALUES (?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+        memory.dirty.clear()
 
     # -- node identity and counters ------------------------------------------------------
 
     def meta(self) -> dict[str, str]:
+        self.write_deferred()
         return {k: v for k, v in self._exec("SELECT key, value FROM node_meta")}
 
     def meta_get(self, key: str) -> str | None:
-        cache = self._cache
+        cache = None if self._memory is None else self._memory.values
         if cache is not None and ("meta", key) in cache:
             return cache["meta", key]  # type: ignore[no-any-return]
         row = self._one("SELECT value FROM node_meta WHERE key = ?", (key,))
@@ -337,13 +414,16 @@ class Tx:
         return value
 
     def set_meta(self, key: str, value: str) -> None:
-        self._exec(
-            "INSERT INTO node_meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )
-        if self._cache is not None:
-            self._cache["meta", key] = value
+        if self._memory is not None:
+            # Written before the commit (write_deferred), however often set.
+            self._memory.values["meta", key] = value
+            self._memory.dirty.add(("meta", key))
+        else:
+            self._exec(
+                "INSERT INTO node_meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
         if key in _SHARED_META:
             self.shared_state_changed()
 
@@ -358,7 +438,7 @@ class Tx:
         return 0 if value is None else value
 
     def _counter(self, name: str) -> int | None:
-        cache = self._cache
+        cache = None if self._memory is None else self._memory.values
         if cache is not None and ("counter", name) in cache:
             return cache["counter", name]  # type: ignore[no-any-return]
         row = self._one("SELECT value FROM counters WHERE name = ?", (name,))
@@ -371,15 +451,28 @@ class Tx:
         """Reserve ``count`` values of a counter; returns the first (counters start at 1)."""
         value = self._counter(name)
         first = 1 if value is None else value
-        if value is None:
+        if self._memory is not None:
+            # Written before the commit (write_deferred), however often reserved.
+            self._memory.values["counter", name] = first + count
+            self._memory.dirty.add(("counter", name))
+        elif value is None:
             self._exec("INSERT INTO counters (name, value) VALUES (?, ?)", (name, first + count))
         else:
             self._exec("UPDATE counters SET value = ? WHERE name = ?", (first + count, name))
-        if self._cache is not None:
-            self._cache["counter", name] = first + count
         return first
 
     def next_sequence(self, partner: str) -> int:
+        memory = self._memory
+        if memory is not None:
+            # Every message sent takes one: remembered, written before the commit.
+            if ("link", partner) in memory.values:
+                sequence = int(memory.values["link", partner])
+            else:
+                row = self._one("SELECT next_out_sequence FROM links WHERE partner = ?", (partner,))
+                sequence = 1 if row is None else int(row[0])
+            memory.values["link", partner] = sequence + 1
+            memory.dirty.add(("link", partner))
+            return sequence
         row = self._one("SELECT next_out_sequence FROM links WHERE partner = ?", (partner,))
         if row is None:
             self._exec("INSERT INTO links (partner, next_out_sequence) VALUES (?, 2)", (partner,))
@@ -647,7 +740,7 @@ class Tx:
         revoked: bool = False,
         statement_journal_id: int | None = None,
     ) -> None:
-        self._authorisations_changed()
+        self._authorisations.clear()
         self._exec(
             "INSERT INTO authorisations (host_party, authorisation_id, version, activity_id, "
             "activity_name, activity_description, cooperative_approach_id, acquiring_parties, "
@@ -711,35 +804,16 @@ class Tx:
         latest = self.authorisation_latest(host_party, authorisation_id)
         return None if latest is None else latest[0]
 
-    def _authorisations_changed(self) -> None:
-        """Forget what this transaction remembers of authorisations (one was written)."""
-        cache = self._cache
-        if cache is not None:
-            for key in [k for k in cache if k[0] == "auth"]:
-                del cache[key]
-
     def authorisation_latest(
         self, host_party: str, authorisation_id: str
     ) -> tuple[AuthorisationTerms, dict[str, Any]] | None:
         """The latest version of an authorisation with its details, in one query
-        (:meth:`authorisation_get` and :meth:`authorisation_details` together).
-
-        Remembered for the rest of the transaction where the store allows it (as
-        node_meta and counters are): every write to authorisations goes through this
-        class, which forgets them. Callers must not change what they get.
-        """
-        cache = self._cache
-        key = ("auth", f"latest|{host_party}|{authorisation_id}")
-        if cache is not None and key in cache:
-            return cache[key]  # type: ignore[no-any-return]
-        latest = self._authorisation_latest(host_party, authorisation_id)
-        if cache is not None:
-            cache[key] = latest
-        return latest
-
-    def _authorisation_latest(
-        self, host_party: str, authorisation_id: str
-    ) -> tuple[AuthorisationTerms, dict[str, Any]] | None:
+        (:meth:`authorisation_get` and :meth:`authorisation_details` together), read
+        once per transaction."""
+        key = (host_party, authorisation_id)
+        if key in self._authorisations:
+            found = self._authorisations[key]
+            return None if found is None else (found[0], dict(found[1]))
         details = ", ".join(self._AUTHORISATION_DETAILS)
         row = self._one(
             f"SELECT {self._AUTHORISATION_COLUMNS}, {details} "
@@ -748,8 +822,12 @@ class Tx:
             (host_party, authorisation_id),
         )
         if row is None:
+            self._authorisations[key] = None
             return None
-        return self._terms(row), dict(zip(self._AUTHORISATION_DETAILS, row[11:], strict=True))
+        terms = self._terms(row)
+        values = dict(zip(self._AUTHORISATION_DETAILS, row[11:], strict=True))
+        self._authorisations[key] = (terms, values)
+        return terms, dict(values)
 
     def authorisation_versions(
         self, host_party: str, authorisation_id: str
@@ -769,7 +847,7 @@ class Tx:
     def authorisation_details(self, host_party: str, authorisation_id: str) -> dict[str, Any]:
         """The parts of the latest version that AuthorisationTerms leaves out."""
         latest = self.authorisation_latest(host_party, authorisation_id)
-        return {} if latest is None else dict(latest[1])
+        return {} if latest is None else latest[1]
 
     def authorisation_evidence(self, host_party: str, authorisation_id: str) -> bytes | None:
         """The host's signed statement of the latest version, as received here."""
@@ -857,7 +935,7 @@ class Tx:
     def authorisation_party_put(
         self, terms: AuthorisationTerms, party: str, state: str, evidence_journal_id: int | None
     ) -> None:
-        self._authorisations_changed()
+        self._authorisations.clear()
         self._exec(
             "INSERT INTO authorisation_parties (host_party, authorisation_id, version, party, "
             "state, rejection_code, evidence_journal_id) VALUES (?, ?, ?, ?, ?, 0, ?)",
@@ -883,7 +961,7 @@ class Tx:
         evidence_journal_id: int,
         reference: str = "",
     ) -> None:
-        self._authorisations_changed()
+        self._authorisations.clear()
         self._exec(
             "UPDATE authorisation_parties SET state = ?, rejection_code = ?, "
             "evidence_journal_id = ?, reference = ? WHERE host_party = ? AND authorisation_id = ? "
@@ -903,19 +981,12 @@ class Tx:
     def authorisation_party_states(
         self, host_party: str, authorisation_id: str, version: int
     ) -> dict[str, str]:
-        cache = self._cache
-        key = ("auth", f"parties|{host_party}|{authorisation_id}|{version}")
-        if cache is not None and key in cache:
-            return dict(cache[key])
         rows = self._exec(
             "SELECT party, state FROM authorisation_parties WHERE host_party = ? "
             "AND authorisation_id = ? AND version = ?",
             (host_party, authorisation_id, version),
         )
-        states = {r[0]: r[1] for r in rows}
-        if cache is not None:
-            cache[key] = dict(states)
-        return states
+        return {r[0]: r[1] for r in rows}
 
     # -- accounts, issuance and holdings ------------------------------------------------
 
@@ -1334,19 +1405,31 @@ class Tx:
         rejection_code: int = 0,
         rejection_detail: str = "",
         acceptance_digest: bytes | None = None,
+        blocks: Sequence[Block] | None = None,
     ) -> None:
-        self._exec(
-            "UPDATE transfers SET state = ?, rejection_code = ?, rejection_detail = ?, "
-            "updated_at = ? WHERE transfer_id = ?",
-            (int(state), rejection_code, rejection_detail, now, transfer_id),
-        )
+        """Move a transfer to ``state``; a final state also seals it (its
+        reconciliation leaves). ``blocks``, when the caller has read them, are the
+        transfer's blocks (else read again to seal a completed transfer)."""
+        if state.is_final:
+            self._seal_transfer(
+                transfer_id,
+                blocks=blocks,
+                change=(state, rejection_code, rejection_detail, now, acceptance_digest),
+            )
+            return
         if acceptance_digest is not None:
             self._exec(
-                "UPDATE transfers SET acceptance_digest = ? WHERE transfer_id = ?",
-                (acceptance_digest, transfer_id),
+                "UPDATE transfers SET state = ?, rejection_code = ?, rejection_detail = ?, "
+                "updated_at = ?, acceptance_digest = ? WHERE transfer_id = ?",
+                (int(state), rejection_code, rejection_detail, now, acceptance_digest,
+                 transfer_id),
+            )  # fmt: skip
+        else:
+            self._exec(
+                "UPDATE transfers SET state = ?, rejection_code = ?, rejection_detail = ?, "
+                "updated_at = ? WHERE transfer_id = ?",
+                (int(state), rejection_code, rejection_detail, now, transfer_id),
             )
-        if state.is_final:
-            self._seal_transfers([transfer_id])
 
     def transfers_set_state(
         self,
@@ -1441,9 +1524,29 @@ class Tx:
                 found[row[0]].append((int(row[1]), int(row[2])))
         return found
 
-    def _seal_transfer(self, transfer_id: str) -> None:
-        """Record a final transfer's reconciliation leaves (:meth:`_seal_transfers`)."""
-        self._seal_transfers([transfer_id])
+    def _seal_transfer(
+        self,
+        transfer_id: str,
+        *,
+        blocks: Sequence[Block] | None = None,
+        change: tuple[TransferState, int, str, int, bytes | None] | None = None,
+    ) -> None:
+        """Record a final transfer's reconciliation leaves (:meth:`_seal_records`).
+
+        With ``change`` (state, rejection code and detail, time, acceptance digest
+        or None), the transfer moves to that final state in the same statement.
+        """
+        record = self.transfers_get([transfer_id])[transfer_id]
+        now = None
+        if change is not None:
+            state, code, detail, now, acceptance = change
+            record = _moved_to(
+                record, state,
+                record.acceptance_digest if acceptance is None else acceptance, code, detail,
+            )  # fmt: skip
+        self._seal_records(
+            [record], blocks=None if blocks is None else {transfer_id: list(blocks)}, now=now
+        )
 
     def _seal_transfers(self, transfer_ids: Sequence[str]) -> None:
         """Record final transfers' reconciliation leaves (core/reconcile.py) and add
