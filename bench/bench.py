@@ -676,7 +676,7 @@ def main() -> None:
         "--batch-size", type=int, default=100,
         help="transfers per batched proposal (0: skip the batched measurement)",
     )  # fmt: skip
-    parser.add_argument("--batch-in-flight", type=int, default=4, help="batches in flight")
+    parser.add_argument("--batch-in-flight", type=int, default=8, help="batches in flight")
     parser.add_argument(
         "--batch-count", type=int, default=0,
         help="transfers in the batched measurement (default: 20 x --count)",
