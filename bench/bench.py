@@ -21,7 +21,12 @@ production, so no two of them share an interpreter lock:
   default, written straight into both databases): the time and the work
   (queries, buckets and leaves compared) when identical and when d transfers
   differ, and each node's memory (peak RSS) holding them;
-* ``ratio transfers/echo: X`` for one transfer in flight and for 64.
+* ``ratio transfers/echo: X`` for one transfer in flight and for 64;
+* batched proposals (docs/PROTOCOL.md §5.15): completed transfers per second
+  with N transfers per TransferBatchProposal and B batches in flight, against
+  the echo with 64 in flight, p50 and p99 per transfer (a transfer completes
+  when the receiver's answer to its batch's completion reaches the sender),
+  the CPU per transfer, and ``ratio batched transfers/echo: X``.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from itmolink.core.reconcile import TransferFacts, blocks_leaf, id_hash, journal
 from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
 from itmolink.crypto.pki import PartyFiles, init_party
 from itmolink.node.config import load_config
+from itmolink.node.operations import BatchItemRequest
 from itmolink.node.reconciliation import Reconciliation
 from itmolink.node.runtime import Node
 from itmolink.store import SqliteStore
@@ -58,6 +64,7 @@ from itmolink.v1 import envelope_pb2, partner_service_pb2, partner_service_pb2_g
 NOW = dt.datetime.now(dt.UTC)
 PAYLOAD = 700  # bytes: about a signed one-block TransferProposal envelope
 COMPLETION = "itmolink.v1.TransferCompletion"
+BATCH_COMPLETION = "itmolink.v1.TransferBatchCompletion"
 Figures = tuple[float, float, float]  # per second, p50 (s), p99 (s)
 
 
@@ -205,6 +212,9 @@ class BenchNode(Node):
         if sealed.payload_type == COMPLETION:
             completion = transfer_pb2.TransferCompletion.FromString(sealed.payload)
             self._completions[message_id] = completion.transfer_id
+        elif sealed.payload_type == BATCH_COMPLETION:  # waited for by its batch id
+            batch = transfer_pb2.TransferBatchCompletion.FromString(sealed.payload)
+            self._completions[message_id] = batch.batch_id
         await super()._deliver(message_id, partner, envelope)
         answered = self._answered.pop(message_id, None)
         if answered is not None:
@@ -268,6 +278,36 @@ class Driver:
         elapsed = time.perf_counter() - started
         return count / elapsed, percentile(latencies, 0.5), percentile(latencies, 0.99)
 
+    async def batch(self, size: int, quantity: int) -> float:
+        """Propose ``size`` transfers in one batch; when the receiver's answer to the
+        batch's completion came (every transfer of it is then final on both sides)."""
+        loop = asyncio.get_running_loop()
+        batch_id, _ = await self.node.db(
+            self.node.engine.start_transfer_batch, to_party="KOR",
+            items=[BatchItemRequest(self.authorisation, 2025, quantity)] * size,
+            now=dt.datetime.now(dt.UTC),
+        )  # fmt: skip
+        done: asyncio.Future[float] = loop.create_future()
+        self.node.waiting[batch_id] = done
+        self.node.kick_after_call()
+        return await done
+
+    async def batches(self, count: int, size: int, in_flight: int, quantity: int) -> Figures:
+        """``count`` transfers in batches of ``size``, ``in_flight`` batches at a time;
+        per second and per-transfer p50 and p99 (a transfer's latency is its batch's)."""
+        latencies: list[float] = []
+        queue = iter(range(count // size))
+
+        async def worker() -> None:
+            for _ in queue:
+                started = time.perf_counter()
+                latencies.extend([await self.batch(size, quantity) - started] * size)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+        elapsed = time.perf_counter() - started
+        return len(latencies) / elapsed, percentile(latencies, 0.5), percentile(latencies, 0.99)
+
     async def quantities(self, count: int, quantities: list[int]) -> list[Figures]:
         """Transfers of each quantity in turn, one in flight: a machine whose load
         drifts during the run moves every quantity's figures alike."""
@@ -321,6 +361,8 @@ def node_process(config: Path, conn: Connection, profile: str) -> None:
                 await driver.authorise()
             elif command == "transfers":
                 result = await driver.transfers(*args)
+            elif command == "batches":
+                result = await driver.batches(*args)
             elif command == "quantities":
                 result = await driver.quantities(*args)
             elif command == "reconcile":
@@ -500,7 +542,15 @@ def row(label: str, figures: Figures, floor: Figures) -> None:
     )
 
 
-def transfers_part(ctx: Any, root: Path, count: int, profile: str) -> None:
+def transfers_part(
+    ctx: Any,
+    root: Path,
+    count: int,
+    profile: str,
+    batch_size: int = 0,
+    batch_in_flight: int = 1,
+    batch_count: int = 0,
+) -> None:
     echo_keys = init_party(root / "echo", "ECH", "ECH-NR", now=NOW)
     floor_1 = echo_floor(ctx, echo_keys, count * 4, 1)
     floor_64 = echo_floor(ctx, echo_keys, count * 16, 64)
@@ -528,6 +578,19 @@ def transfers_part(ctx: Any, root: Path, count: int, profile: str) -> None:
         one = measure("1 in flight", count, 1, 1_000)
         many = measure("64 in flight", count * 2, 64, 1_000)
         small, big = pair.call("LAO", "quantities", count // 2, [1, 10**9])
+        batched: Figures | None = None
+        if batch_size:
+            pair.call("LAO", "batches", batch_size * batch_in_flight, batch_size,
+                      batch_in_flight, 1_000)  # warm up  # fmt: skip
+            label = f"batches of {batch_size}, {batch_in_flight} in flight"
+            before = {p: pair.call(p, "cpu") for p in ("LAO", "KOR")}
+            total = max(batch_count, batch_size * batch_in_flight)
+            batched = pair.call("LAO", "batches", total, batch_size, batch_in_flight, 1_000)
+            done = total // batch_size * batch_size
+            cpu[label] = (
+                (pair.call("LAO", "cpu") - before["LAO"]) / done,
+                (pair.call("KOR", "cpu") - before["KOR"]) / done,
+            )
     finally:
         pair.stop()
     print("itmolink, two node processes, durable SQLite, signatures both ways:")
@@ -543,6 +606,12 @@ def transfers_part(ctx: Any, root: Path, count: int, profile: str) -> None:
           f"rate {small[0] / big[0]:.2f}")  # fmt: skip
     print(f"ratio transfers/echo: {one[0] / floor_1[0]:.3f} (1 in flight), "
           f"{many[0] / floor_64[0]:.3f} (64 in flight)", flush=True)  # fmt: skip
+    if batched is not None:
+        print(f"batched proposals ({batch_size} transfers per TransferBatchProposal, "
+              f"{batch_in_flight} batches in flight), per transfer, against the echo with 64 "
+              "in flight:")  # fmt: skip
+        row(f"transfers in batches of {batch_size}", batched, floor_64)
+        print(f"ratio batched transfers/echo: {batched[0] / floor_64[0]:.3f}", flush=True)
 
 
 def reconcile_part(
@@ -604,6 +673,15 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--skip-transfers", action="store_true")
     parser.add_argument(
+        "--batch-size", type=int, default=100,
+        help="transfers per batched proposal (0: skip the batched measurement)",
+    )  # fmt: skip
+    parser.add_argument("--batch-in-flight", type=int, default=8, help="batches in flight")
+    parser.add_argument(
+        "--batch-count", type=int, default=0,
+        help="transfers in the batched measurement (default: 20 x --count)",
+    )  # fmt: skip
+    parser.add_argument(
         "--profile", default="",
         help="write cProfile output of each node process to PREFIX.lao and PREFIX.kor",
     )  # fmt: skip
@@ -612,7 +690,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if not args.skip_transfers:
-            transfers_part(ctx, root / "t", args.count, args.profile)
+            transfers_part(
+                ctx, root / "t", args.count, args.profile, args.batch_size,
+                args.batch_in_flight, args.batch_count or 20 * args.count,
+            )  # fmt: skip
         if args.reconcile:
             differences = [int(d) for d in args.differences.split(",") if d]
             reconcile_part(ctx, root / "r", args.reconcile, differences, args.count)

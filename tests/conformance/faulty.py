@@ -512,6 +512,58 @@ def _no_cap(original: Callable[..., None]) -> Callable[..., None]:
     return check_issuance
 
 
+# -- batched transfers (§5.15) -------------------------------------------------------------
+
+
+class BatchAllOrNothing(Engine):
+    """Refuses a whole batch when one of its items fails a check, instead of
+    rejecting that item alone (§5.15)."""
+
+    def _batch_all_or_nothing(
+        self, tx: Tx, sender: str, msg: Any, payload: bytes, journal_id: int, now_us: int
+    ) -> bytes:
+        envelope = Engine._request_handlers["itmolink.v1.TransferBatchProposal"](
+            self, tx, sender, msg, payload, journal_id, now_us
+        )
+        sealed = envelope_pb2.Envelope.FromString(envelope)
+        acceptance = transfer_pb2.TransferBatchAcceptance.FromString(sealed.payload)
+        for outcome in acceptance.items:
+            if outcome.HasField("rejection"):
+                raise Rejected(RejectionCode(outcome.rejection.code), outcome.rejection.detail)
+        return envelope
+
+    _request_handlers: ClassVar[dict[str, Callable[..., bytes]]] = {
+        **Engine._request_handlers,
+        "itmolink.v1.TransferBatchProposal": _batch_all_or_nothing,
+    }
+
+
+class CompletesRejectedBatchItems(Engine):
+    """Completes every item of its batch, those the receiver rejected too (§5.15)."""
+
+    def _batch_accepted(
+        self, tx: Tx, batch_id: str, partner: str, acceptance: Any, acceptance_payload: bytes,
+        journal_id: int, now_us: int,
+    ) -> None:  # fmt: skip
+        everything = transfer_pb2.TransferBatchAcceptance()
+        everything.CopyFrom(acceptance)
+        for outcome in everything.items:
+            outcome.ClearField("rejection")
+        super()._batch_accepted(
+            tx, batch_id, partner, everything, acceptance_payload, journal_id, now_us
+        )
+
+
+class ForgetsRefusedBatchItems(Engine):
+    """Records nothing of the items of a batch it refuses as a whole (§5.15, §5.2 D10)."""
+
+    def _record_rejected_request(
+        self, tx: Tx, sender: str, msg: Message, payload: bytes, rejected: Rejected, now_us: int
+    ) -> None:
+        if not isinstance(msg, transfer_pb2.TransferBatchProposal):
+            super()._record_rejected_request(tx, sender, msg, payload, rejected, now_us)
+
+
 VARIANTS = [
     Variant("accepts-bad-signature", "buyer", "accepts a signature that does not verify",
             "1.06-bad-signature",
@@ -612,4 +664,16 @@ VARIANTS = [
             "4.02-blocks-leaves",
             "the target books the adjustment with the wrong sign",
             lambda n: _swap(n, SenderBooksWrongSign)),
+    Variant("batch-all-or-nothing", "buyer", "refuses a whole batch for one bad item",
+            "3.20-batch-transfer",
+            "batch proposal: expected TransferBatchAcceptance, got Rejection",
+            lambda n: _swap(n, BatchAllOrNothing)),
+    Variant("forgets-refused-batch-items", "buyer",
+            "records nothing of the items of a batch it refuses",
+            "3.21-batch-refused-whole", "TRANSFER_STATE_UNKNOWN",
+            lambda n: _swap(n, ForgetsRefusedBatchItems)),
+    Variant("completes-rejected-batch-items", "host",
+            "completes the items of its batch that the receiver rejected",
+            "3.06-batch-completed", "expected the two accepted transfers",
+            lambda n: _swap(n, CompletesRejectedBatchItems)),
 ]  # fmt: skip

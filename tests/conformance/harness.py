@@ -40,6 +40,11 @@ DRIVER = {
         "--authorisation {authorisation_id} --vintage {vintage} --quantity {quantity} "
         "--timeout {timeout_seconds}"
     ),
+    "propose_batch": (
+        "{itmolink} transfer-batch --config {node_config} --to {kit_party} "
+        "--authorisation {authorisation_id} --vintage {vintage} --quantity {quantities} "
+        "--timeout {timeout_seconds}"
+    ),
 }
 
 

@@ -172,6 +172,7 @@ def test_transfers_survive_sigkill_of_either_node_at_random_moments(
         time.sleep(0.05)
 
     proposed = 0
+    batched: set[str] = set()  # transfers proposed in batches
     end = time.monotonic() + KILL_PHASE_SECONDS
     next_kill = time.monotonic() + rng.uniform(0.5, 2.0)
     restart_at: dict[str, float] = {}
@@ -191,13 +192,29 @@ def test_transfers_survive_sigkill_of_either_node_at_random_moments(
             next_kill = now + rng.uniform(0.5, 2.5)
         if now < end:
             try:
-                lao.admin.Transfer(
-                    admin_pb2.TransferRequest(
-                        to_party="KOR", authorisation_id=authorisation, vintage=2025,
-                        quantity=rng.choice([1, 10, 333, 5_000]),
-                    ),
-                    timeout=2,
-                )  # fmt: skip
+                if rng.random() < 0.3:  # a batched proposal of a few transfers (§5.15)
+                    response = lao.admin.TransferBatch(
+                        admin_pb2.TransferBatchRequest(
+                            to_party="KOR",
+                            items=[
+                                admin_pb2.TransferBatchRequestItem(
+                                    authorisation_id=authorisation, vintage=2025,
+                                    quantity=rng.choice([1, 10, 333, 5_000]),
+                                )
+                                for _ in range(rng.randint(2, 6))
+                            ],
+                        ),
+                        timeout=2,
+                    )  # fmt: skip
+                    batched.update(response.transfer_ids)
+                else:
+                    lao.admin.Transfer(
+                        admin_pb2.TransferRequest(
+                            to_party="KOR", authorisation_id=authorisation, vintage=2025,
+                            quantity=rng.choice([1, 10, 333, 5_000]),
+                        ),
+                        timeout=2,
+                    )  # fmt: skip
                 proposed += 1
             except grpc.RpcError:
                 pass  # LAO is down or the request was refused: the operator tries again
@@ -223,8 +240,10 @@ def test_transfers_survive_sigkill_of_either_node_at_random_moments(
         time.sleep(0.2)
 
     completed, voided = check_exactly_once(lao, kor, lao_view, kor_view)
+    assert batched & set(completed), "no batched transfer completed: batches went untested"
     print(
-        f"{proposed} proposed, {len(completed)} completed, {voided} voided, "
+        f"{proposed} proposed ({len(batched)} transfers in batches), {len(completed)} "
+        f"completed, {voided} voided, "
         f"kills: LAO {lao.kills}, KOR {kor.kills}, at {dt.datetime.now(dt.UTC):%H:%M:%S}"
     )
 

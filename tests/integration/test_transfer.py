@@ -476,11 +476,10 @@ def _inject_failure_before_commit(
     CA rows, the block moves and the journal entry were written in that
     transaction: a node that committed any of them separately would keep them.
     """
-    original = Tx.transfer_set_state
+    original, original_many = Tx.transfer_set_state, Tx.transfers_set_state
     fault: dict[str, Any] = {"on": True, "hits": 0}
 
-    def failing(self: Tx, transfer_id: str, state: Any, **kw: Any) -> None:
-        original(self, transfer_id, state, **kw)
+    def check(self: Tx, transfer_id: str, state: Any) -> None:
         record = self.transfer_get(transfer_id)
         if (
             fault["on"]
@@ -491,7 +490,18 @@ def _inject_failure_before_commit(
             fault["hits"] += 1
             raise Boom("simulated failure before commit")
 
+    def failing(self: Tx, transfer_id: str, state: Any, **kw: Any) -> None:
+        original(self, transfer_id, state, **kw)
+        check(self, transfer_id, state)
+
+    def failing_many(self: Tx, transfer_ids: Any, state: Any, **kw: Any) -> None:
+        original_many(self, transfer_ids, state, **kw)
+        for transfer_id in transfer_ids:
+            check(self, transfer_id, state)
+
     monkeypatch.setattr(Tx, "transfer_set_state", failing)
+    # Completions mark their transfers COMPLETED with the set-oriented call.
+    monkeypatch.setattr(Tx, "transfers_set_state", failing_many)
     return fault
 
 
@@ -510,6 +520,8 @@ def test_every_request_type_is_a_known_message() -> None:
         "itmolink.v1.ReconciliationQuery",
         "itmolink.v1.KeyRotation",
         "itmolink.v1.FirstTransferNotice",
+        "itmolink.v1.TransferBatchProposal",
+        "itmolink.v1.TransferBatchCompletion",
     }
 
 

@@ -347,6 +347,89 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     return 0 if view.state == transfer_pb2.TRANSFER_STATE_COMPLETED else EXIT_REFUSED
 
 
+def _batch_items(args: argparse.Namespace) -> list[admin_pb2.TransferBatchRequestItem]:
+    """The transfers of ``transfer-batch``: from --csv, or one per --quantity."""
+    if args.csv is not None:
+        if args.quantity or args.authorisation:
+            raise CliError(
+                "give the transfers either with --csv or with --authorisation/--quantity"
+            )
+        import csv
+
+        items = []
+        with open(args.csv, newline="") as handle:
+            for line, row in enumerate(csv.DictReader(handle), start=2):
+                try:
+                    items.append(
+                        admin_pb2.TransferBatchRequestItem(
+                            authorisation_id=row["authorisation"].strip(),
+                            vintage=int(row["vintage"]),
+                            quantity=int(row["quantity"]),
+                            host_party=(row.get("host") or "").strip(),
+                        )
+                    )
+                except (KeyError, ValueError, AttributeError) as exc:
+                    raise CliError(
+                        f"{args.csv} line {line}: needs columns authorisation, vintage, quantity "
+                        f"(and optionally host): {exc}"
+                    ) from None
+        return items
+    if not args.quantity or not args.authorisation or args.vintage is None:
+        raise CliError("give --authorisation, --vintage and one --quantity per transfer, or --csv")
+    try:
+        quantities = [int(q) for given in args.quantity for q in given.split(",") if q.strip()]
+    except ValueError:
+        raise CliError(f"--quantity takes whole tCO2e, not {args.quantity}") from None
+    return [
+        admin_pb2.TransferBatchRequestItem(
+            authorisation_id=args.authorisation, vintage=args.vintage, quantity=quantity,
+            host_party=args.host or "",
+        )
+        for quantity in quantities
+    ]  # fmt: skip
+
+
+def cmd_transfer_batch(args: argparse.Namespace) -> int:
+    stub = _admin(args)
+    items = _batch_items(args)
+    response = _call(
+        stub.TransferBatch,
+        admin_pb2.TransferBatchRequest(to_party=args.to, items=items, timeout_seconds=args.timeout),
+    )
+    print(
+        f"batch {response.batch_id} proposed to {args.to}: {len(response.transfer_ids)} transfers, "
+        f"{sum(i.quantity for i in items):,} tCO2e"
+    )
+    if not args.wait:
+        for transfer_id in response.transfer_ids:
+            print(f"  {transfer_id}")
+        return 0
+    deadline = time.monotonic() + args.wait_seconds
+    views: dict[str, admin_pb2.TransferView] = {}
+    while True:
+        for transfer_id in response.transfer_ids:
+            if transfer_id not in views or views[transfer_id].state not in FINAL_STATES:
+                views[transfer_id] = _call(
+                    stub.GetTransfer, admin_pb2.GetTransferRequest(transfer_id=transfer_id)
+                ).transfer
+        waiting = [t for t, v in views.items() if v.state not in FINAL_STATES]
+        if not waiting:
+            break
+        if time.monotonic() > deadline:
+            raise CliError(f"{len(waiting)} transfers of batch {response.batch_id} are not final")
+        time.sleep(0.05)
+    from itmolink.v1 import codes_pb2
+
+    for transfer_id in response.transfer_ids:
+        view = views[transfer_id]
+        print(f"  {transfer_id}: {_state_name(view.state)}")
+        if view.state == transfer_pb2.TRANSFER_STATE_REJECTED:
+            code = codes_pb2.RejectionCode.Name(view.rejection_code)
+            print(f"    {code}: {view.rejection_detail}")
+    completed = all(v.state == transfer_pb2.TRANSFER_STATE_COMPLETED for v in views.values())
+    return 0 if completed else EXIT_REFUSED
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     stub = _admin(args)
     if args.what == "holdings":
@@ -844,6 +927,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     transfer.add_argument("--wait-seconds", type=float, default=60.0)
     transfer.set_defaults(func=cmd_transfer)
+
+    batch = commands.add_parser(
+        "transfer-batch",
+        help="transfer held units to a partner as several transfers in one batched proposal",
+        description="Propose up to 1,000 transfers to one partner in one signed "
+        "TransferBatchProposal (docs/PROTOCOL.md 5.15). The partner accepts or rejects each "
+        "transfer on its own; each is then an ordinary transfer (show transfers). All or "
+        "nothing here: if any transfer fails this node's checks, nothing is proposed.",
+    )
+    _add_target(batch)
+    batch.add_argument("--to", required=True, help="acquiring party, e.g. KOR")
+    batch.add_argument("--authorisation", help="the authorisation of every --quantity")
+    batch.add_argument(
+        "--host", help="onward transfers: the party that authorised the units (default: this one)"
+    )
+    batch.add_argument("--vintage", type=int, help="the vintage of every --quantity")
+    batch.add_argument(
+        "--quantity", action="append", default=[],
+        help="tCO2e of one transfer; repeat for each transfer of the batch (or give several "
+        "comma-separated: --quantity 100,200,300)",
+    )  # fmt: skip
+    batch.add_argument(
+        "--csv",
+        help="a CSV file with a header row and one transfer per row: columns authorisation, "
+        "vintage, quantity and optionally host (instead of --authorisation/--quantity)",
+    )
+    batch.add_argument(
+        "--timeout", type=int, default=0, help="seconds the partner has to accept (0: node default)"
+    )
+    batch.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until every transfer is completed, rejected or voided, and print each",
+    )
+    batch.add_argument("--wait-seconds", type=float, default=60.0)
+    batch.set_defaults(func=cmd_transfer_batch)
 
     show = commands.add_parser(
         "show", help="show holdings, transfers, adjustments or authorisations"

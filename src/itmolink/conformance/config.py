@@ -128,12 +128,16 @@ def load_kit_config(path: Path | str) -> KitConfig:
 
 def check_role(config: KitConfig, role: str) -> None:
     """What a run in ``role`` needs from the configuration: in role host, a driver
-    command for every action (§13.3)."""
-    from itmolink.conformance.driver import ACTIONS
+    command for every action but the optional ones (§13.3)."""
+    from itmolink.conformance.driver import ACTIONS, OPTIONAL_ACTIONS
 
     if role not in ROLES:
         raise KitConfigError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
-    missing = [action for action in ACTIONS if action not in config.driver]
+    missing = [
+        action
+        for action in ACTIONS
+        if action not in config.driver and action not in OPTIONAL_ACTIONS
+    ]
     if role == "host" and missing:
         raise KitConfigError(
             f"{config.path}: role host needs a [driver] command for "

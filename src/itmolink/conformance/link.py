@@ -497,6 +497,22 @@ def default_answer(incoming: Incoming) -> Message | None:
         )
     if isinstance(msg, transfer_pb2.TransferVoid):
         return transfer_pb2.TransferVoidReceipt(transfer_id=msg.transfer_id)
+    if isinstance(msg, transfer_pb2.TransferBatchProposal):
+        return transfer_pb2.TransferBatchAcceptance(
+            batch_id=msg.batch_id,
+            proposal_digest=sha256(incoming.payload),
+            items=[transfer_pb2.TransferBatchOutcome(transfer_id=i.transfer_id) for i in msg.items],
+        )
+    if isinstance(msg, transfer_pb2.TransferBatchCompletion):
+        return transfer_pb2.TransferBatchCompletionReceipt(
+            batch_id=msg.batch_id,
+            items=[
+                transfer_pb2.TransferBatchOutcome(
+                    transfer_id=i.transfer_id, adjustment_year=i.adjustment_year
+                )
+                for i in msg.items
+            ],
+        )
     if isinstance(msg, keys_pb2.KeyRotation):
         return keys_pb2.KeyRotationAcknowledgement(rotation_id=msg.rotation_id)
     return None

@@ -20,7 +20,14 @@ import grpc
 from google.protobuf.message import Message
 
 from itmolink.conformance.config import EXPIRED_KEY_FILE, FUTURE_KEY_FILE, ROLES
-from itmolink.conformance.context import CheckFailed, Context, KitTransfer, check, other_party
+from itmolink.conformance.context import (
+    CheckFailed,
+    Context,
+    KitTransfer,
+    NotRunnable,
+    check,
+    other_party,
+)
 from itmolink.conformance.link import (
     Incoming,
     Reply,
@@ -38,7 +45,7 @@ from itmolink.core.reconcile import (
 from itmolink.crypto.keys import SigningKey
 from itmolink.crypto.pki import init_party
 from itmolink.node.base import Rejection
-from itmolink.node.convert import block_from_pb, timestamp, timestamp_us, to_us
+from itmolink.node.convert import block_from_pb, block_to_pb, timestamp, timestamp_us, to_us
 from itmolink.v1 import (
     authorisation_pb2,
     codes_pb2,
@@ -1391,6 +1398,261 @@ async def t_h_timeout(ctx: Context) -> None:
 async def t_status_unknown(ctx: Context) -> None:
     await _expect_state(
         ctx, f"{ctx.target}-T-{ctx.nonce}-NEVER", transfer_pb2.TRANSFER_STATE_UNKNOWN, "§5.11"
+    )
+
+
+@kit_test(
+    "3.06-batch-completed",
+    3,
+    "§5.15, §6.10",
+    "the target's batch of three: the item the kit rejects is REJECTED there, the others "
+    "completed by one batch completion",
+    ("host",),
+)
+async def t_h_batch(ctx: Context) -> None:
+    if "propose_batch" not in ctx.config.driver:
+        raise NotRunnable("no [driver] propose_batch command (optional, §13.3)")
+    authorisation = ctx.needs("auth", "2.01")
+    quantities = [300, 200, 100]
+    proposals = ctx.server.of_type(transfer_pb2.TransferBatchProposal)
+    completions = ctx.server.of_type(transfer_pb2.TransferBatchCompletion)
+    seen, seen_completions = len(proposals), len(completions)
+    answers: dict[str, bytes] = {}
+
+    def policy(incoming: Incoming) -> Message:
+        batch = incoming.message
+        assert isinstance(batch, transfer_pb2.TransferBatchProposal)
+        acceptance = transfer_pb2.TransferBatchAcceptance(
+            header=ctx.link.header(in_reply_to=incoming.message_id),
+            batch_id=batch.batch_id,
+            proposal_digest=sha256(incoming.payload),
+            items=[
+                transfer_pb2.TransferBatchOutcome(transfer_id=item.transfer_id)
+                if n != 1
+                else transfer_pb2.TransferBatchOutcome(
+                    transfer_id=item.transfer_id,
+                    rejection=codes_pb2.RejectionReason(
+                        code=C.REJECTION_CODE_SERIALS_ALREADY_HELD,
+                        detail="conformance: the kit refuses the second transfer",
+                    ),
+                )
+                for n, item in enumerate(batch.items)
+            ],
+        )
+        payload, _ = ctx.link.seal(acceptance)
+        answers[batch.batch_id] = sha256(payload)
+        return acceptance
+
+    ctx.server.policies[str(transfer_pb2.TransferBatchProposal.DESCRIPTOR.full_name)] = policy
+    _require_ok(
+        await _driver(
+            ctx, "propose_batch", authorisation_id=authorisation, vintage=VINTAGE,
+            quantities=",".join(str(q) for q in quantities), timeout_seconds=0,
+        ),
+        "propose_batch", ctx,
+    )  # fmt: skip
+    got = await ctx.server.wait_for(
+        lambda: ctx.server.of_type(transfer_pb2.TransferBatchProposal)[seen:],
+        ctx.config.act_within_seconds,
+    )
+    check(got, "no TransferBatchProposal reached the kit after the driver's propose_batch")
+    incoming = got[0]
+    batch = incoming.message
+    assert isinstance(batch, transfer_pb2.TransferBatchProposal)
+    check(not incoming.problems, f"batch proposal header: {'; '.join(incoming.problems)}")
+    check(
+        batch.batch_id.startswith(f"{ctx.target}-"),
+        f"batch id {batch.batch_id!r} must start with '{ctx.target}-' (§5.15 B1)",
+    )
+    check(
+        [item.quantity for item in batch.items] == quantities,
+        f"the batch's quantities are {[i.quantity for i in batch.items]}, asked {quantities}",
+    )
+    records: list[KitTransfer] = []
+    for item in batch.items:
+        blocks = [block_from_pb(b) for b in item.blocks]
+        check(
+            sum(b.quantity for b in blocks) == item.quantity,
+            f"item {item.transfer_id}: blocks add up to {sum(b.quantity for b in blocks)}",
+        )
+        _check_blocks(ctx, blocks, ctx.authorisations[ctx.notes["auth"]], VINTAGE)
+        record = KitTransfer(
+            transfer_id=item.transfer_id, sender=ctx.target, receiver=ctx.kit,
+            authorisation_id=item.authorisation_id, blocks=tuple(blocks),
+            proposal_digest=sha256(incoming.payload),
+            proposed_at_us=timestamp_us(batch.header.sent_at),
+        )  # fmt: skip
+        ctx.transfers[record.transfer_id] = record
+        records.append(record)
+    first, refused, last = records
+    refused.final_at_target, refused.moved = True, False
+    got = await ctx.server.wait_for(
+        lambda: ctx.server.of_type(transfer_pb2.TransferBatchCompletion)[seen_completions:],
+        ctx.config.act_within_seconds,
+    )
+    check(got, "no TransferBatchCompletion reached the kit after its batch acceptance")
+    completion = got[0].message
+    assert isinstance(completion, transfer_pb2.TransferBatchCompletion)
+    check(not got[0].problems, f"batch completion header: {'; '.join(got[0].problems)}")
+    check(
+        completion.batch_id == batch.batch_id
+        and completion.acceptance_digest == answers.get(batch.batch_id),
+        "the batch completion must name the batch and carry SHA-256 of the kit's batch "
+        "acceptance payload (§5.15)",
+    )
+    listed = [(i.transfer_id, i.adjustment_year) for i in completion.items]
+    check(
+        listed == [(first.transfer_id, VINTAGE), (last.transfer_id, VINTAGE)],
+        f"the batch completion lists {listed}; expected the two accepted transfers, each "
+        f"with the year of the host's adjustment, {VINTAGE}, and not the rejected one (§5.15)",
+    )
+    for record in (first, last):
+        record.acceptance_digest = answers[batch.batch_id]
+        record.moved = record.final_at_target = True
+        await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_COMPLETED, "§6.3")
+    await _expect_state(ctx, refused.transfer_id, transfer_pb2.TRANSFER_STATE_REJECTED, "§6.3")
+
+
+def _batch(
+    ctx: Context, items: list[tuple[list[Block], dict[str, object]]], *, suffix: str,
+    expires_in: dt.timedelta = dt.timedelta(minutes=10),
+) -> transfer_pb2.TransferBatchProposal:  # fmt: skip
+    """A batch proposal of the kit (§5.15): one item per (blocks, field overrides)."""
+    expires = dt.datetime.now(dt.UTC) + expires_in
+    return transfer_pb2.TransferBatchProposal(
+        batch_id=f"{ctx.kit}-B-{ctx.nonce}-{suffix}",
+        expires_at=timestamp(to_us(expires)),
+        items=[
+            transfer_pb2.TransferBatchItem(
+                **{  # type: ignore[arg-type]
+                    "transfer_id": ctx.new_transfer_id(),
+                    "authorisation_id": blocks[0].authorisation_id,
+                    "quantity": sum(b.quantity for b in blocks),
+                    "blocks": [block_to_pb(b) for b in blocks],
+                    "first_transfer": True,
+                    **overrides,
+                }
+            )
+            for blocks, overrides in items
+        ],
+    )  # fmt: skip
+
+
+def _record_batch(
+    ctx: Context, batch: transfer_pb2.TransferBatchProposal, payload: bytes,
+    blocks: list[list[Block]],
+) -> list[KitTransfer]:  # fmt: skip
+    """The kit's record of each transfer of a batch: the batch's digests are its own."""
+    records = []
+    for item, item_blocks in zip(batch.items, blocks, strict=True):
+        record = KitTransfer(
+            transfer_id=item.transfer_id, sender=ctx.kit, receiver=ctx.target,
+            authorisation_id=item.authorisation_id, blocks=tuple(item_blocks),
+            proposal_digest=sha256(payload),
+            proposed_at_us=timestamp_us(batch.header.sent_at),
+        )  # fmt: skip
+        ctx.transfers[record.transfer_id] = record
+        records.append(record)
+    return records
+
+
+@kit_test(
+    "3.20-batch-transfer",
+    3,
+    "§5.15, §6.10",
+    "a batch: each item accepted or rejected on its own, one completion, per-item receipt",
+    ("buyer",),
+)
+async def t_b_batch(ctx: Context) -> None:
+    authorisation = ctx.needs("auth", "2.01")
+    blocks = [
+        ctx.new_blocks(300, authorisation),
+        ctx.new_blocks(100, authorisation, vintage=2020),  # refused alone: 4002
+        ctx.new_blocks(200, authorisation),
+    ]
+    batch = _batch(ctx, [(b, {}) for b in blocks], suffix="1")
+    payload, envelope = ctx.link.seal(batch)
+    first, refused, last = _record_batch(ctx, batch, payload, blocks)
+    reply = await ctx.link.deliver_raw(envelope)
+    acceptance = ctx.expect(reply, transfer_pb2.TransferBatchAcceptance, "batch proposal")
+    check(acceptance.batch_id == batch.batch_id, f"acceptance names {acceptance.batch_id!r}")
+    check(
+        acceptance.proposal_digest == sha256(payload),
+        "proposal_digest must be SHA-256 of the batch proposal's payload as received (§5.15)",
+    )
+    outcomes = [(o.transfer_id, o.rejection.code) for o in acceptance.items]
+    wanted = [
+        (first.transfer_id, 0),
+        (refused.transfer_id, C.REJECTION_CODE_VINTAGE_BEFORE_2021),
+        (last.transfer_id, 0),
+    ]
+    check(
+        outcomes == wanted,
+        f"the batch's outcomes are {outcomes}; expected one per item, in order, the item of "
+        f"vintage 2020 alone rejected with 4002 (§5.15): {wanted}",
+    )
+    acceptance_digest = sha256(reply.payload)
+    for record in (first, last):
+        record.acceptance_digest = acceptance_digest
+    refused.final_at_target, refused.moved = True, False
+    await _expect_state(ctx, first.transfer_id, transfer_pb2.TRANSFER_STATE_ACCEPTED, "§5.15")
+    await _expect_state(ctx, refused.transfer_id, transfer_pb2.TRANSFER_STATE_REJECTED, "§5.15")
+    completion = transfer_pb2.TransferBatchCompletion(
+        batch_id=batch.batch_id,
+        acceptance_digest=acceptance_digest,
+        items=[
+            transfer_pb2.TransferBatchCompletionItem(
+                transfer_id=r.transfer_id, adjustment_year=2025
+            )
+            for r in (first, last)
+        ],
+    )
+    receipt = ctx.expect(
+        await ctx.link.send(completion), transfer_pb2.TransferBatchCompletionReceipt,
+        "batch completion",
+    )  # fmt: skip
+    answered = [(o.transfer_id, o.adjustment_year, o.HasField("rejection")) for o in receipt.items]
+    check(
+        answered == [(first.transfer_id, 2025, False), (last.transfer_id, 2025, False)],
+        f"the receipt's items are {answered}; expected each completed item with the year of "
+        "the receiver's adjustment, 2025 (§5.15, §6.6)",
+    )
+    for record in (first, last):
+        record.moved = record.final_at_target = True
+        await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_COMPLETED, "§5.15")
+    # A completion of one batched transfer, alone, names the batch's acceptance (§5.15).
+    await _complete(ctx, first, "a TransferCompletion of one transfer of the batch")
+    await _expect_state(ctx, first.transfer_id, transfer_pb2.TRANSFER_STATE_COMPLETED, "§5.15")
+
+
+@kit_test(
+    "3.21-batch-refused-whole",
+    3,
+    "§5.15 B2, §5.13",
+    "an expired batch: 3011, every item REJECTED; over 1,000 items: 2011, unrecorded",
+    ("buyer",),
+)
+async def t_b_batch_refused(ctx: Context) -> None:
+    authorisation = ctx.needs("auth", "2.01")
+    blocks = [ctx.new_blocks(50, authorisation), ctx.new_blocks(60, authorisation)]
+    batch = _batch(ctx, [(b, {}) for b in blocks], suffix="2", expires_in=-dt.timedelta(hours=1))
+    payload, envelope = ctx.link.seal(batch)
+    records = _record_batch(ctx, batch, payload, blocks)
+    ctx.expect_rejection(
+        await ctx.link.deliver_raw(envelope), C.REJECTION_CODE_PROPOSAL_EXPIRED, "expired batch",
+        recorded=True,
+    )  # fmt: skip
+    for record in records:
+        record.final_at_target, record.moved = True, False
+        await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_REJECTED, "§5.15")
+    one = ctx.new_blocks(1, authorisation)
+    huge = _batch(ctx, [(one, {})] * 1_001, suffix="3")
+    ctx.expect_rejection(
+        await ctx.link.send(huge), C.REJECTION_CODE_TOO_MANY_ITEMS, "a batch of 1,001 transfers",
+        recorded=False,
+    )  # fmt: skip
+    await _expect_state(
+        ctx, huge.items[0].transfer_id, transfer_pb2.TRANSFER_STATE_UNKNOWN, "§5.15"
     )
 
 

@@ -38,6 +38,7 @@ class RejectionCode(enum.IntEnum):
     TOO_MANY_BLOCKS = 2008
     RATE_LIMITED = 2009
     INVALID_FIELD = 2010
+    TOO_MANY_ITEMS = 2011
 
     # 3xxx: data integrity.
     INVALID_BLOCK = 3001

@@ -58,18 +58,20 @@ class TransferFacts:
     acceptance_digest: bytes
 
 
+_LENGTH_8 = (8).to_bytes(4, "big")
+
+
 def _encode(*parts: bytes | str | int) -> bytes:
-    out = bytearray()
+    """Each part as its length (4 bytes, big-endian) and its bytes: text in UTF-8,
+    integers as 8 bytes, big-endian, signed."""
+    out: list[bytes] = []
     for part in parts:
-        raw = (
-            part
-            if isinstance(part, bytes)
-            else part.encode()
-            if isinstance(part, str)
-            else part.to_bytes(8, "big", signed=True)
-        )
-        out += len(raw).to_bytes(4, "big") + raw
-    return bytes(out)
+        if isinstance(part, int):
+            out += (_LENGTH_8, part.to_bytes(8, "big", signed=True))
+        else:
+            raw = part.encode() if isinstance(part, str) else part
+            out += (len(raw).to_bytes(4, "big"), raw)
+    return b"".join(out)
 
 
 def blocks_leaf(facts: TransferFacts) -> bytes:

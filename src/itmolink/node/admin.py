@@ -26,7 +26,11 @@ if TYPE_CHECKING:
     from itmolink.node.runtime import Node
 
 REJECTION_CODE_KEY = "itmolink-rejection-code"
-_INVALID_ARGUMENT = {RejectionCode.MISSING_FIELD, RejectionCode.QUANTITY_MISMATCH}
+_INVALID_ARGUMENT = {
+    RejectionCode.MISSING_FIELD,
+    RejectionCode.QUANTITY_MISMATCH,
+    RejectionCode.TOO_MANY_ITEMS,
+}
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -285,6 +289,34 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         )
         self._node.kick_after_call()
         return admin_pb2.TransferResponse(transfer_id=transfer_id)
+
+    @admin_method
+    async def TransferBatch(
+        self,
+        request: admin_pb2.TransferBatchRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> admin_pb2.TransferBatchResponse:
+        import datetime as dt
+
+        from itmolink.node.operations import BatchItemRequest
+
+        batch_id, transfer_ids = await self._node.db(
+            self._engine.start_transfer_batch,
+            to_party=request.to_party,
+            items=[
+                BatchItemRequest(
+                    authorisation_id=item.authorisation_id, vintage=item.vintage,
+                    quantity=item.quantity, host_party=item.host_party,
+                )
+                for item in request.items
+            ],
+            now=self._node.clock(),
+            timeout=dt.timedelta(seconds=request.timeout_seconds)
+            if request.timeout_seconds
+            else None,
+        )  # fmt: skip
+        self._node.kick_after_call()
+        return admin_pb2.TransferBatchResponse(batch_id=batch_id, transfer_ids=transfer_ids)
 
     @admin_method
     async def GetTransfer(

@@ -65,7 +65,7 @@ from itmolink.node.convert import (
 )
 from itmolink.node.validation import validate
 from itmolink.store.sqlite import HOLDING_ACCOUNT, Store
-from itmolink.store.tx import Tx
+from itmolink.store.tx import NewTransfer, Tx
 from itmolink.v1 import (
     authorisation_pb2,
     codes_pb2,
@@ -93,6 +93,13 @@ TransferVoid = transfer_pb2.TransferVoid
 TransferVoidReceipt = transfer_pb2.TransferVoidReceipt
 TransferStatusQuery = transfer_pb2.TransferStatusQuery
 TransferStatusReport = transfer_pb2.TransferStatusReport
+TransferBatchProposal = transfer_pb2.TransferBatchProposal
+TransferBatchItem = transfer_pb2.TransferBatchItem
+TransferBatchAcceptance = transfer_pb2.TransferBatchAcceptance
+TransferBatchOutcome = transfer_pb2.TransferBatchOutcome
+TransferBatchCompletion = transfer_pb2.TransferBatchCompletion
+TransferBatchCompletionItem = transfer_pb2.TransferBatchCompletionItem
+TransferBatchCompletionReceipt = transfer_pb2.TransferBatchCompletionReceipt
 Rejection = reply_pb2.Rejection
 FirstTransferNotice = use_pb2.FirstTransferNotice
 FirstTransferNoticeAcknowledgement = use_pb2.FirstTransferNoticeAcknowledgement
@@ -117,6 +124,8 @@ EXPECTED_REPLY: dict[str, type[Message]] = {
     type_name(ReconciliationQuery): ReconciliationAnswer,
     type_name(KeyRotation): KeyRotationAcknowledgement,
     type_name(FirstTransferNotice): FirstTransferNoticeAcknowledgement,
+    type_name(TransferBatchProposal): TransferBatchAcceptance,
+    type_name(TransferBatchCompletion): TransferBatchCompletionReceipt,
 }
 REQUEST_TYPES: dict[str, type[Message]] = {
     type_name(cls): cls
@@ -130,8 +139,14 @@ REQUEST_TYPES: dict[str, type[Message]] = {
         ReconciliationQuery,
         KeyRotation,
         FirstTransferNotice,
+        TransferBatchProposal,
+        TransferBatchCompletion,
     )
 }
+
+# Most transfers in one TransferBatchProposal (docs/PROTOCOL.md §5.15): the
+# `max_items` rule of its `items` field, so a partner reads the same limit.
+MAX_BATCH_ITEMS = 1_000
 
 # Where each part of an issuance goes: (account, account kind, AEF action if any).
 ISSUANCE_DESTINATIONS: dict[
@@ -266,6 +281,8 @@ class EngineBase:
         # worker meanwhile) and listed in ``sent`` for the runtime to take.
         self.claim_sent_us = 0
         self.sent: list[tuple[str, str, bytes]] = []
+        # The last authorisation row read and what was built of it (_authorisation).
+        self._authorisation_memo: tuple[object, Authorisation] | None = None
         self.reload_trust()
 
     # -- transactions and trust ------------------------------------------------------
@@ -467,22 +484,33 @@ class EngineBase:
             )  # fmt: skip
 
     def _check_threshold(
-        self, tx: Tx, terms: AuthorisationTerms, vintage: int, quantity: int
+        self,
+        tx: Tx,
+        terms: AuthorisationTerms,
+        vintage: int,
+        quantity: int,
+        pending: dict[int, int] | None = None,
     ) -> None:
-        """The host threshold on first transfers (only units that carry an adjustment)."""
+        """The host threshold on first transfers (only units that carry an adjustment).
+
+        ``pending``: tCO2e per booking year of first transfers checked earlier in the
+        same operator request (a batch) and not recorded yet; this one is added.
+        """
         if (
             self.threshold is None
             or self.accounting is None
             or not terms.unit_type.requires_adjustment
         ):
             return
+        year = booking_year(self.accounting, vintage=vintage)
+        done = tx.first_transferred_by_year()
+        for pending_year, amount in (pending or {}).items():
+            done[pending_year] = done.get(pending_year, 0) + amount
         check_host_threshold(
-            self.threshold,
-            self.accounting.ndc_period,
-            tx.first_transferred_by_year(),
-            year=booking_year(self.accounting, vintage=vintage),
-            quantity=quantity,
+            self.threshold, self.accounting.ndc_period, done, year=year, quantity=quantity
         )
+        if pending is not None:
+            pending[year] = pending.get(year, 0) + quantity
 
     def _check_booking(self, tx: Tx, role: Role, blocks: Sequence[Block]) -> None:
         """Refuse, before anything is promised, units whose adjustment could not be
@@ -550,28 +578,52 @@ class EngineBase:
         now_us: int,
     ) -> int:
         """Carry out a transition's block and adjustment effects; returns the CA year."""
+        years = self._apply_many(
+            tx, effects, [(transfer_id, partner, blocks)], evidence_journal_id, now_us
+        )
+        return years[transfer_id]
+
+    def _apply_many(
+        self,
+        tx: Tx,
+        effects: Sequence[Effect],
+        transfers: Sequence[tuple[str, str, Sequence[Block]]],
+        evidence_journal_id: int,
+        now_us: int,
+    ) -> dict[str, int]:
+        """Carry out the same transition's effects for several transfers (transfer id,
+        partner, blocks) at once, with one statement per table; returns each CA year
+        (0 when none, or entries for several years)."""
         role = Role.SENDER if Effect.DEBIT_RESERVED_BLOCKS in effects else Role.RECEIVER
+        ids = [transfer_id for transfer_id, _, _ in transfers]
         for effect in effects:
             if effect is Effect.DEBIT_RESERVED_BLOCKS:
-                debited = tx.blocks_debit_reserved(transfer_id)
-                if debited != len(blocks):
+                debited = tx.blocks_debit_reserved_of(ids)
+                expected = sum(len(blocks) for _, _, blocks in transfers)
+                if debited != expected:
                     raise RuntimeError(
-                        f"transfer {transfer_id}: {debited} reserved blocks, expected {len(blocks)}"
+                        f"transfers {', '.join(ids)}: {debited} reserved blocks, "
+                        f"expected {expected}"
                     )
             elif effect is Effect.CREDIT_BLOCKS:
-                tx.blocks_insert(blocks, account=HOLDING_ACCOUNT)
+                tx.blocks_insert(
+                    [b for _, _, blocks in transfers for b in blocks], account=HOLDING_ACCOUNT
+                )
             elif effect is Effect.RELEASE_RESERVED_BLOCKS:
-                tx.blocks_release(transfer_id)
-        entries = []
+                for transfer_id in ids:
+                    tx.blocks_release(transfer_id)
+        years = dict.fromkeys(ids, 0)
         if Effect.APPLY_ADJUSTMENT in effects:
-            entries = (
-                self._adjustment_entries(role, partner, transfer_id, blocks)
-                if self._transfer_counts(tx, role, blocks)
-                else []
-            )
-            tx.adjustments_put(entries, evidence_journal_id=evidence_journal_id, now=now_us)
-        years = {entry.year for entry in entries}
-        return years.pop() if len(years) == 1 else 0
+            booked: list[AdjustmentEntry] = []
+            for transfer_id, partner, blocks in transfers:
+                if not self._transfer_counts(tx, role, blocks):
+                    continue
+                entries = self._adjustment_entries(role, partner, transfer_id, blocks)
+                booked.extend(entries)
+                entry_years = {entry.year for entry in entries}
+                years[transfer_id] = entry_years.pop() if len(entry_years) == 1 else 0
+            tx.adjustments_put(booked, evidence_journal_id=evidence_journal_id, now=now_us)
+        return years
 
     def _open_reply(
         self,
@@ -652,6 +704,12 @@ class EngineBase:
             or tx.outbox_pending_of(
                 payload_type=type_name(TransferCompletion), subject_id=transfer_id
             )
+            or (
+                record.batch_id
+                and tx.outbox_pending_of(
+                    payload_type=type_name(TransferBatchCompletion), subject_id=record.batch_id
+                )
+            )
         ):
             return
         years = {year for year, _ in tx.adjustment_amounts(transfer_id)}
@@ -728,13 +786,67 @@ class EngineBase:
                 RejectionCode.UNKNOWN_AUTHORISATION,
                 f"no authorisation {authorisation_id!r} of {host_party} is recorded here",
             )
+        # A transaction that remembers what it read gives the same terms object again:
+        # their Authorisation is built once (a batch asks per item).
         terms, details = latest
-        return Authorisation(
+        memo = self._authorisation_memo
+        if memo is not None and memo[0] is terms:
+            return memo[1]
+        authorisation = Authorisation(
             terms,
             oimp_detail=details["oimp_detail"],
             first_transfer_definition=FirstTransferDefinition(details["first_transfer_definition"]),
             revoked=bool(details["revoked"]),
         )
+        self._authorisation_memo = (terms, authorisation)
+        return authorisation
+
+    def _first_transfer(self, tx: Tx, authorisation_id: str, blocks: Sequence[Block]) -> bool:
+        """Whether a transfer of ``blocks`` is their first transfer (§5.8, "Sender")."""
+        return all(b.first_transferring_party == self.party for b in blocks) and (
+            self._ca_point(self._authorisation(tx, self.party, authorisation_id)) == "transfer"
+        )
+
+    def _reserve_outgoing(
+        self, tx: Tx, authorisation_id: str, blocks: Sequence[Block], evidence: bytes = b""
+    ) -> Outgoing:
+        """Give a transfer of held ``blocks`` its id and reserve them for it."""
+        taken = list(blocks)
+        transfer_id = f"{self.party}-T-{tx.next_counter('transfer'):06d}"
+        tx.blocks_reserve(taken, transfer_id=transfer_id)
+        return Outgoing(
+            transfer_id, authorisation_id, total(taken), taken,
+            self._first_transfer(tx, authorisation_id, taken), evidence,
+        )  # fmt: skip
+
+    def _record_outgoing(
+        self,
+        tx: Tx,
+        to_party: str,
+        items: Sequence[Outgoing],
+        *,
+        message_id: str,
+        payload: bytes,
+        expires_us: int,
+        now_us: int,
+        batch_id: str = "",
+    ) -> None:
+        """Record proposed transfers, each PROPOSED with the digest of the proposal
+        (or batch proposal) that carries it."""
+        proposal_digest = digest(payload)
+        tx.transfers_put(
+            [
+                NewTransfer(
+                    transfer_id=item.transfer_id, direction=Role.SENDER, partner=to_party,
+                    state=TransferState.PROPOSED, quantity=item.quantity,
+                    authorisation_id=item.authorisation_id, first_transfer=item.first_transfer,
+                    proposal_message_id=message_id, proposal_digest=proposal_digest,
+                    expires_at=expires_us, blocks=item.blocks, batch_id=batch_id,
+                )
+                for item in items
+            ],
+            now=now_us,
+        )  # fmt: skip
 
     def _propose(
         self,
@@ -747,44 +859,47 @@ class EngineBase:
         expires_us: int,
         evidence: bytes = b"",
     ) -> str:
-        """Reserve ``blocks`` and persist a proposal of them to ``to_party``."""
-        quantity = total(blocks)
-        authorisation_id = terms.authorisation_id
-        taken = list(blocks)
-        first_transfer = all(b.first_transferring_party == self.party for b in taken) and (
-            self._ca_point(self._authorisation(tx, self.party, authorisation_id)) == "transfer"
-        )
-        transfer_id = f"{self.party}-T-{tx.next_counter('transfer'):06d}"
-        tx.blocks_reserve(taken, transfer_id=transfer_id)
+        """Reserve held ``blocks`` and persist a proposal of them to ``to_party``."""
+        item = self._reserve_outgoing(tx, terms.authorisation_id, blocks, evidence)
+        return self._send_proposal(tx, to_party, item, now_us=now_us, expires_us=expires_us)
+
+    def _send_proposal(
+        self, tx: Tx, to_party: str, item: Outgoing, *, now_us: int, expires_us: int
+    ) -> str:
+        """Persist the proposal of one transfer whose blocks are reserved, and record
+        the transfer as PROPOSED."""
         proposal = TransferProposal(
-            transfer_id=transfer_id,
-            authorisation_id=authorisation_id,
-            quantity=quantity,
-            blocks=[block_to_pb(b) for b in taken],
-            first_transfer=first_transfer,
+            transfer_id=item.transfer_id,
+            authorisation_id=item.authorisation_id,
+            quantity=item.quantity,
+            blocks=[block_to_pb(b) for b in item.blocks],
+            first_transfer=item.first_transfer,
             expires_at=timestamp(expires_us),
-            authorisation_evidence=evidence,
+            authorisation_evidence=item.evidence,
         )
-        payload = self._send(tx, to_party, proposal, transfer_id, now_us)
-        tx.transfer_put(
-            transfer_id=transfer_id,
-            direction=Role.SENDER,
-            partner=to_party,
-            state=TransferState.PROPOSED,
-            quantity=quantity,
-            authorisation_id=authorisation_id,
-            first_transfer=proposal.first_transfer,
-            proposal_message_id=proposal.header.message_id,
-            proposal_digest=digest(payload),
-            expires_at=expires_us,
-            blocks=taken,
-            now=now_us,
-        )
-        log.info(
-            "transfer %s proposed: %d tCO2e to %s", transfer_id, quantity, to_party,
-            extra={"transfer_id": transfer_id, "partner": to_party},
+        payload = self._send(tx, to_party, proposal, item.transfer_id, now_us)
+        self._record_outgoing(
+            tx, to_party, [item], message_id=proposal.header.message_id, payload=payload,
+            expires_us=expires_us, now_us=now_us,
         )  # fmt: skip
-        return transfer_id
+        log.info(
+            "transfer %s proposed: %d tCO2e to %s", item.transfer_id, item.quantity, to_party,
+            extra={"transfer_id": item.transfer_id, "partner": to_party},
+        )  # fmt: skip
+        return item.transfer_id
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A transfer this node is about to propose: its id, the blocks reserved for it
+    and what its proposal (or its item of a batch proposal) says."""
+
+    transfer_id: str
+    authorisation_id: str
+    quantity: int
+    blocks: list[Block]
+    first_transfer: bool
+    evidence: bytes
 
 
 def check_answers(
@@ -834,7 +949,7 @@ def _enum_or(kind: type[FirstTransferDefinition], value: int) -> FirstTransferDe
 
 
 def _subject_of(msg: Message) -> str:
-    for name in ("transfer_id", "issuance_id", "authorisation_id"):
+    for name in ("batch_id", "transfer_id", "issuance_id", "authorisation_id"):
         if msg.DESCRIPTOR.fields_by_name.get(name) is not None:
             return str(getattr(msg, name))
     return ""

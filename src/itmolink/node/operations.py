@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from itmolink.core import rules
@@ -36,6 +36,7 @@ from itmolink.crypto.envelope import signing_key_ids
 from itmolink.crypto.keys import SigningKey, VerifyingKey
 from itmolink.node.base import (
     ISSUANCE_DESTINATIONS,
+    MAX_BATCH_ITEMS,
     RETIREMENTS,
     STATUS_QUERY_GRACE_US,
     STATUS_QUERY_INTERVAL_US,
@@ -43,10 +44,13 @@ from itmolink.node.base import (
     FirstTransferNotice,
     IssuanceNotice,
     KeyRotation,
+    Outgoing,
     ReconciliationAnswer,
     ReconciliationQuery,
     Rejection,
     ReplyError,
+    TransferBatchItem,
+    TransferBatchProposal,
     TransferProposal,
     TransferStatusQuery,
     TransferVoid,
@@ -378,6 +382,12 @@ class Operations(EngineBase):
                 tx.outbox_cancel(
                     payload_type=type_name(TransferProposal), subject_id=record.transfer_id
                 )
+                if record.batch_id:
+                    # The items of a batch share its expires_at: all of them are voided
+                    # now, each with its own void, and the batch proposal is withdrawn.
+                    tx.outbox_cancel(
+                        payload_type=type_name(TransferBatchProposal), subject_id=record.batch_id
+                    )
                 if Effect.SEND_VOID in transition.effects:
                     void = TransferVoid(
                         transfer_id=record.transfer_id, reason="no acceptance before the time-out"
@@ -752,6 +762,102 @@ class Operations(EngineBase):
         )
         return issuance_id, [block]
 
+    def _check_transfer_request(
+        self, tx: Tx, *, to_party: str, host: str, authorisation_id: str, vintage: int
+    ) -> tuple[AuthorisationTerms, bytes]:
+        """The sender's checks on a transfer before it looks at its holdings
+        (docs/PROTOCOL.md §5.8, "Sender"): (terms, onward-transfer evidence)."""
+        terms = tx.authorisation_get(host, authorisation_id)
+        if terms is None:
+            raise Rejected(
+                RejectionCode.UNKNOWN_AUTHORISATION,
+                f"no authorisation {authorisation_id!r} of {host} is recorded here",
+            )
+        evidence = b""
+        if host == self.party:
+            if tx.authorisation_details(self.party, authorisation_id).get("revoked"):
+                raise Rejected(
+                    RejectionCode.AUTHORISATION_REVOKED,
+                    f"authorisation {authorisation_id} is revoked",
+                )
+            states = tx.authorisation_party_states(host, authorisation_id, terms.version)
+            acknowledged = states.get(to_party) == "acknowledged"
+        else:
+            # Units acquired from their host, already first-transferred: the
+            # receiver checks the host's statement itself.
+            evidence = tx.authorisation_evidence(host, authorisation_id) or b""
+            acknowledged = True
+        rules.check_transfer_request(
+            terms, to_party=to_party, vintage=vintage, acknowledged=acknowledged
+        )
+        return terms, evidence
+
+    def _take_for_transfers(
+        self, tx: Tx, to_party: str, requests: Sequence[BatchItemRequest]
+    ) -> list[Outgoing]:
+        """The sender's checks on each requested transfer, in order, each counting the
+        ones before it against the holdings and the host threshold; then the held
+        blocks each takes (in serial order, the last one split) are reserved for it,
+        and it gets its id. One transfer proposed alone is a list of one.
+
+        All or nothing: the first transfer that fails a check refuses the request
+        (in a batch, its detail names the item), and nothing is reserved."""
+        pools: dict[tuple[str, int], tuple[list[Block], list[Block]]] = {}
+        pending: dict[int, int] = {}
+        chosen: list[tuple[AuthorisationTerms, list[Block], bytes]] = []
+        for number, request in enumerate(requests, start=1):
+            host = request.host_party or self.party
+            try:
+                terms, evidence = self._check_transfer_request(
+                    tx, to_party=to_party, host=host, authorisation_id=request.authorisation_id,
+                    vintage=request.vintage,
+                )  # fmt: skip
+                key = (request.authorisation_id, request.vintage)
+                if key not in pools:
+                    held = tx.blocks_held(
+                        account=HOLDING_ACCOUNT, authorisation_id=request.authorisation_id,
+                        vintage=request.vintage,
+                    )  # fmt: skip
+                    pools[key] = (held, held)
+                originals, current = pools[key]
+                taken, remainders = take(current, request.quantity)
+                # What is left, in serial order: the split tail, then the blocks untouched.
+                pools[key] = (originals, remainders + current[len(taken) :])
+                self._check_booking(tx, Role.SENDER, taken)
+                if all(b.first_transferring_party == self.party for b in taken) and (
+                    self._ca_point(self._authorisation(tx, host, request.authorisation_id))
+                    == "transfer"
+                ):
+                    self._check_threshold(tx, terms, request.vintage, request.quantity, pending)
+            except Rejected as rejected:
+                if len(requests) == 1:
+                    raise
+                raise Rejected(
+                    rejected.code, f"item {number} of the batch: {rejected.detail}"
+                ) from None
+            chosen.append((terms, taken, evidence))
+        first = tx.next_counter("transfer", len(chosen))
+        ids = [f"{self.party}-T-{first + n:06d}" for n in range(len(chosen))]
+        sources: list[Block] = []
+        left: list[Block] = []
+        for originals, current in pools.values():
+            before, after = set(originals), set(current)
+            sources.extend(b for b in originals if b not in after)
+            left.extend(b for b in current if b not in before)
+        tx.blocks_carve(
+            sources, left,
+            [(b, transfer_id) for transfer_id, (_, taken, _) in zip(ids, chosen, strict=True)
+             for b in taken],
+            account=HOLDING_ACCOUNT,
+        )  # fmt: skip
+        return [
+            Outgoing(
+                transfer_id, terms.authorisation_id, total(taken), taken,
+                self._first_transfer(tx, terms.authorisation_id, taken), evidence,
+            )
+            for transfer_id, (terms, taken, evidence) in zip(ids, chosen, strict=True)
+        ]  # fmt: skip
+
     def start_transfer(
         self,
         *,
@@ -771,44 +877,70 @@ class Operations(EngineBase):
         now_us = to_us(now)
         self._require_partner(to_party)
         expires_us = now_us + (timeout or self.default_timeout) // dt.timedelta(microseconds=1)
-        host = host_party or self.party
-        evidence = b""
+        request = BatchItemRequest(authorisation_id, vintage, quantity, host_party)
         with self._transaction() as tx:
-            terms = tx.authorisation_get(host, authorisation_id)
-            if terms is None:
-                raise Rejected(
-                    RejectionCode.UNKNOWN_AUTHORISATION,
-                    f"no authorisation {authorisation_id!r} of {host} is recorded here",
-                )
-            if host == self.party:
-                if tx.authorisation_details(self.party, authorisation_id).get("revoked"):
-                    raise Rejected(
-                        RejectionCode.AUTHORISATION_REVOKED,
-                        f"authorisation {authorisation_id} is revoked",
+            [item] = self._take_for_transfers(tx, to_party, [request])
+            return self._send_proposal(tx, to_party, item, now_us=now_us, expires_us=expires_us)
+
+    def start_transfer_batch(
+        self,
+        *,
+        to_party: str,
+        items: Sequence[BatchItemRequest],
+        now: dt.datetime,
+        timeout: dt.timedelta | None = None,
+    ) -> tuple[str, list[str]]:
+        """Reserve units for several transfers to ``to_party`` and persist one
+        TransferBatchProposal of them (docs/PROTOCOL.md §5.15); returns the batch id
+        and the transfer ids, in the order of ``items``.
+
+        All or nothing: if any item fails the sender's checks, nothing is reserved
+        and the request is refused with that item's code.
+        """
+        now_us = to_us(now)
+        self._require_partner(to_party)
+        if not items:
+            raise Rejected(RejectionCode.MISSING_FIELD, "a batch needs at least one transfer")
+        if len(items) > MAX_BATCH_ITEMS:
+            raise Rejected(
+                RejectionCode.TOO_MANY_ITEMS,
+                f"a batch of {len(items)} transfers; at most {MAX_BATCH_ITEMS}",
+            )
+        expires_us = now_us + (timeout or self.default_timeout) // dt.timedelta(microseconds=1)
+        with self._transaction() as tx:
+            outgoing = self._take_for_transfers(tx, to_party, items)
+            batch_id = f"{self.party}-B-{tx.next_counter('batch'):06d}"
+            proposal = TransferBatchProposal(
+                batch_id=batch_id,
+                expires_at=timestamp(expires_us),
+                items=[
+                    TransferBatchItem(
+                        transfer_id=o.transfer_id, authorisation_id=o.authorisation_id,
+                        quantity=o.quantity, blocks=[block_to_pb(b) for b in o.blocks],
+                        first_transfer=o.first_transfer, authorisation_evidence=o.evidence,
                     )
-                states = tx.authorisation_party_states(host, authorisation_id, terms.version)
-                acknowledged = states.get(to_party) == "acknowledged"
-            else:
-                # Units acquired from their host, already first-transferred: the
-                # receiver checks the host's statement itself.
-                evidence = tx.authorisation_evidence(host, authorisation_id) or b""
-                acknowledged = True
-            rules.check_transfer_request(
-                terms, to_party=to_party, vintage=vintage, acknowledged=acknowledged
-            )
-            held = tx.blocks_held(
-                account=HOLDING_ACCOUNT, authorisation_id=authorisation_id, vintage=vintage
-            )
-            taken, remainders = take(held, quantity)
-            self._check_booking(tx, Role.SENDER, taken)
-            if all(b.first_transferring_party == self.party for b in taken) and (
-                self._ca_point(self._authorisation(tx, host, authorisation_id)) == "transfer"
-            ):
-                self._check_threshold(tx, terms, vintage, quantity)
-            for tail in remainders:
-                tx.block_split(tail)
-            transfer_id = self._propose(
-                tx, terms, to_party=to_party, blocks=taken, now_us=now_us, expires_us=expires_us,
-                evidence=evidence,
+                    for o in outgoing
+                ],
             )  # fmt: skip
-        return transfer_id
+            payload = self._send(tx, to_party, proposal, batch_id, now_us)
+            self._record_outgoing(
+                tx, to_party, outgoing, message_id=proposal.header.message_id, payload=payload,
+                expires_us=expires_us, now_us=now_us, batch_id=batch_id,
+            )  # fmt: skip
+        log.info(
+            "batch %s proposed: %d transfers, %d tCO2e to %s", batch_id, len(outgoing),
+            sum(o.quantity for o in outgoing), to_party,
+            extra={"subject_id": batch_id, "partner": to_party},
+        )  # fmt: skip
+        return batch_id, [o.transfer_id for o in outgoing]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItemRequest:
+    """One transfer of an operator's batch request (:meth:`Operations.start_transfer_batch`)."""
+
+    authorisation_id: str
+    vintage: int
+    quantity: int
+    # For an onward transfer: the party that authorised the units (empty: this node's).
+    host_party: str = ""

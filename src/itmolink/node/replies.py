@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 
 from google.protobuf.message import Message
 
@@ -20,6 +21,11 @@ from itmolink.node.base import (
     Rejection,
     ReplyError,
     TransferAcceptance,
+    TransferBatchAcceptance,
+    TransferBatchCompletion,
+    TransferBatchCompletionItem,
+    TransferBatchCompletionReceipt,
+    TransferBatchProposal,
     TransferCompletion,
     TransferProposal,
     TransferStatusQuery,
@@ -32,7 +38,7 @@ from itmolink.node.base import (
 from itmolink.node.convert import (
     to_us,
 )
-from itmolink.store.tx import Tx
+from itmolink.store.tx import NewAction, TransferRecord, Tx
 from itmolink.v1 import (
     envelope_pb2,
     transfer_pb2,
@@ -121,6 +127,18 @@ class Replies(EngineBase):
             else:
                 assert isinstance(reply, TransferAcceptance)
                 self._accepted(tx, subject_id, partner, reply, reply_payload, journal_id, now_us)
+        elif request_type == type_name(TransferBatchProposal):
+            if isinstance(reply, Rejection):
+                self._batch_rejected(tx, subject_id, partner, reply, now_us)
+            else:
+                assert isinstance(reply, TransferBatchAcceptance)
+                self._batch_accepted(
+                    tx, subject_id, partner, reply, reply_payload, journal_id, now_us
+                )
+        elif request_type == type_name(TransferBatchCompletion):
+            self._batch_completion_answered(
+                tx, subject_id, partner, reply, request_envelope, now_us
+            )
         elif request_type == type_name(TransferStatusQuery) and isinstance(
             reply, TransferStatusReport
         ):
@@ -206,18 +224,27 @@ class Replies(EngineBase):
         record = tx.transfer_get(transfer_id)
         if record is None:
             raise RuntimeError(f"rejected transfer {transfer_id} is not recorded")
+        code, detail = _rejection_reasons(reply)
+        self._reject_outgoing(tx, record, code, detail, now_us)
+
+    def _reject_outgoing(
+        self, tx: Tx, record: TransferRecord, code: int, detail: str, now_us: int
+    ) -> None:
+        """The receiver rejected our proposal of a transfer (alone or as an item of a
+        batch): release its blocks, unless it is no longer PROPOSED here."""
         try:
             transition = step(Role.SENDER, record.state, Event.REJECTION_RECEIVED)
         except Rejected:
             log.info(
-                "late rejection of transfer %s in state %s ignored", transfer_id, record.state.name
-            )
+                "late rejection of transfer %s in state %s ignored",
+                record.transfer_id, record.state.name,
+            )  # fmt: skip
             return
-        self._apply(tx, transition.effects, transfer_id, record.partner, [], 0, now_us)
-        code, detail = _rejection_reasons(reply)
+        self._apply(tx, transition.effects, record.transfer_id, record.partner, [], 0, now_us)
         tx.transfer_set_state(
-            transfer_id, transition.state, now=now_us, rejection_code=code, rejection_detail=detail
-        )
+            record.transfer_id, transition.state, now=now_us, rejection_code=code,
+            rejection_detail=detail,
+        )  # fmt: skip
 
     def _accepted(
         self,
@@ -240,42 +267,191 @@ class Replies(EngineBase):
                 RejectionCode.DIGEST_MISMATCH,
                 f"acceptance from {partner} does not match proposal of transfer {transfer_id}",
             )
-        try:
-            transition = step(Role.SENDER, record.state, Event.ACCEPTANCE_RECEIVED)
-        except Rejected:
-            # Voided on our clock before the acceptance arrived: the void we sent
-            # tells the receiver; nothing is applied here.
-            log.info(
-                "late acceptance of transfer %s in state %s ignored", transfer_id, record.state.name
-            )
-            return
-        blocks = tx.blocks_of_transfer(transfer_id)
-        year = self._apply(tx, transition.effects, transfer_id, partner, blocks, journal_id, now_us)
-        tx.transfer_set_state(
-            transfer_id,
-            transition.state,
-            now=now_us,
-            acceptance_digest=digest(acceptance_payload),
-            blocks=blocks,
-        )
-        kind, subtype = (
-            (ActionType.FIRST_TRANSFER, ActionSubtype.FIRST_TRANSFER_TO_ANOTHER_PARTY.value)
-            if record.first_transfer
-            else (ActionType.TRANSFER, "")
-        )
-        for block in blocks:
-            tx.action_put(
-                action_type=kind.value, subtype=subtype, block=block, at=now_us,
-                acquiring_party=partner, transfer_id=transfer_id,
-            )  # fmt: skip
-        if Effect.SEND_COMPLETION in transition.effects:
+        acceptance_digest = digest(acceptance_payload)
+        year = self._complete_outgoing(tx, record, acceptance_digest, journal_id, now_us)
+        if year is not None:
             completion = TransferCompletion(
-                transfer_id=transfer_id,
-                acceptance_digest=digest(acceptance_payload),
-                adjustment_year=year,
+                transfer_id=transfer_id, acceptance_digest=acceptance_digest, adjustment_year=year
             )
             self._send(tx, partner, completion, transfer_id, now_us)
-        log.info(
-            "transfer %s to %s completed: %d tCO2e debited", transfer_id, partner, total(blocks),
-            extra={"transfer_id": transfer_id, "partner": partner},
+
+    def _complete_outgoing(
+        self,
+        tx: Tx,
+        record: TransferRecord,
+        acceptance_digest: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> int | None:
+        """The sender's completion step for one accepted transfer
+        (:meth:`_complete_outgoing_many`); None if nothing was applied."""
+        years = self._complete_outgoing_many(tx, [record], acceptance_digest, journal_id, now_us)
+        return years.get(record.transfer_id)
+
+    def _complete_outgoing_many(
+        self,
+        tx: Tx,
+        records: Sequence[TransferRecord],
+        acceptance_digest: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> dict[str, int]:
+        """The sender's completion step for accepted transfers (one proposed alone, or
+        the accepted items of a batch), in the transaction that journals the
+        acceptance: debit the reserved blocks, book +CA, record the AEF actions,
+        COMPLETED. Returns the year of each one's adjustment, for the completion to
+        send; a transfer no longer PROPOSED here (voided by its time-out before the
+        acceptance arrived) is left out and nothing is applied to it."""
+        live: list[TransferRecord] = []
+        transition = None
+        for record in records:
+            try:
+                transition = step(Role.SENDER, record.state, Event.ACCEPTANCE_RECEIVED)
+            except Rejected:
+                # Voided on our clock before the acceptance arrived: the void we sent
+                # tells the receiver; nothing is applied here.
+                log.info(
+                    "late acceptance of transfer %s in state %s ignored",
+                    record.transfer_id, record.state.name,
+                )  # fmt: skip
+                continue
+            live.append(record)
+        if transition is None or not live:
+            return {}
+        assert Effect.SEND_COMPLETION in transition.effects
+        ids = [record.transfer_id for record in live]
+        blocks = tx.blocks_of_transfers(ids)
+        years = self._apply_many(
+            tx, transition.effects,
+            [(r.transfer_id, r.partner, blocks[r.transfer_id]) for r in live],
+            journal_id, now_us,
         )  # fmt: skip
+        tx.transfers_set_state(
+            ids, transition.state, now=now_us, acceptance_digest=acceptance_digest, blocks=blocks
+        )
+        actions: list[NewAction] = []
+        for record in live:
+            kind, subtype = (
+                (ActionType.FIRST_TRANSFER, ActionSubtype.FIRST_TRANSFER_TO_ANOTHER_PARTY.value)
+                if record.first_transfer
+                else (ActionType.TRANSFER, "")
+            )
+            actions.extend(
+                NewAction(
+                    action_type=kind.value, subtype=subtype, block=block, at=now_us,
+                    acquiring_party=record.partner, transfer_id=record.transfer_id,
+                )
+                for block in blocks[record.transfer_id]
+            )  # fmt: skip
+        tx.actions_put(actions)
+        if len(live) == 1:  # a batch logs one line for all (Replies._batch_accepted)
+            log.info(
+                "transfer %s to %s completed: %d tCO2e debited", ids[0], live[0].partner,
+                total(blocks[ids[0]]), extra={"transfer_id": ids[0], "partner": live[0].partner},
+            )  # fmt: skip
+        return years
+
+    # -- batches (docs/PROTOCOL.md §5.15) -----------------------------------------------
+
+    def _batch_rejected(
+        self, tx: Tx, batch_id: str, partner: str, reply: Rejection, now_us: int
+    ) -> None:
+        """The whole batch was refused: each item is rejected with the reason."""
+        code, detail = _rejection_reasons(reply)
+        for record in tx.transfers_of_batch(batch_id, partner):
+            if record.direction is Role.SENDER:
+                self._reject_outgoing(tx, record, code, detail, now_us)
+
+    def _batch_accepted(
+        self,
+        tx: Tx,
+        batch_id: str,
+        partner: str,
+        acceptance: TransferBatchAcceptance,
+        acceptance_payload: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> None:
+        """Apply each item's outcome as for a transfer proposed alone, then send one
+        completion for the items completed here."""
+        records = {
+            r.transfer_id: r
+            for r in tx.transfers_of_batch(batch_id, partner)
+            if r.direction is Role.SENDER
+        }
+        answered = [outcome.transfer_id for outcome in acceptance.items]
+        if (
+            acceptance.batch_id != batch_id
+            or not records
+            or any(r.proposal_digest != acceptance.proposal_digest for r in records.values())
+            or len(answered) != len(records)
+            or set(answered) != set(records)
+        ):
+            raise ReplyError(
+                RejectionCode.DIGEST_MISMATCH,
+                f"batch acceptance from {partner} does not match the proposal of batch {batch_id}",
+            )
+        acceptance_digest = digest(acceptance_payload)
+        accepted: list[TransferRecord] = []
+        for outcome in acceptance.items:
+            record = records[outcome.transfer_id]
+            if outcome.HasField("rejection"):
+                code, detail = int(outcome.rejection.code), outcome.rejection.detail
+                if not code:
+                    code, detail = int(RejectionCode.UNSPECIFIED), detail or "rejected"
+                self._reject_outgoing(tx, record, code, detail, now_us)
+            else:
+                accepted.append(record)
+        years = self._complete_outgoing_many(tx, accepted, acceptance_digest, journal_id, now_us)
+        completed = [
+            TransferBatchCompletionItem(transfer_id=record.transfer_id, adjustment_year=year)
+            for record in accepted
+            if (year := years.get(record.transfer_id)) is not None
+        ]
+        if completed:
+            completion = TransferBatchCompletion(
+                batch_id=batch_id, acceptance_digest=acceptance_digest, items=completed
+            )
+            self._send(tx, partner, completion, batch_id, now_us)
+        log.info(
+            "batch %s answered by %s: %d of %d transfers completed", batch_id, partner,
+            len(completed), len(records), extra={"subject_id": batch_id, "partner": partner},
+        )  # fmt: skip
+
+    def _batch_completion_answered(
+        self,
+        tx: Tx,
+        batch_id: str,
+        partner: str,
+        reply: Message,
+        request_envelope: bytes,
+        now_us: int,
+    ) -> None:
+        """A receipt, or a refusal, of our batch completion."""
+        if isinstance(reply, TransferBatchCompletionReceipt):
+            for outcome in reply.items:
+                if outcome.HasField("rejection"):
+                    log.error(
+                        "ALARM: %s refused the completion of transfer %s (batch %s), which is "
+                        "complete here: %s %s; reconcile with the partner",
+                        partner, outcome.transfer_id, batch_id,
+                        wire_name_of(outcome.rejection.code), outcome.rejection.detail,
+                    )  # fmt: skip
+            return
+        assert isinstance(reply, Rejection)
+        code = _rejection_reasons(reply)[0]
+        if reply.header.sequence == 0 and self._fresh_seal_helps(code, request_envelope):
+            # Refused before it was recorded (too old, or a key no longer valid there):
+            # each completed item is sent again as a freshly sealed TransferCompletion.
+            log.warning(
+                "%s could not record the completion of batch %s (%s): sending each "
+                "transfer's completion again", partner, batch_id, wire_name_of(code),
+            )  # fmt: skip
+            for record in tx.transfers_of_batch(batch_id, partner):
+                self._resend_completion(tx, record.transfer_id, now_us)
+        else:
+            log.error(
+                "ALARM: %s refused the completion of batch %s, which is complete here; "
+                "reconcile with the partner",
+                partner, batch_id,
+            )  # fmt: skip

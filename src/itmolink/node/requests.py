@@ -6,8 +6,10 @@ it (or records why not) and stores the signed reply in the inbox.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import ClassVar
 
@@ -24,7 +26,7 @@ from itmolink.core.authorisation import (
     check_amendment,
     check_authorisation,
 )
-from itmolink.core.blocks import total, validate_block
+from itmolink.core.blocks import Block, total, validate_block
 from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.core.rules import AuthorisationTerms
 from itmolink.core.transfer import Event, Role, TransferState, step
@@ -47,6 +49,12 @@ from itmolink.node.base import (
     ReconciliationAnswer,
     ReconciliationQuery,
     TransferAcceptance,
+    TransferBatchAcceptance,
+    TransferBatchCompletion,
+    TransferBatchCompletionReceipt,
+    TransferBatchItem,
+    TransferBatchOutcome,
+    TransferBatchProposal,
     TransferCompletion,
     TransferCompletionReceipt,
     TransferProposal,
@@ -73,8 +81,9 @@ from itmolink.node.convert import (
     to_us,
 )
 from itmolink.node.validation import validate
-from itmolink.store.tx import TransferRecord, Tx
+from itmolink.store.tx import NewAction, NewTransfer, TransferRecord, Tx
 from itmolink.v1 import (
+    codes_pb2,
     common_pb2,
     reconcile_pb2,
     transfer_pb2,
@@ -307,27 +316,57 @@ class Requests(EngineBase):
     def _record_rejected_request(
         self, tx: Tx, sender: str, msg: Message, payload: bytes, rejected: Rejected, now_us: int
     ) -> None:
-        """Keep a visible record of a rejected transfer proposal (and block reuse of its id)."""
-        if not isinstance(msg, TransferProposal) or not _owned_by(msg.transfer_id, sender):
+        """Keep a visible record of a rejected transfer proposal (and block reuse of its
+        id); of each transfer of a batch refused as a whole."""
+        if isinstance(msg, TransferProposal):
+            items: list[TransferProposal | TransferBatchItem] = [msg]
+            expires_at, batch_id = 0, ""
+        elif isinstance(msg, TransferBatchProposal):
+            items, expires_at, batch_id = list(msg.items), 0, msg.batch_id
+        else:
             return
-        if tx.transfer_get(msg.transfer_id) is not None:
-            return
-        tx.transfer_put(
-            transfer_id=msg.transfer_id,
-            direction=Role.RECEIVER,
-            partner=sender,
-            state=TransferState.REJECTED,
-            quantity=msg.quantity,
-            authorisation_id=msg.authorisation_id,
-            first_transfer=msg.first_transfer,
-            proposal_message_id=msg.header.message_id,
-            proposal_digest=digest(payload),
-            expires_at=0,
-            rejection_code=int(rejected.code),
-            rejection_detail=rejected.detail,
-            proposed_at=timestamp_us(msg.header.sent_at),
-            now=now_us,
-        )
+        seen: set[str] = set()
+        records = []
+        for item in items:
+            if (
+                not _owned_by(item.transfer_id, sender)
+                or item.transfer_id in seen
+                or tx.transfer_get(item.transfer_id) is not None
+            ):
+                continue
+            seen.add(item.transfer_id)
+            records.append(
+                self._incoming_row(
+                    sender, msg, item, TransferState.REJECTED, [], proposal_digest=digest(payload),
+                    expires_at=expires_at, batch_id=batch_id, rejected=rejected,
+                )
+            )  # fmt: skip
+        tx.transfers_put(records, now=now_us)
+
+    @staticmethod
+    def _incoming_row(
+        sender: str,
+        msg: TransferProposal | TransferBatchProposal,
+        item: TransferProposal | TransferBatchItem,
+        state: TransferState,
+        blocks: list[Block],
+        *,
+        proposal_digest: bytes,
+        expires_at: int,
+        acceptance_digest: bytes = b"",
+        batch_id: str = "",
+        rejected: Rejected | None = None,
+    ) -> NewTransfer:
+        """An incoming transfer as recorded here, proposed alone or in a batch."""
+        return NewTransfer(
+            transfer_id=item.transfer_id, direction=Role.RECEIVER, partner=sender, state=state,
+            quantity=item.quantity, authorisation_id=item.authorisation_id,
+            first_transfer=item.first_transfer, proposal_message_id=msg.header.message_id,
+            proposal_digest=proposal_digest, acceptance_digest=acceptance_digest,
+            expires_at=expires_at, blocks=blocks, proposed_at=timestamp_us(msg.header.sent_at),
+            rejection_code=0 if rejected is None else int(rejected.code),
+            rejection_detail="" if rejected is None else rejected.detail, batch_id=batch_id,
+        )  # fmt: skip
 
     def _on_authorisation(
         self,
@@ -374,7 +413,9 @@ class Requests(EngineBase):
         )
         return self._reply(tx, sender, ack, msg.header.message_id, now_us)[1]
 
-    def _learn_authorisation(self, tx: Tx, host: str, msg: TransferProposal, now_us: int) -> None:
+    def _learn_authorisation(
+        self, tx: Tx, host: str, msg: TransferProposal | TransferBatchItem, now_us: int
+    ) -> None:
         """Record the host's authorisation from the evidence an onward transfer carries.
 
         The evidence is the host's own signed statement: verified against the
@@ -512,64 +553,362 @@ class Requests(EngineBase):
         now_us: int,
     ) -> bytes:
         _check_transfer_id(msg.transfer_id, sender)
-        if not msg.HasField("expires_at"):
-            raise Rejected(RejectionCode.MISSING_FIELD, "proposal has no expires_at")
-        skew = self.limits.max_clock_skew // dt.timedelta(microseconds=1)
-        if timestamp_us(msg.expires_at) + skew < now_us:
-            raise Rejected(
-                RejectionCode.PROPOSAL_EXPIRED,
-                f"proposal {msg.transfer_id} expired at "
-                f"{describe_us(timestamp_us(msg.expires_at))}",
-            )
-        if tx.transfer_get(msg.transfer_id) is not None:
-            raise Rejected(
-                RejectionCode.TRANSFER_STATE_CONFLICT,
-                f"transfer id {msg.transfer_id} is already used by another transfer",
-            )
-        blocks = [block_from_pb(b) for b in msg.blocks]
-        host = blocks[0].first_transferring_party if blocks else sender
-        if host != sender:
-            # An onward transfer: the units were first transferred by their host.
-            self._learn_authorisation(tx, host, msg, now_us)
-        elif tx.authorisation_details(sender, msg.authorisation_id).get("revoked"):
-            raise Rejected(
-                RejectionCode.AUTHORISATION_REVOKED,
-                f"authorisation {msg.authorisation_id} is revoked",
-            )
-        rules.check_transfer_proposal(
-            tx.authorisation_get(host, msg.authorisation_id),
-            authorisation_id=msg.authorisation_id,
-            me=self.party,
-            quantity=msg.quantity,
-            blocks=blocks,
-        )
-        self._check_origin(host, blocks)
-        for block in blocks:
-            rules.check_not_held([block], tx.blocks_overlapping(block))
-        self._check_booking(tx, Role.RECEIVER, blocks)
+        self._check_expiry(msg, f"proposal {msg.transfer_id}", now_us)
+        self._check_unknown_id(tx, msg.transfer_id)
+        blocks = self._check_incoming(tx, sender, msg, now_us)
         acceptance = TransferAcceptance(
             transfer_id=msg.transfer_id, proposal_digest=digest(payload)
         )
         acceptance_payload, envelope = self._reply(
             tx, sender, acceptance, msg.header.message_id, now_us
         )
-        tx.transfer_put(
-            transfer_id=msg.transfer_id,
-            direction=Role.RECEIVER,
-            partner=sender,
-            state=TransferState.ACCEPTED,
-            quantity=msg.quantity,
-            authorisation_id=msg.authorisation_id,
-            first_transfer=msg.first_transfer,
-            proposal_message_id=msg.header.message_id,
-            proposal_digest=acceptance.proposal_digest,
-            acceptance_digest=digest(acceptance_payload),
-            expires_at=timestamp_us(msg.expires_at),
-            blocks=blocks,
-            proposed_at=timestamp_us(msg.header.sent_at),
+        tx.transfers_put(
+            [
+                self._incoming_row(
+                    sender, msg, msg, TransferState.ACCEPTED, blocks,
+                    proposal_digest=acceptance.proposal_digest,
+                    acceptance_digest=digest(acceptance_payload),
+                    expires_at=timestamp_us(msg.expires_at),
+                )
+            ],
             now=now_us,
-        )
+        )  # fmt: skip
         return envelope
+
+    def _check_expiry(
+        self, msg: TransferProposal | TransferBatchProposal, what: str, now_us: int
+    ) -> None:
+        """T1a, T1b (B2 for a batch): expires_at is set and not past, allowing for skew."""
+        if not msg.HasField("expires_at"):
+            raise Rejected(RejectionCode.MISSING_FIELD, f"{what} has no expires_at")
+        skew = self.limits.max_clock_skew // dt.timedelta(microseconds=1)
+        if timestamp_us(msg.expires_at) + skew < now_us:
+            raise Rejected(
+                RejectionCode.PROPOSAL_EXPIRED,
+                f"{what} expired at {describe_us(timestamp_us(msg.expires_at))}",
+            )
+
+    @staticmethod
+    def _check_unknown_id(tx: Tx, transfer_id: str, known: set[str] | None = None) -> None:
+        """T2: a transfer id is used once, whatever the direction, partner or outcome
+        (``known``: the ids of a batch already recorded here, read beforehand)."""
+        if (transfer_id in known) if known is not None else tx.transfer_get(transfer_id):
+            raise Rejected(
+                RejectionCode.TRANSFER_STATE_CONFLICT,
+                f"transfer id {transfer_id} is already used by another transfer",
+            )
+
+    def _check_incoming(
+        self,
+        tx: Tx,
+        sender: str,
+        item: TransferProposal | TransferBatchItem,
+        now_us: int,
+        batch: _BatchSerials | None = None,
+    ) -> list[Block]:
+        """The receiver's checks T2a to T5 on one proposed transfer (alone or an item
+        of a batch); returns its blocks. Writes nothing but what T2a learns."""
+        blocks = [block_from_pb(b) for b in item.blocks]
+        host = blocks[0].first_transferring_party if blocks else sender
+        if host != sender:
+            # An onward transfer: the units were first transferred by their host.
+            self._learn_authorisation(tx, host, item, now_us)
+        elif tx.authorisation_details(sender, item.authorisation_id).get("revoked"):
+            raise Rejected(
+                RejectionCode.AUTHORISATION_REVOKED,
+                f"authorisation {item.authorisation_id} is revoked",
+            )
+        rules.check_transfer_proposal(
+            tx.authorisation_get(host, item.authorisation_id),
+            authorisation_id=item.authorisation_id,
+            me=self.party,
+            quantity=item.quantity,
+            blocks=blocks,
+        )
+        self._check_origin(host, blocks)
+        for block in blocks:
+            # In a batch, what is held and expected here was read once for all its items.
+            rules.check_not_held(
+                [block], tx.blocks_overlapping(block) if batch is None else batch.overlapping(block)
+            )
+        if batch is not None:
+            batch.add(blocks)
+        self._check_booking(tx, Role.RECEIVER, blocks)
+        return blocks
+
+    def _on_batch_proposal(
+        self,
+        tx: Tx,
+        sender: str,
+        msg: TransferBatchProposal,
+        payload: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> bytes:
+        """Each item is checked as a proposal of its own (T1 to T5) and accepted or
+        rejected on its own; one acceptance answers the batch (§5.15)."""
+        _check_owned_id(msg.batch_id, sender, "batch id")  # B1
+        self._check_expiry(msg, f"batch {msg.batch_id}", now_us)  # B2
+        blocks_in_batch = sum(len(item.blocks) for item in msg.items)
+        if blocks_in_batch > self.limits.max_blocks:  # B3
+            raise Rejected(
+                RejectionCode.TOO_MANY_BLOCKS,
+                f"batch {msg.batch_id} carries {blocks_in_batch} blocks; at most "
+                f"{self.limits.max_blocks}",
+            )
+        if tx.batch_known(msg.batch_id, sender):  # B4
+            raise Rejected(
+                RejectionCode.TRANSFER_STATE_CONFLICT,
+                f"batch id {msg.batch_id} is already used by another batch",
+            )
+        proposal_digest = digest(payload)
+        expires_at = timestamp_us(msg.expires_at)
+        outcomes: list[TransferBatchOutcome] = []
+        accepted: list[tuple[TransferBatchItem, list[Block]]] = []
+        refused: list[NewTransfer] = []
+        seen: set[str] = set()
+        known = set(tx.transfers_get([item.transfer_id for item in msg.items]))
+        every_block = [block_from_pb(b) for item in msg.items for b in item.blocks]
+        held = tx.blocks_overlapping_each(every_block)
+        serials = _BatchSerials(tx.blocks_expected(), dict(zip(every_block, held, strict=True)))
+        for item in msg.items:
+            recordable = False
+            try:
+                _check_transfer_id(item.transfer_id, sender)  # T1
+                if item.transfer_id in seen:
+                    raise Rejected(
+                        RejectionCode.TRANSFER_STATE_CONFLICT,
+                        f"transfer id {item.transfer_id} appears twice in batch {msg.batch_id}",
+                    )
+                self._check_unknown_id(tx, item.transfer_id, known)  # T2
+                recordable = True
+                onward = bool(item.blocks) and item.blocks[0].first_transferring_party != sender
+                # Only T2a writes (what it learns): undone if a later check fails.
+                with tx.savepoint() if onward else contextlib.nullcontext():
+                    blocks = self._check_incoming(tx, sender, item, now_us, serials)
+            except Rejected as rejected:
+                log.info(
+                    "rejected transfer %s of batch %s from %s: %s", item.transfer_id,
+                    msg.batch_id, sender, rejected,
+                    extra={"partner": sender, "subject_id": item.transfer_id,
+                           "code": rejected.code.wire_name},
+                )  # fmt: skip
+                outcomes.append(
+                    TransferBatchOutcome(
+                        transfer_id=item.transfer_id,
+                        rejection=codes_pb2.RejectionReason(
+                            code=int(rejected.code),  # type: ignore[arg-type]
+                            detail=rejected.detail,
+                        ),
+                    )
+                )
+                if recordable:
+                    refused.append(
+                        self._incoming_row(
+                            sender, msg, item, TransferState.REJECTED, [],
+                            proposal_digest=proposal_digest, expires_at=0,
+                            batch_id=msg.batch_id, rejected=rejected,
+                        )
+                    )  # fmt: skip
+            else:
+                outcomes.append(TransferBatchOutcome(transfer_id=item.transfer_id))
+                accepted.append((item, blocks))
+            seen.add(item.transfer_id)
+        acceptance = TransferBatchAcceptance(
+            batch_id=msg.batch_id, proposal_digest=proposal_digest, items=outcomes
+        )
+        acceptance_payload, envelope = self._reply(
+            tx, sender, acceptance, msg.header.message_id, now_us
+        )
+        acceptance_digest = digest(acceptance_payload)
+        tx.transfers_put(
+            [
+                self._incoming_row(
+                    sender, msg, item, TransferState.ACCEPTED, blocks,
+                    proposal_digest=proposal_digest, acceptance_digest=acceptance_digest,
+                    expires_at=expires_at, batch_id=msg.batch_id,
+                )
+                for item, blocks in accepted
+            ]
+            + refused,
+            now=now_us,
+        )  # fmt: skip
+        return envelope
+
+    def _completion_target(
+        self,
+        tx: Tx,
+        sender: str,
+        transfer_id: str,
+        acceptance_digest: bytes,
+        batch_id: str = "",
+        *,
+        known: TransferRecord | None = None,
+    ) -> TransferRecord:
+        """C1 and C2: the incoming transfer a completion is about (alone, or an item of
+        the batch ``batch_id``, read beforehand as ``known``), whose acceptance it names."""
+        record = known if batch_id else tx.transfer_get(transfer_id)
+        if (
+            record is None
+            or record.direction is not Role.RECEIVER
+            or record.partner != sender
+            or (batch_id and record.batch_id != batch_id)
+        ):
+            where = f" in batch {batch_id}" if batch_id else ""
+            raise Rejected(
+                RejectionCode.UNKNOWN_TRANSFER,
+                f"{sender} has no transfer {transfer_id!r}{where} to this node",
+            )
+        if acceptance_digest != record.acceptance_digest:
+            raise Rejected(
+                RejectionCode.DIGEST_MISMATCH,
+                f"completion of {transfer_id} does not refer to this node's acceptance",
+            )
+        return record
+
+    def _complete_incoming(
+        self, tx: Tx, sender: str, record: TransferRecord, journal_id: int, now_us: int
+    ) -> int:
+        """C3, C4 and the receiver's completion step for one transfer
+        (:meth:`_complete_incoming_many`); raises the Rejected of C4."""
+        years, refused = self._complete_incoming_many(tx, sender, [record], journal_id, now_us)
+        if record.transfer_id in refused:
+            raise refused[record.transfer_id]
+        return years[record.transfer_id]
+
+    def _complete_incoming_many(
+        self,
+        tx: Tx,
+        sender: str,
+        records: Sequence[TransferRecord],
+        journal_id: int,
+        now_us: int,
+    ) -> tuple[dict[str, int], dict[str, Rejected]]:
+        """C3, C4 and the receiver's completion step for transfers that passed C1 and
+        C2 (one completed alone, or the items of a batch completion), in the
+        transaction that journals the completion: credit the blocks, book −CA, record
+        the AEF actions, COMPLETED. Returns the year of each one's adjustment (for a
+        transfer already COMPLETED, C3, the year booked the first time, and nothing
+        is applied), and the refusal of each that is in another state (C4, 3008)."""
+        years: dict[str, int] = {}
+        refused: dict[str, Rejected] = {}
+        posted = [r.transfer_id for r in records if r.state is TransferState.COMPLETED]
+        if posted:
+            # A completion sent again (freshly sealed) after this node had applied the
+            # first: already posted, nothing more to do.
+            for transfer_id, amounts in tx.adjustment_amounts_of(posted).items():
+                booked = {year for year, _ in amounts}
+                years[transfer_id] = booked.pop() if len(booked) == 1 else 0
+        live: list[TransferRecord] = []
+        transition = None
+        for record in records:
+            if record.state is TransferState.COMPLETED:
+                continue
+            try:
+                transition = step(Role.RECEIVER, record.state, Event.COMPLETION_RECEIVED)
+            except Rejected as rejected:
+                refused[record.transfer_id] = rejected
+                continue
+            live.append(record)
+        if transition is None or not live:
+            return years, refused
+        ids = [record.transfer_id for record in live]
+        blocks = tx.blocks_of_transfers(ids)
+        years.update(
+            self._apply_many(
+                tx, transition.effects, [(t, sender, blocks[t]) for t in ids], journal_id, now_us
+            )
+        )
+        tx.transfers_set_state(ids, transition.state, now=now_us, blocks=blocks)
+        tx.actions_put([
+            NewAction(
+                action_type=ActionType.ACQUISITION.value, block=block, at=now_us,
+                transferring_party=sender, transfer_id=transfer_id,
+            )
+            for transfer_id in ids
+            for block in blocks[transfer_id]
+        ])  # fmt: skip
+        if len(ids) == 1:  # a batch logs one line for all (_on_batch_completion)
+            log.info(
+                "transfer %s from %s completed: %d tCO2e credited", ids[0], sender,
+                total(blocks[ids[0]]), extra={"transfer_id": ids[0], "partner": sender},
+            )  # fmt: skip
+        return years, refused
+
+    def _on_completion(
+        self,
+        tx: Tx,
+        sender: str,
+        msg: TransferCompletion,
+        payload: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> bytes:
+        record = self._completion_target(tx, sender, msg.transfer_id, msg.acceptance_digest)
+        year = self._complete_incoming(tx, sender, record, journal_id, now_us)
+        receipt = TransferCompletionReceipt(transfer_id=msg.transfer_id, adjustment_year=year)
+        return self._reply(tx, sender, receipt, msg.header.message_id, now_us)[1]
+
+    def _on_batch_completion(
+        self,
+        tx: Tx,
+        sender: str,
+        msg: TransferBatchCompletion,
+        payload: bytes,
+        journal_id: int,
+        now_us: int,
+    ) -> bytes:
+        """Each item is completed as a TransferCompletion of its own would be (C1 to
+        C4); an item that fails is answered with its reason, the others apply."""
+        _check_owned_id(msg.batch_id, sender, "batch id")
+        ids = [item.transfer_id for item in msg.items]
+        known = tx.transfers_get(ids)
+        refused: dict[str, Rejected] = {}
+        targets: dict[str, TransferRecord] = {}
+        for transfer_id in ids:
+            try:
+                record = self._completion_target(
+                    tx, sender, transfer_id, msg.acceptance_digest, msg.batch_id,
+                    known=known.get(transfer_id),
+                )  # fmt: skip
+            except Rejected as rejected:
+                refused[transfer_id] = rejected
+            else:
+                targets[transfer_id] = record
+        years, not_applied = self._complete_incoming_many(
+            tx, sender, list(targets.values()), journal_id, now_us
+        )
+        refused.update(not_applied)
+        outcomes: list[TransferBatchOutcome] = []
+        for transfer_id in ids:
+            refusal = refused.get(transfer_id)
+            if refusal is None:
+                outcomes.append(
+                    TransferBatchOutcome(
+                        transfer_id=transfer_id, adjustment_year=years[transfer_id]
+                    )
+                )
+                continue
+            log.error(
+                "refused the completion of transfer %s of batch %s from %s: %s",
+                transfer_id, msg.batch_id, sender, refusal,
+            )  # fmt: skip
+            outcomes.append(
+                TransferBatchOutcome(
+                    transfer_id=transfer_id,
+                    rejection=codes_pb2.RejectionReason(
+                        code=int(refusal.code),  # type: ignore[arg-type]
+                        detail=refusal.detail,
+                    ),
+                )
+            )
+        log.info(
+            "batch %s from %s completed: %d of %d transfers", msg.batch_id, sender,
+            len(ids) - len(refused), len(ids),
+            extra={"subject_id": msg.batch_id, "partner": sender},
+        )  # fmt: skip
+        receipt = TransferBatchCompletionReceipt(batch_id=msg.batch_id, items=outcomes)
+        return self._reply(tx, sender, receipt, msg.header.message_id, now_us)[1]
 
     def _incoming_transfer(self, tx: Tx, sender: str, transfer_id: str) -> TransferState | None:
         record = self._incoming_record(tx, sender, transfer_id)
@@ -585,53 +924,6 @@ class Requests(EngineBase):
                 f"{sender} has no transfer {transfer_id} to this node",
             )
         return record
-
-    def _on_completion(
-        self,
-        tx: Tx,
-        sender: str,
-        msg: TransferCompletion,
-        payload: bytes,
-        journal_id: int,
-        now_us: int,
-    ) -> bytes:
-        record = self._incoming_record(tx, sender, msg.transfer_id)
-        if record is None:
-            raise Rejected(RejectionCode.UNKNOWN_TRANSFER, f"no transfer {msg.transfer_id!r}")
-        state = record.state
-        if msg.acceptance_digest != record.acceptance_digest:
-            raise Rejected(
-                RejectionCode.DIGEST_MISMATCH,
-                f"completion of {msg.transfer_id} does not refer to this node's acceptance",
-            )
-        if state is TransferState.COMPLETED:
-            # A completion sent again (freshly sealed) after this node had applied the
-            # first: already posted, nothing more to do.
-            years = {year for year, _ in tx.adjustment_amounts(msg.transfer_id)}
-            receipt = TransferCompletionReceipt(
-                transfer_id=msg.transfer_id, adjustment_year=years.pop() if len(years) == 1 else 0
-            )
-            return self._reply(tx, sender, receipt, msg.header.message_id, now_us)[1]
-        transition = step(Role.RECEIVER, state, Event.COMPLETION_RECEIVED)
-        blocks = tx.blocks_of_transfer(msg.transfer_id)
-        year = self._apply(
-            tx, transition.effects, record.transfer_id, sender, blocks, journal_id, now_us
-        )
-        tx.transfer_set_state(msg.transfer_id, transition.state, now=now_us, blocks=blocks)
-        for block in blocks:
-            tx.action_put(
-                action_type=ActionType.ACQUISITION.value, block=block, at=now_us,
-                transferring_party=sender, transfer_id=msg.transfer_id,
-            )  # fmt: skip
-        log.info(
-            "transfer %s from %s completed: %d tCO2e credited",
-            msg.transfer_id,
-            sender,
-            total(blocks),
-            extra={"transfer_id": msg.transfer_id, "partner": sender},
-        )
-        receipt = TransferCompletionReceipt(transfer_id=msg.transfer_id, adjustment_year=year)
-        return self._reply(tx, sender, receipt, msg.header.message_id, now_us)[1]
 
     def _on_void(
         self, tx: Tx, sender: str, msg: TransferVoid, payload: bytes, journal_id: int, now_us: int
@@ -837,4 +1129,36 @@ class Requests(EngineBase):
         type_name(ReconciliationQuery): _on_reconciliation_query,
         type_name(KeyRotation): _on_key_rotation,
         type_name(FirstTransferNotice): _on_first_transfer_notice,
+        type_name(TransferBatchProposal): _on_batch_proposal,
+        type_name(TransferBatchCompletion): _on_batch_completion,
     }
+
+
+class _BatchSerials:
+    """What T4 checks a batch's items against, read once for the whole batch: the
+    blocks held here that overlap each of its blocks, the serials expected here
+    (transfers accepted earlier), and those of the batch's items accepted so far
+    (recorded only once the acceptance is sealed)."""
+
+    def __init__(self, expected: list[Block], held: dict[Block, list[Block]]) -> None:
+        self._held = held
+        # Expected serials and accepted items never overlap one another (T4 holds for
+        # each): sorted by start, only the neighbours of a range can overlap it.
+        self._ranges: dict[str, list[tuple[int, int, Block]]] = {}
+        self.add(expected)
+
+    def overlapping(self, block: Block) -> list[Block]:
+        found = list(self._held.get(block, ()))
+        ranges = self._ranges.get(block.originating_registry, [])
+        at = bisect.bisect_left(ranges, (block.serial_start, block.serial_end))
+        for start, end, other in ranges[max(at - 1, 0) : at + 1]:
+            if start <= block.serial_end and block.serial_start <= end:
+                found.append(other)
+        return found
+
+    def add(self, blocks: list[Block]) -> None:
+        for block in blocks:
+            bisect.insort(
+                self._ranges.setdefault(block.originating_registry, []),
+                (block.serial_start, block.serial_end, block),
+            )

@@ -121,7 +121,8 @@ def _plan(descriptor: Descriptor) -> tuple[_Plan, ...]:
 
 def validate(msg: Message, *, max_blocks: int, path: str = "") -> None:
     """Raise MISSING_FIELD for a required field left empty, INVALID_FIELD (or
-    TOO_MANY_BLOCKS) for the first field out of bounds."""
+    TOO_MANY_BLOCKS, or TOO_MANY_ITEMS for a batch's transfers) for the first field
+    out of bounds."""
     for plan in _plan(msg.DESCRIPTOR):
         value = getattr(msg, plan.name)
         if plan.repeated:
@@ -132,6 +133,12 @@ def validate(msg: Message, *, max_blocks: int, path: str = "") -> None:
                     f"{path}{plan.name} has {count} entries; at most {max_blocks}",
                 )
             if count > plan.max_items:
+                if plan.name == "items":  # the transfers of a batch (§5.15)
+                    raise Rejected(
+                        RejectionCode.TOO_MANY_ITEMS,
+                        f"{path}{plan.name} has {count} transfers; at most {plan.max_items} in "
+                        "one batch",
+                    )
                 raise _invalid(f"{path}{plan.name} has {count} entries; at most {plan.max_items}")
             if plan.required and not count:
                 raise Rejected(

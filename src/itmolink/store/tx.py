@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from itmolink.core.adjustments import AdjustmentEntry
@@ -106,6 +106,46 @@ class TransferRecord:
     rejection_detail: str
     created_at: int
     updated_at: int
+    # The batch it was proposed in (docs/PROTOCOL.md §5.15); empty if proposed alone.
+    batch_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NewTransfer:
+    """A transfer to record (:meth:`Tx.transfers_put`)."""
+
+    transfer_id: str
+    direction: Role
+    partner: str
+    state: TransferState
+    quantity: int
+    authorisation_id: str
+    first_transfer: bool
+    proposal_message_id: str
+    proposal_digest: bytes
+    expires_at: int
+    acceptance_digest: bytes = b""
+    rejection_code: int = 0
+    rejection_detail: str = ""
+    blocks: Sequence[Block] = ()
+    proposed_at: int | None = None
+    batch_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NewAction:
+    """An Article 6 action to record for the AEF (:meth:`Tx.actions_put`)."""
+
+    action_type: str
+    block: Block
+    at: int
+    subtype: str = ""
+    transferring_party: str = ""
+    acquiring_party: str = ""
+    using_party: str = ""
+    oimp_purpose: str = ""
+    use_year: int | None = None
+    transfer_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +166,7 @@ class AdjustmentRecord:
 _TRANSFER_COLUMNS = (
     "transfer_id, direction, partner, state, quantity, authorisation_id, first_transfer, "
     "proposal_message_id, proposal_digest, acceptance_digest, expires_at, rejection_code, "
-    "rejection_detail, created_at, updated_at"
+    "rejection_detail, created_at, updated_at, batch_id"
 )
 
 
@@ -158,7 +198,25 @@ def _transfer(row: Sequence[Any]) -> TransferRecord:
         rejection_detail=row[12],
         created_at=int(row[13]),
         updated_at=int(row[14]),
+        batch_id=row[15] or "",
     )
+
+
+def _moved_to(
+    record: TransferRecord,
+    state: TransferState,
+    acceptance_digest: bytes,
+    rejection_code: int = 0,
+    rejection_detail: str = "",
+) -> TransferRecord:
+    """``record`` in ``state`` (dataclasses.replace, spelt out: it is called for every
+    transfer of a batch)."""
+    r = record
+    return TransferRecord(
+        r.transfer_id, r.direction, r.partner, state, r.quantity, r.authorisation_id,
+        r.first_transfer, r.proposal_message_id, r.proposal_digest, acceptance_digest,
+        r.expires_at, rejection_code, rejection_detail, r.created_at, r.updated_at, r.batch_id,
+    )  # fmt: skip
 
 
 class Cursor(Protocol):
@@ -181,6 +239,18 @@ class Connection(Protocol):
 
 
 Paramstyle = Literal["qmark", "format"]
+
+
+_CHUNK = 500  # ids per IN (...) list: well within every database's limit on parameters
+
+
+def _chunks(values: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(values), _CHUNK):
+        yield values[start : start + _CHUNK]
+
+
+def _marks(count: int) -> str:
+    return ", ".join("?" * count)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -261,6 +331,17 @@ class Tx:
 
     def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
         return self._exec(sql, params).fetchone()
+
+    def _many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """One statement run for each row of parameters (one call into the driver)."""
+        if not rows:
+            return
+        if len(rows) == 1:
+            self._exec(sql, rows[0])
+        elif self.postgres:
+            self._conn.cursor().executemany(to_format(sql), rows)  # type: ignore[attr-defined]
+        else:
+            self._conn.executemany(sql, rows)  # type: ignore[attr-defined]
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -854,6 +935,7 @@ class Tx:
     def authorisation_party_put(
         self, terms: AuthorisationTerms, party: str, state: str, evidence_journal_id: int | None
     ) -> None:
+        self._authorisations.clear()
         self._exec(
             "INSERT INTO authorisation_parties (host_party, authorisation_id, version, party, "
             "state, rejection_code, evidence_journal_id) VALUES (?, ?, ?, ?, ?, 0, ?)",
@@ -879,6 +961,7 @@ class Tx:
         evidence_journal_id: int,
         reference: str = "",
     ) -> None:
+        self._authorisations.clear()
         self._exec(
             "UPDATE authorisation_parties SET state = ?, rejection_code = ?, "
             "evidence_journal_id = ?, reference = ? WHERE host_party = ? AND authorisation_id = ? "
@@ -945,12 +1028,25 @@ class Tx:
         use_year: int | None = None,
         transfer_id: str = "",
     ) -> None:
-        self._exec(
+        self.actions_put([
+            NewAction(
+                action_type=action_type, block=block, at=at, subtype=subtype,
+                transferring_party=transferring_party, acquiring_party=acquiring_party,
+                using_party=using_party, oimp_purpose=oimp_purpose, use_year=use_year,
+                transfer_id=transfer_id,
+            )
+        ])  # fmt: skip
+
+    def actions_put(self, actions: Sequence[NewAction]) -> None:
+        self._many(
             f"INSERT INTO actions (action_type, subtype, at, {_BLOCK_COLUMNS}, transferring_party, "
             "acquiring_party, using_party, oimp_purpose, use_year, transfer_id) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (action_type, subtype, at, *_block_values(block), transferring_party,
-             acquiring_party, using_party, oimp_purpose, use_year, transfer_id),
+            [
+                (a.action_type, a.subtype, a.at, *_block_values(a.block), a.transferring_party,
+                 a.acquiring_party, a.using_party, a.oimp_purpose, a.use_year, a.transfer_id)
+                for a in actions
+            ],
         )  # fmt: skip
 
     def actions(self) -> list[dict[str, Any]]:
@@ -1042,12 +1138,11 @@ class Tx:
         return int(row[0])
 
     def blocks_insert(self, blocks: Iterable[Block], *, account: str) -> None:
-        for block in blocks:
-            self._exec(
-                f"INSERT INTO blocks ({_BLOCK_COLUMNS}, account, status, transfer_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'held', NULL)",
-                (*_block_values(block), account),
-            )
+        self._many(
+            f"INSERT INTO blocks ({_BLOCK_COLUMNS}, account, status, transfer_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'held', NULL)",
+            [(*_block_values(block), account) for block in blocks],
+        )
 
     def blocks_held(self, *, account: str, authorisation_id: str, vintage: int) -> list[Block]:
         rows = self._exec(
@@ -1057,8 +1152,48 @@ class Tx:
         )
         return [_block(r) for r in rows]
 
-    def blocks_overlapping(self, block: Block) -> list[Block]:
-        """Blocks held here, or moving in or out, that share a serial with ``block``."""
+    def blocks_overlapping_each(self, blocks: Sequence[Block]) -> list[list[Block]]:
+        """For each of ``blocks``, the blocks held here (in any account, held, reserved
+        or frozen) that share a serial with it: :meth:`blocks_overlapping` without the
+        expected ones, for many blocks in one query per 250 of them."""
+        found: list[list[Block]] = [[] for _ in blocks]
+        columns = ", ".join("b." + c.strip() for c in _BLOCK_COLUMNS.split(","))
+        for first in range(0, len(blocks), 250):
+            chunk = blocks[first : first + 250]
+            values = ", ".join("(?, ?, ?, ?)" for _ in chunk)
+            params: list[Any] = []
+            for i, block in enumerate(chunk, start=first):
+                params += [i, block.originating_registry, block.serial_start, block.serial_end]
+            # As blocks_overlapping: the blocks starting inside each range, and the one
+            # starting last before it (held blocks never overlap one another).
+            rows = self._exec(
+                f"WITH q (i, reg, s, e) AS (VALUES {values}) "
+                f"SELECT q.i, {columns} FROM q JOIN blocks b ON b.originating_registry = q.reg "
+                "AND b.serial_start >= q.s AND b.serial_start <= q.e "
+                f"UNION ALL SELECT q.i, {columns} FROM q JOIN blocks b "
+                "ON b.originating_registry = q.reg AND b.serial_start = (SELECT "
+                "MAX(x.serial_start) FROM blocks x WHERE x.originating_registry = q.reg "
+                "AND x.serial_start < q.s) AND b.serial_end >= q.s",
+                params,
+            )
+            for row in rows:
+                found[int(row[0])].append(_block(row[1:]))
+        return found
+
+    def blocks_expected(self) -> list[Block]:
+        """The blocks of the transfers accepted here and not yet completed (expected)."""
+        rows = self._exec(
+            f"SELECT {', '.join('b.' + c.strip() for c in _BLOCK_COLUMNS.split(','))} "
+            "FROM transfers t CROSS JOIN transfer_blocks b "
+            "WHERE b.transfer_id = t.transfer_id AND t.direction = 'in' AND t.state = ?",
+            (int(TransferState.ACCEPTED),),
+        )
+        return [_block(r) for r in rows]
+
+    def blocks_overlapping(self, block: Block, *, expected: bool = True) -> list[Block]:
+        """Blocks held here, or moving in or out, that share a serial with ``block``;
+        with ``expected`` False, not those of transfers accepted here (the caller
+        checks them against :meth:`blocks_expected`)."""
         params = (block.originating_registry, block.serial_end, block.serial_start)
         # Blocks held here never overlap one another, so only those starting inside
         # the range and the one starting last before it can overlap: two index seeks,
@@ -1075,6 +1210,8 @@ class Tx:
         )
         if before is not None and int(before[2]) >= block.serial_start:
             held.append(before)
+        if not expected:
+            return [_block(r) for r in held]
         # From the few transfers accepted here and not yet completed (transfers_state),
         # not from the serials of every block ever transferred: CROSS JOIN keeps
         # SQLite from starting at transfer_blocks_serials, a scan of all serials below.
@@ -1113,6 +1250,36 @@ class Tx:
             )
             if cursor.rowcount != 1:
                 raise RuntimeError(f"block {block.label()} is not held and cannot be reserved")
+
+    def blocks_carve(
+        self,
+        sources: Sequence[Block],
+        held: Sequence[Block],
+        reserved: Sequence[tuple[Block, str]],
+        *,
+        account: str,
+    ) -> None:
+        """Replace held blocks of ``account`` (``sources``) by the pieces cut from them:
+        ``held`` ones (what is left of them) and ``reserved`` ones, each reserved for
+        its transfer. The pieces cover exactly the sources' serials."""
+        if sum(b.quantity for b in sources) != sum(b.quantity for b in held) + sum(
+            b.quantity for b, _ in reserved
+        ):
+            raise RuntimeError("the pieces do not cover the blocks they are cut from")
+        for block in sources:
+            cursor = self._exec(
+                "DELETE FROM blocks WHERE originating_registry = ? AND serial_start = ? "
+                "AND serial_end = ? AND status = 'held' AND account = ?",
+                (block.originating_registry, block.serial_start, block.serial_end, account),
+            )
+            if cursor.rowcount != 1:
+                raise RuntimeError(f"block {block.label()} is not held and cannot be reserved")
+        self.blocks_insert(held, account=account)
+        self._many(
+            f"INSERT INTO blocks ({_BLOCK_COLUMNS}, account, status, transfer_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?)",
+            [(*_block_values(block), account, transfer_id) for block, transfer_id in reserved],
+        )
 
     def blocks_delete(self, blocks: Iterable[Block]) -> None:
         for block in blocks:
@@ -1172,37 +1339,56 @@ class Tx:
         proposed_at: int | None = None,
         now: int,
     ) -> None:
-        self._exec(
+        self.transfers_put(
+            [
+                NewTransfer(
+                    transfer_id=transfer_id, direction=direction, partner=partner, state=state,
+                    quantity=quantity, authorisation_id=authorisation_id,
+                    first_transfer=first_transfer, proposal_message_id=proposal_message_id,
+                    proposal_digest=proposal_digest, acceptance_digest=acceptance_digest,
+                    expires_at=expires_at, rejection_code=rejection_code,
+                    rejection_detail=rejection_detail, blocks=blocks, proposed_at=proposed_at,
+                )
+            ],
+            now=now,
+        )  # fmt: skip
+
+    def transfers_put(self, transfers: Sequence[NewTransfer], *, now: int) -> None:
+        """Record transfers and their blocks: one statement per table for all of them."""
+        self._many(
             f"INSERT INTO transfers ({_TRANSFER_COLUMNS}, proposed_at, id_hash) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                transfer_id,
-                direction.value,
-                partner,
-                int(state),
-                quantity,
-                authorisation_id,
-                int(first_transfer),
-                proposal_message_id,
-                proposal_digest,
-                acceptance_digest,
-                expires_at,
-                rejection_code,
-                rejection_detail,
-                now,
-                now,
-                now if proposed_at is None else proposed_at,
-                id_hash(transfer_id),
-            ),
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (t.transfer_id, t.direction.value, t.partner, int(t.state), t.quantity,
+                 t.authorisation_id, int(t.first_transfer), t.proposal_message_id,
+                 t.proposal_digest, t.acceptance_digest, t.expires_at, t.rejection_code,
+                 t.rejection_detail, now, now, t.batch_id,
+                 now if t.proposed_at is None else t.proposed_at, id_hash(t.transfer_id))
+                for t in transfers
+            ],
+        )  # fmt: skip
+        self._many(
+            f"INSERT INTO transfer_blocks (transfer_id, {_BLOCK_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(t.transfer_id, *_block_values(b)) for t in transfers for b in t.blocks],
         )
-        for block in blocks:
-            self._exec(
-                f"INSERT INTO transfer_blocks (transfer_id, {_BLOCK_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (transfer_id, *_block_values(block)),
-            )
-        if state.is_final:
-            self._seal_transfer(transfer_id)
+        self._seal_transfers([t.transfer_id for t in transfers if t.state.is_final])
+
+    def transfers_of_batch(self, batch_id: str, partner: str) -> list[TransferRecord]:
+        """The transfers of a batch exchanged with ``partner`` (either direction)."""
+        rows = self._exec(
+            f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE batch_id = ? AND partner = ? "
+            "ORDER BY transfer_id",
+            (batch_id, partner),
+        )
+        return [_transfer(r) for r in rows]
+
+    def batch_known(self, batch_id: str, partner: str) -> bool:
+        row = self._one(
+            "SELECT 1 FROM transfers WHERE batch_id = ? AND partner = ? LIMIT 1",
+            (batch_id, partner),
+        )
+        return row is not None
 
     def transfer_get(self, transfer_id: str) -> TransferRecord | None:
         row = self._one(
@@ -1245,6 +1431,99 @@ class Tx:
                 (int(state), rejection_code, rejection_detail, now, transfer_id),
             )
 
+    def transfers_set_state(
+        self,
+        transfer_ids: Sequence[str],
+        state: TransferState,
+        *,
+        now: int,
+        acceptance_digest: bytes | None = None,
+        blocks: dict[str, list[Block]] | None = None,
+    ) -> None:
+        """Move several transfers to ``state`` (no rejection), in one statement; a final
+        state seals them in that statement (``blocks``: each one's blocks, if the
+        caller has them already)."""
+        if state.is_final:
+            records = self.transfers_get(transfer_ids)
+            self._seal_records(
+                [
+                    _moved_to(
+                        records[t], state,
+                        records[t].acceptance_digest if acceptance_digest is None
+                        else acceptance_digest,
+                    )
+                    for t in transfer_ids
+                ],
+                blocks=blocks, now=now,
+            )  # fmt: skip
+        elif acceptance_digest is None:
+            self._many(
+                "UPDATE transfers SET state = ?, rejection_code = 0, rejection_detail = '', "
+                "updated_at = ? WHERE transfer_id = ?",
+                [(int(state), now, t) for t in transfer_ids],
+            )
+        else:
+            self._many(
+                "UPDATE transfers SET state = ?, rejection_code = 0, rejection_detail = '', "
+                "updated_at = ?, acceptance_digest = ? WHERE transfer_id = ?",
+                [(int(state), now, acceptance_digest, t) for t in transfer_ids],
+            )
+
+    def transfers_get(self, transfer_ids: Sequence[str]) -> dict[str, TransferRecord]:
+        """The transfers with these ids that exist, by id (one query per 500 ids)."""
+        found: dict[str, TransferRecord] = {}
+        for chunk in _chunks(transfer_ids):
+            rows = self._exec(
+                f"SELECT {_TRANSFER_COLUMNS} FROM transfers "
+                f"WHERE transfer_id IN ({_marks(len(chunk))})",
+                chunk,
+            )
+            for row in rows:
+                record = _transfer(row)
+                found[record.transfer_id] = record
+        return found
+
+    def blocks_of_transfers(self, transfer_ids: Sequence[str]) -> dict[str, list[Block]]:
+        """The blocks of each of these transfers, in serial order (as
+        :meth:`blocks_of_transfer`), by transfer id; every id has an entry."""
+        found: dict[str, list[Block]] = {t: [] for t in transfer_ids}
+        for chunk in _chunks(transfer_ids):
+            rows = self._exec(
+                f"SELECT transfer_id, {_BLOCK_COLUMNS} FROM transfer_blocks "
+                f"WHERE transfer_id IN ({_marks(len(chunk))}) "
+                "ORDER BY transfer_id, originating_registry, serial_start",
+                chunk,
+            )
+            for row in rows:
+                found[row[0]].append(_block(row[1:]))
+        return found
+
+    def blocks_debit_reserved_of(self, transfer_ids: Sequence[str]) -> int:
+        """Delete the blocks reserved for these transfers; returns how many."""
+        debited = 0
+        for chunk in _chunks(transfer_ids):
+            cursor = self._exec(
+                f"DELETE FROM blocks WHERE status = 'reserved' "
+                f"AND transfer_id IN ({_marks(len(chunk))})",
+                chunk,
+            )
+            debited += int(cursor.rowcount)
+        return debited
+
+    def adjustment_amounts_of(
+        self, transfer_ids: Sequence[str]
+    ) -> dict[str, list[tuple[int, int]]]:
+        found: dict[str, list[tuple[int, int]]] = {t: [] for t in transfer_ids}
+        for chunk in _chunks(transfer_ids):
+            rows = self._exec(
+                "SELECT transfer_id, year, amount FROM adjustments "
+                f"WHERE transfer_id IN ({_marks(len(chunk))})",
+                chunk,
+            )
+            for row in rows:
+                found[row[0]].append((int(row[1]), int(row[2])))
+        return found
+
     def _seal_transfer(
         self,
         transfer_id: str,
@@ -1252,100 +1531,123 @@ class Tx:
         blocks: Sequence[Block] | None = None,
         change: tuple[TransferState, int, str, int, bytes | None] | None = None,
     ) -> None:
-        """Record a final transfer's reconciliation leaves (core/reconcile.py).
+        """Record a final transfer's reconciliation leaves (:meth:`_seal_records`).
 
         With ``change`` (state, rejection code and detail, time, acceptance digest
         or None), the transfer moves to that final state in the same statement.
         """
-        row = self._one(
-            f"SELECT {_TRANSFER_COLUMNS}, blocks_leaf IS NOT NULL, blocks_h1, blocks_h2, "
-            "journal_h1, journal_h2 FROM transfers WHERE transfer_id = ?",
-            (transfer_id,),
-        )
-        assert row is not None
-        record = _transfer(row)
-        before = row[16:] if row[15] else None
+        record = self.transfers_get([transfer_id])[transfer_id]
+        now = None
         if change is not None:
             state, code, detail, now, acceptance = change
-            record = replace(
-                record, state=state, rejection_code=code, rejection_detail=detail,
-                updated_at=now,
-                acceptance_digest=record.acceptance_digest if acceptance is None else acceptance,
+            record = _moved_to(
+                record, state,
+                record.acceptance_digest if acceptance is None else acceptance, code, detail,
             )  # fmt: skip
-        assert record.state.is_final
-        me = self.meta_get("party") or ""
-        sender, receiver = (
-            (me, record.partner) if record.direction is Role.SENDER else (record.partner, me)
+        self._seal_records(
+            [record], blocks=None if blocks is None else {transfer_id: list(blocks)}, now=now
         )
-        sign = 1 if record.direction is Role.SENDER else -1
-        moved = record.state is TransferState.COMPLETED
-        if moved and blocks is None:
-            blocks = self.blocks_of_transfer(transfer_id)
-        facts = TransferFacts(
-            transfer_id=transfer_id,
-            sender=sender,
-            receiver=receiver,
-            moved=moved,
-            blocks=tuple(blocks or ()) if moved else (),
-            adjustments=tuple(
-                (int(year), sign * int(amount))
-                for year, amount in self._exec(
-                    "SELECT year, amount FROM adjustments WHERE transfer_id = ?", (transfer_id,)
-                )
-            ),
-            proposal_digest=record.proposal_digest,
-            acceptance_digest=record.acceptance_digest,
-        )
-        blocks_digest, journal = blocks_leaf(facts), journal_leaf(facts)
-        (b1, b2), (j1, j2) = slices(blocks_digest), slices(journal)
-        self._exec(
-            "UPDATE transfers SET state = ?, rejection_code = ?, rejection_detail = ?, "
-            "updated_at = ?, acceptance_digest = ?, blocks_leaf = ?, journal_leaf = ?, "
-            "blocks_h1 = ?, blocks_h2 = ?, journal_h1 = ?, journal_h2 = ? WHERE transfer_id = ?",
-            (int(record.state), record.rejection_code, record.rejection_detail,
-             record.updated_at, record.acceptance_digest, blocks_digest, journal, b1, b2, j1,
-             j2, transfer_id),
-        )  # fmt: skip
-        # The running sums (migration 0003): a transfer sealed again (a final
-        # state recorded twice) replaces its earlier leaves.
-        prefix = id_hash(transfer_id)[:SUMMARY_PREFIX]
-        if before is not None:
-            self._add_to_bucket(record.partner, prefix, -1, *(-int(v) for v in before))
-        self._add_to_bucket(record.partner, prefix, 1, b1, b2, j1, j2)
-        if moved and before is not None:
-            # Not a protocol step (a completed transfer is sealed once): a repair
-            # of its record. The partner's totals are summed again from the ledger.
-            self._exec("DELETE FROM reconcile_totals WHERE partner = ?", (record.partner,))
-            self._exec(
-                "INSERT INTO reconcile_totals (partner, direction, unit_type, vintage, "
-                "authorisation_id, quantity, transfers) "
-                "SELECT t.partner, t.direction, b.unit_type, b.vintage, b.authorisation_id, "
-                "SUM(b.serial_end - b.serial_start + 1), COUNT(DISTINCT t.transfer_id) "
-                "FROM transfers t JOIN transfer_blocks b ON b.transfer_id = t.transfer_id "
-                "WHERE t.partner = ? AND t.state = ? AND t.blocks_leaf IS NOT NULL "
-                "GROUP BY t.partner, t.direction, b.unit_type, b.vintage, b.authorisation_id",
-                (record.partner, int(TransferState.COMPLETED)),
-            )
-        elif moved:
-            moved_by: dict[tuple[int, int, str], int] = {}
-            for block in facts.blocks:
-                key = (int(block.unit_type), block.vintage, block.authorisation_id)
-                moved_by[key] = moved_by.get(key, 0) + block.quantity
-            for (unit_type, vintage, authorisation_id), quantity in moved_by.items():
-                self._exec(
-                    "INSERT INTO reconcile_totals (partner, direction, unit_type, vintage, "
-                    "authorisation_id, quantity, transfers) VALUES (?, ?, ?, ?, ?, ?, 1) "
-                    "ON CONFLICT (partner, direction, unit_type, vintage, authorisation_id) "
-                    "DO UPDATE SET quantity = reconcile_totals.quantity + excluded.quantity, "
-                    "transfers = reconcile_totals.transfers + 1",
-                    (record.partner, record.direction.value, unit_type, vintage,
-                     authorisation_id, quantity),
-                )  # fmt: skip
 
-    def _add_to_bucket(
-        self, partner: str, prefix: str, leaves: int, b1: int, b2: int, j1: int, j2: int
+    def _seal_transfers(self, transfer_ids: Sequence[str]) -> None:
+        """Record final transfers' reconciliation leaves (core/reconcile.py) and add
+        them to the running sums (migration 0003), a few statements for all of them."""
+        if transfer_ids:
+            records = self.transfers_get(transfer_ids)
+            self._seal_records([records[t] for t in transfer_ids])
+
+    def _seal_records(
+        self,
+        records: Sequence[TransferRecord],
+        *,
+        blocks: dict[str, list[Block]] | None = None,
+        now: int | None = None,
     ) -> None:
-        self._exec(
+        """:meth:`_seal_transfers` of these records, as they are to be. With ``now``,
+        their state, rejection and acceptance digest are written too, in the same
+        statement (:meth:`transfers_set_state`)."""
+        me = self.meta_get("party") or ""
+        transfer_ids = [r.transfer_id for r in records]
+        by_id = {r.transfer_id: r for r in records}
+        moved_ids = [r.transfer_id for r in records if r.state is TransferState.COMPLETED]
+        blocks_of = blocks if blocks is not None else (
+            self.blocks_of_transfers(moved_ids) if moved_ids else {}
+        )  # fmt: skip
+        adjustments_of = self.adjustment_amounts_of(transfer_ids)
+        before: dict[str, tuple[int, int, int, int]] = {}
+        for chunk in _chunks(transfer_ids):
+            for row in self._exec(
+                "SELECT transfer_id, blocks_h1, blocks_h2, journal_h1, journal_h2 FROM transfers "
+                f"WHERE transfer_id IN ({_marks(len(chunk))}) AND blocks_leaf IS NOT NULL",
+                chunk,
+            ):
+                before[row[0]] = (int(row[1]), int(row[2]), int(row[3]), int(row[4]))
+        leaves: list[tuple[Any, ...]] = []
+        buckets: dict[tuple[str, str], list[int]] = {}
+        totals: dict[tuple[str, str, int, int, str], list[int]] = {}
+        repaired: set[str] = set()
+        for transfer_id in transfer_ids:
+            record = by_id[transfer_id]
+            assert record.state.is_final
+            sender, receiver = (
+                (me, record.partner) if record.direction is Role.SENDER else (record.partner, me)
+            )
+            sign = 1 if record.direction is Role.SENDER else -1
+            moved = record.state is TransferState.COMPLETED
+            facts = TransferFacts(
+                transfer_id=transfer_id,
+                sender=sender,
+                receiver=receiver,
+                moved=moved,
+                blocks=tuple(blocks_of[transfer_id]) if moved else (),
+                adjustments=tuple(
+                    (year, sign * amount) for year, amount in adjustments_of[transfer_id]
+                ),
+                proposal_digest=record.proposal_digest,
+                acceptance_digest=record.acceptance_digest,
+            )
+            b_leaf, j_leaf = blocks_leaf(facts), journal_leaf(facts)
+            (b1, b2), (j1, j2) = slices(b_leaf), slices(j_leaf)
+            leaves.append(
+                (b_leaf, j_leaf, b1, b2, j1, j2, transfer_id)
+                if now is None
+                else (int(record.state), record.rejection_code, record.rejection_detail, now,
+                      record.acceptance_digest, b_leaf, j_leaf, b1, b2, j1, j2, transfer_id)
+            )  # fmt: skip
+            # A transfer sealed again (a final state recorded twice) replaces its
+            # earlier leaves in the sums.
+            bucket = buckets.setdefault(
+                (record.partner, id_hash(transfer_id)[:SUMMARY_PREFIX]), [0, 0, 0, 0, 0]
+            )
+            old = before.get(transfer_id)
+            for i, value in enumerate((1, b1, b2, j1, j2)):
+                bucket[i] += value
+            if old is not None:
+                bucket[0] -= 1
+                for i, value in enumerate(old, start=1):
+                    bucket[i] -= value
+            if moved and old is not None:
+                # Not a protocol step (a completed transfer is sealed once): a repair
+                # of its record. The partner's totals are summed again from the ledger.
+                repaired.add(record.partner)
+            elif moved:
+                for block in facts.blocks:
+                    key = (record.partner, record.direction.value, int(block.unit_type),
+                           block.vintage, block.authorisation_id)  # fmt: skip
+                    total = totals.setdefault(key, [0, 0, -1])
+                    total[0] += block.quantity
+                    if total[2] != len(leaves):  # count each transfer once per key
+                        total[1] += 1
+                        total[2] = len(leaves)
+        self._many(
+            ("" if now is None else
+             "UPDATE transfers SET state = ?, rejection_code = ?, rejection_detail = ?, "
+             "updated_at = ?, acceptance_digest = ?, ")
+            + ("UPDATE transfers SET " if now is None else "")
+            + "blocks_leaf = ?, journal_leaf = ?, blocks_h1 = ?, "
+            "blocks_h2 = ?, journal_h1 = ?, journal_h2 = ? WHERE transfer_id = ?",
+            leaves,
+        )  # fmt: skip
+        self._many(
             "INSERT INTO reconcile_buckets (partner, prefix, leaves, blocks_h1, blocks_h2, "
             "journal_h1, journal_h2) VALUES (?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (partner, prefix) DO UPDATE SET "
@@ -1354,7 +1656,31 @@ class Tx:
             "blocks_h2 = reconcile_buckets.blocks_h2 + excluded.blocks_h2, "
             "journal_h1 = reconcile_buckets.journal_h1 + excluded.journal_h1, "
             "journal_h2 = reconcile_buckets.journal_h2 + excluded.journal_h2",
-            (partner, prefix, leaves, b1, b2, j1, j2),
+            [(partner, prefix, *sums) for (partner, prefix), sums in buckets.items()],
+        )
+        for partner in sorted(repaired):
+            self._exec("DELETE FROM reconcile_totals WHERE partner = ?", (partner,))
+            self._exec(
+                "INSERT INTO reconcile_totals (partner, direction, unit_type, vintage, "
+                "authorisation_id, quantity, transfers) "
+                "SELECT t.partner, t.direction, b.unit_type, b.vintage, b.authorisation_id, "
+                "SUM(b.serial_end - b.serial_start + 1), COUNT(DISTINCT t.transfer_id) "
+                "FROM transfers t JOIN transfer_blocks b ON b.transfer_id = t.transfer_id "
+                "WHERE t.partner = ? AND t.state = ? AND t.blocks_leaf IS NOT NULL "
+                "GROUP BY t.partner, t.direction, b.unit_type, b.vintage, b.authorisation_id",
+                (partner, int(TransferState.COMPLETED)),
+            )
+        self._many(
+            "INSERT INTO reconcile_totals (partner, direction, unit_type, vintage, "
+            "authorisation_id, quantity, transfers) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (partner, direction, unit_type, vintage, authorisation_id) "
+            "DO UPDATE SET quantity = reconcile_totals.quantity + excluded.quantity, "
+            "transfers = reconcile_totals.transfers + excluded.transfers",
+            [
+                (*key, quantity, count)
+                for key, (quantity, count, _) in totals.items()
+                if key[0] not in repaired
+            ],
         )
 
     # -- reconciliation -----------------------------------------------------------------
@@ -1616,24 +1942,16 @@ class Tx:
     ) -> None:
         """Record entries. Entries of a transfer need the partner's evidence; others
         (``transfer_id`` empty) name their issuance or action in ``reference``."""
-        for entry in entries:
-            self._exec(
-                "INSERT INTO adjustments (party, partner, transfer_id, year, amount, unit_type, "
-                "method, evidence_journal_id, recorded_at, reference) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    entry.party,
-                    entry.partner,
-                    entry.transfer_id or None,
-                    entry.year,
-                    entry.amount,
-                    int(entry.unit_type),
-                    entry.method,
-                    evidence_journal_id,
-                    now,
-                    reference,
-                ),
-            )
+        self._many(
+            "INSERT INTO adjustments (party, partner, transfer_id, year, amount, unit_type, "
+            "method, evidence_journal_id, recorded_at, reference) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (entry.party, entry.partner, entry.transfer_id or None, entry.year, entry.amount,
+                 int(entry.unit_type), entry.method, evidence_journal_id, now, reference)
+                for entry in entries
+            ],
+        )  # fmt: skip
 
     def first_transferred_by_year(self) -> dict[int, int]:
         """tCO2e first-transferred abroad per booking year: adjustments this party

@@ -46,6 +46,7 @@ class _RejectionCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Rejecti
     REJECTION_CODE_TOO_MANY_BLOCKS: _RejectionCode.ValueType  # 2008
     REJECTION_CODE_RATE_LIMITED: _RejectionCode.ValueType  # 2009
     REJECTION_CODE_INVALID_FIELD: _RejectionCode.ValueType  # 2010
+    REJECTION_CODE_TOO_MANY_ITEMS: _RejectionCode.ValueType  # 2011
     REJECTION_CODE_INVALID_BLOCK: _RejectionCode.ValueType  # 3001
     """3xxx: data integrity."""
     REJECTION_CODE_QUANTITY_MISMATCH: _RejectionCode.ValueType  # 3002
@@ -113,6 +114,7 @@ REJECTION_CODE_MESSAGE_TOO_LARGE: RejectionCode.ValueType  # 2007
 REJECTION_CODE_TOO_MANY_BLOCKS: RejectionCode.ValueType  # 2008
 REJECTION_CODE_RATE_LIMITED: RejectionCode.ValueType  # 2009
 REJECTION_CODE_INVALID_FIELD: RejectionCode.ValueType  # 2010
+REJECTION_CODE_TOO_MANY_ITEMS: RejectionCode.ValueType  # 2011
 REJECTION_CODE_INVALID_BLOCK: RejectionCode.ValueType  # 3001
 """3xxx: data integrity."""
 REJECTION_CODE_QUANTITY_MISMATCH: RejectionCode.ValueType  # 3002

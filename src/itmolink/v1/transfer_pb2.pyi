@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from itmolink.v1 import codes_pb2 as _codes_pb2
 from itmolink.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -324,3 +325,253 @@ class TransferStatusReport(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TransferStatusReport: _TypeAlias = TransferStatusReport  # noqa: Y015
+
+@_typing.final
+class TransferBatchProposal(_message.Message):
+    """TransferBatchProposal opens several transfers at once (docs/PROTOCOL.md,
+    "Batched transfers"): each item is one transfer, with its own id, that the
+    receiver accepts or rejects on its own. One signed acceptance answers the
+    batch; a malformed batch is refused as a whole with a Rejection.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    """Identifier chosen by the sender, unique within its registry, starting with
+    the sender's party code and a hyphen (e.g. "LAO-B-000001").
+    """
+    @_builtins.property
+    def header(self) -> _common_pb2.Header: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """After this instant the sender voids every item it has no acceptance for."""
+
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___TransferBatchItem]:
+        """The transfers, at least one and at most 1,000."""
+
+    def __init__(
+        self,
+        *,
+        header: _common_pb2.Header | None = ...,
+        batch_id: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        items: _abc.Iterable[Global___TransferBatchItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "expires_at", b"expires_at", "header", b"header", "items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferBatchProposal: _TypeAlias = TransferBatchProposal  # noqa: Y015
+
+@_typing.final
+class TransferBatchItem(_message.Message):
+    """TransferBatchItem is one transfer of a batch: the fields of a
+    TransferProposal that belong to one transfer.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    AUTHORISATION_ID_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    BLOCKS_FIELD_NUMBER: _builtins.int
+    FIRST_TRANSFER_FIELD_NUMBER: _builtins.int
+    AUTHORISATION_EVIDENCE_FIELD_NUMBER: _builtins.int
+    transfer_id: _builtins.str
+    authorisation_id: _builtins.str
+    quantity: _builtins.int
+    """tCO2e; equals the sum of the blocks' sizes."""
+    first_transfer: _builtins.bool
+    authorisation_evidence: _builtins.bytes
+    """As TransferProposal.authorisation_evidence, for an onward transfer."""
+    @_builtins.property
+    def blocks(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.UnitBlock]: ...
+    def __init__(
+        self,
+        *,
+        transfer_id: _builtins.str = ...,
+        authorisation_id: _builtins.str = ...,
+        quantity: _builtins.int = ...,
+        blocks: _abc.Iterable[_common_pb2.UnitBlock] | None = ...,
+        first_transfer: _builtins.bool = ...,
+        authorisation_evidence: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorisation_evidence", b"authorisation_evidence", "authorisation_id", b"authorisation_id", "blocks", b"blocks", "first_transfer", b"first_transfer", "quantity", b"quantity", "transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferBatchItem: _TypeAlias = TransferBatchItem  # noqa: Y015
+
+@_typing.final
+class TransferBatchAcceptance(_message.Message):
+    """TransferBatchAcceptance answers a TransferBatchProposal with one outcome per
+    item: accepted (the receiver's signed promise, as a TransferAcceptance), or
+    rejected with the reason (as a Rejection of a single proposal).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    PROPOSAL_DIGEST_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    proposal_digest: _builtins.bytes
+    """SHA-256 of the batch proposal's payload bytes."""
+    @_builtins.property
+    def header(self) -> _common_pb2.Header: ...
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___TransferBatchOutcome]:
+        """One per item of the proposal."""
+
+    def __init__(
+        self,
+        *,
+        header: _common_pb2.Header | None = ...,
+        batch_id: _builtins.str = ...,
+        proposal_digest: _builtins.bytes = ...,
+        items: _abc.Iterable[Global___TransferBatchOutcome] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "header", b"header", "items", b"items", "proposal_digest", b"proposal_digest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferBatchAcceptance: _TypeAlias = TransferBatchAcceptance  # noqa: Y015
+
+@_typing.final
+class TransferBatchOutcome(_message.Message):
+    """TransferBatchOutcome is the receiver's answer about one item of a batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    REJECTION_FIELD_NUMBER: _builtins.int
+    ADJUSTMENT_YEAR_FIELD_NUMBER: _builtins.int
+    transfer_id: _builtins.str
+    adjustment_year: _builtins.int
+    """In a TransferBatchCompletionReceipt: the year to which the receiver booked
+    its adjustment for the item. 0 in a TransferBatchAcceptance.
+    """
+    @_builtins.property
+    def rejection(self) -> _codes_pb2.RejectionReason:
+        """Set when the item is rejected (its first failed check); unset when accepted."""
+
+    def __init__(
+        self,
+        *,
+        transfer_id: _builtins.str = ...,
+        rejection: _codes_pb2.RejectionReason | None = ...,
+        adjustment_year: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rejection", b"rejection"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjustment_year", b"adjustment_year", "rejection", b"rejection", "transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferBatchOutcome: _TypeAlias = TransferBatchOutcome  # noqa: Y015
+
+@_typing.final
+class TransferBatchCompletion(_message.Message):
+    """TransferBatchCompletion is the sender's signed acknowledgement of a batch
+    acceptance: it has debited and booked its adjustment for every item listed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    ACCEPTANCE_DIGEST_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    acceptance_digest: _builtins.bytes
+    """SHA-256 of the batch acceptance's payload bytes."""
+    @_builtins.property
+    def header(self) -> _common_pb2.Header: ...
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___TransferBatchCompletionItem]:
+        """The accepted items, each with the year of the sender's adjustment."""
+
+    def __init__(
+        self,
+        *,
+        header: _common_pb2.Header | None = ...,
+        batch_id: _builtins.str = ...,
+        acceptance_digest: _builtins.bytes = ...,
+        items: _abc.Iterable[Global___TransferBatchCompletionItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceptance_digest", b"acceptance_digest", "batch_id", b"batch_id", "header", b"header", "items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferBatchCompletion: _TypeAlias = TransferBatchCompletion  # noqa: Y015
+
+@_typing.final
+class TransferBatchCompletionItem(_message.Message):
+    """TransferBatchCompletionItem is one completed transfer of a batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    ADJUSTMENT_YEAR_FIELD_NUMBER: _builtins.int
+    transfer_id: _builtins.str
+    adjustment_year: _builtins.int
+    """Year to which the sender booked its corresponding adjustment."""
+    def __init__(
+        self,
+        *,
+        transfer_id: _builtins.str = ...,
+        adjustment_year: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjustment_year", b"adjustment_year", "transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferBatchCompletionItem: _TypeAlias = TransferBatchCompletionItem  # noqa: Y015
+
+@_typing.final
+class TransferBatchCompletionReceipt(_message.Message):
+    """TransferBatchCompletionReceipt is the receiver's signed answer to a batch
+    completion: one outcome per item, with the receiver's adjustment year, or the
+    reason it could not apply the completion of that item.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    @_builtins.property
+    def header(self) -> _common_pb2.Header: ...
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___TransferBatchOutcome]: ...
+    def __init__(
+        self,
+        *,
+        header: _common_pb2.Header | None = ...,
+        batch_id: _builtins.str = ...,
+        items: _abc.Iterable[Global___TransferBatchOutcome] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "header", b"header", "items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferBatchCompletionReceipt: _TypeAlias = TransferBatchCompletionReceipt  # noqa: Y015

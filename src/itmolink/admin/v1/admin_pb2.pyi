@@ -811,6 +811,98 @@ class TransferResponse(_message.Message):
 Global___TransferResponse: _TypeAlias = TransferResponse  # noqa: Y015
 
 @_typing.final
+class TransferBatchRequest(_message.Message):
+    """TransferBatchRequest asks for several transfers to one partner, proposed in
+    one batch. All or nothing: if any item fails the sender's checks, nothing is
+    reserved and the request fails with that item's rejection code.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TO_PARTY_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    to_party: _builtins.str
+    timeout_seconds: _builtins.int
+    """How long the partner has to accept before the items are voided; 0 uses
+    the node's configured default.
+    """
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___TransferBatchRequestItem]:
+        """The transfers, 1 to 1,000."""
+
+    def __init__(
+        self,
+        *,
+        to_party: _builtins.str = ...,
+        items: _abc.Iterable[Global___TransferBatchRequestItem] | None = ...,
+        timeout_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "timeout_seconds", b"timeout_seconds", "to_party", b"to_party"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferBatchRequest: _TypeAlias = TransferBatchRequest  # noqa: Y015
+
+@_typing.final
+class TransferBatchRequestItem(_message.Message):
+    """TransferBatchRequestItem is one transfer of a batch request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHORISATION_ID_FIELD_NUMBER: _builtins.int
+    VINTAGE_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    HOST_PARTY_FIELD_NUMBER: _builtins.int
+    authorisation_id: _builtins.str
+    vintage: _builtins.int
+    quantity: _builtins.int
+    host_party: _builtins.str
+    """For an onward transfer: the party that authorised the units (empty: this node's)."""
+    def __init__(
+        self,
+        *,
+        authorisation_id: _builtins.str = ...,
+        vintage: _builtins.int = ...,
+        quantity: _builtins.int = ...,
+        host_party: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorisation_id", b"authorisation_id", "host_party", b"host_party", "quantity", b"quantity", "vintage", b"vintage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferBatchRequestItem: _TypeAlias = TransferBatchRequestItem  # noqa: Y015
+
+@_typing.final
+class TransferBatchResponse(_message.Message):
+    """TransferBatchResponse names the batch and its transfers, in the order of the items."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    TRANSFER_IDS_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    @_builtins.property
+    def transfer_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        transfer_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "transfer_ids", b"transfer_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferBatchResponse: _TypeAlias = TransferBatchResponse  # noqa: Y015
+
+@_typing.final
 class TransferView(_message.Message):
     """TransferView is one transfer as this node sees it."""
 

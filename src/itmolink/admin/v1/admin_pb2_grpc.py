@@ -58,6 +58,11 @@ class AdminServiceStub:
                 request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.TransferRequest.SerializeToString,
                 response_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.TransferResponse.FromString,
                 _registered_method=True)
+        self.TransferBatch = channel.unary_unary(
+                '/itmolink.admin.v1.AdminService/TransferBatch',
+                request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.TransferBatchRequest.SerializeToString,
+                response_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.TransferBatchResponse.FromString,
+                _registered_method=True)
         self.GetTransfer = channel.unary_unary(
                 '/itmolink.admin.v1.AdminService/GetTransfer',
                 request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.GetTransferRequest.SerializeToString,
@@ -160,6 +165,14 @@ class AdminServiceServicer:
 
     def Transfer(self, request, context):
         """Transfer reserves units and proposes their transfer to a partner.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TransferBatch(self, request, context):
+        """TransferBatch reserves units for several transfers to one partner and
+        proposes them in one TransferBatchProposal (docs/PROTOCOL.md §5.15).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -292,6 +305,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.Transfer,
                     request_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.TransferRequest.FromString,
                     response_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.TransferResponse.SerializeToString,
+            ),
+            'TransferBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.TransferBatch,
+                    request_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.TransferBatchRequest.FromString,
+                    response_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.TransferBatchResponse.SerializeToString,
             ),
             'GetTransfer': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTransfer,
@@ -476,6 +494,33 @@ class AdminService:
             '/itmolink.admin.v1.AdminService/Transfer',
             itmolink_dot_admin_dot_v1_dot_admin__pb2.TransferRequest.SerializeToString,
             itmolink_dot_admin_dot_v1_dot_admin__pb2.TransferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransferBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/itmolink.admin.v1.AdminService/TransferBatch',
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.TransferBatchRequest.SerializeToString,
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.TransferBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,10 @@ class AdminServiceStub:
     """Issue issues serialised units under an authorisation into the holding account."""
     Transfer: _grpc.UnaryUnaryMultiCallable[_admin_pb2.TransferRequest, _admin_pb2.TransferResponse]
     """Transfer reserves units and proposes their transfer to a partner."""
+    TransferBatch: _grpc.UnaryUnaryMultiCallable[_admin_pb2.TransferBatchRequest, _admin_pb2.TransferBatchResponse]
+    """TransferBatch reserves units for several transfers to one partner and
+    proposes them in one TransferBatchProposal (docs/PROTOCOL.md §5.15).
+    """
     GetTransfer: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetTransferRequest, _admin_pb2.GetTransferResponse]
     """GetTransfer returns one transfer as this node sees it."""
     ListTransfers: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListTransfersRequest, _admin_pb2.ListTransfersResponse]
@@ -103,6 +107,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Issue issues serialised units under an authorisation into the holding account."""
     Transfer: _aio.UnaryUnaryMultiCallable[_admin_pb2.TransferRequest, _admin_pb2.TransferResponse]  # type: ignore[assignment]
     """Transfer reserves units and proposes their transfer to a partner."""
+    TransferBatch: _aio.UnaryUnaryMultiCallable[_admin_pb2.TransferBatchRequest, _admin_pb2.TransferBatchResponse]  # type: ignore[assignment]
+    """TransferBatch reserves units for several transfers to one partner and
+    proposes them in one TransferBatchProposal (docs/PROTOCOL.md §5.15).
+    """
     GetTransfer: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetTransferRequest, _admin_pb2.GetTransferResponse]  # type: ignore[assignment]
     """GetTransfer returns one transfer as this node sees it."""
     ListTransfers: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListTransfersRequest, _admin_pb2.ListTransfersResponse]  # type: ignore[assignment]
@@ -182,6 +190,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.TransferResponse, _abc.Awaitable[_admin_pb2.TransferResponse]]:
         """Transfer reserves units and proposes their transfer to a partner."""
+
+    @_abc_1.abstractmethod
+    def TransferBatch(
+        self,
+        request: _admin_pb2.TransferBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.TransferBatchResponse, _abc.Awaitable[_admin_pb2.TransferBatchResponse]]:
+        """TransferBatch reserves units for several transfers to one partner and
+        proposes them in one TransferBatchProposal (docs/PROTOCOL.md §5.15).
+        """
 
     @_abc_1.abstractmethod
     def GetTransfer(
