@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -129,9 +130,12 @@ def pki(tmp_path: Path, databases: Databases) -> Callable[..., Path]:
     return make
 
 
-@pytest.fixture
-async def lao_kor(pki: Callable[..., Path]) -> AsyncIterator[tuple[Registry, Registry]]:
-    lao = await start_registry(pki("LAO", ["KOR"]))
+@contextlib.asynccontextmanager
+async def running_pair(
+    pki: Callable[..., Path], *, lao_extra: str = ""
+) -> AsyncIterator[tuple[Registry, Registry]]:
+    """LAO and KOR running and linked (``lao_extra``: more of LAO's node.toml)."""
+    lao = await start_registry(pki("LAO", ["KOR"], extra=lao_extra))
     kor = await start_registry(pki("KOR", ["LAO"]))
     link(lao, kor)
     try:
@@ -139,6 +143,12 @@ async def lao_kor(pki: Callable[..., Path]) -> AsyncIterator[tuple[Registry, Reg
     finally:
         await stop_registry(lao)
         await stop_registry(kor)
+
+
+@pytest.fixture
+async def lao_kor(pki: Callable[..., Path]) -> AsyncIterator[tuple[Registry, Registry]]:
+    async with running_pair(pki) as pair:
+        yield pair
 
 
 async def authorise(lao: Registry, **overrides: Any) -> str:

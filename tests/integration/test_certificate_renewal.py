@@ -14,7 +14,7 @@ from cryptography import x509
 from itmolink.cli.main import main
 from itmolink.core.transfer import TransferState
 
-from .conftest import Registry, eventually, link, start_registry, stop_registry
+from .conftest import Registry, eventually, running_pair
 from .test_transfer import issued, transfer
 
 COMPLETED = TransferState.COMPLETED.value
@@ -42,14 +42,8 @@ def on_disk(path: Path) -> x509.Certificate:
 
 @pytest.fixture
 async def lao_kor_metrics(pki: Callable[..., Path]) -> AsyncIterator[tuple[Registry, Registry]]:
-    lao = await start_registry(pki("LAO", ["KOR"], extra=METRICS))
-    kor = await start_registry(pki("KOR", ["LAO"]))
-    link(lao, kor)
-    try:
-        yield lao, kor
-    finally:
-        await stop_registry(lao)
-        await stop_registry(kor)
+    async with running_pair(pki, lao_extra=METRICS) as pair:
+        yield pair
 
 
 async def test_a_renewed_certificate_is_served_and_used_without_a_restart(
