@@ -369,3 +369,110 @@ def test_items_that_cannot_be_recorded_are_answered_without_a_record(pair: Pair)
     )
     assert rejection.reasons[0].code == RejectionCode.TRANSFER_STATE_CONFLICT
     assert rejection.subject_id == "LAO-B-7"
+
+
+def _unit_block(
+    authorisation_id: str, start: int, end: int, vintage: int = 2025
+) -> common_pb2.UnitBlock:
+    return common_pb2.UnitBlock(
+        originating_registry="LAO-NR", serial_start=start, serial_end=end, unit_type=1,
+        vintage=vintage, activity_id="LAO-SOLAR-WIND-1GW", authorisation_id=authorisation_id,
+        cooperative_approach_id="LAO-KOR-A6.2", first_transferring_party="LAO",
+    )  # fmt: skip
+
+
+def test_a_rejected_item_does_not_hold_its_serials_against_later_items(
+    ndc_receiver: Pair,
+) -> None:
+    """T4 within a batch counts only the items accepted before (§5.15): an item refused
+    at T5 leaves its serials free for a later item."""
+    pair = ndc_receiver
+    authorisation_id = issued(pair)
+
+    def item(transfer_id: str, vintage: int) -> transfer_pb2.TransferBatchItem:
+        return transfer_pb2.TransferBatchItem(
+            transfer_id=transfer_id, authorisation_id=authorisation_id, quantity=10,
+            blocks=[_unit_block(authorisation_id, 5_000_001, 5_000_010, vintage)],
+            first_transfer=True,
+        )  # fmt: skip
+
+    proposal = transfer_pb2.TransferBatchProposal(
+        batch_id="LAO-B-R1", expires_at=timestamp(to_us(pair.now) + 60_000_000),
+        items=[item("LAO-T-R1", 2027), item("LAO-T-R2", 2025)],  # 2027: outside the NDC period
+    )  # fmt: skip
+    reply = open_envelope(
+        pair.kor.handle_delivery("LAO", _sealed(pair, proposal, sequence=501), pair.now),
+        TrustStore([pair.keys["KOR"].verifying_key()]),
+    )
+    acceptance = transfer_pb2.TransferBatchAcceptance()
+    acceptance.ParseFromString(reply.payload)
+    assert [(o.transfer_id, o.rejection.code) for o in acceptance.items] == [
+        ("LAO-T-R1", RejectionCode.VINTAGE_OUTSIDE_NDC_PERIOD),
+        ("LAO-T-R2", 0),
+    ]
+
+
+def test_a_batch_is_checked_against_the_expected_serials_in_its_ranges(pair: Pair) -> None:
+    """Serials expected from an accepted transfer refuse an item of a later batch (T4),
+    whether they lie inside the later batch's serial range or at its edge."""
+    authorisation_id = issued(pair)
+
+    def proposal(batch_id: str, *spans: tuple[str, int, int]) -> transfer_pb2.TransferBatchProposal:
+        return transfer_pb2.TransferBatchProposal(
+            batch_id=batch_id, expires_at=timestamp(to_us(pair.now) + 60_000_000),
+            items=[
+                transfer_pb2.TransferBatchItem(
+                    transfer_id=t, authorisation_id=authorisation_id, quantity=end - start + 1,
+                    blocks=[_unit_block(authorisation_id, start, end)], first_transfer=True,
+                )
+                for t, start, end in spans
+            ],
+        )  # fmt: skip
+
+    def outcomes(msg: transfer_pb2.TransferBatchProposal, sequence: int) -> list[int]:
+        reply = open_envelope(
+            pair.kor.handle_delivery("LAO", _sealed(pair, msg, sequence=sequence), pair.now),
+            TrustStore([pair.keys["KOR"].verifying_key()]),
+        )
+        acceptance = transfer_pb2.TransferBatchAcceptance()
+        acceptance.ParseFromString(reply.payload)
+        return [int(o.rejection.code) for o in acceptance.items]
+
+    # Accepted, never completed: their serials are expected here.
+    assert outcomes(proposal("LAO-B-E1", ("LAO-T-E1", 100, 109), ("LAO-T-E2", 900, 909)), 601) == [
+        0, 0
+    ]  # fmt: skip
+    held = RejectionCode.SERIALS_ALREADY_HELD
+    assert outcomes(
+        proposal("LAO-B-E2", ("LAO-T-E3", 105, 105), ("LAO-T-E4", 300, 399),
+                 ("LAO-T-E5", 909, 950)), 602,
+    ) == [held, 0, held]  # fmt: skip
+
+
+def test_a_receipt_that_leaves_out_a_completed_transfer_raises_an_alarm(
+    pair: Pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    authorisation_id = issued(pair)
+    _, ids = pair.lao.start_transfer_batch(
+        to_party="KOR", items=items(authorisation_id, 10, 20), now=pair.now
+    )
+    [(message_id, _, envelope)] = pair.lao.due_messages(pair.now)
+    pair.lao.handle_reply(message_id, pair.kor.handle_delivery("LAO", envelope, pair.now), pair.now)
+    [(message_id, _, completion)] = pair.lao.due_messages(pair.now)
+    genuine = open_envelope(
+        pair.kor.handle_delivery("LAO", completion, pair.now),
+        TrustStore([pair.keys["KOR"].verifying_key()]),
+    )
+    receipt = transfer_pb2.TransferBatchCompletionReceipt()
+    receipt.ParseFromString(genuine.payload)
+    assert [o.transfer_id for o in receipt.items] == ids
+    del receipt.items[1]  # says nothing of the second transfer
+    forged = seal(genuine.payload_type, receipt.SerializeToString(), pair.keys["KOR"])
+    with caplog.at_level("ERROR"):
+        pair.lao.handle_reply(message_id, forged, pair.now)
+    alarms = [r.getMessage() for r in caplog.records if "does not answer" in r.getMessage()]
+    assert alarms == [
+        f"ALARM: KOR's receipt of the completion of batch LAO-B-000001 does not answer the "
+        f"transfers completed (missing {[ids[1]]}, not asked none); reconcile with the partner"
+    ]
+    assert pending(pair.lao) == 0  # answered: nothing more to send

@@ -45,12 +45,22 @@ def seal(payload_type: str, payload: bytes, key: SigningKey) -> bytes:
     return envelope.SerializeToString()
 
 
+def _own(sealed: bytes) -> envelope_pb2.Envelope:
+    envelope = envelope_pb2.Envelope()
+    envelope.ParseFromString(sealed)
+    return envelope
+
+
 def signing_key_ids(sealed: bytes) -> list[str]:
     """The key ids an envelope of our own (sealed by :func:`seal`) was signed with.
     Not a verification: for envelopes this node made and stored itself."""
-    envelope = envelope_pb2.Envelope()
-    envelope.ParseFromString(sealed)
-    return [signature.key_id for signature in envelope.signatures]
+    return [signature.key_id for signature in _own(sealed).signatures]
+
+
+def sealed_payload(sealed: bytes) -> bytes:
+    """The payload of an envelope of our own (sealed by :func:`seal`), unverified:
+    for envelopes this node made and stored itself."""
+    return bytes(_own(sealed).payload)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from itmolink.core.aef import ActionSubtype
 from itmolink.core.blocks import total
 from itmolink.core.codes import Rejected, RejectionCode, wire_name_of
 from itmolink.core.transfer import Effect, Event, Role, TransferState, step
+from itmolink.crypto.envelope import sealed_payload
 from itmolink.node.base import (
     AuthorisationStatement,
     EngineBase,
@@ -429,6 +430,17 @@ class Replies(EngineBase):
     ) -> None:
         """A receipt, or a refusal, of our batch completion."""
         if isinstance(reply, TransferBatchCompletionReceipt):
+            completion = TransferBatchCompletion()
+            completion.ParseFromString(sealed_payload(request_envelope))
+            asked = {item.transfer_id for item in completion.items}
+            answered = {outcome.transfer_id for outcome in reply.items}
+            if asked != answered:
+                log.error(
+                    "ALARM: %s's receipt of the completion of batch %s does not answer the "
+                    "transfers completed (missing %s, not asked %s); reconcile with the partner",
+                    partner, batch_id, sorted(asked - answered) or "none",
+                    sorted(answered - asked) or "none",
+                )  # fmt: skip
             for outcome in reply.items:
                 if outcome.HasField("rejection"):
                     log.error(

@@ -631,9 +631,9 @@ class Requests(EngineBase):
             rules.check_not_held(
                 [block], tx.blocks_overlapping(block) if batch is None else batch.overlapping(block)
             )
-        if batch is not None:
-            batch.add(blocks)
         self._check_booking(tx, Role.RECEIVER, blocks)
+        if batch is not None:
+            batch.add(blocks)  # accepted: later items of the batch are checked against it
         return blocks
 
     def _on_batch_proposal(
@@ -670,7 +670,10 @@ class Requests(EngineBase):
         known = set(tx.transfers_get([item.transfer_id for item in msg.items]))
         every_block = [block_from_pb(b) for item in msg.items for b in item.blocks]
         held = tx.blocks_overlapping_each(every_block)
-        serials = _BatchSerials(tx.blocks_expected(), dict(zip(every_block, held, strict=True)))
+        serials = _BatchSerials(
+            tx.blocks_expected(within=_serial_ranges(every_block)),
+            dict(zip(every_block, held, strict=True)),
+        )
         for item in msg.items:
             recordable = False
             try:
@@ -1137,28 +1140,59 @@ class Requests(EngineBase):
 class _BatchSerials:
     """What T4 checks a batch's items against, read once for the whole batch: the
     blocks held here that overlap each of its blocks, the serials expected here
-    (transfers accepted earlier), and those of the batch's items accepted so far
-    (recorded only once the acceptance is sealed)."""
+    (transfers accepted earlier, within the batch's serial ranges), and those of the
+    batch's items accepted so far (recorded only once the acceptance is sealed)."""
 
     def __init__(self, expected: list[Block], held: dict[Block, list[Block]]) -> None:
         self._held = held
-        # Expected serials and accepted items never overlap one another (T4 holds for
-        # each): sorted by start, only the neighbours of a range can overlap it.
-        self._ranges: dict[str, list[tuple[int, int, Block]]] = {}
-        self.add(expected)
+        # Expected serials never overlap one another, nor do the accepted items' (T4
+        # holds for each): sorted by start, only the neighbours of a range can overlap
+        # it. Sorted once; the batch's accepted items are kept apart, so that adding
+        # one never moves the (possibly many) expected ones.
+        self._expected = _by_registry(expected)
+        self._accepted: dict[str, list[tuple[int, int, Block]]] = {}
 
     def overlapping(self, block: Block) -> list[Block]:
         found = list(self._held.get(block, ()))
-        ranges = self._ranges.get(block.originating_registry, [])
-        at = bisect.bisect_left(ranges, (block.serial_start, block.serial_end))
-        for start, end, other in ranges[max(at - 1, 0) : at + 1]:
-            if start <= block.serial_end and block.serial_start <= end:
-                found.append(other)
+        for ranges in (self._expected, self._accepted):
+            found += _neighbours_overlapping(ranges.get(block.originating_registry, []), block)
         return found
 
     def add(self, blocks: list[Block]) -> None:
         for block in blocks:
             bisect.insort(
-                self._ranges.setdefault(block.originating_registry, []),
+                self._accepted.setdefault(block.originating_registry, []),
                 (block.serial_start, block.serial_end, block),
             )
+
+
+def _by_registry(blocks: list[Block]) -> dict[str, list[tuple[int, int, Block]]]:
+    found: dict[str, list[tuple[int, int, Block]]] = {}
+    for block in blocks:
+        found.setdefault(block.originating_registry, []).append(
+            (block.serial_start, block.serial_end, block)
+        )
+    for ranges in found.values():
+        ranges.sort(key=lambda r: (r[0], r[1]))
+    return found
+
+
+def _neighbours_overlapping(ranges: list[tuple[int, int, Block]], block: Block) -> list[Block]:
+    at = bisect.bisect_left(ranges, (block.serial_start, block.serial_end))
+    return [
+        other
+        for start, end, other in ranges[max(at - 1, 0) : at + 1]
+        if start <= block.serial_end and block.serial_start <= end
+    ]
+
+
+def _serial_ranges(blocks: list[Block]) -> dict[str, tuple[int, int]]:
+    """Per registry, the smallest serial range that holds all of ``blocks``."""
+    ranges: dict[str, tuple[int, int]] = {}
+    for block in blocks:
+        low, high = ranges.get(block.originating_registry, (block.serial_start, block.serial_end))
+        ranges[block.originating_registry] = (
+            min(low, block.serial_start),
+            max(high, block.serial_end),
+        )
+    return ranges

@@ -241,7 +241,7 @@ class Connection(Protocol):
 Paramstyle = Literal["qmark", "format"]
 
 
-_CHUNK = 500  # ids per IN (...) list: well within every database's limit on parameters
+_CHUNK = 500  # ids per IN (...) list: within the 999 parameters SQLite before 3.32 allows
 
 
 def _chunks(values: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -1155,11 +1155,12 @@ class Tx:
     def blocks_overlapping_each(self, blocks: Sequence[Block]) -> list[list[Block]]:
         """For each of ``blocks``, the blocks held here (in any account, held, reserved
         or frozen) that share a serial with it: :meth:`blocks_overlapping` without the
-        expected ones, for many blocks in one query per 250 of them."""
+        expected ones, for many blocks in one query per 240 of them (4 parameters each:
+        within the 999 that SQLite before 3.32 allows)."""
         found: list[list[Block]] = [[] for _ in blocks]
         columns = ", ".join("b." + c.strip() for c in _BLOCK_COLUMNS.split(","))
-        for first in range(0, len(blocks), 250):
-            chunk = blocks[first : first + 250]
+        for first in range(0, len(blocks), 240):
+            chunk = blocks[first : first + 240]
             values = ", ".join("(?, ?, ?, ?)" for _ in chunk)
             params: list[Any] = []
             for i, block in enumerate(chunk, start=first):
@@ -1180,15 +1181,26 @@ class Tx:
                 found[int(row[0])].append(_block(row[1:]))
         return found
 
-    def blocks_expected(self) -> list[Block]:
-        """The blocks of the transfers accepted here and not yet completed (expected)."""
-        rows = self._exec(
-            f"SELECT {', '.join('b.' + c.strip() for c in _BLOCK_COLUMNS.split(','))} "
-            "FROM transfers t CROSS JOIN transfer_blocks b "
-            "WHERE b.transfer_id = t.transfer_id AND t.direction = 'in' AND t.state = ?",
-            (int(TransferState.ACCEPTED),),
+    def blocks_expected(self, *, within: dict[str, tuple[int, int]] | None = None) -> list[Block]:
+        """The blocks of the transfers accepted here and not yet completed (expected);
+        with ``within`` (registry -> first and last serial), only those that share a
+        serial with that range of that registry."""
+        columns = ", ".join("b." + c.strip() for c in _BLOCK_COLUMNS.split(","))
+        query = (
+            f"SELECT {columns} FROM transfers t CROSS JOIN transfer_blocks b "
+            "WHERE b.transfer_id = t.transfer_id AND t.direction = 'in' AND t.state = ?"
         )
-        return [_block(r) for r in rows]
+        if within is None:
+            return [_block(r) for r in self._exec(query, (int(TransferState.ACCEPTED),))]
+        found: list[Block] = []
+        for registry, (first, last) in sorted(within.items()):
+            rows = self._exec(
+                query + " AND b.originating_registry = ? AND b.serial_start <= ? "
+                "AND b.serial_end >= ?",
+                (int(TransferState.ACCEPTED), registry, last, first),
+            )
+            found += [_block(r) for r in rows]
+        return found
 
     def blocks_overlapping(self, block: Block, *, expected: bool = True) -> list[Block]:
         """Blocks held here, or moving in or out, that share a serial with ``block``;
