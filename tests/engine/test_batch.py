@@ -4,6 +4,7 @@ completion for many transfers, each of which is an ordinary transfer afterwards.
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import pytest
 
@@ -476,3 +477,34 @@ def test_a_receipt_that_leaves_out_a_completed_transfer_raises_an_alarm(
         f"transfers completed (missing {[ids[1]]}, not asked none); reconcile with the partner"
     ]
     assert pending(pair.lao) == 0  # answered: nothing more to send
+
+
+def test_what_a_refused_request_put_in_the_outbox_is_not_sent(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handler that sends a request and then refuses: the savepoint undoes the outbox
+    row, and the request must not be delivered after the commit either."""
+    from itmolink.node.requests import Requests
+
+    def sends_then_refuses(engine: Any, tx: Any, sender: str, msg: Any, *rest: Any) -> bytes:
+        query = transfer_pb2.TransferStatusQuery(transfer_id="LAO-T-999999")
+        engine._send(tx, sender, query, "LAO-T-999999", to_us(pair.now))
+        raise Rejected(RejectionCode.UNKNOWN_TRANSFER, "refused after sending")
+
+    monkeypatch.setitem(Requests._request_handlers, BATCH, sends_then_refuses)
+    authorisation_id = issued(pair)
+    proposal = transfer_pb2.TransferBatchProposal(
+        batch_id="LAO-B-S1", expires_at=timestamp(to_us(pair.now) + 60_000_000),
+        items=[
+            transfer_pb2.TransferBatchItem(
+                transfer_id="LAO-T-S1", authorisation_id=authorisation_id, quantity=10,
+                blocks=[_unit_block(authorisation_id, 1, 10)], first_transfer=True,
+            )
+        ],
+    )  # fmt: skip
+    pair.kor.claim_sent_us = 11_000_000  # as a node does: what is sent goes out after commit
+    pair.kor.sent = []
+    reply = pair.kor.handle_delivery("LAO", _sealed(pair, proposal, sequence=801), pair.now)
+    assert _rejection(pair, reply).reasons[0].code == RejectionCode.UNKNOWN_TRANSFER
+    assert pair.kor.sent == []  # nothing to deliver once committed
+    assert pair.kor.due_messages(pair.now) == []  # nor in the outbox

@@ -232,3 +232,22 @@ def test_a_rolled_back_transaction_keeps_the_deferred_writes_of_the_group_before
         assert tx.journal_head() == (2, entries[1].entry_hash)
         assert tx.next_counter("transfer") == 3
         assert tx.next_sequence("KOR") == 3
+
+
+def test_a_failing_follow_up_does_not_fail_its_committed_group(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = _store(tmp_path)
+    seen: list[str] = []
+
+    def fails() -> None:
+        raise Boom("a follow-up that fails")
+
+    with caplog.at_level("ERROR"), store.group():  # does not raise: the group is durable
+        with store.transaction() as tx:
+            tx.set_meta("key", "value")
+        store.after_commit(fails)
+        store.after_commit(lambda: seen.append("ran"))
+    assert _meta(store.path)["key"] == "value"
+    assert seen == ["ran"]  # the later follow-ups still run
+    assert any("follow-up of a committed group failed" in r.getMessage() for r in caplog.records)

@@ -248,9 +248,12 @@ class Requests(EngineBase):
             )
             handler = self._request_handlers[verified.payload_type]
             try:
+                sent = len(self.sent)
                 with tx.savepoint():
                     envelope = handler(self, tx, sender, msg, verified.payload, journal_id, now_us)
             except Rejected as rejected:
+                # What the handler put in the outbox was rolled back with it: not sent.
+                del self.sent[sent:]
                 log.info(
                     "rejected %s %s from %s: %s", cls.__name__, subject_id, sender, rejected,
                     extra={

@@ -74,6 +74,9 @@ MAX_BATCH = 128
 # After a partner answered DeliverBatch with UNIMPLEMENTED, use Deliver alone for
 # this long before trying DeliverBatch again (it may have been upgraded).
 BATCH_RETRY_SECONDS = 600.0
+# After a DeliverBatch call refused as too large (or by an overloaded partner), use
+# Deliver alone towards that partner for this long.
+BATCH_BACKOFF_SECONDS = 30.0
 # A message being delivered is claimed in the outbox for this long (not due again).
 LEASE = dt.timedelta(seconds=RPC_TIMEOUT_SECONDS + 1)
 MAX_IDLE_WAIT_SECONDS = 1.0
@@ -405,7 +408,15 @@ class Node:
                 log.error("group commit of %d calls failed: %s", len(ran), exc)
                 outcomes = [(future, exc, None) for future in ran]
                 engine.sent = []
-            except BaseException:  # the thread is being torn down: let later calls start anew
+            except BaseException as exc:  # the thread is being torn down
+                # Nothing of the group is durable: its calls fail rather than hang, and
+                # later calls start a drain anew.
+                failed: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = [
+                    (future, exc, None) for future in ran
+                ]
+                nothing: list[tuple[str, str, bytes]] = []
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._settle, failed, nothing)
                 with self._queue_lock:
                     self._draining = False
                 raise
@@ -717,7 +728,15 @@ class Node:
         if stub is None:
             card = next(p.card for p in self.config.partners if p.card.party == party)
             channel = grpc.aio.secure_channel(
-                self._endpoints[party], self.tls.channel_credentials(card.ca_certificate_pem)
+                self._endpoints[party],
+                self.tls.channel_credentials(card.ca_certificate_pem),
+                # A DeliverBatch response carries a reply per envelope, up to MAX_BATCH.
+                options=[
+                    (
+                        "grpc.max_receive_message_length",
+                        MAX_BATCH * (self.config.limits.max_message_bytes + 1024),
+                    )
+                ],
             )
             self._channels[party] = channel
             self._stub_generation[party] = self.tls.generation
@@ -933,7 +952,10 @@ class Node:
             elif exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and failed.rejection_code is None:
                 # Not the rate limit (no rejection code; that refuses no whole call
                 # here), so a message size limit of the partner's gRPC or ours for
-                # the response: each envelope alone.
+                # the response, or an overloaded partner: each envelope alone, and
+                # Deliver only for a little while.
+                log.info("%s refused a DeliverBatch call (%s): using Deliver", partner, failed)
+                self._no_batch[partner] = time.monotonic() + BATCH_BACKOFF_SECONDS
                 settle(lambda future: future.set_result(None))
             else:
                 settle(lambda future: future.set_exception(failed))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -14,6 +15,7 @@ from itmolink.store.migrate import SQLITE, migrations, refuse_newer, statements
 from itmolink.store.tx import Tx, TxMemory
 
 HOLDING_ACCOUNT = "holding"
+log = logging.getLogger(__name__)
 
 
 class Store(Protocol):
@@ -150,10 +152,13 @@ class SqliteStore:
                 tx.write_deferred()
                 if self.before_commit is not None:
                     self.before_commit()
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # A COMMIT that failed may leave the transaction open (SQLITE_BUSY):
+                # end it, or every later BEGIN would fail.
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
 
     @contextmanager
     def _grouped_transaction(self) -> Iterator[Tx]:
@@ -213,7 +218,12 @@ class SqliteStore:
                 raise
             followups, self._group_followups = self._group_followups, []
         for followup in followups:
-            followup()
+            # The group is durable: a follow-up that fails must not make its calls
+            # look failed, nor keep the other follow-ups from running.
+            try:
+                followup()
+            except Exception:
+                log.exception("an in-memory follow-up of a committed group failed")
 
     def after_commit(self, followup: Callable[[], None]) -> None:
         """Run ``followup`` (an in-memory consequence of a committed transaction)
