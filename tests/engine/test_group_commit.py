@@ -1,4 +1,4 @@
-"""Group commit (DESIGN.md decision 27): several transactions, one durable commit."""
+"""Group commit (DESIGN.md decision 31): several transactions, one durable commit."""
 
 from __future__ import annotations
 
