@@ -508,3 +508,32 @@ def test_what_a_refused_request_put_in_the_outbox_is_not_sent(
     assert _rejection(pair, reply).reasons[0].code == RejectionCode.UNKNOWN_TRANSFER
     assert pair.kor.sent == []  # nothing to deliver once committed
     assert pair.kor.due_messages(pair.now) == []  # nor in the outbox
+
+
+@pytest.mark.parametrize(
+    ("limits", "code"),
+    [
+        ({"max_blocks": 2}, RejectionCode.TOO_MANY_BLOCKS),
+        ({"max_message_bytes": 1_100}, RejectionCode.MESSAGE_TOO_LARGE),
+    ],
+)
+def test_a_batch_the_partner_would_refuse_whole_reserves_nothing(
+    pair: Pair, limits: dict[str, int], code: RejectionCode
+) -> None:
+    """Too many blocks in all (B3) or too large an envelope (D1b): refused before
+    anything is reserved, not proposed and left reserved until its time-out."""
+    import dataclasses
+
+    authorisation_id = issued(pair)
+    before = held(pair.lao)
+    pair.lao.limits = dataclasses.replace(pair.lao.limits, **limits)
+    with pytest.raises(Rejected) as caught:
+        pair.lao.start_transfer_batch(
+            to_party="KOR", items=items(authorisation_id, 10, 20, 30), now=pair.now
+        )
+    assert caught.value.code is code
+    assert "split it" in caught.value.detail
+    assert held(pair.lao) == before
+    assert pending(pair.lao) == 0
+    with pair.lao.store.transaction() as tx:
+        assert [t for t in tx.transfers() if t.direction is Role.SENDER] == []

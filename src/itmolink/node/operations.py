@@ -922,6 +922,21 @@ class Operations(EngineBase):
                     for o in outgoing
                 ],
             )  # fmt: skip
+            # What the partner would refuse as a whole (B3, D1b) is refused here, before
+            # anything is reserved (the limits are assumed to be the partners' too, §2.5).
+            blocks = sum(len(item.blocks) for item in proposal.items)
+            if blocks > self.limits.max_blocks:
+                raise Rejected(
+                    RejectionCode.TOO_MANY_BLOCKS,
+                    f"the batch's transfers take {blocks} blocks; at most "
+                    f"{self.limits.max_blocks} in one batch: split it",
+                )
+            if proposal.ByteSize() + ENVELOPE_OVERHEAD > self.limits.max_message_bytes:
+                raise Rejected(
+                    RejectionCode.MESSAGE_TOO_LARGE,
+                    f"the batch would take about {proposal.ByteSize() + ENVELOPE_OVERHEAD} "
+                    f"bytes; at most {self.limits.max_message_bytes}: split it",
+                )
             payload = self._send(tx, to_party, proposal, batch_id, now_us)
             self._record_outgoing(
                 tx, to_party, outgoing, message_id=proposal.header.message_id, payload=payload,
@@ -933,6 +948,11 @@ class Operations(EngineBase):
             extra={"subject_id": batch_id, "partner": to_party},
         )  # fmt: skip
         return batch_id, [o.transfer_id for o in outgoing]
+
+
+# What an envelope adds to its payload, at most: the header, the payload type, one
+# signature and its key id, and protobuf framing.
+ENVELOPE_OVERHEAD = 1024
 
 
 @dataclass(frozen=True, slots=True)
