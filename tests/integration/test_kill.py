@@ -55,45 +55,51 @@ class Authenticated:
         return functools.partial(getattr(self._stub, name), metadata=metadata)
 
 
-class NodeProcess:
-    def __init__(
-        self, root: Path, party: str, partner: str, ports: dict[str, int], database: str = ""
-    ) -> None:
-        self.party = party
-        self.dir = root / party.lower()
-        self.config = self.dir / "node.toml"
-        self.config.write_text(
-            f'party = "{party}"\nregistry = "{party}-NR"\n'
-            f'database = "{database or party.lower() + ".db"}"\n'
-            f'partner_listen = "127.0.0.1:{ports[party]}"\nadmin_listen = "unix:admin.sock"\n'
-            "transfer_timeout_seconds = 3\n"
-            f'[keys]\ndirectory = "pki"\n'
-            f'[[partners]]\ncard = "../{partner.lower()}/pki/card.toml"\n'
-            f'endpoint = "127.0.0.1:{ports[partner]}"\n'
-        )
+def node_toml(party: str, database: str, port: int, socket: str, partner: str, to: str) -> str:
+    return (
+        f'party = "{party}"\nregistry = "{party}-NR"\ndatabase = "{database}"\n'
+        f'partner_listen = "127.0.0.1:{port}"\nadmin_listen = "unix:{socket}"\n'
+        "transfer_timeout_seconds = 3\n"
+        f'[keys]\ndirectory = "pki"\n'
+        f'[[partners]]\ncard = "../{partner.lower()}/pki/card.toml"\nendpoint = "{to}"\n'
+    )
+
+
+class Process:
+    """One node process, with its own node.toml (ports, admin socket)."""
+
+    # The options of `itmolink node run` besides --config.
+    run_options: tuple[str, ...] = ("--log-level", "warning")
+
+    def __init__(self, directory: Path, name: str, config: str) -> None:
+        self.name = name
+        self.dir = directory
+        self.config = directory / f"{name}.toml"
+        self.config.write_text(config)
+        self.log = directory / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.kills = 0
-        channel = grpc.insecure_channel(f"unix:{self.dir / 'admin.sock'}")
+        channel = grpc.insecure_channel(f"unix:{directory / f'{name}.sock'}")
         self.admin = Authenticated(
-            admin_pb2_grpc.AdminServiceStub(channel), token_file(self.dir / "pki", "admin")
+            admin_pb2_grpc.AdminServiceStub(channel), token_file(directory / "pki", "admin")
         )
 
     def start(self) -> None:
-        log = (self.dir / "node.log").open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "itmolink.cli.main", "node", "run", "--config",
-             str(self.config), "--log-level", "warning"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "itmolink.cli.main", "node", "run", "--config",
+                 str(self.config), *self.run_options],
+                stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            assert self.process.poll() is None, (self.dir / "node.log").read_text()
+            assert self.process.poll() is None, self.log.read_text()
             try:
                 self.admin.GetNodeInfo(admin_pb2.GetNodeInfoRequest(), timeout=1)
                 return
             except grpc.RpcError:
                 time.sleep(0.05)
-        raise AssertionError(f"{self.party} did not start")
+        raise AssertionError(f"{self.dir.name}/{self.name} did not start")
 
     def kill(self) -> None:
         assert self.process is not None
@@ -128,6 +134,20 @@ class NodeProcess:
     def holdings(self) -> list[tuple[int, int, str]]:
         response = self.admin.ListHoldings(admin_pb2.ListHoldingsRequest(), timeout=10)
         return [(h.block.serial_start, h.block.serial_end, h.status) for h in response.blocks]
+
+
+class NodeProcess(Process):
+    """A party's only node process (node.toml, node.log, node.sock in its directory)."""
+
+    def __init__(
+        self, root: Path, party: str, partner: str, ports: dict[str, int], database: str = ""
+    ) -> None:
+        super().__init__(
+            root / party.lower(), "node",
+            node_toml(party, database or f"{party.lower()}.db", ports[party], "node.sock",
+                      partner, f"127.0.0.1:{ports[partner]}"),
+        )  # fmt: skip
+        self.party = party
 
 
 @pytest.fixture

@@ -8,86 +8,21 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import grpc
 import pytest
 
-from itmolink.admin.v1 import admin_pb2, admin_pb2_grpc
-from itmolink.crypto.operators import token_file
+from itmolink.admin.v1 import admin_pb2
 from itmolink.crypto.pki import init_party
 from itmolink.v1 import common_pb2, transfer_pb2
 
 from ..conftest import postgres_cluster
 from .conftest import NOW
-from .test_kill import FINAL, ISSUED, Authenticated, NodeProcess, check_exactly_once, free_port
+from .test_kill import FINAL, ISSUED, Process, check_exactly_once, free_port, node_toml
 
 LOAD_SECONDS = float(os.environ.get("ITMOLINK_SCALEOUT_SECONDS", "10"))
-
-
-class Process:
-    """One node process, with its own node.toml (ports, admin socket)."""
-
-    def __init__(self, directory: Path, name: str, config: str) -> None:
-        self.name = name
-        self.dir = directory
-        self.config = directory / f"{name}.toml"
-        self.config.write_text(config)
-        self.process: subprocess.Popen[bytes] | None = None
-        self.kills = 0
-        channel = grpc.insecure_channel(f"unix:{directory / f'{name}.sock'}")
-        self.admin = Authenticated(
-            admin_pb2_grpc.AdminServiceStub(channel), token_file(directory / "pki", "admin")
-        )
-
-    def start(self) -> None:
-        log = (self.dir / f"{self.name}.log").open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "itmolink.cli.main", "node", "run", "--config",
-             str(self.config), "--log-level", "warning"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, (self.dir / f"{self.name}.log").read_text()
-            try:
-                self.admin.GetNodeInfo(admin_pb2.GetNodeInfoRequest(), timeout=1)
-                return
-            except grpc.RpcError:
-                time.sleep(0.05)
-        raise AssertionError(f"{self.name} did not start")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-        self.kills += 1
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-    transfers = NodeProcess.transfers
-    adjustments = NodeProcess.adjustments
-    holdings = NodeProcess.holdings
-
-
-def node_toml(party: str, database: str, port: int, socket: str, partner: str, to: str) -> str:
-    return (
-        f'party = "{party}"\nregistry = "{party}-NR"\ndatabase = "{database}"\n'
-        f'partner_listen = "127.0.0.1:{port}"\nadmin_listen = "unix:{socket}"\n'
-        "transfer_timeout_seconds = 3\n"
-        f'[keys]\ndirectory = "pki"\n'
-        f'[[partners]]\ncard = "../{partner.lower()}/pki/card.toml"\nendpoint = "{to}"\n'
-    )
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,23 +28,7 @@ ISSUED = 100_000
 class JsonLoggingNode(NodeProcess):
     """A node process that logs JSON lines at info level."""
 
-    def start(self) -> None:
-        self.log = self.dir / "node.log"
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "itmolink.cli.main", "node", "run", "--config",
-                 str(self.config), "--log-format", "json", "--grace", "5"],
-                stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()
-            try:
-                self.admin.GetNodeInfo(admin_pb2.GetNodeInfoRequest(), timeout=1)
-                return
-            except grpc.RpcError:
-                time.sleep(0.05)
-        raise AssertionError(f"{self.party} did not start")
+    run_options = ("--log-format", "json", "--grace", "5")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
