@@ -136,6 +136,31 @@ class Process:
         return [(h.block.serial_start, h.block.serial_end, h.status) for h in response.blocks]
 
 
+def authorised_and_issued(authorise: Process, issue: Process, quantity: int) -> str:
+    """LAO authorises KOR through ``authorise`` and issues ``quantity`` of vintage 2025
+    through ``issue``; returns once KOR acknowledged the authorisation (transfers may
+    start)."""
+    authorisation = authorise.admin.Authorise(
+        admin_pb2.AuthoriseRequest(
+            activity_id="LAO-SOLAR-WIND-1GW", cooperative_approach_id="LAO-KOR-A6.2",
+            acquiring_parties=["KOR"], purposes=[common_pb2.PURPOSE_NDC],
+            vintage_from=2021, vintage_to=2030, unit_type=common_pb2.UNIT_TYPE_ITMO,
+        ),
+        timeout=10,
+    ).authorisation_id  # fmt: skip
+    issue.admin.Issue(
+        admin_pb2.IssueRequest(authorisation_id=authorisation, vintage=2025, quantity=quantity),
+        timeout=10,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        views = issue.admin.ListAuthorisations(admin_pb2.ListAuthorisationsRequest(), timeout=10)
+        if views.authorisations[0].party_states["KOR"] == "acknowledged":
+            return str(authorisation)
+        assert time.monotonic() < deadline, "KOR never acknowledged the authorisation"
+        time.sleep(0.05)
+
+
 class NodeProcess(Process):
     """A party's only node process (node.toml, node.log, node.sock in its directory)."""
 
@@ -171,25 +196,7 @@ def test_transfers_survive_sigkill_of_either_node_at_random_moments(
 ) -> None:
     lao, kor = nodes["LAO"], nodes["KOR"]
     rng = random.Random(int(os.environ.get("ITMOLINK_KILL_SEED", "20261127")))
-    authorisation = lao.admin.Authorise(
-        admin_pb2.AuthoriseRequest(
-            activity_id="LAO-SOLAR-WIND-1GW", cooperative_approach_id="LAO-KOR-A6.2",
-            acquiring_parties=["KOR"], purposes=[common_pb2.PURPOSE_NDC],
-            vintage_from=2021, vintage_to=2030, unit_type=common_pb2.UNIT_TYPE_ITMO,
-        ),
-        timeout=10,
-    ).authorisation_id  # fmt: skip
-    lao.admin.Issue(
-        admin_pb2.IssueRequest(authorisation_id=authorisation, vintage=2025, quantity=ISSUED),
-        timeout=10,
-    )
-    deadline = time.monotonic() + 30
-    while True:  # the authorisation must be acknowledged before transfers start
-        views = lao.admin.ListAuthorisations(admin_pb2.ListAuthorisationsRequest(), timeout=10)
-        if views.authorisations[0].party_states["KOR"] == "acknowledged":
-            break
-        assert time.monotonic() < deadline, "KOR never acknowledged the authorisation"
-        time.sleep(0.05)
+    authorisation = authorised_and_issued(lao, lao, ISSUED)
 
     proposed = 0
     batched: set[str] = set()  # transfers proposed in batches

@@ -16,11 +16,19 @@ import pytest
 
 from itmolink.admin.v1 import admin_pb2
 from itmolink.crypto.pki import init_party
-from itmolink.v1 import common_pb2, transfer_pb2
+from itmolink.v1 import transfer_pb2
 
 from ..conftest import postgres_cluster
 from .conftest import NOW
-from .test_kill import FINAL, ISSUED, Process, check_exactly_once, free_port, node_toml
+from .test_kill import (
+    FINAL,
+    ISSUED,
+    Process,
+    authorised_and_issued,
+    check_exactly_once,
+    free_port,
+    node_toml,
+)
 
 LOAD_SECONDS = float(os.environ.get("ITMOLINK_SCALEOUT_SECONDS", "10"))
 
@@ -60,26 +68,8 @@ def test_two_processes_of_one_registry_deliver_each_transfer_exactly_once(
 ) -> None:
     lao_a, lao_b, kor = processes["lao-a"], processes["lao-b"], processes["kor"]
     rng = random.Random(20261128)
-    authorisation = lao_a.admin.Authorise(
-        admin_pb2.AuthoriseRequest(
-            activity_id="LAO-SOLAR-WIND-1GW", cooperative_approach_id="LAO-KOR-A6.2",
-            acquiring_parties=["KOR"], purposes=[common_pb2.PURPOSE_NDC],
-            vintage_from=2021, vintage_to=2030, unit_type=common_pb2.UNIT_TYPE_ITMO,
-        ),
-        timeout=10,
-    ).authorisation_id  # fmt: skip
     # Issued through the other process: both see one ledger.
-    lao_b.admin.Issue(
-        admin_pb2.IssueRequest(authorisation_id=authorisation, vintage=2025, quantity=ISSUED),
-        timeout=10,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        views = lao_b.admin.ListAuthorisations(admin_pb2.ListAuthorisationsRequest(), timeout=10)
-        if views.authorisations[0].party_states["KOR"] == "acknowledged":
-            break
-        assert time.monotonic() < deadline, "KOR never acknowledged the authorisation"
-        time.sleep(0.05)
+    authorisation = authorised_and_issued(lao_a, lao_b, ISSUED)
 
     # Load through both processes. A is killed at 30% and restarted at 50%; B is
     # killed at 80% and left down, so A must finish what B had claimed.

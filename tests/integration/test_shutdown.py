@@ -16,11 +16,10 @@ import pytest
 from itmolink.admin.v1 import admin_pb2
 from itmolink.crypto.pki import init_party
 from itmolink.store import read_only
-from itmolink.v1 import common_pb2
 
 from ..conftest import Databases
 from .conftest import NOW
-from .test_kill import FINAL, NodeProcess, free_port
+from .test_kill import FINAL, NodeProcess, authorised_and_issued, free_port
 
 ISSUED = 100_000
 
@@ -44,27 +43,7 @@ def test_a_signal_during_transfers_finishes_in_flight_steps_and_exits_0(
     lao.start()
     kor.start()
     try:
-        authorisation = lao.admin.Authorise(
-            admin_pb2.AuthoriseRequest(
-                activity_id="LAO-SOLAR", cooperative_approach_id="LAO-KOR-A6.2",
-                acquiring_parties=["KOR"], purposes=[common_pb2.PURPOSE_NDC],
-                vintage_from=2021, vintage_to=2030, unit_type=common_pb2.UNIT_TYPE_ITMO,
-            ),
-            timeout=10,
-        ).authorisation_id  # fmt: skip
-        lao.admin.Issue(
-            admin_pb2.IssueRequest(authorisation_id=authorisation, vintage=2025, quantity=ISSUED),
-            timeout=10,
-        )
-        deadline = time.monotonic() + 30
-        while (
-            lao.admin.ListAuthorisations(admin_pb2.ListAuthorisationsRequest(), timeout=10)
-            .authorisations[0]
-            .party_states["KOR"]
-            != "acknowledged"
-        ):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        authorisation = authorised_and_issued(lao, lao, ISSUED)
 
         # A stream of transfers from another thread; the signal lands in the middle
         # of it, with proposals, acceptances and completions in flight.
