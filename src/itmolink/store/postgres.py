@@ -28,10 +28,9 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from itmolink.store.migrate import POSTGRES, Migration, migrations, refuse_newer, statements
+from itmolink.store.sqlite import check_identity
 from itmolink.store.tx import Tx
 from itmolink.store.url import LedgerUnavailable, is_postgres_url
-
-HOLDING_ACCOUNT = "holding"
 
 # Advisory lock keys live in one 64-bit space per database; ours are derived from
 # a fixed prefix so that they do not collide with another application's.
@@ -160,20 +159,7 @@ class PostgresStore:
                     apply_migration(conn, migration)
 
     def _check_identity(self, party: str, registry: str) -> None:
-        """A database belongs to one party's registry; refuse to open another's."""
-        with self.transaction() as tx:
-            stored = tx.meta()
-            if "party" not in stored:
-                tx.set_meta("party", party)
-                tx.set_meta("registry", registry)
-                tx.account_put(HOLDING_ACCOUNT, "holding", time.time_ns() // 1000)
-                return
-        if (stored.get("party"), stored.get("registry")) != (party, registry):
-            raise RuntimeError(
-                f"database {redact(self.url)} belongs to {stored.get('party')}/"
-                f"{stored.get('registry')}, not {party}/{registry}: check 'database' in the "
-                "node configuration"
-            )
+        check_identity(self, party, registry, redact(self.url))
 
     def schema_version(self) -> int:
         with self._lock:

@@ -46,6 +46,23 @@ def read_only_uri(path: Path | str) -> str:
     return Path(path).resolve().as_uri() + "?mode=ro"
 
 
+def check_identity(store: Store, party: str, registry: str, name: str) -> None:
+    """A database belongs to one party's registry: claim a new one (``name`` says which,
+    for the message), refuse to open another's."""
+    with store.transaction() as tx:
+        stored = tx.meta()
+        if "party" not in stored:
+            tx.set_meta("party", party)
+            tx.set_meta("registry", registry)
+            tx.account_put(HOLDING_ACCOUNT, "holding", time.time_ns() // 1000)
+            return
+    if (stored.get("party"), stored.get("registry")) != (party, registry):
+        raise RuntimeError(
+            f"database {name} belongs to {stored.get('party')}/{stored.get('registry')}, "
+            f"not {party}/{registry}: check 'database' in the node configuration"
+        )
+
+
 class SqliteStore:
     """SQLite in WAL mode with ``synchronous=FULL``: a commit survives power loss.
 
@@ -110,19 +127,7 @@ class SqliteStore:
                 self._conn.execute("COMMIT")
 
     def _check_identity(self, party: str, registry: str) -> None:
-        """A database belongs to one party's registry; refuse to open another's."""
-        with self.transaction() as tx:
-            stored = tx.meta()
-            if "party" not in stored:
-                tx.set_meta("party", party)
-                tx.set_meta("registry", registry)
-                tx.account_put(HOLDING_ACCOUNT, "holding", time.time_ns() // 1000)
-                return
-        if (stored.get("party"), stored.get("registry")) != (party, registry):
-            raise RuntimeError(
-                f"database {self.path} belongs to {stored.get('party')}/{stored.get('registry')}, "
-                f"not {party}/{registry}: check 'database' in the node configuration"
-            )
+        check_identity(self, party, registry, str(self.path))
 
     def schema_version(self) -> int:
         with self.transaction() as tx:
