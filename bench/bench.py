@@ -181,6 +181,7 @@ def write_config(root: Path, party: str, partner: str, port: int, partner_port: 
         f'[keys]\ndirectory = "pki"\n[[partners]]\ncard = "../{partner.lower()}/pki/card.toml"\n'
         f'endpoint = "127.0.0.1:{partner_port}"\n'
         "[limits]\nrate_per_second = 100000\nrate_burst = 100000\n"
+        "transfer_items_per_second = 1000000\ntransfer_items_burst = 1000000\n"
     )
     return path
 

@@ -537,3 +537,48 @@ def test_a_batch_the_partner_would_refuse_whole_reserves_nothing(
     assert pending(pair.lao) == 0
     with pair.lao.store.transaction() as tx:
         assert [t for t in tx.transfers() if t.direction is Role.SENDER] == []
+
+
+def test_proposals_count_their_transfers_against_the_partners_budget(pair: Pair) -> None:
+    """A batch spends one token per item, a single proposal one (PROTOCOL.md §2.5):
+    over the budget a proposal is refused unrecorded and goes through once it refills."""
+    from dataclasses import replace
+
+    from itmolink.node.ratelimit import RateLimited
+
+    pair.kor.limits = replace(pair.kor.limits, transfer_items_per_second=2, transfer_items_burst=3)
+    authorisation_id = issued(pair)
+    _, batch_ids = pair.lao.start_transfer_batch(
+        to_party="KOR", items=items(authorisation_id, 10, 20), now=pair.now
+    )
+    [(batch_message, _, batch)] = pair.lao.due_messages(pair.now)
+    pair.lao.handle_reply(batch_message, pair.kor.handle_delivery("LAO", batch, pair.now), pair.now)
+    single = dict(to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=5)
+    single_ids = [pair.lao.start_transfer(**single, now=pair.now) for _ in range(2)]
+    due = pair.lao.due_messages(pair.now)
+    proposals = [m for m in due if payload_type(m[2]) != BATCH_COMPLETION]
+    assert len(proposals) == 2
+    (first_id, _, first), (second_id, _, second) = proposals
+    pair.lao.handle_reply(first_id, pair.kor.handle_delivery("LAO", first, pair.now), pair.now)
+    with pytest.raises(RateLimited):  # 2 + 1 tokens spent of 3
+        pair.kor.handle_delivery("LAO", second, pair.now)
+    assert state(pair.kor, single_ids[1]) is None  # nothing of it recorded
+    with pair.kor.store.transaction() as tx:
+        assert tx.inbox_get("LAO", _message_id(second)) is None
+    pair.advance(0.5)  # one token back
+    pair.lao.handle_reply(second_id, pair.kor.handle_delivery("LAO", second, pair.now), pair.now)
+    pair.pump()
+    for transfer_id in [*batch_ids, *single_ids]:
+        assert state(pair.kor, transfer_id) is TransferState.COMPLETED
+    # A retry of a recorded proposal costs nothing: the budget is spent (0.5 s ago).
+    assert pair.kor.handle_delivery("LAO", batch, pair.now) == pair.kor.handle_delivery(
+        "LAO", batch, pair.now
+    )
+
+
+def _message_id(envelope: bytes) -> str:
+    parsed = envelope_pb2.Envelope()
+    parsed.ParseFromString(envelope)
+    proposal = transfer_pb2.TransferProposal()
+    proposal.ParseFromString(parsed.payload)
+    return proposal.header.message_id

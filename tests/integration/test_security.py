@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 from collections.abc import Callable
@@ -15,8 +16,8 @@ from itmolink.cli.main import main
 from itmolink.crypto.keys import SigningKey
 from itmolink.crypto.operators import read_token, token_file
 
-from .conftest import PartnerClient, link, start_registry, stop_registry
-from .test_transfer import final_state, issued, transfer
+from .conftest import PartnerClient, final_state, link, running_pair, start_registry, stop_registry
+from .test_transfer import issued, journal_rows, transfer
 
 
 async def test_a_partner_over_its_rate_is_told_to_retry_later(pki: Callable[..., Path]) -> None:
@@ -41,6 +42,42 @@ async def test_a_partner_over_its_rate_is_told_to_retry_later(pki: Callable[...,
         await client.close()
         await stop_registry(lao)
         await stop_registry(kor)
+
+
+async def test_proposals_over_the_transfer_budget_are_retried_until_it_refills(
+    pki: Callable[..., Path],
+) -> None:
+    """Three proposals sent together to a partner that takes one transfer a second:
+    the ones over its budget are refused unrecorded (RESOURCE_EXHAUSTED, 2009) and
+    the sender's retries get them through, each recorded once."""
+    async with running_pair(pki) as (lao, kor):
+        authorisation_id = await issued(lao)
+        kor.node.engine.limits = dataclasses.replace(
+            kor.node.engine.limits, transfer_items_per_second=1, transfer_items_burst=1
+        )
+        ids = await asyncio.gather(*(transfer(lao, authorisation_id, 10) for _ in range(3)))
+        for transfer_id in ids:
+            assert (await final_state(kor, transfer_id)).state == 3  # completed
+            assert (await final_state(lao, transfer_id)).state == 3
+        limited = kor.node.metrics.registry.get_sample_value(
+            "itmolink_messages_received_total", {"partner": "LAO", "outcome": "rate_limited"}
+        )
+        assert limited is not None
+        assert limited >= 1
+        # One more, alone (by Deliver), while the budget is still spent.
+        kor.node.engine.limits = dataclasses.replace(
+            kor.node.engine.limits, transfer_items_per_second=2, transfer_items_burst=1
+        )
+        kor.node.engine._transfer_items["LAO"].tokens = 0.0
+        last = await transfer(lao, authorisation_id, 10)
+        assert (await final_state(kor, last)).state == 3
+        again = kor.node.metrics.registry.get_sample_value(
+            "itmolink_messages_received_total", {"partner": "LAO", "outcome": "rate_limited"}
+        )
+        assert again is not None
+        assert again > limited
+        proposals = [r for r in journal_rows(kor) if r[4] == "itmolink.v1.TransferProposal"]
+        assert len(proposals) == len({r[3] for r in proposals}) == 4
 
 
 def _secrets(keys_dir: Path) -> list[str]:
@@ -91,3 +128,14 @@ async def test_private_keys_and_admin_tokens_never_reach_logs_or_errors(
         for secret in _secrets(party.keys.directory):
             assert secret not in everything
     assert re.search(r"REJECTION_CODE_INSUFFICIENT_HOLDINGS", everything)  # errors were seen
+
+
+def test_a_transfer_budget_too_small_for_a_batch_is_refused(pki: Callable[..., Path]) -> None:
+    from itmolink.node.config import ConfigError, load_config
+
+    small = pki("LAO", ["KOR"], extra="[limits]\ntransfer_items_burst = 999\n")
+    with pytest.raises(ConfigError, match=r"limits\.transfer_items_burst.*at least 1000"):
+        load_config(small)
+    enough = load_config(pki("KOR", ["LAO"], extra="[limits]\ntransfer_items_burst = 1000\n"))
+    assert enough.limits.transfer_items_burst == 1000
+    assert enough.limits.transfer_items_per_second == 1000  # the default

@@ -63,6 +63,7 @@ from itmolink.node.convert import (
     from_us,
     timestamp,
 )
+from itmolink.node.ratelimit import TokenBucket
 from itmolink.node.validation import validate
 from itmolink.store.sqlite import HOLDING_ACCOUNT, Store
 from itmolink.store.tx import NewTransfer, Tx
@@ -210,6 +211,11 @@ class Limits:
     # Messages older than this are refused, so the inbox need not keep message
     # ids forever; the sender has voided or completed long before.
     max_message_age: dt.timedelta = dt.timedelta(days=30)
+    # Transfers proposed per partner per second, a batched proposal counting each
+    # of its items, with bursts of up to ``transfer_items_burst``; None: no limit
+    # (the node's configuration always sets one, PROTOCOL.md §2.5).
+    transfer_items_per_second: int | None = None
+    transfer_items_burst: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +271,8 @@ class EngineBase:
         self.default_timeout = default_timeout
         self._new_id = new_id
         self.limits = limits or Limits()
+        # Per partner: the transfers it may still propose now (Limits, §2.5).
+        self._transfer_items: dict[str, TokenBucket] = {}
         self.accounting = accounting
         self.threshold = threshold
         self._after_commit: list[Callable[[], None]] = []

@@ -45,6 +45,8 @@ it: libpq reads one from ``passfile=`` or ``PGPASSFILE`` (docs/POSTGRES.md)::
     max_message_age_days = 30            # older messages are refused
     rate_per_second = 100                # messages accepted per partner per second...
     rate_burst = 200                     # ...with bursts up to this many
+    transfer_items_per_second = 1000     # transfers proposed per partner per second (a
+    transfer_items_burst = 2000          # batch counts its items); burst at least 1000
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from typing import Any
 
 from itmolink.core.accounting import AccountingConfig, AccountingMethod, HostThreshold, NdcPeriod
 from itmolink.crypto.pki import PartnerCard, PartyFiles, check_party_code, check_registry_id
+from itmolink.node.base import MAX_BATCH_ITEMS
 from itmolink.store.url import is_postgres_url
 
 
@@ -78,6 +81,8 @@ class LimitsConfig:
     max_message_age_days: int = 30
     rate_per_second: int = 100
     rate_burst: int = 200
+    transfer_items_per_second: int = 1_000
+    transfer_items_burst: int = 2_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +189,11 @@ def load_config(path: Path | str) -> NodeConfig:
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"{path}: field 'limits.{name}' must be a positive integer")
     limits = LimitsConfig(**limits_table)
+    if limits.transfer_items_burst < MAX_BATCH_ITEMS:
+        raise ConfigError(
+            f"{path}: field 'limits.transfer_items_burst' must be at least {MAX_BATCH_ITEMS}: "
+            f"a batched proposal of {MAX_BATCH_ITEMS} transfers would never be accepted"
+        )
     accounting, threshold, reported = _accounting(data.get("accounting"), party, path)
     return NodeConfig(
         path=path,

@@ -80,6 +80,7 @@ from itmolink.node.convert import (
     timestamp_us,
     to_us,
 )
+from itmolink.node.ratelimit import RateLimited, TokenBucket
 from itmolink.node.validation import validate
 from itmolink.store.tx import NewAction, NewTransfer, TransferRecord, Tx
 from itmolink.v1 import (
@@ -116,6 +117,27 @@ class Requests(EngineBase):
         with self.store.transaction() as tx:
             self._sync_shared(tx)
         return open_envelope(raw, self.trust, now)
+
+    def _take_transfer_items(self, sender: str, msg: Message, now_us: int) -> None:
+        """Count the transfers a proposal asks for against the sender's budget
+        (PROTOCOL.md §2.5): one for a ``TransferProposal``, one per item of a
+        ``TransferBatchProposal``. Raises :class:`RateLimited` over it."""
+        rate = self.limits.transfer_items_per_second
+        if rate is None:
+            return
+        if isinstance(msg, TransferBatchProposal):
+            count = len(msg.items)
+        elif isinstance(msg, TransferProposal):
+            count = 1
+        else:
+            return
+        bucket = self._transfer_items.get(sender)
+        if bucket is None:
+            bucket = self._transfer_items[sender] = TokenBucket(
+                rate, self.limits.transfer_items_burst, now_us / 1e6
+            )
+        if not bucket.take(now_us / 1e6, count):
+            raise RateLimited(f"{sender} proposed more than {rate} transfers a second")
 
     def handle_delivery(self, peer_party: str, raw: bytes, now: dt.datetime) -> bytes:
         """Apply one request delivered by ``peer_party`` (the mTLS-authenticated
@@ -238,6 +260,8 @@ class Requests(EngineBase):
                     message_id, now_us,
                 )  # fmt: skip
                 return envelope
+            # Before anything is recorded: a refused request is retried, unrecorded.
+            self._take_transfer_items(sender, msg, now_us)
             journal_id = tx.journal(
                 direction="in",
                 partner=sender,

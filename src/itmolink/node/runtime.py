@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 import grpc.aio
@@ -46,6 +46,7 @@ from itmolink.crypto.pki import PartnerCard, issuing_party
 from itmolink.node.config import NodeConfig
 from itmolink.node.engine import Engine, Limits, Partner, ReplyError
 from itmolink.node.metrics import NodeMetrics
+from itmolink.node.ratelimit import RateLimited, TokenBucket
 from itmolink.node.tls import NodeTls
 from itmolink.store import open_store
 from itmolink.v1 import partner_service_pb2, partner_service_pb2_grpc
@@ -111,24 +112,6 @@ def _drain_ended(done: Future[None]) -> None:
         log.error("the database thread's drain ended: %r", done.exception())
 
 
-class TokenBucket:
-    """``rate`` messages a second on average, bursts of up to ``burst``."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = float(burst)
-        self.updated = time.monotonic()
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
 class PartnerServicer(partner_service_pb2_grpc.PartnerServiceServicer):
     """The partner-facing endpoint. Reached only through mutual TLS with a pinned CA."""
 
@@ -148,20 +131,29 @@ class PartnerServicer(partner_service_pb2_grpc.PartnerServiceServicer):
             )
         assert peer is not None
         if not self._node.admit(peer):
-            self._node.metrics.received.labels(peer, "rate_limited").inc()
-            self._node.metrics.rejection("sent", peer, "RATE_LIMITED")
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"more than the agreed rate of messages from {peer}: retry later",
-                trailing_metadata=(("itmolink-rejection-code", "REJECTION_CODE_RATE_LIMITED"),),
+            await self._rate_limited(context, peer, "messages")
+        try:
+            reply = await self._node.db(
+                self._node.engine.handle_delivery, peer, request.envelope, self._node.clock()
             )
-        reply = await self._node.db(
-            self._node.engine.handle_delivery, peer, request.envelope, self._node.clock()
-        )
+        except RateLimited:  # over the partner's transfer items (§2.5), nothing recorded
+            await self._rate_limited(context, peer, "transfer items")
         self._node.metrics.received.labels(peer, "handled").inc()
         self._node.metrics.calls.labels("received", peer, "Deliver").inc()
         self._node.kick_after_call()
         return partner_service_pb2.DeliverResponse(envelope=reply)
+
+    async def _rate_limited(
+        self, context: grpc.aio.ServicerContext[Any, Any], peer: str, what: str
+    ) -> NoReturn:
+        self._node.metrics.received.labels(peer, "rate_limited").inc()
+        self._node.metrics.rejection("sent", peer, "RATE_LIMITED")
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"more than the agreed rate of {what} from {peer}: retry later",
+            trailing_metadata=(("itmolink-rejection-code", "REJECTION_CODE_RATE_LIMITED"),),
+        )
+        raise AssertionError("context.abort returned")  # it raises
 
     async def DeliverBatch(
         self,
@@ -212,6 +204,17 @@ class PartnerServicer(partner_service_pb2_grpc.PartnerServiceServicer):
             if error is None:
                 outcomes[slot].envelope = done.result()
                 node.metrics.received.labels(peer, "handled").inc()
+                continue
+            if isinstance(error, RateLimited):  # over its transfer items, nothing recorded
+                node.metrics.received.labels(peer, "rate_limited").inc()
+                node.metrics.rejection("sent", peer, "RATE_LIMITED")
+                outcomes[slot].failure.CopyFrom(
+                    failure(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"more than the agreed rate of transfer items from {peer}: retry later",
+                        "REJECTION_CODE_RATE_LIMITED",
+                    )
+                )
                 continue
             # What Deliver would end with: the step's transaction was rolled back.
             log.error(
@@ -557,6 +560,8 @@ class Node:
                 max_blocks=config.limits.max_blocks,
                 max_clock_skew=dt.timedelta(seconds=config.limits.max_clock_skew_seconds),
                 max_message_age=dt.timedelta(days=config.limits.max_message_age_days),
+                transfer_items_per_second=config.limits.transfer_items_per_second,
+                transfer_items_burst=config.limits.transfer_items_burst,
             ),
         )
         await self.db(self._load_rotated_keys)
@@ -565,7 +570,9 @@ class Node:
         self.engine.claim_sent_us = LEASE // dt.timedelta(microseconds=1)
         self._batching = True
         self._buckets = {
-            p.card.party: TokenBucket(config.limits.rate_per_second, config.limits.rate_burst)
+            p.card.party: TokenBucket(
+                config.limits.rate_per_second, config.limits.rate_burst, time.monotonic()
+            )
             for p in config.partners
         }
 

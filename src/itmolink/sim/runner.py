@@ -186,6 +186,7 @@ def _node_toml(party: Party, partners: Iterable[str], ports: dict[str, tuple[int
         "transfer_timeout_seconds = 120",
         '[keys]\ndirectory = "pki"',
         "[limits]\nrate_per_second = 100000\nrate_burst = 100000",
+        "transfer_items_per_second = 1000000\ntransfer_items_burst = 1000000",
         "[accounting]",
         f'method = "{ndc.method}"',
         f"ndc_first_year = {ndc.first_year}",
