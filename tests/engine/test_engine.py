@@ -274,10 +274,49 @@ def test_a_completion_the_receiver_could_not_record_is_sealed_again_until_it_lan
     assert state(pair.kor, transfer_id) is TransferState.ACCEPTED
     pair.advance(31 * 24 * 3600)  # past the 30-day message age
     blocked["on"] = False
+    pair.pump()  # refused (too old): sealed again, due 0.2 s later
+    assert state(pair.kor, transfer_id) is TransferState.ACCEPTED
+    pair.advance(0.2)
     pair.pump()
     assert state(pair.kor, transfer_id) is TransferState.COMPLETED
     assert ledger(pair.kor) == [(transfer_id, 2025, -100)]
     assert held(pair.kor) == 100
+
+
+def test_completions_refused_again_and_again_are_sealed_again_with_backoff(pair: Pair) -> None:
+    """A receiver whose clock is a month ahead refuses every completion unrecorded
+    (5003): each one sealed again waits longer than the one before, up to 30 s,
+    instead of looping at once (SECURITY.md known problem 6)."""
+    from itmolink.node.base import retry_delay_us
+
+    authorisation_id = issued(pair)
+    transfer_id = pair.lao.start_transfer(
+        to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=100,
+        now=pair.now,
+    )  # fmt: skip
+    [(proposal_id, _, proposal)] = pair.lao.due_messages(pair.now)
+    pair.lao.handle_reply(
+        proposal_id, pair.kor.handle_delivery("LAO", proposal, pair.now), pair.now
+    )
+    ahead = dt.timedelta(days=31)
+    waits = []
+    for _ in range(9):
+        [(completion_id, _, completion)] = pair.lao.due_messages(pair.now)
+        refusal = pair.kor.handle_delivery("LAO", completion, pair.now + ahead)
+        pair.lao.handle_reply(completion_id, refusal, pair.now)
+        assert pair.lao.due_messages(pair.now) == []  # the next one is not due at once
+        waited = 0.0
+        while not pair.lao.due_messages(pair.now):
+            pair.advance(0.1)
+            waited += 0.1
+        waits.append(round(waited, 1))
+    delays = [retry_delay_us(n) / 1e6 for n in range(9)]  # 0.2, 0.4, ..., 25.6, 30
+    assert delays[-1] == 30.0  # the ceiling
+    for waited, delay in zip(waits, delays, strict=True):
+        assert delay - 0.01 <= waited <= delay + 0.11  # polled every 0.1 s
+    pair.pump()  # the receiver's clock is right again: the completion lands, once
+    assert state(pair.kor, transfer_id) is TransferState.COMPLETED
+    assert ledger(pair.kor) == [(transfer_id, 2025, -100)]
 
 
 def test_a_key_still_signing_undelivered_messages_cannot_be_revoked(pair: Pair) -> None:

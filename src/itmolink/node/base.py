@@ -386,8 +386,18 @@ class EngineBase:
         name = type_name(type(msg))
         return name, payload, seal(name, payload, self.signing_key)
 
-    def _send(self, tx: Tx, partner: str, msg: Message, subject_id: str, now_us: int) -> bytes:
-        """Persist an outgoing request (journal and outbox); returns its payload bytes."""
+    def _send(
+        self,
+        tx: Tx,
+        partner: str,
+        msg: Message,
+        subject_id: str,
+        now_us: int,
+        *,
+        due_at_us: int | None = None,
+    ) -> bytes:
+        """Persist an outgoing request (journal and outbox); returns its payload bytes.
+        With ``due_at_us`` it waits in the outbox until then instead of leaving at once."""
         msg.header.CopyFrom(self._header(tx, partner, now_us))  # type: ignore[attr-defined]
         name, payload, envelope = self._seal(msg)
         message_id = msg.header.message_id  # type: ignore[attr-defined]
@@ -406,9 +416,15 @@ class EngineBase:
             subject_id=subject_id,
             envelope=envelope,
             now=now_us,
-            next_attempt_at=now_us + self.claim_sent_us if self.claim_sent_us else None,
+            next_attempt_at=(
+                due_at_us
+                if due_at_us is not None
+                else now_us + self.claim_sent_us
+                if self.claim_sent_us
+                else None
+            ),
         )
-        if self.claim_sent_us:
+        if self.claim_sent_us and due_at_us is None:
             self.sent.append((message_id, partner, envelope))
         return payload
 
@@ -726,7 +742,14 @@ class EngineBase:
             acceptance_digest=record.acceptance_digest,
             adjustment_year=years.pop() if len(years) == 1 else 0,
         )
-        self._send(tx, record.partner, completion, transfer_id, now_us)
+        # Each completion sealed again waits longer (0.2 s, 0.4 s, ... up to 30 s), as a
+        # retry would: a receiver that keeps refusing them (its clock off by more than
+        # the skew, 5003) is not sent a new one in a tight loop.
+        earlier = tx.outbox_count_of(
+            payload_type=type_name(TransferCompletion), subject_id=transfer_id
+        )
+        due_at_us = now_us + retry_delay_us(earlier - 1) if earlier else None
+        self._send(tx, record.partner, completion, transfer_id, now_us, due_at_us=due_at_us)
 
     def _switch_signing_key(self, tx: Tx, key_id: str) -> None:
         tx.set_meta("signing_key_id", key_id)

@@ -671,6 +671,14 @@ class Tx:
         )
         return int(row[0])
 
+    def outbox_count_of(self, *, payload_type: str, subject_id: str) -> int:
+        """How many requests of this type about this subject were ever put in the outbox."""
+        row = self._one(
+            "SELECT COUNT(*) FROM outbox WHERE payload_type = ? AND subject_id = ?",
+            (payload_type, subject_id),
+        )
+        return int(row[0])
+
     def outbox_pending_envelopes(self) -> Iterator[bytes]:
         """The sealed envelopes of every undelivered message."""
         for (raw,) in self._exec("SELECT envelope FROM outbox WHERE state = 'pending'"):
