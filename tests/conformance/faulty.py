@@ -98,6 +98,23 @@ class IgnoresRevocations(Engine):
         self.trust = TrustStore(self.trust.all())  # the same keys, none revoked
 
 
+class RefusesEarlyRevocations(Engine):
+    """Refuses, as the reference did before, to revoke a key it does not pin yet."""
+
+    def _refuse_unpinned(
+        self, tx: Tx, sender: str, msg: Any, payload: bytes, journal_id: int, now_us: int
+    ) -> bytes:
+        for key_id in msg.revoked_key_ids:
+            if self.trust.get(key_id) is None:
+                raise Rejected(RejectionCode.INVALID_FIELD, f"{key_id!r} is not pinned")
+        return Engine._on_key_rotation(self, tx, sender, msg, payload, journal_id, now_us)
+
+    _request_handlers: ClassVar[dict[str, Callable[..., bytes]]] = {
+        **Engine._request_handlers,
+        "itmolink.v1.KeyRotation": _refuse_unpinned,
+    }
+
+
 class IgnoresAudience(Engine):
     def _check_header(self, header: common_pb2.Header, *, sender: str, now_us: int) -> None:
         readdressed = common_pb2.Header()
@@ -605,6 +622,10 @@ VARIANTS = [
             "1.17-key-rotation",
             "REJECTION_CODE_SIGNING_KEY_REVOKED (1010), got TransferStatusReport",
             lambda n: _swap(n, IgnoresRevocations)),
+    Variant("refuses-early-revocation", "buyer", "refuses to revoke a key it does not pin yet",
+            "1.19-revocation-before-announcement",
+            "expected KeyRotationAcknowledgement",
+            lambda n: _swap(n, RefusesEarlyRevocations)),
     Variant("accepts-replay", "buyer", "accepts a replayed old message (no sent_at window)",
             "1.13-stale-sent-at",
             "REJECTION_CODE_SENT_AT_OUT_OF_WINDOW (5003), got TransferStatusReport",

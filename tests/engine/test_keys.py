@@ -128,3 +128,65 @@ def _with_header(pair: Pair, msg: keys_pb2.KeyRotation) -> keys_pb2.KeyRotation:
 
     msg.header.CopyFrom(header(pair))
     return msg
+
+
+def test_a_refused_rotation_can_be_given_up_and_another_key_rotated_to(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from itmolink.core.codes import Rejected
+
+    def refuse(*args: object) -> bytes:
+        raise Rejected(RejectionCode.INVALID_FIELD, "KOR's operator does not want this key")
+
+    monkeypatch.setitem(pair.kor._request_handlers, "itmolink.v1.KeyRotation", refuse)
+    old = pair.lao.signing_key
+    refused = SigningKey.generate("LAO")
+    pair.lao.rotate_signing_key(refused, pair.now)
+    pair.pump()
+    assert pair.lao.signing_key is old
+    with pytest.raises(Rejected) as caught:  # stuck: one rotation at a time
+        pair.lao.rotate_signing_key(SigningKey.generate("LAO"), pair.now)
+    assert caught.value.code is RejectionCode.INVALID_FIELD
+    monkeypatch.undo()
+
+    assert pair.lao.cancel_key_rotation(pair.now) == refused.key_id
+    assert pair.lao.pending_key is None
+    assert pair.lao.due_messages(pair.now) == []  # KOR refused it: nothing to revoke there
+    with pytest.raises(Rejected):
+        pair.lao.cancel_key_rotation(pair.now)  # nothing pending any more
+    newer = SigningKey.generate("LAO")
+    pair.lao.rotate_signing_key(newer, pair.now)
+    pair.pump()
+    assert pair.lao.signing_key is newer
+
+
+def test_a_revocation_that_overtakes_a_given_up_announcement_keeps_the_key_revoked(
+    pair: Pair,
+) -> None:
+    """The announcement is on its way (claimed, not answered) when the operator gives
+    the key up: the revocation reaches KOR first, then the announcement; the key ends
+    up pinned but revoked there, so nothing it signs is accepted."""
+    given_up = SigningKey.generate("LAO")
+    pair.lao.rotate_signing_key(given_up, pair.now)
+    [(_, _, announcement)] = pair.lao.due_messages(pair.now)
+    assert pair.lao.cancel_key_rotation(pair.now) == given_up.key_id
+    [(revocation_id, _, revocation)] = pair.lao.due_messages(pair.now)  # not the cancelled one
+    assert b"revoke-" in revocation
+    reply = pair.kor.handle_delivery("LAO", revocation, pair.now)
+    pair.lao.handle_reply(revocation_id, reply, pair.now)
+    assert code_of(reply, pair.keys["KOR"]) is None  # acknowledged, although not pinned yet
+    assert (
+        code_of(pair.kor.handle_delivery("LAO", announcement, pair.now), pair.keys["KOR"]) is None
+    )
+    assert pair.kor.trust.get(given_up.key_id) is not None
+    assert pair.kor.trust.is_revoked(given_up.key_id)
+    pair.keys["LAO"] = given_up
+    assert deliver(pair, proposal(pair)).reasons[0].code == RejectionCode.SIGNING_KEY_REVOKED
+
+
+def test_a_partner_can_revoke_only_key_ids_of_its_own_form(pair: Pair) -> None:
+    for key_id in ("KOR-ed25519-0123456789abcdef", "LAO-ed25519-0123", "LAO-ed25519-XYZ"):
+        rotation = keys_pb2.KeyRotation(rotation_id=f"r-{key_id}", revoked_key_ids=[key_id])
+        rejection = deliver(pair, _with_header(pair, rotation))
+        assert rejection is not None, key_id
+        assert rejection.reasons[0].code == RejectionCode.INVALID_FIELD

@@ -309,6 +309,62 @@ async def test_reconcile_between_running_nodes(
     assert code == 0, err
 
 
+async def test_an_operator_gives_up_a_rotation_a_partner_never_answered(
+    pki: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """KOR is down while LAO announces a key: the operator gives the key up (its private
+    key and card entry go), rotates again once KOR is back, and LAO switches; KOR ends
+    with the given-up key revoked, whatever order the two announcements arrive in."""
+    from .conftest import link, start_registry, stop_registry
+
+    lao = await start_registry(pki("LAO", ["KOR"]))
+    kor_config = pki("KOR", ["LAO"])
+    kor = None
+    try:
+        old = lao.node.engine.signing_key.key_id
+        code, out, err = await cli(capsys, "keys", "rotate", "--config", str(lao.config_path))
+        assert code == 0, err
+        given_up = out.split()[3]
+        keys = lao.keys.directory
+        assert (keys / f"signing-{given_up}.key").exists()
+        code, out, err = await cli(
+            capsys, "keys", "cancel-rotation", "--config", str(lao.config_path)
+        )
+        assert code == 0, err
+        assert given_up in out
+        assert not (keys / f"signing-{given_up}.key").exists()
+        assert given_up not in (keys / "card.toml").read_text()
+        assert lao.node.engine.pending_key is None
+        code, _, err = await cli(
+            capsys, "keys", "cancel-rotation", "--config", str(lao.config_path)
+        )
+        assert code != 0
+        assert "no key rotation is pending" in err
+        code, out, _ = await cli(capsys, "keys", "list", "--config", str(lao.config_path))
+        assert any(given_up in line and "revoked" in line for line in out.splitlines())
+
+        kor = await start_registry(kor_config)
+        link(lao, kor)
+        code, out, err = await cli(capsys, "keys", "rotate", "--config", str(lao.config_path))
+        assert code == 0, err
+        new = out.split()[3]
+
+        async def switched() -> bool:
+            return bool(lao.node.engine.signing_key.key_id == new)
+
+        await eventually(switched)
+        assert new != old
+
+        async def revoked_at_kor() -> bool:
+            return kor is not None and kor.node.engine.trust.is_revoked(given_up)
+
+        await eventually(revoked_at_kor)
+    finally:
+        await stop_registry(lao)
+        if kor is not None:
+            await stop_registry(kor)
+
+
 async def test_an_operator_rotates_the_signing_key_and_transfers_go_on_after_a_restart(
     pki: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -573,6 +573,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
         )
         where = f"{args.partner}'s key, here" if args.partner else "at every partner"
         print(f"signing key {args.key_id} revoked ({where})")
+    elif args.keys_command == "cancel-rotation":
+        response = _call(stub.CancelKeyRotation, admin_pb2.CancelKeyRotationRequest())
+        print(
+            f"rotation to signing key {response.key_id} given up: revoked where it may be "
+            "pinned, its private key destroyed; the node signs with its current key"
+        )
     else:
         response = _call(stub.ListSigningKeys, admin_pb2.ListSigningKeysRequest())
         print_table(
@@ -1017,6 +1023,12 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("--key-id", required=True)
     revoke.add_argument("--partner", help="revoke this partner's key here only")
     revoke.set_defaults(func=cmd_keys)
+    cancel = keys.add_parser(
+        "cancel-rotation",
+        help="give up the key being announced (refused or unanswered) and keep the current one",
+    )
+    _add_target(cancel)
+    cancel.set_defaults(func=cmd_keys)
     list_keys = keys.add_parser("list", help="this node's and its partners' signing keys")
     _add_target(list_keys)
     list_keys.set_defaults(func=cmd_keys)

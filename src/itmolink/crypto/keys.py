@@ -25,6 +25,17 @@ def key_id_for(party: str, public_bytes: bytes) -> str:
     return f"{party}-ed25519-{hashlib.sha256(public_bytes).hexdigest()[:16]}"
 
 
+def is_key_id_of(party: str, key_id: str) -> bool:
+    """Whether ``key_id`` has the form of a key id of ``party`` (see :func:`key_id_for`)."""
+    prefix = f"{party}-ed25519-"
+    digits = key_id[len(prefix) :]
+    return (
+        key_id.startswith(prefix)
+        and len(digits) == 16
+        and all(c in "0123456789abcdef" for c in digits)
+    )
+
+
 @functools.lru_cache(maxsize=256)
 def _public_key(raw: bytes) -> Ed25519PublicKey:
     """The key object for 32 raw bytes, made once per key rather than per signature."""

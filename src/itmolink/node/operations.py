@@ -232,6 +232,33 @@ class Operations(EngineBase):
                 revocation = KeyRotation(rotation_id=f"revoke-{key_id}", revoked_key_ids=[key_id])
                 self._send(tx, other, revocation, f"revoke-{key_id}", now_us)
 
+    def cancel_key_rotation(self, now: dt.datetime) -> str:
+        """Give up the key being announced (refused by a partner, or never answered):
+        stop announcing it, revoke it at the partners that may have pinned it, and go
+        on signing with the current key. Returns the key id given up; the caller
+        destroys its private key, so that a copy pinned by a late announcement can
+        never verify anything."""
+        now_us = to_us(now)
+        with self._transaction() as tx:
+            key_id = tx.meta_get("pending_signing_key")
+            if not key_id:
+                raise Rejected(RejectionCode.INVALID_FIELD, "no key rotation is pending")
+            rotation = type_name(KeyRotation)
+            answers = tx.outbox_answers_of(payload_type=rotation, subject_id=key_id)
+            tx.outbox_cancel(payload_type=rotation, subject_id=key_id)
+            tx.set_meta("pending_signing_key", "")
+            tx.set_meta("pending_signing_key_refused_by", "")
+            tx.revoked_key_put(key_id=key_id, party=self.party, source="self", now=now_us)
+            # Every partner that acknowledged the key, or may yet (an announcement still
+            # on its way); not one that refused it (it pinned nothing).
+            refused = {p for p, _, answer in answers if answer == type_name(Rejection)}
+            for partner in sorted({p for p, _, _ in answers} - refused):
+                revocation = KeyRotation(rotation_id=f"revoke-{key_id}", revoked_key_ids=[key_id])
+                self._send(tx, partner, revocation, f"revoke-{key_id}", now_us)
+            self._after_commit.append(lambda: setattr(self, "pending_key", None))
+        log.warning("gave up the rotation to signing key %s", key_id)
+        return key_id
+
     def signing_keys_view(self) -> list[tuple[str, str, str, VerifyingKey | None]]:
         """(party, key id, status, key) for our keys and the partners'."""
         with self._transaction() as tx:

@@ -32,7 +32,7 @@ from itmolink.core.rules import AuthorisationTerms
 from itmolink.core.transfer import Event, Role, TransferState, step
 from itmolink.core.units import FirstTransferDefinition
 from itmolink.crypto.envelope import VerifiedEnvelope, open_envelope, pae
-from itmolink.crypto.keys import VerifyingKey
+from itmolink.crypto.keys import VerifyingKey, is_key_id_of
 from itmolink.node.base import (
     MAX_LEAVES,
     REQUEST_TYPES,
@@ -1069,10 +1069,14 @@ class Requests(EngineBase):
             )  # fmt: skip
         for key_id in msg.revoked_key_ids:
             known = self.trust.get(key_id)
-            if known is None or known.party != sender:
+            # A key not pinned yet may be revoked by its own party: a revocation that
+            # overtakes the key's announcement (a rotation given up, §5.12 KR3) keeps
+            # the key revoked once the announcement pins it.
+            own = known.party == sender if known is not None else is_key_id_of(sender, key_id)
+            if not own:
                 raise Rejected(
                     RejectionCode.INVALID_FIELD,
-                    f"{sender} can revoke only its own pinned keys, not {key_id!r}",
+                    f"{sender} can revoke only its own keys, not {key_id!r}",
                 )
             tx.revoked_key_put(key_id=key_id, party=sender, source=sender, now=now_us)
         self._after_commit.append(self.reload_trust)

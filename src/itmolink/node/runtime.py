@@ -709,6 +709,20 @@ class Node:
         (directory / "card.toml").write_text(updated.to_toml())
         return key.key_id
 
+    def cancel_key_rotation(self) -> str:
+        """Give up the key being announced (on the database thread): the engine revokes
+        it where it may be pinned; here it leaves our partner card and its private key
+        is destroyed. Returns its key id."""
+        key_id = self.engine.cancel_key_rotation(self.clock())
+        directory = self.config.keys.directory
+        card = PartnerCard.load(directory / "card.toml")
+        kept = tuple(k for k in card.signing_keys if k.key_id != key_id)
+        if len(kept) != len(card.signing_keys):
+            updated = PartnerCard(card.party, card.registry, card.ca_certificate_pem, kept)
+            (directory / "card.toml").write_text(updated.to_toml())
+        (directory / f"signing-{key_id}.key").unlink(missing_ok=True)
+        return key_id
+
     def revoke_signing_key(self, key_id: str, partner: str) -> None:
         """Revoke a key (on the database thread); our own leaves our partner card too."""
         self.engine.revoke_signing_key(key_id, self.clock(), partner)

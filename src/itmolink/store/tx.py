@@ -654,6 +654,19 @@ class Tx:
             (payload_type, subject_id),
         )
 
+    def outbox_answers_of(
+        self, *, payload_type: str, subject_id: str
+    ) -> list[tuple[str, str, str | None]]:
+        """(partner, state, payload type of the answer or None) of each request of a
+        type about a subject."""
+        rows = self._exec(
+            "SELECT o.partner, o.state, j.payload_type FROM outbox o "
+            "LEFT JOIN journal j ON j.id = o.answered_journal_id "
+            "WHERE o.payload_type = ? AND o.subject_id = ? ORDER BY o.partner, o.created_at",
+            (payload_type, subject_id),
+        )
+        return [(str(p), str(state), None if t is None else str(t)) for p, state, t in rows]
+
     def outbox_last_created(self, *, payload_type: str, subject_id: str) -> tuple[str, int] | None:
         """(state, created_at) of the newest outbox message of a type about a subject."""
         row = self._one(

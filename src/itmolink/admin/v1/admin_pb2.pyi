@@ -348,6 +348,44 @@ class RevokeSigningKeyResponse(_message.Message):
 Global___RevokeSigningKeyResponse: _TypeAlias = RevokeSigningKeyResponse  # noqa: Y015
 
 @_typing.final
+class CancelKeyRotationRequest(_message.Message):
+    """CancelKeyRotationRequest has no fields: a node announces one key at a time."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelKeyRotationRequest: _TypeAlias = CancelKeyRotationRequest  # noqa: Y015
+
+@_typing.final
+class CancelKeyRotationResponse(_message.Message):
+    """CancelKeyRotationResponse names the key given up."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelKeyRotationResponse: _TypeAlias = CancelKeyRotationResponse  # noqa: Y015
+
+@_typing.final
 class ListSigningKeysRequest(_message.Message):
     """ListSigningKeysRequest has no fields."""
 

@@ -108,6 +108,11 @@ class AdminServiceStub:
                 request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RevokeSigningKeyRequest.SerializeToString,
                 response_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RevokeSigningKeyResponse.FromString,
                 _registered_method=True)
+        self.CancelKeyRotation = channel.unary_unary(
+                '/itmolink.admin.v1.AdminService/CancelKeyRotation',
+                request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.CancelKeyRotationRequest.SerializeToString,
+                response_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.CancelKeyRotationResponse.FromString,
+                _registered_method=True)
         self.ListSigningKeys = channel.unary_unary(
                 '/itmolink.admin.v1.AdminService/ListSigningKeys',
                 request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ListSigningKeysRequest.SerializeToString,
@@ -247,6 +252,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelKeyRotation(self, request, context):
+        """CancelKeyRotation gives up the key being announced (refused by a partner, or
+        never answered): it is revoked where it may be pinned, its private key is
+        destroyed, and the node goes on signing with its current key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListSigningKeys(self, request, context):
         """ListSigningKeys lists this node's and its partners' signing keys.
         """
@@ -355,6 +369,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RevokeSigningKey,
                     request_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RevokeSigningKeyRequest.FromString,
                     response_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RevokeSigningKeyResponse.SerializeToString,
+            ),
+            'CancelKeyRotation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelKeyRotation,
+                    request_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.CancelKeyRotationRequest.FromString,
+                    response_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.CancelKeyRotationResponse.SerializeToString,
             ),
             'ListSigningKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSigningKeys,
@@ -764,6 +783,33 @@ class AdminService:
             '/itmolink.admin.v1.AdminService/RevokeSigningKey',
             itmolink_dot_admin_dot_v1_dot_admin__pb2.RevokeSigningKeyRequest.SerializeToString,
             itmolink_dot_admin_dot_v1_dot_admin__pb2.RevokeSigningKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelKeyRotation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/itmolink.admin.v1.AdminService/CancelKeyRotation',
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.CancelKeyRotationRequest.SerializeToString,
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.CancelKeyRotationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -77,6 +77,11 @@ class AdminServiceStub:
     """RevokeSigningKey revokes an earlier signing key of this node at every
     partner, or (with `partner` set) a partner's key here.
     """
+    CancelKeyRotation: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CancelKeyRotationRequest, _admin_pb2.CancelKeyRotationResponse]
+    """CancelKeyRotation gives up the key being announced (refused by a partner, or
+    never answered): it is revoked where it may be pinned, its private key is
+    destroyed, and the node goes on signing with its current key.
+    """
     ListSigningKeys: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListSigningKeysRequest, _admin_pb2.ListSigningKeysResponse]
     """ListSigningKeys lists this node's and its partners' signing keys."""
     AmendAuthorisation: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AmendAuthorisationRequest, _admin_pb2.AmendAuthorisationResponse]
@@ -138,6 +143,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     RevokeSigningKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeSigningKeyRequest, _admin_pb2.RevokeSigningKeyResponse]  # type: ignore[assignment]
     """RevokeSigningKey revokes an earlier signing key of this node at every
     partner, or (with `partner` set) a partner's key here.
+    """
+    CancelKeyRotation: _aio.UnaryUnaryMultiCallable[_admin_pb2.CancelKeyRotationRequest, _admin_pb2.CancelKeyRotationResponse]  # type: ignore[assignment]
+    """CancelKeyRotation gives up the key being announced (refused by a partner, or
+    never answered): it is revoked where it may be pinned, its private key is
+    destroyed, and the node goes on signing with its current key.
     """
     ListSigningKeys: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListSigningKeysRequest, _admin_pb2.ListSigningKeysResponse]  # type: ignore[assignment]
     """ListSigningKeys lists this node's and its partners' signing keys."""
@@ -281,6 +291,17 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.RevokeSigningKeyResponse, _abc.Awaitable[_admin_pb2.RevokeSigningKeyResponse]]:
         """RevokeSigningKey revokes an earlier signing key of this node at every
         partner, or (with `partner` set) a partner's key here.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelKeyRotation(
+        self,
+        request: _admin_pb2.CancelKeyRotationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CancelKeyRotationResponse, _abc.Awaitable[_admin_pb2.CancelKeyRotationResponse]]:
+        """CancelKeyRotation gives up the key being announced (refused by a partner, or
+        never answered): it is revoked where it may be pinned, its private key is
+        destroyed, and the node goes on signing with its current key.
         """
 
     @_abc_1.abstractmethod
