@@ -341,38 +341,6 @@ async def t_rotation(ctx: Context) -> None:
 
 
 @kit_test(
-    "1.19-revocation-before-announcement",
-    1,
-    "§5.12 KR3, §3.8",
-    "a key revoked before its announcement arrives stays revoked once announced: 1010",
-)
-async def t_revocation_first(ctx: Context) -> None:
-    given_up = SigningKey.generate(ctx.kit)
-    revocation = keys_pb2.KeyRotation(
-        rotation_id=f"revoke-{given_up.key_id}", revoked_key_ids=[given_up.key_id]
-    )
-    ctx.expect(
-        await ctx.link.send(revocation),
-        keys_pb2.KeyRotationAcknowledgement,
-        "the revocation of a key of the kit's party not pinned yet",
-    )
-    record = keys_pb2.SigningKeyRecord(
-        key_id=given_up.key_id, public_key=given_up.verifying_key().public_bytes
-    )
-    announcement = keys_pb2.KeyRotation(rotation_id=given_up.key_id, new_key=record)
-    ctx.expect(
-        await ctx.link.send(announcement),
-        keys_pb2.KeyRotationAcknowledgement,
-        "the announcement that arrives after its revocation",
-    )
-    reply = await ctx.link.send(_status_query(ctx), key=given_up)
-    ctx.expect_rejection(
-        reply, C.REJECTION_CODE_SIGNING_KEY_REVOKED, "a key revoked before it was announced",
-        recorded=False,
-    )  # fmt: skip
-
-
-@kit_test(
     "1.18-deliver-batch",
     1,
     "§2.6",
@@ -431,6 +399,38 @@ async def t_deliver_batch(ctx: Context) -> None:
             f"(1 to 128, §2.6), got {refused.status.name}",
         )
     ctx.notes["deliver_batch"] = True
+
+
+@kit_test(
+    "1.19-revocation-before-announcement",
+    1,
+    "§5.12 KR3, §3.8",
+    "a key revoked before its announcement arrives stays revoked once announced: 1010",
+)
+async def t_revocation_first(ctx: Context) -> None:
+    given_up = SigningKey.generate(ctx.kit)
+    revocation = keys_pb2.KeyRotation(
+        rotation_id=f"revoke-{given_up.key_id}", revoked_key_ids=[given_up.key_id]
+    )
+    ctx.expect(
+        await ctx.link.send(revocation),
+        keys_pb2.KeyRotationAcknowledgement,
+        "the revocation of a key of the kit's party not pinned yet",
+    )
+    record = keys_pb2.SigningKeyRecord(
+        key_id=given_up.key_id, public_key=given_up.verifying_key().public_bytes
+    )
+    announcement = keys_pb2.KeyRotation(rotation_id=given_up.key_id, new_key=record)
+    ctx.expect(
+        await ctx.link.send(announcement),
+        keys_pb2.KeyRotationAcknowledgement,
+        "the announcement that arrives after its revocation",
+    )
+    reply = await ctx.link.send(_status_query(ctx), key=given_up)
+    ctx.expect_rejection(
+        reply, C.REJECTION_CODE_SIGNING_KEY_REVOKED, "a key revoked before it was announced",
+        recorded=False,
+    )  # fmt: skip
 
 
 # ======================================================================================
