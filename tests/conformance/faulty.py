@@ -323,6 +323,42 @@ def _voids_early(node: Node) -> None:
     node.engine.store = _EarlyVoidStore(node.engine.store)  # type: ignore[assignment]
 
 
+class _TakesNoticesAtTheirWordTx:
+    """A transaction in which the block an outgoing transfer carried has whatever
+    attributes the block asked about claims."""
+
+    def __init__(self, tx: Tx) -> None:
+        self._tx = tx
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tx, name)
+
+    def transferred_block_containing(self, block: Block) -> Block | None:
+        sent = self._tx.transferred_block_containing(block)
+        return None if sent is None else replace_block_attributes(sent, block)
+
+
+def replace_block_attributes(sent: Block, claimed: Block) -> Block:
+    return dataclasses.replace(claimed, serial_start=sent.serial_start, serial_end=sent.serial_end)
+
+
+class _TakesNoticesAtTheirWordStore:
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    @contextlib.contextmanager
+    def transaction(self, *, exclusive: bool = True) -> Iterator[Any]:
+        with self._store.transaction(exclusive=exclusive) as tx:
+            yield _TakesNoticesAtTheirWordTx(tx)
+
+
+def _notices_at_their_word(node: Node) -> None:
+    node.engine.store = _TakesNoticesAtTheirWordStore(node.engine.store)  # type: ignore[assignment]
+
+
 # -- Article 6 rules and the transfer steps ---------------------------------------------
 
 
@@ -626,6 +662,12 @@ VARIANTS = [
             "1.19-revocation-before-announcement",
             "expected KeyRotationAcknowledgement",
             lambda n: _swap(n, RefusesEarlyRevocations)),
+    Variant("notice-attributes-unchecked", "host",
+            "books a first-transfer notice's blocks with the attributes it claims",
+            "3.07-first-transfer-notice",
+            "expected Rejection REJECTION_CODE_BLOCK_ATTRIBUTE_MISMATCH (3004), "
+            "got FirstTransferNoticeAcknowledgement",
+            _notices_at_their_word),
     Variant("accepts-replay", "buyer", "accepts a replayed old message (no sent_at window)",
             "1.13-stale-sent-at",
             "REJECTION_CODE_SENT_AT_OUT_OF_WINDOW (5003), got TransferStatusReport",

@@ -45,6 +45,12 @@ DRIVER = {
         "--authorisation {authorisation_id} --vintage {vintage} --quantity {quantities} "
         "--timeout {timeout_seconds}"
     ),
+    "authorise_oimp_at_use": (
+        "{itmolink} authorise --config {node_config} --activity-id {activity_id} "
+        "--cooperative-approach {cooperative_approach_id} --acquiring-party {kit_party} "
+        "--purpose OIMP --oimp-detail {oimp_detail} --first-transfer AT_USE_OR_CANCELLATION "
+        "--vintage-from {vintage_from} --vintage-to {vintage_to} --cap {cap} --quiet"
+    ),
 }
 
 

@@ -62,6 +62,9 @@ class KitTransfer:
     proposed_at_us: int = 0
     proposal_digest: bytes = b""
     acceptance_digest: bytes = b""
+    # Whether the transfer carries corresponding adjustments: not for units whose first
+    # transfer is their use (§5.5.3, §6.6), which a first-transfer notice adjusts later.
+    adjusted: bool = True
 
     def facts(self, adjustments: tuple[tuple[int, int], ...] | None = None) -> TransferFacts:
         if adjustments is None:
@@ -78,8 +81,10 @@ class KitTransfer:
         )
 
     def expected_adjustments(self) -> tuple[tuple[int, int], ...]:
-        """One entry per vintage, the quantity as the sender books it (§6.6, §11.4):
-        the kit's transfers are of ITMOs authorised for NDC use."""
+        """One entry per vintage, the quantity as the sender books it (§6.6, §11.4),
+        for a transfer that carries adjustments."""
+        if not self.adjusted:
+            return ()
         by_year: dict[int, int] = {}
         for block in self.blocks:
             by_year[block.vintage] = by_year.get(block.vintage, 0) + block.quantity

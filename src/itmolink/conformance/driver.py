@@ -36,9 +36,18 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "propose_transfer": ("authorisation_id", "vintage", "quantity", "timeout_seconds"),
     # Optional: without it, the host-role test of batched transfers is not run.
     "propose_batch": ("authorisation_id", "vintage", "quantities", "timeout_seconds"),
+    # Optional: without it, the host-role test of first-transfer notices is not run.
+    "authorise_oimp_at_use": (
+        "activity_id",
+        "cooperative_approach_id",
+        "vintage_from",
+        "vintage_to",
+        "cap",
+        "oimp_detail",
+    ),
 }
 # Actions a host-role run can do without (their tests are reported as not run).
-OPTIONAL_ACTIONS = frozenset({"propose_batch"})
+OPTIONAL_ACTIONS = frozenset({"propose_batch", "authorise_oimp_at_use"})
 
 DEFAULT_TIMEOUT_SECONDS = 60.0
 

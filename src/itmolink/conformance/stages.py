@@ -49,11 +49,13 @@ from itmolink.node.convert import block_from_pb, block_to_pb, timestamp, timesta
 from itmolink.v1 import (
     authorisation_pb2,
     codes_pb2,
+    common_pb2,
     envelope_pb2,
     issuance_pb2,
     keys_pb2,
     reconcile_pb2,
     transfer_pb2,
+    use_pb2,
 )
 
 STAGES = {
@@ -1197,14 +1199,17 @@ def _proposals_after(ctx: Context, seen: int) -> list[Incoming]:
 
 async def _driver_propose(
     ctx: Context, quantity: int, policy: Callable[[Incoming], Message | bytes | None],
-    timeout_seconds: int = 0,
+    timeout_seconds: int = 0, *, authorisation_id: str = "", first_transfer: bool = True,
 ) -> Incoming:  # fmt: skip
+    """The target proposes (driver), under the run's NDC authorisation unless another is
+    named; ``first_transfer``: whether the proposal is its units' first transfer."""
     name = str(transfer_pb2.TransferProposal.DESCRIPTOR.full_name)
     seen = len(ctx.server.of_type(transfer_pb2.TransferProposal))
     ctx.server.policies[name] = policy
+    authorisation_id = authorisation_id or ctx.needs("auth", "2.01")
     _require_ok(
         await _driver(
-            ctx, "propose_transfer", authorisation_id=ctx.needs("auth", "2.01"), vintage=VINTAGE,
+            ctx, "propose_transfer", authorisation_id=authorisation_id, vintage=VINTAGE,
             quantity=quantity, timeout_seconds=timeout_seconds,
         ),
         "propose_transfer", ctx,
@@ -1228,20 +1233,24 @@ async def _driver_propose(
         f"proposal quantity {proposal.quantity}, blocks {sum(b.quantity for b in blocks)}, "
         f"asked {quantity}",
     )
-    _check_blocks(ctx, blocks, ctx.authorisations[ctx.notes["auth"]], VINTAGE)
+    _check_blocks(ctx, blocks, ctx.authorisations[authorisation_id], VINTAGE)
     check(proposal.HasField("expires_at"), "the proposal has no expires_at (§5.8 T1a)")
     check(
         timestamp_us(proposal.expires_at) > to_us(now_utc()) - 300_000_000,
         "the proposal expired before it was sent",
     )
     check(
-        proposal.first_transfer, "a host's transfer of its NDC units is their first transfer (§5.8)"
+        proposal.first_transfer == first_transfer,
+        "a host's transfer of its NDC units is their first transfer (§5.8)"
+        if first_transfer
+        else "a transfer of units whose first transfer is their use is not their first "
+        "transfer (§5.5.3, §5.8)",
     )
     record = KitTransfer(
         transfer_id=proposal.transfer_id, sender=ctx.target, receiver=ctx.kit,
         authorisation_id=proposal.authorisation_id, blocks=tuple(blocks),
         proposal_digest=sha256(incoming.payload),
-        proposed_at_us=timestamp_us(proposal.header.sent_at),
+        proposed_at_us=timestamp_us(proposal.header.sent_at), adjusted=first_transfer,
     )  # fmt: skip
     ctx.transfers[record.transfer_id] = record
     return incoming
@@ -1268,10 +1277,12 @@ async def _wait_completion(ctx: Context, record: KitTransfer) -> None:
         completion.acceptance_digest == record.acceptance_digest,
         "the completion's acceptance_digest is not SHA-256 of the kit's acceptance payload (§5.9)",
     )
+    year = VINTAGE if record.adjusted else 0
     check(
-        completion.adjustment_year == VINTAGE,
+        completion.adjustment_year == year,
         f"the completion's adjustment_year is {completion.adjustment_year}, the host books "
-        f"its adjustment for vintage {VINTAGE} (§5.9, §6.6)",
+        + (f"its adjustment for vintage {VINTAGE}" if year else "no adjustment for it")
+        + " (§5.9, §6.6)",
     )
     record.moved = record.final_at_target = True
 
@@ -1586,6 +1597,104 @@ def _record_batch(
         ctx.transfers[record.transfer_id] = record
         records.append(record)
     return records
+
+
+@kit_test(
+    "3.07-first-transfer-notice",
+    3,
+    "§5.14, §6.6",
+    "OIMP units first transferred at use: the kit's notice is acknowledged with the "
+    "adjustment's year; the same serials again: 4013; other attributes: 3004; serials "
+    "that never left: 3007",
+    ("host",),
+)
+async def t_h_first_transfer_notice(ctx: Context) -> None:
+    if "authorise_oimp_at_use" not in ctx.config.driver:
+        raise NotRunnable("no [driver] authorise_oimp_at_use command (optional, §13.3)")
+    statements = str(authorisation_pb2.AuthorisationStatement.DESCRIPTOR.full_name)
+    ctx.server.policies[statements] = default_answer
+    seen = len(ctx.server.of_type(authorisation_pb2.AuthorisationStatement))
+    _require_ok(
+        await _driver(
+            ctx, "authorise_oimp_at_use", activity_id=f"{ctx.target}-CONF-USE-{ctx.nonce}",
+            cooperative_approach_id=f"{ctx.target}-{ctx.kit}-CONF", vintage_from=2021,
+            vintage_to=2030, cap=CAP, oimp_detail="CORSIA",
+        ),
+        "authorise_oimp_at_use", ctx,
+    )  # fmt: skip
+    got = await ctx.server.wait_for(
+        lambda: _incoming_after(ctx, authorisation_pb2.AuthorisationStatement, seen),
+        ctx.config.act_within_seconds,
+    )
+    check(got, "no AuthorisationStatement reached the kit after authorise_oimp_at_use")
+    statement = got[0].message
+    assert isinstance(statement, authorisation_pb2.AuthorisationStatement)
+    check(
+        statement.first_transfer_definition
+        == common_pb2.FIRST_TRANSFER_DEFINITION_AT_USE_OR_CANCELLATION,
+        f"the statement's first_transfer_definition is {statement.first_transfer_definition}, "
+        "not at use or cancellation",
+    )
+    authorisation_id = str(statement.authorisation_id)
+    ctx.authorisations[authorisation_id] = statement
+    seen = len(ctx.server.of_type(issuance_pb2.IssuanceNotice))
+    _require_ok(
+        await _driver(
+            ctx, "issue", authorisation_id=authorisation_id, vintage=VINTAGE, quantity=1_000
+        ),
+        "issue", ctx,
+    )  # fmt: skip
+    check(
+        await ctx.server.wait_for(
+            lambda: _incoming_after(ctx, issuance_pb2.IssuanceNotice, seen),
+            ctx.config.act_within_seconds,
+        ),
+        "no IssuanceNotice reached the kit for the OIMP authorisation",
+    )
+    incoming = await _driver_propose(
+        ctx, 600, _accepting(ctx), authorisation_id=authorisation_id, first_transfer=False
+    )
+    record = ctx.transfers[incoming.message.transfer_id]  # type: ignore[attr-defined]
+    record.acceptance_digest = ctx.notes.get("acceptances", {}).get(record.transfer_id, b"")
+    await _wait_completion(ctx, record)
+    first = min(record.blocks, key=lambda b: b.serial_start)
+    used = replace(first, serial_end=first.serial_start + 99)  # 100 units used for CORSIA
+
+    def notice(suffix: str, *blocks: Block) -> use_pb2.FirstTransferNotice:
+        return use_pb2.FirstTransferNotice(
+            notice_id=f"{ctx.kit}-U-{ctx.nonce}-{suffix}",
+            blocks=[block_to_pb(b) for b in blocks],
+            oimp_purpose="CORSIA",
+        )
+
+    ack = ctx.expect(
+        await ctx.link.send(notice("1", used)),
+        use_pb2.FirstTransferNoticeAcknowledgement,
+        "a first-transfer notice of units the target transferred to the kit",
+    )
+    check(ack.notice_id == f"{ctx.kit}-U-{ctx.nonce}-1", f"acknowledgement names {ack.notice_id!r}")
+    check(
+        ack.adjustment_year == VINTAGE,
+        f"the acknowledgement's adjustment_year is {ack.adjustment_year}: the host books its "
+        f"adjustment for vintage {VINTAGE} (§5.14, §6.6)",
+    )
+    ctx.expect_rejection(
+        await ctx.link.send(notice("2", used)), C.REJECTION_CODE_ALREADY_FIRST_TRANSFERRED,
+        "the same serials in another notice", recorded=True,
+    )  # fmt: skip
+    rest = replace(first, serial_start=used.serial_end + 1, serial_end=used.serial_end + 10)
+    ctx.expect_rejection(
+        await ctx.link.send(notice("3", replace(rest, vintage=VINTAGE + 1))),
+        C.REJECTION_CODE_BLOCK_ATTRIBUTE_MISMATCH,
+        "serials the target transferred, of another vintage than it transferred",
+        recorded=True,
+    )
+    last = max(record.blocks, key=lambda b: b.serial_end)
+    never = replace(last, serial_start=last.serial_end + 1, serial_end=last.serial_end + 10)
+    ctx.expect_rejection(
+        await ctx.link.send(notice("4", never)), C.REJECTION_CODE_UNKNOWN_TRANSFER,
+        "serials that never left the target's registry", recorded=True,
+    )  # fmt: skip
 
 
 @kit_test(
