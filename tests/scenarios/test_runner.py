@@ -172,3 +172,63 @@ def test_onward_transfers_end_to_end(tmp_path: Path) -> None:
     assert [int(a["Quantity (t CO2 eq)"]) for a in kor_actions
             if a["Action type"] == "Voluntary Cancellation"] == [5_000]  # fmt: skip
     assert any("KOR: 25000 tCO2e cancelled voluntarily" in line for line in summary.invariants)
+
+
+def test_oimp_units_end_to_end(tmp_path: Path) -> None:
+    """OIMP units (CORSIA) beside NDC units: they move without adjustments; the host
+    books its adjustment at issuance or, on Korea's first-transfer notices, at use."""
+    scenario = load_scenario(EXAMPLE.parent / "lao-korea-oimp.toml")
+    summary = run_scenario(scenario, tmp_path, seed=3)
+    transfers = read(tmp_path / "transfers.csv")
+    assert len(transfers) == len(scenario.transfers)
+    assert all(t["state"] == "completed" for t in transfers)
+
+    def quantity(*, oimp: bool, point: str = "", party: str = "", action: str = "") -> int:
+        total = 0
+        for item in [*scenario.issuances, *scenario.transfers, *scenario.uses]:
+            spec = scenario.authorisation(item.authorisation)
+            if spec.oimp != oimp or (point and spec.ca_point != point):
+                continue
+            if action and getattr(item, "action", None) != action:
+                continue
+            if party and getattr(item, "party", None) != party:
+                continue
+            total += item.quantity
+        return total
+
+    ndc_moved = sum(t.quantity for t in scenario.transfers if not scenario.authorisation(
+        t.authorisation).oimp)  # fmt: skip
+    at_issuance = sum(
+        x.quantity for x in scenario.issuances
+        if scenario.authorisation(x.authorisation).ca_point == "issuance"
+    )  # fmt: skip
+    at_use = sum(
+        u.quantity for u in scenario.uses
+        if u.action == "use-oimp" and scenario.authorisation(u.authorisation).ca_point == "use"
+    )  # fmt: skip
+    assert ndc_moved > 0
+    assert at_issuance > 0
+    assert at_use > 0
+    parties = {p.party: p for p in summary.parties}
+    assert parties["LAO"].adjustments == ndc_moved + at_issuance + at_use
+    assert parties["KOR"].adjustments == -ndc_moved  # nothing for OIMP units
+    assert parties["KOR"].used_oimp == quantity(oimp=True, party="KOR", action="use-oimp")
+    assert parties["LAO"].used_oimp == quantity(oimp=True, party="LAO", action="use-oimp") > 0
+
+    def ledger(party: str) -> list[dict[str, str]]:
+        return read(tmp_path / party / "ca-ledger.csv")
+
+    transfer_ids = {t["transfer_id"] for t in transfers}
+    oimp_ids = {
+        t["transfer_id"] for t in transfers if scenario.authorisation(t["authorisation"]).oimp
+    }
+    for party in ("LAO", "KOR"):
+        assert not {r["transfer_id"] for r in ledger(party)} & oimp_ids
+    notices = [r for r in ledger("LAO") if r["transfer_id"] not in transfer_ids and r["partner"]]
+    assert {r["partner"] for r in notices} == {"KOR"}
+    assert sum(int(r["amount"]) for r in notices) == quantity(
+        oimp=True, point="use", party="KOR", action="use-oimp"
+    )
+    assert any("tCO2e adjusted for OIMP units at issuance or use" in s for s in summary.invariants)
+    outcomes = {u["outcome"] for u in read(tmp_path / "uses.csv")}
+    assert outcomes == {"used", "used-oimp"}

@@ -67,7 +67,13 @@ def test_good_scenario_expands_the_schedule() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["lao-korea.toml", "lao-japan-jcm.toml", "asean-network.toml", "lao-korea-japan-onward.toml"],
+    [
+        "lao-korea.toml",
+        "lao-japan-jcm.toml",
+        "asean-network.toml",
+        "lao-korea-japan-onward.toml",
+        "lao-korea-oimp.toml",
+    ],
 )
 def test_examples_parse(name: str) -> None:
     scenario = load_scenario(EXAMPLES / name)
@@ -173,7 +179,7 @@ def test_onward_transfers_are_scheduled_from_the_acquiring_party() -> None:
         ('to = "JPN"', 'to = "LAO"', "transfers[1].to: LAO is not an acquiring party"),
         ('party = "KOR"\nauthorisation = "solar"\nyears = [2023, 2030]',
          'party = "KOR"\nauthorisation = "solar"\naction = "retire"\nyears = [2023, 2030]',
-         "uses[0].action: must be one of use-ndc, voluntary-cancellation"),
+         "uses[0].action: must be one of use-ndc, use-oimp, voluntary-cancellation"),
         # A host may cancel its own units voluntarily, but not use them as a buyer would.
         ('party = "KOR"\nauthorisation = "solar"\nyears = [2023, 2030]',
          'party = "LAO"\nauthorisation = "solar"\nyears = [2023, 2030]',
@@ -198,3 +204,50 @@ def test_a_host_or_a_buyer_cancels_voluntarily() -> None:
     assert {(u.party, u.action) for u in scenario.uses} == {("LAO", "voluntary-cancellation")}
     with pytest.raises(ScenarioError, match=r"uses\[0\].quantity: by 2023 LAO would cancel"):
         parse_scenario(cancel.replace("quantity = 50000", "quantity = 40001"))
+
+
+OIMP = 'acquiring = ["KOR"]\npurposes = ["OIMP"]\nfirst_transfer = "use"'
+
+
+def test_oimp_units_default_to_use_for_oimp_and_book_at_their_first_transfer_point() -> None:
+    scenario = parse_scenario(GOOD.replace('acquiring = ["KOR"]', OIMP, 1))
+    spec = scenario.authorisation("solar")
+    assert (spec.purposes, spec.oimp_detail, spec.first_transfer) == (("OIMP",), "CORSIA", "use")
+    assert spec.ca_point == "use"
+    assert {u.action for u in scenario.uses} == {"use-oimp"}
+    issuance = GOOD.replace('acquiring = ["KOR"]', OIMP.replace('"use"', '"authorisation"'), 1)
+    assert parse_scenario(issuance).authorisation("solar").ca_point == "issuance"
+    assert parse_scenario(GOOD).authorisation("solar").ca_point == "transfer"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field"),
+    [
+        ('acquiring = ["KOR"]', 'acquiring = ["KOR"]\npurposes = ["NDC", "OIMP"]',
+         'authorisations[0].purposes: must be ["NDC"] or ["OIMP"]'),
+        ('acquiring = ["KOR"]', 'acquiring = ["KOR"]\npurposes = ["OIMP"]',
+         "authorisations[0].first_transfer: missing"),
+        ('acquiring = ["KOR"]', OIMP.replace('"use"', '"transfer"'),
+         "authorisations[0].first_transfer: must be one of authorisation, issuance, use"),
+        ('acquiring = ["KOR"]', 'acquiring = ["KOR"]\nfirst_transfer = "use"',
+         "authorisations[0].first_transfer: only for OIMP units"),
+        ('acquiring = ["KOR"]', OIMP + '\nbuyer_share_bp = 5000',
+         "authorisations[0].buyer_share_bp: a buyer's share is simulated for NDC units"),
+        ("vintage_offset = -2", 'vintage_offset = -2\naction = "use-oimp"',
+         "uses[0].action: solar authorises its units for NDC use only"),
+    ],
+)  # fmt: skip
+def test_bad_oimp_authorisations_and_uses_name_the_field(old: str, new: str, field: str) -> None:
+    with pytest.raises(ScenarioError) as caught:
+        parse_scenario(GOOD.replace(old, new, 1), "examples/x.toml")
+    assert field in str(caught.value)
+
+
+def test_an_oimp_use_toward_an_ndc_is_refused() -> None:
+    text = GOOD.replace('acquiring = ["KOR"]', OIMP, 1).replace(
+        "vintage_offset = -2", 'vintage_offset = -2\naction = "use-ndc"'
+    )
+    with pytest.raises(
+        ScenarioError, match=r"uses\[0\]\.action: solar authorises its units for OIMP"
+    ):
+        parse_scenario(text)

@@ -85,6 +85,15 @@ POLL_SECONDS = 0.005
 START_SECONDS = 60.0  # for every node process to answer on its admin port
 STOP_SECONDS = 10.0  # after SIGTERM, before SIGKILL
 CALL_SECONDS = 10.0  # per admin call
+# The scenario's first-transfer point of OIMP units, as the authorisation defines it.
+FIRST_TRANSFER_DEFINITIONS = {
+    "": common_pb2.FIRST_TRANSFER_DEFINITION_UNSPECIFIED,
+    "authorisation": common_pb2.FIRST_TRANSFER_DEFINITION_AT_AUTHORISATION,
+    "issuance": common_pb2.FIRST_TRANSFER_DEFINITION_AT_ISSUANCE,
+    "use": common_pb2.FIRST_TRANSFER_DEFINITION_AT_USE_OR_CANCELLATION,
+}
+# The outcome recorded for a use the node carried out, by action.
+USE_RESULTS = {"use-ndc": "used", "use-oimp": "used-oimp", "voluntary-cancellation": "cancelled"}
 REJECTION_CODE_KEY = "itmolink-rejection-code"
 
 
@@ -103,6 +112,7 @@ class PartySummary:
     acquired: int  # received by transfers, first or onward (completed)
     passed_on: int  # acquired units transferred on to other parties (completed)
     used: int  # acquired units used toward the party's NDC (retired)
+    used_oimp: int  # units the party used for OIMP (retired)
     cancelled: int  # units the party cancelled voluntarily
     adjustments: int  # net corresponding adjustments booked (+ host, - buyer)
     met: bool | None  # target met after adjustments (None: cannot tell)
@@ -129,12 +139,12 @@ class Summary:
     def table(self) -> str:
         """The summary as a plain-text table."""
         headers = ("party", "method", "mitigation", "issued", "transferred out", "leaves",
-                   "acquired", "passed on", "used", "cancelled", "net CA", "target met",
-                   "without CA")  # fmt: skip
+                   "acquired", "passed on", "used", "used OIMP", "cancelled", "net CA",
+                   "target met", "without CA")  # fmt: skip
         rows = [
             (p.party, p.method, f"{p.mitigation:,}", f"{p.issued:,}", f"{p.transferred_out:,}",
              p.share_leaving, f"{p.acquired:,}", f"{p.passed_on:,}", f"{p.used:,}",
-             f"{p.cancelled:,}", f"{p.adjustments:+,}", _verdict(p.met),
+             f"{p.used_oimp:,}", f"{p.cancelled:,}", f"{p.adjustments:+,}", _verdict(p.met),
              _verdict(p.met_without_adjustments))
             for p in self.parties
         ]  # fmt: skip
@@ -414,6 +424,26 @@ async def _acknowledged(node: _NodeProcess, authorisation_id: str) -> bool:
     return False
 
 
+async def _booked_on_notices(node: _NodeProcess, transfers: set[str], from_notices: int) -> None:
+    """Wait until the host has booked ``from_notices`` tCO2e on its holders' notices:
+    entries with a partner that belong to none of ``transfers`` (the run's so far)."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        response = await node.admin.ListAdjustments(
+            admin_pb2.ListAdjustmentsRequest(), metadata=node.metadata, timeout=CALL_SECONDS
+        )
+        booked = sum(
+            a.amount for a in response.adjustments if a.partner and a.transfer_id not in transfers
+        )
+        if booked >= from_notices:
+            return
+        if time.monotonic() > deadline:
+            raise SimulationError(
+                f"{node.party} booked {booked} tCO2e on first-transfer notices, not {from_notices}"
+            )
+        await asyncio.sleep(POLL_SECONDS)
+
+
 async def _last_outgoing(node: _NodeProcess) -> str:
     response = await node.admin.ListTransfers(
         admin_pb2.ListTransfersRequest(), metadata=node.metadata, timeout=CALL_SECONDS
@@ -449,8 +479,10 @@ async def _play(
             admin_pb2.AuthoriseRequest(
                 activity_id=activity.id, activity_name=activity.name,
                 cooperative_approach_id=spec.cooperative_approach,
-                acquiring_parties=list(spec.acquiring), purposes=[common_pb2.PURPOSE_NDC],
-                first_transfer_definition=common_pb2.FIRST_TRANSFER_DEFINITION_UNSPECIFIED,
+                acquiring_parties=list(spec.acquiring),
+                purposes=[common_pb2.PURPOSE_OIMP if spec.oimp else common_pb2.PURPOSE_NDC],
+                oimp_detail=spec.oimp_detail,
+                first_transfer_definition=FIRST_TRANSFER_DEFINITIONS[spec.first_transfer],
                 vintage_from=spec.vintage_from, vintage_to=spec.vintage_to,
                 quantity_cap=spec.quantity_cap, unit_type=common_pb2.UNIT_TYPE_ITMO,
                 buyer_share_bp=spec.buyer_share_bp,
@@ -466,6 +498,9 @@ async def _play(
         step(f"authorised {spec.id}")
 
     rng = random.Random(seed)  # noqa: S311 (an order of play, not a secret)
+    # Per host: the tCO2e of its OIMP units its holders have used so far, whose
+    # adjustment the host books on their first-transfer notices.
+    noticed: dict[str, int] = defaultdict(int)
     for year in scenario.years:
         clock.mark(dt.date(year, 7, 1))
         for issuance in [x for x in scenario.issuances if x.year == year]:
@@ -534,6 +569,7 @@ async def _play(
                         action=use.action, host_party=spec.host, authorisation_id=ids[spec.id],
                         vintage=use.vintage, quantity=use.quantity,
                         use_year=year if use.action == "use-ndc" else 0,
+                        oimp_purpose=spec.oimp_detail if use.action == "use-oimp" else "",
                     ),
                     metadata=node.metadata, timeout=CALL_SECONDS,
                 )  # fmt: skip
@@ -543,7 +579,12 @@ async def _play(
                     raise
                 result = (exc.details() or "").removeprefix("REJECTION_CODE_")
             else:
-                result = "used" if use.action == "use-ndc" else "cancelled"
+                result = USE_RESULTS[use.action]
+                if use.action == "use-oimp" and spec.ca_point == "use" and use.party != spec.host:
+                    # The holder's first-transfer notice books the host's adjustment.
+                    noticed[spec.host] += use.quantity
+                    known = {t[1] for t in outcome.transfers}
+                    await _booked_on_notices(nodes[spec.host], known, noticed[spec.host])
             outcome.uses.append(
                 (year, use.authorisation, use.party, use.vintage, use.quantity, result)
             )
@@ -626,12 +667,21 @@ def _check_invariants(
             )
         passed.append(f"conservation {registry}: {held_total} tCO2e issued, each held once")
     # Every completed transfer: the CAs are equal and opposite, for its vintage and size.
-    for _, transfer_id, _, sender, receiver, vintage, quantity, state in outcome.transfers:
+    for transfer in outcome.transfers:
+        _, transfer_id, authorisation, sender, receiver, vintage, quantity, state = transfer
         plus = ledgers[sender].amounts[transfer_id]
         minus = ledgers[receiver].amounts[transfer_id]
         if state != "completed":
             if plus or minus:
                 raise SimulationError(f"{transfer_id} is {state} but carries adjustments")
+            continue
+        if scenario.authorisation(authorisation).oimp:
+            # OIMP units move without an adjustment: the host books at issuance or use.
+            if plus or minus:
+                raise SimulationError(
+                    f"{transfer_id} moves OIMP units but carries adjustments {plus} at {sender} "
+                    f"and {minus} at {receiver}"
+                )
             continue
         expected = [(vintage, quantity)]
         if sorted(plus) != expected or sorted((y, -a) for y, a in minus) != expected:
@@ -639,8 +689,36 @@ def _check_invariants(
                 f"{transfer_id}: adjustments {plus} at {sender} and {minus} at {receiver}, "
                 f"expected +{quantity} and -{quantity} for {vintage}"
             )
-    completed = sum(1 for t in outcome.transfers if t[7] == "completed")
-    passed.append(f"{completed} completed transfers with equal and opposite adjustments")
+    completed = [t for t in outcome.transfers if t[7] == "completed"]
+    oimp = sum(1 for t in completed if scenario.authorisation(t[2]).oimp)
+    passed.append(
+        f"{len(completed) - oimp} completed transfers with equal and opposite adjustments"
+        + (f", {oimp} of OIMP units with none" if oimp else "")
+    )
+    # The host's adjustments without a transfer: its OIMP units' first transfers, at
+    # issuance or at use (its own, or a holder's on its notice), and nothing else.
+    for party, ledger in ledgers.items():
+        expected_plus = sum(
+            x.quantity for x in scenario.issuances
+            if scenario.authorisation(x.authorisation).host == party
+            and scenario.authorisation(x.authorisation).ca_point == "issuance"
+        ) + sum(
+            u[4] for u in outcome.uses
+            if u[5] == "used-oimp"
+            and scenario.authorisation(u[1]).host == party
+            and scenario.authorisation(u[1]).ca_point == "use"
+        )  # fmt: skip
+        # An entry of no transfer names its issuance, notice or use instead (Tx.adjustments).
+        booked = sum(e.amount for e in ledger.entries if e.transfer_id not in ledger.amounts)
+        if booked != expected_plus:
+            raise SimulationError(
+                f"{party}: {booked:+} tCO2e of adjustments without a transfer, expected "
+                f"{expected_plus:+} (its OIMP units first transferred at issuance or at use)"
+            )
+        if expected_plus:
+            passed.append(
+                f"{party}: {expected_plus:+} tCO2e adjusted for OIMP units at issuance or use"
+            )
     # Every use: the units are in the party's NDC retirement account, and no more.
     for party, ledger in ledgers.items():
         used = sum(u[4] for u in outcome.uses if u[2] == party and u[5] == "used")
@@ -651,6 +729,15 @@ def _check_invariants(
             )
         if used:
             passed.append(f"{party}: {used} tCO2e used toward its NDC, all of it retired")
+        used_oimp = sum(u[4] for u in outcome.uses if u[2] == party and u[5] == "used-oimp")
+        in_oimp = sum(h.block.quantity for h in ledger.holdings if h.account == "retired-oimp")
+        if used_oimp != in_oimp:
+            raise SimulationError(
+                f"{party}: {used_oimp} tCO2e used for OIMP but {in_oimp} in its OIMP "
+                "retirement account"
+            )
+        if used_oimp:
+            passed.append(f"{party}: {used_oimp} tCO2e used for OIMP, all of it retired")
         cancelled = sum(u[4] for u in outcome.uses if u[2] == party and u[5] == "cancelled")
         in_account = sum(
             h.block.quantity for h in ledger.holdings if h.account == "voluntary-cancellation"
@@ -752,6 +839,7 @@ def _write_party(
         acquired=sum(t[6] for t in done if t[4] == party.code),
         passed_on=sum(t[6] for t in done if t[3] == party.code != host_of(t[2])),
         used=sum(u[4] for u in outcome.uses if u[2] == party.code and u[5] == "used"),
+        used_oimp=sum(u[4] for u in outcome.uses if u[2] == party.code and u[5] == "used-oimp"),
         cancelled=sum(u[4] for u in outcome.uses if u[2] == party.code and u[5] == "cancelled"),
         adjustments=sum(e.amount for e in entries),
         met=report.met,
@@ -761,12 +849,12 @@ def _write_party(
 
 def _write_summary(out: Path, summary: Summary, outcome: _Outcome) -> None:
     header: list[object] = ["party", "name", "method", "mitigation", "issued", "transferred_out",
-              "share_leaving", "acquired", "passed_on", "used", "cancelled", "net_adjustments",
-              "target_met", "target_met_without_ca"]  # fmt: skip
+              "share_leaving", "acquired", "passed_on", "used", "used_oimp", "cancelled",
+              "net_adjustments", "target_met", "target_met_without_ca"]  # fmt: skip
     rows: list[list[object]] = [header]
     for p in summary.parties:
         rows.append([p.party, p.name, p.method, p.mitigation, p.issued, p.transferred_out,
-                     p.share_leaving, p.acquired, p.passed_on, p.used, p.cancelled,
+                     p.share_leaving, p.acquired, p.passed_on, p.used, p.used_oimp, p.cancelled,
                      p.adjustments, _verdict(p.met),
                      _verdict(p.met_without_adjustments)])  # fmt: skip
     (out / "summary.csv").write_text(_csv(rows))

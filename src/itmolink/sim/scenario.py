@@ -40,7 +40,11 @@ Quantities are whole tCO2e, shares are basis points (8000 = 80%)::
     activity = "LAO-SOLAR-WIND-1GW"
     cooperative_approach = "LAO-KOR-A6.2"
     acquiring = ["KOR"]                   # acquiring parties (each must be a party)
-    purposes = ["NDC"]                    # optional; only "NDC" is simulated
+    purposes = ["NDC"]                    # optional: ["NDC"] (the default) or ["OIMP"]
+    oimp_detail = "CORSIA"                # OIMP only: which purpose (default "CORSIA")
+    first_transfer = "use"                # OIMP only: "authorisation", "issuance" or "use":
+                                          # the host books its adjustment at issuance (the
+                                          # first two) or when the units are used for OIMP
     vintage_from = 2021                   # optional, default the activity's years
     vintage_to = 2030
     quantity_cap = 0                      # optional, 0 = no cap
@@ -72,7 +76,9 @@ Quantities are whole tCO2e, shares are basis points (8000 = 80%)::
     vintage_offset = -1                   # optional: vintage = year + offset (<= 0)
     action = "use-ndc"                    # optional: or "voluntary-cancellation", by the
                                           # host or an acquiring party (units cancelled,
-                                          # toward no NDC)
+                                          # toward no NDC); for OIMP units "use-oimp" (by
+                                          # the host or an acquiring party; the default
+                                          # for them) or "voluntary-cancellation"
 
 A *year series* is either a table ``{ 2021 = 63000000, 2022 = ... }`` with one entry for
 every year of the NDC period, or a pair ``[first, last]`` interpolated linearly (rounded
@@ -157,6 +163,9 @@ class Activity:
         return range(self.first_year, self.last_year + 1)
 
 
+FIRST_TRANSFER_POINTS = ("authorisation", "issuance", "use")
+
+
 @dataclass(frozen=True, slots=True)
 class AuthorisationSpec:
     id: str
@@ -169,6 +178,21 @@ class AuthorisationSpec:
     vintage_to: int
     quantity_cap: int = 0
     buyer_share_bp: int = 0
+    # OIMP only: the purpose, and when the units are first transferred (one of
+    # FIRST_TRANSFER_POINTS); empty for NDC units, first transferred at the transfer.
+    oimp_detail: str = ""
+    first_transfer: str = ""
+
+    @property
+    def oimp(self) -> bool:
+        return self.purposes == ("OIMP",)
+
+    @property
+    def ca_point(self) -> str:
+        """When the host books its adjustment: "transfer" (NDC), "issuance" or "use"."""
+        if not self.oimp:
+            return "transfer"
+        return "use" if self.first_transfer == "use" else "issuance"
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,13 +217,14 @@ class Transfer:
     quantity: int
 
 
-USE_ACTIONS = ("use-ndc", "voluntary-cancellation")
+USE_ACTIONS = ("use-ndc", "use-oimp", "voluntary-cancellation")
 
 
 @dataclass(frozen=True, slots=True)
 class Use:
     """``party`` uses ``quantity`` of ``vintage`` toward its NDC of simulated ``year``
-    (``action`` "use-ndc"), or cancels it voluntarily ("voluntary-cancellation")."""
+    (``action`` "use-ndc"), for OIMP ("use-oimp"), or cancels it voluntarily
+    ("voluntary-cancellation")."""
 
     year: int
     authorisation: str
@@ -459,7 +484,7 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         r.unknown(
             item,
             {"id", "activity", "cooperative_approach", "acquiring", "purposes", "vintage_from",
-             "vintage_to", "quantity_cap", "buyer_share_bp"},
+             "vintage_to", "quantity_cap", "buyer_share_bp", "oimp_detail", "first_transfer"},
             where,
         )  # fmt: skip
         key = r.string(item, "id", where)
@@ -477,8 +502,18 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
             if party == activity.host:
                 raise r.fail(f"{where}acquiring[{j}]", f"{party} is the host itself")
         purposes = item.get("purposes", ["NDC"])
-        if purposes != ["NDC"]:
-            raise r.fail(f"{where}purposes", 'only ["NDC"] is simulated')
+        if purposes not in (["NDC"], ["OIMP"]):
+            raise r.fail(f"{where}purposes", 'must be ["NDC"] or ["OIMP"]')
+        oimp = purposes == ["OIMP"]
+        if not oimp:
+            for name in ("oimp_detail", "first_transfer"):
+                if name in item:
+                    raise r.fail(f"{where}{name}", "only for OIMP units")
+        point = r.string(item, "first_transfer", where) if oimp else ""
+        if oimp and point not in FIRST_TRANSFER_POINTS:
+            raise r.fail(
+                f"{where}first_transfer", f"must be one of {', '.join(FIRST_TRANSFER_POINTS)}"
+            )
         v_from = r.integer(
             item, "vintage_from", where, activity.first_year,
             minimum=activity.first_year, maximum=activity.last_year,
@@ -490,6 +525,8 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         share = r.integer(item, "buyer_share_bp", where, 0, maximum=10_000)
         if share and len(set(acquiring)) != 1:
             raise r.fail(f"{where}buyer_share_bp", "a buyer's share needs exactly one acquirer")
+        if share and oimp:
+            raise r.fail(f"{where}buyer_share_bp", "a buyer's share is simulated for NDC units")
         authorisations.append(
             AuthorisationSpec(
                 id=key,
@@ -497,11 +534,13 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
                 host=activity.host,
                 cooperative_approach=r.string(item, "cooperative_approach", where),
                 acquiring=tuple(dict.fromkeys(acquiring)),
-                purposes=("NDC",),
+                purposes=tuple(purposes),
                 vintage_from=v_from,
                 vintage_to=v_to,
                 quantity_cap=r.integer(item, "quantity_cap", where, 0),
                 buyer_share_bp=share,
+                oimp_detail=r.string(item, "oimp_detail", where, "CORSIA") if oimp else "",
+                first_transfer=point,
             )
         )
     by_key = {a.id: a for a in authorisations}
@@ -592,17 +631,20 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
             where,
         )
         spec = spec_of(item, where)
-        action = r.string(item, "action", where, "use-ndc")
+        action = r.string(item, "action", where, "use-oimp" if spec.oimp else "use-ndc")
         if action not in USE_ACTIONS:
             raise r.fail(f"{where}action", f"must be one of {', '.join(USE_ACTIONS)}")
+        if action == ("use-ndc" if spec.oimp else "use-oimp"):
+            what = "OIMP" if spec.oimp else "NDC"
+            raise r.fail(f"{where}action", f"{spec.id} authorises its units for {what} use only")
         party_code = r.string(item, "party", where)
-        cancelling = action == "voluntary-cancellation"
-        if party_code not in spec.acquiring and not (cancelling and party_code == spec.host):
+        toward_ndc = action == "use-ndc"
+        if party_code not in spec.acquiring and not (not toward_ndc and party_code == spec.host):
             raise r.fail(f"{where}party", f"{party_code} is not an acquiring party of {spec.id}")
         ndc_years = next(p.ndc.years for p in parties if p.code == party_code)
         quantity = r.integer(item, "quantity", where, minimum=1)
         for year in r.years(item, where, first, last):
-            if year not in ndc_years and not cancelling:
+            if year not in ndc_years and toward_ndc:
                 raise r.fail(f"{where}years", f"{year} is outside the NDC period of {party_code}")
             uses.append(
                 Use(
@@ -684,7 +726,7 @@ def _check_schedule(
         for use, where in uses:
             if use.year != year:
                 continue
-            what = "use" if use.action == "use-ndc" else "cancel"
+            what = "cancel" if use.action == "voluntary-cancellation" else "use"
             take(where, use.party, what, (use.party, use.authorisation, use.vintage), use.quantity)
 
 
