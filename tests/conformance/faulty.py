@@ -668,6 +668,9 @@ VARIANTS = [
             "expected Rejection REJECTION_CODE_BLOCK_ATTRIBUTE_MISMATCH (3004), "
             "got FirstTransferNoticeAcknowledgement",
             _notices_at_their_word),
+    Variant("no-rate-limit", "buyer", "admits every call, whatever its partners' rate",
+            "1.20-rate-limit", "none was rate limited",
+            lambda n: setattr(n, "admit", lambda party: True)),
     Variant("accepts-replay", "buyer", "accepts a replayed old message (no sent_at window)",
             "1.13-stale-sent-at",
             "REJECTION_CODE_SENT_AT_OUT_OF_WINDOW (5003), got TransferStatusReport",

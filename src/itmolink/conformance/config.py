@@ -41,6 +41,10 @@ class KitConfig:
     max_message_bytes: int = 2 * 1024 * 1024
     max_message_age_days: int = 30
     act_within_seconds: float = 20.0
+    # The target's agreed request rate (its [limits] rate_per_second and rate_burst):
+    # test 1.20 checks its rate limit when both are given.
+    rate_per_second: int = 0
+    rate_burst: int = 0
     # How long a driver command may run (a command may wait for a person).
     driver_timeout_seconds: float = 60.0
     # Driver commands by action name, and the user's own placeholder values.
@@ -109,6 +113,8 @@ def load_kit_config(path: Path | str) -> KitConfig:
             max_message_bytes=int(target.get("max_message_bytes", 2 * 1024 * 1024)),
             max_message_age_days=int(target.get("max_message_age_days", 30)),
             act_within_seconds=float(target.get("act_within_seconds", 20.0)),
+            rate_per_second=int(target.get("rate_per_second", 0)),
+            rate_burst=int(target.get("rate_burst", 0)),
             driver_timeout_seconds=float(kit.get("driver_timeout_seconds", 60.0)),
             driver=commands,
             driver_vars={str(k): str(v) for k, v in variables.items()},
@@ -123,6 +129,12 @@ def load_kit_config(path: Path | str) -> KitConfig:
     ):
         if not value > 0:
             raise KitConfigError(f"{path}: [{table}] {key} must be positive, not {value}")
+    for key in ("rate_per_second", "rate_burst"):
+        value = getattr(config, key)
+        if key in target and not value > 0:
+            raise KitConfigError(f"{path}: [target] {key} must be positive, not {value}")
+    if bool(config.rate_per_second) != bool(config.rate_burst):
+        raise KitConfigError(f"{path}: [target] give both rate_per_second and rate_burst, or none")
     return config
 
 

@@ -80,6 +80,8 @@ class Reply:
     payload: bytes = b""
     message: Message | None = None
     problems: list[str] = field(default_factory=list)
+    # The trailing metadata of a call that ended with a non-OK status.
+    trailing: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -205,7 +207,9 @@ class Link:
             response = await call
             raw = bytes(response.envelope)
         except grpc.aio.AioRpcError as exc:
-            return Reply(envelope, exc.code(), exc.details() or "")
+            pairs: Any = exc.trailing_metadata() or ()  # (key, value) pairs
+            trailing = {str(k): str(v) for k, v in pairs}
+            return Reply(envelope, exc.code(), exc.details() or "", trailing=trailing)
         finally:
             if channel is not None:
                 await channel.close(None)

@@ -9,6 +9,7 @@ rely on what an earlier test of the same or an earlier stage set up.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import tempfile
 import uuid
@@ -433,6 +434,42 @@ async def t_revocation_first(ctx: Context) -> None:
         reply, C.REJECTION_CODE_SIGNING_KEY_REVOKED, "a key revoked before it was announced",
         recorded=False,
     )  # fmt: skip
+
+
+@kit_test(
+    "1.20-rate-limit",
+    1,
+    "§2.5, §2.1",
+    "over its agreed rate the target refuses a call with RESOURCE_EXHAUSTED and 2009 in the "
+    "trailing metadata, no reply, nothing recorded",
+)
+async def t_rate_limit(ctx: Context) -> None:
+    rate, burst = ctx.config.rate_per_second, ctx.config.rate_burst
+    if not (rate and burst):
+        raise NotRunnable("no [target] rate_per_second and rate_burst in the configuration")
+    # More calls at once than a full burst plus what refills while they are sent.
+    count = burst + rate + 50
+    sealed = [ctx.link.seal(_status_query(ctx))[1] for _ in range(count)]
+    replies = await asyncio.gather(*(ctx.link.deliver_raw(e) for e in sealed))
+    limited = [r for r in replies if r.status == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    check(limited, f"{count} calls at once, over a burst of {burst}: none was rate limited")
+    for reply in limited:
+        code = reply.trailing.get("itmolink-rejection-code")
+        check(
+            code == "REJECTION_CODE_RATE_LIMITED",
+            f"a rate-limited call must carry 'itmolink-rejection-code: "
+            f"REJECTION_CODE_RATE_LIMITED' in its trailing metadata, got {code!r}",
+        )
+        check(not reply.raw, "a rate-limited call must carry no reply envelope (§2.1)")
+    others = [r for r in replies if r.status != grpc.StatusCode.RESOURCE_EXHAUSTED]
+    for reply in others:
+        ctx.expect(reply, transfer_pb2.TransferStatusReport, "a status query within the rate")
+    await asyncio.sleep(2 / rate + 0.1)
+    # Nothing of a refused call was recorded: the same bytes are answered as new (§7.2).
+    again = await ctx.link.deliver_raw(limited[0].sent)
+    ctx.expect(again, transfer_pb2.TransferStatusReport, "a rate-limited query sent again")
+    # Leave the later tests (and a run that follows this one) a full bucket.
+    await asyncio.sleep(burst / rate)
 
 
 # ======================================================================================
