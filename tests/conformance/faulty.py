@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -45,6 +46,7 @@ from itmolink.crypto.envelope import TrustStore, pae, seal
 from itmolink.crypto.keys import VerifyingKey
 from itmolink.node.convert import block_from_pb, terms_from_statement
 from itmolink.node.engine import Engine
+from itmolink.node.ratelimit import RateLimited, TokenBucket
 from itmolink.node.runtime import Node
 from itmolink.store.sqlite import HOLDING_ACCOUNT
 from itmolink.store.tx import Tx
@@ -359,6 +361,22 @@ def _notices_at_their_word(node: Node) -> None:
     node.engine.store = _TakesNoticesAtTheirWordStore(node.engine.store)  # type: ignore[assignment]
 
 
+def _records_then_rate_limits(node: Node) -> None:
+    """Admits every call and applies it, then refuses those over the rate: the step is
+    recorded (its savepoint released in the group) but the call ends RESOURCE_EXHAUSTED."""
+    bucket = TokenBucket(100, 200, time.monotonic())
+    handle = node.engine.handle_delivery
+
+    def handle_delivery(peer_party: str, raw: bytes, now: dt.datetime) -> bytes:
+        reply = handle(peer_party, raw, now)
+        if not bucket.take(time.monotonic()):
+            raise RateLimited("over the rate, after recording it")
+        return reply
+
+    node.admit = lambda party: True  # type: ignore[method-assign]
+    node.engine.handle_delivery = handle_delivery  # type: ignore[method-assign]
+
+
 # -- Article 6 rules and the transfer steps ---------------------------------------------
 
 
@@ -671,6 +689,9 @@ VARIANTS = [
     Variant("no-rate-limit", "buyer", "admits every call, whatever its partners' rate",
             "1.20-rate-limit", "none was rate limited",
             lambda n: setattr(n, "admit", lambda party: True)),
+    Variant("records-rate-limited", "buyer", "records a request, then answers it rate limited",
+            "1.20-rate-limit", "so the refused call was recorded",
+            _records_then_rate_limits),
     Variant("accepts-replay", "buyer", "accepts a replayed old message (no sent_at window)",
             "1.13-stale-sent-at",
             "REJECTION_CODE_SENT_AT_OUT_OF_WINDOW (5003), got TransferStatusReport",

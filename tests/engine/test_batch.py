@@ -544,9 +544,15 @@ def test_proposals_count_their_transfers_against_the_partners_budget(pair: Pair)
     over the budget a proposal is refused unrecorded and goes through once it refills."""
     from dataclasses import replace
 
-    from itmolink.node.ratelimit import RateLimited
+    from itmolink.node.ratelimit import RateLimited, TokenBucket
 
-    pair.kor.limits = replace(pair.kor.limits, transfer_items_per_second=2, transfer_items_burst=3)
+    pair.kor.limits = replace(
+        pair.kor.limits, transfer_items_per_second=2, transfer_items_burst=MAX_BATCH_ITEMS
+    )
+    budget = pair.kor._transfer_items["LAO"] = TokenBucket(
+        2, MAX_BATCH_ITEMS, to_us(pair.now) / 1e6
+    )
+    budget.tokens = 3.0  # three transfers left now
     authorisation_id = issued(pair)
     _, batch_ids = pair.lao.start_transfer_batch(
         to_party="KOR", items=items(authorisation_id, 10, 20), now=pair.now

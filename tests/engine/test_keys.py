@@ -190,3 +190,27 @@ def test_a_partner_can_revoke_only_key_ids_of_its_own_form(pair: Pair) -> None:
         rejection = deliver(pair, _with_header(pair, rotation))
         assert rejection is not None, key_id
         assert rejection.reasons[0].code == RejectionCode.INVALID_FIELD
+
+
+def test_revocations_of_keys_never_announced_are_bounded(pair: Pair) -> None:
+    """KR3 keeps a revocation of a key not pinned yet, but one at a time and at most
+    MAX_UNPINNED_REVOCATIONS per partner: a partner cannot fill the table."""
+    from itmolink.node.requests import MAX_UNPINNED_REVOCATIONS
+
+    def revoke(*key_ids: str) -> reply_pb2.Rejection | None:
+        rotation = keys_pb2.KeyRotation(rotation_id=f"r-{key_ids[0]}", revoked_key_ids=key_ids)
+        return deliver(pair, _with_header(pair, rotation))
+
+    ids = [SigningKey.generate("LAO").key_id for _ in range(MAX_UNPINNED_REVOCATIONS + 1)]
+    two = revoke(ids[0], ids[1])
+    assert two is not None
+    assert two.reasons[0].code == RejectionCode.INVALID_FIELD
+    for key_id in ids[:-1]:
+        assert revoke(key_id) is None
+    assert revoke(ids[0]) is None  # already revoked: nothing new kept
+    over = revoke(ids[-1])
+    assert over is not None
+    assert over.reasons[0].code == RejectionCode.INVALID_FIELD
+    pair.kor.reload_trust()
+    assert not pair.kor.trust.is_revoked(ids[-1])
+    assert all(pair.kor.trust.is_revoked(key_id) for key_id in ids[:-1])

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from itmolink.cli.main import main
 from itmolink.crypto.keys import SigningKey
 from itmolink.crypto.operators import read_token, token_file
+from itmolink.node.ratelimit import TokenBucket
 
 from .conftest import PartnerClient, final_state, link, running_pair, start_registry, stop_registry
 from .test_transfer import issued, journal_rows, transfer
@@ -53,8 +55,11 @@ async def test_proposals_over_the_transfer_budget_are_retried_until_it_refills(
     async with running_pair(pki) as (lao, kor):
         authorisation_id = await issued(lao)
         kor.node.engine.limits = dataclasses.replace(
-            kor.node.engine.limits, transfer_items_per_second=1, transfer_items_burst=1
+            kor.node.engine.limits, transfer_items_per_second=1, transfer_items_burst=1_000
         )
+        budget = TokenBucket(1, 1_000, time.time())
+        budget.tokens = 1.0  # one transfer now, then one a second
+        kor.node.engine._transfer_items["LAO"] = budget
         ids = await asyncio.gather(*(transfer(lao, authorisation_id, 10) for _ in range(3)))
         for transfer_id in ids:
             assert (await final_state(kor, transfer_id)).state == 3  # completed
@@ -64,11 +69,8 @@ async def test_proposals_over_the_transfer_budget_are_retried_until_it_refills(
         )
         assert limited is not None
         assert limited >= 1
-        # One more, alone (by Deliver), while the budget is still spent.
-        kor.node.engine.limits = dataclasses.replace(
-            kor.node.engine.limits, transfer_items_per_second=2, transfer_items_burst=1
-        )
-        kor.node.engine._transfer_items["LAO"].tokens = 0.0
+        # One more, alone (by Deliver), while the budget is spent.
+        budget.tokens = 0.0
         last = await transfer(lao, authorisation_id, 10)
         assert (await final_state(kor, last)).state == 3
         again = kor.node.metrics.registry.get_sample_value(

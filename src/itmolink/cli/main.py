@@ -577,7 +577,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         response = _call(stub.CancelKeyRotation, admin_pb2.CancelKeyRotationRequest())
         print(
             f"rotation to signing key {response.key_id} given up: revoked where it may be "
-            "pinned, its private key destroyed; the node signs with its current key"
+            "pinned, its private key file deleted; the node signs with its current key"
         )
     else:
         response = _call(stub.ListSigningKeys, admin_pb2.ListSigningKeysRequest())

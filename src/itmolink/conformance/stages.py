@@ -464,10 +464,20 @@ async def t_rate_limit(ctx: Context) -> None:
     others = [r for r in replies if r.status != grpc.StatusCode.RESOURCE_EXHAUSTED]
     for reply in others:
         ctx.expect(reply, transfer_pb2.TransferStatusReport, "a status query within the rate")
-    await asyncio.sleep(2 / rate + 0.1)
-    # Nothing of a refused call was recorded: the same bytes are answered as new (§7.2).
+    await asyncio.sleep(3 / rate + 0.1)
+    # Nothing of a refused call was recorded: the same bytes are answered as new (§7.2),
+    # with a reply sealed after a query sent in between, not a reply stored earlier.
+    probe = ctx.expect(
+        await ctx.link.send(_status_query(ctx)), transfer_pb2.TransferStatusReport, "a new query"
+    )
     again = await ctx.link.deliver_raw(limited[0].sent)
-    ctx.expect(again, transfer_pb2.TransferStatusReport, "a rate-limited query sent again")
+    report = ctx.expect(again, transfer_pb2.TransferStatusReport, "a rate-limited query sent again")
+    check(
+        report.header.sequence > probe.header.sequence,
+        f"the rate-limited query sent again got reply sequence {report.header.sequence}, older "
+        f"than {probe.header.sequence} of a query sent after the flood: a stored reply, so the "
+        "refused call was recorded (§2.1: nothing of it may be)",
+    )
     # Leave the later tests (and a run that follows this one) a full bucket.
     await asyncio.sleep(burst / rate)
 
@@ -1694,8 +1704,11 @@ async def t_h_first_transfer_notice(ctx: Context) -> None:
     record = ctx.transfers[incoming.message.transfer_id]  # type: ignore[attr-defined]
     record.acceptance_digest = ctx.notes.get("acceptances", {}).get(record.transfer_id, b"")
     await _wait_completion(ctx, record)
-    first = min(record.blocks, key=lambda b: b.serial_start)
-    used = replace(first, serial_end=first.serial_start + 99)  # 100 units used for CORSIA
+    # 100 units used for CORSIA, and 10 more of the same block named with another vintage.
+    first = next((b for b in record.blocks if b.quantity >= 110), None)
+    if first is None:
+        raise NotRunnable("the target's transfer of 600 units carries no block of 110 or more")
+    used = replace(first, serial_end=first.serial_start + 99)
 
     def notice(suffix: str, *blocks: Block) -> use_pb2.FirstTransferNotice:
         return use_pb2.FirstTransferNotice(

@@ -428,7 +428,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         request: admin_pb2.CancelKeyRotationRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> admin_pb2.CancelKeyRotationResponse:
-        key_id = await self._node.db(self._node.cancel_key_rotation)
+        key_id = await self._node.cancel_key_rotation()
         self._node.kick_after_call()
         return admin_pb2.CancelKeyRotationResponse(key_id=key_id)
 

@@ -217,6 +217,15 @@ class Limits:
     transfer_items_per_second: int | None = None
     transfer_items_burst: int = 0
 
+    def __post_init__(self) -> None:
+        if self.transfer_items_per_second is not None and not (
+            self.transfer_items_per_second > 0 and self.transfer_items_burst >= MAX_BATCH_ITEMS
+        ):
+            raise ValueError(
+                "a transfer budget needs a positive rate and a burst of at least "
+                f"{MAX_BATCH_ITEMS} (a batched proposal's most items)"
+            )
+
 
 @dataclass(frozen=True, slots=True)
 class Partner:

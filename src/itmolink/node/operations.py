@@ -236,8 +236,8 @@ class Operations(EngineBase):
         """Give up the key being announced (refused by a partner, or never answered):
         stop announcing it, revoke it at the partners that may have pinned it, and go
         on signing with the current key. Returns the key id given up; the caller
-        destroys its private key, so that a copy pinned by a late announcement can
-        never verify anything."""
+        deletes its private key file once this has committed, so that a copy pinned by
+        a late announcement can never verify anything new."""
         now_us = to_us(now)
         with self._transaction() as tx:
             key_id = tx.meta_get("pending_signing_key")

@@ -14,10 +14,11 @@ class TokenBucket:
 
     def take(self, now: float, count: int = 1) -> bool:
         """Take ``count`` tokens if the bucket holds them; else take none."""
-        # A clock that went back refills nothing (and takes nothing away).
+        # A clock that went back refills nothing now, and refills from its new
+        # reading on (not only once it has caught up with the old one).
         elapsed = max(0.0, now - self.updated)
         self.tokens = min(float(self.burst), self.tokens + elapsed * self.rate)
-        self.updated = max(now, self.updated)
+        self.updated = now
         if self.tokens < count:
             return False
         self.tokens -= count

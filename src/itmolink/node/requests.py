@@ -100,6 +100,11 @@ _KEY_CODES = frozenset({
 })  # fmt: skip
 
 
+# Revocations a partner may keep here of its keys that were never announced here
+# (PROTOCOL.md §5.12 KR3): enough for rotations given up, not a table to fill.
+MAX_UNPINNED_REVOCATIONS = 16
+
+
 class Requests(EngineBase):
     """The receiver's side of the protocol."""
 
@@ -1067,6 +1072,22 @@ class Requests(EngineBase):
                 not_after=timestamp_us(record.not_after) if key.not_after else None,
                 now=now_us,
             )  # fmt: skip
+        unpinned = [k for k in msg.revoked_key_ids if self.trust.get(k) is None]
+        if len(set(unpinned)) > 1:
+            raise Rejected(
+                RejectionCode.INVALID_FIELD,
+                "one KeyRotation may revoke at most one key that is not pinned yet",
+            )
+        if unpinned and unpinned[0] not in tx.revoked_keys():
+            held = sum(
+                1 for key_id, party in tx.revoked_keys().items()
+                if party == sender and self.trust.get(key_id) is None
+            )  # fmt: skip
+            if held >= MAX_UNPINNED_REVOCATIONS:
+                raise Rejected(
+                    RejectionCode.INVALID_FIELD,
+                    f"{sender} already revoked {held} keys never announced here",
+                )
         for key_id in msg.revoked_key_ids:
             known = self.trust.get(key_id)
             # A key not pinned yet may be revoked by its own party: a revocation that

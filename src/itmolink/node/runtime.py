@@ -709,11 +709,12 @@ class Node:
         (directory / "card.toml").write_text(updated.to_toml())
         return key.key_id
 
-    def cancel_key_rotation(self) -> str:
-        """Give up the key being announced (on the database thread): the engine revokes
-        it where it may be pinned; here it leaves our partner card and its private key
-        is destroyed. Returns its key id."""
-        key_id = self.engine.cancel_key_rotation(self.clock())
+    async def cancel_key_rotation(self) -> str:
+        """Give up the key being announced: the engine revokes it where it may be pinned;
+        once that is durable, the key leaves our partner card and its private key file
+        is deleted (never before: a cancellation that did not commit leaves the node able
+        to switch to the key). Returns its key id."""
+        key_id = await self.db(self.engine.cancel_key_rotation, self.clock())
         directory = self.config.keys.directory
         card = PartnerCard.load(directory / "card.toml")
         kept = tuple(k for k in card.signing_keys if k.key_id != key_id)

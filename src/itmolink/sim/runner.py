@@ -441,7 +441,7 @@ async def _booked_on_notices(node: _NodeProcess, transfers: set[str], from_notic
             raise SimulationError(
                 f"{node.party} booked {booked} tCO2e on first-transfer notices, not {from_notices}"
             )
-        await asyncio.sleep(POLL_SECONDS)
+        await asyncio.sleep(10 * POLL_SECONDS)  # each poll reads the whole ledger
 
 
 async def _last_outgoing(node: _NodeProcess) -> str:

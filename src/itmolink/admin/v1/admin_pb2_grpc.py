@@ -254,8 +254,9 @@ class AdminServiceServicer:
 
     def CancelKeyRotation(self, request, context):
         """CancelKeyRotation gives up the key being announced (refused by a partner, or
-        never answered): it is revoked where it may be pinned, its private key is
-        destroyed, and the node goes on signing with its current key.
+        never answered): it is revoked where it may be pinned, its private key file
+        is deleted once that is durable, and the node goes on signing with its
+        current key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -79,8 +79,9 @@ class AdminServiceStub:
     """
     CancelKeyRotation: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CancelKeyRotationRequest, _admin_pb2.CancelKeyRotationResponse]
     """CancelKeyRotation gives up the key being announced (refused by a partner, or
-    never answered): it is revoked where it may be pinned, its private key is
-    destroyed, and the node goes on signing with its current key.
+    never answered): it is revoked where it may be pinned, its private key file
+    is deleted once that is durable, and the node goes on signing with its
+    current key.
     """
     ListSigningKeys: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListSigningKeysRequest, _admin_pb2.ListSigningKeysResponse]
     """ListSigningKeys lists this node's and its partners' signing keys."""
@@ -146,8 +147,9 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     CancelKeyRotation: _aio.UnaryUnaryMultiCallable[_admin_pb2.CancelKeyRotationRequest, _admin_pb2.CancelKeyRotationResponse]  # type: ignore[assignment]
     """CancelKeyRotation gives up the key being announced (refused by a partner, or
-    never answered): it is revoked where it may be pinned, its private key is
-    destroyed, and the node goes on signing with its current key.
+    never answered): it is revoked where it may be pinned, its private key file
+    is deleted once that is durable, and the node goes on signing with its
+    current key.
     """
     ListSigningKeys: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListSigningKeysRequest, _admin_pb2.ListSigningKeysResponse]  # type: ignore[assignment]
     """ListSigningKeys lists this node's and its partners' signing keys."""
@@ -300,8 +302,9 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.CancelKeyRotationResponse, _abc.Awaitable[_admin_pb2.CancelKeyRotationResponse]]:
         """CancelKeyRotation gives up the key being announced (refused by a partner, or
-        never answered): it is revoked where it may be pinned, its private key is
-        destroyed, and the node goes on signing with its current key.
+        never answered): it is revoked where it may be pinned, its private key file
+        is deleted once that is durable, and the node goes on signing with its
+        current key.
         """
 
     @_abc_1.abstractmethod
