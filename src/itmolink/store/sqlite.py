@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
-from itmolink.store.migrate import SQLITE, migrations, refuse_newer, statements
+from itmolink.store.migrate import SQLITE, Migration, migrations, refuse_newer, statements
 from itmolink.store.tx import Tx, TxMemory
 
 HOLDING_ACCOUNT = "holding"
@@ -112,19 +112,34 @@ class SqliteStore:
             for migration in migrations():
                 if migration.version in applied:
                     continue
-                self._conn.execute("BEGIN IMMEDIATE")
+                # SQLite's procedure for rebuilding a table that others refer to
+                # (migration 0005, the journal): foreign keys off outside the
+                # transaction, checked before the commit, on again after it.
+                self._conn.execute("PRAGMA foreign_keys=OFF")
                 try:
-                    for statement in statements(SQLITE.render(migration.sql)):
-                        self._conn.execute(statement)
-                    self._conn.execute(
-                        "INSERT INTO schema_migrations (version, name, applied_at) "
-                        "VALUES (?, ?, ?)",
-                        (migration.version, migration.name, time.time_ns() // 1000),
-                    )
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-                self._conn.execute("COMMIT")
+                    self._apply(migration)
+                finally:
+                    self._conn.execute("PRAGMA foreign_keys=ON")
+
+    def _apply(self, migration: Migration) -> None:
+        """One migration in its own transaction, foreign keys checked before the commit."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in statements(migration.sql_for(SQLITE)):
+                self._conn.execute(statement)
+            broken = self._conn.execute("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise RuntimeError(
+                    f"migration {migration.version:04d} would break foreign keys: {broken[:5]}"
+                )
+            self._conn.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (migration.version, migration.name, time.time_ns() // 1000),
+            )
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
 
     def _check_identity(self, party: str, registry: str) -> None:
         check_identity(self, party, registry, str(self.path))
