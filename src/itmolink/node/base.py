@@ -666,19 +666,23 @@ class EngineBase:
         except Rejected as rejected:
             raise ReplyError(rejected.code, rejected.detail) from None
         self._check_answers(header, reply, request, message_id)
-        if not header.message_id or tx.journal_has("in", partner, header.message_id):
+        journal_id = (
+            tx.journal_new(
+                direction="in",
+                partner=partner,
+                message_id=header.message_id,
+                payload_type=verified.payload_type,
+                envelope=raw,
+                now=now_us,
+            )
+            if header.message_id
+            else None
+        )
+        if journal_id is None:  # no id, or one the journal has: nothing was recorded
             raise ReplyError(
                 RejectionCode.DUPLICATE_MESSAGE_CONFLICT,
                 f"reply from {partner} reuses message id {header.message_id!r}",
             )
-        journal_id = tx.journal(
-            direction="in",
-            partner=partner,
-            message_id=header.message_id,
-            payload_type=verified.payload_type,
-            envelope=raw,
-            now=now_us,
-        )
         if isinstance(reply, Rejection):
             self._notify_rejection(tx, "received", partner, reply)
         return reply, verified.payload, journal_id

@@ -182,7 +182,7 @@ class Requests(EngineBase):
                         now_us,
                     )  # fmt: skip
                     return envelope
-            seen = tx.inbox_get(sender, message_id)
+            seen, owner = tx.inbox_lookup(sender, message_id, header.sequence)
             if seen is not None:
                 if seen.payload_digest == payload_digest:
                     return seen.reply
@@ -211,7 +211,6 @@ class Requests(EngineBase):
                     None, sender, self._rejection(subject_id, rejected, raw), message_id, now_us
                 )
                 return envelope
-            owner = tx.inbox_sequence_owner(sender, header.sequence)
             if owner is not None:
                 _, envelope = self._reply(
                     None,
@@ -228,7 +227,15 @@ class Requests(EngineBase):
                     now_us,
                 )
                 return envelope
-            if tx.journal_has("in", sender, message_id):  # an id of one of its replies
+            journal_id = tx.journal_new(
+                direction="in",
+                partner=sender,
+                message_id=message_id,
+                payload_type=verified.payload_type,
+                envelope=raw,
+                now=now_us,
+            )
+            if journal_id is None:  # an id of one of its replies: nothing was recorded
                 _, envelope = self._reply(
                     None, sender,
                     self._rejection(subject_id, Rejected(
@@ -238,14 +245,6 @@ class Requests(EngineBase):
                     message_id, now_us,
                 )  # fmt: skip
                 return envelope
-            journal_id = tx.journal(
-                direction="in",
-                partner=sender,
-                message_id=message_id,
-                payload_type=verified.payload_type,
-                envelope=raw,
-                now=now_us,
-            )
             handler = self._request_handlers[verified.payload_type]
             try:
                 sent = len(self.sent)

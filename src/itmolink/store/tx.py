@@ -496,6 +496,40 @@ class Tx:
         now: int,
     ) -> int:
         """Append an envelope to the hash-chained journal; returns its entry id."""
+        entry_id = self._journal_append(
+            direction, partner, message_id, payload_type, envelope, now, new_only=False
+        )
+        assert entry_id is not None
+        return entry_id
+
+    def journal_new(
+        self,
+        *,
+        direction: str,
+        partner: str,
+        message_id: str,
+        payload_type: str,
+        envelope: bytes,
+        now: int,
+    ) -> int | None:
+        """:meth:`journal`, unless the journal already has ``message_id`` in this
+        direction from or to ``partner`` (:meth:`journal_has`): then None, and nothing
+        is written. One statement: the unique index on the message id answers."""
+        return self._journal_append(
+            direction, partner, message_id, payload_type, envelope, now, new_only=True
+        )
+
+    def _journal_append(
+        self,
+        direction: str,
+        partner: str,
+        message_id: str,
+        payload_type: str,
+        envelope: bytes,
+        now: int,
+        *,
+        new_only: bool,
+    ) -> int | None:
         head = self.meta_get("journal_head")
         if head is None:
             entry_id, prev_hash = 1, GENESIS_HASH
@@ -512,12 +546,15 @@ class Tx:
             recorded_at=now,
             envelope=envelope,
         )
-        self._exec(
+        cursor = self._exec(
             "INSERT INTO journal (id, direction, partner, message_id, payload_type, envelope, "
-            "recorded_at, prev_hash, entry_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "recorded_at, prev_hash, entry_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            + (" ON CONFLICT (direction, partner, message_id) DO NOTHING" if new_only else ""),
             (entry_id, direction, partner, message_id, payload_type, envelope, now, prev_hash,
              new_hash),
         )  # fmt: skip
+        if new_only and cursor.rowcount == 0:
+            return None
         self.set_meta("journal_head", f"{entry_id}:{new_hash.hex()}")
         return entry_id
 
@@ -558,6 +595,25 @@ class Tx:
             "SELECT message_id FROM inbox WHERE partner = ? AND sequence = ?", (partner, sequence)
         )
         return None if row is None else str(row[0])
+
+    def inbox_lookup(
+        self, partner: str, message_id: str, sequence: int
+    ) -> tuple[InboxEntry | None, str | None]:
+        """:meth:`inbox_get` and :meth:`inbox_sequence_owner` in one query: the entry
+        of ``message_id``, and the message id that holds ``sequence`` (each None when
+        there is none)."""
+        seen: InboxEntry | None = None
+        owner: str | None = None
+        for row in self._exec(
+            "SELECT message_id, payload_digest, reply, sequence FROM inbox "
+            "WHERE partner = ? AND (message_id = ? OR sequence = ?)",
+            (partner, message_id, sequence),
+        ):
+            if row[0] == message_id:
+                seen = InboxEntry(row[0], bytes(row[1]), bytes(row[2]))
+            if int(row[3]) == sequence:
+                owner = str(row[0])
+        return seen, owner
 
     def inbox_put(
         self,
