@@ -824,7 +824,10 @@ class Requests(EngineBase):
                 tx, transition.effects, [(t, sender, blocks[t]) for t in ids], journal_id, now_us
             )
         )
-        tx.transfers_set_state(ids, transition.state, now=now_us, blocks=blocks)
+        tx.transfers_set_state(
+            ids, transition.state, now=now_us, blocks=blocks,
+            records={r.transfer_id: r for r in live},
+        )  # fmt: skip
         tx.actions_put([
             NewAction(
                 action_type=ActionType.ACQUISITION.value, block=block, at=now_us,

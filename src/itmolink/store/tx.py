@@ -9,7 +9,7 @@ never commits on its own.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -108,6 +108,9 @@ class TransferRecord:
     updated_at: int
     # The batch it was proposed in (docs/PROTOCOL.md §5.15); empty if proposed alone.
     batch_id: str = ""
+    # As read: the four slices its sealed leaves add to the reconciliation sums (the
+    # row's blocks_h1, blocks_h2, journal_h1, journal_h2), or None if not sealed.
+    sealed_sums: tuple[int, int, int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +171,10 @@ _TRANSFER_COLUMNS = (
     "proposal_message_id, proposal_digest, acceptance_digest, expires_at, rejection_code, "
     "rejection_detail, created_at, updated_at, batch_id"
 )
+# What a transfer's record is read from: its columns, then its sums if sealed.
+_TRANSFER_READ = (
+    f"{_TRANSFER_COLUMNS}, blocks_h1, blocks_h2, journal_h1, journal_h2, blocks_leaf IS NOT NULL"
+)
 
 
 # What node processes sharing one database cache in memory: a change to any of it
@@ -199,6 +206,7 @@ def _transfer(row: Sequence[Any]) -> TransferRecord:
         created_at=int(row[13]),
         updated_at=int(row[14]),
         batch_id=row[15] or "",
+        sealed_sums=(int(row[16]), int(row[17]), int(row[18]), int(row[19])) if row[20] else None,
     )
 
 
@@ -216,6 +224,7 @@ def _moved_to(
         r.transfer_id, r.direction, r.partner, state, r.quantity, r.authorisation_id,
         r.first_transfer, r.proposal_message_id, r.proposal_digest, acceptance_digest,
         r.expires_at, rejection_code, rejection_detail, r.created_at, r.updated_at, r.batch_id,
+        r.sealed_sums,
     )  # fmt: skip
 
 
@@ -1445,7 +1454,7 @@ class Tx:
     def transfers_of_batch(self, batch_id: str, partner: str) -> list[TransferRecord]:
         """The transfers of a batch exchanged with ``partner`` (either direction)."""
         rows = self._exec(
-            f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE batch_id = ? AND partner = ? "
+            f"SELECT {_TRANSFER_READ} FROM transfers WHERE batch_id = ? AND partner = ? "
             "ORDER BY transfer_id",
             (batch_id, partner),
         )
@@ -1460,7 +1469,7 @@ class Tx:
 
     def transfer_get(self, transfer_id: str) -> TransferRecord | None:
         row = self._one(
-            f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = ?", (transfer_id,)
+            f"SELECT {_TRANSFER_READ} FROM transfers WHERE transfer_id = ?", (transfer_id,)
         )
         return None if row is None else _transfer(row)
 
@@ -1507,12 +1516,15 @@ class Tx:
         now: int,
         acceptance_digest: bytes | None = None,
         blocks: dict[str, list[Block]] | None = None,
+        records: Mapping[str, TransferRecord] | None = None,
     ) -> None:
         """Move several transfers to ``state`` (no rejection), in one statement; a final
         state seals them in that statement (``blocks``: each one's blocks, if the
-        caller has them already)."""
+        caller has them already; ``records``: each one's record as read in this
+        transaction and not changed since, else read again)."""
         if state.is_final:
-            records = self.transfers_get(transfer_ids)
+            if records is None:
+                records = self.transfers_get(transfer_ids)
             self._seal_records(
                 [
                     _moved_to(
@@ -1542,7 +1554,7 @@ class Tx:
         found: dict[str, TransferRecord] = {}
         for chunk in _chunks(transfer_ids):
             rows = self._exec(
-                f"SELECT {_TRANSFER_COLUMNS} FROM transfers "
+                f"SELECT {_TRANSFER_READ} FROM transfers "
                 f"WHERE transfer_id IN ({_marks(len(chunk))})",
                 chunk,
             )
@@ -1641,14 +1653,9 @@ class Tx:
             self.blocks_of_transfers(moved_ids) if moved_ids else {}
         )  # fmt: skip
         adjustments_of = self.adjustment_amounts_of(transfer_ids)
-        before: dict[str, tuple[int, int, int, int]] = {}
-        for chunk in _chunks(transfer_ids):
-            for row in self._exec(
-                "SELECT transfer_id, blocks_h1, blocks_h2, journal_h1, journal_h2 FROM transfers "
-                f"WHERE transfer_id IN ({_marks(len(chunk))}) AND blocks_leaf IS NOT NULL",
-                chunk,
-            ):
-                before[row[0]] = (int(row[1]), int(row[2]), int(row[3]), int(row[4]))
+        # Records are read from the ledger in this transaction (_transfer): what an
+        # earlier seal added to the sums is in each one's sealed_sums.
+        before = {r.transfer_id: r.sealed_sums for r in records if r.sealed_sums is not None}
         leaves: list[tuple[Any, ...]] = []
         buckets: dict[tuple[str, str], list[int]] = {}
         totals: dict[tuple[str, str, int, int, str], list[int]] = {}
@@ -1978,12 +1985,12 @@ class Tx:
         )
 
     def transfers(self) -> list[TransferRecord]:
-        rows = self._exec(f"SELECT {_TRANSFER_COLUMNS} FROM transfers ORDER BY created_at DESC")
+        rows = self._exec(f"SELECT {_TRANSFER_READ} FROM transfers ORDER BY created_at DESC")
         return [_transfer(r) for r in rows]
 
     def transfers_expired(self, now: int) -> list[TransferRecord]:
         rows = self._exec(
-            f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE direction = 'out' "
+            f"SELECT {_TRANSFER_READ} FROM transfers WHERE direction = 'out' "
             "AND state = ? AND expires_at <= ?",
             (int(TransferState.PROPOSED), now),
         )
@@ -1992,7 +1999,7 @@ class Tx:
     def transfers_awaiting_completion(self, expired_before: int) -> list[TransferRecord]:
         """Incoming transfers accepted here whose proposal expired before the given time."""
         rows = self._exec(
-            f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE direction = 'in' "
+            f"SELECT {_TRANSFER_READ} FROM transfers WHERE direction = 'in' "
             "AND state = ? AND expires_at <= ?",
             (int(TransferState.ACCEPTED), expired_before),
         )
