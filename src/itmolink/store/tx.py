@@ -281,27 +281,44 @@ class TxMemory:
     transfer counter at every proposal, a link's sequence at every message sent)
     is written to the database once, by
     :meth:`Tx.write_deferred`, which the store calls just before COMMIT.
+
+    It also keeps the latest version of each authorisation read
+    (:meth:`Tx.authorisation_latest`), so that the calls of a group commit read an
+    authorisation once, not once each; a write to the authorisations forgets them all.
     """
 
-    __slots__ = ("dirty", "values")
+    __slots__ = ("authorisations", "dirty", "values")
 
     def __init__(self) -> None:
         self.values: dict[tuple[str, str], Any] = {}
         self.dirty: set[tuple[str, str]] = set()
+        self.authorisations: dict[
+            tuple[str, str], tuple[AuthorisationTerms, dict[str, Any]] | None
+        ] = {}
 
-    def mark(self) -> tuple[dict[tuple[str, str], Any], set[tuple[str, str]]]:
+    def mark(self) -> _Mark:
         """The state to return to if a savepoint beginning now is rolled back."""
-        return dict(self.values), set(self.dirty)
+        return dict(self.values), set(self.dirty), dict(self.authorisations)
 
-    def restore(self, mark: tuple[dict[tuple[str, str], Any], set[tuple[str, str]]]) -> None:
+    def restore(self, mark: _Mark) -> None:
         self.values.clear()
         self.values.update(mark[0])
         self.dirty.clear()
         self.dirty.update(mark[1])
+        self.authorisations.clear()
+        self.authorisations.update(mark[2])
 
     def clear(self) -> None:
         self.values.clear()
         self.dirty.clear()
+        self.authorisations.clear()
+
+
+_Mark = tuple[
+    dict[tuple[str, str], Any],
+    set[tuple[str, str]],
+    dict[tuple[str, str], "tuple[AuthorisationTerms, dict[str, Any]] | None"],
+]
 
 
 class Tx:
@@ -321,11 +338,12 @@ class Tx:
         self._conn = conn
         self._savepoints = 0
         # The latest version of each authorisation read in this transaction (a
-        # transfer's steps look at it several times): forgotten when one is written
-        # or a savepoint rolled back.
+        # transfer's steps look at it several times), shared by a group commit's
+        # transactions through ``cache``: forgotten when one is written or a
+        # savepoint rolled back.
         self._authorisations: dict[
             tuple[str, str], tuple[AuthorisationTerms, dict[str, Any]] | None
-        ] = {}
+        ] = {} if cache is None else cache.authorisations
         self.postgres = paramstyle == "format"
         # Rows of node_meta and counters read or written in this database
         # transaction, and the writes to them deferred until its commit
