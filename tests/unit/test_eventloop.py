@@ -15,6 +15,14 @@ async def _loop_class() -> str:
     return type(asyncio.get_running_loop()).__module__
 
 
+def _asyncio_default() -> str:
+    loop = asyncio.new_event_loop()  # what asyncio.run would use (the policy's loop)
+    try:
+        return type(loop).__module__
+    finally:
+        loop.close()
+
+
 def test_uvloop_when_installed() -> None:
     uvloop = pytest.importorskip("uvloop")
     assert eventloop.loop_factory() is uvloop.new_event_loop
@@ -24,4 +32,4 @@ def test_uvloop_when_installed() -> None:
 def test_asyncio_when_uvloop_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
     assert eventloop.loop_factory() is None
-    assert eventloop.run(_loop_class()) == "asyncio.unix_events"
+    assert eventloop.run(_loop_class()) == _asyncio_default()
