@@ -54,6 +54,7 @@ from itmolink.core.blocks import Block
 from itmolink.core.reconcile import TransferFacts, blocks_leaf, id_hash, journal_leaf, slices
 from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
 from itmolink.crypto.pki import PartyFiles, init_party
+from itmolink.node import eventloop
 from itmolink.node.config import load_config
 from itmolink.node.operations import BatchItemRequest
 from itmolink.node.reconciliation import Reconciliation
@@ -379,9 +380,11 @@ def node_process(config: Path, conn: Connection, profile: str) -> None:
     if profile:
         import cProfile
 
-        cProfile.runctx("asyncio.run(run())", globals(), {"run": run, "asyncio": asyncio}, profile)
+        cProfile.runctx(
+            "eventloop.run(run())", globals(), {"run": run, "eventloop": eventloop}, profile
+        )
     else:
-        asyncio.run(run())
+        eventloop.run(run())  # the node's own loop, as `itmolink node run`
 
 
 class Pair:

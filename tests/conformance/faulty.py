@@ -219,7 +219,13 @@ class _TxProxy:
         return getattr(self._tx, name)
 
     def inbox_get(self, partner: str, message_id: str) -> Any:
-        seen = self._tx.inbox_get(partner, message_id)
+        return self._misremembered(partner, message_id, self._tx.inbox_get(partner, message_id))
+
+    def inbox_lookup(self, partner: str, message_id: str, sequence: int) -> Any:
+        seen, owner = self._tx.inbox_lookup(partner, message_id, sequence)
+        return self._misremembered(partner, message_id, seen), owner
+
+    def _misremembered(self, partner: str, message_id: str, seen: Any) -> Any:
         if seen is None:
             return None
         if self._engine.forget_all_replies:
@@ -233,6 +239,11 @@ class _TxProxy:
         if (partner, message_id) in self._forgotten:
             return False
         return bool(self._tx.journal_has(direction, partner, message_id))
+
+    def journal_new(self, **entry: Any) -> int | None:
+        if (entry["partner"], entry["message_id"]) in self._forgotten:
+            return self.journal(**entry)  # as if the journal did not have it
+        return self._tx.journal_new(**entry)
 
     def journal(self, **entry: Any) -> int:
         key = (entry["partner"], entry["message_id"])

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from itmolink.core.rules import AuthorisationTerms
+from itmolink.core.units import Purpose, UnitType
 from itmolink.store import SqliteStore
 from itmolink.store.tx import Tx
 
@@ -251,3 +255,62 @@ def test_a_failing_follow_up_does_not_fail_its_committed_group(
     assert _meta(store.path)["key"] == "value"
     assert seen == ["ran"]  # the later follow-ups still run
     assert any("follow-up of a committed group failed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_group_reads_an_authorisation_once_and_forgets_it_on_a_write_or_a_rollback(
+    tmp_path: Path,
+) -> None:
+    """The transactions of a group share the authorisations they read (TxMemory):
+    one query for the group; a version written in the group is what the next
+    transaction sees; a transaction rolled back takes its version with it."""
+    store = _store(tmp_path)
+    terms = AuthorisationTerms(
+        authorisation_id="LAO-A-1", version=1, host_party="LAO", activity_id="LAO-ACT",
+        cooperative_approach_id="LAO-KOR", acquiring_parties=frozenset({"KOR"}),
+        purposes=frozenset({Purpose.NDC}), vintage_from=2021, vintage_to=2030,
+        quantity_cap=0, unit_type=UnitType.ITMO,
+    )  # fmt: skip
+
+    def put(tx: Tx, version: AuthorisationTerms) -> None:
+        tx.authorisation_put(
+            version, activity_name="", activity_description="", oimp_detail="",
+            first_transfer_definition=0, now=1,
+        )  # fmt: skip
+
+    with store.transaction() as tx:
+        put(tx, terms)
+    reads: list[str] = []
+    original = Tx._exec
+
+    def counting(self: Tx, sql: str, params: Any = ()) -> Any:
+        if sql.startswith("SELECT") and "FROM authorisations" in sql:
+            reads.append(sql)
+        return original(self, sql, params)
+
+    amended = dataclasses.replace(terms, version=2, quantity_cap=10)
+    rolled_back = dataclasses.replace(terms, version=3, quantity_cap=20)
+
+    def failing() -> None:
+        with store.transaction() as tx:
+            put(tx, rolled_back)
+            assert tx.authorisation_get("LAO", "LAO-A-1") == rolled_back
+            raise Boom
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Tx, "_exec", counting)
+        with store.group():
+            for _ in range(3):
+                with store.transaction() as tx:
+                    assert tx.authorisation_get("LAO", "LAO-A-1") == terms
+            assert len(reads) == 1
+            with store.transaction() as tx:
+                put(tx, amended)
+            with store.transaction() as tx:
+                assert tx.authorisation_get("LAO", "LAO-A-1") == amended
+            assert len(reads) == 2
+            with pytest.raises(Boom):
+                failing()
+            with store.transaction() as tx:
+                assert tx.authorisation_get("LAO", "LAO-A-1") == amended
+    with store.transaction() as tx:
+        assert tx.authorisation_get("LAO", "LAO-A-1") == amended

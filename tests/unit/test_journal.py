@@ -13,6 +13,7 @@ from itmolink.core.journal import (
     JournalEntry,
     audit_hash,
     entry_hash,
+    link_hash,
     verify_chain,
 )
 
@@ -150,3 +151,21 @@ def test_an_entry_hash_is_the_documented_encoding() -> None:
         prev, id=7, direction="out", partner="KOR", message_id="m-7",
         payload_type="itmolink.v1.TransferAcceptance", recorded_at=-5, envelope=b"\x00envelope",
     )  # fmt: skip
+
+
+def test_the_journal_hash_matches_the_generic_chain_hash() -> None:
+    """entry_hash is link_hash over its seven fields (spelt out for speed)."""
+    cases = [("", b"", 2**63 - 1, -(2**63)), ("é-ü", b"\x00" * 300, 0, 0), ("x", b"y", 1, -1)]
+    for text, envelope, id_, recorded_at in cases:
+        prev = hashlib.sha256(text.encode()).digest()
+        generic = link_hash(
+            prev,
+            (
+                id_.to_bytes(8, "big", signed=True), b"in", text.encode(), f"m{text}".encode(),
+                (text * 3).encode(), recorded_at.to_bytes(8, "big", signed=True), envelope,
+            ),
+        )  # fmt: skip
+        assert generic == entry_hash(
+            prev, id=id_, direction="in", partner=text, message_id=f"m{text}",
+            payload_type=text * 3, recorded_at=recorded_at, envelope=envelope,
+        )  # fmt: skip

@@ -204,6 +204,7 @@ def cmd_operator_add(args: argparse.Namespace) -> int:
 
 
 def cmd_node_run(args: argparse.Namespace) -> int:
+    from itmolink.node import eventloop
     from itmolink.node.logs import configure_logging
     from itmolink.node.runtime import Node
 
@@ -228,7 +229,7 @@ def cmd_node_run(args: argparse.Namespace) -> int:
         logging.getLogger("itmolink.node").info("signal received: shutting down gracefully")
         await node.stop(args.grace)
 
-    asyncio.run(run())
+    eventloop.run(run())
     return 0
 
 

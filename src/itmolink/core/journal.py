@@ -22,6 +22,7 @@ outcome) is chained the same way, over its own fields::
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -59,6 +60,12 @@ def _int(value: int) -> bytes:
     return value.to_bytes(8, "big", signed=True)
 
 
+_LENGTH_OF_INT = (8).to_bytes(8, "big")
+# F(id) and F(recorded_at): the length 8, then the 8-byte signed value.
+_FIELD_INT = struct.Struct(">8sq")
+_LENGTH = struct.Struct(">Q")
+
+
 def entry_hash(
     prev_hash: bytes,
     *,
@@ -70,18 +77,25 @@ def entry_hash(
     recorded_at: int,
     envelope: bytes,
 ) -> bytes:
-    return link_hash(
-        prev_hash,
-        (
-            _int(id),
-            direction.encode(),
-            partner.encode(),
-            message_id.encode(),
-            payload_type.encode(),
-            _int(recorded_at),
-            envelope,
-        ),
-    )
+    # link_hash over the seven fields, spelt out (it runs for every message sent
+    # or received): the same bytes, with fewer intermediate objects.
+    direction_bytes = direction.encode()
+    partner_bytes = partner.encode()
+    message_bytes = message_id.encode()
+    type_bytes = payload_type.encode()
+    length = _LENGTH.pack
+    return hashlib.sha256(
+        b"".join((
+            prev_hash,
+            _FIELD_INT.pack(_LENGTH_OF_INT, id),
+            length(len(direction_bytes)), direction_bytes,
+            length(len(partner_bytes)), partner_bytes,
+            length(len(message_bytes)), message_bytes,
+            length(len(type_bytes)), type_bytes,
+            _FIELD_INT.pack(_LENGTH_OF_INT, recorded_at),
+            length(len(envelope)), envelope,
+        ))
+    ).digest()  # fmt: skip
 
 
 def audit_hash(

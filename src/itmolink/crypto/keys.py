@@ -1,4 +1,12 @@
-"""Ed25519 signing keys, their ids, and private-key files written 0600."""
+"""Ed25519 signing keys, their ids, and private-key files written 0600.
+
+Signatures are made and checked with libsodium (PyNaCl), which does both faster than the
+OpenSSL bundled in ``cryptography`` (DESIGN.md, "Ed25519 through libsodium"); key files,
+PEM and X.509 stay with ``cryptography``. A signature libsodium refuses is checked again with
+``cryptography``, so that the signatures accepted are exactly those OpenSSL accepts: libsodium
+also refuses small-order and non-canonical public keys and a small-order R, which RFC 8032
+§5.1.7 and OpenSSL accept.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from nacl.bindings import crypto_sign, crypto_sign_open, crypto_sign_seed_keypair
+from nacl.exceptions import BadSignatureError
 
 PRIVATE_FILE_MODE = 0o600
 
@@ -42,6 +52,15 @@ def _public_key(raw: bytes) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(raw)
 
 
+def openssl_verify(public_bytes: bytes, signature: bytes, message: bytes) -> bool:
+    """The verdict of ``cryptography`` (OpenSSL) alone: the reference for what is accepted."""
+    try:
+        _public_key(public_bytes).verify(signature, message)
+    except InvalidSignature:
+        return False
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class VerifyingKey:
     """A partner's pinned Ed25519 public key."""
@@ -62,11 +81,19 @@ class VerifyingKey:
         return None
 
     def verify(self, signature: bytes, message: bytes) -> bool:
-        try:
-            _public_key(self.public_bytes).verify(signature, message)
-        except InvalidSignature:
-            return False
-        return True
+        """Whether ``signature`` is a valid Ed25519 signature of ``message`` by this key.
+
+        libsodium first (fast); what it refuses is decided by OpenSSL, whose accepted set
+        contains libsodium's, so the answer is OpenSSL's (module docstring).
+        """
+        if len(signature) == 64:
+            try:
+                crypto_sign_open(signature + message, self.public_bytes)
+            except BadSignatureError:
+                pass
+            else:
+                return True
+        return openssl_verify(self.public_bytes, signature, message)
 
     @classmethod
     def from_raw(
@@ -115,6 +142,8 @@ class SigningKey:
     party: str
     key_id: str
     _private: Ed25519PrivateKey = field(repr=False)
+    # libsodium's 64-byte secret key (seed and public key), for signing.
+    _secret: bytes = field(repr=False)
 
     @classmethod
     def generate(cls, party: str) -> SigningKey:
@@ -125,10 +154,20 @@ class SigningKey:
         public = private.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
-        return cls(party=party, key_id=key_id_for(party, public), _private=private)
+        seed = private.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        sodium_public, secret = crypto_sign_seed_keypair(seed)
+        if sodium_public != public:  # the same key in both libraries, or no key at all
+            raise ValueError("libsodium and OpenSSL derive different Ed25519 public keys")
+        return cls(party=party, key_id=key_id_for(party, public), _private=private, _secret=secret)
 
     def sign(self, message: bytes) -> bytes:
-        return self._private.sign(message)
+        """The Ed25519 signature of ``message`` (deterministic: the same bytes as OpenSSL's)."""
+        signed: bytes = crypto_sign(message, self._secret)
+        return signed[:64]
 
     def verifying_key(
         self, *, not_before: dt.datetime | None = None, not_after: dt.datetime | None = None

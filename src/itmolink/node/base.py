@@ -26,7 +26,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import logging
-import uuid
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -187,6 +187,16 @@ STATUS_QUERY_GRACE_US = 30_000_000
 STATUS_QUERY_INTERVAL_US = 60_000_000
 
 
+def random_uuid() -> str:
+    """A random (version 4) UUID in canonical lower-case text, as ``str(uuid.uuid4())``
+    but without building a UUID object (a message id for every message sent)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def digest(payload: bytes) -> bytes:
     """SHA-256 of a payload's bytes: how one message refers to another."""
     return hashlib.sha256(payload).digest()
@@ -262,7 +272,7 @@ class EngineBase:
         partners: Sequence[Partner],
         store: Store,
         default_timeout: dt.timedelta = dt.timedelta(minutes=2),
-        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        new_id: Callable[[], str] = random_uuid,
         limits: Limits | None = None,
         accounting: AccountingConfig | None = None,
         threshold: HostThreshold | None = None,
@@ -699,19 +709,23 @@ class EngineBase:
         except Rejected as rejected:
             raise ReplyError(rejected.code, rejected.detail) from None
         self._check_answers(header, reply, request, message_id)
-        if not header.message_id or tx.journal_has("in", partner, header.message_id):
+        journal_id = (
+            tx.journal_new(
+                direction="in",
+                partner=partner,
+                message_id=header.message_id,
+                payload_type=verified.payload_type,
+                envelope=raw,
+                now=now_us,
+            )
+            if header.message_id
+            else None
+        )
+        if journal_id is None:  # no id, or one the journal has: nothing was recorded
             raise ReplyError(
                 RejectionCode.DUPLICATE_MESSAGE_CONFLICT,
                 f"reply from {partner} reuses message id {header.message_id!r}",
             )
-        journal_id = tx.journal(
-            direction="in",
-            partner=partner,
-            message_id=header.message_id,
-            payload_type=verified.payload_type,
-            envelope=raw,
-            now=now_us,
-        )
         if isinstance(reply, Rejection):
             self._notify_rejection(tx, "received", partner, reply)
         return reply, verified.payload, journal_id

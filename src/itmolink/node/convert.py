@@ -11,17 +11,19 @@ from itmolink.core.rules import AuthorisationTerms
 from itmolink.core.units import Purpose, UnitType
 from itmolink.v1 import authorisation_pb2, common_pb2
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
 
 def to_us(moment: dt.datetime) -> int:
     """Microseconds since the Unix epoch of an aware datetime."""
     if moment.tzinfo is None:
         raise ValueError("naive datetime: pass an aware UTC datetime")
-    delta = moment - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    delta = moment - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def from_us(micros: int) -> dt.datetime:
-    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=micros)
+    return _EPOCH + dt.timedelta(microseconds=micros)
 
 
 def describe_us(micros: int) -> str:

@@ -328,8 +328,9 @@ class Replies(EngineBase):
             journal_id, now_us,
         )  # fmt: skip
         tx.transfers_set_state(
-            ids, transition.state, now=now_us, acceptance_digest=acceptance_digest, blocks=blocks
-        )
+            ids, transition.state, now=now_us, acceptance_digest=acceptance_digest, blocks=blocks,
+            records={r.transfer_id: r for r in live},
+        )  # fmt: skip
         actions: list[NewAction] = []
         for record in live:
             kind, subtype = (

@@ -209,7 +209,7 @@ class Requests(EngineBase):
                         now_us,
                     )  # fmt: skip
                     return envelope
-            seen = tx.inbox_get(sender, message_id)
+            seen, owner = tx.inbox_lookup(sender, message_id, header.sequence)
             if seen is not None:
                 if seen.payload_digest == payload_digest:
                     return seen.reply
@@ -238,7 +238,6 @@ class Requests(EngineBase):
                     None, sender, self._rejection(subject_id, rejected, raw), message_id, now_us
                 )
                 return envelope
-            owner = tx.inbox_sequence_owner(sender, header.sequence)
             if owner is not None:
                 _, envelope = self._reply(
                     None,
@@ -255,7 +254,15 @@ class Requests(EngineBase):
                     now_us,
                 )
                 return envelope
-            if tx.journal_has("in", sender, message_id):  # an id of one of its replies
+            journal_id = tx.journal_new(
+                direction="in",
+                partner=sender,
+                message_id=message_id,
+                payload_type=verified.payload_type,
+                envelope=raw,
+                now=now_us,
+            )
+            if journal_id is None:  # an id of one of its replies: nothing was recorded
                 _, envelope = self._reply(
                     None, sender,
                     self._rejection(subject_id, Rejected(
@@ -265,16 +272,9 @@ class Requests(EngineBase):
                     message_id, now_us,
                 )  # fmt: skip
                 return envelope
-            # Before anything is recorded: a refused request is retried, unrecorded.
+            # D8b. Raised inside the transaction: the journal entry above is rolled back
+            # with it, so a refused request is retried, unrecorded.
             self._take_transfer_items(sender, msg, now_us)
-            journal_id = tx.journal(
-                direction="in",
-                partner=sender,
-                message_id=message_id,
-                payload_type=verified.payload_type,
-                envelope=raw,
-                now=now_us,
-            )
             handler = self._request_handlers[verified.payload_type]
             try:
                 sent = len(self.sent)
@@ -854,7 +854,10 @@ class Requests(EngineBase):
                 tx, transition.effects, [(t, sender, blocks[t]) for t in ids], journal_id, now_us
             )
         )
-        tx.transfers_set_state(ids, transition.state, now=now_us, blocks=blocks)
+        tx.transfers_set_state(
+            ids, transition.state, now=now_us, blocks=blocks,
+            records={r.transfer_id: r for r in live},
+        )  # fmt: skip
         tx.actions_put([
             NewAction(
                 action_type=ActionType.ACQUISITION.value, block=block, at=now_us,

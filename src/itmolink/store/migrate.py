@@ -2,13 +2,16 @@
 
 ``migrations/NNNN_name.sql`` files are applied in order, each in the
 transaction that records it in ``schema_migrations``. Type words that differ
-between databases are written as placeholders and replaced per dialect.
+between databases are written as placeholders and replaced per dialect. A change
+that the databases make differently (SQLite cannot alter a table's primary key)
+has a file per dialect beside the shared one, ``NNNN_name.<dialect>.sql``, used
+instead of it on that database.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 
@@ -17,6 +20,12 @@ class Migration:
     version: int
     name: str
     sql: str
+    # Dialect name -> the SQL that replaces ``sql`` on that database.
+    variants: dict[str, str] = field(default_factory=dict)
+
+    def sql_for(self, dialect: Dialect) -> str:
+        """The migration's SQL for ``dialect``, placeholders replaced."""
+        return dialect.render(self.variants.get(dialect.name, self.sql))
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,15 +55,25 @@ POSTGRES = Dialect(
 )
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_VARIANT = re.compile(r"^(\d{4})_([a-z0-9_]+)\.(sqlite|postgres)\.sql$")
 
 
 def migrations() -> list[Migration]:
     """All migrations shipped with the package, in version order."""
     found: list[Migration] = []
+    variants: dict[tuple[int, str], dict[str, str]] = {}
     for entry in resources.files("itmolink.store.migrations").iterdir():
         match = _NAME.match(entry.name)
         if match:
             found.append(Migration(int(match.group(1)), match.group(2), entry.read_text()))
+        variant = _VARIANT.match(entry.name)
+        if variant:
+            key = (int(variant.group(1)), variant.group(2))
+            variants.setdefault(key, {})[variant.group(3)] = entry.read_text()
+    for migration in found:
+        migration.variants.update(variants.pop((migration.version, migration.name), {}))
+    if variants:
+        raise RuntimeError(f"dialect migrations without a shared file: {sorted(variants)}")
     found.sort(key=lambda m: m.version)
     for expected, migration in enumerate(found, start=1):
         if migration.version != expected:

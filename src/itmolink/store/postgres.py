@@ -94,7 +94,7 @@ def apply_migration(conn: psycopg.Connection[Any], migration: Migration) -> None
     ).fetchone()
     if done is not None:
         return
-    for statement in statements(POSTGRES.render(migration.sql)):
+    for statement in statements(migration.sql_for(POSTGRES)):
         conn.execute(statement)
     conn.execute(
         "INSERT INTO schema_migrations (version, name, applied_at) VALUES (%s, %s, %s)",

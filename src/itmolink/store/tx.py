@@ -9,7 +9,7 @@ never commits on its own.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -108,6 +108,9 @@ class TransferRecord:
     updated_at: int
     # The batch it was proposed in (docs/PROTOCOL.md §5.15); empty if proposed alone.
     batch_id: str = ""
+    # As read: the four slices its sealed leaves add to the reconciliation sums (the
+    # row's blocks_h1, blocks_h2, journal_h1, journal_h2), or None if not sealed.
+    sealed_sums: tuple[int, int, int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +171,10 @@ _TRANSFER_COLUMNS = (
     "proposal_message_id, proposal_digest, acceptance_digest, expires_at, rejection_code, "
     "rejection_detail, created_at, updated_at, batch_id"
 )
+# What a transfer's record is read from: its columns, then its sums if sealed.
+_TRANSFER_READ = (
+    f"{_TRANSFER_COLUMNS}, blocks_h1, blocks_h2, journal_h1, journal_h2, blocks_leaf IS NOT NULL"
+)
 
 
 # What node processes sharing one database cache in memory: a change to any of it
@@ -199,6 +206,7 @@ def _transfer(row: Sequence[Any]) -> TransferRecord:
         created_at=int(row[13]),
         updated_at=int(row[14]),
         batch_id=row[15] or "",
+        sealed_sums=(int(row[16]), int(row[17]), int(row[18]), int(row[19])) if row[20] else None,
     )
 
 
@@ -216,6 +224,7 @@ def _moved_to(
         r.transfer_id, r.direction, r.partner, state, r.quantity, r.authorisation_id,
         r.first_transfer, r.proposal_message_id, r.proposal_digest, acceptance_digest,
         r.expires_at, rejection_code, rejection_detail, r.created_at, r.updated_at, r.batch_id,
+        r.sealed_sums,
     )  # fmt: skip
 
 
@@ -272,27 +281,44 @@ class TxMemory:
     transfer counter at every proposal, a link's sequence at every message sent)
     is written to the database once, by
     :meth:`Tx.write_deferred`, which the store calls just before COMMIT.
+
+    It also keeps the latest version of each authorisation read
+    (:meth:`Tx.authorisation_latest`), so that the calls of a group commit read an
+    authorisation once, not once each; a write to the authorisations forgets them all.
     """
 
-    __slots__ = ("dirty", "values")
+    __slots__ = ("authorisations", "dirty", "values")
 
     def __init__(self) -> None:
         self.values: dict[tuple[str, str], Any] = {}
         self.dirty: set[tuple[str, str]] = set()
+        self.authorisations: dict[
+            tuple[str, str], tuple[AuthorisationTerms, dict[str, Any]] | None
+        ] = {}
 
-    def mark(self) -> tuple[dict[tuple[str, str], Any], set[tuple[str, str]]]:
+    def mark(self) -> _Mark:
         """The state to return to if a savepoint beginning now is rolled back."""
-        return dict(self.values), set(self.dirty)
+        return dict(self.values), set(self.dirty), dict(self.authorisations)
 
-    def restore(self, mark: tuple[dict[tuple[str, str], Any], set[tuple[str, str]]]) -> None:
+    def restore(self, mark: _Mark) -> None:
         self.values.clear()
         self.values.update(mark[0])
         self.dirty.clear()
         self.dirty.update(mark[1])
+        self.authorisations.clear()
+        self.authorisations.update(mark[2])
 
     def clear(self) -> None:
         self.values.clear()
         self.dirty.clear()
+        self.authorisations.clear()
+
+
+_Mark = tuple[
+    dict[tuple[str, str], Any],
+    set[tuple[str, str]],
+    dict[tuple[str, str], "tuple[AuthorisationTerms, dict[str, Any]] | None"],
+]
 
 
 class Tx:
@@ -312,11 +338,12 @@ class Tx:
         self._conn = conn
         self._savepoints = 0
         # The latest version of each authorisation read in this transaction (a
-        # transfer's steps look at it several times): forgotten when one is written
-        # or a savepoint rolled back.
+        # transfer's steps look at it several times), shared by a group commit's
+        # transactions through ``cache``: forgotten when one is written or a
+        # savepoint rolled back.
         self._authorisations: dict[
             tuple[str, str], tuple[AuthorisationTerms, dict[str, Any]] | None
-        ] = {}
+        ] = {} if cache is None else cache.authorisations
         self.postgres = paramstyle == "format"
         # Rows of node_meta and counters read or written in this database
         # transaction, and the writes to them deferred until its commit
@@ -496,6 +523,40 @@ class Tx:
         now: int,
     ) -> int:
         """Append an envelope to the hash-chained journal; returns its entry id."""
+        entry_id = self._journal_append(
+            direction, partner, message_id, payload_type, envelope, now, new_only=False
+        )
+        assert entry_id is not None
+        return entry_id
+
+    def journal_new(
+        self,
+        *,
+        direction: str,
+        partner: str,
+        message_id: str,
+        payload_type: str,
+        envelope: bytes,
+        now: int,
+    ) -> int | None:
+        """:meth:`journal`, unless the journal already has ``message_id`` in this
+        direction from or to ``partner`` (:meth:`journal_has`): then None, and nothing
+        is written. One statement: the unique index on the message id answers."""
+        return self._journal_append(
+            direction, partner, message_id, payload_type, envelope, now, new_only=True
+        )
+
+    def _journal_append(
+        self,
+        direction: str,
+        partner: str,
+        message_id: str,
+        payload_type: str,
+        envelope: bytes,
+        now: int,
+        *,
+        new_only: bool,
+    ) -> int | None:
         head = self.meta_get("journal_head")
         if head is None:
             entry_id, prev_hash = 1, GENESIS_HASH
@@ -512,12 +573,15 @@ class Tx:
             recorded_at=now,
             envelope=envelope,
         )
-        self._exec(
+        cursor = self._exec(
             "INSERT INTO journal (id, direction, partner, message_id, payload_type, envelope, "
-            "recorded_at, prev_hash, entry_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "recorded_at, prev_hash, entry_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            + (" ON CONFLICT (direction, partner, message_id) DO NOTHING" if new_only else ""),
             (entry_id, direction, partner, message_id, payload_type, envelope, now, prev_hash,
              new_hash),
         )  # fmt: skip
+        if new_only and cursor.rowcount == 0:
+            return None
         self.set_meta("journal_head", f"{entry_id}:{new_hash.hex()}")
         return entry_id
 
@@ -558,6 +622,25 @@ class Tx:
             "SELECT message_id FROM inbox WHERE partner = ? AND sequence = ?", (partner, sequence)
         )
         return None if row is None else str(row[0])
+
+    def inbox_lookup(
+        self, partner: str, message_id: str, sequence: int
+    ) -> tuple[InboxEntry | None, str | None]:
+        """:meth:`inbox_get` and :meth:`inbox_sequence_owner` in one query: the entry
+        of ``message_id``, and the message id that holds ``sequence`` (each None when
+        there is none)."""
+        seen: InboxEntry | None = None
+        owner: str | None = None
+        for row in self._exec(
+            "SELECT message_id, payload_digest, reply, sequence FROM inbox "
+            "WHERE partner = ? AND (message_id = ? OR sequence = ?)",
+            (partner, message_id, sequence),
+        ):
+            if row[0] == message_id:
+                seen = InboxEntry(row[0], bytes(row[1]), bytes(row[2]))
+            if int(row[3]) == sequence:
+                owner = str(row[0])
+        return seen, owner
 
     def inbox_put(
         self,
@@ -1410,7 +1493,7 @@ class Tx:
     def transfers_of_batch(self, batch_id: str, partner: str) -> list[TransferRecord]:
         """The transfers of a batch exchanged with ``partner`` (either direction)."""
         rows = self._exec(
-            f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE batch_id = ? AND partner = ? "
+            f"SELECT {_TRANSFER_READ} FROM transfers WHERE batch_id = ? AND partner = ? "
             "ORDER BY transfer_id",
             (batch_id, partner),
         )
@@ -1425,7 +1508,7 @@ class Tx:
 
     def transfer_get(self, transfer_id: str) -> TransferRecord | None:
         row = self._one(
-            f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = ?", (transfer_id,)
+            f"SELECT {_TRANSFER_READ} FROM transfers WHERE transfer_id = ?", (transfer_id,)
         )
         return None if row is None else _transfer(row)
 
@@ -1472,12 +1555,15 @@ class Tx:
         now: int,
         acceptance_digest: bytes | None = None,
         blocks: dict[str, list[Block]] | None = None,
+        records: Mapping[str, TransferRecord] | None = None,
     ) -> None:
         """Move several transfers to ``state`` (no rejection), in one statement; a final
         state seals them in that statement (``blocks``: each one's blocks, if the
-        caller has them already)."""
+        caller has them already; ``records``: each one's record as read in this
+        transaction and not changed since, else read again)."""
         if state.is_final:
-            records = self.transfers_get(transfer_ids)
+            if records is None:
+                records = self.transfers_get(transfer_ids)
             self._seal_records(
                 [
                     _moved_to(
@@ -1507,7 +1593,7 @@ class Tx:
         found: dict[str, TransferRecord] = {}
         for chunk in _chunks(transfer_ids):
             rows = self._exec(
-                f"SELECT {_TRANSFER_COLUMNS} FROM transfers "
+                f"SELECT {_TRANSFER_READ} FROM transfers "
                 f"WHERE transfer_id IN ({_marks(len(chunk))})",
                 chunk,
             )
@@ -1606,14 +1692,9 @@ class Tx:
             self.blocks_of_transfers(moved_ids) if moved_ids else {}
         )  # fmt: skip
         adjustments_of = self.adjustment_amounts_of(transfer_ids)
-        before: dict[str, tuple[int, int, int, int]] = {}
-        for chunk in _chunks(transfer_ids):
-            for row in self._exec(
-                "SELECT transfer_id, blocks_h1, blocks_h2, journal_h1, journal_h2 FROM transfers "
-                f"WHERE transfer_id IN ({_marks(len(chunk))}) AND blocks_leaf IS NOT NULL",
-                chunk,
-            ):
-                before[row[0]] = (int(row[1]), int(row[2]), int(row[3]), int(row[4]))
+        # Records are read from the ledger in this transaction (_transfer): what an
+        # earlier seal added to the sums is in each one's sealed_sums.
+        before = {r.transfer_id: r.sealed_sums for r in records if r.sealed_sums is not None}
         leaves: list[tuple[Any, ...]] = []
         buckets: dict[tuple[str, str], list[int]] = {}
         totals: dict[tuple[str, str, int, int, str], list[int]] = {}
@@ -1943,12 +2024,12 @@ class Tx:
         )
 
     def transfers(self) -> list[TransferRecord]:
-        rows = self._exec(f"SELECT {_TRANSFER_COLUMNS} FROM transfers ORDER BY created_at DESC")
+        rows = self._exec(f"SELECT {_TRANSFER_READ} FROM transfers ORDER BY created_at DESC")
         return [_transfer(r) for r in rows]
 
     def transfers_expired(self, now: int) -> list[TransferRecord]:
         rows = self._exec(
-            f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE direction = 'out' "
+            f"SELECT {_TRANSFER_READ} FROM transfers WHERE direction = 'out' "
             "AND state = ? AND expires_at <= ?",
             (int(TransferState.PROPOSED), now),
         )
@@ -1957,7 +2038,7 @@ class Tx:
     def transfers_awaiting_completion(self, expired_before: int) -> list[TransferRecord]:
         """Incoming transfers accepted here whose proposal expired before the given time."""
         rows = self._exec(
-            f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE direction = 'in' "
+            f"SELECT {_TRANSFER_READ} FROM transfers WHERE direction = 'in' "
             "AND state = ? AND expires_at <= ?",
             (int(TransferState.ACCEPTED), expired_before),
         )

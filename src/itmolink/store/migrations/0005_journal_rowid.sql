@@ -1,0 +1,8 @@
+-- itmolink schema version 5: one index fewer written per journal entry (issue #9).
+-- The journal's entry_hash loses its unique index: nothing looks an entry up by
+-- its hash, and the chain (core/journal.py) already makes every hash depend on its
+-- entry's id. Each database does it its own way, in the files beside this one:
+-- 0005_journal_rowid.sqlite.sql also makes the journal's id SQLite's row id (a
+-- BIGINT PRIMARY KEY is an index of its own beside the table's row ids), and
+-- 0005_journal_rowid.postgres.sql drops the constraint. Columns and rows are
+-- unchanged.
