@@ -319,9 +319,12 @@ class _EarlyVoidTx:
         ]  # fmt: skip
 
 
-class _EarlyVoidStore:
-    def __init__(self, store: Any) -> None:
+class _WrappedStore:
+    """A store whose transactions are wrapped (``wrap(tx)``) to misbehave."""
+
+    def __init__(self, store: Any, wrap: Callable[[Tx], Any]) -> None:
         self._store = store
+        self._wrap = wrap
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
@@ -329,11 +332,11 @@ class _EarlyVoidStore:
     @contextlib.contextmanager
     def transaction(self, *, exclusive: bool = True) -> Iterator[Any]:
         with self._store.transaction(exclusive=exclusive) as tx:
-            yield _EarlyVoidTx(tx)
+            yield self._wrap(tx)
 
 
 def _voids_early(node: Node) -> None:
-    node.engine.store = _EarlyVoidStore(node.engine.store)  # type: ignore[assignment]
+    node.engine.store = _WrappedStore(node.engine.store, _EarlyVoidTx)  # type: ignore[assignment]
 
 
 class _TakesNoticesAtTheirWordTx:
@@ -348,28 +351,15 @@ class _TakesNoticesAtTheirWordTx:
 
     def transferred_block_containing(self, block: Block) -> Block | None:
         sent = self._tx.transferred_block_containing(block)
-        return None if sent is None else replace_block_attributes(sent, block)
-
-
-def replace_block_attributes(sent: Block, claimed: Block) -> Block:
-    return dataclasses.replace(claimed, serial_start=sent.serial_start, serial_end=sent.serial_end)
-
-
-class _TakesNoticesAtTheirWordStore:
-    def __init__(self, store: Any) -> None:
-        self._store = store
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-    @contextlib.contextmanager
-    def transaction(self, *, exclusive: bool = True) -> Iterator[Any]:
-        with self._store.transaction(exclusive=exclusive) as tx:
-            yield _TakesNoticesAtTheirWordTx(tx)
+        if sent is None:
+            return None
+        return dataclasses.replace(
+            block, serial_start=sent.serial_start, serial_end=sent.serial_end
+        )
 
 
 def _notices_at_their_word(node: Node) -> None:
-    node.engine.store = _TakesNoticesAtTheirWordStore(node.engine.store)  # type: ignore[assignment]
+    node.engine.store = _WrappedStore(node.engine.store, _TakesNoticesAtTheirWordTx)  # type: ignore[assignment]
 
 
 def _records_then_rate_limits(node: Node) -> None:

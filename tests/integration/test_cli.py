@@ -309,6 +309,19 @@ async def test_reconcile_between_running_nodes(
     assert code == 0, err
 
 
+async def rotated(capsys: pytest.CaptureFixture[str], registry: Any) -> str:
+    """``itmolink keys rotate``, then wait until the node signs with the new key."""
+    code, out, err = await cli(capsys, "keys", "rotate", "--config", str(registry.config_path))
+    assert code == 0, err
+    new = out.split()[3]
+
+    async def switched() -> bool:
+        return bool(registry.node.engine.signing_key.key_id == new)
+
+    await eventually(switched)
+    return new
+
+
 async def test_an_operator_gives_up_a_rotation_a_partner_never_answered(
     pki: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -345,14 +358,7 @@ async def test_an_operator_gives_up_a_rotation_a_partner_never_answered(
 
         kor = await start_registry(kor_config)
         link(lao, kor)
-        code, out, err = await cli(capsys, "keys", "rotate", "--config", str(lao.config_path))
-        assert code == 0, err
-        new = out.split()[3]
-
-        async def switched() -> bool:
-            return bool(lao.node.engine.signing_key.key_id == new)
-
-        await eventually(switched)
+        new = await rotated(capsys, lao)
         assert new != old
 
         async def revoked_at_kor() -> bool:
@@ -376,14 +382,7 @@ async def test_an_operator_rotates_the_signing_key_and_transfers_go_on_after_a_r
     link(lao, kor)
     try:
         old = lao.node.engine.signing_key.key_id
-        code, out, err = await cli(capsys, "keys", "rotate", "--config", str(lao.config_path))
-        assert code == 0, err
-        new = out.split()[3]
-
-        async def switched() -> bool:
-            return bool(lao.node.engine.signing_key.key_id == new)
-
-        await eventually(switched)
+        new = await rotated(capsys, lao)
         assert (lao.keys.directory / f"signing-{new}.key").stat().st_mode & 0o777 == 0o600
         assert new in (lao.keys.directory / "card.toml").read_text()
         code, out, _ = await cli(

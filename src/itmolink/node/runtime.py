@@ -146,14 +146,31 @@ class PartnerServicer(partner_service_pb2_grpc.PartnerServiceServicer):
     async def _rate_limited(
         self, context: grpc.aio.ServicerContext[Any, Any], peer: str, what: str
     ) -> NoReturn:
-        self._node.metrics.received.labels(peer, "rate_limited").inc()
-        self._node.metrics.rejection("sent", peer, "RATE_LIMITED")
+        """End a Deliver call over the partner's rate (§2.1, §2.5)."""
+        self._count_rate_limited(peer)
         await context.abort(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"more than the agreed rate of {what} from {peer}: retry later",
             trailing_metadata=(("itmolink-rejection-code", "REJECTION_CODE_RATE_LIMITED"),),
         )
         raise AssertionError("context.abort returned")  # it raises
+
+    def _rate_limited_slot(
+        self, outcome: partner_service_pb2.DeliverOutcome, peer: str, what: str
+    ) -> None:
+        """The outcome of an envelope of a DeliverBatch call over the partner's rate (§2.6)."""
+        self._count_rate_limited(peer)
+        outcome.failure.CopyFrom(
+            failure(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"more than the agreed rate of {what} from {peer}: retry later",
+                "REJECTION_CODE_RATE_LIMITED",
+            )
+        )
+
+    def _count_rate_limited(self, peer: str) -> None:
+        self._node.metrics.received.labels(peer, "rate_limited").inc()
+        self._node.metrics.rejection("sent", peer, "RATE_LIMITED")
 
     async def DeliverBatch(
         self,
@@ -190,15 +207,7 @@ class PartnerServicer(partner_service_pb2_grpc.PartnerServiceServicer):
                 calls.append(functools.partial(node.engine.handle_delivery, peer, envelope, now))
                 slots.append(slot)
                 continue
-            node.metrics.received.labels(peer, "rate_limited").inc()
-            node.metrics.rejection("sent", peer, "RATE_LIMITED")
-            outcomes[slot].failure.CopyFrom(
-                failure(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"more than the agreed rate of messages from {peer}: retry later",
-                    "REJECTION_CODE_RATE_LIMITED",
-                )
-            )
+            self._rate_limited_slot(outcomes[slot], peer, "messages")
         for slot, done in zip(slots, await node.db_many(calls), strict=True):
             error = done.exception()
             if error is None:
@@ -206,15 +215,7 @@ class PartnerServicer(partner_service_pb2_grpc.PartnerServiceServicer):
                 node.metrics.received.labels(peer, "handled").inc()
                 continue
             if isinstance(error, RateLimited):  # over its transfer items, nothing recorded
-                node.metrics.received.labels(peer, "rate_limited").inc()
-                node.metrics.rejection("sent", peer, "RATE_LIMITED")
-                outcomes[slot].failure.CopyFrom(
-                    failure(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"more than the agreed rate of transfer items from {peer}: retry later",
-                        "REJECTION_CODE_RATE_LIMITED",
-                    )
-                )
+                self._rate_limited_slot(outcomes[slot], peer, "transfer items")
                 continue
             # What Deliver would end with: the step's transaction was rolled back.
             log.error(
