@@ -571,6 +571,7 @@ def test_proposals_count_their_transfers_against_the_partners_budget(pair: Pair)
     assert state(pair.kor, single_ids[1]) is None  # nothing of it recorded
     with pair.kor.store.transaction() as tx:
         assert tx.inbox_get("LAO", _message_id(second)) is None
+        assert not tx.journal_has("in", "LAO", _message_id(second))  # its insert rolled back
     pair.advance(0.5)  # one token back
     pair.lao.handle_reply(second_id, pair.kor.handle_delivery("LAO", second, pair.now), pair.now)
     pair.pump()

@@ -222,3 +222,25 @@ def test_rfc8032_test_1() -> None:
     assert key.verifying_key().verify(signature, b"")
     assert not key.verifying_key().verify(signature, b"x")
     assert not key.verifying_key().verify(os.urandom(64), b"")
+
+
+def test_a_libsodium_that_accepts_a_non_canonical_s_is_not_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An old or ED25519_COMPAT libsodium accepts S + L, which OpenSSL refuses: the
+    import-time self-test finds it, and verification then goes to OpenSSL alone."""
+    import itmolink.crypto.keys as keys
+
+    assert keys._libsodium_refuses_non_canonical_s()  # the bundled libsodium is strict
+    monkeypatch.setattr(keys, "crypto_sign_open", lambda signed, public: signed[64:])
+    assert not keys._libsodium_refuses_non_canonical_s()
+
+    def never(signed: bytes, public: bytes) -> bytes:
+        raise AssertionError("libsodium used although it failed its self-test")
+
+    monkeypatch.setattr(keys, "crypto_sign_open", never)
+    monkeypatch.setattr(keys, "LIBSODIUM_VERIFIES", False)
+    key = keys.SigningKey.generate("LAO")
+    signature = key.sign(b"m")
+    assert key.verifying_key().verify(signature, b"m")
+    assert not key.verifying_key().verify(signature, b"n")

@@ -14,6 +14,7 @@ import base64
 import datetime as dt
 import functools
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,36 @@ def openssl_verify(public_bytes: bytes, signature: bytes, message: bytes) -> boo
     return True
 
 
+# The order of the Ed25519 base point (RFC 8032 §5.1): a signature's S must be below it.
+_GROUP_ORDER = 2**252 + 27742317777372353535851937790883648493
+
+
+def _libsodium_refuses_non_canonical_s() -> bool:
+    """Whether this libsodium refuses a signature whose S is S + L (non-canonical), as
+    OpenSSL does. libsodium 1.0.16 and later do unless built with ED25519_COMPAT; an
+    older or compatible build accepts it, and would make every signature malleable, so
+    such a build is not used to verify (DESIGN.md decision 42)."""
+    seed = bytes(range(32))
+    public, secret = crypto_sign_seed_keypair(seed)
+    message = b"itmolink libsodium self-test"
+    signature = crypto_sign(message, secret)[:64]
+    s = int.from_bytes(signature[32:], "little") + _GROUP_ORDER
+    forged = signature[:32] + s.to_bytes(32, "little")
+    try:
+        crypto_sign_open(forged + message, public)
+    except BadSignatureError:
+        return True
+    return False
+
+
+# Checked once, at import: otherwise every signature is verified by OpenSSL alone.
+LIBSODIUM_VERIFIES = _libsodium_refuses_non_canonical_s()
+if not LIBSODIUM_VERIFIES:
+    logging.getLogger(__name__).warning(
+        "this libsodium accepts non-canonical Ed25519 signatures: verifying with OpenSSL only"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class VerifyingKey:
     """A partner's pinned Ed25519 public key."""
@@ -86,7 +117,7 @@ class VerifyingKey:
         libsodium first (fast); what it refuses is decided by OpenSSL, whose accepted set
         contains libsodium's, so the answer is OpenSSL's (module docstring).
         """
-        if len(signature) == 64:
+        if len(signature) == 64 and LIBSODIUM_VERIFIES:
             try:
                 crypto_sign_open(signature + message, self.public_bytes)
             except BadSignatureError:

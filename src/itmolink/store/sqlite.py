@@ -123,6 +123,7 @@ class SqliteStore:
                 row[0] for row in self._conn.execute("SELECT version FROM schema_migrations")
             }
             refuse_newer(applied, f"database {self.path}")
+            upgraded = False
             for migration in migrations():
                 if migration.version in applied:
                     continue
@@ -134,6 +135,12 @@ class SqliteStore:
                     self._apply(migration)
                 finally:
                     self._conn.execute("PRAGMA foreign_keys=ON")
+                upgraded = True
+            if upgraded:
+                # A rebuilt table passed through the WAL whole: move it into the
+                # database and give the WAL's space back now, not at some later
+                # checkpoint that would leave the file at its largest.
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _apply(self, migration: Migration) -> None:
         """One migration in its own transaction, foreign keys checked before the commit."""
@@ -151,7 +158,9 @@ class SqliteStore:
                 (migration.version, migration.name, time.time_ns() // 1000),
             )
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            # SQLite may have rolled back itself (a full disk, an I/O error).
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
 
