@@ -1081,9 +1081,10 @@ class Requests(EngineBase):
                 RejectionCode.INVALID_FIELD,
                 "one KeyRotation may revoke at most one key that is not pinned yet",
             )
-        if unpinned and unpinned[0] not in tx.revoked_keys():
+        revoked = tx.revoked_keys() if unpinned else {}
+        if unpinned and unpinned[0] not in revoked:
             held = sum(
-                1 for key_id, party in tx.revoked_keys().items()
+                1 for key_id, party in revoked.items()
                 if party == sender and self.trust.get(key_id) is None
             )  # fmt: skip
             if held >= MAX_UNPINNED_REVOCATIONS:
