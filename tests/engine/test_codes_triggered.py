@@ -475,3 +475,58 @@ def test_a_reply_without_a_message_id_is_not_applied(ready: Pair) -> None:
     forged = _sealed_msg(acceptance, ready.keys["KOR"])
     assert _refused_reply(ready, message_id, forged) is RejectionCode.MISSING_FIELD
     _then_the_real_reply_applies(ready, message_id, reply)
+
+
+# -- fixed since the first version (docs/SECURITY.md §9) -------------------------------
+
+
+@pytest.mark.parametrize(
+    "broken",
+    ["a message id with a control character", "a vintage out of bounds", "an audience in "
+     "lower case", "a transfer id too long"],
+)  # fmt: skip
+def test_a_rejection_echoes_no_id_of_a_payload_that_failed_the_field_rules(
+    ready: Pair, broken: str
+) -> None:
+    """D5a (PROTOCOL §5.2): in_reply_to and subject_id are set only once the payload
+    passed the field rules, so a malformed id is never echoed back."""
+    msg = proposal(ready)
+    if broken == "a message id with a control character":
+        msg.header.message_id = "bad\x07id"
+    elif broken == "a vintage out of bounds":
+        msg.blocks[0].vintage = 1800
+    elif broken == "an audience in lower case":
+        msg.header.audience = "kor"
+    else:
+        msg.transfer_id = "LAO-" + "T" * 200
+    envelope = _sealed(ready, msg)
+    rejection = rejection_of(ready, envelope)  # unrecorded
+    assert RejectionCode(rejection.reasons[0].code) is RejectionCode.INVALID_FIELD
+    assert rejection.header.in_reply_to == ""
+    assert rejection.subject_id == ""
+    # The same payload with the field put right gets its id echoed (here at D6).
+    good = proposal(ready, header=header(ready, audience="JPN"))
+    rejection = rejection_of(ready, _sealed(ready, good))
+    assert RejectionCode(rejection.reasons[0].code) is RejectionCode.WRONG_AUDIENCE
+    assert (rejection.header.in_reply_to, rejection.subject_id) == (
+        good.header.message_id, "LAO-T-1"
+    )  # fmt: skip
+
+
+def test_a_recorded_request_retried_after_the_window_gets_its_stored_reply(
+    ready: Pair,
+) -> None:
+    """D7 before D7a: the sent_at window applies to requests not recorded yet only,
+    so a request retried long after it was sent is answered as it was the first
+    time, while a new one as old is refused with 5003."""
+    msg = proposal(ready)
+    envelope = _sealed(ready, msg)
+    first = ready.kor.handle_delivery("LAO", envelope, ready.now)
+    ready.advance(ready.kor.limits.max_message_age.total_seconds() + 3600)
+    assert ready.kor.handle_delivery("LAO", envelope, ready.now) == first
+    stale = proposal(
+        ready, transfer_id="LAO-T-2",
+        header=header(ready, sent_at=msg.header.sent_at),
+    )  # fmt: skip
+    rejection = rejection_of(ready, _sealed(ready, stale))
+    assert RejectionCode(rejection.reasons[0].code) is RejectionCode.SENT_AT_OUT_OF_WINDOW
