@@ -12,6 +12,7 @@ from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.core.transfer import TransferState
 from itmolink.core.units import FirstTransferDefinition, Purpose
 from itmolink.node.engine import Engine
+from itmolink.node.operations import BatchItemRequest
 
 from .conftest import Pair
 from .test_limits import code, deliver, proposal
@@ -89,6 +90,24 @@ def test_a_frozen_block_is_not_reserved_for_a_transfer(frozen_at_host: tuple[Pai
     pair.pump()
     with pair.kor.store.transaction() as tx:
         assert [h.block.serial_start for h in tx.holdings()] == [11]
+
+
+def test_a_frozen_block_is_not_reserved_for_a_batch(frozen_at_host: tuple[Pair, str]) -> None:
+    pair, _ = frozen_at_host
+
+    def batch(*quantities: int) -> tuple[str, list[str]]:
+        return pair.lao.start_transfer_batch(
+            to_party="KOR", now=pair.now,
+            items=[BatchItemRequest("LAO-A-0001", 2025, q) for q in quantities],
+        )  # fmt: skip
+
+    assert _refused(lambda: batch(50, 41)) is RejectionCode.INSUFFICIENT_HOLDINGS
+    assert _holdings(pair.lao) == {"frozen": [(1, 10)], "held": [(11, 100)]}
+    _, ids = batch(50, 40)
+    with pair.lao.store.transaction() as tx:
+        taken = [(b.serial_start, b.serial_end) for t in ids for b in tx.blocks_of_transfer(t)]
+    assert taken == [(11, 60), (61, 100)]
+    assert _holdings(pair.lao)["frozen"] == [(1, 10)]
 
 
 def test_a_frozen_block_is_not_cancelled(frozen_at_host: tuple[Pair, str]) -> None:
