@@ -228,7 +228,7 @@ def test_a_transfer_id_that_ended_cannot_be_proposed_again(ready: Pair, how: str
 
 
 def test_a_completion_of_a_transfer_that_ended_is_a_state_conflict(ready: Pair) -> None:
-    """C4: a completion for a VOIDED (or REJECTED) transfer credits nothing."""
+    """C4: a completion for a VOIDED transfer credits nothing."""
     acceptance = _accepted(ready, proposal(ready))
     void = transfer_pb2.TransferVoid(header=header(ready), transfer_id="LAO-T-1", reason="late")
     assert deliver(ready, void) is None
@@ -236,6 +236,19 @@ def test_a_completion_of_a_transfer_that_ended_is_a_state_conflict(ready: Pair) 
     late = _completion(ready, transfer_id="LAO-T-1", acceptance_digest=acceptance)
     assert code(deliver(ready, late)) is RejectionCode.TRANSFER_STATE_CONFLICT
     assert _state(ready, "LAO-T-1") is TransferState.VOIDED
+    assert _held_by_kor(ready) == []
+
+
+def test_a_completion_of_a_rejected_transfer_is_a_state_conflict(ready: Pair) -> None:
+    """C4 for a REJECTED transfer: it has no acceptance, so only a completion naming
+    none (an empty digest) passes C2 and reaches C4; any other digest fails C2."""
+    wrong = proposal(ready, quantity=11)  # blocks add up to 10: refused, recorded REJECTED
+    assert code(deliver(ready, wrong)) is RejectionCode.QUANTITY_MISMATCH
+    named = _completion(ready, transfer_id="LAO-T-1", acceptance_digest=digest(b"x"))
+    assert code(deliver(ready, named)) is RejectionCode.DIGEST_MISMATCH
+    empty = _completion(ready, transfer_id="LAO-T-1")
+    assert code(deliver(ready, empty)) is RejectionCode.TRANSFER_STATE_CONFLICT
+    assert _state(ready, "LAO-T-1") is TransferState.REJECTED
     assert _held_by_kor(ready) == []
 
 
