@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from itmolink.admin.v1 import admin_pb2
 from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.crypto.envelope import TrustStore, open_envelope, seal
 from itmolink.crypto.keys import SigningKey
@@ -81,13 +82,53 @@ async def test_the_admin_socket_is_for_the_nodes_user_only(pki: Callable[..., Pa
         os.umask(umask)
 
 
-async def _refuses_to_start(config: Path, error: type[Exception], match: str) -> None:
+@pytest.mark.parametrize("target", ["pki/card.toml", "node.toml", "pki"])
+async def test_an_admin_socket_path_that_is_not_a_socket_is_left_alone(
+    pki: Callable[..., Path], target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A typo pointing admin_listen at an existing file (the card, the configuration,
+    a key, the SQLite database) or directory: the node refuses to start and removes
+    nothing; check-config names it. A socket left by an earlier run is replaced."""
+    from itmolink.cli.main import main
+
+    config = _with_admin(pki("LAO", ["KOR"]), f"unix:{target}")
+    path = config.parent / target
+    before = path.read_bytes() if path.is_file() else None
+    await _refuses_to_start(config, OSError, "exists and is not a socket", socket_may_exist=True)
+    assert path.exists()
+    assert before is None or path.read_bytes() == before
+    assert main(["node", "check-config", str(config)]) == 1
+    assert "exists and is not a socket" in capsys.readouterr().out
+
+
+async def test_a_socket_left_by_an_earlier_run_is_replaced(pki: Callable[..., Path]) -> None:
+    """A node that crashed leaves its socket file behind; the next start replaces it."""
+    import socket as sockets
+
+    config = pki("LAO", ["KOR"])
+    path = load_config(config).admin_listen.removeprefix("unix:")
+    stale = sockets.socket(sockets.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # the file stays, with nothing listening
+    assert stat.S_ISSOCK(os.stat(path).st_mode)
+    registry = await start_registry(config)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        await registry.call("ListTransfers", admin_pb2.ListTransfersRequest())
+    finally:
+        await stop_registry(registry)
+
+
+async def _refuses_to_start(
+    config: Path, error: type[Exception], match: str, *, socket_may_exist: bool = False
+) -> None:
     node = Node(load_config(config))
     with pytest.raises(error, match=match):
         await node.start()
-    socket = load_config(config).admin_listen.removeprefix("unix:")
-    with pytest.raises(FileNotFoundError):  # it never listened
-        os.stat(socket)
+    if not socket_may_exist:
+        socket = load_config(config).admin_listen.removeprefix("unix:")
+        with pytest.raises(FileNotFoundError):  # it never listened
+            os.stat(socket)
 
 
 @pytest.mark.parametrize("how", ["no file", "no operator in it"])

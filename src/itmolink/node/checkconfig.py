@@ -22,7 +22,13 @@ from cryptography import x509
 from itmolink.crypto.keys import SigningKey, check_private_file
 from itmolink.crypto.operators import load_operators, operators_file
 from itmolink.crypto.pki import PartnerCard, check_node_certificate
-from itmolink.node.config import ConfigError, NodeConfig, check_host_port, load_config
+from itmolink.node.config import (
+    ConfigError,
+    NodeConfig,
+    check_admin_socket,
+    check_host_port,
+    load_config,
+)
 from itmolink.store.migrate import latest_version
 from itmolink.store.sqlite import read_only_uri
 
@@ -209,6 +215,10 @@ def _admin(value: str) -> str:
             raise _Failed(f"{value}: directory {directory} does not exist")
         if not os.access(directory, os.W_OK | os.X_OK):
             raise _Failed(f"{value}: cannot create the socket in {directory}")
+        try:
+            check_admin_socket(value)
+        except FileExistsError as exc:
+            raise _Failed(str(exc)) from None
         return f"{value} (unix socket, mode 0600)"
     return f"{_listen(value)} (loopback)"
 

@@ -52,6 +52,8 @@ it: libpq reads one from ``passfile=`` or ``PGPASSFILE`` (docs/POSTGRES.md)::
 from __future__ import annotations
 
 import ipaddress
+import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +135,24 @@ def _check_admin(value: str, base: Path, path: Path) -> str:
             "listens on a unix socket ('unix:admin.sock') or a loopback address only"
         )
     return value
+
+
+def check_admin_socket(admin_listen: str) -> None:
+    """Refuse a unix-socket ``admin_listen`` whose path holds anything but a socket:
+    the node replaces a socket left by an earlier run, and must never remove a file
+    or directory that a typo in the configuration points at (its database, a key)."""
+    if not admin_listen.startswith("unix:"):
+        return
+    path = admin_listen.removeprefix("unix:")
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(
+            f"admin_listen = {admin_listen!r}: {path} exists and is not a socket; "
+            "name a path for the admin socket that holds nothing else"
+        )
 
 
 def load_config(path: Path | str) -> NodeConfig:

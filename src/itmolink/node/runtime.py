@@ -43,7 +43,7 @@ from itmolink.crypto.envelope import TrustStore
 from itmolink.crypto.keys import SigningKey, write_private_file
 from itmolink.crypto.operators import load_operators, operator_for, operators_file
 from itmolink.crypto.pki import PartnerCard, issuing_party
-from itmolink.node.config import NodeConfig
+from itmolink.node.config import NodeConfig, check_admin_socket
 from itmolink.node.engine import Engine, Limits, Partner, ReplyError
 from itmolink.node.metrics import NodeMetrics
 from itmolink.node.ratelimit import RateLimited, TokenBucket
@@ -537,6 +537,7 @@ class Node:
                 f"no admin operator in {config.keys.directory}/operators.toml: "
                 "create one with 'itmolink operator add'"
             )
+        check_admin_socket(config.admin_listen)
         trust = TrustStore(key for p in config.partners for key in p.card.signing_keys)
         store = await self.db(
             open_store, config.database, party=config.party, registry=config.registry
@@ -599,6 +600,7 @@ class Node:
         admin = config.admin_listen
         if admin.startswith("unix:"):
             socket = Path(admin.removeprefix("unix:"))
+            check_admin_socket(admin)  # again, just before: only a stale socket is removed
             with contextlib.suppress(FileNotFoundError):
                 socket.unlink()  # noqa: ASYNC240 (start-up, before serving)
             old_umask = os.umask(0o177)
