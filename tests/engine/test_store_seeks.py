@@ -267,3 +267,47 @@ def test_a_message_sent_by_the_runtime_is_claimed_from_the_start(databases: Data
     assert [m[0] for m in lao.due_messages(pair.now + dt.timedelta(seconds=31))] == [lao.sent[0][0]]
     lao.store.close()
     pair.kor.store.close()
+
+
+def test_two_processes_claim_each_message_once_without_waiting() -> None:
+    """PostgreSQL, several node processes on one outbox (FOR UPDATE SKIP LOCKED): a
+    claimer skips the messages another is claiming right now instead of waiting for
+    it, and after that claim commits finds them leased. Runs on PostgreSQL only:
+    SQLite has one writer at a time and no second process claims there."""
+    import threading
+
+    from itmolink.store import open_store
+
+    from ..conftest import postgres_cluster
+
+    url = postgres_cluster().new_database("lease")
+    first = open_store(url, party="LAO", registry="LAO-NR")
+    second = open_store(url, party="LAO", registry="LAO-NR")
+    now, lease = 1_000_000, 11_000_000
+    with first.transaction() as tx:
+        for n in (1, 2):
+            tx.outbox_put(
+                message_id=f"m-{n}", partner="KOR", payload_type="itmolink.v1.TransferVoid",
+                subject_id=f"LAO-T-{n}", envelope=b"e", now=now,
+            )  # fmt: skip
+    seen: list[list[str]] = []
+
+    def claim_in_second() -> None:
+        with second.transaction(exclusive=False) as tx:
+            seen.append([m.message_id for m in tx.outbox_due(now, 10, lease_until=now + lease)])
+
+    try:
+        with first.transaction(exclusive=False) as tx:
+            claimed = [m.message_id for m in tx.outbox_due(now, 1, lease_until=now + lease)]
+            other = threading.Thread(target=claim_in_second)
+            other.start()
+            other.join(timeout=30)  # a liveness bound, not a speed target
+            assert not other.is_alive(), "the second claimer waited for the first"
+        assert claimed == ["m-1"]
+        assert seen == [["m-2"]]  # m-1, locked by the first claim, was skipped
+        with second.transaction(exclusive=False) as tx:
+            assert tx.outbox_due(now + lease - 1, 10, lease_until=now + 2 * lease) == []
+            assert [m.message_id for m in tx.outbox_due(now + lease, 10)] == ["m-1", "m-2"]
+    finally:
+        first.close()
+        second.close()

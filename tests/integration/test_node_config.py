@@ -206,6 +206,18 @@ def test_a_card_window_without_an_offset_is_refused(tmp_path: Path, bound: str) 
         PartnerCard.load(files.card)
 
 
+def test_a_card_window_that_ends_before_it_starts_is_refused(tmp_path: Path) -> None:
+    from itmolink.crypto.pki import init_party
+
+    files = init_party(tmp_path / "lao", "LAO", "LAO-NR", now=NOW)
+    files.card.write_text(
+        files.card.read_text()
+        + "not_before = 2027-01-01T00:00:00Z\nnot_after = 2026-12-31T00:00:00Z\n"
+    )
+    with pytest.raises(ValueError, match="not_after is not after not_before"):
+        PartnerCard.load(files.card)
+
+
 async def test_the_card_follows_rotation_and_revocation_of_the_nodes_keys(
     pki: Callable[..., Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
