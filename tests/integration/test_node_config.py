@@ -251,3 +251,30 @@ async def test_the_card_follows_rotation_and_revocation_of_the_nodes_keys(
     finally:
         await stop_registry(lao)
         await stop_registry(kor)
+
+
+async def test_grpc_refuses_a_request_far_above_the_envelope_limit(
+    pki: Callable[..., Path],
+) -> None:
+    """An envelope above limits.max_message_bytes gets a signed 2007 from the node
+    (D1b); gRPC itself refuses a request more than 1 KiB above it before the node
+    reads anything (`grpc.max_receive_message_length`)."""
+    import grpc
+
+    from .conftest import PartnerClient, running_pair
+    from .test_transfer import code_of, reply_rejection
+
+    limit = 8_192
+    async with running_pair(pki, lao_extra=f"[limits]\nmax_message_bytes = {limit}\n") as (
+        lao,
+        kor,
+    ):
+        client = PartnerClient(lao, kor.keys, lao.keys.ca_certificate.read_bytes())
+        try:
+            reply = await client.deliver(b"\x00" * (limit + 100))
+            assert code_of(reply_rejection(reply, lao)) is RejectionCode.MESSAGE_TOO_LARGE
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.deliver(b"\x00" * (limit + 1_024 + 100))
+            assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            await client.close()
