@@ -1,7 +1,8 @@
 """What a node checks before it serves: where its admin interface may listen, the
-mode of its admin socket, an operator to act through, private keys readable by the
-node's user only; the validity windows of the keys a card pins; and the node's own
-card as keys are rotated and revoked."""
+mode of its admin socket (and what may be at its path), an operator to act through,
+private keys readable by the node's user only; the validity windows of the keys a
+card pins; the node's own card as keys are rotated and revoked; and the gRPC cap on
+a request's size, before the node reads it."""
 
 from __future__ import annotations
 
