@@ -302,3 +302,25 @@ def test_a_version_5_ledger_is_upgraded_and_its_learned_keys_kept(
         assert not engine.trust.is_revoked(old_key.key_id)
     finally:
         store.close()
+
+
+def test_the_owners_guard_follows_its_own_chain_of_rotations(pair: Pair) -> None:
+    """K1 -> K2 -> K3: K3, which LAO signs with, was announced with K2, itself
+    announced with K1. A compromise instant for K1 before K2's announcement was
+    acknowledged would fell K2 at KOR, and K3 with it: refused, naming K3."""
+    k1, k2 = _rotate(pair)
+    pair.advance(3_600)
+    _, k3 = _rotate(pair)
+    pair.advance(3_600)
+    with pytest.raises(Rejected) as caught:
+        pair.lao.revoke_signing_key(
+            k1.key_id, pair.now, compromised_since=pair.now - dt.timedelta(hours=3)
+        )
+    assert k3.key_id in str(caught.value)
+    pair.lao.revoke_signing_key(
+        k1.key_id, pair.now, compromised_since=pair.now - dt.timedelta(minutes=30)
+    )
+    pair.pump()
+    assert pair.kor.trust.is_revoked(k1.key_id)
+    assert not pair.kor.trust.is_revoked(k2.key_id)
+    assert not pair.kor.trust.is_revoked(k3.key_id)

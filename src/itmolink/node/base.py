@@ -368,7 +368,6 @@ class EngineBase:
 
     def _load_trust(self, tx: Tx) -> None:
         learned = tx.partner_keys()
-        revoked = tx.revoked_keys()
         trust = TrustStore(self._card_keys)
         for key_id, party, public_key, not_before, not_after in learned:
             known = trust.get(key_id)
@@ -389,8 +388,6 @@ class EngineBase:
         }
         for key_id, _party, _source, _at, compromised in tx.revocations():
             _widen(since, key_id, compromised)
-        for key_id in revoked:
-            since.setdefault(key_id, None)
         for key_id, threshold in cascade_revocations(since, tx.partner_key_announcers()).items():
             trust.revoke(key_id, None if threshold is None else from_us(max(threshold, 0)))
         self.trust = trust

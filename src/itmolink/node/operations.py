@@ -55,6 +55,7 @@ from itmolink.node.base import (
     TransferStatusQuery,
     TransferVoid,
     _rejection_reasons,
+    cascade_revocations,
     log,
     retry_delay_us,
     type_name,
@@ -255,29 +256,40 @@ class Operations(EngineBase):
 
     def _check_cascade_spares_our_keys(self, tx: Tx, key_id: str, since_us: int) -> None:
         """Refuse a compromise instant that would make a partner revoke, with
-        ``key_id``, a key this node signs with or is announcing: one announced in a
-        KeyRotation signed by ``key_id`` that a partner may have recorded at or after
-        ``since_us`` (its clock may be ahead of ours by up to ``max_clock_skew``)."""
+        ``key_id``, a key this node still uses (signs with, is announcing, or signed
+        an undelivered request with): one announced with ``key_id``, directly or
+        through keys announced with it, that a partner may have recorded at or after
+        ``since_us``. A partner recorded an announcement before it answered, by a clock
+        at most ``max_clock_skew`` ahead of ours; one not answered yet, at any time."""
         skew = self.limits.max_clock_skew // dt.timedelta(microseconds=1)
-        ours = [self.signing_key.key_id, tx.meta_get("pending_signing_key")]
-        for own in filter(None, ours):
-            rows = tx.outbox_deliveries_of(payload_type=type_name(KeyRotation), subject_id=own)
-            for partner, state, envelope, answered_at in rows:
-                if state == "cancelled" or key_id not in signing_key_ids(envelope):
-                    continue
-                if answered_at is None or answered_at + skew >= since_us:
-                    raise Rejected(
-                        RejectionCode.INVALID_FIELD,
-                        f"{own}, a key this node still uses, was announced to {partner} "
-                        f"with {key_id}"
-                        + (
-                            f" and acknowledged at {from_us(answered_at).isoformat()}: "
-                            "a compromise instant later than that plus max_clock_skew "
-                            "leaves it standing"
-                            if answered_at is not None
-                            else ", not acknowledged yet"
-                        ),
-                    )
+        latest: list[tuple[str, str, int]] = []
+        # Announced key -> (partner, its answer's time) of the latest-recorded one.
+        answers: dict[str, tuple[str, int | None, int]] = {}
+        for subject, partner, state, envelope, answered_at in tx.outbox_deliveries_of(
+            payload_type=type_name(KeyRotation)
+        ):
+            if state == "cancelled" or subject.startswith("revoke-"):
+                continue
+            at = _NEVER_ANSWERED if answered_at is None else answered_at + skew
+            latest.append((subject, " ".join(signing_key_ids(envelope)), at))
+            if subject not in answers or at > answers[subject][2]:
+                answers[subject] = (partner, answered_at, at)
+        fallen = cascade_revocations({key_id: since_us}, latest)
+        ours = {self.signing_key.key_id, tx.meta_get("pending_signing_key")}
+        ours |= {k for e in tx.outbox_pending_envelopes() for k in signing_key_ids(e)}
+        for own in sorted(k for k in ours if k and k != key_id and k in fallen):
+            partner, answered_at, _ = answers.get(own, ("a partner", None, 0))
+            raise Rejected(
+                RejectionCode.INVALID_FIELD,
+                f"{own}, a key this node still uses, was announced with {key_id} (or a key "
+                f"announced with it) to {partner}"
+                + (
+                    f", which acknowledged it at {from_us(answered_at).isoformat()}: give a "
+                    "compromise instant later than that plus max_clock_skew, or rotate first"
+                    if answered_at is not None
+                    else ", which has not acknowledged it yet"
+                ),
+            )
 
     def announce_revocations(
         self, now: dt.datetime, restored: Sequence[tuple[str, dt.datetime | None]] = ()
@@ -1088,6 +1100,10 @@ class BatchItemRequest:
     quantity: int
     # For an onward transfer: the party that authorised the units (empty: this node's).
     host_party: str = ""
+
+
+# An announcement not answered yet may be recorded by the partner at any time.
+_NEVER_ANSWERED = 2**63 - 1
 
 
 def _revocation(key_id: str, compromised_since_us: int | None) -> KeyRotation:

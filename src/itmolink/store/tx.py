@@ -751,19 +751,19 @@ class Tx:
         return [(str(p), str(state), None if t is None else str(t)) for p, state, t in rows]
 
     def outbox_deliveries_of(
-        self, *, payload_type: str, subject_id: str
-    ) -> list[tuple[str, str, bytes, int | None]]:
-        """(partner, state, sealed envelope, when its answer was recorded or None) of
-        each request of a type about a subject."""
+        self, *, payload_type: str
+    ) -> list[tuple[str, str, str, bytes, int | None]]:
+        """(subject, partner, state, sealed envelope, when its answer was recorded or
+        None) of each request of a type."""
         rows = self._exec(
-            "SELECT o.partner, o.state, o.envelope, j.recorded_at FROM outbox o "
+            "SELECT o.subject_id, o.partner, o.state, o.envelope, j.recorded_at FROM outbox o "
             "LEFT JOIN journal j ON j.id = o.answered_journal_id "
-            "WHERE o.payload_type = ? AND o.subject_id = ? ORDER BY o.partner, o.created_at",
-            (payload_type, subject_id),
+            "WHERE o.payload_type = ? ORDER BY o.created_at",
+            (payload_type,),
         )
         return [
-            (str(p), str(state), bytes(env), None if at is None else int(at))
-            for p, state, env, at in rows
+            (str(subject), str(p), str(state), bytes(env), None if at is None else int(at))
+            for subject, p, state, env, at in rows
         ]
 
     def outbox_last_created(self, *, payload_type: str, subject_id: str) -> tuple[str, int] | None:
