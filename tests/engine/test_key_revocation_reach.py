@@ -324,3 +324,19 @@ def test_the_owners_guard_follows_its_own_chain_of_rotations(pair: Pair) -> None
     assert pair.kor.trust.is_revoked(k1.key_id)
     assert not pair.kor.trust.is_revoked(k2.key_id)
     assert not pair.kor.trust.is_revoked(k3.key_id)
+
+
+def test_revocations_the_own_card_lists_come_back_to_a_restored_ledger(pair: Pair) -> None:
+    """LAO's ledger lost a revocation (restored from an older backup) that its card
+    file lists: at start LAO records it again and announces it; a card entry naming
+    the key LAO signs with is not recorded (an alarm)."""
+    lost = SigningKey.generate("LAO")
+    since = pair.now - dt.timedelta(days=1)
+    restored = [(lost.key_id, since), (pair.lao.signing_key.key_id, None)]
+    assert pair.lao.announce_revocations(pair.now, restored) == 1
+    with pair.lao.store.transaction() as tx:
+        assert [(k, cs) for k, _, _, _, cs in tx.revocations()] == [(lost.key_id, to_us(since))]
+    pair.pump()
+    assert pair.kor.trust.is_revoked(lost.key_id)  # revoked before it was ever pinned
+    assert not pair.kor.trust.is_revoked(pair.lao.signing_key.key_id)
+    assert pair.lao.announce_revocations(pair.now, restored) == 0
