@@ -389,6 +389,31 @@ def _records_then_rate_limits(node: Node) -> None:
     node.engine.handle_delivery = handle_delivery  # type: ignore[method-assign]
 
 
+def _no_transfer_budget(node: Node) -> None:
+    """Takes every proposal, whatever the number of transfers its partners propose."""
+    node.engine._take_transfer_items = lambda sender, msg, now_us: None  # type: ignore[method-assign]
+
+
+def _records_then_over_budget(node: Node) -> None:
+    """Applies a proposal, then refuses it over the transfer budget: the step is recorded
+    (its savepoint released in the group) but the call ends RESOURCE_EXHAUSTED."""
+    take = node.engine._take_transfer_items
+    handle = node.engine.handle_delivery
+    taken: list[tuple[str, Any, int]] = []
+
+    def handle_delivery(peer_party: str, raw: bytes, now: dt.datetime) -> bytes:
+        taken.clear()
+        reply = handle(peer_party, raw, now)
+        for args in taken:
+            take(*args)  # raises RateLimited over the budget, after recording
+        return reply
+
+    node.engine._take_transfer_items = (  # type: ignore[method-assign]
+        lambda sender, msg, now_us: taken.append((sender, msg, now_us))
+    )
+    node.engine.handle_delivery = handle_delivery  # type: ignore[method-assign]
+
+
 # -- Article 6 rules and the transfer steps ---------------------------------------------
 
 
@@ -709,6 +734,13 @@ VARIANTS = [
     Variant("records-rate-limited", "buyer", "records a request, then answers it rate limited",
             "1.20-rate-limit", "so the refused call was recorded",
             _records_then_rate_limits),
+    Variant("no-transfer-budget", "buyer", "takes every proposal, whatever its partners' budget",
+            "3.22-transfer-budget", "none was refused",
+            _no_transfer_budget),
+    Variant("records-over-budget", "buyer", "records a batch, then refuses it over the budget",
+            "3.22-transfer-budget",
+            "is TRANSFER_STATE_REJECTED at the target, not TRANSFER_STATE_UNKNOWN",
+            _records_then_over_budget),
     Variant("accepts-replay", "buyer", "accepts a replayed old message (no sent_at window)",
             "1.13-stale-sent-at",
             "REJECTION_CODE_SENT_AT_OUT_OF_WINDOW (5003), got TransferStatusReport",

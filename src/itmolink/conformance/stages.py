@@ -1908,6 +1908,90 @@ async def t_b_batch_refused(ctx: Context) -> None:
     )
 
 
+@kit_test(
+    "3.22-transfer-budget",
+    3,
+    "§2.5, §5.2 D8b, §5.15",
+    "over its agreed transfer budget the target refuses a batch whole with RESOURCE_EXHAUSTED "
+    "and 2009, no reply, nothing recorded; the same batch is taken once the budget refilled",
+    ("buyer",),
+)
+async def t_b_transfer_budget(ctx: Context) -> None:
+    rate, burst = ctx.config.transfer_items_per_second, ctx.config.transfer_items_burst
+    if not (rate and burst):
+        raise NotRunnable(
+            "no [target] transfer_items_per_second and transfer_items_burst in the configuration"
+        )
+    authorisation = ctx.needs("auth", "2.01")
+    # Expired batches of 1,000 items: each takes 1,000 transfers of the budget at D8b,
+    # before B2 refuses it whole (3011, every item recorded REJECTED), so the target
+    # records rejections only. More items at once than a full budget plus a second of
+    # refill; a target that takes longer than that to answer them may refill in between.
+    count = -(-(burst + rate) // 1_000) + 1
+    batches = []
+    for n in range(count):
+        blocks = [ctx.new_blocks(1, authorisation) for _ in range(1_000)]
+        batch = _batch(
+            ctx, [(b, {}) for b in blocks], suffix=f"budget-{n}",
+            expires_in=-dt.timedelta(hours=1),
+        )  # fmt: skip
+        payload, envelope = ctx.link.seal(batch)
+        batches.append((batch, payload, envelope, blocks))
+    replies = await asyncio.gather(*(ctx.link.deliver_raw(b[2]) for b in batches))
+    over = [
+        (batch, reply)
+        for batch, reply in zip(batches, replies, strict=True)
+        if reply.status == grpc.StatusCode.RESOURCE_EXHAUSTED
+    ]
+    check(
+        over,
+        f"{count} batches of 1,000 transfers at once, over a budget of {burst} (refilled at "
+        f"{rate} a second): none was refused (§2.5, §5.2 D8b)",
+    )
+    for (batch, payload, _, blocks), reply in zip(batches, replies, strict=True):
+        if reply.status == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            code = reply.trailing.get("itmolink-rejection-code")
+            check(
+                code == "REJECTION_CODE_RATE_LIMITED",
+                f"a batch over the transfer budget must end with 'itmolink-rejection-code: "
+                f"REJECTION_CODE_RATE_LIMITED' in its trailing metadata, got {code!r}",
+            )
+            check(not reply.raw, "a batch over the transfer budget must get no reply (§2.1)")
+            continue
+        ctx.expect_rejection(
+            reply, C.REJECTION_CODE_PROPOSAL_EXPIRED, "an expired batch within the budget",
+            recorded=True,
+        )  # fmt: skip
+        for record in _record_batch(ctx, batch, payload, blocks):
+            record.final_at_target, record.moved = True, False
+    (batch, payload, envelope, blocks), refused = over[0]
+    # Nothing of the refused batch was recorded: its first transfer is unknown, and the
+    # same bytes, once the budget has refilled, get a reply sealed after a query sent in
+    # between, not a reply stored earlier (§5.2 D8b, §7.2).
+    await asyncio.sleep(1_000 / rate + 0.2)
+    await _expect_state(
+        ctx, batch.items[0].transfer_id, transfer_pb2.TRANSFER_STATE_UNKNOWN, "§5.2 D8b"
+    )
+    probe = ctx.expect(
+        await ctx.link.send(_status_query(ctx)), transfer_pb2.TransferStatusReport, "a new query"
+    )
+    again = ctx.expect_rejection(
+        await ctx.link.deliver_raw(refused.sent), C.REJECTION_CODE_PROPOSAL_EXPIRED,
+        "the refused batch sent again once the budget refilled", recorded=True,
+    )  # fmt: skip
+    check(
+        again.header.sequence > probe.header.sequence,
+        f"the refused batch sent again got reply sequence {again.header.sequence}, older than "
+        f"{probe.header.sequence} of a query sent after it: a stored reply, so the batch "
+        "refused over the budget was recorded (§5.2 D8b: nothing of it may be)",
+    )
+    for record in _record_batch(ctx, batch, payload, blocks):
+        record.final_at_target, record.moved = True, False
+    # The other refused batches were not recorded either; the kit forgets them. Leave the
+    # later tests (and a run that follows) a full budget.
+    await asyncio.sleep(burst / rate)
+
+
 # ======================================================================================
 # Stage 4: reconciliation (both roles)
 # ======================================================================================
