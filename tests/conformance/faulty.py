@@ -100,6 +100,17 @@ class IgnoresRevocations(Engine):
         self.trust = TrustStore(self.trust.all())  # the same keys, none revoked
 
 
+class RevocationsDoNotCascade(Engine):
+    """Revokes the listed keys only, whatever compromised_since says."""
+
+    def _load_trust(self, tx: Tx) -> None:
+        super()._load_trust(tx)
+        trust = TrustStore(self.trust.all())
+        for key_id in tx.revoked_keys():
+            trust.revoke(key_id)
+        self.trust = trust
+
+
 class RefusesEarlyRevocations(Engine):
     """Refuses, as the reference did before, to revoke a key it does not pin yet."""
 
@@ -702,6 +713,11 @@ VARIANTS = [
             "1.17-key-rotation",
             "REJECTION_CODE_SIGNING_KEY_REVOKED (1010), got TransferStatusReport",
             lambda n: _swap(n, IgnoresRevocations)),
+    Variant("revocation-does-not-cascade", "buyer",
+            "keeps the keys announced with a key revoked as compromised",
+            "1.21-revocation-cascade",
+            "REJECTION_CODE_SIGNING_KEY_REVOKED (1010), got TransferStatusReport",
+            lambda n: _swap(n, RevocationsDoNotCascade)),
     Variant("refuses-early-revocation", "buyer", "refuses to revoke a key it does not pin yet",
             "1.19-revocation-before-announcement",
             "expected KeyRotationAcknowledgement",

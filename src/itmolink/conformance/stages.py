@@ -499,6 +499,67 @@ async def _authorise_at_target(ctx: Context, suffix: str) -> str:
     return str(statement.authorisation_id)
 
 
+async def _announce_with(ctx: Context, key: SigningKey | None, what: str) -> SigningKey:
+    """Announce a new key of the kit's party in a KeyRotation signed by ``key`` (the
+    kit's own key if None); returns it."""
+    new = SigningKey.generate(ctx.kit)
+    record = keys_pb2.SigningKeyRecord(
+        key_id=new.key_id, public_key=new.verifying_key().public_bytes
+    )
+    rotation = keys_pb2.KeyRotation(rotation_id=new.key_id, new_key=record)
+    reply = await (ctx.link.send(rotation) if key is None else ctx.link.send(rotation, key=key))
+    ctx.expect(reply, keys_pb2.KeyRotationAcknowledgement, what)
+    return new
+
+
+@kit_test(
+    "1.21-revocation-cascade",
+    1,
+    "§5.12 KR3, §3.8",
+    "a revocation with compromised_since revokes the keys announced with the key, "
+    "transitively (1010); one without it revokes the key alone",
+)
+async def t_revocation_cascade(ctx: Context) -> None:
+    retired = await _announce_with(ctx, None, "the announcement of a key to retire")
+    kept = await _announce_with(ctx, retired, "a key announced with the key to retire")
+    stolen = await _announce_with(ctx, None, "the announcement of a key to be stolen")
+    thief = await _announce_with(ctx, stolen, "a key announced with the stolen key")
+    thiefs_next = await _announce_with(ctx, thief, "a key announced with that key")
+    retirement = keys_pb2.KeyRotation(
+        rotation_id=f"revoke-{retired.key_id}", revoked_key_ids=[retired.key_id]
+    )
+    ctx.expect(
+        await ctx.link.send(retirement), keys_pb2.KeyRotationAcknowledgement,
+        "a revocation without compromised_since",
+    )  # fmt: skip
+    ctx.expect(
+        await ctx.link.send(_status_query(ctx), key=kept),
+        transfer_pb2.TransferStatusReport,
+        "a query signed with a key announced with a key revoked without compromised_since "
+        "(only the listed key is revoked)",
+    )
+    # Compromised since long before the announcements, by the target's clock too.
+    compromise = keys_pb2.KeyRotation(
+        rotation_id=f"revoke-{stolen.key_id}", revoked_key_ids=[stolen.key_id],
+        compromised_since=timestamp(to_us(dt.datetime(2000, 1, 1, tzinfo=dt.UTC))),
+    )  # fmt: skip
+    ctx.expect(
+        await ctx.link.send(compromise), keys_pb2.KeyRotationAcknowledgement,
+        "a revocation with compromised_since",
+    )  # fmt: skip
+    for key, what in (
+        (thief, "a key announced with the compromised key"),
+        (thiefs_next, "a key announced with a key that fell with the compromised key"),
+    ):
+        reply = await ctx.link.send(_status_query(ctx), key=key)
+        ctx.expect_rejection(reply, C.REJECTION_CODE_SIGNING_KEY_REVOKED, what, recorded=False)
+    ctx.expect(
+        await ctx.link.send(_status_query(ctx)),
+        transfer_pb2.TransferStatusReport,
+        "a query signed with the kit's own key, which announced the compromised key",
+    )
+
+
 @kit_test(
     "2.01-authorisation-acknowledged",
     2,

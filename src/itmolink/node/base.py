@@ -62,6 +62,7 @@ from itmolink.node.convert import (
     block_to_pb,
     from_us,
     timestamp,
+    to_us,
 )
 from itmolink.node.ratelimit import TokenBucket
 from itmolink.node.validation import validate
@@ -284,7 +285,11 @@ class EngineBase:
         # A new signing key announced to the partners, used once all acknowledged.
         self.pending_key: SigningKey | None = None
         self._card_keys = trust.all()
+        # Keys the partners' cards list as revoked, with their compromise instants.
+        self._card_revoked = trust.revocations()
         self.trust = trust
+        # The key ids that signed the request being handled (requests.py).
+        self._request_signers: tuple[str, ...] = ()
         self.partners = {p.party: p for p in partners}
         self.store = store
         self.default_timeout = default_timeout
@@ -363,7 +368,6 @@ class EngineBase:
 
     def _load_trust(self, tx: Tx) -> None:
         learned = tx.partner_keys()
-        revoked = tx.revoked_keys()
         trust = TrustStore(self._card_keys)
         for key_id, party, public_key, not_before, not_after in learned:
             known = trust.get(key_id)
@@ -378,8 +382,14 @@ class EngineBase:
                     not_after=from_us(not_after) if not_after is not None else None,
                 )
             )  # fmt: skip
-        for key_id in revoked:
-            trust.revoke(key_id)
+        since: dict[str, int | None] = {
+            key_id: None if moment is None else to_us(moment)
+            for key_id, moment in self._card_revoked.items()
+        }
+        for key_id, _party, _source, _at, compromised in tx.revocations():
+            _widen(since, key_id, compromised)
+        for key_id, threshold in cascade_revocations(since, tx.partner_key_announcers()).items():
+            trust.revoke(key_id, None if threshold is None else from_us(max(threshold, 0)))
         self.trust = trust
 
     # -- sealing ---------------------------------------------------------------------
@@ -1051,3 +1061,42 @@ def _check_transfer_id(transfer_id: str, sender: str) -> None:
             RejectionCode.INVALID_IDENTIFIER,
             f"transfer id {transfer_id!r} from {sender} must start with '{sender}-'",
         )
+
+
+# A cascaded key was the thief's from the start: everything it announced falls with it.
+_EVERYTHING = -(2**63)
+
+
+def _widen(since: dict[str, int | None], key_id: str, compromised: int | None) -> None:
+    """Record a revocation of ``key_id``; the earliest compromise instant given wins."""
+    known = since.get(key_id)
+    if key_id not in since or (compromised is not None and (known is None or compromised < known)):
+        since[key_id] = compromised
+
+
+def cascade_revocations(
+    since: dict[str, int | None], announcers: Sequence[tuple[str, str, int]]
+) -> dict[str, int | None]:
+    """Every revoked key id, with the instant from which what it announced falls.
+
+    ``since`` maps the keys revoked outright to their compromise instants (None: a
+    retirement, nothing falls with it); ``announcers`` lists (key id, the key ids that
+    signed its announcement, when it was recorded). A key recorded as announced, at
+    or after that instant, in a KeyRotation signed by a compromised key is revoked
+    too, and so is everything it announced (transitively). PROTOCOL §3.8.
+    """
+    announced: dict[str, list[tuple[str, int]]] = {}
+    for key_id, signers, added_at in announcers:
+        for signer in signers.split():
+            announced.setdefault(signer, []).append((key_id, added_at))
+    result = dict(since)
+    queue = [key_id for key_id, threshold in result.items() if threshold is not None]
+    while queue:
+        signer = queue.pop()
+        threshold = result[signer]
+        assert threshold is not None
+        for key_id, added_at in announced.get(signer, ()):
+            if added_at >= threshold and result.get(key_id) != _EVERYTHING:
+                result[key_id] = _EVERYTHING
+                queue.append(key_id)
+    return result

@@ -750,6 +750,22 @@ class Tx:
         )
         return [(str(p), str(state), None if t is None else str(t)) for p, state, t in rows]
 
+    def outbox_deliveries_of(
+        self, *, payload_type: str
+    ) -> list[tuple[str, str, str, bytes, int | None]]:
+        """(subject, partner, state, sealed envelope, when its answer was recorded or
+        None) of each request of a type."""
+        rows = self._exec(
+            "SELECT o.subject_id, o.partner, o.state, o.envelope, j.recorded_at FROM outbox o "
+            "LEFT JOIN journal j ON j.id = o.answered_journal_id "
+            "WHERE o.payload_type = ? ORDER BY o.created_at",
+            (payload_type,),
+        )
+        return [
+            (str(subject), str(p), str(state), bytes(env), None if at is None else int(at))
+            for subject, p, state, env, at in rows
+        ]
+
     def outbox_last_created(self, *, payload_type: str, subject_id: str) -> tuple[str, int] | None:
         """(state, created_at) of the newest outbox message of a type about a subject."""
         row = self._one(
@@ -1986,11 +2002,15 @@ class Tx:
         not_before: int | None,
         not_after: int | None,
         now: int,
+        announced_by: str | None = None,
     ) -> None:
+        """Pin an announced key; ``announced_by`` names the key ids (space-separated)
+        that signed the announcement. A key id pinned already is left as it is."""
         self._exec(
-            "INSERT INTO partner_keys (key_id, party, public_key, not_before, not_after, added_at) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key_id) DO NOTHING",
-            (key_id, party, public_key, not_before, not_after, now),
+            "INSERT INTO partner_keys "
+            "(key_id, party, public_key, not_before, not_after, added_at, announced_by) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key_id) DO NOTHING",
+            (key_id, party, public_key, not_before, not_after, now, announced_by),
         )
         self.shared_state_changed()
 
@@ -2001,17 +2021,54 @@ class Tx:
         )
         return [(r[0], r[1], bytes(r[2]), r[3], r[4]) for r in rows]
 
-    def revoked_key_put(self, *, key_id: str, party: str, source: str, now: int) -> None:
-        self._exec(
-            "INSERT INTO revoked_keys (key_id, party, source, revoked_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (key_id) DO NOTHING",
-            (key_id, party, source, now),
+    def partner_key_announcers(self) -> list[tuple[str, str, int]]:
+        """(key id, the key ids that signed its announcement, when it was recorded) of
+        each announced key whose announcer is known (schema version 6 and later)."""
+        rows = self._exec(
+            "SELECT key_id, announced_by, added_at FROM partner_keys "
+            "WHERE announced_by IS NOT NULL ORDER BY added_at"
         )
+        return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+    def revoked_key_put(
+        self,
+        *,
+        key_id: str,
+        party: str,
+        source: str,
+        now: int,
+        compromised_since: int | None = None,
+    ) -> None:
+        """Record a revocation. A key revoked already stays revoked; a compromise
+        instant given now (or an earlier one than recorded) widens its cascade."""
+        self._exec(
+            "INSERT INTO revoked_keys (key_id, party, source, revoked_at, compromised_since) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key_id) DO NOTHING",
+            (key_id, party, source, now, compromised_since),
+        )
+        if compromised_since is not None:
+            self._exec(
+                "UPDATE revoked_keys SET compromised_since = ? WHERE key_id = ? "
+                "AND (compromised_since IS NULL OR compromised_since > ?)",
+                (compromised_since, key_id, compromised_since),
+            )
         self.shared_state_changed()
 
     def revoked_keys(self) -> dict[str, str]:
         """Revoked key id -> its party."""
         return {r[0]: r[1] for r in self._exec("SELECT key_id, party FROM revoked_keys")}
+
+    def revocations(self) -> list[tuple[str, str, str, int, int | None]]:
+        """(key id, party, source, revoked at, compromised since or None) of every
+        revocation recorded here, oldest first."""
+        rows = self._exec(
+            "SELECT key_id, party, source, revoked_at, compromised_since FROM revoked_keys "
+            "ORDER BY revoked_at, key_id"
+        )
+        return [
+            (str(r[0]), str(r[1]), str(r[2]), int(r[3]), None if r[4] is None else int(r[4]))
+            for r in rows
+        ]
 
     def discrepancy_put(
         self, *, reconciliation_id: str, partner: str, phase: str, subject: str, detail: str,
