@@ -57,3 +57,28 @@ def adjustments_for(
         )
         for (year, unit_type), amount in sorted(sums.items())
     ]
+
+
+def books_adjustment(role: Role, *, host_sends: bool, first_transfer: bool, ndc: bool) -> bool:
+    """Whether the party in ``role`` books adjustments for a completed transfer (§6.6).
+
+    ``host_sends``: the sender is the host of the units (their first transferring
+    party); ``first_transfer``: the proposal's flag, which the host sets when the
+    transfer is the units' first transfer (§5.8); ``ndc``: the authorisation
+    includes use toward an NDC. The host books for its transfer exactly when its
+    proposal says it is the first transfer (units first transferred at issuance
+    or at use were booked then); every other party, sender or receiver, books only
+    units authorised for NDC use. Both parties know all three facts: the blocks,
+    the signed proposal and the authorisation are shared.
+    """
+    if role is Role.SENDER and host_sends:
+        return first_transfer
+    return ndc
+
+
+def expected_adjustments(role: Role, blocks: Iterable[Block]) -> tuple[tuple[int, int], ...]:
+    """The (year, amount) pairs a party in ``role`` books for ``blocks`` when it books
+    (:func:`books_adjustment`), as :func:`adjustments_for` books them: one per
+    (vintage, unit type that carries an adjustment), to the vintage, positive for
+    the sender and negative for the receiver; sorted."""
+    return tuple(sorted((e.year, e.amount) for e in adjustments_for(role, "", "", "", blocks)))

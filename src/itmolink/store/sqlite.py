@@ -63,6 +63,19 @@ def check_identity(store: Store, party: str, registry: str, name: str) -> None:
         )
 
 
+def reseal_listed_transfers(store: Store, chunk: int = 2_000) -> int:
+    """After the migrations: seal again the transfers whose leaves a migration listed
+    (0006), a chunk per transaction, so an interrupted upgrade resumes; returns how
+    many were sealed again."""
+    done = 0
+    while True:
+        with store.transaction() as tx:
+            count = tx.reseal_listed_transfers(chunk)
+        done += count
+        if count < chunk:
+            return done
+
+
 # Prepared statements kept per connection (sqlite3's default is 128).
 STATEMENT_CACHE = 1024
 
@@ -112,6 +125,7 @@ class SqliteStore:
         self._conn.execute("PRAGMA temp_store=MEMORY")
         self._migrate()
         self._check_identity(party, registry)
+        reseal_listed_transfers(self)
 
     def _migrate(self) -> None:
         with self._lock:

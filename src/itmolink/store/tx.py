@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from itmolink.core.adjustments import AdjustmentEntry
+from itmolink.core.adjustments import AdjustmentEntry, books_adjustment, expected_adjustments
 from itmolink.core.blocks import Block
 from itmolink.core.journal import (
     GENESIS_HASH,
@@ -1680,10 +1680,13 @@ class Tx:
         *,
         blocks: dict[str, list[Block]] | None = None,
         now: int | None = None,
+        retotal: bool = True,
     ) -> None:
         """:meth:`_seal_transfers` of these records, as they are to be. With ``now``,
         their state, rejection and acceptance digest are written too, in the same
-        statement (:meth:`transfers_set_state`)."""
+        statement (:meth:`transfers_set_state`). ``retotal`` false: the records were
+        sealed already with the same blocks (a leaf defined anew, migration 0006), so
+        the reconciliation totals stand; only the leaves and their sums change."""
         me = self.meta_get("party") or ""
         transfer_ids = [r.transfer_id for r in records]
         by_id = {r.transfer_id: r for r in records}
@@ -1705,17 +1708,19 @@ class Tx:
             sender, receiver = (
                 (me, record.partner) if record.direction is Role.SENDER else (record.partner, me)
             )
-            sign = 1 if record.direction is Role.SENDER else -1
             moved = record.state is TransferState.COMPLETED
+            moved_blocks = tuple(blocks_of[transfer_id]) if moved else ()
+            # This node's own entries, as booked; the partner's as the rule gives them.
+            own = tuple(adjustments_of[transfer_id]) if moved else ()
+            other = self._partner_adjustments(record, sender, moved_blocks)
             facts = TransferFacts(
                 transfer_id=transfer_id,
                 sender=sender,
                 receiver=receiver,
                 moved=moved,
-                blocks=tuple(blocks_of[transfer_id]) if moved else (),
-                adjustments=tuple(
-                    (year, sign * amount) for year, amount in adjustments_of[transfer_id]
-                ),
+                blocks=moved_blocks,
+                sender_adjustments=own if record.direction is Role.SENDER else other,
+                receiver_adjustments=other if record.direction is Role.SENDER else own,
                 proposal_digest=record.proposal_digest,
                 acceptance_digest=record.acceptance_digest,
             )
@@ -1739,7 +1744,9 @@ class Tx:
                 bucket[0] -= 1
                 for i, value in enumerate(old, start=1):
                     bucket[i] -= value
-            if moved and old is not None:
+            if not retotal:
+                pass
+            elif moved and old is not None:
                 # Not a protocol step (a completed transfer is sealed once): a repair
                 # of its record. The partner's totals are summed again from the ledger.
                 repaired.add(record.partner)
@@ -1796,6 +1803,44 @@ class Tx:
                 if key[0] not in repaired
             ],
         )
+
+    def reseal_listed_transfers(self, limit: int) -> int:
+        """Seal again up to ``limit`` of the transfers migration 0006 listed (their
+        blocks leaves were computed by the previous definition), and take them off
+        the list; returns how many were taken off (0: none is left)."""
+        rows = self._exec(
+            "SELECT transfer_id FROM leaves_to_reseal ORDER BY transfer_id LIMIT ?", (limit,)
+        ).fetchall()
+        ids = [str(row[0]) for row in rows]
+        if not ids:
+            return 0
+        records = self.transfers_get(ids)
+        self._seal_records([records[t] for t in ids if t in records], retotal=False)
+        for chunk in _chunks(ids):
+            self._exec(
+                f"DELETE FROM leaves_to_reseal WHERE transfer_id IN ({_marks(len(chunk))})", chunk
+            )
+        return len(ids)
+
+    def _partner_adjustments(
+        self, record: TransferRecord, sender: str, blocks: Sequence[Block]
+    ) -> tuple[tuple[int, int], ...]:
+        """The (year, amount) pairs the partner books for a completed transfer by the
+        rule of §6.6 (core.adjustments.books_adjustment), from facts both sides hold:
+        the blocks, the proposal's ``first_transfer`` and the authorisation's purposes
+        (the latest version recorded here, read once per transaction)."""
+        if not blocks:
+            return ()
+        role = Role.RECEIVER if record.direction is Role.SENDER else Role.SENDER
+        host = blocks[0].first_transferring_party
+        terms = self.authorisation_get(host, blocks[0].authorisation_id)
+        books = books_adjustment(
+            role,
+            host_sends=host == sender,
+            first_transfer=record.first_transfer,
+            ndc=terms is not None and Purpose.NDC in terms.purposes,
+        )
+        return expected_adjustments(role, blocks) if books else ()
 
     # -- reconciliation -----------------------------------------------------------------
 
