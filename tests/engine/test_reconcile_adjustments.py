@@ -4,17 +4,30 @@ between two honest registries, and a booking that departs from the rule differs.
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 from collections.abc import Callable
 
 import pytest
 
+from itmolink.core import reconcile as reconcile_module
+from itmolink.core.reconcile import TransferFacts, blocks_leaf
+from itmolink.core.transfer import TransferState
 from itmolink.core.units import FirstTransferDefinition, Purpose
-from itmolink.node.engine import Engine
+from itmolink.crypto.envelope import TrustStore
+from itmolink.crypto.keys import SigningKey
+from itmolink.node.engine import Engine, Partner
+from itmolink.store import open_store
+from itmolink.store import postgres as postgres_module
+from itmolink.store import sqlite as sqlite_module
+from itmolink.store import tx as tx_module
+from itmolink.store.migrate import latest_version, migrations
 from itmolink.store.tx import Tx
 
+from ..conftest import Databases
 from .conftest import Pair
 from .test_oimp import authorise, issue_and_transfer, ledger
-from .test_reconcile import frozen, reconcile
+from .test_reconcile import _summed_afresh, frozen, reconcile
 
 PATHS = [
     ([Purpose.NDC], FirstTransferDefinition.UNSPECIFIED),
@@ -222,3 +235,101 @@ async def test_an_adjustment_booked_where_the_rule_books_none_is_found(pair: Pai
     report = await reconcile(pair, "KOR", "LAO")
     assert [(d.phase, d.subject) for d in report.discrepancies] == [("blocks", transfer_id)]
     assert report.discrepancies[0].frozen_blocks == 1
+
+
+def _schema_5_blocks_leaf(facts: TransferFacts) -> bytes:
+    """The blocks leaf of schema version 5 and before: the adjustments this node
+    booked, with the sender's sign, and no word of the partner's."""
+    parts: list[bytes | str | int] = [facts.transfer_id, facts.sender, facts.receiver]
+    if not facts.moved:
+        return blocks_leaf(facts)
+    parts.append("moved")
+    for block in sorted(facts.blocks):
+        parts += [
+            block.originating_registry, block.serial_start, block.serial_end,
+            int(block.unit_type), block.vintage, block.authorisation_id,
+            block.activity_id, block.cooperative_approach_id, block.first_transferring_party,
+        ]  # fmt: skip
+    own = facts.sender_adjustments + tuple((y, -a) for y, a in facts.receiver_adjustments)
+    for year, amount in sorted(own):
+        parts += [year, amount]
+    return hashlib.sha256(reconcile_module._encode(*parts)).digest()
+
+
+def _engine(database: str, party: str, partner: str, keys: dict[str, SigningKey]) -> Engine:
+    return Engine(
+        party=party,
+        registry=f"{party}-NR",
+        signing_key=keys[party],
+        trust=TrustStore([keys[partner].verifying_key()]),
+        partners=[Partner(partner, f"{partner}-NR", "in-memory")],
+        store=open_store(database, party=party, registry=f"{party}-NR"),
+        default_timeout=dt.timedelta(seconds=60),
+    )
+
+
+async def test_a_ledger_of_schema_5_is_sealed_again_and_reconciles_clean(
+    databases: Databases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 0006 on two ledgers written by schema version 5 (its leaf), on both
+    stores: the false discrepancy of units adjusted at issuance goes, the sums follow."""
+    keys = {party: SigningKey.generate(party) for party in ("LAO", "KOR")}
+    urls = {party: databases.new(party.lower()) for party in ("LAO", "KOR")}
+    with monkeypatch.context() as patch:  # two nodes of schema version 5
+        for module in (sqlite_module, postgres_module):
+            patch.setattr(module, "migrations", lambda: migrations()[:5])
+            patch.setattr(module, "reseal_listed_transfers", lambda store: 0)
+        patch.setattr(tx_module, "blocks_leaf", _schema_5_blocks_leaf)
+        patch.setattr(Tx, "_partner_adjustments", lambda self, record, sender, blocks: ())
+        old = Pair(
+            lao=_engine(urls["LAO"], "LAO", "KOR", keys),
+            kor=_engine(urls["KOR"], "KOR", "LAO", keys),
+            keys=keys,
+        )
+        assert old.lao.store.schema_version() == 5
+        _, plain = issue_and_transfer(
+            old, authorise(old, [Purpose.NDC], FirstTransferDefinition.UNSPECIFIED)
+        )
+        authorisation_id = authorise(old, [Purpose.OIMP], FirstTransferDefinition.AT_ISSUANCE)
+        old.pump()
+        old.lao.issue(authorisation_id=authorisation_id, vintage=2025, quantity=1_000, now=old.now)
+        old.pump()
+        old.lao.amend_authorisation(
+            authorisation_id, {"purposes": frozenset({Purpose.NDC, Purpose.OIMP})}, old.now
+        )
+        old.pump()
+        at_issuance = old.lao.start_transfer(
+            to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=400,
+            now=old.now,
+        )  # fmt: skip
+        old.pump()
+        old.advance(1)
+        report = await reconcile(old, "LAO", "KOR")  # the old leaf's false discrepancy
+        assert [(d.phase, d.subject) for d in report.discrepancies] == [("blocks", at_issuance)]
+        now = old.now
+        old.lao.store.close()
+        old.kor.store.close()
+    pair = Pair(
+        lao=_engine(urls["LAO"], "LAO", "KOR", keys),
+        kor=_engine(urls["KOR"], "KOR", "LAO", keys),
+        keys=keys,
+        now=now,
+    )
+    try:
+        for engine, partner in ((pair.lao, "KOR"), (pair.kor, "LAO")):
+            assert engine.store.schema_version() == latest_version() >= 6
+            with engine.store.transaction() as tx:
+                assert tx._one("SELECT COUNT(*) FROM leaves_to_reseal")[0] == 0
+                snapshot = 2**62
+                for view in ("blocks", "journal"):
+                    root = tx.reconcile_buckets(partner, snapshot, view, "")
+                    assert [(b.prefix, b.count, b.h1, b.h2) for b in root] == _summed_afresh(
+                        tx, partner, snapshot, view, ""
+                    )
+                assert sum(t.transfers for t in tx.reconcile_totals(partner, snapshot)) == 2
+                records = tx.transfers_get([plain, at_issuance])
+                assert {r.state for r in records.values()} == {TransferState.COMPLETED}
+        await assert_clean(pair)
+    finally:
+        pair.lao.store.close()
+        pair.kor.store.close()
