@@ -278,7 +278,6 @@ async def test_a_ledger_of_schema_5_is_sealed_again_and_reconciles_clean(
     with monkeypatch.context() as patch:  # two nodes of schema version 5
         for module in (sqlite_module, postgres_module):
             patch.setattr(module, "migrations", lambda: migrations()[:5])
-            patch.setattr(module, "reseal_listed_transfers", lambda store: 0)
         patch.setattr(tx_module, "blocks_leaf", _schema_5_blocks_leaf)
         patch.setattr(Tx, "_partner_adjustments", lambda self, record, sender, blocks: ())
         old = Pair(
