@@ -237,6 +237,35 @@ async def test_an_adjustment_booked_where_the_rule_books_none_is_found(pair: Pai
     assert report.discrepancies[0].frozen_blocks == 1
 
 
+async def test_a_host_that_calls_a_first_transfer_of_ndc_units_no_first_transfer_is_found(
+    pair: Pair,
+) -> None:
+    """The proposal's first_transfer decides the host's booking only where units may
+    have been adjusted at issuance (OIMP at authorisation or issuance). For NDC-only
+    units the host books its transfer whatever the flag: a host that sends false and
+    books nothing is found by the receiver, which holds the same proposal."""
+    authorisation_id = authorise(pair, [Purpose.NDC], FirstTransferDefinition.UNSPECIFIED)
+    _, transfer_id = issue_and_transfer(pair, authorisation_id)
+
+    def not_a_first_transfer(books: bool) -> Callable[[Tx], None]:
+        def change(tx: Tx) -> None:
+            tx._exec(
+                "UPDATE transfers SET first_transfer = 0 WHERE transfer_id = ?", (transfer_id,)
+            )
+            if not books:
+                tx._exec("DELETE FROM adjustments WHERE transfer_id = ?", (transfer_id,))
+            tx._seal_transfer(transfer_id)
+
+        return change
+
+    rewrite(pair.lao, not_a_first_transfer(books=False))
+    rewrite(pair.kor, not_a_first_transfer(books=True))  # the flag as the receiver got it
+    pair.advance(1)
+    report = await reconcile(pair, "KOR", "LAO")
+    assert [(d.phase, d.subject) for d in report.discrepancies] == [("blocks", transfer_id)]
+    assert report.discrepancies[0].frozen_blocks == 1
+
+
 def _schema_5_blocks_leaf(facts: TransferFacts) -> bytes:
     """The blocks leaf of schema version 5 and before: the adjustments this node
     booked, with the sender's sign, and no word of the partner's."""

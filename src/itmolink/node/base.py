@@ -45,7 +45,12 @@ from itmolink.core.actions import (
     FirstTransferTrigger,
     first_transfer_triggers,
 )
-from itmolink.core.adjustments import AdjustmentEntry, adjustments_for, books_adjustment
+from itmolink.core.adjustments import (
+    AdjustmentEntry,
+    adjustments_for,
+    books_adjustment,
+    oimp_at_issuance,
+)
 from itmolink.core.aef import ActionSubtype
 from itmolink.core.authorisation import (
     Authorisation,
@@ -591,11 +596,12 @@ class EngineBase:
         """Whether this party books an adjustment for a transfer of ``blocks``
         (core.adjustments.books_adjustment, the rule the reconciliation leaves state).
 
-        The host books its first transfer when it happens: for its own transfer,
-        exactly when the proposal says it is the first transfer (``first_transfer``,
-        the flag it recorded; before proposing, what the flag would be); an acquiring
-        party subtracts, and gives back when it transfers onward, only units
-        authorised for use toward an NDC.
+        The host books its first transfer when it happens: for its own transfer of
+        units authorised for NDC use, unless they were first transferred at issuance
+        already, which the proposal's flag says where the authorisation allows it
+        (``first_transfer``, the flag it recorded; before proposing, what the flag
+        would be); an acquiring party subtracts, and gives back when it transfers
+        onward, only units authorised for use toward an NDC.
         """
         if not blocks:
             return False
@@ -609,6 +615,9 @@ class EngineBase:
             host_sends=host_sends,
             first_transfer=bool(first_transfer),
             ndc=Purpose.NDC in authorisation.terms.purposes,
+            oimp_at_issuance=oimp_at_issuance(
+                authorisation.terms.purposes, authorisation.first_transfer_definition
+            ),
         )
 
     def _adjustment_entries(
@@ -876,16 +885,17 @@ class EngineBase:
     def _first_transfer(self, tx: Tx, authorisation_id: str, blocks: Sequence[Block]) -> bool:
         """Whether a transfer of ``blocks`` is their first transfer (§5.8, "Sender").
 
-        Not for units first transferred already at issuance, at authorisation or at a
-        use (their adjustment is booked): that can happen only under an authorisation
-        that includes OIMP and was amended to add NDC after the units were issued.
+        Not for units first transferred already at issuance (their adjustment is
+        booked): that happens only under an authorisation for OIMP first transferred at
+        authorisation or issuance, amended to add NDC after the units were issued
+        (units the host first transferred by using them are no longer held).
         """
         if not all(b.first_transferring_party == self.party for b in blocks):
             return False
         authorisation = self._authorisation(tx, self.party, authorisation_id)
         if self._ca_point(authorisation) != "transfer":
             return False
-        if Purpose.OIMP in authorisation.terms.purposes:
+        if oimp_at_issuance(authorisation.terms.purposes, authorisation.first_transfer_definition):
             return not any(tx.serials_first_transferred(b) for b in blocks)
         return True
 

@@ -14,7 +14,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from itmolink.core.adjustments import AdjustmentEntry, books_adjustment, expected_adjustments
+from itmolink.core.adjustments import (
+    AdjustmentEntry,
+    books_adjustment,
+    expected_adjustments,
+    oimp_at_issuance,
+)
 from itmolink.core.blocks import Block
 from itmolink.core.journal import (
     GENESIS_HASH,
@@ -1833,12 +1838,15 @@ class Tx:
             return ()
         role = Role.RECEIVER if record.direction is Role.SENDER else Role.SENDER
         host = blocks[0].first_transferring_party
-        terms = self.authorisation_get(host, blocks[0].authorisation_id)
+        latest = self.authorisation_latest(host, blocks[0].authorisation_id)
+        purposes = frozenset() if latest is None else latest[0].purposes
+        definition = 0 if latest is None else int(latest[1]["first_transfer_definition"])
         books = books_adjustment(
             role,
             host_sends=host == sender,
             first_transfer=record.first_transfer,
-            ndc=terms is not None and Purpose.NDC in terms.purposes,
+            ndc=Purpose.NDC in purposes,
+            oimp_at_issuance=oimp_at_issuance(purposes, definition),
         )
         return expected_adjustments(role, blocks) if books else ()
 
