@@ -308,7 +308,7 @@ async def test_a_ledger_of_schema_5_is_sealed_again_and_reconciles_clean(
         for module in (sqlite_module, postgres_module):
             patch.setattr(module, "migrations", lambda: migrations()[:5])
         patch.setattr(tx_module, "blocks_leaf", _schema_5_blocks_leaf)
-        patch.setattr(Tx, "_partner_adjustments", lambda self, record, sender, blocks: ())
+        patch.setattr(Tx, "_partner_adjustments", lambda self, record, sender, blocks, versions=None: ())
         old = Pair(
             lao=_engine(urls["LAO"], "LAO", "KOR", keys),
             kor=_engine(urls["KOR"], "KOR", "LAO", keys),
@@ -322,6 +322,12 @@ async def test_a_ledger_of_schema_5_is_sealed_again_and_reconciles_clean(
         old.pump()
         old.lao.issue(authorisation_id=authorisation_id, vintage=2025, quantity=1_000, now=old.now)
         old.pump()
+        before_ndc = old.lao.start_transfer(  # OIMP only then: neither side books
+            to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=100,
+            now=old.now,
+        )  # fmt: skip
+        old.pump()
+        old.advance(1)
         old.lao.amend_authorisation(
             authorisation_id, {"purposes": frozenset({Purpose.NDC, Purpose.OIMP})}, old.now
         )
@@ -354,8 +360,8 @@ async def test_a_ledger_of_schema_5_is_sealed_again_and_reconciles_clean(
                     assert [(b.prefix, b.count, b.h1, b.h2) for b in root] == _summed_afresh(
                         tx, partner, snapshot, view, ""
                     )
-                assert sum(t.transfers for t in tx.reconcile_totals(partner, snapshot)) == 2
-                records = tx.transfers_get([plain, at_issuance])
+                assert sum(t.transfers for t in tx.reconcile_totals(partner, snapshot)) == 3
+                records = tx.transfers_get([plain, before_ndc, at_issuance])
                 assert {r.state for r in records.values()} == {TransferState.COMPLETED}
         await assert_clean(pair)
     finally:

@@ -1691,7 +1691,9 @@ class Tx:
         their state, rejection and acceptance digest are written too, in the same
         statement (:meth:`transfers_set_state`). ``retotal`` false: the records were
         sealed already with the same blocks (a leaf defined anew, migration 0006), so
-        the reconciliation totals stand; only the leaves and their sums change."""
+        the reconciliation totals stand; only the leaves and their sums change, and
+        the partner's adjustment follows the authorisation as it stood when each
+        became final (:meth:`_partner_adjustments`)."""
         me = self.meta_get("party") or ""
         transfer_ids = [r.transfer_id for r in records]
         by_id = {r.transfer_id: r for r in records}
@@ -1703,6 +1705,11 @@ class Tx:
         # Records are read from the ledger in this transaction (_transfer): what an
         # earlier seal added to the sums is in each one's sealed_sums.
         before = {r.transfer_id: r.sealed_sums for r in records if r.sealed_sums is not None}
+        # Sealing again what was sealed long ago (migration 0006): each transfer's rule
+        # by the authorisation as it stood here when the transfer became final.
+        versions: dict[tuple[str, str], list[tuple[AuthorisationTerms, dict[str, Any]]]] | None = (
+            None if retotal else {}
+        )
         leaves: list[tuple[Any, ...]] = []
         buckets: dict[tuple[str, str], list[int]] = {}
         totals: dict[tuple[str, str, int, int, str], list[int]] = {}
@@ -1717,7 +1724,7 @@ class Tx:
             moved_blocks = tuple(blocks_of[transfer_id]) if moved else ()
             # This node's own entries, as booked; the partner's as the rule gives them.
             own = tuple(adjustments_of[transfer_id]) if moved else ()
-            other = self._partner_adjustments(record, sender, moved_blocks)
+            other = self._partner_adjustments(record, sender, moved_blocks, versions)
             facts = TransferFacts(
                 transfer_id=transfer_id,
                 sender=sender,
@@ -1828,17 +1835,36 @@ class Tx:
         return len(ids)
 
     def _partner_adjustments(
-        self, record: TransferRecord, sender: str, blocks: Sequence[Block]
+        self,
+        record: TransferRecord,
+        sender: str,
+        blocks: Sequence[Block],
+        versions: dict[tuple[str, str], list[tuple[AuthorisationTerms, dict[str, Any]]]]
+        | None = None,
     ) -> tuple[tuple[int, int], ...]:
         """The (year, amount) pairs the partner books for a completed transfer by the
         rule of §6.6 (core.adjustments.books_adjustment), from facts both sides hold:
         the blocks, the proposal's ``first_transfer`` and the authorisation's purposes
-        (the latest version recorded here, read once per transaction)."""
+        (the latest version recorded here, read once per transaction).
+
+        ``versions`` (sealing again a transfer final for some time: migration 0006):
+        the version that was the latest here when the transfer became final (its
+        ``updated_at``), as a seal at that time read it; every version of each
+        authorisation is read once into this cache."""
         if not blocks:
             return ()
         role = Role.RECEIVER if record.direction is Role.SENDER else Role.SENDER
         host = blocks[0].first_transferring_party
-        latest = self.authorisation_latest(host, blocks[0].authorisation_id)
+        key = (host, blocks[0].authorisation_id)
+        latest: tuple[AuthorisationTerms, dict[str, Any]] | None
+        if versions is None:
+            latest = self.authorisation_latest(*key)
+        else:
+            if key not in versions:
+                versions[key] = self.authorisation_versions(*key)
+            known = versions[key]
+            then = [v for v in known if int(v[1]["created_at"]) <= record.updated_at]
+            latest = then[-1] if then else (known[0] if known else None)
         purposes = frozenset() if latest is None else latest[0].purposes
         definition = 0 if latest is None else int(latest[1]["first_transfer_definition"])
         books = books_adjustment(
