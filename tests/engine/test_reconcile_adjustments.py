@@ -308,7 +308,9 @@ async def test_a_ledger_of_schema_5_is_sealed_again_and_reconciles_clean(
         for module in (sqlite_module, postgres_module):
             patch.setattr(module, "migrations", lambda: migrations()[:5])
         patch.setattr(tx_module, "blocks_leaf", _schema_5_blocks_leaf)
-        patch.setattr(Tx, "_partner_adjustments", lambda self, record, sender, blocks, versions=None: ())
+        patch.setattr(
+            Tx, "_partner_adjustments", lambda self, record, sender, blocks, versions=None: ()
+        )
         old = Pair(
             lao=_engine(urls["LAO"], "LAO", "KOR", keys),
             kor=_engine(urls["KOR"], "KOR", "LAO", keys),
