@@ -2074,16 +2074,27 @@ async def t_totals(ctx: Context) -> None:
 
 def _adjustment_diagnosis(record: KitTransfer, got: bytes) -> str:
     """What the target booked for a completed transfer whose blocks leaf differs,
-    when it is a wrong corresponding adjustment (§6.6)."""
+    when it is a wrong corresponding adjustment (§6.6). The target states its own
+    role's entries from its ledger (§11.4), so each wrong booking is tried for
+    either role, the other role's entries as expected."""
     expected = record.expected_adjustments()
-    variants = {
-        "no adjustment": (),
-        "the adjustment twice": tuple(sorted(expected * 2)),
-        "the adjustment with the wrong sign": tuple((y, -a) for y, a in expected),
-    }
-    for name, adjustments in variants.items():
-        if blocks_leaf(record.facts(adjustments)) == got:
-            return f": the target books {name} (expected one entry per vintage, {expected})"
+    receiver = tuple(sorted((y, -a) for y, a in expected))
+    for role, mine in (("sender", expected), ("receiver", receiver)):
+        variants = {
+            "no adjustment": (),
+            "the adjustment twice": tuple(sorted(mine * 2)),
+            "the adjustment with the wrong sign": tuple(sorted((y, -a) for y, a in mine)),
+        }
+        for name, booked in variants.items():
+            facts = (
+                record.facts(booked, receiver) if role == "sender"
+                else record.facts(expected, booked)
+            )  # fmt: skip
+            if blocks_leaf(facts) == got:
+                return (
+                    f": the target books {name} (as the {role}; expected one entry per "
+                    f"vintage, {mine})"
+                )
     return ": other blocks or adjustments"
 
 
@@ -2092,7 +2103,7 @@ def _adjustment_diagnosis(record: KitTransfer, got: bytes) -> str:
     4,
     "§11.4, §6.6",
     "every final transfer's blocks leaf equals the kit's (for a completed transfer, it holds "
-    "its one corresponding adjustment per vintage)",
+    "the sender's and the receiver's corresponding adjustments, one per vintage each)",
 )
 async def t_blocks_leaves(ctx: Context) -> None:
     leaves = await _leaves(ctx, reconcile_pb2.RECONCILIATION_VIEW_BLOCKS)

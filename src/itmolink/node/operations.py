@@ -960,10 +960,8 @@ class Operations(EngineBase):
                 # What is left, in serial order: the split tail, then the blocks untouched.
                 pools[key] = (originals, remainders + current[len(taken) :])
                 self._check_booking(tx, Role.SENDER, taken)
-                if all(b.first_transferring_party == self.party for b in taken) and (
-                    self._ca_point(self._authorisation(tx, host, request.authorisation_id))
-                    == "transfer"
-                ):
+                if self._first_transfer(tx, request.authorisation_id, taken):
+                    # Only where the host books (not for units first transferred already).
                     self._check_threshold(tx, terms, request.vintage, request.quantity, pending)
             except Rejected as rejected:
                 if len(requests) == 1:
