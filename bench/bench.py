@@ -445,7 +445,9 @@ def fill_ledger(path: Path, party: str, partner: str, transfers: int) -> None:
             )  # fmt: skip
             digest_p = hashlib.sha256(b"p" + transfer_id.encode()).digest()
             digest_a = hashlib.sha256(b"a" + transfer_id.encode()).digest()
-            facts = TransferFacts(transfer_id, "LAO", "KOR", True, (block,), (), digest_p, digest_a)
+            facts = TransferFacts(
+                transfer_id, "LAO", "KOR", True, (block,), (), (), digest_p, digest_a
+            )
             b_leaf, j_leaf = blocks_leaf(facts), journal_leaf(facts)
             (b1, b2), (j1, j2) = slices(b_leaf), slices(j_leaf)
             values = ("LAO-NR", i * 10 + 1, i * 10 + 10, int(UnitType.ITMO), 2025, "LAO-SOLAR",

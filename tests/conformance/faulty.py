@@ -100,6 +100,17 @@ class IgnoresRevocations(Engine):
         self.trust = TrustStore(self.trust.all())  # the same keys, none revoked
 
 
+class RevocationsDoNotCascade(Engine):
+    """Revokes the listed keys only, whatever compromised_since says."""
+
+    def _load_trust(self, tx: Tx) -> None:
+        super()._load_trust(tx)
+        trust = TrustStore(self.trust.all())
+        for key_id in tx.revoked_keys():
+            trust.revoke(key_id)
+        self.trust = trust
+
+
 class RefusesEarlyRevocations(Engine):
     """Refuses, as the reference did before, to revoke a key it does not pin yet."""
 
@@ -375,6 +386,31 @@ def _records_then_rate_limits(node: Node) -> None:
         return reply
 
     node.admit = lambda party: True  # type: ignore[method-assign]
+    node.engine.handle_delivery = handle_delivery  # type: ignore[method-assign]
+
+
+def _no_transfer_budget(node: Node) -> None:
+    """Takes every proposal, whatever the number of transfers its partners propose."""
+    node.engine._take_transfer_items = lambda sender, msg, now_us: None  # type: ignore[method-assign]
+
+
+def _records_then_over_budget(node: Node) -> None:
+    """Applies a proposal, then refuses it over the transfer budget: the step is recorded
+    (its savepoint released in the group) but the call ends RESOURCE_EXHAUSTED."""
+    take = node.engine._take_transfer_items
+    handle = node.engine.handle_delivery
+    taken: list[tuple[str, Any, int]] = []
+
+    def handle_delivery(peer_party: str, raw: bytes, now: dt.datetime) -> bytes:
+        taken.clear()
+        reply = handle(peer_party, raw, now)
+        for args in taken:
+            take(*args)  # raises RateLimited over the budget, after recording
+        return reply
+
+    node.engine._take_transfer_items = (  # type: ignore[method-assign]
+        lambda sender, msg, now_us: taken.append((sender, msg, now_us))
+    )
     node.engine.handle_delivery = handle_delivery  # type: ignore[method-assign]
 
 
@@ -677,6 +713,11 @@ VARIANTS = [
             "1.17-key-rotation",
             "REJECTION_CODE_SIGNING_KEY_REVOKED (1010), got TransferStatusReport",
             lambda n: _swap(n, IgnoresRevocations)),
+    Variant("revocation-does-not-cascade", "buyer",
+            "keeps the keys announced with a key revoked as compromised",
+            "1.21-revocation-cascade",
+            "REJECTION_CODE_SIGNING_KEY_REVOKED (1010), got TransferStatusReport",
+            lambda n: _swap(n, RevocationsDoNotCascade)),
     Variant("refuses-early-revocation", "buyer", "refuses to revoke a key it does not pin yet",
             "1.19-revocation-before-announcement",
             "expected KeyRotationAcknowledgement",
@@ -693,6 +734,13 @@ VARIANTS = [
     Variant("records-rate-limited", "buyer", "records a request, then answers it rate limited",
             "1.20-rate-limit", "so the refused call was recorded",
             _records_then_rate_limits),
+    Variant("no-transfer-budget", "buyer", "takes every proposal, whatever its partners' budget",
+            "3.22-transfer-budget", "none was refused",
+            _no_transfer_budget),
+    Variant("records-over-budget", "buyer", "records a batch, then refuses it over the budget",
+            "3.22-transfer-budget",
+            "is TRANSFER_STATE_REJECTED at the target, not TRANSFER_STATE_UNKNOWN",
+            _records_then_over_budget),
     Variant("accepts-replay", "buyer", "accepts a replayed old message (no sent_at window)",
             "1.13-stale-sent-at",
             "REJECTION_CODE_SENT_AT_OUT_OF_WINDOW (5003), got TransferStatusReport",

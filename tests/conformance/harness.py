@@ -88,8 +88,10 @@ def prepare(tmp: Path, *, act_within: float = 15.0) -> Setup:
     kit_config.write_text(
         f'[kit]\nkeys = "kit"\nlisten = "127.0.0.1:{kit_port}"\n\n'
         f'[target]\ncard = "target/pki/card.toml"\nact_within_seconds = {act_within}\n'
-        # The node's default [limits] rate (test 1.20 runs only when it is given).
-        + "rate_per_second = 100\nrate_burst = 200\n\n"
+        # The node's default [limits] rate and transfer budget (tests 1.20 and 3.22 run
+        # only when they are given).
+        + "rate_per_second = 100\nrate_burst = 200\n"
+        + "transfer_items_per_second = 1000\ntransfer_items_burst = 2000\n\n"
         f"[driver]\n{driver}\n\n"
         f'[driver.vars]\nitmolink = "{ITMOLINK}"\nnode_config = "{node_config}"\n'
     )

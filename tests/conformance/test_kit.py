@@ -129,7 +129,9 @@ def test_protocol_md_and_readme_give_the_number_of_variants() -> None:
     words = {
         23: "twenty-three", 24: "twenty-four", 25: "twenty-five", 26: "twenty-six",
         27: "twenty-seven", 28: "twenty-eight", 29: "twenty-nine", 30: "thirty",
-        31: "thirty-one", 32: "thirty-two",
+        31: "thirty-one", 32: "thirty-two", 33: "thirty-three", 34: "thirty-four",
+        35: "thirty-five", 36: "thirty-six", 37: "thirty-seven", 38: "thirty-eight",
+        39: "thirty-nine", 40: "forty",
     }  # fmt: skip
     root = Path(__file__).resolve().parents[2]
     number = words[len(VARIANTS)]

@@ -167,6 +167,29 @@ def test_the_configuration_refuses_a_wait_that_is_not_positive(tmp_path: Path) -
     assert load_kit_config(setup.kit_config).driver_timeout_seconds == 600.0
 
 
+@pytest.mark.parametrize(
+    ("edit", "error"),
+    [
+        (("rate_burst = 200\n", ""), r"give both rate_per_second and rate_burst, or none"),
+        (("transfer_items_burst = 2000\n", ""),
+         r"give both transfer_items_per_second and transfer_items_burst, or none"),
+        (("transfer_items_per_second = 1000", "transfer_items_per_second = 0"),
+         r"transfer_items_per_second must be positive"),
+    ],
+)  # fmt: skip
+def test_the_configuration_takes_an_agreed_rate_or_budget_whole(
+    tmp_path: Path, edit: tuple[str, str], error: str
+) -> None:
+    setup = prepare(tmp_path)
+    text = setup.kit_config.read_text()
+    config = load_kit_config(setup.kit_config)
+    assert (config.transfer_items_per_second, config.transfer_items_burst) == (1000, 2000)
+    assert edit[0] in text
+    setup.kit_config.write_text(text.replace(*edit))
+    with pytest.raises(KitConfigError, match=error):
+        load_kit_config(setup.kit_config)
+
+
 def test_role_host_without_driver_commands_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

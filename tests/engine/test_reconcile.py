@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from itmolink.core.blocks import Block
+from itmolink.core.rules import AuthorisationTerms
 from itmolink.core.transfer import Role, TransferState
-from itmolink.core.units import UnitType
+from itmolink.core.units import Purpose, UnitType
 from itmolink.node.engine import Engine
 from itmolink.node.reconciliation import Reconciliation, Report
 from itmolink.store.tx import Tx
@@ -147,6 +148,18 @@ def _synthetic(pair: Pair, count: int) -> list[str]:
         with engine.store.transaction() as tx:
             evidence = tx.journal(direction="in", partner="x", message_id=f"e-{direction.value}",
                                   payload_type="t", envelope=b"", now=0)  # fmt: skip
+            # Both ledgers know the authorisation: the leaves state the partner's
+            # adjustment by its purposes (§11.4).
+            tx.authorisation_put(
+                AuthorisationTerms(
+                    authorisation_id="AUTH", version=1, host_party="LAO", activity_id="A",
+                    cooperative_approach_id="CA", acquiring_parties=frozenset({"KOR"}),
+                    purposes=frozenset({Purpose.NDC}), vintage_from=2021, vintage_to=2030,
+                    quantity_cap=0, unit_type=UnitType.ITMO,
+                ),
+                activity_name="", activity_description="", oimp_detail="",
+                first_transfer_definition=0, now=0,
+            )  # fmt: skip
             for i in range(count):
                 transfer_id = f"LAO-T-S{i:07d}"
                 block = Block("LAO-NR", 10 * i + 1, 10 * i + 10, UnitType.ITMO, 2025, "A", "AUTH",

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from itmolink.cli.main import EXIT_REFUSED, main
+from itmolink.crypto.pki import PartnerCard
 
 from .conftest import Registry, eventually
 
@@ -346,7 +347,9 @@ async def test_an_operator_gives_up_a_rotation_a_partner_never_answered(
         assert code == 0, err
         assert given_up in out
         assert not (keys / f"signing-{given_up}.key").exists()
-        assert given_up not in (keys / "card.toml").read_text()
+        card = PartnerCard.load(keys / "card.toml")  # listed as revoked, not as a key
+        assert given_up not in [k.key_id for k in card.signing_keys]
+        assert given_up in [r.key_id for r in card.revoked_keys]
         assert lao.node.engine.pending_key is None
         code, _, err = await cli(
             capsys, "keys", "cancel-rotation", "--config", str(lao.config_path)

@@ -9,10 +9,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from itmolink.core.adjustments import METHOD_VINTAGE_YEAR, AdjustmentEntry, adjustments_for
+from itmolink.core.adjustments import (
+    METHOD_VINTAGE_YEAR,
+    AdjustmentEntry,
+    adjustments_for,
+    books_adjustment,
+    expected_adjustments,
+    oimp_at_issuance,
+)
 from itmolink.core.blocks import Block
 from itmolink.core.transfer import Role
-from itmolink.core.units import UnitType
+from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
 
 
 def block(start: int, end: int, **changes: object) -> Block:
@@ -157,3 +164,59 @@ def test_adjustments_balance_and_match_the_adjusted_units(blocks: list[Block]) -
     assert len(out) == len(amounts(out))
     assert all(e.amount > 0 for e in out)
     assert all(e.amount < 0 for e in in_)
+
+
+@pytest.mark.parametrize(
+    ("role", "host_sends", "first_transfer", "ndc", "at_issuance", "books"),
+    [
+        # The receiver, and an onward sender, book units authorised for NDC use only.
+        (Role.RECEIVER, True, True, True, False, True),
+        (Role.RECEIVER, True, False, True, True, True),
+        (Role.RECEIVER, True, False, False, True, False),
+        (Role.SENDER, False, False, True, False, True),
+        (Role.SENDER, False, True, False, False, False),
+        # The host books NDC units at their transfer, whatever the flag says...
+        (Role.SENDER, True, True, True, False, True),
+        (Role.SENDER, True, False, True, False, True),
+        # ...unless they may have been adjusted at issuance: then the flag tells.
+        (Role.SENDER, True, True, True, True, True),
+        (Role.SENDER, True, False, True, True, False),
+        # OIMP-only units: never at the transfer.
+        (Role.SENDER, True, True, False, True, False),
+        (Role.SENDER, True, False, False, False, False),
+    ],
+)
+def test_who_books_for_a_transfer(
+    role: Role, host_sends: bool, first_transfer: bool, ndc: bool, at_issuance: bool, books: bool
+) -> None:
+    found = books_adjustment(
+        role, host_sends=host_sends, first_transfer=first_transfer, ndc=ndc,
+        oimp_at_issuance=at_issuance,
+    )  # fmt: skip
+    assert found is books
+
+
+def test_only_oimp_first_transferred_at_authorisation_or_issuance_is_adjusted_at_issuance() -> None:
+    for definition in FirstTransferDefinition:
+        expected = definition in (
+            FirstTransferDefinition.AT_AUTHORISATION,
+            FirstTransferDefinition.AT_ISSUANCE,
+        )
+        assert oimp_at_issuance([Purpose.NDC, Purpose.OIMP], definition) is expected
+        assert oimp_at_issuance([Purpose.OIMP], definition) is expected
+        assert oimp_at_issuance([Purpose.NDC], definition) is False
+
+
+def test_the_expected_pairs_are_what_each_side_books() -> None:
+    blocks = [
+        block(1, 10),
+        block(11, 15, vintage=2024),
+        block(16, 20, unit_type=UnitType.A6_4ER_MITIGATION_CONTRIBUTION),
+    ]
+    for role in Role:
+        booked = adjustments_for(role, "LAO", "KOR", "LAO-T-1", blocks)
+        assert expected_adjustments(role, blocks) == tuple(
+            sorted((e.year, e.amount) for e in booked)
+        )
+    assert expected_adjustments(Role.SENDER, blocks) == ((2023, 10), (2024, 5))
+    assert expected_adjustments(Role.RECEIVER, blocks) == ((2023, -10), (2024, -5))

@@ -559,6 +559,19 @@ def cmd_unfreeze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _aware_datetime(text: str) -> dt.datetime:
+    """An ISO 8601 date-time with an offset, for argparse."""
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 date-time") from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no offset: give one, e.g. 2027-03-01T00:00:00Z"
+        )
+    return moment.astimezone(dt.UTC)
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     stub = _admin(args)
     if args.keys_command == "rotate":
@@ -568,12 +581,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
             "with it once all have acknowledged it ('itmolink keys list' shows when)"
         )
     elif args.keys_command == "revoke":
-        _call(
-            stub.RevokeSigningKey,
-            admin_pb2.RevokeSigningKeyRequest(key_id=args.key_id, partner=args.partner or ""),
-        )
+        request = admin_pb2.RevokeSigningKeyRequest(key_id=args.key_id, partner=args.partner or "")
+        if args.compromised_since is not None:
+            request.compromised_since.FromDatetime(args.compromised_since)
+        _call(stub.RevokeSigningKey, request)
         where = f"{args.partner}'s key, here" if args.partner else "at every partner"
-        print(f"signing key {args.key_id} revoked ({where})")
+        cascade = (
+            f"; with the keys announced with it since {args.compromised_since.isoformat()}"
+            if args.compromised_since is not None
+            else ""
+        )
+        print(f"signing key {args.key_id} revoked ({where}){cascade}")
     elif args.keys_command == "cancel-rotation":
         response = _call(stub.CancelKeyRotation, admin_pb2.CancelKeyRotationRequest())
         print(
@@ -1023,6 +1041,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(revoke)
     revoke.add_argument("--key-id", required=True)
     revoke.add_argument("--partner", help="revoke this partner's key here only")
+    revoke.add_argument(
+        "--compromised-since",
+        type=_aware_datetime,
+        metavar="TIME",
+        help="the key was stolen, at the latest at TIME (ISO 8601 with an offset, e.g. "
+        "2027-03-01T00:00:00Z): the keys announced in-band with it at or after TIME are "
+        "revoked with it, transitively. Without it the key is retired and only it is revoked",
+    )
     revoke.set_defaults(func=cmd_keys)
     cancel = keys.add_parser(
         "cancel-rotation",

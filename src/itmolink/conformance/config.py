@@ -45,6 +45,10 @@ class KitConfig:
     # test 1.20 checks its rate limit when both are given.
     rate_per_second: int = 0
     rate_burst: int = 0
+    # The target's agreed transfer budget (its [limits] transfer_items_per_second and
+    # transfer_items_burst): test 3.22 checks it, in role buyer, when both are given.
+    transfer_items_per_second: int = 0
+    transfer_items_burst: int = 0
     # How long a driver command may run (a command may wait for a person).
     driver_timeout_seconds: float = 60.0
     # Driver commands by action name, and the user's own placeholder values.
@@ -115,6 +119,8 @@ def load_kit_config(path: Path | str) -> KitConfig:
             act_within_seconds=float(target.get("act_within_seconds", 20.0)),
             rate_per_second=int(target.get("rate_per_second", 0)),
             rate_burst=int(target.get("rate_burst", 0)),
+            transfer_items_per_second=int(target.get("transfer_items_per_second", 0)),
+            transfer_items_burst=int(target.get("transfer_items_burst", 0)),
             driver_timeout_seconds=float(kit.get("driver_timeout_seconds", 60.0)),
             driver=commands,
             driver_vars={str(k): str(v) for k, v in variables.items()},
@@ -129,12 +135,16 @@ def load_kit_config(path: Path | str) -> KitConfig:
     ):
         if not value > 0:
             raise KitConfigError(f"{path}: [{table}] {key} must be positive, not {value}")
-    for key in ("rate_per_second", "rate_burst"):
-        value = getattr(config, key)
-        if key in target and not value > 0:
-            raise KitConfigError(f"{path}: [target] {key} must be positive, not {value}")
-    if bool(config.rate_per_second) != bool(config.rate_burst):
-        raise KitConfigError(f"{path}: [target] give both rate_per_second and rate_burst, or none")
+    for first, second in (
+        ("rate_per_second", "rate_burst"),
+        ("transfer_items_per_second", "transfer_items_burst"),
+    ):
+        for key in (first, second):
+            value = getattr(config, key)
+            if key in target and not value > 0:
+                raise KitConfigError(f"{path}: [target] {key} must be positive, not {value}")
+        if bool(getattr(config, first)) != bool(getattr(config, second)):
+            raise KitConfigError(f"{path}: [target] give both {first} and {second}, or none")
     return config
 
 

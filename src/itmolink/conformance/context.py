@@ -66,23 +66,33 @@ class KitTransfer:
     # transfer is their use (§5.5.3, §6.6), which a first-transfer notice adjusts later.
     adjusted: bool = True
 
-    def facts(self, adjustments: tuple[tuple[int, int], ...] | None = None) -> TransferFacts:
+    def facts(
+        self,
+        adjustments: tuple[tuple[int, int], ...] | None = None,
+        receiver_adjustments: tuple[tuple[int, int], ...] | None = None,
+    ) -> TransferFacts:
+        """The transfer's facts (§11.4). ``adjustments``: the sender's pairs, and
+        ``receiver_adjustments`` the receiver's, when not the expected ones (the
+        receiver's default to the negatives of the sender's)."""
         if adjustments is None:
             adjustments = self.expected_adjustments()
+        if receiver_adjustments is None:
+            receiver_adjustments = tuple(sorted((y, -a) for y, a in adjustments))
         return TransferFacts(
             transfer_id=self.transfer_id,
             sender=self.sender,
             receiver=self.receiver,
             moved=self.moved,
             blocks=self.blocks if self.moved else (),
-            adjustments=adjustments if self.moved else (),
+            sender_adjustments=adjustments if self.moved else (),
+            receiver_adjustments=receiver_adjustments if self.moved else (),
             proposal_digest=self.proposal_digest,
             acceptance_digest=self.acceptance_digest,
         )
 
     def expected_adjustments(self) -> tuple[tuple[int, int], ...]:
         """One entry per vintage, the quantity as the sender books it (§6.6, §11.4),
-        for a transfer that carries adjustments."""
+        for a transfer that carries adjustments; the receiver books the negatives."""
         if not self.adjusted:
             return ()
         by_year: dict[int, int] = {}

@@ -499,6 +499,67 @@ async def _authorise_at_target(ctx: Context, suffix: str) -> str:
     return str(statement.authorisation_id)
 
 
+async def _announce_with(ctx: Context, key: SigningKey | None, what: str) -> SigningKey:
+    """Announce a new key of the kit's party in a KeyRotation signed by ``key`` (the
+    kit's own key if None); returns it."""
+    new = SigningKey.generate(ctx.kit)
+    record = keys_pb2.SigningKeyRecord(
+        key_id=new.key_id, public_key=new.verifying_key().public_bytes
+    )
+    rotation = keys_pb2.KeyRotation(rotation_id=new.key_id, new_key=record)
+    reply = await (ctx.link.send(rotation) if key is None else ctx.link.send(rotation, key=key))
+    ctx.expect(reply, keys_pb2.KeyRotationAcknowledgement, what)
+    return new
+
+
+@kit_test(
+    "1.21-revocation-cascade",
+    1,
+    "§5.12 KR3, §3.8",
+    "a revocation with compromised_since revokes the keys announced with the key, "
+    "transitively (1010); one without it revokes the key alone",
+)
+async def t_revocation_cascade(ctx: Context) -> None:
+    retired = await _announce_with(ctx, None, "the announcement of a key to retire")
+    kept = await _announce_with(ctx, retired, "a key announced with the key to retire")
+    stolen = await _announce_with(ctx, None, "the announcement of a key to be stolen")
+    thief = await _announce_with(ctx, stolen, "a key announced with the stolen key")
+    thiefs_next = await _announce_with(ctx, thief, "a key announced with that key")
+    retirement = keys_pb2.KeyRotation(
+        rotation_id=f"revoke-{retired.key_id}", revoked_key_ids=[retired.key_id]
+    )
+    ctx.expect(
+        await ctx.link.send(retirement), keys_pb2.KeyRotationAcknowledgement,
+        "a revocation without compromised_since",
+    )  # fmt: skip
+    ctx.expect(
+        await ctx.link.send(_status_query(ctx), key=kept),
+        transfer_pb2.TransferStatusReport,
+        "a query signed with a key announced with a key revoked without compromised_since "
+        "(only the listed key is revoked)",
+    )
+    # Compromised since long before the announcements, by the target's clock too.
+    compromise = keys_pb2.KeyRotation(
+        rotation_id=f"revoke-{stolen.key_id}", revoked_key_ids=[stolen.key_id],
+        compromised_since=timestamp(to_us(dt.datetime(2000, 1, 1, tzinfo=dt.UTC))),
+    )  # fmt: skip
+    ctx.expect(
+        await ctx.link.send(compromise), keys_pb2.KeyRotationAcknowledgement,
+        "a revocation with compromised_since",
+    )  # fmt: skip
+    for key, what in (
+        (thief, "a key announced with the compromised key"),
+        (thiefs_next, "a key announced with a key that fell with the compromised key"),
+    ):
+        reply = await ctx.link.send(_status_query(ctx), key=key)
+        ctx.expect_rejection(reply, C.REJECTION_CODE_SIGNING_KEY_REVOKED, what, recorded=False)
+    ctx.expect(
+        await ctx.link.send(_status_query(ctx)),
+        transfer_pb2.TransferStatusReport,
+        "a query signed with the kit's own key, which announced the compromised key",
+    )
+
+
 @kit_test(
     "2.01-authorisation-acknowledged",
     2,
@@ -1847,6 +1908,90 @@ async def t_b_batch_refused(ctx: Context) -> None:
     )
 
 
+@kit_test(
+    "3.22-transfer-budget",
+    3,
+    "§2.5, §5.2 D8b, §5.15",
+    "over its agreed transfer budget the target refuses a batch whole with RESOURCE_EXHAUSTED "
+    "and 2009, no reply, nothing recorded; the same batch is taken once the budget refilled",
+    ("buyer",),
+)
+async def t_b_transfer_budget(ctx: Context) -> None:
+    rate, burst = ctx.config.transfer_items_per_second, ctx.config.transfer_items_burst
+    if not (rate and burst):
+        raise NotRunnable(
+            "no [target] transfer_items_per_second and transfer_items_burst in the configuration"
+        )
+    authorisation = ctx.needs("auth", "2.01")
+    # Expired batches of 1,000 items: each takes 1,000 transfers of the budget at D8b,
+    # before B2 refuses it whole (3011, every item recorded REJECTED), so the target
+    # records rejections only. More items at once than a full budget plus a second of
+    # refill; a target that takes longer than that to answer them may refill in between.
+    count = -(-(burst + rate) // 1_000) + 1
+    batches = []
+    for n in range(count):
+        blocks = [ctx.new_blocks(1, authorisation) for _ in range(1_000)]
+        batch = _batch(
+            ctx, [(b, {}) for b in blocks], suffix=f"budget-{n}",
+            expires_in=-dt.timedelta(hours=1),
+        )  # fmt: skip
+        payload, envelope = ctx.link.seal(batch)
+        batches.append((batch, payload, envelope, blocks))
+    replies = await asyncio.gather(*(ctx.link.deliver_raw(b[2]) for b in batches))
+    over = [
+        (batch, reply)
+        for batch, reply in zip(batches, replies, strict=True)
+        if reply.status == grpc.StatusCode.RESOURCE_EXHAUSTED
+    ]
+    check(
+        over,
+        f"{count} batches of 1,000 transfers at once, over a budget of {burst} (refilled at "
+        f"{rate} a second): none was refused (§2.5, §5.2 D8b)",
+    )
+    for (batch, payload, _, blocks), reply in zip(batches, replies, strict=True):
+        if reply.status == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            code = reply.trailing.get("itmolink-rejection-code")
+            check(
+                code == "REJECTION_CODE_RATE_LIMITED",
+                f"a batch over the transfer budget must end with 'itmolink-rejection-code: "
+                f"REJECTION_CODE_RATE_LIMITED' in its trailing metadata, got {code!r}",
+            )
+            check(not reply.raw, "a batch over the transfer budget must get no reply (§2.1)")
+            continue
+        ctx.expect_rejection(
+            reply, C.REJECTION_CODE_PROPOSAL_EXPIRED, "an expired batch within the budget",
+            recorded=True,
+        )  # fmt: skip
+        for record in _record_batch(ctx, batch, payload, blocks):
+            record.final_at_target, record.moved = True, False
+    (batch, payload, envelope, blocks), refused = over[0]
+    # Nothing of the refused batch was recorded: its first transfer is unknown, and the
+    # same bytes, once the budget has refilled, get a reply sealed after a query sent in
+    # between, not a reply stored earlier (§5.2 D8b, §7.2).
+    await asyncio.sleep(1_000 / rate + 0.2)
+    await _expect_state(
+        ctx, batch.items[0].transfer_id, transfer_pb2.TRANSFER_STATE_UNKNOWN, "§5.2 D8b"
+    )
+    probe = ctx.expect(
+        await ctx.link.send(_status_query(ctx)), transfer_pb2.TransferStatusReport, "a new query"
+    )
+    again = ctx.expect_rejection(
+        await ctx.link.deliver_raw(refused.sent), C.REJECTION_CODE_PROPOSAL_EXPIRED,
+        "the refused batch sent again once the budget refilled", recorded=True,
+    )  # fmt: skip
+    check(
+        again.header.sequence > probe.header.sequence,
+        f"the refused batch sent again got reply sequence {again.header.sequence}, older than "
+        f"{probe.header.sequence} of a query sent after it: a stored reply, so the batch "
+        "refused over the budget was recorded (§5.2 D8b: nothing of it may be)",
+    )
+    for record in _record_batch(ctx, batch, payload, blocks):
+        record.final_at_target, record.moved = True, False
+    # The other refused batches were not recorded either; the kit forgets them. Leave the
+    # later tests (and a run that follows) a full budget.
+    await asyncio.sleep(burst / rate)
+
+
 # ======================================================================================
 # Stage 4: reconciliation (both roles)
 # ======================================================================================
@@ -1929,16 +2074,27 @@ async def t_totals(ctx: Context) -> None:
 
 def _adjustment_diagnosis(record: KitTransfer, got: bytes) -> str:
     """What the target booked for a completed transfer whose blocks leaf differs,
-    when it is a wrong corresponding adjustment (§6.6)."""
+    when it is a wrong corresponding adjustment (§6.6). The target states its own
+    role's entries from its ledger (§11.4), so each wrong booking is tried for
+    either role, the other role's entries as expected."""
     expected = record.expected_adjustments()
-    variants = {
-        "no adjustment": (),
-        "the adjustment twice": tuple(sorted(expected * 2)),
-        "the adjustment with the wrong sign": tuple((y, -a) for y, a in expected),
-    }
-    for name, adjustments in variants.items():
-        if blocks_leaf(record.facts(adjustments)) == got:
-            return f": the target books {name} (expected one entry per vintage, {expected})"
+    receiver = tuple(sorted((y, -a) for y, a in expected))
+    for role, mine in (("sender", expected), ("receiver", receiver)):
+        variants = {
+            "no adjustment": (),
+            "the adjustment twice": tuple(sorted(mine * 2)),
+            "the adjustment with the wrong sign": tuple(sorted((y, -a) for y, a in mine)),
+        }
+        for name, booked in variants.items():
+            facts = (
+                record.facts(booked, receiver) if role == "sender"
+                else record.facts(expected, booked)
+            )  # fmt: skip
+            if blocks_leaf(facts) == got:
+                return (
+                    f": the target books {name} (as the {role}; expected one entry per "
+                    f"vintage, {mine})"
+                )
     return ": other blocks or adjustments"
 
 
@@ -1947,7 +2103,7 @@ def _adjustment_diagnosis(record: KitTransfer, got: bytes) -> str:
     4,
     "§11.4, §6.6",
     "every final transfer's blocks leaf equals the kit's (for a completed transfer, it holds "
-    "its one corresponding adjustment per vintage)",
+    "the sender's and the receiver's corresponding adjustments, one per vintage each)",
 )
 async def t_blocks_leaves(ctx: Context) -> None:
     leaves = await _leaves(ctx, reconcile_pb2.RECONCILIATION_VIEW_BLOCKS)

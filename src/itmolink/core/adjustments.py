@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from itmolink.core.blocks import Block
 from itmolink.core.transfer import Role
-from itmolink.core.units import UnitType
+from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
 
 METHOD_VINTAGE_YEAR = "vintage-year"
 
@@ -57,3 +57,41 @@ def adjustments_for(
         )
         for (year, unit_type), amount in sorted(sums.items())
     ]
+
+
+def oimp_at_issuance(purposes: Iterable[Purpose], definition: int) -> bool:
+    """Whether an authorisation's units may be first transferred, and adjusted by the
+    host, at their issuance: OIMP first transferred at authorisation or issuance."""
+    return Purpose.OIMP in set(purposes) and definition in (
+        FirstTransferDefinition.AT_AUTHORISATION,
+        FirstTransferDefinition.AT_ISSUANCE,
+    )
+
+
+def books_adjustment(
+    role: Role, *, host_sends: bool, first_transfer: bool, ndc: bool, oimp_at_issuance: bool
+) -> bool:
+    """Whether the party in ``role`` books adjustments for a completed transfer (§6.6).
+
+    ``host_sends``: the sender is the host of the units (their first transferring
+    party); ``first_transfer``: the proposal's flag (§5.8); ``ndc``: the authorisation
+    includes use toward an NDC; ``oimp_at_issuance``: it also includes OIMP with the
+    first transfer at authorisation or at issuance. Every party but a sending host
+    books only units authorised for NDC use. The host books its transfer of units
+    authorised for NDC use, as their first transfer, unless they were first
+    transferred (and adjusted) at their issuance already, which only an
+    ``oimp_at_issuance`` authorisation amended to add NDC after the issuance allows:
+    there, and only there, the proposal's flag tells. Both parties hold all four
+    facts: the blocks, the signed proposal and the authorisation are shared.
+    """
+    if role is Role.SENDER and host_sends:
+        return ndc and (first_transfer or not oimp_at_issuance)
+    return ndc
+
+
+def expected_adjustments(role: Role, blocks: Iterable[Block]) -> tuple[tuple[int, int], ...]:
+    """The (year, amount) pairs a party in ``role`` books for ``blocks`` when it books
+    (:func:`books_adjustment`), as :func:`adjustments_for` books them: one per
+    (vintage, unit type that carries an adjustment), to the vintage, positive for
+    the sender and negative for the receiver; sorted."""
+    return tuple(sorted((e.year, e.amount) for e in adjustments_for(role, "", "", "", blocks)))

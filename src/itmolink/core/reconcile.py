@@ -4,8 +4,8 @@ Both registries describe every transfer between them that was proposed before
 the snapshot time and is final on their side, the same way:
 
 1. totals: tCO2e moved per (sender, unit type, vintage, authorisation);
-2. blocks: per transfer, whether units moved and which blocks and adjustment
-   amounts it carries (the *blocks leaf*);
+2. blocks: per transfer, whether units moved, which blocks, and the
+   corresponding adjustments each party books for it (the *blocks leaf*);
 3. journal: per transfer, the digests of the signed messages that decided it
    (the *journal leaf*).
 
@@ -52,8 +52,11 @@ class TransferFacts:
     receiver: str
     moved: bool
     blocks: tuple[Block, ...]
-    # (year, tCO2e) booked by the sender; the receiver's are the negatives.
-    adjustments: tuple[tuple[int, int], ...]
+    # (year, tCO2e) pairs the sender books for the transfer (positive), and those the
+    # receiver books (negative). Each node states its own role's from its ledger and
+    # the partner's from the rule both know (core.adjustments.books_adjustment).
+    sender_adjustments: tuple[tuple[int, int], ...]
+    receiver_adjustments: tuple[tuple[int, int], ...]
     proposal_digest: bytes
     acceptance_digest: bytes
 
@@ -75,7 +78,7 @@ def _encode(*parts: bytes | str | int) -> bytes:
 
 
 def blocks_leaf(facts: TransferFacts) -> bytes:
-    """Digest of what moved: nothing, or the blocks and the sender's adjustments."""
+    """Digest of what moved: nothing, or the blocks and both parties' adjustments."""
     parts: list[bytes | str | int] = [facts.transfer_id, facts.sender, facts.receiver]
     if facts.moved:
         parts.append("moved")
@@ -85,7 +88,11 @@ def blocks_leaf(facts: TransferFacts) -> bytes:
                 int(block.unit_type), block.vintage, block.authorisation_id,
                 block.activity_id, block.cooperative_approach_id, block.first_transferring_party,
             ]  # fmt: skip
-        for year, amount in sorted(facts.adjustments):
+        parts.append("sender")
+        for year, amount in sorted(facts.sender_adjustments):
+            parts += [year, amount]
+        parts.append("receiver")
+        for year, amount in sorted(facts.receiver_adjustments):
             parts += [year, amount]
     else:
         parts.append("not moved")

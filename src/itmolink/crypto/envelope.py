@@ -78,7 +78,8 @@ class TrustStore:
 
     def __init__(self, keys: Iterable[VerifyingKey] = ()) -> None:
         self._keys: dict[str, VerifyingKey] = {}
-        self._revoked: set[str] = set()
+        # Revoked key id -> the instant it was compromised from (its cascade), or None.
+        self._revoked: dict[str, dt.datetime | None] = {}
         for key in keys:
             self.add(key)
 
@@ -97,9 +98,19 @@ class TrustStore:
     def get(self, key_id: str) -> VerifyingKey | None:
         return self._keys.get(key_id)
 
-    def revoke(self, key_id: str) -> None:
-        """No signature by this key verifies from now on."""
-        self._revoked.add(key_id)
+    def revoke(self, key_id: str, compromised_since: dt.datetime | None = None) -> None:
+        """No signature by this key verifies from now on. ``compromised_since``, kept
+        for the caller (the earliest given wins), says from when the keys announced
+        with it fall with it (PROTOCOL §3.8)."""
+        known = self._revoked.get(key_id)
+        if key_id not in self._revoked or (
+            compromised_since is not None and (known is None or compromised_since < known)
+        ):
+            self._revoked[key_id] = compromised_since
+
+    def revocations(self) -> dict[str, dt.datetime | None]:
+        """Revoked key id -> the instant it was compromised from, or None."""
+        return dict(self._revoked)
 
     def is_revoked(self, key_id: str) -> bool:
         return key_id in self._revoked

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from itmolink.crypto.keys import SigningKey, VerifyingKey, write_private_file
+from itmolink.crypto.keys import SigningKey, VerifyingKey, is_key_id_of, write_private_file
 from itmolink.crypto.operators import add_operator
 
 PARTY_CODE = re.compile(r"[A-Z]{3}")
@@ -92,13 +92,46 @@ class PartyFiles:
 
 
 @dataclass(frozen=True, slots=True)
+class RevokedKey:
+    """A signing key the card's party revoked: it signs nothing, whatever an older
+    copy of the card says. With ``compromised_since``, the keys announced with it
+    (in-band) from that instant on fall with it (PROTOCOL §2.4, §3.8)."""
+
+    key_id: str
+    revoked_at: dt.datetime
+    compromised_since: dt.datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PartnerCard:
-    """What a party publishes to its partners: identity, CA and signing keys."""
+    """What a party publishes to its partners: identity, CA, signing keys, and the
+    signing keys it revoked."""
 
     party: str
     registry: str
     ca_certificate_pem: bytes
     signing_keys: tuple[VerifyingKey, ...]
+    revoked_keys: tuple[RevokedKey, ...] = ()
+
+    def revoking(
+        self, key_id: str, at: dt.datetime, compromised_since: dt.datetime | None = None
+    ) -> PartnerCard:
+        """This card without the key ``key_id`` among its signing keys, and with it
+        among its revoked keys (once; the earliest compromise instant stands)."""
+        kept = tuple(k for k in self.signing_keys if k.key_id != key_id)
+        known = next((r for r in self.revoked_keys if r.key_id == key_id), None)
+        others = tuple(r for r in self.revoked_keys if r.key_id != key_id)
+        if known is not None:
+            earliest = min(
+                (m for m in (known.compromised_since, compromised_since) if m is not None),
+                default=None,
+            )
+            entry = RevokedKey(key_id, known.revoked_at, earliest)
+        else:
+            entry = RevokedKey(key_id, at, compromised_since)
+        return PartnerCard(
+            self.party, self.registry, self.ca_certificate_pem, kept, (*others, entry)
+        )
 
     def to_toml(self) -> str:
         lines = [
@@ -119,6 +152,15 @@ class PartnerCard:
                 moment = getattr(key, name)
                 if moment is not None:
                     lines.append(f"{name} = {moment.astimezone(dt.UTC):%Y-%m-%dT%H:%M:%SZ}")
+        for revoked in self.revoked_keys:
+            lines += [
+                "",
+                "[[revoked_keys]]",
+                f'key_id = "{revoked.key_id}"',
+                f"revoked_at = {_toml_time(revoked.revoked_at)}",
+            ]
+            if revoked.compromised_since is not None:
+                lines.append(f"compromised_since = {_toml_time(revoked.compromised_since)}")
         return "\n".join(lines) + "\n"
 
     @classmethod
@@ -136,13 +178,48 @@ class PartnerCard:
             if not isinstance(entries, list) or not all(isinstance(k, dict) for k in entries):
                 raise ValueError("signing_keys must be a list of [[signing_keys]] tables")
             keys = tuple(_card_key(party, k) for k in entries)
+            listed = data.get("revoked_keys", [])
+            if not isinstance(listed, list) or not all(isinstance(k, dict) for k in listed):
+                raise ValueError("revoked_keys must be a list of [[revoked_keys]] tables")
+            revoked = tuple(_revoked_key(party, k) for k in listed)
         except KeyError as exc:
             raise ValueError(f"partner card {path}: missing field {exc.args[0]!r}") from None
         except ValueError as exc:
             raise ValueError(f"partner card {path}: {exc}") from None
         if not keys:
             raise ValueError(f"partner card {path}: no [[signing_keys]] entry")
-        return cls(party=party, registry=registry, ca_certificate_pem=ca_pem, signing_keys=keys)
+        return cls(
+            party=party, registry=registry, ca_certificate_pem=ca_pem, signing_keys=keys,
+            revoked_keys=revoked,
+        )  # fmt: skip
+
+
+def _toml_time(moment: dt.datetime) -> str:
+    return f"{moment.astimezone(dt.UTC):%Y-%m-%dT%H:%M:%SZ}"
+
+
+def _revoked_key(party: str, entry: dict[str, object]) -> RevokedKey:
+    key_id = str(entry["key_id"])
+    if not is_key_id_of(party, key_id):
+        raise ValueError(
+            f"revoked key {key_id!r} is not a key id of {party} ('{party}-ed25519-' and "
+            "16 lowercase hex digits)"
+        )
+    moments: dict[str, dt.datetime | None] = {}
+    for name in ("revoked_at", "compromised_since"):
+        value = entry.get(name)
+        if value is None and name == "compromised_since":
+            moments[name] = None
+            continue
+        if not isinstance(value, dt.datetime) or value.tzinfo is None:
+            raise ValueError(
+                f"revoked key {key_id}: {name} must be a TOML date-time with an offset, "
+                "e.g. 2027-01-01T00:00:00Z"
+            )
+        moments[name] = value
+    revoked_at = moments["revoked_at"]
+    assert revoked_at is not None
+    return RevokedKey(key_id, revoked_at, moments["compromised_since"])
 
 
 def _card_key(party: str, entry: dict[str, object]) -> VerifyingKey:

@@ -418,7 +418,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         request: admin_pb2.RevokeSigningKeyRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> admin_pb2.RevokeSigningKeyResponse:
-        await self._node.db(self._node.revoke_signing_key, request.key_id, request.partner)
+        compromised_since = (
+            from_us(timestamp_us(request.compromised_since))
+            if request.HasField("compromised_since")
+            else None
+        )
+        await self._node.db(
+            self._node.revoke_signing_key, request.key_id, request.partner, compromised_since
+        )
         self._node.kick_after_call()
         return admin_pb2.RevokeSigningKeyResponse()
 

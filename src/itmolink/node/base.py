@@ -27,7 +27,7 @@ import datetime as dt
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError, Message
@@ -45,7 +45,12 @@ from itmolink.core.actions import (
     FirstTransferTrigger,
     first_transfer_triggers,
 )
-from itmolink.core.adjustments import AdjustmentEntry, adjustments_for
+from itmolink.core.adjustments import (
+    AdjustmentEntry,
+    adjustments_for,
+    books_adjustment,
+    oimp_at_issuance,
+)
 from itmolink.core.aef import ActionSubtype
 from itmolink.core.authorisation import (
     Authorisation,
@@ -62,6 +67,7 @@ from itmolink.node.convert import (
     block_to_pb,
     from_us,
     timestamp,
+    to_us,
 )
 from itmolink.node.ratelimit import TokenBucket
 from itmolink.node.validation import validate
@@ -284,7 +290,11 @@ class EngineBase:
         # A new signing key announced to the partners, used once all acknowledged.
         self.pending_key: SigningKey | None = None
         self._card_keys = trust.all()
+        # Keys the partners' cards list as revoked, with their compromise instants.
+        self._card_revoked = trust.revocations()
         self.trust = trust
+        # The key ids that signed the request being handled (requests.py).
+        self._request_signers: tuple[str, ...] = ()
         self.partners = {p.party: p for p in partners}
         self.store = store
         self.default_timeout = default_timeout
@@ -363,7 +373,6 @@ class EngineBase:
 
     def _load_trust(self, tx: Tx) -> None:
         learned = tx.partner_keys()
-        revoked = tx.revoked_keys()
         trust = TrustStore(self._card_keys)
         for key_id, party, public_key, not_before, not_after in learned:
             known = trust.get(key_id)
@@ -378,8 +387,14 @@ class EngineBase:
                     not_after=from_us(not_after) if not_after is not None else None,
                 )
             )  # fmt: skip
-        for key_id in revoked:
-            trust.revoke(key_id)
+        since: dict[str, int | None] = {
+            key_id: None if moment is None else to_us(moment)
+            for key_id, moment in self._card_revoked.items()
+        }
+        for key_id, _party, _source, _at, compromised in tx.revocations():
+            _widen(since, key_id, compromised)
+        for key_id, threshold in cascade_revocations(since, tx.partner_key_announcers()).items():
+            trust.revoke(key_id, None if threshold is None else from_us(max(threshold, 0)))
         self.trust = trust
 
     # -- sealing ---------------------------------------------------------------------
@@ -581,20 +596,39 @@ class EngineBase:
             return "issuance"
         return "use"
 
-    def _transfer_counts(self, tx: Tx, role: Role, blocks: Sequence[Block]) -> bool:
-        """Whether this party books an adjustment for a transfer of ``blocks``.
+    def _transfer_counts(
+        self,
+        tx: Tx,
+        role: Role,
+        blocks: Sequence[Block],
+        first_transfer: bool | None = None,
+    ) -> bool:
+        """Whether this party books an adjustment for a transfer of ``blocks``
+        (core.adjustments.books_adjustment, the rule the reconciliation leaves state).
 
-        The host books its first transfer when it happens (at the international
-        transfer only for NDC use); an acquiring party subtracts, and gives back
-        when it transfers onward, only units authorised for use toward an NDC.
+        The host books its first transfer when it happens: for its own transfer of
+        units authorised for NDC use, unless they were first transferred at issuance
+        already, which the proposal's flag says where the authorisation allows it
+        (``first_transfer``, the flag it recorded; before proposing, what the flag
+        would be); an acquiring party subtracts, and gives back when it transfers
+        onward, only units authorised for use toward an NDC.
         """
         if not blocks:
             return False
         host = blocks[0].first_transferring_party
         authorisation = self._authorisation(tx, host, blocks[0].authorisation_id)
-        if role is Role.SENDER and host == self.party:
-            return self._ca_point(authorisation) == "transfer"
-        return Purpose.NDC in authorisation.terms.purposes
+        host_sends = role is Role.SENDER and host == self.party
+        if host_sends and first_transfer is None:
+            first_transfer = self._first_transfer(tx, blocks[0].authorisation_id, blocks)
+        return books_adjustment(
+            role,
+            host_sends=host_sends,
+            first_transfer=bool(first_transfer),
+            ndc=Purpose.NDC in authorisation.terms.purposes,
+            oimp_at_issuance=oimp_at_issuance(
+                authorisation.terms.purposes, authorisation.first_transfer_definition
+            ),
+        )
 
     def _adjustment_entries(
         self, role: Role, partner: str, transfer_id: str, blocks: Sequence[Block]
@@ -633,10 +667,12 @@ class EngineBase:
         transfers: Sequence[tuple[str, str, Sequence[Block]]],
         evidence_journal_id: int,
         now_us: int,
+        first_transfer: Mapping[str, bool] | None = None,
     ) -> dict[str, int]:
         """Carry out the same transition's effects for several transfers (transfer id,
         partner, blocks) at once, with one statement per table; returns each CA year
-        (0 when none, or entries for several years)."""
+        (0 when none, or entries for several years). ``first_transfer``: at the
+        sender, each transfer's recorded proposal flag (the host books by it)."""
         role = Role.SENDER if Effect.DEBIT_RESERVED_BLOCKS in effects else Role.RECEIVER
         ids = [transfer_id for transfer_id, _, _ in transfers]
         for effect in effects:
@@ -659,7 +695,8 @@ class EngineBase:
         if Effect.APPLY_ADJUSTMENT in effects:
             booked: list[AdjustmentEntry] = []
             for transfer_id, partner, blocks in transfers:
-                if not self._transfer_counts(tx, role, blocks):
+                flag = None if first_transfer is None else first_transfer.get(transfer_id)
+                if not self._transfer_counts(tx, role, blocks, flag):
                     continue
                 entries = self._adjustment_entries(role, partner, transfer_id, blocks)
                 booked.extend(entries)
@@ -856,10 +893,21 @@ class EngineBase:
         return authorisation
 
     def _first_transfer(self, tx: Tx, authorisation_id: str, blocks: Sequence[Block]) -> bool:
-        """Whether a transfer of ``blocks`` is their first transfer (§5.8, "Sender")."""
-        return all(b.first_transferring_party == self.party for b in blocks) and (
-            self._ca_point(self._authorisation(tx, self.party, authorisation_id)) == "transfer"
-        )
+        """Whether a transfer of ``blocks`` is their first transfer (§5.8, "Sender").
+
+        Not for units first transferred already at issuance (their adjustment is
+        booked): that happens only under an authorisation for OIMP first transferred at
+        authorisation or issuance, amended to add NDC after the units were issued
+        (units the host first transferred by using them are no longer held).
+        """
+        if not all(b.first_transferring_party == self.party for b in blocks):
+            return False
+        authorisation = self._authorisation(tx, self.party, authorisation_id)
+        if self._ca_point(authorisation) != "transfer":
+            return False
+        if oimp_at_issuance(authorisation.terms.purposes, authorisation.first_transfer_definition):
+            return not any(tx.serials_first_transferred(b) for b in blocks)
+        return True
 
     def _reserve_outgoing(
         self, tx: Tx, authorisation_id: str, blocks: Sequence[Block], evidence: bytes = b""
@@ -1051,3 +1099,42 @@ def _check_transfer_id(transfer_id: str, sender: str) -> None:
             RejectionCode.INVALID_IDENTIFIER,
             f"transfer id {transfer_id!r} from {sender} must start with '{sender}-'",
         )
+
+
+# A cascaded key was the thief's from the start: everything it announced falls with it.
+_EVERYTHING = -(2**63)
+
+
+def _widen(since: dict[str, int | None], key_id: str, compromised: int | None) -> None:
+    """Record a revocation of ``key_id``; the earliest compromise instant given wins."""
+    known = since.get(key_id)
+    if key_id not in since or (compromised is not None and (known is None or compromised < known)):
+        since[key_id] = compromised
+
+
+def cascade_revocations(
+    since: dict[str, int | None], announcers: Sequence[tuple[str, str, int]]
+) -> dict[str, int | None]:
+    """Every revoked key id, with the instant from which what it announced falls.
+
+    ``since`` maps the keys revoked outright to their compromise instants (None: a
+    retirement, nothing falls with it); ``announcers`` lists (key id, the key ids that
+    signed its announcement, when it was recorded). A key recorded as announced, at
+    or after that instant, in a KeyRotation signed by a compromised key is revoked
+    too, and so is everything it announced (transitively). PROTOCOL §3.8.
+    """
+    announced: dict[str, list[tuple[str, int]]] = {}
+    for key_id, signers, added_at in announcers:
+        for signer in signers.split():
+            announced.setdefault(signer, []).append((key_id, added_at))
+    result = dict(since)
+    queue = [key_id for key_id, threshold in result.items() if threshold is not None]
+    while queue:
+        signer = queue.pop()
+        threshold = result[signer]
+        assert threshold is not None
+        for key_id, added_at in announced.get(signer, ()):
+            if added_at >= threshold and result.get(key_id) != _EVERYTHING:
+                result[key_id] = _EVERYTHING
+                queue.append(key_id)
+    return result

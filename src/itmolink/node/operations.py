@@ -33,7 +33,7 @@ from itmolink.core.rules import AuthorisationTerms
 from itmolink.core.transfer import Effect, Event, Role, step
 from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
 from itmolink.crypto.envelope import signing_key_ids
-from itmolink.crypto.keys import SigningKey, VerifyingKey
+from itmolink.crypto.keys import SigningKey, VerifyingKey, is_key_id_of
 from itmolink.node.base import (
     ISSUANCE_DESTINATIONS,
     MAX_BATCH_ITEMS,
@@ -55,12 +55,14 @@ from itmolink.node.base import (
     TransferStatusQuery,
     TransferVoid,
     _rejection_reasons,
+    cascade_revocations,
     log,
     retry_delay_us,
     type_name,
 )
 from itmolink.node.convert import (
     block_to_pb,
+    from_us,
     timestamp,
     to_us,
 )
@@ -198,9 +200,21 @@ class Operations(EngineBase):
             if not self.partners:
                 self._switch_signing_key(tx, new_key.key_id)
 
-    def revoke_signing_key(self, key_id: str, now: dt.datetime, partner: str = "") -> None:
-        """Revoke an earlier key of ours at every partner, or a partner's key here."""
+    def revoke_signing_key(
+        self,
+        key_id: str,
+        now: dt.datetime,
+        partner: str = "",
+        compromised_since: dt.datetime | None = None,
+    ) -> None:
+        """Revoke an earlier key of ours at every partner, or a partner's key here.
+
+        With ``compromised_since`` the keys announced with it (in a KeyRotation it
+        signed) that were recorded at or after that instant are revoked with it, and
+        what they announced, transitively (PROTOCOL §3.8); without it only the key
+        is revoked (a retirement)."""
         now_us = to_us(now)
+        since_us = None if compromised_since is None else to_us(compromised_since)
         with self._transaction() as tx:
             if partner:
                 self._require_partner(partner)
@@ -209,7 +223,10 @@ class Operations(EngineBase):
                     raise Rejected(
                         RejectionCode.UNKNOWN_SIGNING_KEY, f"{partner} has no pinned key {key_id!r}"
                     )
-                tx.revoked_key_put(key_id=key_id, party=partner, source="operator", now=now_us)
+                tx.revoked_key_put(
+                    key_id=key_id, party=partner, source="operator", now=now_us,
+                    compromised_since=since_us,
+                )  # fmt: skip
                 self._after_commit.append(self.reload_trust)
                 return
             if not key_id.startswith(f"{self.party}-ed25519-"):
@@ -227,10 +244,103 @@ class Operations(EngineBase):
                     f"messages signed with {key_id} are still being delivered: revoke it once "
                     "they are answered",
                 )
-            tx.revoked_key_put(key_id=key_id, party=self.party, source="self", now=now_us)
+            if since_us is not None:
+                self._check_cascade_spares_our_keys(tx, key_id, since_us)
+            tx.revoked_key_put(
+                key_id=key_id, party=self.party, source="self", now=now_us,
+                compromised_since=since_us,
+            )  # fmt: skip
             for other in sorted(self.partners):
-                revocation = KeyRotation(rotation_id=f"revoke-{key_id}", revoked_key_ids=[key_id])
-                self._send(tx, other, revocation, f"revoke-{key_id}", now_us)
+                self._send(tx, other, _revocation(key_id, since_us), f"revoke-{key_id}", now_us)
+            self._after_commit.append(self.reload_trust)
+
+    def _check_cascade_spares_our_keys(self, tx: Tx, key_id: str, since_us: int) -> None:
+        """Refuse a compromise instant that would make a partner revoke, with
+        ``key_id``, a key this node still uses (signs with, is announcing, or signed
+        an undelivered request with): one announced with ``key_id``, directly or
+        through keys announced with it, that a partner may have recorded at or after
+        ``since_us``. A partner recorded an announcement before it answered, by a clock
+        at most ``max_clock_skew`` ahead of ours; one not answered yet, at any time."""
+        skew = self.limits.max_clock_skew // dt.timedelta(microseconds=1)
+        latest: list[tuple[str, str, int]] = []
+        # Announced key -> (partner, its answer's time) of the latest-recorded one.
+        answers: dict[str, tuple[str, int | None, int]] = {}
+        for subject, partner, state, envelope, answered_at in tx.outbox_deliveries_of(
+            payload_type=type_name(KeyRotation)
+        ):
+            if state == "cancelled" or subject.startswith("revoke-"):
+                continue
+            at = _NEVER_ANSWERED if answered_at is None else answered_at + skew
+            latest.append((subject, " ".join(signing_key_ids(envelope)), at))
+            if subject not in answers or at > answers[subject][2]:
+                answers[subject] = (partner, answered_at, at)
+        fallen = cascade_revocations({key_id: since_us}, latest)
+        ours = {self.signing_key.key_id, tx.meta_get("pending_signing_key")}
+        ours |= {k for e in tx.outbox_pending_envelopes() for k in signing_key_ids(e)}
+        for own in sorted(k for k in ours if k and k != key_id and k in fallen):
+            partner, answered_at, _ = answers.get(own, ("a partner", None, 0))
+            raise Rejected(
+                RejectionCode.INVALID_FIELD,
+                f"{own}, a key this node still uses, was announced with {key_id} (or a key "
+                f"announced with it) to {partner}"
+                + (
+                    f", which acknowledged it at {from_us(answered_at).isoformat()}: give a "
+                    "compromise instant later than that plus max_clock_skew, or rotate first"
+                    if answered_at is not None
+                    else ", which has not acknowledged it yet"
+                ),
+            )
+
+    def announce_revocations(
+        self, now: dt.datetime, restored: Sequence[tuple[str, dt.datetime | None]] = ()
+    ) -> int:
+        """Announce each revocation of a key of ours to every partner not told of it
+        yet (a partner added since, which may have pinned a copy of our card that
+        still lists the key), at start. ``restored`` lists the revocations our own card
+        file names, recorded here if the ledger lost them (rebuilt). Returns how many
+        revocations were queued."""
+        now_us = to_us(now)
+        queued = 0
+        rotation = type_name(KeyRotation)
+        with self._transaction() as tx:
+            recorded = set(tx.revoked_keys())
+            in_use = {self.signing_key.key_id, tx.meta_get("pending_signing_key")}
+            for key_id, compromised in restored:
+                if key_id in recorded or not is_key_id_of(self.party, key_id):
+                    continue
+                if key_id in in_use:
+                    log.error(
+                        "ALARM: our card lists %s as revoked, but this node signs with it",
+                        key_id,
+                    )
+                    continue
+                tx.revoked_key_put(
+                    key_id=key_id, party=self.party, source="self", now=now_us,
+                    compromised_since=None if compromised is None else to_us(compromised),
+                )  # fmt: skip
+            for key_id, party, _source, _at, since_us in tx.revocations():
+                if party != self.party:
+                    continue
+                subject = f"revoke-{key_id}"
+                told = {
+                    p for p, state, _ in tx.outbox_answers_of(payload_type=rotation,
+                                                              subject_id=subject)
+                    if state != "cancelled"
+                }  # fmt: skip
+                # A partner that refused the key's announcement pinned nothing.
+                told |= {
+                    p for p, _, answer in tx.outbox_answers_of(payload_type=rotation,
+                                                               subject_id=key_id)
+                    if answer == type_name(Rejection)
+                }  # fmt: skip
+                for partner in sorted(set(self.partners) - told):
+                    self._send(tx, partner, _revocation(key_id, since_us), subject, now_us)
+                    queued += 1
+            if restored:
+                self._after_commit.append(self.reload_trust)
+        if queued:
+            log.warning("announced %d earlier revocation(s) to partners not told yet", queued)
+        return queued
 
     def cancel_key_rotation(self, now: dt.datetime) -> str:
         """Give up the key being announced (refused by a partner, or never answered):
@@ -253,8 +363,7 @@ class Operations(EngineBase):
             # on its way); not one that refused it (it pinned nothing).
             refused = {p for p, _, answer in answers if answer == type_name(Rejection)}
             for partner in sorted({p for p, _, _ in answers} - refused):
-                revocation = KeyRotation(rotation_id=f"revoke-{key_id}", revoked_key_ids=[key_id])
-                self._send(tx, partner, revocation, f"revoke-{key_id}", now_us)
+                self._send(tx, partner, _revocation(key_id, None), f"revoke-{key_id}", now_us)
             self._after_commit.append(lambda: setattr(self, "pending_key", None))
         log.warning("gave up the rotation to signing key %s", key_id)
         return key_id
@@ -851,10 +960,8 @@ class Operations(EngineBase):
                 # What is left, in serial order: the split tail, then the blocks untouched.
                 pools[key] = (originals, remainders + current[len(taken) :])
                 self._check_booking(tx, Role.SENDER, taken)
-                if all(b.first_transferring_party == self.party for b in taken) and (
-                    self._ca_point(self._authorisation(tx, host, request.authorisation_id))
-                    == "transfer"
-                ):
+                if self._first_transfer(tx, request.authorisation_id, taken):
+                    # Only where the host books (not for units first transferred already).
                     self._check_threshold(tx, terms, request.vintage, request.quantity, pending)
             except Rejected as rejected:
                 if len(requests) == 1:
@@ -991,3 +1098,15 @@ class BatchItemRequest:
     quantity: int
     # For an onward transfer: the party that authorised the units (empty: this node's).
     host_party: str = ""
+
+
+# An announcement not answered yet may be recorded by the partner at any time.
+_NEVER_ANSWERED = 2**63 - 1
+
+
+def _revocation(key_id: str, compromised_since_us: int | None) -> KeyRotation:
+    """The KeyRotation that revokes one key of ours (PROTOCOL §5.12)."""
+    revocation = KeyRotation(rotation_id=f"revoke-{key_id}", revoked_key_ids=[key_id])
+    if compromised_since_us is not None:
+        revocation.compromised_since.CopyFrom(timestamp(compromised_since_us))
+    return revocation

@@ -325,7 +325,7 @@ class Replies(EngineBase):
         years = self._apply_many(
             tx, transition.effects,
             [(r.transfer_id, r.partner, blocks[r.transfer_id]) for r in live],
-            journal_id, now_us,
+            journal_id, now_us, {r.transfer_id: r.first_transfer for r in live},
         )  # fmt: skip
         tx.transfers_set_state(
             ids, transition.state, now=now_us, acceptance_digest=acceptance_digest, blocks=blocks,

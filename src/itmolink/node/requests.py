@@ -276,6 +276,9 @@ class Requests(EngineBase):
             # with it, so a refused request is retried, unrecorded.
             self._take_transfer_items(sender, msg, now_us)
             handler = self._request_handlers[verified.payload_type]
+            # The keys that signed it: a key announced in it is recorded as announced
+            # by them, to fall with them (PROTOCOL §3.8, §5.12 KR2).
+            self._request_signers = verified.key_ids
             try:
                 sent = len(self.sent)
                 with tx.savepoint():
@@ -1073,9 +1076,16 @@ class Requests(EngineBase):
                 key_id=key.key_id, party=sender, public_key=key.public_bytes,
                 not_before=timestamp_us(record.not_before) if key.not_before else None,
                 not_after=timestamp_us(record.not_after) if key.not_after else None,
-                now=now_us,
+                now=now_us, announced_by=" ".join(self._request_signers),
             )  # fmt: skip
-        unpinned = [k for k in msg.revoked_key_ids if self.trust.get(k) is None]
+        compromised_since = (
+            timestamp_us(msg.compromised_since) if msg.HasField("compromised_since") else None
+        )
+        # A key the partner's card lists as revoked is known here, though not pinned.
+        unpinned = [
+            k for k in msg.revoked_key_ids
+            if self.trust.get(k) is None and k not in self._card_revoked
+        ]  # fmt: skip
         if len(set(unpinned)) > 1:
             raise Rejected(
                 RejectionCode.INVALID_FIELD,
@@ -1086,6 +1096,7 @@ class Requests(EngineBase):
             held = sum(
                 1 for key_id, party in revoked.items()
                 if party == sender and self.trust.get(key_id) is None
+                and key_id not in self._card_revoked
             )  # fmt: skip
             if held >= MAX_UNPINNED_REVOCATIONS:
                 raise Rejected(
@@ -1103,11 +1114,16 @@ class Requests(EngineBase):
                     RejectionCode.INVALID_FIELD,
                     f"{sender} can revoke only its own keys, not {key_id!r}",
                 )
-            tx.revoked_key_put(key_id=key_id, party=sender, source=sender, now=now_us)
+            tx.revoked_key_put(
+                key_id=key_id, party=sender, source=sender, now=now_us,
+                compromised_since=compromised_since,
+            )  # fmt: skip
         self._after_commit.append(self.reload_trust)
         log.warning(
-            "%s rotated signing keys: new %s, revoked %s",
+            "%s rotated signing keys: new %s, revoked %s%s",
             sender, msg.new_key.key_id or "none", ", ".join(msg.revoked_key_ids) or "none",
+            f" (compromised since {from_us(compromised_since).isoformat()}: the keys "
+            "announced with them since then fall too)" if compromised_since is not None else "",
         )  # fmt: skip
         ack = KeyRotationAcknowledgement(rotation_id=msg.rotation_id)
         return self._reply(tx, sender, ack, msg.header.message_id, now_us)[1]

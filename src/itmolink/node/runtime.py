@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import gc
@@ -539,6 +540,11 @@ class Node:
             )
         check_admin_socket(config.admin_listen)
         trust = TrustStore(key for p in config.partners for key in p.card.signing_keys)
+        # A key a partner's card lists as revoked signs nothing, even if an older copy
+        # of the card, or an announcement, pins it (PROTOCOL §2.4, §3.8).
+        for partner in config.partners:
+            for revoked in partner.card.revoked_keys:
+                trust.revoke(revoked.key_id, revoked.compromised_since)
         store = await self.db(
             open_store, config.database, party=config.party, registry=config.registry
         )
@@ -567,6 +573,14 @@ class Node:
             ),
         )
         await self.db(self._load_rotated_keys)
+        # Revocations of our keys reach partners added since (PROTOCOL §3.8), and those
+        # our card lists come back if the ledger lost them.
+        own_card = PartnerCard.load(config.keys.card)
+        await self.db(
+            self.engine.announce_revocations,
+            self.clock(),
+            [(r.key_id, r.compromised_since) for r in own_card.revoked_keys],
+        )
         self.engine.on_rejection = self.metrics.rejection
         self._group = getattr(store, "group", None)
         self.engine.claim_sent_us = LEASE // dt.timedelta(microseconds=1)
@@ -706,9 +720,7 @@ class Node:
         keys = [k for k in card.signing_keys if k.key_id != key.key_id]
         skew = dt.timedelta(seconds=self.config.limits.max_clock_skew_seconds)
         announced = key.verifying_key(not_before=self.clock() - skew)  # as announced in-band
-        updated = PartnerCard(
-            card.party, card.registry, card.ca_certificate_pem, (*keys, announced)
-        )
+        updated = dataclasses.replace(card, signing_keys=(*keys, announced))
         (directory / "card.toml").write_text(updated.to_toml())
         return key.key_id
 
@@ -720,24 +732,24 @@ class Node:
         key_id = await self.db(self.engine.cancel_key_rotation, self.clock())
         directory = self.config.keys.directory
         card = PartnerCard.load(directory / "card.toml")
-        kept = tuple(k for k in card.signing_keys if k.key_id != key_id)
-        if len(kept) != len(card.signing_keys):
-            updated = PartnerCard(card.party, card.registry, card.ca_certificate_pem, kept)
-            (directory / "card.toml").write_text(updated.to_toml())
+        # A copy of the card taken since the rotation began lists the key: the card
+        # now says it is revoked.
+        (directory / "card.toml").write_text(card.revoking(key_id, self.clock()).to_toml())
         (directory / f"signing-{key_id}.key").unlink(missing_ok=True)
         return key_id
 
-    def revoke_signing_key(self, key_id: str, partner: str) -> None:
-        """Revoke a key (on the database thread); our own leaves our partner card too."""
-        self.engine.revoke_signing_key(key_id, self.clock(), partner)
+    def revoke_signing_key(
+        self, key_id: str, partner: str, compromised_since: dt.datetime | None = None
+    ) -> None:
+        """Revoke a key (on the database thread); our own moves from the signing keys
+        of our partner card to its revoked keys."""
+        now = self.clock()
+        self.engine.revoke_signing_key(key_id, now, partner, compromised_since)
         if partner:
             return
         path = self.config.keys.directory / "card.toml"
         card = PartnerCard.load(path)
-        kept = tuple(k for k in card.signing_keys if k.key_id != key_id)
-        path.write_text(
-            PartnerCard(card.party, card.registry, card.ca_certificate_pem, kept).to_toml()
-        )
+        path.write_text(card.revoking(key_id, now, compromised_since).to_toml())
 
     # -- the outbox worker -------------------------------------------------------------
 

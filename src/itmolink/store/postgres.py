@@ -28,7 +28,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from itmolink.store.migrate import POSTGRES, Migration, migrations, refuse_newer, statements
-from itmolink.store.sqlite import check_identity
+from itmolink.store.sqlite import check_identity, reseal_listed_transfers
 from itmolink.store.tx import Tx
 from itmolink.store.url import LedgerUnavailable, is_postgres_url
 
@@ -124,6 +124,7 @@ class PostgresStore:
         self._conn = self._connect()
         self._migrate()
         self._check_identity(party, registry)
+        reseal_listed_transfers(self)
 
     def _connect(self) -> psycopg.Connection[Any]:
         try:

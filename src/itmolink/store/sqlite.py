@@ -63,6 +63,26 @@ def check_identity(store: Store, party: str, registry: str, name: str) -> None:
         )
 
 
+# The migration that lists transfers to seal again (0007_blocks_leaf_roles.sql).
+RESEAL_SCHEMA = 7
+
+
+def reseal_listed_transfers(store: Store, chunk: int = 2_000) -> int:
+    """After the migrations: seal again the transfers whose leaves a migration listed
+    (0007), a chunk per transaction, so an interrupted upgrade resumes; returns how
+    many were sealed again. Nothing before schema version 7 (an older schema, as
+    tests of earlier migrations build, has no such list)."""
+    if store.schema_version() < RESEAL_SCHEMA:
+        return 0
+    done = 0
+    while True:
+        with store.transaction() as tx:
+            count = tx.reseal_listed_transfers(chunk)
+        done += count
+        if count < chunk:
+            return done
+
+
 # Prepared statements kept per connection (sqlite3's default is 128).
 STATEMENT_CACHE = 1024
 
@@ -112,6 +132,7 @@ class SqliteStore:
         self._conn.execute("PRAGMA temp_store=MEMORY")
         self._migrate()
         self._check_identity(party, registry)
+        reseal_listed_transfers(self)
 
     def _migrate(self) -> None:
         with self._lock:

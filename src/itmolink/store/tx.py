@@ -14,7 +14,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from itmolink.core.adjustments import AdjustmentEntry
+from itmolink.core.adjustments import (
+    AdjustmentEntry,
+    books_adjustment,
+    expected_adjustments,
+    oimp_at_issuance,
+)
 from itmolink.core.blocks import Block
 from itmolink.core.journal import (
     GENESIS_HASH,
@@ -749,6 +754,22 @@ class Tx:
             (payload_type, subject_id),
         )
         return [(str(p), str(state), None if t is None else str(t)) for p, state, t in rows]
+
+    def outbox_deliveries_of(
+        self, *, payload_type: str
+    ) -> list[tuple[str, str, str, bytes, int | None]]:
+        """(subject, partner, state, sealed envelope, when its answer was recorded or
+        None) of each request of a type."""
+        rows = self._exec(
+            "SELECT o.subject_id, o.partner, o.state, o.envelope, j.recorded_at FROM outbox o "
+            "LEFT JOIN journal j ON j.id = o.answered_journal_id "
+            "WHERE o.payload_type = ? ORDER BY o.created_at",
+            (payload_type,),
+        )
+        return [
+            (str(subject), str(p), str(state), bytes(env), None if at is None else int(at))
+            for subject, p, state, env, at in rows
+        ]
 
     def outbox_last_created(self, *, payload_type: str, subject_id: str) -> tuple[str, int] | None:
         """(state, created_at) of the newest outbox message of a type about a subject."""
@@ -1680,10 +1701,15 @@ class Tx:
         *,
         blocks: dict[str, list[Block]] | None = None,
         now: int | None = None,
+        retotal: bool = True,
     ) -> None:
         """:meth:`_seal_transfers` of these records, as they are to be. With ``now``,
         their state, rejection and acceptance digest are written too, in the same
-        statement (:meth:`transfers_set_state`)."""
+        statement (:meth:`transfers_set_state`). ``retotal`` false: the records were
+        sealed already with the same blocks (a leaf defined anew, migration 0007), so
+        the reconciliation totals stand; only the leaves and their sums change, and
+        the partner's adjustment follows the authorisation as it stood when each
+        became final (:meth:`_partner_adjustments`)."""
         me = self.meta_get("party") or ""
         transfer_ids = [r.transfer_id for r in records]
         by_id = {r.transfer_id: r for r in records}
@@ -1695,6 +1721,11 @@ class Tx:
         # Records are read from the ledger in this transaction (_transfer): what an
         # earlier seal added to the sums is in each one's sealed_sums.
         before = {r.transfer_id: r.sealed_sums for r in records if r.sealed_sums is not None}
+        # Sealing again what was sealed long ago (migration 0007): each transfer's rule
+        # by the authorisation as it stood here when the transfer became final.
+        versions: dict[tuple[str, str], list[tuple[AuthorisationTerms, dict[str, Any]]]] | None = (
+            None if retotal else {}
+        )
         leaves: list[tuple[Any, ...]] = []
         buckets: dict[tuple[str, str], list[int]] = {}
         totals: dict[tuple[str, str, int, int, str], list[int]] = {}
@@ -1705,17 +1736,19 @@ class Tx:
             sender, receiver = (
                 (me, record.partner) if record.direction is Role.SENDER else (record.partner, me)
             )
-            sign = 1 if record.direction is Role.SENDER else -1
             moved = record.state is TransferState.COMPLETED
+            moved_blocks = tuple(blocks_of[transfer_id]) if moved else ()
+            # This node's own entries, as booked; the partner's as the rule gives them.
+            own = tuple(adjustments_of[transfer_id]) if moved else ()
+            other = self._partner_adjustments(record, sender, moved_blocks, versions)
             facts = TransferFacts(
                 transfer_id=transfer_id,
                 sender=sender,
                 receiver=receiver,
                 moved=moved,
-                blocks=tuple(blocks_of[transfer_id]) if moved else (),
-                adjustments=tuple(
-                    (year, sign * amount) for year, amount in adjustments_of[transfer_id]
-                ),
+                blocks=moved_blocks,
+                sender_adjustments=own if record.direction is Role.SENDER else other,
+                receiver_adjustments=other if record.direction is Role.SENDER else own,
                 proposal_digest=record.proposal_digest,
                 acceptance_digest=record.acceptance_digest,
             )
@@ -1739,7 +1772,9 @@ class Tx:
                 bucket[0] -= 1
                 for i, value in enumerate(old, start=1):
                     bucket[i] -= value
-            if moved and old is not None:
+            if not retotal:
+                pass
+            elif moved and old is not None:
                 # Not a protocol step (a completed transfer is sealed once): a repair
                 # of its record. The partner's totals are summed again from the ledger.
                 repaired.add(record.partner)
@@ -1796,6 +1831,66 @@ class Tx:
                 if key[0] not in repaired
             ],
         )
+
+    def reseal_listed_transfers(self, limit: int) -> int:
+        """Seal again up to ``limit`` of the transfers migration 0007 listed (their
+        blocks leaves were computed by the previous definition), and take them off
+        the list; returns how many were taken off (0: none is left)."""
+        rows = self._exec(
+            "SELECT transfer_id FROM leaves_to_reseal ORDER BY transfer_id LIMIT ?", (limit,)
+        ).fetchall()
+        ids = [str(row[0]) for row in rows]
+        if not ids:
+            return 0
+        records = self.transfers_get(ids)
+        self._seal_records([records[t] for t in ids if t in records], retotal=False)
+        for chunk in _chunks(ids):
+            self._exec(
+                f"DELETE FROM leaves_to_reseal WHERE transfer_id IN ({_marks(len(chunk))})", chunk
+            )
+        return len(ids)
+
+    def _partner_adjustments(
+        self,
+        record: TransferRecord,
+        sender: str,
+        blocks: Sequence[Block],
+        versions: dict[tuple[str, str], list[tuple[AuthorisationTerms, dict[str, Any]]]]
+        | None = None,
+    ) -> tuple[tuple[int, int], ...]:
+        """The (year, amount) pairs the partner books for a completed transfer by the
+        rule of §6.6 (core.adjustments.books_adjustment), from facts both sides hold:
+        the blocks, the proposal's ``first_transfer`` and the authorisation's purposes
+        (the latest version recorded here, read once per transaction).
+
+        ``versions`` (sealing again a transfer final for some time: migration 0007):
+        the version that was the latest here when the transfer became final (its
+        ``updated_at``), as a seal at that time read it; every version of each
+        authorisation is read once into this cache."""
+        if not blocks:
+            return ()
+        role = Role.RECEIVER if record.direction is Role.SENDER else Role.SENDER
+        host = blocks[0].first_transferring_party
+        key = (host, blocks[0].authorisation_id)
+        latest: tuple[AuthorisationTerms, dict[str, Any]] | None
+        if versions is None:
+            latest = self.authorisation_latest(*key)
+        else:
+            if key not in versions:
+                versions[key] = self.authorisation_versions(*key)
+            known = versions[key]
+            then = [v for v in known if int(v[1]["created_at"]) <= record.updated_at]
+            latest = then[-1] if then else (known[0] if known else None)
+        purposes = frozenset() if latest is None else latest[0].purposes
+        definition = 0 if latest is None else int(latest[1]["first_transfer_definition"])
+        books = books_adjustment(
+            role,
+            host_sends=host == sender,
+            first_transfer=record.first_transfer,
+            ndc=Purpose.NDC in purposes,
+            oimp_at_issuance=oimp_at_issuance(purposes, definition),
+        )
+        return expected_adjustments(role, blocks) if books else ()
 
     # -- reconciliation -----------------------------------------------------------------
 
@@ -1986,11 +2081,15 @@ class Tx:
         not_before: int | None,
         not_after: int | None,
         now: int,
+        announced_by: str | None = None,
     ) -> None:
+        """Pin an announced key; ``announced_by`` names the key ids (space-separated)
+        that signed the announcement. A key id pinned already is left as it is."""
         self._exec(
-            "INSERT INTO partner_keys (key_id, party, public_key, not_before, not_after, added_at) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key_id) DO NOTHING",
-            (key_id, party, public_key, not_before, not_after, now),
+            "INSERT INTO partner_keys "
+            "(key_id, party, public_key, not_before, not_after, added_at, announced_by) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key_id) DO NOTHING",
+            (key_id, party, public_key, not_before, not_after, now, announced_by),
         )
         self.shared_state_changed()
 
@@ -2001,17 +2100,54 @@ class Tx:
         )
         return [(r[0], r[1], bytes(r[2]), r[3], r[4]) for r in rows]
 
-    def revoked_key_put(self, *, key_id: str, party: str, source: str, now: int) -> None:
-        self._exec(
-            "INSERT INTO revoked_keys (key_id, party, source, revoked_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (key_id) DO NOTHING",
-            (key_id, party, source, now),
+    def partner_key_announcers(self) -> list[tuple[str, str, int]]:
+        """(key id, the key ids that signed its announcement, when it was recorded) of
+        each announced key whose announcer is known (schema version 6 and later)."""
+        rows = self._exec(
+            "SELECT key_id, announced_by, added_at FROM partner_keys "
+            "WHERE announced_by IS NOT NULL ORDER BY added_at"
         )
+        return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+    def revoked_key_put(
+        self,
+        *,
+        key_id: str,
+        party: str,
+        source: str,
+        now: int,
+        compromised_since: int | None = None,
+    ) -> None:
+        """Record a revocation. A key revoked already stays revoked; a compromise
+        instant given now (or an earlier one than recorded) widens its cascade."""
+        self._exec(
+            "INSERT INTO revoked_keys (key_id, party, source, revoked_at, compromised_since) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key_id) DO NOTHING",
+            (key_id, party, source, now, compromised_since),
+        )
+        if compromised_since is not None:
+            self._exec(
+                "UPDATE revoked_keys SET compromised_since = ? WHERE key_id = ? "
+                "AND (compromised_since IS NULL OR compromised_since > ?)",
+                (compromised_since, key_id, compromised_since),
+            )
         self.shared_state_changed()
 
     def revoked_keys(self) -> dict[str, str]:
         """Revoked key id -> its party."""
         return {r[0]: r[1] for r in self._exec("SELECT key_id, party FROM revoked_keys")}
+
+    def revocations(self) -> list[tuple[str, str, str, int, int | None]]:
+        """(key id, party, source, revoked at, compromised since or None) of every
+        revocation recorded here, oldest first."""
+        rows = self._exec(
+            "SELECT key_id, party, source, revoked_at, compromised_since FROM revoked_keys "
+            "ORDER BY revoked_at, key_id"
+        )
+        return [
+            (str(r[0]), str(r[1]), str(r[2]), int(r[3]), None if r[4] is None else int(r[4]))
+            for r in rows
+        ]
 
     def discrepancy_put(
         self, *, reconciliation_id: str, partner: str, phase: str, subject: str, detail: str,

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from itmolink.v1 import common_pb2 as itmolink_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16itmolink/v1/keys.proto\x12\x0bitmolink.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18itmolink/v1/common.proto\"\x95\x01\n\x10SigningKeyRecord\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12.\n\nnot_before\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tnot_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x90\x01\n\x0bKeyRotation\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x13\n\x0brotation_id\x18\x02 \x01(\t\x12.\n\x07new_key\x18\x03 \x01(\x0b\x32\x1d.itmolink.v1.SigningKeyRecord\x12\x17\n\x0frevoked_key_ids\x18\x04 \x03(\t\"V\n\x1aKeyRotationAcknowledgement\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x13\n\x0brotation_id\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16itmolink/v1/keys.proto\x12\x0bitmolink.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18itmolink/v1/common.proto\"\x95\x01\n\x10SigningKeyRecord\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12.\n\nnot_before\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tnot_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc7\x01\n\x0bKeyRotation\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x13\n\x0brotation_id\x18\x02 \x01(\t\x12.\n\x07new_key\x18\x03 \x01(\x0b\x32\x1d.itmolink.v1.SigningKeyRecord\x12\x17\n\x0frevoked_key_ids\x18\x04 \x03(\t\x12\x35\n\x11\x63ompromised_since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"V\n\x1aKeyRotationAcknowledgement\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x13\n\x0brotation_id\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SIGNINGKEYRECORD']._serialized_start=99
   _globals['_SIGNINGKEYRECORD']._serialized_end=248
   _globals['_KEYROTATION']._serialized_start=251
-  _globals['_KEYROTATION']._serialized_end=395
-  _globals['_KEYROTATIONACKNOWLEDGEMENT']._serialized_start=397
-  _globals['_KEYROTATIONACKNOWLEDGEMENT']._serialized_end=483
+  _globals['_KEYROTATION']._serialized_end=450
+  _globals['_KEYROTATIONACKNOWLEDGEMENT']._serialized_start=452
+  _globals['_KEYROTATIONACKNOWLEDGEMENT']._serialized_end=538
 # @@protoc_insertion_point(module_scope)

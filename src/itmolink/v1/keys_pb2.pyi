@@ -70,6 +70,7 @@ class KeyRotation(_message.Message):
     ROTATION_ID_FIELD_NUMBER: _builtins.int
     NEW_KEY_FIELD_NUMBER: _builtins.int
     REVOKED_KEY_IDS_FIELD_NUMBER: _builtins.int
+    COMPROMISED_SINCE_FIELD_NUMBER: _builtins.int
     rotation_id: _builtins.str
     """Chosen by the sender; the new key's id when one is announced."""
     @_builtins.property
@@ -82,6 +83,14 @@ class KeyRotation(_message.Message):
     def revoked_key_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Keys of the sender that no longer sign anything."""
 
+    @_builtins.property
+    def compromised_since(self) -> _timestamp_pb2.Timestamp:
+        """When set: the keys of revoked_key_ids were compromised from this instant
+        (the sender's clock). Every key the receiver recorded, at or after it, as
+        announced in a KeyRotation signed by one of them is revoked too, and so on
+        transitively. Unset: only the listed keys are revoked (a retirement).
+        """
+
     def __init__(
         self,
         *,
@@ -89,10 +98,11 @@ class KeyRotation(_message.Message):
         rotation_id: _builtins.str = ...,
         new_key: Global___SigningKeyRecord | None = ...,
         revoked_key_ids: _abc.Iterable[_builtins.str] | None = ...,
+        compromised_since: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "new_key", b"new_key"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compromised_since", b"compromised_since", "header", b"header", "new_key", b"new_key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "new_key", b"new_key", "revoked_key_ids", b"revoked_key_ids", "rotation_id", b"rotation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compromised_since", b"compromised_since", "header", b"header", "new_key", b"new_key", "revoked_key_ids", b"revoked_key_ids", "rotation_id", b"rotation_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

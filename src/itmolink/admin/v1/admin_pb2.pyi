@@ -311,20 +311,29 @@ class RevokeSigningKeyRequest(_message.Message):
 
     KEY_ID_FIELD_NUMBER: _builtins.int
     PARTNER_FIELD_NUMBER: _builtins.int
+    COMPROMISED_SINCE_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     partner: _builtins.str
     """Empty: a key of this node (announced to every partner). A party code: that
     partner's key, revoked here only (e.g. reported stolen out of band).
     """
+    @_builtins.property
+    def compromised_since(self) -> _timestamp_pb2.Timestamp:
+        """Set: the key was compromised from this instant; the keys announced with it
+        (in-band KeyRotation signed by it) from then on fall with it. Unset: the key
+        is retired, and only it is revoked.
+        """
+
     def __init__(
         self,
         *,
         key_id: _builtins.str = ...,
         partner: _builtins.str = ...,
+        compromised_since: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compromised_since", b"compromised_since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "partner", b"partner"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compromised_since", b"compromised_since", "key_id", b"key_id", "partner", b"partner"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

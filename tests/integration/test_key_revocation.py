@@ -1,0 +1,84 @@
+"""Revoking a signing key through the command line of real nodes: the card file
+lists the revocation, a compromise instant that would fell the node's own key is
+refused, and a partner added later with an older copy of the card is told."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from itmolink.crypto.pki import PartnerCard
+
+from .conftest import eventually, link, start_registry, stop_registry
+from .test_cli import cli, rotated
+
+
+async def test_a_revocation_reaches_a_partner_that_pinned_an_older_card(
+    pki: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lao = await start_registry(pki("LAO", ["KOR"]))
+    kor = await start_registry(pki("KOR", ["LAO"]))
+    link(lao, kor)
+    jpn = None
+    try:
+        old = lao.node.engine.signing_key.key_id
+        new = await rotated(capsys, lao)
+        card_file = lao.keys.directory / "card.toml"
+        older_copy = tmp_path / "lao-card-before-the-revocation.toml"
+        shutil.copy(card_file, older_copy)  # lists both keys
+
+        # The key LAO signs with was announced with the old one and acknowledged just
+        # now: a compromise instant before that would make KOR revoke it too.
+        code, _, err = await cli(
+            capsys, "keys", "revoke", "--config", str(lao.config_path), "--key-id", old,
+            "--compromised-since", "2020-01-01T00:00:00Z",
+        )  # fmt: skip
+        assert code != 0
+        assert new in err
+        with pytest.raises(SystemExit):  # argparse refuses a time without an offset
+            await cli(
+                capsys, "keys", "revoke", "--config", str(lao.config_path), "--key-id", old,
+                "--compromised-since", "2020-01-01T00:00:00",
+            )  # fmt: skip
+        assert "has no offset" in capsys.readouterr().err
+        code, out, err = await cli(
+            capsys, "keys", "revoke", "--config", str(lao.config_path), "--key-id", old
+        )
+        assert code == 0, err
+        card = PartnerCard.load(card_file)
+        assert [k.key_id for k in card.signing_keys] == [new]
+        assert [r.key_id for r in card.revoked_keys] == [old]
+
+        async def revoked_at(registry: Any) -> bool:
+            return bool(registry.node.engine.trust.is_revoked(old))
+
+        await eventually(lambda: revoked_at(kor))
+
+        # A node that pins the current card refuses the key from the card alone.
+        jpn_config = pki("JPN", ["LAO"])
+        jpn = await start_registry(jpn_config)
+        assert jpn.node.engine.trust.get(old) is None
+        assert jpn.node.engine.trust.is_revoked(old)
+        await stop_registry(jpn)
+        jpn = None
+        # JPN joins with the older copy of LAO's card; LAO restarts with JPN added.
+        jpn_config.write_text(
+            jpn_config.read_text().replace("../lao/pki/card.toml", str(older_copy))
+        )
+        await stop_registry(lao)
+        lao = await start_registry(pki("LAO", ["KOR", "JPN"]))
+        jpn = await start_registry(jpn_config)
+        assert jpn.node.engine.trust.get(old) is not None
+        link(lao, kor)
+        link(lao, jpn)
+        await eventually(lambda: revoked_at(jpn))
+        code, out, _ = await cli(capsys, "keys", "list", "--config", str(jpn.config_path))
+        assert any(old in line and "revoked" in line for line in out.splitlines())
+        assert any(new in line and "pinned" in line for line in out.splitlines())
+    finally:
+        for registry in (lao, kor, jpn):
+            if registry is not None:
+                await stop_registry(registry)
