@@ -11,17 +11,20 @@ from collections.abc import Callable
 import pytest
 
 from itmolink.core import reconcile as reconcile_module
+from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.core.reconcile import TransferFacts, blocks_leaf
 from itmolink.core.transfer import TransferState
 from itmolink.core.units import FirstTransferDefinition, Purpose
 from itmolink.crypto.envelope import TrustStore
 from itmolink.crypto.keys import SigningKey
 from itmolink.node.engine import Engine, Partner
+from itmolink.node.operations import BatchItemRequest
 from itmolink.store import open_store
 from itmolink.store import postgres as postgres_module
 from itmolink.store import sqlite as sqlite_module
 from itmolink.store import tx as tx_module
 from itmolink.store.migrate import latest_version, migrations
+from itmolink.store.sqlite import HOLDING_ACCOUNT
 from itmolink.store.tx import Tx
 
 from ..conftest import Databases
@@ -117,6 +120,76 @@ async def test_an_amendment_adding_ndc_while_a_transfer_is_in_flight_reconciles_
     pair.pump()
     assert ledger(pair.lao) == [(issuance_id, 1_000)]
     assert ledger(pair.kor) == [(transfer_id, -400)]
+    await assert_clean(pair)
+
+
+def _issue_both_kinds(pair: Pair) -> tuple[str, str, str]:
+    """100 of 2025 issued under OIMP first transferred at issuance (booked then), NDC
+    added, 100 more issued (booked at their transfer): (authorisation, issuances)."""
+    authorisation_id = authorise(pair, [Purpose.OIMP], FirstTransferDefinition.AT_ISSUANCE)
+    pair.pump()
+    booked, _ = pair.lao.issue(
+        authorisation_id=authorisation_id, vintage=2025, quantity=100, now=pair.now
+    )
+    pair.pump()
+    pair.lao.amend_authorisation(
+        authorisation_id, {"purposes": frozenset({Purpose.NDC, Purpose.OIMP})}, pair.now
+    )
+    pair.pump()
+    not_booked, _ = pair.lao.issue(
+        authorisation_id=authorisation_id, vintage=2025, quantity=100, now=pair.now
+    )
+    pair.pump()
+    return authorisation_id, booked, not_booked
+
+
+async def test_a_transfer_never_mixes_units_booked_at_issuance_with_units_not(
+    pair: Pair,
+) -> None:
+    """One proposal has one first_transfer flag: a selection taking units booked at
+    issuance and units not is refused (4013, nothing reserved); taken one kind at a
+    time, each is booked as the rule says and both sides agree."""
+    authorisation_id, booked, _ = _issue_both_kinds(pair)
+    with pytest.raises(Rejected) as refused:
+        pair.lao.start_transfer(
+            to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=200,
+            now=pair.now,
+        )  # fmt: skip
+    assert refused.value.code is RejectionCode.ALREADY_FIRST_TRANSFERRED
+    assert "transfer at most 100 now" in refused.value.detail
+    with pytest.raises(Rejected) as refused:  # a batch too, naming the item
+        pair.lao.start_transfer_batch(
+            to_party="KOR",
+            items=[
+                BatchItemRequest(authorisation_id, 2025, 50),
+                BatchItemRequest(authorisation_id, 2025, 100),
+            ],
+            now=pair.now,
+        )
+    assert refused.value.code is RejectionCode.ALREADY_FIRST_TRANSFERRED
+    assert refused.value.detail.startswith("item 2 of the batch")
+    assert "transfer at most 50 now" in refused.value.detail
+    with pair.lao.store.transaction() as tx:
+        held = tx.blocks_held(
+            account=HOLDING_ACCOUNT, authorisation_id=authorisation_id, vintage=2025
+        )
+    assert sum(b.quantity for b in held) == 200  # nothing reserved
+    first = pair.lao.start_transfer(
+        to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=100,
+        now=pair.now,
+    )  # fmt: skip
+    pair.pump()
+    _, [second] = pair.lao.start_transfer_batch(
+        to_party="KOR", items=[BatchItemRequest(authorisation_id, 2025, 100)], now=pair.now
+    )
+    pair.pump()
+    with pair.lao.store.transaction() as tx:
+        records = tx.transfers_get([first, second])
+    assert not records[first].first_transfer
+    assert records[second].first_transfer
+    assert {r.state for r in records.values()} == {TransferState.COMPLETED}
+    assert ledger(pair.lao) == [(booked, 100), (second, 100)]
+    assert sorted(ledger(pair.kor)) == sorted([(first, -100), (second, -100)])
     await assert_clean(pair)
 
 

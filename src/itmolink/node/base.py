@@ -909,11 +909,52 @@ class EngineBase:
             return not any(tx.serials_first_transferred(b) for b in blocks)
         return True
 
+    def _check_one_kind(self, tx: Tx, authorisation_id: str, blocks: Sequence[Block]) -> None:
+        """Refuse a host's transfer of ``blocks`` that mixes units first transferred at
+        issuance with units that were not (docs/PROTOCOL.md §5.8, "Sender").
+
+        Both kinds are held only under an authorisation for OIMP first transferred at
+        authorisation or issuance amended to add NDC after some units were issued. The
+        proposal's one ``first_transfer`` flag cannot say both, and the host's booking
+        and threshold follow it: a mixed transfer would leave the adjustment of the
+        units not booked at issuance unbooked. ALREADY_FIRST_TRANSFERRED (4013), the
+        detail saying how many units of the first kind come first in serial order.
+        """
+        if not blocks or not all(b.first_transferring_party == self.party for b in blocks):
+            return
+        authorisation = self._authorisation(tx, self.party, authorisation_id)
+        if self._ca_point(authorisation) != "transfer" or not oimp_at_issuance(
+            authorisation.terms.purposes, authorisation.first_transfer_definition
+        ):
+            return
+        kinds = [tx.serials_first_transferred(b) for b in blocks]
+        if all(kinds) or not any(kinds):
+            return
+        leading = 0
+        for block, kind in zip(blocks, kinds, strict=True):
+            if kind != kinds[0]:
+                break
+            leading += block.quantity
+        first, then = (
+            ("first transferred at issuance", "not")
+            if kinds[0]
+            else ("not first transferred at issuance", "first transferred at issuance")
+        )
+        raise Rejected(
+            RejectionCode.ALREADY_FIRST_TRANSFERRED,
+            f"the {total(blocks)} units this transfer would take mix units first "
+            f"transferred at issuance (their adjustment booked then) with units that were "
+            f"not (booked at this transfer); one transfer cannot take both: the first "
+            f"{leading} held in serial order are {first}, the ones after them {then}: "
+            f"transfer at most {leading} now, the rest in another transfer",
+        )
+
     def _reserve_outgoing(
         self, tx: Tx, authorisation_id: str, blocks: Sequence[Block], evidence: bytes = b""
     ) -> Outgoing:
         """Give a transfer of held ``blocks`` its id and reserve them for it."""
         taken = list(blocks)
+        self._check_one_kind(tx, authorisation_id, taken)
         transfer_id = f"{self.party}-T-{tx.next_counter('transfer'):06d}"
         tx.blocks_reserve(taken, transfer_id=transfer_id)
         return Outgoing(
