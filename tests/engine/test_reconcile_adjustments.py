@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 
 import pytest
 
 from itmolink.core import reconcile as reconcile_module
+from itmolink.core.blocks import Block
 from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.core.reconcile import TransferFacts, blocks_leaf
-from itmolink.core.transfer import TransferState
+from itmolink.core.transfer import Role, TransferState
 from itmolink.core.units import FirstTransferDefinition, Purpose
 from itmolink.crypto.envelope import TrustStore
 from itmolink.crypto.keys import SigningKey
+from itmolink.node.base import EngineBase
 from itmolink.node.engine import Engine, Partner
 from itmolink.node.operations import BatchItemRequest
 from itmolink.store import open_store
@@ -25,7 +28,7 @@ from itmolink.store import sqlite as sqlite_module
 from itmolink.store import tx as tx_module
 from itmolink.store.migrate import latest_version, migrations
 from itmolink.store.sqlite import HOLDING_ACCOUNT
-from itmolink.store.tx import Tx
+from itmolink.store.tx import DOUBLE_BOOKING_FOUND_AT, Tx
 
 from ..conftest import Databases
 from .conftest import Pair
@@ -370,11 +373,39 @@ def _engine(database: str, party: str, partner: str, keys: dict[str, SigningKey]
     )
 
 
-async def test_a_ledger_of_schema_6_is_sealed_again_and_reconciles_clean(
-    databases: Databases, monkeypatch: pytest.MonkeyPatch
+def _schema_6_first_transfer(
+    self: EngineBase, tx: Tx, authorisation_id: str, blocks: Sequence[Block]
+) -> bool:
+    """The flag as the reference of schema version 6 set it (114374d^1): every
+    transfer of the host's own units where the adjustment point is the transfer."""
+    return all(b.first_transferring_party == self.party for b in blocks) and (
+        self._ca_point(self._authorisation(tx, self.party, authorisation_id)) == "transfer"
+    )
+
+
+def _schema_6_transfer_counts(
+    self: EngineBase, tx: Tx, role: Role, blocks: Sequence[Block], first_transfer: object = None
+) -> bool:
+    """The booking of the reference of schema version 6: the host books whenever the
+    adjustment point is the transfer (units booked at issuance a second time)."""
+    if not blocks:
+        return False
+    host = blocks[0].first_transferring_party
+    authorisation = self._authorisation(tx, host, blocks[0].authorisation_id)
+    if role is Role.SENDER and host == self.party:
+        return self._ca_point(authorisation) == "transfer"
+    return Purpose.NDC in authorisation.terms.purposes
+
+
+async def test_a_ledger_of_schema_6_is_sealed_again_and_its_double_booking_is_found(
+    databases: Databases, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Migration 0007 on two ledgers written by schema version 6 (its leaf), on both
-    stores: the false discrepancy of units adjusted at issuance goes, the sums follow."""
+    """Migration 0007 on two ledgers written by the reference of schema version 6 (its
+    leaf, its flag and its booking), on both stores. That reference booked units
+    adjusted at issuance a second time at their transfer once NDC was added, and its
+    leaves agreed on it (the double booking reconciled clean); the new leaves agree
+    too, so the upgrade records the transfer as a discrepancy and raises an alarm at
+    the host. The other transfers are sealed again without a word."""
     keys = {party: SigningKey.generate(party) for party in ("LAO", "KOR")}
     urls = {party: databases.new(party.lower()) for party in ("LAO", "KOR")}
     with monkeypatch.context() as patch:  # two nodes of schema version 6
@@ -384,6 +415,8 @@ async def test_a_ledger_of_schema_6_is_sealed_again_and_reconciles_clean(
         patch.setattr(
             Tx, "_partner_adjustments", lambda self, record, sender, blocks, versions=None: ()
         )
+        patch.setattr(EngineBase, "_first_transfer", _schema_6_first_transfer)
+        patch.setattr(EngineBase, "_transfer_counts", _schema_6_transfer_counts)
         old = Pair(
             lao=_engine(urls["LAO"], "LAO", "KOR", keys),
             kor=_engine(urls["KOR"], "KOR", "LAO", keys),
@@ -395,7 +428,9 @@ async def test_a_ledger_of_schema_6_is_sealed_again_and_reconciles_clean(
         )
         authorisation_id = authorise(old, [Purpose.OIMP], FirstTransferDefinition.AT_ISSUANCE)
         old.pump()
-        old.lao.issue(authorisation_id=authorisation_id, vintage=2025, quantity=1_000, now=old.now)
+        issuance_id, _ = old.lao.issue(
+            authorisation_id=authorisation_id, vintage=2025, quantity=1_000, now=old.now
+        )
         old.pump()
         before_ndc = old.lao.start_transfer(  # OIMP only then: neither side books
             to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=100,
@@ -413,18 +448,29 @@ async def test_a_ledger_of_schema_6_is_sealed_again_and_reconciles_clean(
         )  # fmt: skip
         old.pump()
         old.advance(1)
-        report = await reconcile(old, "LAO", "KOR")  # the old leaf's false discrepancy
-        assert [(d.phase, d.subject) for d in report.discrepancies] == [("blocks", at_issuance)]
+        # The old reference's double booking: at issuance and again at the transfer.
+        assert (issuance_id, 1_000) in ledger(old.lao)
+        assert (at_issuance, 400) in ledger(old.lao)
+        assert (at_issuance, -400) in ledger(old.kor)
+        report = await reconcile(old, "LAO", "KOR")  # and its leaves agreed on it
+        assert report.discrepancies == []
         now = old.now
         old.lao.store.close()
         old.kor.store.close()
-    pair = Pair(
-        lao=_engine(urls["LAO"], "LAO", "KOR", keys),
-        kor=_engine(urls["KOR"], "KOR", "LAO", keys),
-        keys=keys,
-        now=now,
-    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=sqlite_module.log.name):
+        pair = Pair(
+            lao=_engine(urls["LAO"], "LAO", "KOR", keys),
+            kor=_engine(urls["KOR"], "KOR", "LAO", keys),
+            keys=keys,
+            now=now,
+        )
     try:
+        alarms = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ALARM")]
+        assert len(alarms) == 1
+        assert f"transfer {at_issuance} to KOR" in alarms[0]
+        assert any("sealing again the reconciliation leaves of 3 transfers" in r.getMessage()
+                   for r in caplog.records)  # fmt: skip
         for engine, partner in ((pair.lao, "KOR"), (pair.kor, "LAO")):
             assert engine.store.schema_version() == latest_version() >= 6
             with engine.store.transaction() as tx:
@@ -438,7 +484,27 @@ async def test_a_ledger_of_schema_6_is_sealed_again_and_reconciles_clean(
                 assert sum(t.transfers for t in tx.reconcile_totals(partner, snapshot)) == 3
                 records = tx.transfers_get([plain, before_ndc, at_issuance])
                 assert {r.state for r in records.values()} == {TransferState.COMPLETED}
+                found = tx._exec(
+                    "SELECT reconciliation_id, partner, phase, subject, detail FROM discrepancies"
+                ).fetchall()
+            if engine is pair.lao:  # the host, which booked twice
+                assert [tuple(row[:4]) for row in found] == [
+                    (DOUBLE_BOOKING_FOUND_AT, "KOR", "double-booking", at_issuance)
+                ]
+                assert "400 tCO2e" in found[0][4]
+            else:
+                assert found == []
+        # The ledger is not rewritten: the operator corrects it (OPERATIONS.md §8).
+        assert (at_issuance, 400) in ledger(pair.lao)
+        # The new leaves agree on the double booking too: only the upgrade finds it.
         await assert_clean(pair)
+        pair.lao.store.close()
+        pair.kor.store.close()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=sqlite_module.log.name):
+            again = _engine(urls["LAO"], "LAO", "KOR", keys)  # found once, not at every start
+        again.store.close()
+        assert not [r for r in caplog.records if r.getMessage().startswith("ALARM")]
     finally:
         pair.lao.store.close()
         pair.kor.store.close()
