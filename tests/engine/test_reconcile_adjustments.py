@@ -19,7 +19,9 @@ from itmolink.core.transfer import Role, TransferState
 from itmolink.core.units import FirstTransferDefinition, Purpose
 from itmolink.crypto.envelope import TrustStore
 from itmolink.crypto.keys import SigningKey
-from itmolink.node.base import EngineBase
+from itmolink.node import base as base_module
+from itmolink.node import requests as requests_module
+from itmolink.node.base import EngineBase, ReplyError
 from itmolink.node.engine import Engine, Partner
 from itmolink.node.operations import BatchItemRequest
 from itmolink.store import open_store
@@ -340,6 +342,44 @@ async def test_a_host_that_calls_a_first_transfer_of_ndc_units_no_first_transfer
     report = await reconcile(pair, "KOR", "LAO")
     assert [(d.phase, d.subject) for d in report.discrepancies] == [("blocks", transfer_id)]
     assert report.discrepancies[0].frozen_blocks == 1
+
+
+async def test_a_blocks_query_of_another_leaf_definition_is_refused(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A requester that states no leaf definition (a node before schema 7) is refused
+    with 2010 before any blocks are compared (§11.3 R6): no discrepancy, nothing frozen."""
+    issue_and_transfer(pair, authorise(pair, [Purpose.NDC], FirstTransferDefinition.UNSPECIFIED))
+    pair.advance(1)
+    monkeypatch.setattr(reconcile_module, "BLOCKS_LEAF_DEFINITION", 0)  # the requester's only
+    with pytest.raises(ReplyError) as refused:
+        await reconcile(pair, "KOR", "LAO")
+    assert refused.value.code is RejectionCode.INVALID_FIELD
+    assert "no definition (before schema 7)" in str(refused.value)
+    assert "this node computes definition 2" in str(refused.value)
+    assert frozen(pair.kor) == []
+    with pair.kor.store.transaction() as tx:
+        assert tx._one("SELECT COUNT(*) FROM discrepancies")[0] == 0
+
+
+async def test_a_blocks_answer_of_another_leaf_definition_is_not_compared(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A responder that answers without the field (a node before schema 7, whose leaves
+    differ on every transfer with an adjustment) ends the requester's reconciliation
+    with an error naming both definitions (§11.7), not with discrepancies and frozen
+    blocks."""
+    issue_and_transfer(pair, authorise(pair, [Purpose.NDC], FirstTransferDefinition.UNSPECIFIED))
+    pair.advance(1)
+    monkeypatch.setattr(base_module, "check_leaf_definition", lambda *args: None)
+    monkeypatch.setattr(requests_module, "BLOCKS_LEAF_DEFINITION", 0)  # the responder's
+    with pytest.raises(ReplyError) as refused:
+        await reconcile(pair, "KOR", "LAO")
+    assert refused.value.code is RejectionCode.INVALID_FIELD
+    assert "LAO: the answer states no definition" in str(refused.value)
+    assert frozen(pair.kor) == []
+    with pair.kor.store.transaction() as tx:
+        assert tx._one("SELECT COUNT(*) FROM discrepancies")[0] == 0
 
 
 def _schema_6_blocks_leaf(facts: TransferFacts) -> bytes:

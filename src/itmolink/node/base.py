@@ -58,6 +58,7 @@ from itmolink.core.authorisation import (
 from itmolink.core.blocks import Block, total
 from itmolink.core.codes import Rejected, RejectionCode, wire_name_of
 from itmolink.core.issuance import Destination
+from itmolink.core.reconcile import BLOCKS_LEAF_DEFINITION
 from itmolink.core.rules import AuthorisationTerms
 from itmolink.core.transfer import Effect, Role, TransferState
 from itmolink.core.units import FirstTransferDefinition, Purpose
@@ -1116,6 +1117,22 @@ def check_reconciliation_query(msg: ReconciliationQuery) -> None:
     for prefix in [*msg.prefixes, *msg.leaf_prefixes]:
         if len(prefix) > 64 or prefix.strip("0123456789abcdef"):
             raise Rejected(RejectionCode.INVALID_FIELD, f"prefix {prefix!r} is not lower-case hex")
+    check_leaf_definition(msg.view, msg.leaf_definition, "query")
+
+
+def check_leaf_definition(view: int, definition: int, said_by: str) -> None:
+    """A BLOCKS query or answer states the blocks leaf definition this node computes
+    (docs/PROTOCOL.md §11.3 R6, §11.7), else 2010: leaves of two definitions differ on
+    every transfer that carries an adjustment, so they are not compared at all."""
+    if view != reconcile_pb2.RECONCILIATION_VIEW_BLOCKS or definition == BLOCKS_LEAF_DEFINITION:
+        return
+    stated = f"definition {definition}" if definition else "no definition (before schema 7)"
+    raise Rejected(
+        RejectionCode.INVALID_FIELD,
+        f"the {said_by} states {stated} of the blocks leaf; this node computes definition "
+        f"{BLOCKS_LEAF_DEFINITION} (PROTOCOL §11.4): both partners must run the same one "
+        "before they compare blocks",
+    )
 
 
 def _owned_by(transfer_id: str, party: str) -> bool:
