@@ -548,3 +548,44 @@ async def test_a_ledger_of_schema_6_is_sealed_again_and_its_double_booking_is_fo
     finally:
         pair.lao.store.close()
         pair.kor.store.close()
+
+
+async def test_an_interrupted_reseal_resumes_where_it_stopped(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The re-seal of migration 0007 takes each chunk off the list in the transaction
+    that seals it: a crash after the first chunk leaves the rest listed, and the next
+    start seals only those, to the sums a seal from scratch gives."""
+    authorisation_id = authorise(pair, [Purpose.NDC], FirstTransferDefinition.UNSPECIFIED)
+    for _ in range(3):
+        issue_and_transfer(pair, authorisation_id)
+    store = pair.lao.store
+    with store.transaction() as tx:  # as migration 0007 lists them, the leaves spoilt
+        tx._exec("INSERT INTO leaves_to_reseal SELECT transfer_id FROM transfers WHERE state = 3")
+        listed = tx.reseal_listed_count()
+        tx._exec("UPDATE transfers SET blocks_leaf = ? WHERE state = 3", (b"x" * 32,))
+    assert listed == 3
+    original = Tx.reseal_listed_transfers
+    calls = []
+
+    def crash_on_the_second(self: Tx, limit: int, *args: object, **kwargs: object) -> int:
+        calls.append(limit)
+        if len(calls) == 2:
+            raise RuntimeError("the process died")
+        return original(self, limit, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Tx, "reseal_listed_transfers", crash_on_the_second)
+        with pytest.raises(RuntimeError):
+            sqlite_module.reseal_listed_transfers(store, chunk=1)
+    with store.transaction() as tx:
+        assert tx.reseal_listed_count() == listed - 1
+    assert sqlite_module.reseal_listed_transfers(store, chunk=1) == listed - 1
+    with store.transaction() as tx:
+        assert tx.reseal_listed_count() == 0
+        for view in ("blocks", "journal"):
+            root = tx.reconcile_buckets("KOR", 2**62, view, "")
+            assert [(b.prefix, b.count, b.h1, b.h2) for b in root] == _summed_afresh(
+                tx, "KOR", 2**62, view, ""
+            )
+    await assert_clean(pair)
