@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from itmolink.core.codes import RejectionCode
+from itmolink.core.reconcile import BLOCKS_LEAF_DEFINITION
 from itmolink.node import requests
 from itmolink.node.convert import timestamp, to_us
 from itmolink.v1 import reconcile_pb2
@@ -25,6 +26,7 @@ def query(pair: Pair, **fields: Any) -> reconcile_pb2.ReconciliationQuery:
     values: dict[str, Any] = dict(
         header=header(pair), reconciliation_id="R-1",
         snapshot_at=timestamp(to_us(pair.now + dt.timedelta(seconds=1))), view=BLOCKS,
+        leaf_definition=BLOCKS_LEAF_DEFINITION,
     )  # fmt: skip
     values.update(fields)
     return reconcile_pb2.ReconciliationQuery(**values)

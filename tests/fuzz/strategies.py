@@ -330,6 +330,7 @@ def reconciliation_queries(draw: st.DrawFn, ctx: Context) -> reconcile_pb2.Recon
         view=draw(enum_value([1, 2, 3])),
         prefixes=draw(st.lists(mostly(hex_prefix, text()), max_size=3)),
         leaf_prefixes=draw(st.lists(mostly(hex_prefix, text()), max_size=3)),
+        leaf_definition=draw(mostly(st.just(2), st.integers(0, 2**32 - 1))),
     )
 
 

@@ -39,6 +39,7 @@ from itmolink.conformance.link import (
 )
 from itmolink.core.blocks import Block
 from itmolink.core.reconcile import (
+    BLOCKS_LEAF_DEFINITION,
     blocks_leaf,
     id_hash,
     slices,
@@ -2014,11 +2015,19 @@ async def _query(ctx: Context, view: int, **fields: object) -> reconcile_pb2.Rec
         view=view,  # type: ignore[arg-type]
         **fields,  # type: ignore[arg-type]
     )
+    blocks = view == reconcile_pb2.RECONCILIATION_VIEW_BLOCKS
+    if blocks:
+        query.leaf_definition = BLOCKS_LEAF_DEFINITION
     reply = await ctx.link.send(query)
     answer = ctx.expect(reply, reconcile_pb2.ReconciliationAnswer, "reconciliation query")
     check(
         answer.reconciliation_id == query.reconciliation_id,
         f"answer names reconciliation {answer.reconciliation_id!r}",
+    )
+    check(
+        not blocks or answer.leaf_definition == BLOCKS_LEAF_DEFINITION,
+        f"blocks answer states leaf definition {answer.leaf_definition}, "
+        f"not {BLOCKS_LEAF_DEFINITION} (§11.2)",
     )
     return answer  # type: ignore[no-any-return]
 
@@ -2167,8 +2176,9 @@ async def t_buckets(ctx: Context) -> None:
 @kit_test(
     "4.05-query-checks",
     4,
-    "§11.3 R1, R2",
-    "a query without a view (2010) or a snapshot (2003) is rejected",
+    "§11.3 R1, R2, R6",
+    "a query without a view (2010) or a snapshot (2003), or a blocks query of another leaf "
+    "definition (2010), is rejected",
 )
 async def t_query_checks(ctx: Context) -> None:
     bad_view = reconcile_pb2.ReconciliationQuery(
@@ -2186,5 +2196,17 @@ async def t_query_checks(ctx: Context) -> None:
         await ctx.link.send(no_snapshot),
         C.REJECTION_CODE_MISSING_FIELD,
         "no snapshot",
+        recorded=True,
+    )
+    old_leaf = reconcile_pb2.ReconciliationQuery(  # as a node before schema 7 asks
+        reconciliation_id=str(uuid.uuid4()),
+        snapshot_at=timestamp(to_us(now_utc())),
+        view=reconcile_pb2.RECONCILIATION_VIEW_BLOCKS,
+        prefixes=[""],
+    )
+    ctx.expect_rejection(
+        await ctx.link.send(old_leaf),
+        C.REJECTION_CODE_INVALID_FIELD,
+        "blocks query of no leaf definition",
         recorded=True,
     )

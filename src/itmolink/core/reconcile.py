@@ -77,6 +77,12 @@ def _encode(*parts: bytes | str | int) -> bytes:
     return b"".join(out)
 
 
+# The definition of the blocks leaf below (docs/PROTOCOL.md §11.4), stated in every BLOCKS
+# query and answer (§11.2): 2 states both parties' adjustments (schema version 7 of the
+# reference); 1, the entries a node booked with the sender's sign, was never stated (0).
+BLOCKS_LEAF_DEFINITION = 2
+
+
 def blocks_leaf(facts: TransferFacts) -> bytes:
     """Digest of what moved: nothing, or the blocks and both parties' adjustments."""
     parts: list[bytes | str | int] = [facts.transfer_id, facts.sender, facts.receiver]

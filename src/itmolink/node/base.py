@@ -58,6 +58,7 @@ from itmolink.core.authorisation import (
 from itmolink.core.blocks import Block, total
 from itmolink.core.codes import Rejected, RejectionCode, wire_name_of
 from itmolink.core.issuance import Destination
+from itmolink.core.reconcile import BLOCKS_LEAF_DEFINITION
 from itmolink.core.rules import AuthorisationTerms
 from itmolink.core.transfer import Effect, Role, TransferState
 from itmolink.core.units import FirstTransferDefinition, Purpose
@@ -909,11 +910,52 @@ class EngineBase:
             return not any(tx.serials_first_transferred(b) for b in blocks)
         return True
 
+    def _check_one_kind(self, tx: Tx, authorisation_id: str, blocks: Sequence[Block]) -> None:
+        """Refuse a host's transfer of ``blocks`` that mixes units first transferred at
+        issuance with units that were not (docs/PROTOCOL.md §5.8, "Sender").
+
+        Both kinds are held only under an authorisation for OIMP first transferred at
+        authorisation or issuance amended to add NDC after some units were issued. The
+        proposal's one ``first_transfer`` flag cannot say both, and the host's booking
+        and threshold follow it: a mixed transfer would leave the adjustment of the
+        units not booked at issuance unbooked. ALREADY_FIRST_TRANSFERRED (4013), the
+        detail saying how many units of the first kind come first in serial order.
+        """
+        if not blocks or not all(b.first_transferring_party == self.party for b in blocks):
+            return
+        authorisation = self._authorisation(tx, self.party, authorisation_id)
+        if self._ca_point(authorisation) != "transfer" or not oimp_at_issuance(
+            authorisation.terms.purposes, authorisation.first_transfer_definition
+        ):
+            return
+        kinds = [tx.serials_first_transferred(b) for b in blocks]
+        if all(kinds) or not any(kinds):
+            return
+        leading = 0
+        for block, kind in zip(blocks, kinds, strict=True):
+            if kind != kinds[0]:
+                break
+            leading += block.quantity
+        first, then = (
+            ("first transferred at issuance", "not")
+            if kinds[0]
+            else ("not first transferred at issuance", "first transferred at issuance")
+        )
+        raise Rejected(
+            RejectionCode.ALREADY_FIRST_TRANSFERRED,
+            f"the {total(blocks)} units this transfer would take mix units first "
+            f"transferred at issuance (their adjustment booked then) with units that were "
+            f"not (booked at this transfer); one transfer cannot take both: the first "
+            f"{leading} held in serial order are {first}, the ones after them {then}: "
+            f"transfer at most {leading} now, the rest in another transfer",
+        )
+
     def _reserve_outgoing(
         self, tx: Tx, authorisation_id: str, blocks: Sequence[Block], evidence: bytes = b""
     ) -> Outgoing:
         """Give a transfer of held ``blocks`` its id and reserve them for it."""
         taken = list(blocks)
+        self._check_one_kind(tx, authorisation_id, taken)
         transfer_id = f"{self.party}-T-{tx.next_counter('transfer'):06d}"
         tx.blocks_reserve(taken, transfer_id=transfer_id)
         return Outgoing(
@@ -1075,6 +1117,22 @@ def check_reconciliation_query(msg: ReconciliationQuery) -> None:
     for prefix in [*msg.prefixes, *msg.leaf_prefixes]:
         if len(prefix) > 64 or prefix.strip("0123456789abcdef"):
             raise Rejected(RejectionCode.INVALID_FIELD, f"prefix {prefix!r} is not lower-case hex")
+    check_leaf_definition(msg.view, msg.leaf_definition, "query")
+
+
+def check_leaf_definition(view: int, definition: int, said_by: str) -> None:
+    """A BLOCKS query or answer states the blocks leaf definition this node computes
+    (docs/PROTOCOL.md §11.3 R6, §11.7), else 2010: leaves of two definitions differ on
+    every transfer that carries an adjustment, so they are not compared at all."""
+    if view != reconcile_pb2.RECONCILIATION_VIEW_BLOCKS or definition == BLOCKS_LEAF_DEFINITION:
+        return
+    stated = f"definition {definition}" if definition else "no definition (before schema 7)"
+    raise Rejected(
+        RejectionCode.INVALID_FIELD,
+        f"the {said_by} states {stated} of the blocks leaf; this node computes definition "
+        f"{BLOCKS_LEAF_DEFINITION} (PROTOCOL §11.4): both partners must run the same one "
+        "before they compare blocks",
+    )
 
 
 def _owned_by(transfer_id: str, party: str) -> bool:

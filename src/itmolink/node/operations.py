@@ -959,6 +959,7 @@ class Operations(EngineBase):
                 taken, remainders = take(current, request.quantity)
                 # What is left, in serial order: the split tail, then the blocks untouched.
                 pools[key] = (originals, remainders + current[len(taken) :])
+                self._check_one_kind(tx, request.authorisation_id, taken)
                 self._check_booking(tx, Role.SENDER, taken)
                 if self._first_transfer(tx, request.authorisation_id, taken):
                     # Only where the host books (not for units first transferred already).

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from itmolink.core import reconcile
+from itmolink.core.codes import Rejected
+from itmolink.node.base import ReplyError, check_leaf_definition
 from itmolink.node.convert import timestamp, to_us
 from itmolink.v1 import partner_service_pb2, reconcile_pb2
 
@@ -60,6 +62,8 @@ class Reconciliation:
             snapshot_at=timestamp(self.snapshot_us),
             **fields,  # type: ignore[arg-type]
         )
+        if query.view == reconcile_pb2.RECONCILIATION_VIEW_BLOCKS:
+            query.leaf_definition = reconcile.BLOCKS_LEAF_DEFINITION
         message_id, envelope = await self.node.db(
             self.engine.reconciliation_query, self.partner, query, self.node.clock()
         )
@@ -67,7 +71,7 @@ class Reconciliation:
             partner_service_pb2.DeliverRequest(envelope=envelope), timeout=30
         )
         self.report.queries += 1
-        return await self.node.db(
+        answer: reconcile_pb2.ReconciliationAnswer = await self.node.db(
             self.engine.reconciliation_answer,
             self.partner,
             message_id,
@@ -75,6 +79,11 @@ class Reconciliation:
             response.envelope,
             self.node.clock(),
         )
+        try:  # §11.7: blocks leaves of another definition are not compared
+            check_leaf_definition(query.view, answer.leaf_definition, "answer")
+        except Rejected as rejected:
+            raise ReplyError(rejected.code, f"{self.partner}: {rejected.detail}") from None
+        return answer
 
     async def run(self) -> Report:
         await self._totals()

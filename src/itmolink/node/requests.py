@@ -28,6 +28,7 @@ from itmolink.core.authorisation import (
 )
 from itmolink.core.blocks import Block, total, validate_block
 from itmolink.core.codes import Rejected, RejectionCode
+from itmolink.core.reconcile import BLOCKS_LEAF_DEFINITION
 from itmolink.core.rules import AuthorisationTerms
 from itmolink.core.transfer import Event, Role, TransferState, step
 from itmolink.core.units import FirstTransferDefinition
@@ -1038,6 +1039,8 @@ class Requests(EngineBase):
                     quantity=total.quantity, transfers=total.transfers,
                 )  # fmt: skip
         else:
+            if msg.view == reconcile_pb2.RECONCILIATION_VIEW_BLOCKS:
+                answer.leaf_definition = BLOCKS_LEAF_DEFINITION
             view = VIEWS[msg.view]
             for prefix in dict.fromkeys(msg.prefixes):
                 for bucket in tx.reconcile_buckets(sender, snapshot, view, prefix):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from itmolink.store.migrate import SQLITE, Migration, migrations, refuse_newer, statements
-from itmolink.store.tx import Tx, TxMemory
+from itmolink.store.tx import TransferRecord, Tx, TxMemory
 
 HOLDING_ACCOUNT = "holding"
 log = logging.getLogger(__name__)
@@ -74,11 +74,27 @@ def reseal_listed_transfers(store: Store, chunk: int = 2_000) -> int:
     tests of earlier migrations build, has no such list)."""
     if store.schema_version() < RESEAL_SCHEMA:
         return 0
+    with store.transaction() as tx:
+        listed = tx.reseal_listed_count()
+    if not listed:
+        return 0
+    log.info("sealing again the reconciliation leaves of %d transfers (schema 7)", listed)
     done = 0
     while True:
+        double_booked: list[TransferRecord] = []
         with store.transaction() as tx:
-            count = tx.reseal_listed_transfers(chunk)
+            count = tx.reseal_listed_transfers(chunk, double_booked, now=time.time_ns() // 1_000)
+        for record in double_booked:
+            log.error(
+                "ALARM: transfer %s to %s booked again adjustments booked at issuance "
+                "(the reference before schema 7): recorded as a discrepancy, see "
+                "docs/OPERATIONS.md section 8",
+                record.transfer_id, record.partner,
+                extra={"transfer_id": record.transfer_id, "partner": record.partner},
+            )  # fmt: skip
         done += count
+        if count:
+            log.info("sealed again %d of %d transfers", done, listed)
         if count < chunk:
             return done
 

@@ -185,6 +185,8 @@ _TRANSFER_READ = (
 # What node processes sharing one database cache in memory: a change to any of it
 # bumps the counter _SHARED_STATE, and each process reloads when it sees it move.
 _SHARED_STATE = "shared_state"
+# The reconciliation id of the discrepancies the upgrade to schema version 7 records.
+DOUBLE_BOOKING_FOUND_AT = "upgrade-schema-7"
 _SHARED_META = frozenset({"signing_key_id", "pending_signing_key"})
 
 _VIEW_COLUMNS = {"blocks": ("blocks_h1", "blocks_h2"), "journal": ("journal_h1", "journal_h2")}
@@ -1832,10 +1834,22 @@ class Tx:
             ],
         )
 
-    def reseal_listed_transfers(self, limit: int) -> int:
+    def reseal_listed_count(self) -> int:
+        """How many transfers migration 0007 listed are still to be sealed again."""
+        return int(self._one("SELECT COUNT(*) FROM leaves_to_reseal")[0])
+
+    def reseal_listed_transfers(
+        self, limit: int, double_booked: list[TransferRecord] | None = None, now: int = 0
+    ) -> int:
         """Seal again up to ``limit`` of the transfers migration 0007 listed (their
         blocks leaves were computed by the previous definition), and take them off
-        the list; returns how many were taken off (0: none is left)."""
+        the list; returns how many were taken off (0: none is left).
+
+        A transfer the previous reference booked twice (:meth:`double_booked_at_issuance`)
+        is recorded as a discrepancy (phase ``double-booking``) in the same transaction,
+        and added to ``double_booked`` for the caller's alarm (``now``: the time recorded
+        with it): the new leaves of both sides agree on it, so no reconciliation would
+        ever find it."""
         rows = self._exec(
             "SELECT transfer_id FROM leaves_to_reseal ORDER BY transfer_id LIMIT ?", (limit,)
         ).fetchall()
@@ -1843,12 +1857,63 @@ class Tx:
         if not ids:
             return 0
         records = self.transfers_get(ids)
-        self._seal_records([records[t] for t in ids if t in records], retotal=False)
+        listed = [records[t] for t in ids if t in records]
+        for record, amount in self.double_booked_at_issuance(listed):
+            self.discrepancy_put(
+                reconciliation_id=DOUBLE_BOOKING_FOUND_AT, partner=record.partner,
+                phase="double-booking", subject=record.transfer_id,
+                detail=(
+                    f"transfer {record.transfer_id} to {record.partner} booked adjustments of "
+                    f"{amount} tCO2e for units whose adjustment was booked at their issuance "
+                    "already (first transferred at issuance under OIMP, NDC added later): "
+                    "they count twice in this ledger (docs/OPERATIONS.md section 8)"
+                ),
+                now=now,
+            )  # fmt: skip
+            if double_booked is not None:
+                double_booked.append(record)
+        self._seal_records(listed, retotal=False)
         for chunk in _chunks(ids):
             self._exec(
                 f"DELETE FROM leaves_to_reseal WHERE transfer_id IN ({_marks(len(chunk))})", chunk
             )
         return len(ids)
+
+    def double_booked_at_issuance(
+        self, records: Sequence[TransferRecord]
+    ) -> list[tuple[TransferRecord, int]]:
+        """The completed transfers of this host's own units among ``records`` for which
+        it booked adjustments although the units' adjustment was booked at their
+        issuance (a first-transfer action without a transfer: OIMP first transferred at
+        authorisation or issuance), each with the amount booked for the transfer.
+
+        Only the reference before schema version 7 did that: it proposed such units as a
+        first transfer once NDC was added to the authorisation, and booked them again
+        (docs/DESIGN.md decision 46). Since then the flag is false for them and the host
+        books nothing at the transfer, and one transfer never mixes the two kinds."""
+        me = self.meta_get("party") or ""
+        sent = [
+            r for r in records
+            if r.direction is Role.SENDER and r.state is TransferState.COMPLETED
+            and r.first_transfer
+        ]  # fmt: skip
+        if not sent:
+            return []
+        ids = [r.transfer_id for r in sent]
+        blocks_of = self.blocks_of_transfers(ids)
+        amounts_of = self.adjustment_amounts_of(ids)
+        found: list[tuple[TransferRecord, int]] = []
+        for record in sent:
+            blocks = blocks_of[record.transfer_id]
+            amount = sum(a for _, a in amounts_of[record.transfer_id])
+            if (
+                amount
+                and blocks
+                and all(b.first_transferring_party == me for b in blocks)
+                and any(self.serials_first_transferred(b) for b in blocks)
+            ):
+                found.append((record, amount))
+        return found
 
     def _partner_adjustments(
         self,

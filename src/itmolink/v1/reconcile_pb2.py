@@ -26,23 +26,23 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from itmolink.v1 import common_pb2 as itmolink_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bitmolink/v1/reconcile.proto\x12\x0bitmolink.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18itmolink/v1/common.proto\"\xde\x01\n\x13ReconciliationQuery\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x19\n\x11reconciliation_id\x18\x02 \x01(\t\x12/\n\x0bsnapshot_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x04view\x18\x04 \x01(\x0e\x32\x1f.itmolink.v1.ReconciliationView\x12\x10\n\x08prefixes\x18\x05 \x03(\t\x12\x15\n\rleaf_prefixes\x18\x06 \x03(\t\"\xa5\x01\n\x13ReconciliationTotal\x12\x14\n\x0csender_party\x18\x01 \x01(\t\x12(\n\tunit_type\x18\x02 \x01(\x0e\x32\x15.itmolink.v1.UnitType\x12\x0f\n\x07vintage\x18\x03 \x01(\r\x12\x18\n\x10\x61uthorisation_id\x18\x04 \x01(\t\x12\x10\n\x08quantity\x18\x05 \x01(\x04\x12\x11\n\ttransfers\x18\x06 \x01(\x04\"M\n\x14ReconciliationBucket\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\n\n\x02h1\x18\x03 \x01(\x04\x12\n\n\x02h2\x18\x04 \x01(\x04\"9\n\x12ReconciliationLeaf\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x0c\"\xed\x01\n\x14ReconciliationAnswer\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x19\n\x11reconciliation_id\x18\x02 \x01(\t\x12\x30\n\x06totals\x18\x03 \x03(\x0b\x32 .itmolink.v1.ReconciliationTotal\x12\x32\n\x07\x62uckets\x18\x04 \x03(\x0b\x32!.itmolink.v1.ReconciliationBucket\x12/\n\x06leaves\x18\x05 \x03(\x0b\x32\x1f.itmolink.v1.ReconciliationLeaf*\x9a\x01\n\x12ReconciliationView\x12#\n\x1fRECONCILIATION_VIEW_UNSPECIFIED\x10\x00\x12\x1e\n\x1aRECONCILIATION_VIEW_TOTALS\x10\x01\x12\x1e\n\x1aRECONCILIATION_VIEW_BLOCKS\x10\x02\x12\x1f\n\x1bRECONCILIATION_VIEW_JOURNAL\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bitmolink/v1/reconcile.proto\x12\x0bitmolink.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18itmolink/v1/common.proto\"\xf7\x01\n\x13ReconciliationQuery\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x19\n\x11reconciliation_id\x18\x02 \x01(\t\x12/\n\x0bsnapshot_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x04view\x18\x04 \x01(\x0e\x32\x1f.itmolink.v1.ReconciliationView\x12\x10\n\x08prefixes\x18\x05 \x03(\t\x12\x15\n\rleaf_prefixes\x18\x06 \x03(\t\x12\x17\n\x0fleaf_definition\x18\x07 \x01(\r\"\xa5\x01\n\x13ReconciliationTotal\x12\x14\n\x0csender_party\x18\x01 \x01(\t\x12(\n\tunit_type\x18\x02 \x01(\x0e\x32\x15.itmolink.v1.UnitType\x12\x0f\n\x07vintage\x18\x03 \x01(\r\x12\x18\n\x10\x61uthorisation_id\x18\x04 \x01(\t\x12\x10\n\x08quantity\x18\x05 \x01(\x04\x12\x11\n\ttransfers\x18\x06 \x01(\x04\"M\n\x14ReconciliationBucket\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\n\n\x02h1\x18\x03 \x01(\x04\x12\n\n\x02h2\x18\x04 \x01(\x04\"9\n\x12ReconciliationLeaf\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x0c\"\x86\x02\n\x14ReconciliationAnswer\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x19\n\x11reconciliation_id\x18\x02 \x01(\t\x12\x30\n\x06totals\x18\x03 \x03(\x0b\x32 .itmolink.v1.ReconciliationTotal\x12\x32\n\x07\x62uckets\x18\x04 \x03(\x0b\x32!.itmolink.v1.ReconciliationBucket\x12/\n\x06leaves\x18\x05 \x03(\x0b\x32\x1f.itmolink.v1.ReconciliationLeaf\x12\x17\n\x0fleaf_definition\x18\x06 \x01(\r*\x9a\x01\n\x12ReconciliationView\x12#\n\x1fRECONCILIATION_VIEW_UNSPECIFIED\x10\x00\x12\x1e\n\x1aRECONCILIATION_VIEW_TOTALS\x10\x01\x12\x1e\n\x1aRECONCILIATION_VIEW_BLOCKS\x10\x02\x12\x1f\n\x1bRECONCILIATION_VIEW_JOURNAL\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'itmolink.v1.reconcile_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RECONCILIATIONVIEW']._serialized_start=875
-  _globals['_RECONCILIATIONVIEW']._serialized_end=1029
+  _globals['_RECONCILIATIONVIEW']._serialized_start=925
+  _globals['_RECONCILIATIONVIEW']._serialized_end=1079
   _globals['_RECONCILIATIONQUERY']._serialized_start=104
-  _globals['_RECONCILIATIONQUERY']._serialized_end=326
-  _globals['_RECONCILIATIONTOTAL']._serialized_start=329
-  _globals['_RECONCILIATIONTOTAL']._serialized_end=494
-  _globals['_RECONCILIATIONBUCKET']._serialized_start=496
-  _globals['_RECONCILIATIONBUCKET']._serialized_end=573
-  _globals['_RECONCILIATIONLEAF']._serialized_start=575
-  _globals['_RECONCILIATIONLEAF']._serialized_end=632
-  _globals['_RECONCILIATIONANSWER']._serialized_start=635
-  _globals['_RECONCILIATIONANSWER']._serialized_end=872
+  _globals['_RECONCILIATIONQUERY']._serialized_end=351
+  _globals['_RECONCILIATIONTOTAL']._serialized_start=354
+  _globals['_RECONCILIATIONTOTAL']._serialized_end=519
+  _globals['_RECONCILIATIONBUCKET']._serialized_start=521
+  _globals['_RECONCILIATIONBUCKET']._serialized_end=598
+  _globals['_RECONCILIATIONLEAF']._serialized_start=600
+  _globals['_RECONCILIATIONLEAF']._serialized_end=657
+  _globals['_RECONCILIATIONANSWER']._serialized_start=660
+  _globals['_RECONCILIATIONANSWER']._serialized_end=922
 # @@protoc_insertion_point(module_scope)

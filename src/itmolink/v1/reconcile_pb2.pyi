@@ -64,9 +64,15 @@ class ReconciliationQuery(_message.Message):
     VIEW_FIELD_NUMBER: _builtins.int
     PREFIXES_FIELD_NUMBER: _builtins.int
     LEAF_PREFIXES_FIELD_NUMBER: _builtins.int
+    LEAF_DEFINITION_FIELD_NUMBER: _builtins.int
     reconciliation_id: _builtins.str
     """Chosen by the requester; the same for every query of one reconciliation."""
     view: Global___ReconciliationView.ValueType
+    leaf_definition: _builtins.int
+    """BLOCKS: the definition of the blocks leaf the requester computes (2 since
+    schema version 7 of the reference; 0, unset, before it). A responder that
+    computes another refuses a BLOCKS query with REJECTION_CODE_INVALID_FIELD.
+    """
     @_builtins.property
     def header(self) -> _common_pb2.Header: ...
     @_builtins.property
@@ -90,10 +96,11 @@ class ReconciliationQuery(_message.Message):
         view: Global___ReconciliationView.ValueType = ...,
         prefixes: _abc.Iterable[_builtins.str] | None = ...,
         leaf_prefixes: _abc.Iterable[_builtins.str] | None = ...,
+        leaf_definition: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "snapshot_at", b"snapshot_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "leaf_prefixes", b"leaf_prefixes", "prefixes", b"prefixes", "reconciliation_id", b"reconciliation_id", "snapshot_at", b"snapshot_at", "view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "leaf_definition", b"leaf_definition", "leaf_prefixes", b"leaf_prefixes", "prefixes", b"prefixes", "reconciliation_id", b"reconciliation_id", "snapshot_at", b"snapshot_at", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -205,7 +212,12 @@ class ReconciliationAnswer(_message.Message):
     TOTALS_FIELD_NUMBER: _builtins.int
     BUCKETS_FIELD_NUMBER: _builtins.int
     LEAVES_FIELD_NUMBER: _builtins.int
+    LEAF_DEFINITION_FIELD_NUMBER: _builtins.int
     reconciliation_id: _builtins.str
+    leaf_definition: _builtins.int
+    """BLOCKS: the definition of the blocks leaf the responder computes (as in
+    the query). A requester compares no blocks answer that states another.
+    """
     @_builtins.property
     def header(self) -> _common_pb2.Header: ...
     @_builtins.property
@@ -228,10 +240,11 @@ class ReconciliationAnswer(_message.Message):
         totals: _abc.Iterable[Global___ReconciliationTotal] | None = ...,
         buckets: _abc.Iterable[Global___ReconciliationBucket] | None = ...,
         leaves: _abc.Iterable[Global___ReconciliationLeaf] | None = ...,
+        leaf_definition: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["buckets", b"buckets", "header", b"header", "leaves", b"leaves", "reconciliation_id", b"reconciliation_id", "totals", b"totals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buckets", b"buckets", "header", b"header", "leaf_definition", b"leaf_definition", "leaves", b"leaves", "reconciliation_id", b"reconciliation_id", "totals", b"totals"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
