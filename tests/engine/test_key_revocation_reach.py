@@ -340,3 +340,31 @@ def test_revocations_the_own_card_lists_come_back_to_a_restored_ledger(pair: Pai
     assert pair.kor.trust.is_revoked(lost.key_id)  # revoked before it was ever pinned
     assert not pair.kor.trust.is_revoked(pair.lao.signing_key.key_id)
     assert pair.lao.announce_revocations(pair.now, restored) == 0
+
+
+def test_a_refused_revocation_is_sent_again_at_the_next_start(
+    pair: Pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    """KOR is unreachable for 31 days after LAO revokes K1: the delivery, sealed
+    before the outage, is refused as too old and KOR records nothing. LAO raises an
+    alarm, does not count KOR as told, and at its next start sends the revocation
+    again, freshly sealed, once; KOR acknowledges it this time."""
+    k1, _ = _rotate(pair)
+    pair.lao.revoke_signing_key(k1.key_id, pair.now)
+    reachable = False
+    pair.network = lambda sender, receiver, envelope: envelope if reachable else None
+    pair.pump()
+    pair.advance(31 * 86_400)
+    reachable = True
+    with caplog.at_level("ERROR"):
+        pair.pump()
+    assert not pair.kor.trust.is_revoked(k1.key_id)
+    assert any(
+        "ALARM" in r.getMessage() and k1.key_id in r.getMessage() for r in caplog.records
+    )
+    assert pair.lao.due_messages(pair.now) == []
+    assert pair.lao.announce_revocations(pair.now) == 1
+    assert len(pair.lao.due_messages(pair.now)) == 1  # once, not once per refusal
+    pair.pump()
+    assert pair.kor.trust.is_revoked(k1.key_id)
+    assert pair.lao.announce_revocations(pair.now) == 0

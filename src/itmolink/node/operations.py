@@ -322,10 +322,14 @@ class Operations(EngineBase):
                 if party != self.party:
                     continue
                 subject = f"revoke-{key_id}"
+                # A partner told is one whose delivery is under way or which
+                # acknowledged it: one that refused it (too old after an outage, signed
+                # with a key it does not pin yet) recorded nothing, and is sent the
+                # revocation again, freshly sealed, once at each start.
                 told = {
-                    p for p, state, _ in tx.outbox_answers_of(payload_type=rotation,
-                                                              subject_id=subject)
-                    if state != "cancelled"
+                    p for p, state, answer in tx.outbox_answers_of(payload_type=rotation,
+                                                                   subject_id=subject)
+                    if state != "cancelled" and answer != type_name(Rejection)
                 }  # fmt: skip
                 # A partner that refused the key's announcement pinned nothing.
                 told |= {
