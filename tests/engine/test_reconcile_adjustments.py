@@ -311,6 +311,7 @@ async def test_a_ledger_of_schema_6_is_sealed_again_and_reconciles_clean(
         patch.setattr(
             Tx, "_partner_adjustments", lambda self, record, sender, blocks, versions=None: ()
         )
+        patch.setattr(Tx, "revocation_signers", lambda self: {})  # a column of version 8
         old = Pair(
             lao=_engine(urls["LAO"], "LAO", "KOR", keys),
             kor=_engine(urls["KOR"], "KOR", "LAO", keys),

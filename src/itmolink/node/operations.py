@@ -64,11 +64,13 @@ from itmolink.node.convert import (
     block_to_pb,
     from_us,
     timestamp,
+    timestamp_us,
     to_us,
 )
 from itmolink.store.sqlite import HOLDING_ACCOUNT
 from itmolink.store.tx import HeldBlock, Tx
 from itmolink.v1 import (
+    envelope_pb2,
     keys_pb2,
 )
 
@@ -265,16 +267,24 @@ class Operations(EngineBase):
         latest: list[tuple[str, str, int]] = []
         # Announced key -> (partner, its answer's time) of the latest-recorded one.
         answers: dict[str, tuple[str, int | None, int]] = {}
-        for subject, partner, state, envelope, answered_at in tx.outbox_deliveries_of(
+        for subject, partner, state, envelope, answered_at, answer in tx.outbox_deliveries_of(
             payload_type=type_name(KeyRotation)
         ):
             if state == "cancelled" or subject.startswith("revoke-"):
                 continue
             at = _NEVER_ANSWERED if answered_at is None else answered_at + skew
+            if answer is not None:
+                # The partner's own clock when it recorded the key: the
+                # acknowledgement's sent_at (a partner whose clock runs fast).
+                at = max(at, _acknowledged_at(answer))
             latest.append((subject, " ".join(signing_key_ids(envelope)), at))
             if subject not in answers or at > answers[subject][2]:
                 answers[subject] = (partner, answered_at, at)
-        fallen = cascade_revocations({key_id: since_us}, latest)
+        # The revocation is signed with the key this node signs with: a partner
+        # spares it (and so what it announced) from the cascade (PROTOCOL §3.8).
+        fallen = cascade_revocations(
+            {key_id: since_us}, latest, {key_id: [self.signing_key.key_id]}
+        )
         ours = {self.signing_key.key_id, tx.meta_get("pending_signing_key")}
         ours |= {k for e in tx.outbox_pending_envelopes() for k in signing_key_ids(e)}
         for own in sorted(k for k in ours if k and k != key_id and k in fallen):
@@ -1106,6 +1116,17 @@ class BatchItemRequest:
 
 # An announcement not answered yet may be recorded by the partner at any time.
 _NEVER_ANSWERED = 2**63 - 1
+
+
+def _acknowledged_at(answer: bytes) -> int:
+    """The sent_at of a KeyRotationAcknowledgement (0 for another answer)."""
+    sealed = envelope_pb2.Envelope()
+    sealed.ParseFromString(answer)
+    if sealed.payload_type != type_name(keys_pb2.KeyRotationAcknowledgement):
+        return 0
+    ack = keys_pb2.KeyRotationAcknowledgement()
+    ack.ParseFromString(sealed.payload)
+    return timestamp_us(ack.header.sent_at) if ack.header.HasField("sent_at") else 0
 
 
 def _revocation(key_id: str, compromised_since_us: int | None) -> KeyRotation:

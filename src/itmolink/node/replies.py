@@ -146,7 +146,7 @@ class Replies(EngineBase):
             self._status_reported(tx, subject_id, partner, reply, now_us)
         elif request_type == type_name(KeyRotation):
             self._rotation_answered(tx, subject_id, partner, rejected)
-            if rejected and subject_id.startswith("revoke-"):
+            if isinstance(reply, Rejection) and subject_id.startswith("revoke-"):
                 log.error(
                     "ALARM: %s refused the revocation of signing key %s (%s); it may still "
                     "trust the key: it is sent again at the next start",
