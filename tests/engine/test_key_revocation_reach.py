@@ -453,3 +453,29 @@ def test_a_refused_revocation_is_sent_again_at_the_next_start(
     pair.pump()
     assert pair.kor.trust.is_revoked(k1.key_id)
     assert pair.lao.announce_revocations(pair.now) == 0
+
+
+def test_an_announcement_signed_twice_by_one_key_is_refused(pair: Pair) -> None:
+    """5,000 copies of one signature once made a 145 KB announced_by: an envelope
+    with two signatures by one key id is malformed (1002), and nothing is pinned."""
+    from itmolink.crypto.envelope import seal
+    from itmolink.v1 import envelope_pb2
+
+    k1, new = pair.keys["LAO"], SigningKey.generate("LAO")
+    rotation = keys_pb2.KeyRotation(
+        header=header(pair), rotation_id=new.key_id,
+        new_key=keys_pb2.SigningKeyRecord(
+            key_id=new.key_id, public_key=new.verifying_key().public_bytes
+        ),
+    )  # fmt: skip
+    sealed = envelope_pb2.Envelope()
+    sealed.ParseFromString(seal(rotation.DESCRIPTOR.full_name, rotation.SerializeToString(), k1))
+    sealed.signatures.extend([sealed.signatures[0]] * 3)
+    pair.kor.handle_delivery("LAO", sealed.SerializeToString(), pair.now)
+    assert pair.kor.trust.get(new.key_id) is None
+    with pair.kor.store.transaction() as tx:
+        assert tx.partner_key_announcers() == []
+    del sealed.signatures[1:]
+    pair.kor.handle_delivery("LAO", sealed.SerializeToString(), pair.now)
+    pair.kor.reload_trust()
+    assert pair.kor.trust.get(new.key_id) is not None
