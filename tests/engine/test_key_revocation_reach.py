@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,7 @@ from itmolink.node.engine import Engine, Partner
 from itmolink.v1 import keys_pb2
 
 from ..conftest import Databases
-from .conftest import Pair
+from .conftest import START, Pair
 from .test_limits import deliver, header, proposal
 
 
@@ -479,3 +480,37 @@ def test_an_announcement_signed_twice_by_one_key_is_refused(pair: Pair) -> None:
     pair.kor.handle_delivery("LAO", sealed.SerializeToString(), pair.now)
     pair.kor.reload_trust()
     assert pair.kor.trust.get(new.key_id) is not None
+
+
+def test_a_card_written_before_it_listed_revocations_gets_the_ledgers(
+    pair: Pair, tmp_path: Path
+) -> None:
+    """An upgraded node: its ledger records revocations its card file never listed
+    (the old `keys revoke` only dropped the key). At start the card gets them, with
+    their compromise instants, once; an instant the ledger widened later is taken."""
+    from itmolink.crypto.pki import PartnerCard, RevokedKey, init_party
+
+    card = PartnerCard.load(init_party(tmp_path / "lao", "LAO", "LAO-NR", now=START).card)
+    k1, _ = _rotate(pair)
+    retired = SigningKey.generate("LAO")
+    since = pair.now - dt.timedelta(hours=1)
+    pair.lao.revoke_signing_key(k1.key_id, pair.now, compromised_since=since)
+    pair.lao.revoke_signing_key(retired.key_id, pair.now)
+    listing = card.listing(pair.lao.own_revocations())
+    expected = [
+        RevokedKey(k1.key_id, pair.now, since), RevokedKey(retired.key_id, pair.now, None),
+    ]  # fmt: skip
+    assert sorted(listing.revoked_keys, key=lambda r: r.key_id) == sorted(
+        expected, key=lambda r: r.key_id
+    )
+    path = tmp_path / "card.toml"
+    path.write_text(listing.to_toml())
+    loaded = PartnerCard.load(path)
+    assert loaded.listing(pair.lao.own_revocations()) is loaded  # nothing missing now
+    pair.lao.revoke_signing_key(
+        retired.key_id, pair.now, compromised_since=since - dt.timedelta(days=1)
+    )
+    widened = loaded.listing(pair.lao.own_revocations())
+    assert {r.key_id: r.compromised_since for r in widened.revoked_keys}[retired.key_id] == (
+        since - dt.timedelta(days=1)
+    )

@@ -34,6 +34,7 @@ from itmolink.core.transfer import Effect, Event, Role, step
 from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
 from itmolink.crypto.envelope import signing_key_ids
 from itmolink.crypto.keys import SigningKey, VerifyingKey, is_key_id_of
+from itmolink.crypto.pki import RevokedKey
 from itmolink.node.base import (
     ISSUANCE_DESTINATIONS,
     MAX_BATCH_ITEMS,
@@ -355,6 +356,16 @@ class Operations(EngineBase):
         if queued:
             log.warning("announced %d earlier revocation(s) to partners not told yet", queued)
         return queued
+
+    def own_revocations(self) -> list[RevokedKey]:
+        """The revocations of keys of ours this ledger records, for our card file
+        (one revoked before cards listed revocations is missing there)."""
+        with self.store.transaction(exclusive=False) as tx:
+            return [
+                RevokedKey(key_id, from_us(at), None if since is None else from_us(since))
+                for key_id, party, _source, at, since in tx.revocations()
+                if party == self.party
+            ]
 
     def cancel_key_rotation(self, now: dt.datetime) -> str:
         """Give up the key being announced (refused by a partner, or never answered):
