@@ -514,3 +514,15 @@ def test_a_card_written_before_it_listed_revocations_gets_the_ledgers(
     assert {r.key_id: r.compromised_since for r in widened.revoked_keys}[retired.key_id] == (
         since - dt.timedelta(days=1)
     )
+
+
+def test_a_compromise_instant_with_a_fraction_of_a_second_is_refused(pair: Pair) -> None:
+    """The card file keeps whole seconds: a fraction would be dropped there, widening
+    the cascade past the instant the owner's guard checked."""
+    k1, _ = _rotate(pair)
+    with pytest.raises(Rejected) as caught:
+        pair.lao.revoke_signing_key(
+            k1.key_id, pair.now, compromised_since=pair.now - dt.timedelta(microseconds=1)
+        )
+    assert caught.value.code is RejectionCode.INVALID_FIELD
+    assert pair.lao.due_messages(pair.now) == []

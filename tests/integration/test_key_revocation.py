@@ -1,6 +1,6 @@
 """Revoking a signing key through the command line of real nodes: the card file
-lists the revocation, a compromise instant that would fell the node's own key is
-refused, and a partner added later with an older copy of the card is told."""
+lists the revocation, a compromise instant out of range or not in whole seconds is
+refused (2010), and a partner added later with an older copy of the card is told."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import grpc
+import grpc.aio
 import pytest
 
+from itmolink.admin.v1 import admin_pb2
 from itmolink.crypto.pki import PartnerCard
 
 from .conftest import eventually, link, start_registry, stop_registry
@@ -30,6 +33,16 @@ async def test_a_revocation_reaches_a_partner_that_pinned_an_older_card(
         older_copy = tmp_path / "lao-card-before-the-revocation.toml"
         shutil.copy(card_file, older_copy)  # lists both keys
 
+        for seconds, nanos in ((2**62, 0), (1_800_000_000, 500_000_000)):  # 2010, not a crash
+            request = admin_pb2.RevokeSigningKeyRequest(key_id=old)
+            request.compromised_since.seconds, request.compromised_since.nanos = seconds, nanos
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await lao.call("RevokeSigningKey", request)
+            trailing = dict(refused.value.trailing_metadata() or ())
+            assert "REJECTION_CODE_INVALID_FIELD" in trailing.values()
+            assert ("out of range" if nanos == 0 else "whole seconds") in str(
+                refused.value.details()
+            )
         with pytest.raises(SystemExit):  # argparse refuses a time without an offset
             await cli(
                 capsys, "keys", "revoke", "--config", str(lao.config_path), "--key-id", old,

@@ -217,6 +217,12 @@ class Operations(EngineBase):
         what they announced, transitively (PROTOCOL §3.8); without it only the key
         is revoked (a retirement)."""
         now_us = to_us(now)
+        if compromised_since is not None and compromised_since.microsecond:
+            # The card file keeps whole seconds: a fraction dropped there would widen
+            # the cascade past the instant the guard below checked.
+            raise Rejected(
+                RejectionCode.INVALID_FIELD, "give the compromise instant in whole seconds"
+            )
         since_us = None if compromised_since is None else to_us(compromised_since)
         with self._transaction() as tx:
             if partner:
