@@ -4,6 +4,7 @@ refused (2010), and a partner added later with an older copy of the card is told
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 from pathlib import Path
 from typing import Any
@@ -87,3 +88,32 @@ async def test_a_revocation_reaches_a_partner_that_pinned_an_older_card(
         for registry in (lao, kor, jpn):
             if registry is not None:
                 await stop_registry(registry)
+
+
+async def test_a_card_written_before_it_listed_revocations_gets_them_at_start(
+    pki: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An upgraded node: its ledger revoked a key its card file still lists (the old
+    `keys revoke` only dropped the key, or never touched the card). At the next
+    start the card file lists it under [[revoked_keys]], with its instant."""
+    lao = await start_registry(pki("LAO", ["KOR"]))
+    kor = await start_registry(pki("KOR", ["LAO"]))
+    link(lao, kor)
+    try:
+        old = lao.node.engine.signing_key.key_id
+        await rotated(capsys, lao)
+        card_file = lao.keys.directory / "card.toml"
+        before = card_file.read_text()
+        since = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+        engine = lao.node.engine
+        await lao.node.db(engine.revoke_signing_key, old, lao.node.clock(), "", since)
+        assert card_file.read_text() == before  # as an older release left it
+        assert old in [k.key_id for k in PartnerCard.load(card_file).signing_keys]
+        await stop_registry(lao)
+        lao = await start_registry(lao.config_path)
+        card = PartnerCard.load(card_file)
+        assert old not in [k.key_id for k in card.signing_keys]
+        assert [(r.key_id, r.compromised_since) for r in card.revoked_keys] == [(old, since)]
+    finally:
+        for registry in (lao, kor):
+            await stop_registry(registry)
