@@ -163,8 +163,7 @@ def verify(
     if len(envelope.signatures) > MAX_SIGNATURES:
         raise Rejected(
             RejectionCode.MALFORMED_ENVELOPE,
-            f"envelope carries {len(envelope.signatures)} signatures, more than "
-            f"{MAX_SIGNATURES}",
+            f"envelope carries {len(envelope.signatures)} signatures, more than {MAX_SIGNATURES}",
         )
     named = [signature.key_id for signature in envelope.signatures]
     if len(set(named)) != len(named):
