@@ -282,3 +282,22 @@ async def test_a_failure_names_the_deliveries_the_kit_refused_meanwhile(tmp_path
         "no TransferProposal reached the kit [the kit refused 1 delivery(ies) of the target: "
         "Rejected: signature does not verify]"
     )
+
+
+async def test_the_kit_refuses_the_keys_the_target_card_lists_as_revoked(tmp_path: Path) -> None:
+    """The kit pins the target's card as a node does: with its [[revoked_keys]]."""
+    import dataclasses
+
+    config = load_kit_config(prepare(tmp_path).kit_config)
+    card = config.target_card
+    since = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    retired = card.signing_keys[0].key_id
+    revoked_card = PartnerCard(
+        card.party, card.registry, card.ca_certificate_pem, card.signing_keys,
+    ).revoking(retired, since, since)  # fmt: skip
+    link = Link(dataclasses.replace(config, target_card=revoked_card), "127.0.0.1:1")
+    try:
+        assert link.trust.is_revoked(retired)
+        assert link.trust.revocations() == {retired: since}
+    finally:
+        await link.close()

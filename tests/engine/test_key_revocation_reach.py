@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,7 @@ from itmolink.node.engine import Engine, Partner
 from itmolink.v1 import keys_pb2
 
 from ..conftest import Databases
-from .conftest import Pair
+from .conftest import START, Pair
 from .test_limits import deliver, header, proposal
 
 
@@ -96,29 +97,92 @@ def test_a_retirement_revokes_the_key_alone(pair: Pair) -> None:
     assert not pair.kor.trust.is_revoked(k2.key_id)
 
 
-def test_a_compromise_instant_that_would_fell_the_nodes_own_key_is_refused(pair: Pair) -> None:
-    """K2, the key LAO signs with, was announced with K1: revoking K1 as compromised
-    since before K2's announcement was acknowledged would revoke K2 at KOR too."""
-    k1, k2 = _rotate(pair)
-    acknowledged = pair.now
-    pair.advance(3_600)
-    with pytest.raises(Rejected) as caught:
-        pair.lao.revoke_signing_key(
-            k1.key_id, pair.now, compromised_since=acknowledged - dt.timedelta(days=1)
-        )
-    assert caught.value.code is RejectionCode.INVALID_FIELD
-    assert k2.key_id in str(caught.value)
-    with pytest.raises(Rejected):  # within max_clock_skew of the acknowledgement
-        pair.lao.revoke_signing_key(
-            k1.key_id, pair.now, compromised_since=acknowledged + dt.timedelta(seconds=10)
-        )
-    assert pair.lao.due_messages(pair.now) == []  # nothing was revoked or sent
-    pair.lao.revoke_signing_key(
-        k1.key_id, pair.now, compromised_since=acknowledged + dt.timedelta(minutes=10)
-    )
+def test_the_revocations_signer_is_spared_so_a_stolen_signing_key_is_recoverable(
+    pair: Pair,
+) -> None:
+    """K1, the key LAO signs with, is stolen at T; the thief announces K3 with it.
+    LAO rotates to K2 (announced with K1, after T), then revokes K1 as compromised
+    since T, signing the revocation with K2: at KOR K1 and K3 fall, and K2, which
+    signed the revocation giving the instant, stands (also after a restart)."""
+    k1 = pair.lao.signing_key
+    pair.advance(86_400)
+    theft = pair.now
+    pair.advance(60)
+    k3 = SigningKey.generate("LAO")
+    _announce(pair, k1, k3)
+    pair.advance(60)
+    _, k2 = _rotate(pair)
+    pair.advance(60)
+    pair.lao.revoke_signing_key(k1.key_id, pair.now, compromised_since=theft)
     pair.pump()
     assert pair.kor.trust.is_revoked(k1.key_id)
+    assert pair.kor.trust.is_revoked(k3.key_id)
     assert not pair.kor.trust.is_revoked(k2.key_id)
+    assert _signs_at_kor(pair, k2) is None
+    pair.kor.reload_trust()
+    assert [pair.kor.trust.is_revoked(k.key_id) for k in (k1, k2, k3)] == [True, False, True]
+
+
+def test_a_revocations_signer_is_spared_from_that_revocation_only(pair: Pair) -> None:
+    """The thief's K3 signs a revocation of another key with a compromise instant:
+    that spares K3 from nothing when LAO revokes K1, the key that announced K3."""
+    k1 = pair.keys["LAO"]
+    since = pair.now
+    pair.advance(60)
+    k3 = SigningKey.generate("LAO")
+    _announce(pair, k1, k3)
+    pair.keys["LAO"] = k3
+    decoy = keys_pb2.KeyRotation(
+        header=header(pair), rotation_id="decoy",
+        revoked_key_ids=[SigningKey.generate("LAO").key_id],
+        compromised_since=timestamp(to_us(since)),
+    )  # fmt: skip
+    assert deliver(pair, decoy) is None
+    pair.kor.reload_trust()
+    assert not pair.kor.trust.is_revoked(k3.key_id)
+    _, k2 = _rotate(pair)
+    pair.lao.revoke_signing_key(k1.key_id, pair.now, compromised_since=since)
+    pair.pump()
+    assert pair.kor.trust.is_revoked(k3.key_id)
+    assert not pair.kor.trust.is_revoked(k2.key_id)
+
+
+def test_a_key_the_card_pins_never_falls_with_an_announcer(databases: Databases) -> None:
+    """KOR pins LAO's card, which lists K0 (LAO signs with it) and an old K1. A
+    thief with K1 "announces" K0 to KOR, signed with K1; K1 is then revoked as
+    compromised since before that, by KOR's operator or by LAO (signing with K0):
+    K0 stands either way."""
+    k0, k1, kor_key = (SigningKey.generate(p) for p in ("LAO", "LAO", "KOR"))
+    counter = itertools.count(1)
+    stores = [databases.open("LAO"), databases.open("KOR")]
+
+    def engine(party: str, other: str, key: SigningKey, trust: TrustStore, store: object) -> Engine:
+        return Engine(
+            party=party, registry=f"{party}-NR", signing_key=key, trust=trust,
+            partners=[Partner(other, f"{other}-NR", "x")], store=store,  # type: ignore[arg-type]
+            new_id=lambda: f"{party}-{next(counter)}",
+        )  # fmt: skip
+
+    lao = engine("LAO", "KOR", k0, TrustStore([kor_key.verifying_key()]), stores[0])
+    kor = engine(
+        "KOR", "LAO", kor_key, TrustStore([k0.verifying_key(), k1.verifying_key()]), stores[1]
+    )
+    pair = Pair(lao=lao, kor=kor, keys={"LAO": k0, "KOR": kor_key})
+    try:
+        since = pair.now
+        pair.advance(60)
+        _announce(pair, k1, k0)
+        kor.revoke_signing_key(k1.key_id, pair.now, partner="LAO", compromised_since=since)
+        assert kor.trust.is_revoked(k1.key_id)
+        assert not kor.trust.is_revoked(k0.key_id)
+        assert _signs_at_kor(pair, k0) is None
+        lao.revoke_signing_key(k1.key_id, pair.now, compromised_since=since)
+        pair.pump()
+        kor.reload_trust()
+        assert not kor.trust.is_revoked(k0.key_id)
+    finally:
+        for store in stores:
+            store.close()
 
 
 def test_a_partners_revocation_widens_to_a_compromise_instant_given_later(pair: Pair) -> None:
@@ -306,24 +370,48 @@ def test_a_version_5_ledger_is_upgraded_and_its_learned_keys_kept(
 
 def test_the_owners_guard_follows_its_own_chain_of_rotations(pair: Pair) -> None:
     """K1 -> K2 -> K3: K3, which LAO signs with, was announced with K2, itself
-    announced with K1. A compromise instant for K1 before K2's announcement was
-    acknowledged would fell K2 at KOR, and K3 with it: refused, naming K3."""
+    announced with K1. A compromise instant for K1 before K2's announcement fells K2
+    at KOR, but not K3, which signs the revocation."""
     k1, k2 = _rotate(pair)
     pair.advance(3_600)
     _, k3 = _rotate(pair)
     pair.advance(3_600)
-    with pytest.raises(Rejected) as caught:
-        pair.lao.revoke_signing_key(
-            k1.key_id, pair.now, compromised_since=pair.now - dt.timedelta(hours=3)
-        )
-    assert k3.key_id in str(caught.value)
     pair.lao.revoke_signing_key(
-        k1.key_id, pair.now, compromised_since=pair.now - dt.timedelta(minutes=30)
+        k1.key_id, pair.now, compromised_since=pair.now - dt.timedelta(hours=3)
     )
     pair.pump()
     assert pair.kor.trust.is_revoked(k1.key_id)
-    assert not pair.kor.trust.is_revoked(k2.key_id)
+    assert pair.kor.trust.is_revoked(k2.key_id)
     assert not pair.kor.trust.is_revoked(k3.key_id)
+    assert _signs_at_kor(pair, k3) is None
+
+
+def test_the_owners_guard_bounds_a_partners_record_by_its_acknowledgements_clock(
+    pair: Pair,
+) -> None:
+    """KOR's clock runs an hour fast: it recorded K2 an hour after LAO saw the
+    acknowledgement. LAO now signs with K3, and a request signed with K2 is still
+    undelivered: a compromise instant for K1 ten minutes after the acknowledgement
+    (by LAO's clock) would fell K2 at KOR, so it is refused, naming K2."""
+    k1, k2 = pair.lao.signing_key, SigningKey.generate("LAO")
+    pair.lao.rotate_signing_key(k2, pair.now)
+    [(message_id, _, envelope)] = pair.lao.due_messages(pair.now)
+    reply = pair.kor.handle_delivery("LAO", envelope, pair.now + dt.timedelta(hours=1))
+    pair.lao.handle_reply(message_id, reply, pair.now)
+    assert pair.lao.signing_key is k2
+    acknowledged = pair.now
+    pair.network = lambda s, r, e: None if b"AuthorisationStatement" in e else e
+    pair.authorise()
+    pair.pump()
+    _, k3 = _rotate(pair)
+    pair.advance(1_200)
+    with pytest.raises(Rejected) as caught:
+        pair.lao.revoke_signing_key(
+            k1.key_id, pair.now, compromised_since=acknowledged + dt.timedelta(minutes=10)
+        )
+    assert caught.value.code is RejectionCode.INVALID_FIELD
+    assert k2.key_id in str(caught.value)
+    assert k3.key_id not in str(caught.value)
 
 
 def test_revocations_the_own_card_lists_come_back_to_a_restored_ledger(pair: Pair) -> None:
@@ -340,3 +428,101 @@ def test_revocations_the_own_card_lists_come_back_to_a_restored_ledger(pair: Pai
     assert pair.kor.trust.is_revoked(lost.key_id)  # revoked before it was ever pinned
     assert not pair.kor.trust.is_revoked(pair.lao.signing_key.key_id)
     assert pair.lao.announce_revocations(pair.now, restored) == 0
+
+
+def test_a_refused_revocation_is_sent_again_at_the_next_start(
+    pair: Pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    """KOR is unreachable for 31 days after LAO revokes K1: the delivery, sealed
+    before the outage, is refused as too old and KOR records nothing. LAO raises an
+    alarm, does not count KOR as told, and at its next start sends the revocation
+    again, freshly sealed, once; KOR acknowledges it this time."""
+    k1, _ = _rotate(pair)
+    pair.lao.revoke_signing_key(k1.key_id, pair.now)
+    reachable = False
+    pair.network = lambda sender, receiver, envelope: envelope if reachable else None
+    pair.pump()
+    pair.advance(31 * 86_400)
+    reachable = True
+    with caplog.at_level("ERROR"):
+        pair.pump()
+    assert not pair.kor.trust.is_revoked(k1.key_id)
+    assert any("ALARM" in r.getMessage() and k1.key_id in r.getMessage() for r in caplog.records)
+    assert pair.lao.due_messages(pair.now) == []
+    assert pair.lao.announce_revocations(pair.now) == 1
+    assert len(pair.lao.due_messages(pair.now)) == 1  # once, not once per refusal
+    pair.pump()
+    assert pair.kor.trust.is_revoked(k1.key_id)
+    assert pair.lao.announce_revocations(pair.now) == 0
+
+
+def test_an_announcement_signed_twice_by_one_key_is_refused(pair: Pair) -> None:
+    """5,000 copies of one signature once made a 145 KB announced_by: an envelope
+    with two signatures by one key id is malformed (1002), and nothing is pinned."""
+    from itmolink.crypto.envelope import seal
+    from itmolink.v1 import envelope_pb2
+
+    k1, new = pair.keys["LAO"], SigningKey.generate("LAO")
+    rotation = keys_pb2.KeyRotation(
+        header=header(pair), rotation_id=new.key_id,
+        new_key=keys_pb2.SigningKeyRecord(
+            key_id=new.key_id, public_key=new.verifying_key().public_bytes
+        ),
+    )  # fmt: skip
+    sealed = envelope_pb2.Envelope()
+    sealed.ParseFromString(seal(rotation.DESCRIPTOR.full_name, rotation.SerializeToString(), k1))
+    sealed.signatures.extend([sealed.signatures[0]] * 3)
+    pair.kor.handle_delivery("LAO", sealed.SerializeToString(), pair.now)
+    assert pair.kor.trust.get(new.key_id) is None
+    with pair.kor.store.transaction() as tx:
+        assert tx.partner_key_announcers() == []
+    del sealed.signatures[1:]
+    pair.kor.handle_delivery("LAO", sealed.SerializeToString(), pair.now)
+    pair.kor.reload_trust()
+    assert pair.kor.trust.get(new.key_id) is not None
+
+
+def test_a_card_written_before_it_listed_revocations_gets_the_ledgers(
+    pair: Pair, tmp_path: Path
+) -> None:
+    """An upgraded node: its ledger records revocations its card file never listed
+    (the old `keys revoke` only dropped the key). At start the card gets them, with
+    their compromise instants, once; an instant the ledger widened later is taken."""
+    from itmolink.crypto.pki import PartnerCard, RevokedKey, init_party
+
+    card = PartnerCard.load(init_party(tmp_path / "lao", "LAO", "LAO-NR", now=START).card)
+    k1, _ = _rotate(pair)
+    retired = SigningKey.generate("LAO")
+    since = pair.now - dt.timedelta(hours=1)
+    pair.lao.revoke_signing_key(k1.key_id, pair.now, compromised_since=since)
+    pair.lao.revoke_signing_key(retired.key_id, pair.now)
+    listing = card.listing(pair.lao.own_revocations())
+    expected = [
+        RevokedKey(k1.key_id, pair.now, since), RevokedKey(retired.key_id, pair.now, None),
+    ]  # fmt: skip
+    assert sorted(listing.revoked_keys, key=lambda r: r.key_id) == sorted(
+        expected, key=lambda r: r.key_id
+    )
+    path = tmp_path / "card.toml"
+    path.write_text(listing.to_toml())
+    loaded = PartnerCard.load(path)
+    assert loaded.listing(pair.lao.own_revocations()) is loaded  # nothing missing now
+    pair.lao.revoke_signing_key(
+        retired.key_id, pair.now, compromised_since=since - dt.timedelta(days=1)
+    )
+    widened = loaded.listing(pair.lao.own_revocations())
+    assert {r.key_id: r.compromised_since for r in widened.revoked_keys}[retired.key_id] == (
+        since - dt.timedelta(days=1)
+    )
+
+
+def test_a_compromise_instant_with_a_fraction_of_a_second_is_refused(pair: Pair) -> None:
+    """The card file keeps whole seconds: a fraction would be dropped there, widening
+    the cascade past the instant the owner's guard checked."""
+    k1, _ = _rotate(pair)
+    with pytest.raises(Rejected) as caught:
+        pair.lao.revoke_signing_key(
+            k1.key_id, pair.now, compromised_since=pair.now - dt.timedelta(microseconds=1)
+        )
+    assert caught.value.code is RejectionCode.INVALID_FIELD
+    assert pair.lao.due_messages(pair.now) == []

@@ -1,15 +1,19 @@
 """Revoking a signing key through the command line of real nodes: the card file
-lists the revocation, a compromise instant that would fell the node's own key is
-refused, and a partner added later with an older copy of the card is told."""
+lists the revocation, a compromise instant out of range or not in whole seconds is
+refused (2010), and a partner added later with an older copy of the card is told."""
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 from pathlib import Path
 from typing import Any
 
+import grpc
+import grpc.aio
 import pytest
 
+from itmolink.admin.v1 import admin_pb2
 from itmolink.crypto.pki import PartnerCard
 
 from .conftest import eventually, link, start_registry, stop_registry
@@ -30,14 +34,16 @@ async def test_a_revocation_reaches_a_partner_that_pinned_an_older_card(
         older_copy = tmp_path / "lao-card-before-the-revocation.toml"
         shutil.copy(card_file, older_copy)  # lists both keys
 
-        # The key LAO signs with was announced with the old one and acknowledged just
-        # now: a compromise instant before that would make KOR revoke it too.
-        code, _, err = await cli(
-            capsys, "keys", "revoke", "--config", str(lao.config_path), "--key-id", old,
-            "--compromised-since", "2020-01-01T00:00:00Z",
-        )  # fmt: skip
-        assert code != 0
-        assert new in err
+        for seconds, nanos in ((2**62, 0), (1_800_000_000, 500_000_000)):  # 2010, not a crash
+            request = admin_pb2.RevokeSigningKeyRequest(key_id=old)
+            request.compromised_since.seconds, request.compromised_since.nanos = seconds, nanos
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await lao.call("RevokeSigningKey", request)
+            trailing = dict(refused.value.trailing_metadata() or ())
+            assert "REJECTION_CODE_INVALID_FIELD" in trailing.values()
+            assert ("out of range" if nanos == 0 else "whole seconds") in str(
+                refused.value.details()
+            )
         with pytest.raises(SystemExit):  # argparse refuses a time without an offset
             await cli(
                 capsys, "keys", "revoke", "--config", str(lao.config_path), "--key-id", old,
@@ -82,3 +88,32 @@ async def test_a_revocation_reaches_a_partner_that_pinned_an_older_card(
         for registry in (lao, kor, jpn):
             if registry is not None:
                 await stop_registry(registry)
+
+
+async def test_a_card_written_before_it_listed_revocations_gets_them_at_start(
+    pki: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An upgraded node: its ledger revoked a key its card file still lists (the old
+    `keys revoke` only dropped the key, or never touched the card). At the next
+    start the card file lists it under [[revoked_keys]], with its instant."""
+    lao = await start_registry(pki("LAO", ["KOR"]))
+    kor = await start_registry(pki("KOR", ["LAO"]))
+    link(lao, kor)
+    try:
+        old = lao.node.engine.signing_key.key_id
+        await rotated(capsys, lao)
+        card_file = lao.keys.directory / "card.toml"
+        before = card_file.read_text()
+        since = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+        engine = lao.node.engine
+        await lao.node.db(engine.revoke_signing_key, old, lao.node.clock(), "", since)
+        assert card_file.read_text() == before  # as an older release left it
+        assert old in [k.key_id for k in PartnerCard.load(card_file).signing_keys]
+        await stop_registry(lao)
+        lao = await start_registry(lao.config_path)
+        card = PartnerCard.load(card_file)
+        assert old not in [k.key_id for k in card.signing_keys]
+        assert [(r.key_id, r.compromised_since) for r in card.revoked_keys] == [(old, since)]
+    finally:
+        for registry in (lao, kor):
+            await stop_registry(registry)

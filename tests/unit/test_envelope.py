@@ -336,3 +336,22 @@ def test_trust_store_lookup_and_parties() -> None:
     assert store.get(KOR.key_id) == KOR.verifying_key()
     assert store.parties() == {"LAO", "KOR"}
     assert TrustStore().parties() == set()
+
+
+def test_two_signatures_by_one_key_id_are_refused_before_any_is_checked() -> None:
+    good = signature(LAO, PAYLOAD_TYPE, PAYLOAD)
+    assert code_of(envelope(signatures=[good, good])) is RejectionCode.MALFORMED_ENVELOPE
+    forged = envelope_pb2.Signature(key_id=LAO.key_id, sig=b"\0" * SIGNATURE_LENGTH)
+    assert code_of(envelope(signatures=[good, forged])) is RejectionCode.MALFORMED_ENVELOPE
+    two = envelope(signatures=[good, signature(LAO_SECOND, PAYLOAD_TYPE, PAYLOAD)])
+    assert open_envelope(two, trust()).key_ids == (LAO.key_id, LAO_SECOND.key_id)
+
+
+def test_more_signatures_than_the_limit_are_refused() -> None:
+    from itmolink.crypto.envelope import MAX_SIGNATURES
+
+    keys = [SigningKey.generate("LAO") for _ in range(MAX_SIGNATURES + 1)]
+    store = TrustStore([key.verifying_key() for key in keys])
+    sigs = [signature(key, PAYLOAD_TYPE, PAYLOAD) for key in keys]
+    assert open_envelope(envelope(signatures=sigs[:MAX_SIGNATURES]), store).key_ids
+    assert code_of(envelope(signatures=sigs), store) is RejectionCode.MALFORMED_ENVELOPE

@@ -1046,8 +1046,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_aware_datetime,
         metavar="TIME",
         help="the key was stolen, at the latest at TIME (ISO 8601 with an offset, e.g. "
-        "2027-03-01T00:00:00Z): the keys announced in-band with it at or after TIME are "
-        "revoked with it, transitively. Without it the key is retired and only it is revoked",
+        "2027-03-01T00:00:00Z; whole seconds): the keys announced in-band with it at or "
+        "after TIME are revoked with it, transitively. Without it the key is retired and "
+        "only it is revoked",
     )
     revoke.set_defaults(func=cmd_keys)
     cancel = keys.add_parser(

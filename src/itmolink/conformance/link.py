@@ -128,6 +128,8 @@ class Link:
         self.target = target
         self.key = config.signing_key()
         self.trust = TrustStore(config.target_card.signing_keys)
+        for revoked in config.target_card.revoked_keys:  # as a node pins a card (§3.8)
+            self.trust.revoke(revoked.key_id, revoked.compromised_since)
         # The link's sequence counter (§4.3: never reused, towards the target). A run
         # starts it at the current time in milliseconds, so a later run against the
         # same target continues above every sequence an earlier run used (a run sends

@@ -27,6 +27,11 @@ from itmolink.v1 import envelope_pb2
 SIGNATURE_LENGTH = 64
 
 
+# Signatures one envelope may carry (PROTOCOL §3.6 step 3): a party signs with one key,
+# or a few during a rotation; more is refused before any signature is checked.
+MAX_SIGNATURES = 4
+
+
 def pae(payload_type: str, payload: bytes) -> bytes:
     """The DSSE v1 pre-authentication encoding of (payload_type, payload)."""
     type_bytes = payload_type.encode("utf-8")
@@ -155,6 +160,16 @@ def verify(
         raise Rejected(RejectionCode.MALFORMED_ENVELOPE, "envelope has no payload_type")
     if not envelope.signatures:
         raise Rejected(RejectionCode.MALFORMED_ENVELOPE, "envelope carries no signature")
+    if len(envelope.signatures) > MAX_SIGNATURES:
+        raise Rejected(
+            RejectionCode.MALFORMED_ENVELOPE,
+            f"envelope carries {len(envelope.signatures)} signatures, more than {MAX_SIGNATURES}",
+        )
+    named = [signature.key_id for signature in envelope.signatures]
+    if len(set(named)) != len(named):
+        raise Rejected(
+            RejectionCode.MALFORMED_ENVELOPE, "envelope carries two signatures by one key id"
+        )
     message = pae(envelope.payload_type, envelope.payload)
     parties: set[str] = set()
     key_ids: list[str] = []

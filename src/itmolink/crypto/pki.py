@@ -133,6 +133,23 @@ class PartnerCard:
             self.party, self.registry, self.ca_certificate_pem, kept, (*others, entry)
         )
 
+    def listing(self, revocations: Sequence[RevokedKey]) -> PartnerCard:
+        """This card with every revocation of ``revocations`` it lacks (or lists
+        with a later compromise instant) among its revoked keys: a ledger's own
+        revocations made before cards listed them (PROTOCOL §3.8)."""
+        card = self
+        listed = {r.key_id: r for r in self.revoked_keys}
+        for revocation in revocations:
+            known = listed.get(revocation.key_id)
+            since = revocation.compromised_since
+            if known is not None and (
+                since is None
+                or (known.compromised_since is not None and known.compromised_since <= since)
+            ):
+                continue
+            card = card.revoking(revocation.key_id, revocation.revoked_at, since)
+        return card
+
     def to_toml(self) -> str:
         lines = [
             "# itmolink partner card: public material only. Give it to partner registries,",

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import grpc.aio
-from google.protobuf.json_format import MessageToJson
+from google.protobuf import text_format
+from google.protobuf.json_format import MessageToJson, SerializeToJsonError
 
 from itmolink.admin.v1 import admin_pb2, admin_pb2_grpc
 from itmolink.core.codes import Rejected, RejectionCode
@@ -197,11 +198,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return self._node.engine
 
     async def _audit(self, operator: str, method: str, request: Any, outcome: str) -> None:
+        try:
+            text = MessageToJson(request, indent=None)
+        except SerializeToJsonError:  # a field JSON cannot state (an out-of-range time)
+            text = text_format.MessageToString(request, as_one_line=True)
         await self._node.db(
             self._engine.record_admin_action,
             operator=operator,
             method=method,
-            request=MessageToJson(request, indent=None),
+            request=text,
             outcome=outcome,
             now=self._node.clock(),
         )
@@ -418,11 +423,16 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         request: admin_pb2.RevokeSigningKeyRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> admin_pb2.RevokeSigningKeyResponse:
-        compromised_since = (
-            from_us(timestamp_us(request.compromised_since))
-            if request.HasField("compromised_since")
-            else None
-        )
+        try:
+            compromised_since = (
+                from_us(timestamp_us(request.compromised_since))
+                if request.HasField("compromised_since")
+                else None
+            )
+        except OverflowError:
+            raise Rejected(
+                RejectionCode.INVALID_FIELD, "compromised_since is out of range"
+            ) from None
         await self._node.db(
             self._node.revoke_signing_key, request.key_id, request.partner, compromised_since
         )

@@ -27,7 +27,7 @@ import datetime as dt
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError, Message
@@ -291,6 +291,7 @@ class EngineBase:
         # A new signing key announced to the partners, used once all acknowledged.
         self.pending_key: SigningKey | None = None
         self._card_keys = trust.all()
+        self._card_key_ids = frozenset(key.key_id for key in self._card_keys)
         # Keys the partners' cards list as revoked, with their compromise instants.
         self._card_revoked = trust.revocations()
         self.trust = trust
@@ -394,7 +395,11 @@ class EngineBase:
         }
         for key_id, _party, _source, _at, compromised in tx.revocations():
             _widen(since, key_id, compromised)
-        for key_id, threshold in cascade_revocations(since, tx.partner_key_announcers()).items():
+        # A key a partner's card lists is its owner's out-of-band word: it falls only
+        # when revoked itself, never with a key that (a thief says) announced it.
+        announcers = [a for a in tx.partner_key_announcers() if a[0] not in self._card_key_ids]
+        spared = {k: v.split() for k, v in tx.revocation_signers().items()}
+        for key_id, threshold in cascade_revocations(since, announcers, spared).items():
             trust.revoke(key_id, None if threshold is None else from_us(max(threshold, 0)))
         self.trust = trust
 
@@ -1171,7 +1176,9 @@ def _widen(since: dict[str, int | None], key_id: str, compromised: int | None) -
 
 
 def cascade_revocations(
-    since: dict[str, int | None], announcers: Sequence[tuple[str, str, int]]
+    since: dict[str, int | None],
+    announcers: Sequence[tuple[str, str, int]],
+    spared: Mapping[str, Collection[str]] | None = None,
 ) -> dict[str, int | None]:
     """Every revoked key id, with the instant from which what it announced falls.
 
@@ -1179,20 +1186,31 @@ def cascade_revocations(
     retirement, nothing falls with it); ``announcers`` lists (key id, the key ids that
     signed its announcement, when it was recorded). A key recorded as announced, at
     or after that instant, in a KeyRotation signed by a compromised key is revoked
-    too, and so is everything it announced (transitively). PROTOCOL §3.8.
+    too, and so is everything it announced (transitively). ``spared`` maps a key
+    revoked outright to the keys that do not fall with it (the signers of the
+    revocation that gave its instant), nor carry its cascade on. PROTOCOL §3.8.
     """
     announced: dict[str, list[tuple[str, int]]] = {}
     for key_id, signers, added_at in announcers:
-        for signer in signers.split():
+        for signer in set(signers.split()):
             announced.setdefault(signer, []).append((key_id, added_at))
+    spared = spared or {}
     result = dict(since)
-    queue = [key_id for key_id, threshold in result.items() if threshold is not None]
-    while queue:
-        signer = queue.pop()
-        threshold = result[signer]
-        assert threshold is not None
-        for key_id, added_at in announced.get(signer, ()):
-            if added_at >= threshold and result.get(key_id) != _EVERYTHING:
-                result[key_id] = _EVERYTHING
-                queue.append(key_id)
+    fallen: set[str] = set()
+    for root, root_threshold in since.items():
+        if root_threshold is None:
+            continue
+        keep = set(spared.get(root, ())) - {root}
+        queue = [root]
+        reached = {root}
+        while queue:
+            signer = queue.pop()
+            threshold = root_threshold if signer == root else _EVERYTHING
+            for key_id, added_at in announced.get(signer, ()):
+                if added_at >= threshold and key_id not in keep and key_id not in reached:
+                    reached.add(key_id)
+                    fallen.add(key_id)
+                    queue.append(key_id)
+    for key_id in fallen:
+        result[key_id] = _EVERYTHING
     return result

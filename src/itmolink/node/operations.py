@@ -34,6 +34,7 @@ from itmolink.core.transfer import Effect, Event, Role, step
 from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
 from itmolink.crypto.envelope import signing_key_ids
 from itmolink.crypto.keys import SigningKey, VerifyingKey, is_key_id_of
+from itmolink.crypto.pki import RevokedKey
 from itmolink.node.base import (
     ISSUANCE_DESTINATIONS,
     MAX_BATCH_ITEMS,
@@ -64,11 +65,13 @@ from itmolink.node.convert import (
     block_to_pb,
     from_us,
     timestamp,
+    timestamp_us,
     to_us,
 )
 from itmolink.store.sqlite import HOLDING_ACCOUNT
 from itmolink.store.tx import HeldBlock, Tx
 from itmolink.v1 import (
+    envelope_pb2,
     keys_pb2,
 )
 
@@ -214,6 +217,12 @@ class Operations(EngineBase):
         what they announced, transitively (PROTOCOL §3.8); without it only the key
         is revoked (a retirement)."""
         now_us = to_us(now)
+        if compromised_since is not None and compromised_since.microsecond:
+            # The card file keeps whole seconds: a fraction dropped there would widen
+            # the cascade past the instant the guard below checked.
+            raise Rejected(
+                RejectionCode.INVALID_FIELD, "give the compromise instant in whole seconds"
+            )
         since_us = None if compromised_since is None else to_us(compromised_since)
         with self._transaction() as tx:
             if partner:
@@ -265,16 +274,24 @@ class Operations(EngineBase):
         latest: list[tuple[str, str, int]] = []
         # Announced key -> (partner, its answer's time) of the latest-recorded one.
         answers: dict[str, tuple[str, int | None, int]] = {}
-        for subject, partner, state, envelope, answered_at in tx.outbox_deliveries_of(
+        for subject, partner, state, envelope, answered_at, answer in tx.outbox_deliveries_of(
             payload_type=type_name(KeyRotation)
         ):
             if state == "cancelled" or subject.startswith("revoke-"):
                 continue
             at = _NEVER_ANSWERED if answered_at is None else answered_at + skew
+            if answer is not None:
+                # The partner's own clock when it recorded the key: the
+                # acknowledgement's sent_at (a partner whose clock runs fast).
+                at = max(at, _acknowledged_at(answer))
             latest.append((subject, " ".join(signing_key_ids(envelope)), at))
             if subject not in answers or at > answers[subject][2]:
                 answers[subject] = (partner, answered_at, at)
-        fallen = cascade_revocations({key_id: since_us}, latest)
+        # The revocation is signed with the key this node signs with: a partner
+        # spares it (and so what it announced) from the cascade (PROTOCOL §3.8).
+        fallen = cascade_revocations(
+            {key_id: since_us}, latest, {key_id: [self.signing_key.key_id]}
+        )
         ours = {self.signing_key.key_id, tx.meta_get("pending_signing_key")}
         ours |= {k for e in tx.outbox_pending_envelopes() for k in signing_key_ids(e)}
         for own in sorted(k for k in ours if k and k != key_id and k in fallen):
@@ -322,10 +339,14 @@ class Operations(EngineBase):
                 if party != self.party:
                     continue
                 subject = f"revoke-{key_id}"
+                # A partner told is one whose delivery is under way or which
+                # acknowledged it: one that refused it (too old after an outage, signed
+                # with a key it does not pin yet) recorded nothing, and is sent the
+                # revocation again, freshly sealed, once at each start.
                 told = {
-                    p for p, state, _ in tx.outbox_answers_of(payload_type=rotation,
-                                                              subject_id=subject)
-                    if state != "cancelled"
+                    p for p, state, answer in tx.outbox_answers_of(payload_type=rotation,
+                                                                   subject_id=subject)
+                    if state != "cancelled" and answer != type_name(Rejection)
                 }  # fmt: skip
                 # A partner that refused the key's announcement pinned nothing.
                 told |= {
@@ -341,6 +362,16 @@ class Operations(EngineBase):
         if queued:
             log.warning("announced %d earlier revocation(s) to partners not told yet", queued)
         return queued
+
+    def own_revocations(self) -> list[RevokedKey]:
+        """The revocations of keys of ours this ledger records, for our card file
+        (one revoked before cards listed revocations is missing there)."""
+        with self.store.transaction(exclusive=False) as tx:
+            return [
+                RevokedKey(key_id, from_us(at), None if since is None else from_us(since))
+                for key_id, party, _source, at, since in tx.revocations()
+                if party == self.party
+            ]
 
     def cancel_key_rotation(self, now: dt.datetime) -> str:
         """Give up the key being announced (refused by a partner, or never answered):
@@ -1103,6 +1134,17 @@ class BatchItemRequest:
 
 # An announcement not answered yet may be recorded by the partner at any time.
 _NEVER_ANSWERED = 2**63 - 1
+
+
+def _acknowledged_at(answer: bytes) -> int:
+    """The sent_at of a KeyRotationAcknowledgement (0 for another answer)."""
+    sealed = envelope_pb2.Envelope()
+    sealed.ParseFromString(answer)
+    if sealed.payload_type != type_name(keys_pb2.KeyRotationAcknowledgement):
+        return 0
+    ack = keys_pb2.KeyRotationAcknowledgement()
+    ack.ParseFromString(sealed.payload)
+    return timestamp_us(ack.header.sent_at) if ack.header.HasField("sent_at") else 0
 
 
 def _revocation(key_id: str, compromised_since_us: int | None) -> KeyRotation:

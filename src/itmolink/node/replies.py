@@ -146,6 +146,13 @@ class Replies(EngineBase):
             self._status_reported(tx, subject_id, partner, reply, now_us)
         elif request_type == type_name(KeyRotation):
             self._rotation_answered(tx, subject_id, partner, rejected)
+            if isinstance(reply, Rejection) and subject_id.startswith("revoke-"):
+                log.error(
+                    "ALARM: %s refused the revocation of signing key %s (%s); it may still "
+                    "trust the key: it is sent again at the next start",
+                    partner, subject_id.removeprefix("revoke-"),
+                    wire_name_of(_rejection_reasons(reply)[0]),
+                )  # fmt: skip
         elif request_type == type_name(TransferCompletion) and isinstance(reply, Rejection):
             code = _rejection_reasons(reply)[0]
             if reply.header.sequence == 0 and self._fresh_seal_helps(code, request_envelope):

@@ -298,6 +298,8 @@ class Requests(EngineBase):
                 _, envelope = self._reply(
                     tx, sender, self._rejection(subject_id, rejected, raw), message_id, now_us
                 )
+            finally:
+                self._request_signers = ()
             tx.inbox_put(
                 partner=sender,
                 message_id=message_id,
@@ -1079,7 +1081,11 @@ class Requests(EngineBase):
                 key_id=key.key_id, party=sender, public_key=key.public_bytes,
                 not_before=timestamp_us(record.not_before) if key.not_before else None,
                 not_after=timestamp_us(record.not_after) if key.not_after else None,
-                now=now_us, announced_by=" ".join(self._request_signers),
+                # A key the sender's card lists is pinned from the card: no in-band
+                # announcer is recorded for it, so it cannot fall with one (a thief
+                # with an old key "announcing" the owner's current key).
+                now=now_us, announced_by=None if key.key_id in self._card_key_ids
+                else " ".join(dict.fromkeys(self._request_signers)),
             )  # fmt: skip
         compromised_since = (
             timestamp_us(msg.compromised_since) if msg.HasField("compromised_since") else None
@@ -1117,9 +1123,12 @@ class Requests(EngineBase):
                     RejectionCode.INVALID_FIELD,
                     f"{sender} can revoke only its own keys, not {key_id!r}",
                 )
+            # The keys that signed a revocation giving a compromise instant are the
+            # owner's (a thief cannot sign with them): they do not fall with it.
             tx.revoked_key_put(
                 key_id=key_id, party=sender, source=sender, now=now_us,
                 compromised_since=compromised_since,
+                signed_by=" ".join(dict.fromkeys(self._request_signers)),
             )  # fmt: skip
         self._after_commit.append(self.reload_trust)
         log.warning(

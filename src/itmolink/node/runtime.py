@@ -581,6 +581,12 @@ class Node:
             self.clock(),
             [(r.key_id, r.compromised_since) for r in own_card.revoked_keys],
         )
+        # And the card lists the ledger's revocations: one made before cards listed
+        # them (an upgraded node) reaches the partners that pin the card later.
+        listing = own_card.listing(await self.db(self.engine.own_revocations))
+        if listing != own_card:
+            config.keys.card.write_text(listing.to_toml())
+            log.warning("our card file now lists every revocation our ledger records")
         self.engine.on_rejection = self.metrics.rejection
         self._group = getattr(store, "group", None)
         self.engine.claim_sent_us = LEASE // dt.timedelta(microseconds=1)

@@ -759,19 +759,22 @@ class Tx:
 
     def outbox_deliveries_of(
         self, *, payload_type: str
-    ) -> list[tuple[str, str, str, bytes, int | None]]:
+    ) -> list[tuple[str, str, str, bytes, int | None, bytes | None]]:
         """(subject, partner, state, sealed envelope, when its answer was recorded or
-        None) of each request of a type."""
+        None, the answer's sealed envelope or None) of each request of a type."""
         rows = self._exec(
-            "SELECT o.subject_id, o.partner, o.state, o.envelope, j.recorded_at FROM outbox o "
-            "LEFT JOIN journal j ON j.id = o.answered_journal_id "
+            "SELECT o.subject_id, o.partner, o.state, o.envelope, j.recorded_at, j.envelope "
+            "FROM outbox o LEFT JOIN journal j ON j.id = o.answered_journal_id "
             "WHERE o.payload_type = ? ORDER BY o.created_at",
             (payload_type,),
         )
         return [
-            (str(subject), str(p), str(state), bytes(env), None if at is None else int(at))
-            for subject, p, state, env, at in rows
-        ]
+            (
+                str(subject), str(p), str(state), bytes(env), None if at is None else int(at),
+                None if answer is None else bytes(answer),
+            )
+            for subject, p, state, env, at, answer in rows
+        ]  # fmt: skip
 
     def outbox_last_created(self, *, payload_type: str, subject_id: str) -> tuple[str, int] | None:
         """(state, created_at) of the newest outbox message of a type about a subject."""
@@ -2182,25 +2185,38 @@ class Tx:
         source: str,
         now: int,
         compromised_since: int | None = None,
+        signed_by: str | None = None,
     ) -> None:
         """Record a revocation. A key revoked already stays revoked; a compromise
-        instant given now (or an earlier one than recorded) widens its cascade."""
+        instant given now (or an earlier one than recorded) widens its cascade.
+        ``signed_by``: the key ids (space-separated) that signed the revocation giving
+        the instant, kept with the instant in force (they do not fall with the key)."""
+        signed_by = signed_by if compromised_since is not None else None
         self._exec(
-            "INSERT INTO revoked_keys (key_id, party, source, revoked_at, compromised_since) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key_id) DO NOTHING",
-            (key_id, party, source, now, compromised_since),
+            "INSERT INTO revoked_keys (key_id, party, source, revoked_at, compromised_since, "
+            "compromise_signed_by) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key_id) DO NOTHING",
+            (key_id, party, source, now, compromised_since, signed_by),
         )
         if compromised_since is not None:
             self._exec(
-                "UPDATE revoked_keys SET compromised_since = ? WHERE key_id = ? "
-                "AND (compromised_since IS NULL OR compromised_since > ?)",
-                (compromised_since, key_id, compromised_since),
+                "UPDATE revoked_keys SET compromised_since = ?, compromise_signed_by = ? "
+                "WHERE key_id = ? AND (compromised_since IS NULL OR compromised_since > ?)",
+                (compromised_since, signed_by, key_id, compromised_since),
             )
         self.shared_state_changed()
 
     def revoked_keys(self) -> dict[str, str]:
         """Revoked key id -> its party."""
         return {r[0]: r[1] for r in self._exec("SELECT key_id, party FROM revoked_keys")}
+
+    def revocation_signers(self) -> dict[str, str]:
+        """Revoked key id -> the key ids (space-separated) that signed the revocation
+        giving its compromise instant in force, where known (schema version 8)."""
+        rows = self._exec(
+            "SELECT key_id, compromise_signed_by FROM revoked_keys "
+            "WHERE compromise_signed_by IS NOT NULL"
+        )
+        return {str(r[0]): str(r[1]) for r in rows}
 
     def revocations(self) -> list[tuple[str, str, str, int, int | None]]:
         """(key id, party, source, revoked at, compromised since or None) of every
