@@ -437,6 +437,18 @@ async def t_revocation_first(ctx: Context) -> None:
     )  # fmt: skip
 
 
+def _check_rate_limited(reply: Reply, what: str) -> None:
+    """A call refused over a rate or budget (§2.5): 2009 in the trailing metadata, and
+    no reply envelope (§2.1)."""
+    code = reply.trailing.get("itmolink-rejection-code")
+    check(
+        code == "REJECTION_CODE_RATE_LIMITED",
+        f"{what} must carry 'itmolink-rejection-code: REJECTION_CODE_RATE_LIMITED' in its "
+        f"trailing metadata, got {code!r}",
+    )
+    check(not reply.raw, f"{what} must carry no reply envelope (§2.1)")
+
+
 @kit_test(
     "1.20-rate-limit",
     1,
@@ -455,13 +467,7 @@ async def t_rate_limit(ctx: Context) -> None:
     limited = [r for r in replies if r.status == grpc.StatusCode.RESOURCE_EXHAUSTED]
     check(limited, f"{count} calls at once, over a burst of {burst}: none was rate limited")
     for reply in limited:
-        code = reply.trailing.get("itmolink-rejection-code")
-        check(
-            code == "REJECTION_CODE_RATE_LIMITED",
-            f"a rate-limited call must carry 'itmolink-rejection-code: "
-            f"REJECTION_CODE_RATE_LIMITED' in its trailing metadata, got {code!r}",
-        )
-        check(not reply.raw, "a rate-limited call must carry no reply envelope (§2.1)")
+        _check_rate_limited(reply, "a rate-limited call")
     others = [r for r in replies if r.status != grpc.StatusCode.RESOURCE_EXHAUSTED]
     for reply in others:
         ctx.expect(reply, transfer_pb2.TransferStatusReport, "a status query within the rate")
@@ -1951,13 +1957,7 @@ async def t_b_transfer_budget(ctx: Context) -> None:
     )
     for (batch, payload, _, blocks), reply in zip(batches, replies, strict=True):
         if reply.status == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            code = reply.trailing.get("itmolink-rejection-code")
-            check(
-                code == "REJECTION_CODE_RATE_LIMITED",
-                f"a batch over the transfer budget must end with 'itmolink-rejection-code: "
-                f"REJECTION_CODE_RATE_LIMITED' in its trailing metadata, got {code!r}",
-            )
-            check(not reply.raw, "a batch over the transfer budget must get no reply (§2.1)")
+            _check_rate_limited(reply, "a batch over the transfer budget")
             continue
         ctx.expect_rejection(
             reply, C.REJECTION_CODE_PROPOSAL_EXPIRED, "an expired batch within the budget",
