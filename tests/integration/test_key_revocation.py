@@ -15,6 +15,7 @@ import pytest
 
 from itmolink.admin.v1 import admin_pb2
 from itmolink.crypto.pki import PartnerCard
+from itmolink.node import runtime
 
 from .conftest import eventually, link, start_registry, stop_registry
 from .test_cli import cli, rotated
@@ -114,6 +115,42 @@ async def test_a_card_written_before_it_listed_revocations_gets_them_at_start(
         card = PartnerCard.load(card_file)
         assert old not in [k.key_id for k in card.signing_keys]
         assert [(r.key_id, r.compromised_since) for r in card.revoked_keys] == [(old, since)]
+    finally:
+        for registry in (lao, kor):
+            await stop_registry(registry)
+
+
+async def test_a_card_file_the_node_cannot_write_costs_an_alarm_not_the_start(
+    pki: Any,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same upgraded node with a card file it may not replace: it starts and serves,
+    raises an ALARM, and leaves the card file whole as it was."""
+    lao = await start_registry(pki("LAO", ["KOR"]))
+    kor = await start_registry(pki("KOR", ["LAO"]))
+    link(lao, kor)
+    try:
+        old = lao.node.engine.signing_key.key_id
+        await rotated(capsys, lao)
+        card_file = lao.keys.directory / "card.toml"
+        engine = lao.node.engine
+        await lao.node.db(engine.revoke_signing_key, old, lao.node.clock(), "", None)
+        before = card_file.read_text()
+        await stop_registry(lao)
+
+        def refused(src: Any, dst: Any) -> None:
+            raise PermissionError(13, "Permission denied", str(dst))
+
+        monkeypatch.setattr(runtime.os, "replace", refused)
+        with caplog.at_level("ERROR", logger=runtime.log.name):
+            lao = await start_registry(lao.config_path)
+        assert any(r.getMessage().startswith("ALARM: could not write") for r in caplog.records), [
+            r.getMessage() for r in caplog.records
+        ]
+        assert card_file.read_text() == before
+        assert lao.node.engine.signing_key.key_id != old  # it started, on its new key
     finally:
         for registry in (lao, kor):
             await stop_registry(registry)

@@ -585,8 +585,21 @@ class Node:
         # them (an upgraded node) reaches the partners that pin the card later.
         listing = own_card.listing(await self.db(self.engine.own_revocations))
         if listing != own_card:
-            config.keys.card.write_text(listing.to_toml())
-            log.warning("our card file now lists every revocation our ledger records")
+            # Whole or not at all (a process sharing the database may be reading it), and
+            # a card file the node may not write costs a warning, not the start.
+            staged = config.keys.card.with_name(f".{config.keys.card.name}.new")
+            try:
+                staged.write_text(listing.to_toml())
+                os.replace(staged, config.keys.card)
+            except OSError as exc:
+                log.error(
+                    "ALARM: could not write %s to list every revocation our ledger records "
+                    "(%s): give partners that pin the card later a card that lists them",
+                    config.keys.card,
+                    exc,
+                )
+            else:
+                log.warning("our card file now lists every revocation our ledger records")
         self.engine.on_rejection = self.metrics.rejection
         self._group = getattr(store, "group", None)
         self.engine.claim_sent_us = LEASE // dt.timedelta(microseconds=1)

@@ -1909,13 +1909,13 @@ class Tx:
         for record in sent:
             blocks = blocks_of[record.transfer_id]
             amount = sum(a for _, a in amounts_of[record.transfer_id])
-            if (
-                amount
-                and blocks
-                and all(b.first_transferring_party == me for b in blocks)
-                and any(self.serials_first_transferred(b) for b in blocks)
-            ):
-                found.append((record, amount))
+            if not (amount and blocks and all(b.first_transferring_party == me for b in blocks)):
+                continue
+            # Only the units booked at issuance were booked twice (a transfer of old could
+            # mix them with units that were not).
+            doubled = sum(b.quantity for b in blocks if self.serials_first_transferred(b))
+            if doubled:
+                found.append((record, min(amount, doubled)))
         return found
 
     def _partner_adjustments(
