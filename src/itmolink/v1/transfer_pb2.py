@@ -28,7 +28,7 @@ from itmolink.v1 import common_pb2 as itmolink_dot_v1_dot_common__pb2
 from itmolink.v1 import rules_pb2 as itmolink_dot_v1_dot_rules__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aitmolink/v1/transfer.proto\x12\x0bitmolink.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17itmolink/v1/codes.proto\x1a\x18itmolink/v1/common.proto\x1a\x17itmolink/v1/rules.proto\"\xa7\x02\n\x10TransferProposal\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x18\n\x10\x61uthorisation_id\x18\x03 \x01(\t\x12$\n\x08quantity\x18\x04 \x01(\x04\x42\x12\xa2\x9f\x19\x0e\x08\x01 \x01(\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x12&\n\x06\x62locks\x18\x05 \x03(\x0b\x32\x16.itmolink.v1.UnitBlock\x12\x16\n\x0e\x66irst_transfer\x18\x06 \x01(\x08\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16\x61uthorisation_evidence\x18\x08 \x01(\x0c\"r\n\x12TransferAcceptance\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x17\n\x0fproposal_digest\x18\x03 \x01(\x0c\"\x8d\x01\n\x12TransferCompletion\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x19\n\x11\x61\x63\x63\x65ptance_digest\x18\x03 \x01(\x0c\x12\x17\n\x0f\x61\x64justment_year\x18\x04 \x01(\r\"y\n\x19TransferCompletionReceipt\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x17\n\x0f\x61\x64justment_year\x18\x03 \x01(\r\"c\n\x0cTransferVoid\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\"Z\n\x13TransferVoidReceipt\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\"Z\n\x13TransferStatusQuery\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\"\x86\x01\n\x14TransferStatusReport\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.itmolink.v1.TransferState\"\xc3\x01\n\x15TransferBatchProposal\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1b\n\x08\x62\x61tch_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x05items\x18\x04 \x03(\x0b\x32\x1e.itmolink.v1.TransferBatchItemB\t\xa2\x9f\x19\x05\x08\x01\x30\xe8\x07\"\xd3\x01\n\x11TransferBatchItem\x12\x1e\n\x0btransfer_id\x18\x01 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x18\n\x10\x61uthorisation_id\x18\x02 \x01(\t\x12$\n\x08quantity\x18\x03 \x01(\x04\x42\x12\xa2\x9f\x19\x0e\x08\x01 \x01(\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x12&\n\x06\x62locks\x18\x04 \x03(\x0b\x32\x16.itmolink.v1.UnitBlock\x12\x16\n\x0e\x66irst_transfer\x18\x05 \x01(\x08\x12\x1e\n\x16\x61uthorisation_evidence\x18\x06 \x01(\x0c\"\xaf\x01\n\x17TransferBatchAcceptance\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1b\n\x08\x62\x61tch_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x17\n\x0fproposal_digest\x18\x03 \x01(\x0c\x12\x39\n\x05items\x18\x04 \x03(\x0b\x32!.itmolink.v1.TransferBatchOutcomeB\x07\xa2\x9f\x19\x03\x30\xe8\x07\"\x80\x01\n\x14TransferBatchOutcome\x12\x1e\n\x0btransfer_id\x18\x01 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12/\n\trejection\x18\x02 \x01(\x0b\x32\x1c.itmolink.v1.RejectionReason\x12\x17\n\x0f\x61\x64justment_year\x18\x03 \x01(\r\"\xba\x01\n\x17TransferBatchCompletion\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1b\n\x08\x62\x61tch_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x19\n\x11\x61\x63\x63\x65ptance_digest\x18\x03 \x01(\x0c\x12\x42\n\x05items\x18\x04 \x03(\x0b\x32(.itmolink.v1.TransferBatchCompletionItemB\t\xa2\x9f\x19\x05\x08\x01\x30\xe8\x07\"V\n\x1bTransferBatchCompletionItem\x12\x1e\n\x0btransfer_id\x18\x01 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x17\n\x0f\x61\x64justment_year\x18\x02 \x01(\r\"\x9d\x01\n\x1eTransferBatchCompletionReceipt\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1b\n\x08\x62\x61tch_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x39\n\x05items\x18\x03 \x03(\x0b\x32!.itmolink.v1.TransferBatchOutcomeB\x07\xa2\x9f\x19\x03\x30\xe8\x07*\xdb\x01\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17TRANSFER_STATE_PROPOSED\x10\x01\x12\x1b\n\x17TRANSFER_STATE_ACCEPTED\x10\x02\x12\x1c\n\x18TRANSFER_STATE_COMPLETED\x10\x03\x12\x1b\n\x17TRANSFER_STATE_REJECTED\x10\x04\x12\x19\n\x15TRANSFER_STATE_VOIDED\x10\x05\x12\x1a\n\x16TRANSFER_STATE_UNKNOWN\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aitmolink/v1/transfer.proto\x12\x0bitmolink.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17itmolink/v1/codes.proto\x1a\x18itmolink/v1/common.proto\x1a\x17itmolink/v1/rules.proto\"\xc7\x02\n\x10TransferProposal\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x18\n\x10\x61uthorisation_id\x18\x03 \x01(\t\x12$\n\x08quantity\x18\x04 \x01(\x04\x42\x12\xa2\x9f\x19\x0e\x08\x01 \x01(\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x12&\n\x06\x62locks\x18\x05 \x03(\x0b\x32\x16.itmolink.v1.UnitBlock\x12\x16\n\x0e\x66irst_transfer\x18\x06 \x01(\x08\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16\x61uthorisation_evidence\x18\x08 \x01(\x0c\x12\x1e\n\x16\x63omplete_on_acceptance\x18\t \x01(\x08\"\x9e\x01\n\x12TransferAcceptance\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x17\n\x0fproposal_digest\x18\x03 \x01(\x0c\x12\x11\n\tcompleted\x18\x04 \x01(\x08\x12\x17\n\x0f\x61\x64justment_year\x18\x05 \x01(\r\"\x8d\x01\n\x12TransferCompletion\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x19\n\x11\x61\x63\x63\x65ptance_digest\x18\x03 \x01(\x0c\x12\x17\n\x0f\x61\x64justment_year\x18\x04 \x01(\r\"y\n\x19TransferCompletionReceipt\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x17\n\x0f\x61\x64justment_year\x18\x03 \x01(\r\"c\n\x0cTransferVoid\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\"Z\n\x13TransferVoidReceipt\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\"Z\n\x13TransferStatusQuery\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\"\x86\x01\n\x14TransferStatusReport\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1e\n\x0btransfer_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.itmolink.v1.TransferState\"\xc3\x01\n\x15TransferBatchProposal\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1b\n\x08\x62\x61tch_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x05items\x18\x04 \x03(\x0b\x32\x1e.itmolink.v1.TransferBatchItemB\t\xa2\x9f\x19\x05\x08\x01\x30\xe8\x07\"\xd3\x01\n\x11TransferBatchItem\x12\x1e\n\x0btransfer_id\x18\x01 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x18\n\x10\x61uthorisation_id\x18\x02 \x01(\t\x12$\n\x08quantity\x18\x03 \x01(\x04\x42\x12\xa2\x9f\x19\x0e\x08\x01 \x01(\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x12&\n\x06\x62locks\x18\x04 \x03(\x0b\x32\x16.itmolink.v1.UnitBlock\x12\x16\n\x0e\x66irst_transfer\x18\x05 \x01(\x08\x12\x1e\n\x16\x61uthorisation_evidence\x18\x06 \x01(\x0c\"\xaf\x01\n\x17TransferBatchAcceptance\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1b\n\x08\x62\x61tch_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x17\n\x0fproposal_digest\x18\x03 \x01(\x0c\x12\x39\n\x05items\x18\x04 \x03(\x0b\x32!.itmolink.v1.TransferBatchOutcomeB\x07\xa2\x9f\x19\x03\x30\xe8\x07\"\x80\x01\n\x14TransferBatchOutcome\x12\x1e\n\x0btransfer_id\x18\x01 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12/\n\trejection\x18\x02 \x01(\x0b\x32\x1c.itmolink.v1.RejectionReason\x12\x17\n\x0f\x61\x64justment_year\x18\x03 \x01(\r\"\xba\x01\n\x17TransferBatchCompletion\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1b\n\x08\x62\x61tch_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x19\n\x11\x61\x63\x63\x65ptance_digest\x18\x03 \x01(\x0c\x12\x42\n\x05items\x18\x04 \x03(\x0b\x32(.itmolink.v1.TransferBatchCompletionItemB\t\xa2\x9f\x19\x05\x08\x01\x30\xe8\x07\"V\n\x1bTransferBatchCompletionItem\x12\x1e\n\x0btransfer_id\x18\x01 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x17\n\x0f\x61\x64justment_year\x18\x02 \x01(\r\"\x9d\x01\n\x1eTransferBatchCompletionReceipt\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.itmolink.v1.Header\x12\x1b\n\x08\x62\x61tch_id\x18\x02 \x01(\tB\t\xa2\x9f\x19\x05\x08\x01\x10\x80\x01\x12\x39\n\x05items\x18\x03 \x03(\x0b\x32!.itmolink.v1.TransferBatchOutcomeB\x07\xa2\x9f\x19\x03\x30\xe8\x07*\xdb\x01\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17TRANSFER_STATE_PROPOSED\x10\x01\x12\x1b\n\x17TRANSFER_STATE_ACCEPTED\x10\x02\x12\x1c\n\x18TRANSFER_STATE_COMPLETED\x10\x03\x12\x1b\n\x17TRANSFER_STATE_REJECTED\x10\x04\x12\x19\n\x15TRANSFER_STATE_VOIDED\x10\x05\x12\x1a\n\x16TRANSFER_STATE_UNKNOWN\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -77,36 +77,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRANSFERBATCHCOMPLETIONRECEIPT'].fields_by_name['batch_id']._serialized_options = b'\242\237\031\005\010\001\020\200\001'
   _globals['_TRANSFERBATCHCOMPLETIONRECEIPT'].fields_by_name['items']._loaded_options = None
   _globals['_TRANSFERBATCHCOMPLETIONRECEIPT'].fields_by_name['items']._serialized_options = b'\242\237\031\0030\350\007'
-  _globals['_TRANSFERSTATE']._serialized_start=2414
-  _globals['_TRANSFERSTATE']._serialized_end=2633
+  _globals['_TRANSFERSTATE']._serialized_start=2491
+  _globals['_TRANSFERSTATE']._serialized_end=2710
   _globals['_TRANSFERPROPOSAL']._serialized_start=153
-  _globals['_TRANSFERPROPOSAL']._serialized_end=448
-  _globals['_TRANSFERACCEPTANCE']._serialized_start=450
-  _globals['_TRANSFERACCEPTANCE']._serialized_end=564
-  _globals['_TRANSFERCOMPLETION']._serialized_start=567
-  _globals['_TRANSFERCOMPLETION']._serialized_end=708
-  _globals['_TRANSFERCOMPLETIONRECEIPT']._serialized_start=710
-  _globals['_TRANSFERCOMPLETIONRECEIPT']._serialized_end=831
-  _globals['_TRANSFERVOID']._serialized_start=833
-  _globals['_TRANSFERVOID']._serialized_end=932
-  _globals['_TRANSFERVOIDRECEIPT']._serialized_start=934
-  _globals['_TRANSFERVOIDRECEIPT']._serialized_end=1024
-  _globals['_TRANSFERSTATUSQUERY']._serialized_start=1026
-  _globals['_TRANSFERSTATUSQUERY']._serialized_end=1116
-  _globals['_TRANSFERSTATUSREPORT']._serialized_start=1119
-  _globals['_TRANSFERSTATUSREPORT']._serialized_end=1253
-  _globals['_TRANSFERBATCHPROPOSAL']._serialized_start=1256
-  _globals['_TRANSFERBATCHPROPOSAL']._serialized_end=1451
-  _globals['_TRANSFERBATCHITEM']._serialized_start=1454
-  _globals['_TRANSFERBATCHITEM']._serialized_end=1665
-  _globals['_TRANSFERBATCHACCEPTANCE']._serialized_start=1668
-  _globals['_TRANSFERBATCHACCEPTANCE']._serialized_end=1843
-  _globals['_TRANSFERBATCHOUTCOME']._serialized_start=1846
-  _globals['_TRANSFERBATCHOUTCOME']._serialized_end=1974
-  _globals['_TRANSFERBATCHCOMPLETION']._serialized_start=1977
-  _globals['_TRANSFERBATCHCOMPLETION']._serialized_end=2163
-  _globals['_TRANSFERBATCHCOMPLETIONITEM']._serialized_start=2165
-  _globals['_TRANSFERBATCHCOMPLETIONITEM']._serialized_end=2251
-  _globals['_TRANSFERBATCHCOMPLETIONRECEIPT']._serialized_start=2254
-  _globals['_TRANSFERBATCHCOMPLETIONRECEIPT']._serialized_end=2411
+  _globals['_TRANSFERPROPOSAL']._serialized_end=480
+  _globals['_TRANSFERACCEPTANCE']._serialized_start=483
+  _globals['_TRANSFERACCEPTANCE']._serialized_end=641
+  _globals['_TRANSFERCOMPLETION']._serialized_start=644
+  _globals['_TRANSFERCOMPLETION']._serialized_end=785
+  _globals['_TRANSFERCOMPLETIONRECEIPT']._serialized_start=787
+  _globals['_TRANSFERCOMPLETIONRECEIPT']._serialized_end=908
+  _globals['_TRANSFERVOID']._serialized_start=910
+  _globals['_TRANSFERVOID']._serialized_end=1009
+  _globals['_TRANSFERVOIDRECEIPT']._serialized_start=1011
+  _globals['_TRANSFERVOIDRECEIPT']._serialized_end=1101
+  _globals['_TRANSFERSTATUSQUERY']._serialized_start=1103
+  _globals['_TRANSFERSTATUSQUERY']._serialized_end=1193
+  _globals['_TRANSFERSTATUSREPORT']._serialized_start=1196
+  _globals['_TRANSFERSTATUSREPORT']._serialized_end=1330
+  _globals['_TRANSFERBATCHPROPOSAL']._serialized_start=1333
+  _globals['_TRANSFERBATCHPROPOSAL']._serialized_end=1528
+  _globals['_TRANSFERBATCHITEM']._serialized_start=1531
+  _globals['_TRANSFERBATCHITEM']._serialized_end=1742
+  _globals['_TRANSFERBATCHACCEPTANCE']._serialized_start=1745
+  _globals['_TRANSFERBATCHACCEPTANCE']._serialized_end=1920
+  _globals['_TRANSFERBATCHOUTCOME']._serialized_start=1923
+  _globals['_TRANSFERBATCHOUTCOME']._serialized_end=2051
+  _globals['_TRANSFERBATCHCOMPLETION']._serialized_start=2054
+  _globals['_TRANSFERBATCHCOMPLETION']._serialized_end=2240
+  _globals['_TRANSFERBATCHCOMPLETIONITEM']._serialized_start=2242
+  _globals['_TRANSFERBATCHCOMPLETIONITEM']._serialized_end=2328
+  _globals['_TRANSFERBATCHCOMPLETIONRECEIPT']._serialized_start=2331
+  _globals['_TRANSFERBATCHCOMPLETIONRECEIPT']._serialized_end=2488
 # @@protoc_insertion_point(module_scope)

@@ -77,6 +77,7 @@ class TransferProposal(_message.Message):
     FIRST_TRANSFER_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     AUTHORISATION_EVIDENCE_FIELD_NUMBER: _builtins.int
+    COMPLETE_ON_ACCEPTANCE_FIELD_NUMBER: _builtins.int
     transfer_id: _builtins.str
     """Identifier chosen by the sender, unique within its registry, and starting
     with the sender's party code and a hyphen (e.g. "LAO-T-000001").
@@ -91,6 +92,15 @@ class TransferProposal(_message.Message):
     host's signed AuthorisationStatement envelope, exactly as the sender
     received it, so a receiver that never dealt with the host can check the
     authorisation against the host's pinned key. Empty otherwise.
+    """
+    complete_on_acceptance: _builtins.bool
+    """True when the sender asks the receiver to complete the transfer in the
+    step that accepts it (a one-round transfer, docs/PROTOCOL.md §6.11): the
+    receiver then credits the blocks and applies its corresponding adjustment
+    in the transaction that records its acceptance, and says so in it; the
+    sender completes on that acceptance and sends no TransferCompletion. A
+    receiver may answer with an ordinary acceptance instead. The sender never
+    voids such a transfer on its own clock: only the receiver's answer ends it.
     """
     @_builtins.property
     def header(self) -> _common_pb2.Header: ...
@@ -111,10 +121,11 @@ class TransferProposal(_message.Message):
         first_transfer: _builtins.bool = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         authorisation_evidence: _builtins.bytes = ...,
+        complete_on_acceptance: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorisation_evidence", b"authorisation_evidence", "authorisation_id", b"authorisation_id", "blocks", b"blocks", "expires_at", b"expires_at", "first_transfer", b"first_transfer", "header", b"header", "quantity", b"quantity", "transfer_id", b"transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorisation_evidence", b"authorisation_evidence", "authorisation_id", b"authorisation_id", "blocks", b"blocks", "complete_on_acceptance", b"complete_on_acceptance", "expires_at", b"expires_at", "first_transfer", b"first_transfer", "header", b"header", "quantity", b"quantity", "transfer_id", b"transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -131,9 +142,21 @@ class TransferAcceptance(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     TRANSFER_ID_FIELD_NUMBER: _builtins.int
     PROPOSAL_DIGEST_FIELD_NUMBER: _builtins.int
+    COMPLETED_FIELD_NUMBER: _builtins.int
+    ADJUSTMENT_YEAR_FIELD_NUMBER: _builtins.int
     transfer_id: _builtins.str
     proposal_digest: _builtins.bytes
     """SHA-256 of the proposal's payload bytes, binding the acceptance to them."""
+    completed: _builtins.bool
+    """True only in answer to a proposal with complete_on_acceptance: the
+    receiver has credited the blocks and applied its corresponding adjustment
+    in the transaction that recorded this acceptance; the transfer is
+    complete there and no TransferCompletion is expected.
+    """
+    adjustment_year: _builtins.int
+    """When completed: the year to which the receiver booked its corresponding
+    adjustment (as TransferCompletionReceipt.adjustment_year); 0 otherwise.
+    """
     @_builtins.property
     def header(self) -> _common_pb2.Header: ...
     def __init__(
@@ -142,10 +165,12 @@ class TransferAcceptance(_message.Message):
         header: _common_pb2.Header | None = ...,
         transfer_id: _builtins.str = ...,
         proposal_digest: _builtins.bytes = ...,
+        completed: _builtins.bool = ...,
+        adjustment_year: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "proposal_digest", b"proposal_digest", "transfer_id", b"transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjustment_year", b"adjustment_year", "completed", b"completed", "header", b"header", "proposal_digest", b"proposal_digest", "transfer_id", b"transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
