@@ -1,7 +1,8 @@
 """A deterministic simulator: protocol engines under a seeded fault scheduler.
 
 One host (LAO) and two acquiring parties (KOR, JPN) run the real protocol
-engine over in-memory SQLite ledgers. A seeded scheduler picks every step:
+engine over in-memory SQLite ledgers; the host's transfers to KOR are one-round
+(complete_on_acceptance), those to JPN two-phase. A seeded scheduler picks every step:
 operator requests, outbox ticks, deliveries in any order, drops, duplicates,
 replays of old envelopes, partitions, clock skew, and crashes of either node
 at any point, including inside a transaction just before it commits. After
