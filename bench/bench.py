@@ -202,10 +202,10 @@ class BenchNode(Node):
         await super().start()
         apply_reply = self.engine.handle_reply
 
-        def handle_reply(message_id: str, raw: bytes, now: dt.datetime) -> None:
+        def handle_reply(message_id: str, raw: bytes, now: dt.datetime, **kwargs: Any) -> bool:
             if message_id in self._completions:  # the receiver's answer is here
                 self._answered[message_id] = time.perf_counter()
-            apply_reply(message_id, raw, now)
+            return apply_reply(message_id, raw, now, **kwargs)
 
         self.engine.handle_reply = handle_reply  # type: ignore[method-assign]
 

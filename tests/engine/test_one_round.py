@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 from itmolink.core.codes import RejectionCode
 from itmolink.core.transfer import TransferState
 from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
-from itmolink.crypto.envelope import open_envelope, seal
+from itmolink.crypto.envelope import TrustStore, open_envelope, seal
 from itmolink.node.convert import to_us
 from itmolink.node.engine import Engine, ReplyError
 from itmolink.node.requests import Requests
@@ -294,17 +294,218 @@ def test_an_unrecorded_rejection_before_the_deadline_is_a_failed_attempt(
     assert ledger(pair.kor) == [(transfer_id, 2025, -600)]
 
 
-def test_an_unrecorded_rejection_at_the_deadline_settles_the_proposal(one_round: Pair) -> None:
-    """S5: at expires_at + 2 × skew on the sender's clock no replay can complete at
-    the receiver: an unrecorded refusal then rejects the transfer and releases."""
+def test_an_unrecorded_rejection_exactly_at_the_deadline_is_a_failed_attempt(
+    one_round: Pair,
+) -> None:
+    """S5 releases only strictly after expires_at + 2 × skew. At that very instant the
+    receiver, its clock a skew behind (allowed), is at expires_at + skew, where T1b
+    still accepts (it refuses only when expires_at + skew < now): a replay in flight
+    completes there, so releasing on the refusal would break atomicity."""
+    pair = one_round
+    transfer_id = transfer(pair)
+    message_id, envelope = the_proposal(pair)
+    pair.advance(60 + 2 * SKEW.total_seconds())  # exactly expires_at + 2 × skew
+    assert to_us(pair.now) == _expires_at(pair, transfer_id) + 2 * to_us_delta(SKEW)
+    pair.lao.handle_reply(message_id, _refused_unrecorded(pair, envelope), pair.now)
+    assert state(pair.lao, transfer_id) is TransferState.PROPOSED
+    assert reserved(pair.lao) == 600
+    reply = pair.kor.handle_delivery("LAO", envelope, pair.now - SKEW)  # a replay in flight
+    assert state(pair.kor, transfer_id) is TransferState.COMPLETED
+    pair.lao.handle_reply(message_id, reply, pair.now)
+    assert state(pair.lao, transfer_id) is TransferState.COMPLETED
+    assert ledger(pair.lao) == [(transfer_id, 2025, 600)]
+    assert ledger(pair.kor) == [(transfer_id, 2025, -600)]
+
+
+def test_an_unrecorded_rejection_just_after_the_deadline_settles_the_proposal(
+    one_round: Pair,
+) -> None:
+    """S5: the attempt sent one microsecond after expires_at + 2 × skew: no replay
+    can complete at the receiver any more, so its unrecorded refusal rejects the
+    transfer and releases the blocks. (The exact instant is retried, as above.)"""
     pair = one_round
     transfer_id = transfer(pair)
     message_id, envelope = the_proposal(pair)
     pair.advance(60 + 2 * SKEW.total_seconds())
     pair.lao.handle_reply(message_id, _refused_unrecorded(pair, envelope), pair.now)
+    assert state(pair.lao, transfer_id) is TransferState.PROPOSED  # the boundary: retried
+    pair.now += dt.timedelta(microseconds=1)
+    pair.lao.handle_reply(message_id, _refused_unrecorded(pair, envelope), pair.now)
     assert state(pair.lao, transfer_id) is TransferState.REJECTED
     assert (reserved(pair.lao), held(pair.lao)) == (0, 1_000)
     assert pending(pair.lao) == 0
+    # The receiver, a skew behind, now refuses the same bytes: expired there.
+    pair.kor.handle_delivery("LAO", envelope, pair.now - SKEW)
+    assert state(pair.kor, transfer_id) is TransferState.REJECTED
+
+
+def test_s5_decides_on_when_the_refused_attempt_was_sent_not_when_its_reply_is_applied(
+    one_round: Pair,
+) -> None:
+    """A slow call: the attempt leaves a second before expires_at + 2 × skew, its
+    unrecorded refusal is applied after that deadline. Meanwhile the lease ran out
+    and a second attempt of the same bytes was accepted and completed by the
+    receiver (its clock a skew behind). The stale refusal must not release: it is a
+    failed attempt because of when it was sent (``sent_at``); the second attempt's
+    acceptance then completes the sender."""
+    pair = one_round
+    transfer_id = transfer(pair)
+    message_id, envelope = the_proposal(pair)
+    pair.advance(60 + 2 * SKEW.total_seconds() - 1)
+    first_sent = pair.now
+    stale = _refused_unrecorded(pair, envelope)
+    second = pair.kor.handle_delivery("LAO", envelope, pair.now - SKEW)  # completes
+    assert state(pair.kor, transfer_id) is TransferState.COMPLETED
+    pair.advance(30)  # the refusal of the first attempt is applied after the deadline
+    assert not pair.lao.handle_reply(message_id, stale, pair.now, sent_at=first_sent)
+    assert state(pair.lao, transfer_id) is TransferState.PROPOSED
+    assert pair.lao.handle_reply(message_id, second, pair.now)
+    assert state(pair.lao, transfer_id) is TransferState.COMPLETED
+    assert ledger(pair.lao) == [(transfer_id, 2025, 600)]
+
+
+def test_s5_settles_on_a_refused_attempt_sent_after_the_deadline(one_round: Pair) -> None:
+    """The same refusal, its attempt sent after expires_at + 2 × skew: it settles,
+    and ``handle_reply`` says it applied the reply."""
+    pair = one_round
+    transfer_id = transfer(pair)
+    message_id, envelope = the_proposal(pair)
+    pair.advance(60 + 2 * SKEW.total_seconds() + 1)
+    sent = pair.now
+    refusal = _refused_unrecorded(pair, envelope)
+    pair.advance(5)
+    assert pair.lao.handle_reply(message_id, refusal, pair.now, sent_at=sent)
+    assert state(pair.lao, transfer_id) is TransferState.REJECTED
+    assert reserved(pair.lao) == 0
+
+
+def _expires_at(pair: Pair, transfer_id: str) -> int:
+    with pair.lao.store.transaction() as tx:
+        record = tx.transfer_get(transfer_id)
+    assert record is not None
+    return record.expires_at
+
+
+def to_us_delta(delta: dt.timedelta) -> int:
+    return delta // dt.timedelta(microseconds=1)
+
+
+# -- S5: a refusal before the receiver's look-up never settles ------------------------
+
+
+def _drop_trust(engine: Engine, party: str) -> None:
+    """``engine``'s operator unpins ``party``'s keys (a card replaced by mistake, a
+    trust store rebuilt): its messages fail verification there (1003) until the
+    keys are pinned again (``engine.reload_trust()``)."""
+    trust = TrustStore([k for k in engine.trust.all() if k.party != party])
+    for key_id, since in engine.trust.revocations().items():
+        trust.revoke(key_id, since)
+    engine.trust = trust
+
+
+def _refused_before_lookup(pair: Pair, envelope: bytes, code: RejectionCode) -> bytes:
+    reply = pair.kor.handle_delivery("LAO", envelope, pair.now)
+    rejection = parse(pair.lao, reply)
+    assert isinstance(rejection, reply_pb2.Rejection)
+    assert rejection.header.sequence == 0
+    assert rejection.header.in_reply_to == ""  # D1b to D5a
+    assert rejection.reasons[0].code == code
+    return reply
+
+
+def _alarms(caplog: pytest.LogCaptureFixture, transfer_id: str) -> int:
+    return sum(
+        r.getMessage().startswith("ALARM") and transfer_id in r.getMessage() for r in caplog.records
+    )
+
+
+def test_key_revoked_at_receiver_after_it_completed_one_round(
+    one_round: Pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    """KOR completes the one-round proposal; its reply is lost; KOR's operator then
+    revokes LAO's key. Every later delivery of the same bytes is refused at D2,
+    before KOR looks the message up: an unrecorded rejection with an empty
+    in_reply_to. Even long after expires_at + 2 × skew it settles nothing: LAO keeps
+    the units reserved (KOR holds them and booked −CA), delivers the proposal again,
+    and raises one ALARM for the transfer, not one per attempt."""
+    pair = one_round
+    transfer_id = transfer(pair)
+    message_id, envelope = the_proposal(pair)
+    pair.kor.handle_delivery("LAO", envelope, pair.now)  # completed; the reply is lost
+    assert state(pair.kor, transfer_id) is TransferState.COMPLETED
+    [key_id] = open_envelope(envelope, pair.kor.trust).key_ids
+    pair.kor.revoke_signing_key(key_id, pair.now, partner="LAO")
+    pair.advance(60 + 2 * SKEW.total_seconds() + 1)
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):
+            again = _refused_before_lookup(pair, envelope, RejectionCode.SIGNING_KEY_REVOKED)
+            assert not pair.lao.handle_reply(message_id, again, pair.now)
+            pair.advance(3_600)
+    assert _alarms(caplog, transfer_id) == 1
+    assert state(pair.lao, transfer_id) is TransferState.PROPOSED
+    assert state(pair.kor, transfer_id) is TransferState.COMPLETED
+    assert (reserved(pair.lao), ledger(pair.lao)) == (600, [])
+    with pair.lao.store.transaction() as tx:
+        assert tx.outbox_pending_of(payload_type=PROPOSAL, subject_id=transfer_id) == 1
+        error = tx._one("SELECT last_error FROM outbox WHERE message_id = ?", (message_id,))[0]
+    assert "REJECTION_CODE_SIGNING_KEY_REVOKED" in error
+    assert pair.lao.expire_transfers(pair.now) == []  # and no void either
+
+
+def test_a_receiver_that_pins_the_key_again_answers_with_its_stored_acceptance(
+    one_round: Pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    """KOR completes, the reply is lost, then KOR unpins LAO's key: refusals before
+    the look-up (1003), past every deadline, settle nothing. Once KOR pins the key
+    again, the next delivery gets KOR's stored acceptance and LAO completes."""
+    pair = one_round
+    transfer_id = transfer(pair)
+    _, envelope = the_proposal(pair)
+    pair.kor.handle_delivery("LAO", envelope, pair.now)  # completed; the reply is lost
+    _drop_trust(pair.kor, "LAO")
+    pair.advance(60 + 2 * SKEW.total_seconds() + 1)
+    with caplog.at_level(logging.INFO):
+        pair.pump()
+        pair.advance(3_600)
+        pair.pump()
+    assert _alarms(caplog, transfer_id) == 1
+    assert state(pair.lao, transfer_id) is TransferState.PROPOSED
+    assert reserved(pair.lao) == 600
+    pair.kor.reload_trust()  # the operator pins LAO's key again
+    pair.advance(3_600)
+    pair.pump()
+    assert state(pair.lao, transfer_id) is state(pair.kor, transfer_id) is TransferState.COMPLETED
+    assert ledger(pair.lao) == [(transfer_id, 2025, 600)]
+    assert ledger(pair.kor) == [(transfer_id, 2025, -600)]
+    assert (reserved(pair.lao), held(pair.lao), held(pair.kor)) == (0, 400, 600)
+
+
+def test_a_proposal_the_receiver_never_read_is_refused_3011_once_it_can(one_round: Pair) -> None:
+    """KOR never read the proposal (LAO's key unpinned there from the start): the
+    refusals before the look-up settle nothing past the deadline; once the key is
+    pinned again, KOR refuses the expired proposal with 3011, recorded, and LAO
+    releases the units."""
+    pair = one_round
+    authorisation_id = issued(pair)
+    _drop_trust(pair.kor, "LAO")
+    transfer_id = pair.lao.start_transfer(
+        to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=600,
+        now=pair.now,
+    )  # fmt: skip
+    pair.pump()
+    pair.advance(60 + 2 * SKEW.total_seconds() + 1)
+    pair.pump()
+    assert state(pair.lao, transfer_id) is TransferState.PROPOSED
+    assert state(pair.kor, transfer_id) is None
+    pair.kor.reload_trust()
+    pair.advance(3_600)
+    pair.pump()
+    assert state(pair.lao, transfer_id) is state(pair.kor, transfer_id) is TransferState.REJECTED
+    with pair.lao.store.transaction() as tx:
+        record = tx.transfer_get(transfer_id)
+    assert record is not None
+    assert record.rejection_code == RejectionCode.PROPOSAL_EXPIRED
+    assert (reserved(pair.lao), held(pair.lao), held(pair.kor)) == (0, 1_000, 0)
 
 
 def test_a_recorded_rejection_settles_a_proposal_that_asked_at_once(one_round: Pair) -> None:

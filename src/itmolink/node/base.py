@@ -327,6 +327,9 @@ class EngineBase:
         self.sent: list[tuple[str, str, bytes]] = []
         # The last authorisation row read and what was built of it (_authorisation).
         self._authorisation_memo: tuple[object, Authorisation] | None = None
+        # One-round transfers whose receiver could not read the proposal, ALARMed
+        # once in this process (Replies._refusal_to_retry).
+        self._unreadable_alarmed: set[str] = set()
         self.reload_trust()
 
     # -- transactions and trust ------------------------------------------------------

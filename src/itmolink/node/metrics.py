@@ -158,7 +158,8 @@ class NodeMetrics:
         self.deliveries = Counter(
             "itmolink_deliveries",
             "Outbox delivery attempts by partner and outcome: ok (reply applied), "
-            "unreachable (RPC failed), bad_reply (reply not applied)",
+            "unreachable (RPC failed), bad_reply (reply not applied), retry (a refusal that "
+            "settles nothing yet: delivered again)",
             ["partner", "outcome"],
             registry=self.registry,
         )

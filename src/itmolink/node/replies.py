@@ -53,23 +53,38 @@ class Replies(EngineBase):
 
     # -- replies to our requests -----------------------------------------------------
 
-    def handle_reply(self, message_id: str, raw: bytes, now: dt.datetime) -> None:
+    def handle_reply(
+        self, message_id: str, raw: bytes, now: dt.datetime, *, sent_at: dt.datetime | None = None
+    ) -> bool:
         """Apply a partner's reply to our outbox message ``message_id``.
 
-        Raises :class:`ReplyError` for a reply that cannot be trusted or does not
-        answer the request; the request then stays pending and is retried.
+        ``sent_at`` is when the attempt this reply answers was sent, on this node's
+        clock (the runtime passes the instant it started the call). Only S5 of the
+        one-round transfer uses it: an unrecorded refusal settles a one-round
+        proposal only if the refused attempt was sent strictly after ``expires_at +
+        2 × max_clock_skew``. A caller that passes nothing (one that applies the
+        reply at the instant it sent the request, as the tests and the simulator
+        do) gets ``now`` in its place.
+
+        Returns False if the reply settles nothing yet and the request is delivered
+        again later (S5: an unrecorded refusal of a one-round proposal kept as a
+        failed attempt), True otherwise (the reply was applied, or the request was
+        no longer pending). Raises :class:`ReplyError` for a reply that cannot be
+        trusted or does not answer the request; the request then stays pending and
+        is retried.
         """
         now_us = to_us(now)
+        sent_us = now_us if sent_at is None else to_us(sent_at)
         with self._transaction() as tx:
             request = tx.outbox_get(message_id)
             if request is None or request.state != "pending":
-                return  # already answered (a duplicate reply) or cancelled
+                return True  # already answered (a duplicate reply) or cancelled
             reply, payload, journal_id = self._open_reply(
                 tx, request.partner, request.payload_type, request.envelope, message_id, raw,
                 now_us,
             )  # fmt: skip
             retry = self._refusal_to_retry(
-                tx, request.payload_type, request.subject_id, reply, now_us
+                tx, request.payload_type, request.subject_id, reply, sent_us
             )
             if retry is not None:
                 # S5: not an answer yet; the same proposal is delivered again later.
@@ -77,7 +92,7 @@ class Replies(EngineBase):
                     message_id, next_attempt_at=now_us + retry_delay_us(request.attempts),
                     error=retry,
                 )  # fmt: skip
-                return
+                return False
             tx.outbox_answered(message_id, journal_id)
             if isinstance(reply, Rejection):
                 code, detail = _rejection_reasons(reply)
@@ -106,19 +121,35 @@ class Replies(EngineBase):
                 now_us,
                 request.envelope,
             )
+        return True
 
     def _refusal_to_retry(
-        self, tx: Tx, request_type: str, transfer_id: str, reply: Message, now_us: int
+        self, tx: Tx, request_type: str, transfer_id: str, reply: Message, sent_us: int
     ) -> str | None:
-        """S5 of the one-round transfer: a Rejection the receiver did not record
-        (sequence 0) of a proposal that asked it to complete on acceptance settles
-        nothing before ``expires_at + 2 × max_clock_skew`` on this node's clock. The
-        receiver evaluates the same bytes again on each delivery and would complete a
-        replay that passes before the proposal expires on its clock (at the latest
-        ``expires_at + max_clock_skew`` on it, ``+ 2 × max_clock_skew`` on ours):
-        releasing the blocks before then could leave the receiver's credit without
-        our debit. A failed attempt, retried with the usual backoff: returns why (the
-        outbox's last error), or None for a reply to apply."""
+        """S5 of the one-round transfer: whether an unrecorded Rejection (sequence 0)
+        of a proposal that asked the receiver to complete on acceptance leaves it
+        unsettled. Returns why (the outbox's last error: a failed attempt, the same
+        bytes delivered again with the usual backoff), or None for a reply to apply.
+
+        The receiver evaluates the same bytes again on each delivery, so such a
+        refusal says only that this attempt was not recorded:
+
+        - With an empty ``in_reply_to`` (PROTOCOL §5.2 D1b to D5a: size, signature,
+          key validity at the receiver's clock, signer, payload type, parse, field
+          rules) the receiver refused before it looked the message up (D7): it may
+          have recorded and completed the proposal on an earlier delivery, and only
+          its stored reply can say. Such a refusal never settles the proposal; the
+          units stay reserved until the receiver can read it again, and an ALARM
+          (once per transfer and process) asks the operator to restore trust.
+        - With ``in_reply_to`` set (D6 to D8a: header checks, the sent_at window,
+          5001, 5002) the receiver looked the message up and had not recorded it.
+          A later delivery could still pass and complete while the proposal has
+          not expired on the receiver's clock (until ``expires_at +
+          max_clock_skew`` on it, ``+ 2 × max_clock_skew`` on ours). Such a refusal
+          settles the proposal only if the refused attempt was sent (``sent_us``)
+          strictly after ``expires_at + 2 × max_clock_skew``: every later attempt
+          is then refused too (3011 or the same), and none sent earlier can have
+          completed after this one was looked up."""
         if (
             request_type != type_name(TransferProposal)
             or not isinstance(reply, Rejection)
@@ -132,19 +163,47 @@ class Replies(EngineBase):
             or record.state is not TransferState.PROPOSED
         ):
             return None
-        skew = self.limits.max_clock_skew // dt.timedelta(microseconds=1)
-        if now_us >= record.expires_at + 2 * skew:
-            return None
         code, detail = _rejection_reasons(reply)
+        fields = {"transfer_id": transfer_id, "partner": record.partner, "code": wire_name_of(code)}
+        if not reply.header.in_reply_to:
+            self._unreadable_proposal(record, transfer_id, code, detail, fields)
+            return f"unrecorded rejection before the look-up {wire_name_of(code)}: {detail}"
+        skew = self.limits.max_clock_skew // dt.timedelta(microseconds=1)
+        if sent_us > record.expires_at + 2 * skew:
+            return None
         log.warning(
             "%s refused transfer %s without recording it (%s %s); it asked to complete on "
-            "acceptance, so the proposal stands until %s: delivering it again",
+            "acceptance, so the proposal stands for an attempt sent until %s: delivering "
+            "it again",
             record.partner, transfer_id, wire_name_of(code), detail,
-            from_us(record.expires_at + 2 * skew).isoformat(),
-            extra={"transfer_id": transfer_id, "partner": record.partner,
-                   "code": wire_name_of(code)},
+            from_us(record.expires_at + 2 * skew).isoformat(), extra=fields,
         )  # fmt: skip
         return f"unrecorded rejection {wire_name_of(code)}: {detail}"
+
+    def _unreadable_proposal(
+        self, record: TransferRecord, transfer_id: str, code: int, detail: str,
+        fields: dict[str, str],
+    ) -> None:  # fmt: skip
+        """Log that the receiver of one-round transfer ``transfer_id`` cannot read its
+        proposal: an ALARM the first time in this process, then at INFO."""
+        if transfer_id in self._unreadable_alarmed:
+            log.info(
+                "%s still cannot read the proposal of one-round transfer %s (%s %s); "
+                "its units stay reserved: delivering it again",
+                record.partner, transfer_id, wire_name_of(code), detail, extra=fields,
+            )  # fmt: skip
+            return
+        self._unreadable_alarmed.add(transfer_id)
+        log.error(
+            "ALARM: %s cannot read the proposal of one-round transfer %s (%s %s): it refused "
+            "it before looking it up, so it may have completed the transfer on an earlier "
+            "delivery. The %d tCO2e stay reserved and the proposal is delivered again "
+            "until %s can read it: re-establish trust with %s (for example it pins this "
+            "node's signing key); the next delivery then gets its stored answer or a "
+            "recorded refusal (3011)",
+            record.partner, transfer_id, wire_name_of(code), detail, record.quantity,
+            record.partner, record.partner, extra=fields,
+        )  # fmt: skip
 
     def _apply_reply(
         self,

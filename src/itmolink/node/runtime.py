@@ -875,6 +875,10 @@ class Node:
     async def _deliver(self, message_id: str, partner: str, envelope: bytes) -> None:
         fields = {"message_id": message_id, "partner": partner}
         started = time.monotonic()
+        # When this attempt leaves, on the node's clock (at or before the call sends
+        # it): S5 of the one-round transfer decides on it, not on when the reply is
+        # applied (handle_reply).
+        sent_at = self.clock()
         # Whether the outbox worker must look again: unless the reply was applied
         # and what it led to was claimed for delivery at once (a retry is scheduled,
         # or the call was cancelled).
@@ -898,9 +902,15 @@ class Node:
         else:
             self.metrics.delivery_seconds.labels(partner).observe(time.monotonic() - started)
             try:
-                await self.db(self.engine.handle_reply, message_id, reply, self.clock())
-                self.metrics.deliveries.labels(partner, "ok").inc()
-                retry = not self.delivers_at_once
+                applied = await self.db(
+                    self.engine.handle_reply, message_id, reply, self.clock(), sent_at=sent_at
+                )
+                if applied is False:
+                    # A refusal that settles nothing yet (S5): retried with backoff.
+                    self.metrics.deliveries.labels(partner, "retry").inc()
+                else:
+                    self.metrics.deliveries.labels(partner, "ok").inc()
+                    retry = not self.delivers_at_once
             except ReplyError as exc:
                 self.metrics.deliveries.labels(partner, "bad_reply").inc()
                 log.error(
