@@ -24,6 +24,8 @@ from .conftest import (
     start_registry,
     stop_registry,
 )
+from ..engine.test_one_round import _drop_trust
+from .test_deliver_batch import sample
 from .test_transfer import COMPLETED, REJECTED, issued, settled, transfer
 
 PROPOSED = transfer_pb2.TRANSFER_STATE_PROPOSED
@@ -128,3 +130,45 @@ def test_check_config_shows_the_one_round_partner(
     main(["node", "check-config", str(_partner_config(pki, ASK))])
     [line] = [line for line in capsys.readouterr().out.splitlines() if "partner KOR" in line]
     assert "one-round (complete_on_acceptance)" in line
+
+
+async def test_a_partner_that_cannot_read_the_proposal_leaves_it_waiting_then_completes(
+    pki: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """KOR's operator unpinned LAO's keys: KOR refuses the one-round proposal before
+    looking it up (1003, unrecorded, empty in_reply_to). LAO's node keeps the units
+    reserved, raises an ALARM and counts each such delivery as a `retry`, not `ok`;
+    it tells the engine when each attempt left (``sent_at``). Once KOR pins the keys
+    again, the next delivery completes the transfer on both sides."""
+    async with running_pair(pki, lao_extra=ASK) as (lao, kor):
+        authorisation_id = await issued(lao, quantity=1_000)
+        engine = lao.node.engine
+        sent: list[tuple[dt.datetime, dt.datetime]] = []
+        apply_reply = engine.handle_reply
+
+        def handle_reply(
+            message_id: str, raw: bytes, now: dt.datetime, **kwargs: dt.datetime
+        ) -> bool:
+            sent.append((kwargs["sent_at"], now))
+            return apply_reply(message_id, raw, now, **kwargs)
+
+        engine.handle_reply = handle_reply  # type: ignore[method-assign]
+        await kor.node.db(_drop_trust, kor.node.engine, "LAO")
+        transfer_id = await transfer(lao, authorisation_id, 600)
+
+        async def retried() -> bool:
+            return sample(lao, "itmolink_deliveries_total", partner="KOR", outcome="retry") >= 2
+
+        await eventually(retried, within=30)
+        assert (await lao.transfers())[transfer_id].state == PROPOSED
+        assert await kor.held() == 0
+        assert sum(
+            r.getMessage().startswith("ALARM") and transfer_id in r.getMessage()
+            for r in caplog.records
+        ) == 1  # fmt: skip
+        assert sent and all(at <= now for at, now in sent)
+        await kor.node.db(kor.node.engine.reload_trust)  # pinned again
+        assert (await final_state(lao, transfer_id)).state == COMPLETED
+        assert (await final_state(kor, transfer_id)).state == COMPLETED
+        assert (await lao.held(), await kor.held()) == (400, 600)
+        assert sample(lao, "itmolink_deliveries_total", partner="KOR", outcome="ok") >= 1
