@@ -15,6 +15,7 @@ from itmolink.core.codes import RejectionCode
 from itmolink.node.config import ConfigError, load_config
 from itmolink.v1 import transfer_pb2
 
+from ..engine.test_one_round import _drop_trust
 from .conftest import (
     Registry,
     eventually,
@@ -24,7 +25,6 @@ from .conftest import (
     start_registry,
     stop_registry,
 )
-from ..engine.test_one_round import _drop_trust
 from .test_deliver_batch import sample
 from .test_transfer import COMPLETED, REJECTED, issued, settled, transfer
 
@@ -166,7 +166,8 @@ async def test_a_partner_that_cannot_read_the_proposal_leaves_it_waiting_then_co
             r.getMessage().startswith("ALARM") and transfer_id in r.getMessage()
             for r in caplog.records
         ) == 1  # fmt: skip
-        assert sent and all(at <= now for at, now in sent)
+        assert sent
+        assert all(at <= now for at, now in sent)
         await kor.node.db(kor.node.engine.reload_trust)  # pinned again
         assert (await final_state(lao, transfer_id)).state == COMPLETED
         assert (await final_state(kor, transfer_id)).state == COMPLETED
