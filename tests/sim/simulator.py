@@ -4,8 +4,12 @@ One host (LAO) and two acquiring parties (KOR, JPN) run the real protocol
 engine over in-memory SQLite ledgers; the host's transfers to KOR are one-round
 (complete_on_acceptance), those to JPN two-phase. A seeded scheduler picks every step:
 operator requests, outbox ticks, deliveries in any order, drops, duplicates,
-replays of old envelopes, partitions, clock skew, and crashes of either node
-at any point, including inside a transaction just before it commits. After
+replays of old envelopes, partitions, clock skew, crashes of either node at any
+point, including inside a transaction just before it commits, and trust churn (a
+buyer's operator unpins the host's keys for a while, so that buyer refuses the
+host's messages before looking them up, unrecorded). The engines allow a clock
+skew of 10 s (SIM_LIMITS), so proposals expire within a run: a one-round
+proposal is settled by the buyer's recorded 3011 or by its stored answer. After
 every step an auditor checks the invariants of the design; at the end the
 network heals and the queues drain, and both sides must agree on every
 transfer. Everything that varies comes from ``random.Random(seed)``, so a
@@ -29,7 +33,7 @@ from itmolink.core.transfer import Role, TransferState
 from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
 from itmolink.crypto.envelope import TrustStore
 from itmolink.crypto.keys import SigningKey
-from itmolink.node.engine import Engine, Partner, ReplyError
+from itmolink.node.engine import Engine, Limits, Partner, ReplyError
 from itmolink.store import SqliteStore
 
 HOST = "LAO"
@@ -39,6 +43,11 @@ BUYERS = ("KOR", "JPN")
 ONE_ROUND_BUYER = "KOR"
 PARTIES = (HOST, *BUYERS)
 EPOCH = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+# Clocks differ by less than 10 s (each node's skew is within ±5 s), and proposals
+# expire 5 to 120 s after they are made: with this skew they expire at the
+# receiver within a run, so its refusal of an expired proposal (3011) and the
+# sender's rule for unrecorded refusals of a one-round proposal (S5) are reached.
+SIM_LIMITS = Limits(max_clock_skew=dt.timedelta(seconds=10))
 ISSUED = 10_000
 
 # Signing keys are expensive to make and carry no randomness that matters to
@@ -63,6 +72,8 @@ class Packet:
     receiver: str
     message_id: str  # the request's outbox message id
     envelope: bytes
+    # When the sender sent this attempt, on its clock (handle_reply's sent_at).
+    sent_at: dt.datetime = EPOCH
 
 
 @dataclass
@@ -73,6 +84,9 @@ class SimNode:
     skew: dt.timedelta
     crash_armed: bool = False
     up: bool = True
+    # Its operator has unpinned the host's keys (trust churn): what the host
+    # signs fails verification here until they are pinned again.
+    distrusts_host: bool = False
 
 
 @dataclass
@@ -90,6 +104,8 @@ class Simulation:
     log: list[str] = field(default_factory=list)
     faults: Counter[str] = field(default_factory=Counter)
     incarnations: Counter[str] = field(default_factory=Counter)
+    # The buyers that unpinned the host's keys at some time during the run.
+    unpinned: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -120,6 +136,7 @@ class Simulation:
             store=store,
             default_timeout=dt.timedelta(seconds=30),
             new_id=lambda: f"{party}-{incarnation}-{next(counter)}",
+            limits=SIM_LIMITS,
         )
 
     def _crash_point(self, party: str) -> Callable[[], None]:
@@ -142,10 +159,12 @@ class Simulation:
     # -- running -------------------------------------------------------------------------
 
     def run(self) -> None:
-        # The engines log every time-out and refusal; thousands of seeds would
-        # drown the output (and slow the sweep), so quiet them while running.
+        # The engines log every time-out and refusal, and the faults raise ALARMs
+        # (a partner that cannot read a proposal, a refused completion); thousands
+        # of seeds would drown the output (and slow the sweep), so quiet them while
+        # running: the auditor is what judges a run.
         previous = logging.root.manager.disable
-        logging.disable(logging.WARNING)
+        logging.disable(logging.ERROR)
         try:
             self._run()
         except InvariantViolation:
@@ -187,8 +206,10 @@ class Simulation:
             self._arm_crash(self.rng.choice(PARTIES))
         elif r < 0.85:
             self._partition()
+        elif r < 0.88:
+            self._trust_churn(self.rng.choice(BUYERS))
         else:
-            self.now += dt.timedelta(seconds=self.rng.choice([0.1, 0.5, 1, 2, 5, 15, 40]))
+            self.now += dt.timedelta(seconds=self.rng.choice([0.1, 0.5, 1, 2, 5, 15, 40, 60]))
 
     def _alive(self, party: str) -> bool:
         return self.nodes[party].up
@@ -248,7 +269,7 @@ class Simulation:
         self._call(party, lambda: engine.query_pending_transfers(now))
         due = self._call(party, lambda: engine.due_messages(now)) or []
         for message_id, partner, envelope in due:  # type: ignore[attr-defined]
-            packet = Packet("request", party, partner, message_id, envelope)
+            packet = Packet("request", party, partner, message_id, envelope, now)
             self.network.append(packet)
             self.history.append(packet)
             # Until an answer arrives, the next attempt waits for the backoff.
@@ -271,7 +292,10 @@ class Simulation:
                 lambda: engine.handle_delivery(packet.sender, packet.envelope, now),
             )
             if isinstance(reply, bytes):
-                back = Packet("reply", packet.sender, packet.receiver, packet.message_id, reply)
+                back = Packet(
+                    "reply", packet.sender, packet.receiver, packet.message_id, reply,
+                    packet.sent_at,
+                )  # fmt: skip
                 self.network.append(back)
                 self.history.append(back)
         else:
@@ -280,10 +304,14 @@ class Simulation:
             engine = self.nodes[packet.sender].engine
             now = self.clock(packet.sender)
             try:
-                self._call(
+                applied = self._call(
                     packet.sender,
-                    lambda: engine.handle_reply(packet.message_id, packet.envelope, now),
+                    lambda: engine.handle_reply(
+                        packet.message_id, packet.envelope, now, sent_at=packet.sent_at
+                    ),
                 )
+                if applied is False:  # an unrecorded refusal that settles nothing (S5)
+                    self.faults["refusal kept as a failed attempt"] += 1
             except ReplyError as error:
                 self.note(f"{packet.sender} refused a reply: {error}")
 
@@ -308,6 +336,21 @@ class Simulation:
         self.faults["crash and restart"] += 1
         node.crash_armed = False
         node.engine = self._engine(party, node.store)
+        if node.distrusts_host:  # its trust store is configuration: it stays so
+            _unpin(node.engine, HOST)
+
+    def _trust_churn(self, buyer: str) -> None:
+        """The buyer's operator unpins the host's keys, or pins them again."""
+        node = self.nodes[buyer]
+        node.distrusts_host = not node.distrusts_host
+        if node.distrusts_host:
+            self.faults["trust dropped"] += 1
+            self.unpinned.add(buyer)
+            _unpin(node.engine, HOST)
+            self.note(f"{buyer} unpins {HOST}'s keys")
+        else:
+            self.note(f"{buyer} pins {HOST}'s keys again")
+            self._call(buyer, node.engine.reload_trust)
 
     def _arm_crash(self, party: str) -> None:
         self.nodes[party].crash_armed = True
@@ -325,6 +368,9 @@ class Simulation:
         self.partitioned.clear()
         for node in self.nodes.values():
             node.crash_armed = False
+            if node.distrusts_host:
+                node.distrusts_host = False
+                node.engine.reload_trust()
         for _ in range(400):
             self.now += dt.timedelta(seconds=31)
             for party in PARTIES:
@@ -368,10 +414,26 @@ class Simulation:
                     )
             finally:
                 store.before_commit = self._crash_point(party)
-        check_invariants(self.seed, views, final=final)
+        check_invariants(self.seed, views, final=final, unpinned=frozenset(self.unpinned))
 
 
-def check_invariants(seed: int, views: dict[str, tuple], *, final: bool) -> None:  # type: ignore[type-arg]
+def _unpin(engine: Engine, party: str) -> None:
+    """Drop ``party``'s keys from ``engine``'s trust store (until ``reload_trust``)."""
+    trust = TrustStore(k for k in engine.trust.all() if k.party != party)
+    for key_id, since in engine.trust.revocations().items():
+        trust.revoke(key_id, since)
+    engine.trust = trust
+
+
+def check_invariants(
+    seed: int,
+    views: dict[str, tuple],  # type: ignore[type-arg]
+    *,
+    final: bool,
+    unpinned: frozenset[str] = frozenset(),
+) -> None:
+    """``unpinned``: the buyers that unpinned the host's keys at some time (trust churn)."""
+
     def fail(text: str) -> None:
         raise InvariantViolation(f"seed {seed}: {text}")
 
@@ -454,7 +516,14 @@ def check_invariants(seed: int, views: dict[str, tuple], *, final: bool) -> None
                 if moved != (theirs is not None and theirs.state is TransferState.COMPLETED):
                     fail(f"{transfer_id}: {HOST} {ours.state.name}, {buyer} "
                          f"{theirs.state.name if theirs else 'unknown'} after healing")  # fmt: skip
-                if theirs is None:
+                if theirs is None and not (
+                    buyer in unpinned
+                    and not ours.complete_on_acceptance
+                    and ours.state in (TransferState.REJECTED, TransferState.VOIDED)
+                ):
+                    # (A buyer that unpinned the host's keys for a while refused a
+                    # two-phase proposal, or its void, before recording it: such a
+                    # refusal settles it at the host, and the buyer keeps no record.)
                     fail(f"{buyer} never heard of {transfer_id} after healing")
                 if ours.state is TransferState.PROPOSED:
                     fail(f"{transfer_id} still PROPOSED at {HOST} after healing")
