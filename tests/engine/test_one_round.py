@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
 import logging
 
 import pytest
@@ -18,8 +19,13 @@ from itmolink.core.transfer import TransferState
 from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
 from itmolink.crypto.envelope import TrustStore, open_envelope, seal
 from itmolink.node.convert import to_us
-from itmolink.node.engine import Engine, ReplyError
+from itmolink.node.engine import Engine, Partner, ReplyError
+from itmolink.node.operations import BatchItemRequest
 from itmolink.node.requests import Requests
+from itmolink.store import open_store
+from itmolink.store import postgres as postgres_module
+from itmolink.store import sqlite as sqlite_module
+from itmolink.store.migrate import latest_version, migrations
 from itmolink.v1 import reply_pb2, transfer_pb2
 
 from ..conftest import Databases
@@ -30,6 +36,7 @@ from .test_onward import pump as pump_three
 
 COMPLETION = "itmolink.v1.TransferCompletion"
 PROPOSAL = "itmolink.v1.TransferProposal"
+BATCH = "itmolink.v1.TransferBatchProposal"
 SKEW = dt.timedelta(minutes=5)  # Limits.max_clock_skew, the default
 
 
@@ -522,6 +529,136 @@ def test_a_recorded_rejection_settles_a_proposal_that_asked_at_once(one_round: P
     assert state(pair.kor, transfer_id) is TransferState.REJECTED  # R2, nothing credited
     assert state(pair.lao, transfer_id) is TransferState.REJECTED
     assert (reserved(pair.lao), held(pair.lao), held(pair.kor)) == (0, 1_000, 0)
+
+
+# -- what the one-round setting leaves alone: batches, older ledgers, older receivers --
+
+
+def test_a_batch_to_a_partner_asked_one_round_carries_no_flag_and_is_voided_on_time_out(
+    one_round: Pair,
+) -> None:
+    """Batches get no flag (TransferBatchProposal has no such field): a batch
+    proposed to a partner configured one-round is an ordinary two-phase batch, its
+    transfers recorded without the flag on both sides and voided on the sender's
+    time-out when the acceptance is lost."""
+    assert (
+        "complete_on_acceptance" not in transfer_pb2.TransferBatchProposal.DESCRIPTOR.fields_by_name
+    )
+    pair = one_round
+    authorisation_id = issued(pair)
+    _, ids = pair.lao.start_transfer_batch(
+        to_party="KOR", items=[BatchItemRequest(authorisation_id, 2025, q) for q in (10, 20)],
+        now=pair.now, timeout=dt.timedelta(seconds=30),
+    )  # fmt: skip
+    [(_, _, envelope)] = pair.lao.due_messages(pair.now)
+    assert open_envelope(envelope, pair.kor.trust).payload_type == BATCH
+    pair.kor.handle_delivery("LAO", envelope, pair.now)  # accepted, but the reply is lost
+    for engine in (pair.lao, pair.kor):
+        with engine.store.transaction() as tx:
+            records = [tx.transfer_get(t) for t in ids]
+        assert [r is not None and r.complete_on_acceptance for r in records] == [False, False]
+    assert [state(pair.kor, t) for t in ids] == [TransferState.ACCEPTED] * 2
+    pair.advance(31)
+    assert sorted(pair.lao.expire_transfers(pair.now)) == sorted(ids)
+    pair.pump()
+    for engine in (pair.lao, pair.kor):
+        assert [state(engine, t) for t in ids] == [TransferState.VOIDED] * 2
+    assert (held(pair.lao), held(pair.kor), reserved(pair.lao)) == (1_000, 0, 0)
+
+
+def test_a_transfer_proposed_under_schema_8_is_still_timed_out_after_migration_0009(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ledger of schema version 8, from before the one-round transfer, with a
+    PROPOSED transfer (blocks reserved, proposal in the outbox): opening it runs
+    migration 0009, the transfer reads as two-phase and is voided on its time-out
+    as it would have been."""
+    transfer_id = transfer(pair)
+    store = pair.lao.store
+    database = getattr(store, "url", None) or store.path  # type: ignore[attr-defined]
+    with store.transaction() as tx:  # back to what schema version 8 wrote
+        tx._exec("ALTER TABLE transfers DROP COLUMN complete_on_acceptance")
+        tx._exec("DELETE FROM schema_migrations WHERE version = 9")
+    store.close()
+    with monkeypatch.context() as patch:  # a node of schema version 8 opens it
+        patch.setattr(sqlite_module, "migrations", lambda: migrations()[:8])
+        patch.setattr(postgres_module, "migrations", lambda: migrations()[:8])
+        old = open_store(database, party="LAO", registry="LAO-NR")
+        assert old.schema_version() == 8
+        with old.transaction() as tx:
+            [(proposed,)] = tx._exec(
+                "SELECT state FROM transfers WHERE transfer_id = ?", (transfer_id,)
+            )
+        assert proposed == int(TransferState.PROPOSED)
+        old.close()
+    upgraded = open_store(database, party="LAO", registry="LAO-NR")
+    assert upgraded.schema_version() == latest_version() >= 9
+    counter = itertools.count(1)
+    pair.lao = Engine(
+        party="LAO", registry="LAO-NR", signing_key=pair.keys["LAO"],
+        trust=TrustStore([pair.keys["KOR"].verifying_key()]),
+        partners=[Partner("KOR", "KOR-NR", "in-memory", complete_on_acceptance=True)],
+        store=upgraded, default_timeout=dt.timedelta(seconds=60),
+        new_id=lambda: f"LAO-upgraded-{next(counter)}",
+    )  # fmt: skip
+    with upgraded.transaction() as tx:
+        record = tx.transfer_get(transfer_id)
+    assert record is not None
+    assert (record.state, record.complete_on_acceptance) == (TransferState.PROPOSED, False)
+    pair.advance(61)
+    assert pair.lao.expire_transfers(pair.now) == [transfer_id]  # even though KOR is one-round now
+    pair.pump()
+    assert state(pair.lao, transfer_id) is TransferState.VOIDED
+    assert (reserved(pair.lao), held(pair.lao)) == (0, 1_000)
+    assert outbox_count(pair.lao, "itmolink.v1.TransferVoid", transfer_id) == 1
+
+
+def test_an_older_receivers_acceptance_lost_past_expires_at_is_waited_for(
+    one_round: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receiver on an older build accepts the proposal that asked as an ordinary
+    one; the acceptance is lost and the link stays down past expires_at. The sender
+    does not void (the proposal asked, S4); the receiver's status query is answered
+    PROPOSED, so it keeps the transfer ACCEPTED; once the link heals the proposal's
+    retry gets the stored acceptance, and the completion completes both sides."""
+    pair = one_round
+
+    def as_an_older_build(
+        tx: object, sender: str, msg: transfer_pb2.TransferProposal, payload: bytes,
+        blocks: object, journal_id: int, now_us: int,
+    ) -> bytes:  # fmt: skip
+        msg.complete_on_acceptance = False  # unknown to it: never read
+        return Requests._on_proposal(pair.kor, tx, sender, msg, payload, journal_id, now_us)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pair.kor, "_accept_completed", as_an_older_build)
+    transfer_id = transfer(pair)
+    _, envelope = the_proposal(pair)
+    pair.kor.handle_delivery("LAO", envelope, pair.now)  # an ordinary acceptance, lost
+    assert state(pair.kor, transfer_id) is TransferState.ACCEPTED
+    pair.network = lambda sender, receiver, envelope: None  # the link is down
+    pair.advance(3_600)  # far past expires_at
+    assert pair.lao.expire_transfers(pair.now) == []
+    pair.pump()
+    assert state(pair.lao, transfer_id) is TransferState.PROPOSED
+    # KOR asked LAO about it (its status query, lost so far; delivered by hand once
+    # the link works): PROPOSED.
+    pair.advance(60)
+    [(query_id, _, query)] = pair.kor.due_messages(pair.now)
+    assert open_envelope(query, pair.lao.trust).payload_type == "itmolink.v1.TransferStatusQuery"
+    report_envelope = pair.lao.handle_delivery("KOR", query, pair.now)
+    report = parse(pair.kor, report_envelope)
+    assert isinstance(report, transfer_pb2.TransferStatusReport)
+    assert report.state == transfer_pb2.TRANSFER_STATE_PROPOSED
+    pair.kor.handle_reply(query_id, report_envelope, pair.now)
+    assert state(pair.kor, transfer_id) is TransferState.ACCEPTED  # still waiting
+    pair.network = lambda sender, receiver, envelope: envelope  # healed
+    pair.advance(3_600)
+    pair.pump()
+    assert state(pair.lao, transfer_id) is state(pair.kor, transfer_id) is TransferState.COMPLETED
+    assert outbox_count(pair.lao, COMPLETION, transfer_id) == 1  # two-phase to its end
+    assert ledger(pair.lao) == [(transfer_id, 2025, 600)]
+    assert ledger(pair.kor) == [(transfer_id, 2025, -600)]
+    assert (held(pair.lao), held(pair.kor), reserved(pair.lao)) == (400, 600, 0)
 
 
 # -- S6: an acceptance the sender cannot apply ----------------------------------------
