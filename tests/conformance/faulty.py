@@ -63,6 +63,9 @@ class Variant:
     patch: Callable[[Node], None]
     # (object, attribute, replacement factory taking the original) for core rules.
     core_patches: tuple[tuple[Any, str, Callable[[Any], Any]], ...] = field(default=())
+    # Whether the node asks the kit to complete on acceptance (PROTOCOL §6.11), and the
+    # kit expects it to: for a sender's fault in the one-round transfer.
+    one_round: bool = False
 
 
 def _swap(node: Node, cls: type[Engine]) -> None:

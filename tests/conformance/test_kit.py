@@ -20,10 +20,15 @@ from itmolink.v1 import partner_service_pb2_grpc, reply_pb2
 from tests.conformance.faulty import VARIANTS, Variant, _RewritesReplies, _swap
 from tests.conformance.harness import ITMOLINK, prepare, start_target
 
+# A target asks a partner to complete on acceptance always or never (PROTOCOL §6.11 S1):
+# role host runs once each way (3.04 and 3.08 check either).
+RUNS = {"host": ("host", False), "host-one-round": ("host", True), "buyer": ("buyer", False)}
 
-@pytest.mark.parametrize("role", ["host", "buyer"])
-async def test_our_node_conforms_in_both_roles(tmp_path: Path, role: str) -> None:
-    setup = prepare(tmp_path)
+
+@pytest.mark.parametrize("run", list(RUNS))
+async def test_our_node_conforms_in_both_roles(tmp_path: Path, run: str) -> None:
+    role, one_round = RUNS[run]
+    setup = prepare(tmp_path, one_round=one_round)
     node = await start_target(setup)
     junit, report = tmp_path / "junit.xml", tmp_path / "report.md"
     try:
@@ -54,7 +59,7 @@ async def test_our_node_conforms_in_both_roles(tmp_path: Path, role: str) -> Non
 async def test_the_kit_catches_each_faulty_variant(
     tmp_path: Path, variant: Variant, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    setup = prepare(tmp_path, act_within=8.0)
+    setup = prepare(tmp_path, act_within=8.0, one_round=variant.one_round)
     for owner, attribute, make in variant.core_patches:
         monkeypatch.setattr(owner, attribute, make(getattr(owner, attribute)))
     node = await start_target(setup, variant.patch)
