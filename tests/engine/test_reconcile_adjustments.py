@@ -464,6 +464,14 @@ async def test_a_ledger_of_schema_6_is_sealed_again_and_its_double_booking_is_fo
             keys=keys,
         )
         assert old.lao.store.schema_version() == 6
+        # The code running them writes a column of version 9 (the one-round flag): it
+        # is added here and dropped below, before the upgrade, as version 6 had none.
+        for engine in (old.lao, old.kor):
+            with engine.store.transaction() as tx:
+                tx._exec(
+                    "ALTER TABLE transfers ADD COLUMN complete_on_acceptance "
+                    "INTEGER NOT NULL DEFAULT 0"
+                )
         _, plain = issue_and_transfer(
             old, authorise(old, [Purpose.NDC], FirstTransferDefinition.UNSPECIFIED)
         )
@@ -496,6 +504,9 @@ async def test_a_ledger_of_schema_6_is_sealed_again_and_its_double_booking_is_fo
         report = await reconcile(old, "LAO", "KOR")  # and its leaves agreed on it
         assert report.discrepancies == []
         now = old.now
+        for engine in (old.lao, old.kor):
+            with engine.store.transaction() as tx:
+                tx._exec("ALTER TABLE transfers DROP COLUMN complete_on_acceptance")
         old.lao.store.close()
         old.kor.store.close()
     caplog.clear()

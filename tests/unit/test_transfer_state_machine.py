@@ -18,9 +18,17 @@ EXPECTED: dict[tuple[Role, TransferState, Event], Step] = {
     (S, T.PROPOSED, Event.ACCEPTANCE_RECEIVED): Step(
         T.COMPLETED, (E.DEBIT_RESERVED_BLOCKS, E.APPLY_ADJUSTMENT, E.SEND_COMPLETION)
     ),
+    # One-round transfer: the receiver completed on acceptance; no completion to send.
+    (S, T.PROPOSED, Event.COMPLETED_ACCEPTANCE_RECEIVED): Step(
+        T.COMPLETED, (E.DEBIT_RESERVED_BLOCKS, E.APPLY_ADJUSTMENT)
+    ),
     (S, T.PROPOSED, Event.REJECTION_RECEIVED): Step(T.REJECTED, (E.RELEASE_RESERVED_BLOCKS,)),
     (S, T.PROPOSED, Event.TIMED_OUT): Step(T.VOIDED, (E.RELEASE_RESERVED_BLOCKS, E.SEND_VOID)),
     (R, T.ACCEPTED, Event.COMPLETION_RECEIVED): Step(
+        T.COMPLETED, (E.CREDIT_BLOCKS, E.APPLY_ADJUSTMENT)
+    ),
+    # One-round transfer: the receiver completes in the transaction that accepts.
+    (R, T.ACCEPTED, Event.ACCEPTED_TO_COMPLETE): Step(
         T.COMPLETED, (E.CREDIT_BLOCKS, E.APPLY_ADJUSTMENT)
     ),
     (R, T.ACCEPTED, Event.VOID_RECEIVED): Step(T.VOIDED, ()),
@@ -114,12 +122,32 @@ def test_sender_releases_its_reservation_whenever_it_does_not_debit() -> None:
 def test_events_belong_to_one_role() -> None:
     sender_events = {event for role, _, event in TRANSITIONS if role is S}
     receiver_events = {event for role, _, event in TRANSITIONS if role is R}
-    assert sender_events == {Event.ACCEPTANCE_RECEIVED, Event.REJECTION_RECEIVED, Event.TIMED_OUT}
+    assert sender_events == {
+        Event.ACCEPTANCE_RECEIVED,
+        Event.COMPLETED_ACCEPTANCE_RECEIVED,
+        Event.REJECTION_RECEIVED,
+        Event.TIMED_OUT,
+    }
     assert receiver_events == {
         Event.COMPLETION_RECEIVED,
+        Event.ACCEPTED_TO_COMPLETE,
         Event.VOID_RECEIVED,
         Event.ABANDONMENT_REPORTED,
     }
+
+
+def test_the_one_round_steps_are_the_two_phase_completions_without_a_completion_sent() -> None:
+    """The one-round transfer changes no effect: the sender's step is its acceptance
+    step less SEND_COMPLETION, the receiver's is its completion step."""
+    two_phase = TRANSITIONS[(S, T.PROPOSED, Event.ACCEPTANCE_RECEIVED)]
+    one_round = TRANSITIONS[(S, T.PROPOSED, Event.COMPLETED_ACCEPTANCE_RECEIVED)]
+    assert one_round == Step(
+        two_phase.state, tuple(e for e in two_phase.effects if e is not E.SEND_COMPLETION)
+    )
+    assert (
+        TRANSITIONS[(R, T.ACCEPTED, Event.ACCEPTED_TO_COMPLETE)]
+        == TRANSITIONS[(R, T.ACCEPTED, Event.COMPLETION_RECEIVED)]
+    )
 
 
 def test_no_transition_repeats_an_effect() -> None:

@@ -6,6 +6,13 @@ one step and tells the receiver so (completion); without an acceptance before
 the time-out it voids. The receiver accepts or rejects a proposal, and credits
 the blocks and applies its own adjustment only on the sender's completion.
 
+One-round transfer (the proposal asks ``complete_on_acceptance``, docs/DESIGN.md):
+the receiver completes in the step that accepts, and its acceptance says so; the
+sender then completes on that acceptance without sending a completion, and never
+voids such a transfer on its own clock (it waits for an answer). The receiver
+records the acceptance and takes the completion step in one transaction, so its
+ACCEPTED state is never seen outside it.
+
 ``step`` maps (role, state, event) to the next state and the effects the node
 must carry out, all of them in the database transaction that records the
 event. Any other combination is a protocol violation and raises.
@@ -45,9 +52,13 @@ class Event(enum.Enum):
     ACCEPTANCE_RECEIVED = "acceptance received"
     REJECTION_RECEIVED = "rejection received"
     TIMED_OUT = "timed out"
+    # An acceptance that says the receiver completed already (one-round transfer).
+    COMPLETED_ACCEPTANCE_RECEIVED = "acceptance received, completed by the receiver"
     # Receiver side.
     COMPLETION_RECEIVED = "completion received"
     VOID_RECEIVED = "void received"
+    # The receiver accepts a proposal that asks it to complete on acceptance.
+    ACCEPTED_TO_COMPLETE = "accepted a proposal that asks to complete on acceptance"
     # The sender answered a status query: it voided, rejected or never knew the
     # transfer, so it will never send a completion.
     ABANDONMENT_REPORTED = "sender reported it will not complete"
@@ -78,9 +89,18 @@ TRANSITIONS: dict[tuple[Role, TransferState, Event], Step] = {
     (_S, _T.PROPOSED, Event.ACCEPTANCE_RECEIVED): Step(
         _T.COMPLETED, (_E.DEBIT_RESERVED_BLOCKS, _E.APPLY_ADJUSTMENT, _E.SEND_COMPLETION)
     ),
+    # One-round: the receiver completed when it accepted; no completion is sent.
+    (_S, _T.PROPOSED, Event.COMPLETED_ACCEPTANCE_RECEIVED): Step(
+        _T.COMPLETED, (_E.DEBIT_RESERVED_BLOCKS, _E.APPLY_ADJUSTMENT)
+    ),
     (_S, _T.PROPOSED, Event.REJECTION_RECEIVED): Step(_T.REJECTED, (_E.RELEASE_RESERVED_BLOCKS,)),
     (_S, _T.PROPOSED, Event.TIMED_OUT): Step(_T.VOIDED, (_E.RELEASE_RESERVED_BLOCKS, _E.SEND_VOID)),
     (_R, _T.ACCEPTED, Event.COMPLETION_RECEIVED): Step(
+        _T.COMPLETED, (_E.CREDIT_BLOCKS, _E.APPLY_ADJUSTMENT)
+    ),
+    # One-round: in the transaction that records the acceptance, the effects of a
+    # completion (the same as COMPLETION_RECEIVED's).
+    (_R, _T.ACCEPTED, Event.ACCEPTED_TO_COMPLETE): Step(
         _T.COMPLETED, (_E.CREDIT_BLOCKS, _E.APPLY_ADJUSTMENT)
     ),
     (_R, _T.ACCEPTED, Event.VOID_RECEIVED): Step(_T.VOIDED, ()),

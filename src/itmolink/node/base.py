@@ -17,7 +17,9 @@ evidence it received (journal):
 The corresponding adjustment of a transfer is written only by
 ``Replies._accepted`` (sender) and ``Requests._on_completion`` (receiver), each
 in the transaction that journals the partner's signed acknowledgement; the
-adjustment row references that journal entry.
+adjustment row references that journal entry. In a one-round transfer the
+receiver writes its adjustment in ``Requests._on_proposal``, referencing the
+journal entry of the sender's signed proposal that asked for it.
 """
 
 from __future__ import annotations
@@ -249,6 +251,9 @@ class Partner:
     party: str
     registry: str
     endpoint: str
+    # Ask this partner to complete each transfer proposed alone on acceptance (the
+    # one-round transfer, docs/DESIGN.md): node.toml [[partners]] complete_on_acceptance.
+    complete_on_acceptance: bool = False
 
 
 class ReplyError(Exception):
@@ -979,9 +984,11 @@ class EngineBase:
         expires_us: int,
         now_us: int,
         batch_id: str = "",
+        complete_on_acceptance: bool = False,
     ) -> None:
         """Record proposed transfers, each PROPOSED with the digest of the proposal
-        (or batch proposal) that carries it."""
+        (or batch proposal) that carries it, and whether it asked the receiver to
+        complete on acceptance."""
         proposal_digest = digest(payload)
         tx.transfers_put(
             [
@@ -991,6 +998,7 @@ class EngineBase:
                     authorisation_id=item.authorisation_id, first_transfer=item.first_transfer,
                     proposal_message_id=message_id, proposal_digest=proposal_digest,
                     expires_at=expires_us, blocks=item.blocks, batch_id=batch_id,
+                    complete_on_acceptance=complete_on_acceptance,
                 )
                 for item in items
             ],
@@ -1016,7 +1024,11 @@ class EngineBase:
         self, tx: Tx, to_party: str, item: Outgoing, *, now_us: int, expires_us: int
     ) -> str:
         """Persist the proposal of one transfer whose blocks are reserved, and record
-        the transfer as PROPOSED."""
+        the transfer as PROPOSED. It asks the receiver to complete on acceptance if
+        this node is configured so for the partner (one-round transfer, recorded with
+        the transfer: the proposal's flag is what counts when the answer comes)."""
+        partner = self.partners.get(to_party)
+        one_round = partner is not None and partner.complete_on_acceptance
         proposal = TransferProposal(
             transfer_id=item.transfer_id,
             authorisation_id=item.authorisation_id,
@@ -1025,14 +1037,16 @@ class EngineBase:
             first_transfer=item.first_transfer,
             expires_at=timestamp(expires_us),
             authorisation_evidence=item.evidence,
+            complete_on_acceptance=one_round,
         )
         payload = self._send(tx, to_party, proposal, item.transfer_id, now_us)
         self._record_outgoing(
             tx, to_party, [item], message_id=proposal.header.message_id, payload=payload,
-            expires_us=expires_us, now_us=now_us,
+            expires_us=expires_us, now_us=now_us, complete_on_acceptance=one_round,
         )  # fmt: skip
         log.info(
-            "transfer %s proposed: %d tCO2e to %s", item.transfer_id, item.quantity, to_party,
+            "transfer %s proposed%s: %d tCO2e to %s", item.transfer_id,
+            " (one round)" if one_round else "", item.quantity, to_party,
             extra={"transfer_id": item.transfer_id, "partner": to_party},
         )  # fmt: skip
         return item.transfer_id

@@ -96,7 +96,9 @@ def _checks(config: NodeConfig, now: dt.datetime) -> Iterator[Check]:
     for partner in config.partners:
         yield _run(
             f"partner {partner.card.party}",
-            lambda partner=partner: _partner(partner.card, partner.endpoint, now),  # type: ignore[misc]
+            lambda partner=partner: _partner(  # type: ignore[misc]
+                partner.card, partner.endpoint, now, partner.complete_on_acceptance
+            ),
         )
     yield _run("partner_listen", lambda: _listen(config.partner_listen))
     yield _run("admin_listen", lambda: _admin(config.admin_listen))
@@ -180,7 +182,9 @@ def _signing_key(config: NodeConfig) -> str:
     return f"{key.key_id}, listed in the partner card"
 
 
-def _partner(card: PartnerCard, endpoint: str, now: dt.datetime) -> str:
+def _partner(
+    card: PartnerCard, endpoint: str, now: dt.datetime, complete_on_acceptance: bool = False
+) -> str:
     ca = x509.load_pem_x509_certificate(card.ca_certificate_pem)
     if not ca.not_valid_before_utc <= now <= ca.not_valid_after_utc:
         raise _Failed(f"the CA certificate of {card.party} is not valid now")
@@ -193,7 +197,9 @@ def _partner(card: PartnerCard, endpoint: str, now: dt.datetime) -> str:
     return (
         f"card of {card.party}/{card.registry} parses, keys "
         f"{', '.join(k.key_id for k in card.signing_keys)}; endpoint {endpoint}"
-    )
+        + ("; transfers proposed one-round (complete_on_acceptance)" if complete_on_acceptance
+           else "")
+    )  # fmt: skip
 
 
 def _listen(value: str) -> str:

@@ -22,6 +22,9 @@ it: libpq reads one from ``passfile=`` or ``PGPASSFILE`` (docs/POSTGRES.md)::
     [[partners]]
     card = "../kor/pki/card.toml"        # the partner's public card
     endpoint = "127.0.0.1:50052"         # the partner's partner_listen address
+    complete_on_acceptance = false       # optional: true asks the partner to complete each
+                                         # transfer when it accepts (one round trip); a
+                                         # transfer proposed so is never voided on time-out
 
     [accounting]                         # optional: how this party accounts for adjustments
     method = "averaging"                 # or "multi-year-trajectory", "multi-year-budget"
@@ -73,6 +76,11 @@ class ConfigError(ValueError):
 class PartnerConfig:
     card: PartnerCard
     endpoint: str
+    # Propose each transfer to this partner asking it to complete on acceptance.
+    complete_on_acceptance: bool = False
+
+
+_PARTNER_FIELDS = frozenset({"card", "endpoint", "complete_on_acceptance"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +193,16 @@ def load_config(path: Path | str) -> NodeConfig:
     partners = []
     for index, entry in enumerate(data.get("partners", [])):
         where = path.with_name(f"{path.name} [[partners]] #{index + 1}")
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: [[partners]] must be an array of tables")
+        unknown_partner = set(entry) - _PARTNER_FIELDS
+        if unknown_partner:
+            raise ConfigError(f"{where}: unknown field(s): {', '.join(sorted(unknown_partner))}")
+        one_round = entry.get("complete_on_acceptance", False)
+        if not isinstance(one_round, bool):
+            raise ConfigError(
+                f"{where}: field 'complete_on_acceptance' must be true or false, not {one_round!r}"
+            )
         card_path = base / _field(entry, "card", str, where)
         try:
             card = PartnerCard.load(card_path)
@@ -192,7 +210,12 @@ def load_config(path: Path | str) -> NodeConfig:
             raise ConfigError(f"{where}: {exc}") from None
         if card.party == party:
             raise ConfigError(f"{where}: the card is this node's own party {party}")
-        partners.append(PartnerConfig(card=card, endpoint=_field(entry, "endpoint", str, where)))
+        partners.append(
+            PartnerConfig(
+                card=card, endpoint=_field(entry, "endpoint", str, where),
+                complete_on_acceptance=one_round,
+            )
+        )  # fmt: skip
     parties = [p.card.party for p in partners]
     if len(set(parties)) != len(parties):
         raise ConfigError(f"{path}: a partner is listed twice in [[partners]]: {sorted(parties)}")

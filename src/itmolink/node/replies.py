@@ -34,9 +34,11 @@ from itmolink.node.base import (
     _rejection_reasons,
     digest,
     log,
+    retry_delay_us,
     type_name,
 )
 from itmolink.node.convert import (
+    from_us,
     to_us,
 )
 from itmolink.store.tx import NewAction, TransferRecord, Tx
@@ -66,6 +68,16 @@ class Replies(EngineBase):
                 tx, request.partner, request.payload_type, request.envelope, message_id, raw,
                 now_us,
             )  # fmt: skip
+            retry = self._refusal_to_retry(
+                tx, request.payload_type, request.subject_id, reply, now_us
+            )
+            if retry is not None:
+                # S5: not an answer yet; the same proposal is delivered again later.
+                tx.outbox_retry_later(
+                    message_id, next_attempt_at=now_us + retry_delay_us(request.attempts),
+                    error=retry,
+                )  # fmt: skip
+                return
             tx.outbox_answered(message_id, journal_id)
             if isinstance(reply, Rejection):
                 code, detail = _rejection_reasons(reply)
@@ -94,6 +106,45 @@ class Replies(EngineBase):
                 now_us,
                 request.envelope,
             )
+
+    def _refusal_to_retry(
+        self, tx: Tx, request_type: str, transfer_id: str, reply: Message, now_us: int
+    ) -> str | None:
+        """S5 of the one-round transfer: a Rejection the receiver did not record
+        (sequence 0) of a proposal that asked it to complete on acceptance settles
+        nothing before ``expires_at + 2 × max_clock_skew`` on this node's clock. The
+        receiver evaluates the same bytes again on each delivery and would complete a
+        replay that passes before the proposal expires on its clock (at the latest
+        ``expires_at + max_clock_skew`` on it, ``+ 2 × max_clock_skew`` on ours):
+        releasing the blocks before then could leave the receiver's credit without
+        our debit. A failed attempt, retried with the usual backoff: returns why (the
+        outbox's last error), or None for a reply to apply."""
+        if (
+            request_type != type_name(TransferProposal)
+            or not isinstance(reply, Rejection)
+            or reply.header.sequence != 0
+        ):
+            return None
+        record = tx.transfer_get(transfer_id)
+        if (
+            record is None
+            or not record.complete_on_acceptance
+            or record.state is not TransferState.PROPOSED
+        ):
+            return None
+        skew = self.limits.max_clock_skew // dt.timedelta(microseconds=1)
+        if now_us >= record.expires_at + 2 * skew:
+            return None
+        code, detail = _rejection_reasons(reply)
+        log.warning(
+            "%s refused transfer %s without recording it (%s %s); it asked to complete on "
+            "acceptance, so the proposal stands until %s: delivering it again",
+            record.partner, transfer_id, wire_name_of(code), detail,
+            from_us(record.expires_at + 2 * skew).isoformat(),
+            extra={"transfer_id": transfer_id, "partner": record.partner,
+                   "code": wire_name_of(code)},
+        )  # fmt: skip
+        return f"unrecorded rejection {wire_name_of(code)}: {detail}"
 
     def _apply_reply(
         self,
@@ -275,7 +326,43 @@ class Replies(EngineBase):
                 RejectionCode.DIGEST_MISMATCH,
                 f"acceptance from {partner} does not match proposal of transfer {transfer_id}",
             )
+        if acceptance.completed and not record.complete_on_acceptance:
+            # S6: the partner claims to have credited units this node never let go.
+            log.error(
+                "ALARM: %s says it completed transfer %s on acceptance, which its proposal "
+                "did not ask: the acceptance is not applied; reconcile with the partner",
+                partner, transfer_id,
+                extra={"transfer_id": transfer_id, "partner": partner},
+            )  # fmt: skip
+            raise ReplyError(
+                RejectionCode.UNEXPECTED_REPLY,
+                f"acceptance from {partner} says transfer {transfer_id} completed, but its "
+                "proposal did not ask to complete on acceptance",
+            )
+        if not acceptance.completed and acceptance.adjustment_year:
+            raise ReplyError(
+                RejectionCode.UNEXPECTED_REPLY,
+                f"acceptance from {partner} of transfer {transfer_id} gives an adjustment "
+                f"year ({acceptance.adjustment_year}) but does not say it completed",
+            )
         acceptance_digest = digest(acceptance_payload)
+        if acceptance.completed:
+            # S2, the one-round transfer: the receiver completed when it accepted; the
+            # same step as below, and no completion to send.
+            if record.state is not TransferState.PROPOSED:
+                log.error(
+                    "ALARM: %s completed transfer %s on acceptance, but it is %s here; "
+                    "reconcile with the partner",
+                    partner, transfer_id, record.state.name,
+                    extra={"transfer_id": transfer_id, "partner": partner},
+                )  # fmt: skip
+            self._complete_outgoing_many(
+                tx, [record], acceptance_digest, journal_id, now_us,
+                event=Event.COMPLETED_ACCEPTANCE_RECEIVED,
+            )  # fmt: skip
+            return
+        # S3: an ordinary acceptance (also of a proposal that asked: the receiver chose
+        # the two-phase flow, or does not know the one-round transfer).
         year = self._complete_outgoing(tx, record, acceptance_digest, journal_id, now_us)
         if year is not None:
             completion = TransferCompletion(
@@ -303,18 +390,22 @@ class Replies(EngineBase):
         acceptance_digest: bytes,
         journal_id: int,
         now_us: int,
+        *,
+        event: Event = Event.ACCEPTANCE_RECEIVED,
     ) -> dict[str, int]:
         """The sender's completion step for accepted transfers (one proposed alone, or
         the accepted items of a batch), in the transaction that journals the
         acceptance: debit the reserved blocks, book +CA, record the AEF actions,
         COMPLETED. Returns the year of each one's adjustment, for the completion to
         send; a transfer no longer PROPOSED here (voided by its time-out before the
-        acceptance arrived) is left out and nothing is applied to it."""
+        acceptance arrived) is left out and nothing is applied to it. ``event``
+        COMPLETED_ACCEPTANCE_RECEIVED: the receiver completed on acceptance (one-round
+        transfer), the same step with no completion to send."""
         live: list[TransferRecord] = []
         transition = None
         for record in records:
             try:
-                transition = step(Role.SENDER, record.state, Event.ACCEPTANCE_RECEIVED)
+                transition = step(Role.SENDER, record.state, event)
             except Rejected:
                 # Voided on our clock before the acceptance arrived: the void we sent
                 # tells the receiver; nothing is applied here.
@@ -326,7 +417,9 @@ class Replies(EngineBase):
             live.append(record)
         if transition is None or not live:
             return {}
-        assert Effect.SEND_COMPLETION in transition.effects
+        assert (Effect.SEND_COMPLETION in transition.effects) is (
+            event is Event.ACCEPTANCE_RECEIVED
+        )
         ids = [record.transfer_id for record in live]
         blocks = tx.blocks_of_transfers(ids)
         years = self._apply_many(

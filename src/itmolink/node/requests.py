@@ -396,6 +396,7 @@ class Requests(EngineBase):
         rejected: Rejected | None = None,
     ) -> NewTransfer:
         """An incoming transfer as recorded here, proposed alone or in a batch."""
+        asked = isinstance(item, TransferProposal) and item.complete_on_acceptance
         return NewTransfer(
             transfer_id=item.transfer_id, direction=Role.RECEIVER, partner=sender, state=state,
             quantity=item.quantity, authorisation_id=item.authorisation_id,
@@ -404,6 +405,7 @@ class Requests(EngineBase):
             expires_at=expires_at, blocks=blocks, proposed_at=timestamp_us(msg.header.sent_at),
             rejection_code=0 if rejected is None else int(rejected.code),
             rejection_detail="" if rejected is None else rejected.detail, batch_id=batch_id,
+            complete_on_acceptance=asked,
         )  # fmt: skip
 
     def _on_authorisation(
@@ -594,6 +596,8 @@ class Requests(EngineBase):
         self._check_expiry(msg, f"proposal {msg.transfer_id}", now_us)
         self._check_unknown_id(tx, msg.transfer_id)
         blocks = self._check_incoming(tx, sender, msg, now_us)
+        if msg.complete_on_acceptance:
+            return self._accept_completed(tx, sender, msg, payload, blocks, journal_id, now_us)
         acceptance = TransferAcceptance(
             transfer_id=msg.transfer_id, proposal_digest=digest(payload)
         )
@@ -611,6 +615,55 @@ class Requests(EngineBase):
             ],
             now=now_us,
         )  # fmt: skip
+        return envelope
+
+    def _accept_completed(
+        self,
+        tx: Tx,
+        sender: str,
+        msg: TransferProposal,
+        payload: bytes,
+        blocks: list[Block],
+        journal_id: int,
+        now_us: int,
+    ) -> bytes:
+        """R1, the one-round transfer: a proposal that asks to complete on acceptance
+        and passed T1 to T5 is accepted and completed in this transaction, the one
+        that journals it. The transfer is recorded ACCEPTED, then takes the
+        receiver's completion step (:meth:`_complete_incoming_many`: credit, −CA
+        referencing the proposal's journal entry, AEF actions, COMPLETED), and the
+        acceptance says so with the year booked; its digest is sealed with the
+        transfer. The stored reply answers any later delivery of the same bytes."""
+        proposal_digest = digest(payload)
+        tx.transfers_put(
+            [
+                self._incoming_row(
+                    sender, msg, msg, TransferState.ACCEPTED, blocks,
+                    proposal_digest=proposal_digest, expires_at=timestamp_us(msg.expires_at),
+                )
+            ],
+            now=now_us,
+        )  # fmt: skip
+        record = tx.transfer_get(msg.transfer_id)
+        assert record is not None
+        sealed: list[bytes] = []
+
+        def accept(years: dict[str, int]) -> bytes:
+            acceptance = TransferAcceptance(
+                transfer_id=msg.transfer_id, proposal_digest=proposal_digest, completed=True,
+                adjustment_year=years[msg.transfer_id],
+            )  # fmt: skip
+            acceptance_payload, envelope = self._reply(
+                tx, sender, acceptance, msg.header.message_id, now_us
+            )
+            sealed.append(envelope)
+            return digest(acceptance_payload)
+
+        self._complete_incoming_many(
+            tx, sender, [record], journal_id, now_us,
+            event=Event.ACCEPTED_TO_COMPLETE, acceptance=accept,
+        )  # fmt: skip
+        (envelope,) = sealed
         return envelope
 
     def _check_expiry(
@@ -824,13 +877,21 @@ class Requests(EngineBase):
         records: Sequence[TransferRecord],
         journal_id: int,
         now_us: int,
+        *,
+        event: Event = Event.COMPLETION_RECEIVED,
+        acceptance: Callable[[dict[str, int]], bytes] | None = None,
     ) -> tuple[dict[str, int], dict[str, Rejected]]:
         """C3, C4 and the receiver's completion step for transfers that passed C1 and
         C2 (one completed alone, or the items of a batch completion), in the
         transaction that journals the completion: credit the blocks, book −CA, record
         the AEF actions, COMPLETED. Returns the year of each one's adjustment (for a
         transfer already COMPLETED, C3, the year booked the first time, and nothing
-        is applied), and the refusal of each that is in another state (C4, 3008)."""
+        is applied), and the refusal of each that is in another state (C4, 3008).
+
+        The one-round transfer (R1) takes the same step on ``event``
+        ACCEPTED_TO_COMPLETE, in the transaction that journals the proposal:
+        ``acceptance`` is given the years booked, seals the acceptance and returns
+        its digest, recorded with the transfers when they become COMPLETED."""
         years: dict[str, int] = {}
         refused: dict[str, Rejected] = {}
         posted = [r.transfer_id for r in records if r.state is TransferState.COMPLETED]
@@ -846,7 +907,7 @@ class Requests(EngineBase):
             if record.state is TransferState.COMPLETED:
                 continue
             try:
-                transition = step(Role.RECEIVER, record.state, Event.COMPLETION_RECEIVED)
+                transition = step(Role.RECEIVER, record.state, event)
             except Rejected as rejected:
                 refused[record.transfer_id] = rejected
                 continue
@@ -863,6 +924,7 @@ class Requests(EngineBase):
         tx.transfers_set_state(
             ids, transition.state, now=now_us, blocks=blocks,
             records={r.transfer_id: r for r in live},
+            acceptance_digest=None if acceptance is None else acceptance(years),
         )  # fmt: skip
         tx.actions_put([
             NewAction(

@@ -554,7 +554,10 @@ class Node:
             registry=config.registry,
             signing_key=signing_key,
             trust=trust,
-            partners=[Partner(p.card.party, p.card.registry, p.endpoint) for p in config.partners],
+            partners=[
+                Partner(p.card.party, p.card.registry, p.endpoint, p.complete_on_acceptance)
+                for p in config.partners
+            ],
             store=store,
             # Processes sharing a PostgreSQL database load a key another rotated to.
             key_loader=lambda key_id: SigningKey.load(

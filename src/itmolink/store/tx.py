@@ -116,6 +116,8 @@ class TransferRecord:
     # As read: the four slices its sealed leaves add to the reconciliation sums (the
     # row's blocks_h1, blocks_h2, journal_h1, journal_h2), or None if not sealed.
     sealed_sums: tuple[int, int, int, int] | None = None
+    # Its proposal asked the receiver to complete on acceptance (one-round transfer).
+    complete_on_acceptance: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +140,7 @@ class NewTransfer:
     blocks: Sequence[Block] = ()
     proposed_at: int | None = None
     batch_id: str = ""
+    complete_on_acceptance: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +177,7 @@ class AdjustmentRecord:
 _TRANSFER_COLUMNS = (
     "transfer_id, direction, partner, state, quantity, authorisation_id, first_transfer, "
     "proposal_message_id, proposal_digest, acceptance_digest, expires_at, rejection_code, "
-    "rejection_detail, created_at, updated_at, batch_id"
+    "rejection_detail, created_at, updated_at, batch_id, complete_on_acceptance"
 )
 # What a transfer's record is read from: its columns, then its sums if sealed.
 _TRANSFER_READ = (
@@ -213,7 +216,8 @@ def _transfer(row: Sequence[Any]) -> TransferRecord:
         created_at=int(row[13]),
         updated_at=int(row[14]),
         batch_id=row[15] or "",
-        sealed_sums=(int(row[16]), int(row[17]), int(row[18]), int(row[19])) if row[20] else None,
+        complete_on_acceptance=bool(row[16]),
+        sealed_sums=(int(row[17]), int(row[18]), int(row[19]), int(row[20])) if row[21] else None,
     )
 
 
@@ -231,7 +235,7 @@ def _moved_to(
         r.transfer_id, r.direction, r.partner, state, r.quantity, r.authorisation_id,
         r.first_transfer, r.proposal_message_id, r.proposal_digest, acceptance_digest,
         r.expires_at, rejection_code, rejection_detail, r.created_at, r.updated_at, r.batch_id,
-        r.sealed_sums,
+        r.sealed_sums, r.complete_on_acceptance,
     )  # fmt: skip
 
 
@@ -1499,12 +1503,12 @@ class Tx:
         """Record transfers and their blocks: one statement per table for all of them."""
         self._many(
             f"INSERT INTO transfers ({_TRANSFER_COLUMNS}, proposed_at, id_hash) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (t.transfer_id, t.direction.value, t.partner, int(t.state), t.quantity,
                  t.authorisation_id, int(t.first_transfer), t.proposal_message_id,
                  t.proposal_digest, t.acceptance_digest, t.expires_at, t.rejection_code,
-                 t.rejection_detail, now, now, t.batch_id,
+                 t.rejection_detail, now, now, t.batch_id, int(t.complete_on_acceptance),
                  now if t.proposed_at is None else t.proposed_at, id_hash(t.transfer_id))
                 for t in transfers
             ],
@@ -2245,9 +2249,11 @@ class Tx:
         return [_transfer(r) for r in rows]
 
     def transfers_expired(self, now: int) -> list[TransferRecord]:
+        """Our proposals past their time-out, but not those that asked the receiver to
+        complete on acceptance: they are never voided on our clock (one-round)."""
         rows = self._exec(
             f"SELECT {_TRANSFER_READ} FROM transfers WHERE direction = 'out' "
-            "AND state = ? AND expires_at <= ?",
+            "AND state = ? AND expires_at <= ? AND complete_on_acceptance = 0",
             (int(TransferState.PROPOSED), now),
         )
         return [_transfer(r) for r in rows]

@@ -1,0 +1,541 @@
+"""The one-round transfer (docs/DESIGN.md): the sender asks the receiver to complete
+on acceptance; the receiver credits, books −CA and records COMPLETED in the
+transaction that accepts, and the sender debits, books +CA and records COMPLETED in
+the one that records that acceptance, sending no completion. Two engines in memory
+with a hand-moved clock (rules S1 to S6 and R1 to R4 of the design brief)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+
+import pytest
+from google.protobuf.message import Message
+
+from itmolink.core.codes import RejectionCode
+from itmolink.core.transfer import TransferState
+from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
+from itmolink.crypto.envelope import open_envelope, seal
+from itmolink.node.convert import to_us
+from itmolink.node.engine import Engine, ReplyError
+from itmolink.node.requests import Requests
+from itmolink.v1 import reply_pb2, transfer_pb2
+
+from ..conftest import Databases
+from .conftest import START, Pair
+from .test_engine import held, issued, ledger, pending, state
+from .test_onward import network
+from .test_onward import pump as pump_three
+
+COMPLETION = "itmolink.v1.TransferCompletion"
+PROPOSAL = "itmolink.v1.TransferProposal"
+SKEW = dt.timedelta(minutes=5)  # Limits.max_clock_skew, the default
+
+
+def ask(engine: Engine, partner: str) -> None:
+    """Configure ``engine`` to propose one-round transfers to ``partner`` (as node.toml
+    [[partners]] complete_on_acceptance = true does)."""
+    engine.partners[partner] = dataclasses.replace(
+        engine.partners[partner], complete_on_acceptance=True
+    )
+
+
+@pytest.fixture
+def one_round(pair: Pair) -> Pair:
+    ask(pair.lao, "KOR")
+    return pair
+
+
+def transfer(pair: Pair, quantity: int = 600) -> str:
+    authorisation_id = issued(pair)
+    return pair.lao.start_transfer(
+        to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=quantity,
+        now=pair.now,
+    )  # fmt: skip
+
+
+def _authorisation_of(pair: Pair) -> str:
+    with pair.lao.store.transaction() as tx:
+        return tx.authorisations()[0].authorisation_id
+
+
+def outbox_count(engine: Engine, payload_type: str, subject_id: str) -> int:
+    with engine.store.transaction() as tx:
+        return tx.outbox_count_of(payload_type=payload_type, subject_id=subject_id)
+
+
+def reserved(engine: Engine) -> int:
+    with engine.store.transaction() as tx:
+        return sum(h.block.quantity for h in tx.holdings() if h.status == "reserved")
+
+
+def parse(engine: Engine, envelope: bytes) -> Message:
+    verified = open_envelope(envelope, engine.trust)
+    message: Message = {
+        "itmolink.v1.TransferAcceptance": transfer_pb2.TransferAcceptance,
+        "itmolink.v1.TransferCompletionReceipt": transfer_pb2.TransferCompletionReceipt,
+        "itmolink.v1.TransferStatusReport": transfer_pb2.TransferStatusReport,
+        "itmolink.v1.Rejection": reply_pb2.Rejection,
+    }[verified.payload_type]()
+    message.ParseFromString(verified.payload)
+    return message
+
+
+def the_proposal(pair: Pair) -> tuple[str, bytes]:
+    """(message id, envelope) of LAO's one pending message, a transfer proposal."""
+    [(message_id, _, envelope)] = pair.lao.due_messages(pair.now)
+    assert open_envelope(envelope, pair.kor.trust).payload_type == PROPOSAL
+    return message_id, envelope
+
+
+# -- S1, S2, R1, R4: the one-round transfer ---------------------------------------------
+
+
+def test_a_completed_acceptance_completes_both_sides_in_one_round_trip(one_round: Pair) -> None:
+    pair = one_round
+    transfer_id = transfer(pair)
+    with pair.lao.store.transaction() as tx:
+        record = tx.transfer_get(transfer_id)
+        assert record is not None
+        assert record.complete_on_acceptance  # S1: recorded
+    message_id, envelope = the_proposal(pair)
+    proposal = transfer_pb2.TransferProposal()
+    proposal.ParseFromString(open_envelope(envelope, pair.kor.trust).payload)
+    assert proposal.complete_on_acceptance
+
+    reply = pair.kor.handle_delivery("LAO", envelope, pair.now)
+    acceptance = parse(pair.lao, reply)
+    assert isinstance(acceptance, transfer_pb2.TransferAcceptance)
+    assert (acceptance.completed, acceptance.adjustment_year) == (True, 2025)
+    assert state(pair.kor, transfer_id) is TransferState.COMPLETED  # R1, before any reply
+    pair.lao.handle_reply(message_id, reply, pair.now)
+    assert state(pair.lao, transfer_id) is TransferState.COMPLETED
+
+    assert pair.pump() == 0  # nothing more to say: one round trip
+    assert outbox_count(pair.lao, COMPLETION, transfer_id) == 0  # S2: no completion
+    assert ledger(pair.lao) == [(transfer_id, 2025, 600)]
+    assert ledger(pair.kor) == [(transfer_id, 2025, -600)]
+    assert (held(pair.lao), held(pair.kor)) == (400, 600)
+    assert reserved(pair.lao) == 0
+    assert pending(pair.lao) == pending(pair.kor) == 0
+    # Each side's adjustment references the partner's signed message that triggered
+    # it: the sender's the acceptance, the receiver's the proposal (R1).
+    with pair.lao.store.transaction() as tx:
+        [sender_entry] = [a for a in tx.adjustments() if a.entry.transfer_id == transfer_id]
+    with pair.kor.store.transaction() as tx:
+        [receiver_entry] = [a for a in tx.adjustments() if a.entry.transfer_id == transfer_id]
+        kor_actions = [(a["action_type"], a["transfer_id"]) for a in tx.actions()]
+    assert sender_entry.evidence_message_id == acceptance.header.message_id
+    assert receiver_entry.evidence_message_id == proposal.header.message_id
+    assert ("acquisition", transfer_id) in kor_actions
+    # R4: the reconciliation leaves agree (blocks, both adjustments, both digests).
+    snapshot = to_us(pair.now) + 1
+    for view in ("blocks", "journal"):
+        with pair.lao.store.transaction() as tx:
+            lao_leaves = tx.reconcile_leaves("KOR", snapshot, view, "")
+        with pair.kor.store.transaction() as tx:
+            kor_leaves = tx.reconcile_leaves("LAO", snapshot, view, "")
+        assert transfer_id in lao_leaves
+        assert lao_leaves == kor_leaves, view
+
+
+def test_the_choice_recorded_with_the_proposal_counts_not_the_configuration_later(
+    one_round: Pair,
+) -> None:
+    """S1: the partner's setting changes between the proposal and its answer; the
+    proposal's flag decides (no completion is sent for a completed acceptance). A
+    transfer proposed after the change is a two-phase one, as without the setting."""
+    pair = one_round
+    transfer_id = transfer(pair)
+    pair.lao.partners["KOR"] = dataclasses.replace(
+        pair.lao.partners["KOR"], complete_on_acceptance=False
+    )
+    pair.pump()
+    assert state(pair.lao, transfer_id) is TransferState.COMPLETED
+    assert state(pair.kor, transfer_id) is TransferState.COMPLETED
+    assert outbox_count(pair.lao, COMPLETION, transfer_id) == 0
+    two_phase = pair.lao.start_transfer(
+        to_party="KOR", authorisation_id=_authorisation_of(pair), vintage=2025, quantity=100,
+        now=pair.now,
+    )  # fmt: skip
+    _, envelope = the_proposal(pair)
+    proposal = transfer_pb2.TransferProposal()
+    proposal.ParseFromString(open_envelope(envelope, pair.kor.trust).payload)
+    assert not proposal.complete_on_acceptance
+    pair.pump()
+    assert state(pair.kor, two_phase) is TransferState.COMPLETED
+    assert outbox_count(pair.lao, COMPLETION, two_phase) == 1
+
+
+# -- S3: a receiver that answers with an ordinary acceptance ----------------------------
+
+
+def test_a_receiver_that_does_not_complete_on_acceptance_gets_a_completion(
+    one_round: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receiver on an older build ignores field 9 and accepts as always; the sender
+    completes and sends the completion (S3)."""
+    pair = one_round
+
+    def as_an_older_build(
+        tx: object, sender: str, msg: transfer_pb2.TransferProposal, payload: bytes,
+        blocks: object, journal_id: int, now_us: int,
+    ) -> bytes:  # fmt: skip
+        msg.complete_on_acceptance = False  # unknown to it: never read
+        return Requests._on_proposal(pair.kor, tx, sender, msg, payload, journal_id, now_us)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pair.kor, "_accept_completed", as_an_older_build)
+    transfer_id = transfer(pair)
+    message_id, envelope = the_proposal(pair)
+    reply = pair.kor.handle_delivery("LAO", envelope, pair.now)
+    acceptance = parse(pair.lao, reply)
+    assert isinstance(acceptance, transfer_pb2.TransferAcceptance)
+    assert not acceptance.completed
+    assert state(pair.kor, transfer_id) is TransferState.ACCEPTED
+    pair.lao.handle_reply(message_id, reply, pair.now)
+    assert outbox_count(pair.lao, COMPLETION, transfer_id) == 1
+    pair.pump()
+    assert state(pair.lao, transfer_id) is state(pair.kor, transfer_id) is TransferState.COMPLETED
+    assert ledger(pair.lao) == [(transfer_id, 2025, 600)]
+    assert ledger(pair.kor) == [(transfer_id, 2025, -600)]
+
+
+# -- S4: no void on the sender's clock; the receiver's expiry settles it ----------------
+
+
+def test_a_proposal_that_asked_is_never_voided_and_an_expired_one_is_refused_3011(
+    one_round: Pair,
+) -> None:
+    """S4: the link is down past the time-out; the time-out pass leaves the transfer
+    PROPOSED, its blocks reserved and its proposal in the outbox (no void). Once the
+    link works, the receiver refuses the expired proposal with 3011, recorded, and
+    the sender releases the blocks (R2)."""
+    pair = one_round
+    transfer_id = transfer(pair)
+    pair.lao.partners["KOR"] = dataclasses.replace(
+        pair.lao.partners["KOR"], complete_on_acceptance=False
+    )
+    two_phase = pair.lao.start_transfer(
+        to_party="KOR", authorisation_id=_authorisation_of(pair), vintage=2025, quantity=100,
+        now=pair.now,
+    )  # fmt: skip
+    pair.network = lambda sender, receiver, envelope: None  # the link is down
+    pair.advance(60 + SKEW.total_seconds() + 1)  # past expires_at + skew
+    assert pair.lao.expire_transfers(pair.now) == [two_phase]  # only the two-phase one
+    pair.pump()
+    assert state(pair.lao, transfer_id) is TransferState.PROPOSED
+    assert reserved(pair.lao) == 600
+    assert outbox_count(pair.lao, "itmolink.v1.TransferVoid", transfer_id) == 0
+    with pair.lao.store.transaction() as tx:
+        assert tx.outbox_pending_of(payload_type=PROPOSAL, subject_id=transfer_id) == 1
+    # The status a partner asking about it gets: PROPOSED.
+    query = transfer_pb2.TransferStatusQuery(transfer_id=transfer_id)
+    report = _from_kor(pair, query)
+    assert isinstance(report, transfer_pb2.TransferStatusReport)
+    assert report.state == transfer_pb2.TRANSFER_STATE_PROPOSED
+
+    pair.network = lambda sender, receiver, envelope: envelope
+    pair.advance(3_600)  # the backoff of the failed attempts
+    pair.pump()
+    assert state(pair.kor, transfer_id) is TransferState.REJECTED
+    assert state(pair.lao, transfer_id) is TransferState.REJECTED
+    with pair.lao.store.transaction() as tx:
+        record = tx.transfer_get(transfer_id)
+    assert record is not None
+    assert record.rejection_code == RejectionCode.PROPOSAL_EXPIRED
+    assert (reserved(pair.lao), held(pair.lao), held(pair.kor)) == (0, 1_000, 0)
+    assert ledger(pair.lao) == ledger(pair.kor) == []
+
+
+# -- S5: an unrecorded rejection ----------------------------------------------------------
+
+
+def _refused_unrecorded(pair: Pair, envelope: bytes) -> bytes:
+    """KOR's answer to ``envelope`` with its clock 10 minutes behind the proposal's
+    sent_at (START): refused before anything is recorded there (sequence 0)."""
+    reply = pair.kor.handle_delivery("LAO", envelope, START - dt.timedelta(minutes=10))
+    rejection = parse(pair.lao, reply)
+    assert isinstance(rejection, reply_pb2.Rejection)
+    assert rejection.header.sequence == 0
+    assert rejection.reasons[0].code == RejectionCode.SENT_AT_OUT_OF_WINDOW
+    return reply
+
+
+def test_an_unrecorded_rejection_before_the_deadline_is_a_failed_attempt(
+    one_round: Pair,
+) -> None:
+    """S5: before expires_at + 2 × skew, an unrecorded refusal settles nothing: the
+    same bytes delivered again may still pass, and complete at the receiver."""
+    pair = one_round
+    transfer_id = transfer(pair)
+    message_id, envelope = the_proposal(pair)
+    pair.advance(60 + 2 * SKEW.total_seconds() - 1)  # one second before the deadline
+    pair.lao.handle_reply(message_id, _refused_unrecorded(pair, envelope), pair.now)
+    assert state(pair.lao, transfer_id) is TransferState.PROPOSED  # (two-phase: REJECTED)
+    assert reserved(pair.lao) == 600
+    with pair.lao.store.transaction() as tx:
+        message = tx.outbox_get(message_id)
+        assert message is not None
+        assert message.state == "pending"
+        assert message.next_attempt_at > to_us(pair.now)  # retried with the backoff
+        assert (
+            "REJECTION_CODE_SENT_AT_OUT_OF_WINDOW"
+            in tx._one("SELECT last_error FROM outbox WHERE message_id = ?", (message_id,))[0]
+        )
+    # The same bytes again, the receiver's clock a skew behind the sender's: the
+    # proposal has not expired there (expires_at + skew), it completes, and so does
+    # the sender. Releasing on the refusal would have left KOR's credit unmatched.
+    reply = pair.kor.handle_delivery("LAO", envelope, pair.now - SKEW)
+    assert parse(pair.lao, reply).completed  # type: ignore[attr-defined]
+    pair.lao.handle_reply(message_id, reply, pair.now)
+    assert state(pair.lao, transfer_id) is state(pair.kor, transfer_id) is TransferState.COMPLETED
+    assert ledger(pair.lao) == [(transfer_id, 2025, 600)]
+    assert ledger(pair.kor) == [(transfer_id, 2025, -600)]
+
+
+def test_an_unrecorded_rejection_at_the_deadline_settles_the_proposal(one_round: Pair) -> None:
+    """S5: at expires_at + 2 × skew on the sender's clock no replay can complete at
+    the receiver: an unrecorded refusal then rejects the transfer and releases."""
+    pair = one_round
+    transfer_id = transfer(pair)
+    message_id, envelope = the_proposal(pair)
+    pair.advance(60 + 2 * SKEW.total_seconds())
+    pair.lao.handle_reply(message_id, _refused_unrecorded(pair, envelope), pair.now)
+    assert state(pair.lao, transfer_id) is TransferState.REJECTED
+    assert (reserved(pair.lao), held(pair.lao)) == (0, 1_000)
+    assert pending(pair.lao) == 0
+
+
+def test_a_recorded_rejection_settles_a_proposal_that_asked_at_once(one_round: Pair) -> None:
+    pair = one_round
+    authorisation_id = issued(pair)
+    with pair.kor.store.transaction() as tx:  # KOR no longer knows the authorisation
+        tx._exec("DELETE FROM authorisation_parties")
+        tx._exec("DELETE FROM authorisations")
+    transfer_id = pair.lao.start_transfer(
+        to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=600,
+        now=pair.now,
+    )  # fmt: skip
+    pair.pump()
+    assert state(pair.kor, transfer_id) is TransferState.REJECTED  # R2, nothing credited
+    assert state(pair.lao, transfer_id) is TransferState.REJECTED
+    assert (reserved(pair.lao), held(pair.lao), held(pair.kor)) == (0, 1_000, 0)
+
+
+# -- S6: an acceptance the sender cannot apply ----------------------------------------
+
+
+def _forged_acceptance(pair: Pair, reply: bytes, **changes: object) -> bytes:
+    """KOR's acceptance ``reply`` with ``changes``, signed by KOR."""
+    acceptance = parse(pair.lao, reply)
+    for name, value in changes.items():
+        setattr(acceptance, name, value)
+    return seal("itmolink.v1.TransferAcceptance", acceptance.SerializeToString(), pair.keys["KOR"])
+
+
+def test_a_completed_acceptance_of_a_proposal_that_did_not_ask_is_refused(
+    pair: Pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    transfer_id = transfer(pair)
+    message_id, envelope = the_proposal(pair)
+    reply = pair.kor.handle_delivery("LAO", envelope, pair.now)
+    forged = _forged_acceptance(pair, reply, completed=True, adjustment_year=2025)
+    with pytest.raises(ReplyError) as caught, caplog.at_level(logging.ERROR):
+        pair.lao.handle_reply(message_id, forged, pair.now)
+    assert caught.value.code is RejectionCode.UNEXPECTED_REPLY
+    assert any(
+        r.getMessage().startswith("ALARM") and transfer_id in r.getMessage() for r in caplog.records
+    )
+    assert state(pair.lao, transfer_id) is TransferState.PROPOSED
+    assert (reserved(pair.lao), ledger(pair.lao)) == (600, [])
+    pair.lao.handle_reply(message_id, reply, pair.now)  # the genuine answer still applies
+    assert state(pair.lao, transfer_id) is TransferState.COMPLETED
+
+
+@pytest.mark.parametrize("asked", [False, True])
+def test_an_ordinary_acceptance_with_an_adjustment_year_is_refused(
+    pair: Pair, asked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if asked:
+        ask(pair.lao, "KOR")
+    transfer_id = transfer(pair)
+    message_id, envelope = the_proposal(pair)
+    reply = pair.kor.handle_delivery("LAO", envelope, pair.now)
+    forged = _forged_acceptance(pair, reply, completed=False, adjustment_year=2025)
+    with pytest.raises(ReplyError) as caught:
+        pair.lao.handle_reply(message_id, forged, pair.now)
+    assert caught.value.code is RejectionCode.UNEXPECTED_REPLY
+    assert state(pair.lao, transfer_id) is TransferState.PROPOSED
+    assert ledger(pair.lao) == []
+
+
+# -- R3: later messages about a transfer completed on acceptance ------------------------
+
+
+def _from_lao(pair: Pair, msg: Message, subject_id: str) -> Message:
+    """LAO sends ``msg`` to KOR; KOR's answer, parsed (LAO applies it too)."""
+    with pair.lao._transaction() as tx:
+        pair.lao._send(tx, "KOR", msg, subject_id, to_us(pair.now))
+    [(message_id, _, envelope)] = pair.lao.due_messages(pair.now)
+    reply = pair.kor.handle_delivery("LAO", envelope, pair.now)
+    pair.lao.handle_reply(message_id, reply, pair.now)
+    return parse(pair.lao, reply)
+
+
+def _from_kor(pair: Pair, msg: Message) -> Message:
+    """KOR asks LAO ``msg`` (a status query); LAO's answer, parsed."""
+    msg.header.CopyFrom(pair.kor._header(None, "LAO", to_us(pair.now)))  # type: ignore[attr-defined]
+    msg.header.sequence = 10_000  # type: ignore[attr-defined]
+    envelope = seal(msg.DESCRIPTOR.full_name, msg.SerializeToString(), pair.keys["KOR"])
+    reply = pair.lao.handle_delivery("KOR", envelope, pair.now)
+    return parse(pair.kor, reply)
+
+
+def test_later_messages_about_a_transfer_completed_on_acceptance(one_round: Pair) -> None:
+    """R3: a completion naming the acceptance gets a receipt with the year booked and
+    changes nothing; a void is refused 3008; a status query answers COMPLETED. The
+    receiver never asks the sender about it."""
+    pair = one_round
+    transfer_id = transfer(pair)
+    pair.pump()
+    with pair.lao.store.transaction() as tx:
+        record = tx.transfer_get(transfer_id)
+    assert record is not None
+    completion = transfer_pb2.TransferCompletion(
+        transfer_id=transfer_id, acceptance_digest=record.acceptance_digest, adjustment_year=2025
+    )
+    receipt = _from_lao(pair, completion, transfer_id)
+    assert isinstance(receipt, transfer_pb2.TransferCompletionReceipt)
+    assert receipt.adjustment_year == 2025
+    void = transfer_pb2.TransferVoid(transfer_id=transfer_id, reason="too late")
+    refusal = _from_lao(pair, void, transfer_id)
+    assert isinstance(refusal, reply_pb2.Rejection)
+    assert refusal.reasons[0].code == RejectionCode.TRANSFER_STATE_CONFLICT
+    report = _from_lao(pair, transfer_pb2.TransferStatusQuery(transfer_id=transfer_id), "")
+    assert isinstance(report, transfer_pb2.TransferStatusReport)
+    assert report.state == transfer_pb2.TRANSFER_STATE_COMPLETED
+    assert state(pair.kor, transfer_id) is TransferState.COMPLETED
+    assert ledger(pair.kor) == [(transfer_id, 2025, -600)]
+    assert held(pair.kor) == 600
+    pair.advance(3_600)
+    assert pair.kor.query_pending_transfers(pair.now) == []
+
+
+# -- idempotence, crashes -------------------------------------------------------------
+
+
+def test_a_proposal_delivered_again_gets_the_stored_acceptance_and_applies_nothing_twice(
+    one_round: Pair,
+) -> None:
+    pair = one_round
+    transfer_id = transfer(pair)
+    message_id, envelope = the_proposal(pair)
+    first = pair.kor.handle_delivery("LAO", envelope, pair.now)
+    pair.advance(5)
+    again = pair.kor.handle_delivery("LAO", envelope, pair.now)
+    assert again == first  # byte for byte
+    pair.lao.handle_reply(message_id, first, pair.now)
+    pair.lao.handle_reply(message_id, again, pair.now)  # answered already: ignored
+    assert ledger(pair.kor) == [(transfer_id, 2025, -600)]
+    assert ledger(pair.lao) == [(transfer_id, 2025, 600)]
+    assert (held(pair.lao), held(pair.kor)) == (400, 600)
+    with pair.kor.store.transaction() as tx:
+        assert len([a for a in tx.actions() if a["transfer_id"] == transfer_id]) == 1
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_crash_after_the_receivers_commit_before_the_sender_records_the_answer(
+    one_round: Pair,
+) -> None:
+    """The receiver completed; the sender crashes before its commit, so nothing of
+    the answer is recorded there and the proposal is still due. Delivered again, the
+    receiver answers with its stored acceptance and the sender completes."""
+    pair = one_round
+    transfer_id = transfer(pair)
+    message_id, envelope = the_proposal(pair)
+
+    def crash() -> None:
+        raise Crash("LAO crashed before commit")
+
+    reply = pair.kor.handle_delivery("LAO", envelope, pair.now)
+    pair.lao.store.before_commit = crash  # type: ignore[attr-defined]
+    with pytest.raises(Crash):
+        pair.lao.handle_reply(message_id, reply, pair.now)
+    pair.lao.store.before_commit = None  # type: ignore[attr-defined]
+    assert state(pair.lao, transfer_id) is TransferState.PROPOSED
+    assert state(pair.kor, transfer_id) is TransferState.COMPLETED
+    pair.advance(120)  # the time-out passes meanwhile: no void
+    pair.pump()
+    assert state(pair.lao, transfer_id) is TransferState.COMPLETED
+    assert ledger(pair.lao) == [(transfer_id, 2025, 600)]
+    assert ledger(pair.kor) == [(transfer_id, 2025, -600)]
+    assert (held(pair.lao), held(pair.kor), reserved(pair.lao)) == (400, 600, 0)
+    assert outbox_count(pair.lao, COMPLETION, transfer_id) == 0
+
+
+def test_a_crash_of_the_receiver_before_its_commit_leaves_nothing_there(
+    one_round: Pair,
+) -> None:
+    pair = one_round
+    transfer_id = transfer(pair)
+    _, envelope = the_proposal(pair)
+
+    def crash() -> None:
+        raise Crash("KOR crashed before commit")
+
+    pair.kor.store.before_commit = crash  # type: ignore[attr-defined]
+    with pytest.raises(Crash):
+        pair.kor.handle_delivery("LAO", envelope, pair.now)
+    pair.kor.store.before_commit = None  # type: ignore[attr-defined]
+    assert state(pair.kor, transfer_id) is None
+    assert (ledger(pair.kor), held(pair.kor)) == ([], 0)
+    pair.pump()
+    assert state(pair.lao, transfer_id) is state(pair.kor, transfer_id) is TransferState.COMPLETED
+    assert ledger(pair.kor) == [(transfer_id, 2025, -600)]
+
+
+# -- an onward one-round transfer ------------------------------------------------------
+
+
+def test_an_onward_transfer_completes_on_acceptance(databases: Databases) -> None:
+    engines = network(databases)
+    lao, kor, jpn = engines["LAO"], engines["KOR"], engines["JPN"]
+    ask(lao, "KOR")
+    ask(kor, "JPN")
+    blocked = {("LAO", "JPN")}  # JPN learns the authorisation from the evidence
+    terms = lao.authorise(
+        activity_id="LAO-SOLAR", activity_name="", activity_description="",
+        cooperative_approach_id="LAO-KOR-JPN", acquiring_parties=["KOR", "JPN"],
+        purposes=[Purpose.NDC], oimp_detail="",
+        first_transfer_definition=FirstTransferDefinition.UNSPECIFIED, vintage_from=2021,
+        vintage_to=2030, quantity_cap=0, unit_type=UnitType.ITMO, now=START,
+    )  # fmt: skip
+    lao.issue(authorisation_id=terms.authorisation_id, vintage=2025, quantity=1_000, now=START)
+    pump_three(engines, START, blocked=blocked)
+    first = lao.start_transfer(
+        to_party="KOR", authorisation_id=terms.authorisation_id, vintage=2025, quantity=600,
+        now=START,
+    )  # fmt: skip
+    pump_three(engines, START, blocked=blocked)
+    onward = kor.start_transfer(
+        to_party="JPN", host_party="LAO", authorisation_id=terms.authorisation_id,
+        vintage=2025, quantity=250, now=START,
+    )  # fmt: skip
+    pump_three(engines, START, blocked=blocked)
+    for engine in (kor, jpn):
+        assert state(engine, onward) is TransferState.COMPLETED
+        assert outbox_count(engine, COMPLETION, onward) == 0
+    assert outbox_count(lao, COMPLETION, first) == 0
+    assert sorted((t, a) for t, _, a in ledger(kor)) == sorted([(first, -600), (onward, 250)])
+    assert [(t, a) for t, _, a in ledger(jpn)] == [(onward, -250)]
+    with jpn.store.transaction() as tx:
+        assert [(h.block.first_transferring_party, h.block.quantity) for h in tx.holdings()] == [
+            ("LAO", 250)
+        ]
+        record = tx.transfer_get(onward)
+    assert record is not None
+    assert record.complete_on_acceptance
