@@ -2178,19 +2178,33 @@ async def _settled_state(ctx: Context, transfer_id: str) -> int:
         await asyncio.sleep(0.2)
 
 
-async def _nothing_after_completed(ctx: Context, record: KitTransfer, started: float) -> None:
-    """S2, S4: a sender that asked sends neither a completion nor a void once the kit
-    answered completed = true. Waits until 2 s after ``started``."""
+async def _settled_by_kit(ctx: Context, record: KitTransfer, started: float, what: str) -> None:
+    """After the kit answered ``record``'s proposal with completed = true (at ``started``):
+    for 2 s the target sends neither a completion (S2) nor a void (S4), then reports the
+    transfer COMPLETED. Only then does the kit query its status: a completion the target
+    sends in answer to that query (as for a receiver still waiting for one) is not counted,
+    the receiver answers it with a receipt (PROTOCOL §6.11 R3)."""
     await asyncio.sleep(max(0.0, started + 2.0 - time.monotonic()))
     check(
         not _completions_of(ctx, record.transfer_id),
-        f"the target sent a TransferCompletion of {record.transfer_id}, which the kit had "
-        "completed on acceptance: a sender that asked sends none (PROTOCOL §6.11 S2)",
+        f"the target sent a TransferCompletion of {record.transfer_id} after the kit's "
+        f"acceptance with completed = true{what}: a sender that asked sends none "
+        "(PROTOCOL §6.11 S2)",
+    )
+    voided = f"the target voided {record.transfer_id} after the kit's acceptance with "
+    check(
+        not _of_transfer(ctx, transfer_pb2.TransferVoid, record.transfer_id),
+        f"{voided}completed = true{what} (PROTOCOL §6.11 S4)",
+    )
+    state = await _settled_state(ctx, record.transfer_id)
+    check(
+        state == transfer_pb2.TRANSFER_STATE_COMPLETED,
+        f"{record.transfer_id} is {_state(state)} at the target after the kit's acceptance "
+        f"with completed = true{what}, not TRANSFER_STATE_COMPLETED (PROTOCOL §6.11 S2)",
     )
     check(
         not _of_transfer(ctx, transfer_pb2.TransferVoid, record.transfer_id),
-        f"the target voided {record.transfer_id}, which the kit had completed on acceptance "
-        "(PROTOCOL §6.11 S4)",
+        f"{voided}completed = true{what} (PROTOCOL §6.11 S4)",
     )
 
 
@@ -2211,13 +2225,7 @@ async def t_h_one_round(ctx: Context) -> None:
     started = time.monotonic()
     record = ctx.transfers[incoming.message.transfer_id]  # type: ignore[attr-defined]
     check(_completed_by_kit(ctx, record), "the kit did not answer the target's proposal")
-    state = await _settled_state(ctx, record.transfer_id)
-    check(
-        state == transfer_pb2.TRANSFER_STATE_COMPLETED,
-        f"{record.transfer_id} is {_state(state)} at the target after the kit's acceptance "
-        "with completed = true, not TRANSFER_STATE_COMPLETED (PROTOCOL §6.11 S2)",
-    )
-    await _nothing_after_completed(ctx, record, started)
+    await _settled_by_kit(ctx, record, started, "")
 
 
 async def _completed_unasked(ctx: Context) -> None:
@@ -2294,14 +2302,7 @@ async def _one_round_never_voided(ctx: Context) -> None:
         all(d.raw == deliveries[0].raw for d in deliveries),
         "the one-round proposal was delivered again with other bytes (§7.1)",
     )
-    state = await _settled_state(ctx, record.transfer_id)
-    check(
-        state == transfer_pb2.TRANSFER_STATE_COMPLETED,
-        f"{record.transfer_id} is {_state(state)} at the target after the kit's acceptance "
-        "with completed = true, past the time-out, not TRANSFER_STATE_COMPLETED "
-        "(PROTOCOL §6.11 S2, S4)",
-    )
-    await _nothing_after_completed(ctx, record, started)
+    await _settled_by_kit(ctx, record, started, ", past its time-out")
 
 
 # ======================================================================================
