@@ -3,16 +3,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from itmolink.cli.main import main
+from itmolink.core.codes import RejectionCode
 from itmolink.node.config import ConfigError, load_config
+from itmolink.v1 import transfer_pb2
 
-from .conftest import Registry, final_state, running_pair
-from .test_transfer import COMPLETED, issued, settled, transfer
+from .conftest import (
+    Registry,
+    eventually,
+    final_state,
+    link,
+    running_pair,
+    start_registry,
+    stop_registry,
+)
+from .test_transfer import COMPLETED, REJECTED, issued, settled, transfer
+
+PROPOSED = transfer_pb2.TRANSFER_STATE_PROPOSED
 
 # Written after the [[partners]] entries of write_node: it lands in the last one, KOR's.
 ASK = "complete_on_acceptance = true\n"
@@ -42,6 +56,42 @@ async def test_two_nodes_complete_a_transfer_in_one_round_trip(
         # One round trip: the proposal and its acceptance; no completion either way.
         assert await lao.node.db(_journaled, lao, COMPLETION) == 0
         assert await kor.node.db(_journaled, kor, COMPLETION) == 0
+
+
+async def test_a_one_round_transfer_waits_for_an_unreachable_partner_which_refuses_it_expired(
+    pki: Callable[..., Path],
+) -> None:
+    """The link to KOR is down past the transfer's time-out: LAO's node does not void
+    it (S4). Once the link works, KOR refuses the expired proposal (3011, recorded)
+    and LAO's units come back."""
+    skew = "[limits]\nmax_clock_skew_seconds = 1\n"
+    lao = await start_registry(pki("LAO", ["KOR"], extra=ASK + skew))
+    kor = await start_registry(pki("KOR", ["LAO"], extra=skew))
+    link(lao, kor)
+    try:
+        authorisation_id = await issued(lao, quantity=1_000)
+        lao.node.set_partner_endpoint("KOR", "127.0.0.1:1")  # nothing listens there
+        transfer_id = await transfer(lao, authorisation_id, 600, timeout_seconds=1)
+        await asyncio.sleep(3)  # past expires_at + skew
+        engine = lao.node.engine
+        assert await lao.node.db(engine.expire_transfers, dt.datetime.now(dt.UTC)) == []
+        assert (await lao.transfers())[transfer_id].state == PROPOSED
+        assert await lao.node.db(_journaled, lao, "itmolink.v1.TransferVoid") == 0
+        assert await kor.held() == 0
+        link(lao, kor)
+        for registry in (kor, lao):
+
+            async def settled_there(registry: Registry = registry) -> object:
+                view = (await registry.transfers()).get(transfer_id)
+                return view is not None and view.state == REJECTED and view
+
+            view = await eventually(settled_there, within=30)
+            assert view.rejection_code == RejectionCode.PROPOSAL_EXPIRED
+        assert (await lao.held(), await kor.held()) == (1_000, 0)
+        assert await lao.adjustments() == await kor.adjustments() == []
+    finally:
+        await stop_registry(lao)
+        await stop_registry(kor)
 
 
 def _partner_config(pki: Callable[..., Path], extra: str) -> Path:

@@ -1,7 +1,8 @@
 """A deterministic simulator: protocol engines under a seeded fault scheduler.
 
 One host (LAO) and two acquiring parties (KOR, JPN) run the real protocol
-engine over in-memory SQLite ledgers. A seeded scheduler picks every step:
+engine over in-memory SQLite ledgers; the host's transfers to KOR are one-round
+(complete_on_acceptance), those to JPN two-phase. A seeded scheduler picks every step:
 operator requests, outbox ticks, deliveries in any order, drops, duplicates,
 replays of old envelopes, partitions, clock skew, and crashes of either node
 at any point, including inside a transaction just before it commits. After
@@ -33,6 +34,9 @@ from itmolink.store import SqliteStore
 
 HOST = "LAO"
 BUYERS = ("KOR", "JPN")
+# The host proposes one-round transfers to this buyer (complete_on_acceptance), and
+# two-phase ones to the other.
+ONE_ROUND_BUYER = "KOR"
 PARTIES = (HOST, *BUYERS)
 EPOCH = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 ISSUED = 10_000
@@ -109,7 +113,10 @@ class Simulation:
             registry=f"{party}-NR",
             signing_key=_KEYS[party],
             trust=TrustStore(_KEYS[p].verifying_key() for p in partners),
-            partners=[Partner(p, f"{p}-NR", "sim") for p in partners],
+            partners=[
+                Partner(p, f"{p}-NR", "sim", (party, p) == (HOST, ONE_ROUND_BUYER))
+                for p in partners
+            ],
             store=store,
             default_timeout=dt.timedelta(seconds=30),
             new_id=lambda: f"{party}-{incarnation}-{next(counter)}",
@@ -369,7 +376,27 @@ def check_invariants(seed: int, views: dict[str, tuple], *, final: bool) -> None
         raise InvariantViolation(f"seed {seed}: {text}")
 
     host_transfers, host_blocks, host_holdings, host_ca, issued = views[HOST]
-    host_held = [h.block for h in host_holdings]
+    # One-round transfers the buyer completed on acceptance while the host has not
+    # recorded that acceptance yet: the units are the buyer's, still reserved at the
+    # host until it does (its reservation is never released meanwhile).
+    one_round = set()
+    for buyer in BUYERS:
+        for transfer_id, mine in views[buyer][0].items():
+            theirs = host_transfers.get(transfer_id)
+            if (
+                mine.state is TransferState.COMPLETED
+                and theirs is not None
+                and theirs.state is TransferState.PROPOSED
+                and theirs.complete_on_acceptance
+            ):
+                if final:
+                    fail(f"{transfer_id} completed at {buyer}, PROPOSED at {HOST} after healing")
+                one_round.add(transfer_id)
+    host_held = [
+        h.block
+        for h in host_holdings
+        if not (h.status == "reserved" and h.transfer_id in one_round)
+    ]
     # Reserved units belong to a proposal still waiting for its answer; a
     # transfer that ended must have debited or released its blocks.
     for holding in host_holdings:
@@ -384,8 +411,10 @@ def check_invariants(seed: int, views: dict[str, tuple], *, final: bool) -> None
         transfers, _, _, ca, _ = views[buyer]
         for transfer_id, mine in transfers.items():
             theirs = host_transfers.get(transfer_id)
-            if mine.state is TransferState.COMPLETED and (
-                theirs is None or theirs.state is not TransferState.COMPLETED
+            if (
+                mine.state is TransferState.COMPLETED
+                and transfer_id not in one_round
+                and (theirs is None or theirs.state is not TransferState.COMPLETED)
             ):
                 fail(f"{buyer} completed {transfer_id} which {HOST} has not completed")
         for transfer_id, ours in host_transfers.items():
@@ -400,6 +429,10 @@ def check_invariants(seed: int, views: dict[str, tuple], *, final: bool) -> None
         host_amounts = {(e.transfer_id, e.year): e.amount for e in host_ca if e.partner == buyer}
         buyer_amounts = {(e.transfer_id, e.year): e.amount for e in ca}
         for (transfer_id, year), amount in buyer_amounts.items():
+            if transfer_id in one_round:
+                if any(key[0] == transfer_id for key in host_amounts):
+                    fail(f"{HOST} has a CA for {transfer_id} that it has not completed")
+                continue
             if host_amounts.get((transfer_id, year)) != -amount:
                 fail(f"{buyer} CA {amount} for {transfer_id} has no opposite at {HOST}")
             if transfers[transfer_id].state is not TransferState.COMPLETED:
