@@ -807,8 +807,12 @@ class EngineBase:
             )
         ):
             return
-        if record.complete_on_acceptance and not record.batch_id and not tx.outbox_count_of(
-            payload_type=type_name(TransferCompletion), subject_id=transfer_id
+        if (
+            record.complete_on_acceptance
+            and not record.batch_id
+            and not tx.outbox_count_of(
+                payload_type=type_name(TransferCompletion), subject_id=transfer_id
+            )
         ):
             # Completed on the receiver's completed acceptance (one-round, S2): the
             # receiver completed first, and no completion was ever owed.
