@@ -22,6 +22,11 @@ production, so no two of them share an interpreter lock:
   (queries, buckets and leaves compared) when identical and when d transfers
   differ, and each node's memory (peak RSS) holding them;
 * ``ratio transfers/echo: X`` for one transfer in flight and for 64;
+* one-round transfers (docs/PROTOCOL.md §6.11: the sender asks the receiver to
+  complete in the step that accepts): the same measurements with a second pair
+  of nodes whose sender asks, a transfer being complete when the sender has
+  committed the receiver's completed acceptance (both ledgers final), and
+  ``ratio one-round transfers/echo: X``;
 * batched proposals (docs/PROTOCOL.md §5.15): completed transfers per second
   with N transfers per TransferBatchProposal and B batches in flight, against
   the echo with 64 in flight, p50 and p99 per transfer (a transfer completes
@@ -65,6 +70,7 @@ from itmolink.v1 import envelope_pb2, partner_service_pb2, partner_service_pb2_g
 NOW = dt.datetime.now(dt.UTC)
 PAYLOAD = 700  # bytes: about a signed one-block TransferProposal envelope
 COMPLETION = "itmolink.v1.TransferCompletion"
+PROPOSAL = "itmolink.v1.TransferProposal"
 BATCH_COMPLETION = "itmolink.v1.TransferBatchCompletion"
 Figures = tuple[float, float, float]  # per second, p50 (s), p99 (s)
 
@@ -173,7 +179,9 @@ def echo_run(ctx: Any, keys: PartyFiles, count: int, in_flight: int) -> Figures:
 # -- the nodes: one process each, driven by commands over a pipe ---------------------------
 
 
-def write_config(root: Path, party: str, partner: str, port: int, partner_port: int) -> Path:
+def write_config(
+    root: Path, party: str, partner: str, port: int, partner_port: int, one_round: bool = False
+) -> Path:
     path = root / party.lower() / "node.toml"
     path.write_text(
         f'party = "{party}"\nregistry = "{party}-NR"\ndatabase = "{party.lower()}.db"\n'
@@ -181,6 +189,7 @@ def write_config(root: Path, party: str, partner: str, port: int, partner_port: 
         "transfer_timeout_seconds = 600\n"
         f'[keys]\ndirectory = "pki"\n[[partners]]\ncard = "../{partner.lower()}/pki/card.toml"\n'
         f'endpoint = "127.0.0.1:{partner_port}"\n'
+        f"complete_on_acceptance = {'true' if one_round else 'false'}\n"
         "[limits]\nrate_per_second = 100000\nrate_burst = 100000\n"
         "transfer_items_per_second = 1000000\ntransfer_items_burst = 1000000\n"
     )
@@ -188,14 +197,17 @@ def write_config(root: Path, party: str, partner: str, port: int, partner_port: 
 
 
 class BenchNode(Node):
-    """A node that tells the benchmark when the receiver's answer to a completion
-    came back. The receiver answers only after committing the completion, so both
-    ledgers were final then (the sender's since it sent the completion)."""
+    """A node that tells the benchmark when a transfer is final on both sides: when
+    the receiver's answer to its completion came back (the receiver answers only
+    after committing the completion, and the sender committed before sending it),
+    or, for a one-round transfer, when the sender has committed the receiver's
+    completed acceptance (the receiver committed before answering)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.waiting: dict[str, asyncio.Future[float]] = {}
         self._completions: dict[str, str] = {}  # completion message id -> transfer id
+        self._one_round: dict[str, str] = {}  # one-round proposal message id -> transfer id
         self._answered: dict[str, float] = {}  # message id -> when its answer came
 
     async def start(self) -> None:
@@ -205,24 +217,43 @@ class BenchNode(Node):
         def handle_reply(message_id: str, raw: bytes, now: dt.datetime, **kwargs: Any) -> bool:
             if message_id in self._completions:  # the receiver's answer is here
                 self._answered[message_id] = time.perf_counter()
-            return apply_reply(message_id, raw, now, **kwargs)
+            applied = apply_reply(message_id, raw, now, **kwargs)
+            if message_id in self._one_round and _completed(raw):
+                self._answered[message_id] = time.perf_counter()  # both ledgers final
+            return applied
 
         self.engine.handle_reply = handle_reply  # type: ignore[method-assign]
 
     async def _deliver(self, message_id: str, partner: str, envelope: bytes) -> None:
         sealed = envelope_pb2.Envelope.FromString(envelope)
-        if sealed.payload_type == COMPLETION:
+        if sealed.payload_type == PROPOSAL:
+            proposal = transfer_pb2.TransferProposal.FromString(sealed.payload)
+            if proposal.complete_on_acceptance:
+                self._one_round[message_id] = proposal.transfer_id
+        elif sealed.payload_type == COMPLETION:
             completion = transfer_pb2.TransferCompletion.FromString(sealed.payload)
             self._completions[message_id] = completion.transfer_id
         elif sealed.payload_type == BATCH_COMPLETION:  # waited for by its batch id
             batch = transfer_pb2.TransferBatchCompletion.FromString(sealed.payload)
             self._completions[message_id] = batch.batch_id
         await super()._deliver(message_id, partner, envelope)
+        one_round = self._one_round.pop(message_id, None)  # a failed attempt adds it again
         answered = self._answered.pop(message_id, None)
-        if answered is not None:
-            waiter = self.waiting.pop(self._completions.pop(message_id), None)
+        subject = self._completions.pop(message_id, None) or one_round
+        if answered is not None and subject is not None:
+            waiter = self.waiting.pop(subject, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(answered)
+
+
+def _completed(raw: bytes) -> bool:
+    """Whether a reply envelope is an acceptance with ``completed`` (read after the
+    engine verified and applied it)."""
+    sealed = envelope_pb2.Envelope.FromString(raw)
+    return (
+        sealed.payload_type == "itmolink.v1.TransferAcceptance"
+        and transfer_pb2.TransferAcceptance.FromString(sealed.payload).completed
+    )
 
 
 class Driver:
@@ -390,7 +421,7 @@ def node_process(config: Path, conn: Connection, profile: str) -> None:
 class Pair:
     """Two node processes, LAO (the sender, which also drives) and KOR."""
 
-    def __init__(self, ctx: Any, root: Path, profile: str = "") -> None:
+    def __init__(self, ctx: Any, root: Path, profile: str = "", one_round: bool = False) -> None:
         lao_port, kor_port = free_port(), free_port()
         self.pipes: dict[str, Connection] = {}
         self.processes = []
@@ -398,7 +429,7 @@ class Pair:
             ("KOR", "LAO", kor_port, lao_port),
             ("LAO", "KOR", lao_port, kor_port),
         ):
-            config = write_config(root, party, partner, port, partner_port)
+            config = write_config(root, party, partner, port, partner_port, one_round)
             ours, theirs = ctx.Pipe()
             target = f"{profile}.{party.lower()}" if profile else ""
             process = ctx.Process(target=node_process, args=(config, theirs, target))
@@ -599,9 +630,21 @@ def transfers_part(
             )
     finally:
         pair.stop()
+    # The same with a sender that asks for one-round transfers (PROTOCOL.md §6.11).
+    make_parties(root / "one-round")
+    pair = Pair(ctx, root / "one-round", profile and f"{profile}.one-round", one_round=True)
+    try:
+        pair.call("LAO", "authorise")
+        pair.call("LAO", "transfers", 20, 1, 1_000)  # warm up
+        one_round_1 = measure("one-round, 1 in flight", count, 1, 1_000)
+        one_round_64 = measure("one-round, 64 in flight", count * 2, 64, 1_000)
+    finally:
+        pair.stop()
     print("itmolink, two node processes, durable SQLite, signatures both ways:")
     row("transfers, 1 in flight", one, floor_1)
     row("transfers, 64 in flight", many, floor_64)
+    row("one-round transfers, 1 in flight", one_round_1, floor_1)
+    row("one-round transfers, 64 in flight", one_round_64, floor_64)
     row("transfers of 1 tCO2e (alternating)", small, floor_1)
     row("transfers of 10^9 tCO2e (alternating)", big, floor_1)
     for label, (lao, kor) in cpu.items():
@@ -612,6 +655,8 @@ def transfers_part(
           f"rate {small[0] / big[0]:.2f}")  # fmt: skip
     print(f"ratio transfers/echo: {one[0] / floor_1[0]:.3f} (1 in flight), "
           f"{many[0] / floor_64[0]:.3f} (64 in flight)", flush=True)  # fmt: skip
+    print(f"ratio one-round transfers/echo: {one_round_1[0] / floor_1[0]:.3f} (1 in flight), "
+          f"{one_round_64[0] / floor_64[0]:.3f} (64 in flight)", flush=True)  # fmt: skip
     if batched is not None:
         print(f"batched proposals ({batch_size} transfers per TransferBatchProposal, "
               f"{batch_in_flight} batches in flight), per transfer, against the echo with 64 "

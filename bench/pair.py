@@ -5,7 +5,8 @@
 
 prints (transfers per second, p50, p99) when done, then the CPU time each node
 process spent per transfer (docs/PERFORMANCE.md). With ``--batch N`` the
-transfers go N to a batched proposal, ``--in-flight`` batches at a time.
+transfers go N to a batched proposal, ``--in-flight`` batches at a time; with
+``--one-round`` the sender asks for one-round transfers.
 """
 
 from __future__ import annotations
@@ -26,12 +27,16 @@ def main() -> None:
         "--batch", type=int, default=0,
         help="transfers per batched proposal (--in-flight then counts batches)",
     )  # fmt: skip
+    parser.add_argument(
+        "--one-round", action="store_true",
+        help="the sender asks for one-round transfers (docs/PROTOCOL.md §6.11)",
+    )  # fmt: skip
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         bench.make_parties(root)
-        pair = bench.Pair(ctx, root)
+        pair = bench.Pair(ctx, root, one_round=args.one_round)
         try:
             pair.call("LAO", "authorise")
             cpu = {party: pair.call(party, "cpu") for party in ("LAO", "KOR")}

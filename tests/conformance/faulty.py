@@ -63,6 +63,9 @@ class Variant:
     patch: Callable[[Node], None]
     # (object, attribute, replacement factory taking the original) for core rules.
     core_patches: tuple[tuple[Any, str, Callable[[Any], Any]], ...] = field(default=())
+    # Whether the node asks the kit to complete on acceptance (PROTOCOL §6.11), and the
+    # kit expects it to: for a sender's fault in the one-round transfer.
+    one_round: bool = False
 
 
 def _swap(node: Node, cls: type[Engine]) -> None:
@@ -672,6 +675,80 @@ class ForgetsRefusedBatchItems(Engine):
             super()._record_rejected_request(tx, sender, msg, payload, rejected, now_us)
 
 
+# -- the one-round transfer (PROTOCOL §6.11) ----------------------------------------------
+
+
+def _proposal_handler(
+    change: Callable[[Engine, transfer_pb2.TransferProposal], Any],
+) -> dict[str, Callable[..., bytes]]:
+    """The reference's handlers, the proposal's taken by ``change`` first."""
+    original = Engine._request_handlers["itmolink.v1.TransferProposal"]
+
+    def on_proposal(self: Engine, tx: Tx, sender: str, msg: Any, *args: Any) -> bytes:
+        change(self, msg)
+        return original(self, tx, sender, msg, *args)
+
+    return {**Engine._request_handlers, "itmolink.v1.TransferProposal": on_proposal}
+
+
+class CompletesUnasked(Engine):
+    """Completes every proposal in the step that accepts it, asked or not (R1 for all)."""
+
+    _request_handlers: ClassVar[dict[str, Callable[..., bytes]]] = _proposal_handler(
+        lambda engine, msg: setattr(msg, "complete_on_acceptance", True)
+    )
+
+
+def _two_phase_said_completed(engine: Engine, msg: Any) -> None:
+    engine._said_completed = msg.complete_on_acceptance  # type: ignore[attr-defined]
+    msg.complete_on_acceptance = False
+
+
+class SaysCompletedButAccepts(_RewritesReplies):
+    """Takes a one-round proposal in two phases (records it ACCEPTED) but answers that
+    it completed it, with the vintage as year."""
+
+    _said_completed = False
+    _request_handlers: ClassVar[dict[str, Callable[..., bytes]]] = _proposal_handler(
+        _two_phase_said_completed
+    )
+
+    def handle_delivery(self, peer_party: str, raw: bytes, now: dt.datetime) -> bytes:
+        self._said_completed = False
+        return super().handle_delivery(peer_party, raw, now)
+
+    def rewrite(self, message: Any) -> bool:
+        if not (isinstance(message, transfer_pb2.TransferAcceptance) and self._said_completed):
+            return False
+        message.completed, message.adjustment_year = True, 2025
+        return True
+
+
+class _VoidsOneRoundTx:
+    """A transaction whose time-out pass takes the one-round proposals too (as before
+    PROTOCOL §6.11 S4)."""
+
+    def __init__(self, tx: Tx) -> None:
+        self._tx = tx
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tx, name)
+
+    def transfers_expired(self, now: int) -> list[Any]:
+        from itmolink.store.tx import _TRANSFER_READ, _transfer
+
+        rows = self._tx._exec(
+            f"SELECT {_TRANSFER_READ} FROM transfers WHERE direction = 'out' "
+            "AND state = ? AND expires_at <= ?",
+            (int(TransferState.PROPOSED), now),
+        )
+        return [_transfer(r) for r in rows]
+
+
+def _voids_one_round(node: Node) -> None:
+    node.engine.store = _WrappedStore(node.engine.store, _VoidsOneRoundTx)  # type: ignore[assignment]
+
+
 VARIANTS = [
     Variant("accepts-bad-signature", "buyer", "accepts a signature that does not verify",
             "1.06-bad-signature",
@@ -812,4 +889,18 @@ VARIANTS = [
             "completes the items of its batch that the receiver rejected",
             "3.06-batch-completed", "expected the two accepted transfers",
             lambda n: _swap(n, CompletesRejectedBatchItems)),
+    Variant("completes-unasked", "buyer",
+            "completes a proposal that did not ask to complete on acceptance",
+            "3.01-transfer-completed",
+            "an acceptance of a proposal that did not ask to complete on acceptance says "
+            "completed = true",
+            lambda n: _swap(n, CompletesUnasked)),
+    Variant("says-completed-but-accepts", "buyer",
+            "answers a one-round proposal completed but records it ACCEPTED",
+            "3.23-one-round-proposal",
+            "is TRANSFER_STATE_ACCEPTED at the target, not TRANSFER_STATE_COMPLETED",
+            lambda n: _swap(n, SaysCompletedButAccepts)),
+    Variant("voids-one-round", "host", "voids a one-round proposal on its time-out",
+            "3.04-timeout-void", "a sender that asked never voids",
+            _voids_one_round, one_round=True),
 ]  # fmt: skip

@@ -67,9 +67,10 @@ class Setup:
     kit_port: int
 
 
-def prepare(tmp: Path, *, act_within: float = 15.0) -> Setup:
+def prepare(tmp: Path, *, act_within: float = 15.0, one_round: bool = False) -> Setup:
     """Key material for the kit and the target, the target's node.toml (pinning the
-    kit's card, whose endpoint is the kit's listening port) and the kit's partner.toml."""
+    kit's card, whose endpoint is the kit's listening port) and the kit's partner.toml.
+    ``one_round``: the target asks the kit to complete on acceptance (PROTOCOL §6.11)."""
     now = dt.datetime.now(dt.UTC)
     init_kit_identity(tmp / "kit", KIT, f"{KIT}-NR", now=now)
     node_dir = tmp / "target"
@@ -82,6 +83,7 @@ def prepare(tmp: Path, *, act_within: float = 15.0) -> Setup:
         "transfer_timeout_seconds = 60\n"
         '[keys]\ndirectory = "pki"\n'
         f'[[partners]]\ncard = "../kit/card.toml"\nendpoint = "127.0.0.1:{kit_port}"\n'
+        f"complete_on_acceptance = {str(one_round).lower()}\n"
     )
     driver = "\n".join(f"{name} = {command!r}" for name, command in DRIVER.items())
     kit_config = tmp / "partner.toml"
@@ -91,7 +93,11 @@ def prepare(tmp: Path, *, act_within: float = 15.0) -> Setup:
         # The node's default [limits] rate and transfer budget (tests 1.20 and 3.22 run
         # only when they are given).
         + "rate_per_second = 100\nrate_burst = 200\n"
-        + "transfer_items_per_second = 1000\ntransfer_items_burst = 2000\n\n"
+        + "transfer_items_per_second = 1000\ntransfer_items_burst = 2000\n"
+        # The node's default max_clock_skew_seconds; it honours complete_on_acceptance
+        # always (PROTOCOL §6.11 R1), and asks for it as its [[partners]] entry says.
+        + "max_clock_skew_seconds = 300\ncompletes_on_acceptance = true\n"
+        + f"asks_complete_on_acceptance = {str(one_round).lower()}\n\n"
         f"[driver]\n{driver}\n\n"
         f'[driver.vars]\nitmolink = "{ITMOLINK}"\nnode_config = "{node_config}"\n'
     )

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -16,14 +17,26 @@ from itmolink.conformance import stages
 from itmolink.conformance.config import load_kit_config
 from itmolink.conformance.runner import ERROR, FAILED, NOT_RUN, PASSED, run_kit
 from itmolink.node import runtime
+from itmolink.node.engine import Engine
 from itmolink.v1 import partner_service_pb2_grpc, reply_pb2
-from tests.conformance.faulty import VARIANTS, Variant, _RewritesReplies, _swap
+from tests.conformance.faulty import (
+    VARIANTS,
+    Variant,
+    _proposal_handler,
+    _RewritesReplies,
+    _swap,
+)
 from tests.conformance.harness import ITMOLINK, prepare, start_target
 
+# A target asks a partner to complete on acceptance always or never (PROTOCOL §6.11 S1):
+# role host runs once each way (3.04 and 3.08 check either).
+RUNS = {"host": ("host", False), "host-one-round": ("host", True), "buyer": ("buyer", False)}
 
-@pytest.mark.parametrize("role", ["host", "buyer"])
-async def test_our_node_conforms_in_both_roles(tmp_path: Path, role: str) -> None:
-    setup = prepare(tmp_path)
+
+@pytest.mark.parametrize("run", list(RUNS))
+async def test_our_node_conforms_in_both_roles(tmp_path: Path, run: str) -> None:
+    role, one_round = RUNS[run]
+    setup = prepare(tmp_path, one_round=one_round)
     node = await start_target(setup)
     junit, report = tmp_path / "junit.xml", tmp_path / "report.md"
     try:
@@ -54,7 +67,7 @@ async def test_our_node_conforms_in_both_roles(tmp_path: Path, role: str) -> Non
 async def test_the_kit_catches_each_faulty_variant(
     tmp_path: Path, variant: Variant, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    setup = prepare(tmp_path, act_within=8.0)
+    setup = prepare(tmp_path, act_within=8.0, one_round=variant.one_round)
     for owner, attribute, make in variant.core_patches:
         monkeypatch.setattr(owner, attribute, make(getattr(owner, attribute)))
     node = await start_target(setup, variant.patch)
@@ -123,6 +136,38 @@ async def test_the_kit_accepts_a_rejection_bound_by_in_reply_to_alone(tmp_path: 
     finally:
         await node.stop(0.2)
     assert report.passed, [(r.test.id, r.message) for r in report.results if r.message]
+
+
+class _OlderBuild(Engine):
+    """Conforming: a build of before the one-round transfer, which does not know
+    complete_on_acceptance and answers every proposal in two phases (PROTOCOL §6.11)."""
+
+    _request_handlers: ClassVar[dict[str, Callable[..., bytes]]] = _proposal_handler(
+        lambda engine, msg: msg.ClearField("complete_on_acceptance")
+    )
+
+
+async def test_the_kit_accepts_a_target_that_does_not_complete_on_acceptance(
+    tmp_path: Path,
+) -> None:
+    """Stated in [target] (completes_on_acceptance = false), two-phase answers to
+    one-round proposals pass 3.23 and 3.24, the kit completing them."""
+    setup = prepare(tmp_path)
+    text = setup.kit_config.read_text()
+    setup.kit_config.write_text(
+        text.replace("completes_on_acceptance = true", "completes_on_acceptance = false")
+    )
+    node = await start_target(setup, lambda n: _swap(n, _OlderBuild))
+    try:
+        report = await run_kit(
+            load_kit_config(setup.kit_config), f"127.0.0.1:{node.partner_port}", "buyer"
+        )
+    finally:
+        await node.stop(0.2)
+    assert report.passed, [(r.test.id, r.message) for r in report.results if r.message]
+    one_round = {r.test.id: r.status for r in report.results if "one-round" in r.test.id}
+    ids = ["3.23-one-round-proposal", "3.24-one-round-settled", "3.25-one-round-expired"]
+    assert one_round == dict.fromkeys(ids, PASSED)
 
 
 def test_protocol_md_and_readme_give_the_number_of_variants() -> None:

@@ -167,6 +167,28 @@ def test_the_configuration_refuses_a_wait_that_is_not_positive(tmp_path: Path) -
     assert load_kit_config(setup.kit_config).driver_timeout_seconds == 600.0
 
 
+def test_the_one_round_statements_are_flags_false_by_default(tmp_path: Path) -> None:
+    setup = prepare(tmp_path, one_round=True)
+    text = setup.kit_config.read_text()
+    config = load_kit_config(setup.kit_config)
+    assert (config.completes_on_acceptance, config.asks_complete_on_acceptance) == (True, True)
+    assert config.max_clock_skew_seconds == 300
+    lines = [line for line in text.splitlines() if "_on_acceptance" not in line]
+    setup.kit_config.write_text("\n".join(lines) + "\n")
+    config = load_kit_config(setup.kit_config)
+    assert (config.completes_on_acceptance, config.asks_complete_on_acceptance) == (False, False)
+    setup.kit_config.write_text(
+        text.replace("completes_on_acceptance = true", 'completes_on_acceptance = "yes"')
+    )
+    with pytest.raises(KitConfigError, match=r"completes_on_acceptance must be true or false"):
+        load_kit_config(setup.kit_config)
+    setup.kit_config.write_text(
+        text.replace("max_clock_skew_seconds = 300", "max_clock_skew_seconds = 0")
+    )
+    with pytest.raises(KitConfigError, match=r"max_clock_skew_seconds must be positive"):
+        load_kit_config(setup.kit_config)
+
+
 @pytest.mark.parametrize(
     ("edit", "error"),
     [

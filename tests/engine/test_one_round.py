@@ -760,6 +760,20 @@ def test_later_messages_about_a_transfer_completed_on_acceptance(one_round: Pair
     assert pair.kor.query_pending_transfers(pair.now) == []
 
 
+def test_a_status_query_about_it_gets_a_report_and_no_completion(one_round: Pair) -> None:
+    """S2: the sender of a transfer completed on a completed acceptance never sends a
+    completion, not even when the receiver asks about the transfer (a completion is
+    sealed again on a query only where one was sent before)."""
+    pair = one_round
+    transfer_id = transfer(pair)
+    pair.pump()
+    report = _from_kor(pair, transfer_pb2.TransferStatusQuery(transfer_id=transfer_id))
+    assert isinstance(report, transfer_pb2.TransferStatusReport)
+    assert report.state == transfer_pb2.TRANSFER_STATE_COMPLETED
+    assert outbox_count(pair.lao, COMPLETION, transfer_id) == 0
+    assert pair.lao.due_messages(pair.now) == []
+
+
 # -- idempotence, crashes -------------------------------------------------------------
 
 

@@ -49,6 +49,17 @@ class KitConfig:
     # transfer_items_burst): test 3.22 checks it, in role buyer, when both are given.
     transfer_items_per_second: int = 0
     transfer_items_burst: int = 0
+    # The target's [limits] max_clock_skew_seconds: how far past its expires_at a proposal
+    # may arrive and still be taken (§5.8 T1b); test 3.25 sends one older than that.
+    max_clock_skew_seconds: int = 300
+    # The one-round transfer (PROTOCOL §6.11). In role buyer: whether the target honours a
+    # proposal's complete_on_acceptance (completes in the step that accepts); tests 3.23 and
+    # 3.24 expect completed = true if so, a two-phase acceptance if not.
+    completes_on_acceptance: bool = False
+    # In role host: whether the target's proposals to the kit ask it to complete on
+    # acceptance (the target's [[partners]] complete_on_acceptance for the kit). Tests 3.08
+    # and 3.09 run only then, and 3.04 (a time-out void) only when not.
+    asks_complete_on_acceptance: bool = False
     # How long a driver command may run (a command may wait for a person).
     driver_timeout_seconds: float = 60.0
     # Driver commands by action name, and the user's own placeholder values.
@@ -80,6 +91,13 @@ def _resolve(base: Path, value: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def _flag(table: dict[str, object], key: str, path: Path) -> bool:
+    value = table.get(key, False)
+    if not isinstance(value, bool):
+        raise KitConfigError(f"{path}: [target] {key} must be true or false, not {value!r}")
+    return value
+
+
 def load_kit_config(path: Path | str) -> KitConfig:
     path = Path(path)
     try:
@@ -107,6 +125,8 @@ def load_kit_config(path: Path | str) -> KitConfig:
     commands = {k: v for k, v in driver.items() if k != "vars"}
     if not all(isinstance(v, str) for v in commands.values()) or not isinstance(variables, dict):
         raise KitConfigError(f"{path}: [driver] entries are strings; [driver.vars] a table")
+    completes = _flag(target, "completes_on_acceptance", path)
+    asks = _flag(target, "asks_complete_on_acceptance", path)
     try:
         config = KitConfig(
             path=path,
@@ -121,6 +141,9 @@ def load_kit_config(path: Path | str) -> KitConfig:
             rate_burst=int(target.get("rate_burst", 0)),
             transfer_items_per_second=int(target.get("transfer_items_per_second", 0)),
             transfer_items_burst=int(target.get("transfer_items_burst", 0)),
+            max_clock_skew_seconds=int(target.get("max_clock_skew_seconds", 300)),
+            completes_on_acceptance=completes,
+            asks_complete_on_acceptance=asks,
             driver_timeout_seconds=float(kit.get("driver_timeout_seconds", 60.0)),
             driver=commands,
             driver_vars={str(k): str(v) for k, v in variables.items()},
@@ -132,6 +155,7 @@ def load_kit_config(path: Path | str) -> KitConfig:
         ("kit", "driver_timeout_seconds", config.driver_timeout_seconds),
         ("target", "max_message_bytes", config.max_message_bytes),
         ("target", "max_message_age_days", config.max_message_age_days),
+        ("target", "max_clock_skew_seconds", config.max_clock_skew_seconds),
     ):
         if not value > 0:
             raise KitConfigError(f"{path}: [{table}] {key} must be positive, not {value}")

@@ -65,6 +65,8 @@ class KitTransfer:
     # Whether the transfer carries corresponding adjustments: not for units whose first
     # transfer is their use (§5.5.3, §6.6), which a first-transfer notice adjusts later.
     adjusted: bool = True
+    # Whether its proposal asked the receiver to complete on acceptance (PROTOCOL §6.11).
+    one_round: bool = False
 
     def facts(
         self,
@@ -221,6 +223,7 @@ class Context:
             blocks=tuple(blocks),
             proposal_digest=sha256(payload),
             proposed_at_us=timestamp_us(proposal.header.sent_at),
+            one_round=proposal.complete_on_acceptance,
         )
         self.transfers[record.transfer_id] = record
         return record

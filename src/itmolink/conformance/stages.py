@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import tempfile
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -929,6 +930,15 @@ def _accepted(ctx: Context, record: KitTransfer, reply: object, what: str) -> No
         acceptance.proposal_digest == record.proposal_digest,
         "proposal_digest must be SHA-256 of the proposal payload as received (§5.8)",
     )
+    if not record.one_round:
+        check(
+            not acceptance.completed and acceptance.adjustment_year == 0,
+            f"{what}: an acceptance of a proposal that did not ask to complete on acceptance "
+            f"says completed = {str(acceptance.completed).lower()}, adjustment_year = "
+            f"{acceptance.adjustment_year}; only a proposal with complete_on_acceptance is "
+            "completed in the step that accepts it, and a two-phase acceptance names no year "
+            "(PROTOCOL §6.11)",
+        )
     record.acceptance_digest = sha256(reply.payload)  # type: ignore[attr-defined]
 
 
@@ -1354,6 +1364,14 @@ async def _driver_propose(
         timestamp_us(proposal.expires_at) > to_us(now_utc()) - 300_000_000,
         "the proposal expired before it was sent",
     )
+    asks = ctx.config.asks_complete_on_acceptance
+    check(
+        proposal.complete_on_acceptance == asks,
+        f"the target's proposal {'does not ask' if asks else 'asks'} the kit to complete on "
+        f"acceptance, but the kit's [target] asks_complete_on_acceptance is {str(asks).lower()}: "
+        "a sender asks a partner always or never (PROTOCOL §6.11 S1); state what the target "
+        "does for the kit",
+    )
     check(
         proposal.first_transfer == first_transfer,
         "a host's transfer of its NDC units is their first transfer (§5.8)"
@@ -1366,6 +1384,7 @@ async def _driver_propose(
         authorisation_id=proposal.authorisation_id, blocks=tuple(blocks),
         proposal_digest=sha256(incoming.payload),
         proposed_at_us=timestamp_us(proposal.header.sent_at), adjusted=first_transfer,
+        one_round=proposal.complete_on_acceptance,
     )  # fmt: skip
     ctx.transfers[record.transfer_id] = record
     return incoming
@@ -1504,11 +1523,15 @@ async def t_h_rejected(ctx: Context) -> None:
 @kit_test(
     "3.04-timeout-void",
     3,
-    "§7.4, §5.10",
-    "an unanswered proposal is voided after its time-out",
+    "§7.4, §5.10, §6.11 S4",
+    "an unanswered proposal is voided after its time-out; one that asks to complete on "
+    "acceptance is not, but delivered again until answered",
     ("host",),
 )
 async def t_h_timeout(ctx: Context) -> None:
+    if ctx.config.asks_complete_on_acceptance:
+        await _one_round_never_voided(ctx)
+        return
     timeout = 2
     incoming = await _driver_propose(ctx, 500, lambda incoming: None, timeout_seconds=timeout)
     record = ctx.transfers[incoming.message.transfer_id]  # type: ignore[attr-defined]
@@ -1991,6 +2014,295 @@ async def t_b_transfer_budget(ctx: Context) -> None:
     # The other refused batches were not recorded either; the kit forgets them. Leave the
     # later tests (and a run that follows) a full budget.
     await asyncio.sleep(burst / rate)
+
+
+# ======================================================================================
+# Stage 3: the one-round transfer (PROTOCOL §6.11), both roles
+# ======================================================================================
+
+
+@kit_test(
+    "3.23-one-round-proposal",
+    3,
+    "§6.11 R1, S3",
+    "a proposal asking to complete on acceptance gets a signed acceptance: completed with the "
+    "vintage as year if the target honours it, else a two-phase acceptance, which the kit "
+    "completes",
+    ("buyer",),
+)
+async def t_b_one_round(ctx: Context) -> None:
+    record, envelope, reply = await _propose(ctx, 600, complete_on_acceptance=True)
+    _accepted(ctx, record, reply, "a one-round proposal")
+    acceptance = reply.message
+    assert isinstance(acceptance, transfer_pb2.TransferAcceptance)
+    year = record.blocks[0].vintage
+    said = (
+        f"completed = {str(acceptance.completed).lower()}, "
+        f"adjustment_year = {acceptance.adjustment_year}"
+    )
+    if ctx.config.completes_on_acceptance:
+        check(
+            acceptance.completed and acceptance.adjustment_year == year,
+            f"the acceptance of a one-round proposal says {said}; the target honours "
+            "complete_on_acceptance ([target] completes_on_acceptance), so it completes in the "
+            f"step that accepts: completed = true, adjustment_year = {year}, the year of the "
+            "adjustment it booked (PROTOCOL §6.11 R1, §6.6)",
+        )
+        record.moved = record.final_at_target = True
+        await _expect_state(
+            ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_COMPLETED, "§6.11 R1"
+        )
+    else:
+        check(
+            not acceptance.completed and acceptance.adjustment_year == 0,
+            f"the acceptance of a one-round proposal says {said}; with [target] "
+            "completes_on_acceptance false the kit expects a two-phase acceptance "
+            "(completed = false, no year; PROTOCOL §6.11 S3): set it if the target honours "
+            "complete_on_acceptance",
+        )
+        await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_ACCEPTED, "§6.4")
+        await _complete(ctx, record, "the completion of a two-phase answer to a one-round proposal")
+    ctx.notes["one_round"] = (record, envelope, reply)
+
+
+@kit_test(
+    "3.24-one-round-settled",
+    3,
+    "§6.11 R3, §5.9, §7.2",
+    "after 3.23: the proposal's bytes again get the stored acceptance, a completion gets a "
+    "receipt with the year, a void 3008; the transfer stays COMPLETED",
+    ("buyer",),
+)
+async def t_b_one_round_settled(ctx: Context) -> None:
+    record, envelope, reply = ctx.needs("one_round", "3.23")
+    assert isinstance(record, KitTransfer)
+    again = await ctx.link.deliver_raw(envelope)
+    check(
+        again.ok and again.raw == reply.raw,
+        f"the one-round proposal delivered again got {again.describe()}, not the stored "
+        "acceptance byte for byte (§7.2)",
+    )
+    await _complete(ctx, record, "a TransferCompletion of a transfer completed on acceptance")
+    void = transfer_pb2.TransferVoid(transfer_id=record.transfer_id, reason="conformance")
+    ctx.expect_rejection(
+        await ctx.link.send(void), C.REJECTION_CODE_TRANSFER_STATE_CONFLICT,
+        "a void of a transfer completed on acceptance", recorded=True,
+    )  # fmt: skip
+    await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_COMPLETED, "§6.11 R3")
+
+
+@kit_test(
+    "3.25-one-round-expired",
+    3,
+    "§6.11 R2, §5.8 T1b",
+    "a one-round proposal past its expiry by more than the target's max_clock_skew_seconds: "
+    "3011, recorded; the same bytes again get the same rejection; nothing completed",
+    ("buyer",),
+)
+async def t_b_one_round_expired(ctx: Context) -> None:
+    blocks = ctx.new_blocks(100, ctx.needs("auth", "2.01"))
+    late = dt.timedelta(seconds=ctx.config.max_clock_skew_seconds + 60)
+    proposal = ctx.proposal(blocks, expires_in=-late, complete_on_acceptance=True)
+    payload, envelope = ctx.link.seal(proposal)
+    record = ctx.record_outgoing(proposal, payload, blocks)
+    reply = await ctx.link.deliver_raw(envelope)
+    ctx.expect_rejection(
+        reply, C.REJECTION_CODE_PROPOSAL_EXPIRED, "a one-round proposal past its expiry",
+        recorded=True,
+    )  # fmt: skip
+    record.final_at_target, record.moved = True, False
+    again = await ctx.link.deliver_raw(envelope)
+    check(
+        again.ok and again.raw == reply.raw,
+        f"the expired one-round proposal delivered again got {again.describe()}, not the "
+        "stored rejection byte for byte (§7.2: a recorded refusal is the proposal's answer; "
+        "PROTOCOL §6.11 S4 relies on it)",
+    )
+    await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_REJECTED, "§5.2 D10")
+
+
+def _of_transfer(ctx: Context, cls: type[Message], transfer_id: str) -> list[Incoming]:
+    return [
+        i for i in ctx.server.of_type(cls)
+        if i.message.transfer_id == transfer_id  # type: ignore[attr-defined]
+    ]  # fmt: skip
+
+
+def _completing(
+    ctx: Context, hold: Callable[[Incoming], bool] | None = None
+) -> Callable[[Incoming], Message | bytes | None]:
+    """Answer the target's proposal as a one-round receiver: completed, with the vintage
+    as year (the kit credits and books in the step that accepts, PROTOCOL §6.11 R1).
+    While ``hold(incoming)`` is true, refuse the delivery (UNAVAILABLE) instead."""
+
+    def policy(incoming: Incoming) -> Message | bytes | None:
+        if hold is not None and hold(incoming):
+            return None
+        msg = incoming.message
+        assert isinstance(msg, transfer_pb2.TransferProposal)
+        record = ctx.transfers.get(msg.transfer_id)
+        answer = transfer_pb2.TransferAcceptance(
+            header=ctx.link.header(in_reply_to=incoming.message_id),
+            transfer_id=msg.transfer_id,
+            proposal_digest=sha256(incoming.payload),
+            completed=True,
+            adjustment_year=VINTAGE if record is None or record.adjusted else 0,
+        )
+        payload, _ = ctx.link.seal(answer)
+        ctx.notes.setdefault("acceptances", {})[msg.transfer_id] = sha256(payload)
+        return answer
+
+    return policy
+
+
+def _completed_by_kit(ctx: Context, record: KitTransfer) -> bool:
+    """Whether the kit answered ``record``'s proposal with completed = true (then it has
+    moved, and the target must hold it as final)."""
+    digest = ctx.notes.get("acceptances", {}).get(record.transfer_id)
+    if digest is None:
+        return False
+    record.acceptance_digest = digest
+    record.moved = record.final_at_target = True
+    return True
+
+
+async def _settled_state(ctx: Context, transfer_id: str) -> int:
+    """The target's state of its transfer once the kit's answer is applied there (it may
+    apply it after the call that carried it ended): polled while PROPOSED, for at most
+    ``[target] act_within_seconds``."""
+    deadline = time.monotonic() + ctx.config.act_within_seconds
+    while True:
+        state = await _status(ctx, transfer_id)
+        if state != transfer_pb2.TRANSFER_STATE_PROPOSED or time.monotonic() >= deadline:
+            return state
+        await asyncio.sleep(0.2)
+
+
+async def _settled_by_kit(ctx: Context, record: KitTransfer, started: float, what: str) -> None:
+    """After the kit answered ``record``'s proposal with completed = true (at ``started``):
+    for 2 s the target sends neither a completion (S2) nor a void (S4), then reports the
+    transfer COMPLETED. Only then does the kit query its status: a completion the target
+    sends in answer to that query (as for a receiver still waiting for one) is not counted,
+    the receiver answers it with a receipt (PROTOCOL §6.11 R3)."""
+    await asyncio.sleep(max(0.0, started + 2.0 - time.monotonic()))
+    check(
+        not _completions_of(ctx, record.transfer_id),
+        f"the target sent a TransferCompletion of {record.transfer_id} after the kit's "
+        f"acceptance with completed = true{what}: a sender that asked sends none "
+        "(PROTOCOL §6.11 S2)",
+    )
+    voided = f"the target voided {record.transfer_id} after the kit's acceptance with "
+    check(
+        not _of_transfer(ctx, transfer_pb2.TransferVoid, record.transfer_id),
+        f"{voided}completed = true{what} (PROTOCOL §6.11 S4)",
+    )
+    state = await _settled_state(ctx, record.transfer_id)
+    check(
+        state == transfer_pb2.TRANSFER_STATE_COMPLETED,
+        f"{record.transfer_id} is {_state(state)} at the target after the kit's acceptance "
+        f"with completed = true{what}, not TRANSFER_STATE_COMPLETED (PROTOCOL §6.11 S2)",
+    )
+    check(
+        not _of_transfer(ctx, transfer_pb2.TransferVoid, record.transfer_id),
+        f"{voided}completed = true{what} (PROTOCOL §6.11 S4)",
+    )
+
+
+@kit_test(
+    "3.08-one-round-answer",
+    3,
+    "§6.11 S1, S2, S6",
+    "an acceptance saying completed: if the target asked, it records COMPLETED and sends no "
+    "completion and no void; if not, it applies none of it and takes the two-phase "
+    "acceptance the kit sends next",
+    ("host",),
+)
+async def t_h_one_round(ctx: Context) -> None:
+    if not ctx.config.asks_complete_on_acceptance:
+        await _completed_unasked(ctx)
+        return
+    incoming = await _driver_propose(ctx, 800, _completing(ctx))
+    started = time.monotonic()
+    record = ctx.transfers[incoming.message.transfer_id]  # type: ignore[attr-defined]
+    check(_completed_by_kit(ctx, record), "the kit did not answer the target's proposal")
+    await _settled_by_kit(ctx, record, started, "")
+
+
+async def _completed_unasked(ctx: Context) -> None:
+    """3.08 when the target does not ask: the kit first answers completed = true (signed,
+    the right digest, not recorded); the target must apply none of it (2004, PROTOCOL
+    §6.11 S6) and deliver the proposal again, which the kit accepts as usual."""
+    ordinary = _accepting(ctx)
+    claimed: list[Incoming] = []
+
+    def policy(incoming: Incoming) -> Message | bytes | None:
+        if claimed:
+            return ordinary(incoming)
+        claimed.append(incoming)
+        msg = incoming.message
+        assert isinstance(msg, transfer_pb2.TransferProposal)
+        answer = transfer_pb2.TransferAcceptance(
+            transfer_id=msg.transfer_id, proposal_digest=sha256(incoming.payload),
+            completed=True, adjustment_year=VINTAGE,
+        )  # fmt: skip
+        return _unstored(ctx, incoming, answer)
+
+    incoming = await _driver_propose(ctx, 900, policy)
+    record = ctx.transfers[incoming.message.transfer_id]  # type: ignore[attr-defined]
+    await ctx.server.wait_for(
+        lambda: _completions_of(ctx, record.transfer_id), ctx.config.act_within_seconds
+    )
+    good = ctx.notes.get("acceptances", {}).get(record.transfer_id)
+    if good is None:
+        state = _state(await _status(ctx, record.transfer_id))
+        raise CheckFailed(
+            "the target took the kit's acceptance saying completed = true, to a proposal that "
+            "did not ask for it, instead of refusing it and delivering the proposal again "
+            f"(PROTOCOL §6.11 S6: 2004, nothing applied); the transfer is {state} there"
+        )
+    record.acceptance_digest = good
+    await _wait_completion(ctx, record)
+    await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_COMPLETED, "§6.3")
+
+
+async def _one_round_never_voided(ctx: Context) -> None:
+    """3.04 when the target asks to complete on acceptance: its proposal, unanswered past
+    the time-out, is not voided but delivered again, byte for byte, and the kit's
+    completed acceptance then settles it (PROTOCOL §6.11 S4, §7.1)."""
+    timeout = 2
+    first: list[float] = []
+
+    def hold(incoming: Incoming) -> bool:
+        # Unanswered until half a second past the time-out (on the kit's clock, from the
+        # first delivery): a sender that voids on its time-out has voided by then.
+        first.append(incoming.received_at)
+        return incoming.received_at < first[0] + timeout + 0.5
+
+    incoming = await _driver_propose(ctx, 600, _completing(ctx, hold), timeout_seconds=timeout)
+    record = ctx.transfers[incoming.message.transfer_id]  # type: ignore[attr-defined]
+    await ctx.server.wait_for(
+        lambda: _completed_by_kit(ctx, record)
+        or _of_transfer(ctx, transfer_pb2.TransferVoid, record.transfer_id),
+        timeout + 0.5 + ctx.config.act_within_seconds,
+    )  # fmt: skip
+    check(
+        not _of_transfer(ctx, transfer_pb2.TransferVoid, record.transfer_id),
+        f"the target voided its one-round proposal {record.transfer_id} on its time-out of "
+        f"{timeout} s: a sender that asked never voids (PROTOCOL §6.11 S4)",
+    )
+    check(
+        _completed_by_kit(ctx, record),
+        f"the target did not deliver its one-round proposal {record.transfer_id} again after "
+        f"its time-out of {timeout} s (within {ctx.config.act_within_seconds:g} s): it keeps "
+        "delivering it until an answer settles it (PROTOCOL §6.11 S4, §7.1)",
+    )
+    started = time.monotonic()
+    deliveries = _of_transfer(ctx, transfer_pb2.TransferProposal, record.transfer_id)
+    check(
+        all(d.raw == deliveries[0].raw for d in deliveries),
+        "the one-round proposal was delivered again with other bytes (§7.1)",
+    )
+    await _settled_by_kit(ctx, record, started, ", past its time-out")
 
 
 # ======================================================================================

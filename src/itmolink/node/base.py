@@ -810,6 +810,16 @@ class EngineBase:
             )
         ):
             return
+        if (
+            record.complete_on_acceptance
+            and not record.batch_id
+            and not tx.outbox_count_of(
+                payload_type=type_name(TransferCompletion), subject_id=transfer_id
+            )
+        ):
+            # Completed on the receiver's completed acceptance (one-round, S2): the
+            # receiver completed first, and no completion was ever owed.
+            return
         years = {year for year, _ in tx.adjustment_amounts(transfer_id)}
         completion = TransferCompletion(
             transfer_id=transfer_id,
