@@ -7,7 +7,9 @@ KOR answers the proposal, LAO applies the acceptance (and sends the
 completion), KOR answers the completion, LAO applies the receipt. With
 ``--group N`` each step is taken for N transfers in one group commit, as a node
 does with many transfers in flight; with ``--group 1`` each step commits alone,
-as with one in flight.
+as with one in flight. With ``--one-round`` LAO asks for one-round transfers
+(docs/PROTOCOL.md §6.11): three steps, LAO proposes, KOR answers with a completed
+acceptance, LAO applies it (the "completion" and "receipt" steps then cost nothing).
 
     .venv/bin/python bench/engine.py --count 2048 --group 64 --no-sync
 
@@ -38,7 +40,14 @@ from itmolink.store import SqliteStore
 STEPS = ("propose", "proposal", "acceptance", "completion", "receipt")
 
 
-def engine(root: Path, party: str, partner: str, keys: dict[str, SigningKey], sync: bool) -> Engine:
+def engine(
+    root: Path,
+    party: str,
+    partner: str,
+    keys: dict[str, SigningKey],
+    sync: bool,
+    one_round: bool = False,
+) -> Engine:
     store = SqliteStore(root / f"{party.lower()}.db", party=party, registry=f"{party}-NR")
     if not sync:
         store._conn.execute("PRAGMA synchronous=OFF")
@@ -47,7 +56,9 @@ def engine(root: Path, party: str, partner: str, keys: dict[str, SigningKey], sy
         registry=f"{party}-NR",
         signing_key=keys[party],
         trust=TrustStore([keys[partner].verifying_key()]),
-        partners=[Partner(partner, f"{partner}-NR", "in-process")],
+        partners=[
+            Partner(partner, f"{partner}-NR", "in-process", complete_on_acceptance=one_round)
+        ],
         store=store,
         default_timeout=dt.timedelta(minutes=10),
     )
@@ -61,10 +72,14 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=1)
     parser.add_argument("--no-sync", action="store_true", help="synchronous=OFF (no fsync)")
     parser.add_argument("--profile", default="", help="write a cProfile here")
+    parser.add_argument(
+        "--one-round", action="store_true",
+        help="LAO asks for one-round transfers (docs/PROTOCOL.md §6.11): three steps, not five",
+    )  # fmt: skip
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp())
     keys = {party: SigningKey.generate(party) for party in ("LAO", "KOR")}
-    lao = engine(root, "LAO", "KOR", keys, not args.no_sync)
+    lao = engine(root, "LAO", "KOR", keys, not args.no_sync, args.one_round)
     kor = engine(root, "KOR", "LAO", keys, not args.no_sync)
     now = dt.datetime.now(dt.UTC)
     terms = lao.authorise(
