@@ -278,8 +278,12 @@ def test_an_unrecorded_rejection_before_the_deadline_is_a_failed_attempt(
     transfer_id = transfer(pair)
     message_id, envelope = the_proposal(pair)
     pair.advance(60 + 2 * SKEW.total_seconds() - 1)  # one second before the deadline
+    with pair.lao.store.transaction() as tx:
+        journaled = len(list(tx.journal_entries()))
     pair.lao.handle_reply(message_id, _refused_unrecorded(pair, envelope), pair.now)
     assert state(pair.lao, transfer_id) is TransferState.PROPOSED  # (two-phase: REJECTED)
+    with pair.lao.store.transaction() as tx:  # a failed attempt: nothing journaled
+        assert len(list(tx.journal_entries())) == journaled
     assert reserved(pair.lao) == 600
     with pair.lao.store.transaction() as tx:
         message = tx.outbox_get(message_id)

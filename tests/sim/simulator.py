@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from itmolink.core.codes import Rejected
+from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.core.transfer import Role, TransferState
 from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
 from itmolink.crypto.envelope import TrustStore
@@ -53,6 +53,16 @@ ISSUED = 10_000
 # Signing keys are expensive to make and carry no randomness that matters to
 # the protocol's decisions: one set serves every seed.
 _KEYS = {party: SigningKey.generate(party) for party in PARTIES}
+
+
+# The refusals of a buyer that does not pin the host's key (PROTOCOL §5.2 D2): the
+# only ones that settle a two-phase proposal the buyer keeps no record of.
+KEY_REFUSALS = {
+    RejectionCode.UNKNOWN_SIGNING_KEY,
+    RejectionCode.SIGNING_KEY_NOT_YET_VALID,
+    RejectionCode.SIGNING_KEY_EXPIRED,
+    RejectionCode.SIGNING_KEY_REVOKED,
+}
 
 
 class Crash(Exception):
@@ -519,7 +529,13 @@ def check_invariants(
                 if theirs is None and not (
                     buyer in unpinned
                     and not ours.complete_on_acceptance
-                    and ours.state in (TransferState.REJECTED, TransferState.VOIDED)
+                    and (
+                        ours.state is TransferState.VOIDED
+                        or (
+                            ours.state is TransferState.REJECTED
+                            and ours.rejection_code in KEY_REFUSALS
+                        )
+                    )
                 ):
                     # (A buyer that unpinned the host's keys for a while refused a
                     # two-phase proposal, or its void, before recording it: such a

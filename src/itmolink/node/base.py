@@ -728,8 +728,12 @@ class EngineBase:
         message_id: str,
         raw: bytes,
         now_us: int,
+        *,
+        journal: bool = True,
     ) -> tuple[Message, bytes, int]:
-        """Verify and journal a reply to our request; (reply, payload, journal id)."""
+        """Verify and journal a reply to our request; (reply, payload, journal id).
+        With ``journal`` false it is verified only (journal id 0): the caller
+        journals it with :meth:`_journal_reply` once it decides to apply it."""
         try:
             verified = open_envelope(raw, self.trust, from_us(now_us))
         except Rejected as rejected:
@@ -760,12 +764,19 @@ class EngineBase:
         except Rejected as rejected:
             raise ReplyError(rejected.code, rejected.detail) from None
         self._check_answers(header, reply, request, message_id)
+        if not journal:
+            return reply, verified.payload, 0
+        return reply, verified.payload, self._journal_reply(tx, partner, reply, raw, now_us)
+
+    def _journal_reply(self, tx: Tx, partner: str, reply: Message, raw: bytes, now_us: int) -> int:
+        """Journal a reply verified by :meth:`_open_reply`; its journal id."""
+        header: common_pb2.Header = reply.header  # type: ignore[attr-defined]
         journal_id = (
             tx.journal_new(
                 direction="in",
                 partner=partner,
                 message_id=header.message_id,
-                payload_type=verified.payload_type,
+                payload_type=type_name(type(reply)),
                 envelope=raw,
                 now=now_us,
             )
@@ -779,7 +790,7 @@ class EngineBase:
             )
         if isinstance(reply, Rejection):
             self._notify_rejection(tx, "received", partner, reply)
-        return reply, verified.payload, journal_id
+        return journal_id
 
     @staticmethod
     def _check_answers(

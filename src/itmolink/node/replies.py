@@ -79,20 +79,22 @@ class Replies(EngineBase):
             request = tx.outbox_get(message_id)
             if request is None or request.state != "pending":
                 return True  # already answered (a duplicate reply) or cancelled
-            reply, payload, journal_id = self._open_reply(
+            reply, payload, _ = self._open_reply(
                 tx, request.partner, request.payload_type, request.envelope, message_id, raw,
-                now_us,
+                now_us, journal=False,
             )  # fmt: skip
             retry = self._refusal_to_retry(
                 tx, request.payload_type, request.subject_id, reply, sent_us
             )
             if retry is not None:
-                # S5: not an answer yet; the same proposal is delivered again later.
+                # S5: not an answer yet; the same proposal is delivered again later. Like
+                # any failed attempt it is not journaled (its last error says why).
                 tx.outbox_retry_later(
                     message_id, next_attempt_at=now_us + retry_delay_us(request.attempts),
                     error=retry,
                 )  # fmt: skip
                 return False
+            journal_id = self._journal_reply(tx, request.partner, reply, raw, now_us)
             tx.outbox_answered(message_id, journal_id)
             if isinstance(reply, Rejection):
                 code, detail = _rejection_reasons(reply)
