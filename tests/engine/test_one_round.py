@@ -89,6 +89,20 @@ def parse(engine: Engine, envelope: bytes) -> Message:
     return message
 
 
+def as_an_older_build(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make KOR answer as a build that predates complete_on_acceptance: it never
+    reads the field, and accepts in two phases."""
+
+    def accept(
+        tx: object, sender: str, msg: transfer_pb2.TransferProposal, payload: bytes,
+        blocks: object, journal_id: int, now_us: int,
+    ) -> bytes:  # fmt: skip
+        msg.complete_on_acceptance = False  # unknown to it: never read
+        return Requests._on_proposal(pair.kor, tx, sender, msg, payload, journal_id, now_us)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pair.kor, "_accept_completed", accept)
+
+
 def the_proposal(pair: Pair) -> tuple[str, bytes]:
     """(message id, envelope) of LAO's one pending message, a transfer proposal."""
     [(message_id, _, envelope)] = pair.lao.due_messages(pair.now)
@@ -184,15 +198,7 @@ def test_a_receiver_that_does_not_complete_on_acceptance_gets_a_completion(
     """A receiver on an older build ignores field 9 and accepts as always; the sender
     completes and sends the completion (S3)."""
     pair = one_round
-
-    def as_an_older_build(
-        tx: object, sender: str, msg: transfer_pb2.TransferProposal, payload: bytes,
-        blocks: object, journal_id: int, now_us: int,
-    ) -> bytes:  # fmt: skip
-        msg.complete_on_acceptance = False  # unknown to it: never read
-        return Requests._on_proposal(pair.kor, tx, sender, msg, payload, journal_id, now_us)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(pair.kor, "_accept_completed", as_an_older_build)
+    as_an_older_build(pair, monkeypatch)
     transfer_id = transfer(pair)
     message_id, envelope = the_proposal(pair)
     reply = pair.kor.handle_delivery("LAO", envelope, pair.now)
@@ -626,15 +632,7 @@ def test_an_older_receivers_acceptance_lost_past_expires_at_is_waited_for(
     PROPOSED, so it keeps the transfer ACCEPTED; once the link heals the proposal's
     retry gets the stored acceptance, and the completion completes both sides."""
     pair = one_round
-
-    def as_an_older_build(
-        tx: object, sender: str, msg: transfer_pb2.TransferProposal, payload: bytes,
-        blocks: object, journal_id: int, now_us: int,
-    ) -> bytes:  # fmt: skip
-        msg.complete_on_acceptance = False  # unknown to it: never read
-        return Requests._on_proposal(pair.kor, tx, sender, msg, payload, journal_id, now_us)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(pair.kor, "_accept_completed", as_an_older_build)
+    as_an_older_build(pair, monkeypatch)
     transfer_id = transfer(pair)
     _, envelope = the_proposal(pair)
     pair.kor.handle_delivery("LAO", envelope, pair.now)  # an ordinary acceptance, lost
