@@ -103,6 +103,13 @@ def as_an_older_build(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pair.kor, "_accept_completed", accept)
 
 
+def completed_on_both(pair: Pair, transfer_id: str) -> None:
+    """Both sides hold the transfer COMPLETED, with +600 at LAO and −600 at KOR."""
+    assert state(pair.lao, transfer_id) is state(pair.kor, transfer_id) is TransferState.COMPLETED
+    assert ledger(pair.lao) == [(transfer_id, 2025, 600)]
+    assert ledger(pair.kor) == [(transfer_id, 2025, -600)]
+
+
 def the_proposal(pair: Pair) -> tuple[str, bytes]:
     """(message id, envelope) of LAO's one pending message, a transfer proposal."""
     [(message_id, _, envelope)] = pair.lao.due_messages(pair.now)
@@ -209,9 +216,7 @@ def test_a_receiver_that_does_not_complete_on_acceptance_gets_a_completion(
     pair.lao.handle_reply(message_id, reply, pair.now)
     assert outbox_count(pair.lao, COMPLETION, transfer_id) == 1
     pair.pump()
-    assert state(pair.lao, transfer_id) is state(pair.kor, transfer_id) is TransferState.COMPLETED
-    assert ledger(pair.lao) == [(transfer_id, 2025, 600)]
-    assert ledger(pair.kor) == [(transfer_id, 2025, -600)]
+    completed_on_both(pair, transfer_id)
 
 
 # -- S4: no void on the sender's clock; the receiver's expiry settles it ----------------
@@ -306,9 +311,7 @@ def test_an_unrecorded_rejection_before_the_deadline_is_a_failed_attempt(
     reply = pair.kor.handle_delivery("LAO", envelope, pair.now - SKEW)
     assert parse(pair.lao, reply).completed  # type: ignore[attr-defined]
     pair.lao.handle_reply(message_id, reply, pair.now)
-    assert state(pair.lao, transfer_id) is state(pair.kor, transfer_id) is TransferState.COMPLETED
-    assert ledger(pair.lao) == [(transfer_id, 2025, 600)]
-    assert ledger(pair.kor) == [(transfer_id, 2025, -600)]
+    completed_on_both(pair, transfer_id)
 
 
 def test_an_unrecorded_rejection_exactly_at_the_deadline_is_a_failed_attempt(
@@ -491,9 +494,7 @@ def test_a_receiver_that_pins_the_key_again_answers_with_its_stored_acceptance(
     pair.kor.reload_trust()  # the operator pins LAO's key again
     pair.advance(3_600)
     pair.pump()
-    assert state(pair.lao, transfer_id) is state(pair.kor, transfer_id) is TransferState.COMPLETED
-    assert ledger(pair.lao) == [(transfer_id, 2025, 600)]
-    assert ledger(pair.kor) == [(transfer_id, 2025, -600)]
+    completed_on_both(pair, transfer_id)
     assert (reserved(pair.lao), held(pair.lao), held(pair.kor)) == (0, 400, 600)
 
 
