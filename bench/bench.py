@@ -102,6 +102,9 @@ class Echo(partner_service_pb2_grpc.PartnerServiceServicer):
     async def Deliver(self, request: Any, context: Any) -> Any:
         return partner_service_pb2.DeliverResponse(envelope=request.envelope)
 
+    async def DeliverBatch(self, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the echo answers Deliver only")
+
 
 def echo_server(keys: PartyFiles, port: int, stop: Any) -> None:
     async def serve() -> None:

@@ -112,7 +112,7 @@ async def run_client(
 
         await asyncio.gather(*(batch_worker() for _ in range(max(1, in_flight // size))))
     else:
-        call = channel.stream_stream(STREAM)()
+        call = channel.stream_stream(STREAM, None, None)(None)
         window = asyncio.Semaphore(in_flight)
 
         async def writer() -> None:
