@@ -399,6 +399,33 @@ def test_s5_settles_on_a_refused_attempt_sent_after_the_deadline(one_round: Pair
     assert reserved(pair.lao) == 0
 
 
+@pytest.mark.parametrize("late", [False, True])
+def test_t1b_is_judged_when_the_delivery_holds_the_ledger_not_when_it_arrived(
+    one_round: Pair, late: bool
+) -> None:
+    """S5's ordering: a delivery that arrived before expires_at + skew but reaches the
+    ledger after it (queued behind a group commit, or behind another process) is
+    judged at the later instant, read with the ledger's write lock held: refused
+    with 3011, recorded, as every delivery recorded after it would be. A clock
+    reading earlier than the arrival changes nothing."""
+    pair = one_round
+    transfer_id = transfer(pair)
+    _, envelope = the_proposal(pair)
+    arrival = START + dt.timedelta(seconds=60) + SKEW - dt.timedelta(seconds=1)
+    locked = arrival + (dt.timedelta(seconds=2) if late else -dt.timedelta(seconds=30))
+    pair.kor.ledger_clock = lambda: locked
+    answer = parse(pair.lao, pair.kor.handle_delivery("LAO", envelope, arrival))
+    if late:
+        assert isinstance(answer, reply_pb2.Rejection)
+        assert answer.header.sequence > 0  # recorded
+        assert answer.reasons[0].code == RejectionCode.PROPOSAL_EXPIRED
+        assert state(pair.kor, transfer_id) is TransferState.REJECTED
+    else:
+        assert isinstance(answer, transfer_pb2.TransferAcceptance)
+        assert answer.completed
+        assert state(pair.kor, transfer_id) is TransferState.COMPLETED
+
+
 def _expires_at(pair: Pair, transfer_id: str) -> int:
     with pair.lao.store.transaction() as tx:
         record = tx.transfer_get(transfer_id)

@@ -330,6 +330,9 @@ class EngineBase:
         # One-round transfers whose receiver could not read the proposal, ALARMed
         # once in this process (Replies._refusal_to_retry).
         self._unreadable_alarmed: set[str] = set()
+        # A runtime's clock, read again for a delivery once its transaction holds
+        # the ledger's write lock (Requests.handle_delivery); None: the time given.
+        self.ledger_clock: Callable[[], dt.datetime] | None = None
         self.reload_trust()
 
     # -- transactions and trust ------------------------------------------------------

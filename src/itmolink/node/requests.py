@@ -147,7 +147,15 @@ class Requests(EngineBase):
 
     def handle_delivery(self, peer_party: str, raw: bytes, now: dt.datetime) -> bytes:
         """Apply one request delivered by ``peer_party`` (the mTLS-authenticated
-        partner) and return the signed reply envelope."""
+        partner) and return the signed reply envelope.
+
+        ``now`` is when the delivery arrived: the checks made before the ledger is
+        opened (key validity, the header) use it. With a ``ledger_clock`` (a
+        runtime's), the time is read again once the transaction holds the ledger's
+        write lock, and the checks made there (the ``sent_at`` window, a proposal's
+        expiry, T1b) use that reading: deliveries are then judged in the order in
+        which they are recorded, whichever process or group commit they go through
+        (PROTOCOL §6.11 S5)."""
         now_us = to_us(now)
         message_id = ""
         subject_id = ""
@@ -194,6 +202,8 @@ class Requests(EngineBase):
         payload_digest = digest(pae(verified.payload_type, verified.payload))
         verified_with = self.trust
         with self._transaction() as tx:
+            if self.ledger_clock is not None:
+                now_us = max(now_us, to_us(self.ledger_clock()))
             if self.trust is not verified_with:
                 # Another process sharing the database changed the pinned keys since
                 # the check above (a revocation, a new validity window): check again

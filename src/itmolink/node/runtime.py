@@ -575,6 +575,7 @@ class Node:
                 transfer_items_burst=config.limits.transfer_items_burst,
             ),
         )
+        self.engine.ledger_clock = self.clock
         await self.db(self._load_rotated_keys)
         # Revocations of our keys reach partners added since (PROTOCOL §3.8), and those
         # our card lists come back if the ledger lost them.
