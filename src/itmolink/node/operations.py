@@ -343,8 +343,8 @@ class Operations(EngineBase):
                 # wide as this one is under way or which acknowledged one: one that
                 # refused it (too old after an outage, signed with a key it does not
                 # pin yet) recorded nothing, and one told only of a narrower one (a
-                # retirement, a later instant) does not fell what this one fells; each
-                # is sent the revocation again, freshly sealed, once at each start.
+                # retirement, a later instant) has not let fall what this one fells;
+                # each is sent the revocation again, freshly sealed, once at each start.
                 told = {
                     p for p, state, answer, envelope in tx.outbox_requests_of(
                         payload_type=rotation, subject_id=subject)
