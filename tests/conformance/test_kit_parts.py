@@ -157,6 +157,52 @@ def test_the_kit_answers_a_targets_status_query_from_its_own_record(tmp_path: Pa
     }
 
 
+def test_the_kits_status_report_of_a_targets_proposal_says_what_the_kit_answered(
+    tmp_path: Path,
+) -> None:
+    """For a transfer the target proposed the kit is the receiver (PROTOCOL §5.11): a
+    proposal it holds back unanswered is UNKNOWN (it recorded nothing; a receiver never
+    holds PROPOSED), one it accepted in two phases ACCEPTED until the completion arrives,
+    one it answered with completed = true COMPLETED at once, one it refused REJECTED."""
+    from itmolink.conformance.context import Context, KitTransfer
+    from itmolink.conformance.link import Incoming
+    from itmolink.conformance.runner import _status_report
+    from itmolink.v1 import transfer_pb2
+
+    config = load_kit_config(prepare(tmp_path).kit_config)
+    ctx = Context(config=config, link=None, server=None, driver=None)  # type: ignore[arg-type]
+    assert (ctx.kit, ctx.target) == ("XKT", "LAO")
+    ctx.transfers = {
+        t: KitTransfer(t, "LAO", "XKT", "A")
+        for t in ("LAO-T-held", "LAO-T-accepted", "LAO-T-one-round", "LAO-T-refused")
+    }
+    ctx.transfers["LAO-T-completed"] = KitTransfer(
+        "LAO-T-completed", "LAO", "XKT", "A", moved=True, final_at_target=True
+    )
+    ctx.transfers["LAO-T-refused"].final_at_target = True
+    ctx.notes["acceptances"] = {
+        t: b"digest"
+        for t in ("LAO-T-accepted", "LAO-T-one-round", "LAO-T-completed", "LAO-T-unrecorded")
+    }
+    ctx.notes["completed_on_acceptance"] = {"LAO-T-one-round"}
+
+    def state(transfer_id: str) -> str:
+        query = transfer_pb2.TransferStatusQuery(transfer_id=transfer_id)
+        report = _status_report(ctx, Incoming(b"", "", b"", query, 0.0))
+        return transfer_pb2.TransferState.Name(report.state)  # type: ignore[attr-defined]
+
+    assert {t: state(t) for t in [*ctx.transfers, "LAO-T-unrecorded", "LAO-T-other"]} == {
+        "LAO-T-held": "TRANSFER_STATE_UNKNOWN",
+        "LAO-T-accepted": "TRANSFER_STATE_ACCEPTED",
+        "LAO-T-one-round": "TRANSFER_STATE_COMPLETED",
+        "LAO-T-refused": "TRANSFER_STATE_REJECTED",
+        "LAO-T-completed": "TRANSFER_STATE_COMPLETED",
+        # Accepted by the kit's policy before the test recorded the transfer.
+        "LAO-T-unrecorded": "TRANSFER_STATE_ACCEPTED",
+        "LAO-T-other": "TRANSFER_STATE_UNKNOWN",
+    }
+
+
 def test_the_configuration_refuses_a_wait_that_is_not_positive(tmp_path: Path) -> None:
     setup = prepare(tmp_path)
     text = setup.kit_config.read_text()

@@ -141,23 +141,33 @@ async def run_kit(
 
 
 def _status_report(ctx: Context, incoming: Incoming) -> Message:
-    """The kit's own view of a transfer, for a target that asks (§5.11, §7.7)."""
+    """The kit's own view of a transfer, for a target that asks (§5.11, §7.7).
+
+    For a transfer the target proposed, the kit is the receiver: it holds it ACCEPTED
+    only once it sent a two-phase acceptance (``notes["acceptances"]``) and no
+    completion settled it, COMPLETED once it answered with ``completed = true``
+    (``notes["completed_on_acceptance"]``, PROTOCOL §6.11) or recorded the completion,
+    and nothing (UNKNOWN) while it holds the proposal unanswered: a receiver never holds
+    PROPOSED."""
     transfer_id = str(incoming.message.transfer_id)  # type: ignore[attr-defined]
     record = ctx.transfers.get(transfer_id)
-    if record is None:
-        state = transfer_pb2.TRANSFER_STATE_UNKNOWN
-    elif record.moved:
+    accepted = transfer_id in ctx.notes.get("acceptances", {})
+    if (record is not None and record.moved) or transfer_id in ctx.notes.get(
+        "completed_on_acceptance", set()
+    ):
         state = transfer_pb2.TRANSFER_STATE_COMPLETED
-    elif record.final_at_target:
+    elif record is not None and record.final_at_target:
         state = (
             transfer_pb2.TRANSFER_STATE_VOIDED
             if record.voided
             else transfer_pb2.TRANSFER_STATE_REJECTED
         )
-    elif record.sender == ctx.kit:
+    elif record is not None and record.sender == ctx.kit:
         state = transfer_pb2.TRANSFER_STATE_PROPOSED
-    else:
+    elif accepted:
         state = transfer_pb2.TRANSFER_STATE_ACCEPTED
+    else:
+        state = transfer_pb2.TRANSFER_STATE_UNKNOWN
     return transfer_pb2.TransferStatusReport(transfer_id=transfer_id, state=state)
 
 

@@ -2150,6 +2150,7 @@ def _completing(
         )
         payload, _ = ctx.link.seal(answer)
         ctx.notes.setdefault("acceptances", {})[msg.transfer_id] = sha256(payload)
+        ctx.notes.setdefault("completed_on_acceptance", set()).add(msg.transfer_id)
         return answer
 
     return policy

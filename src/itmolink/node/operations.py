@@ -32,7 +32,7 @@ from itmolink.core.reconcile import Bucket, Total
 from itmolink.core.rules import AuthorisationTerms
 from itmolink.core.transfer import Effect, Event, Role, step
 from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
-from itmolink.crypto.envelope import signing_key_ids
+from itmolink.crypto.envelope import sealed_payload, signing_key_ids
 from itmolink.crypto.keys import SigningKey, VerifyingKey, is_key_id_of
 from itmolink.crypto.pki import RevokedKey
 from itmolink.node.base import (
@@ -339,14 +339,17 @@ class Operations(EngineBase):
                 if party != self.party:
                     continue
                 subject = f"revoke-{key_id}"
-                # A partner told is one whose delivery is under way or which
-                # acknowledged it: one that refused it (too old after an outage, signed
-                # with a key it does not pin yet) recorded nothing, and is sent the
-                # revocation again, freshly sealed, once at each start.
+                # A partner told is one to which a revocation of the key at least as
+                # wide as this one is under way or which acknowledged one: one that
+                # refused it (too old after an outage, signed with a key it does not
+                # pin yet) recorded nothing, and one told only of a narrower one (a
+                # retirement, a later instant) has not let fall what this one fells;
+                # each is sent the revocation again, freshly sealed, once at each start.
                 told = {
-                    p for p, state, answer in tx.outbox_answers_of(payload_type=rotation,
-                                                                   subject_id=subject)
+                    p for p, state, answer, envelope in tx.outbox_requests_of(
+                        payload_type=rotation, subject_id=subject)
                     if state != "cancelled" and answer != type_name(Rejection)
+                    and _at_least_as_wide(envelope, since_us)
                 }  # fmt: skip
                 # A partner that refused the key's announcement pinned nothing.
                 told |= {
@@ -1145,6 +1148,16 @@ def _acknowledged_at(answer: bytes) -> int:
     ack = keys_pb2.KeyRotationAcknowledgement()
     ack.ParseFromString(sealed.payload)
     return timestamp_us(ack.header.sent_at) if ack.header.HasField("sent_at") else 0
+
+
+def _at_least_as_wide(sealed: bytes, since_us: int | None) -> bool:
+    """Whether a revocation of ours, as sealed in the outbox, fells at least what one
+    compromised since ``since_us`` fells (None: a retirement, the narrowest): it
+    carries a compromise instant no later than that one."""
+    if since_us is None:
+        return True
+    sent = KeyRotation.FromString(sealed_payload(sealed))
+    return sent.HasField("compromised_since") and timestamp_us(sent.compromised_since) <= since_us
 
 
 def _revocation(key_id: str, compromised_since_us: int | None) -> KeyRotation:

@@ -761,6 +761,22 @@ class Tx:
         )
         return [(str(p), str(state), None if t is None else str(t)) for p, state, t in rows]
 
+    def outbox_requests_of(
+        self, *, payload_type: str, subject_id: str
+    ) -> list[tuple[str, str, str | None, bytes]]:
+        """(partner, state, payload type of the answer or None, sealed envelope) of
+        each request of a type about a subject."""
+        rows = self._exec(
+            "SELECT o.partner, o.state, j.payload_type, o.envelope FROM outbox o "
+            "LEFT JOIN journal j ON j.id = o.answered_journal_id "
+            "WHERE o.payload_type = ? AND o.subject_id = ? ORDER BY o.partner, o.created_at",
+            (payload_type, subject_id),
+        )
+        return [
+            (str(p), str(state), None if t is None else str(t), bytes(env))
+            for p, state, t, env in rows
+        ]
+
     def outbox_deliveries_of(
         self, *, payload_type: str
     ) -> list[tuple[str, str, str, bytes, int | None, bytes | None]]:
