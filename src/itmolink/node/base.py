@@ -333,6 +333,9 @@ class EngineBase:
         # A runtime's clock, read again for a delivery once its transaction holds
         # the ledger's write lock (Requests.handle_delivery); None: the time given.
         self.ledger_clock: Callable[[], dt.datetime] | None = None
+        # One-round transfers whose receiver reported COMPLETED to our status query
+        # (S7), ALARMed once in this process (Replies._one_round_reported).
+        self._completed_reported_alarmed: set[str] = set()
         self.reload_trust()
 
     # -- transactions and trust ------------------------------------------------------

@@ -571,15 +571,26 @@ class Operations(EngineBase):
         return voided
 
     def query_pending_transfers(self, now: dt.datetime) -> list[str]:
-        """Ask the sender about transfers accepted here that outlived their time-out.
+        """Ask the partner about transfers that outlived their time-out undecided.
 
-        The receiver never credits without a completion; when none has come, the
-        sender's answer tells whether one ever will (docs/PROTOCOL.md).
+        As the receiver (PROTOCOL §7.7): transfers accepted here. The receiver never
+        credits without a completion; when none has come, the sender's answer tells
+        whether one ever will. As the sender of a one-round transfer (§6.11 S7):
+        proposals still unanswered past ``expires_at + 2 × max_clock_skew``. The
+        sender never voids them on its own clock (S4), and a receiver that can no
+        longer read the proposal refuses it before looking it up (S5); the query,
+        sealed with our current key, asks whether it ever recorded it. Returns the
+        transfer ids asked about.
         """
         now_us = to_us(now)
+        skew = self.limits.max_clock_skew // dt.timedelta(microseconds=1)
         asked: list[str] = []
         with self._transaction() as tx:
-            for record in tx.transfers_awaiting_completion(now_us - STATUS_QUERY_GRACE_US):
+            waiting = [
+                *tx.transfers_awaiting_completion(now_us - STATUS_QUERY_GRACE_US),
+                *tx.transfers_one_round_unanswered(now_us - STATUS_QUERY_GRACE_US - 2 * skew),
+            ]
+            for record in waiting:
                 last = tx.outbox_last_created(
                     payload_type=type_name(TransferStatusQuery), subject_id=record.transfer_id
                 )

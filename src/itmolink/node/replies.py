@@ -39,6 +39,7 @@ from itmolink.node.base import (
 )
 from itmolink.node.convert import (
     from_us,
+    timestamp_us,
     to_us,
 )
 from itmolink.store.tx import NewAction, TransferRecord, Tx
@@ -316,9 +317,13 @@ class Replies(EngineBase):
     def _status_reported(
         self, tx: Tx, transfer_id: str, partner: str, report: TransferStatusReport, now_us: int
     ) -> None:
-        """Resolve a transfer accepted here from the sender's own view of it."""
+        """Resolve a transfer accepted here from the sender's own view of it (§7.7),
+        or a one-round transfer proposed here from the receiver's (§6.11 S7)."""
         record = tx.transfer_get(transfer_id)
-        if record is None or record.direction is not Role.RECEIVER or record.partner != partner:
+        if record is None or record.partner != partner:
+            return
+        if record.direction is Role.SENDER:
+            self._one_round_reported(tx, record, report, now_us)
             return
         abandoned = (
             transfer_pb2.TRANSFER_STATE_VOIDED,
@@ -338,6 +343,79 @@ class Replies(EngineBase):
         log.warning(
             "transfer %s from %s voided here: %s", transfer_id, partner, state_name,
             extra={"transfer_id": transfer_id, "partner": partner},
+        )  # fmt: skip
+
+    def _one_round_reported(
+        self, tx: Tx, record: TransferRecord, report: TransferStatusReport, now_us: int
+    ) -> None:
+        """S7 of the one-round transfer: the receiver's answer to the status query the
+        sender asks once the proposal outlived ``expires_at + 2 × max_clock_skew``
+        unanswered (:meth:`Operations.query_pending_transfers`).
+
+        - UNKNOWN, reported (the report's ``sent_at``, the receiver's own signed
+          clock) strictly after ``expires_at + max_clock_skew``: the receiver has no
+          record of the transfer and, by T1b, refuses every later delivery of the
+          proposal with 3011; nothing moved there. VOIDED here, the blocks released,
+          the proposal withdrawn, nothing sent (no void of a one-round transfer, S4).
+          Reported earlier, a delivery in flight could still complete: nothing
+          changes, and the sender asks again later.
+        - REJECTED: the receiver recorded a refusal; REJECTED here too, as its stored
+          refusal would have settled it (S5), the blocks released, the proposal
+          withdrawn.
+        - COMPLETED: the receiver completed, and only its acceptance (digest,
+          adjustment year) lets this side complete: nothing is applied; an ALARM
+          asks the operator to have trust restored, and the proposal is delivered
+          again until the stored acceptance comes back.
+        - Anything else: nothing changes."""
+        if not record.complete_on_acceptance or record.state is not TransferState.PROPOSED:
+            return  # a two-phase transfer, or one settled meanwhile
+        transfer_id, partner = record.transfer_id, record.partner
+        fields = {"transfer_id": transfer_id, "partner": partner}
+        state_name = transfer_pb2.TransferState.Name(report.state)
+        if report.state == transfer_pb2.TRANSFER_STATE_COMPLETED:
+            if transfer_id in self._completed_reported_alarmed:
+                log.info(
+                    "%s reports one-round transfer %s COMPLETED and still cannot read its "
+                    "proposal: delivering it again", partner, transfer_id, extra=fields,
+                )  # fmt: skip
+                return
+            self._completed_reported_alarmed.add(transfer_id)
+            log.error(
+                "ALARM: %s reports one-round transfer %s TRANSFER_STATE_COMPLETED but cannot "
+                "read its proposal: the %d tCO2e stay reserved here and nothing is applied "
+                "until its stored acceptance comes back. %s's operator must restore trust "
+                "in this node's key that signed the proposal (pin it again); the next "
+                "delivery of the proposal then gets the acceptance and completes here",
+                partner, transfer_id, record.quantity, partner, extra=fields,
+            )  # fmt: skip
+            return
+        if report.state == transfer_pb2.TRANSFER_STATE_UNKNOWN:
+            skew = self.limits.max_clock_skew // dt.timedelta(microseconds=1)
+            reported_at = timestamp_us(report.header.sent_at)
+            if reported_at <= record.expires_at + skew:
+                log.info(
+                    "%s reports one-round transfer %s unknown at %s, not after %s: a "
+                    "delivery of its proposal could still complete there; asking again "
+                    "later", partner, transfer_id, from_us(reported_at).isoformat(),
+                    from_us(record.expires_at + skew).isoformat(), extra=fields,
+                )  # fmt: skip
+                return
+            event = Event.NOT_RECORDED_REPORTED
+        elif report.state == transfer_pb2.TRANSFER_STATE_REJECTED:
+            event = Event.REJECTION_REPORTED
+        else:
+            return  # PROPOSED, ACCEPTED, VOIDED or unspecified: nothing to settle on
+        transition = step(Role.SENDER, record.state, event)
+        self._apply(tx, transition.effects, transfer_id, partner, [], 0, now_us)
+        tx.transfer_set_state(
+            transfer_id, transition.state, now=now_us,
+            rejection_detail=f"the receiver reports {state_name}",
+        )  # fmt: skip
+        tx.outbox_cancel(payload_type=type_name(TransferProposal), subject_id=transfer_id)
+        log.warning(
+            "one-round transfer %s to %s %s here: the receiver reports %s; %d tCO2e released",
+            transfer_id, partner, transition.state.name, state_name, record.quantity,
+            extra=fields,
         )  # fmt: skip
 
     def _proposal_rejected(self, tx: Tx, transfer_id: str, reply: Rejection, now_us: int) -> None:
