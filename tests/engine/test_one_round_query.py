@@ -275,6 +275,46 @@ def test_a_receiver_that_recorded_a_refusal_and_lost_trust_reports_rejected(
     assert state(pair.kor, transfer_id) is TransferState.REJECTED
 
 
+@pytest.mark.parametrize(
+    "reported",
+    [
+        transfer_pb2.TRANSFER_STATE_PROPOSED,
+        transfer_pb2.TRANSFER_STATE_ACCEPTED,
+        transfer_pb2.TRANSFER_STATE_VOIDED,
+        transfer_pb2.TRANSFER_STATE_UNSPECIFIED,
+        None,  # a Rejection of the query
+    ],
+    ids=["PROPOSED", "ACCEPTED", "VOIDED", "UNSPECIFIED", "refused"],
+)
+def test_any_other_answer_to_the_query_changes_nothing(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch, reported: int | None
+) -> None:
+    """A report of any other state, or a refusal of the query (recorded), settles
+    nothing: the units stay reserved and the proposal is delivered again."""
+    transfer_id, _ = _proposed_then_rotated(pair)
+
+    def answer(
+        engine: Engine, tx: object, sender: str, msg: transfer_pb2.TransferStatusQuery,
+        payload: bytes, journal_id: int, now_us: int,
+    ) -> bytes:  # fmt: skip
+        if reported is None:
+            raise Rejected(RejectionCode.INVALID_FIELD, "KOR will not say")
+        report = transfer_pb2.TransferStatusReport(transfer_id=msg.transfer_id, state=reported)
+        return engine._reply(tx, sender, report, msg.header.message_id, now_us)[1]  # type: ignore[arg-type]
+
+    monkeypatch.setitem(pair.kor._request_handlers, QUERY, answer)
+    pair.network = _drop(PROPOSAL)
+    pair.now = _deadline(pair, transfer_id) + dt.timedelta(hours=1)
+    pair.pump()
+    with pair.lao.store.transaction() as tx:
+        answers = tx.outbox_answers_of(payload_type=QUERY, subject_id=transfer_id)
+    expected = "itmolink.v1.Rejection" if reported is None else "itmolink.v1.TransferStatusReport"
+    assert answers == [("KOR", "answered", expected)]
+    assert state(pair.lao, transfer_id) is TransferState.PROPOSED
+    assert (reserved(pair.lao), _pending(pair.lao, PROPOSAL, transfer_id)) == (600, 1)
+    assert outbox_count(pair.lao, VOID, transfer_id) == 0
+
+
 # -- when the sender asks ---------------------------------------------------------------
 
 
