@@ -20,6 +20,7 @@ from itmolink.crypto.envelope import TrustStore
 from itmolink.crypto.keys import SigningKey
 from itmolink.node.base import STATUS_QUERY_GRACE_US, STATUS_QUERY_INTERVAL_US
 from itmolink.node.engine import Engine
+from itmolink.node.requests import Requests
 from itmolink.store.tx import TransferRecord
 from itmolink.v1 import envelope_pb2, reply_pb2, transfer_pb2
 
@@ -176,46 +177,45 @@ def test_a_revoked_proposal_key_the_receiver_reports_unknown_voids_the_transfer(
 
 
 def test_a_report_of_unknown_from_a_clock_not_past_the_deadline_changes_nothing(
-    pair: Pair,
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """KOR never gets the proposal, and its clock runs 6½ minutes behind LAO's (it
-    allows 15 minutes of skew, LAO 5): its UNKNOWN, stated at an instant not strictly
-    after expires_at + max_clock_skew, does not say that a delivery still in flight
-    would be refused. Nothing changes; LAO asks again after each interval and
-    settles on the first report stated later."""
+    """KOR never gets the proposal, and states its reports at an instant of its own
+    clock a minute before, then exactly at, expires_at + max_clock_skew (a lagging
+    clock; the reference's own window would refuse a query from so far ahead, so the
+    report is sealed at that instant here): such an UNKNOWN does not say that a
+    delivery still in flight would be refused. Nothing changes; LAO asks again after
+    each interval, and settles on the first report stated strictly later."""
     transfer_id, _ = _proposed_then_rotated(pair)
-    pair.kor.limits = dataclasses.replace(pair.kor.limits, max_clock_skew=dt.timedelta(minutes=15))
+    limit = _record(pair.lao, transfer_id).expires_at + SKEW // dt.timedelta(microseconds=1)
+    stated = iter([limit - 60_000_000, limit, limit + 1])
+    answer_as = Requests._on_status_query
+
+    def lagging(
+        engine: Engine, tx: object, sender: str, msg: transfer_pb2.TransferStatusQuery,
+        payload: bytes, journal_id: int, now_us: int,
+    ) -> bytes:  # fmt: skip
+        return answer_as(engine, tx, sender, msg, payload, journal_id, next(stated))  # type: ignore[arg-type]
+
+    monkeypatch.setitem(pair.kor._request_handlers, QUERY, lagging)
     pair.network = _drop(PROPOSAL)
     pair.now = _deadline(pair, transfer_id)
-    behind = dt.timedelta(minutes=6, seconds=30)
-    expires_at = _record(pair.lao, transfer_id).expires_at
-
-    def ask_once() -> bytes:
-        assert pair.lao.query_pending_transfers(pair.now) == [transfer_id]
-        [(message_id, _, envelope)] = [
-            m for m in pair.lao.due_messages(pair.now) if m[0] not in proposals
-        ]
-        reply = pair.kor.handle_delivery("LAO", envelope, pair.now - behind)
-        assert pair.lao.handle_reply(message_id, reply, pair.now)
-        return reply
-
-    with pair.lao.store.transaction() as tx:
-        proposals = {m.message_id for m in tx.outbox_due(2**62, 100) if m.payload_type == PROPOSAL}
-    limit = expires_at + SKEW // dt.timedelta(microseconds=1)
-    # Stated 1 minute before expires_at + max_clock_skew, then exactly at it (not
-    # strictly after): nothing changes, and LAO asks again after each interval.
-    for stated in (limit - 60_000_000, limit):
-        report = parse(pair.lao, ask_once())
-        assert isinstance(report, transfer_pb2.TransferStatusReport)
-        assert report.state == transfer_pb2.TRANSFER_STATE_UNKNOWN
-        assert report.header.sent_at.ToMicroseconds() == stated
+    for _ in range(2):
+        pair.pump()
+        assert outbox_count(pair.lao, QUERY, transfer_id) == 1 + _
         assert state(pair.lao, transfer_id) is TransferState.PROPOSED
         assert (reserved(pair.lao), _pending(pair.lao, PROPOSAL, transfer_id)) == (600, 1)
         assert pair.lao.query_pending_transfers(pair.now) == []  # answered, but just now
         pair.advance(INTERVAL)
-    report = parse(pair.lao, ask_once())
-    assert isinstance(report, transfer_pb2.TransferStatusReport)
-    assert report.header.sent_at.ToMicroseconds() == limit + 60_000_000
+    pair.pump()
+    with pair.lao.store.transaction() as tx:
+        envelopes = [
+            raw for _, _, _, _, _, raw in tx.outbox_deliveries_of(payload_type=QUERY) if raw
+        ]
+    reports = [parse(pair.lao, raw) for raw in envelopes]
+    assert [r.state for r in reports] == [transfer_pb2.TRANSFER_STATE_UNKNOWN] * 3  # type: ignore[attr-defined]
+    assert [r.header.sent_at.ToMicroseconds() for r in reports] == [  # type: ignore[attr-defined]
+        limit - 60_000_000, limit, limit + 1,
+    ]  # fmt: skip
     _settled(pair, transfer_id, TransferState.VOIDED, "TRANSFER_STATE_UNKNOWN")
 
 
