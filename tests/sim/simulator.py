@@ -57,8 +57,6 @@ _KEYS = {party: SigningKey.generate(party) for party in PARTIES}
 
 # The refusals of a buyer that does not pin the host's key (PROTOCOL §5.2 D2): the
 # only ones that settle a two-phase proposal the buyer keeps no record of.
-# The detail of a one-round transfer voided on the receiver's report (S7).
-S7_UNKNOWN = "the receiver reports TRANSFER_STATE_UNKNOWN"
 KEY_REFUSALS = {
     RejectionCode.UNKNOWN_SIGNING_KEY,
     RejectionCode.SIGNING_KEY_NOT_YET_VALID,
@@ -528,32 +526,20 @@ def check_invariants(
                 if moved != (theirs is not None and theirs.state is TransferState.COMPLETED):
                     fail(f"{transfer_id}: {HOST} {ours.state.name}, {buyer} "
                          f"{theirs.state.name if theirs else 'unknown'} after healing")  # fmt: skip
-                if (
-                    theirs is None
-                    and not (
-                        buyer in unpinned
-                        and not ours.complete_on_acceptance
-                        and (
-                            ours.state is TransferState.VOIDED
-                            or (
-                                ours.state is TransferState.REJECTED
-                                and ours.rejection_code in KEY_REFUSALS
-                            )
+                if theirs is None and not (
+                    buyer in unpinned
+                    and not ours.complete_on_acceptance
+                    and (
+                        ours.state is TransferState.VOIDED
+                        or (
+                            ours.state is TransferState.REJECTED
+                            and ours.rejection_code in KEY_REFUSALS
                         )
-                    )
-                    and not (
-                        ours.complete_on_acceptance
-                        and ours.state is TransferState.VOIDED
-                        and ours.rejection_detail == S7_UNKNOWN
                     )
                 ):
                     # (A buyer that unpinned the host's keys for a while refused a
                     # two-phase proposal, or its void, before recording it: such a
-                    # refusal settles it at the host, and the buyer keeps no record.
-                    # A one-round proposal the buyer never recorded is voided at the
-                    # host on the buyer's signed report that it does not know it, once
-                    # the buyer refuses every delivery of it (PROTOCOL §6.11 S7): the
-                    # host's status query can overtake a proposal lost or backed off.)
+                    # refusal settles it at the host, and the buyer keeps no record.)
                     fail(f"{buyer} never heard of {transfer_id} after healing")
                 if ours.state is TransferState.PROPOSED:
                     fail(f"{transfer_id} still PROPOSED at {HOST} after healing")

@@ -194,6 +194,10 @@ RETRY_MAX_US = 30_000_000
 # still in flight), and again at this interval while the answer is "not yet".
 STATUS_QUERY_GRACE_US = 30_000_000
 STATUS_QUERY_INTERVAL_US = 60_000_000
+# A one-round proposal withdrawn past its deadline (PROTOCOL §6.11 S7): a new void
+# after one answered without settling, at most this often.
+WITHDRAWAL_INTERVAL_US = 3_600_000_000
+WITHDRAWAL_REASON = "one-round proposal unanswered past expires_at + 2 x max_clock_skew"
 
 
 def random_uuid() -> str:
@@ -333,9 +337,6 @@ class EngineBase:
         # A runtime's clock, read again for a delivery once its transaction holds
         # the ledger's write lock (Requests.handle_delivery); None: the time given.
         self.ledger_clock: Callable[[], dt.datetime] | None = None
-        # One-round transfers whose receiver reported COMPLETED to our status query
-        # (S7), ALARMed once in this process (Replies._one_round_reported).
-        self._completed_reported_alarmed: set[str] = set()
         self.reload_trust()
 
     # -- transactions and trust ------------------------------------------------------

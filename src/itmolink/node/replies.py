@@ -31,6 +31,7 @@ from itmolink.node.base import (
     TransferProposal,
     TransferStatusQuery,
     TransferStatusReport,
+    TransferVoid,
     _rejection_reasons,
     digest,
     log,
@@ -39,7 +40,6 @@ from itmolink.node.base import (
 )
 from itmolink.node.convert import (
     from_us,
-    timestamp_us,
     to_us,
 )
 from itmolink.store.tx import NewAction, TransferRecord, Tx
@@ -257,6 +257,8 @@ class Replies(EngineBase):
             reply, TransferStatusReport
         ):
             self._status_reported(tx, subject_id, partner, reply, now_us)
+        elif request_type == type_name(TransferVoid):
+            self._withdrawal_answered(tx, subject_id, partner, reply, now_us)
         elif request_type == type_name(KeyRotation):
             self._rotation_answered(tx, subject_id, partner, rejected)
             if isinstance(reply, Rejection) and subject_id.startswith("revoke-"):
@@ -317,13 +319,9 @@ class Replies(EngineBase):
     def _status_reported(
         self, tx: Tx, transfer_id: str, partner: str, report: TransferStatusReport, now_us: int
     ) -> None:
-        """Resolve a transfer accepted here from the sender's own view of it (§7.7),
-        or a one-round transfer proposed here from the receiver's (§6.11 S7)."""
+        """Resolve a transfer accepted here from the sender's own view of it."""
         record = tx.transfer_get(transfer_id)
-        if record is None or record.partner != partner:
-            return
-        if record.direction is Role.SENDER:
-            self._one_round_reported(tx, record, report, now_us)
+        if record is None or record.direction is not Role.RECEIVER or record.partner != partner:
             return
         abandoned = (
             transfer_pb2.TRANSFER_STATE_VOIDED,
@@ -345,77 +343,63 @@ class Replies(EngineBase):
             extra={"transfer_id": transfer_id, "partner": partner},
         )  # fmt: skip
 
-    def _one_round_reported(
-        self, tx: Tx, record: TransferRecord, report: TransferStatusReport, now_us: int
+    def _withdrawal_answered(
+        self, tx: Tx, transfer_id: str, partner: str, reply: Message, now_us: int
     ) -> None:
-        """S7 of the one-round transfer: the receiver's answer to the status query the
-        sender asks once the proposal outlived ``expires_at + 2 × max_clock_skew``
-        unanswered (:meth:`Operations.query_pending_transfers`).
+        """S7 of the one-round transfer: the answer to the void that withdraws a
+        one-round proposal unanswered past ``expires_at + 2 × max_clock_skew``
+        (:meth:`Operations.query_pending_transfers`). A void of a two-phase transfer
+        (sent as it was voided here) changes nothing.
 
-        - UNKNOWN, reported (the report's ``sent_at``, the receiver's own signed
-          clock) strictly after ``expires_at + max_clock_skew``: the receiver has no
-          record of the transfer and, by T1b, refuses every later delivery of the
-          proposal with 3011; nothing moved there. VOIDED here, the blocks released,
-          the proposal withdrawn, nothing sent (no void of a one-round transfer, S4).
-          Reported earlier, a delivery in flight could still complete: nothing
-          changes, and the sender asks again later.
-        - REJECTED: the receiver recorded a refusal; REJECTED here too, as its stored
-          refusal would have settled it (S5), the blocks released, the proposal
-          withdrawn.
-        - COMPLETED: the receiver completed, and only its acceptance (digest,
-          adjustment year) lets this side complete: nothing is applied; an ALARM
-          asks the operator to have trust restored, and the proposal is delivered
-          again until the stored acceptance comes back.
-        - Anything else: nothing changes."""
-        if not record.complete_on_acceptance or record.state is not TransferState.PROPOSED:
-            return  # a two-phase transfer, or one settled meanwhile
-        transfer_id, partner = record.transfer_id, record.partner
+        - A ``TransferVoidReceipt``: the receiver had not completed the transfer and,
+          having recorded the void, never will (PROTOCOL §5.10 V3: a tombstone that
+          refuses a late proposal with this id; V4: an ACCEPTED or REJECTED transfer
+          does not complete either). VOIDED here, the blocks released, the proposal
+          withdrawn from the outbox. No clock is trusted for this: the receipt is the
+          receiver's own signed statement, made under its ledger's lock.
+        - A ``Rejection``: recorded with 3008 (``TRANSFER_STATE_CONFLICT``), the
+          receiver holds the transfer COMPLETED (R3), and only its acceptance (digest,
+          adjustment year) completes it here: its stored acceptance comes back with a
+          delivery of the proposal, which goes on. Anything else (refused unread, for
+          instance) settles nothing, and the void is sent again later.
+        """
+        record = tx.transfer_get(transfer_id)
+        if (
+            record is None
+            or record.direction is not Role.SENDER
+            or record.partner != partner
+            or not record.complete_on_acceptance
+            or record.state is not TransferState.PROPOSED
+        ):
+            return  # a two-phase void, or a transfer settled meanwhile
         fields = {"transfer_id": transfer_id, "partner": partner}
-        state_name = transfer_pb2.TransferState.Name(report.state)
-        if report.state == transfer_pb2.TRANSFER_STATE_COMPLETED:
-            if transfer_id in self._completed_reported_alarmed:
-                log.info(
-                    "%s reports one-round transfer %s COMPLETED and still cannot read its "
-                    "proposal: delivering it again", partner, transfer_id, extra=fields,
+        if isinstance(reply, Rejection):
+            code, detail = _rejection_reasons(reply)
+            if code == RejectionCode.TRANSFER_STATE_CONFLICT and reply.header.sequence != 0:
+                log.warning(
+                    "%s refused to void one-round transfer %s (%s): it completed the "
+                    "transfer; the proposal is delivered again for its stored acceptance",
+                    partner, transfer_id, detail, extra=fields,
                 )  # fmt: skip
-                return
-            self._completed_reported_alarmed.add(transfer_id)
-            log.error(
-                "ALARM: %s reports one-round transfer %s TRANSFER_STATE_COMPLETED but cannot "
-                "read its proposal: the %d tCO2e stay reserved here and nothing is applied "
-                "until its stored acceptance comes back. %s's operator must restore trust "
-                "in this node's key that signed the proposal (pin it again); the next "
-                "delivery of the proposal then gets the acceptance and completes here",
-                partner, transfer_id, record.quantity, partner, extra=fields,
-            )  # fmt: skip
+            else:
+                log.warning(
+                    "%s refused the void of one-round transfer %s (%s %s): it stays "
+                    "PROPOSED, %d tCO2e reserved; the void is sent again later",
+                    partner, transfer_id, wire_name_of(code), detail, record.quantity,
+                    extra=fields,
+                )  # fmt: skip
             return
-        if report.state == transfer_pb2.TRANSFER_STATE_UNKNOWN:
-            skew = self.limits.max_clock_skew // dt.timedelta(microseconds=1)
-            reported_at = timestamp_us(report.header.sent_at)
-            if reported_at <= record.expires_at + skew:
-                log.info(
-                    "%s reports one-round transfer %s unknown at %s, not after %s: a "
-                    "delivery of its proposal could still complete there; asking again "
-                    "later", partner, transfer_id, from_us(reported_at).isoformat(),
-                    from_us(record.expires_at + skew).isoformat(), extra=fields,
-                )  # fmt: skip
-                return
-            event = Event.NOT_RECORDED_REPORTED
-        elif report.state == transfer_pb2.TRANSFER_STATE_REJECTED:
-            event = Event.REJECTION_REPORTED
-        else:
-            return  # PROPOSED, ACCEPTED, VOIDED or unspecified: nothing to settle on
-        transition = step(Role.SENDER, record.state, event)
+        transition = step(Role.SENDER, record.state, Event.WITHDRAWAL_ACKNOWLEDGED)
         self._apply(tx, transition.effects, transfer_id, partner, [], 0, now_us)
         tx.transfer_set_state(
             transfer_id, transition.state, now=now_us,
-            rejection_detail=f"the receiver reports {state_name}",
+            rejection_detail=f"withdrawn: {partner} acknowledged the void",
         )  # fmt: skip
         tx.outbox_cancel(payload_type=type_name(TransferProposal), subject_id=transfer_id)
         log.warning(
-            "one-round transfer %s to %s %s here: the receiver reports %s; %d tCO2e released",
-            transfer_id, partner, transition.state.name, state_name, record.quantity,
-            extra=fields,
+            "one-round transfer %s to %s voided: %s acknowledged the withdrawal of its "
+            "proposal; %d tCO2e released",
+            transfer_id, partner, partner, record.quantity, extra=fields,
         )  # fmt: skip
 
     def _proposal_rejected(self, tx: Tx, transfer_id: str, reply: Rejection, now_us: int) -> None:
@@ -502,6 +486,21 @@ class Replies(EngineBase):
             return
         # S3: an ordinary acceptance (also of a proposal that asked: the receiver chose
         # the two-phase flow, or does not know the one-round transfer).
+        if (
+            record.complete_on_acceptance
+            and record.state is TransferState.PROPOSED
+            and tx.outbox_last_created(payload_type=type_name(TransferVoid), subject_id=transfer_id)
+            is not None
+        ):
+            # S7: the proposal was withdrawn, and the void voids a transfer the receiver
+            # holds ACCEPTED (V4): completing now would debit units it never credits.
+            # The void's answer settles the transfer.
+            log.warning(
+                "%s accepted transfer %s in two phases after this node withdrew its "
+                "proposal (S7): not completed; the answer to the void settles it",
+                partner, transfer_id, extra={"transfer_id": transfer_id, "partner": partner},
+            )  # fmt: skip
+            return
         year = self._complete_outgoing(tx, record, acceptance_digest, journal_id, now_us)
         if year is not None:
             completion = TransferCompletion(
