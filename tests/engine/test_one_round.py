@@ -656,9 +656,10 @@ def test_an_older_receivers_acceptance_lost_past_expires_at_is_waited_for(
 ) -> None:
     """A receiver on an older build accepts the proposal that asked as an ordinary
     one; the acceptance is lost and the link stays down past expires_at. The sender
-    does not void (the proposal asked, S4); the receiver's status query is answered
-    PROPOSED, so it keeps the transfer ACCEPTED; once the link heals the proposal's
-    retry gets the stored acceptance, and the completion completes both sides."""
+    does not void on its time-out (the proposal asked, S4); the receiver's status
+    query is answered PROPOSED, so it keeps the transfer ACCEPTED. Once the link heals
+    the proposal's retry gets the stored acceptance, and the completion completes both
+    sides."""
     pair = one_round
     as_an_older_build(pair, monkeypatch)
     transfer_id = transfer(pair)
@@ -666,7 +667,7 @@ def test_an_older_receivers_acceptance_lost_past_expires_at_is_waited_for(
     pair.kor.handle_delivery("LAO", envelope, pair.now)  # an ordinary acceptance, lost
     assert state(pair.kor, transfer_id) is TransferState.ACCEPTED
     pair.network = lambda sender, receiver, envelope: None  # the link is down
-    pair.advance(3_600)  # far past expires_at
+    pair.advance(60 + 60)  # past expires_at, before S7's withdrawal
     assert pair.lao.expire_transfers(pair.now) == []
     pair.pump()
     assert state(pair.lao, transfer_id) is TransferState.PROPOSED
@@ -682,13 +683,40 @@ def test_an_older_receivers_acceptance_lost_past_expires_at_is_waited_for(
     pair.kor.handle_reply(query_id, report_envelope, pair.now)
     assert state(pair.kor, transfer_id) is TransferState.ACCEPTED  # still waiting
     pair.network = lambda sender, receiver, envelope: envelope  # healed
-    pair.advance(3_600)
+    pair.advance(60)
     pair.pump()
     assert state(pair.lao, transfer_id) is state(pair.kor, transfer_id) is TransferState.COMPLETED
     assert outbox_count(pair.lao, COMPLETION, transfer_id) == 1  # two-phase to its end
     assert ledger(pair.lao) == [(transfer_id, 2025, 600)]
     assert ledger(pair.kor) == [(transfer_id, 2025, -600)]
     assert (held(pair.lao), held(pair.kor), reserved(pair.lao)) == (400, 600, 0)
+
+
+def test_an_older_receivers_acceptance_after_the_withdrawal_is_not_completed(
+    one_round: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same, with the link down past expires_at + 2 × skew: the sender withdraws
+    the proposal with a void (S7). When the link heals, the stored ordinary acceptance
+    and the void cross: the void voids KOR's ACCEPTED transfer (V4), so LAO must not
+    complete on the acceptance, which would debit 600 that KOR never credits; the
+    void's receipt settles both sides VOIDED, nothing moved."""
+    pair = one_round
+    as_an_older_build(pair, monkeypatch)
+    transfer_id = transfer(pair)
+    _, envelope = the_proposal(pair)
+    pair.kor.handle_delivery("LAO", envelope, pair.now)  # an ordinary acceptance, lost
+    pair.network = lambda sender, receiver, envelope: None  # the link is down
+    pair.advance(3_600)  # far past expires_at + 2 × skew
+    pair.pump()
+    assert outbox_count(pair.lao, "itmolink.v1.TransferVoid", transfer_id) == 1
+    assert state(pair.lao, transfer_id) is TransferState.PROPOSED
+    pair.network = lambda sender, receiver, envelope: envelope  # healed
+    pair.advance(3_600)
+    pair.pump()
+    assert state(pair.lao, transfer_id) is state(pair.kor, transfer_id) is TransferState.VOIDED
+    assert outbox_count(pair.lao, COMPLETION, transfer_id) == 0
+    assert ledger(pair.lao) == ledger(pair.kor) == []
+    assert (held(pair.lao), held(pair.kor), reserved(pair.lao)) == (1_000, 0, 0)
 
 
 # -- S6: an acceptance the sender cannot apply ----------------------------------------

@@ -41,8 +41,9 @@ def test_a_seed_replays_exactly() -> None:
 def test_the_faults_reach_the_settlements_of_one_round_transfers() -> None:
     """The sweep exercises what settles a one-round proposal: within a few seeds the
     buyer refuses one before looking it up (trust churn) and the host keeps it as a
-    failed attempt (S5), and the buyer refuses expired ones (3011, recorded)."""
-    seen = {"kept": False, "expired": False, "completed": False}
+    failed attempt (S5), the buyer refuses expired ones (3011, recorded), and the
+    host withdraws one past its deadline, settled by the buyer's receipt of the void (S7)."""
+    seen = {"kept": False, "expired": False, "completed": False, "withdrawn": False}
     for seed in range(50):
         simulation = Simulation(seed)
         simulation.run()
@@ -57,6 +58,10 @@ def test_the_faults_reach_the_settlements_of_one_round_transfers() -> None:
             for t in one_round
         )
         seen["completed"] |= any(t.state is TransferState.COMPLETED for t in one_round)
+        seen["withdrawn"] |= any(
+            t.state is TransferState.VOIDED and t.rejection_detail.startswith("withdrawn:")
+            for t in one_round
+        )
         if all(seen.values()):
             return
     raise AssertionError(f"not reached in 50 seeds: {seen}")

@@ -24,6 +24,8 @@ EXPECTED: dict[tuple[Role, TransferState, Event], Step] = {
     ),
     (S, T.PROPOSED, Event.REJECTION_RECEIVED): Step(T.REJECTED, (E.RELEASE_RESERVED_BLOCKS,)),
     (S, T.PROPOSED, Event.TIMED_OUT): Step(T.VOIDED, (E.RELEASE_RESERVED_BLOCKS, E.SEND_VOID)),
+    # One-round transfer, S7: the receiver's receipt of the void (sent before) settles it.
+    (S, T.PROPOSED, Event.WITHDRAWAL_ACKNOWLEDGED): Step(T.VOIDED, (E.RELEASE_RESERVED_BLOCKS,)),
     (R, T.ACCEPTED, Event.COMPLETION_RECEIVED): Step(
         T.COMPLETED, (E.CREDIT_BLOCKS, E.APPLY_ADJUSTMENT)
     ),
@@ -127,6 +129,7 @@ def test_events_belong_to_one_role() -> None:
         Event.COMPLETED_ACCEPTANCE_RECEIVED,
         Event.REJECTION_RECEIVED,
         Event.TIMED_OUT,
+        Event.WITHDRAWAL_ACKNOWLEDGED,
     }
     assert receiver_events == {
         Event.COMPLETION_RECEIVED,
@@ -148,6 +151,18 @@ def test_the_one_round_steps_are_the_two_phase_completions_without_a_completion_
         TRANSITIONS[(R, T.ACCEPTED, Event.ACCEPTED_TO_COMPLETE)]
         == TRANSITIONS[(R, T.ACCEPTED, Event.COMPLETION_RECEIVED)]
     )
+
+
+def test_a_withdrawn_one_round_transfer_is_voided_only_on_the_receipt_and_sends_nothing() -> None:
+    """S7: the void that withdraws a one-round proposal was sent while the transfer
+    stayed PROPOSED; the receiver's receipt settles it as a time-out would, with no
+    second void, and nothing but that receipt does."""
+    timed_out = TRANSITIONS[(S, T.PROPOSED, Event.TIMED_OUT)]
+    assert step(S, T.PROPOSED, Event.WITHDRAWAL_ACKNOWLEDGED) == Step(
+        timed_out.state, tuple(e for e in timed_out.effects if e is not E.SEND_VOID)
+    )
+    for state in (T.COMPLETED, T.REJECTED, T.VOIDED):
+        assert (S, state, Event.WITHDRAWAL_ACKNOWLEDGED) not in TRANSITIONS
 
 
 def test_no_transition_repeats_an_effect() -> None:

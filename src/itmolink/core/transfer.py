@@ -9,7 +9,9 @@ the blocks and applies its own adjustment only on the sender's completion.
 One-round transfer (the proposal asks ``complete_on_acceptance``, docs/DESIGN.md):
 the receiver completes in the step that accepts, and its acceptance says so; the
 sender then completes on that acceptance without sending a completion, and never
-voids such a transfer on its own clock (it waits for an answer). The receiver
+voids such a transfer on its own clock: it waits for an answer, or, past the
+deadline, withdraws the proposal with a void that settles it only once the receiver
+acknowledges it (S7). The receiver
 records the acceptance and takes the completion step in one transaction, so its
 ACCEPTED state is never seen outside it.
 
@@ -54,6 +56,9 @@ class Event(enum.Enum):
     TIMED_OUT = "timed out"
     # An acceptance that says the receiver completed already (one-round transfer).
     COMPLETED_ACCEPTANCE_RECEIVED = "acceptance received, completed by the receiver"
+    # The receiver acknowledged the void of a one-round proposal (S7): it had not
+    # completed the transfer and, having recorded the void, never will.
+    WITHDRAWAL_ACKNOWLEDGED = "void of the one-round proposal acknowledged"
     # Receiver side.
     COMPLETION_RECEIVED = "completion received"
     VOID_RECEIVED = "void received"
@@ -95,6 +100,10 @@ TRANSITIONS: dict[tuple[Role, TransferState, Event], Step] = {
     ),
     (_S, _T.PROPOSED, Event.REJECTION_RECEIVED): Step(_T.REJECTED, (_E.RELEASE_RESERVED_BLOCKS,)),
     (_S, _T.PROPOSED, Event.TIMED_OUT): Step(_T.VOIDED, (_E.RELEASE_RESERVED_BLOCKS, _E.SEND_VOID)),
+    # One-round, S7: the void was sent before (it asks; only the receipt settles).
+    (_S, _T.PROPOSED, Event.WITHDRAWAL_ACKNOWLEDGED): Step(
+        _T.VOIDED, (_E.RELEASE_RESERVED_BLOCKS,)
+    ),
     (_R, _T.ACCEPTED, Event.COMPLETION_RECEIVED): Step(
         _T.COMPLETED, (_E.CREDIT_BLOCKS, _E.APPLY_ADJUSTMENT)
     ),

@@ -194,6 +194,10 @@ RETRY_MAX_US = 30_000_000
 # still in flight), and again at this interval while the answer is "not yet".
 STATUS_QUERY_GRACE_US = 30_000_000
 STATUS_QUERY_INTERVAL_US = 60_000_000
+# A one-round proposal withdrawn past its deadline (PROTOCOL §6.11 S7): a new void
+# after one answered without settling, at most this often.
+WITHDRAWAL_INTERVAL_US = 3_600_000_000
+WITHDRAWAL_REASON = "one-round proposal unanswered past expires_at + 2 x max_clock_skew"
 
 
 def random_uuid() -> str:

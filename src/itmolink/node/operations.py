@@ -41,6 +41,8 @@ from itmolink.node.base import (
     RETIREMENTS,
     STATUS_QUERY_GRACE_US,
     STATUS_QUERY_INTERVAL_US,
+    WITHDRAWAL_INTERVAL_US,
+    WITHDRAWAL_REASON,
     EngineBase,
     FirstTransferNotice,
     IssuanceNotice,
@@ -571,12 +573,21 @@ class Operations(EngineBase):
         return voided
 
     def query_pending_transfers(self, now: dt.datetime) -> list[str]:
-        """Ask the sender about transfers accepted here that outlived their time-out.
+        """Ask the partner about transfers that outlived their time-out undecided.
 
-        The receiver never credits without a completion; when none has come, the
-        sender's answer tells whether one ever will (docs/PROTOCOL.md).
+        As the receiver (PROTOCOL §7.7): transfers accepted here. The receiver never
+        credits without a completion; when none has come, the sender's answer tells
+        whether one ever will. As the sender of a one-round transfer (§6.11 S7):
+        proposals still unanswered past ``expires_at + 2 × max_clock_skew``. The
+        sender never settles them on its own clock (S4), and a receiver that can no
+        longer read the proposal refuses it before looking it up (S5): the sender
+        withdraws the proposal with a ``TransferVoid`` sealed with its current key,
+        and the transfer stays PROPOSED until the receiver acknowledges the void
+        (:meth:`Replies._withdrawal_answered`). Returns the transfer ids asked about
+        or withdrawn.
         """
         now_us = to_us(now)
+        skew = self.limits.max_clock_skew // dt.timedelta(microseconds=1)
         asked: list[str] = []
         with self._transaction() as tx:
             for record in tx.transfers_awaiting_completion(now_us - STATUS_QUERY_GRACE_US):
@@ -590,6 +601,28 @@ class Operations(EngineBase):
                 query = TransferStatusQuery(transfer_id=record.transfer_id)
                 self._send(tx, record.partner, query, record.transfer_id, now_us)
                 asked.append(record.transfer_id)
+            for record in tx.transfers_one_round_unanswered(
+                now_us - STATUS_QUERY_GRACE_US - 2 * skew
+            ):
+                last = tx.outbox_last_created(
+                    payload_type=type_name(TransferVoid), subject_id=record.transfer_id
+                )
+                # One void at a time; a new one only if the last was answered without
+                # settling (refused unread, say) and long enough ago.
+                if last is not None and (
+                    last[0] == "pending" or last[1] > now_us - WITHDRAWAL_INTERVAL_US
+                ):
+                    continue
+                void = TransferVoid(transfer_id=record.transfer_id, reason=WITHDRAWAL_REASON)
+                self._send(tx, record.partner, void, record.transfer_id, now_us)
+                asked.append(record.transfer_id)
+                log.warning(
+                    "one-round transfer %s to %s unanswered past expires_at + 2 x skew: "
+                    "withdrawing its proposal (TransferVoid); it stays PROPOSED, its %d tCO2e "
+                    "reserved, until %s acknowledges the void",
+                    record.transfer_id, record.partner, record.quantity, record.partner,
+                    extra={"transfer_id": record.transfer_id, "partner": record.partner},
+                )  # fmt: skip
         return asked
 
     def due_messages(

@@ -31,6 +31,7 @@ from itmolink.node.base import (
     TransferProposal,
     TransferStatusQuery,
     TransferStatusReport,
+    TransferVoid,
     _rejection_reasons,
     digest,
     log,
@@ -256,6 +257,8 @@ class Replies(EngineBase):
             reply, TransferStatusReport
         ):
             self._status_reported(tx, subject_id, partner, reply, now_us)
+        elif request_type == type_name(TransferVoid):
+            self._withdrawal_answered(tx, subject_id, partner, reply, now_us)
         elif request_type == type_name(KeyRotation):
             self._rotation_answered(tx, subject_id, partner, rejected)
             if isinstance(reply, Rejection) and subject_id.startswith("revoke-"):
@@ -338,6 +341,65 @@ class Replies(EngineBase):
         log.warning(
             "transfer %s from %s voided here: %s", transfer_id, partner, state_name,
             extra={"transfer_id": transfer_id, "partner": partner},
+        )  # fmt: skip
+
+    def _withdrawal_answered(
+        self, tx: Tx, transfer_id: str, partner: str, reply: Message, now_us: int
+    ) -> None:
+        """S7 of the one-round transfer: the answer to the void that withdraws a
+        one-round proposal unanswered past ``expires_at + 2 × max_clock_skew``
+        (:meth:`Operations.query_pending_transfers`). A void of a two-phase transfer
+        (sent as it was voided here) changes nothing.
+
+        - A ``TransferVoidReceipt``: the receiver had not completed the transfer and,
+          having recorded the void, never will (PROTOCOL §5.10 V3: a tombstone that
+          refuses a late proposal with this id; V4: an ACCEPTED or REJECTED transfer
+          does not complete either). VOIDED here, the blocks released, the proposal
+          withdrawn from the outbox. No clock is trusted for this: the receipt is the
+          receiver's own signed statement, made under its ledger's lock.
+        - A ``Rejection``: recorded with 3008 (``TRANSFER_STATE_CONFLICT``), the
+          receiver holds the transfer COMPLETED (R3), and only its acceptance (digest,
+          adjustment year) completes it here: its stored acceptance comes back with a
+          delivery of the proposal, which goes on. Anything else (refused unread, for
+          instance) settles nothing, and the void is sent again later.
+        """
+        record = tx.transfer_get(transfer_id)
+        if (
+            record is None
+            or record.direction is not Role.SENDER
+            or record.partner != partner
+            or not record.complete_on_acceptance
+            or record.state is not TransferState.PROPOSED
+        ):
+            return  # a two-phase void, or a transfer settled meanwhile
+        fields = {"transfer_id": transfer_id, "partner": partner}
+        if isinstance(reply, Rejection):
+            code, detail = _rejection_reasons(reply)
+            if code == RejectionCode.TRANSFER_STATE_CONFLICT and reply.header.sequence != 0:
+                log.warning(
+                    "%s refused to void one-round transfer %s (%s): it completed the "
+                    "transfer; the proposal is delivered again for its stored acceptance",
+                    partner, transfer_id, detail, extra=fields,
+                )  # fmt: skip
+            else:
+                log.warning(
+                    "%s refused the void of one-round transfer %s (%s %s): it stays "
+                    "PROPOSED, %d tCO2e reserved; the void is sent again later",
+                    partner, transfer_id, wire_name_of(code), detail, record.quantity,
+                    extra=fields,
+                )  # fmt: skip
+            return
+        transition = step(Role.SENDER, record.state, Event.WITHDRAWAL_ACKNOWLEDGED)
+        self._apply(tx, transition.effects, transfer_id, partner, [], 0, now_us)
+        tx.transfer_set_state(
+            transfer_id, transition.state, now=now_us,
+            rejection_detail=f"withdrawn: {partner} acknowledged the void",
+        )  # fmt: skip
+        tx.outbox_cancel(payload_type=type_name(TransferProposal), subject_id=transfer_id)
+        log.warning(
+            "one-round transfer %s to %s voided: %s acknowledged the withdrawal of its "
+            "proposal; %d tCO2e released",
+            transfer_id, partner, partner, record.quantity, extra=fields,
         )  # fmt: skip
 
     def _proposal_rejected(self, tx: Tx, transfer_id: str, reply: Rejection, now_us: int) -> None:
@@ -424,6 +486,21 @@ class Replies(EngineBase):
             return
         # S3: an ordinary acceptance (also of a proposal that asked: the receiver chose
         # the two-phase flow, or does not know the one-round transfer).
+        if (
+            record.complete_on_acceptance
+            and record.state is TransferState.PROPOSED
+            and tx.outbox_last_created(payload_type=type_name(TransferVoid), subject_id=transfer_id)
+            is not None
+        ):
+            # S7: the proposal was withdrawn, and the void voids a transfer the receiver
+            # holds ACCEPTED (V4): completing now would debit units it never credits.
+            # The void's answer settles the transfer.
+            log.warning(
+                "%s accepted transfer %s in two phases after this node withdrew its "
+                "proposal (S7): not completed; the answer to the void settles it",
+                partner, transfer_id, extra={"transfer_id": transfer_id, "partner": partner},
+            )  # fmt: skip
+            return
         year = self._complete_outgoing(tx, record, acceptance_digest, journal_id, now_us)
         if year is not None:
             completion = TransferCompletion(

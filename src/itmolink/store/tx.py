@@ -2283,6 +2283,17 @@ class Tx:
         )
         return [_transfer(r) for r in rows]
 
+    def transfers_one_round_unanswered(self, expired_before: int) -> list[TransferRecord]:
+        """Our one-round proposals (they asked the receiver to complete on acceptance)
+        still unanswered, whose expires_at is at or before the given time: the sender
+        withdraws their proposals (PROTOCOL §6.11 S7)."""
+        rows = self._exec(
+            f"SELECT {_TRANSFER_READ} FROM transfers WHERE direction = 'out' "
+            "AND state = ? AND expires_at <= ? AND complete_on_acceptance <> 0",
+            (int(TransferState.PROPOSED), expired_before),
+        )
+        return [_transfer(r) for r in rows]
+
     # -- corresponding adjustments ------------------------------------------------------
 
     def adjustments_put(
