@@ -39,6 +39,7 @@ from .test_one_round import (
 )
 
 VOID = "itmolink.v1.TransferVoid"
+QUERY = "itmolink.v1.TransferStatusQuery"
 GRACE = STATUS_QUERY_GRACE_US / 1e6
 INTERVAL = WITHDRAWAL_INTERVAL_US / 1e6
 
@@ -163,7 +164,7 @@ def test_a_proposal_the_receiver_cannot_read_is_withdrawn_and_voided_on_both_sid
     _withdrawn(pair, transfer_id)
     assert state(pair.kor, transfer_id) is TransferState.VOIDED  # the tombstone
     assert outbox_count(pair.lao, VOID, transfer_id) == 1
-    assert _withdrawal_logged(caplog, transfer_id, "acknowledged the withdrawal") == 1
+    assert _withdrawal_logged(caplog, transfer_id, "KOR acknowledged the void") == 1
     pair.advance(INTERVAL * 2)
     assert pair.lao.query_pending_transfers(pair.now) == []
     assert pair.lao.due_messages(pair.now) == []  # the proposal is no longer delivered
@@ -237,9 +238,10 @@ def test_a_receiver_that_completed_and_lost_trust_refuses_the_void_nothing_settl
     pair: Pair, caplog: pytest.LogCaptureFixture
 ) -> None:
     """KOR completed an earlier delivery (its reply lost), then unpinned the key that
-    signed the proposal. It refuses the void with 3008 (recorded): LAO cannot complete
-    without the acceptance (digest, year), keeps the units reserved and delivers the
-    proposal again, sending no second void within the interval. Once KOR pins the key
+    signed the proposal. It refuses the void with 3008 (recorded), and LAO asks it
+    which final state it holds: COMPLETED. LAO cannot complete without the acceptance
+    (digest, year), keeps the units reserved and delivers the proposal again, sending
+    no second void and no second query within the interval. Once KOR pins the key
     again, the next delivery gets the stored acceptance: +600/−600."""
     transfer_id, first_key = _proposed_then_rotated(pair)
     pair.kor.handle_delivery("LAO", _proposal_envelope(pair, transfer_id), pair.now)
@@ -251,7 +253,9 @@ def test_a_receiver_that_completed_and_lost_trust_refuses_the_void_nothing_settl
         pair.advance(INTERVAL - 1)
         pair.pump()
     assert outbox_count(pair.lao, VOID, transfer_id) == 1
-    assert _withdrawal_logged(caplog, transfer_id, "it completed the transfer") == 1
+    assert outbox_count(pair.lao, QUERY, transfer_id) == 1
+    assert _withdrawal_logged(caplog, transfer_id, "it holds it final") == 1
+    assert _withdrawal_logged(caplog, transfer_id, "completed: waiting for its acceptance") == 1
     assert state(pair.lao, transfer_id) is TransferState.PROPOSED
     assert (reserved(pair.lao), ledger(pair.lao)) == (600, [])
     assert _pending(pair.lao, PROPOSAL, transfer_id) == 1
@@ -262,6 +266,42 @@ def test_a_receiver_that_completed_and_lost_trust_refuses_the_void_nothing_settl
     pair.pump()
     completed_on_both(pair, transfer_id)
     assert (reserved(pair.lao), held(pair.lao), held(pair.kor)) == (0, 400, 600)
+
+
+def test_a_void_recorded_then_refused_unread_is_settled_on_the_receivers_report(
+    pair: Pair,
+) -> None:
+    """KOR revoked LAO's first key (the proposal's). LAO's void, signed with its second
+    key, is recorded at KOR (a tombstone) but the receipt is lost; KOR unpins the second
+    key for a while, so the void's retry is refused before the look-up, which settles
+    nothing. An hour later a new void reaches KOR, which holds the transfer VOIDED and
+    refuses it with 3008, as it would for a completed one (V4): LAO asks which state,
+    KOR reports VOIDED, and LAO settles. (Found by review: LAO had taken every 3008 for
+    a completion and kept the units reserved for ever.)"""
+    transfer_id, first_key = _proposed_then_rotated(pair)
+    second_key = pair.lao.signing_key.key_id
+    pair.kor.revoke_signing_key(first_key, pair.now, partner="LAO")
+    pair.now = _deadline(pair, transfer_id)
+    assert pair.lao.query_pending_transfers(pair.now) == [transfer_id]
+    with pair.lao.store.transaction() as tx:
+        [void] = [m for m in tx.outbox_due(2**62, 100) if m.payload_type == VOID]
+    pair.kor.handle_delivery("LAO", void.envelope, pair.now)  # recorded; the receipt is lost
+    assert state(pair.kor, transfer_id) is TransferState.VOIDED  # the tombstone
+    _unpin(pair.kor, second_key)
+    pair.advance(60)
+    refused = pair.kor.handle_delivery("LAO", void.envelope, pair.now)  # the retry
+    assert pair.lao.handle_reply(void.message_id, refused, pair.now)
+    assert state(pair.lao, transfer_id) is TransferState.PROPOSED
+    pair.kor.reload_trust()  # KOR pins LAO's second key again
+    pair.advance(INTERVAL + 1)
+    pair.pump()
+    assert outbox_count(pair.lao, VOID, transfer_id) == 2
+    assert outbox_count(pair.lao, QUERY, transfer_id) == 1
+    record = _record(pair.lao, transfer_id)
+    assert record.state is TransferState.VOIDED
+    assert record.rejection_detail == "withdrawn: KOR reports TRANSFER_STATE_VOIDED"
+    assert (reserved(pair.lao), held(pair.lao), held(pair.kor)) == (0, 1_000, 0)
+    assert _pending(pair.lao, PROPOSAL, transfer_id) == 0
 
 
 def test_a_lost_reply_and_an_outage_complete_as_before(

@@ -604,14 +604,24 @@ class Operations(EngineBase):
             for record in tx.transfers_one_round_unanswered(
                 now_us - STATUS_QUERY_GRACE_US - 2 * skew
             ):
-                last = tx.outbox_last_created(
+                # Once the receiver refused a void with 3008 (it holds the transfer
+                # final), it is asked which state instead (Replies._withdrawal_answered),
+                # again at the same pace; else one void at a time, a new one only if the
+                # last was answered without settling (refused unread, say).
+                queried = tx.outbox_last_created(
+                    payload_type=type_name(TransferStatusQuery), subject_id=record.transfer_id
+                )
+                last = queried or tx.outbox_last_created(
                     payload_type=type_name(TransferVoid), subject_id=record.transfer_id
                 )
-                # One void at a time; a new one only if the last was answered without
-                # settling (refused unread, say) and long enough ago.
                 if last is not None and (
                     last[0] == "pending" or last[1] > now_us - WITHDRAWAL_INTERVAL_US
                 ):
+                    continue
+                if queried is not None:
+                    query = TransferStatusQuery(transfer_id=record.transfer_id)
+                    self._send(tx, record.partner, query, record.transfer_id, now_us)
+                    asked.append(record.transfer_id)
                     continue
                 void = TransferVoid(transfer_id=record.transfer_id, reason=WITHDRAWAL_REASON)
                 self._send(tx, record.partner, void, record.transfer_id, now_us)

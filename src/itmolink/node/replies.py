@@ -32,6 +32,7 @@ from itmolink.node.base import (
     TransferStatusQuery,
     TransferStatusReport,
     TransferVoid,
+    TransferVoidReceipt,
     _rejection_reasons,
     digest,
     log,
@@ -319,9 +320,13 @@ class Replies(EngineBase):
     def _status_reported(
         self, tx: Tx, transfer_id: str, partner: str, report: TransferStatusReport, now_us: int
     ) -> None:
-        """Resolve a transfer accepted here from the sender's own view of it."""
+        """Resolve a transfer accepted here from the sender's own view of it (§7.7), or
+        a withdrawn one-round transfer proposed here from the receiver's (§6.11 S7)."""
         record = tx.transfer_get(transfer_id)
-        if record is None or record.direction is not Role.RECEIVER or record.partner != partner:
+        if record is None or record.partner != partner:
+            return
+        if record.direction is Role.SENDER:
+            self._withdrawn_reported(tx, record, report, now_us)
             return
         abandoned = (
             transfer_pb2.TRANSFER_STATE_VOIDED,
@@ -376,11 +381,16 @@ class Replies(EngineBase):
         if isinstance(reply, Rejection):
             code, detail = _rejection_reasons(reply)
             if code == RejectionCode.TRANSFER_STATE_CONFLICT and reply.header.sequence != 0:
+                # The receiver holds the transfer final: COMPLETED, or VOIDED by an
+                # earlier void of ours whose receipt was lost (V4 answers both with
+                # 3008). Its report says which; no further void is sent.
                 log.warning(
-                    "%s refused to void one-round transfer %s (%s): it completed the "
-                    "transfer; the proposal is delivered again for its stored acceptance",
+                    "%s refused to void one-round transfer %s (%s): it holds it final; "
+                    "asking it which state",
                     partner, transfer_id, detail, extra=fields,
                 )  # fmt: skip
+                query = TransferStatusQuery(transfer_id=transfer_id)
+                self._send(tx, partner, query, transfer_id, now_us)
             else:
                 log.warning(
                     "%s refused the void of one-round transfer %s (%s %s): it stays "
@@ -389,17 +399,48 @@ class Replies(EngineBase):
                     extra=fields,
                 )  # fmt: skip
             return
+        if not isinstance(reply, TransferVoidReceipt) or reply.transfer_id != transfer_id:
+            return
+        self._settle_withdrawn(tx, record, f"withdrawn: {partner} acknowledged the void", now_us)
+
+    def _withdrawn_reported(
+        self, tx: Tx, record: TransferRecord, report: TransferStatusReport, now_us: int
+    ) -> None:
+        """S7: the receiver's report on a withdrawn one-round transfer, asked after it
+        refused the void with 3008. VOIDED or REJECTED there is final with nothing
+        moved, and a later proposal with this id is refused (T2): settled as the
+        receipt settles it. COMPLETED: its stored acceptance, returned with a
+        delivery of the proposal, completes the transfer here. Anything else:
+        nothing."""
+        if not record.complete_on_acceptance or record.state is not TransferState.PROPOSED:
+            return
+        final = (transfer_pb2.TRANSFER_STATE_VOIDED, transfer_pb2.TRANSFER_STATE_REJECTED)
+        state_name = transfer_pb2.TransferState.Name(report.state)
+        if report.state in final:
+            self._settle_withdrawn(
+                tx, record, f"withdrawn: {record.partner} reports {state_name}", now_us
+            )
+        elif report.state == transfer_pb2.TRANSFER_STATE_COMPLETED:
+            log.warning(
+                "%s reports one-round transfer %s completed: waiting for its acceptance, "
+                "which a delivery of the proposal brings back",
+                record.partner, record.transfer_id,
+                extra={"transfer_id": record.transfer_id, "partner": record.partner},
+            )  # fmt: skip
+
+    def _settle_withdrawn(self, tx: Tx, record: TransferRecord, detail: str, now_us: int) -> None:
+        """A withdrawn one-round transfer the receiver holds final with nothing moved:
+        VOIDED here, the blocks released, the proposal no longer delivered."""
         transition = step(Role.SENDER, record.state, Event.WITHDRAWAL_ACKNOWLEDGED)
-        self._apply(tx, transition.effects, transfer_id, partner, [], 0, now_us)
+        self._apply(tx, transition.effects, record.transfer_id, record.partner, [], 0, now_us)
         tx.transfer_set_state(
-            transfer_id, transition.state, now=now_us,
-            rejection_detail=f"withdrawn: {partner} acknowledged the void",
-        )  # fmt: skip
-        tx.outbox_cancel(payload_type=type_name(TransferProposal), subject_id=transfer_id)
+            record.transfer_id, transition.state, now=now_us, rejection_detail=detail
+        )
+        tx.outbox_cancel(payload_type=type_name(TransferProposal), subject_id=record.transfer_id)
         log.warning(
-            "one-round transfer %s to %s voided: %s acknowledged the withdrawal of its "
-            "proposal; %d tCO2e released",
-            transfer_id, partner, partner, record.quantity, extra=fields,
+            "one-round transfer %s to %s voided (%s); %d tCO2e released",
+            record.transfer_id, record.partner, detail, record.quantity,
+            extra={"transfer_id": record.transfer_id, "partner": record.partner},
         )  # fmt: skip
 
     def _proposal_rejected(self, tx: Tx, transfer_id: str, reply: Rejection, now_us: int) -> None:
