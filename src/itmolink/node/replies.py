@@ -363,10 +363,11 @@ class Replies(EngineBase):
           withdrawn from the outbox. No clock is trusted for this: the receipt is the
           receiver's own signed statement, made under its ledger's lock.
         - A ``Rejection``: recorded with 3008 (``TRANSFER_STATE_CONFLICT``), the
-          receiver holds the transfer COMPLETED (R3), and only its acceptance (digest,
-          adjustment year) completes it here: its stored acceptance comes back with a
-          delivery of the proposal, which goes on. Anything else (refused unread, for
-          instance) settles nothing, and the void is sent again later.
+          receiver holds the transfer final, COMPLETED (R3) or VOIDED by an earlier void
+          of ours whose receipt was lost: it is asked which (a TransferStatusQuery,
+          :meth:`_withdrawn_reported`), and no further void is sent. Anything else
+          (refused unread, for instance) settles nothing, and the void is sent again
+          later.
         """
         record = tx.transfer_get(transfer_id)
         if (
