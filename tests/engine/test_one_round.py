@@ -67,6 +67,18 @@ def _authorisation_of(pair: Pair) -> str:
         return tx.authorisations()[0].authorisation_id
 
 
+def two_phase_beside(pair: Pair) -> str:
+    """LAO stops asking KOR to complete on acceptance and proposes 100 tCO2e more: a
+    two-phase transfer beside the one-round ones. Returns its id."""
+    pair.lao.partners["KOR"] = dataclasses.replace(
+        pair.lao.partners["KOR"], complete_on_acceptance=False
+    )
+    return pair.lao.start_transfer(
+        to_party="KOR", authorisation_id=_authorisation_of(pair), vintage=2025, quantity=100,
+        now=pair.now,
+    )  # fmt: skip
+
+
 def outbox_count(engine: Engine, payload_type: str, subject_id: str) -> int:
     with engine.store.transaction() as tx:
         return tx.outbox_count_of(payload_type=payload_type, subject_id=subject_id)
@@ -231,13 +243,7 @@ def test_a_proposal_that_asked_is_never_voided_and_an_expired_one_is_refused_301
     the sender releases the blocks (R2)."""
     pair = one_round
     transfer_id = transfer(pair)
-    pair.lao.partners["KOR"] = dataclasses.replace(
-        pair.lao.partners["KOR"], complete_on_acceptance=False
-    )
-    two_phase = pair.lao.start_transfer(
-        to_party="KOR", authorisation_id=_authorisation_of(pair), vintage=2025, quantity=100,
-        now=pair.now,
-    )  # fmt: skip
+    two_phase = two_phase_beside(pair)
     pair.network = lambda sender, receiver, envelope: None  # the link is down
     pair.advance(60 + SKEW.total_seconds() + 1)  # past expires_at + skew
     assert pair.lao.expire_transfers(pair.now) == [two_phase]  # only the two-phase one

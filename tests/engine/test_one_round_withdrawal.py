@@ -31,11 +31,11 @@ from .test_one_round import (
     PROPOSAL,
     SKEW,
     _alarms,
-    _authorisation_of,
     completed_on_both,
     outbox_count,
     parse,
     reserved,
+    two_phase_beside,
 )
 
 VOID = "itmolink.v1.TransferVoid"
@@ -376,13 +376,7 @@ def test_the_sender_withdraws_only_past_the_deadline_one_void_at_a_time_not_in_t
     other while it is pending. A two-phase transfer past its time-out is voided by
     the time-out pass, not withdrawn here."""
     transfer_id, _ = _proposed_then_rotated(pair)
-    pair.lao.partners["KOR"] = dataclasses.replace(
-        pair.lao.partners["KOR"], complete_on_acceptance=False
-    )
-    two_phase = pair.lao.start_transfer(
-        to_party="KOR", authorisation_id=_authorisation_of(pair), vintage=2025, quantity=100,
-        now=pair.now,
-    )  # fmt: skip
+    two_phase = two_phase_beside(pair)
     deadline = _deadline(pair, transfer_id)
     pair.now = deadline - dt.timedelta(microseconds=1)
     assert pair.lao.query_pending_transfers(pair.now) == []
