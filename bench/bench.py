@@ -21,6 +21,10 @@ production, so no two of them share an interpreter lock:
   default, written straight into both databases): the time and the work
   (queries, buckets and leaves compared) when identical and when d transfers
   differ, and each node's memory (peak RSS) holding them;
+* the floor of a durable, signed transfer with one in flight: the parts no
+  implementation can skip (durable commits of one row and of a protocol step's
+  pages, Ed25519 signatures and verifications, the echo's round trip), summed for
+  a one-round transfer, and the largest ratio to the echo they leave possible;
 * ``ratio transfers/echo: X`` for one transfer in flight and for 64;
 * one-round transfers (docs/PROTOCOL.md §6.11: the sender asks the receiver to
   complete in the step that accepts): the same measurements with a second pair
@@ -58,6 +62,7 @@ import grpc.aio
 from itmolink.core.blocks import Block
 from itmolink.core.reconcile import TransferFacts, blocks_leaf, id_hash, journal_leaf, slices
 from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
+from itmolink.crypto.keys import SigningKey
 from itmolink.crypto.pki import PartyFiles, init_party
 from itmolink.node import eventloop
 from itmolink.node.config import load_config
@@ -177,6 +182,79 @@ def echo_run(ctx: Any, keys: PartyFiles, count: int, in_flight: int) -> Figures:
     stop.set()
     server.join()
     return figures
+
+
+# -- the floor of a durable, signed transfer: only the parts no implementation can skip ----
+
+
+def commit_p50(directory: Path, rows_updated: int, commits: int = 2000) -> float:
+    """The p50 of durable commits (SQLite WAL, ``synchronous=FULL``, as the node's store)
+    of one 700-byte row insert and ``rows_updated`` updates of 200-byte rows spread over a
+    table of 50,000 (15 make about the 17 pages a protocol step writes), in seconds."""
+    path = directory / f"commits-{rows_updated}.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+        conn.execute("CREATE TABLE j (id INTEGER PRIMARY KEY, b BLOB)")
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO t VALUES (?, ?)", ((i, bytes(200)) for i in range(50_000)))
+        conn.execute("COMMIT")
+        times = []
+        for n in range(commits):
+            started = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            for k in range(rows_updated):
+                conn.execute(
+                    "UPDATE t SET v = ? WHERE id = ?",
+                    (n.to_bytes(200, "big"), (n * 7919 + k * 3331) % 50_000),
+                )
+            conn.execute("INSERT INTO j (b) VALUES (?)", (n.to_bytes(PAYLOAD, "big"),))
+            conn.execute("COMMIT")
+            times.append(time.perf_counter() - started)
+    finally:
+        conn.close()
+    return percentile(times, 0.5)
+
+
+def signature_costs(count: int = 5000) -> tuple[float, float]:
+    """Seconds per Ed25519 signature and per verification of a PAYLOAD-byte message,
+    with the node's own keys (itmolink.crypto.keys: libsodium)."""
+    key = SigningKey.generate("BEN")
+    public = key.verifying_key()
+    message = bytes(PAYLOAD)
+    started = time.perf_counter()
+    for _ in range(count):
+        signature = key.sign(message)
+    signed = time.perf_counter()
+    for _ in range(count):
+        public.verify(signature, message)
+    return (signed - started) / count, (time.perf_counter() - signed) / count
+
+
+def durable_floor(directory: Path, floor_1: Figures) -> None:
+    """Print the least time a one-round transfer (PROTOCOL.md §6.11) can take with one in
+    flight on this machine, whatever the implementation: three durable commits (the
+    sender's reservation before it sends, the receiver's credit before it answers, the
+    sender's debit before it reports the transfer complete), one round trip as the echo
+    makes it, and two signatures and two verifications. Nothing of either engine's SQL,
+    protobuf or Python is counted, so the ratio printed is an upper bound."""
+    directory.mkdir(parents=True, exist_ok=True)
+    one_row, step = commit_p50(directory, 0), commit_p50(directory, 15)
+    sign, verify = signature_costs()
+    trip = 1 / floor_1[0]  # seconds per echo call with one in flight
+    allowed = trip / 0.3  # one transfer in this time is 0.3 x the echo
+    print("floor of a durable, signed one-round transfer, 1 in flight (no SQL statement, "
+          "protobuf or Python of either engine counted):")  # fmt: skip
+    print(f"  durable SQLite commit, p50: one 700-byte row {one_row * 1e3:.3f} ms, "
+          f"a protocol step's pages {step * 1e3:.3f} ms; Ed25519 sign {sign * 1e3:.3f} ms, "
+          f"verify {verify * 1e3:.3f} ms; echo call {trip * 1e3:.3f} ms")  # fmt: skip
+    for label, commit in (("step-sized", step), ("one-row", one_row)):
+        least = trip + 3 * commit + 2 * (sign + verify)
+        print(f"  3 {label} commits, the round trip, 2 signatures, 2 verifications: "
+              f"{least * 1e3:.3f} ms: ratio at most {trip / least:.3f}; at 0.3 x the echo "
+              f"{(allowed - least) * 1e3:.3f} ms left for both engines' own work")  # fmt: skip
 
 
 # -- the nodes: one process each, driven by commands over a pipe ---------------------------
@@ -598,6 +676,7 @@ def transfers_part(
           f"{PAYLOAD}-byte payload (same run, median of 3):")  # fmt: skip
     row("echo, 1 in flight", floor_1, floor_1)
     row("echo, 64 in flight", floor_64, floor_64)
+    durable_floor(root / "floor", floor_1)
 
     make_parties(root / "nodes")
     pair = Pair(ctx, root / "nodes", profile)
