@@ -190,6 +190,75 @@ def test_a_void_of_a_rejected_transfer_keeps_the_rejection(pair: Pair) -> None:
     assert record.rejection_code == RejectionCode.SERIALS_ALREADY_HELD
 
 
+def _proposed_at(engine: object, transfer_id: str) -> int | None:
+    with engine.store.transaction() as tx:  # type: ignore[attr-defined]
+        return tx.transfer_proposed_at(transfer_id)  # type: ignore[no-any-return]
+
+
+async def test_a_void_that_overtakes_its_proposal_leaves_its_tombstone_where_the_proposal_was(
+    pair: Pair,
+) -> None:
+    """The proposal never reaches KOR; LAO times it out and its void carries the
+    proposal's sent_at (PROTOCOL §5.10 V3): KOR's tombstone has LAO's proposed_at,
+    not the void's arrival, so a reconciliation whose cut falls between the proposal
+    and the void finds both sides alike and freezes nothing; the proposal, arriving
+    after all, is refused (T2)."""
+    from itmolink.node.reconciliation import Reconciliation
+
+    from .test_reconcile import LinkedNode, frozen
+
+    authorisation_id = issued(pair)
+    transfer_id = pair.lao.start_transfer(
+        to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=100,
+        now=pair.now, timeout=dt.timedelta(seconds=30),
+    )  # fmt: skip
+    proposed = pair.now
+    [(_, _, proposal)] = pair.lao.due_messages(pair.now)  # lost in transit
+    pair.advance(90)
+    assert pair.lao.expire_transfers(pair.now) == [transfer_id]
+    pair.pump()  # only the void: the time-out withdrew the proposal
+    assert state(pair.kor, transfer_id) is TransferState.VOIDED
+    assert _proposed_at(pair.kor, transfer_id) == _proposed_at(pair.lao, transfer_id)
+    assert _proposed_at(pair.lao, transfer_id) == to_us(proposed)
+    pair.advance(1)
+    cut = proposed + dt.timedelta(seconds=45)
+    for party, partner in (("LAO", "KOR"), ("KOR", "LAO")):
+        node = LinkedNode(pair, party)
+        report = await Reconciliation(node, partner, cut).run()  # type: ignore[arg-type]
+        assert report.discrepancies == []
+        assert report.transfers_here == 1
+    assert frozen(pair.lao) == frozen(pair.kor) == []
+    late = open_envelope(pair.kor.handle_delivery("LAO", proposal, pair.now), pair.lao.trust)
+    rejection = reply_pb2.Rejection()
+    rejection.ParseFromString(late.payload)
+    assert rejection.reasons[0].code == RejectionCode.TRANSFER_STATE_CONFLICT
+
+
+def test_a_void_without_the_proposals_sent_at_leaves_its_tombstone_at_its_arrival(
+    pair: Pair,
+) -> None:
+    """A sender that predates the field: the tombstone is placed when the void arrived."""
+    issued(pair)
+    void = transfer_pb2.TransferVoid(transfer_id="LAO-T-OLD", reason="no acceptance")
+    void.header.CopyFrom(pair.lao._header(None, "KOR", to_us(pair.now) - 5_000_000))
+    void.header.sequence = 79
+    envelope = seal("itmolink.v1.TransferVoid", void.SerializeToString(), pair.keys["LAO"])
+    reply = open_envelope(pair.kor.handle_delivery("LAO", envelope, pair.now), pair.lao.trust)
+    assert reply.payload_type == "itmolink.v1.TransferVoidReceipt"
+    assert state(pair.kor, "LAO-T-OLD") is TransferState.VOIDED
+    assert _proposed_at(pair.kor, "LAO-T-OLD") == to_us(pair.now)
+
+
+def test_a_void_cannot_place_its_proposal_after_itself(pair: Pair) -> None:
+    issued(pair)
+    void = transfer_pb2.TransferVoid(transfer_id="LAO-T-LATE", reason="no acceptance")
+    void.proposal_sent_at.FromDatetime(pair.now + dt.timedelta(seconds=1))
+    reply = _deliver_from_lao(pair, void, sequence=78)
+    assert reply.reasons[0].code == RejectionCode.INVALID_FIELD
+    assert "proposal_sent_at" in reply.reasons[0].detail
+    assert state(pair.kor, "LAO-T-LATE") is None
+
+
 def test_rejected_carries_its_code() -> None:
     error = Rejected(RejectionCode.WRONG_AUDIENCE, "for JPN")
     assert error.code is RejectionCode.WRONG_AUDIENCE

@@ -173,6 +173,34 @@ def test_a_proposal_the_receiver_cannot_read_is_withdrawn_and_voided_on_both_sid
     assert pair.kor.trust.is_revoked(first_key)
 
 
+async def test_a_reconciliation_right_after_a_withdrawal_finds_no_difference(pair: Pair) -> None:
+    """The proposal never reaches KOR, and LAO withdraws it past the deadline, more
+    than ten minutes after proposing. A reconciliation whose cut falls between the
+    proposal and the void (the default cut, five minutes back, run within five minutes
+    of the withdrawal) finds the ledgers equal: KOR's tombstone takes the proposal's
+    sent_at from the void (PROTOCOL §5.10 V3), so both sides place the transfer alike,
+    and LAO freezes none of the units it has just released."""
+    from itmolink.node.reconciliation import Reconciliation
+
+    from .test_reconcile import LinkedNode, frozen
+
+    transfer_id, _ = _proposed_then_rotated(pair)
+    proposed = dt.datetime.fromtimestamp(_record(pair.lao, transfer_id).created_at / 1e6, dt.UTC)
+    pair.network = _drop(PROPOSAL)  # every attempt of the proposal is lost
+    pair.now = _deadline(pair, transfer_id)
+    pair.pump()
+    _withdrawn(pair, transfer_id)
+    pair.advance(60)
+    cut = pair.now - dt.timedelta(minutes=5)
+    assert proposed < cut
+    for party, partner in (("LAO", "KOR"), ("KOR", "LAO")):
+        report = await Reconciliation(LinkedNode(pair, party), partner, cut).run()  # type: ignore[arg-type]
+        assert report.discrepancies == []
+        assert report.transfers_here == 1
+    assert frozen(pair.lao) == frozen(pair.kor) == []
+    assert held(pair.lao) == 1_000
+
+
 async def test_an_outage_past_the_deadline_ends_alike_on_both_sides_and_reconciles_clean(
     pair: Pair,
 ) -> None:

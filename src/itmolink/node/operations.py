@@ -561,9 +561,7 @@ class Operations(EngineBase):
                         payload_type=type_name(TransferBatchProposal), subject_id=record.batch_id
                     )
                 if Effect.SEND_VOID in transition.effects:
-                    void = TransferVoid(
-                        transfer_id=record.transfer_id, reason="no acceptance before the time-out"
-                    )
+                    void = _void(tx, record.transfer_id, "no acceptance before the time-out")
                     self._send(tx, record.partner, void, record.transfer_id, now_us)
                 voided.append(record.transfer_id)
                 log.warning(
@@ -623,7 +621,7 @@ class Operations(EngineBase):
                     self._send(tx, record.partner, query, record.transfer_id, now_us)
                     asked.append(record.transfer_id)
                     continue
-                void = TransferVoid(transfer_id=record.transfer_id, reason=WITHDRAWAL_REASON)
+                void = _void(tx, record.transfer_id, WITHDRAWAL_REASON)
                 self._send(tx, record.partner, void, record.transfer_id, now_us)
                 asked.append(record.transfer_id)
                 log.warning(
@@ -1209,3 +1207,14 @@ def _revocation(key_id: str, compromised_since_us: int | None) -> KeyRotation:
     if compromised_since_us is not None:
         revocation.compromised_since.CopyFrom(timestamp(compromised_since_us))
     return revocation
+
+
+def _void(tx: Tx, transfer_id: str, reason: str) -> TransferVoid:
+    """A void of this node's transfer, with its proposal's ``sent_at``, so that a receiver
+    the proposal never reached records its tombstone where the proposal would have placed
+    the transfer in a reconciliation snapshot (docs/PROTOCOL.md §5.10 V3, §11.1)."""
+    void = TransferVoid(transfer_id=transfer_id, reason=reason)
+    proposed_at = tx.transfer_proposed_at(transfer_id)
+    if proposed_at is not None:
+        void.proposal_sent_at.CopyFrom(timestamp(proposed_at))
+    return void

@@ -1045,10 +1045,21 @@ class Requests(EngineBase):
         self, tx: Tx, sender: str, msg: TransferVoid, payload: bytes, journal_id: int, now_us: int
     ) -> bytes:
         _check_transfer_id(msg.transfer_id, sender)
+        proposed_at = now_us
+        if msg.HasField("proposal_sent_at"):
+            proposed_at = timestamp_us(msg.proposal_sent_at)
+            if proposed_at > timestamp_us(msg.header.sent_at):
+                raise Rejected(
+                    RejectionCode.INVALID_FIELD,
+                    "proposal_sent_at is later than the void's own sent_at: a proposal "
+                    "comes before its void",
+                )
         state = self._incoming_transfer(tx, sender, msg.transfer_id)
         if state is None:
             # The proposal has not arrived (or never will): remember the void so a
-            # late proposal with this id is refused.
+            # late proposal with this id is refused, placed where the proposal would
+            # have placed the transfer in a reconciliation snapshot (an older sender
+            # gives no proposal_sent_at: then when the void arrived, §11.9).
             tx.transfer_put(
                 transfer_id=msg.transfer_id,
                 direction=Role.RECEIVER,
@@ -1062,6 +1073,7 @@ class Requests(EngineBase):
                 expires_at=0,
                 rejection_detail=msg.reason,
                 now=now_us,
+                proposed_at=proposed_at,
             )
         else:
             transition = step(Role.RECEIVER, state, Event.VOID_RECEIVED)

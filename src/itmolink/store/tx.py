@@ -1558,6 +1558,12 @@ class Tx:
         )
         return None if row is None else _transfer(row)
 
+    def transfer_proposed_at(self, transfer_id: str) -> int | None:
+        """The transfer's ``proposed_at`` (µs): the ``sent_at`` of its proposal, or for
+        a void tombstone what the void gave (docs/PROTOCOL.md §11.1, §5.10 V3)."""
+        row = self._one("SELECT proposed_at FROM transfers WHERE transfer_id = ?", (transfer_id,))
+        return None if row is None else int(row[0])
+
     def transfer_set_state(
         self,
         transfer_id: str,

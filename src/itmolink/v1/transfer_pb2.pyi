@@ -254,20 +254,30 @@ class TransferVoid(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     TRANSFER_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    PROPOSAL_SENT_AT_FIELD_NUMBER: _builtins.int
     transfer_id: _builtins.str
     reason: _builtins.str
     @_builtins.property
     def header(self) -> _common_pb2.Header: ...
+    @_builtins.property
+    def proposal_sent_at(self) -> _timestamp_pb2.Timestamp:
+        """The sent_at of the header of the transfer's proposal (its proposed_at). A
+        receiver that has no record of the transfer records its tombstone with this
+        proposed_at, so that both sides place the transfer on the same side of a
+        reconciliation's cut. Unset from a sender that predates the field.
+        """
+
     def __init__(
         self,
         *,
         header: _common_pb2.Header | None = ...,
         transfer_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        proposal_sent_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "proposal_sent_at", b"proposal_sent_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "reason", b"reason", "transfer_id", b"transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "proposal_sent_at", b"proposal_sent_at", "reason", b"reason", "transfer_id", b"transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
