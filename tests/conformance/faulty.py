@@ -557,6 +557,20 @@ class VoidsCompletedTransfer(Engine):
     }
 
 
+class TombstoneAtArrival(Engine):
+    """Places a void's tombstone at the void's arrival, not at its proposal_sent_at."""
+
+    def _on_void(self, tx: Tx, sender: str, msg: Any, *args: Any) -> bytes:
+        msg.ClearField("proposal_sent_at")
+        handler = Engine._request_handlers["itmolink.v1.TransferVoid"]
+        return handler(self, tx, sender, msg, *args)
+
+    _request_handlers: ClassVar[dict[str, Callable[..., bytes]]] = {
+        **Engine._request_handlers,
+        "itmolink.v1.TransferVoid": _on_void,
+    }
+
+
 class ReceiverBooksNoAdjustment(Engine):
     def _adjustment_entries(
         self, role: Role, partner: str, transfer_id: str, blocks: Sequence[Block]
@@ -854,6 +868,10 @@ VARIANTS = [
             "3.17-void-rules",
             "REJECTION_CODE_TRANSFER_STATE_CONFLICT (3008), got TransferVoidReceipt",
             lambda n: _swap(n, VoidsCompletedTransfer)),
+    Variant("tombstone-at-arrival", "buyer", "places a void's tombstone at the void's arrival",
+            "3.17-void-rules",
+            "is not in the snapshot cut 1 µs after the void's proposal_sent_at",
+            lambda n: _swap(n, TombstoneAtArrival)),
     Variant("receiver-books-no-adjustment", "buyer", "books no adjustment on completion",
             "3.01-transfer-completed",
             "the receipt's adjustment_year is 0",

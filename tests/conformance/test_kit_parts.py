@@ -301,7 +301,7 @@ async def test_1_02_fails_when_the_target_is_down(tmp_path: Path) -> None:
     assert time.monotonic() - started < 30
 
 
-def test_stage_4_takes_a_tombstones_leaf_as_optional_and_cuts_after_every_proposal(
+def test_stage_4_cuts_after_every_proposal_and_expects_a_tombstones_leaf(
     tmp_path: Path,
 ) -> None:
     from itmolink.conformance import stages
@@ -313,15 +313,17 @@ def test_stage_4_takes_a_tombstones_leaf_as_optional_and_cuts_after_every_propos
     ahead = to_us(dt.datetime.now(dt.UTC) + dt.timedelta(minutes=4))  # a target clock ahead
     moved = KitTransfer("LAO-T-1", "LAO", "XKT", "A", final_at_target=True, proposed_at_us=ahead)
     tombstone = KitTransfer(
-        "XKT-T-2", "XKT", "LAO", "A", final_at_target=True, voided=True, tombstone=True
-    )
+        "XKT-T-2", "XKT", "LAO", "A", final_at_target=True, voided=True,
+        proposed_at_us=to_us(dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)),
+    )  # fmt: skip
     ctx.transfers = {t.transfer_id: t for t in (moved, tombstone)}
     assert stages._snapshot_at(ctx) == ahead + 1
     leaf = {"LAO-T-1": moved.blocks_leaf()}
-    stages._compare_leaves(ctx, leaf, lambda r: r.blocks_leaf(), "blocks")  # tombstone absent
     stages._compare_leaves(
         ctx, {**leaf, "XKT-T-2": tombstone.blocks_leaf()}, lambda r: r.blocks_leaf(), "blocks"
     )
+    with pytest.raises(CheckFailed, match="XKT-T-2 is missing"):  # it stands at proposal_sent_at
+        stages._compare_leaves(ctx, leaf, lambda r: r.blocks_leaf(), "blocks")
     with pytest.raises(CheckFailed, match="XKT-T-2 \\(not moved\\) differs"):
         stages._compare_leaves(
             ctx, {**leaf, "XKT-T-2": b"x" * 32}, lambda r: r.blocks_leaf(), "blocks"

@@ -55,9 +55,6 @@ class KitTransfer:
     # Whether the target must hold it as final (in its reconciliation snapshot).
     final_at_target: bool = False
     voided: bool = False  # final as VOIDED (else, final and not moved: REJECTED)
-    # A void tombstone (§5.10 V3): its proposed_at is the target's own clock (§11.9), so
-    # it may fall on either side of a snapshot's cut: its leaf may be absent.
-    tombstone: bool = False
     # The proposal's sent_at (µs): the time that places it in snapshots (§11.1).
     proposed_at_us: int = 0
     proposal_digest: bytes = b""

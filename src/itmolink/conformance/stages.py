@@ -1268,22 +1268,28 @@ async def t_b_revoked(ctx: Context) -> None:
     "3.17-void-rules",
     3,
     "§5.10 V3, V4",
-    "a void before its proposal leaves a tombstone (the late proposal: 3008); "
-    "a void of a completed transfer: 3008",
+    "a void before its proposal leaves a tombstone at the proposal's sent_at (the late "
+    "proposal: 3008); a void of a completed transfer: 3008",
     ("buyer",),
 )
 async def t_b_void_rules(ctx: Context) -> None:
     blocks = ctx.new_blocks(100, ctx.needs("auth", "2.01"))
     proposal = ctx.proposal(blocks)
-    void = transfer_pb2.TransferVoid(transfer_id=proposal.transfer_id, reason="conformance")
+    # The proposal "was sent" a minute ago and is lost; its void says so (§5.10 V3).
+    proposed_us = to_us(now_utc()) - 60_000_000
+    void = transfer_pb2.TransferVoid(
+        transfer_id=proposal.transfer_id, reason="conformance",
+        proposal_sent_at=timestamp(proposed_us),
+    )  # fmt: skip
     receipt = ctx.expect(await ctx.link.send(void), transfer_pb2.TransferVoidReceipt, "early void")
     check(receipt.transfer_id == proposal.transfer_id, f"receipt names {receipt.transfer_id!r}")
     tombstone = KitTransfer(
         proposal.transfer_id, ctx.kit, ctx.target, proposal.authorisation_id,
-        final_at_target=True, voided=True, tombstone=True,
+        final_at_target=True, voided=True, proposed_at_us=proposed_us,
     )  # fmt: skip
     ctx.transfers[tombstone.transfer_id] = tombstone
     await _expect_state(ctx, proposal.transfer_id, transfer_pb2.TRANSFER_STATE_VOIDED, "§5.10 V3")
+    await _expect_tombstone_at(ctx, tombstone)
     reply = await ctx.link.send(proposal)
     ctx.expect_rejection(
         reply, C.REJECTION_CODE_TRANSFER_STATE_CONFLICT, "a proposal after its void", recorded=True
@@ -1297,6 +1303,37 @@ async def t_b_void_rules(ctx: Context) -> None:
         recorded=True,
     )
     await _expect_state(ctx, done.transfer_id, transfer_pb2.TRANSFER_STATE_COMPLETED, "§5.10 V4")
+
+
+async def _expect_tombstone_at(ctx: Context, tombstone: KitTransfer) -> None:
+    """The target's tombstone stands at the void's proposal_sent_at in its snapshots
+    (§5.10 V3, §11.1): in the one cut 1 µs after it, not in the one cut at it."""
+    for cut, present in ((tombstone.proposed_at_us + 1, True), (tombstone.proposed_at_us, False)):
+        query = reconcile_pb2.ReconciliationQuery(
+            reconciliation_id=str(uuid.uuid4()),
+            snapshot_at=timestamp(cut),
+            view=reconcile_pb2.RECONCILIATION_VIEW_BLOCKS,
+            leaf_prefixes=[id_hash(tombstone.transfer_id)],
+            leaf_definition=BLOCKS_LEAF_DEFINITION,
+        )
+        answer = ctx.expect(
+            await ctx.link.send(query), reconcile_pb2.ReconciliationAnswer, "reconciliation query"
+        )
+        leaves = {leaf.transfer_id: leaf.digest for leaf in answer.leaves}
+        where = "1 µs after" if present else "at"
+        if present:
+            check(
+                leaves.get(tombstone.transfer_id) == tombstone.blocks_leaf(),
+                f"the tombstone of {tombstone.transfer_id} is not in the snapshot cut {where} the "
+                "void's proposal_sent_at with the leaf of a transfer that moved nothing "
+                f"(§5.10 V3, §11.1): got {leaves.get(tombstone.transfer_id, b'').hex() or 'none'}",
+            )
+        else:
+            check(
+                tombstone.transfer_id not in leaves,
+                f"the tombstone of {tombstone.transfer_id} is in the snapshot cut {where} the "
+                "void's proposal_sent_at: its proposed_at must be that instant (§5.10 V3)",
+            )
 
 
 @kit_test(
@@ -2450,10 +2487,9 @@ def _compare_leaves(
     for record in _final(ctx):
         got = leaves.get(record.transfer_id)
         if got is None:
-            if not record.tombstone:  # a tombstone's proposed_at is the target's (§11.9)
-                problems.append(
-                    f"{record.transfer_id} is missing (not final, or unknown, at the target)"
-                )
+            problems.append(
+                f"{record.transfer_id} is missing (not final, or unknown, at the target)"
+            )
         elif got != mine(record):
             state = "moved" if record.moved else "not moved"
             why = diagnose(record, got) if diagnose is not None and record.moved else ""
@@ -2469,7 +2505,7 @@ def _compare_leaves(
 )
 async def t_buckets(ctx: Context) -> None:
     problems = []
-    records = [r for r in _final(ctx) if not r.tombstone]  # may be outside the cut (§11.9)
+    records = _final(ctx)
     answer = await _query(
         ctx, reconcile_pb2.RECONCILIATION_VIEW_BLOCKS,
         prefixes=[id_hash(r.transfer_id)[:63] for r in records][:256],
