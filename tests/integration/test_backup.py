@@ -25,6 +25,8 @@ from .conftest import Registry, final_state, link, start_registry, stop_registry
 from .test_operations import _issued, _transfer
 
 COMPLETED = 3
+REJECTED = 4
+SERIALS_ALREADY_HELD = 3005
 
 
 def _backup(config: Path, out: Path) -> None:
@@ -94,15 +96,19 @@ async def test_a_backup_of_a_stopped_node_restores_it_and_the_link_goes_on(
         await stop_registry(kor)
 
 
-async def test_an_older_backup_restores_the_ledger_of_its_time_but_the_partner_refuses_the_link(
+async def test_an_older_backup_is_taken_back_by_the_partner_once_the_node_is_marked_restored(
     pki: Callable[..., Path], databases: Databases, tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
-    """A known gap (docs/OPERATIONS.md, "Restoring an older backup"): a backup taken
-    while the node ran misses what came after it. The restored ledger is consistent as
-    of the backup, but the partner has seen the message sequence numbers the restored
-    node hands out again and refuses them (SEQUENCE_REUSED): there is no protocol
-    step yet to bring a rolled-back registry back in step with its partners."""
+    """docs/OPERATIONS.md §7, "Restoring an older backup": a backup taken while the node
+    ran misses what came after it. Restored as it is, the node hands out again message
+    sequence numbers the partner has seen, which it refuses (SEQUENCE_REUSED), and the
+    refusal says what to do. `itmolink node restored` moves every id counter and link
+    sequence past them: the link goes on, reconciliation lists the transfer the ledger
+    lost (final at the partner only), and a new transfer does not take the lost one's
+    id. What it cannot give back: the units the lost transfer moved are held here
+    again, and the partner refuses them (SERIALS_ALREADY_HELD), which is why the
+    operators settle such transfers before moving units."""
     if databases.postgres:
         postgres_cluster()
     lao_config = pki("LAO", ["KOR"])
@@ -132,9 +138,80 @@ async def test_an_older_backup_restores_the_ledger_of_its_time_but_the_partner_r
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await restored.call("Reconcile", admin_pb2.ReconcileRequest(partner="KOR"))
         assert "SEQUENCE_REUSED" in str(refused.value.details())
+        assert "itmolink node restored" in str(refused.value.details())
+        await stop_registry(restored)
+        restored = None
+
+        assert main(["node", "restored", "--config", str(lao_config)]) == 0
+        out = capsys.readouterr().out
+        assert "sequence to KOR" in out
+        assert "counter transfer" in out
+        assert main(["audit", "verify", "--config", str(lao_config)]) == 0
+        restored = await start_registry(lao_config)
+        link(restored, kor)
+        request = admin_pb2.ReconcileRequest(partner="KOR")
+        request.snapshot_at.FromDatetime(dt.datetime.now(dt.UTC))
+        report = await restored.call("Reconcile", request)
+        found = {(d.phase, d.subject) for d in report.discrepancies}
+        assert found == {("totals", "totals"), ("blocks", second.transfer_id),
+                         ("journal", second.transfer_id)}, list(report.discrepancies)  # fmt: skip
+        assert report.transfers_here == 1
+        third = await final_state(restored, await _transfer(restored, authorisation_id, 10))
+        assert third.transfer_id not in (first.transfer_id, second.transfer_id)
+        # Its serials are among those the lost transfer moved: KOR holds them.
+        assert third.state == REJECTED
+        assert third.rejection_code == SERIALS_ALREADY_HELD
     finally:
         await stop_registry(restored if restored is not None else lao)
         await stop_registry(kor)
+
+
+def test_node_restored_raises_every_id_counter_and_link_sequence(
+    pki: Callable[..., Path], databases: Databases, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Counters never used before the backup are raised too (the lost tail may have
+    used them), and so is the link to a partner the node never wrote to; a counter of
+    the ledger's own (the shared-state version) is left alone."""
+    from itmolink.node.base import ID_COUNTERS, serial_counter
+    from itmolink.store import open_store
+
+    config_path = pki("LAO", ["KOR"])
+    config = load_config(config_path)
+    open_store(config.database, party="LAO", registry=config.registry).close()
+    capsys.readouterr()
+    before = dt.datetime.now(dt.UTC)
+    assert main(["node", "restored", "--config", str(config_path)]) == 0
+    store = open_store(config.database, party="LAO", registry=config.registry)
+    try:
+        with store.transaction() as tx:
+            counters = {n: tx._counter(n) for n in (*ID_COUNTERS, serial_counter(config.registry))}
+            sequence = tx.next_sequence("KOR")
+            shared = tx.shared_state()
+            audit = tx.admin_audit()
+    finally:
+        store.close()
+    floor = int(before.timestamp() * 1_000_000)
+    assert all(value is not None and value >= floor for value in counters.values()), counters
+    assert sequence >= floor
+    assert shared < floor
+    operator, method = audit[-1][:2]
+    assert method == "node restored"
+    assert operator.startswith("local:")
+
+
+def test_every_id_counter_the_node_hands_out_is_one_node_restored_raises() -> None:
+    """A counter added to the code but not to ID_COUNTERS would be handed out again
+    after an older backup is restored."""
+    import re
+
+    from itmolink.node.base import ID_COUNTERS
+
+    root = Path(__file__).resolve().parents[2] / "src" / "itmolink"
+    named = set()
+    for path in root.rglob("*.py"):
+        named |= set(re.findall(r"next_counter\(\s*['\"]([^'\"]+)['\"]", path.read_text()))
+    assert named, "no counter found: the pattern no longer matches the code"
+    assert named <= set(ID_COUNTERS), named - set(ID_COUNTERS)
 
 
 @pytest.mark.parametrize("databases", ["sqlite"], indirect=True)

@@ -1,4 +1,5 @@
-"""Operations subcommands of ``itmolink node``: health, check-config, backup.
+"""Operations subcommands of ``itmolink node``: health, check-config, backup, copy-store,
+restored.
 
 Kept apart from :mod:`itmolink.cli.main` so that other subcommands can be added
 there without touching these.
@@ -167,6 +168,57 @@ def cmd_node_copy_store(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node_restored(args: argparse.Namespace) -> int:
+    """After restoring a backup older than the node's last transaction: move every id
+    counter and every link's message sequence past what the lost tail of the ledger can
+    have handed out, so that partners take the node's messages again."""
+    import datetime as dt
+    import getpass
+
+    from itmolink.node.base import ID_COUNTERS, serial_counter
+    from itmolink.node.convert import to_us
+    from itmolink.store import open_store
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"itmolink: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    floor = to_us(dt.datetime.now(dt.UTC))
+    store = open_store(config.database, party=config.party, registry=config.registry)
+    try:
+        with store.transaction() as tx:
+            raised = tx.raise_counters(
+                floor,
+                [*ID_COUNTERS, serial_counter(config.registry)],
+                [partner.card.party for partner in config.partners],
+            )
+            tx.admin_audit_put(
+                operator=f"local:{getpass.getuser()}",
+                method="node restored",
+                request=f"floor={floor}",
+                outcome=f"raised {len(raised)}: "
+                + ", ".join(f"{what} {before}->{after}" for what, before, after in raised),
+                now=floor,
+            )
+    finally:
+        store.close()
+    for what, before, after in raised:
+        print(f"  {what:<32} {before:>20,} -> {after:,}")
+    print(
+        f"raised {len(raised)} counter(s) and sequence(s) to {floor:,} (microseconds since "
+        "1970 now): nothing this node hands out from now on can be a number a partner saw "
+        "from the ledger's lost tail."
+    )
+    print(
+        "next: start the node and run `itmolink reconcile --partner P` for every partner. "
+        "Transfers that happened after the backup are final at the partner only: settle "
+        "them with each partner's operators before moving the units concerned "
+        "(docs/OPERATIONS.md §7)."
+    )
+    return 0
+
+
 def add_node_ops_parsers(node: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     health = node.add_parser(
         "health",
@@ -225,3 +277,20 @@ def add_node_ops_parsers(node: argparse._SubParsersAction) -> None:  # type: ign
         "or PGPASSFILE)",
     )
     copy.set_defaults(func=cmd_node_copy_store)
+
+    restored = node.add_parser(
+        "restored",
+        help="after restoring a backup older than the node's last transaction (node "
+        "stopped): move id counters and message sequences past anything partners saw",
+        description="Run once after restoring a backup taken before the node's last "
+        "transaction, with the node (every process of it) stopped. The restored ledger "
+        "would hand out again message sequence numbers, transfer, batch, issuance, "
+        "authorisation and notice ids and serial numbers that the lost tail of the ledger "
+        "had already used and that partners have seen: partners refuse such messages "
+        "(SEQUENCE_REUSED) and would take such ids for the earlier ones. This raises every "
+        "such counter to the current time in microseconds since 1970, past anything handed "
+        "out before, and records the step in the operators' audit trail. It does not bring "
+        "back what the lost tail recorded: reconcile with every partner afterwards.",
+    )
+    restored.add_argument("--config", default="node.toml", help="the node's node.toml")
+    restored.set_defaults(func=cmd_node_restored)

@@ -198,6 +198,16 @@ STATUS_QUERY_INTERVAL_US = 60_000_000
 # after one answered without settling, at most this often.
 WITHDRAWAL_INTERVAL_US = 3_600_000_000
 WITHDRAWAL_REASON = "one-round proposal unanswered past expires_at + 2 x max_clock_skew"
+# The counters that name what partners see (transfer, batch, issuance, authorisation
+# and notice ids; serials are counted per registry, "serial:<registry>"). After an
+# older backup is restored, `itmolink node restored` moves each past anything the lost
+# tail of the ledger can have handed out (docs/OPERATIONS.md §7).
+ID_COUNTERS = ("transfer", "batch", "issuance", "authorisation", "use-notice")
+
+
+def serial_counter(registry: str) -> str:
+    """The name of the counter of ``registry``'s serial numbers."""
+    return f"serial:{registry}"
 
 
 def random_uuid() -> str:

@@ -61,6 +61,7 @@ from itmolink.node.base import (
     cascade_revocations,
     log,
     retry_delay_us,
+    serial_counter,
     type_name,
 )
 from itmolink.node.convert import (
@@ -108,6 +109,12 @@ class Operations(EngineBase):
             )
         if isinstance(reply, Rejection):
             code, detail = _rejection_reasons(reply)
+            if code == RejectionCode.SEQUENCE_REUSED:
+                detail += (
+                    " (this node's ledger has probably been restored from a backup older than "
+                    "its last transaction: stop it and run `itmolink node restored`, "
+                    "docs/OPERATIONS.md §7)"
+                )
             raise ReplyError(RejectionCode(code), f"{partner} refused the query: {detail}")
         assert isinstance(reply, ReconciliationAnswer)
         return reply
@@ -888,7 +895,7 @@ class Operations(EngineBase):
                 quantity=quantity,
                 issued=tx.issued_total(self.party, authorisation_id),
             )
-            start = tx.next_counter(f"serial:{self.registry}", quantity)
+            start = tx.next_counter(serial_counter(self.registry), quantity)
             block = Block(
                 originating_registry=self.registry,
                 serial_start=start,

@@ -114,6 +114,15 @@ class Replies(EngineBase):
                         "code": wire_name_of(code),
                     },
                 )
+                if code == RejectionCode.SEQUENCE_REUSED:
+                    log.error(
+                        "ALARM: %s already holds the sequence of %s %s from another "
+                        "message of this node: the ledger has probably been restored from "
+                        "a backup older than its last transaction; stop the node and run "
+                        "`itmolink node restored` (docs/OPERATIONS.md §7)",
+                        request.partner, request.payload_type, message_id,
+                        extra={"partner": request.partner, "message_id": message_id},
+                    )  # fmt: skip
             self._apply_reply(
                 tx,
                 request.payload_type,

@@ -499,6 +499,44 @@ class Tx:
             self._exec("UPDATE counters SET value = ? WHERE name = ?", (first + count, name))
         return first
 
+    def raise_counters(
+        self, floor: int, counters: Sequence[str], partners: Sequence[str]
+    ) -> list[tuple[str, int, int]]:
+        """Raise every counter (those named, and any other this ledger holds) and the next
+        outgoing sequence of the link to every partner named (and any other it holds) to
+        at least ``floor``, so that nothing handed out from now on is below it. For a
+        ledger restored from an older backup (docs/OPERATIONS.md §7). Returns (what,
+        before, after) for each one raised, ``before`` 1 if it was never used."""
+        self.write_deferred()
+        self.forget()
+        raised: list[tuple[str, int, int]] = []
+        held = {str(r[0]): int(r[1]) for r in self._exec("SELECT name, value FROM counters")}
+        for name in sorted((set(counters) | set(held)) - {_SHARED_STATE}):
+            before = held.get(name, 1)
+            if before >= floor:
+                continue
+            self._exec(
+                "INSERT INTO counters (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (name, floor),
+            )
+            raised.append((f"counter {name}", before, floor))
+        links = {
+            str(r[0]): int(r[1]) for r in self._exec("SELECT partner, next_out_sequence FROM links")
+        }
+        for partner in sorted(set(partners) | set(links)):
+            before = links.get(partner, 1)
+            if before >= floor:
+                continue
+            self._exec(
+                "INSERT INTO links (partner, next_out_sequence) VALUES (?, ?) "
+                "ON CONFLICT (partner) DO UPDATE SET "
+                "next_out_sequence = excluded.next_out_sequence",
+                (partner, floor),
+            )
+            raised.append((f"sequence to {partner}", before, floor))
+        return raised
+
     def next_sequence(self, partner: str) -> int:
         memory = self._memory
         if memory is not None:
