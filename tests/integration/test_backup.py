@@ -98,7 +98,7 @@ async def test_a_backup_of_a_stopped_node_restores_it_and_the_link_goes_on(
 
 async def test_an_older_backup_is_taken_back_by_the_partner_once_the_node_is_marked_restored(
     pki: Callable[..., Path], databases: Databases, tmp_path: Path,
-    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     """docs/OPERATIONS.md §7, "Restoring an older backup": a backup taken while the node
     ran misses what came after it. Restored as it is, the node hands out again message
@@ -197,6 +197,19 @@ def test_node_restored_raises_every_id_counter_and_link_sequence(
     operator, method = audit[-1][:2]
     assert method == "node restored"
     assert operator.startswith("local:")
+
+
+@pytest.mark.parametrize("databases", ["sqlite"], indirect=True)
+def test_node_restored_refuses_a_database_that_is_not_there(
+    pki: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong path is not a restored ledger: nothing is created."""
+    config_path = pki("LAO", ["KOR"])
+    database = Path(load_config(config_path).database)
+    assert not database.exists()
+    assert main(["node", "restored", "--config", str(config_path)]) == 2
+    assert "no such database" in capsys.readouterr().err
+    assert not database.exists()
 
 
 def test_every_id_counter_the_node_hands_out_is_one_node_restored_raises() -> None:

@@ -177,17 +177,27 @@ def cmd_node_restored(args: argparse.Namespace) -> int:
 
     from itmolink.node.base import ID_COUNTERS, serial_counter
     from itmolink.node.convert import to_us
-    from itmolink.store import open_store
+    from itmolink.store import is_postgres_url, open_store
+    from itmolink.store.url import LedgerUnavailable
 
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"itmolink: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if not is_postgres_url(config.database) and not Path(config.database).exists():
+        # Opening it would create an empty ledger: a wrong path, not a restored one.
+        print(f"itmolink: {config.database}: no such database", file=sys.stderr)
+        return EXIT_USAGE
     floor = to_us(dt.datetime.now(dt.UTC))
-    store = open_store(config.database, party=config.party, registry=config.registry)
+    try:
+        store = open_store(config.database, party=config.party, registry=config.registry)
+    except LedgerUnavailable as exc:
+        print(f"itmolink: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     try:
         with store.transaction() as tx:
+            waiting = tx.outbox_pending_count()
             raised = tx.raise_counters(
                 floor,
                 [*ID_COUNTERS, serial_counter(config.registry)],
@@ -210,6 +220,13 @@ def cmd_node_restored(args: argparse.Namespace) -> int:
         "1970 now): nothing this node hands out from now on can be a number a partner saw "
         "from the ledger's lost tail."
     )
+    if waiting:
+        print(
+            f"{waiting} message(s) wait in the outbox with the numbers they were sealed "
+            "with: those sealed before the backup are safe to send; any the node sealed on "
+            "the restored ledger before this step are refused once more (SEQUENCE_REUSED, "
+            "final for them, logged as an ALARM naming them)."
+        )
     print(
         "next: start the node and run `itmolink reconcile --partner P` for every partner. "
         "Transfers that happened after the backup are final at the partner only: settle "

@@ -203,6 +203,10 @@ WITHDRAWAL_REASON = "one-round proposal unanswered past expires_at + 2 x max_clo
 # older backup is restored, `itmolink node restored` moves each past anything the lost
 # tail of the ledger can have handed out (docs/OPERATIONS.md §7).
 ID_COUNTERS = ("transfer", "batch", "issuance", "authorisation", "use-notice")
+# A link's sequence this far above that of a message refused for reusing its
+# sequence means `itmolink node restored` ran after the message was sealed (the step
+# raises sequences to microseconds since 1970, about 1.8e15; a link in use counts by one).
+RESTORED_GAP = 10**12
 
 
 def serial_counter(registry: str) -> str:

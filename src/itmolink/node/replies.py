@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from itmolink.core.actions import (
     ActionType,
@@ -16,6 +16,8 @@ from itmolink.core.codes import Rejected, RejectionCode, wire_name_of
 from itmolink.core.transfer import Effect, Event, Role, TransferState, step
 from itmolink.crypto.envelope import sealed_payload
 from itmolink.node.base import (
+    REQUEST_TYPES,
+    RESTORED_GAP,
     AuthorisationStatement,
     EngineBase,
     KeyRotation,
@@ -115,13 +117,9 @@ class Replies(EngineBase):
                     },
                 )
                 if code == RejectionCode.SEQUENCE_REUSED:
-                    log.error(
-                        "ALARM: %s already holds the sequence of %s %s from another "
-                        "message of this node: the ledger has probably been restored from "
-                        "a backup older than its last transaction; stop the node and run "
-                        "`itmolink node restored` (docs/OPERATIONS.md §7)",
-                        request.partner, request.payload_type, message_id,
-                        extra={"partner": request.partner, "message_id": message_id},
+                    self._sequence_reused(
+                        tx, request.partner, request.payload_type, request.subject_id,
+                        message_id, request.envelope,
                     )  # fmt: skip
             self._apply_reply(
                 tx,
@@ -135,6 +133,36 @@ class Replies(EngineBase):
                 request.envelope,
             )
         return True
+
+    def _sequence_reused(
+        self, tx: Tx, partner: str, payload_type: str, subject_id: str, message_id: str,
+        envelope: bytes,
+    ) -> None:  # fmt: skip
+        """A partner refused one of our requests because it holds its sequence from
+        another message of ours: the ledger went back in time (docs/OPERATIONS.md §7)."""
+        try:
+            request = REQUEST_TYPES[payload_type].FromString(sealed_payload(envelope))
+            sequence = int(request.header.sequence)  # type: ignore[attr-defined]
+        except (KeyError, DecodeError):
+            sequence = 0
+        extra = {"partner": partner, "message_id": message_id, "subject_id": subject_id}
+        if sequence and tx.link_sequence(partner) > sequence + RESTORED_GAP:
+            # `itmolink node restored` ran after this was sealed: the step is done, and
+            # this message keeps the number it was sealed with.
+            log.error(
+                "ALARM: %s refused %s %s (%s), sealed on the restored ledger before "
+                "`itmolink node restored`, for its reused sequence %d: the refusal is final "
+                "here; reconcile with %s and make the request again if it is still wanted",
+                partner, payload_type, message_id, subject_id, sequence, partner, extra=extra,
+            )  # fmt: skip
+            return
+        log.error(
+            "ALARM: %s already holds sequence %d of %s %s (%s) from another message of this "
+            "node: the ledger has probably been restored from a backup older than its last "
+            "transaction; stop the node and run `itmolink node restored` "
+            "(docs/OPERATIONS.md §7)",
+            partner, sequence, payload_type, message_id, subject_id, extra=extra,
+        )  # fmt: skip
 
     def _refusal_to_retry(
         self, tx: Tx, request_type: str, transfer_id: str, reply: Message, sent_us: int

@@ -537,6 +537,14 @@ class Tx:
             raised.append((f"sequence to {partner}", before, floor))
         return raised
 
+    def link_sequence(self, partner: str) -> int:
+        """The next outgoing sequence of the link to ``partner``, without taking it."""
+        memory = self._memory
+        if memory is not None and ("link", partner) in memory.values:
+            return int(memory.values["link", partner])
+        row = self._one("SELECT next_out_sequence FROM links WHERE partner = ?", (partner,))
+        return 1 if row is None else int(row[0])
+
     def next_sequence(self, partner: str) -> int:
         memory = self._memory
         if memory is not None:

@@ -124,8 +124,9 @@ class Header(_message.Message):
     sequence: _builtins.int
     """Per-link sequence number: 1 for the first message a sender records for an
     audience (requests and replies share the counter), then increasing by one
-    for every new message; a retry reuses it. Replies to messages refused
-    before they were recorded carry 0.
+    for every new message, never reused (a sender whose ledger is restored from
+    an older backup first moves it past every number it may have used); a retry
+    reuses it. Replies to messages refused before they were recorded carry 0.
     """
     in_reply_to: _builtins.str
     """For a reply: the message_id of the message it answers. Empty otherwise."""
