@@ -44,6 +44,7 @@ from itmolink.core.rules import AuthorisationTerms
 from itmolink.core.transfer import Effect, Role, TransferState
 from itmolink.crypto.envelope import TrustStore, pae, seal
 from itmolink.crypto.keys import VerifyingKey
+from itmolink.node import operations
 from itmolink.node.convert import block_from_pb, terms_from_statement
 from itmolink.node.engine import Engine
 from itmolink.node.ratelimit import RateLimited, TokenBucket
@@ -571,6 +572,30 @@ class TombstoneAtArrival(Engine):
     }
 
 
+class VoidPlacedAfterItself(Engine):
+    """Takes a void whose proposal_sent_at is later than its own sent_at (no V1a)."""
+
+    def _on_void(self, tx: Tx, sender: str, msg: Any, *args: Any) -> bytes:
+        if msg.HasField("proposal_sent_at") and (
+            msg.proposal_sent_at.ToNanoseconds() > msg.header.sent_at.ToNanoseconds()
+        ):
+            msg.proposal_sent_at.CopyFrom(msg.header.sent_at)
+        handler = Engine._request_handlers["itmolink.v1.TransferVoid"]
+        return handler(self, tx, sender, msg, *args)
+
+    _request_handlers: ClassVar[dict[str, Callable[..., bytes]]] = {
+        **Engine._request_handlers,
+        "itmolink.v1.TransferVoid": _on_void,
+    }
+
+
+def _void_without_proposal_sent_at(original: Any) -> Any:
+    def void(tx: Tx, transfer_id: str, reason: str) -> Any:
+        return transfer_pb2.TransferVoid(transfer_id=transfer_id, reason=reason)
+
+    return void
+
+
 class ReceiverBooksNoAdjustment(Engine):
     def _adjustment_entries(
         self, role: Role, partner: str, transfer_id: str, blocks: Sequence[Block]
@@ -872,6 +897,16 @@ VARIANTS = [
             "3.17-void-rules",
             "is not in the snapshot cut 1 µs after the void's proposal_sent_at",
             lambda n: _swap(n, TombstoneAtArrival)),
+    Variant("void-placed-after-itself", "buyer",
+            "takes a void whose proposal_sent_at is after its own sent_at",
+            "3.17-void-rules",
+            "REJECTION_CODE_INVALID_FIELD (2010), got TransferVoidReceipt",
+            lambda n: _swap(n, VoidPlacedAfterItself)),
+    Variant("void-without-proposal-sent-at", "host", "sends its voids without proposal_sent_at",
+            "3.04-timeout-void",
+            "the void's proposal_sent_at is unset",
+            lambda n: None,
+            ((operations, "_void", _void_without_proposal_sent_at),)),
     Variant("receiver-books-no-adjustment", "buyer", "books no adjustment on completion",
             "3.01-transfer-completed",
             "the receipt's adjustment_year is 0",

@@ -46,7 +46,8 @@ def _refused(call: object) -> RejectionCode:
 def frozen_at_host(pair: Pair) -> tuple[Pair, str]:
     """LAO holds serials 1-100 of LAO-A-0001, of which 1-10 frozen: they went out in
     a proposal that timed out and was voided, and a reconciliation with KOR then
-    found a discrepancy about that transfer (such as PROTOCOL §11.9's first)."""
+    found a discrepancy about that transfer (such as PROTOCOL §11.9's first, with a
+    receiver that predates TransferVoid.proposal_sent_at)."""
     authorisation_id = pair.authorise()
     pair.lao.issue(authorisation_id=authorisation_id, vintage=2025, quantity=100, now=pair.now)
     pair.pump()

@@ -1203,7 +1203,10 @@ async def t_b_held(ctx: Context) -> None:
 async def t_b_void(ctx: Context) -> None:
     record, _, reply = await _propose(ctx, 400)
     _accepted(ctx, record, reply, "proposal")
-    void = transfer_pb2.TransferVoid(transfer_id=record.transfer_id, reason="conformance: time-out")
+    void = transfer_pb2.TransferVoid(
+        transfer_id=record.transfer_id, reason="conformance: time-out",
+        proposal_sent_at=timestamp(record.proposed_at_us),
+    )  # fmt: skip
     receipt = ctx.expect(await ctx.link.send(void), transfer_pb2.TransferVoidReceipt, "void")
     check(receipt.transfer_id == record.transfer_id, f"void receipt names {receipt.transfer_id!r}")
     record.final_at_target, record.moved, record.voided = True, False, True
@@ -1267,9 +1270,10 @@ async def t_b_revoked(ctx: Context) -> None:
 @kit_test(
     "3.17-void-rules",
     3,
-    "§5.10 V3, V4",
+    "§5.10 V1a, V3, V4",
     "a void before its proposal leaves a tombstone at the proposal's sent_at (the late "
-    "proposal: 3008); a void of a completed transfer: 3008",
+    "proposal: 3008); a proposal_sent_at after the void's sent_at: 2010; a void of a "
+    "completed transfer: 3008",
     ("buyer",),
 )
 async def t_b_void_rules(ctx: Context) -> None:
@@ -1290,6 +1294,17 @@ async def t_b_void_rules(ctx: Context) -> None:
     ctx.transfers[tombstone.transfer_id] = tombstone
     await _expect_state(ctx, proposal.transfer_id, transfer_pb2.TRANSFER_STATE_VOIDED, "§5.10 V3")
     await _expect_tombstone_at(ctx, tombstone)
+    # V1a: a void cannot place its proposal after itself.
+    later = ctx.proposal(ctx.new_blocks(100, ctx.needs("auth", "2.01")))
+    ahead = transfer_pb2.TransferVoid(
+        transfer_id=later.transfer_id, reason="conformance",
+        proposal_sent_at=timestamp(to_us(now_utc()) + 60_000_000),
+    )  # fmt: skip
+    ctx.expect_rejection(
+        await ctx.link.send(ahead), C.REJECTION_CODE_INVALID_FIELD,
+        "a void whose proposal_sent_at is after its own sent_at (§5.10 V1a)", recorded=True,
+    )  # fmt: skip
+    await _expect_state(ctx, later.transfer_id, transfer_pb2.TRANSFER_STATE_UNKNOWN, "§5.10 V1a")
     reply = await ctx.link.send(proposal)
     ctx.expect_rejection(
         reply, C.REJECTION_CODE_TRANSFER_STATE_CONFLICT, "a proposal after its void", recorded=True
@@ -1561,8 +1576,8 @@ async def t_h_rejected(ctx: Context) -> None:
     "3.04-timeout-void",
     3,
     "§7.4, §5.10, §6.11 S4",
-    "an unanswered proposal is voided after its time-out; one that asks to complete on "
-    "acceptance is not, but delivered again until answered",
+    "an unanswered proposal is voided after its time-out, with its sent_at; one that asks "
+    "to complete on acceptance is not, but delivered again until answered",
     ("host",),
 )
 async def t_h_timeout(ctx: Context) -> None:
@@ -1585,6 +1600,13 @@ async def t_h_timeout(ctx: Context) -> None:
     void = voids[0].message
     assert isinstance(void, transfer_pb2.TransferVoid)
     check(not voids[0].problems, f"void header: {'; '.join(voids[0].problems)}")
+    check(
+        void.HasField("proposal_sent_at")
+        and timestamp_us(void.proposal_sent_at) == timestamp_us(proposal.header.sent_at),
+        f"the void's proposal_sent_at is "
+        f"{timestamp_us(void.proposal_sent_at) if void.HasField('proposal_sent_at') else 'unset'}"
+        f", not the proposal's sent_at {timestamp_us(proposal.header.sent_at)} (§5.10)",
+    )
     # Measured twice: on the target's clock (the two sent_at) and on the kit's, with
     # slack for the delivery of the proposal.
     waited_us = timestamp_us(void.header.sent_at) - timestamp_us(proposal.header.sent_at)
@@ -2120,7 +2142,10 @@ async def t_b_one_round_settled(ctx: Context) -> None:
         "acceptance byte for byte (§7.2)",
     )
     await _complete(ctx, record, "a TransferCompletion of a transfer completed on acceptance")
-    void = transfer_pb2.TransferVoid(transfer_id=record.transfer_id, reason="conformance")
+    void = transfer_pb2.TransferVoid(
+        transfer_id=record.transfer_id, reason="conformance",
+        proposal_sent_at=timestamp(record.proposed_at_us),
+    )  # fmt: skip
     ctx.expect_rejection(
         await ctx.link.send(void), C.REJECTION_CODE_TRANSFER_STATE_CONFLICT,
         "a void of a transfer completed on acceptance", recorded=True,
