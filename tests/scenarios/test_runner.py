@@ -261,9 +261,9 @@ def test_units_for_ndc_and_oimp_end_to_end(tmp_path: Path) -> None:
     for x in shares:
         if specs[x.authorisation].both:
             both_moved[x.vintage] += scenario.buyer_share(x)
-    for t in scenario.transfers:
-        assert specs[t.authorisation].both
-        both_moved[t.vintage] += t.quantity
+    for planned in scenario.transfers:
+        assert specs[planned.authorisation].both
+        both_moved[planned.vintage] += planned.quantity
     own_use = sum(u.quantity for u in scenario.uses if u.party == "LAO")
     assert own_use == 15_000
     assert {specs[u.authorisation].id for u in scenario.uses if u.party == "LAO"} == {"ev-both"}
