@@ -312,15 +312,35 @@ def test_units_for_ndc_and_oimp_end_to_end(tmp_path: Path) -> None:
         int(r["year"]): int(r["booked_adjustment"]) for r in read(tmp_path / "JPN" / "balance.csv")
     }
     assert {y: a for y, a in balance.items() if a} == {y: -q for y, q in both_moved.items()}
+    # The report per authorisation states the rule and the adjustments checked.
+    report = {r["authorisation"]: r for r in read(tmp_path / "authorisations.csv")}
+    assert report["solar-both"]["purposes"] == "NDC OIMP"
+    assert report["solar-both"]["host_adjusts"] == "at the first international transfer"
+    assert report["ev-both"]["host_adjusts"].endswith("or at the host's own use for OIMP")
+    moved = {k: sum(t.quantity for t in scenario.transfers if t.authorisation == k)
+             for k in ("solar-both", "ev-both")}  # fmt: skip
+    solar_shares = sum(scenario.buyer_share(x) for x in shares if x.authorisation == "solar-both")
+    expected_ca = {
+        "solar-both": (moved["solar-both"] + solar_shares, -moved["solar-both"] - solar_shares),
+        "ev-both": (moved["ev-both"] + own_use, -moved["ev-both"]),
+        "biomass-corsia": (noticed, 0),
+        "biofuels-corsia": (at_issuance, 0),
+    }
+    assert {k: (int(r["host_ca"]), int(r["acquirers_ca"])) for k, r in report.items()} == (
+        expected_ca
+    )
     summary_text = (tmp_path / "summary.txt").read_text()
     assert "(9 of units for NDC and OIMP, booked at the transfer)" in summary_text
     assert "at its own use +15000" in summary_text
 
 
-# Loaded by every node process of the next test (through PYTHONPATH): the node takes
-# the OIMP first-transfer definition "at issuance" as the first transfer also of units
-# authorised for NDC, so the host books them at issuance and not at their transfer.
-WRONG_BOOKING = """
+# Loaded by every node process of the next test (through PYTHONPATH), each a wrong
+# booking of units authorised for both NDC and OIMP.
+WRONG_BOOKINGS = {
+    # The node takes the OIMP first-transfer definition "at issuance" as the first
+    # transfer also of units authorised for NDC: the host books them at issuance and
+    # not at their transfer.
+    "at-issuance": """
 from itmolink.core.units import FirstTransferDefinition, Purpose
 from itmolink.node.base import EngineBase
 
@@ -337,25 +357,43 @@ def _wrong(authorisation):
 
 
 EngineBase._ca_point = staticmethod(_wrong)
-"""
+""",
+    # The host's own use for OIMP of units it never transferred books nothing.
+    "own-use-unbooked": """
+from itmolink.node.base import EngineBase
+
+_book = EngineBase._book_first_transfer
 
 
-def test_a_node_booking_units_for_both_purposes_at_issuance_fails_the_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _wrong(self, tx, blocks, *, reference, subtype, now_us):
+    if not reference.startswith("use:"):
+        _book(self, tx, blocks, reference=reference, subtype=subtype, now_us=now_us)
+
+
+EngineBase._book_first_transfer = _wrong
+""",
+}
+CAUGHT = {
+    # The first buyer's share of solar-both: JPN subtracted it, LAO booked it at issuance.
+    "at-issuance": r"LAO-T-\d+ \(completed, 30000 tCO2e of 2026 of solar-both, NDC and OIMP\): "
+    r"adjustments \[\] at LAO and \[\(2026, -30000\)\] at JPN, "
+    r"expected \[\(2026, 30000\)\] and \[\(2026, -30000\)\]",
+    # 20,000 of biofuels at issuance and 30,000 on Japan's notices, not LAO's 5,000 of EV.
+    "own-use-unbooked": r"LAO: adjustments without a transfer \{2026: 50000, 2027: 50000, "
+    r"2028: 50000\} by vintage, expected \{2026: 55000, 2027: 55000, 2028: 55000\}",
+}
+
+
+@pytest.mark.parametrize("wrong", sorted(WRONG_BOOKINGS))
+def test_a_node_booking_units_for_both_purposes_wrongly_fails_the_run(
+    wrong: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     patch = tmp_path / "patch"
     patch.mkdir()
-    (patch / "sitecustomize.py").write_text(WRONG_BOOKING)
+    (patch / "sitecustomize.py").write_text(WRONG_BOOKINGS[wrong])
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join(filter(None, [str(patch), os.environ.get("PYTHONPATH")]))
     )
-    scenario = load_scenario(BOTH)
     with pytest.raises(runner.SimulationError) as caught:
-        run_scenario(scenario, tmp_path / "out", seed=2)
-    # The first buyer's share of solar-both: JPN subtracted it, LAO booked it at issuance.
-    assert re.search(
-        r"LAO-T-\d+ \(completed, 30000 tCO2e of 2026 of solar-both, NDC and OIMP\): "
-        r"adjustments \[\] at LAO and \[\(2026, -30000\)\] at JPN, "
-        r"expected \[\(2026, 30000\)\] and \[\(2026, -30000\)\]",
-        str(caught.value),
-    ), caught.value
+        run_scenario(load_scenario(BOTH), tmp_path / "out", seed=2)
+    assert re.search(CAUGHT[wrong], str(caught.value)), caught.value

@@ -23,6 +23,10 @@ Output (``out_dir``)::
 
     summary.csv  summary.txt          one row per party: mitigation, transfers, target
                                       (summary.txt also lists the checks that passed)
+    authorisations.csv                one row per authorisation: its purposes, when its
+                                      host adjusts by the rules, what was issued, moved
+                                      and used, and the net adjustments of its host and
+                                      of its acquiring parties the run was checked against
     transfers.csv  refusals.csv       every scheduled transfer and the ones refused
     uses.csv                          every scheduled use toward an NDC or voluntary
                                       cancellation, and its outcome (used, cancelled or
@@ -651,6 +655,8 @@ class ExpectedAdjustments:
     totals: dict[str, int] = field(default_factory=dict)  # party -> net of every entry
     # party -> why its entries without a transfer were booked -> tCO2e
     why: dict[str, dict[str, int]] = field(default_factory=dict)
+    # authorisation -> (the host's net, the acquiring parties' net) by the rules
+    by_authorisation: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def expected_adjustments(scenario: Scenario, outcome: _Outcome) -> ExpectedAdjustments:
@@ -672,6 +678,8 @@ def expected_adjustments(scenario: Scenario, outcome: _Outcome) -> ExpectedAdjus
     without: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     why: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     totals: dict[str, int] = defaultdict(int)
+    host_net: dict[str, int] = defaultdict(int)
+    acquirers_net: dict[str, int] = defaultdict(int)
     for _, transfer_id, key, sender, receiver, vintage, quantity, state in outcome.transfers:
         spec = scenario.authorisation(key)
         if state != "completed" or not spec.ndc:
@@ -680,11 +688,17 @@ def expected_adjustments(scenario: Scenario, outcome: _Outcome) -> ExpectedAdjus
         result.transfers[transfer_id] = ([(vintage, quantity)], [(vintage, -quantity)])
         totals[sender] += quantity
         totals[receiver] -= quantity
+        if sender == spec.host:
+            host_net[key] += quantity
+        else:
+            acquirers_net[key] += quantity
+        acquirers_net[key] -= quantity
     for issuance in scenario.issuances:
         spec = scenario.authorisation(issuance.authorisation)
         if spec.oimp_only and spec.first_transfer in ("authorisation", "issuance"):
             without[spec.host][issuance.vintage] += issuance.quantity
             why[spec.host]["at issuance"] += issuance.quantity
+            host_net[spec.id] += issuance.quantity
     for _, key, party, vintage, quantity, result_of_use in outcome.uses:
         spec = scenario.authorisation(key)
         if result_of_use != "used-oimp" or spec.first_transfer != "use":
@@ -692,6 +706,10 @@ def expected_adjustments(scenario: Scenario, outcome: _Outcome) -> ExpectedAdjus
         if spec.oimp_only or (spec.both and party == spec.host):
             without[spec.host][vintage] += quantity
             why[spec.host]["at its own use" if party == spec.host else "on notices"] += quantity
+            host_net[key] += quantity
+    result.by_authorisation = {
+        a.id: (host_net[a.id], acquirers_net[a.id]) for a in scenario.authorisations
+    }
     for party, by_vintage in without.items():
         result.without_transfer[party] = {y: a for y, a in by_vintage.items() if a}
         totals[party] += sum(by_vintage.values())
@@ -909,6 +927,42 @@ def _write_party(
     )
 
 
+HOST_ADJUSTS = {
+    "transfer": "at the first international transfer",
+    "issuance": "at issuance",
+    "use": "at use for OIMP (its own or a holder's notice)",
+}
+
+
+def _authorisations_csv(
+    scenario: Scenario, outcome: _Outcome, expected: ExpectedAdjustments
+) -> str:
+    """One row per authorisation: what it authorises, when the rules have its host
+    adjust, what moved and was used, and the adjustments the run was checked against."""
+    rows: list[list[object]] = [["authorisation", "purposes", "oimp_detail", "first_transfer",
+                                 "host_adjusts", "issued", "transferred_by_host", "passed_on",
+                                 "used_ndc", "used_oimp", "cancelled", "host_ca",
+                                 "acquirers_ca"]]  # fmt: skip
+    done = [t for t in outcome.transfers if t[7] == "completed"]
+    for spec in scenario.authorisations:
+        adjusts = HOST_ADJUSTS[spec.ca_point]
+        if spec.both and spec.first_transfer == "use":
+            adjusts += ", or at the host's own use for OIMP"
+
+        def used(action: str, key: str = spec.id) -> int:
+            return sum(u[4] for u in outcome.uses if u[1] == key and u[5] == action)
+
+        rows.append(
+            [spec.id, " ".join(spec.purposes), spec.oimp_detail, spec.first_transfer, adjusts,
+             sum(x.quantity for x in scenario.issuances if x.authorisation == spec.id),
+             sum(t[6] for t in done if t[2] == spec.id and t[3] == spec.host),
+             sum(t[6] for t in done if t[2] == spec.id and t[3] != spec.host),
+             used("used"), used("used-oimp"), used("cancelled"),
+             *expected.by_authorisation[spec.id]]
+        )  # fmt: skip
+    return _csv(rows)
+
+
 def _write_summary(out: Path, summary: Summary, outcome: _Outcome) -> None:
     header: list[object] = ["party", "name", "method", "mitigation", "issued", "transferred_out",
               "share_leaving", "acquired", "passed_on", "used", "used_oimp", "cancelled",
@@ -985,6 +1039,9 @@ async def run_scenario_async(
                 clock, transfer_ids,
             )  # fmt: skip
         passed = _check_invariants(scenario, ledgers, outcome)
+        (out / "authorisations.csv").write_text(
+            _authorisations_csv(scenario, outcome, expected_adjustments(scenario, outcome))
+        )
         parties = tuple(
             _write_party(scenario, party, ledgers[party.code], outcome, out)
             for party in scenario.parties
