@@ -946,7 +946,7 @@ def _authorisations_csv(
     done = [t for t in outcome.transfers if t[7] == "completed"]
     for spec in scenario.authorisations:
         adjusts = HOST_ADJUSTS[spec.ca_point]
-        if spec.both and spec.first_transfer == "use":
+        if spec.both and spec.host_books_own_oimp_use:
             adjusts += ", or at the host's own use for OIMP"
 
         def used(action: str, key: str = spec.id) -> int:
