@@ -93,6 +93,28 @@ def test_examples_carry_the_chapter_figures() -> None:
     assert len(asean.parties) >= 10
 
 
+def test_the_ndc_and_oimp_example_is_short_and_has_each_kind_of_authorisation() -> None:
+    scenario = load_scenario(EXAMPLES / "lao-japan-ndc-oimp.toml")
+    assert len(scenario.years) == 3  # run end to end in CI (tests/scenarios/test_runner.py)
+    kinds = {
+        (a.purposes, a.first_transfer, a.buyer_share_bp) for a in scenario.authorisations
+    }  # fmt: skip
+    assert kinds == {
+        (("NDC", "OIMP"), "issuance", 5000),
+        (("NDC", "OIMP"), "use", 0),
+        (("OIMP",), "use", 8000),
+        (("OIMP",), "issuance", 8000),
+    }
+    figures = {a.id: a.mitigation_per_year for a in scenario.activities}
+    assert figures == {
+        "LAO-SOLAR-WIND-1GW": 100_000, "LAO-EV-30PCT": 30_000,
+        "LAO-BIOMASS-300MW": 84_000, "LAO-BIOFUELS-10PCT": 29_000,
+    }  # fmt: skip
+    assert {(u.party, u.action) for u in scenario.uses} == {
+        ("JPN", "use-ndc"), ("JPN", "use-oimp"), ("LAO", "use-oimp"),
+    }  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("old", "new", "field"),
     [
