@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import os
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -187,7 +189,7 @@ def test_oimp_units_end_to_end(tmp_path: Path) -> None:
         total = 0
         for item in [*scenario.issuances, *scenario.transfers, *scenario.uses]:
             spec = scenario.authorisation(item.authorisation)
-            if spec.oimp != oimp or (point and spec.ca_point != point):
+            if spec.oimp_only != oimp or (point and spec.ca_point != point):
                 continue
             if action and getattr(item, "action", None) != action:
                 continue
@@ -197,7 +199,7 @@ def test_oimp_units_end_to_end(tmp_path: Path) -> None:
         return total
 
     ndc_moved = sum(t.quantity for t in scenario.transfers if not scenario.authorisation(
-        t.authorisation).oimp)  # fmt: skip
+        t.authorisation).oimp_only)  # fmt: skip
     at_issuance = sum(
         x.quantity for x in scenario.issuances
         if scenario.authorisation(x.authorisation).ca_point == "issuance"
@@ -220,7 +222,7 @@ def test_oimp_units_end_to_end(tmp_path: Path) -> None:
 
     transfer_ids = {t["transfer_id"] for t in transfers}
     oimp_ids = {
-        t["transfer_id"] for t in transfers if scenario.authorisation(t["authorisation"]).oimp
+        t["transfer_id"] for t in transfers if scenario.authorisation(t["authorisation"]).oimp_only
     }
     for party in ("LAO", "KOR"):
         assert not {r["transfer_id"] for r in ledger(party)} & oimp_ids
@@ -232,3 +234,166 @@ def test_oimp_units_end_to_end(tmp_path: Path) -> None:
     assert any("tCO2e adjusted for OIMP units at issuance or use" in s for s in summary.invariants)
     outcomes = {u["outcome"] for u in read(tmp_path / "uses.csv")}
     assert outcomes == {"used", "used-oimp"}
+
+
+BOTH = EXAMPLE.parent / "lao-japan-ndc-oimp.toml"
+
+
+def test_units_for_ndc_and_oimp_end_to_end(tmp_path: Path) -> None:
+    """Units authorised for both NDC and OIMP are adjusted, equal and opposite, at the
+    host's transfer (the buyer's share at issuance included), whatever their OIMP
+    first-transfer definition, and at the host's own OIMP use when that definition is
+    "at use"; OIMP-only shares of issuance move without an adjustment."""
+    scenario = load_scenario(BOTH)
+    summary = run_scenario(scenario, tmp_path, seed=2)
+    transfers = read(tmp_path / "transfers.csv")
+    shares = [x for x in scenario.issuances if scenario.buyer_share(x)]
+    assert len(transfers) == len(scenario.transfers) + len(shares)
+    assert all(t["state"] == "completed" for t in transfers)
+    assert {u["outcome"] for u in read(tmp_path / "uses.csv")} == {"used", "used-oimp"}
+
+    # The expectation, worked out from the file: what each authorisation's units book.
+    specs = {s.id: s for s in scenario.authorisations}
+    assert specs["solar-both"].both
+    assert specs["solar-both"].first_transfer == "issuance"
+    assert specs["ev-both"].first_transfer == "use"
+    both_moved: dict[int, int] = defaultdict(int)  # vintage -> tCO2e LAO -> JPN
+    for x in shares:
+        if specs[x.authorisation].both:
+            both_moved[x.vintage] += scenario.buyer_share(x)
+    for planned in scenario.transfers:
+        assert specs[planned.authorisation].both
+        both_moved[planned.vintage] += planned.quantity
+    own_use = sum(u.quantity for u in scenario.uses if u.party == "LAO")
+    assert own_use == 15_000
+    assert {specs[u.authorisation].id for u in scenario.uses if u.party == "LAO"} == {"ev-both"}
+    at_issuance = sum(
+        x.quantity for x in scenario.issuances if x.authorisation == "biofuels-corsia"
+    )
+    noticed = sum(u.quantity for u in scenario.uses if u.authorisation == "biomass-corsia")
+    assert min(sum(both_moved.values()), at_issuance, noticed) > 0
+
+    parties = {p.party: p for p in summary.parties}
+    assert parties["LAO"].adjustments == sum(both_moved.values()) + own_use + at_issuance + noticed
+    assert parties["JPN"].adjustments == -sum(both_moved.values())
+    assert parties["JPN"].used == sum(
+        u.quantity for u in scenario.uses if specs[u.authorisation].both and u.party == "JPN"
+    )
+    assert parties["LAO"].used_oimp == own_use
+
+    # Transfer by transfer: +quantity at LAO and -quantity at JPN for units for both
+    # purposes, for the vintage; nothing for OIMP-only units.
+    lao = read(tmp_path / "LAO" / "ca-ledger.csv")
+    jpn = read(tmp_path / "JPN" / "ca-ledger.csv")
+    lao_by_transfer = {r["transfer_id"]: (int(r["year"]), int(r["amount"])) for r in lao}
+    jpn_by_transfer = {r["transfer_id"]: (int(r["year"]), int(r["amount"])) for r in jpn}
+    assert len(jpn_by_transfer) == len(jpn)
+    booked: dict[int, int] = defaultdict(int)
+    for t in transfers:
+        if specs[t["authorisation"]].both:
+            vintage, quantity = int(t["vintage"]), int(t["quantity"])
+            assert lao_by_transfer[t["transfer_id"]] == (vintage, quantity)
+            assert jpn_by_transfer[t["transfer_id"]] == (vintage, -quantity)
+            booked[vintage] += quantity
+        else:
+            assert t["transfer_id"] not in lao_by_transfer
+            assert t["transfer_id"] not in jpn_by_transfer
+    assert booked == both_moved
+    # Without a transfer, at LAO only: the biofuels at issuance, its own EV use, and
+    # Japan's notices of its biomass use.
+    transfer_ids = {t["transfer_id"] for t in transfers}
+    others = [r for r in lao if r["transfer_id"] not in transfer_ids]
+    assert sum(int(r["amount"]) for r in others) == at_issuance + own_use + noticed
+    assert sum(int(r["amount"]) for r in others if r["partner"] == "JPN") == noticed
+    assert all(r["transfer_id"] in transfer_ids for r in jpn)
+
+    # Japan's NDC balance carries its subtractions by vintage; nothing in 2029 or 2030.
+    balance = {
+        int(r["year"]): int(r["booked_adjustment"]) for r in read(tmp_path / "JPN" / "balance.csv")
+    }
+    assert {y: a for y, a in balance.items() if a} == {y: -q for y, q in both_moved.items()}
+    # The report per authorisation states the rule and the adjustments checked.
+    report = {r["authorisation"]: r for r in read(tmp_path / "authorisations.csv")}
+    assert report["solar-both"]["purposes"] == "NDC OIMP"
+    assert report["solar-both"]["host_adjusts"] == "at the first international transfer"
+    assert report["ev-both"]["host_adjusts"].endswith("or at the host's own use for OIMP")
+    moved = {k: sum(t.quantity for t in scenario.transfers if t.authorisation == k)
+             for k in ("solar-both", "ev-both")}  # fmt: skip
+    solar_shares = sum(scenario.buyer_share(x) for x in shares if x.authorisation == "solar-both")
+    expected_ca = {
+        "solar-both": (moved["solar-both"] + solar_shares, -moved["solar-both"] - solar_shares),
+        "ev-both": (moved["ev-both"] + own_use, -moved["ev-both"]),
+        "biomass-corsia": (noticed, 0),
+        "biofuels-corsia": (at_issuance, 0),
+    }
+    assert {k: (int(r["host_ca"]), int(r["acquirers_ca"])) for k, r in report.items()} == (
+        expected_ca
+    )
+    summary_text = (tmp_path / "summary.txt").read_text()
+    assert "(9 of units for NDC and OIMP, booked at the transfer)" in summary_text
+    assert "at its own use +15000" in summary_text
+
+
+# Loaded by every node process of the next test (through PYTHONPATH), each a wrong
+# booking of units authorised for both NDC and OIMP.
+WRONG_BOOKINGS = {
+    # The node takes the OIMP first-transfer definition "at issuance" as the first
+    # transfer also of units authorised for NDC: the host books them at issuance and
+    # not at their transfer.
+    "at-issuance": """
+from itmolink.core.units import FirstTransferDefinition, Purpose
+from itmolink.node.base import EngineBase
+
+_ca_point = EngineBase._ca_point
+
+
+def _wrong(authorisation):
+    if (
+        Purpose.NDC in authorisation.terms.purposes
+        and authorisation.first_transfer_definition is FirstTransferDefinition.AT_ISSUANCE
+    ):
+        return "issuance"
+    return _ca_point(authorisation)
+
+
+EngineBase._ca_point = staticmethod(_wrong)
+""",
+    # The host's own use for OIMP of units it never transferred books nothing.
+    "own-use-unbooked": """
+from itmolink.node.base import EngineBase
+
+_book = EngineBase._book_first_transfer
+
+
+def _wrong(self, tx, blocks, *, reference, subtype, now_us):
+    if not reference.startswith("use:"):
+        _book(self, tx, blocks, reference=reference, subtype=subtype, now_us=now_us)
+
+
+EngineBase._book_first_transfer = _wrong
+""",
+}
+CAUGHT = {
+    # The first buyer's share of solar-both: JPN subtracted it, LAO booked it at issuance.
+    "at-issuance": r"LAO-T-\d+ \(completed, 30000 tCO2e of 2026 of solar-both, NDC and OIMP\): "
+    r"adjustments \[\] at LAO and \[\(2026, -30000\)\] at JPN, "
+    r"expected \[\(2026, 30000\)\] and \[\(2026, -30000\)\]",
+    # 20,000 of biofuels at issuance and 30,000 on Japan's notices, not LAO's 5,000 of EV.
+    "own-use-unbooked": r"LAO: adjustments without a transfer \{2026: 50000, 2027: 50000, "
+    r"2028: 50000\} by vintage, expected \{2026: 55000, 2027: 55000, 2028: 55000\}",
+}
+
+
+@pytest.mark.parametrize("wrong", sorted(WRONG_BOOKINGS))
+def test_a_node_booking_units_for_both_purposes_wrongly_fails_the_run(
+    wrong: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    patch = tmp_path / "patch"
+    patch.mkdir()
+    (patch / "sitecustomize.py").write_text(WRONG_BOOKINGS[wrong])
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(patch), os.environ.get("PYTHONPATH")]))
+    )
+    with pytest.raises(runner.SimulationError) as caught:
+        run_scenario(load_scenario(BOTH), tmp_path / "out", seed=2)
+    assert re.search(CAUGHT[wrong], str(caught.value)), caught.value

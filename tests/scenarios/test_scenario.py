@@ -93,6 +93,28 @@ def test_examples_carry_the_chapter_figures() -> None:
     assert len(asean.parties) >= 10
 
 
+def test_the_ndc_and_oimp_example_is_short_and_has_each_kind_of_authorisation() -> None:
+    scenario = load_scenario(EXAMPLES / "lao-japan-ndc-oimp.toml")
+    assert len(scenario.years) == 3  # run end to end in CI (tests/scenarios/test_runner.py)
+    kinds = {
+        (a.purposes, a.first_transfer, a.buyer_share_bp) for a in scenario.authorisations
+    }  # fmt: skip
+    assert kinds == {
+        (("NDC", "OIMP"), "issuance", 5000),
+        (("NDC", "OIMP"), "use", 0),
+        (("OIMP",), "use", 8000),
+        (("OIMP",), "issuance", 8000),
+    }
+    figures = {a.id: a.mitigation_per_year for a in scenario.activities}
+    assert figures == {
+        "LAO-SOLAR-WIND-1GW": 100_000, "LAO-EV-30PCT": 30_000,
+        "LAO-BIOMASS-300MW": 84_000, "LAO-BIOFUELS-10PCT": 29_000,
+    }  # fmt: skip
+    assert {(u.party, u.action) for u in scenario.uses} == {
+        ("JPN", "use-ndc"), ("JPN", "use-oimp"), ("LAO", "use-oimp"),
+    }  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("old", "new", "field"),
     [
@@ -223,16 +245,18 @@ def test_oimp_units_default_to_use_for_oimp_and_book_at_their_first_transfer_poi
 @pytest.mark.parametrize(
     ("old", "new", "field"),
     [
+        ('acquiring = ["KOR"]', 'acquiring = ["KOR"]\npurposes = ["NDC", "NDC"]',
+         'authorisations[0].purposes: must be ["NDC"], ["OIMP"] or ["NDC", "OIMP"]'),
+        ('acquiring = ["KOR"]', 'acquiring = ["KOR"]\npurposes = ["CORSIA"]',
+         'authorisations[0].purposes: must be ["NDC"], ["OIMP"] or ["NDC", "OIMP"]'),
         ('acquiring = ["KOR"]', 'acquiring = ["KOR"]\npurposes = ["NDC", "OIMP"]',
-         'authorisations[0].purposes: must be ["NDC"] or ["OIMP"]'),
+         "authorisations[0].first_transfer: missing"),
         ('acquiring = ["KOR"]', 'acquiring = ["KOR"]\npurposes = ["OIMP"]',
          "authorisations[0].first_transfer: missing"),
         ('acquiring = ["KOR"]', OIMP.replace('"use"', '"transfer"'),
          "authorisations[0].first_transfer: must be one of authorisation, issuance, use"),
         ('acquiring = ["KOR"]', 'acquiring = ["KOR"]\nfirst_transfer = "use"',
-         "authorisations[0].first_transfer: only for OIMP units"),
-        ('acquiring = ["KOR"]', OIMP + '\nbuyer_share_bp = 5000',
-         "authorisations[0].buyer_share_bp: a buyer's share is simulated for NDC units"),
+         "authorisations[0].first_transfer: only for units authorised for OIMP"),
         ("vintage_offset = -2", 'vintage_offset = -2\naction = "use-oimp"',
          "uses[0].action: solar authorises its units for NDC use only"),
     ],
@@ -251,3 +275,73 @@ def test_an_oimp_use_toward_an_ndc_is_refused() -> None:
         ScenarioError, match=r"uses\[0\]\.action: solar authorises its units for OIMP"
     ):
         parse_scenario(text)
+
+
+BOTH = 'acquiring = ["KOR"]\npurposes = ["OIMP", "NDC"]\nfirst_transfer = "issuance"'
+
+
+def test_units_for_both_purposes_are_adjusted_at_the_transfer_and_used_toward_the_ndc() -> None:
+    scenario = parse_scenario(GOOD.replace('acquiring = ["KOR"]', BOTH, 1))
+    spec = scenario.authorisation("solar")
+    assert (spec.purposes, spec.oimp_detail, spec.first_transfer) == (
+        ("NDC", "OIMP"), "CORSIA", "issuance",
+    )  # fmt: skip
+    assert spec.both
+    assert spec.ndc
+    assert spec.for_oimp
+    assert not spec.oimp_only
+    assert spec.ca_point == "transfer"  # whatever the OIMP definition
+    assert not spec.host_books_own_oimp_use
+    assert {(u.party, u.action) for u in scenario.uses} == {("KOR", "use-ndc")}
+    at_use = parse_scenario(GOOD.replace('acquiring = ["KOR"]', BOTH.replace("issuance", "use"), 1))
+    assert at_use.authorisation("solar").ca_point == "transfer"
+    assert at_use.authorisation("solar").host_books_own_oimp_use
+
+
+# The host keeps 40,000 of each vintage after its first transfers (GOOD).
+HOST_OIMP_USE = (
+    'party = "LAO"\nauthorisation = "solar"\naction = "use-oimp"\nyears = [2023, 2030]\n'
+    "quantity = 30000"
+)
+
+
+def test_only_the_host_uses_units_for_both_purposes_for_oimp_and_only_at_use() -> None:
+    """decision 58: an acquiring party subtracted the units when it acquired them, and
+    the host's own OIMP use is adjusted only when the OIMP first transfer is at use."""
+    base = GOOD.replace('acquiring = ["KOR"]', BOTH.replace("issuance", "use"), 1)
+    host_use = base.replace('party = "KOR"\nauthorisation = "solar"\nyears = [2023, 2030]\n'
+                            "quantity = 50000", HOST_OIMP_USE)  # fmt: skip
+    assert host_use != base
+    uses = parse_scenario(host_use).uses
+    assert {(u.party, u.action, u.quantity) for u in uses} == {("LAO", "use-oimp", 30000)}
+    for point in ("issuance", "authorisation"):
+        with pytest.raises(
+            ScenarioError,
+            match=rf"uses\[0\]\.action: solar defines the OIMP first transfer at {point}, .*"
+            r'needs first_transfer = "use"',
+        ):
+            parse_scenario(
+                host_use.replace('first_transfer = "use"', f'first_transfer = "{point}"')
+            )
+    with pytest.raises(
+        ScenarioError, match=r"uses\[0\]\.action: solar authorises its units for NDC and OIMP: KOR"
+    ):
+        parse_scenario(
+            base.replace("vintage_offset = -2", 'vintage_offset = -2\naction = "use-oimp"')
+        )
+    # A voluntary cancellation of such units stays open to the acquiring party.
+    cancelled = base.replace(
+        "vintage_offset = -2", 'vintage_offset = -2\naction = "voluntary-cancellation"'
+    )
+    assert {u.action for u in parse_scenario(cancelled).uses} == {"voluntary-cancellation"}
+
+
+def test_a_buyers_share_of_oimp_units_is_held_by_the_buyer_from_issuance() -> None:
+    shared = GOOD.replace('acquiring = ["KOR"]', OIMP + "\nbuyer_share_bp = 6000", 1)
+    # 60% of 100,000 reaches KOR at issuance: with no transfer it uses 50,000 a year.
+    no_transfers = shared[: shared.index("[[transfers]]")] + shared[shared.index("[[uses]]") :]
+    scenario = parse_scenario(no_transfers)
+    assert scenario.buyer_share(scenario.issuances[0]) == 60000
+    assert {u.action for u in scenario.uses} == {"use-oimp"}
+    with pytest.raises(ScenarioError, match=r"uses\[0\]\.quantity: by 2023 KOR would use"):
+        parse_scenario(no_transfers.replace("quantity = 50000", "quantity = 60001"))

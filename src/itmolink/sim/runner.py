@@ -22,6 +22,11 @@ transfer ids, ledgers and tables are the same bytes for the same file and seed.
 Output (``out_dir``)::
 
     summary.csv  summary.txt          one row per party: mitigation, transfers, target
+                                      (summary.txt also lists the checks that passed)
+    authorisations.csv                one row per authorisation: its purposes, when its
+                                      host adjusts by the rules, what was issued, moved
+                                      and used, and the net adjustments of its host and
+                                      of its acquiring parties the run was checked against
     transfers.csv  refusals.csv       every scheduled transfer and the ones refused
     uses.csv                          every scheduled use toward an NDC or voluntary
                                       cancellation, and its outcome (used, cancelled or
@@ -92,6 +97,7 @@ FIRST_TRANSFER_DEFINITIONS = {
     "issuance": common_pb2.FIRST_TRANSFER_DEFINITION_AT_ISSUANCE,
     "use": common_pb2.FIRST_TRANSFER_DEFINITION_AT_USE_OR_CANCELLATION,
 }
+PURPOSES = {"NDC": common_pb2.PURPOSE_NDC, "OIMP": common_pb2.PURPOSE_OIMP}
 # The outcome recorded for a use the node carried out, by action.
 USE_RESULTS = {"use-ndc": "used", "use-oimp": "used-oimp", "voluntary-cancellation": "cancelled"}
 REJECTION_CODE_KEY = "itmolink-rejection-code"
@@ -480,7 +486,7 @@ async def _play(
                 activity_id=activity.id, activity_name=activity.name,
                 cooperative_approach_id=spec.cooperative_approach,
                 acquiring_parties=list(spec.acquiring),
-                purposes=[common_pb2.PURPOSE_OIMP if spec.oimp else common_pb2.PURPOSE_NDC],
+                purposes=[PURPOSES[p] for p in spec.purposes],
                 oimp_detail=spec.oimp_detail,
                 first_transfer_definition=FIRST_TRANSFER_DEFINITIONS[spec.first_transfer],
                 vintage_from=spec.vintage_from, vintage_to=spec.vintage_to,
@@ -636,6 +642,82 @@ def _collect(
     return _Ledger(holdings, entries, amounts, aef)
 
 
+@dataclass
+class ExpectedAdjustments:
+    """What the rules say each party books, from the scenario and the run's outcome."""
+
+    # transfer id -> (the sender's, the receiver's) sorted (vintage, amount) entries
+    transfers: dict[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]] = field(
+        default_factory=dict
+    )
+    # party -> vintage -> net amount booked without a transfer (nonzero only)
+    without_transfer: dict[str, dict[int, int]] = field(default_factory=dict)
+    totals: dict[str, int] = field(default_factory=dict)  # party -> net of every entry
+    # party -> why its entries without a transfer were booked -> tCO2e
+    why: dict[str, dict[str, int]] = field(default_factory=dict)
+    # authorisation -> (the host's net, the acquiring parties' net) by the rules
+    by_authorisation: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def expected_adjustments(scenario: Scenario, outcome: _Outcome) -> ExpectedAdjustments:
+    """The corresponding adjustments the rules call for (docs/DESIGN.md decisions 26, 58).
+
+    - Units authorised for use toward an NDC, alone or with OIMP, are first transferred
+      at the host's first international transfer: every completed transfer of them
+      books +quantity at the sender (the host, or an acquiring party passing them on)
+      and -quantity at the receiver, for the vintage, whatever the OIMP definition.
+    - Units authorised for OIMP only move without an adjustment. Their host books
+      +quantity at issuance (first transfer at authorisation or issuance) or when they
+      are used for OIMP, by itself or by a holder (first transfer at use).
+    - Units authorised for both and first transferred for OIMP "at use" that the host
+      uses for OIMP itself never left: that use is their first transfer, +quantity.
+    - Uses toward an NDC and voluntary cancellations book nothing; nor does anything
+      refused or voided.
+    """
+    result = ExpectedAdjustments()
+    without: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    why: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    totals: dict[str, int] = defaultdict(int)
+    host_net: dict[str, int] = defaultdict(int)
+    acquirers_net: dict[str, int] = defaultdict(int)
+    for _, transfer_id, key, sender, receiver, vintage, quantity, state in outcome.transfers:
+        spec = scenario.authorisation(key)
+        if state != "completed" or not spec.ndc:
+            result.transfers[transfer_id] = ([], [])
+            continue
+        result.transfers[transfer_id] = ([(vintage, quantity)], [(vintage, -quantity)])
+        totals[sender] += quantity
+        totals[receiver] -= quantity
+        if sender == spec.host:
+            host_net[key] += quantity
+        else:
+            acquirers_net[key] += quantity
+        acquirers_net[key] -= quantity
+    for issuance in scenario.issuances:
+        spec = scenario.authorisation(issuance.authorisation)
+        if spec.oimp_only and spec.first_transfer in ("authorisation", "issuance"):
+            without[spec.host][issuance.vintage] += issuance.quantity
+            why[spec.host]["at issuance"] += issuance.quantity
+            host_net[spec.id] += issuance.quantity
+    for _, key, party, vintage, quantity, result_of_use in outcome.uses:
+        spec = scenario.authorisation(key)
+        if result_of_use != "used-oimp" or spec.first_transfer != "use":
+            continue
+        if spec.oimp_only or (spec.both and party == spec.host):
+            without[spec.host][vintage] += quantity
+            why[spec.host]["at its own use" if party == spec.host else "on notices"] += quantity
+            host_net[key] += quantity
+    result.by_authorisation = {
+        a.id: (host_net[a.id], acquirers_net[a.id]) for a in scenario.authorisations
+    }
+    for party, by_vintage in without.items():
+        result.without_transfer[party] = {y: a for y, a in by_vintage.items() if a}
+        totals[party] += sum(by_vintage.values())
+    result.totals = dict(totals)
+    result.why = {p: dict(w) for p, w in why.items()}
+    return result
+
+
 def _check_invariants(
     scenario: Scenario, ledgers: dict[str, _Ledger], outcome: _Outcome
 ) -> list[str]:
@@ -666,58 +748,56 @@ def _check_invariants(
                 "registries together"
             )
         passed.append(f"conservation {registry}: {held_total} tCO2e issued, each held once")
-    # Every completed transfer: the CAs are equal and opposite, for its vintage and size.
+    # Every transfer, and every party's entries without a transfer, against the rules
+    # applied to the schedule and the outcome (expected_adjustments), never the node's
+    # own view of when its units are first transferred.
+    expected = expected_adjustments(scenario, outcome)
     for transfer in outcome.transfers:
         _, transfer_id, authorisation, sender, receiver, vintage, quantity, state = transfer
         plus = ledgers[sender].amounts[transfer_id]
         minus = ledgers[receiver].amounts[transfer_id]
-        if state != "completed":
-            if plus or minus:
-                raise SimulationError(f"{transfer_id} is {state} but carries adjustments")
-            continue
-        if scenario.authorisation(authorisation).oimp:
-            # OIMP units move without an adjustment: the host books at issuance or use.
-            if plus or minus:
-                raise SimulationError(
-                    f"{transfer_id} moves OIMP units but carries adjustments {plus} at {sender} "
-                    f"and {minus} at {receiver}"
-                )
-            continue
-        expected = [(vintage, quantity)]
-        if sorted(plus) != expected or sorted((y, -a) for y, a in minus) != expected:
+        want_plus, want_minus = expected.transfers.get(transfer_id, ([], []))
+        if sorted(plus) != want_plus or sorted(minus) != want_minus:
+            spec = scenario.authorisation(authorisation)
             raise SimulationError(
-                f"{transfer_id}: adjustments {plus} at {sender} and {minus} at {receiver}, "
-                f"expected +{quantity} and -{quantity} for {vintage}"
+                f"{transfer_id} ({state}, {quantity} tCO2e of {vintage} of {spec.id}, "
+                f"{' and '.join(spec.purposes)}): adjustments {plus} at {sender} and {minus} at "
+                f"{receiver}, expected {want_plus} and {want_minus}"
             )
     completed = [t for t in outcome.transfers if t[7] == "completed"]
-    oimp = sum(1 for t in completed if scenario.authorisation(t[2]).oimp)
+    oimp = sum(1 for t in completed if scenario.authorisation(t[2]).oimp_only)
+    both = sum(1 for t in completed if scenario.authorisation(t[2]).both)
     passed.append(
         f"{len(completed) - oimp} completed transfers with equal and opposite adjustments"
+        + (f" ({both} of units for NDC and OIMP, booked at the transfer)" if both else "")
         + (f", {oimp} of OIMP units with none" if oimp else "")
     )
-    # The host's adjustments without a transfer: its OIMP units' first transfers, at
+    # The adjustments without a transfer: the host's for OIMP units first transferred at
     # issuance or at use (its own, or a holder's on its notice), and nothing else.
     for party, ledger in ledgers.items():
-        expected_plus = sum(
-            x.quantity for x in scenario.issuances
-            if scenario.authorisation(x.authorisation).host == party
-            and scenario.authorisation(x.authorisation).ca_point == "issuance"
-        ) + sum(
-            u[4] for u in outcome.uses
-            if u[5] == "used-oimp"
-            and scenario.authorisation(u[1]).host == party
-            and scenario.authorisation(u[1]).ca_point == "use"
-        )  # fmt: skip
         # An entry of no transfer names its issuance, notice or use instead (Tx.adjustments).
-        booked = sum(e.amount for e in ledger.entries if e.transfer_id not in ledger.amounts)
-        if booked != expected_plus:
+        booked: dict[int, int] = defaultdict(int)
+        for e in ledger.entries:
+            if e.transfer_id not in ledger.amounts:
+                booked[e.year] += e.amount
+        want = expected.without_transfer.get(party, {})
+        if {y: a for y, a in booked.items() if a} != want:
             raise SimulationError(
-                f"{party}: {booked:+} tCO2e of adjustments without a transfer, expected "
-                f"{expected_plus:+} (its OIMP units first transferred at issuance or at use)"
+                f"{party}: adjustments without a transfer {dict(sorted(booked.items()))} by "
+                f"vintage, expected {dict(sorted(want.items()))} (the host's for OIMP units "
+                "first transferred at issuance or at use)"
             )
-        if expected_plus:
+        total = sum(e.amount for e in ledger.entries)
+        if total != expected.totals.get(party, 0):
+            raise SimulationError(
+                f"{party}: {total:+} tCO2e of adjustments in all, expected "
+                f"{expected.totals.get(party, 0):+}"
+            )
+        if want:
+            parts = expected.why.get(party, {})
             passed.append(
-                f"{party}: {expected_plus:+} tCO2e adjusted for OIMP units at issuance or use"
+                f"{party}: {sum(want.values()):+} tCO2e adjusted for OIMP units at issuance or "
+                "use (" + ", ".join(f"{k} {v:+}" for k, v in sorted(parts.items())) + ")"
             )
     # Every use: the units are in the party's NDC retirement account, and no more.
     for party, ledger in ledgers.items():
@@ -847,6 +927,42 @@ def _write_party(
     )
 
 
+HOST_ADJUSTS = {
+    "transfer": "at the first international transfer",
+    "issuance": "at issuance",
+    "use": "at use for OIMP (its own or a holder's notice)",
+}
+
+
+def _authorisations_csv(
+    scenario: Scenario, outcome: _Outcome, expected: ExpectedAdjustments
+) -> str:
+    """One row per authorisation: what it authorises, when the rules have its host
+    adjust, what moved and was used, and the adjustments the run was checked against."""
+    rows: list[list[object]] = [["authorisation", "purposes", "oimp_detail", "first_transfer",
+                                 "host_adjusts", "issued", "transferred_by_host", "passed_on",
+                                 "used_ndc", "used_oimp", "cancelled", "host_ca",
+                                 "acquirers_ca"]]  # fmt: skip
+    done = [t for t in outcome.transfers if t[7] == "completed"]
+    for spec in scenario.authorisations:
+        adjusts = HOST_ADJUSTS[spec.ca_point]
+        if spec.both and spec.host_books_own_oimp_use:
+            adjusts += ", or at the host's own use for OIMP"
+
+        def used(action: str, key: str = spec.id) -> int:
+            return sum(u[4] for u in outcome.uses if u[1] == key and u[5] == action)
+
+        rows.append(
+            [spec.id, " ".join(spec.purposes), spec.oimp_detail, spec.first_transfer, adjusts,
+             sum(x.quantity for x in scenario.issuances if x.authorisation == spec.id),
+             sum(t[6] for t in done if t[2] == spec.id and t[3] == spec.host),
+             sum(t[6] for t in done if t[2] == spec.id and t[3] != spec.host),
+             used("used"), used("used-oimp"), used("cancelled"),
+             *expected.by_authorisation[spec.id]]
+        )  # fmt: skip
+    return _csv(rows)
+
+
 def _write_summary(out: Path, summary: Summary, outcome: _Outcome) -> None:
     header: list[object] = ["party", "name", "method", "mitigation", "issued", "transferred_out",
               "share_leaving", "acquired", "passed_on", "used", "used_oimp", "cancelled",
@@ -858,7 +974,9 @@ def _write_summary(out: Path, summary: Summary, outcome: _Outcome) -> None:
                      p.adjustments, _verdict(p.met),
                      _verdict(p.met_without_adjustments)])  # fmt: skip
     (out / "summary.csv").write_text(_csv(rows))
-    (out / "summary.txt").write_text(summary.table())
+    (out / "summary.txt").write_text(
+        summary.table() + "".join(f"ok: {line}\n" for line in summary.invariants)
+    )
     (out / "transfers.csv").write_text(
         _csv(
             [
@@ -921,6 +1039,9 @@ async def run_scenario_async(
                 clock, transfer_ids,
             )  # fmt: skip
         passed = _check_invariants(scenario, ledgers, outcome)
+        (out / "authorisations.csv").write_text(
+            _authorisations_csv(scenario, outcome, expected_adjustments(scenario, outcome))
+        )
         parties = tuple(
             _write_party(scenario, party, ledgers[party.code], outcome, out)
             for party in scenario.parties

@@ -40,16 +40,24 @@ Quantities are whole tCO2e, shares are basis points (8000 = 80%)::
     activity = "LAO-SOLAR-WIND-1GW"
     cooperative_approach = "LAO-KOR-A6.2"
     acquiring = ["KOR"]                   # acquiring parties (each must be a party)
-    purposes = ["NDC"]                    # optional: ["NDC"] (the default) or ["OIMP"]
-    oimp_detail = "CORSIA"                # OIMP only: which purpose (default "CORSIA")
-    first_transfer = "use"                # OIMP only: "authorisation", "issuance" or "use":
-                                          # the host books its adjustment at issuance (the
-                                          # first two) or when the units are used for OIMP
+    purposes = ["NDC"]                    # optional: ["NDC"] (the default), ["OIMP"] or
+                                          # ["NDC", "OIMP"] (both, in either order)
+    oimp_detail = "CORSIA"                # with OIMP: which purpose (default "CORSIA")
+    first_transfer = "use"                # with OIMP: "authorisation", "issuance" or "use".
+                                          # OIMP only: the host books its adjustment at
+                                          # issuance (the first two) or when the units are
+                                          # used for OIMP. With NDC too: at the host's
+                                          # first international transfer, whatever this says
+                                          # (so both sides book that transfer), but for the
+                                          # host's own use for OIMP of units it still holds,
+                                          # allowed only with "use" and booked at that use
     vintage_from = 2021                   # optional, default the activity's years
     vintage_to = 2030
     quantity_cap = 0                      # optional, 0 = no cap
     buyer_share_bp = 0                    # optional: JCM-style share of every issuance that
                                           # goes to the (single) acquiring party at issuance
+                                          # (for OIMP-only units without an adjustment: the
+                                          # host's is booked at issuance or at their use)
 
     [[issuances]]                         # the host issues under an authorisation...
     authorisation = "solar-kor"
@@ -78,7 +86,11 @@ Quantities are whole tCO2e, shares are basis points (8000 = 80%)::
                                           # host or an acquiring party (units cancelled,
                                           # toward no NDC); for OIMP units "use-oimp" (by
                                           # the host or an acquiring party; the default
-                                          # for them) or "voluntary-cancellation"
+                                          # for them) or "voluntary-cancellation"; units
+                                          # authorised for both: "use-ndc" (the default) by
+                                          # an acquiring party, "use-oimp" by the host only
+                                          # and only with first_transfer = "use" (see
+                                          # docs/DESIGN.md decision 58), or cancellation
 
 A *year series* is either a table ``{ 2021 = 63000000, 2022 = ... }`` with one entry for
 every year of the NDC period, or a pair ``[first, last]`` interpolated linearly (rounded
@@ -178,21 +190,43 @@ class AuthorisationSpec:
     vintage_to: int
     quantity_cap: int = 0
     buyer_share_bp: int = 0
-    # OIMP only: the purpose, and when the units are first transferred (one of
-    # FIRST_TRANSFER_POINTS); empty for NDC units, first transferred at the transfer.
+    # With OIMP: the purpose, and when the units are first transferred for OIMP (one
+    # of FIRST_TRANSFER_POINTS); empty for NDC-only units, first transferred at the
+    # transfer.
     oimp_detail: str = ""
     first_transfer: str = ""
 
     @property
-    def oimp(self) -> bool:
+    def ndc(self) -> bool:
+        """Whether the units may be used toward an NDC (alone or with OIMP)."""
+        return "NDC" in self.purposes
+
+    @property
+    def for_oimp(self) -> bool:
+        """Whether the units may be used for OIMP (alone or with NDC)."""
+        return "OIMP" in self.purposes
+
+    @property
+    def oimp_only(self) -> bool:
         return self.purposes == ("OIMP",)
 
     @property
+    def both(self) -> bool:
+        return self.ndc and self.for_oimp
+
+    @property
     def ca_point(self) -> str:
-        """When the host books its adjustment: "transfer" (NDC), "issuance" or "use"."""
-        if not self.oimp:
+        """When the host books its adjustment: "transfer" (NDC, alone or with OIMP),
+        "issuance" or "use" (OIMP only, by its first-transfer definition)."""
+        if self.ndc:
             return "transfer"
         return "use" if self.first_transfer == "use" else "issuance"
+
+    @property
+    def host_books_own_oimp_use(self) -> bool:
+        """Whether the host books its adjustment when it uses its own units for OIMP:
+        their first transfer is that use ("use"), with or without NDC."""
+        return self.for_oimp and self.first_transfer == "use"
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,13 +536,14 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
             if party == activity.host:
                 raise r.fail(f"{where}acquiring[{j}]", f"{party} is the host itself")
         purposes = item.get("purposes", ["NDC"])
-        if purposes not in (["NDC"], ["OIMP"]):
-            raise r.fail(f"{where}purposes", 'must be ["NDC"] or ["OIMP"]')
-        oimp = purposes == ["OIMP"]
+        if purposes not in (["NDC"], ["OIMP"], ["NDC", "OIMP"], ["OIMP", "NDC"]):
+            raise r.fail(f"{where}purposes", 'must be ["NDC"], ["OIMP"] or ["NDC", "OIMP"]')
+        purposes = sorted(purposes)
+        oimp = "OIMP" in purposes
         if not oimp:
             for name in ("oimp_detail", "first_transfer"):
                 if name in item:
-                    raise r.fail(f"{where}{name}", "only for OIMP units")
+                    raise r.fail(f"{where}{name}", "only for units authorised for OIMP")
         point = r.string(item, "first_transfer", where) if oimp else ""
         if oimp and point not in FIRST_TRANSFER_POINTS:
             raise r.fail(
@@ -525,8 +560,6 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         share = r.integer(item, "buyer_share_bp", where, 0, maximum=10_000)
         if share and len(set(acquiring)) != 1:
             raise r.fail(f"{where}buyer_share_bp", "a buyer's share needs exactly one acquirer")
-        if share and oimp:
-            raise r.fail(f"{where}buyer_share_bp", "a buyer's share is simulated for NDC units")
         authorisations.append(
             AuthorisationSpec(
                 id=key,
@@ -631,16 +664,18 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
             where,
         )
         spec = spec_of(item, where)
-        action = r.string(item, "action", where, "use-oimp" if spec.oimp else "use-ndc")
+        action = r.string(item, "action", where, "use-ndc" if spec.ndc else "use-oimp")
         if action not in USE_ACTIONS:
             raise r.fail(f"{where}action", f"must be one of {', '.join(USE_ACTIONS)}")
-        if action == ("use-ndc" if spec.oimp else "use-oimp"):
-            what = "OIMP" if spec.oimp else "NDC"
+        if (action == "use-ndc" and not spec.ndc) or (action == "use-oimp" and not spec.for_oimp):
+            what = "OIMP" if spec.oimp_only else "NDC"
             raise r.fail(f"{where}action", f"{spec.id} authorises its units for {what} use only")
         party_code = r.string(item, "party", where)
         toward_ndc = action == "use-ndc"
         if party_code not in spec.acquiring and not (not toward_ndc and party_code == spec.host):
             raise r.fail(f"{where}party", f"{party_code} is not an acquiring party of {spec.id}")
+        if action == "use-oimp" and spec.both:
+            _check_oimp_use_of_both(r, where, spec, party_code)
         ndc_years = next(p.ndc.years for p in parties if p.code == party_code)
         quantity = r.integer(item, "quantity", where, minimum=1)
         for year in r.years(item, where, first, last):
@@ -676,6 +711,35 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
             if year not in party.ndc.years:
                 raise r.fail(f"parties[{i}].ndc", f"vintage {year} is outside the NDC period")
     return scenario
+
+
+def _check_oimp_use_of_both(r: _Reader, where: str, spec: AuthorisationSpec, party: str) -> None:
+    """Refuse a use for OIMP of units authorised for both NDC and OIMP whose
+    corresponding adjustments would not follow the rules (docs/DESIGN.md decision 58).
+
+    Such units are first transferred, and the host adjusted, at the host's first
+    international transfer; the acquiring party subtracted them then. Used for OIMP
+    by an acquiring party, they would count toward its NDC and for OIMP at once (its
+    node gives nothing back). Used for OIMP by the host itself, they are first
+    transferred by that use: the host books it only when the authorisation defines
+    the OIMP first transfer at use; defined at authorisation or issuance, the rules
+    want the adjustment booked at issuance, which the node does not do for units
+    authorised for NDC too, so the use would carry none.
+    """
+    if party != spec.host:
+        raise r.fail(
+            f"{where}action",
+            f"{spec.id} authorises its units for NDC and OIMP: {party} subtracted them from "
+            "its emissions when it acquired them, so its use for OIMP would count them twice; "
+            "only the host uses such units for OIMP",
+        )
+    if spec.first_transfer != "use":
+        raise r.fail(
+            f"{where}action",
+            f"{spec.id} defines the OIMP first transfer at {spec.first_transfer}, but units "
+            "authorised for NDC too are adjusted only at their first international transfer: "
+            'the host\'s own use for OIMP needs first_transfer = "use" (adjusted at the use)',
+        )
 
 
 def _check_schedule(
