@@ -871,21 +871,22 @@ class Tx:
         self, partner: str, authorisation_id: str, *, single: str, batch: str
     ) -> list[tuple[str, int]]:
         """(transfer id, journal id of its first completion) of each of our transfers
-        to ``partner`` under an authorisation whose completion is undelivered, alone
-        (payload type ``single``, subject the transfer) or in its batch (``batch``,
-        subject the batch)."""
+        to ``partner`` under an authorisation, completed here, whose completion is
+        undelivered, alone (payload type ``single``, subject the transfer) or in its
+        batch (``batch``, subject the batch)."""
         first = _FIRST_COMPLETION
+        completed = int(TransferState.COMPLETED)
         rows = self._exec(
             f"SELECT t.transfer_id, {first} FROM outbox o "
             "JOIN transfers t ON t.transfer_id = o.subject_id "
             "WHERE o.state = 'pending' AND o.payload_type = ? AND o.partner = ? "
-            "AND t.direction = 'out' AND t.authorisation_id = ? "
+            "AND t.direction = 'out' AND t.authorisation_id = ? AND t.state = ? "
             f"UNION SELECT t.transfer_id, {first} FROM outbox o "
             "JOIN transfers t ON t.batch_id = o.subject_id AND t.batch_id <> '' "
             "WHERE o.state = 'pending' AND o.payload_type = ? AND o.partner = ? "
-            "AND t.direction = 'out' AND t.authorisation_id = ?",
-            (single, batch, single, partner, authorisation_id,
-             single, batch, batch, partner, authorisation_id),
+            "AND t.direction = 'out' AND t.authorisation_id = ? AND t.state = ?",
+            (single, batch, single, partner, authorisation_id, completed,
+             single, batch, batch, partner, authorisation_id, completed),
         ).fetchall()  # fmt: skip
         return sorted((str(t), int(j)) for t, j in rows if j is not None)
 
@@ -899,8 +900,8 @@ class Tx:
         column = "batch_id" if payload_type == batch else "transfer_id"
         rows = self._exec(
             f"SELECT t.transfer_id, t.authorisation_id, {first} FROM transfers t "
-            f"WHERE t.{column} = ? AND t.direction = 'out'",
-            (single, batch, subject_id),
+            f"WHERE t.{column} = ? AND t.direction = 'out' AND t.state = ?",
+            (single, batch, subject_id, int(TransferState.COMPLETED)),
         ).fetchall()
         return sorted((str(t), str(a), int(j)) for t, a, j in rows if j is not None)
 
