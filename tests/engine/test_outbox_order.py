@@ -5,6 +5,9 @@ version of the authorisation, and reconcile clean."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+
 import pytest
 
 from itmolink.core.codes import Rejected, RejectionCode
@@ -134,7 +137,7 @@ async def test_a_held_amendment_goes_out_once_the_completion_is_answered(pair: P
     """KOR does not take the completion for minutes (down, or refusing it unread): the
     amendment waits all that time, then leaves at the next look once it has it."""
     authorisation_id = issued_oimp(pair)
-    link = Link(**{COMPLETION: 12})
+    link = Link(**{COMPLETION: 1_000})
     pair.network = link
     (transfer_id,) = start(pair, authorisation_id, batch=False)
     pair.pump()
@@ -161,6 +164,34 @@ async def test_a_held_amendment_goes_out_once_the_completion_is_answered(pair: P
     pair.pump()
     assert state(pair.kor, later) is TransferState.COMPLETED
     assert ledger(pair.kor) == [(later, -400)]  # under version 2: NDC
+    await assert_clean(pair)
+
+
+async def test_a_completion_sealed_again_keeps_the_place_of_the_first(pair: Pair) -> None:
+    """The completion, lost until KOR's max_message_age had passed, is refused (5003)
+    and sealed again after the amendment was made: it was completed under version 1
+    all the same, and the amendment still waits for it."""
+    pair.kor.limits = dataclasses.replace(pair.kor.limits, max_message_age=dt.timedelta(minutes=10))
+    authorisation_id = issued_oimp(pair)
+    link = Link(**{COMPLETION: 1_000})
+    pair.network = link
+    (transfer_id,) = start(pair, authorisation_id, batch=False)
+    pair.pump()
+    pair.advance(9 * 60)
+    pair.lao.amend_authorisation(authorisation_id, {"purposes": NDC_AND_OIMP}, pair.now)
+    pair.pump()
+    pair.advance(2 * 60)
+    link.lose.clear()
+    settle(pair)
+    with pair.lao.store.transaction() as tx:
+        assert tx.outbox_count_of(payload_type=COMPLETION, subject_id=transfer_id) == 2
+    assert [k for k in link.reached if k in ("TransferCompletion", "AuthorisationStatement")] == [
+        "TransferCompletion",  # refused unread: 5003
+        "TransferCompletion",  # sealed again, taken
+        "AuthorisationStatement",
+    ]
+    assert ledger(pair.kor) == []
+    assert answer_of_kor(pair, authorisation_id, 2) == "acknowledged"
     await assert_clean(pair)
 
 
