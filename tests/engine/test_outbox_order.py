@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
 
 import pytest
 
 from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.core.transfer import TransferState
 from itmolink.core.units import FirstTransferDefinition, Purpose
-from itmolink.node.engine import Engine
+from itmolink.crypto.envelope import TrustStore
+from itmolink.crypto.keys import SigningKey
+from itmolink.node.engine import Engine, Partner
 from itmolink.node.operations import BatchItemRequest
+from itmolink.store import open_store
 from itmolink.v1 import envelope_pb2
 
+from ..conftest import postgres_cluster
 from .conftest import Pair
 from .test_oimp import authorise, ledger
 from .test_one_round import ask
@@ -258,3 +263,59 @@ async def test_a_revocation_is_not_held_behind_a_completion(pair: Pair) -> None:
     settle(pair)
     assert state(pair.kor, transfer_id) is TransferState.COMPLETED
     await assert_clean(pair)
+
+
+async def test_a_completion_made_by_another_process_after_an_amendment_waits_for_it() -> None:
+    """LAO runs as two processes over one PostgreSQL database: A amends (its
+    statement lost once), B, which had found no amendment pending, then completes a
+    transfer under the authorisation. B learns of the amendment from the shared state
+    and keeps its completion back."""
+    cluster = postgres_cluster()
+    lao_url = cluster.new_database("lao")
+    keys = {party: SigningKey.generate(party) for party in ("LAO", "KOR")}
+
+    def lao_process(name: str) -> Engine:
+        counter = itertools.count(1)
+        return Engine(
+            party="LAO", registry="LAO-NR", signing_key=keys["LAO"],
+            trust=TrustStore([keys["KOR"].verifying_key()]),
+            partners=[Partner("KOR", "KOR-NR", "x")],
+            store=open_store(lao_url, party="LAO", registry="LAO-NR"),
+            new_id=lambda: f"LAO-{name}-{next(counter)}",
+        )  # fmt: skip
+
+    a, b = lao_process("a"), lao_process("b")
+    kor = Engine(
+        party="KOR", registry="KOR-NR", signing_key=keys["KOR"],
+        trust=TrustStore([keys["LAO"].verifying_key()]), partners=[Partner("LAO", "LAO-NR", "x")],
+        store=open_store(cluster.new_database("kor"), party="KOR", registry="KOR-NR"),
+    )  # fmt: skip
+    pair = Pair(lao=b, kor=kor, keys=keys)
+    try:
+        authorisation_id = issued_oimp(pair)
+        start(pair, authorisation_id, batch=False)
+        pair.pump()  # B completes a first transfer: no amendment pending, it knows
+        link = Link(**{STATEMENT: 1})
+        pair.network = link
+        (transfer_id,) = start(pair, authorisation_id, batch=False)
+        a.claim_sent_us = 1  # as a runtime: A delivers its statement itself, at once
+        a.amend_authorisation(authorisation_id, {"purposes": NDC_AND_OIMP}, pair.now)
+        a.claim_sent_us = 0
+        assert [payload_type(raw) for _, _, raw in a.sent] == [STATEMENT] * 1
+        for message_id, _, raw in a.sent:
+            assert link("LAO", "KOR", raw) is None
+            a.delivery_failed(message_id, "lost", pair.now)
+        b.claim_sent_us = 1
+        pair.pump()  # B: the proposal is accepted and B completes
+        b.claim_sent_us = 0
+        assert state(b, transfer_id) is TransferState.COMPLETED
+        assert COMPLETION not in [payload_type(raw) for _, _, raw in b.sent]
+        settle(pair)
+        assert [k for k in link.reached if k in ("TransferCompletion", "AuthorisationStatement")][
+            -2:
+        ] == ["AuthorisationStatement", "TransferCompletion"]
+        assert ledger(kor)[-1] == (transfer_id, -400)  # under version 2, as LAO stated it
+        await assert_clean(pair)
+    finally:
+        for engine in (a, b, kor):
+            engine.store.close()
