@@ -198,6 +198,12 @@ STATUS_QUERY_INTERVAL_US = 60_000_000
 # after one answered without settling, at most this often.
 WITHDRAWAL_INTERVAL_US = 3_600_000_000
 WITHDRAWAL_REASON = "one-round proposal unanswered past expires_at + 2 x max_clock_skew"
+# An amendment of our authorisation and the completions of our transfers under it
+# to the same partner leave in the order the sender stated their leaves in (docs/
+# DESIGN.md decision 55): one that must wait is looked at again this often.
+ORDER_RECHECK_US = 1_000_000
+# How the last error of a request held so begins (the outbox's last_error).
+HELD = "held until"
 # The counters that name what partners see (transfer, batch, issuance, authorisation
 # and notice ids; serials are counted per registry, "serial:<registry>"). After an
 # older backup is restored, `itmolink node restored` moves each past anything the lost
@@ -227,6 +233,13 @@ def random_uuid() -> str:
 def digest(payload: bytes) -> bytes:
     """SHA-256 of a payload's bytes: how one message refers to another."""
     return hashlib.sha256(payload).digest()
+
+
+_STATEMENT = type_name(AuthorisationStatement)
+_COMPLETION = type_name(TransferCompletion)
+_BATCH_COMPLETION = type_name(TransferBatchCompletion)
+# The requests whose delivery order decision 55 keeps.
+ORDERED_TYPES = frozenset({_STATEMENT, _COMPLETION, _BATCH_COMPLETION})
 
 
 def retry_delay_us(attempts: int) -> int:
@@ -351,6 +364,11 @@ class EngineBase:
         # A runtime's clock, read again for a delivery once its transaction holds
         # the ledger's write lock (Requests.handle_delivery); None: the time given.
         self.ledger_clock: Callable[[], dt.datetime] | None = None
+        # Whether an amendment of one of our authorisations may be undelivered
+        # (decision 55): until a look at the outbox finds none, a completion made or
+        # due is checked against them. Set again when this process amends, and when
+        # another process sharing the database may have (the shared state moved).
+        self._amendments_pending = True
         self.reload_trust()
 
     # -- transactions and trust ------------------------------------------------------
@@ -384,6 +402,7 @@ class EngineBase:
         seen = tx.shared_state()
         if seen == self._shared_seen:
             return
+        self._amendments_pending = True
         self._load_trust(tx)
         current = tx.meta_get("signing_key_id")
         pending = tx.meta_get("pending_signing_key")
@@ -493,9 +512,97 @@ class EngineBase:
                 else None
             ),
         )
+        if self._amendments_pending and name in ORDERED_TYPES:
+            note = self._order_hold(tx, name, partner, subject_id, message_id)
+            if note is not None:
+                self._hold(tx, message_id, partner, note, now_us)
+                return payload
         if self.claim_sent_us and due_at_us is None:
             self.sent.append((message_id, partner, envelope))
         return payload
+
+    # -- the order of an amendment and the completions to its partner (decision 55) ------
+
+    def _hold(self, tx: Tx, message_id: str, partner: str, note: str, now_us: int) -> None:
+        """Keep a request back for another to the same partner (decision 55)."""
+        if tx.outbox_hold(message_id, until=now_us + ORDER_RECHECK_US, note=note):
+            log.info(
+                "%s to %s %s", message_id, partner, note,
+                extra={"message_id": message_id, "partner": partner},
+            )  # fmt: skip
+
+    def _pending_amendments(
+        self, tx: Tx, partner: str | None = None
+    ) -> list[tuple[str, str, str, int, int]]:
+        """(message id, partner, authorisation id, version, journal id) of each of our
+        undelivered statements that amend an authorisation: not version 1, which no
+        transfer precedes, and not a revocation, which changes no term a booking
+        depends on (PROTOCOL §5.6 A14) and may stop transfers. Looking at every
+        partner and finding none tells this process that none is pending."""
+        found = []
+        revoked: dict[str, set[int]] = {}
+        for message_id, to, subject, journal_id in tx.outbox_pending_of_type(_STATEMENT, partner):
+            authorisation_id, _, number = subject.rpartition("#")
+            version = int(number) if number.isdigit() else 0
+            if version <= 1:
+                continue
+            if authorisation_id not in revoked:
+                revoked[authorisation_id] = {
+                    terms.version
+                    for terms, details in tx.authorisation_versions(self.party, authorisation_id)
+                    if details.get("revoked")
+                }
+            if version in revoked[authorisation_id]:
+                continue
+            found.append((message_id, to, authorisation_id, version, journal_id))
+        if partner is None and not found:
+            self._amendments_pending = False
+        return found
+
+    def _order_hold(
+        self, tx: Tx, payload_type: str, partner: str, subject_id: str, message_id: str
+    ) -> str | None:
+        """Why an undelivered statement or completion to ``partner`` must wait for
+        another request to it, or None (DESIGN.md decision 55).
+
+        Each side states the receiver's adjustment for a transfer by the latest version
+        of the authorisation it recorded when it completed: the sender when it sealed
+        its first completion, the receiver when it applies one. An amendment therefore
+        leaves after every completion the sender completed before it, and a completion
+        after every amendment it was completed after; both orders are the order of
+        their journal entries (a completion sealed again keeps its first one's place).
+        """
+        amendments = self._pending_amendments(tx)
+        if not amendments:
+            return None
+        if payload_type == _STATEMENT:
+            mine = [a for a in amendments if a[0] == message_id]
+            if not mine:
+                return None  # version 1 or a revocation: never held
+            _, _, authorisation_id, version, position = mine[0]
+            earlier = [
+                transfer_id
+                for transfer_id, first in tx.outbox_pending_completions_under(
+                    partner, authorisation_id, single=_COMPLETION, batch=_BATCH_COMPLETION
+                )
+                if first < position
+            ]
+            if earlier:
+                return (
+                    f"{HELD} {partner} has the completion of {earlier[0]}, completed "
+                    f"before version {version} of {authorisation_id}"
+                )
+            return None
+        for transfer_id, authorisation_id, first in tx.completion_transfers(
+            payload_type, subject_id, single=_COMPLETION, batch=_BATCH_COMPLETION
+        ):
+            for _, to, amended, version, position in amendments:
+                if to == partner and amended == authorisation_id and position < first:
+                    return (
+                        f"{HELD} {partner} has version {version} of {authorisation_id}, "
+                        f"under which {transfer_id} was completed"
+                    )
+        return None
 
     def _reply(
         self, tx: Tx | None, partner: str, msg: Message, in_reply_to: str, now_us: int
@@ -903,6 +1010,12 @@ class EngineBase:
     ) -> None:
         """Send a version of our authorisation to each acquiring party, and to each party
         it removes, and record each as pending its answer."""
+        if terms.version > 1 and not revoked:
+            # An amendment: what completes under the authorisation from now on waits
+            # for it, and it for what completed before (decision 55); other processes
+            # sharing the database learn it through the shared state.
+            self._amendments_pending = True
+            tx.shared_state_changed()
         for party in sorted(terms.acquiring_parties | removed):
             tx.authorisation_party_put(terms, party, "pending", None)
             statement = AuthorisationStatement(

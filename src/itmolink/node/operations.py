@@ -38,11 +38,13 @@ from itmolink.crypto.pki import RevokedKey
 from itmolink.node.base import (
     ISSUANCE_DESTINATIONS,
     MAX_BATCH_ITEMS,
+    ORDERED_TYPES,
     RETIREMENTS,
     STATUS_QUERY_GRACE_US,
     STATUS_QUERY_INTERVAL_US,
     WITHDRAWAL_INTERVAL_US,
     WITHDRAWAL_REASON,
+    AuthorisationStatement,
     EngineBase,
     FirstTransferNotice,
     IssuanceNotice,
@@ -72,7 +74,7 @@ from itmolink.node.convert import (
     to_us,
 )
 from itmolink.store.sqlite import HOLDING_ACCOUNT
-from itmolink.store.tx import HeldBlock, Tx
+from itmolink.store.tx import HeldBlock, OutboxMessage, Tx
 from itmolink.v1 import (
     envelope_pb2,
     keys_pb2,
@@ -654,7 +656,29 @@ class Operations(EngineBase):
         # by one of them (FOR UPDATE SKIP LOCKED), without the registry lock.
         with self.store.transaction(exclusive=False) as tx:
             due = tx.outbox_due(now_us, limit, lease_until=lease_until)
+            ordered = [m for m in due if m.payload_type in ORDERED_TYPES]
+            if ordered:
+                held = self._held_back(tx, ordered, now_us)
+                if held:
+                    due = [m for m in due if m.message_id not in held]
         return [(m.message_id, m.partner, m.envelope) for m in due]
+
+    def _held_back(self, tx: Tx, ordered: Sequence[OutboxMessage], now_us: int) -> set[str]:
+        """The due statements and completions that must wait for another request to
+        their partner (decision 55), each held back until it is looked at again."""
+        if not self._amendments_pending and tx.shared_state() != self._shared_seen:
+            self._amendments_pending = True  # another process may have amended
+        if not self._amendments_pending and all(
+            m.payload_type != type_name(AuthorisationStatement) for m in ordered
+        ):
+            return set()
+        held = set()
+        for m in ordered:
+            note = self._order_hold(tx, m.payload_type, m.partner, m.subject_id, m.message_id)
+            if note is not None:
+                self._hold(tx, m.message_id, m.partner, note, now_us)
+                held.add(m.message_id)
+        return held
 
     def next_due(self) -> int | None:
         with self.store.transaction(exclusive=False) as tx:  # a read: no registry lock
@@ -772,6 +796,16 @@ class Operations(EngineBase):
         with self._transaction() as tx:
             current = self._authorisation(tx, self.party, authorisation_id)
             self._require_delivered(tx, current)
+            one_round = tx.transfers_one_round_in_flight(authorisation_id)
+            if one_round:
+                # Its receiver completed, or will, under the version it holds now, and
+                # this node completes when the answer comes, under the latest it holds
+                # then: no order of delivery makes the two agree (decision 55).
+                raise Rejected(
+                    RejectionCode.TRANSFER_STATE_CONFLICT,
+                    f"one-round transfer {one_round[0]} under {authorisation_id} is not yet "
+                    "answered: amend once it is",
+                )
             details = tx.authorisation_details(self.party, authorisation_id)
             if (
                 details["buyer_share_bp"]

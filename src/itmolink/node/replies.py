@@ -16,6 +16,8 @@ from itmolink.core.codes import Rejected, RejectionCode, wire_name_of
 from itmolink.core.transfer import Effect, Event, Role, TransferState, step
 from itmolink.crypto.envelope import sealed_payload
 from itmolink.node.base import (
+    HELD,
+    ORDERED_TYPES,
     REQUEST_TYPES,
     RESTORED_GAP,
     AuthorisationStatement,
@@ -132,6 +134,10 @@ class Replies(EngineBase):
                 now_us,
                 request.envelope,
             )
+            if self._amendments_pending and request.payload_type in ORDERED_TYPES:
+                # What waited for this request to its partner is looked at again at
+                # once (decision 55), not at its next look.
+                tx.outbox_release_held(request.partner, now_us, note_prefix=HELD)
         return True
 
     def _sequence_reused(

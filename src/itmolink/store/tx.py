@@ -332,6 +332,17 @@ _Mark = tuple[
 ]
 
 
+# The journal id of one of our transfers' first completion (alone, or in its batch;
+# parameters: the two payload types): where the sender completed it, and so stated
+# its leaves (docs/DESIGN.md decision 55).
+_FIRST_COMPLETION = (
+    "(SELECT MIN(j.id) FROM outbox f JOIN journal j ON j.direction = 'out' "
+    "AND j.partner = f.partner AND j.message_id = f.message_id "
+    "WHERE (f.payload_type = ? AND f.subject_id = t.transfer_id) "
+    "OR (f.payload_type = ? AND t.batch_id <> '' AND f.subject_id = t.batch_id))"
+)
+
+
 class Tx:
     """Operations inside one open transaction.
 
@@ -882,6 +893,96 @@ class Tx:
 
     def outbox_pending_count(self) -> int:
         return int(self._one("SELECT COUNT(*) FROM outbox WHERE state = 'pending'")[0])
+
+    # -- the order of a statement and the completions to the same partner ----------------
+    # (docs/DESIGN.md decision 55). Read only while an amendment is undelivered: never on
+    # the path of a transfer otherwise.
+
+    def outbox_pending_of_type(
+        self, payload_type: str, partner: str | None = None
+    ) -> list[tuple[str, str, str, int]]:
+        """(message id, partner, subject, journal id) of each undelivered request of a
+        type (to one partner, or to any), in the order they were made."""
+        where = "" if partner is None else " AND o.partner = ?"
+        rows = self._exec(
+            "SELECT o.message_id, o.partner, o.subject_id, j.id FROM outbox o "
+            "JOIN journal j ON j.direction = 'out' AND j.partner = o.partner "
+            "AND j.message_id = o.message_id "
+            f"WHERE o.state = 'pending' AND o.payload_type = ?{where} ORDER BY j.id",
+            (payload_type,) if partner is None else (payload_type, partner),
+        )
+        return [(str(m), str(p), str(s), int(j)) for m, p, s, j in rows]
+
+    def outbox_pending_completions_under(
+        self, partner: str, authorisation_id: str, *, single: str, batch: str
+    ) -> list[tuple[str, int]]:
+        """(transfer id, journal id of its first completion) of each of our transfers
+        to ``partner`` under an authorisation, completed here, whose completion is
+        undelivered, alone (payload type ``single``, subject the transfer) or in its
+        batch (``batch``, subject the batch)."""
+        first = _FIRST_COMPLETION
+        completed = int(TransferState.COMPLETED)
+        rows = self._exec(
+            f"SELECT t.transfer_id, {first} FROM outbox o "
+            "JOIN transfers t ON t.transfer_id = o.subject_id "
+            "WHERE o.state = 'pending' AND o.payload_type = ? AND o.partner = ? "
+            "AND t.direction = 'out' AND t.authorisation_id = ? AND t.state = ? "
+            f"UNION SELECT t.transfer_id, {first} FROM outbox o "
+            "JOIN transfers t ON t.batch_id = o.subject_id AND t.batch_id <> '' "
+            "WHERE o.state = 'pending' AND o.payload_type = ? AND o.partner = ? "
+            "AND t.direction = 'out' AND t.authorisation_id = ? AND t.state = ?",
+            (single, batch, single, partner, authorisation_id, completed,
+             single, batch, batch, partner, authorisation_id, completed),
+        ).fetchall()  # fmt: skip
+        return sorted((str(t), int(j)) for t, j in rows if j is not None)
+
+    def completion_transfers(
+        self, payload_type: str, subject_id: str, *, single: str, batch: str
+    ) -> list[tuple[str, str, int]]:
+        """(transfer id, authorisation id, journal id of its first completion) of each
+        of our transfers a completion (``single``: of a transfer; ``batch``: of a batch)
+        completes."""
+        first = _FIRST_COMPLETION
+        column = "batch_id" if payload_type == batch else "transfer_id"
+        rows = self._exec(
+            f"SELECT t.transfer_id, t.authorisation_id, {first} FROM transfers t "
+            f"WHERE t.{column} = ? AND t.direction = 'out' AND t.state = ?",
+            (single, batch, subject_id, int(TransferState.COMPLETED)),
+        ).fetchall()
+        return sorted((str(t), str(a), int(j)) for t, a, j in rows if j is not None)
+
+    def outbox_hold(self, message_id: str, *, until: int, note: str) -> bool:
+        """Keep an undelivered request back until ``until`` without counting an attempt,
+        noting why in its ``last_error``; True if it was not held for that reason yet."""
+        row = self._one(
+            "SELECT last_error FROM outbox WHERE message_id = ? AND state = 'pending'",
+            (message_id,),
+        )
+        if row is None:
+            return False
+        self._exec(
+            "UPDATE outbox SET next_attempt_at = ?, last_error = ? WHERE message_id = ?",
+            (until, note[:500], message_id),
+        )
+        return str(row[0]) != note[:500]
+
+    def outbox_release_held(self, partner: str, now: int, *, note_prefix: str) -> None:
+        """Make due now the undelivered requests to a partner that :meth:`outbox_hold`
+        held back with a note beginning ``note_prefix``."""
+        self._exec(
+            "UPDATE outbox SET next_attempt_at = ? WHERE state = 'pending' AND partner = ? "
+            "AND next_attempt_at > ? AND last_error LIKE ?",
+            (now, partner, now, note_prefix + "%"),
+        )
+
+    def transfers_one_round_in_flight(self, authorisation_id: str) -> list[str]:
+        """Our one-round transfers under an authorisation not yet answered (PROPOSED)."""
+        rows = self._exec(
+            "SELECT transfer_id FROM transfers WHERE direction = 'out' AND state = ? "
+            "AND complete_on_acceptance <> 0 AND authorisation_id = ? ORDER BY transfer_id",
+            (int(TransferState.PROPOSED), authorisation_id),
+        )
+        return [str(r[0]) for r in rows]
 
     # -- metrics (read at scrape time) --------------------------------------------------
 
