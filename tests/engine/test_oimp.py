@@ -94,6 +94,48 @@ def test_units_for_both_purposes_are_first_transferred_at_the_international_tran
     assert ledger(pair.kor) == [(transfer_id, -400)]
 
 
+@pytest.mark.parametrize("definition", list(FirstTransferDefinition)[1:])
+def test_the_hosts_own_oimp_use_of_units_for_both_purposes_is_their_first_transfer(
+    pair: Pair, definition: FirstTransferDefinition
+) -> None:
+    """Units for both purposes are adjusted at their first international transfer,
+    whatever the OIMP definition (decision 26), so the host never adjusted those it kept:
+    its own use of them for OIMP is their first transfer, +quantity, under any
+    definition (decision 59); units it already transferred are not booked again."""
+    authorisation_id = authorise(pair, [Purpose.NDC, Purpose.OIMP], definition)
+    _, transfer_id = issue_and_transfer(pair, authorisation_id)
+    pair.lao.retire(
+        action="use-oimp", host_party="LAO", authorisation_id=authorisation_id, vintage=2025,
+        quantity=250, oimp_purpose="CORSIA", now=pair.now,
+    )  # fmt: skip
+    [transferred, (reference, amount)] = ledger(pair.lao)
+    assert transferred == (transfer_id, 400)
+    assert amount == 250
+    assert reference.startswith("use:")
+
+
+def test_an_acquiring_partys_oimp_use_of_units_for_both_purposes_gives_its_adjustment_back(
+    pair: Pair,
+) -> None:
+    """KOR subtracted the 400 it acquired (they may count toward its NDC); used for OIMP
+    they count toward no NDC of its own, so it adds back what it uses, as at an onward
+    transfer (decision 59). The host's booking stands."""
+    authorisation_id = authorise(
+        pair, [Purpose.NDC, Purpose.OIMP], FirstTransferDefinition.AT_ISSUANCE
+    )
+    _, transfer_id = issue_and_transfer(pair, authorisation_id)
+    pair.kor.retire(
+        action="use-oimp", host_party="LAO", authorisation_id=authorisation_id, vintage=2025,
+        quantity=150, oimp_purpose="CORSIA", now=pair.now,
+    )  # fmt: skip
+    pair.pump()
+    [acquired, (reference, amount)] = ledger(pair.kor)
+    assert acquired == (transfer_id, -400)
+    assert amount == 150
+    assert reference.startswith("use:")
+    assert ledger(pair.lao) == [(transfer_id, 400)]  # no notice: nothing more at the host
+
+
 def test_a_buyers_use_of_oimp_units_is_their_first_transfer_booked_by_the_host(
     pair: Pair,
 ) -> None:

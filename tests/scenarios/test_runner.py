@@ -242,8 +242,9 @@ BOTH = EXAMPLE.parent / "lao-japan-ndc-oimp.toml"
 def test_units_for_ndc_and_oimp_end_to_end(tmp_path: Path) -> None:
     """Units authorised for both NDC and OIMP are adjusted, equal and opposite, at the
     host's transfer (the buyer's share at issuance included), whatever their OIMP
-    first-transfer definition, and at the host's own OIMP use when that definition is
-    "at use"; OIMP-only shares of issuance move without an adjustment."""
+    first-transfer definition, at the host's own OIMP use of units it kept, whatever
+    that definition, and given back at an acquiring party's OIMP use (decision 59);
+    OIMP-only shares of issuance move without an adjustment."""
     scenario = load_scenario(BOTH)
     summary = run_scenario(scenario, tmp_path, seed=2)
     transfers = read(tmp_path / "transfers.csv")
@@ -265,8 +266,18 @@ def test_units_for_ndc_and_oimp_end_to_end(tmp_path: Path) -> None:
         assert specs[planned.authorisation].both
         both_moved[planned.vintage] += planned.quantity
     own_use = sum(u.quantity for u in scenario.uses if u.party == "LAO")
-    assert own_use == 15_000
-    assert {specs[u.authorisation].id for u in scenario.uses if u.party == "LAO"} == {"ev-both"}
+    assert own_use == 27_000
+    own_by_key = {
+        k: sum(u.quantity for u in scenario.uses if u.party == "LAO" and u.authorisation == k)
+        for k in ("solar-both", "ev-both")
+    }
+    assert own_by_key == {"solar-both": 12_000, "ev-both": 15_000}
+    given_back_by_vintage: dict[int, int] = defaultdict(int)
+    for u in scenario.uses:
+        if u.party == "JPN" and specs[u.authorisation].both and u.action == "use-oimp":
+            given_back_by_vintage[u.vintage] += u.quantity
+    given_back = sum(given_back_by_vintage.values())
+    assert given_back == 9_000
     at_issuance = sum(
         x.quantity for x in scenario.issuances if x.authorisation == "biofuels-corsia"
     )
@@ -275,9 +286,11 @@ def test_units_for_ndc_and_oimp_end_to_end(tmp_path: Path) -> None:
 
     parties = {p.party: p for p in summary.parties}
     assert parties["LAO"].adjustments == sum(both_moved.values()) + own_use + at_issuance + noticed
-    assert parties["JPN"].adjustments == -sum(both_moved.values())
+    assert parties["JPN"].adjustments == -sum(both_moved.values()) + given_back
     assert parties["JPN"].used == sum(
-        u.quantity for u in scenario.uses if specs[u.authorisation].both and u.party == "JPN"
+        u.quantity
+        for u in scenario.uses
+        if specs[u.authorisation].both and u.party == "JPN" and u.action == "use-ndc"
     )
     assert parties["LAO"].used_oimp == own_use
 
@@ -285,9 +298,11 @@ def test_units_for_ndc_and_oimp_end_to_end(tmp_path: Path) -> None:
     # purposes, for the vintage; nothing for OIMP-only units.
     lao = read(tmp_path / "LAO" / "ca-ledger.csv")
     jpn = read(tmp_path / "JPN" / "ca-ledger.csv")
+    transfer_ids = {t["transfer_id"] for t in transfers}
     lao_by_transfer = {r["transfer_id"]: (int(r["year"]), int(r["amount"])) for r in lao}
-    jpn_by_transfer = {r["transfer_id"]: (int(r["year"]), int(r["amount"])) for r in jpn}
-    assert len(jpn_by_transfer) == len(jpn)
+    jpn_moved = [r for r in jpn if r["transfer_id"] in transfer_ids]
+    jpn_by_transfer = {r["transfer_id"]: (int(r["year"]), int(r["amount"])) for r in jpn_moved}
+    assert len(jpn_by_transfer) == len(jpn_moved)
     booked: dict[int, int] = defaultdict(int)
     for t in transfers:
         if specs[t["authorisation"]].both:
@@ -299,30 +314,41 @@ def test_units_for_ndc_and_oimp_end_to_end(tmp_path: Path) -> None:
             assert t["transfer_id"] not in lao_by_transfer
             assert t["transfer_id"] not in jpn_by_transfer
     assert booked == both_moved
-    # Without a transfer, at LAO only: the biofuels at issuance, its own EV use, and
-    # Japan's notices of its biomass use.
-    transfer_ids = {t["transfer_id"] for t in transfers}
+    # Without a transfer, at LAO: the biofuels at issuance, its own EV and solar use,
+    # and Japan's notices of its biomass use; at JPN: what it gave back at its CORSIA use
+    # of solar units, for their vintage.
     others = [r for r in lao if r["transfer_id"] not in transfer_ids]
     assert sum(int(r["amount"]) for r in others) == at_issuance + own_use + noticed
     assert sum(int(r["amount"]) for r in others if r["partner"] == "JPN") == noticed
-    assert all(r["transfer_id"] in transfer_ids for r in jpn)
+    jpn_others: dict[int, int] = defaultdict(int)
+    for r in jpn:
+        if r["transfer_id"] not in transfer_ids:
+            jpn_others[int(r["year"])] += int(r["amount"])
+    assert jpn_others == given_back_by_vintage
 
     # Japan's NDC balance carries its subtractions by vintage; nothing in 2029 or 2030.
     balance = {
         int(r["year"]): int(r["booked_adjustment"]) for r in read(tmp_path / "JPN" / "balance.csv")
     }
-    assert {y: a for y, a in balance.items() if a} == {y: -q for y, q in both_moved.items()}
+    assert {y: a for y, a in balance.items() if a} == {
+        y: given_back_by_vintage[y] - q for y, q in both_moved.items()
+    }
     # The report per authorisation states the rule and the adjustments checked.
     report = {r["authorisation"]: r for r in read(tmp_path / "authorisations.csv")}
     assert report["solar-both"]["purposes"] == "NDC OIMP"
-    assert report["solar-both"]["host_adjusts"] == "at the first international transfer"
-    assert report["ev-both"]["host_adjusts"].endswith("or at the host's own use for OIMP")
+    for key in ("solar-both", "ev-both"):
+        assert report[key]["host_adjusts"] == (
+            "at the first international transfer, or at the host's own use for OIMP"
+        )
     moved = {k: sum(t.quantity for t in scenario.transfers if t.authorisation == k)
              for k in ("solar-both", "ev-both")}  # fmt: skip
     solar_shares = sum(scenario.buyer_share(x) for x in shares if x.authorisation == "solar-both")
     expected_ca = {
-        "solar-both": (moved["solar-both"] + solar_shares, -moved["solar-both"] - solar_shares),
-        "ev-both": (moved["ev-both"] + own_use, -moved["ev-both"]),
+        "solar-both": (
+            moved["solar-both"] + solar_shares + own_by_key["solar-both"],
+            -moved["solar-both"] - solar_shares + given_back,
+        ),
+        "ev-both": (moved["ev-both"] + own_by_key["ev-both"], -moved["ev-both"]),
         "biomass-corsia": (noticed, 0),
         "biofuels-corsia": (at_issuance, 0),
     }
@@ -331,7 +357,8 @@ def test_units_for_ndc_and_oimp_end_to_end(tmp_path: Path) -> None:
     )
     summary_text = (tmp_path / "summary.txt").read_text()
     assert "(9 of units for NDC and OIMP, booked at the transfer)" in summary_text
-    assert "at its own use +15000" in summary_text
+    assert "at its own use +27000" in summary_text
+    assert "given back at its use for OIMP +9000" in summary_text
 
 
 # Loaded by every node process of the next test (through PYTHONPATH), each a wrong
@@ -378,9 +405,10 @@ CAUGHT = {
     "at-issuance": r"LAO-T-\d+ \(completed, 30000 tCO2e of 2026 of solar-both, NDC and OIMP\): "
     r"adjustments \[\] at LAO and \[\(2026, -30000\)\] at JPN, "
     r"expected \[\(2026, 30000\)\] and \[\(2026, -30000\)\]",
-    # 20,000 of biofuels at issuance and 30,000 on Japan's notices, not LAO's 5,000 of EV.
+    # 20,000 of biofuels at issuance and 30,000 on Japan's notices, not LAO's 5,000 of EV
+    # and 4,000 of solar.
     "own-use-unbooked": r"LAO: adjustments without a transfer \{2026: 50000, 2027: 50000, "
-    r"2028: 50000\} by vintage, expected \{2026: 55000, 2027: 55000, 2028: 55000\}",
+    r"2028: 50000\} by vintage, expected \{2026: 59000, 2027: 59000, 2028: 59000\}",
 }
 
 

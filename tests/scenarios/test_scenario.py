@@ -291,7 +291,7 @@ def test_units_for_both_purposes_are_adjusted_at_the_transfer_and_used_toward_th
     assert spec.for_oimp
     assert not spec.oimp_only
     assert spec.ca_point == "transfer"  # whatever the OIMP definition
-    assert not spec.host_books_own_oimp_use
+    assert spec.host_books_own_oimp_use  # of units it kept, whatever the definition
     assert {(u.party, u.action) for u in scenario.uses} == {("KOR", "use-ndc")}
     at_use = parse_scenario(GOOD.replace('acquiring = ["KOR"]', BOTH.replace("issuance", "use"), 1))
     assert at_use.authorisation("solar").ca_point == "transfer"
@@ -305,30 +305,22 @@ HOST_OIMP_USE = (
 )
 
 
-def test_only_the_host_uses_units_for_both_purposes_for_oimp_and_only_at_use() -> None:
-    """decision 58: an acquiring party subtracted the units when it acquired them, and
-    the host's own OIMP use is adjusted only when the OIMP first transfer is at use."""
-    base = GOOD.replace('acquiring = ["KOR"]', BOTH.replace("issuance", "use"), 1)
+def test_units_for_both_purposes_may_be_used_for_oimp_by_the_host_and_the_acquiring_party() -> None:
+    """decision 59: the host's own use for OIMP of units it kept is their first transfer
+    under any OIMP definition, and an acquiring party gives back at its use for OIMP
+    what it subtracted at acquisition; the runner expects both bookings."""
+    base = GOOD.replace('acquiring = ["KOR"]', BOTH, 1)
     host_use = base.replace('party = "KOR"\nauthorisation = "solar"\nyears = [2023, 2030]\n'
                             "quantity = 50000", HOST_OIMP_USE)  # fmt: skip
     assert host_use != base
-    uses = parse_scenario(host_use).uses
-    assert {(u.party, u.action, u.quantity) for u in uses} == {("LAO", "use-oimp", 30000)}
-    for point in ("issuance", "authorisation"):
-        with pytest.raises(
-            ScenarioError,
-            match=rf"uses\[0\]\.action: solar defines the OIMP first transfer at {point}, .*"
-            r'needs first_transfer = "use"',
-        ):
-            parse_scenario(
-                host_use.replace('first_transfer = "use"', f'first_transfer = "{point}"')
-            )
-    with pytest.raises(
-        ScenarioError, match=r"uses\[0\]\.action: solar authorises its units for NDC and OIMP: KOR"
-    ):
-        parse_scenario(
-            base.replace("vintage_offset = -2", 'vintage_offset = -2\naction = "use-oimp"')
-        )
+    for point in ("issuance", "authorisation", "use"):
+        uses = parse_scenario(host_use.replace('first_transfer = "issuance"',
+                                               f'first_transfer = "{point}"')).uses  # fmt: skip
+        assert {(u.party, u.action, u.quantity) for u in uses} == {("LAO", "use-oimp", 30000)}
+    acquirer = parse_scenario(
+        base.replace("vintage_offset = -2", 'vintage_offset = -2\naction = "use-oimp"')
+    )
+    assert {(u.party, u.action) for u in acquirer.uses} == {("KOR", "use-oimp")}
     # A voluntary cancellation of such units stays open to the acquiring party.
     cancelled = base.replace(
         "vintage_offset = -2", 'vintage_offset = -2\naction = "voluntary-cancellation"'

@@ -491,14 +491,25 @@ class Operations(EngineBase):
                 tx.block_split(tail)
             tx.account_ensure(account, kind, now_us)
             tx.blocks_move(taken, account=account)
+            ca_point = self._ca_point(authorisation)
             if (
                 action_type is ActionType.USE_OIMP
                 and not received
-                and FirstTransferTrigger.USE_OR_CANCELLATION
-                in first_transfer_triggers(authorisation)
-                and self._ca_point(authorisation) != "issuance"
+                and (
+                    (
+                        ca_point == "use"
+                        and FirstTransferTrigger.USE_OR_CANCELLATION
+                        in first_transfer_triggers(authorisation)
+                    )
+                    or (
+                        ca_point == "transfer" and self._first_transfer(tx, authorisation_id, taken)
+                    )
+                )
             ):
-                # The host uses its own OIMP units: that use is their first transfer.
+                # The host uses its own OIMP units: that use is their first transfer. Units
+                # authorised for an NDC too are adjusted at their first international
+                # transfer, whatever the OIMP definition (decision 26): those it still
+                # holds, never adjusted, are first transferred by this use (decision 59).
                 self._book_first_transfer(
                     tx, taken, reference=f"use:{authorisation_id}:{now_us}",
                     subtype=ActionSubtype.USE_OR_CANCELLATION, now_us=now_us,
@@ -506,8 +517,18 @@ class Operations(EngineBase):
             elif (
                 action_type is ActionType.USE_OIMP
                 and received
-                and self._ca_point(authorisation) == "use"
+                and ca_point == "transfer"
+                and self._transfer_counts(tx, Role.SENDER, taken)
             ):
+                # An acquiring party subtracted units authorised for an NDC when it
+                # acquired them; used for OIMP they count toward no NDC of its own, so it
+                # gives the adjustment back, as at an onward transfer (decision 59).
+                entries = self._adjustment_entries(Role.SENDER, "", "", taken)
+                tx.adjustments_put(
+                    entries, evidence_journal_id=None, now=now_us,
+                    reference=f"use:{authorisation_id}:{now_us}",
+                )  # fmt: skip
+            elif action_type is ActionType.USE_OIMP and received and ca_point == "use":
                 # Units of another host whose first transfer is this use: the host
                 # books its adjustment when it records the notice.
                 self._require_partner(host_party)

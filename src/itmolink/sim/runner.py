@@ -669,8 +669,10 @@ def expected_adjustments(scenario: Scenario, outcome: _Outcome) -> ExpectedAdjus
     - Units authorised for OIMP only move without an adjustment. Their host books
       +quantity at issuance (first transfer at authorisation or issuance) or when they
       are used for OIMP, by itself or by a holder (first transfer at use).
-    - Units authorised for both and first transferred for OIMP "at use" that the host
-      uses for OIMP itself never left: that use is their first transfer, +quantity.
+    - Units authorised for both that the host uses for OIMP itself were never adjusted
+      (they never left): that use is their first transfer, +quantity, whatever the OIMP
+      definition. An acquiring party that uses such units for OIMP gives back the
+      -quantity it booked when it acquired them: +quantity (decision 59).
     - Uses toward an NDC and voluntary cancellations book nothing; nor does anything
       refused or voided.
     """
@@ -701,9 +703,17 @@ def expected_adjustments(scenario: Scenario, outcome: _Outcome) -> ExpectedAdjus
             host_net[spec.id] += issuance.quantity
     for _, key, party, vintage, quantity, result_of_use in outcome.uses:
         spec = scenario.authorisation(key)
-        if result_of_use != "used-oimp" or spec.first_transfer != "use":
+        if result_of_use != "used-oimp":
             continue
-        if spec.oimp_only or (spec.both and party == spec.host):
+        if spec.both:
+            without[party][vintage] += quantity
+            if party == spec.host:
+                why[party]["at its own use"] += quantity
+                host_net[key] += quantity
+            else:
+                why[party]["given back at its use for OIMP"] += quantity
+                acquirers_net[key] += quantity
+        elif spec.oimp_only and spec.first_transfer == "use":
             without[spec.host][vintage] += quantity
             why[spec.host]["at its own use" if party == spec.host else "on notices"] += quantity
             host_net[key] += quantity
@@ -785,7 +795,8 @@ def _check_invariants(
             raise SimulationError(
                 f"{party}: adjustments without a transfer {dict(sorted(booked.items()))} by "
                 f"vintage, expected {dict(sorted(want.items()))} (the host's for OIMP units "
-                "first transferred at issuance or at use)"
+                "first transferred at issuance or at use, an acquiring party's given back at "
+                "its use for OIMP)"
             )
         total = sum(e.amount for e in ledger.entries)
         if total != expected.totals.get(party, 0):
@@ -797,7 +808,9 @@ def _check_invariants(
             parts = expected.why.get(party, {})
             passed.append(
                 f"{party}: {sum(want.values()):+} tCO2e adjusted for OIMP units at issuance or "
-                "use (" + ", ".join(f"{k} {v:+}" for k, v in sorted(parts.items())) + ")"
+                "use, without a transfer ("
+                + ", ".join(f"{k} {v:+}" for k, v in sorted(parts.items()))
+                + ")"
             )
     # Every use: the units are in the party's NDC retirement account, and no more.
     for party, ledger in ledgers.items():
@@ -946,7 +959,7 @@ def _authorisations_csv(
     done = [t for t in outcome.transfers if t[7] == "completed"]
     for spec in scenario.authorisations:
         adjusts = HOST_ADJUSTS[spec.ca_point]
-        if spec.both and spec.host_books_own_oimp_use:
+        if spec.both:
             adjusts += ", or at the host's own use for OIMP"
 
         def used(action: str, key: str = spec.id) -> int:

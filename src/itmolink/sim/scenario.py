@@ -48,9 +48,9 @@ Quantities are whole tCO2e, shares are basis points (8000 = 80%)::
                                           # issuance (the first two) or when the units are
                                           # used for OIMP. With NDC too: at the host's
                                           # first international transfer, whatever this says
-                                          # (so both sides book that transfer), but for the
-                                          # host's own use for OIMP of units it still holds,
-                                          # allowed only with "use" and booked at that use
+                                          # (so both sides book that transfer), and at the
+                                          # host's own use for OIMP of units it kept; an
+                                          # acquiring party gives back at its use for OIMP
     vintage_from = 2021                   # optional, default the activity's years
     vintage_to = 2030
     quantity_cap = 0                      # optional, 0 = no cap
@@ -88,9 +88,9 @@ Quantities are whole tCO2e, shares are basis points (8000 = 80%)::
                                           # the host or an acquiring party; the default
                                           # for them) or "voluntary-cancellation"; units
                                           # authorised for both: "use-ndc" (the default) by
-                                          # an acquiring party, "use-oimp" by the host only
-                                          # and only with first_transfer = "use" (see
-                                          # docs/DESIGN.md decision 58), or cancellation
+                                          # an acquiring party, "use-oimp" by the host or an
+                                          # acquiring party (docs/DESIGN.md decisions 58,
+                                          # 59), or cancellation
 
 A *year series* is either a table ``{ 2021 = 63000000, 2022 = ... }`` with one entry for
 every year of the NDC period, or a pair ``[first, last]`` interpolated linearly (rounded
@@ -225,8 +225,10 @@ class AuthorisationSpec:
     @property
     def host_books_own_oimp_use(self) -> bool:
         """Whether the host books its adjustment when it uses its own units for OIMP:
-        their first transfer is that use ("use"), with or without NDC."""
-        return self.for_oimp and self.first_transfer == "use"
+        their first transfer is that use ("use"), or, for units authorised for an NDC
+        too, never adjusted while the host kept them, whatever the OIMP definition
+        (docs/DESIGN.md decision 59)."""
+        return self.both or (self.for_oimp and self.first_transfer == "use")
 
 
 @dataclass(frozen=True, slots=True)
@@ -674,8 +676,6 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         toward_ndc = action == "use-ndc"
         if party_code not in spec.acquiring and not (not toward_ndc and party_code == spec.host):
             raise r.fail(f"{where}party", f"{party_code} is not an acquiring party of {spec.id}")
-        if action == "use-oimp" and spec.both:
-            _check_oimp_use_of_both(r, where, spec, party_code)
         ndc_years = next(p.ndc.years for p in parties if p.code == party_code)
         quantity = r.integer(item, "quantity", where, minimum=1)
         for year in r.years(item, where, first, last):
@@ -711,35 +711,6 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
             if year not in party.ndc.years:
                 raise r.fail(f"parties[{i}].ndc", f"vintage {year} is outside the NDC period")
     return scenario
-
-
-def _check_oimp_use_of_both(r: _Reader, where: str, spec: AuthorisationSpec, party: str) -> None:
-    """Refuse a use for OIMP of units authorised for both NDC and OIMP whose
-    corresponding adjustments would not follow the rules (docs/DESIGN.md decision 58).
-
-    Such units are first transferred, and the host adjusted, at the host's first
-    international transfer; the acquiring party subtracted them then. Used for OIMP
-    by an acquiring party, they would count toward its NDC and for OIMP at once (its
-    node gives nothing back). Used for OIMP by the host itself, they are first
-    transferred by that use: the host books it only when the authorisation defines
-    the OIMP first transfer at use; defined at authorisation or issuance, the rules
-    want the adjustment booked at issuance, which the node does not do for units
-    authorised for NDC too, so the use would carry none.
-    """
-    if party != spec.host:
-        raise r.fail(
-            f"{where}action",
-            f"{spec.id} authorises its units for NDC and OIMP: {party} subtracted them from "
-            "its emissions when it acquired them, so its use for OIMP would count them twice; "
-            "only the host uses such units for OIMP",
-        )
-    if spec.first_transfer != "use":
-        raise r.fail(
-            f"{where}action",
-            f"{spec.id} defines the OIMP first transfer at {spec.first_transfer}, but units "
-            "authorised for NDC too are adjusted only at their first international transfer: "
-            'the host\'s own use for OIMP needs first_transfer = "use" (adjusted at the use)',
-        )
 
 
 def _check_schedule(
