@@ -319,3 +319,32 @@ async def test_a_completion_made_by_another_process_after_an_amendment_waits_for
     finally:
         for engine in (a, b, kor):
             engine.store.close()
+
+
+def test_a_held_request_claimed_since_keeps_its_lease_when_others_are_answered(
+    pair: Pair,
+) -> None:
+    """The amendment, held behind a lost completion, goes out once that is answered and
+    is claimed (in flight, its answer not back). A completion under another
+    authorisation to the same partner answered meanwhile releases held requests; the
+    amendment's note still says "held until", but it is in flight: it is not delivered
+    again within its lease (PROTOCOL §7.1)."""
+    a = issued_oimp(pair)
+    b = issued_oimp(pair)
+    link = Link(**{COMPLETION: 1})
+    pair.network = link
+    start(pair, a, batch=False)
+    pair.pump()  # the first completion is lost
+    pair.lao.amend_authorisation(a, {"purposes": NDC_AND_OIMP}, pair.now)
+    pair.advance(5)
+    lease = dt.timedelta(seconds=31)
+    due = pair.lao.due_messages(pair.now, lease=lease)
+    assert [payload_type(e) for _, _, e in due] == [COMPLETION]  # the amendment held
+    (completion_id, _, completion) = due[0]
+    answer = pair.kor.handle_delivery("LAO", completion, pair.now)
+    pair.lao.handle_reply(completion_id, answer, pair.now)
+    due = pair.lao.due_messages(pair.now, lease=lease)
+    assert [payload_type(e) for _, _, e in due] == [STATEMENT]  # claimed: in flight
+    start(pair, b, batch=False)
+    pair.pump()  # delivers what is due now, and answers it
+    assert link.reached.count("AuthorisationStatement") == 0, link.reached

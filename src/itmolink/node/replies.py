@@ -17,6 +17,7 @@ from itmolink.core.transfer import Effect, Event, Role, TransferState, step
 from itmolink.crypto.envelope import sealed_payload
 from itmolink.node.base import (
     HELD,
+    ORDER_RECHECK_US,
     ORDERED_TYPES,
     REQUEST_TYPES,
     RESTORED_GAP,
@@ -137,7 +138,10 @@ class Replies(EngineBase):
             if self._amendments_pending and request.payload_type in ORDERED_TYPES:
                 # What waited for this request to its partner is looked at again at
                 # once (decision 55), not at its next look.
-                tx.outbox_release_held(request.partner, now_us, note_prefix=HELD)
+                tx.outbox_release_held(
+                    request.partner, now_us, note_prefix=HELD,
+                    held_until_at_most=now_us + ORDER_RECHECK_US,
+                )  # fmt: skip
         return True
 
     def _sequence_reused(

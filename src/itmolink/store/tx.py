@@ -966,13 +966,17 @@ class Tx:
         )
         return str(row[0]) != note[:500]
 
-    def outbox_release_held(self, partner: str, now: int, *, note_prefix: str) -> None:
+    def outbox_release_held(
+        self, partner: str, now: int, *, note_prefix: str, held_until_at_most: int
+    ) -> None:
         """Make due now the undelivered requests to a partner that :meth:`outbox_hold`
-        held back with a note beginning ``note_prefix``."""
+        held back with a note beginning ``note_prefix``, until no later than
+        ``held_until_at_most``. A request claimed since (its lease runs further, and its
+        note is still the hold's) is in flight: its lease stands."""
         self._exec(
             "UPDATE outbox SET next_attempt_at = ? WHERE state = 'pending' AND partner = ? "
-            "AND next_attempt_at > ? AND last_error LIKE ?",
-            (now, partner, now, note_prefix + "%"),
+            "AND next_attempt_at > ? AND next_attempt_at <= ? AND last_error LIKE ?",
+            (now, partner, now, held_until_at_most, note_prefix + "%"),
         )
 
     def transfers_one_round_in_flight(self, authorisation_id: str) -> list[str]:
