@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import pytest
 
+from itmolink.core.accounting import HostThreshold
+from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.core.units import FirstTransferDefinition, Purpose
+from itmolink.crypto.keys import SigningKey
 
-from .conftest import Pair
+from ..conftest import Databases
+from .conftest import Pair, make_engine
+from .test_accounting_wiring import averaging
 
 
 def ledger(engine: object) -> list[tuple[str, int]]:
@@ -132,8 +137,76 @@ def test_an_acquiring_partys_oimp_use_of_units_for_both_purposes_gives_its_adjus
     [acquired, (reference, amount)] = ledger(pair.kor)
     assert acquired == (transfer_id, -400)
     assert amount == 150
-    assert reference.startswith("use:")
+    assert reference.startswith("return:")
     assert ledger(pair.lao) == [(transfer_id, 400)]  # no notice: nothing more at the host
+
+
+def test_an_acquiring_partys_give_back_is_no_first_transfer_of_its_own(
+    databases: Databases,
+) -> None:
+    """KOR's give-back at its OIMP use does not count against KOR's own host threshold:
+    it first-transferred nothing (decision 59)."""
+    keys = {p: SigningKey.generate(p) for p in ("LAO", "KOR")}
+    lao = make_engine(databases, "LAO", "KOR", keys, keys["KOR"], accounting=averaging("LAO"))
+    kor = make_engine(
+        databases, "KOR", "LAO", keys, keys["LAO"], accounting=averaging("KOR"),
+        threshold=HostThreshold(per_year=200),
+    )  # fmt: skip
+    pair = Pair(lao=lao, kor=kor, keys=keys)
+    authorisation_id = authorise(
+        pair, [Purpose.NDC, Purpose.OIMP], FirstTransferDefinition.AT_ISSUANCE
+    )
+    issue_and_transfer(pair, authorisation_id)
+    kor.retire(
+        action="use-oimp", host_party="LAO", authorisation_id=authorisation_id, vintage=2025,
+        quantity=150, oimp_purpose="CORSIA", now=pair.now,
+    )  # fmt: skip
+    with kor.store.transaction() as tx:
+        assert tx.first_transferred_by_year() == {}
+
+
+def test_an_acquiring_party_gives_back_only_what_it_subtracted(pair: Pair) -> None:
+    """Units acquired while their authorisation was for OIMP only carried no -CA at KOR;
+    used for OIMP after an amendment added NDC, KOR gives nothing back."""
+    authorisation_id = authorise(
+        pair, [Purpose.OIMP], FirstTransferDefinition.AT_USE_OR_CANCELLATION
+    )
+    issue_and_transfer(pair, authorisation_id)
+    assert ledger(pair.kor) == []
+    pair.lao.amend_authorisation(
+        authorisation_id, {"purposes": frozenset({Purpose.NDC, Purpose.OIMP})}, pair.now
+    )
+    pair.pump()
+    pair.kor.retire(
+        action="use-oimp", host_party="LAO", authorisation_id=authorisation_id, vintage=2025,
+        quantity=400, oimp_purpose="CORSIA", now=pair.now,
+    )  # fmt: skip
+    pair.pump()
+    assert ledger(pair.kor) == []
+
+
+def test_the_host_does_not_use_units_booked_at_issuance_with_units_never_adjusted(
+    pair: Pair,
+) -> None:
+    """OIMP only, first transferred at issuance: the first 1,000 are booked then; an
+    amendment adds NDC and 1,000 more are issued, never adjusted. One use for OIMP of
+    both kinds would leave the second kind unbooked: refused (4013), as a transfer is."""
+    authorisation_id = authorise(pair, [Purpose.OIMP], FirstTransferDefinition.AT_ISSUANCE)
+    pair.pump()
+    pair.lao.issue(authorisation_id=authorisation_id, vintage=2025, quantity=1_000, now=pair.now)
+    pair.pump()
+    pair.lao.amend_authorisation(
+        authorisation_id, {"purposes": frozenset({Purpose.NDC, Purpose.OIMP})}, pair.now
+    )
+    pair.pump()
+    pair.lao.issue(authorisation_id=authorisation_id, vintage=2025, quantity=1_000, now=pair.now)
+    pair.pump()
+    with pytest.raises(Rejected) as refused:
+        pair.lao.retire(
+            action="use-oimp", host_party="LAO", authorisation_id=authorisation_id,
+            vintage=2025, quantity=1_500, oimp_purpose="CORSIA", now=pair.now,
+        )  # fmt: skip
+    assert refused.value.code is RejectionCode.ALREADY_FIRST_TRANSFERRED
 
 
 def test_a_buyers_use_of_oimp_units_is_their_first_transfer_booked_by_the_host(

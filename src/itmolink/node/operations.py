@@ -492,6 +492,11 @@ class Operations(EngineBase):
             tx.account_ensure(account, kind, now_us)
             tx.blocks_move(taken, account=account)
             ca_point = self._ca_point(authorisation)
+            if action_type is ActionType.USE_OIMP and not received and ca_point == "transfer":
+                # As a transfer would: units booked at issuance (before an amendment
+                # added NDC) and units never adjusted are not used together, or the
+                # second kind would leave unbooked (4013).
+                self._check_one_kind(tx, authorisation_id, taken)
             if (
                 action_type is ActionType.USE_OIMP
                 and not received
@@ -518,15 +523,17 @@ class Operations(EngineBase):
                 action_type is ActionType.USE_OIMP
                 and received
                 and ca_point == "transfer"
-                and self._transfer_counts(tx, Role.SENDER, taken)
+                and (subtracted := [b for b in taken if tx.acquired_with_adjustment(b)])
             ):
                 # An acquiring party subtracted units authorised for an NDC when it
                 # acquired them; used for OIMP they count toward no NDC of its own, so it
-                # gives the adjustment back, as at an onward transfer (decision 59).
-                entries = self._adjustment_entries(Role.SENDER, "", "", taken)
+                # gives back what it subtracted (the units it acquired with a -CA: not
+                # those acquired while the authorisation was for OIMP only), as at an
+                # onward transfer (decision 59).
+                entries = self._adjustment_entries(Role.SENDER, "", "", subtracted)
                 tx.adjustments_put(
                     entries, evidence_journal_id=None, now=now_us,
-                    reference=f"use:{authorisation_id}:{now_us}",
+                    reference=f"return:{authorisation_id}:{now_us}",
                 )  # fmt: skip
             elif action_type is ActionType.USE_OIMP and received and ca_point == "use":
                 # Units of another host whose first transfer is this use: the host

@@ -1199,6 +1199,26 @@ class Tx:
         )
         return row is not None
 
+    def acquired_with_adjustment(self, block: Block) -> bool:
+        """Whether the latest completed transfer that brought serials of ``block`` to
+        this registry carried an adjustment booked here (a −CA: the units may count
+        toward its NDC)."""
+        row = self._one(
+            "SELECT t.transfer_id FROM transfer_blocks b "
+            "JOIN transfers t ON t.transfer_id = b.transfer_id "
+            "WHERE t.direction = 'in' AND t.state = ? AND b.originating_registry = ? "
+            "AND b.serial_start <= ? AND b.serial_end >= ? "
+            "ORDER BY t.updated_at DESC, t.transfer_id DESC LIMIT 1",
+            (int(TransferState.COMPLETED), block.originating_registry, block.serial_end,
+             block.serial_start),
+        )  # fmt: skip
+        if row is None:
+            return False
+        booked = self._one(
+            "SELECT 1 FROM adjustments WHERE transfer_id = ? AND amount < 0 LIMIT 1", (row[0],)
+        )
+        return booked is not None
+
     def has_received(self, authorisation_id: str) -> bool:
         """Whether units of an authorisation were ever transferred to this registry."""
         row = self._one(
@@ -2476,12 +2496,15 @@ class Tx:
 
     def first_transferred_by_year(self) -> dict[int, int]:
         """tCO2e first-transferred abroad per booking year: adjustments this party
-        booked as sender, plus first transfers still waiting for an answer."""
+        booked as sender, plus first transfers still waiting for an answer. An acquiring
+        party's give-back at its use for OIMP (reference ``return:...``) is no first
+        transfer of its own."""
         found: dict[int, int] = {}
         for year, amount in self._exec(
             "SELECT a.year, SUM(a.amount) FROM adjustments a "
             "LEFT JOIN transfers t ON t.transfer_id = a.transfer_id WHERE a.amount > 0 "
-            "AND (a.transfer_id IS NULL OR (t.direction = 'out' AND t.first_transfer = 1)) "
+            "AND ((a.transfer_id IS NULL AND a.reference NOT LIKE 'return:%') "
+            "OR (t.direction = 'out' AND t.first_transfer = 1)) "
             "GROUP BY a.year"
         ):
             found[int(year)] = int(amount)
