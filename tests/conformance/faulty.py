@@ -788,6 +788,83 @@ def _voids_one_round(node: Node) -> None:
     node.engine.store = _WrappedStore(node.engine.store, _VoidsOneRoundTx)  # type: ignore[assignment]
 
 
+# -- status queries about transfers left accepted (PROTOCOL §7.7) ---------------------------
+
+
+class _NeverAsksTx:
+    """A transaction in which no incoming transfer is ever left waiting: the receiver
+    never asks its sender about one (§7.7)."""
+
+    def __init__(self, tx: Tx) -> None:
+        self._tx = tx
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tx, name)
+
+    def transfers_awaiting_completion(self, expired_before: int) -> list[Any]:
+        return []
+
+
+class _ForgetsItsQueriesTx:
+    """A transaction in which the receiver does not see its earlier status queries:
+    none (``pending_too``) or only those still unanswered, so it asks at every pass."""
+
+    pending_too = True
+
+    def __init__(self, tx: Tx) -> None:
+        self._tx = tx
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tx, name)
+
+    def outbox_last_created(self, *, payload_type: str, subject_id: str) -> tuple[str, int] | None:
+        last = self._tx.outbox_last_created(payload_type=payload_type, subject_id=subject_id)
+        if payload_type != "itmolink.v1.TransferStatusQuery" or last is None:
+            return last
+        return None if self.pending_too or last[0] != "pending" else last
+
+
+class _AsksAgainAtOnceTx(_ForgetsItsQueriesTx):
+    """Keeps one query outstanding per transfer, but asks again as soon as it is
+    answered (no interval I)."""
+
+    pending_too = False
+
+
+def _wrapped(wrap: Callable[[Tx], Any]) -> Callable[[Node], None]:
+    def patch(node: Node) -> None:
+        node.engine.store = _WrappedStore(node.engine.store, wrap)  # type: ignore[assignment]
+
+    return patch
+
+
+class IgnoresStatusReports(Engine):
+    """Asks its senders about the transfers it accepted, and then ignores their reports."""
+
+    def _status_reported(
+        self, tx: Tx, transfer_id: str, partner: str, report: Any, now_us: int
+    ) -> None:
+        record = tx.transfer_get(transfer_id)
+        if record is None or record.direction is not Role.RECEIVER:
+            super()._status_reported(tx, transfer_id, partner, report, now_us)
+
+
+class VoidsOnAnyReport(Engine):
+    """Voids a transfer it accepted on any report of its sender, PROPOSED and COMPLETED
+    too (as if every answer meant the completion will never come)."""
+
+    def _status_reported(
+        self, tx: Tx, transfer_id: str, partner: str, report: Any, now_us: int
+    ) -> None:
+        final = transfer_pb2.TransferStatusReport()
+        final.CopyFrom(report)
+        if final.state in (
+            transfer_pb2.TRANSFER_STATE_PROPOSED, transfer_pb2.TRANSFER_STATE_COMPLETED
+        ):  # fmt: skip
+            final.state = transfer_pb2.TRANSFER_STATE_VOIDED
+        super()._status_reported(tx, transfer_id, partner, final, now_us)
+
+
 VARIANTS = [
     Variant("accepts-bad-signature", "buyer", "accepts a signature that does not verify",
             "1.06-bad-signature",
@@ -956,4 +1033,27 @@ VARIANTS = [
     Variant("voids-one-round", "host", "voids a one-round proposal on its time-out",
             "3.04-timeout-void", "a sender that asked never voids",
             _voids_one_round, one_round=True),
+    Variant("never-asks-status", "buyer",
+            "never asks the sender about a transfer it accepted and that outlived expires_at",
+            "3.26-status-queries", "no TransferStatusQuery about",
+            _wrapped(_NeverAsksTx)),
+    Variant("ignores-status-report", "buyer",
+            "keeps a transfer ACCEPTED when its sender reports it VOIDED",
+            "3.26-status-queries",
+            "after the kit's signed report of TRANSFER_STATE_VOIDED, not TRANSFER_STATE_VOIDED",
+            lambda n: _swap(n, IgnoresStatusReports)),
+    Variant("voids-on-any-report", "buyer",
+            "voids a transfer its sender reports PROPOSED or COMPLETED",
+            "3.26-status-queries",
+            "after the kit's signed report of TRANSFER_STATE_PROPOSED, not "
+            "TRANSFER_STATE_ACCEPTED",
+            lambda n: _swap(n, VoidsOnAnyReport)),
+    Variant("asks-every-pass", "buyer",
+            "sends a new status query at every pass, one still unanswered or not",
+            "3.26-status-queries", "while its first one was unanswered",
+            _wrapped(_ForgetsItsQueriesTx)),
+    Variant("asks-again-at-once", "buyer",
+            "asks again about a transfer as soon as its last query is answered (no interval)",
+            "3.26-status-queries", "within its interval I of 60 s",
+            _wrapped(_AsksAgainAtOnceTx)),
 ]  # fmt: skip

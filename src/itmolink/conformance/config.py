@@ -52,6 +52,12 @@ class KitConfig:
     # The target's [limits] max_clock_skew_seconds: how far past its expires_at a proposal
     # may arrive and still be taken (§5.8 T1b); test 3.25 sends one older than that.
     max_clock_skew_seconds: int = 300
+    # The target's grace G and interval I of status queries about transfers it accepted and
+    # that outlived their expires_at (PROTOCOL §7.7; the reference's 30 s and 60 s): test
+    # 3.26 dates its proposals so that they are left waiting at once when the target's
+    # max_clock_skew_seconds allows, else waits G out; it expects no second query within I.
+    status_query_grace_seconds: float = 30.0
+    status_query_interval_seconds: float = 60.0
     # The one-round transfer (PROTOCOL §6.11). In role buyer: whether the target honours a
     # proposal's complete_on_acceptance (completes in the step that accepts); tests 3.23 and
     # 3.24 expect completed = true if so, a two-phase acceptance if not.
@@ -142,6 +148,8 @@ def load_kit_config(path: Path | str) -> KitConfig:
             transfer_items_per_second=int(target.get("transfer_items_per_second", 0)),
             transfer_items_burst=int(target.get("transfer_items_burst", 0)),
             max_clock_skew_seconds=int(target.get("max_clock_skew_seconds", 300)),
+            status_query_grace_seconds=float(target.get("status_query_grace_seconds", 30.0)),
+            status_query_interval_seconds=float(target.get("status_query_interval_seconds", 60.0)),
             completes_on_acceptance=completes,
             asks_complete_on_acceptance=asks,
             driver_timeout_seconds=float(kit.get("driver_timeout_seconds", 60.0)),
@@ -156,9 +164,15 @@ def load_kit_config(path: Path | str) -> KitConfig:
         ("target", "max_message_bytes", config.max_message_bytes),
         ("target", "max_message_age_days", config.max_message_age_days),
         ("target", "max_clock_skew_seconds", config.max_clock_skew_seconds),
+        ("target", "status_query_interval_seconds", config.status_query_interval_seconds),
     ):
         if not value > 0:
             raise KitConfigError(f"{path}: [{table}] {key} must be positive, not {value}")
+    if not config.status_query_grace_seconds >= 0:
+        raise KitConfigError(
+            f"{path}: [target] status_query_grace_seconds must be 0 or more, "
+            f"not {config.status_query_grace_seconds}"
+        )
     for first, second in (
         ("rate_per_second", "rate_burst"),
         ("transfer_items_per_second", "transfer_items_burst"),

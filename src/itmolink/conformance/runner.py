@@ -174,7 +174,12 @@ def _status_report(ctx: Context, incoming: Incoming) -> Message:
 async def _run_one(test: KitTest, ctx: Context) -> Result:
     started = time.monotonic()
     refused = len(ctx.server.refused)
-    timeout = TEST_TIMEOUT_SECONDS + 2 * ctx.config.driver_timeout_seconds
+    # Test 3.26 may have to wait out the target's grace G of status queries (PROTOCOL §7.7).
+    timeout = (
+        TEST_TIMEOUT_SECONDS
+        + 2 * ctx.config.driver_timeout_seconds
+        + ctx.config.status_query_grace_seconds
+    )
     try:
         await asyncio.wait_for(test.run(ctx), timeout)
     except NotRunnable as exc:

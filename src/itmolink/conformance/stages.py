@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import Message
 
-from itmolink.conformance.config import EXPIRED_KEY_FILE, FUTURE_KEY_FILE, ROLES
+from itmolink.conformance.config import EXPIRED_KEY_FILE, FUTURE_KEY_FILE, ROLES, KitConfig
 from itmolink.conformance.context import (
     CheckFailed,
     Context,
@@ -2366,6 +2366,276 @@ async def _one_round_never_voided(ctx: Context) -> None:
         "the one-round proposal was delivered again with other bytes (§7.1)",
     )
     await _settled_by_kit(ctx, record, started, ", past its time-out")
+
+
+# ======================================================================================
+# Stage 3, target = buyer: its status queries about transfers left accepted (§7.7)
+# ======================================================================================
+
+# The least room the kit leaves, each way, between the expires_at of its proposals in
+# 3.26 and the limits of the target's clock (G behind it, max_clock_skew_seconds ahead):
+# the two clocks may differ.
+CLOCK_MARGIN_SECONDS = 10.0
+# A bounded wait, longer than the reference's outbox pass (at most a second, §7.4): the
+# kit holds the target's first query about one transfer unanswered this long (no second
+# query may come meanwhile), and watches this long after answering "not yet" about
+# another (no new query may come within I). It is not the target's I, which is the
+# reference's 60 s: the kit waits for the next query only when I is at most
+# SECOND_QUERY_MAX_INTERVAL_SECONDS (a target set up for a quick run).
+STATUS_HOLD_SECONDS = 1.0
+STATUS_WATCH_SECONDS = 1.5
+SECOND_QUERY_MAX_INTERVAL_SECONDS = 10.0
+STATUS_QUERY = str(transfer_pb2.TransferStatusQuery.DESCRIPTOR.full_name)
+
+
+def left_waiting_expiry(config: KitConfig) -> tuple[dt.timedelta, float]:
+    """(``expires_at`` of the kit's proposals in 3.26 from now, seconds after the target
+    accepts them before it must ask about them). A transfer is left waiting once its
+    ``expires_at`` is at or before now − G on the target's clock (§7.7), and T1b takes a
+    proposal whose ``expires_at`` lies up to ``max_clock_skew_seconds`` back (§5.8). When
+    there is room between the two, the proposals expire halfway between them in the past,
+    so that the target must ask at once; else they expire 2 s ahead and G is waited out."""
+    grace = config.status_query_grace_seconds
+    skew = float(config.max_clock_skew_seconds)
+    if skew - grace >= 2 * CLOCK_MARGIN_SECONDS:
+        return -dt.timedelta(seconds=grace + (skew - grace) / 2), 0.0
+    return dt.timedelta(seconds=2), 2 + grace
+
+
+def _status_queries(ctx: Context, transfer_id: str) -> list[Incoming]:
+    return _of_transfer(ctx, transfer_pb2.TransferStatusQuery, transfer_id)
+
+
+def _check_query(ctx: Context, incoming: Incoming, transfer_id: str) -> None:
+    """A status query of the target is a well-formed request (§4, §5.11, §5.13)."""
+    what = f"the target's TransferStatusQuery about {transfer_id}"
+    check(not incoming.problems, f"{what}: {'; '.join(incoming.problems)}")
+    header = incoming.message.header  # type: ignore[attr-defined]
+    check(
+        header.in_reply_to == "",
+        f"{what} names {header.in_reply_to!r} in in_reply_to: a request names none (§4.4)",
+    )
+    sent_us = timestamp_us(header.sent_at)
+    now_us = to_us(now_utc())
+    check(
+        now_us - ctx.config.max_message_age_days * 86_400_000_000
+        <= sent_us
+        <= now_us + ctx.config.max_clock_skew_seconds * 1_000_000,
+        f"{what} has sent_at {(sent_us - now_us) / 1e6:+.1f} s from the kit's clock, outside "
+        "the window a responder takes (§4.6)",
+    )
+
+
+def _new_queries(ctx: Context, first: Incoming) -> list[Incoming]:
+    """The target's queries about ``first``'s transfer other than ``first`` (its
+    redeliveries carry the same bytes, §7.1)."""
+    transfer_id = first.message.transfer_id  # type: ignore[attr-defined]
+    return [i for i in _status_queries(ctx, transfer_id) if i.message_id != first.message_id]
+
+
+def _check_interval(ctx: Context, first: Incoming, answered_at: float | None) -> None:
+    """No new query about ``first``'s transfer while ``first`` was unanswered (the kit
+    answered at ``answered_at``, on its clock), nor created less than I after it (by the
+    two queries' sent_at, on the target's clock): §7.7."""
+    transfer_id = first.message.transfer_id  # type: ignore[attr-defined]
+    interval = ctx.config.status_query_interval_seconds
+    for later in _new_queries(ctx, first):
+        check(
+            answered_at is not None and later.received_at > answered_at,
+            f"the target sent a second TransferStatusQuery about {transfer_id} (message id "
+            f"{later.message_id}) while its first one was unanswered: at most one query per "
+            "transfer is outstanding, and an unanswered one is delivered again, byte for "
+            "byte (§7.7, §7.1)",
+        )
+        apart = (
+            timestamp_us(later.message.header.sent_at)  # type: ignore[attr-defined]
+            - timestamp_us(first.message.header.sent_at)  # type: ignore[attr-defined]
+        ) / 1e6
+        check(
+            apart >= interval - 0.001,
+            f"the target asked again about {transfer_id} {apart:.2f} s after its first "
+            f"TransferStatusQuery (by their sent_at), within its interval I of {interval:g} s "
+            "([target] status_query_interval_seconds): at most one new query per transfer per "
+            "interval (§7.7)",
+        )
+
+
+async def _state_after_report(ctx: Context, transfer_id: str) -> int:
+    """The target's state of ``transfer_id`` once a report that ends it is applied there
+    (after the call that carried it ended): polled while ACCEPTED, for at most
+    ``[target] act_within_seconds``."""
+    deadline = time.monotonic() + ctx.config.act_within_seconds
+    while True:
+        state = await _status(ctx, transfer_id)
+        if state != transfer_pb2.TRANSFER_STATE_ACCEPTED or time.monotonic() >= deadline:
+            return state
+        await asyncio.sleep(0.1)
+
+
+@kit_test(
+    "3.26-status-queries",
+    3,
+    "§7.7, §5.11",
+    "transfers the target accepted and the kit never completes, past expires_at + G: a "
+    "well-formed TransferStatusQuery about each; reported VOIDED or UNKNOWN, the target "
+    "voids (nothing credited); reported PROPOSED, or COMPLETED after the first query went "
+    "unanswered, it keeps it ACCEPTED, asks nothing new within I, and takes the completion",
+    ("buyer",),
+)
+async def t_b_status_queries(ctx: Context) -> None:
+    expires_in, due = left_waiting_expiry(ctx.config)
+    expiry = f"{expires_in.total_seconds():+g} s"
+    # What the kit reports about each transfer: it voided one after its time-out (the
+    # void lost), has no record of one, has not decided one (its time-out pass will come),
+    # and completed one (the completion is on its way) but answers its query only once
+    # the target has held it unanswered for STATUS_HOLD_SECONDS.
+    plan = {
+        "voided": transfer_pb2.TRANSFER_STATE_VOIDED,
+        "unknown": transfer_pb2.TRANSFER_STATE_UNKNOWN,
+        "proposed": transfer_pb2.TRANSFER_STATE_PROPOSED,
+        "held": transfer_pb2.TRANSFER_STATE_COMPLETED,
+    }
+    auth = ctx.needs("auth", "2.01")
+    proposals = {
+        kind: ctx.proposal(ctx.new_blocks(100 + 10 * n, auth), expires_in=expires_in)
+        for n, kind in enumerate(plan)
+    }
+    ids = {kind: proposal.transfer_id for kind, proposal in proposals.items()}
+    answers = {ids[kind]: state for kind, state in plan.items()}
+    answered: dict[str, float] = {}  # message id -> when the kit first answered it
+    released: list[bool] = []
+    previous = ctx.server.policies.get(STATUS_QUERY, ctx.server.default_policy)
+
+    def policy(incoming: Incoming) -> Message | bytes | None:
+        transfer_id = str(incoming.message.transfer_id)  # type: ignore[attr-defined]
+        if transfer_id not in answers:
+            return previous(incoming)
+        if transfer_id == ids["held"] and not released:
+            return None  # gRPC UNAVAILABLE: the target must deliver the same query again
+        answered.setdefault(incoming.message_id, time.monotonic())
+        return transfer_pb2.TransferStatusReport(
+            transfer_id=transfer_id, state=answers[transfer_id]
+        )
+
+    ctx.server.policies[STATUS_QUERY] = policy
+    try:
+        records: dict[str, KitTransfer] = {}
+        for kind, proposal in proposals.items():
+            payload, envelope = ctx.link.seal(proposal)
+            blocks = [block_from_pb(b) for b in proposal.blocks]
+            records[kind] = ctx.record_outgoing(proposal, payload, blocks)
+            reply = await ctx.link.deliver_raw(envelope)
+            _accepted(ctx, records[kind], reply, f"a proposal expiring {expiry} from now")
+        accepted_at = time.monotonic()
+        within = due + ctx.config.act_within_seconds
+        await ctx.server.wait_for(
+            lambda: all(_status_queries(ctx, t) for t in answers), within
+        )  # fmt: skip
+        for transfer_id in ids.values():
+            got = _status_queries(ctx, transfer_id)
+            check(
+                got,
+                f"no TransferStatusQuery about {transfer_id} reached the kit within {within:g} "
+                f"s after the target accepted it: the transfer is left waiting (ACCEPTED, "
+                f"expires_at {expiry} from when the kit proposed it, so at or before now "
+                f"- G with G = {ctx.config.status_query_grace_seconds:g} s, [target] "
+                "status_query_grace_seconds) and the receiver must ask its sender (§7.7)",
+            )
+            _check_query(ctx, got[0], transfer_id)
+        first = {kind: _status_queries(ctx, t)[0] for kind, t in ids.items()}
+
+        # Reported VOIDED or UNKNOWN: the sender will never complete; the target voids.
+        for kind in ("voided", "unknown"):
+            record = records[kind]
+            state = await _state_after_report(ctx, record.transfer_id)
+            check(
+                state == transfer_pb2.TRANSFER_STATE_VOIDED,
+                f"{record.transfer_id} is {_state(state)} at the target "
+                f"{ctx.config.act_within_seconds:g} s after the kit's signed report of "
+                f"{_state(plan[kind])}, not TRANSFER_STATE_VOIDED: the sender will never "
+                "complete it, so the receiver voids it (§5.11, §7.7)",
+            )
+            record.final_at_target, record.moved, record.voided = True, False, True
+        # Nothing was credited: the same serials are accepted in a new transfer (T4).
+        again_blocks = [b for kind in ("voided", "unknown") for b in records[kind].blocks]
+        again = ctx.proposal(again_blocks)
+        payload, envelope = ctx.link.seal(again)
+        second = ctx.record_outgoing(again, payload, again_blocks)
+        _accepted(
+            ctx, second, await ctx.link.deliver_raw(envelope),
+            "the serials of the transfers voided on the kit's reports, proposed again",
+        )  # fmt: skip
+        await _complete(ctx, second, "completion of the serials proposed again")
+
+        # The held query: unanswered for STATUS_HOLD_SECONDS; only redeliveries may come.
+        held = first["held"]
+        await asyncio.sleep(max(0.0, held.received_at + STATUS_HOLD_SECONDS - time.monotonic()))
+        _check_interval(ctx, held, None)
+        released.append(True)
+        got = await ctx.server.wait_for(
+            lambda: held.message_id in answered, ctx.config.act_within_seconds
+        )
+        check(
+            got,
+            f"the target's TransferStatusQuery about {ids['held']}, unanswered (gRPC "
+            f"UNAVAILABLE) for {STATUS_HOLD_SECONDS:g} s, was not delivered again within "
+            f"{ctx.config.act_within_seconds:g} s: a request is retried until answered (§7.1, "
+            "§7.7)",
+        )
+        check(
+            all(i.raw == held.raw for i in _status_queries(ctx, ids["held"])
+                if i.message_id == held.message_id),
+            f"the TransferStatusQuery about {ids['held']} was delivered again with other "
+            "bytes (§7.1)",
+        )  # fmt: skip
+        # Reported PROPOSED, or COMPLETED: the target keeps waiting, and asks nothing new
+        # within I (watched for a bounded time, or until the next query when I is short).
+        proposed = first["proposed"]
+        end = max(
+            answered.get(proposed.message_id, accepted_at) + STATUS_WATCH_SECONDS,
+            answered[held.message_id] + STATUS_WATCH_SECONDS / 3,
+        )
+        await asyncio.sleep(max(0.0, end - time.monotonic()))
+        for kind in ("voided", "unknown"):
+            check(
+                not _new_queries(ctx, first[kind]),
+                f"the target asked again about {ids[kind]}, which it voided on the kit's "
+                "report: nothing is sent after that (§5.11)",
+            )
+        for kind in ("proposed", "held"):
+            _check_interval(ctx, first[kind], answered.get(first[kind].message_id))
+            state = await _status(ctx, ids[kind])
+            check(
+                state == transfer_pb2.TRANSFER_STATE_ACCEPTED,
+                f"{ids[kind]} is {_state(state)} at the target after the kit's signed report "
+                f"of {_state(plan[kind])}, not TRANSFER_STATE_ACCEPTED: the sender may still "
+                "complete it, so the receiver keeps waiting and asks again later (§5.11, §7.7)",
+            )
+        if ctx.config.status_query_interval_seconds <= SECOND_QUERY_MAX_INTERVAL_SECONDS:
+            await _asked_again(ctx, proposed, answered)
+        for kind in ("proposed", "held"):
+            await _complete(ctx, records[kind], f"the completion of {ids[kind]} after the report")
+            await _expect_state(ctx, ids[kind], transfer_pb2.TRANSFER_STATE_COMPLETED, "§5.9")
+    finally:
+        ctx.server.policies[STATUS_QUERY] = previous
+
+
+async def _asked_again(ctx: Context, first: Incoming, answered: dict[str, float]) -> None:
+    """With a short I: the target asks again about a transfer reported PROPOSED, once I
+    has passed since its first query, and not before (§7.7)."""
+    transfer_id = first.message.transfer_id  # type: ignore[attr-defined]
+    interval = ctx.config.status_query_interval_seconds
+    within = interval + ctx.config.act_within_seconds
+    got = await ctx.server.wait_for(lambda: _new_queries(ctx, first), within)
+    check(
+        got,
+        f"the target did not ask again about {transfer_id} within {within:g} s of its first "
+        f"TransferStatusQuery, answered TRANSFER_STATE_PROPOSED: it asks again after its "
+        f"interval I of {interval:g} s ([target] status_query_interval_seconds) while the "
+        "transfer is left waiting (§7.7)",
+    )
+    _check_query(ctx, got[0], transfer_id)
+    _check_interval(ctx, first, answered.get(first.message_id))
 
 
 # ======================================================================================
