@@ -371,3 +371,74 @@ async def test_the_kit_refuses_the_keys_the_target_card_lists_as_revoked(tmp_pat
         assert link.trust.revocations() == {retired: since}
     finally:
         await link.close()
+
+
+def test_3_26_dates_its_proposals_by_the_targets_grace_and_skew(tmp_path: Path) -> None:
+    """PROTOCOL §7.7, §5.8 T1b: with room between G and the target's max_clock_skew, the
+    proposals of test 3.26 expire halfway between them in the past (left waiting once
+    accepted); without, 2 s ahead, and G is waited out. The two knobs' defaults are the
+    reference's G and I."""
+    from itmolink.conformance.stages import left_waiting_expiry
+
+    setup = prepare(tmp_path)
+    text = setup.kit_config.read_text()
+    config = load_kit_config(setup.kit_config)
+    assert (config.status_query_grace_seconds, config.status_query_interval_seconds) == (30, 60)
+    assert left_waiting_expiry(config) == (-dt.timedelta(seconds=165), 0.0)
+    setup.kit_config.write_text(
+        text.replace("max_clock_skew_seconds = 300", "max_clock_skew_seconds = 45")
+    )
+    assert left_waiting_expiry(load_kit_config(setup.kit_config)) == (dt.timedelta(seconds=2), 32)
+    setup.kit_config.write_text(
+        text.replace("[target]\n", "[target]\nstatus_query_grace_seconds = 0\n")
+    )
+    assert left_waiting_expiry(load_kit_config(setup.kit_config)) == (-dt.timedelta(seconds=150), 0)
+    for key, value, error in (
+        ("status_query_grace_seconds", "-1", "must be 0 or more"),
+        ("status_query_interval_seconds", "0", "must be positive"),
+    ):
+        setup.kit_config.write_text(text.replace("[target]\n", f"[target]\n{key} = {value}\n"))
+        with pytest.raises(KitConfigError, match=f"{key} {error}"):
+            load_kit_config(setup.kit_config)
+
+
+async def test_3_26_takes_a_second_query_only_once_the_first_is_answered_and_i_passed(
+    tmp_path: Path,
+) -> None:
+    """With a short I ([target] status_query_interval_seconds), 3.26 waits for the next
+    query about the transfer it reported PROPOSED: none, one created less than I after
+    the first (by their sent_at), or one that came while the first was unanswered fails."""
+    from itmolink.conformance import stages
+    from itmolink.conformance.link import Incoming, KitServer
+    from itmolink.node.convert import timestamp
+    from itmolink.v1 import common_pb2, transfer_pb2
+
+    setup = prepare(tmp_path, act_within=0.3)
+    text = setup.kit_config.read_text()
+    setup.kit_config.write_text(
+        text.replace("[target]\n", "[target]\nstatus_query_interval_seconds = 0.2\n")
+    )
+    config = load_kit_config(setup.kit_config)
+    ctx = Context(config=config, link=None, server=KitServer(config, None), driver=None)  # type: ignore[arg-type]
+    base = int(time.time() * 1_000_000)
+
+    def query(message_id: str, sent_after: float, received_at: float) -> Incoming:
+        header = common_pb2.Header(
+            message_id=message_id, sent_at=timestamp(base + int(sent_after * 1_000_000))
+        )
+        message = transfer_pb2.TransferStatusQuery(header=header, transfer_id="XKT-T-1")
+        return Incoming(b"", stages.STATUS_QUERY, b"", message, received_at)
+
+    first = query("m1", 0.0, 1.0)
+    answered = {"m1": 2.0}
+    ctx.server.received.append(first)
+    with pytest.raises(CheckFailed, match="did not ask again about XKT-T-1"):
+        await stages._asked_again(ctx, first, answered)
+    ctx.server.received[1:] = [query("m2", 0.1, 3.0)]
+    with pytest.raises(CheckFailed, match=r"0\.10 s after its first .* interval I of 0\.2 s"):
+        await stages._asked_again(ctx, first, answered)
+    ctx.server.received[1:] = [query("m2", 0.25, 1.5)]
+    with pytest.raises(CheckFailed, match="while its first one was unanswered"):
+        await stages._asked_again(ctx, first, answered)
+    ctx.server.received[1:] = [query("m2", 0.25, 3.0)]
+    await stages._asked_again(ctx, first, answered)
