@@ -67,7 +67,7 @@ async def test_our_node_conforms_in_both_roles(tmp_path: Path, run: str) -> None
 async def test_the_kit_catches_each_faulty_variant(
     tmp_path: Path, variant: Variant, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    setup = prepare(tmp_path, act_within=8.0, one_round=variant.one_round)
+    setup = prepare(tmp_path, act_within=variant.act_within, one_round=variant.one_round)
     for owner, attribute, make in variant.core_patches:
         monkeypatch.setattr(owner, attribute, make(getattr(owner, attribute)))
     node = await start_target(setup, variant.patch)
