@@ -2385,6 +2385,9 @@ CLOCK_MARGIN_SECONDS = 10.0
 STATUS_HOLD_SECONDS = 1.0
 STATUS_WATCH_SECONDS = 1.5
 SECOND_QUERY_MAX_INTERVAL_SECONDS = 10.0
+# How long after answering a query the kit gives the target to apply the report before
+# it asks the transfer's state (the report is applied when its call ends, §5.3 P8).
+REPORT_SETTLE_SECONDS = 0.3
 STATUS_QUERY = str(transfer_pb2.TransferStatusQuery.DESCRIPTOR.full_name)
 
 
@@ -2593,7 +2596,7 @@ async def t_b_status_queries(ctx: Context) -> None:
         proposed = first["proposed"]
         end = max(
             answered.get(proposed.message_id, accepted_at) + STATUS_WATCH_SECONDS,
-            answered[held.message_id] + STATUS_WATCH_SECONDS / 3,
+            answered[held.message_id] + REPORT_SETTLE_SECONDS,
         )
         await asyncio.sleep(max(0.0, end - time.monotonic()))
         for kind in ("voided", "unknown"):
