@@ -177,7 +177,7 @@ def test_protocol_md_and_readme_give_the_number_of_variants() -> None:
         31: "thirty-one", 32: "thirty-two", 33: "thirty-three", 34: "thirty-four",
         35: "thirty-five", 36: "thirty-six", 37: "thirty-seven", 38: "thirty-eight",
         39: "thirty-nine", 40: "forty", 41: "forty-one", 42: "forty-two", 43: "forty-three",
-        44: "forty-four", 45: "forty-five",
+        44: "forty-four", 45: "forty-five", 46: "forty-six", 47: "forty-seven",
     }  # fmt: skip
     root = Path(__file__).resolve().parents[2]
     number = words[len(VARIANTS)]
