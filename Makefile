@@ -42,7 +42,7 @@ postgres:
 	scripts/ensure_postgres.sh
 
 test: $(STAMP) postgres check-proto lint typecheck docker-lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 	$(MAKE) --no-print-directory fuzz-ci
 
 # Bounded atheris run (part of `make test`): FUZZ_CI_SECONDS per harness, temporary corpus.
