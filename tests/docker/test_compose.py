@@ -311,11 +311,16 @@ def compose(tmp_path: Path) -> Iterator[Engine]:
         ["sh", str(compose_dir / "setup.sh")], check=True, capture_output=True,
         env={**os.environ, "ITMOLINK": itmolink},
     )  # fmt: skip
-    engine = Engine(compose_dir, tmp_path / "containers")
+    # The containers' file systems in a short directory of their own: a node's admin
+    # socket lies four levels down, and a Unix socket path holds at most 107 characters
+    # (tmp_path is longer under pytest-xdist, which adds a directory per worker).
+    containers = Path(tempfile.mkdtemp(prefix="itmolink-c-"))
+    engine = Engine(compose_dir, containers)
     try:
         yield engine
     finally:
         engine.down()
+        shutil.rmtree(containers, ignore_errors=True)
 
 
 def scrape(port: int) -> str:
