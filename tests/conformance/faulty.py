@@ -561,35 +561,36 @@ class VoidsCompletedTransfer(Engine):
     }
 
 
-class TombstoneAtArrival(Engine):
-    """Places a void's tombstone at the void's arrival, not at its proposal_sent_at."""
+def _void_changed(name: str, doc: str, change: Callable[[Any], None]) -> type[Engine]:
+    """An engine that changes every incoming TransferVoid with ``change``, then takes it
+    as ours does."""
 
-    def _on_void(self, tx: Tx, sender: str, msg: Any, *args: Any) -> bytes:
-        msg.ClearField("proposal_sent_at")
+    def on_void(self: Engine, tx: Tx, sender: str, msg: Any, *args: Any) -> bytes:
+        change(msg)
         handler = Engine._request_handlers["itmolink.v1.TransferVoid"]
         return handler(self, tx, sender, msg, *args)
 
-    _request_handlers: ClassVar[dict[str, Callable[..., bytes]]] = {
-        **Engine._request_handlers,
-        "itmolink.v1.TransferVoid": _on_void,
-    }
+    handlers = {**Engine._request_handlers, "itmolink.v1.TransferVoid": on_void}
+    return type(name, (Engine,), {"__doc__": doc, "_request_handlers": handlers})
 
 
-class VoidPlacedAfterItself(Engine):
-    """Takes a void whose proposal_sent_at is later than its own sent_at (no V1a)."""
+def _placed_no_later_than_itself(msg: Any) -> None:
+    if msg.HasField("proposal_sent_at") and (
+        msg.proposal_sent_at.ToNanoseconds() > msg.header.sent_at.ToNanoseconds()
+    ):
+        msg.proposal_sent_at.CopyFrom(msg.header.sent_at)
 
-    def _on_void(self, tx: Tx, sender: str, msg: Any, *args: Any) -> bytes:
-        if msg.HasField("proposal_sent_at") and (
-            msg.proposal_sent_at.ToNanoseconds() > msg.header.sent_at.ToNanoseconds()
-        ):
-            msg.proposal_sent_at.CopyFrom(msg.header.sent_at)
-        handler = Engine._request_handlers["itmolink.v1.TransferVoid"]
-        return handler(self, tx, sender, msg, *args)
 
-    _request_handlers: ClassVar[dict[str, Callable[..., bytes]]] = {
-        **Engine._request_handlers,
-        "itmolink.v1.TransferVoid": _on_void,
-    }
+TombstoneAtArrival = _void_changed(
+    "TombstoneAtArrival",
+    "Places a void's tombstone at the void's arrival, not at its proposal_sent_at.",
+    lambda msg: msg.ClearField("proposal_sent_at"),
+)
+VoidPlacedAfterItself = _void_changed(
+    "VoidPlacedAfterItself",
+    "Takes a void whose proposal_sent_at is later than its own sent_at (no V1a).",
+    _placed_no_later_than_itself,
+)
 
 
 def _void_without_proposal_sent_at(original: Any) -> Any:
