@@ -621,12 +621,14 @@ class SenderBooksWrongSign(Engine):
 class WrongCompletionDigest(Engine):
     """The completion carries the proposal's digest instead of the acceptance's."""
 
-    def _send(self, tx: Tx, partner: str, msg: Message, subject_id: str, now_us: int) -> bytes:
+    def _send(
+        self, tx: Tx, partner: str, msg: Message, subject_id: str, now_us: int, **kwargs: Any
+    ) -> bytes:
         if isinstance(msg, transfer_pb2.TransferCompletion):
             record = tx.transfer_get(msg.transfer_id)
             if record is not None:
                 msg.acceptance_digest = record.proposal_digest
-        return super()._send(tx, partner, msg, subject_id, now_us)
+        return super()._send(tx, partner, msg, subject_id, now_us, **kwargs)
 
 
 class AppliesUnmatchedAcceptance(Engine):
