@@ -15,7 +15,7 @@ from itmolink.core.units import FirstTransferDefinition, Purpose, UnitType
 from itmolink.crypto.envelope import TrustStore
 from itmolink.crypto.keys import SigningKey
 from itmolink.node.engine import Engine, Partner
-from itmolink.store import SqliteStore
+from itmolink.store import SqliteStore, open_store
 
 from ..conftest import Databases
 
@@ -106,6 +106,28 @@ def make_engine(
         new_id=lambda: f"{party}-msg-{next(counter)}",
         **options,
     )
+
+
+def process_engine(
+    url: str,
+    party: str,
+    partner: str,
+    keys: dict[str, SigningKey],
+    name: str = "",
+    **options: Any,
+) -> Engine:
+    """``party``'s engine over the database at ``url`` with ``partner`` pinned, as one node
+    process; ``name`` tells apart the message ids of several processes sharing it."""
+    counter = itertools.count(1)
+    if name:
+        options["new_id"] = lambda: f"{party}-{name}-{next(counter)}"
+    return Engine(
+        party=party, registry=f"{party}-NR", signing_key=keys[party],
+        trust=TrustStore([keys[partner].verifying_key()]),
+        partners=[Partner(partner, f"{partner}-NR", "x")],
+        store=open_store(url, party=party, registry=f"{party}-NR"),
+        **options,
+    )  # fmt: skip
 
 
 @pytest.fixture

@@ -7,22 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import itertools
 
 import pytest
 
 from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.core.transfer import TransferState
 from itmolink.core.units import FirstTransferDefinition, Purpose
-from itmolink.crypto.envelope import TrustStore
 from itmolink.crypto.keys import SigningKey
-from itmolink.node.engine import Engine, Partner
+from itmolink.node.engine import Engine
 from itmolink.node.operations import BatchItemRequest
-from itmolink.store import open_store
 from itmolink.v1 import envelope_pb2
 
 from ..conftest import postgres_cluster
-from .conftest import Pair
+from .conftest import Pair, process_engine
 from .test_oimp import authorise, ledger
 from .test_one_round import ask
 from .test_reconcile_adjustments import assert_clean
@@ -273,23 +270,8 @@ async def test_a_completion_made_by_another_process_after_an_amendment_waits_for
     cluster = postgres_cluster()
     lao_url = cluster.new_database("lao")
     keys = {party: SigningKey.generate(party) for party in ("LAO", "KOR")}
-
-    def lao_process(name: str) -> Engine:
-        counter = itertools.count(1)
-        return Engine(
-            party="LAO", registry="LAO-NR", signing_key=keys["LAO"],
-            trust=TrustStore([keys["KOR"].verifying_key()]),
-            partners=[Partner("KOR", "KOR-NR", "x")],
-            store=open_store(lao_url, party="LAO", registry="LAO-NR"),
-            new_id=lambda: f"LAO-{name}-{next(counter)}",
-        )  # fmt: skip
-
-    a, b = lao_process("a"), lao_process("b")
-    kor = Engine(
-        party="KOR", registry="KOR-NR", signing_key=keys["KOR"],
-        trust=TrustStore([keys["LAO"].verifying_key()]), partners=[Partner("LAO", "LAO-NR", "x")],
-        store=open_store(cluster.new_database("kor"), party="KOR", registry="KOR-NR"),
-    )  # fmt: skip
+    a, b = (process_engine(lao_url, "LAO", "KOR", keys, name) for name in ("a", "b"))
+    kor = process_engine(cluster.new_database("kor"), "KOR", "LAO", keys)
     pair = Pair(lao=b, kor=kor, keys=keys)
     try:
         authorisation_id = issued_oimp(pair)

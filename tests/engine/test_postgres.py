@@ -22,7 +22,7 @@ from itmolink.store.url import LedgerUnavailable
 from itmolink.v1 import envelope_pb2
 
 from ..conftest import postgres_cluster
-from .conftest import Pair
+from .conftest import Pair, process_engine
 
 
 @pytest.fixture
@@ -242,24 +242,11 @@ def _kor_processes_and_lao(
     """KOR as two engines over one database (two processes), and LAO its partner."""
     cluster = postgres_cluster()
     kor_url = cluster.new_database("kor")
-
-    def kor_process(name: str) -> Engine:
-        counter = itertools.count(1)
-        return Engine(
-            party="KOR", registry="KOR-NR", signing_key=keys["KOR"],
-            trust=TrustStore([keys["LAO"].verifying_key()]),
-            partners=[Partner("LAO", "LAO-NR", "x")],
-            store=open_store(kor_url, party="KOR", registry="KOR-NR"),
-            new_id=lambda: f"KOR-{name}-{next(counter)}",
-        )  # fmt: skip
-
-    lao = Engine(
-        party="LAO", registry="LAO-NR", signing_key=keys["LAO"],
-        trust=TrustStore([keys["KOR"].verifying_key()]), partners=[Partner("KOR", "KOR-NR", "x")],
-        store=open_store(cluster.new_database("lao"), party="LAO", registry="LAO-NR"),
-        key_loader=files.__getitem__,
-    )  # fmt: skip
-    return kor_process("a"), kor_process("b"), lao
+    lao = process_engine(
+        cluster.new_database("lao"), "LAO", "KOR", keys, key_loader=files.__getitem__
+    )
+    a, b = (process_engine(kor_url, "KOR", "LAO", keys, name) for name in ("a", "b"))
+    return a, b, lao
 
 
 def test_a_partner_key_learned_by_one_process_is_accepted_by_the_other() -> None:

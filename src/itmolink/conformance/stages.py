@@ -2229,16 +2229,16 @@ def _completed_by_kit(ctx: Context, record: KitTransfer) -> bool:
     return True
 
 
-async def _settled_state(ctx: Context, transfer_id: str) -> int:
-    """The target's state of its transfer once the kit's answer is applied there (it may
-    apply it after the call that carried it ended): polled while PROPOSED, for at most
-    ``[target] act_within_seconds``."""
+async def _state_past(ctx: Context, transfer_id: str, waiting: int, every: float) -> int:
+    """The target's state of ``transfer_id`` once what the kit sent is applied there (it
+    may apply it after the call that carried it ended): polled every ``every`` seconds
+    while it is ``waiting``, for at most ``[target] act_within_seconds``."""
     deadline = time.monotonic() + ctx.config.act_within_seconds
     while True:
         state = await _status(ctx, transfer_id)
-        if state != transfer_pb2.TRANSFER_STATE_PROPOSED or time.monotonic() >= deadline:
+        if state != waiting or time.monotonic() >= deadline:
             return state
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(every)
 
 
 async def _settled_by_kit(ctx: Context, record: KitTransfer, started: float, what: str) -> None:
@@ -2259,7 +2259,7 @@ async def _settled_by_kit(ctx: Context, record: KitTransfer, started: float, wha
         not _of_transfer(ctx, transfer_pb2.TransferVoid, record.transfer_id),
         f"{voided}completed = true{what} (PROTOCOL §6.11 S4)",
     )
-    state = await _settled_state(ctx, record.transfer_id)
+    state = await _state_past(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_PROPOSED, 0.2)
     check(
         state == transfer_pb2.TRANSFER_STATE_COMPLETED,
         f"{record.transfer_id} is {_state(state)} at the target after the kit's acceptance "
@@ -2463,18 +2463,6 @@ def _check_interval(ctx: Context, first: Incoming, answered_at: float | None) ->
         )
 
 
-async def _state_after_report(ctx: Context, transfer_id: str) -> int:
-    """The target's state of ``transfer_id`` once a report that ends it is applied there
-    (after the call that carried it ended): polled while ACCEPTED, for at most
-    ``[target] act_within_seconds``."""
-    deadline = time.monotonic() + ctx.config.act_within_seconds
-    while True:
-        state = await _status(ctx, transfer_id)
-        if state != transfer_pb2.TRANSFER_STATE_ACCEPTED or time.monotonic() >= deadline:
-            return state
-        await asyncio.sleep(0.1)
-
-
 @kit_test(
     "3.26-status-queries",
     3,
@@ -2550,7 +2538,9 @@ async def t_b_status_queries(ctx: Context) -> None:
         # Reported VOIDED or UNKNOWN: the sender will never complete; the target voids.
         for kind in ("voided", "unknown"):
             record = records[kind]
-            state = await _state_after_report(ctx, record.transfer_id)
+            state = await _state_past(
+                ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_ACCEPTED, 0.1
+            )
             check(
                 state == transfer_pb2.TRANSFER_STATE_VOIDED,
                 f"{record.transfer_id} is {_state(state)} at the target "
