@@ -529,20 +529,48 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(report)
     else:
-        print(
-            f"reconciliation {report.reconciliation_id} with {args.partner}, snapshot "
-            f"{report.snapshot_at.ToDatetime():%Y-%m-%d %H:%M:%S} UTC: "
-            f"{report.transfers_here} transfers here; {report.queries} queries, "
-            f"{report.buckets_compared} buckets and {report.leaves_compared} leaves compared"
-        )
-        if report.discrepancies:
-            print_table(
-                ["phase", "subject", "detail", "frozen blocks"],
-                [[d.phase, d.subject, d.detail, d.frozen_blocks] for d in report.discrepancies],
-            )
-        else:
-            print("no discrepancy: the two registries agree on totals, blocks and journal")
+        _print_reconciliation(args.partner, report)
     return EXIT_DISCREPANCY if report.discrepancies else 0
+
+
+def _print_reconciliation(partner: str, report: admin_pb2.ReconcileResponse) -> None:
+    print(
+        f"reconciliation {report.reconciliation_id} with {partner}, snapshot "
+        f"{report.snapshot_at.ToDatetime():%Y-%m-%d %H:%M:%S} UTC: "
+        f"{report.transfers_here} transfers here; {report.queries} queries, "
+        f"{report.buckets_compared} buckets and {report.leaves_compared} leaves compared"
+    )
+    if report.discrepancies:
+        print_table(
+            ["phase", "subject", "detail", "frozen blocks"],
+            [[d.phase, d.subject, d.detail, d.frozen_blocks] for d in report.discrepancies],
+        )
+    else:
+        print("no discrepancy: the two registries agree on totals, blocks and journal")
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    request = admin_pb2.RecoverTransfersRequest(partner=args.partner)
+    if args.snapshot_age is not None:
+        moment = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=args.snapshot_age)
+        request.snapshot_at.FromDatetime(moment)
+    response = _call(_admin(args).RecoverTransfers, request, timeout=1800)
+    last = response.after if response.HasField("after") else response.before
+    if args.json:
+        _emit_json(response)
+        return EXIT_DISCREPANCY if last.discrepancies else 0
+    _print_reconciliation(args.partner, response.before)
+    if not response.transfers:
+        print(f"no transfer is final at {args.partner} and unknown here: nothing to recover")
+    else:
+        print_table(
+            ["transfer", "outcome", f"at {args.partner}", "detail"],
+            [[t.transfer_id, t.outcome, t.partner_state, t.detail] for t in response.transfers],
+        )
+    if response.HasField("after"):
+        print("after recovery:")
+        _print_reconciliation(args.partner, response.after)
+    return EXIT_DISCREPANCY if last.discrepancies else 0
 
 
 def cmd_unfreeze(args: argparse.Namespace) -> int:
@@ -1011,6 +1039,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reconcile.add_argument("--json", action="store_true", help="print JSON")
     reconcile.set_defaults(func=cmd_reconcile)
+
+    recover = commands.add_parser(
+        "recover",
+        help="give back the transfers a restored ledger lost, from a partner's signed "
+        "records; exit 5 if discrepancies remain",
+        description="After a restore from a backup older than the node's last transaction "
+        "(and `itmolink node restored`): reconcile with the partner, ask it for the signed "
+        "records (proposal, acceptance) of every transfer final there and unknown here, "
+        "apply those that verify (a record signed by this node itself and the partner's "
+        "answer to it, the units of an outgoing transfer still held here, those of an "
+        "incoming one held nowhere here), and reconcile again. What cannot be recovered is "
+        "listed with the reason, for the operators to settle (docs/OPERATIONS.md 7, "
+        "docs/PROTOCOL.md 7.9).",
+    )
+    _add_target(recover)
+    recover.add_argument("--partner", required=True, help="e.g. KOR")
+    recover.add_argument(
+        "--snapshot-age",
+        type=float,
+        help="compare transfers proposed more than this many seconds ago (default: 300)",
+    )
+    recover.add_argument("--json", action="store_true", help="print JSON")
+    recover.set_defaults(func=cmd_recover)
 
     unfreeze = commands.add_parser(
         "unfreeze",

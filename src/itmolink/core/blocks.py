@@ -141,3 +141,36 @@ def coalesce(blocks: Iterable[Block]) -> list[Block]:
         else:
             merged.append(block)
     return merged
+
+
+def cut_out(sources: Sequence[Block], wanted: Block) -> list[Block]:
+    """What is left of ``sources`` once ``wanted`` is cut out of them.
+
+    ``sources`` must cover every serial of ``wanted``, each with ``wanted``'s
+    attributes; the pieces of the sources outside
+    ``wanted`` (at most one before it and one after it) are returned. Raises
+    INSUFFICIENT_HOLDINGS otherwise, naming the first serial not covered."""
+    ordered = sorted(sources, key=lambda b: b.serial_start)
+    remainders: list[Block] = []
+    serial = wanted.serial_start
+    for block in ordered:
+        if not block.overlaps(wanted):
+            continue
+        if block.attributes() != wanted.attributes():
+            raise Rejected(
+                RejectionCode.INSUFFICIENT_HOLDINGS,
+                f"{block.label()} is held here with other attributes than {wanted.label()}",
+            )
+        if block.serial_start > serial:
+            break
+        if block.serial_start < wanted.serial_start:
+            remainders.append(replace(block, serial_end=wanted.serial_start - 1))
+        if block.serial_end > wanted.serial_end:
+            remainders.append(replace(block, serial_start=wanted.serial_end + 1))
+        serial = block.serial_end + 1
+    if serial <= wanted.serial_end:
+        raise Rejected(
+            RejectionCode.INSUFFICIENT_HOLDINGS,
+            f"serial {wanted.originating_registry}:{serial} of {wanted.label()} is not held here",
+        )
+    return remainders

@@ -24,6 +24,7 @@ from itmolink.node.engine import Engine, ReplyError
 from itmolink.store.tx import TransferRecord, Tx
 
 if TYPE_CHECKING:
+    from itmolink.node.reconciliation import Report
     from itmolink.node.runtime import Node
 
 REJECTION_CODE_KEY = "itmolink-rejection-code"
@@ -375,21 +376,37 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             else self._node.clock() - DEFAULT_SNAPSHOT_AGE
         )
         report = await Reconciliation(self._node, request.partner, snapshot).run()
-        return admin_pb2.ReconcileResponse(
-            reconciliation_id=report.reconciliation_id,
-            snapshot_at=timestamp(to_us(report.snapshot_at)),
-            discrepancies=[
-                admin_pb2.Discrepancy(
-                    phase=d.phase, subject=d.subject, detail=d.detail,
-                    frozen_blocks=d.frozen_blocks,
+        return _reconcile_response(report)
+
+    @admin_method
+    async def RecoverTransfers(
+        self,
+        request: admin_pb2.RecoverTransfersRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> admin_pb2.RecoverTransfersResponse:
+        from itmolink.node.reconciliation import DEFAULT_SNAPSHOT_AGE
+        from itmolink.node.recovery import recover
+
+        self._engine._require_partner(request.partner)
+        snapshot = (
+            from_us(timestamp_us(request.snapshot_at))
+            if request.HasField("snapshot_at")
+            else self._node.clock() - DEFAULT_SNAPSHOT_AGE
+        )
+        report = await recover(self._node, request.partner, snapshot)
+        response = admin_pb2.RecoverTransfersResponse(
+            before=_reconcile_response(report.before),
+            transfers=[
+                admin_pb2.RecoveredTransfer(
+                    transfer_id=t.transfer_id, outcome=t.outcome, partner_state=t.partner_state,
+                    detail=t.detail, quantity=t.quantity,
                 )
-                for d in report.discrepancies
+                for t in report.transfers
             ],
-            queries=report.queries,
-            buckets_compared=report.buckets_compared,
-            leaves_compared=report.leaves_compared,
-            transfers_here=report.transfers_here,
         )  # fmt: skip
+        if report.after is not None:
+            response.after.CopyFrom(_reconcile_response(report.after))
+        return response
 
     @admin_method
     async def ReleaseFrozenBlocks(
@@ -549,3 +566,20 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
 def add_admin_service(node: Node, server: grpc.aio.Server) -> None:
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(node), server)
+
+
+def _reconcile_response(report: Report) -> admin_pb2.ReconcileResponse:
+    return admin_pb2.ReconcileResponse(
+        reconciliation_id=report.reconciliation_id,
+        snapshot_at=timestamp(to_us(report.snapshot_at)),
+        discrepancies=[
+            admin_pb2.Discrepancy(
+                phase=d.phase, subject=d.subject, detail=d.detail, frozen_blocks=d.frozen_blocks
+            )
+            for d in report.discrepancies
+        ],
+        queries=report.queries,
+        buckets_compared=report.buckets_compared,
+        leaves_compared=report.leaves_compared,
+        transfers_here=report.transfers_here,
+    )

@@ -7,6 +7,7 @@ its single database thread. Its parts:
   steps both sides take (the adjustment rules, proposals, statements);
 * :mod:`itmolink.node.requests`: requests from partners (the receiver's side);
 * :mod:`itmolink.node.replies`: replies to our requests (the requester's side);
+* :mod:`itmolink.node.evidence`: recovering a lost transfer from the partner's records;
 * :mod:`itmolink.node.operations`: operator requests, time-outs, the outbox.
 """
 
@@ -21,12 +22,11 @@ from itmolink.node.base import (
     retry_delay_us,
     type_name,
 )
+from itmolink.node.evidence import Evidence
 from itmolink.node.operations import Operations
-from itmolink.node.replies import Replies
-from itmolink.node.requests import Requests
 
 
-class Engine(Requests, Replies, Operations):
+class Engine(Evidence, Operations):
     """One registry's protocol engine."""
 
 

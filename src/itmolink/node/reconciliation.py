@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from itmolink.node.runtime import Node
 
 DEFAULT_SNAPSHOT_AGE = dt.timedelta(minutes=5)
+# The detail of a transfer whose leaf only the partner has (PROTOCOL.md §11.8).
+FINAL_AT_PARTNER = "final at the partner but not final (or unknown) here"
 _VIEWS = {
     "blocks": reconcile_pb2.RECONCILIATION_VIEW_BLOCKS,
     "journal": reconcile_pb2.RECONCILIATION_VIEW_JOURNAL,
@@ -142,7 +144,7 @@ class Reconciliation:
             self.report.leaves_compared += len(theirs_leaves)
             for transfer_id in reconcile.differing_leaves(ours_leaves, theirs_leaves):
                 if transfer_id not in ours_leaves:
-                    detail = "final at the partner but not final (or unknown) here"
+                    detail = FINAL_AT_PARTNER
                 elif transfer_id not in theirs_leaves:
                     detail = "final here but not final (or unknown) at the partner"
                 else:

@@ -32,7 +32,7 @@ from itmolink.core.reconcile import BLOCKS_LEAF_DEFINITION
 from itmolink.core.rules import AuthorisationTerms
 from itmolink.core.transfer import Event, Role, TransferState, step
 from itmolink.core.units import FirstTransferDefinition
-from itmolink.crypto.envelope import VerifiedEnvelope, open_envelope, pae
+from itmolink.crypto.envelope import VerifiedEnvelope, open_envelope, pae, sealed_payload
 from itmolink.crypto.keys import VerifyingKey, is_key_id_of
 from itmolink.node.base import (
     MAX_LEAVES,
@@ -104,6 +104,9 @@ _KEY_CODES = frozenset({
 # Revocations a partner may keep here of its keys that were never announced here
 # (PROTOCOL.md §5.12 KR3): enough for rotations given up, not a table to fill.
 MAX_UNPINNED_REVOCATIONS = 16
+# Room left in a status report for its header, signature and framing around the
+# records it carries (PROTOCOL §5.11): a report is refused over max_message_bytes.
+RECORDS_MARGIN = 2048
 
 
 class Requests(EngineBase):
@@ -1103,7 +1106,39 @@ class Requests(EngineBase):
             # The receiver still waits for our completion: make sure one is coming.
             self._resend_completion(tx, msg.transfer_id, now_us)
         report = TransferStatusReport(transfer_id=msg.transfer_id, state=int(state))  # type: ignore[arg-type]
+        if msg.include_records and record is not None and record.partner == sender:
+            report.records.extend(self._records_of(tx, record))
         return self._reply(tx, sender, report, msg.header.message_id, now_us)[1]
+
+    def _records_of(self, tx: Tx, record: TransferRecord) -> list[bytes]:
+        """The records a status query asks for (PROTOCOL §5.11, §7.9): the journaled
+        envelopes of a final transfer proposed alone, byte for byte: its proposal,
+        and, if it completed, the receiver's acceptance. None when this node does not
+        hold them as they were exchanged (each is checked against the digest recorded
+        with the transfer), or when they would not fit in one message."""
+        if not record.state.is_final or record.batch_id or not record.proposal_message_id:
+            return []
+        ours = record.direction is Role.SENDER
+        proposal = tx.journal_envelope(
+            "out" if ours else "in", record.partner, record.proposal_message_id
+        )
+        if proposal is None or digest(sealed_payload(proposal)) != record.proposal_digest:
+            return []
+        records = [proposal]
+        if record.state is TransferState.COMPLETED:
+            acceptance: bytes | None = None
+            if ours:
+                entry = tx.outbox_answer_of(record.proposal_message_id)
+                acceptance = None if entry is None else tx.journal_envelope_of(entry)
+            else:
+                seen = tx.inbox_get(record.partner, record.proposal_message_id)
+                acceptance = None if seen is None else seen.reply
+            if acceptance is None or digest(sealed_payload(acceptance)) != record.acceptance_digest:
+                return []
+            records.append(acceptance)
+        if sum(len(r) for r in records) + RECORDS_MARGIN > self.limits.max_message_bytes:
+            return []
+        return records
 
     def _on_reconciliation_query(
         self,

@@ -660,6 +660,25 @@ class Tx:
         )
         return row is not None
 
+    def journal_envelope(self, direction: str, partner: str, message_id: str) -> bytes | None:
+        """The envelope journaled for a message, byte for byte, or None."""
+        row = self._one(
+            "SELECT envelope FROM journal WHERE direction = ? AND partner = ? AND message_id = ?",
+            (direction, partner, message_id),
+        )
+        return None if row is None else bytes(row[0])
+
+    def journal_envelope_of(self, entry_id: int) -> bytes | None:
+        row = self._one("SELECT envelope FROM journal WHERE id = ?", (entry_id,))
+        return None if row is None else bytes(row[0])
+
+    def journal_id_of(self, direction: str, partner: str, message_id: str) -> int | None:
+        row = self._one(
+            "SELECT id FROM journal WHERE direction = ? AND partner = ? AND message_id = ?",
+            (direction, partner, message_id),
+        )
+        return None if row is None else int(row[0])
+
     def journal_entries(self) -> Iterator[JournalEntry]:
         rows = self._exec(
             "SELECT id, direction, partner, message_id, payload_type, recorded_at, envelope, "
@@ -783,6 +802,13 @@ class Tx:
         if row is None:
             return None
         return OutboxMessage(row[0], row[1], row[2], row[3], bytes(row[4]), *row[5:])
+
+    def outbox_answer_of(self, message_id: str) -> int | None:
+        """The journal entry of the reply that answered a request of ours, if any."""
+        row = self._one(
+            "SELECT answered_journal_id FROM outbox WHERE message_id = ?", (message_id,)
+        )
+        return None if row is None or row[0] is None else int(row[0])
 
     def outbox_retry_later(self, message_id: str, *, next_attempt_at: int, error: str) -> None:
         self._exec(
@@ -1556,6 +1582,24 @@ class Tx:
             (int(TransferState.ACCEPTED), *params),
         ).fetchall()
         return [_block(r) for r in [*held, *pending]]
+
+    def blocks_held_over(self, block: Block) -> list[HeldBlock]:
+        """The rows of the blocks table that share a serial with ``block``, whatever
+        their account or status, in serial order."""
+        rows = self._exec(
+            f"SELECT {_BLOCK_COLUMNS}, account, status, transfer_id FROM blocks "
+            "WHERE originating_registry = ? AND serial_start >= ? AND serial_start <= ?",
+            (block.originating_registry, block.serial_start, block.serial_end),
+        ).fetchall()
+        before = self._one(
+            f"SELECT {_BLOCK_COLUMNS}, account, status, transfer_id FROM blocks "
+            "WHERE originating_registry = ? AND serial_start < ? "
+            "ORDER BY serial_start DESC LIMIT 1",
+            (block.originating_registry, block.serial_start),
+        )
+        if before is not None and int(before[2]) >= block.serial_start:
+            rows.insert(0, before)
+        return [HeldBlock(_block(r), r[9], r[10], r[11]) for r in rows]
 
     def block_split(self, tail: Block) -> None:
         """Split the held block that ends with ``tail`` so that ``tail`` is a block of its own."""

@@ -316,7 +316,13 @@ class TransferStatusQuery(_message.Message):
 
     HEADER_FIELD_NUMBER: _builtins.int
     TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    INCLUDE_RECORDS_FIELD_NUMBER: _builtins.int
     transfer_id: _builtins.str
+    include_records: _builtins.bool
+    """Asks for the transfer's records (TransferStatusReport.records): the
+    requester has lost them, for example with a ledger restored from an older
+    backup (docs/PROTOCOL.md, "Recovering lost transfers").
+    """
     @_builtins.property
     def header(self) -> _common_pb2.Header: ...
     def __init__(
@@ -324,10 +330,11 @@ class TransferStatusQuery(_message.Message):
         *,
         header: _common_pb2.Header | None = ...,
         transfer_id: _builtins.str = ...,
+        include_records: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "transfer_id", b"transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "include_records", b"include_records", "transfer_id", b"transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -342,20 +349,30 @@ class TransferStatusReport(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     TRANSFER_ID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
     transfer_id: _builtins.str
     state: Global___TransferState.ValueType
     @_builtins.property
     def header(self) -> _common_pb2.Header: ...
+    @_builtins.property
+    def records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Only when the query asked (include_records) and the transfer is final
+        and was proposed alone: the signed envelopes the responder recorded for
+        it, byte for byte as exchanged: the proposal, then, if the transfer
+        completed, the receiver's acceptance. Empty otherwise.
+        """
+
     def __init__(
         self,
         *,
         header: _common_pb2.Header | None = ...,
         transfer_id: _builtins.str = ...,
         state: Global___TransferState.ValueType = ...,
+        records: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "state", b"state", "transfer_id", b"transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "records", b"records", "state", b"state", "transfer_id", b"transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

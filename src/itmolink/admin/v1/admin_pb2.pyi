@@ -1234,6 +1234,103 @@ class HoldingBlock(_message.Message):
 Global___HoldingBlock: _TypeAlias = HoldingBlock  # noqa: Y015
 
 @_typing.final
+class RecoverTransfersRequest(_message.Message):
+    """RecoverTransfersRequest names the partner and the reconciliation snapshot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTNER_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_AT_FIELD_NUMBER: _builtins.int
+    partner: _builtins.str
+    @_builtins.property
+    def snapshot_at(self) -> _timestamp_pb2.Timestamp:
+        """As in ReconcileRequest: unset means five minutes ago."""
+
+    def __init__(
+        self,
+        *,
+        partner: _builtins.str = ...,
+        snapshot_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["snapshot_at", b"snapshot_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["partner", b"partner", "snapshot_at", b"snapshot_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecoverTransfersRequest: _TypeAlias = RecoverTransfersRequest  # noqa: Y015
+
+@_typing.final
+class RecoveredTransfer(_message.Message):
+    """RecoveredTransfer is what became of one transfer asked about."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    PARTNER_STATE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    transfer_id: _builtins.str
+    outcome: _builtins.str
+    """"recovered", "not recovered" or "known here"."""
+    partner_state: _builtins.str
+    """The state the partner reported, e.g. "COMPLETED"."""
+    detail: _builtins.str
+    quantity: _builtins.int
+    """tCO2e moved here by the recovery (0 when nothing moved)."""
+    def __init__(
+        self,
+        *,
+        transfer_id: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        partner_state: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        quantity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "outcome", b"outcome", "partner_state", b"partner_state", "quantity", b"quantity", "transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecoveredTransfer: _TypeAlias = RecoveredTransfer  # noqa: Y015
+
+@_typing.final
+class RecoverTransfersResponse(_message.Message):
+    """RecoverTransfersResponse reports the reconciliations before and after, and
+    each transfer asked about.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BEFORE_FIELD_NUMBER: _builtins.int
+    TRANSFERS_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def before(self) -> Global___ReconcileResponse: ...
+    @_builtins.property
+    def transfers(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecoveredTransfer]: ...
+    @_builtins.property
+    def after(self) -> Global___ReconcileResponse:
+        """Unset when nothing was recovered."""
+
+    def __init__(
+        self,
+        *,
+        before: Global___ReconcileResponse | None = ...,
+        transfers: _abc.Iterable[Global___RecoveredTransfer] | None = ...,
+        after: Global___ReconcileResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "before", b"before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "before", b"before", "transfers", b"transfers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecoverTransfersResponse: _TypeAlias = RecoverTransfersResponse  # noqa: Y015
+
+@_typing.final
 class ReleaseFrozenBlocksRequest(_message.Message):
     """ReleaseFrozenBlocksRequest names the transfer whose discrepancy froze blocks."""
 

@@ -98,6 +98,11 @@ class AdminServiceStub:
                 request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ReleaseFrozenBlocksRequest.SerializeToString,
                 response_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ReleaseFrozenBlocksResponse.FromString,
                 _registered_method=True)
+        self.RecoverTransfers = channel.unary_unary(
+                '/itmolink.admin.v1.AdminService/RecoverTransfers',
+                request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RecoverTransfersRequest.SerializeToString,
+                response_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RecoverTransfersResponse.FromString,
+                _registered_method=True)
         self.RotateSigningKey = channel.unary_unary(
                 '/itmolink.admin.v1.AdminService/RotateSigningKey',
                 request_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RotateSigningKeyRequest.SerializeToString,
@@ -236,6 +241,17 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecoverTransfers(self, request, context):
+        """RecoverTransfers gives back the transfers this registry's ledger lost (a
+        restore from a backup older than its last transaction) from the partner's
+        records: it reconciles, asks the partner for the signed records of each
+        transfer final there and unknown here, applies those that verify, and
+        reconciles again (docs/PROTOCOL.md §7.9).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RotateSigningKey(self, request, context):
         """RotateSigningKey makes a new signing key and announces it to every partner;
         the node signs with it once every partner has acknowledged it.
@@ -360,6 +376,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ReleaseFrozenBlocks,
                     request_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ReleaseFrozenBlocksRequest.FromString,
                     response_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.ReleaseFrozenBlocksResponse.SerializeToString,
+            ),
+            'RecoverTransfers': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecoverTransfers,
+                    request_deserializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RecoverTransfersRequest.FromString,
+                    response_serializer=itmolink_dot_admin_dot_v1_dot_admin__pb2.RecoverTransfersResponse.SerializeToString,
             ),
             'RotateSigningKey': grpc.unary_unary_rpc_method_handler(
                     servicer.RotateSigningKey,
@@ -730,6 +751,33 @@ class AdminService:
             '/itmolink.admin.v1.AdminService/ReleaseFrozenBlocks',
             itmolink_dot_admin_dot_v1_dot_admin__pb2.ReleaseFrozenBlocksRequest.SerializeToString,
             itmolink_dot_admin_dot_v1_dot_admin__pb2.ReleaseFrozenBlocksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecoverTransfers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/itmolink.admin.v1.AdminService/RecoverTransfers',
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.RecoverTransfersRequest.SerializeToString,
+            itmolink_dot_admin_dot_v1_dot_admin__pb2.RecoverTransfersResponse.FromString,
             options,
             channel_credentials,
             insecure,

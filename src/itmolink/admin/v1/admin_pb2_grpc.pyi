@@ -69,6 +69,13 @@ class AdminServiceStub:
     transfer held again, once the operator has resolved the discrepancy with the
     partner; the reason is kept in the audit trail. Local to this registry.
     """
+    RecoverTransfers: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RecoverTransfersRequest, _admin_pb2.RecoverTransfersResponse]
+    """RecoverTransfers gives back the transfers this registry's ledger lost (a
+    restore from a backup older than its last transaction) from the partner's
+    records: it reconciles, asks the partner for the signed records of each
+    transfer final there and unknown here, applies those that verify, and
+    reconciles again (docs/PROTOCOL.md §7.9).
+    """
     RotateSigningKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RotateSigningKeyRequest, _admin_pb2.RotateSigningKeyResponse]
     """RotateSigningKey makes a new signing key and announces it to every partner;
     the node signs with it once every partner has acknowledged it.
@@ -136,6 +143,13 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """ReleaseFrozenBlocks makes the blocks that reconciliation froze for a
     transfer held again, once the operator has resolved the discrepancy with the
     partner; the reason is kept in the audit trail. Local to this registry.
+    """
+    RecoverTransfers: _aio.UnaryUnaryMultiCallable[_admin_pb2.RecoverTransfersRequest, _admin_pb2.RecoverTransfersResponse]  # type: ignore[assignment]
+    """RecoverTransfers gives back the transfers this registry's ledger lost (a
+    restore from a backup older than its last transaction) from the partner's
+    records: it reconciles, asks the partner for the signed records of each
+    transfer final there and unknown here, applies those that verify, and
+    reconciles again (docs/PROTOCOL.md §7.9).
     """
     RotateSigningKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.RotateSigningKeyRequest, _admin_pb2.RotateSigningKeyResponse]  # type: ignore[assignment]
     """RotateSigningKey makes a new signing key and announces it to every partner;
@@ -273,6 +287,19 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """ReleaseFrozenBlocks makes the blocks that reconciliation froze for a
         transfer held again, once the operator has resolved the discrepancy with the
         partner; the reason is kept in the audit trail. Local to this registry.
+        """
+
+    @_abc_1.abstractmethod
+    def RecoverTransfers(
+        self,
+        request: _admin_pb2.RecoverTransfersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RecoverTransfersResponse, _abc.Awaitable[_admin_pb2.RecoverTransfersResponse]]:
+        """RecoverTransfers gives back the transfers this registry's ledger lost (a
+        restore from a backup older than its last transaction) from the partner's
+        records: it reconciles, asks the partner for the signed records of each
+        transfer final there and unknown here, applies those that verify, and
+        reconciles again (docs/PROTOCOL.md §7.9).
         """
 
     @_abc_1.abstractmethod

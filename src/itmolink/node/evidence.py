@@ -1,0 +1,438 @@
+"""Recovering transfers a restored ledger lost, from the partner's records.
+
+A ledger restored from a backup older than its last transaction has lost the
+transfers made after the backup; its partners still hold them. Reconciliation
+lists each as final at the partner and unknown here (PROTOCOL.md §11.8). For
+such a transfer the node asks the partner for its records (a
+``TransferStatusQuery`` with ``include_records``, §5.11) and gets back the
+signed envelopes exchanged for it: the proposal and, if it completed, the
+receiver's acceptance. One of the two is signed by this node itself, so the
+partner cannot make them up. Once both verify and agree with each other and with
+the ledger (the units of an outgoing transfer still held here, those of an
+incoming one held nowhere here), the transfer is applied as it was then: the
+same step a live transfer takes at completion (debit or credit, corresponding
+adjustment, AEF actions, leaves), in one transaction with the journaled report
+and records (PROTOCOL.md §7.9, DESIGN.md decision 61).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError, Message
+
+from itmolink.core.blocks import Block, cut_out
+from itmolink.core.codes import Rejected, RejectionCode
+from itmolink.core.transfer import Event, Role, TransferState
+from itmolink.crypto.envelope import TrustStore, VerifiedEnvelope, open_envelope, signing_key_ids
+from itmolink.crypto.keys import VerifyingKey
+from itmolink.node.base import (
+    ReplyError,
+    TransferAcceptance,
+    TransferProposal,
+    TransferStatusQuery,
+    TransferStatusReport,
+    _rejection_reasons,
+    digest,
+    log,
+    type_name,
+)
+from itmolink.node.convert import block_from_pb, from_us, timestamp_us, to_us
+from itmolink.node.replies import Replies
+from itmolink.node.requests import Requests
+from itmolink.node.validation import validate
+from itmolink.store.sqlite import HOLDING_ACCOUNT
+from itmolink.store.tx import NewTransfer, Tx
+from itmolink.v1 import transfer_pb2
+
+RECOVERED = "recovered"
+NOT_RECOVERED = "not recovered"
+KNOWN = "known here"
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """What became of one transfer asked about."""
+
+    transfer_id: str
+    outcome: str  # RECOVERED, NOT_RECOVERED or KNOWN
+    partner_state: str  # the state the partner reported, e.g. "COMPLETED"
+    detail: str
+    quantity: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    """A verified record: its message, its payload bytes and its envelope as sent."""
+
+    msg: Message
+    payload: bytes
+    raw: bytes
+
+
+def _state_name(state: int) -> str:
+    try:
+        return str(transfer_pb2.TransferState.Name(state)).removeprefix("TRANSFER_STATE_")  # type: ignore[arg-type]
+    except ValueError:
+        return f"TRANSFER_STATE_{state}"
+
+
+class Evidence(Requests, Replies):
+    """The requester's side of recovering a lost transfer (see the module)."""
+
+    def records_query(self, partner: str, transfer_id: str, now: dt.datetime) -> tuple[str, bytes]:
+        """Seal and journal a status query asking for a transfer's records, to send
+        now; (message id, envelope)."""
+        self._require_partner(partner)
+        now_us = to_us(now)
+        query = TransferStatusQuery(transfer_id=transfer_id, include_records=True)
+        with self._transaction() as tx:
+            query.header.CopyFrom(self._header(tx, partner, now_us))
+            name, _, envelope = self._seal(query)
+            tx.journal(
+                direction="out", partner=partner, message_id=query.header.message_id,
+                payload_type=name, envelope=envelope, now=now_us,
+            )  # fmt: skip
+        return query.header.message_id, envelope
+
+    def records_answer(
+        self,
+        partner: str,
+        transfer_id: str,
+        message_id: str,
+        request: bytes,
+        raw: bytes,
+        now: dt.datetime,
+    ) -> Recovered:
+        """Verify and journal the partner's report, and recover the transfer from
+        the records it carries if they allow it; all in one transaction."""
+        now_us = to_us(now)
+        with self._transaction() as tx:
+            reply, _, journal_id = self._open_reply(
+                tx, partner, type_name(TransferStatusQuery), request, message_id, raw, now_us
+            )
+            if isinstance(reply, TransferStatusReport):
+                return self._recover(tx, partner, transfer_id, reply, journal_id, now_us)
+        code, detail = _rejection_reasons(reply)  # type: ignore[arg-type]
+        raise ReplyError(RejectionCode(code), f"{partner} refused the query: {detail}")
+
+    def _recover(
+        self,
+        tx: Tx,
+        partner: str,
+        transfer_id: str,
+        report: TransferStatusReport,
+        report_journal_id: int,
+        now_us: int,
+    ) -> Recovered:
+        state_name = _state_name(report.state)
+        known = tx.transfer_get(transfer_id)
+        if known is not None:
+            return Recovered(
+                transfer_id, KNOWN, state_name, f"recorded here as {known.state.name}: not asked"
+            )
+
+        def refuse(detail: str) -> Recovered:
+            log.warning(
+                "transfer %s not recovered from %s: %s", transfer_id, partner, detail,
+                extra={"transfer_id": transfer_id, "partner": partner},
+            )  # fmt: skip
+            return Recovered(transfer_id, NOT_RECOVERED, state_name, detail)
+
+        if report.transfer_id != transfer_id:
+            return refuse(f"the report is about {report.transfer_id!r}")
+        final = {
+            transfer_pb2.TRANSFER_STATE_COMPLETED: TransferState.COMPLETED,
+            transfer_pb2.TRANSFER_STATE_VOIDED: TransferState.VOIDED,
+            transfer_pb2.TRANSFER_STATE_REJECTED: TransferState.REJECTED,
+        }.get(report.state)
+        if final is None:
+            return refuse(f"{partner} holds it {state_name}, not final: nothing to recover yet")
+        if transfer_id.startswith(f"{self.party}-"):
+            sender, receiver = self.party, partner
+        elif transfer_id.startswith(f"{partner}-"):
+            sender, receiver = partner, self.party
+        else:
+            return refuse("its id names neither this node nor the partner as its sender")
+        wanted = 2 if final is TransferState.COMPLETED else 1
+        if len(report.records) < wanted:
+            return refuse(
+                f"{partner} sent {len(report.records)} record(s), {wanted} needed: it does not "
+                "hold them as exchanged, the transfer was part of a batch, or it does not "
+                "implement the records (PROTOCOL.md §5.11); settle it with its operators"
+            )
+        try:
+            proposal_record = self._record(
+                tx, report.records[0], TransferProposal, sender=sender, audience=receiver
+            )
+            proposal, proposal_payload = proposal_record.msg, proposal_record.payload
+            assert isinstance(proposal, TransferProposal)
+            if proposal.transfer_id != transfer_id:
+                raise Rejected(
+                    RejectionCode.INVALID_FIELD,
+                    f"the proposal record is of transfer {proposal.transfer_id!r}",
+                )
+            if final is not TransferState.COMPLETED:
+                return self._recover_unmoved(
+                    tx, partner, proposal_record, final, state_name, now_us
+                )
+            acceptance_record = self._record(
+                tx, report.records[1], TransferAcceptance, sender=receiver, audience=sender
+            )
+            acceptance = acceptance_record.msg
+            assert isinstance(acceptance, TransferAcceptance)
+            if (
+                acceptance.transfer_id != transfer_id
+                or acceptance.header.in_reply_to != proposal.header.message_id
+                or acceptance.proposal_digest != digest(proposal_payload)
+            ):
+                raise Rejected(
+                    RejectionCode.DIGEST_MISMATCH,
+                    "the acceptance record does not answer the proposal record",
+                )
+            if acceptance.completed and not proposal.complete_on_acceptance:
+                raise Rejected(
+                    RejectionCode.UNEXPECTED_REPLY,
+                    "the acceptance says it completed a proposal that did not ask (§6.11 S6)",
+                )
+            if sender == self.party:
+                self._recover_outgoing(tx, partner, proposal_record, acceptance_record, now_us)
+            else:
+                self._recover_incoming(
+                    tx, partner, proposal_record, acceptance_record, report_journal_id, now_us
+                )
+        except Rejected as rejected:
+            return refuse(f"{rejected.code.name} ({int(rejected.code)}): {rejected.detail}")
+        log.warning(
+            "transfer %s recovered from %s's records: %d tCO2e %s, COMPLETED",
+            transfer_id, partner, proposal.quantity,
+            "debited" if sender == self.party else "credited",
+            extra={"transfer_id": transfer_id, "partner": partner},
+        )  # fmt: skip
+        return Recovered(
+            transfer_id, RECOVERED, state_name,
+            f"COMPLETED: {proposal.quantity} tCO2e "
+            f"{'debited' if sender == self.party else 'credited'} as on "
+            f"{from_us(timestamp_us(acceptance.header.sent_at)):%Y-%m-%d %H:%M:%S} UTC",
+            proposal.quantity,
+        )  # fmt: skip
+
+    def _record(
+        self, tx: Tx, raw: bytes, kind: type[Message], *, sender: str, audience: str
+    ) -> _Record:
+        """Verify one record, signed by ``sender`` for ``audience``, then parse it as
+        ``kind``. A record of this node's own is verified with its own keys (those it
+        can still load, less those it revoked), one of the partner's with the keys
+        pinned here; each key must have been valid when the record was sent."""
+        if len(raw) > self.limits.max_message_bytes:
+            raise Rejected(RejectionCode.MESSAGE_TOO_LARGE, "a record is too large")
+        trust = self._own_trust(tx, raw) if sender == self.party else self.trust
+        verified = open_envelope(raw, trust)
+        if verified.signer_party != sender:
+            raise Rejected(
+                RejectionCode.SIGNER_NOT_PEER,
+                f"a record signed by {verified.signer_party}, not {sender}",
+            )
+        if verified.payload_type != type_name(kind):
+            raise Rejected(
+                RejectionCode.UNEXPECTED_REPLY,
+                f"a {verified.payload_type} record where a {type_name(kind)} belongs",
+            )
+        msg = kind()
+        try:
+            msg.ParseFromString(verified.payload)
+        except DecodeError as exc:
+            raise Rejected(RejectionCode.MALFORMED_PAYLOAD, f"record payload: {exc}") from None
+        validate(msg, max_blocks=self.limits.max_blocks)
+        header = msg.header  # type: ignore[attr-defined]
+        if header.sender_party != sender or header.audience != audience:
+            raise Rejected(
+                RejectionCode.SENDER_MISMATCH,
+                f"a record from {header.sender_party} to {header.audience}, "
+                f"not from {sender} to {audience}",
+            )
+        if not header.HasField("sent_at"):
+            raise Rejected(RejectionCode.MISSING_FIELD, "a record has no sent_at")
+        self._check_key_windows(trust, verified, from_us(timestamp_us(header.sent_at)))
+        return _Record(msg, verified.payload, raw)
+
+    def _own_trust(self, tx: Tx, raw: bytes) -> TrustStore:
+        """This node's own verifying keys that may have signed ``raw``."""
+        keys: dict[str, VerifyingKey] = {}
+        for key in (self.signing_key, self.pending_key):
+            if key is not None:
+                keys[key.key_id] = key.verifying_key()
+        for key_id in signing_key_ids(raw):
+            if key_id in keys or self._key_loader is None:
+                continue
+            try:
+                keys[key_id] = self._key_loader(key_id).verifying_key()
+            except (OSError, ValueError):
+                continue  # not this node's, or its file is gone: it cannot verify
+        trust = TrustStore(keys.values())
+        for key_id, party in tx.revoked_keys().items():
+            if party == self.party:
+                trust.revoke(key_id)
+        return trust
+
+    @staticmethod
+    def _check_key_windows(trust: TrustStore, verified: VerifiedEnvelope, at: dt.datetime) -> None:
+        for key_id in verified.key_ids:
+            key = trust.get(key_id)
+            problem = None if key is None else key.valid_at(at)
+            if problem is not None:
+                raise Rejected(
+                    RejectionCode.SIGNING_KEY_EXPIRED,
+                    f"a record signed with key {key_id} when it was {problem}",
+                )
+
+    def _recover_outgoing(
+        self,
+        tx: Tx,
+        partner: str,
+        proposal_record: _Record,
+        acceptance_record: _Record,
+        now_us: int,
+    ) -> None:
+        """A transfer this node sent and the partner completed: its blocks, still
+        held here, are reserved for it and debited, and the sender's completion step
+        books what it booked then (+CA of a first transfer, the give-back of an
+        onward one)."""
+        proposal = proposal_record.msg
+        assert isinstance(proposal, TransferProposal)
+        blocks = [block_from_pb(b) for b in proposal.blocks]
+        sources: list[Block] = []
+        left: list[Block] = []
+        for block in blocks:
+            rows = tx.blocks_held_over(block)
+            for row in rows:
+                if row.status != "held" or row.account != HOLDING_ACCOUNT:
+                    raise Rejected(
+                        RejectionCode.INSUFFICIENT_HOLDINGS,
+                        f"{row.block.label()} of the transfer is {row.status} in account "
+                        f"{row.account} here, not held: its units have moved since the "
+                        "backup (settle it with the partner's operators)",
+                    )
+            held = [row.block for row in rows]
+            left.extend(cut_out(held, block))
+            sources.extend(held)
+        tx.blocks_carve(
+            sources, left, [(b, proposal.transfer_id) for b in blocks], account=HOLDING_ACCOUNT
+        )
+        tx.transfers_put(
+            [
+                NewTransfer(
+                    transfer_id=proposal.transfer_id, direction=Role.SENDER, partner=partner,
+                    state=TransferState.PROPOSED, quantity=proposal.quantity,
+                    authorisation_id=proposal.authorisation_id,
+                    first_transfer=proposal.first_transfer,
+                    proposal_message_id=proposal.header.message_id,
+                    proposal_digest=digest(proposal_record.payload),
+                    expires_at=timestamp_us(proposal.expires_at), blocks=blocks,
+                    proposed_at=timestamp_us(proposal.header.sent_at),
+                    complete_on_acceptance=proposal.complete_on_acceptance,
+                )
+            ],
+            now=now_us,
+        )  # fmt: skip
+        self._journal_record(tx, "out", partner, proposal_record, now_us)
+        acceptance_id = self._journal_record(tx, "in", partner, acceptance_record, now_us)
+        record = tx.transfer_get(proposal.transfer_id)
+        assert record is not None
+        # The completion the partner received was sent then: nothing is sent now.
+        done = self._complete_outgoing_many(
+            tx, [record], digest(acceptance_record.payload), acceptance_id, now_us,
+            event=Event.COMPLETED_ACCEPTANCE_RECEIVED,
+        )  # fmt: skip
+        if proposal.transfer_id not in done:
+            raise RuntimeError(f"recovered transfer {proposal.transfer_id} was not completed")
+
+    def _recover_incoming(
+        self,
+        tx: Tx,
+        partner: str,
+        proposal_record: _Record,
+        acceptance_record: _Record,
+        report_journal_id: int,
+        now_us: int,
+    ) -> None:
+        """A transfer the partner sent, this node accepted and the partner completed:
+        the receiver's checks on its blocks (T2a to T5: none of them held here), then
+        the receiver's completion step (credit, −CA), its adjustment pointing at the
+        partner's signed report that it completed."""
+        proposal = proposal_record.msg
+        assert isinstance(proposal, TransferProposal)
+        blocks = self._check_incoming(tx, partner, proposal, now_us)
+        tx.transfers_put(
+            [
+                self._incoming_row(
+                    partner, proposal, proposal, TransferState.ACCEPTED, blocks,
+                    proposal_digest=digest(proposal_record.payload),
+                    acceptance_digest=digest(acceptance_record.payload),
+                    expires_at=timestamp_us(proposal.expires_at),
+                )
+            ],
+            now=now_us,
+        )  # fmt: skip
+        self._journal_record(tx, "in", partner, proposal_record, now_us)
+        self._journal_record(tx, "out", partner, acceptance_record, now_us)
+        record = tx.transfer_get(proposal.transfer_id)
+        assert record is not None
+        _, refused = self._complete_incoming_many(tx, partner, [record], report_journal_id, now_us)
+        if refused:
+            raise RuntimeError(f"recovered transfer {proposal.transfer_id} was not completed")
+
+    def _recover_unmoved(
+        self,
+        tx: Tx,
+        partner: str,
+        proposal_record: _Record,
+        final: TransferState,
+        state_name: str,
+        now_us: int,
+    ) -> Recovered:
+        """A transfer that moved nothing at the partner: recorded here in the same
+        final state, placed by its proposal's ``sent_at`` as the partner places it.
+        Nothing else changes (an outgoing transfer's units were never debited)."""
+        proposal = proposal_record.msg
+        assert isinstance(proposal, TransferProposal)
+        ours = proposal.header.sender_party == self.party
+        tx.transfer_put(
+            transfer_id=proposal.transfer_id,
+            direction=Role.SENDER if ours else Role.RECEIVER,
+            partner=partner,
+            state=final,
+            quantity=proposal.quantity,
+            authorisation_id=proposal.authorisation_id,
+            first_transfer=proposal.first_transfer,
+            proposal_message_id=proposal.header.message_id,
+            proposal_digest=digest(proposal_record.payload),
+            expires_at=timestamp_us(proposal.expires_at),
+            rejection_detail=f"recovered: {partner} reports {state_name}",
+            proposed_at=timestamp_us(proposal.header.sent_at),
+            now=now_us,
+        )
+        self._journal_record(tx, "out" if ours else "in", partner, proposal_record, now_us)
+        log.warning(
+            "transfer %s recovered from %s's records: %s, nothing moved",
+            proposal.transfer_id, partner, final.name,
+            extra={"transfer_id": proposal.transfer_id, "partner": partner},
+        )  # fmt: skip
+        return Recovered(
+            proposal.transfer_id, RECOVERED, state_name, f"{final.name}: nothing moved"
+        )
+
+    @staticmethod
+    def _journal_record(tx: Tx, direction: str, partner: str, record: _Record, now_us: int) -> int:
+        """Journal a record as it was exchanged (unless the journal has it); its entry."""
+        message_id = record.msg.header.message_id  # type: ignore[attr-defined]
+        entry = tx.journal_new(
+            direction=direction, partner=partner, message_id=message_id,
+            payload_type=type_name(type(record.msg)), envelope=record.raw, now=now_us,
+        )  # fmt: skip
+        if entry is None:
+            known = tx.journal_id_of(direction, partner, message_id)
+            assert known is not None
+            return known
+        return entry

@@ -1,0 +1,283 @@
+"""Recovering the transfers a restored ledger lost, from the partner's records
+(docs/PROTOCOL.md §7.9, docs/OPERATIONS.md §7, `itmolink recover`)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from itmolink.admin.v1 import admin_pb2
+from itmolink.cli.main import main
+from itmolink.crypto.envelope import seal
+from itmolink.store.tx import TransferRecord, Tx
+from itmolink.v1 import envelope_pb2, transfer_pb2
+
+from ..conftest import Databases, postgres_cluster
+from .conftest import Registry, final_state, link, start_registry, stop_registry
+from .test_backup import _backup, _restore
+from .test_one_round import ASK
+from .test_operations import _issued, _transfer
+
+COMPLETED = 3
+
+
+async def _restored(config: Path, backup: Path, databases: Databases, partner: Registry) -> Registry:
+    """The node of ``config`` restored from ``backup`` and marked restored, running."""
+    _restore(config, backup, databases)
+    assert main(["node", "restored", "--config", str(config)]) == 0
+    registry = await start_registry(config)
+    link(registry, partner)
+    return registry
+
+
+async def _recover(registry: Registry, partner: str) -> Any:
+    request = admin_pb2.RecoverTransfersRequest(partner=partner)
+    request.snapshot_at.FromDatetime(dt.datetime.now(dt.UTC))
+    return await registry.call("RecoverTransfers", request)
+
+
+async def _reconcile(registry: Registry, partner: str) -> list[tuple[str, str]]:
+    request = admin_pb2.ReconcileRequest(partner=partner)
+    request.snapshot_at.FromDatetime(dt.datetime.now(dt.UTC))
+    report = await registry.call("Reconcile", request)
+    return [(d.phase, d.subject) for d in report.discrepancies]
+
+
+def _amounts(adjustments: list[Any]) -> list[tuple[str, int]]:
+    return sorted((a.transfer_id, a.amount) for a in adjustments)
+
+
+@pytest.mark.parametrize("flow", ["two-phase", "one-round"])
+async def test_the_sender_gets_its_lost_transfers_back_from_the_receiver_records(
+    pki: Callable[..., Path], databases: Databases, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str], flow: str,
+) -> None:  # fmt: skip
+    """LAO's ledger is restored from a backup that misses two completed transfers.
+    `itmolink recover` asks KOR for their records, debits the units (still held here
+    since the backup) and books LAO's +CA as it did then; afterwards the two ledgers
+    reconcile, the journal verifies, and the units are not offered again."""
+    if databases.postgres:
+        postgres_cluster()
+    lao_config = pki("LAO", ["KOR"], extra=ASK if flow == "one-round" else "")
+    lao = await start_registry(lao_config)
+    kor = await start_registry(pki("KOR", ["LAO"]))
+    link(lao, kor)
+    restored: Registry | None = None
+    try:
+        authorisation_id = await _issued(lao, quantity=1_000)
+        first = await _transfer(lao, authorisation_id, 100)
+        await final_state(lao, first)
+        backup = tmp_path / "lao.backup"
+        await asyncio.to_thread(_backup, lao_config, backup)
+        lost = [await _transfer(lao, authorisation_id, q) for q in (50, 30)]
+        for transfer_id in lost:
+            assert (await final_state(kor, transfer_id)).state == COMPLETED
+            assert (await final_state(lao, transfer_id)).state == COMPLETED
+        adjustments = _amounts(await lao.adjustments())
+        await stop_registry(lao)
+
+        restored = await _restored(lao_config, backup, databases, kor)
+        assert await restored.held() == 900  # as of the backup
+        capsys.readouterr()
+        code = await asyncio.to_thread(
+            main, ["recover", "--config", str(lao_config), "--partner", "KOR",
+                   "--snapshot-age", "0"],
+        )  # fmt: skip
+        out = capsys.readouterr().out
+        assert code == 0, out
+        for transfer_id in lost:
+            assert transfer_id in out
+        assert out.count("recovered") >= 2
+        assert "after recovery:" in out
+        assert "no discrepancy" in out.split("after recovery:")[1]
+
+        transfers = await restored.transfers()
+        assert [transfers[t].state for t in lost] == [COMPLETED, COMPLETED]
+        assert await restored.held() == 820
+        assert _amounts(await restored.adjustments()) == adjustments
+        assert await _reconcile(restored, "KOR") == []
+        assert main(["audit", "verify", "--config", str(lao_config)]) == 0
+        # Asked again: nothing is lost any more, nothing changes.
+        again = await _recover(restored, "KOR")
+        assert list(again.transfers) == [] and not again.HasField("after")
+        # The units left with the lost transfers are not offered again: a new
+        # transfer takes others, and KOR takes it.
+        fourth = await _transfer(restored, authorisation_id, 10)
+        assert (await final_state(restored, fourth)).state == COMPLETED
+        assert await _reconcile(restored, "KOR") == []
+    finally:
+        await stop_registry(restored if restored is not None else lao)
+        await stop_registry(kor)
+
+
+async def test_the_receiver_gets_its_lost_transfer_back_from_the_sender_records(
+    pki: Callable[..., Path], databases: Databases, tmp_path: Path
+) -> None:
+    """KOR's ledger is restored from a backup that misses a transfer it received:
+    LAO's records give it back, credited with KOR's −CA, as KOR booked it then."""
+    if databases.postgres:
+        postgres_cluster()
+    kor_config = pki("KOR", ["LAO"])
+    lao = await start_registry(pki("LAO", ["KOR"]))
+    kor = await start_registry(kor_config)
+    link(lao, kor)
+    restored: Registry | None = None
+    try:
+        authorisation_id = await _issued(lao, quantity=1_000)
+        first = await _transfer(lao, authorisation_id, 100)
+        await final_state(kor, first)
+        backup = tmp_path / "kor.backup"
+        await asyncio.to_thread(_backup, kor_config, backup)
+        lost = await _transfer(lao, authorisation_id, 70)
+        assert (await final_state(lao, lost)).state == COMPLETED
+        assert (await final_state(kor, lost)).state == COMPLETED
+        adjustments = _amounts(await kor.adjustments())
+        await stop_registry(kor)
+
+        restored = await _restored(kor_config, backup, databases, lao)
+        assert await restored.held() == 100
+        report = await _recover(restored, "LAO")
+        assert [(t.transfer_id, t.outcome, t.partner_state) for t in report.transfers] == [
+            (lost, "recovered", "COMPLETED")
+        ]
+        assert report.transfers[0].quantity == 70
+        assert list(report.after.discrepancies) == []
+        assert await restored.held() == 170
+        assert _amounts(await restored.adjustments()) == adjustments
+        assert await _reconcile(lao, "KOR") == []
+    finally:
+        await stop_registry(restored if restored is not None else kor)
+        await stop_registry(lao)
+
+
+async def test_units_that_moved_since_the_backup_are_not_recovered_and_say_so(
+    pki: Callable[..., Path], databases: Databases, tmp_path: Path
+) -> None:
+    """After the restore, LAO cancelled units that a lost transfer had moved to KOR:
+    the records verify, but debiting them again would be a second use of the same
+    serials. The transfer is not recovered, the reason names the block, and nothing
+    changes here (the discrepancy stays for the operators)."""
+    if databases.postgres:
+        postgres_cluster()
+    lao_config = pki("LAO", ["KOR"])
+    lao = await start_registry(lao_config)
+    kor = await start_registry(pki("KOR", ["LAO"]))
+    link(lao, kor)
+    restored: Registry | None = None
+    try:
+        authorisation_id = await _issued(lao, quantity=1_000)
+        backup = tmp_path / "lao.backup"
+        await asyncio.to_thread(_backup, lao_config, backup)
+        lost = await _transfer(lao, authorisation_id, 50)
+        await final_state(kor, lost)
+        await stop_registry(lao)
+
+        restored = await _restored(lao_config, backup, databases, kor)
+        await restored.call(
+            "Retire",
+            admin_pb2.RetireRequest(
+                action="voluntary-cancellation", host_party="LAO",
+                authorisation_id=authorisation_id, vintage=2025, quantity=20,
+            ),
+        )  # fmt: skip
+        held = await restored.held()
+        report = await _recover(restored, "KOR")
+        (outcome,) = report.transfers
+        assert (outcome.transfer_id, outcome.outcome) == (lost, "not recovered")
+        assert "INSUFFICIENT_HOLDINGS" in outcome.detail and "cancel" in outcome.detail
+        assert not report.HasField("after")
+        assert lost not in await restored.transfers()
+        assert await restored.held() == held
+        assert (("blocks", lost) in await _reconcile(restored, "KOR"))
+    finally:
+        await stop_registry(restored if restored is not None else lao)
+        await stop_registry(kor)
+
+
+def _forged(kor: Registry, transform: Callable[[list[bytes]], list[bytes]]) -> None:
+    """Make KOR's node answer record queries with ``transform`` of its true records."""
+    engine = kor.node.engine
+    true_records = engine._records_of
+
+    def records_of(tx: Tx, record: TransferRecord) -> list[bytes]:
+        return transform(true_records(tx, record))
+
+    engine._records_of = records_of  # type: ignore[method-assign]
+
+
+def _resigned_by(registry: Registry) -> Callable[[list[bytes]], list[bytes]]:
+    """LAO's proposal signed by ``registry`` instead, as if LAO had signed it."""
+
+    def transform(records: list[bytes]) -> list[bytes]:
+        envelope = envelope_pb2.Envelope.FromString(records[0])
+        proposal = transfer_pb2.TransferProposal.FromString(envelope.payload)
+        proposal.header.sender_party = "LAO"
+        payload = proposal.SerializeToString()
+        return [seal(envelope.payload_type, payload, registry.signing_key()), *records[1:]]
+
+    return transform
+
+
+def _altered(records: list[bytes]) -> list[bytes]:
+    """LAO's signed proposal with its quantity changed: the signature no longer holds."""
+    envelope = envelope_pb2.Envelope.FromString(records[0])
+    proposal = transfer_pb2.TransferProposal.FromString(envelope.payload)
+    proposal.quantity += 1
+    envelope.payload = proposal.SerializeToString()
+    return [envelope.SerializeToString(), *records[1:]]
+
+
+def _only_proposal(records: list[bytes]) -> list[bytes]:
+    return records[:1]
+
+
+@pytest.mark.parametrize(
+    ("forge", "expected"),
+    [
+        ("resigned", "UNKNOWN_SIGNING_KEY"),
+        ("altered", "BAD_SIGNATURE"),
+        ("only-proposal", "1 record(s), 2 needed"),
+    ],
+)
+async def test_records_that_do_not_prove_the_transfer_recover_nothing(
+    pki: Callable[..., Path], databases: Databases, tmp_path: Path, forge: str, expected: str
+) -> None:
+    """A partner cannot make a restored node debit units by sending records of its
+    own making: a proposal must carry this node's own signature over its bytes, and
+    a completed transfer needs the acceptance too. Nothing is applied."""
+    if databases.postgres:
+        postgres_cluster()
+    lao_config = pki("LAO", ["KOR"])
+    lao = await start_registry(lao_config)
+    kor = await start_registry(pki("KOR", ["LAO"]))
+    link(lao, kor)
+    restored: Registry | None = None
+    try:
+        authorisation_id = await _issued(lao, quantity=1_000)
+        backup = tmp_path / "lao.backup"
+        await asyncio.to_thread(_backup, lao_config, backup)
+        lost = await _transfer(lao, authorisation_id, 50)
+        await final_state(kor, lost)
+        await stop_registry(lao)
+
+        restored = await _restored(lao_config, backup, databases, kor)
+        transform = {
+            "resigned": _resigned_by(kor), "altered": _altered, "only-proposal": _only_proposal,
+        }[forge]  # fmt: skip
+        _forged(kor, transform)
+        held = await restored.held()
+        report = await _recover(restored, "KOR")
+        (outcome,) = report.transfers
+        assert outcome.outcome == "not recovered", outcome
+        assert expected in outcome.detail, outcome.detail
+        assert lost not in await restored.transfers()
+        assert await restored.held() == held
+        assert await restored.adjustments() == []
+    finally:
+        await stop_registry(restored if restored is not None else lao)
+        await stop_registry(kor)
