@@ -26,7 +26,9 @@ from .test_operations import _issued, _transfer
 COMPLETED = 3
 
 
-async def _restored(config: Path, backup: Path, databases: Databases, partner: Registry) -> Registry:
+async def _restored(
+    config: Path, backup: Path, databases: Databases, partner: Registry
+) -> Registry:
     """The node of ``config`` restored from ``backup`` and marked restored, running."""
     _restore(config, backup, databases)
     assert main(["node", "restored", "--config", str(config)]) == 0
@@ -104,7 +106,8 @@ async def test_the_sender_gets_its_lost_transfers_back_from_the_receiver_records
         assert main(["audit", "verify", "--config", str(lao_config)]) == 0
         # Asked again: nothing is lost any more, nothing changes.
         again = await _recover(restored, "KOR")
-        assert list(again.transfers) == [] and not again.HasField("after")
+        assert list(again.transfers) == []
+        assert not again.HasField("after")
         # The units left with the lost transfers are not offered again: a new
         # transfer takes others, and KOR takes it.
         fourth = await _transfer(restored, authorisation_id, 10)
@@ -189,11 +192,12 @@ async def test_units_that_moved_since_the_backup_are_not_recovered_and_say_so(
         report = await _recover(restored, "KOR")
         (outcome,) = report.transfers
         assert (outcome.transfer_id, outcome.outcome) == (lost, "not recovered")
-        assert "INSUFFICIENT_HOLDINGS" in outcome.detail and "cancel" in outcome.detail
+        assert "INSUFFICIENT_HOLDINGS" in outcome.detail
+        assert "cancel" in outcome.detail
         assert not report.HasField("after")
         assert lost not in await restored.transfers()
         assert await restored.held() == held
-        assert (("blocks", lost) in await _reconcile(restored, "KOR"))
+        assert ("blocks", lost) in await _reconcile(restored, "KOR")
     finally:
         await stop_registry(restored if restored is not None else lao)
         await stop_registry(kor)
