@@ -844,6 +844,29 @@ def _wrapped(wrap: Callable[[Tx], Any]) -> Callable[[Node], None]:
     return patch
 
 
+class SendsNoRecords(Engine):
+    """Answers a status query that asks for a transfer's records without them."""
+
+    def _records_of(self, tx: Tx, record: Any) -> list[bytes]:
+        return []
+
+
+class ResealsRecords(Engine):
+    """Sends a transfer's acceptance among its records sealed anew (a later sent_at, so a
+    new signature), not as it was exchanged."""
+
+    def _records_of(self, tx: Tx, record: Any) -> list[bytes]:
+        records = super()._records_of(tx, record)
+        if len(records) == 2:
+            envelope = envelope_pb2.Envelope.FromString(records[1])
+            acceptance = transfer_pb2.TransferAcceptance.FromString(envelope.payload)
+            acceptance.header.sent_at.nanos = (acceptance.header.sent_at.nanos + 1000) % 10**9
+            records[1] = seal(
+                envelope.payload_type, acceptance.SerializeToString(), self.signing_key
+            )
+        return records
+
+
 class IgnoresStatusReports(Engine):
     """Asks its senders about the transfers it accepted, and then ignores their reports."""
 
@@ -1039,6 +1062,14 @@ VARIANTS = [
     Variant("voids-one-round", "host", "voids a one-round proposal on its time-out",
             "3.04-timeout-void", "a sender that asked never voids",
             _voids_one_round, one_round=True),
+    Variant("sends-no-records", "buyer",
+            "answers a status query asking for a final transfer's records without them",
+            "3.27-status-records", "carries 0 record(s)",
+            lambda n: _swap(n, SendsNoRecords)),
+    Variant("reseals-records", "buyer",
+            "sends a transfer's acceptance as a record sealed anew, not as exchanged",
+            "3.27-status-records", "is not the acceptance envelope byte for byte",
+            lambda n: _swap(n, ResealsRecords)),
     Variant("never-asks-status", "buyer",
             "never asks the sender about a transfer it accepted and that outlived expires_at",
             "3.26-status-queries", "no TransferStatusQuery about",

@@ -178,6 +178,8 @@ def test_protocol_md_and_readme_give_the_number_of_variants() -> None:
         35: "thirty-five", 36: "thirty-six", 37: "thirty-seven", 38: "thirty-eight",
         39: "thirty-nine", 40: "forty", 41: "forty-one", 42: "forty-two", 43: "forty-three",
         44: "forty-four", 45: "forty-five", 46: "forty-six", 47: "forty-seven",
+        48: "forty-eight", 49: "forty-nine", 50: "fifty", 51: "fifty-one", 52: "fifty-two",
+        53: "fifty-three", 54: "fifty-four", 55: "fifty-five", 56: "fifty-six",
     }  # fmt: skip
     root = Path(__file__).resolve().parents[2]
     number = words[len(VARIANTS)]

@@ -434,6 +434,11 @@ class KitServer(partner_service_pb2_grpc.PartnerServiceServicer):
         self._replies[incoming.message_id] = (content, envelope)
         return partner_service_pb2.DeliverResponse(envelope=envelope)
 
+    def stored_reply(self, message_id: str) -> bytes | None:
+        """The reply the kit sealed and stored for a request of the target, if any."""
+        stored = self._replies.get(message_id)
+        return None if stored is None else stored[1]
+
     async def DeliverBatch(
         self,
         request: partner_service_pb2.DeliverBatchRequest,

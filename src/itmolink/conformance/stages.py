@@ -1512,6 +1512,7 @@ async def t_h_transfer(ctx: Context) -> None:
     record.acceptance_digest = ctx.notes.get("acceptances", {}).get(record.transfer_id, b"")
     await _wait_completion(ctx, record)
     await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_COMPLETED, "§6.3")
+    ctx.notes["proposal-completed"] = incoming
 
 
 @kit_test(
@@ -1619,6 +1620,95 @@ async def t_h_timeout(ctx: Context) -> None:
     record.final_at_target = record.voided = True
     await _expect_state(ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_VOIDED, "§6.3")
     check(not _completions_of(ctx, record.transfer_id), "the target completed a voided transfer")
+
+
+async def _report(
+    ctx: Context, transfer_id: str, *, records: bool = True
+) -> transfer_pb2.TransferStatusReport:
+    """The target's report on ``transfer_id``, asking for its records (or not)."""
+    query = transfer_pb2.TransferStatusQuery(transfer_id=transfer_id, include_records=records)
+    reply = await ctx.link.send(query)
+    report = ctx.expect(reply, transfer_pb2.TransferStatusReport, f"status of {transfer_id}")
+    check(
+        report.transfer_id == transfer_id,
+        f"status report names {report.transfer_id!r}, not {transfer_id!r}",
+    )
+    return report  # type: ignore[no-any-return]
+
+
+def _check_records(report: transfer_pb2.TransferStatusReport, expected: list[bytes]) -> None:
+    names = ["the proposal", "the acceptance"]
+    check(
+        len(report.records) == len(expected),
+        f"the report on {report.transfer_id} ({_state(report.state)}) carries "
+        f"{len(report.records)} record(s); a final transfer's records are "
+        f"{' and '.join(names[: len(expected)])} (§5.11)",
+    )
+    for number, (got, want) in enumerate(zip(report.records, expected, strict=True)):
+        check(
+            got == want,
+            f"record {number + 1} of {report.transfer_id} is not {names[number]} envelope "
+            "byte for byte as exchanged (§5.11: the journaled envelope, not a new one)",
+        )
+
+
+@kit_test(
+    "3.27-status-records",
+    3,
+    "§5.11, §7.9",
+    "a status query with include_records: none while the transfer is ACCEPTED or unasked; "
+    "for the completed transfer, the kit's proposal and the target's acceptance byte for byte; "
+    "for a rejected one, the proposal alone",
+    ("buyer",),
+)
+async def t_b_records(ctx: Context) -> None:
+    record, envelope, reply = await _propose(ctx, 400)
+    _accepted(ctx, record, reply, "proposal")
+    report = await _report(ctx, record.transfer_id)
+    check(
+        report.state == transfer_pb2.TRANSFER_STATE_ACCEPTED and not report.records,
+        f"while {record.transfer_id} is {_state(report.state)} the report carries "
+        f"{len(report.records)} record(s): records are only for a final transfer (§5.11)",
+    )
+    await _complete(ctx, record, "completion")
+    report = await _report(ctx, record.transfer_id, records=False)
+    check(
+        report.state == transfer_pb2.TRANSFER_STATE_COMPLETED and not report.records,
+        f"a query that did not ask got {len(report.records)} record(s) (§5.11)",
+    )
+    report = await _report(ctx, record.transfer_id)
+    _check_records(report, [envelope, reply.raw])
+    blocks = ctx.new_blocks(100, ctx.needs("auth", "2.01"), vintage=2020)
+    proposal = ctx.proposal(blocks)
+    payload, refused = ctx.link.seal(proposal)
+    rejected = ctx.record_outgoing(proposal, payload, blocks)
+    ctx.expect_rejection(
+        await ctx.link.deliver_raw(refused), C.REJECTION_CODE_VINTAGE_BEFORE_2021,
+        "vintage 2020", recorded=True,
+    )  # fmt: skip
+    rejected.final_at_target, rejected.moved = True, False
+    report = await _report(ctx, rejected.transfer_id)
+    check(
+        report.state == transfer_pb2.TRANSFER_STATE_REJECTED,
+        f"{rejected.transfer_id} is {_state(report.state)} at the target, not REJECTED",
+    )
+    _check_records(report, [refused])
+
+
+@kit_test(
+    "3.09-status-records",
+    3,
+    "§5.11, §7.9",
+    "a status query with include_records about the transfer of 3.01: the target's proposal and "
+    "the kit's acceptance, byte for byte",
+    ("host",),
+)
+async def t_h_records(ctx: Context) -> None:
+    incoming: Incoming = ctx.needs("proposal-completed", "3.01")
+    acceptance = ctx.server.stored_reply(incoming.message_id)
+    assert acceptance is not None
+    transfer_id = incoming.message.transfer_id  # type: ignore[attr-defined]
+    _check_records(await _report(ctx, transfer_id), [incoming.raw, acceptance])
 
 
 @kit_test(
