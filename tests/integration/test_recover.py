@@ -13,6 +13,7 @@ import pytest
 
 from itmolink.admin.v1 import admin_pb2
 from itmolink.cli.main import main
+from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.crypto.envelope import seal
 from itmolink.store.tx import TransferRecord, Tx
 from itmolink.v1 import envelope_pb2, transfer_pb2
@@ -24,6 +25,7 @@ from .test_one_round import ASK
 from .test_operations import _issued, _transfer
 
 COMPLETED = 3
+REJECTED = 4
 
 
 async def _restored(
@@ -282,6 +284,74 @@ async def test_records_that_do_not_prove_the_transfer_recover_nothing(
         assert lost not in await restored.transfers()
         assert await restored.held() == held
         assert await restored.adjustments() == []
+    finally:
+        await stop_registry(restored if restored is not None else lao)
+        await stop_registry(kor)
+
+
+async def test_lost_batch_items_and_a_lost_rejection_come_back(
+    pki: Callable[..., Path], databases: Databases, tmp_path: Path
+) -> None:
+    """After the backup LAO proposed a batch of three, of which KOR rejected the
+    second, and a transfer alone that KOR rejected. Recovery gives back the two
+    completed items (their records: the batch proposal and the batch acceptance), and
+    the two rejections with nothing moved, placed as KOR places them: afterwards the
+    ledgers reconcile and LAO holds what it held before the restore."""
+    if databases.postgres:
+        postgres_cluster()
+    lao_config = pki("LAO", ["KOR"])
+    lao = await start_registry(lao_config)
+    kor = await start_registry(pki("KOR", ["LAO"]))
+    link(lao, kor)
+    restored: Registry | None = None
+    try:
+        authorisation_id = await _issued(lao, quantity=1_000)
+        backup = tmp_path / "lao.backup"
+        await asyncio.to_thread(_backup, lao_config, backup)
+        engine = kor.node.engine
+        check_incoming = engine._check_incoming
+        refused: list[str] = []
+
+        def refuse_some(tx: Tx, sender: str, item: Any, now_us: int, batch: Any = None) -> Any:
+            if item.quantity in (20, 40):
+                refused.append(item.transfer_id)
+                raise Rejected(RejectionCode.VINTAGE_NOT_AUTHORISED, "KOR refuses this one")
+            return check_incoming(tx, sender, item, now_us, batch)
+
+        engine._check_incoming = refuse_some  # type: ignore[method-assign]
+        response = await lao.call(
+            "TransferBatch",
+            admin_pb2.TransferBatchRequest(
+                to_party="KOR",
+                items=[
+                    admin_pb2.TransferBatchRequestItem(
+                        authorisation_id=authorisation_id, vintage=2025, quantity=q
+                    )
+                    for q in (10, 20, 30)
+                ],
+            ),
+        )
+        alone = await _transfer(lao, authorisation_id, 40)
+        lost = [*response.transfer_ids, alone]
+        states = [(await final_state(lao, t)).state for t in lost]
+        assert states == [COMPLETED, REJECTED, COMPLETED, REJECTED]
+        for transfer_id in lost:
+            await final_state(kor, transfer_id)
+        held, adjustments = await lao.held(), _amounts(await lao.adjustments())
+        await stop_registry(lao)
+
+        restored = await _restored(lao_config, backup, databases, kor)
+        report = await _recover(restored, "KOR")
+        outcomes = {t.transfer_id: (t.outcome, t.partner_state) for t in report.transfers}
+        assert outcomes == {
+            lost[0]: ("recovered", "COMPLETED"), lost[1]: ("recovered", "REJECTED"),
+            lost[2]: ("recovered", "COMPLETED"), lost[3]: ("recovered", "REJECTED"),
+        }, list(report.transfers)  # fmt: skip
+        assert list(report.after.discrepancies) == []
+        transfers = await restored.transfers()
+        assert [transfers[t].state for t in lost] == [COMPLETED, REJECTED, COMPLETED, REJECTED]
+        assert await restored.held() == held == 960
+        assert _amounts(await restored.adjustments()) == adjustments
     finally:
         await stop_registry(restored if restored is not None else lao)
         await stop_registry(kor)

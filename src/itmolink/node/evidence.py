@@ -17,6 +17,7 @@ and records (PROTOCOL.md §7.9, DESIGN.md decision 61).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 
@@ -30,6 +31,9 @@ from itmolink.crypto.keys import VerifyingKey
 from itmolink.node.base import (
     ReplyError,
     TransferAcceptance,
+    TransferBatchAcceptance,
+    TransferBatchItem,
+    TransferBatchProposal,
     TransferProposal,
     TransferStatusQuery,
     TransferStatusReport,
@@ -69,6 +73,17 @@ class _Record:
     msg: Message
     payload: bytes
     raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Proposed:
+    """A verified proposal record and the transfer asked about in it: the proposal
+    itself, or its item of a batch proposal (``batch_id`` then set)."""
+
+    record: _Record
+    msg: TransferProposal | TransferBatchProposal
+    item: TransferProposal | TransferBatchItem
+    batch_id: str
 
 
 def _state_name(state: int) -> str:
@@ -159,72 +174,115 @@ class Evidence(Requests, Replies):
         if len(report.records) < wanted:
             return refuse(
                 f"{partner} sent {len(report.records)} record(s), {wanted} needed: it does not "
-                "hold them as exchanged, the transfer was part of a batch, or it does not "
-                "implement the records (PROTOCOL.md §5.11); settle it with its operators"
+                "hold them as exchanged, or does not implement the records (PROTOCOL.md "
+                "§5.11); settle it with its operators"
             )
         try:
-            proposal_record = self._record(
-                tx, report.records[0], TransferProposal, sender=sender, audience=receiver
-            )
-            proposal, proposal_payload = proposal_record.msg, proposal_record.payload
-            assert isinstance(proposal, TransferProposal)
-            if proposal.transfer_id != transfer_id:
-                raise Rejected(
-                    RejectionCode.INVALID_FIELD,
-                    f"the proposal record is of transfer {proposal.transfer_id!r}",
-                )
+            proposed = self._proposed(tx, report.records[0], transfer_id, sender, receiver)
             if final is not TransferState.COMPLETED:
-                return self._recover_unmoved(
-                    tx, partner, proposal_record, final, state_name, now_us
-                )
-            acceptance_record = self._record(
-                tx, report.records[1], TransferAcceptance, sender=receiver, audience=sender
-            )
-            acceptance = acceptance_record.msg
-            assert isinstance(acceptance, TransferAcceptance)
-            if (
-                acceptance.transfer_id != transfer_id
-                or acceptance.header.in_reply_to != proposal.header.message_id
-                or acceptance.proposal_digest != digest(proposal_payload)
-            ):
-                raise Rejected(
-                    RejectionCode.DIGEST_MISMATCH,
-                    "the acceptance record does not answer the proposal record",
-                )
-            if acceptance.completed and not proposal.complete_on_acceptance:
-                raise Rejected(
-                    RejectionCode.UNEXPECTED_REPLY,
-                    "the acceptance says it completed a proposal that did not ask (§6.11 S6)",
-                )
+                return self._recover_unmoved(tx, partner, proposed, final, state_name, now_us)
+            acceptance = self._acceptance(tx, report.records[1], proposed, receiver, sender)
             if sender == self.party:
-                self._recover_outgoing(tx, partner, proposal_record, acceptance_record, now_us)
+                self._recover_outgoing(tx, partner, proposed, acceptance, now_us)
             else:
-                self._recover_incoming(
-                    tx, partner, proposal_record, acceptance_record, report_journal_id, now_us
-                )
+                self._recover_incoming(tx, partner, proposed, acceptance, report_journal_id, now_us)
         except Rejected as rejected:
             return refuse(f"{rejected.code.name} ({int(rejected.code)}): {rejected.detail}")
+        moved = "debited" if sender == self.party else "credited"
+        quantity = proposed.item.quantity
         log.warning(
             "transfer %s recovered from %s's records: %d tCO2e %s, COMPLETED",
-            transfer_id, partner, proposal.quantity,
-            "debited" if sender == self.party else "credited",
+            transfer_id, partner, quantity, moved,
             extra={"transfer_id": transfer_id, "partner": partner},
         )  # fmt: skip
+        sent_at = acceptance.msg.header.sent_at  # type: ignore[attr-defined]
         return Recovered(
             transfer_id, RECOVERED, state_name,
-            f"COMPLETED: {proposal.quantity} tCO2e "
-            f"{'debited' if sender == self.party else 'credited'} as on "
-            f"{from_us(timestamp_us(acceptance.header.sent_at)):%Y-%m-%d %H:%M:%S} UTC",
-            proposal.quantity,
+            f"COMPLETED: {quantity} tCO2e {moved}, accepted at "
+            f"{from_us(timestamp_us(sent_at)):%Y-%m-%d %H:%M:%S} UTC",
+            quantity,
         )  # fmt: skip
 
+    def _proposed(
+        self, tx: Tx, raw: bytes, transfer_id: str, sender: str, receiver: str
+    ) -> _Proposed:
+        """The proposal record of ``transfer_id``: a proposal of it alone, or a batch
+        proposal with it among its items."""
+        record = self._record(
+            tx, raw, (TransferProposal, TransferBatchProposal), sender=sender, audience=receiver
+        )
+        msg = record.msg
+        if isinstance(msg, TransferProposal):
+            if msg.transfer_id != transfer_id:
+                raise Rejected(
+                    RejectionCode.INVALID_FIELD,
+                    f"the proposal record is of transfer {msg.transfer_id!r}",
+                )
+            return _Proposed(record, msg, msg, "")
+        assert isinstance(msg, TransferBatchProposal)
+        items = [item for item in msg.items if item.transfer_id == transfer_id]
+        if len(items) != 1:
+            raise Rejected(
+                RejectionCode.INVALID_FIELD,
+                f"the batch proposal record {msg.batch_id!r} has {len(items)} items "
+                f"{transfer_id!r}, not one",
+            )
+        return _Proposed(record, msg, items[0], msg.batch_id)
+
+    def _acceptance(
+        self, tx: Tx, raw: bytes, proposed: _Proposed, sender: str, audience: str
+    ) -> _Record:
+        """The acceptance record that answered ``proposed`` and accepted its transfer."""
+        batch = bool(proposed.batch_id)
+        record = self._record(
+            tx, raw, (TransferBatchAcceptance if batch else TransferAcceptance,),
+            sender=sender, audience=audience,
+        )  # fmt: skip
+        msg = record.msg
+        header = msg.header  # type: ignore[attr-defined]
+        if (
+            header.in_reply_to != proposed.msg.header.message_id
+            or msg.proposal_digest != digest(proposed.record.payload)  # type: ignore[attr-defined]
+        ):
+            raise Rejected(
+                RejectionCode.DIGEST_MISMATCH,
+                "the acceptance record does not answer the proposal record",
+            )
+        transfer_id = proposed.item.transfer_id
+        if isinstance(msg, TransferBatchAcceptance):
+            outcomes = [o for o in msg.items if o.transfer_id == transfer_id]
+            if msg.batch_id != proposed.batch_id or len(outcomes) != 1:
+                raise Rejected(
+                    RejectionCode.DIGEST_MISMATCH,
+                    f"the batch acceptance record does not answer {transfer_id} once",
+                )
+            if outcomes[0].HasField("rejection"):
+                raise Rejected(
+                    RejectionCode.UNEXPECTED_REPLY,
+                    f"the batch acceptance record rejects {transfer_id}, reported COMPLETED",
+                )
+            return record
+        assert isinstance(msg, TransferAcceptance)
+        assert isinstance(proposed.item, TransferProposal)
+        if msg.transfer_id != transfer_id:
+            raise Rejected(
+                RejectionCode.DIGEST_MISMATCH,
+                f"the acceptance record is of transfer {msg.transfer_id!r}",
+            )
+        if msg.completed and not proposed.item.complete_on_acceptance:
+            raise Rejected(
+                RejectionCode.UNEXPECTED_REPLY,
+                "the acceptance says it completed a proposal that did not ask (§6.11 S6)",
+            )
+        return record
+
     def _record(
-        self, tx: Tx, raw: bytes, kind: type[Message], *, sender: str, audience: str
+        self, tx: Tx, raw: bytes, kinds: tuple[type[Message], ...], *, sender: str, audience: str
     ) -> _Record:
         """Verify one record, signed by ``sender`` for ``audience``, then parse it as
-        ``kind``. A record of this node's own is verified with its own keys (those it
-        can still load, less those it revoked), one of the partner's with the keys
-        pinned here; each key must have been valid when the record was sent."""
+        the one of ``kinds`` it names. A record of this node's own is verified with its
+        own keys (those it can still load, less those it revoked), one of the partner's
+        with the keys pinned here; each key must have been valid when it was sent."""
         if len(raw) > self.limits.max_message_bytes:
             raise Rejected(RejectionCode.MESSAGE_TOO_LARGE, "a record is too large")
         trust = self._own_trust(tx, raw) if sender == self.party else self.trust
@@ -234,10 +292,12 @@ class Evidence(Requests, Replies):
                 RejectionCode.SIGNER_NOT_PEER,
                 f"a record signed by {verified.signer_party}, not {sender}",
             )
-        if verified.payload_type != type_name(kind):
+        kind = next((k for k in kinds if type_name(k) == verified.payload_type), None)
+        if kind is None:
             raise Rejected(
                 RejectionCode.UNEXPECTED_REPLY,
-                f"a {verified.payload_type} record where a {type_name(kind)} belongs",
+                f"a {verified.payload_type} record where a "
+                f"{' or '.join(type_name(k) for k in kinds)} belongs",
             )
         msg = kind()
         try:
@@ -288,20 +348,14 @@ class Evidence(Requests, Replies):
                 )
 
     def _recover_outgoing(
-        self,
-        tx: Tx,
-        partner: str,
-        proposal_record: _Record,
-        acceptance_record: _Record,
-        now_us: int,
+        self, tx: Tx, partner: str, proposed: _Proposed, acceptance: _Record, now_us: int
     ) -> None:
         """A transfer this node sent and the partner completed: its blocks, still
         held here, are reserved for it and debited, and the sender's completion step
         books what it booked then (+CA of a first transfer, the give-back of an
         onward one)."""
-        proposal = proposal_record.msg
-        assert isinstance(proposal, TransferProposal)
-        blocks = [block_from_pb(b) for b in proposal.blocks]
+        item = proposed.item
+        blocks = [block_from_pb(b) for b in item.blocks]
         sources: list[Block] = []
         left: list[Block] = []
         for block in blocks:
@@ -318,42 +372,30 @@ class Evidence(Requests, Replies):
             left.extend(cut_out(held, block))
             sources.extend(held)
         tx.blocks_carve(
-            sources, left, [(b, proposal.transfer_id) for b in blocks], account=HOLDING_ACCOUNT
+            sources, left, [(b, item.transfer_id) for b in blocks], account=HOLDING_ACCOUNT
         )
         tx.transfers_put(
-            [
-                NewTransfer(
-                    transfer_id=proposal.transfer_id, direction=Role.SENDER, partner=partner,
-                    state=TransferState.PROPOSED, quantity=proposal.quantity,
-                    authorisation_id=proposal.authorisation_id,
-                    first_transfer=proposal.first_transfer,
-                    proposal_message_id=proposal.header.message_id,
-                    proposal_digest=digest(proposal_record.payload),
-                    expires_at=timestamp_us(proposal.expires_at), blocks=blocks,
-                    proposed_at=timestamp_us(proposal.header.sent_at),
-                    complete_on_acceptance=proposal.complete_on_acceptance,
-                )
-            ],
+            [self._row(proposed, Role.SENDER, partner, TransferState.PROPOSED, blocks)],
             now=now_us,
-        )  # fmt: skip
-        self._journal_record(tx, "out", partner, proposal_record, now_us)
-        acceptance_id = self._journal_record(tx, "in", partner, acceptance_record, now_us)
-        record = tx.transfer_get(proposal.transfer_id)
+        )
+        self._journal_record(tx, "out", partner, proposed.record, now_us)
+        acceptance_id = self._journal_record(tx, "in", partner, acceptance, now_us)
+        record = tx.transfer_get(item.transfer_id)
         assert record is not None
         # The completion the partner received was sent then: nothing is sent now.
         done = self._complete_outgoing_many(
-            tx, [record], digest(acceptance_record.payload), acceptance_id, now_us,
+            tx, [record], digest(acceptance.payload), acceptance_id, now_us,
             event=Event.COMPLETED_ACCEPTANCE_RECEIVED,
         )  # fmt: skip
-        if proposal.transfer_id not in done:
-            raise RuntimeError(f"recovered transfer {proposal.transfer_id} was not completed")
+        if item.transfer_id not in done:
+            raise RuntimeError(f"recovered transfer {item.transfer_id} was not completed")
 
     def _recover_incoming(
         self,
         tx: Tx,
         partner: str,
-        proposal_record: _Record,
-        acceptance_record: _Record,
+        proposed: _Proposed,
+        acceptance: _Record,
         report_journal_id: int,
         now_us: int,
     ) -> None:
@@ -361,33 +403,25 @@ class Evidence(Requests, Replies):
         the receiver's checks on its blocks (T2a to T5: none of them held here), then
         the receiver's completion step (credit, −CA), its adjustment pointing at the
         partner's signed report that it completed."""
-        proposal = proposal_record.msg
-        assert isinstance(proposal, TransferProposal)
-        blocks = self._check_incoming(tx, partner, proposal, now_us)
+        item = proposed.item
+        blocks = self._check_incoming(tx, partner, item, now_us)
+        row = self._row(proposed, Role.RECEIVER, partner, TransferState.ACCEPTED, blocks)
         tx.transfers_put(
-            [
-                self._incoming_row(
-                    partner, proposal, proposal, TransferState.ACCEPTED, blocks,
-                    proposal_digest=digest(proposal_record.payload),
-                    acceptance_digest=digest(acceptance_record.payload),
-                    expires_at=timestamp_us(proposal.expires_at),
-                )
-            ],
-            now=now_us,
-        )  # fmt: skip
-        self._journal_record(tx, "in", partner, proposal_record, now_us)
-        self._journal_record(tx, "out", partner, acceptance_record, now_us)
-        record = tx.transfer_get(proposal.transfer_id)
+            [dataclasses.replace(row, acceptance_digest=digest(acceptance.payload))], now=now_us
+        )
+        self._journal_record(tx, "in", partner, proposed.record, now_us)
+        self._journal_record(tx, "out", partner, acceptance, now_us)
+        record = tx.transfer_get(item.transfer_id)
         assert record is not None
         _, refused = self._complete_incoming_many(tx, partner, [record], report_journal_id, now_us)
         if refused:
-            raise RuntimeError(f"recovered transfer {proposal.transfer_id} was not completed")
+            raise RuntimeError(f"recovered transfer {item.transfer_id} was not completed")
 
     def _recover_unmoved(
         self,
         tx: Tx,
         partner: str,
-        proposal_record: _Record,
+        proposed: _Proposed,
         final: TransferState,
         state_name: str,
         now_us: int,
@@ -395,33 +429,35 @@ class Evidence(Requests, Replies):
         """A transfer that moved nothing at the partner: recorded here in the same
         final state, placed by its proposal's ``sent_at`` as the partner places it.
         Nothing else changes (an outgoing transfer's units were never debited)."""
-        proposal = proposal_record.msg
-        assert isinstance(proposal, TransferProposal)
-        ours = proposal.header.sender_party == self.party
-        tx.transfer_put(
-            transfer_id=proposal.transfer_id,
-            direction=Role.SENDER if ours else Role.RECEIVER,
-            partner=partner,
-            state=final,
-            quantity=proposal.quantity,
-            authorisation_id=proposal.authorisation_id,
-            first_transfer=proposal.first_transfer,
-            proposal_message_id=proposal.header.message_id,
-            proposal_digest=digest(proposal_record.payload),
-            expires_at=timestamp_us(proposal.expires_at),
-            rejection_detail=f"recovered: {partner} reports {state_name}",
-            proposed_at=timestamp_us(proposal.header.sent_at),
-            now=now_us,
-        )
-        self._journal_record(tx, "out" if ours else "in", partner, proposal_record, now_us)
+        ours = proposed.msg.header.sender_party == self.party
+        row = self._row(proposed, Role.SENDER if ours else Role.RECEIVER, partner, final, [])
+        detail = f"recovered: {partner} reports {state_name}"
+        tx.transfers_put([dataclasses.replace(row, rejection_detail=detail)], now=now_us)
+        self._journal_record(tx, "out" if ours else "in", partner, proposed.record, now_us)
+        transfer_id = proposed.item.transfer_id
         log.warning(
             "transfer %s recovered from %s's records: %s, nothing moved",
-            proposal.transfer_id, partner, final.name,
-            extra={"transfer_id": proposal.transfer_id, "partner": partner},
+            transfer_id, partner, final.name,
+            extra={"transfer_id": transfer_id, "partner": partner},
         )  # fmt: skip
-        return Recovered(
-            proposal.transfer_id, RECOVERED, state_name, f"{final.name}: nothing moved"
-        )
+        return Recovered(transfer_id, RECOVERED, state_name, f"{final.name}: nothing moved")
+
+    @staticmethod
+    def _row(
+        proposed: _Proposed, role: Role, partner: str, state: TransferState, blocks: list[Block]
+    ) -> NewTransfer:
+        """The transfer as its proposal record describes it, in ``state``."""
+        msg, item = proposed.msg, proposed.item
+        return NewTransfer(
+            transfer_id=item.transfer_id, direction=role, partner=partner, state=state,
+            quantity=item.quantity, authorisation_id=item.authorisation_id,
+            first_transfer=item.first_transfer, proposal_message_id=msg.header.message_id,
+            proposal_digest=digest(proposed.record.payload),
+            expires_at=timestamp_us(msg.expires_at), blocks=blocks,
+            proposed_at=timestamp_us(msg.header.sent_at), batch_id=proposed.batch_id,
+            complete_on_acceptance=isinstance(item, TransferProposal)
+            and item.complete_on_acceptance,
+        )  # fmt: skip
 
     @staticmethod
     def _journal_record(tx: Tx, direction: str, partner: str, record: _Record, now_us: int) -> int:

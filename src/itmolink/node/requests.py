@@ -1112,11 +1112,12 @@ class Requests(EngineBase):
 
     def _records_of(self, tx: Tx, record: TransferRecord) -> list[bytes]:
         """The records a status query asks for (PROTOCOL §5.11, §7.9): the journaled
-        envelopes of a final transfer proposed alone, byte for byte: its proposal,
-        and, if it completed, the receiver's acceptance. None when this node does not
-        hold them as they were exchanged (each is checked against the digest recorded
-        with the transfer), or when they would not fit in one message."""
-        if not record.state.is_final or record.batch_id or not record.proposal_message_id:
+        envelopes of a final transfer, byte for byte: its proposal (the batch proposal
+        of an item of a batch), and, if it completed, the receiver's acceptance (the
+        batch acceptance). None when this node does not hold them as they were
+        exchanged (each is checked against the digest recorded with the transfer), or
+        when they would not fit in one message."""
+        if not record.state.is_final or not record.proposal_message_id:
             return []
         ours = record.direction is Role.SENDER
         proposal = tx.journal_envelope(
