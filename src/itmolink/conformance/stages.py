@@ -1653,49 +1653,6 @@ def _check_records(report: transfer_pb2.TransferStatusReport, expected: list[byt
 
 
 @kit_test(
-    "3.27-status-records",
-    3,
-    "§5.11, §7.9",
-    "a status query with include_records: none while the transfer is ACCEPTED or unasked; "
-    "for the completed transfer, the kit's proposal and the target's acceptance byte for byte; "
-    "for a rejected one, the proposal alone",
-    ("buyer",),
-)
-async def t_b_records(ctx: Context) -> None:
-    record, envelope, reply = await _propose(ctx, 400)
-    _accepted(ctx, record, reply, "proposal")
-    report = await _report(ctx, record.transfer_id)
-    check(
-        report.state == transfer_pb2.TRANSFER_STATE_ACCEPTED and not report.records,
-        f"while {record.transfer_id} is {_state(report.state)} the report carries "
-        f"{len(report.records)} record(s): records are only for a final transfer (§5.11)",
-    )
-    await _complete(ctx, record, "completion")
-    report = await _report(ctx, record.transfer_id, records=False)
-    check(
-        report.state == transfer_pb2.TRANSFER_STATE_COMPLETED and not report.records,
-        f"a query that did not ask got {len(report.records)} record(s) (§5.11)",
-    )
-    report = await _report(ctx, record.transfer_id)
-    _check_records(report, [envelope, reply.raw])
-    blocks = ctx.new_blocks(100, ctx.needs("auth", "2.01"), vintage=2020)
-    proposal = ctx.proposal(blocks)
-    payload, refused = ctx.link.seal(proposal)
-    rejected = ctx.record_outgoing(proposal, payload, blocks)
-    ctx.expect_rejection(
-        await ctx.link.deliver_raw(refused), C.REJECTION_CODE_VINTAGE_BEFORE_2021,
-        "vintage 2020", recorded=True,
-    )  # fmt: skip
-    rejected.final_at_target, rejected.moved = True, False
-    report = await _report(ctx, rejected.transfer_id)
-    check(
-        report.state == transfer_pb2.TRANSFER_STATE_REJECTED,
-        f"{rejected.transfer_id} is {_state(report.state)} at the target, not REJECTED",
-    )
-    _check_records(report, [refused])
-
-
-@kit_test(
     "3.09-status-records",
     3,
     "§5.11, §7.9",
@@ -2054,6 +2011,7 @@ async def t_b_batch(ctx: Context) -> None:
     # A completion of one batched transfer, alone, names the batch's acceptance (§5.15).
     await _complete(ctx, first, "a TransferCompletion of one transfer of the batch")
     await _expect_state(ctx, first.transfer_id, transfer_pb2.TRANSFER_STATE_COMPLETED, "§5.15")
+    ctx.notes["batch-completed"] = (last.transfer_id, refused.transfer_id, envelope, reply.raw)
 
 
 @kit_test(
@@ -2719,6 +2677,54 @@ async def _asked_again(ctx: Context, first: Incoming, answered: dict[str, float]
     )
     _check_query(ctx, got[0], transfer_id)
     _check_interval(ctx, first, answered.get(first.message_id))
+
+
+@kit_test(
+    "3.27-status-records",
+    3,
+    "§5.11, §7.9",
+    "a status query with include_records: none while the transfer is ACCEPTED or unasked; "
+    "for the completed transfer, the kit's proposal and the target's acceptance byte for byte; "
+    "for a rejected one, the proposal alone; for the items of the batch of 3.20, the batch's",
+    ("buyer",),
+)
+async def t_b_records(ctx: Context) -> None:
+    record, envelope, reply = await _propose(ctx, 400)
+    _accepted(ctx, record, reply, "proposal")
+    report = await _report(ctx, record.transfer_id)
+    check(
+        report.state == transfer_pb2.TRANSFER_STATE_ACCEPTED and not report.records,
+        f"while {record.transfer_id} is {_state(report.state)} the report carries "
+        f"{len(report.records)} record(s): records are only for a final transfer (§5.11)",
+    )
+    await _complete(ctx, record, "completion")
+    report = await _report(ctx, record.transfer_id, records=False)
+    check(
+        report.state == transfer_pb2.TRANSFER_STATE_COMPLETED and not report.records,
+        f"a query that did not ask got {len(report.records)} record(s) (§5.11)",
+    )
+    report = await _report(ctx, record.transfer_id)
+    _check_records(report, [envelope, reply.raw])
+    blocks = ctx.new_blocks(100, ctx.needs("auth", "2.01"), vintage=2020)
+    proposal = ctx.proposal(blocks)
+    payload, refused = ctx.link.seal(proposal)
+    rejected = ctx.record_outgoing(proposal, payload, blocks)
+    ctx.expect_rejection(
+        await ctx.link.deliver_raw(refused), C.REJECTION_CODE_VINTAGE_BEFORE_2021,
+        "vintage 2020", recorded=True,
+    )  # fmt: skip
+    rejected.final_at_target, rejected.moved = True, False
+    report = await _report(ctx, rejected.transfer_id)
+    check(
+        report.state == transfer_pb2.TRANSFER_STATE_REJECTED,
+        f"{rejected.transfer_id} is {_state(report.state)} at the target, not REJECTED",
+    )
+    _check_records(report, [refused])
+    batch = ctx.notes.get("batch-completed")
+    if batch is not None:  # 3.20 passed: an item's records are the batch's envelopes
+        completed, rejected_item, batch_proposal, batch_acceptance = batch
+        _check_records(await _report(ctx, completed), [batch_proposal, batch_acceptance])
+        _check_records(await _report(ctx, rejected_item), [batch_proposal])
 
 
 # ======================================================================================
