@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,9 @@ import pytest
 from itmolink.admin.v1 import admin_pb2
 from itmolink.cli.main import main
 from itmolink.core.codes import Rejected, RejectionCode
-from itmolink.crypto.envelope import seal
+from itmolink.crypto.envelope import seal, sealed_payload
+from itmolink.node.base import digest
+from itmolink.store.sqlite import HOLDING_ACCOUNT
 from itmolink.store.tx import TransferRecord, Tx
 from itmolink.v1 import envelope_pb2, transfer_pb2
 
@@ -50,6 +53,23 @@ async def _reconcile(registry: Registry, partner: str) -> list[tuple[str, str]]:
     request.snapshot_at.FromDatetime(dt.datetime.now(dt.UTC))
     report = await registry.call("Reconcile", request)
     return [(d.phase, d.subject) for d in report.discrepancies]
+
+
+def _records_in(registry: Registry, transfer_id: str) -> list[bytes]:
+    """The records ``registry`` would give about ``transfer_id`` (PROTOCOL §5.11)."""
+    engine = registry.node.engine
+    with engine.store.transaction() as tx:
+        record = tx.transfer_get(transfer_id)
+        assert record is not None
+        return engine._records_of(tx, record)
+
+
+async def _same_records(ours: Registry, theirs: Registry, transfer_id: str) -> None:
+    """A recovered transfer is recorded as it was exchanged: the node can give its
+    records in turn, the same as the partner's."""
+    mine = await ours.node.db(_records_in, ours, transfer_id)
+    assert mine
+    assert mine == await theirs.node.db(_records_in, theirs, transfer_id)
 
 
 def _amounts(adjustments: list[Any]) -> list[tuple[str, int]]:
@@ -102,6 +122,8 @@ async def test_the_sender_gets_its_lost_transfers_back_from_the_receiver_records
 
         transfers = await restored.transfers()
         assert [transfers[t].state for t in lost] == [COMPLETED, COMPLETED]
+        for transfer_id in lost:
+            await _same_records(restored, kor, transfer_id)
         assert await restored.held() == 820
         assert _amounts(await restored.adjustments()) == adjustments
         assert await _reconcile(restored, "KOR") == []
@@ -154,6 +176,7 @@ async def test_the_receiver_gets_its_lost_transfer_back_from_the_sender_records(
         assert list(report.after.discrepancies) == []
         assert await restored.held() == 170
         assert _amounts(await restored.adjustments()) == adjustments
+        await _same_records(restored, lao, lost)
         assert await _reconcile(lao, "KOR") == []
     finally:
         await stop_registry(restored if restored is not None else kor)
@@ -350,8 +373,198 @@ async def test_lost_batch_items_and_a_lost_rejection_come_back(
         assert list(report.after.discrepancies) == []
         transfers = await restored.transfers()
         assert [transfers[t].state for t in lost] == [COMPLETED, REJECTED, COMPLETED, REJECTED]
+        for transfer_id in lost:
+            await _same_records(restored, kor, transfer_id)
         assert await restored.held() == held == 960
         assert _amounts(await restored.adjustments()) == adjustments
     finally:
         await stop_registry(restored if restored is not None else lao)
         await stop_registry(kor)
+
+
+def _split_held(registry: Registry, at: int) -> None:
+    """What a proposal reserved and then released leaves: the held row cut in two."""
+    with registry.node.engine.store.transaction() as tx:
+        rows = [h for h in tx.holdings() if h.status == "held" and h.account == HOLDING_ACCOUNT]
+        block = rows[0].block
+        tx.block_split(dataclasses.replace(block, serial_start=block.serial_start + at))
+
+
+async def test_a_lost_transfer_whose_blocks_lie_in_one_restored_row_is_recovered(
+    pki: Callable[..., Path], databases: Databases, tmp_path: Path
+) -> None:
+    """After the backup the held row was cut in two (a proposal reserved and
+    released), and the lost transfer took a block from each piece. The restored
+    ledger has the row whole: both blocks are cut out of it. (Found by review: the
+    row was carved twice and the recovery failed.)"""
+    if databases.postgres:
+        postgres_cluster()
+    lao_config = pki("LAO", ["KOR"])
+    lao = await start_registry(lao_config)
+    kor = await start_registry(pki("KOR", ["LAO"]))
+    link(lao, kor)
+    restored: Registry | None = None
+    try:
+        authorisation_id = await _issued(lao, quantity=1_000)
+        backup = tmp_path / "lao.backup"
+        await asyncio.to_thread(_backup, lao_config, backup)
+        await lao.node.db(_split_held, lao, 30)
+        lost = await _transfer(lao, authorisation_id, 50)
+        assert (await final_state(kor, lost)).state == COMPLETED
+        await stop_registry(lao)
+
+        restored = await _restored(lao_config, backup, databases, kor)
+        report = await _recover(restored, "KOR")
+        assert [(t.transfer_id, t.outcome) for t in report.transfers] == [(lost, "recovered")]
+        assert list(report.after.discrepancies) == []
+        assert await restored.held() == 950
+    finally:
+        await stop_registry(restored if restored is not None else lao)
+        await stop_registry(kor)
+
+
+def _answers_with(kor: Registry, make: Callable[[Any, Tx, str, Any, int], list[bytes]]) -> None:
+    """KOR answers status queries with a report of COMPLETED carrying ``make``'s records."""
+    engine = kor.node.engine
+
+    def handler(
+        self: Any, tx: Tx, sender: str, msg: Any, payload: bytes, journal_id: int, now_us: int
+    ) -> bytes:
+        records = make(self, tx, sender, msg, now_us)
+        report = transfer_pb2.TransferStatusReport(
+            transfer_id=msg.transfer_id, state=transfer_pb2.TRANSFER_STATE_COMPLETED,
+            records=records,
+        )  # fmt: skip
+        return bytes(self._reply(tx, sender, report, msg.header.message_id, now_us)[1])
+
+    name = "itmolink.v1.TransferStatusQuery"
+    engine._request_handlers = {**engine._request_handlers, name: handler}
+
+
+def _acceptance_made_now(
+    engine: Any, tx: Tx, sender: str, transfer_id: str, now_us: int, **fields: Any
+) -> tuple[bytes, bytes]:
+    """LAO's true proposal of ``transfer_id``, and an acceptance of it KOR signs now."""
+    record = tx.transfer_get(transfer_id)
+    assert record is not None
+    proposal = tx.journal_envelope("in", sender, record.proposal_message_id)
+    assert proposal is not None
+    acceptance = transfer_pb2.TransferAcceptance(
+        transfer_id=transfer_id, proposal_digest=digest(sealed_payload(proposal)), **fields
+    )
+    acceptance.header.CopyFrom(engine._header(tx, sender, now_us, record.proposal_message_id))
+    return proposal, engine._seal(acceptance)[2]
+
+
+@pytest.mark.parametrize("completion", ["none", "signed-by-kor"])
+async def test_a_partner_cannot_turn_a_rejected_proposal_into_a_debit(
+    pki: Callable[..., Path], databases: Databases, tmp_path: Path, completion: str
+) -> None:
+    """In two phases the sender decides, by its completion. KOR rejected LAO's lost
+    proposal; after LAO's restore it reports the transfer COMPLETED with LAO's true
+    proposal and an acceptance it signs now, with no completion, or one it signs
+    itself. LAO debits nothing and books nothing. (Found by review: LAO debited.)"""
+    if databases.postgres:
+        postgres_cluster()
+    lao_config = pki("LAO", ["KOR"])
+    lao = await start_registry(lao_config)
+    kor = await start_registry(pki("KOR", ["LAO"]))
+    link(lao, kor)
+    restored: Registry | None = None
+    try:
+        authorisation_id = await _issued(lao, quantity=1_000)
+        backup = tmp_path / "lao.backup"
+        await asyncio.to_thread(_backup, lao_config, backup)
+        engine = kor.node.engine
+
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise Rejected(RejectionCode.VINTAGE_NOT_AUTHORISED, "KOR refuses it")
+
+        engine._check_incoming = refuse  # type: ignore[method-assign]
+        lost = await _transfer(lao, authorisation_id, 50)
+        assert (await final_state(lao, lost)).state == REJECTED
+        del engine._check_incoming
+        await stop_registry(lao)
+
+        def make(self: Any, tx: Tx, sender: str, msg: Any, now_us: int) -> list[bytes]:
+            proposal, acceptance = _acceptance_made_now(self, tx, sender, msg.transfer_id, now_us)
+            if completion == "none":
+                return [proposal, acceptance]
+            forged = transfer_pb2.TransferCompletion(
+                transfer_id=msg.transfer_id, acceptance_digest=digest(sealed_payload(acceptance)),
+                adjustment_year=2025,
+            )  # fmt: skip
+            forged.header.CopyFrom(self._header(tx, sender, now_us))
+            forged.header.sender_party, forged.header.audience = "LAO", "KOR"
+            return [proposal, acceptance, self._seal(forged)[2]]
+
+        restored = await _restored(lao_config, backup, databases, kor)
+        _answers_with(kor, make)
+        report = await _recover(restored, "KOR")
+        (outcome,) = report.transfers
+        assert outcome.outcome == "not recovered", outcome
+        expected = "no completion record" if completion == "none" else "UNKNOWN_SIGNING_KEY"
+        assert expected in outcome.detail, outcome.detail
+        assert await restored.held() == 1_000
+        assert await restored.adjustments() == []
+    finally:
+        await stop_registry(restored if restored is not None else lao)
+        await stop_registry(kor)
+
+
+async def test_a_record_reusing_a_journaled_message_id_is_refused(
+    pki: Callable[..., Path], databases: Databases, tmp_path: Path
+) -> None:
+    """One round: KOR's acceptance record reuses the message id of an earlier KOR
+    message that LAO's restored journal holds. The record is refused: it would have
+    been journaled as that other message, and the adjustment's evidence would name
+    it. (Found by review: the old entry was taken silently.)"""
+    if databases.postgres:
+        postgres_cluster()
+    lao_config = pki("LAO", ["KOR"], extra=ASK)
+    lao = await start_registry(lao_config)
+    kor = await start_registry(pki("KOR", ["LAO"]))
+    link(lao, kor)
+    restored: Registry | None = None
+    try:
+        authorisation_id = await _issued(lao, quantity=1_000)
+        first = await _transfer(lao, authorisation_id, 100)
+        assert (await final_state(lao, first)).state == COMPLETED
+        backup = tmp_path / "lao.backup"
+        await asyncio.to_thread(_backup, lao_config, backup)
+        lost = await _transfer(lao, authorisation_id, 50)
+        assert (await final_state(kor, lost)).state == COMPLETED
+        await stop_registry(lao)
+
+        def make(self: Any, tx: Tx, sender: str, msg: Any, now_us: int) -> list[bytes]:
+            earlier = tx.transfer_get(first)
+            assert earlier is not None
+            seen = tx.inbox_get(sender, earlier.proposal_message_id)
+            assert seen is not None
+            reused = transfer_pb2.TransferAcceptance.FromString(sealed_payload(seen.reply))
+            proposal, _ = _acceptance_made_now(self, tx, sender, msg.transfer_id, now_us)
+            acceptance = transfer_pb2.TransferAcceptance(
+                transfer_id=msg.transfer_id, proposal_digest=digest(sealed_payload(proposal)),
+                completed=True, adjustment_year=2025,
+            )  # fmt: skip
+            acceptance.header.CopyFrom(self._header(tx, sender, now_us))
+            acceptance.header.in_reply_to = _message_id_of(proposal)
+            acceptance.header.message_id = reused.header.message_id
+            return [proposal, self._seal(acceptance)[2]]
+
+        restored = await _restored(lao_config, backup, databases, kor)
+        _answers_with(kor, make)
+        report = await _recover(restored, "KOR")
+        (outcome,) = report.transfers
+        assert outcome.outcome == "not recovered", outcome
+        assert "DUPLICATE_MESSAGE_CONFLICT" in outcome.detail, outcome.detail
+        assert lost not in await restored.transfers()
+        assert await restored.held() == 900
+    finally:
+        await stop_registry(restored if restored is not None else lao)
+        await stop_registry(kor)
+
+
+def _message_id_of(proposal: bytes) -> str:
+    payload = sealed_payload(proposal)
+    return str(transfer_pb2.TransferProposal.FromString(payload).header.message_id)
