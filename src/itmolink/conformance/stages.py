@@ -1663,7 +1663,7 @@ def _check_records(
 
 
 @kit_test(
-    "3.09-status-records",
+    "3.10-status-records",
     3,
     "§5.11, §7.9",
     "a status query with include_records about the transfer of 3.01: the target's proposal, "
