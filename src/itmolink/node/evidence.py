@@ -138,11 +138,11 @@ class Evidence(Requests, Replies):
         the records it carries if they allow it; all in one transaction."""
         now_us = to_us(now)
         with self._transaction() as tx:
-            reply, _, journal_id = self._open_reply(
+            reply, _, _ = self._open_reply(
                 tx, partner, type_name(TransferStatusQuery), request, message_id, raw, now_us
             )
             if isinstance(reply, TransferStatusReport):
-                return self._recover(tx, partner, transfer_id, reply, journal_id, now_us)
+                return self._recover(tx, partner, transfer_id, reply, now_us)
         code, detail = _rejection_reasons(reply)  # type: ignore[arg-type]
         raise ReplyError(RejectionCode(code), f"{partner} refused the query: {detail}")
 
@@ -152,14 +152,13 @@ class Evidence(Requests, Replies):
         partner: str,
         transfer_id: str,
         report: TransferStatusReport,
-        report_journal_id: int,
         now_us: int,
     ) -> Recovered:
         state_name = _state_name(report.state)
         known = tx.transfer_get(transfer_id)
         if known is not None:
             return Recovered(
-                transfer_id, KNOWN, state_name, f"recorded here as {known.state.name}: kept"
+                transfer_id, KNOWN, state_name, f"recorded here as {known.state.name}: not changed"
             )
 
         def refuse(detail: str) -> Recovered:
@@ -213,9 +212,7 @@ class Evidence(Requests, Replies):
                 if sender == self.party:
                     self._recover_outgoing(tx, partner, proposed, acceptance, completion, now_us)
                 else:
-                    self._recover_incoming(
-                        tx, partner, proposed, acceptance, completion, report_journal_id, now_us
-                    )
+                    self._recover_incoming(tx, partner, proposed, acceptance, completion, now_us)
         except Rejected as rejected:
             return refuse(f"{rejected.code.name} ({int(rejected.code)}): {rejected.detail}")
         moved = "debited" if sender == self.party else "credited"
@@ -444,11 +441,12 @@ class Evidence(Requests, Replies):
         if completion is not None:
             self._journal_record(tx, "out", partner, completion, now_us)
             sent = completion.msg.header.message_id  # type: ignore[attr-defined]
+            single = isinstance(completion.msg, TransferCompletion)
             if tx.outbox_get(sent) is None:
                 tx.outbox_put_answered(
                     message_id=sent, partner=partner, payload_type=type_name(type(completion.msg)),
-                    subject_id=proposed.batch_id or item.transfer_id, envelope=completion.raw,
-                    answered_journal_id=None, now=now_us,
+                    subject_id=item.transfer_id if single else proposed.batch_id,
+                    envelope=completion.raw, answered_journal_id=None, now=now_us,
                 )  # fmt: skip
         # As the proposal's delivery left it: answered by that acceptance (so that this
         # node can give the records in turn, §5.11).
@@ -477,14 +475,13 @@ class Evidence(Requests, Replies):
         proposed: _Proposed,
         acceptance: _Record,
         completion: _Record | None,
-        report_journal_id: int,
         now_us: int,
     ) -> None:
         """A transfer the partner sent, this node accepted and the partner completed:
         the receiver's checks on its blocks (T2a to T5: none of them held here), then
         the receiver's completion step (credit, −CA), its adjustment pointing at the
-        partner's completion (or, for a one-round transfer, its signed report that it
-        completed)."""
+        partner's completion (for a one-round transfer, as the live step R1 does, at
+        the proposal)."""
         item = proposed.item
         blocks = self._check_incoming(tx, partner, item, now_us)
         row = self._row(proposed, Role.RECEIVER, partner, TransferState.ACCEPTED, blocks)
@@ -495,17 +492,10 @@ class Evidence(Requests, Replies):
         self._journal_record(tx, "out", partner, acceptance, now_us)
         # As the proposal's delivery left it: its stored reply is the acceptance, which
         # a delivery of the same bytes gets again (§7.2) and the records give (§5.11).
-        header = proposed.msg.header
-        seen, owner = tx.inbox_lookup(partner, header.message_id, header.sequence)
-        if seen is None and owner is None:
-            tx.inbox_put(
-                partner=partner, message_id=header.message_id,
-                payload_digest=digest(pae(type_name(type(proposed.msg)), proposed.record.payload)),
-                sequence=header.sequence, reply=acceptance.raw, journal_id=proposal_id,
-            )  # fmt: skip
+        self._keep_delivery(tx, partner, proposed.record, acceptance.raw, proposal_id)
         record = tx.transfer_get(item.transfer_id)
         assert record is not None
-        evidence = report_journal_id
+        evidence = proposal_id
         if completion is not None:
             evidence = self._journal_record(tx, "in", partner, completion, now_us)
         _, refused = self._complete_incoming_many(
@@ -513,6 +503,42 @@ class Evidence(Requests, Replies):
         )
         if refused:
             raise RuntimeError(f"recovered transfer {item.transfer_id} was not completed")
+        if completion is not None and self._completes_known(tx, partner, completion.msg):
+            # A delivery of the completion again (its receipt was lost) gets the receipt
+            # the live step gives a completion of a completed transfer (C3), as before.
+            handler = self._request_handlers[type_name(type(completion.msg))]
+            receipt = handler(
+                self, tx, partner, completion.msg, completion.payload, evidence, now_us
+            )
+            self._keep_delivery(tx, partner, completion, receipt, evidence)
+
+    @staticmethod
+    def _keep_delivery(tx: Tx, partner: str, request: _Record, reply: bytes, entry: int) -> None:
+        """The inbox entry a partner's request left when it was applied: its stored
+        reply, which a delivery of the same bytes gets again (§7.2), and the records
+        give (§5.11). Not when the inbox has it (or its sequence) already."""
+        header = request.msg.header  # type: ignore[attr-defined]
+        seen, owner = tx.inbox_lookup(partner, header.message_id, header.sequence)
+        if seen is None and owner is None:
+            tx.inbox_put(
+                partner=partner, message_id=header.message_id,
+                payload_digest=digest(pae(type_name(type(request.msg)), request.payload)),
+                sequence=header.sequence, reply=reply, journal_id=entry,
+            )  # fmt: skip
+
+    @staticmethod
+    def _completes_known(tx: Tx, partner: str, completion: Message) -> bool:
+        """Whether every transfer a completion names is COMPLETED here, from
+        ``partner`` (a batch completion: once its last item is recovered)."""
+        if isinstance(completion, TransferCompletion):
+            ids = [completion.transfer_id]
+        else:
+            assert isinstance(completion, TransferBatchCompletion)
+            ids = [item.transfer_id for item in completion.items]
+        records = tx.transfers_get(ids)
+        return len(records) == len(ids) and all(
+            r.state is TransferState.COMPLETED and r.partner == partner for r in records.values()
+        )
 
     def _recover_unmoved(
         self,

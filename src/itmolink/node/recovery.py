@@ -59,7 +59,7 @@ async def _recover_one(node: Node, partner: str, transfer_id: str) -> Recovered:
     state = await node.db(engine.recorded_state, transfer_id)
     if state is not None:
         # Recorded here (not final): the flows settle it; nothing is asked.
-        return Recovered(transfer_id, KNOWN, "", f"recorded here as {state.name}: not asked")
+        return Recovered(transfer_id, KNOWN, "", f"recorded here as {state.name}: not changed")
     try:
         message_id, envelope = await node.db(
             engine.records_query, partner, transfer_id, node.clock()

@@ -185,6 +185,9 @@ _TRANSFER_READ = (
 )
 
 
+# The payload types of a sender's completion (PROTOCOL §5.9, §5.15).
+_COMPLETION_TYPES = ("itmolink.v1.TransferCompletion", "itmolink.v1.TransferBatchCompletion")
+
 # What node processes sharing one database cache in memory: a change to any of it
 # bumps the counter _SHARED_STATE, and each process reloads when it sees it move.
 _SHARED_STATE = "shared_state"
@@ -847,11 +850,7 @@ class Tx:
                 "JOIN journal j ON j.id = a.evidence_journal_id "
                 "WHERE a.transfer_id = ? AND j.direction = 'in' AND j.payload_type IN (?, ?) "
                 "LIMIT 1",
-                (
-                    transfer_id,
-                    "itmolink.v1.TransferCompletion",
-                    "itmolink.v1.TransferBatchCompletion",
-                ),
+                (transfer_id, *_COMPLETION_TYPES),
             )
         return None if row is None else bytes(row[0])
 
