@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +32,56 @@ COMPLETED = 3
 REJECTED = 4
 
 
-async def _restored(
-    config: Path, backup: Path, databases: Databases, partner: Registry
-) -> Registry:
-    """The node of ``config`` restored from ``backup`` and marked restored, running."""
-    _restore(config, backup, databases)
-    assert main(["node", "restored", "--config", str(config)]) == 0
-    registry = await start_registry(config)
-    link(registry, partner)
-    return registry
+class _Scene:
+    """LAO and KOR running and linked; either one backed up, then restored from its
+    backup and marked restored (`itmolink node restored`), running again."""
+
+    def __init__(
+        self, pki: Callable[..., Path], databases: Databases, tmp_path: Path, lao_extra: str
+    ) -> None:
+        self.databases, self.tmp_path = databases, tmp_path
+        self.configs = {"LAO": pki("LAO", ["KOR"], extra=lao_extra), "KOR": pki("KOR", ["LAO"])}
+        self.running: dict[str, Registry] = {}
+        self.backups: dict[str, Path] = {}
+
+    @property
+    def lao(self) -> Registry:
+        return self.running["LAO"]
+
+    @property
+    def kor(self) -> Registry:
+        return self.running["KOR"]
+
+    async def backup(self, party: str) -> None:
+        self.backups[party] = self.tmp_path / f"{party.lower()}.backup"
+        await asyncio.to_thread(_backup, self.configs[party], self.backups[party])
+
+    async def restore(self, party: str) -> Registry:
+        """Stop ``party``'s node, restore its backup, mark it restored, start it."""
+        await stop_registry(self.running.pop(party))
+        config = self.configs[party]
+        _restore(config, self.backups[party], self.databases)
+        assert main(["node", "restored", "--config", str(config)]) == 0
+        self.running[party] = registry = await start_registry(config)
+        link(registry, self.running["KOR" if party == "LAO" else "LAO"])
+        return registry
+
+
+@contextlib.asynccontextmanager
+async def _scene(
+    pki: Callable[..., Path], databases: Databases, tmp_path: Path, *, lao_extra: str = ""
+) -> AsyncIterator[_Scene]:
+    if databases.postgres:
+        postgres_cluster()
+    scene = _Scene(pki, databases, tmp_path, lao_extra)
+    try:
+        for party, config in scene.configs.items():
+            scene.running[party] = await start_registry(config)
+        link(scene.lao, scene.kor)
+        yield scene
+    finally:
+        for registry in scene.running.values():
+            await stop_registry(registry)
 
 
 async def _recover(registry: Registry, partner: str) -> Any:
@@ -86,31 +128,25 @@ async def test_the_sender_gets_its_lost_transfers_back_from_the_receiver_records
     `itmolink recover` asks KOR for their records, debits the units (still held here
     since the backup) and books LAO's +CA as it did then; afterwards the two ledgers
     reconcile, the journal verifies, and the units are not offered again."""
-    if databases.postgres:
-        postgres_cluster()
-    lao_config = pki("LAO", ["KOR"], extra=ASK if flow == "one-round" else "")
-    lao = await start_registry(lao_config)
-    kor = await start_registry(pki("KOR", ["LAO"]))
-    link(lao, kor)
-    restored: Registry | None = None
-    try:
+    async with _scene(
+        pki, databases, tmp_path, lao_extra=ASK if flow == "one-round" else ""
+    ) as scene:
+        lao, kor = scene.lao, scene.kor
         authorisation_id = await _issued(lao, quantity=1_000)
         first = await _transfer(lao, authorisation_id, 100)
         await final_state(lao, first)
-        backup = tmp_path / "lao.backup"
-        await asyncio.to_thread(_backup, lao_config, backup)
+        await scene.backup("LAO")
         lost = [await _transfer(lao, authorisation_id, q) for q in (50, 30)]
         for transfer_id in lost:
             assert (await final_state(kor, transfer_id)).state == COMPLETED
             assert (await final_state(lao, transfer_id)).state == COMPLETED
         adjustments = _amounts(await lao.adjustments())
-        await stop_registry(lao)
 
-        restored = await _restored(lao_config, backup, databases, kor)
+        restored = await scene.restore("LAO")
         assert await restored.held() == 900  # as of the backup
         capsys.readouterr()
         code = await asyncio.to_thread(
-            main, ["recover", "--config", str(lao_config), "--partner", "KOR",
+            main, ["recover", "--config", str(scene.configs["LAO"]), "--partner", "KOR",
                    "--snapshot-age", "0"],
         )  # fmt: skip
         out = capsys.readouterr().out
@@ -128,7 +164,7 @@ async def test_the_sender_gets_its_lost_transfers_back_from_the_receiver_records
         assert await restored.held() == 820
         assert _amounts(await restored.adjustments()) == adjustments
         assert await _reconcile(restored, "KOR") == []
-        assert main(["audit", "verify", "--config", str(lao_config)]) == 0
+        assert main(["audit", "verify", "--config", str(scene.configs["LAO"])]) == 0
         # Asked again: nothing is lost any more, nothing changes.
         again = await _recover(restored, "KOR")
         assert list(again.transfers) == []
@@ -138,9 +174,6 @@ async def test_the_sender_gets_its_lost_transfers_back_from_the_receiver_records
         fourth = await _transfer(restored, authorisation_id, 10)
         assert (await final_state(restored, fourth)).state == COMPLETED
         assert await _reconcile(restored, "KOR") == []
-    finally:
-        await stop_registry(restored if restored is not None else lao)
-        await stop_registry(kor)
 
 
 @pytest.mark.parametrize("flow", ["two-phase", "one-round"])
@@ -152,26 +185,20 @@ async def test_the_receiver_gets_its_lost_transfer_back_from_the_sender_records(
     evidence the completion, or in one round the proposal). LAO's completion,
     delivered again after the recovery (its receipt was lost), gets its receipt as
     before the restore. (Found by review: it was refused as a reused message id.)"""
-    if databases.postgres:
-        postgres_cluster()
-    kor_config = pki("KOR", ["LAO"])
-    lao = await start_registry(pki("LAO", ["KOR"], extra=ASK if flow == "one-round" else ""))
-    kor = await start_registry(kor_config)
-    link(lao, kor)
-    restored: Registry | None = None
-    try:
+    async with _scene(
+        pki, databases, tmp_path, lao_extra=ASK if flow == "one-round" else ""
+    ) as scene:
+        lao, kor = scene.lao, scene.kor
         authorisation_id = await _issued(lao, quantity=1_000)
         first = await _transfer(lao, authorisation_id, 100)
         await final_state(kor, first)
-        backup = tmp_path / "kor.backup"
-        await asyncio.to_thread(_backup, kor_config, backup)
+        await scene.backup("KOR")
         lost = await _transfer(lao, authorisation_id, 70)
         assert (await final_state(lao, lost)).state == COMPLETED
         assert (await final_state(kor, lost)).state == COMPLETED
         adjustments = _amounts(await kor.adjustments())
-        await stop_registry(kor)
 
-        restored = await _restored(kor_config, backup, databases, lao)
+        restored = await scene.restore("KOR")
         assert await restored.held() == 100
         report = await _recover(restored, "LAO")
         assert [(t.transfer_id, t.outcome, t.partner_state) for t in report.transfers] == [
@@ -191,9 +218,6 @@ async def test_the_receiver_gets_its_lost_transfer_back_from_the_sender_records(
             assert envelope_pb2.Envelope.FromString(receipt).payload_type == (
                 "itmolink.v1.TransferCompletionReceipt"
             )
-    finally:
-        await stop_registry(restored if restored is not None else kor)
-        await stop_registry(lao)
 
 
 def _completion_sent(registry: Registry, transfer_id: str) -> bytes:
@@ -213,24 +237,16 @@ async def test_units_that_moved_since_the_backup_are_not_recovered_and_say_so(
     serials. That transfer is not recovered, the reason names the block, and nothing
     of it changes here (the discrepancy stays for the operators); the other lost
     transfer, whose units are still held, is recovered all the same."""
-    if databases.postgres:
-        postgres_cluster()
-    lao_config = pki("LAO", ["KOR"])
-    lao = await start_registry(lao_config)
-    kor = await start_registry(pki("KOR", ["LAO"]))
-    link(lao, kor)
-    restored: Registry | None = None
-    try:
+    async with _scene(pki, databases, tmp_path) as scene:
+        lao, kor = scene.lao, scene.kor
         authorisation_id = await _issued(lao, quantity=1_000)
-        backup = tmp_path / "lao.backup"
-        await asyncio.to_thread(_backup, lao_config, backup)
+        await scene.backup("LAO")
         lost = await _transfer(lao, authorisation_id, 50)
         other = await _transfer(lao, authorisation_id, 30)
         await final_state(kor, lost)
         await final_state(kor, other)
-        await stop_registry(lao)
 
-        restored = await _restored(lao_config, backup, databases, kor)
+        restored = await scene.restore("LAO")
         await restored.call(
             "Retire",
             admin_pb2.RetireRequest(
@@ -249,9 +265,6 @@ async def test_units_that_moved_since_the_backup_are_not_recovered_and_say_so(
         assert lost not in await restored.transfers()
         assert await restored.held() == held - 30
         assert ("blocks", lost) in await _reconcile(restored, "KOR")
-    finally:
-        await stop_registry(restored if restored is not None else lao)
-        await stop_registry(kor)
 
 
 def _forged(kor: Registry, transform: Callable[[list[bytes]], list[bytes]]) -> None:
@@ -305,22 +318,14 @@ async def test_records_that_do_not_prove_the_transfer_recover_nothing(
     """A partner cannot make a restored node debit units by sending records of its
     own making: a proposal must carry this node's own signature over its bytes, and
     a completed transfer needs the acceptance too. Nothing is applied."""
-    if databases.postgres:
-        postgres_cluster()
-    lao_config = pki("LAO", ["KOR"])
-    lao = await start_registry(lao_config)
-    kor = await start_registry(pki("KOR", ["LAO"]))
-    link(lao, kor)
-    restored: Registry | None = None
-    try:
+    async with _scene(pki, databases, tmp_path) as scene:
+        lao, kor = scene.lao, scene.kor
         authorisation_id = await _issued(lao, quantity=1_000)
-        backup = tmp_path / "lao.backup"
-        await asyncio.to_thread(_backup, lao_config, backup)
+        await scene.backup("LAO")
         lost = await _transfer(lao, authorisation_id, 50)
         await final_state(kor, lost)
-        await stop_registry(lao)
 
-        restored = await _restored(lao_config, backup, databases, kor)
+        restored = await scene.restore("LAO")
         transform = {
             "resigned": _resigned_by(kor), "altered": _altered, "only-proposal": _only_proposal,
         }[forge]  # fmt: skip
@@ -333,9 +338,6 @@ async def test_records_that_do_not_prove_the_transfer_recover_nothing(
         assert lost not in await restored.transfers()
         assert await restored.held() == held
         assert await restored.adjustments() == []
-    finally:
-        await stop_registry(restored if restored is not None else lao)
-        await stop_registry(kor)
 
 
 async def test_lost_batch_items_and_a_lost_rejection_come_back(
@@ -346,17 +348,10 @@ async def test_lost_batch_items_and_a_lost_rejection_come_back(
     completed items (their records: the batch proposal and the batch acceptance), and
     the two rejections with nothing moved, placed as KOR places them: afterwards the
     ledgers reconcile and LAO holds what it held before the restore."""
-    if databases.postgres:
-        postgres_cluster()
-    lao_config = pki("LAO", ["KOR"])
-    lao = await start_registry(lao_config)
-    kor = await start_registry(pki("KOR", ["LAO"]))
-    link(lao, kor)
-    restored: Registry | None = None
-    try:
+    async with _scene(pki, databases, tmp_path) as scene:
+        lao, kor = scene.lao, scene.kor
         authorisation_id = await _issued(lao, quantity=1_000)
-        backup = tmp_path / "lao.backup"
-        await asyncio.to_thread(_backup, lao_config, backup)
+        await scene.backup("LAO")
         engine = kor.node.engine
         check_incoming = engine._check_incoming
         refused: list[str] = []
@@ -387,9 +382,8 @@ async def test_lost_batch_items_and_a_lost_rejection_come_back(
         for transfer_id in lost:
             await final_state(kor, transfer_id)
         held, adjustments = await lao.held(), _amounts(await lao.adjustments())
-        await stop_registry(lao)
 
-        restored = await _restored(lao_config, backup, databases, kor)
+        restored = await scene.restore("LAO")
         report = await _recover(restored, "KOR")
         outcomes = {t.transfer_id: (t.outcome, t.partner_state) for t in report.transfers}
         assert outcomes == {
@@ -403,9 +397,6 @@ async def test_lost_batch_items_and_a_lost_rejection_come_back(
             await _same_records(restored, kor, transfer_id)
         assert await restored.held() == held == 960
         assert _amounts(await restored.adjustments()) == adjustments
-    finally:
-        await stop_registry(restored if restored is not None else lao)
-        await stop_registry(kor)
 
 
 def _split_held(registry: Registry, at: int) -> None:
@@ -423,30 +414,19 @@ async def test_a_lost_transfer_whose_blocks_lie_in_one_restored_row_is_recovered
     released), and the lost transfer took a block from each piece. The restored
     ledger has the row whole: both blocks are cut out of it. (Found by review: the
     row was carved twice and the recovery failed.)"""
-    if databases.postgres:
-        postgres_cluster()
-    lao_config = pki("LAO", ["KOR"])
-    lao = await start_registry(lao_config)
-    kor = await start_registry(pki("KOR", ["LAO"]))
-    link(lao, kor)
-    restored: Registry | None = None
-    try:
+    async with _scene(pki, databases, tmp_path) as scene:
+        lao, kor = scene.lao, scene.kor
         authorisation_id = await _issued(lao, quantity=1_000)
-        backup = tmp_path / "lao.backup"
-        await asyncio.to_thread(_backup, lao_config, backup)
+        await scene.backup("LAO")
         await lao.node.db(_split_held, lao, 30)
         lost = await _transfer(lao, authorisation_id, 50)
         assert (await final_state(kor, lost)).state == COMPLETED
-        await stop_registry(lao)
 
-        restored = await _restored(lao_config, backup, databases, kor)
+        restored = await scene.restore("LAO")
         report = await _recover(restored, "KOR")
         assert [(t.transfer_id, t.outcome) for t in report.transfers] == [(lost, "recovered")]
         assert list(report.after.discrepancies) == []
         assert await restored.held() == 950
-    finally:
-        await stop_registry(restored if restored is not None else lao)
-        await stop_registry(kor)
 
 
 def _answers_with(kor: Registry, make: Callable[[Any, Tx, str, Any, int], list[bytes]]) -> None:
@@ -490,17 +470,10 @@ async def test_a_partner_cannot_turn_a_rejected_proposal_into_a_debit(
     proposal; after LAO's restore it reports the transfer COMPLETED with LAO's true
     proposal and an acceptance it signs now, with no completion, or one it signs
     itself. LAO debits nothing and books nothing. (Found by review: LAO debited.)"""
-    if databases.postgres:
-        postgres_cluster()
-    lao_config = pki("LAO", ["KOR"])
-    lao = await start_registry(lao_config)
-    kor = await start_registry(pki("KOR", ["LAO"]))
-    link(lao, kor)
-    restored: Registry | None = None
-    try:
+    async with _scene(pki, databases, tmp_path) as scene:
+        lao, kor = scene.lao, scene.kor
         authorisation_id = await _issued(lao, quantity=1_000)
-        backup = tmp_path / "lao.backup"
-        await asyncio.to_thread(_backup, lao_config, backup)
+        await scene.backup("LAO")
         engine = kor.node.engine
 
         def refuse(*args: Any, **kwargs: Any) -> Any:
@@ -510,7 +483,6 @@ async def test_a_partner_cannot_turn_a_rejected_proposal_into_a_debit(
         lost = await _transfer(lao, authorisation_id, 50)
         assert (await final_state(lao, lost)).state == REJECTED
         del engine._check_incoming
-        await stop_registry(lao)
 
         def make(self: Any, tx: Tx, sender: str, msg: Any, now_us: int) -> list[bytes]:
             proposal, acceptance = _acceptance_made_now(self, tx, sender, msg.transfer_id, now_us)
@@ -524,7 +496,7 @@ async def test_a_partner_cannot_turn_a_rejected_proposal_into_a_debit(
             forged.header.sender_party, forged.header.audience = "LAO", "KOR"
             return [proposal, acceptance, self._seal(forged)[2]]
 
-        restored = await _restored(lao_config, backup, databases, kor)
+        restored = await scene.restore("LAO")
         _answers_with(kor, make)
         report = await _recover(restored, "KOR")
         (outcome,) = report.transfers
@@ -533,9 +505,6 @@ async def test_a_partner_cannot_turn_a_rejected_proposal_into_a_debit(
         assert expected in outcome.detail, outcome.detail
         assert await restored.held() == 1_000
         assert await restored.adjustments() == []
-    finally:
-        await stop_registry(restored if restored is not None else lao)
-        await stop_registry(kor)
 
 
 async def test_a_record_reusing_a_journaled_message_id_is_refused(
@@ -545,22 +514,14 @@ async def test_a_record_reusing_a_journaled_message_id_is_refused(
     message that LAO's restored journal holds. The record is refused: it would have
     been journaled as that other message, and the adjustment's evidence would name
     it. (Found by review: the old entry was taken silently.)"""
-    if databases.postgres:
-        postgres_cluster()
-    lao_config = pki("LAO", ["KOR"], extra=ASK)
-    lao = await start_registry(lao_config)
-    kor = await start_registry(pki("KOR", ["LAO"]))
-    link(lao, kor)
-    restored: Registry | None = None
-    try:
+    async with _scene(pki, databases, tmp_path, lao_extra=ASK) as scene:
+        lao, kor = scene.lao, scene.kor
         authorisation_id = await _issued(lao, quantity=1_000)
         first = await _transfer(lao, authorisation_id, 100)
         assert (await final_state(lao, first)).state == COMPLETED
-        backup = tmp_path / "lao.backup"
-        await asyncio.to_thread(_backup, lao_config, backup)
+        await scene.backup("LAO")
         lost = await _transfer(lao, authorisation_id, 50)
         assert (await final_state(kor, lost)).state == COMPLETED
-        await stop_registry(lao)
 
         def make(self: Any, tx: Tx, sender: str, msg: Any, now_us: int) -> list[bytes]:
             earlier = tx.transfer_get(first)
@@ -578,7 +539,7 @@ async def test_a_record_reusing_a_journaled_message_id_is_refused(
             acceptance.header.message_id = reused.header.message_id
             return [proposal, self._seal(acceptance)[2]]
 
-        restored = await _restored(lao_config, backup, databases, kor)
+        restored = await scene.restore("LAO")
         _answers_with(kor, make)
         report = await _recover(restored, "KOR")
         (outcome,) = report.transfers
@@ -586,9 +547,6 @@ async def test_a_record_reusing_a_journaled_message_id_is_refused(
         assert "DUPLICATE_MESSAGE_CONFLICT" in outcome.detail, outcome.detail
         assert lost not in await restored.transfers()
         assert await restored.held() == 900
-    finally:
-        await stop_registry(restored if restored is not None else lao)
-        await stop_registry(kor)
 
 
 def _message_id_of(proposal: bytes) -> str:

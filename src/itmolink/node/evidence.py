@@ -113,17 +113,8 @@ class Evidence(Requests, Replies):
     def records_query(self, partner: str, transfer_id: str, now: dt.datetime) -> tuple[str, bytes]:
         """Seal and journal a status query asking for a transfer's records, to send
         now; (message id, envelope)."""
-        self._require_partner(partner)
-        now_us = to_us(now)
         query = TransferStatusQuery(transfer_id=transfer_id, include_records=True)
-        with self._transaction() as tx:
-            query.header.CopyFrom(self._header(tx, partner, now_us))
-            name, _, envelope = self._seal(query)
-            tx.journal(
-                direction="out", partner=partner, message_id=query.header.message_id,
-                payload_type=name, envelope=envelope, now=now_us,
-            )  # fmt: skip
-        return query.header.message_id, envelope
+        return self._journaled_query(partner, query, now)
 
     def records_answer(
         self,
