@@ -146,9 +146,8 @@ async def test_the_sender_gets_its_lost_transfers_back_from_the_receiver_records
         assert await restored.held() == 900  # as of the backup
         capsys.readouterr()
         code = await asyncio.to_thread(
-            main, ["recover", "--config", str(scene.configs["LAO"]), "--partner", "KOR",
-                   "--snapshot-age", "0"],
-        )  # fmt: skip
+            main, ["recover", "--config", str(scene.configs["LAO"]), "--partner", "KOR"]
+        )  # by default the snapshot is now: the transfers lost a moment ago count
         out = capsys.readouterr().out
         assert code == 0, out
         for transfer_id in lost:
