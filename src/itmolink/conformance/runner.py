@@ -174,11 +174,14 @@ def _status_report(ctx: Context, incoming: Incoming) -> Message:
 async def _run_one(test: KitTest, ctx: Context) -> Result:
     started = time.monotonic()
     refused = len(ctx.server.refused)
-    # Test 3.26 may have to wait out the target's grace G of status queries (PROTOCOL §7.7).
+    # Test 3.26 may have to wait out the target's grace G of status queries (PROTOCOL §7.7),
+    # and 3.09 its withdrawal of one-round proposals (twice its skew and its grace, §6.11 S7).
     timeout = (
         TEST_TIMEOUT_SECONDS
         + 2 * ctx.config.driver_timeout_seconds
         + ctx.config.status_query_grace_seconds
+        + 2 * ctx.config.max_clock_skew_seconds
+        + ctx.config.withdrawal_grace_seconds
     )
     try:
         await asyncio.wait_for(test.run(ctx), timeout)
