@@ -520,3 +520,38 @@ async def test_3_09_checks_each_void_it_waits_for(tmp_path: Path) -> None:
             await stages._withdrawal_of(ctx, first)
     ctx.server.received[:] = [void(on_time)]
     await stages._withdrawal_of(ctx, first)
+
+
+@pytest.mark.parametrize("first_stage", ["not run", "failed"])
+async def test_a_test_that_does_not_apply_stops_no_later_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first_stage: str
+) -> None:
+    """§13.4: a test reported as not run in a stage that ran (it does not apply to the
+    target) leaves the stage passed and the next stage runs; a failed one stops it."""
+    from itmolink.conformance import runner
+    from itmolink.conformance.context import NotRunnable
+    from itmolink.conformance.stages import KitTest
+
+    async def passes(ctx: Context) -> None:
+        return None
+
+    async def other(ctx: Context) -> None:
+        if first_stage == "failed":
+            raise CheckFailed("broken")
+        raise NotRunnable("does not apply")
+
+    tests = [
+        KitTest("1.01-a", 1, "§1", "passes", ("buyer",), passes),
+        KitTest("1.02-b", 1, "§1", first_stage, ("buyer",), other),
+        KitTest("2.01-c", 2, "§2", "passes", ("buyer",), passes),
+    ]
+    monkeypatch.setattr(runner, "tests_for", lambda role: tests)
+    setup = prepare(tmp_path)
+    report = await runner.run_kit(load_kit_config(setup.kit_config), "127.0.0.1:1", "buyer")
+    statuses = [r.status for r in report.results]
+    if first_stage == "failed":
+        assert statuses == [runner.PASSED, runner.FAILED, runner.NOT_RUN]
+        assert (report.stage_status(1), report.passed) == (runner.FAILED, False)
+    else:
+        assert statuses == [runner.PASSED, runner.NOT_RUN, runner.PASSED]
+        assert (report.stage_status(1), report.passed) == (runner.PASSED, True)
