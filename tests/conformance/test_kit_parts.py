@@ -509,7 +509,7 @@ async def test_3_09_checks_each_void_it_waits_for(tmp_path: Path) -> None:
     on_time = 2 + 2 * skew + 0.5
     cases = [
         (void(2 + 2 * skew - 0.5), "before expires_at \\+ 2 × max_clock_skew_seconds"),
-        (void(on_time, seen_s=2 + 2 * skew - 1.5), "before expires_at"),
+        (void(on_time, seen_s=2 + 2 * skew - 2.5), "before expires_at"),
         (void(on_time, proposal_sent_us=None), "the void's proposal_sent_at is unset"),
         (void(on_time, proposal_sent_us=sent_us + 1), "not the proposal's sent_at"),
         (void(on_time, in_reply_to="p1"), "names 'p1' in in_reply_to"),
