@@ -45,13 +45,14 @@ from itmolink.core.transfer import Effect, Role, TransferState
 from itmolink.crypto.envelope import TrustStore, pae, seal
 from itmolink.crypto.keys import VerifyingKey
 from itmolink.node import operations
-from itmolink.node.convert import block_from_pb, terms_from_statement
+from itmolink.node.convert import block_from_pb, terms_from_statement, to_us
 from itmolink.node.engine import Engine
 from itmolink.node.ratelimit import RateLimited, TokenBucket
 from itmolink.node.runtime import Node
 from itmolink.store.sqlite import HOLDING_ACCOUNT
 from itmolink.store.tx import Tx
 from itmolink.v1 import authorisation_pb2, common_pb2, envelope_pb2, reply_pb2, transfer_pb2
+from tests.conformance.harness import ONE_ROUND_SKEW_SECONDS
 
 
 @dataclass(frozen=True)
@@ -794,6 +795,67 @@ def _voids_one_round(node: Node) -> None:
     node.engine.store = _WrappedStore(node.engine.store, _VoidsOneRoundTx)  # type: ignore[assignment]
 
 
+# -- the withdrawal of a one-round proposal left unanswered (PROTOCOL §6.11 S7) ----------------
+
+
+class _NeverWithdrawsTx:
+    """A transaction in which no one-round proposal is ever unanswered long enough to be
+    withdrawn: the sender never sends the void of S7."""
+
+    def __init__(self, tx: Tx) -> None:
+        self._tx = tx
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tx, name)
+
+    def transfers_one_round_unanswered(self, expired_before: int) -> list[Any]:
+        return []
+
+
+class _WithdrawsEarlyTx(_NeverWithdrawsTx):
+    """Withdraws a one-round proposal past its expires_at + the grace only, without the
+    2 × max_clock_skew while a delivery of it may still be completed (the harness's
+    skew: the kit's tests run the one-round target with it)."""
+
+    def transfers_one_round_unanswered(self, expired_before: int) -> list[Any]:
+        skew_us = ONE_ROUND_SKEW_SECONDS * 1_000_000
+        return list(self._tx.transfers_one_round_unanswered(expired_before + 2 * skew_us))
+
+
+class SettlesWithdrawalItself(Engine):
+    """Settles a one-round transfer VOIDED, its units released, as it sends the void that
+    withdraws it: on its own clock, without the receiver's answer."""
+
+    def query_pending_transfers(self, now: dt.datetime) -> list[str]:
+        asked = super().query_pending_transfers(now)
+        with self._transaction() as tx:
+            for transfer_id in asked:
+                record = tx.transfer_get(transfer_id)
+                if (
+                    record is not None and record.direction is Role.SENDER
+                    and record.complete_on_acceptance and record.state is TransferState.PROPOSED
+                ):  # fmt: skip
+                    self._settle_withdrawn(tx, record, "withdrawn on our clock", to_us(now))
+        return asked
+
+
+class SettlesOnVoidRefusal(Engine):
+    """Settles a withdrawn one-round transfer VOIDED on the receiver's refusal of the
+    void (3008) instead of asking which final state it holds: it may have completed."""
+
+    def _withdrawal_answered(
+        self, tx: Tx, transfer_id: str, partner: str, reply: Message, now_us: int
+    ) -> None:
+        record = tx.transfer_get(transfer_id)
+        if (
+            isinstance(reply, reply_pb2.Rejection) and record is not None
+            and record.complete_on_acceptance and record.state is TransferState.PROPOSED
+        ):  # fmt: skip
+            self._settle_withdrawn(tx, record, "the receiver refused the void", now_us)
+            return
+        super()._withdrawal_answered(tx, transfer_id, partner, reply, now_us)
+
+
 # -- status queries about transfers left accepted (PROTOCOL §7.7) ---------------------------
 
 
@@ -1070,6 +1132,22 @@ VARIANTS = [
             "sends a transfer's acceptance as a record sealed anew, not as exchanged",
             "3.27-status-records", "is not the acceptance envelope byte for byte",
             lambda n: _swap(n, ResealsRecords)),
+    Variant("never-withdraws", "host",
+            "never withdraws a one-round proposal left unanswered past expires_at + 2 × skew",
+            "3.09-one-round-withdrawn", "the target does not withdraw it",
+            _wrapped(_NeverWithdrawsTx), one_round=True, act_within=4.0),
+    Variant("withdraws-early", "host",
+            "withdraws a one-round proposal past expires_at, without the 2 × max_clock_skew",
+            "3.09-one-round-withdrawn", "before expires_at + 2 × max_clock_skew_seconds",
+            _wrapped(_WithdrawsEarlyTx), one_round=True),
+    Variant("settles-withdrawal-itself", "host",
+            "settles a withdrawn one-round transfer VOIDED as it sends the void",
+            "3.09-one-round-withdrawn", "while its void is unanswered",
+            lambda n: _swap(n, SettlesWithdrawalItself), one_round=True),
+    Variant("settles-on-void-refusal", "host",
+            "settles a withdrawn one-round transfer VOIDED on a refusal of its void (3008)",
+            "3.09-one-round-withdrawn", "before any report of the kit",
+            lambda n: _swap(n, SettlesOnVoidRefusal), one_round=True),
     Variant("never-asks-status", "buyer",
             "never asks the sender about a transfer it accepted and that outlived expires_at",
             "3.26-status-queries", "no TransferStatusQuery about",

@@ -22,6 +22,12 @@ from itmolink.node.runtime import Node
 
 KIT = "XKT"
 TARGET = "LAO"
+# A target that asks to complete on acceptance withdraws a proposal left unanswered
+# past expires_at + 2 x max_clock_skew + its grace (PROTOCOL §6.11 S7): with the node's
+# defaults (300 s and 30 s) test 3.09 would wait ten minutes, so that run of the target
+# uses a skew of 2 s and a grace of 1 s, stated to the kit in [target] as well.
+ONE_ROUND_SKEW_SECONDS = 2
+ONE_ROUND_WITHDRAWAL_GRACE_SECONDS = 1
 ITMOLINK = Path(sys.executable).with_name("itmolink")
 
 # How our node is driven: our own command line against its admin socket.
@@ -76,12 +82,15 @@ def prepare(tmp: Path, *, act_within: float = 15.0, one_round: bool = False) -> 
     node_dir = tmp / "target"
     init_party(node_dir / "pki", TARGET, f"{TARGET}-NR", now=now)
     kit_port = free_port()
+    skew = ONE_ROUND_SKEW_SECONDS if one_round else 300
+    grace = ONE_ROUND_WITHDRAWAL_GRACE_SECONDS if one_round else 30
     node_config = node_dir / "node.toml"
     node_config.write_text(
         f'party = "{TARGET}"\nregistry = "{TARGET}-NR"\ndatabase = "target.db"\n'
         'partner_listen = "127.0.0.1:0"\nadmin_listen = "unix:admin.sock"\n'
-        "transfer_timeout_seconds = 60\n"
+        f"transfer_timeout_seconds = 60\nwithdrawal_grace_seconds = {grace}\n"
         '[keys]\ndirectory = "pki"\n'
+        f"[limits]\nmax_clock_skew_seconds = {skew}\n"
         f'[[partners]]\ncard = "../kit/card.toml"\nendpoint = "127.0.0.1:{kit_port}"\n'
         f"complete_on_acceptance = {str(one_round).lower()}\n"
     )
@@ -94,9 +103,11 @@ def prepare(tmp: Path, *, act_within: float = 15.0, one_round: bool = False) -> 
         # only when they are given).
         + "rate_per_second = 100\nrate_burst = 200\n"
         + "transfer_items_per_second = 1000\ntransfer_items_burst = 2000\n"
-        # The node's default max_clock_skew_seconds; it honours complete_on_acceptance
-        # always (PROTOCOL §6.11 R1), and asks for it as its [[partners]] entry says.
-        + "max_clock_skew_seconds = 300\ncompletes_on_acceptance = true\n"
+        # The node's max_clock_skew_seconds and withdrawal grace; it honours
+        # complete_on_acceptance always (PROTOCOL §6.11 R1), and asks for it as its
+        # [[partners]] entry says.
+        + f"max_clock_skew_seconds = {skew}\nwithdrawal_grace_seconds = {grace}\n"
+        + "completes_on_acceptance = true\n"
         + f"asks_complete_on_acceptance = {str(one_round).lower()}\n\n"
         f"[driver]\n{driver}\n\n"
         f'[driver.vars]\nitmolink = "{ITMOLINK}"\nnode_config = "{node_config}"\n'

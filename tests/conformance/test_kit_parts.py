@@ -21,7 +21,7 @@ from itmolink.conformance.context import CheckFailed, Context
 from itmolink.conformance.driver import Driver, DriverError
 from itmolink.conformance.link import Link
 from itmolink.crypto.pki import PartnerCard
-from tests.conformance.harness import free_port, prepare
+from tests.conformance.harness import ONE_ROUND_SKEW_SECONDS, free_port, prepare
 
 
 def test_driver_fills_placeholders_and_quotes_the_kits_values() -> None:
@@ -218,7 +218,7 @@ def test_the_one_round_statements_are_flags_false_by_default(tmp_path: Path) -> 
     text = setup.kit_config.read_text()
     config = load_kit_config(setup.kit_config)
     assert (config.completes_on_acceptance, config.asks_complete_on_acceptance) == (True, True)
-    assert config.max_clock_skew_seconds == 300
+    assert config.max_clock_skew_seconds == ONE_ROUND_SKEW_SECONDS
     lines = [line for line in text.splitlines() if "_on_acceptance" not in line]
     setup.kit_config.write_text("\n".join(lines) + "\n")
     config = load_kit_config(setup.kit_config)
@@ -229,10 +229,30 @@ def test_the_one_round_statements_are_flags_false_by_default(tmp_path: Path) -> 
     with pytest.raises(KitConfigError, match=r"completes_on_acceptance must be true or false"):
         load_kit_config(setup.kit_config)
     setup.kit_config.write_text(
-        text.replace("max_clock_skew_seconds = 300", "max_clock_skew_seconds = 0")
+        text.replace(
+            f"max_clock_skew_seconds = {ONE_ROUND_SKEW_SECONDS}", "max_clock_skew_seconds = 0"
+        )
     )
     with pytest.raises(KitConfigError, match=r"max_clock_skew_seconds must be positive"):
         load_kit_config(setup.kit_config)
+
+
+def test_the_withdrawal_statements_default_to_the_references(tmp_path: Path) -> None:
+    """[target] withdraws_one_round (true) and withdrawal_grace_seconds (30 s, the
+    reference's default) for test 3.09 (PROTOCOL §6.11 S7)."""
+    setup = prepare(tmp_path)
+    text = setup.kit_config.read_text()
+    text = "\n".join(line for line in text.splitlines() if "withdraw" not in line) + "\n"
+    setup.kit_config.write_text(text)
+    config = load_kit_config(setup.kit_config)
+    assert (config.withdraws_one_round, config.withdrawal_grace_seconds) == (True, 30.0)
+    for line, error in (
+        ("withdraws_one_round = 1", "withdraws_one_round must be true or false"),
+        ("withdrawal_grace_seconds = -1", "withdrawal_grace_seconds must be 0 or more"),
+    ):
+        setup.kit_config.write_text(text.replace("[target]\n", f"[target]\n{line}\n"))
+        with pytest.raises(KitConfigError, match=error):
+            load_kit_config(setup.kit_config)
 
 
 @pytest.mark.parametrize(
@@ -442,3 +462,96 @@ async def test_3_26_takes_a_second_query_only_once_the_first_is_answered_and_i_p
         await stages._asked_again(ctx, first, answered)
     ctx.server.received[1:] = [query("m2", 0.25, 3.0)]
     await stages._asked_again(ctx, first, answered)
+
+
+async def test_3_09_checks_each_void_it_waits_for(tmp_path: Path) -> None:
+    """The checks of test 3.09 on the target's void of a one-round proposal left
+    unanswered (PROTOCOL §6.11 S7, §5.10): none within the wait, one sent before
+    expires_at + 2 × max_clock_skew (by its sent_at, or on the kit's clock), one naming
+    a request in in_reply_to or without the proposal's sent_at, each fail; a void in
+    time with the proposal's sent_at passes."""
+    from itmolink.conformance import stages
+    from itmolink.conformance.link import Incoming, KitServer
+    from itmolink.node.convert import timestamp
+    from itmolink.v1 import common_pb2, transfer_pb2
+
+    setup = prepare(tmp_path, act_within=0.3, one_round=True)
+    config = load_kit_config(setup.kit_config)
+    ctx = Context(config=config, link=None, server=KitServer(config, None), driver=None)  # type: ignore[arg-type]
+    skew = config.max_clock_skew_seconds
+    sent_us = int(time.time() * 1_000_000) - 60_000_000
+    proposal = transfer_pb2.TransferProposal(
+        header=common_pb2.Header(message_id="p1", sent_at=timestamp(sent_us)),
+        transfer_id="LAO-T-1", expires_at=timestamp(sent_us + 2_000_000),
+    )  # fmt: skip
+    # First delivered 60 s ago on the kit's clock: the wait for the void is short.
+    delivered = time.monotonic() - 60
+    first = Incoming(b"", "itmolink.v1.TransferProposal", b"", proposal, delivered)
+
+    def void(
+        after_s: float, *, seen_s: float | None = None, in_reply_to: str = "",
+        proposal_sent_us: int | None = sent_us,
+    ) -> Incoming:  # fmt: skip
+        """A void sent ``after_s`` after the proposal (by its sent_at), received
+        ``seen_s`` after the proposal's first delivery (default: the same)."""
+        header = common_pb2.Header(
+            message_id="v1", sent_at=timestamp(sent_us + int(after_s * 1_000_000)),
+            in_reply_to=in_reply_to,
+        )  # fmt: skip
+        message = transfer_pb2.TransferVoid(header=header, transfer_id="LAO-T-1")
+        if proposal_sent_us is not None:
+            message.proposal_sent_at.CopyFrom(timestamp(proposal_sent_us))
+        seen = after_s if seen_s is None else seen_s
+        return Incoming(b"", stages.VOID, b"", message, delivered + seen)
+
+    with pytest.raises(CheckFailed, match="no TransferVoid of the one-round transfer LAO-T-1"):
+        await stages._withdrawal_of(ctx, first)
+    on_time = 2 + 2 * skew + 0.5
+    cases = [
+        (void(2 + 2 * skew - 0.5), "before expires_at \\+ 2 × max_clock_skew_seconds"),
+        (void(on_time, seen_s=2 + 2 * skew - 2.5), "before expires_at"),
+        (void(on_time, proposal_sent_us=None), "the void's proposal_sent_at is unset"),
+        (void(on_time, proposal_sent_us=sent_us + 1), "not the proposal's sent_at"),
+        (void(on_time, in_reply_to="p1"), "names 'p1' in in_reply_to"),
+    ]
+    for incoming, error in cases:
+        ctx.server.received[:] = [incoming]
+        with pytest.raises(CheckFailed, match=error):
+            await stages._withdrawal_of(ctx, first)
+    ctx.server.received[:] = [void(on_time)]
+    await stages._withdrawal_of(ctx, first)
+
+
+@pytest.mark.parametrize("first_stage", ["not run", "failed"])
+async def test_a_test_that_does_not_apply_stops_no_later_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first_stage: str
+) -> None:
+    """§13.4: a test reported as not run in a stage that ran (it does not apply to the
+    target) leaves the stage passed and the next stage runs; a failed one stops it."""
+    from itmolink.conformance import runner
+    from itmolink.conformance.context import NotRunnable
+    from itmolink.conformance.stages import KitTest
+
+    async def passes(ctx: Context) -> None:
+        return None
+
+    async def other(ctx: Context) -> None:
+        if first_stage == "failed":
+            raise CheckFailed("broken")
+        raise NotRunnable("does not apply")
+
+    tests = [
+        KitTest("1.01-a", 1, "§1", "passes", ("buyer",), passes),
+        KitTest("1.02-b", 1, "§1", first_stage, ("buyer",), other),
+        KitTest("2.01-c", 2, "§2", "passes", ("buyer",), passes),
+    ]
+    monkeypatch.setattr(runner, "tests_for", lambda role: tests)
+    setup = prepare(tmp_path)
+    report = await runner.run_kit(load_kit_config(setup.kit_config), "127.0.0.1:1", "buyer")
+    statuses = [r.status for r in report.results]
+    if first_stage == "failed":
+        assert statuses == [runner.PASSED, runner.FAILED, runner.NOT_RUN]
+        assert (report.stage_status(1), report.passed) == (runner.FAILED, False)
+    else:
+        assert statuses == [runner.PASSED, runner.NOT_RUN, runner.PASSED]
+        assert (report.stage_status(1), report.passed) == (runner.PASSED, True)

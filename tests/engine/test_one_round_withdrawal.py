@@ -419,6 +419,19 @@ def test_the_sender_withdraws_only_past_the_deadline_one_void_at_a_time_not_in_t
     assert state(pair.lao, two_phase) is TransferState.PROPOSED  # its time-out pass voids it
 
 
+def test_the_grace_is_the_engines_withdrawal_grace(pair: Pair) -> None:
+    """The grace past expires_at + 2 × max_clock_skew is the engine's withdrawal_grace
+    (node.toml withdrawal_grace_seconds), 30 s unless set."""
+    assert pair.lao.withdrawal_grace == dt.timedelta(seconds=GRACE) == dt.timedelta(seconds=30)
+    pair.lao.withdrawal_grace = dt.timedelta(seconds=5)
+    transfer_id, _ = _proposed_then_rotated(pair)
+    deadline = _deadline(pair, transfer_id) - dt.timedelta(seconds=GRACE - 5)
+    pair.now = deadline - dt.timedelta(microseconds=1)
+    assert pair.lao.query_pending_transfers(pair.now) == []
+    pair.now = deadline
+    assert pair.lao.query_pending_transfers(pair.now) == [transfer_id]
+
+
 # -- a crash ----------------------------------------------------------------------------
 
 

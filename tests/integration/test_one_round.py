@@ -124,6 +124,28 @@ def test_a_bad_complete_on_acceptance_is_refused(
         load_config(_partner_config(pki, extra))
 
 
+@pytest.mark.parametrize(
+    ("line", "grace"),
+    [("", 30), ("withdrawal_grace_seconds = 0\n", 0), ("withdrawal_grace_seconds = 5\n", 5)],
+)
+def test_the_withdrawal_grace_is_read_and_30_s_by_default(
+    pki: Callable[..., Path], line: str, grace: int
+) -> None:
+    """PROTOCOL §6.11 S7: how long past expires_at + 2 × max_clock_skew a one-round
+    proposal still unanswered is withdrawn; a top-level field of node.toml."""
+    config = pki("LAO", ["KOR"])
+    config.write_text(line + config.read_text())
+    assert load_config(config).withdrawal_grace_seconds == grace
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", '"30"', "true"])
+def test_a_bad_withdrawal_grace_is_refused(pki: Callable[..., Path], value: str) -> None:
+    config = pki("LAO", ["KOR"])
+    config.write_text(f"withdrawal_grace_seconds = {value}\n" + config.read_text())
+    with pytest.raises(ConfigError, match=r"'withdrawal_grace_seconds' must be an integer"):
+        load_config(config)
+
+
 def test_check_config_shows_the_one_round_partner(
     pki: Callable[..., Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

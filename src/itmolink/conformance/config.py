@@ -63,9 +63,17 @@ class KitConfig:
     # 3.24 expect completed = true if so, a two-phase acceptance if not.
     completes_on_acceptance: bool = False
     # In role host: whether the target's proposals to the kit ask it to complete on
-    # acceptance (the target's [[partners]] complete_on_acceptance for the kit). Tests 3.08
-    # and 3.09 run only then, and 3.04 (a time-out void) only when not.
+    # acceptance (the target's [[partners]] complete_on_acceptance for the kit). Tests 3.04
+    # and 3.08 check the one-round sender then, the two-phase one when not; 3.09 runs only
+    # then.
     asks_complete_on_acceptance: bool = False
+    # In role host, with asks_complete_on_acceptance: whether the target withdraws a
+    # one-round proposal left unanswered (PROTOCOL §6.11 S7, a MAY; the reference does),
+    # and how long past expires_at + 2 x max_clock_skew_seconds it waits before it does
+    # (the reference's withdrawal_grace_seconds, 30 s by default). Test 3.09 waits that
+    # long plus act_within_seconds for the void.
+    withdraws_one_round: bool = True
+    withdrawal_grace_seconds: float = 30.0
     # How long a driver command may run (a command may wait for a person).
     driver_timeout_seconds: float = 60.0
     # Driver commands by action name, and the user's own placeholder values.
@@ -133,6 +141,11 @@ def load_kit_config(path: Path | str) -> KitConfig:
         raise KitConfigError(f"{path}: [driver] entries are strings; [driver.vars] a table")
     completes = _flag(target, "completes_on_acceptance", path)
     asks = _flag(target, "asks_complete_on_acceptance", path)
+    withdraws = target.get("withdraws_one_round", True)
+    if not isinstance(withdraws, bool):
+        raise KitConfigError(
+            f"{path}: [target] withdraws_one_round must be true or false, not {withdraws!r}"
+        )
     try:
         config = KitConfig(
             path=path,
@@ -152,6 +165,8 @@ def load_kit_config(path: Path | str) -> KitConfig:
             status_query_interval_seconds=float(target.get("status_query_interval_seconds", 60.0)),
             completes_on_acceptance=completes,
             asks_complete_on_acceptance=asks,
+            withdraws_one_round=withdraws,
+            withdrawal_grace_seconds=float(target.get("withdrawal_grace_seconds", 30.0)),
             driver_timeout_seconds=float(kit.get("driver_timeout_seconds", 60.0)),
             driver=commands,
             driver_vars={str(k): str(v) for k, v in variables.items()},
@@ -168,11 +183,11 @@ def load_kit_config(path: Path | str) -> KitConfig:
     ):
         if not value > 0:
             raise KitConfigError(f"{path}: [{table}] {key} must be positive, not {value}")
-    if not config.status_query_grace_seconds >= 0:
-        raise KitConfigError(
-            f"{path}: [target] status_query_grace_seconds must be 0 or more, "
-            f"not {config.status_query_grace_seconds}"
-        )
+    for key in ("status_query_grace_seconds", "withdrawal_grace_seconds"):
+        if not getattr(config, key) >= 0:
+            raise KitConfigError(
+                f"{path}: [target] {key} must be 0 or more, not {getattr(config, key)}"
+            )
     for first, second in (
         ("rate_per_second", "rate_burst"),
         ("transfer_items_per_second", "transfer_items_burst"),

@@ -62,12 +62,15 @@ class RunReport:
         return [r.test.id for r in self.results if r.status in (FAILED, ERROR)]
 
     def stage_status(self, stage: int) -> str:
+        """Passed when no test of the stage failed and some passed: a test not run while
+        the stage ran is optional or does not apply to the target (its driver command or
+        an agreed value is not given, or the target states it does not do what it checks)."""
         statuses = {r.status for r in self.results if r.test.stage == stage}
         if not statuses:
             return "no tests"
         if statuses == {NOT_RUN}:
             return NOT_RUN
-        return PASSED if statuses == {PASSED} else FAILED
+        return FAILED if statuses & {FAILED, ERROR} else PASSED
 
 
 async def run_kit(
@@ -127,8 +130,9 @@ async def run_kit(
                 report.results.append(result)
                 if progress is not None:
                     progress(result)
+            # A test not run in a stage that ran does not apply (stage_status).
             if blocked is None and any(
-                r.status != PASSED for r in report.results if r.test.stage == stage
+                r.status in (FAILED, ERROR) for r in report.results if r.test.stage == stage
             ):
                 blocked = stage
     finally:
@@ -174,11 +178,14 @@ def _status_report(ctx: Context, incoming: Incoming) -> Message:
 async def _run_one(test: KitTest, ctx: Context) -> Result:
     started = time.monotonic()
     refused = len(ctx.server.refused)
-    # Test 3.26 may have to wait out the target's grace G of status queries (PROTOCOL §7.7).
+    # Test 3.26 may have to wait out the target's grace G of status queries (PROTOCOL §7.7),
+    # and 3.09 its withdrawal of one-round proposals (twice its skew and its grace, §6.11 S7).
     timeout = (
         TEST_TIMEOUT_SECONDS
         + 2 * ctx.config.driver_timeout_seconds
         + ctx.config.status_query_grace_seconds
+        + 2 * ctx.config.max_clock_skew_seconds
+        + ctx.config.withdrawal_grace_seconds
     )
     try:
         await asyncio.wait_for(test.run(ctx), timeout)

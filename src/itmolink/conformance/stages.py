@@ -1393,9 +1393,14 @@ async def _driver_propose(
         ),
         "propose_transfer", ctx,
     )  # fmt: skip
+    # Not a redelivery of a proposal the kit already knows (one left unanswered).
     got = await ctx.server.wait_for(
-        lambda: _proposals_after(ctx, seen), ctx.config.act_within_seconds
-    )
+        lambda: [
+            i for i in _proposals_after(ctx, seen)
+            if i.message.transfer_id not in ctx.transfers  # type: ignore[attr-defined]
+        ],
+        ctx.config.act_within_seconds,
+    )  # fmt: skip
     check(got, "no TransferProposal reached the kit after the driver's propose_transfer")
     incoming: Incoming = got[0]
     proposal = incoming.message
@@ -1602,14 +1607,7 @@ async def t_h_timeout(ctx: Context) -> None:
     assert isinstance(proposal, transfer_pb2.TransferProposal)
     void = voids[0].message
     assert isinstance(void, transfer_pb2.TransferVoid)
-    check(not voids[0].problems, f"void header: {'; '.join(voids[0].problems)}")
-    check(
-        void.HasField("proposal_sent_at")
-        and timestamp_us(void.proposal_sent_at) == timestamp_us(proposal.header.sent_at),
-        f"the void's proposal_sent_at is "
-        f"{timestamp_us(void.proposal_sent_at) if void.HasField('proposal_sent_at') else 'unset'}"
-        f", not the proposal's sent_at {timestamp_us(proposal.header.sent_at)} (§5.10)",
-    )
+    _check_void_of(voids[0], proposal)
     # Measured twice: on the target's clock (the two sent_at) and on the kit's, with
     # slack for the delivery of the proposal.
     waited_us = timestamp_us(void.header.sent_at) - timestamp_us(proposal.header.sent_at)
@@ -1714,6 +1712,29 @@ async def t_h_records(ctx: Context) -> None:
         await _report(ctx, transfer_id), [incoming.raw, acceptance], completions,
         target_completes=ctx,
     )  # fmt: skip
+
+
+def _check_void_of(incoming: Incoming, proposal: transfer_pb2.TransferProposal) -> None:
+    """The target's void of ``proposal`` is a well-formed request naming it, with the
+    proposal's sent_at as its proposal_sent_at (§5.10 field 4)."""
+    void = incoming.message
+    assert isinstance(void, transfer_pb2.TransferVoid)
+    check(not incoming.problems, f"void header: {'; '.join(incoming.problems)}")
+    check(
+        void.header.in_reply_to == "",
+        f"the void names {void.header.in_reply_to!r} in in_reply_to: a request names none (§4.4)",
+    )
+    check(
+        void.transfer_id == proposal.transfer_id,
+        f"the void names {void.transfer_id!r}, not {proposal.transfer_id!r}",
+    )
+    check(
+        void.HasField("proposal_sent_at")
+        and timestamp_us(void.proposal_sent_at) == timestamp_us(proposal.header.sent_at),
+        f"the void's proposal_sent_at is "
+        f"{timestamp_us(void.proposal_sent_at) if void.HasField('proposal_sent_at') else 'unset'}"
+        f", not the proposal's sent_at {timestamp_us(proposal.header.sent_at)} (§5.10)",
+    )
 
 
 @kit_test(
@@ -2466,6 +2487,254 @@ async def _one_round_never_voided(ctx: Context) -> None:
         "the one-round proposal was delivered again with other bytes (§7.1)",
     )
     await _settled_by_kit(ctx, record, started, ", past its time-out")
+
+
+# The driver time-out of the one-round proposals that test 3.09 leaves unanswered (their
+# expires_at), and the slack the kit allows, on its own clock, for the first delivery of
+# a proposal (which a loaded target may start late) when it checks that the void did not
+# come too early (the exact check is on the target's clock: the void's sent_at against
+# the proposal's expires_at).
+WITHDRAWAL_TIMEOUT_SECONDS = 2
+WITHDRAWAL_SLACK_SECONDS = 2.0
+VOID = str(transfer_pb2.TransferVoid.DESCRIPTOR.full_name)
+
+
+def _unreserved(ctx: Context, authorisation: str) -> int:
+    """The units of the run's issuance under ``authorisation`` that the target should
+    hold free now: those issued less those it moved or may still hold reserved (any
+    transfer the kit does not know final there)."""
+    taken = sum(
+        b.quantity
+        for r in ctx.transfers.values()
+        if r.sender == ctx.target and r.authorisation_id == authorisation
+        and (r.moved or not r.final_at_target)
+        for b in r.blocks
+    )  # fmt: skip
+    return ISSUED - taken
+
+
+async def _withdrawal_of(ctx: Context, incoming: Incoming) -> Incoming:
+    """The target's void withdrawing the one-round proposal first delivered as
+    ``incoming``, left unanswered: not before expires_at + 2 × max_clock_skew (on the
+    target's clock, and on the kit's with some slack), within the target's grace and
+    act_within_seconds after, well formed (PROTOCOL §6.11 S7, §5.10)."""
+    proposal = incoming.message
+    assert isinstance(proposal, transfer_pb2.TransferProposal)
+    transfer_id = proposal.transfer_id
+    lead = (timestamp_us(proposal.expires_at) - timestamp_us(proposal.header.sent_at)) / 1e6
+    check(
+        0 < lead <= WITHDRAWAL_TIMEOUT_SECONDS + CLOCK_MARGIN_SECONDS,
+        f"the proposal of {transfer_id} expires {lead:.1f} s after its sent_at, but the "
+        f"driver asked for a time-out of {WITHDRAWAL_TIMEOUT_SECONDS} s (§13.3)",
+    )
+    skew = ctx.config.max_clock_skew_seconds
+    earliest = lead + 2 * skew  # seconds after the proposal was sent
+    grace = ctx.config.withdrawal_grace_seconds
+    within = (
+        max(0.0, incoming.received_at + earliest - time.monotonic())
+        + grace + ctx.config.act_within_seconds
+    )  # fmt: skip
+    voids = await ctx.server.wait_for(
+        lambda: _of_transfer(ctx, transfer_pb2.TransferVoid, transfer_id), within
+    )
+    check(
+        voids,
+        f"no TransferVoid of the one-round transfer {transfer_id}, left unanswered, reached "
+        f"the kit within {grace:g} s ([target] withdrawal_grace_seconds) and "
+        f"{ctx.config.act_within_seconds:g} s more past its expires_at + 2 × "
+        f"max_clock_skew_seconds ({skew} s): the target does not withdraw it (PROTOCOL "
+        "§6.11 S7, a MAY: state [target] withdraws_one_round = false if it never does)",
+    )
+    void_in: Incoming = voids[0]
+    void = void_in.message
+    assert isinstance(void, transfer_pb2.TransferVoid)
+    # Measured twice: on the target's clock (its void's sent_at against its proposal's
+    # expires_at) and on the kit's (from the proposal's first delivery).
+    after_us = timestamp_us(void.header.sent_at) - timestamp_us(proposal.expires_at)
+    seen = void_in.received_at - incoming.received_at
+    check(
+        after_us >= 2 * skew * 1_000_000 and seen >= earliest - WITHDRAWAL_SLACK_SECONDS,
+        f"the target withdrew its one-round proposal {transfer_id} {after_us / 1e6:.2f} s "
+        f"after its expires_at by its clock ({seen:.2f} s after the proposal's first delivery "
+        f"at the kit, which expired {lead:.2f} s after it was sent), before expires_at + 2 × "
+        f"max_clock_skew_seconds ({2 * skew} s): the receiver may still complete it "
+        "(PROTOCOL §6.11 S7)",
+    )
+    _check_void_of(void_in, proposal)
+    return void_in
+
+
+async def _still_proposed(ctx: Context, transfer_id: str, when: str) -> None:
+    """The target holds ``transfer_id`` PROPOSED ``when`` (the kit's answer that
+    settles it has not come yet): §6.11 S4, S7."""
+    state = await _status(ctx, transfer_id)
+    check(
+        state == transfer_pb2.TRANSFER_STATE_PROPOSED,
+        f"{transfer_id} is {_state(state)} at the target {when}, not "
+        "TRANSFER_STATE_PROPOSED: a sender that asked settles a withdrawn one-round transfer "
+        "only on the receiver's answer, the receipt of its void or, after a refusal with "
+        "3008, a report of a final state it asked for; never on its own clock (PROTOCOL "
+        "§6.11 S4, S7)",
+    )
+
+
+@kit_test(
+    "3.09-one-round-withdrawn",
+    3,
+    "§6.11 S4, S7, §5.10, §5.11",
+    "one-round proposals left unanswered are withdrawn past expires_at + 2 × "
+    "max_clock_skew, not before, and stay PROPOSED until the kit answers: its receipt "
+    "settles one VOIDED; after a 3008 the target asks, and a report of VOIDED settles the "
+    "other; their units can be proposed again",
+    ("host",),
+)
+async def t_h_withdrawn(ctx: Context) -> None:
+    if not ctx.config.asks_complete_on_acceptance:
+        raise NotRunnable(
+            "the target's proposals to the kit do not ask to complete on acceptance "
+            "([target] asks_complete_on_acceptance): only one-round proposals are withdrawn "
+            "(§6.11 S7); 3.04 checks the two-phase time-out void"
+        )
+    if not ctx.config.withdraws_one_round:
+        raise NotRunnable(
+            "the target never withdraws a one-round proposal left unanswered "
+            "([target] withdraws_one_round = false; §6.11 S7: a MAY)"
+        )
+    authorisation = ctx.needs("auth", "2.01")
+    free = _unreserved(ctx, authorisation)
+    check(free >= 2, f"the target should hold {free} units of {authorisation} free")
+    # Two transfers left unanswered: the kit acknowledges the void of the first, refuses
+    # that of the second with a recorded 3008 (as a receiver that voided it on an earlier
+    # void whose receipt was lost) and reports it VOIDED when asked. A third transfer of
+    # all their units then shows both released; the kit completes it on acceptance.
+    withdrawn: list[str] = []
+    completing = {"now": False}
+
+    def hold(incoming: Incoming) -> bool:
+        transfer_id = incoming.message.transfer_id  # type: ignore[attr-defined]
+        return not completing["now"] or transfer_id in withdrawn
+
+    proposals = _completing(ctx, hold)
+    void_answers: dict[str, Message] = {}
+    answered: dict[str, float] = {}
+    reports: dict[str, transfer_pb2.TransferState.ValueType] = {}
+    previous_void = ctx.server.policies.get(VOID, ctx.server.default_policy)
+    previous_query = ctx.server.policies.get(STATUS_QUERY, ctx.server.default_policy)
+
+    def void_policy(incoming: Incoming) -> Message | bytes | None:
+        transfer_id = str(incoming.message.transfer_id)  # type: ignore[attr-defined]
+        if transfer_id not in withdrawn:
+            return previous_void(incoming)
+        answer = void_answers.get(transfer_id)
+        if answer is not None:
+            answered.setdefault(transfer_id, time.monotonic())
+        return answer  # None: unanswered (UNAVAILABLE) until the kit has looked
+
+    def query_policy(incoming: Incoming) -> Message | bytes | None:
+        transfer_id = str(incoming.message.transfer_id)  # type: ignore[attr-defined]
+        if transfer_id not in withdrawn:
+            return previous_query(incoming)
+        state = reports.get(transfer_id)
+        if state is None:
+            return None
+        return transfer_pb2.TransferStatusReport(transfer_id=transfer_id, state=state)
+
+    ctx.server.policies[VOID] = void_policy
+    ctx.server.policies[STATUS_QUERY] = query_policy
+    try:
+        first = await _driver_propose(
+            ctx, free // 2, proposals, timeout_seconds=WITHDRAWAL_TIMEOUT_SECONDS
+        )
+        withdrawn.append(first.message.transfer_id)  # type: ignore[attr-defined]
+        second = await _driver_propose(
+            ctx, free - free // 2, proposals, timeout_seconds=WITHDRAWAL_TIMEOUT_SECONDS
+        )
+        withdrawn.append(second.message.transfer_id)  # type: ignore[attr-defined]
+        received, refused = withdrawn
+        for incoming in (first, second):
+            await _withdrawal_of(ctx, incoming)
+        for transfer_id in withdrawn:
+            await _still_proposed(ctx, transfer_id, "while its void is unanswered")
+        deliveries = _of_transfer(ctx, transfer_pb2.TransferProposal, received)
+        check(
+            all(d.raw == deliveries[0].raw for d in deliveries),
+            "the one-round proposal was delivered again with other bytes (§7.1)",
+        )
+        void_answers[received] = transfer_pb2.TransferVoidReceipt(transfer_id=received)
+        void_answers[refused] = Rejection(
+            subject_id=refused,
+            reasons=[codes_pb2.RejectionReason(
+                code=C.REJECTION_CODE_TRANSFER_STATE_CONFLICT,
+                detail="conformance: voided by an earlier void",
+            )],
+        )  # fmt: skip
+        # The receipt settles the first (§5.10, §6.11 S7).
+        await ctx.server.wait_for(lambda: received in answered, ctx.config.act_within_seconds)
+        check(received in answered, f"the target did not deliver its void of {received} again")
+        state = await _state_past(ctx, received, transfer_pb2.TRANSFER_STATE_PROPOSED, 0.2)
+        check(
+            state == transfer_pb2.TRANSFER_STATE_VOIDED,
+            f"{received} is {_state(state)} at the target after the kit's receipt of its "
+            "void, not TRANSFER_STATE_VOIDED (PROTOCOL §5.10, §6.11 S7)",
+        )
+        record = ctx.transfers[received]
+        record.final_at_target = record.voided = True
+        # The refusal settles nothing: the target asks, and settles on the report.
+        await ctx.server.wait_for(lambda: refused in answered, ctx.config.act_within_seconds)
+        check(refused in answered, f"the target did not deliver its void of {refused} again")
+        await asyncio.sleep(REPORT_SETTLE_SECONDS)
+        await _still_proposed(
+            ctx, refused, "after the kit refused its void with 3008, before any report of the kit"
+        )
+        queries = await ctx.server.wait_for(
+            lambda: [
+                i for i in _status_queries(ctx, refused) if i.received_at >= answered[refused]
+            ],
+            ctx.config.act_within_seconds,
+        )  # fmt: skip
+        check(
+            queries,
+            f"no TransferStatusQuery about {refused} reached the kit within "
+            f"{ctx.config.act_within_seconds:g} s of its refusal of the void with 3008: the "
+            "sender asks which final state the receiver holds (PROTOCOL §6.11 S7, §5.11)",
+        )
+        _check_query(ctx, queries[0], refused)
+        await _still_proposed(
+            ctx, refused, "while its status query, after the refusal of its void, is unanswered"
+        )
+        record = ctx.transfers[refused]
+        record.final_at_target = record.voided = True
+        reports[refused] = transfer_pb2.TRANSFER_STATE_VOIDED
+        state = await _state_past(ctx, refused, transfer_pb2.TRANSFER_STATE_PROPOSED, 0.2)
+        check(
+            state == transfer_pb2.TRANSFER_STATE_VOIDED,
+            f"{refused} is {_state(state)} at the target after the kit refused its void with "
+            "3008 and reported it TRANSFER_STATE_VOIDED, not TRANSFER_STATE_VOIDED (PROTOCOL "
+            "§6.11 S7, §5.11)",
+        )
+        # Both released: all their units in one transfer, which the kit completes.
+        completing["now"] = True
+        try:
+            again = await _driver_propose(ctx, free, proposals)
+        except CheckFailed as exc:
+            raise CheckFailed(
+                f"the target could not propose again the {free} units of {received} and "
+                f"{refused}, which it holds VOIDED: it did not release them (PROTOCOL §5.10, "
+                f"§6.11 S7): {exc}"
+            ) from None
+        record = ctx.transfers[again.message.transfer_id]  # type: ignore[attr-defined]
+        check(_completed_by_kit(ctx, record), "the kit did not answer the target's proposal")
+        state = await _state_past(
+            ctx, record.transfer_id, transfer_pb2.TRANSFER_STATE_PROPOSED, 0.2
+        )
+        check(
+            state == transfer_pb2.TRANSFER_STATE_COMPLETED,
+            f"{record.transfer_id} is {_state(state)} at the target after the kit's "
+            "acceptance with completed = true, not TRANSFER_STATE_COMPLETED (§6.11 S2)",
+        )
+    finally:
+        ctx.server.policies[VOID] = previous_void
+        ctx.server.policies[STATUS_QUERY] = previous_query
 
 
 # ======================================================================================

@@ -194,8 +194,10 @@ RETRY_MAX_US = 30_000_000
 # still in flight), and again at this interval while the answer is "not yet".
 STATUS_QUERY_GRACE_US = 30_000_000
 STATUS_QUERY_INTERVAL_US = 60_000_000
-# A one-round proposal withdrawn past its deadline (PROTOCOL §6.11 S7): a new void
-# after one answered without settling, at most this often.
+# A one-round proposal is withdrawn (PROTOCOL §6.11 S7) this long after its
+# expires_at + 2 x max_clock_skew by default (node.toml withdrawal_grace_seconds).
+WITHDRAWAL_GRACE_US = STATUS_QUERY_GRACE_US
+# A new void after one answered without settling, at most this often.
 WITHDRAWAL_INTERVAL_US = 3_600_000_000
 WITHDRAWAL_REASON = "one-round proposal unanswered past expires_at + 2 x max_clock_skew"
 # An amendment of our authorisation and the completions of our transfers under it
@@ -320,6 +322,7 @@ class EngineBase:
         accounting: AccountingConfig | None = None,
         threshold: HostThreshold | None = None,
         key_loader: Callable[[str], SigningKey] | None = None,
+        withdrawal_grace: dt.timedelta = dt.timedelta(microseconds=WITHDRAWAL_GRACE_US),
     ) -> None:
         self.party = party
         self.registry = registry
@@ -336,6 +339,9 @@ class EngineBase:
         self.partners = {p.party: p for p in partners}
         self.store = store
         self.default_timeout = default_timeout
+        # How long past expires_at + 2 x max_clock_skew a one-round proposal still
+        # unanswered is withdrawn (PROTOCOL §6.11 S7).
+        self.withdrawal_grace = withdrawal_grace
         self._new_id = new_id
         self.limits = limits or Limits()
         # Per partner: the transfers it may still propose now (Limits, §2.5).

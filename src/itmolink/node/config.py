@@ -12,6 +12,9 @@ it: libpq reads one from ``passfile=`` or ``PGPASSFILE`` (docs/POSTGRES.md)::
     partner_listen = "127.0.0.1:50051"   # partner-facing gRPC port (mutual TLS)
     admin_listen = "unix:admin.sock"     # operator interface: a unix socket or a loopback port
     transfer_timeout_seconds = 120       # how long a partner has to accept a proposal
+    withdrawal_grace_seconds = 30        # optional: a one-round proposal still unanswered is
+                                         # withdrawn this long past expires_at + 2 x
+                                         # max_clock_skew_seconds (PROTOCOL.md §6.11 S7)
 
     [keys]
     directory = "pki"                    # from 'itmolink pki init': node.pem, node.key, signing.key
@@ -112,6 +115,9 @@ class NodeConfig:
     threshold: HostThreshold | None = None
     reported_emissions: dict[int, int] = field(default_factory=dict)
     metrics_listen: str | None = None
+    # How long past expires_at + 2 x max_clock_skew a one-round proposal still
+    # unanswered is withdrawn (PROTOCOL.md §6.11 S7).
+    withdrawal_grace_seconds: int = 30
 
     @property
     def admin_target(self) -> str:
@@ -222,6 +228,9 @@ def load_config(path: Path | str) -> NodeConfig:
     timeout = data.get("transfer_timeout_seconds", 120)
     if not isinstance(timeout, int) or timeout <= 0:
         raise ConfigError(f"{path}: field 'transfer_timeout_seconds' must be a positive integer")
+    grace = data.get("withdrawal_grace_seconds", 30)
+    if not isinstance(grace, int) or isinstance(grace, bool) or grace < 0:
+        raise ConfigError(f"{path}: field 'withdrawal_grace_seconds' must be an integer, 0 or more")
     limits_table = data.get("limits", {})
     if not isinstance(limits_table, dict):
         raise ConfigError(f"{path}: [limits] must be a table")
@@ -253,6 +262,7 @@ def load_config(path: Path | str) -> NodeConfig:
         threshold=threshold,
         reported_emissions=reported,
         metrics_listen=_metrics(data.get("metrics"), path),
+        withdrawal_grace_seconds=grace,
     )
 
 

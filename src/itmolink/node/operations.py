@@ -614,6 +614,7 @@ class Operations(EngineBase):
         """
         now_us = to_us(now)
         skew = self.limits.max_clock_skew // dt.timedelta(microseconds=1)
+        grace = self.withdrawal_grace // dt.timedelta(microseconds=1)
         asked: list[str] = []
         with self._transaction() as tx:
             for record in tx.transfers_awaiting_completion(now_us - STATUS_QUERY_GRACE_US):
@@ -627,9 +628,7 @@ class Operations(EngineBase):
                 query = TransferStatusQuery(transfer_id=record.transfer_id)
                 self._send(tx, record.partner, query, record.transfer_id, now_us)
                 asked.append(record.transfer_id)
-            for record in tx.transfers_one_round_unanswered(
-                now_us - STATUS_QUERY_GRACE_US - 2 * skew
-            ):
+            for record in tx.transfers_one_round_unanswered(now_us - grace - 2 * skew):
                 # Once the receiver refused a void with 3008 (it holds the transfer
                 # final), it is asked which state instead (Replies._withdrawal_answered),
                 # again at the same pace; else one void at a time, a new one only if the

@@ -564,6 +564,7 @@ class Node:
                 config.party, directory / f"signing-{key_id}.key"
             ),
             default_timeout=dt.timedelta(seconds=config.transfer_timeout_seconds),
+            withdrawal_grace=dt.timedelta(seconds=config.withdrawal_grace_seconds),
             accounting=config.accounting,
             threshold=config.threshold,
             limits=Limits(
