@@ -810,11 +810,15 @@ class EngineBase:
         evidence_journal_id: int,
         now_us: int,
         first_transfer: Mapping[str, bool] | None = None,
+        booked_amounts: dict[str, list[tuple[int, int]]] | None = None,
     ) -> dict[str, int]:
         """Carry out the same transition's effects for several transfers (transfer id,
         partner, blocks) at once, with one statement per table; returns each CA year
         (0 when none, or entries for several years). ``first_transfer``: at the
-        sender, each transfer's recorded proposal flag (the host books by it)."""
+        sender, each transfer's recorded proposal flag (the host books by it).
+        ``booked_amounts``, if the transition books adjustments: filled with the
+        (year, amount) of what is booked for each transfer (none: an empty list), for
+        sealing the transfers in the same transaction without reading them back."""
         role = Role.SENDER if Effect.DEBIT_RESERVED_BLOCKS in effects else Role.RECEIVER
         ids = [transfer_id for transfer_id, _, _ in transfers]
         for effect in effects:
@@ -838,10 +842,14 @@ class EngineBase:
             booked: list[AdjustmentEntry] = []
             for transfer_id, partner, blocks in transfers:
                 flag = None if first_transfer is None else first_transfer.get(transfer_id)
+                if booked_amounts is not None:
+                    booked_amounts[transfer_id] = []
                 if not self._transfer_counts(tx, role, blocks, flag):
                     continue
                 entries = self._adjustment_entries(role, partner, transfer_id, blocks)
                 booked.extend(entries)
+                if booked_amounts is not None:
+                    booked_amounts[transfer_id] = [(e.year, e.amount) for e in entries]
                 entry_years = {entry.year for entry in entries}
                 years[transfer_id] = entry_years.pop() if len(entry_years) == 1 else 0
             tx.adjustments_put(booked, evidence_journal_id=evidence_journal_id, now=now_us)

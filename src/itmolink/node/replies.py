@@ -649,14 +649,16 @@ class Replies(EngineBase):
         )
         ids = [record.transfer_id for record in live]
         blocks = tx.blocks_of_transfers(ids)
+        booked: dict[str, list[tuple[int, int]]] = {}
         years = self._apply_many(
             tx, transition.effects,
             [(r.transfer_id, r.partner, blocks[r.transfer_id]) for r in live],
-            journal_id, now_us, {r.transfer_id: r.first_transfer for r in live},
+            journal_id, now_us, {r.transfer_id: r.first_transfer for r in live}, booked,
         )  # fmt: skip
         tx.transfers_set_state(
             ids, transition.state, now=now_us, acceptance_digest=acceptance_digest, blocks=blocks,
             records={r.transfer_id: r for r in live},
+            adjustments=booked if Effect.APPLY_ADJUSTMENT in transition.effects else None,
         )  # fmt: skip
         actions: list[NewAction] = []
         for record in live:

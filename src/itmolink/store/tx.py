@@ -1779,11 +1779,14 @@ class Tx:
         acceptance_digest: bytes | None = None,
         blocks: dict[str, list[Block]] | None = None,
         records: Mapping[str, TransferRecord] | None = None,
+        adjustments: Mapping[str, Sequence[tuple[int, int]]] | None = None,
     ) -> None:
         """Move several transfers to ``state`` (no rejection), in one statement; a final
         state seals them in that statement (``blocks``: each one's blocks, if the
         caller has them already; ``records``: each one's record as read in this
-        transaction and not changed since, else read again)."""
+        transaction and not changed since, else read again; ``adjustments``: the
+        (year, amount) of every adjustment this ledger holds for each of them, when
+        the caller booked them all in this transaction, else read again)."""
         if state.is_final:
             if records is None:
                 records = self.transfers_get(transfer_ids)
@@ -1796,7 +1799,7 @@ class Tx:
                     )
                     for t in transfer_ids
                 ],
-                blocks=blocks, now=now,
+                blocks=blocks, now=now, adjustments=adjustments,
             )  # fmt: skip
         elif acceptance_digest is None:
             self._many(
@@ -1904,6 +1907,7 @@ class Tx:
         blocks: dict[str, list[Block]] | None = None,
         now: int | None = None,
         retotal: bool = True,
+        adjustments: Mapping[str, Sequence[tuple[int, int]]] | None = None,
     ) -> None:
         """:meth:`_seal_transfers` of these records, as they are to be. With ``now``,
         their state, rejection and acceptance digest are written too, in the same
@@ -1911,7 +1915,9 @@ class Tx:
         sealed already with the same blocks (a leaf defined anew, migration 0007), so
         the reconciliation totals stand; only the leaves and their sums change, and
         the partner's adjustment follows the authorisation as it stood when each
-        became final (:meth:`_partner_adjustments`)."""
+        became final (:meth:`_partner_adjustments`). ``adjustments``: this ledger's
+        (year, amount) entries of each transfer, if the caller has every one of them
+        (:meth:`transfers_set_state`), else read."""
         me = self.meta_get("party") or ""
         transfer_ids = [r.transfer_id for r in records]
         by_id = {r.transfer_id: r for r in records}
@@ -1919,7 +1925,9 @@ class Tx:
         blocks_of = blocks if blocks is not None else (
             self.blocks_of_transfers(moved_ids) if moved_ids else {}
         )  # fmt: skip
-        adjustments_of = self.adjustment_amounts_of(transfer_ids)
+        adjustments_of = (
+            self.adjustment_amounts_of(transfer_ids) if adjustments is None else adjustments
+        )
         # Records are read from the ledger in this transaction (_transfer): what an
         # earlier seal added to the sums is in each one's sealed_sums.
         before = {r.transfer_id: r.sealed_sums for r in records if r.sealed_sums is not None}
