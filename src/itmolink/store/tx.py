@@ -294,11 +294,13 @@ class TxMemory:
     :meth:`Tx.write_deferred`, which the store calls just before COMMIT.
 
     It also keeps the latest version of each authorisation read
-    (:meth:`Tx.authorisation_latest`), so that the calls of a group commit read an
-    authorisation once, not once each; a write to the authorisations forgets them all.
+    (:meth:`Tx.authorisation_latest`) and the acquiring parties' states of each
+    version read (:meth:`Tx.authorisation_party_states`), so that the calls of a
+    group commit read them once, not once each; a write to the authorisations or
+    their parties forgets them all.
     """
 
-    __slots__ = ("authorisations", "dirty", "values")
+    __slots__ = ("authorisations", "dirty", "party_states", "values")
 
     def __init__(self) -> None:
         self.values: dict[tuple[str, str], Any] = {}
@@ -306,10 +308,14 @@ class TxMemory:
         self.authorisations: dict[
             tuple[str, str], tuple[AuthorisationTerms, dict[str, Any]] | None
         ] = {}
+        self.party_states: dict[tuple[str, str, int], dict[str, str]] = {}
 
     def mark(self) -> _Mark:
         """The state to return to if a savepoint beginning now is rolled back."""
-        return dict(self.values), set(self.dirty), dict(self.authorisations)
+        return (
+            dict(self.values), set(self.dirty), dict(self.authorisations),
+            dict(self.party_states),
+        )  # fmt: skip
 
     def restore(self, mark: _Mark) -> None:
         self.values.clear()
@@ -318,17 +324,21 @@ class TxMemory:
         self.dirty.update(mark[1])
         self.authorisations.clear()
         self.authorisations.update(mark[2])
+        self.party_states.clear()
+        self.party_states.update(mark[3])
 
     def clear(self) -> None:
         self.values.clear()
         self.dirty.clear()
         self.authorisations.clear()
+        self.party_states.clear()
 
 
 _Mark = tuple[
     dict[tuple[str, str], Any],
     set[tuple[str, str]],
     dict[tuple[str, str], "tuple[AuthorisationTerms, dict[str, Any]] | None"],
+    dict[tuple[str, str, int], dict[str, str]],
 ]
 
 
@@ -366,6 +376,10 @@ class Tx:
         self._authorisations: dict[
             tuple[str, str], tuple[AuthorisationTerms, dict[str, Any]] | None
         ] = {} if cache is None else cache.authorisations
+        # The same for the acquiring parties' states of each version read.
+        self._party_states: dict[tuple[str, str, int], dict[str, str]] = (
+            {} if cache is None else cache.party_states
+        )
         self.postgres = paramstyle == "format"
         # Rows of node_meta and counters read or written in this database
         # transaction, and the writes to them deferred until its commit
@@ -405,7 +419,7 @@ class Tx:
         except BaseException:
             if memory is not None and mark is not None:
                 memory.restore(mark)
-            self._authorisations.clear()
+            self._forget_authorisations()
             self._exec(f"ROLLBACK TO SAVEPOINT {name}")
             self._exec(f"RELEASE SAVEPOINT {name}")
             raise
@@ -1041,7 +1055,7 @@ class Tx:
         revoked: bool = False,
         statement_journal_id: int | None = None,
     ) -> None:
-        self._authorisations.clear()
+        self._forget_authorisations()
         self._exec(
             "INSERT INTO authorisations (host_party, authorisation_id, version, activity_id, "
             "activity_name, activity_description, cooperative_approach_id, acquiring_parties, "
@@ -1256,7 +1270,7 @@ class Tx:
     def authorisation_party_put(
         self, terms: AuthorisationTerms, party: str, state: str, evidence_journal_id: int | None
     ) -> None:
-        self._authorisations.clear()
+        self._forget_authorisations()
         self._exec(
             "INSERT INTO authorisation_parties (host_party, authorisation_id, version, party, "
             "state, rejection_code, evidence_journal_id) VALUES (?, ?, ?, ?, ?, 0, ?)",
@@ -1282,7 +1296,7 @@ class Tx:
         evidence_journal_id: int,
         reference: str = "",
     ) -> None:
-        self._authorisations.clear()
+        self._forget_authorisations()
         self._exec(
             "UPDATE authorisation_parties SET state = ?, rejection_code = ?, "
             "evidence_journal_id = ?, reference = ? WHERE host_party = ? AND authorisation_id = ? "
@@ -1302,12 +1316,24 @@ class Tx:
     def authorisation_party_states(
         self, host_party: str, authorisation_id: str, version: int
     ) -> dict[str, str]:
-        rows = self._exec(
-            "SELECT party, state FROM authorisation_parties WHERE host_party = ? "
-            "AND authorisation_id = ? AND version = ?",
-            (host_party, authorisation_id, version),
-        )
-        return {r[0]: r[1] for r in rows}
+        """Each acquiring party's state of this version (read once per transaction,
+        as :meth:`authorisation_latest`; a copy the caller may change)."""
+        key = (host_party, authorisation_id, version)
+        states = self._party_states.get(key)
+        if states is None:
+            rows = self._exec(
+                "SELECT party, state FROM authorisation_parties WHERE host_party = ? "
+                "AND authorisation_id = ? AND version = ?",
+                key,
+            )
+            states = self._party_states[key] = {r[0]: r[1] for r in rows}
+        return dict(states)
+
+    def _forget_authorisations(self) -> None:
+        """Forget the authorisations and party states read (one was written, or a
+        savepoint rolled back)."""
+        self._authorisations.clear()
+        self._party_states.clear()
 
     # -- accounts, issuance and holdings ------------------------------------------------
 
