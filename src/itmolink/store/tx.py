@@ -184,6 +184,16 @@ _TRANSFER_READ = (
     f"{_TRANSFER_COLUMNS}, blocks_h1, blocks_h2, journal_h1, journal_h2, blocks_leaf IS NOT NULL"
 )
 
+# A transfer's record (22 columns, as _TRANSFER_READ) and its blocks in serial order,
+# one row per block (one row with no block for a transfer without blocks).
+_TRANSFER_WITH_BLOCKS = (
+    "SELECT "
+    + ", ".join("t." + c.strip() for c in _TRANSFER_COLUMNS.split(","))
+    + ", t.blocks_h1, t.blocks_h2, t.journal_h1, t.journal_h2, t.blocks_leaf IS NOT NULL, "
+    + ", ".join("b." + c.strip() for c in _BLOCK_COLUMNS.split(","))
+    + " FROM transfers t LEFT JOIN transfer_blocks b ON b.transfer_id = t.transfer_id "
+    "WHERE t.transfer_id = ? ORDER BY b.originating_registry, b.serial_start"
+)
 
 # What node processes sharing one database cache in memory: a change to any of it
 # bumps the counter _SHARED_STATE, and each process reloads when it sees it move.
@@ -1784,6 +1794,14 @@ class Tx:
             f"SELECT {_TRANSFER_READ} FROM transfers WHERE transfer_id = ?", (transfer_id,)
         )
         return None if row is None else _transfer(row)
+
+    def transfer_with_blocks(self, transfer_id: str) -> tuple[TransferRecord, list[Block]] | None:
+        """:meth:`transfer_get` and :meth:`blocks_of_transfer` in one query."""
+        rows = self._exec(_TRANSFER_WITH_BLOCKS, (transfer_id,)).fetchall()
+        if not rows:
+            return None
+        blocks = [_block(r[22:]) for r in rows if r[22] is not None]
+        return _transfer(rows[0]), blocks
 
     def transfer_proposed_at(self, transfer_id: str) -> int | None:
         """The transfer's ``proposed_at`` (µs): the ``sent_at`` of its proposal, or for
