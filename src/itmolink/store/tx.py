@@ -9,6 +9,7 @@ never commits on its own.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -310,7 +311,7 @@ class TxMemory:
     their parties forgets them all.
     """
 
-    __slots__ = ("authorisations", "dirty", "party_states", "values")
+    __slots__ = ("authorisations", "dirty", "party_states", "sums", "values")
 
     def __init__(self) -> None:
         self.values: dict[tuple[str, str], Any] = {}
@@ -319,12 +320,17 @@ class TxMemory:
             tuple[str, str], tuple[AuthorisationTerms, dict[str, Any]] | None
         ] = {}
         self.party_states: dict[tuple[str, str, int], dict[str, str]] = {}
+        # What sealed transfers add to the reconciliation's running sums and not
+        # written yet (Tx._add_sums), by row of reconcile_buckets ("bucket", partner,
+        # prefix) or reconcile_totals ("total", partner, direction, unit type,
+        # vintage, authorisation id).
+        self.sums: dict[tuple[Any, ...], tuple[int, ...]] = {}
 
     def mark(self) -> _Mark:
         """The state to return to if a savepoint beginning now is rolled back."""
         return (
             dict(self.values), set(self.dirty), dict(self.authorisations),
-            dict(self.party_states),
+            dict(self.party_states), dict(self.sums),
         )  # fmt: skip
 
     def restore(self, mark: _Mark) -> None:
@@ -336,12 +342,15 @@ class TxMemory:
         self.authorisations.update(mark[2])
         self.party_states.clear()
         self.party_states.update(mark[3])
+        self.sums.clear()
+        self.sums.update(mark[4])
 
     def clear(self) -> None:
         self.values.clear()
         self.dirty.clear()
         self.authorisations.clear()
         self.party_states.clear()
+        self.sums.clear()
 
 
 _Mark = tuple[
@@ -349,6 +358,7 @@ _Mark = tuple[
     set[tuple[str, str]],
     dict[tuple[str, str], "tuple[AuthorisationTerms, dict[str, Any]] | None"],
     dict[tuple[str, str, int], dict[str, str]],
+    dict[tuple[Any, ...], tuple[int, ...]],
 ]
 
 
@@ -443,9 +453,13 @@ class Tx:
 
     def write_deferred(self) -> None:
         """Write the node_meta and counters rows whose writes wait for the commit
-        (:class:`TxMemory`): called by the store just before COMMIT."""
+        (:class:`TxMemory`), and the reconciliation's running sums: called by the
+        store just before COMMIT."""
         memory = self._memory
-        if memory is None or not memory.dirty:
+        if memory is None:
+            return
+        self._flush_sums()
+        if not memory.dirty:
             return
         for kind, key in sorted(memory.dirty):
             value = memory.values[kind, key]
@@ -2080,17 +2094,11 @@ class Tx:
             "blocks_h2 = ?, journal_h1 = ?, journal_h2 = ? WHERE transfer_id = ?",
             leaves,
         )  # fmt: skip
-        self._many(
-            "INSERT INTO reconcile_buckets (partner, prefix, leaves, blocks_h1, blocks_h2, "
-            "journal_h1, journal_h2) VALUES (?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (partner, prefix) DO UPDATE SET "
-            "leaves = reconcile_buckets.leaves + excluded.leaves, "
-            "blocks_h1 = reconcile_buckets.blocks_h1 + excluded.blocks_h1, "
-            "blocks_h2 = reconcile_buckets.blocks_h2 + excluded.blocks_h2, "
-            "journal_h1 = reconcile_buckets.journal_h1 + excluded.journal_h1, "
-            "journal_h2 = reconcile_buckets.journal_h2 + excluded.journal_h2",
-            [(partner, prefix, *sums) for (partner, prefix), sums in buckets.items()],
+        self._add_sums(
+            [("bucket", partner, prefix, *sums) for (partner, prefix), sums in buckets.items()]
         )
+        if repaired:
+            self._flush_sums()  # the partners' totals are summed again from the ledger
         for partner in sorted(repaired):
             self._exec("DELETE FROM reconcile_totals WHERE partner = ?", (partner,))
             self._exec(
@@ -2103,17 +2111,59 @@ class Tx:
                 "GROUP BY t.partner, t.direction, b.unit_type, b.vintage, b.authorisation_id",
                 (partner, int(TransferState.COMPLETED)),
             )
+        self._add_sums(
+            [
+                ("total", *key, quantity, count)
+                for key, (quantity, count, _) in totals.items()
+                if key[0] not in repaired
+            ]
+        )
+
+    def _add_sums(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Add to the reconciliation's running sums (rows of ("bucket", partner,
+        prefix, leaves, blocks h1, h2, journal h1, h2) and ("total", partner,
+        direction, unit type, vintage, authorisation id, quantity, transfers)). In a
+        SQLite transaction they wait in its memory, summed, until it commits or
+        something reads them (:meth:`_flush_sums`): the transfers completed by one
+        group commit add to one totals row, and their buckets are written together."""
+        memory = self._memory
+        if memory is None:
+            self._write_sums(rows)
+            return
+        sums = memory.sums
+        for row in rows:
+            width = 3 if row[0] == "bucket" else 6
+            key, values = row[:width], row[width:]
+            old = sums.get(key)
+            sums[key] = values if old is None else tuple(map(operator.add, old, values))
+
+    def _flush_sums(self) -> None:
+        """Write the running sums waiting in this transaction's memory."""
+        memory = self._memory
+        if memory is not None and memory.sums:
+            rows = [(*key, *values) for key, values in memory.sums.items()]
+            memory.sums.clear()
+            self._write_sums(rows)
+
+    def _write_sums(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        self._many(
+            "INSERT INTO reconcile_buckets (partner, prefix, leaves, blocks_h1, blocks_h2, "
+            "journal_h1, journal_h2) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (partner, prefix) DO UPDATE SET "
+            "leaves = reconcile_buckets.leaves + excluded.leaves, "
+            "blocks_h1 = reconcile_buckets.blocks_h1 + excluded.blocks_h1, "
+            "blocks_h2 = reconcile_buckets.blocks_h2 + excluded.blocks_h2, "
+            "journal_h1 = reconcile_buckets.journal_h1 + excluded.journal_h1, "
+            "journal_h2 = reconcile_buckets.journal_h2 + excluded.journal_h2",
+            [row[1:] for row in rows if row[0] == "bucket"],
+        )
         self._many(
             "INSERT INTO reconcile_totals (partner, direction, unit_type, vintage, "
             "authorisation_id, quantity, transfers) VALUES (?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (partner, direction, unit_type, vintage, authorisation_id) "
             "DO UPDATE SET quantity = reconcile_totals.quantity + excluded.quantity, "
             "transfers = reconcile_totals.transfers + excluded.transfers",
-            [
-                (*key, quantity, count)
-                for key, (quantity, count, _) in totals.items()
-                if key[0] not in repaired
-            ],
+            [row[1:] for row in rows if row[0] == "total"],
         )
 
     def reseal_listed_count(self) -> int:
@@ -2246,6 +2296,7 @@ class Tx:
     ) -> list[Bucket]:
         """The non-empty children of bucket ``prefix`` (16 at most)."""
         h1, h2 = _VIEW_COLUMNS[view]
+        self._flush_sums()
         if len(prefix) >= SUMMARY_PREFIX:
             rows = self._exec(
                 f"SELECT substr(id_hash, 1, ?) AS child, COUNT(*), SUM({h1}), SUM({h2}) "
@@ -2296,6 +2347,7 @@ class Tx:
         """Per sender and (unit type, vintage, authorisation): the tCO2e moved by
         completed transfers proposed before ``snapshot``, and how many moved them.
         The running sums, less the completed transfers proposed since."""
+        self._flush_sums()
         me = self.meta_get("party") or ""
         sums: dict[tuple[str, int, int, str], list[int]] = {}
         for direction, unit_type, vintage, authorisation_id, quantity, transfers in self._exec(
