@@ -314,3 +314,54 @@ def test_a_group_reads_an_authorisation_once_and_forgets_it_on_a_write_or_a_roll
                 assert tx.authorisation_get("LAO", "LAO-A-1") == amended
     with store.transaction() as tx:
         assert tx.authorisation_get("LAO", "LAO-A-1") == amended
+
+
+def test_running_sums_wait_for_the_commit_and_are_read_in_the_group(tmp_path: Path) -> None:
+    """What sealed transfers add to the reconciliation's running sums waits in the
+    group's memory, summed, and is written once before the commit; a later
+    transaction of the group reads it, and one rolled back takes its part with it."""
+    store = _store(tmp_path)
+    bucket = ("bucket", "KOR", "abc", 1, 10, 20, 30, 40)
+    total = ("total", "KOR", "out", int(UnitType.ITMO), 2025, "LAO-A-1", 7, 1)
+    written: list[str] = []
+    original = Tx._many
+
+    def counting(self: Tx, sql: str, rows: Any) -> None:
+        if "reconcile_" in sql and rows:
+            written.append(sql.split()[2])
+        original(self, sql, rows)
+
+    def failing() -> None:
+        with store.transaction() as tx:
+            tx._add_sums([bucket, total])
+            raise Boom
+
+    def sums(connection: Any) -> list[Any]:
+        return [
+            *connection.execute("SELECT * FROM reconcile_buckets"),
+            *connection.execute("SELECT * FROM reconcile_totals"),
+        ]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Tx, "_many", counting)
+        with store.group():
+            for _ in range(2):
+                with store.transaction() as tx:
+                    tx._add_sums([bucket, total])
+            assert written == []
+            with pytest.raises(Boom):
+                failing()
+            with sqlite3.connect(store.path) as other:
+                assert sums(other) == []  # nothing before the commit
+            with store.transaction() as tx:
+                [child] = tx.reconcile_buckets("KOR", 2**62, "blocks", "")
+                assert (child.prefix, child.count, child.h1, child.h2) == ("a", 2, 20, 40)
+                [moved] = tx.reconcile_totals("KOR", 2**62)
+                assert (moved.quantity, moved.transfers) == (14, 1 * 2)
+                tx._add_sums([bucket])
+    assert written == ["reconcile_buckets", "reconcile_totals", "reconcile_buckets"]
+    with sqlite3.connect(store.path) as other:
+        assert sorted(sums(other), key=str) == sorted(
+            [("KOR", "abc", 3, 30, 60, 90, 120), ("KOR", "out", 1, 2025, "LAO-A-1", 14, 2)],
+            key=str,
+        )

@@ -53,10 +53,21 @@ class Block:
         """The first ``quantity`` units, and what remains (None if nothing)."""
         if not 0 < quantity <= self.quantity:
             raise ValueError(f"cannot split {quantity} from a block of {self.quantity}")
-        head = replace(self, serial_end=self.serial_start + quantity - 1)
-        if quantity == self.quantity:
+        # The fields spelt out rather than dataclasses.replace (twice as fast; a
+        # proposal splits a block).
+        cut = self.serial_start + quantity
+        head = Block(
+            self.originating_registry, self.serial_start, cut - 1, self.unit_type, self.vintage,
+            self.activity_id, self.authorisation_id, self.cooperative_approach_id,
+            self.first_transferring_party,
+        )  # fmt: skip
+        if cut > self.serial_end:
             return head, None
-        return head, replace(self, serial_start=self.serial_start + quantity)
+        return head, Block(
+            self.originating_registry, cut, self.serial_end, self.unit_type, self.vintage,
+            self.activity_id, self.authorisation_id, self.cooperative_approach_id,
+            self.first_transferring_party,
+        )  # fmt: skip
 
     def overlaps(self, other: Block) -> bool:
         return (

@@ -192,6 +192,18 @@ class NodeMetrics:
         )
         self._server: Any = None
         self.port = 0
+        # Labelled children already looked up (child): a delivery or a received
+        # envelope counts in two of them, and labels() costs about a microsecond each.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once per set of labels (the same
+        child prometheus_client keeps; no metric of this registry removes any)."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def attach(self, node: Any, party: str, registry: str) -> None:
         self.info.labels(party, registry, __version__).set(1)

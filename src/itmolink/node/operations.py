@@ -1074,7 +1074,7 @@ class Operations(EngineBase):
         (in a batch, its detail names the item), and nothing is reserved."""
         pools: dict[tuple[str, int], tuple[list[Block], list[Block]]] = {}
         pending: dict[int, int] = {}
-        chosen: list[tuple[AuthorisationTerms, list[Block], bytes]] = []
+        chosen: list[tuple[AuthorisationTerms, list[Block], bytes, bool]] = []
         for number, request in enumerate(requests, start=1):
             host = request.host_party or self.party
             try:
@@ -1095,7 +1095,8 @@ class Operations(EngineBase):
                 pools[key] = (originals, remainders + current[len(taken) :])
                 self._check_one_kind(tx, request.authorisation_id, taken)
                 self._check_booking(tx, Role.SENDER, taken)
-                if self._first_transfer(tx, request.authorisation_id, taken):
+                first_transfer = self._first_transfer(tx, request.authorisation_id, taken)
+                if first_transfer:
                     # Only where the host books (not for units first transferred already).
                     self._check_threshold(tx, terms, request.vintage, request.quantity, pending)
             except Rejected as rejected:
@@ -1104,7 +1105,7 @@ class Operations(EngineBase):
                 raise Rejected(
                     rejected.code, f"item {number} of the batch: {rejected.detail}"
                 ) from None
-            chosen.append((terms, taken, evidence))
+            chosen.append((terms, taken, evidence, first_transfer))
         first = tx.next_counter("transfer", len(chosen))
         ids = [f"{self.party}-T-{first + n:06d}" for n in range(len(chosen))]
         sources: list[Block] = []
@@ -1115,16 +1116,17 @@ class Operations(EngineBase):
             left.extend(b for b in current if b not in before)
         tx.blocks_carve(
             sources, left,
-            [(b, transfer_id) for transfer_id, (_, taken, _) in zip(ids, chosen, strict=True)
+            [(b, transfer_id) for transfer_id, (_, taken, _, _) in zip(ids, chosen, strict=True)
              for b in taken],
             account=HOLDING_ACCOUNT,
         )  # fmt: skip
         return [
             Outgoing(
-                transfer_id, terms.authorisation_id, total(taken), taken,
-                self._first_transfer(tx, terms.authorisation_id, taken), evidence,
+                transfer_id, terms.authorisation_id, total(taken), taken, first_transfer, evidence
             )
-            for transfer_id, (terms, taken, evidence) in zip(ids, chosen, strict=True)
+            for transfer_id, (terms, taken, evidence, first_transfer) in zip(
+                ids, chosen, strict=True
+            )
         ]  # fmt: skip
 
     def start_transfer(

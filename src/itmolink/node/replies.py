@@ -11,7 +11,7 @@ from itmolink.core.actions import (
     ActionType,
 )
 from itmolink.core.aef import ActionSubtype
-from itmolink.core.blocks import total
+from itmolink.core.blocks import Block, total
 from itmolink.core.codes import Rejected, RejectionCode, wire_name_of
 from itmolink.core.transfer import Effect, Event, Role, TransferState, step
 from itmolink.crypto.envelope import sealed_payload
@@ -527,9 +527,10 @@ class Replies(EngineBase):
         journal_id: int,
         now_us: int,
     ) -> None:
-        record = tx.transfer_get(transfer_id)
-        if record is None:
+        found = tx.transfer_with_blocks(transfer_id)
+        if found is None:
             raise RuntimeError(f"accepted transfer {transfer_id} is not recorded")
+        record, blocks = found
         if (
             acceptance.transfer_id != transfer_id
             or acceptance.proposal_digest != record.proposal_digest
@@ -570,7 +571,7 @@ class Replies(EngineBase):
                 )  # fmt: skip
             self._complete_outgoing_many(
                 tx, [record], acceptance_digest, journal_id, now_us,
-                event=Event.COMPLETED_ACCEPTANCE_RECEIVED,
+                event=Event.COMPLETED_ACCEPTANCE_RECEIVED, blocks={transfer_id: blocks},
             )  # fmt: skip
             return
         # S3: an ordinary acceptance (also of a proposal that asked: the receiver chose
@@ -590,25 +591,14 @@ class Replies(EngineBase):
                 partner, transfer_id, extra={"transfer_id": transfer_id, "partner": partner},
             )  # fmt: skip
             return
-        year = self._complete_outgoing(tx, record, acceptance_digest, journal_id, now_us)
+        year = self._complete_outgoing_many(
+            tx, [record], acceptance_digest, journal_id, now_us, blocks={transfer_id: blocks}
+        ).get(transfer_id)
         if year is not None:
             completion = TransferCompletion(
                 transfer_id=transfer_id, acceptance_digest=acceptance_digest, adjustment_year=year
             )
             self._send(tx, partner, completion, transfer_id, now_us)
-
-    def _complete_outgoing(
-        self,
-        tx: Tx,
-        record: TransferRecord,
-        acceptance_digest: bytes,
-        journal_id: int,
-        now_us: int,
-    ) -> int | None:
-        """The sender's completion step for one accepted transfer
-        (:meth:`_complete_outgoing_many`); None if nothing was applied."""
-        years = self._complete_outgoing_many(tx, [record], acceptance_digest, journal_id, now_us)
-        return years.get(record.transfer_id)
 
     def _complete_outgoing_many(
         self,
@@ -619,6 +609,7 @@ class Replies(EngineBase):
         now_us: int,
         *,
         event: Event = Event.ACCEPTANCE_RECEIVED,
+        blocks: dict[str, list[Block]] | None = None,
     ) -> dict[str, int]:
         """The sender's completion step for accepted transfers (one proposed alone, or
         the accepted items of a batch), in the transaction that journals the
@@ -627,7 +618,8 @@ class Replies(EngineBase):
         send; a transfer no longer PROPOSED here (voided by its time-out before the
         acceptance arrived) is left out and nothing is applied to it. ``event``
         COMPLETED_ACCEPTANCE_RECEIVED: the receiver completed on acceptance (one-round
-        transfer), the same step with no completion to send."""
+        transfer), the same step with no completion to send. ``blocks``: each one's
+        blocks, if the caller read them with its record (else read here)."""
         live: list[TransferRecord] = []
         transition = None
         for record in records:
@@ -648,15 +640,18 @@ class Replies(EngineBase):
             event is Event.ACCEPTANCE_RECEIVED
         )
         ids = [record.transfer_id for record in live]
-        blocks = tx.blocks_of_transfers(ids)
+        if blocks is None:
+            blocks = tx.blocks_of_transfers(ids)
+        booked: dict[str, list[tuple[int, int]]] = {}
         years = self._apply_many(
             tx, transition.effects,
             [(r.transfer_id, r.partner, blocks[r.transfer_id]) for r in live],
-            journal_id, now_us, {r.transfer_id: r.first_transfer for r in live},
+            journal_id, now_us, {r.transfer_id: r.first_transfer for r in live}, booked,
         )  # fmt: skip
         tx.transfers_set_state(
             ids, transition.state, now=now_us, acceptance_digest=acceptance_digest, blocks=blocks,
             records={r.transfer_id: r for r in live},
+            adjustments=booked if Effect.APPLY_ADJUSTMENT in transition.effects else None,
         )  # fmt: skip
         actions: list[NewAction] = []
         for record in live:

@@ -30,7 +30,7 @@ from itmolink.core.blocks import Block, total, validate_block
 from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.core.reconcile import BLOCKS_LEAF_DEFINITION
 from itmolink.core.rules import AuthorisationTerms
-from itmolink.core.transfer import Event, Role, TransferState, step
+from itmolink.core.transfer import Effect, Event, Role, TransferState, step
 from itmolink.core.units import FirstTransferDefinition
 from itmolink.crypto.envelope import VerifiedEnvelope, open_envelope, pae, sealed_payload
 from itmolink.crypto.keys import VerifyingKey, is_key_id_of
@@ -933,15 +933,20 @@ class Requests(EngineBase):
             return years, refused
         ids = [record.transfer_id for record in live]
         blocks = tx.blocks_of_transfers(ids)
+        booked_amounts: dict[str, list[tuple[int, int]]] = {}
         years.update(
             self._apply_many(
-                tx, transition.effects, [(t, sender, blocks[t]) for t in ids], journal_id, now_us
+                tx, transition.effects, [(t, sender, blocks[t]) for t in ids], journal_id,
+                now_us, booked_amounts=booked_amounts,
             )
-        )
+        )  # fmt: skip
         tx.transfers_set_state(
             ids, transition.state, now=now_us, blocks=blocks,
             records={r.transfer_id: r for r in live},
             acceptance_digest=None if acceptance is None else acceptance(years),
+            adjustments=(
+                booked_amounts if Effect.APPLY_ADJUSTMENT in transition.effects else None
+            ),
         )  # fmt: skip
         tx.actions_put([
             NewAction(

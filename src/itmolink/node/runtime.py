@@ -139,8 +139,9 @@ class PartnerServicer(partner_service_pb2_grpc.PartnerServiceServicer):
             )
         except RateLimited:  # over the partner's transfer items (§2.5), nothing recorded
             await self._rate_limited(context, peer, "transfer items")
-        self._node.metrics.received.labels(peer, "handled").inc()
-        self._node.metrics.calls.labels("received", peer, "Deliver").inc()
+        metrics = self._node.metrics
+        metrics.child(metrics.received, peer, "handled").inc()
+        metrics.child(metrics.calls, "received", peer, "Deliver").inc()
         self._node.kick_after_call()
         return partner_service_pb2.DeliverResponse(envelope=reply)
 
@@ -213,7 +214,7 @@ class PartnerServicer(partner_service_pb2_grpc.PartnerServiceServicer):
             error = done.exception()
             if error is None:
                 outcomes[slot].envelope = done.result()
-                node.metrics.received.labels(peer, "handled").inc()
+                node.metrics.child(node.metrics.received, peer, "handled").inc()
                 continue
             if isinstance(error, RateLimited):  # over its transfer items, nothing recorded
                 self._rate_limited_slot(outcomes[slot], peer, "transfer items")
@@ -902,7 +903,8 @@ class Node:
             )
             await self.db(self.engine.delivery_failed, message_id, str(exc), self.clock())
         else:
-            self.metrics.delivery_seconds.labels(partner).observe(time.monotonic() - started)
+            metrics = self.metrics
+            metrics.child(metrics.delivery_seconds, partner).observe(time.monotonic() - started)
             try:
                 applied = await self.db(
                     self.engine.handle_reply, message_id, reply, self.clock(), sent_at=sent_at
@@ -911,7 +913,7 @@ class Node:
                     # A refusal that settles nothing yet (S5): retried with backoff.
                     self.metrics.deliveries.labels(partner, "retry").inc()
                 else:
-                    self.metrics.deliveries.labels(partner, "ok").inc()
+                    metrics.child(metrics.deliveries, partner, "ok").inc()
                     retry = not self.delivers_at_once
             except ReplyError as exc:
                 self.metrics.deliveries.labels(partner, "bad_reply").inc()

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from types import TracebackType
 from typing import Protocol
 
 from itmolink.store.migrate import SQLITE, Migration, migrations, refuse_newer, statements
@@ -101,6 +102,48 @@ def reseal_listed_transfers(store: Store, chunk: int = 2_000) -> int:
 
 # Prepared statements kept per connection (sqlite3's default is 128).
 STATEMENT_CACHE = 1024
+
+
+class _GroupedTransaction:
+    """One transaction of a group commit (:meth:`SqliteStore.transaction` inside
+    :meth:`SqliteStore.group`): a savepoint of the group's transaction, undone alone
+    if its block raises."""
+
+    __slots__ = ("_mark", "_memory", "_name", "_store")
+
+    def __init__(self, store: SqliteStore) -> None:
+        self._store = store
+
+    def __enter__(self) -> Tx:
+        store = self._store
+        conn = store._conn
+        if not conn.in_transaction:
+            # SQLite rolled the group back itself (an I/O error, a full disk):
+            # nothing more may run in it, or it would commit statement by statement.
+            raise sqlite3.OperationalError("the group's transaction was rolled back")
+        store._group_size += 1
+        self._name = f"g{store._group_size}"
+        memory = self._memory = store._group_memory
+        self._mark = memory.mark()
+        conn.execute(f"SAVEPOINT {self._name}")
+        return Tx(conn, cache=memory)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        conn = self._store._conn
+        if exc_type is not None:
+            # Back to what the group's earlier transactions left (their deferred
+            # writes included), as the database is; the exception goes on.
+            self._memory.restore(self._mark)
+            if conn.in_transaction:
+                conn.execute(f"ROLLBACK TO SAVEPOINT {self._name}")
+                conn.execute(f"RELEASE SAVEPOINT {self._name}")
+            return
+        conn.execute(f"RELEASE SAVEPOINT {self._name}")
 
 
 class SqliteStore:
@@ -209,8 +252,7 @@ class SqliteStore:
             row = tx._one("SELECT MAX(version) FROM schema_migrations")
         return int(row[0] or 0)
 
-    @contextmanager
-    def transaction(self, *, exclusive: bool = True) -> Iterator[Tx]:
+    def transaction(self, *, exclusive: bool = True) -> AbstractContextManager[Tx]:
         """One database transaction: committed when the block ends, else rolled back.
 
         Always ``BEGIN IMMEDIATE`` (one writer at a time), whatever ``exclusive``.
@@ -219,9 +261,13 @@ class SqliteStore:
         with the whole group.
         """
         if self._group_owner == threading.get_ident():
-            with self._grouped_transaction() as tx:
-                yield tx
-            return
+            # Not one generator inside another: a call of a group commit pays for
+            # one context manager here, not three (one per protocol step).
+            return _GroupedTransaction(self)
+        return self._own_transaction()
+
+    @contextmanager
+    def _own_transaction(self) -> Iterator[Tx]:
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -239,29 +285,6 @@ class SqliteStore:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 raise
-
-    @contextmanager
-    def _grouped_transaction(self) -> Iterator[Tx]:
-        if not self._conn.in_transaction:
-            # SQLite rolled the group back itself (an I/O error, a full disk):
-            # nothing more may run in it, or it would commit statement by statement.
-            raise sqlite3.OperationalError("the group's transaction was rolled back")
-        self._group_size += 1
-        name = f"g{self._group_size}"
-        memory = self._group_memory
-        mark = memory.mark()
-        self._conn.execute(f"SAVEPOINT {name}")
-        try:
-            yield Tx(self._conn, cache=memory)
-        except BaseException:
-            # Back to what the group's earlier transactions left (their deferred
-            # writes included), as the database is.
-            memory.restore(mark)
-            if self._conn.in_transaction:
-                self._conn.execute(f"ROLLBACK TO SAVEPOINT {name}")
-                self._conn.execute(f"RELEASE SAVEPOINT {name}")
-            raise
-        self._conn.execute(f"RELEASE SAVEPOINT {name}")
 
     @contextmanager
     def group(self) -> Iterator[None]:

@@ -9,6 +9,7 @@ never commits on its own.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -184,6 +185,16 @@ _TRANSFER_READ = (
     f"{_TRANSFER_COLUMNS}, blocks_h1, blocks_h2, journal_h1, journal_h2, blocks_leaf IS NOT NULL"
 )
 
+# A transfer's record (22 columns, as _TRANSFER_READ) and its blocks in serial order,
+# one row per block (one row with no block for a transfer without blocks).
+_TRANSFER_WITH_BLOCKS = (
+    "SELECT "
+    + ", ".join("t." + c.strip() for c in _TRANSFER_COLUMNS.split(","))
+    + ", t.blocks_h1, t.blocks_h2, t.journal_h1, t.journal_h2, t.blocks_leaf IS NOT NULL, "
+    + ", ".join("b." + c.strip() for c in _BLOCK_COLUMNS.split(","))
+    + " FROM transfers t LEFT JOIN transfer_blocks b ON b.transfer_id = t.transfer_id "
+    "WHERE t.transfer_id = ? ORDER BY b.originating_registry, b.serial_start"
+)
 
 # The payload types of a sender's completion (PROTOCOL §5.9, §5.15).
 _COMPLETION_TYPES = ("itmolink.v1.TransferCompletion", "itmolink.v1.TransferBatchCompletion")
@@ -297,11 +308,13 @@ class TxMemory:
     :meth:`Tx.write_deferred`, which the store calls just before COMMIT.
 
     It also keeps the latest version of each authorisation read
-    (:meth:`Tx.authorisation_latest`), so that the calls of a group commit read an
-    authorisation once, not once each; a write to the authorisations forgets them all.
+    (:meth:`Tx.authorisation_latest`) and the acquiring parties' states of each
+    version read (:meth:`Tx.authorisation_party_states`), so that the calls of a
+    group commit read them once, not once each; a write to the authorisations or
+    their parties forgets them all.
     """
 
-    __slots__ = ("authorisations", "dirty", "values")
+    __slots__ = ("authorisations", "dirty", "party_states", "sums", "values")
 
     def __init__(self) -> None:
         self.values: dict[tuple[str, str], Any] = {}
@@ -309,10 +322,19 @@ class TxMemory:
         self.authorisations: dict[
             tuple[str, str], tuple[AuthorisationTerms, dict[str, Any]] | None
         ] = {}
+        self.party_states: dict[tuple[str, str, int], dict[str, str]] = {}
+        # What sealed transfers add to the reconciliation's running sums and not
+        # written yet (Tx._add_sums), by row of reconcile_buckets ("bucket", partner,
+        # prefix) or reconcile_totals ("total", partner, direction, unit type,
+        # vintage, authorisation id).
+        self.sums: dict[tuple[Any, ...], tuple[int, ...]] = {}
 
     def mark(self) -> _Mark:
         """The state to return to if a savepoint beginning now is rolled back."""
-        return dict(self.values), set(self.dirty), dict(self.authorisations)
+        return (
+            dict(self.values), set(self.dirty), dict(self.authorisations),
+            dict(self.party_states), dict(self.sums),
+        )  # fmt: skip
 
     def restore(self, mark: _Mark) -> None:
         self.values.clear()
@@ -321,17 +343,25 @@ class TxMemory:
         self.dirty.update(mark[1])
         self.authorisations.clear()
         self.authorisations.update(mark[2])
+        self.party_states.clear()
+        self.party_states.update(mark[3])
+        self.sums.clear()
+        self.sums.update(mark[4])
 
     def clear(self) -> None:
         self.values.clear()
         self.dirty.clear()
         self.authorisations.clear()
+        self.party_states.clear()
+        self.sums.clear()
 
 
 _Mark = tuple[
     dict[tuple[str, str], Any],
     set[tuple[str, str]],
     dict[tuple[str, str], "tuple[AuthorisationTerms, dict[str, Any]] | None"],
+    dict[tuple[str, str, int], dict[str, str]],
+    dict[tuple[Any, ...], tuple[int, ...]],
 ]
 
 
@@ -369,6 +399,10 @@ class Tx:
         self._authorisations: dict[
             tuple[str, str], tuple[AuthorisationTerms, dict[str, Any]] | None
         ] = {} if cache is None else cache.authorisations
+        # The same for the acquiring parties' states of each version read.
+        self._party_states: dict[tuple[str, str, int], dict[str, str]] = (
+            {} if cache is None else cache.party_states
+        )
         self.postgres = paramstyle == "format"
         # Rows of node_meta and counters read or written in this database
         # transaction, and the writes to them deferred until its commit
@@ -408,7 +442,7 @@ class Tx:
         except BaseException:
             if memory is not None and mark is not None:
                 memory.restore(mark)
-            self._authorisations.clear()
+            self._forget_authorisations()
             self._exec(f"ROLLBACK TO SAVEPOINT {name}")
             self._exec(f"RELEASE SAVEPOINT {name}")
             raise
@@ -422,9 +456,13 @@ class Tx:
 
     def write_deferred(self) -> None:
         """Write the node_meta and counters rows whose writes wait for the commit
-        (:class:`TxMemory`): called by the store just before COMMIT."""
+        (:class:`TxMemory`), and the reconciliation's running sums: called by the
+        store just before COMMIT."""
         memory = self._memory
-        if memory is None or not memory.dirty:
+        if memory is None:
+            return
+        self._flush_sums()
+        if not memory.dirty:
             return
         for kind, key in sorted(memory.dirty):
             value = memory.values[kind, key]
@@ -1118,7 +1156,7 @@ class Tx:
         revoked: bool = False,
         statement_journal_id: int | None = None,
     ) -> None:
-        self._authorisations.clear()
+        self._forget_authorisations()
         self._exec(
             "INSERT INTO authorisations (host_party, authorisation_id, version, activity_id, "
             "activity_name, activity_description, cooperative_approach_id, acquiring_parties, "
@@ -1333,7 +1371,7 @@ class Tx:
     def authorisation_party_put(
         self, terms: AuthorisationTerms, party: str, state: str, evidence_journal_id: int | None
     ) -> None:
-        self._authorisations.clear()
+        self._forget_authorisations()
         self._exec(
             "INSERT INTO authorisation_parties (host_party, authorisation_id, version, party, "
             "state, rejection_code, evidence_journal_id) VALUES (?, ?, ?, ?, ?, 0, ?)",
@@ -1359,7 +1397,7 @@ class Tx:
         evidence_journal_id: int,
         reference: str = "",
     ) -> None:
-        self._authorisations.clear()
+        self._forget_authorisations()
         self._exec(
             "UPDATE authorisation_parties SET state = ?, rejection_code = ?, "
             "evidence_journal_id = ?, reference = ? WHERE host_party = ? AND authorisation_id = ? "
@@ -1379,12 +1417,24 @@ class Tx:
     def authorisation_party_states(
         self, host_party: str, authorisation_id: str, version: int
     ) -> dict[str, str]:
-        rows = self._exec(
-            "SELECT party, state FROM authorisation_parties WHERE host_party = ? "
-            "AND authorisation_id = ? AND version = ?",
-            (host_party, authorisation_id, version),
-        )
-        return {r[0]: r[1] for r in rows}
+        """Each acquiring party's state of this version (read once per transaction,
+        as :meth:`authorisation_latest`; a copy the caller may change)."""
+        key = (host_party, authorisation_id, version)
+        states = self._party_states.get(key)
+        if states is None:
+            rows = self._exec(
+                "SELECT party, state FROM authorisation_parties WHERE host_party = ? "
+                "AND authorisation_id = ? AND version = ?",
+                key,
+            )
+            states = self._party_states[key] = {r[0]: r[1] for r in rows}
+        return dict(states)
+
+    def _forget_authorisations(self) -> None:
+        """Forget the authorisations and party states read (one was written, or a
+        savepoint rolled back)."""
+        self._authorisations.clear()
+        self._party_states.clear()
 
     # -- accounts, issuance and holdings ------------------------------------------------
 
@@ -1689,25 +1739,55 @@ class Tx:
     ) -> None:
         """Replace held blocks of ``account`` (``sources``) by the pieces cut from them:
         ``held`` ones (what is left of them) and ``reserved`` ones, each reserved for
-        its transfer. The pieces cover exactly the sources' serials."""
+        its transfer. The pieces cover exactly the sources' serials.
+
+        A source's row is shortened in place into the piece that starts where it
+        starts (a transfer takes the first serials of a block), and only the other
+        pieces are inserted: one statement fewer per source than deleting it and
+        inserting every piece, with the same rows at the end."""
         if sum(b.quantity for b in sources) != sum(b.quantity for b in held) + sum(
             b.quantity for b, _ in reserved
         ):
             raise RuntimeError("the pieces do not cover the blocks they are cut from")
+        # The pieces by where they start; blocks of one registry never overlap.
+        pieces: dict[tuple[str, int], tuple[Block, str | None]] = {
+            (b.originating_registry, b.serial_start): (b, None) for b in held
+        }
+        for block, transfer_id in reserved:
+            pieces[(block.originating_registry, block.serial_start)] = (block, transfer_id)
         for block in sources:
-            cursor = self._exec(
-                "DELETE FROM blocks WHERE originating_registry = ? AND serial_start = ? "
-                "AND serial_end = ? AND status = 'held' AND account = ?",
-                (block.originating_registry, block.serial_start, block.serial_end, account),
-            )
+            found = pieces.pop((block.originating_registry, block.serial_start), None)
+            if found is None:
+                cursor = self._exec(
+                    "DELETE FROM blocks WHERE originating_registry = ? AND serial_start = ? "
+                    "AND serial_end = ? AND status = 'held' AND account = ?",
+                    (block.originating_registry, block.serial_start, block.serial_end, account),
+                )
+            elif (
+                found[0].attributes() != block.attributes()
+                or found[0].serial_end > block.serial_end
+            ):
+                raise RuntimeError(f"block {found[0].label()} is not cut from {block.label()}")
+            else:
+                piece, owner = found
+                cursor = self._exec(
+                    "UPDATE blocks SET serial_end = ?, status = ?, transfer_id = ? "
+                    "WHERE originating_registry = ? AND serial_start = ? AND serial_end = ? "
+                    "AND status = 'held' AND account = ?",
+                    (piece.serial_end, "held" if owner is None else "reserved", owner,
+                     block.originating_registry, block.serial_start, block.serial_end,
+                     account),
+                )  # fmt: skip
             if cursor.rowcount != 1:
                 raise RuntimeError(f"block {block.label()} is not held and cannot be reserved")
-        self.blocks_insert(held, account=account)
         self._many(
             f"INSERT INTO blocks ({_BLOCK_COLUMNS}, account, status, transfer_id) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?)",
-            [(*_block_values(block), account, transfer_id) for block, transfer_id in reserved],
-        )
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (*_block_values(block), account, "held" if owner is None else "reserved", owner)
+                for block, owner in pieces.values()
+            ],
+        )  # fmt: skip
 
     def blocks_delete(self, blocks: Iterable[Block]) -> None:
         for block in blocks:
@@ -1824,6 +1904,14 @@ class Tx:
         )
         return None if row is None else _transfer(row)
 
+    def transfer_with_blocks(self, transfer_id: str) -> tuple[TransferRecord, list[Block]] | None:
+        """:meth:`transfer_get` and :meth:`blocks_of_transfer` in one query."""
+        rows = self._exec(_TRANSFER_WITH_BLOCKS, (transfer_id,)).fetchall()
+        if not rows:
+            return None
+        blocks = [_block(r[22:]) for r in rows if r[22] is not None]
+        return _transfer(rows[0]), blocks
+
     def transfer_proposed_at(self, transfer_id: str) -> int | None:
         """The transfer's ``proposed_at`` (µs): the ``sent_at`` of its proposal, or for
         a void tombstone what the void gave (docs/PROTOCOL.md §11.1, §5.10 V3)."""
@@ -1874,11 +1962,14 @@ class Tx:
         acceptance_digest: bytes | None = None,
         blocks: dict[str, list[Block]] | None = None,
         records: Mapping[str, TransferRecord] | None = None,
+        adjustments: Mapping[str, Sequence[tuple[int, int]]] | None = None,
     ) -> None:
         """Move several transfers to ``state`` (no rejection), in one statement; a final
         state seals them in that statement (``blocks``: each one's blocks, if the
         caller has them already; ``records``: each one's record as read in this
-        transaction and not changed since, else read again)."""
+        transaction and not changed since, else read again; ``adjustments``: the
+        (year, amount) of every adjustment this ledger holds for each of them, when
+        the caller booked them all in this transaction, else read again)."""
         if state.is_final:
             if records is None:
                 records = self.transfers_get(transfer_ids)
@@ -1891,7 +1982,7 @@ class Tx:
                     )
                     for t in transfer_ids
                 ],
-                blocks=blocks, now=now,
+                blocks=blocks, now=now, adjustments=adjustments,
             )  # fmt: skip
         elif acceptance_digest is None:
             self._many(
@@ -1999,6 +2090,7 @@ class Tx:
         blocks: dict[str, list[Block]] | None = None,
         now: int | None = None,
         retotal: bool = True,
+        adjustments: Mapping[str, Sequence[tuple[int, int]]] | None = None,
     ) -> None:
         """:meth:`_seal_transfers` of these records, as they are to be. With ``now``,
         their state, rejection and acceptance digest are written too, in the same
@@ -2006,7 +2098,9 @@ class Tx:
         sealed already with the same blocks (a leaf defined anew, migration 0007), so
         the reconciliation totals stand; only the leaves and their sums change, and
         the partner's adjustment follows the authorisation as it stood when each
-        became final (:meth:`_partner_adjustments`)."""
+        became final (:meth:`_partner_adjustments`). ``adjustments``: this ledger's
+        (year, amount) entries of each transfer, if the caller has every one of them
+        (:meth:`transfers_set_state`), else read."""
         me = self.meta_get("party") or ""
         transfer_ids = [r.transfer_id for r in records]
         by_id = {r.transfer_id: r for r in records}
@@ -2014,7 +2108,9 @@ class Tx:
         blocks_of = blocks if blocks is not None else (
             self.blocks_of_transfers(moved_ids) if moved_ids else {}
         )  # fmt: skip
-        adjustments_of = self.adjustment_amounts_of(transfer_ids)
+        adjustments_of = (
+            self.adjustment_amounts_of(transfer_ids) if adjustments is None else adjustments
+        )
         # Records are read from the ledger in this transaction (_transfer): what an
         # earlier seal added to the sums is in each one's sealed_sums.
         before = {r.transfer_id: r.sealed_sums for r in records if r.sealed_sums is not None}
@@ -2093,17 +2189,11 @@ class Tx:
             "blocks_h2 = ?, journal_h1 = ?, journal_h2 = ? WHERE transfer_id = ?",
             leaves,
         )  # fmt: skip
-        self._many(
-            "INSERT INTO reconcile_buckets (partner, prefix, leaves, blocks_h1, blocks_h2, "
-            "journal_h1, journal_h2) VALUES (?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (partner, prefix) DO UPDATE SET "
-            "leaves = reconcile_buckets.leaves + excluded.leaves, "
-            "blocks_h1 = reconcile_buckets.blocks_h1 + excluded.blocks_h1, "
-            "blocks_h2 = reconcile_buckets.blocks_h2 + excluded.blocks_h2, "
-            "journal_h1 = reconcile_buckets.journal_h1 + excluded.journal_h1, "
-            "journal_h2 = reconcile_buckets.journal_h2 + excluded.journal_h2",
-            [(partner, prefix, *sums) for (partner, prefix), sums in buckets.items()],
+        self._add_sums(
+            [("bucket", partner, prefix, *sums) for (partner, prefix), sums in buckets.items()]
         )
+        if repaired:
+            self._flush_sums()  # the partners' totals are summed again from the ledger
         for partner in sorted(repaired):
             self._exec("DELETE FROM reconcile_totals WHERE partner = ?", (partner,))
             self._exec(
@@ -2116,17 +2206,59 @@ class Tx:
                 "GROUP BY t.partner, t.direction, b.unit_type, b.vintage, b.authorisation_id",
                 (partner, int(TransferState.COMPLETED)),
             )
+        self._add_sums(
+            [
+                ("total", *key, quantity, count)
+                for key, (quantity, count, _) in totals.items()
+                if key[0] not in repaired
+            ]
+        )
+
+    def _add_sums(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Add to the reconciliation's running sums (rows of ("bucket", partner,
+        prefix, leaves, blocks h1, h2, journal h1, h2) and ("total", partner,
+        direction, unit type, vintage, authorisation id, quantity, transfers)). In a
+        SQLite transaction they wait in its memory, summed, until it commits or
+        something reads them (:meth:`_flush_sums`): the transfers completed by one
+        group commit add to one totals row, and their buckets are written together."""
+        memory = self._memory
+        if memory is None:
+            self._write_sums(rows)
+            return
+        sums = memory.sums
+        for row in rows:
+            width = 3 if row[0] == "bucket" else 6
+            key, values = row[:width], row[width:]
+            old = sums.get(key)
+            sums[key] = values if old is None else tuple(map(operator.add, old, values))
+
+    def _flush_sums(self) -> None:
+        """Write the running sums waiting in this transaction's memory."""
+        memory = self._memory
+        if memory is not None and memory.sums:
+            rows = [(*key, *values) for key, values in memory.sums.items()]
+            memory.sums.clear()
+            self._write_sums(rows)
+
+    def _write_sums(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        self._many(
+            "INSERT INTO reconcile_buckets (partner, prefix, leaves, blocks_h1, blocks_h2, "
+            "journal_h1, journal_h2) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (partner, prefix) DO UPDATE SET "
+            "leaves = reconcile_buckets.leaves + excluded.leaves, "
+            "blocks_h1 = reconcile_buckets.blocks_h1 + excluded.blocks_h1, "
+            "blocks_h2 = reconcile_buckets.blocks_h2 + excluded.blocks_h2, "
+            "journal_h1 = reconcile_buckets.journal_h1 + excluded.journal_h1, "
+            "journal_h2 = reconcile_buckets.journal_h2 + excluded.journal_h2",
+            [row[1:] for row in rows if row[0] == "bucket"],
+        )
         self._many(
             "INSERT INTO reconcile_totals (partner, direction, unit_type, vintage, "
             "authorisation_id, quantity, transfers) VALUES (?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (partner, direction, unit_type, vintage, authorisation_id) "
             "DO UPDATE SET quantity = reconcile_totals.quantity + excluded.quantity, "
             "transfers = reconcile_totals.transfers + excluded.transfers",
-            [
-                (*key, quantity, count)
-                for key, (quantity, count, _) in totals.items()
-                if key[0] not in repaired
-            ],
+            [row[1:] for row in rows if row[0] == "total"],
         )
 
     def reseal_listed_count(self) -> int:
@@ -2259,6 +2391,7 @@ class Tx:
     ) -> list[Bucket]:
         """The non-empty children of bucket ``prefix`` (16 at most)."""
         h1, h2 = _VIEW_COLUMNS[view]
+        self._flush_sums()
         if len(prefix) >= SUMMARY_PREFIX:
             rows = self._exec(
                 f"SELECT substr(id_hash, 1, ?) AS child, COUNT(*), SUM({h1}), SUM({h2}) "
@@ -2309,6 +2442,7 @@ class Tx:
         """Per sender and (unit type, vintage, authorisation): the tCO2e moved by
         completed transfers proposed before ``snapshot``, and how many moved them.
         The running sums, less the completed transfers proposed since."""
+        self._flush_sums()
         me = self.meta_get("party") or ""
         sums: dict[tuple[str, int, int, str], list[int]] = {}
         for direction, unit_type, vintage, authorisation_id, quantity, transfers in self._exec(
