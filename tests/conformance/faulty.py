@@ -51,7 +51,14 @@ from itmolink.node.ratelimit import RateLimited, TokenBucket
 from itmolink.node.runtime import Node
 from itmolink.store.sqlite import HOLDING_ACCOUNT
 from itmolink.store.tx import Tx
-from itmolink.v1 import authorisation_pb2, common_pb2, envelope_pb2, reply_pb2, transfer_pb2
+from itmolink.v1 import (
+    authorisation_pb2,
+    codes_pb2,
+    common_pb2,
+    envelope_pb2,
+    reply_pb2,
+    transfer_pb2,
+)
 
 
 @dataclass(frozen=True)
@@ -181,7 +188,7 @@ class ExpiredKeyAsBadSignature(_RewritesReplies):
         if isinstance(message, reply_pb2.Rejection) and message.reasons[0].code == int(
             RejectionCode.SIGNING_KEY_EXPIRED
         ):
-            message.reasons[0].code = int(RejectionCode.BAD_SIGNATURE)
+            message.reasons[0].code = codes_pb2.RejectionCode.ValueType(RejectionCode.BAD_SIGNATURE)
             return True
         return False
 
@@ -311,7 +318,7 @@ class ReusedIdAsNew(InboxVariant):
 def _inbox(cls: type[InboxVariant]) -> Callable[[Node], None]:
     def patch(node: Node) -> None:
         _swap(node, cls)
-        node.engine.store = _StoreProxy(node.engine.store, node.engine)  # type: ignore[assignment]
+        node.engine.store = _StoreProxy(node.engine.store, node.engine)
 
     return patch
 
@@ -354,7 +361,7 @@ class _WrappedStore:
 
 
 def _voids_early(node: Node) -> None:
-    node.engine.store = _WrappedStore(node.engine.store, _EarlyVoidTx)  # type: ignore[assignment]
+    node.engine.store = _WrappedStore(node.engine.store, _EarlyVoidTx)
 
 
 class _TakesNoticesAtTheirWordTx:
@@ -377,7 +384,7 @@ class _TakesNoticesAtTheirWordTx:
 
 
 def _notices_at_their_word(node: Node) -> None:
-    node.engine.store = _WrappedStore(node.engine.store, _TakesNoticesAtTheirWordTx)  # type: ignore[assignment]
+    node.engine.store = _WrappedStore(node.engine.store, _TakesNoticesAtTheirWordTx)
 
 
 def _records_then_rate_limits(node: Node) -> None:
@@ -791,7 +798,7 @@ class _VoidsOneRoundTx:
 
 
 def _voids_one_round(node: Node) -> None:
-    node.engine.store = _WrappedStore(node.engine.store, _VoidsOneRoundTx)  # type: ignore[assignment]
+    node.engine.store = _WrappedStore(node.engine.store, _VoidsOneRoundTx)
 
 
 # -- status queries about transfers left accepted (PROTOCOL §7.7) ---------------------------
@@ -839,7 +846,7 @@ class _AsksAgainAtOnceTx(_ForgetsItsQueriesTx):
 
 def _wrapped(wrap: Callable[[Tx], Any]) -> Callable[[Node], None]:
     def patch(node: Node) -> None:
-        node.engine.store = _WrappedStore(node.engine.store, wrap)  # type: ignore[assignment]
+        node.engine.store = _WrappedStore(node.engine.store, wrap)
 
     return patch
 
