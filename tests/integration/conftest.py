@@ -221,13 +221,18 @@ class PartnerClient:
 
 
 def trailers(error: grpc.aio.AioRpcError) -> dict[str, str]:
-    """The text entries of a failed call's trailing metadata, by key (e.g.
-    itmolink-rejection-code; binary ``-bin`` entries are left out).
+    """The text entries of a failed call's trailing metadata, the first value of each
+    key (e.g. itmolink-rejection-code; binary ``-bin`` entries are left out).
 
-    grpc-stubs types ``RpcError.trailing_metadata()`` as a tuple of objects with
-    key and value; a grpc.aio error gives a ``grpc.aio.Metadata`` mapping."""
+    grpc-stubs types ``RpcError.trailing_metadata()`` as a tuple of objects with key and
+    value; a grpc.aio error gives a ``grpc.aio.Metadata``, which iterates over (key,
+    value) pairs (its ``items()`` gives each key's list of values, whatever the stubs say)."""
     metadata: grpc.aio.Metadata = error.trailing_metadata()  # type: ignore[assignment]
-    return {key: value for key, value in metadata.items() if isinstance(value, str)}
+    found: dict[str, str] = {}
+    for key, value in metadata:
+        if isinstance(value, str):
+            found.setdefault(key, value)
+    return found
 
 
 def header(sender: str, audience: str, sequence: int, **overrides: Any) -> common_pb2.Header:
