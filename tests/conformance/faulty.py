@@ -864,7 +864,7 @@ class ResealsRecords(Engine):
 
     def _records_of(self, tx: Tx, record: Any) -> list[bytes]:
         records = super()._records_of(tx, record)
-        if len(records) == 2:
+        if len(records) >= 2:
             envelope = envelope_pb2.Envelope.FromString(records[1])
             acceptance = transfer_pb2.TransferAcceptance.FromString(envelope.payload)
             acceptance.header.sent_at.nanos = (acceptance.header.sent_at.nanos + 1000) % 10**9

@@ -622,7 +622,8 @@ def test_a_transfer_proposed_under_schema_8_is_still_timed_out_after_migration_0
     database = getattr(store, "url", None) or store.path  # type: ignore[attr-defined]
     with store.transaction() as tx:  # back to what schema version 8 wrote
         tx._exec("ALTER TABLE transfers DROP COLUMN complete_on_acceptance")
-        tx._exec("DELETE FROM schema_migrations WHERE version = 9")
+        tx._exec("DROP TABLE transfer_completions")  # schema version 10
+        tx._exec("DELETE FROM schema_migrations WHERE version >= 9")
     store.close()
     with monkeypatch.context() as patch:  # a node of schema version 8 opens it
         patch.setattr(sqlite_module, "migrations", lambda: migrations()[:8])

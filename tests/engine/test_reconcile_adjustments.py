@@ -458,6 +458,7 @@ async def test_a_ledger_of_schema_6_is_sealed_again_and_its_double_booking_is_fo
         patch.setattr(EngineBase, "_first_transfer", _schema_6_first_transfer)
         patch.setattr(EngineBase, "_transfer_counts", _schema_6_transfer_counts)
         patch.setattr(Tx, "revocation_signers", lambda self: {})  # a column of version 8
+        patch.setattr(Tx, "completions_put", lambda self, completed: None)  # a table of 10
         old = Pair(
             lao=_engine(urls["LAO"], "LAO", "KOR", keys),
             kor=_engine(urls["KOR"], "KOR", "LAO", keys),

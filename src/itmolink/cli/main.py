@@ -1058,7 +1058,7 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument(
         "--snapshot-age",
         type=float,
-        help="compare transfers proposed more than this many seconds ago (default: 300)",
+        help="compare transfers proposed more than this many seconds ago (default: 0, all)",
     )
     recover.add_argument("--json", action="store_true", help="print JSON")
     recover.set_defaults(func=cmd_recover)

@@ -14,7 +14,7 @@ import datetime as dt
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -39,12 +39,14 @@ from itmolink.conformance.link import (
     sha256,
 )
 from itmolink.core.blocks import Block
+from itmolink.core.codes import Rejected
 from itmolink.core.reconcile import (
     BLOCKS_LEAF_DEFINITION,
     blocks_leaf,
     id_hash,
     slices,
 )
+from itmolink.crypto.envelope import open_envelope
 from itmolink.crypto.keys import SigningKey
 from itmolink.crypto.pki import init_party
 from itmolink.node.base import Rejection
@@ -1636,8 +1638,31 @@ async def _report(
     return report  # type: ignore[no-any-return]
 
 
-def _check_records(report: transfer_pb2.TransferStatusReport, expected: list[bytes]) -> None:
-    names = ["the proposal", "the acceptance"]
+def _check_records(
+    report: transfer_pb2.TransferStatusReport,
+    expected: list[bytes],
+    completions: Sequence[bytes] = (),
+    *,
+    target_completes: Context | None = None,
+) -> None:
+    """The report carries ``expected`` (the proposal, the acceptance), then, when
+    ``completions`` are given, one of them (the sender's, sealed more than once). With
+    ``target_completes`` (the target is the sender), a third record the kit never
+    received passes if it is a completion the target signed of this transfer, on the
+    acceptance: one sealed again and not delivered yet (§5.11: any one)."""
+    names = ["the proposal", "the acceptance", "the completion"]
+    if completions:
+        sent = list(report.records)
+        chosen = completions[-1]
+        if len(sent) == 3 and (
+            sent[2] in completions
+            or (
+                target_completes is not None
+                and _completes(target_completes, sent[2], report.transfer_id, expected[1])
+            )
+        ):
+            chosen = sent[2]
+        expected = [*expected, chosen]
     check(
         len(report.records) == len(expected),
         f"the report on {report.transfer_id} ({_state(report.state)}) carries "
@@ -1652,12 +1677,30 @@ def _check_records(report: transfer_pb2.TransferStatusReport, expected: list[byt
         )
 
 
+def _completes(ctx: Context, raw: bytes, transfer_id: str, acceptance: bytes) -> bool:
+    """Whether ``raw`` is a completion the target signed of ``transfer_id`` on the
+    acceptance envelope ``acceptance``."""
+    try:
+        verified = open_envelope(raw, ctx.link.trust, now_utc())
+    except Rejected:
+        return False
+    if verified.payload_type != str(transfer_pb2.TransferCompletion.DESCRIPTOR.full_name):
+        return False
+    completion = transfer_pb2.TransferCompletion.FromString(verified.payload)
+    accepted = envelope_pb2.Envelope.FromString(acceptance).payload
+    return (
+        verified.signer_party == ctx.target
+        and completion.transfer_id == transfer_id
+        and completion.acceptance_digest == sha256(accepted)
+    )
+
+
 @kit_test(
-    "3.09-status-records",
+    "3.10-status-records",
     3,
     "§5.11, §7.9",
-    "a status query with include_records about the transfer of 3.01: the target's proposal and "
-    "the kit's acceptance, byte for byte",
+    "a status query with include_records about the transfer of 3.01: the target's proposal, "
+    "the kit's acceptance and the target's completion, byte for byte",
     ("host",),
 )
 async def t_h_records(ctx: Context) -> None:
@@ -1665,7 +1708,12 @@ async def t_h_records(ctx: Context) -> None:
     acceptance = ctx.server.stored_reply(incoming.message_id)
     assert acceptance is not None
     transfer_id = incoming.message.transfer_id  # type: ignore[attr-defined]
-    _check_records(await _report(ctx, transfer_id), [incoming.raw, acceptance])
+    completions = [i.raw for i in _completions_of(ctx, transfer_id)]
+    check(completions, f"no TransferCompletion of {transfer_id} reached the kit (3.01)")
+    _check_records(
+        await _report(ctx, transfer_id), [incoming.raw, acceptance], completions,
+        target_completes=ctx,
+    )  # fmt: skip
 
 
 @kit_test(
@@ -1995,10 +2043,8 @@ async def t_b_batch(ctx: Context) -> None:
             for r in (first, last)
         ],
     )
-    receipt = ctx.expect(
-        await ctx.link.send(completion), transfer_pb2.TransferBatchCompletionReceipt,
-        "batch completion",
-    )  # fmt: skip
+    completed = await ctx.link.send(completion)
+    receipt = ctx.expect(completed, transfer_pb2.TransferBatchCompletionReceipt, "batch completion")
     answered = [(o.transfer_id, o.adjustment_year, o.HasField("rejection")) for o in receipt.items]
     check(
         answered == [(first.transfer_id, 2025, False), (last.transfer_id, 2025, False)],
@@ -2011,7 +2057,13 @@ async def t_b_batch(ctx: Context) -> None:
     # A completion of one batched transfer, alone, names the batch's acceptance (§5.15).
     await _complete(ctx, first, "a TransferCompletion of one transfer of the batch")
     await _expect_state(ctx, first.transfer_id, transfer_pb2.TRANSFER_STATE_COMPLETED, "§5.15")
-    ctx.notes["batch-completed"] = (last.transfer_id, refused.transfer_id, envelope, reply.raw)
+    ctx.notes["batch-completed"] = (
+        last.transfer_id,
+        refused.transfer_id,
+        envelope,
+        reply.raw,
+        completed.sent,
+    )
 
 
 @kit_test(
@@ -2684,7 +2736,8 @@ async def _asked_again(ctx: Context, first: Incoming, answered: dict[str, float]
     3,
     "§5.11, §7.9",
     "a status query with include_records: none while the transfer is ACCEPTED or unasked; "
-    "for the completed transfer, the kit's proposal and the target's acceptance byte for byte; "
+    "for the completed transfer, the kit's proposal, the target's acceptance and the kit's "
+    "completion, byte for byte; "
     "for a rejected one, the proposal alone; for the items of the batch of 3.20, the batch's",
     ("buyer",),
 )
@@ -2697,14 +2750,14 @@ async def t_b_records(ctx: Context) -> None:
         f"while {record.transfer_id} is {_state(report.state)} the report carries "
         f"{len(report.records)} record(s): records are only for a final transfer (§5.11)",
     )
-    await _complete(ctx, record, "completion")
+    completion, _ = await _complete(ctx, record, "completion")
     report = await _report(ctx, record.transfer_id, records=False)
     check(
         report.state == transfer_pb2.TRANSFER_STATE_COMPLETED and not report.records,
         f"a query that did not ask got {len(report.records)} record(s) (§5.11)",
     )
     report = await _report(ctx, record.transfer_id)
-    _check_records(report, [envelope, reply.raw])
+    _check_records(report, [envelope, reply.raw], [completion])
     blocks = ctx.new_blocks(100, ctx.needs("auth", "2.01"), vintage=2020)
     proposal = ctx.proposal(blocks)
     payload, refused = ctx.link.seal(proposal)
@@ -2722,8 +2775,10 @@ async def t_b_records(ctx: Context) -> None:
     _check_records(report, [refused])
     batch = ctx.notes.get("batch-completed")
     if batch is not None:  # 3.20 passed: an item's records are the batch's envelopes
-        completed, rejected_item, batch_proposal, batch_acceptance = batch
-        _check_records(await _report(ctx, completed), [batch_proposal, batch_acceptance])
+        completed, rejected_item, batch_proposal, batch_acceptance, batch_completion = batch
+        _check_records(
+            await _report(ctx, completed), [batch_proposal, batch_acceptance], [batch_completion]
+        )
         _check_records(await _report(ctx, rejected_item), [batch_proposal])
 
 

@@ -384,14 +384,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         request: admin_pb2.RecoverTransfersRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> admin_pb2.RecoverTransfersResponse:
-        from itmolink.node.reconciliation import DEFAULT_SNAPSHOT_AGE
         from itmolink.node.recovery import recover
 
         self._engine._require_partner(request.partner)
         snapshot = (
             from_us(timestamp_us(request.snapshot_at))
             if request.HasField("snapshot_at")
-            else self._node.clock() - DEFAULT_SNAPSHOT_AGE
+            else self._node.clock()
         )
         report = await recover(self._node, request.partner, snapshot)
         response = admin_pb2.RecoverTransfersResponse(

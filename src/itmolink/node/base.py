@@ -847,6 +847,21 @@ class EngineBase:
             tx.adjustments_put(booked, evidence_journal_id=evidence_journal_id, now=now_us)
         return years
 
+    def _journaled_query(self, partner: str, query: Message, now: dt.datetime) -> tuple[str, bytes]:
+        """Seal and journal a query sent at once, not through the outbox (a
+        reconciliation's, a recovery's); (message id, envelope)."""
+        self._require_partner(partner)
+        now_us = to_us(now)
+        header: common_pb2.Header = query.header  # type: ignore[attr-defined]
+        with self._transaction() as tx:
+            header.CopyFrom(self._header(tx, partner, now_us))
+            name, _, envelope = self._seal(query)
+            tx.journal(
+                direction="out", partner=partner, message_id=header.message_id,
+                payload_type=name, envelope=envelope, now=now_us,
+            )  # fmt: skip
+        return header.message_id, envelope
+
     def _open_reply(
         self,
         tx: Tx,

@@ -26,14 +26,22 @@ from google.protobuf.message import DecodeError, Message
 from itmolink.core.blocks import Block, cut_out
 from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.core.transfer import Event, Role, TransferState
-from itmolink.crypto.envelope import TrustStore, VerifiedEnvelope, open_envelope, signing_key_ids
+from itmolink.crypto.envelope import (
+    TrustStore,
+    VerifiedEnvelope,
+    open_envelope,
+    pae,
+    signing_key_ids,
+)
 from itmolink.crypto.keys import VerifyingKey
 from itmolink.node.base import (
     ReplyError,
     TransferAcceptance,
     TransferBatchAcceptance,
+    TransferBatchCompletion,
     TransferBatchItem,
     TransferBatchProposal,
+    TransferCompletion,
     TransferProposal,
     TransferStatusQuery,
     TransferStatusReport,
@@ -96,20 +104,17 @@ def _state_name(state: int) -> str:
 class Evidence(Requests, Replies):
     """The requester's side of recovering a lost transfer (see the module)."""
 
+    def recorded_state(self, transfer_id: str) -> TransferState | None:
+        """The state of a transfer this node records, or None."""
+        with self._transaction() as tx:
+            record = tx.transfer_get(transfer_id)
+        return None if record is None else record.state
+
     def records_query(self, partner: str, transfer_id: str, now: dt.datetime) -> tuple[str, bytes]:
         """Seal and journal a status query asking for a transfer's records, to send
         now; (message id, envelope)."""
-        self._require_partner(partner)
-        now_us = to_us(now)
         query = TransferStatusQuery(transfer_id=transfer_id, include_records=True)
-        with self._transaction() as tx:
-            query.header.CopyFrom(self._header(tx, partner, now_us))
-            name, _, envelope = self._seal(query)
-            tx.journal(
-                direction="out", partner=partner, message_id=query.header.message_id,
-                payload_type=name, envelope=envelope, now=now_us,
-            )  # fmt: skip
-        return query.header.message_id, envelope
+        return self._journaled_query(partner, query, now)
 
     def records_answer(
         self,
@@ -124,11 +129,11 @@ class Evidence(Requests, Replies):
         the records it carries if they allow it; all in one transaction."""
         now_us = to_us(now)
         with self._transaction() as tx:
-            reply, _, journal_id = self._open_reply(
+            reply, _, _ = self._open_reply(
                 tx, partner, type_name(TransferStatusQuery), request, message_id, raw, now_us
             )
             if isinstance(reply, TransferStatusReport):
-                return self._recover(tx, partner, transfer_id, reply, journal_id, now_us)
+                return self._recover(tx, partner, transfer_id, reply, now_us)
         code, detail = _rejection_reasons(reply)  # type: ignore[arg-type]
         raise ReplyError(RejectionCode(code), f"{partner} refused the query: {detail}")
 
@@ -138,14 +143,13 @@ class Evidence(Requests, Replies):
         partner: str,
         transfer_id: str,
         report: TransferStatusReport,
-        report_journal_id: int,
         now_us: int,
     ) -> Recovered:
         state_name = _state_name(report.state)
         known = tx.transfer_get(transfer_id)
         if known is not None:
             return Recovered(
-                transfer_id, KNOWN, state_name, f"recorded here as {known.state.name}: not asked"
+                transfer_id, KNOWN, state_name, f"recorded here as {known.state.name}: not changed"
             )
 
         def refuse(detail: str) -> Recovered:
@@ -178,14 +182,28 @@ class Evidence(Requests, Replies):
                 "§5.11); settle it with its operators"
             )
         try:
-            proposed = self._proposed(tx, report.records[0], transfer_id, sender, receiver)
-            if final is not TransferState.COMPLETED:
-                return self._recover_unmoved(tx, partner, proposed, final, state_name, now_us)
-            acceptance = self._acceptance(tx, report.records[1], proposed, receiver, sender)
-            if sender == self.party:
-                self._recover_outgoing(tx, partner, proposed, acceptance, now_us)
-            else:
-                self._recover_incoming(tx, partner, proposed, acceptance, report_journal_id, now_us)
+            # All or nothing: a refusal undoes what the steps before it wrote (the
+            # report stays journaled).
+            with tx.savepoint():
+                proposed = self._proposed(tx, report.records[0], transfer_id, sender, receiver)
+                if final is not TransferState.COMPLETED:
+                    return self._recover_unmoved(tx, partner, proposed, final, state_name, now_us)
+                acceptance = self._acceptance(tx, report.records[1], proposed, receiver, sender)
+                completion = None
+                if not _completed_by(acceptance):
+                    # Two phases: the sender decided, by its completion (§6.2); without it the
+                    # receiver's word (an acceptance it can sign at any time) proves nothing.
+                    if len(report.records) < 3:
+                        raise Rejected(
+                            RejectionCode.MISSING_FIELD,
+                            f"{partner} sent no completion record: a transfer completed in two "
+                            "phases needs its sender's completion (§5.11)",
+                        )
+                    completion = self._completion(tx, report.records[2], proposed, acceptance)
+                if sender == self.party:
+                    self._recover_outgoing(tx, partner, proposed, acceptance, completion, now_us)
+                else:
+                    self._recover_incoming(tx, partner, proposed, acceptance, completion, now_us)
         except Rejected as rejected:
             return refuse(f"{rejected.code.name} ({int(rejected.code)}): {rejected.detail}")
         moved = "debited" if sender == self.party else "credited"
@@ -276,6 +294,31 @@ class Evidence(Requests, Replies):
             )
         return record
 
+    def _completion(self, tx: Tx, raw: bytes, proposed: _Proposed, acceptance: _Record) -> _Record:
+        """The sender's completion record: its ``TransferCompletion`` of the transfer,
+        or its ``TransferBatchCompletion`` with the transfer among its items, naming
+        the acceptance record."""
+        msg = proposed.msg
+        record = self._record(
+            tx, raw, (TransferCompletion, TransferBatchCompletion),
+            sender=msg.header.sender_party, audience=msg.header.audience,
+        )  # fmt: skip
+        completion = record.msg
+        transfer_id = proposed.item.transfer_id
+        if isinstance(completion, TransferCompletion):
+            names = completion.transfer_id == transfer_id
+        else:
+            assert isinstance(completion, TransferBatchCompletion)
+            names = completion.batch_id == proposed.batch_id and any(
+                item.transfer_id == transfer_id for item in completion.items
+            )
+        if not names or completion.acceptance_digest != digest(acceptance.payload):
+            raise Rejected(
+                RejectionCode.DIGEST_MISMATCH,
+                f"the completion record does not complete {transfer_id} on the acceptance record",
+            )
+        return record
+
     def _record(
         self, tx: Tx, raw: bytes, kinds: tuple[type[Message], ...], *, sender: str, audience: str
     ) -> _Record:
@@ -327,9 +370,12 @@ class Evidence(Requests, Replies):
             if key_id in keys or self._key_loader is None:
                 continue
             try:
-                keys[key_id] = self._key_loader(key_id).verifying_key()
-            except (OSError, ValueError):
-                continue  # not this node's, or its file is gone: it cannot verify
+                loaded = self._key_loader(key_id)
+            except Exception as exc:  # not this node's, gone or unreadable: cannot verify
+                log.info("no own signing key %s to check a record with: %s", key_id, exc)
+                continue
+            if loaded.key_id == key_id:
+                keys[key_id] = loaded.verifying_key()
         trust = TrustStore(keys.values())
         for key_id, party in tx.revoked_keys().items():
             if party == self.party:
@@ -348,7 +394,13 @@ class Evidence(Requests, Replies):
                 )
 
     def _recover_outgoing(
-        self, tx: Tx, partner: str, proposed: _Proposed, acceptance: _Record, now_us: int
+        self,
+        tx: Tx,
+        partner: str,
+        proposed: _Proposed,
+        acceptance: _Record,
+        completion: _Record | None,
+        now_us: int,
     ) -> None:
         """A transfer this node sent and the partner completed: its blocks, still
         held here, are reserved for it and debited, and the sender's completion step
@@ -356,9 +408,8 @@ class Evidence(Requests, Replies):
         onward one)."""
         item = proposed.item
         blocks = [block_from_pb(b) for b in item.blocks]
-        sources: list[Block] = []
-        left: list[Block] = []
         for block in blocks:
+            # One block at a time: two blocks of the transfer may lie in one held row.
             rows = tx.blocks_held_over(block)
             for row in rows:
                 if row.status != "held" or row.account != HOLDING_ACCOUNT:
@@ -369,17 +420,35 @@ class Evidence(Requests, Replies):
                         "backup (settle it with the partner's operators)",
                     )
             held = [row.block for row in rows]
-            left.extend(cut_out(held, block))
-            sources.extend(held)
-        tx.blocks_carve(
-            sources, left, [(b, item.transfer_id) for b in blocks], account=HOLDING_ACCOUNT
-        )
+            tx.blocks_carve(
+                held, cut_out(held, block), [(block, item.transfer_id)], account=HOLDING_ACCOUNT
+            )
         tx.transfers_put(
             [self._row(proposed, Role.SENDER, partner, TransferState.PROPOSED, blocks)],
             now=now_us,
         )
         self._journal_record(tx, "out", partner, proposed.record, now_us)
         acceptance_id = self._journal_record(tx, "in", partner, acceptance, now_us)
+        if completion is not None:
+            self._journal_record(tx, "out", partner, completion, now_us)
+            sent = completion.msg.header.message_id  # type: ignore[attr-defined]
+            single = isinstance(completion.msg, TransferCompletion)
+            if tx.outbox_get(sent) is None:
+                tx.outbox_put_answered(
+                    message_id=sent, partner=partner, payload_type=type_name(type(completion.msg)),
+                    subject_id=item.transfer_id if single else proposed.batch_id,
+                    envelope=completion.raw, answered_journal_id=None, now=now_us,
+                )  # fmt: skip
+        # As the proposal's delivery left it: answered by that acceptance (so that this
+        # node can give the records in turn, §5.11).
+        message_id = proposed.msg.header.message_id
+        if tx.outbox_get(message_id) is None:
+            tx.outbox_put_answered(
+                message_id=message_id, partner=partner,
+                payload_type=type_name(type(proposed.msg)),
+                subject_id=proposed.batch_id or item.transfer_id,
+                envelope=proposed.record.raw, answered_journal_id=acceptance_id, now=now_us,
+            )  # fmt: skip
         record = tx.transfer_get(item.transfer_id)
         assert record is not None
         # The completion the partner received was sent then: nothing is sent now.
@@ -396,26 +465,71 @@ class Evidence(Requests, Replies):
         partner: str,
         proposed: _Proposed,
         acceptance: _Record,
-        report_journal_id: int,
+        completion: _Record | None,
         now_us: int,
     ) -> None:
         """A transfer the partner sent, this node accepted and the partner completed:
         the receiver's checks on its blocks (T2a to T5: none of them held here), then
         the receiver's completion step (credit, −CA), its adjustment pointing at the
-        partner's signed report that it completed."""
+        partner's completion (for a one-round transfer, as the live step R1 does, at
+        the proposal)."""
         item = proposed.item
         blocks = self._check_incoming(tx, partner, item, now_us)
         row = self._row(proposed, Role.RECEIVER, partner, TransferState.ACCEPTED, blocks)
         tx.transfers_put(
             [dataclasses.replace(row, acceptance_digest=digest(acceptance.payload))], now=now_us
         )
-        self._journal_record(tx, "in", partner, proposed.record, now_us)
+        proposal_id = self._journal_record(tx, "in", partner, proposed.record, now_us)
         self._journal_record(tx, "out", partner, acceptance, now_us)
+        # As the proposal's delivery left it: its stored reply is the acceptance, which
+        # a delivery of the same bytes gets again (§7.2) and the records give (§5.11).
+        self._keep_delivery(tx, partner, proposed.record, acceptance.raw, proposal_id)
         record = tx.transfer_get(item.transfer_id)
         assert record is not None
-        _, refused = self._complete_incoming_many(tx, partner, [record], report_journal_id, now_us)
+        evidence = proposal_id
+        if completion is not None:
+            evidence = self._journal_record(tx, "in", partner, completion, now_us)
+        _, refused = self._complete_incoming_many(
+            tx, partner, [record], evidence, now_us, completion_journaled=completion is not None
+        )
         if refused:
             raise RuntimeError(f"recovered transfer {item.transfer_id} was not completed")
+        if completion is not None and self._completes_known(tx, partner, completion.msg):
+            # A delivery of the completion again (its receipt was lost) gets the receipt
+            # the live step gives a completion of a completed transfer (C3), as before.
+            handler = self._request_handlers[type_name(type(completion.msg))]
+            receipt = handler(
+                self, tx, partner, completion.msg, completion.payload, evidence, now_us
+            )
+            self._keep_delivery(tx, partner, completion, receipt, evidence)
+
+    @staticmethod
+    def _keep_delivery(tx: Tx, partner: str, request: _Record, reply: bytes, entry: int) -> None:
+        """The inbox entry a partner's request left when it was applied: its stored
+        reply, which a delivery of the same bytes gets again (§7.2), and the records
+        give (§5.11). Not when the inbox has it (or its sequence) already."""
+        header = request.msg.header  # type: ignore[attr-defined]
+        seen, owner = tx.inbox_lookup(partner, header.message_id, header.sequence)
+        if seen is None and owner is None:
+            tx.inbox_put(
+                partner=partner, message_id=header.message_id,
+                payload_digest=digest(pae(type_name(type(request.msg)), request.payload)),
+                sequence=header.sequence, reply=reply, journal_id=entry,
+            )  # fmt: skip
+
+    @staticmethod
+    def _completes_known(tx: Tx, partner: str, completion: Message) -> bool:
+        """Whether every transfer a completion names is COMPLETED here, from
+        ``partner`` (a batch completion: once its last item is recovered)."""
+        if isinstance(completion, TransferCompletion):
+            ids = [completion.transfer_id]
+        else:
+            assert isinstance(completion, TransferBatchCompletion)
+            ids = [item.transfer_id for item in completion.items]
+        records = tx.transfers_get(ids)
+        return len(records) == len(ids) and all(
+            r.state is TransferState.COMPLETED and r.partner == partner for r in records.values()
+        )
 
     def _recover_unmoved(
         self,
@@ -468,7 +582,20 @@ class Evidence(Requests, Replies):
             payload_type=type_name(type(record.msg)), envelope=record.raw, now=now_us,
         )  # fmt: skip
         if entry is None:
+            # Journaled already: the same message (an envelope of a batch recovered for
+            # an earlier item), or another one reusing its id, which is refused.
+            if tx.journal_envelope(direction, partner, message_id) != record.raw:
+                raise Rejected(
+                    RejectionCode.DUPLICATE_MESSAGE_CONFLICT,
+                    f"a record reuses message id {message_id!r} of another message here",
+                )
             known = tx.journal_id_of(direction, partner, message_id)
             assert known is not None
             return known
         return entry
+
+
+def _completed_by(acceptance: _Record) -> bool:
+    """Whether an acceptance record completed its transfer (one-round, §6.11 R1)."""
+    msg = acceptance.msg
+    return isinstance(msg, TransferAcceptance) and msg.completed

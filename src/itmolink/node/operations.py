@@ -90,16 +90,7 @@ class Operations(EngineBase):
         self, partner: str, query: ReconciliationQuery, now: dt.datetime
     ) -> tuple[str, bytes]:
         """Seal and journal a query to send now; (message id, envelope)."""
-        self._require_partner(partner)
-        now_us = to_us(now)
-        with self._transaction() as tx:
-            query.header.CopyFrom(self._header(tx, partner, now_us))
-            name, _, envelope = self._seal(query)
-            tx.journal(
-                direction="out", partner=partner, message_id=query.header.message_id,
-                payload_type=name, envelope=envelope, now=now_us,
-            )  # fmt: skip
-        return query.header.message_id, envelope
+        return self._journaled_query(partner, query, now)
 
     def reconciliation_answer(
         self, partner: str, message_id: str, request: bytes, raw: bytes, now: dt.datetime

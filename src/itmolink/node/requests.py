@@ -87,6 +87,7 @@ from itmolink.store.tx import NewAction, NewTransfer, TransferRecord, Tx
 from itmolink.v1 import (
     codes_pb2,
     common_pb2,
+    envelope_pb2,
     reconcile_pb2,
     transfer_pb2,
 )
@@ -893,6 +894,7 @@ class Requests(EngineBase):
         *,
         event: Event = Event.COMPLETION_RECEIVED,
         acceptance: Callable[[dict[str, int]], bytes] | None = None,
+        completion_journaled: bool = True,
     ) -> tuple[dict[str, int], dict[str, Rejected]]:
         """C3, C4 and the receiver's completion step for transfers that passed C1 and
         C2 (one completed alone, or the items of a batch completion), in the
@@ -904,7 +906,9 @@ class Requests(EngineBase):
         The one-round transfer (R1) takes the same step on ``event``
         ACCEPTED_TO_COMPLETE, in the transaction that journals the proposal:
         ``acceptance`` is given the years booked, seals the acceptance and returns
-        its digest, recorded with the transfers when they become COMPLETED."""
+        its digest, recorded with the transfers when they become COMPLETED.
+        ``completion_journaled`` false: ``journal_id`` is not the entry of a completion
+        (a recovery without one, :mod:`itmolink.node.evidence`)."""
         years: dict[str, int] = {}
         refused: dict[str, Rejected] = {}
         posted = [r.transfer_id for r in records if r.state is TransferState.COMPLETED]
@@ -947,6 +951,9 @@ class Requests(EngineBase):
             for transfer_id in ids
             for block in blocks[transfer_id]
         ])  # fmt: skip
+        if event is Event.COMPLETION_RECEIVED and completion_journaled:
+            # The sender's proof that it completed, which records give back (§5.11).
+            tx.completions_put([(transfer_id, journal_id) for transfer_id in ids])
         if len(ids) == 1:  # a batch logs one line for all (_on_batch_completion)
             log.info(
                 "transfer %s from %s completed: %d tCO2e credited", ids[0], sender,
@@ -1102,8 +1109,10 @@ class Requests(EngineBase):
             if record is not None and record.partner == sender
             else transfer_pb2.TRANSFER_STATE_UNKNOWN
         )
-        if state == TransferState.COMPLETED and record is not None:
-            # The receiver still waits for our completion: make sure one is coming.
+        if state == TransferState.COMPLETED and record is not None and not msg.include_records:
+            # The receiver still waits for our completion: make sure one is coming. (A
+            # query for records comes from a partner that lost the transfer and takes
+            # it back from them, §7.9: a completion would only be refused there.)
             self._resend_completion(tx, msg.transfer_id, now_us)
         report = TransferStatusReport(transfer_id=msg.transfer_id, state=int(state))  # type: ignore[arg-type]
         if msg.include_records and record is not None and record.partner == sender:
@@ -1113,10 +1122,12 @@ class Requests(EngineBase):
     def _records_of(self, tx: Tx, record: TransferRecord) -> list[bytes]:
         """The records a status query asks for (PROTOCOL §5.11, §7.9): the journaled
         envelopes of a final transfer, byte for byte: its proposal (the batch proposal
-        of an item of a batch), and, if it completed, the receiver's acceptance (the
-        batch acceptance). None when this node does not hold them as they were
-        exchanged (each is checked against the digest recorded with the transfer), or
-        when they would not fit in one message."""
+        of an item of a batch); if it completed, the receiver's acceptance (the batch
+        acceptance); and, if it completed in two phases, the sender's completion of it
+        (a ``TransferCompletion`` or the ``TransferBatchCompletion``). None when this
+        node does not hold them as they were exchanged (each is checked against the
+        digests recorded with the transfer), or when they would not fit in one
+        message."""
         if not record.state.is_final or not record.proposal_message_id:
             return []
         ours = record.direction is Role.SENDER
@@ -1137,9 +1148,40 @@ class Requests(EngineBase):
             if acceptance is None or digest(sealed_payload(acceptance)) != record.acceptance_digest:
                 return []
             records.append(acceptance)
+            if not _completed_on_acceptance(acceptance):
+                completion = self._completion_record(tx, record, ours)
+                if completion is None:
+                    return []
+                records.append(completion)
         if sum(len(r) for r in records) + RECORDS_MARGIN > self.limits.max_message_bytes:
             return []
         return records
+
+    @staticmethod
+    def _completion_record(tx: Tx, record: TransferRecord, ours: bool) -> bytes | None:
+        """The sender's completion of a transfer completed in two phases, as exchanged:
+        the last one sent (a completion sealed again names the same acceptance), or the
+        one it was completed on here; None if this node does not hold one that names
+        the transfer and its acceptance."""
+        found: list[bytes | None] = []
+        if ours:
+            found.append(
+                tx.outbox_last_envelope(
+                    payload_type=type_name(TransferCompletion), subject_id=record.transfer_id
+                )
+            )
+            if record.batch_id:
+                found.append(
+                    tx.outbox_last_envelope(
+                        payload_type=type_name(TransferBatchCompletion), subject_id=record.batch_id
+                    )
+                )
+        else:
+            found.append(tx.completion_of(record.transfer_id))
+        for envelope in found:
+            if envelope is not None and _completes(envelope, record):
+                return envelope
+        return None
 
     def _on_reconciliation_query(
         self,
@@ -1400,3 +1442,29 @@ def _serial_ranges(blocks: list[Block]) -> dict[str, tuple[int, int]]:
             max(high, block.serial_end),
         )
     return ranges
+
+
+def _completed_on_acceptance(acceptance: bytes) -> bool:
+    """Whether a stored acceptance envelope completed its transfer (§6.11 R1)."""
+    envelope = envelope_pb2.Envelope.FromString(acceptance)
+    if envelope.payload_type != type_name(TransferAcceptance):
+        return False  # a batch acceptance: batches complete in two phases
+    return TransferAcceptance.FromString(envelope.payload).completed
+
+
+def _completes(completion: bytes, record: TransferRecord) -> bool:
+    """Whether a stored completion envelope completes ``record`` on its acceptance."""
+    envelope = envelope_pb2.Envelope.FromString(completion)
+    if envelope.payload_type == type_name(TransferCompletion):
+        single = TransferCompletion.FromString(envelope.payload)
+        return (single.transfer_id, single.acceptance_digest) == (
+            record.transfer_id, record.acceptance_digest,
+        )  # fmt: skip
+    if envelope.payload_type == type_name(TransferBatchCompletion):
+        batch = TransferBatchCompletion.FromString(envelope.payload)
+        return (
+            batch.batch_id == record.batch_id
+            and batch.acceptance_digest == record.acceptance_digest
+            and any(item.transfer_id == record.transfer_id for item in batch.items)
+        )
+    return False

@@ -185,6 +185,9 @@ _TRANSFER_READ = (
 )
 
 
+# The payload types of a sender's completion (PROTOCOL §5.9, §5.15).
+_COMPLETION_TYPES = ("itmolink.v1.TransferCompletion", "itmolink.v1.TransferBatchCompletion")
+
 # What node processes sharing one database cache in memory: a change to any of it
 # bumps the counter _SHARED_STATE, and each process reloads when it sees it move.
 _SHARED_STATE = "shared_state"
@@ -802,6 +805,54 @@ class Tx:
         if row is None:
             return None
         return OutboxMessage(row[0], row[1], row[2], row[3], bytes(row[4]), *row[5:])
+
+    def outbox_put_answered(
+        self,
+        *,
+        message_id: str,
+        partner: str,
+        payload_type: str,
+        subject_id: str,
+        envelope: bytes,
+        answered_journal_id: int | None,
+        now: int,
+    ) -> None:
+        """A request of ours delivered and answered before this ledger knew it (a
+        transfer recovered from the partner's records, PROTOCOL §7.9); the answer's
+        journal entry if this ledger has it."""
+        self._exec(
+            "INSERT INTO outbox (message_id, partner, payload_type, subject_id, envelope, state, "
+            "attempts, next_attempt_at, last_error, created_at, answered_journal_id) "
+            "VALUES (?, ?, ?, ?, ?, 'answered', 1, ?, '', ?, ?)",
+            (message_id, partner, payload_type, subject_id, envelope, now, now,
+             answered_journal_id),
+        )  # fmt: skip
+
+    def completions_put(self, completed: Sequence[tuple[str, int]]) -> None:
+        """Record the journal entry of the completion each incoming transfer completed
+        on: (transfer id, journal id)."""
+        self._many(
+            "INSERT INTO transfer_completions (transfer_id, journal_id) VALUES (?, ?)", completed
+        )
+
+    def completion_of(self, transfer_id: str) -> bytes | None:
+        """The completion envelope an incoming transfer completed on, if known: from
+        transfer_completions, or (a transfer completed before schema version 10) the
+        completion an adjustment of it cites."""
+        row = self._one(
+            "SELECT j.envelope FROM transfer_completions c JOIN journal j ON j.id = c.journal_id "
+            "WHERE c.transfer_id = ?",
+            (transfer_id,),
+        )
+        if row is None:
+            row = self._one(
+                "SELECT j.envelope FROM adjustments a "
+                "JOIN journal j ON j.id = a.evidence_journal_id "
+                "WHERE a.transfer_id = ? AND j.direction = 'in' AND j.payload_type IN (?, ?) "
+                "LIMIT 1",
+                (transfer_id, *_COMPLETION_TYPES),
+            )
+        return None if row is None else bytes(row[0])
 
     def outbox_answer_of(self, message_id: str) -> int | None:
         """The journal entry of the reply that answered a request of ours, if any."""

@@ -356,10 +356,12 @@ class TransferStatusReport(_message.Message):
     def header(self) -> _common_pb2.Header: ...
     @_builtins.property
     def records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """Only when the query asked (include_records) and the transfer is final
-        and was proposed alone: the signed envelopes the responder recorded for
-        it, byte for byte as exchanged: the proposal, then, if the transfer
-        completed, the receiver's acceptance. Empty otherwise.
+        """Only when the query asked (include_records) and the transfer is final:
+        the signed envelopes the responder recorded for it, byte for byte as
+        exchanged: the proposal (or batch proposal); if the transfer completed,
+        the receiver's acceptance (or batch acceptance); and if it completed in
+        two phases, the sender's completion (or batch completion). Empty
+        otherwise.
         """
 
     def __init__(

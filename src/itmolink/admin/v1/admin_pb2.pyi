@@ -1244,7 +1244,10 @@ class RecoverTransfersRequest(_message.Message):
     partner: _builtins.str
     @_builtins.property
     def snapshot_at(self) -> _timestamp_pb2.Timestamp:
-        """As in ReconcileRequest: unset means five minutes ago."""
+        """Transfers proposed before this instant are compared; unset means now (a
+        transfer still in flight is one this node records, which recovery leaves
+        alone, or one the partner does not hold final yet).
+        """
 
     def __init__(
         self,
