@@ -51,14 +51,7 @@ from itmolink.node.ratelimit import RateLimited, TokenBucket
 from itmolink.node.runtime import Node
 from itmolink.store.sqlite import HOLDING_ACCOUNT
 from itmolink.store.tx import Tx
-from itmolink.v1 import (
-    authorisation_pb2,
-    codes_pb2,
-    common_pb2,
-    envelope_pb2,
-    reply_pb2,
-    transfer_pb2,
-)
+from itmolink.v1 import authorisation_pb2, common_pb2, envelope_pb2, reply_pb2, transfer_pb2
 
 
 @dataclass(frozen=True)
@@ -185,10 +178,12 @@ def _reply_class(payload_type: str) -> type[Message]:
 
 class ExpiredKeyAsBadSignature(_RewritesReplies):
     def rewrite(self, message: Any) -> bool:
+        from itmolink.v1.codes_pb2 import RejectionCode as WireCode
+
         if isinstance(message, reply_pb2.Rejection) and message.reasons[0].code == int(
             RejectionCode.SIGNING_KEY_EXPIRED
         ):
-            message.reasons[0].code = codes_pb2.RejectionCode.ValueType(RejectionCode.BAD_SIGNATURE)
+            message.reasons[0].code = WireCode.ValueType(RejectionCode.BAD_SIGNATURE)
             return True
         return False
 
