@@ -179,10 +179,12 @@ def _reply_class(payload_type: str) -> type[Message]:
 
 class ExpiredKeyAsBadSignature(_RewritesReplies):
     def rewrite(self, message: Any) -> bool:
+        from itmolink.v1.codes_pb2 import RejectionCode as WireCode
+
         if isinstance(message, reply_pb2.Rejection) and message.reasons[0].code == int(
             RejectionCode.SIGNING_KEY_EXPIRED
         ):
-            message.reasons[0].code = int(RejectionCode.BAD_SIGNATURE)
+            message.reasons[0].code = WireCode.ValueType(RejectionCode.BAD_SIGNATURE)
             return True
         return False
 
@@ -312,7 +314,7 @@ class ReusedIdAsNew(InboxVariant):
 def _inbox(cls: type[InboxVariant]) -> Callable[[Node], None]:
     def patch(node: Node) -> None:
         _swap(node, cls)
-        node.engine.store = _StoreProxy(node.engine.store, node.engine)  # type: ignore[assignment]
+        node.engine.store = _StoreProxy(node.engine.store, node.engine)
 
     return patch
 
@@ -355,7 +357,7 @@ class _WrappedStore:
 
 
 def _voids_early(node: Node) -> None:
-    node.engine.store = _WrappedStore(node.engine.store, _EarlyVoidTx)  # type: ignore[assignment]
+    node.engine.store = _WrappedStore(node.engine.store, _EarlyVoidTx)
 
 
 class _TakesNoticesAtTheirWordTx:
@@ -378,7 +380,7 @@ class _TakesNoticesAtTheirWordTx:
 
 
 def _notices_at_their_word(node: Node) -> None:
-    node.engine.store = _WrappedStore(node.engine.store, _TakesNoticesAtTheirWordTx)  # type: ignore[assignment]
+    node.engine.store = _WrappedStore(node.engine.store, _TakesNoticesAtTheirWordTx)
 
 
 def _records_then_rate_limits(node: Node) -> None:
@@ -792,7 +794,7 @@ class _VoidsOneRoundTx:
 
 
 def _voids_one_round(node: Node) -> None:
-    node.engine.store = _WrappedStore(node.engine.store, _VoidsOneRoundTx)  # type: ignore[assignment]
+    node.engine.store = _WrappedStore(node.engine.store, _VoidsOneRoundTx)
 
 
 # -- the withdrawal of a one-round proposal left unanswered (PROTOCOL §6.11 S7) ----------------
@@ -901,7 +903,7 @@ class _AsksAgainAtOnceTx(_ForgetsItsQueriesTx):
 
 def _wrapped(wrap: Callable[[Tx], Any]) -> Callable[[Node], None]:
     def patch(node: Node) -> None:
-        node.engine.store = _WrappedStore(node.engine.store, wrap)  # type: ignore[assignment]
+        node.engine.store = _WrappedStore(node.engine.store, wrap)
 
     return patch
 

@@ -257,7 +257,7 @@ def test_a_tampered_batch_is_refused_unrecorded(pair: Pair) -> None:
     rejection = _rejection(
         pair, pair.kor.handle_delivery("LAO", parsed.SerializeToString(), pair.now)
     )
-    assert rejection.reasons[0].code == RejectionCode.BAD_SIGNATURE
+    assert RejectionCode(rejection.reasons[0].code) is RejectionCode.BAD_SIGNATURE
     assert rejection.header.sequence == 0
     with pair.kor.store.transaction() as tx:
         assert [t for t in tx.transfers() if t.batch_id] == []
@@ -298,7 +298,8 @@ def test_an_over_limit_batch_is_refused_with_its_code(pair: Pair) -> None:
     assert held(pair.lao) == MAX_BATCH_ITEMS + 1  # nothing reserved
     # On the wire: a partner's batch of 1,001 transfers is refused before it is recorded.
     block = common_pb2.UnitBlock(
-        originating_registry="LAO-NR", serial_start=1, serial_end=1, unit_type=1, vintage=2025,
+        originating_registry="LAO-NR", serial_start=1, serial_end=1,
+        unit_type=common_pb2.UNIT_TYPE_ITMO, vintage=2025,
         activity_id="LAO-SOLAR-WIND-1GW", authorisation_id=authorisation_id,
         cooperative_approach_id="LAO-KOR-A6.2", first_transferring_party="LAO",
     )  # fmt: skip
@@ -313,7 +314,7 @@ def test_an_over_limit_batch_is_refused_with_its_code(pair: Pair) -> None:
         ],
     )  # fmt: skip
     rejection = _rejection(pair, pair.kor.handle_delivery("LAO", _sealed(pair, proposal), pair.now))
-    assert rejection.reasons[0].code == RejectionCode.TOO_MANY_ITEMS
+    assert RejectionCode(rejection.reasons[0].code) is RejectionCode.TOO_MANY_ITEMS
     assert rejection.header.sequence == 0
 
 
@@ -322,7 +323,8 @@ def test_items_that_cannot_be_recorded_are_answered_without_a_record(pair: Pair)
     given twice (T4 within the batch) are each refused; the rest is accepted."""
     authorisation_id = issued(pair)
     block = common_pb2.UnitBlock(
-        originating_registry="LAO-NR", serial_start=1, serial_end=10, unit_type=1, vintage=2025,
+        originating_registry="LAO-NR", serial_start=1, serial_end=10,
+        unit_type=common_pb2.UNIT_TYPE_ITMO, vintage=2025,
         activity_id="LAO-SOLAR-WIND-1GW", authorisation_id=authorisation_id,
         cooperative_approach_id="LAO-KOR-A6.2", first_transferring_party="LAO",
     )  # fmt: skip
@@ -368,7 +370,7 @@ def test_items_that_cannot_be_recorded_are_answered_without_a_record(pair: Pair)
     rejection = _rejection(
         pair, pair.kor.handle_delivery("LAO", _sealed(pair, proposal, sequence=100), pair.now)
     )
-    assert rejection.reasons[0].code == RejectionCode.TRANSFER_STATE_CONFLICT
+    assert RejectionCode(rejection.reasons[0].code) is RejectionCode.TRANSFER_STATE_CONFLICT
     assert rejection.subject_id == "LAO-B-7"
 
 
@@ -376,8 +378,9 @@ def _unit_block(
     authorisation_id: str, start: int, end: int, vintage: int = 2025
 ) -> common_pb2.UnitBlock:
     return common_pb2.UnitBlock(
-        originating_registry="LAO-NR", serial_start=start, serial_end=end, unit_type=1,
-        vintage=vintage, activity_id="LAO-SOLAR-WIND-1GW", authorisation_id=authorisation_id,
+        originating_registry="LAO-NR", serial_start=start, serial_end=end,
+        unit_type=common_pb2.UNIT_TYPE_ITMO, vintage=vintage, activity_id="LAO-SOLAR-WIND-1GW",
+        authorisation_id=authorisation_id,
         cooperative_approach_id="LAO-KOR-A6.2", first_transferring_party="LAO",
     )  # fmt: skip
 
@@ -505,7 +508,7 @@ def test_what_a_refused_request_put_in_the_outbox_is_not_sent(
     pair.kor.claim_sent_us = 11_000_000  # as a node does: what is sent goes out after commit
     pair.kor.sent = []
     reply = pair.kor.handle_delivery("LAO", _sealed(pair, proposal, sequence=801), pair.now)
-    assert _rejection(pair, reply).reasons[0].code == RejectionCode.UNKNOWN_TRANSFER
+    assert RejectionCode(_rejection(pair, reply).reasons[0].code) is RejectionCode.UNKNOWN_TRANSFER
     assert pair.kor.sent == []  # nothing to deliver once committed
     assert pair.kor.due_messages(pair.now) == []  # nor in the outbox
 
@@ -518,7 +521,7 @@ def test_what_a_refused_request_put_in_the_outbox_is_not_sent(
     ],
 )
 def test_a_batch_the_partner_would_refuse_whole_reserves_nothing(
-    pair: Pair, limits: dict[str, int], code: RejectionCode
+    pair: Pair, limits: dict[str, Any], code: RejectionCode
 ) -> None:
     """Too many blocks in all (B3) or too large an envelope (D1b): refused before
     anything is reserved, not proposed and left reserved until its time-out."""
@@ -559,8 +562,16 @@ def test_proposals_count_their_transfers_against_the_partners_budget(pair: Pair)
     )
     [(batch_message, _, batch)] = pair.lao.due_messages(pair.now)
     pair.lao.handle_reply(batch_message, pair.kor.handle_delivery("LAO", batch, pair.now), pair.now)
-    single = dict(to_party="KOR", authorisation_id=authorisation_id, vintage=2025, quantity=5)
-    single_ids = [pair.lao.start_transfer(**single, now=pair.now) for _ in range(2)]
+    single_ids = [
+        pair.lao.start_transfer(
+            to_party="KOR",
+            authorisation_id=authorisation_id,
+            vintage=2025,
+            quantity=5,
+            now=pair.now,
+        )
+        for _ in range(2)
+    ]
     due = pair.lao.due_messages(pair.now)
     proposals = [m for m in due if payload_type(m[2]) != BATCH_COMPLETION]
     assert len(proposals) == 2

@@ -10,6 +10,7 @@ from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.core.transfer import Role, TransferState
 from itmolink.crypto.envelope import TrustStore, open_envelope, seal
 from itmolink.crypto.keys import SigningKey
+from itmolink.node.base import EngineBase
 from itmolink.node.convert import to_us
 from itmolink.node.engine import ReplyError
 from itmolink.v1 import reply_pb2, transfer_pb2
@@ -25,24 +26,24 @@ def issued(pair: Pair, quantity: int = 1_000) -> str:
     return authorisation_id
 
 
-def state(engine: object, transfer_id: str) -> TransferState | None:
-    with engine.store.transaction() as tx:  # type: ignore[attr-defined]
+def state(engine: EngineBase, transfer_id: str) -> TransferState | None:
+    with engine.store.transaction() as tx:
         record = tx.transfer_get(transfer_id)
     return None if record is None else record.state
 
 
-def ledger(engine: object) -> list[tuple[str, int, int]]:
-    with engine.store.transaction() as tx:  # type: ignore[attr-defined]
+def ledger(engine: EngineBase) -> list[tuple[str, int, int]]:
+    with engine.store.transaction() as tx:
         return [(a.entry.transfer_id, a.entry.year, a.entry.amount) for a in tx.adjustments()]
 
 
-def held(engine: object) -> int:
-    with engine.store.transaction() as tx:  # type: ignore[attr-defined]
+def held(engine: EngineBase) -> int:
+    with engine.store.transaction() as tx:
         return sum(h.block.quantity for h in tx.holdings())
 
 
-def pending(engine: object) -> int:
-    with engine.store.transaction() as tx:  # type: ignore[attr-defined]
+def pending(engine: EngineBase) -> int:
+    with engine.store.transaction() as tx:
         return tx.outbox_pending_count()
 
 
@@ -120,7 +121,7 @@ def test_a_transfer_id_must_belong_to_its_sender(
     issued(pair)
     void = transfer_pb2.TransferVoid(transfer_id=transfer_id, reason="squatting")
     reply = _deliver_from_lao(pair, void, sequence=77)
-    assert reply.reasons[0].code == code
+    assert RejectionCode(reply.reasons[0].code) is code
     with pair.kor.store.transaction() as tx:
         assert tx.transfers() == []
 
@@ -190,9 +191,9 @@ def test_a_void_of_a_rejected_transfer_keeps_the_rejection(pair: Pair) -> None:
     assert record.rejection_code == RejectionCode.SERIALS_ALREADY_HELD
 
 
-def _proposed_at(engine: object, transfer_id: str) -> int | None:
-    with engine.store.transaction() as tx:  # type: ignore[attr-defined]
-        return tx.transfer_proposed_at(transfer_id)  # type: ignore[no-any-return]
+def _proposed_at(engine: EngineBase, transfer_id: str) -> int | None:
+    with engine.store.transaction() as tx:
+        return tx.transfer_proposed_at(transfer_id)
 
 
 async def test_a_void_that_overtakes_its_proposal_leaves_its_tombstone_where_the_proposal_was(
@@ -231,7 +232,7 @@ async def test_a_void_that_overtakes_its_proposal_leaves_its_tombstone_where_the
     late = open_envelope(pair.kor.handle_delivery("LAO", proposal, pair.now), pair.lao.trust)
     rejection = reply_pb2.Rejection()
     rejection.ParseFromString(late.payload)
-    assert rejection.reasons[0].code == RejectionCode.TRANSFER_STATE_CONFLICT
+    assert RejectionCode(rejection.reasons[0].code) is RejectionCode.TRANSFER_STATE_CONFLICT
 
 
 def test_a_void_without_the_proposals_sent_at_leaves_its_tombstone_at_its_arrival(
@@ -254,7 +255,7 @@ def test_a_void_cannot_place_its_proposal_after_itself(pair: Pair) -> None:
     void = transfer_pb2.TransferVoid(transfer_id="LAO-T-LATE", reason="no acceptance")
     void.proposal_sent_at.FromDatetime(pair.now + dt.timedelta(seconds=1))
     reply = _deliver_from_lao(pair, void, sequence=78)
-    assert reply.reasons[0].code == RejectionCode.INVALID_FIELD
+    assert RejectionCode(reply.reasons[0].code) is RejectionCode.INVALID_FIELD
     assert "proposal_sent_at" in reply.reasons[0].detail
     assert state(pair.kor, "LAO-T-LATE") is None
 

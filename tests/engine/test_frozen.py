@@ -5,9 +5,11 @@ authorisation, and still counts as held for T4; until an operator releases it.""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 
 import pytest
 
+from itmolink.core.authorisation import Revocation
 from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.core.transfer import TransferState
 from itmolink.core.units import FirstTransferDefinition, Purpose
@@ -36,9 +38,9 @@ def _holdings(engine: Engine) -> dict[str, list[tuple[int, int]]]:
     return {status: sorted(ranges) for status, ranges in found.items()}
 
 
-def _refused(call: object) -> RejectionCode:
+def _refused(call: Callable[[], object]) -> RejectionCode:
     with pytest.raises(Rejected) as caught:
-        call()  # type: ignore[operator]
+        call()
     return caught.value.code
 
 
@@ -129,7 +131,10 @@ def test_a_frozen_block_blocks_the_revocation_until_released(
 ) -> None:
     pair, transfer_id = frozen_at_host
     lao = pair.lao
-    revoke = lambda: lao.revoke_authorisation("LAO-A-0001", pair.now)  # noqa: E731
+
+    def revoke() -> Revocation:
+        return lao.revoke_authorisation("LAO-A-0001", pair.now)
+
     assert _refused(revoke) is RejectionCode.TRANSFER_STATE_CONFLICT
     assert _holdings(lao) == {"frozen": [(1, 10)], "held": [(11, 100)]}
     released = lao.unfreeze(transfer_id, "voided at both ends: PROTOCOL §11.9")

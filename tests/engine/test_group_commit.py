@@ -23,7 +23,7 @@ def _store(tmp_path: Path) -> SqliteStore:
     return SqliteStore(tmp_path / "lao.db", party="LAO", registry="LAO-NR")
 
 
-def _meta(path: Path) -> dict[str, str]:
+def _meta(path: Path | str) -> dict[str, str]:
     """What another connection sees: only what was committed."""
     with sqlite3.connect(path) as conn:
         return dict(conn.execute("SELECT key, value FROM node_meta"))

@@ -37,8 +37,9 @@ def proposal(pair: Pair, **overrides: Any) -> transfer_pb2.TransferProposal:
         header=header(pair), transfer_id="LAO-T-1", authorisation_id="LAO-A-0001",
         quantity=10, first_transfer=True,
         blocks=[common_pb2.UnitBlock(
-            originating_registry="LAO-NR", serial_start=1, serial_end=10, unit_type=1,
-            vintage=2025, activity_id="LAO-SOLAR-WIND-1GW", authorisation_id="LAO-A-0001",
+            originating_registry="LAO-NR", serial_start=1, serial_end=10,
+            unit_type=common_pb2.UNIT_TYPE_ITMO, vintage=2025, activity_id="LAO-SOLAR-WIND-1GW",
+            authorisation_id="LAO-A-0001",
             cooperative_approach_id="LAO-KOR-A6.2", first_transferring_party="LAO",
         )],
         expires_at=timestamp(to_us(pair.now + dt.timedelta(minutes=1))),

@@ -282,7 +282,7 @@ def _refused_unrecorded(pair: Pair, envelope: bytes) -> bytes:
     rejection = parse(pair.lao, reply)
     assert isinstance(rejection, reply_pb2.Rejection)
     assert rejection.header.sequence == 0
-    assert rejection.reasons[0].code == RejectionCode.SENT_AT_OUT_OF_WINDOW
+    assert RejectionCode(rejection.reasons[0].code) is RejectionCode.SENT_AT_OUT_OF_WINDOW
     return reply
 
 
@@ -424,7 +424,7 @@ def test_t1b_is_judged_when_the_delivery_holds_the_ledger_not_when_it_arrived(
     if late:
         assert isinstance(answer, reply_pb2.Rejection)
         assert answer.header.sequence > 0  # recorded
-        assert answer.reasons[0].code == RejectionCode.PROPOSAL_EXPIRED
+        assert RejectionCode(answer.reasons[0].code) is RejectionCode.PROPOSAL_EXPIRED
         assert state(pair.kor, transfer_id) is TransferState.REJECTED
     else:
         assert isinstance(answer, transfer_pb2.TransferAcceptance)
@@ -462,7 +462,7 @@ def _refused_before_lookup(pair: Pair, envelope: bytes, code: RejectionCode) -> 
     assert isinstance(rejection, reply_pb2.Rejection)
     assert rejection.header.sequence == 0
     assert rejection.header.in_reply_to == ""  # D1b to D5a
-    assert rejection.reasons[0].code == code
+    assert RejectionCode(rejection.reasons[0].code) is code
     return reply
 
 
@@ -814,7 +814,7 @@ def test_later_messages_about_a_transfer_completed_on_acceptance(one_round: Pair
     void = transfer_pb2.TransferVoid(transfer_id=transfer_id, reason="too late")
     refusal = _from_lao(pair, void, transfer_id)
     assert isinstance(refusal, reply_pb2.Rejection)
-    assert refusal.reasons[0].code == RejectionCode.TRANSFER_STATE_CONFLICT
+    assert RejectionCode(refusal.reasons[0].code) is RejectionCode.TRANSFER_STATE_CONFLICT
     report = _from_lao(pair, transfer_pb2.TransferStatusQuery(transfer_id=transfer_id), "")
     assert isinstance(report, transfer_pb2.TransferStatusReport)
     assert report.state == transfer_pb2.TRANSFER_STATE_COMPLETED
@@ -879,10 +879,10 @@ def test_a_crash_after_the_receivers_commit_before_the_sender_records_the_answer
         raise Crash("LAO crashed before commit")
 
     reply = pair.kor.handle_delivery("LAO", envelope, pair.now)
-    pair.lao.store.before_commit = crash  # type: ignore[attr-defined]
+    pair.lao.store.before_commit = crash
     with pytest.raises(Crash):
         pair.lao.handle_reply(message_id, reply, pair.now)
-    pair.lao.store.before_commit = None  # type: ignore[attr-defined]
+    pair.lao.store.before_commit = None
     assert state(pair.lao, transfer_id) is TransferState.PROPOSED
     assert state(pair.kor, transfer_id) is TransferState.COMPLETED
     pair.advance(120)  # the time-out passes meanwhile: no void
@@ -904,10 +904,10 @@ def test_a_crash_of_the_receiver_before_its_commit_leaves_nothing_there(
     def crash() -> None:
         raise Crash("KOR crashed before commit")
 
-    pair.kor.store.before_commit = crash  # type: ignore[attr-defined]
+    pair.kor.store.before_commit = crash
     with pytest.raises(Crash):
         pair.kor.handle_delivery("LAO", envelope, pair.now)
-    pair.kor.store.before_commit = None  # type: ignore[attr-defined]
+    pair.kor.store.before_commit = None
     assert state(pair.kor, transfer_id) is None
     assert (ledger(pair.kor), held(pair.kor)) == ([], 0)
     pair.pump()

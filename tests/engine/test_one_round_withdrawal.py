@@ -363,7 +363,7 @@ def test_a_receiver_that_recorded_a_refusal_acknowledges_the_void(pair: Pair) ->
         pair.lao, pair.kor.handle_delivery("LAO", _proposal_envelope(pair, transfer_id), expired)
     )
     assert isinstance(refusal, reply_pb2.Rejection)
-    assert refusal.reasons[0].code == RejectionCode.PROPOSAL_EXPIRED
+    assert RejectionCode(refusal.reasons[0].code) is RejectionCode.PROPOSAL_EXPIRED
     _unpin(pair.kor, first_key)
     pair.now = expired
     pair.pump()
@@ -458,10 +458,10 @@ def test_a_crash_while_settling_leaves_nothing_and_the_stored_receipt_settles_it
     def crash() -> None:
         raise Crash("LAO crashed before commit")
 
-    pair.lao.store.before_commit = crash  # type: ignore[attr-defined]
+    pair.lao.store.before_commit = crash
     with pytest.raises(Crash):
         pair.lao.handle_reply(void.message_id, reply, pair.now)
-    pair.lao.store.before_commit = None  # type: ignore[attr-defined]
+    pair.lao.store.before_commit = None
     assert state(pair.lao, transfer_id) is TransferState.PROPOSED
     assert reserved(pair.lao) == 600
     assert _pending(pair.lao, PROPOSAL, transfer_id) == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+from collections.abc import Callable
 
 import pytest
 
@@ -23,18 +24,23 @@ from .conftest import START
 PARTIES = ("LAO", "KOR", "JPN")
 
 
+def _ids(party: str) -> Callable[[], str]:
+    """Message ids of ``party``: its name and a counter of its own."""
+    counter = itertools.count(1)
+    return lambda: f"{party}-{next(counter)}"
+
+
 def network(databases: Databases) -> dict[str, Engine]:
     keys = {p: SigningKey.generate(p) for p in PARTIES}
     engines = {}
     for party in PARTIES:
         others = [p for p in PARTIES if p != party]
-        counter = itertools.count(1)
         engines[party] = Engine(
             party=party, registry=f"{party}-NR", signing_key=keys[party],
             trust=TrustStore(keys[p].verifying_key() for p in others),
             partners=[Partner(p, f"{p}-NR", "x") for p in others],
             store=databases.open(party),
-            new_id=lambda party=party, counter=counter: f"{party}-{next(counter)}",
+            new_id=_ids(party),
         )  # fmt: skip
     return engines
 

@@ -30,7 +30,7 @@ from itmolink.store import sqlite as sqlite_module
 from itmolink.store import tx as tx_module
 from itmolink.store.migrate import latest_version, migrations
 from itmolink.store.sqlite import HOLDING_ACCOUNT
-from itmolink.store.tx import DOUBLE_BOOKING_FOUND_AT, Tx
+from itmolink.store.tx import DOUBLE_BOOKING_FOUND_AT, TransferRecord, Tx
 
 from ..conftest import Databases
 from .conftest import Pair
@@ -581,11 +581,13 @@ async def test_an_interrupted_reseal_resumes_where_it_stopped(
     original = Tx.reseal_listed_transfers
     calls = []
 
-    def crash_on_the_second(self: Tx, limit: int, *args: object, **kwargs: object) -> int:
+    def crash_on_the_second(
+        self: Tx, limit: int, double_booked: list[TransferRecord] | None = None, now: int = 0
+    ) -> int:
         calls.append(limit)
         if len(calls) == 2:
             raise RuntimeError("the process died")
-        return original(self, limit, *args, **kwargs)
+        return original(self, limit, double_booked, now)
 
     with monkeypatch.context() as patch:
         patch.setattr(Tx, "reseal_listed_transfers", crash_on_the_second)

@@ -133,14 +133,13 @@ def test_an_acknowledged_revocation_at_least_as_wide_counts_as_told(pair: Pair) 
     pair.pump()
     pair.advance(60)
     later = since + dt.timedelta(seconds=60)
-    _refused_by_kor(
-        pair,
-        lambda: (
-            pair.lao.revoke_signing_key(k1.key_id, pair.now, compromised_since=later),
-            pair.lao.revoke_signing_key(k1.key_id, pair.now),
-            pair.lao.revoke_signing_key(k2.key_id, pair.now, compromised_since=since),
-        ),
-    )
+
+    def narrower_revocations() -> None:
+        pair.lao.revoke_signing_key(k1.key_id, pair.now, compromised_since=later)
+        pair.lao.revoke_signing_key(k1.key_id, pair.now)
+        pair.lao.revoke_signing_key(k2.key_id, pair.now, compromised_since=since)
+
+    _refused_by_kor(pair, narrower_revocations)
     with pair.lao.store.transaction() as tx:
         assert {k: s for k, _, _, _, s in tx.revocations()}[k1.key_id] == to_us(since)
     assert pair.lao.announce_revocations(pair.now) == 1
@@ -186,12 +185,11 @@ def test_a_partner_that_refused_the_keys_announcement_is_still_not_sent_it(pair:
     assert pair.lao.cancel_key_rotation(pair.now) == k9.key_id
     assert pair.lao.due_messages(pair.now) == []
     pair.advance(60)
-    _refused_by_kor(
-        pair,
-        lambda: (
-            pair.lao.revoke_signing_key(k9.key_id, pair.now, compromised_since=since),
-            pair.lao.revoke_signing_key(k1.key_id, pair.now, compromised_since=since),
-        ),
-    )
+
+    def revocations_with_an_instant() -> None:
+        pair.lao.revoke_signing_key(k9.key_id, pair.now, compromised_since=since)
+        pair.lao.revoke_signing_key(k1.key_id, pair.now, compromised_since=since)
+
+    _refused_by_kor(pair, revocations_with_an_instant)
     assert pair.lao.announce_revocations(pair.now) == 1
     assert _queued(pair) == [("KOR", [k1.key_id], to_us(since))]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -119,7 +121,12 @@ def test_an_authorisation_is_read_once_per_transaction_and_again_once_written(
     with store.transaction() as tx:
         put(tx, terms, revoked=False)
         original = tx._exec
-        tx._exec = lambda sql, params=(): (queries.append(sql), original(sql, params))[1]  # type: ignore[method-assign]
+
+        def recording(sql: str, params: Sequence[Any] = ()) -> Any:
+            queries.append(sql)
+            return original(sql, params)
+
+        tx._exec = recording  # type: ignore[method-assign]
         assert tx.authorisation_get("LAO", "LAO-A-1") == terms
         assert tx.authorisation_details("LAO", "LAO-A-1")["revoked"] == 0
         latest = tx.authorisation_latest("LAO", "LAO-A-1")

@@ -104,7 +104,7 @@ def unit_blocks(draw: st.DrawFn, world: World) -> common_pb2.UnitBlock:
         originating_registry=draw(mostly(st.just("LAO-NR"), text("KOR-NR", "JPN-NR"), 4)),
         serial_start=start,
         serial_end=end,
-        unit_type=draw(enum_value([1, 1, 1, 2, 3, 4])),
+        unit_type=common_pb2.UnitType.ValueType(draw(enum_value([1, 1, 1, 2, 3, 4]))),
         vintage=draw(mostly(st.sampled_from([2025, 2021, 2030]), u32())),
         activity_id=draw(mostly(st.just("LAO-SOLAR-WIND-1GW"), text(), 6)),
         authorisation_id=draw(mostly(st.just(world.authorisation_id), text("LAO-A-0002"), 6)),
@@ -262,11 +262,13 @@ def authorisation_statements(
             mostly(st.sampled_from([[1], [2], [1, 2]]), st.lists(enum_value([1, 2]), max_size=3))
         ),
         oimp_detail=draw(text()),
-        first_transfer_definition=draw(enum_value([0, 1, 2, 3])),
+        first_transfer_definition=common_pb2.FirstTransferDefinition.ValueType(
+            draw(enum_value([0, 1, 2, 3]))
+        ),
         vintage_from=draw(mostly(st.just(2021), u32())),
         vintage_to=draw(mostly(st.just(2030), u32())),
         quantity_cap=draw(mostly(st.just(0), u64())),
-        unit_type=draw(enum_value([1, 2, 3, 4])),
+        unit_type=common_pb2.UnitType.ValueType(draw(enum_value([1, 2, 3, 4]))),
     )
 
 
@@ -327,7 +329,7 @@ def reconciliation_queries(draw: st.DrawFn, ctx: Context) -> reconcile_pb2.Recon
         header=draw(headers(ctx)),
         reconciliation_id=draw(mostly(st.just("rec-1"), text(), 4)),
         snapshot_at=draw(plausible_timestamp()),
-        view=draw(enum_value([1, 2, 3])),
+        view=reconcile_pb2.ReconciliationView.ValueType(draw(enum_value([1, 2, 3]))),
         prefixes=draw(st.lists(mostly(hex_prefix, text()), max_size=3)),
         leaf_prefixes=draw(st.lists(mostly(hex_prefix, text()), max_size=3)),
         leaf_definition=draw(mostly(st.just(2), st.integers(0, 2**32 - 1))),

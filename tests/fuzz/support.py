@@ -38,6 +38,7 @@ from itmolink.node.engine import EXPECTED_REPLY, REQUEST_TYPES, type_name
 from itmolink.v1 import (
     authorisation_pb2,
     common_pb2,
+    envelope_pb2,
     reply_pb2,
     transfer_pb2,
 )
@@ -249,9 +250,7 @@ def mutate(raw: bytes, mutation: str, args: MutationArgs) -> bytes:
     return envelope.SerializeToString()
 
 
-def _parse_envelope(raw: bytes) -> Message | None:
-    from itmolink.v1 import envelope_pb2
-
+def _parse_envelope(raw: bytes) -> envelope_pb2.Envelope | None:
     envelope = envelope_pb2.Envelope()
     try:
         envelope.ParseFromString(raw)
@@ -387,8 +386,8 @@ class World:
     def close(self) -> None:
         for conn in [*self._readers.values(), *self._templates.values()]:
             conn.close()
-        self.pair.lao.store.close()  # type: ignore[attr-defined]
-        self.pair.kor.store.close()  # type: ignore[attr-defined]
+        self.pair.lao.store.close()
+        self.pair.kor.store.close()
 
 
 def build_world(directory: Path, keys: dict[str, SigningKey] | None = None) -> World:
@@ -640,7 +639,7 @@ def check_stored_authorisation(
 ) -> None:
     """KOR keeps the terms it acknowledged exactly as LAO signed them (found broken: KB-2)."""
     signed = terms_from_statement(statement)
-    with world.pair.kor.store.transaction() as tx:  # type: ignore[attr-defined]
+    with world.pair.kor.store.transaction() as tx:
         stored = tx.authorisation_get("LAO", signed.authorisation_id)
     if stored is None or stored.version != signed.version:
         return  # an older version was re-acknowledged; a newer one is recorded

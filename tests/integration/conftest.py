@@ -185,7 +185,7 @@ async def acknowledged(lao: Registry, authorisation_id: str, party: str = "KOR")
     async def check() -> bool:
         response = await lao.call("ListAuthorisations", admin_pb2.ListAuthorisationsRequest())
         view = next(a for a in response.authorisations if a.authorisation_id == authorisation_id)
-        return view.party_states.get(party) == "acknowledged"
+        return bool(view.party_states.get(party) == "acknowledged")
 
     await eventually(check)
 
@@ -218,6 +218,21 @@ class PartnerClient:
 
     async def close(self) -> None:
         await self.channel.close(None)
+
+
+def trailers(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    """The text entries of a failed call's trailing metadata, the first value of each
+    key (e.g. itmolink-rejection-code; binary ``-bin`` entries are left out).
+
+    grpc-stubs types ``RpcError.trailing_metadata()`` as a tuple of objects with key and
+    value; a grpc.aio error gives a ``grpc.aio.Metadata``, which iterates over (key,
+    value) pairs (its ``items()`` gives each key's list of values, whatever the stubs say)."""
+    metadata: grpc.aio.Metadata = error.trailing_metadata()  # type: ignore[assignment]
+    found: dict[str, str] = {}
+    for key, value in metadata:
+        if isinstance(value, str):
+            found.setdefault(key, value)
+    return found
 
 
 def header(sender: str, audience: str, sequence: int, **overrides: Any) -> common_pb2.Header:

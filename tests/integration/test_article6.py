@@ -119,7 +119,8 @@ async def test_an_a64_issuance_pays_its_levies_shares_with_the_buyer_and_is_repo
         assert (out / f"{year}-holdings.csv").read_bytes() == before
 
         async def kor_booked_both() -> bool:  # the second share reaches KOR asynchronously
-            return sum(a.amount for a in await kor.adjustments()) == -1116
+            booked: int = sum(a.amount for a in await kor.adjustments())
+            return booked == -1116
 
         await eventually(kor_booked_both)
         capsys.readouterr()

@@ -14,7 +14,7 @@ from itmolink.crypto.envelope import TrustStore, open_envelope
 from itmolink.node.convert import timestamp, to_us
 from itmolink.v1 import transfer_pb2
 
-from .conftest import PartnerClient, Registry, final_state, header, signed
+from .conftest import PartnerClient, Registry, final_state, header, signed, trailers
 from .test_cli import cli
 from .test_transfer import (
     COMPLETED,
@@ -94,11 +94,11 @@ async def test_a_batch_request_over_the_limit_or_over_holdings_reserves_nothing(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await batch(lao, authorisation_id, *[1] * 1_001)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    metadata = dict(caught.value.trailing_metadata() or ())
+    metadata = trailers(caught.value)
     assert metadata["itmolink-rejection-code"] == "REJECTION_CODE_TOO_MANY_ITEMS"
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await batch(lao, authorisation_id, 1_500, 600)  # the second item finds 500 left
-    metadata = dict(caught.value.trailing_metadata() or ())
+    metadata = trailers(caught.value)
     assert metadata["itmolink-rejection-code"] == "REJECTION_CODE_INSUFFICIENT_HOLDINGS"
     assert await lao.transfers() == {}
     assert await lao.held() == 2_000

@@ -12,7 +12,7 @@ import pytest
 from itmolink.cli.main import EXIT_REFUSED, main
 from itmolink.crypto.pki import PartnerCard
 
-from .conftest import Registry, eventually
+from .conftest import Registry, eventually, final_state
 
 
 async def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -247,7 +247,7 @@ async def test_reconcile_between_running_nodes(
 ) -> None:
     from itmolink.store import read_only
 
-    from .test_transfer import final_state, issued, transfer
+    from .test_transfer import issued, transfer
 
     lao, kor = lao_kor
     authorisation_id = await issued(lao)
@@ -378,7 +378,7 @@ async def test_an_operator_rotates_the_signing_key_and_transfers_go_on_after_a_r
     pki: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from .conftest import link, start_registry, stop_registry
-    from .test_transfer import final_state, issued, transfer
+    from .test_transfer import issued, transfer
 
     lao = await start_registry(pki("LAO", ["KOR"]))
     kor = await start_registry(pki("KOR", ["LAO"]))

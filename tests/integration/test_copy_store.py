@@ -8,6 +8,7 @@ import asyncio
 import shutil
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -41,16 +42,23 @@ def run_sql(database: Path, *statements: str) -> None:
         conn.close()
 
 
+def _value(conn: psycopg.Connection[Any], sql: str) -> Any:
+    """The one value of a query that returns one row."""
+    row = conn.execute(sql).fetchone()
+    assert row is not None, sql
+    return row[0]
+
+
 def _rows(url: str) -> int:
     with psycopg.connect(url) as conn:
-        if conn.execute("SELECT to_regclass('journal')").fetchone()[0] is None:
+        if _value(conn, "SELECT to_regclass('journal')") is None:
             return 0  # not even the schema
-        return sum(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in tables())
+        return sum(_value(conn, f"SELECT COUNT(*) FROM {t}") for t in tables())
 
 
 def _has_schema(url: str) -> bool:
     with psycopg.connect(url) as conn:
-        return conn.execute("SELECT to_regclass('schema_migrations')").fetchone()[0] is not None
+        return _value(conn, "SELECT to_regclass('schema_migrations')") is not None
 
 
 async def test_a_registry_moves_to_postgresql_and_goes_on(

@@ -17,7 +17,7 @@ from itmolink.admin.v1 import admin_pb2
 from itmolink.crypto.pki import PartnerCard
 from itmolink.node import runtime
 
-from .conftest import eventually, link, start_registry, stop_registry
+from .conftest import eventually, link, start_registry, stop_registry, trailers
 from .test_cli import cli, rotated
 
 
@@ -40,7 +40,7 @@ async def test_a_revocation_reaches_a_partner_that_pinned_an_older_card(
             request.compromised_since.seconds, request.compromised_since.nanos = seconds, nanos
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await lao.call("RevokeSigningKey", request)
-            trailing = dict(refused.value.trailing_metadata() or ())
+            trailing = trailers(refused.value)
             assert "REJECTION_CODE_INVALID_FIELD" in trailing.values()
             assert ("out of range" if nanos == 0 else "whole seconds") in str(
                 refused.value.details()
@@ -143,7 +143,7 @@ async def test_a_card_file_the_node_cannot_write_costs_an_alarm_not_the_start(
         def refused(src: Any, dst: Any) -> None:
             raise PermissionError(13, "Permission denied", str(dst))
 
-        monkeypatch.setattr(runtime.os, "replace", refused)
+        monkeypatch.setattr("itmolink.node.runtime.os.replace", refused)
         with caplog.at_level("ERROR", logger=runtime.log.name):
             lao = await start_registry(lao.config_path)
         assert any(r.getMessage().startswith("ALARM: could not write") for r in caplog.records), [

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +177,7 @@ class NodeProcess(Process):
 
 
 @pytest.fixture
-def nodes(tmp_path: Path, databases: Databases) -> dict[str, NodeProcess]:
+def nodes(tmp_path: Path, databases: Databases) -> Iterator[dict[str, NodeProcess]]:
     ports = {"LAO": free_port(), "KOR": free_port()}
     for party in ports:
         init_party(tmp_path / party.lower() / "pki", party, f"{party}-NR", now=NOW)

@@ -169,10 +169,11 @@ async def test_a_partner_that_cannot_read_the_proposal_leaves_it_waiting_then_co
         apply_reply = engine.handle_reply
 
         def handle_reply(
-            message_id: str, raw: bytes, now: dt.datetime, **kwargs: dt.datetime
+            message_id: str, raw: bytes, now: dt.datetime, *, sent_at: dt.datetime | None = None
         ) -> bool:
-            sent.append((kwargs["sent_at"], now))
-            return apply_reply(message_id, raw, now, **kwargs)
+            assert sent_at is not None  # the node says when it sent the proposal
+            sent.append((sent_at, now))
+            return apply_reply(message_id, raw, now, sent_at=sent_at)
 
         engine.handle_reply = handle_reply  # type: ignore[method-assign]
         await kor.node.db(_drop_trust, kor.node.engine, "LAO")

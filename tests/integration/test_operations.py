@@ -152,7 +152,7 @@ async def test_health_goes_not_serving_before_the_servers_stop(pki: Callable[...
     assert server is not None
     real_stop = server.stop
 
-    async def stop_spy(grace: float | None) -> None:
+    async def stop_spy(grace: float | None = None) -> None:
         # The admin server is still up: ask it over gRPC, as a load balancer would.
         async with grpc.aio.insecure_channel(lao.node.config.admin_target) as channel:
             response = await health_pb2_grpc.HealthStub(channel).Check(
@@ -202,6 +202,13 @@ def _scrape(registry: Registry) -> dict[tuple[str, frozenset[tuple[str, str]]], 
 
 def _value(samples: dict[Any, float], name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
+
+
+def _number(samples: dict[Any, float], name: str, **labels: str) -> float:
+    """The value of a sample that must be there."""
+    value = _value(samples, name, **labels)
+    assert value is not None, (name, labels)
+    return value
 
 
 async def test_metrics_report_transfers_latency_outbox_and_rejections(
@@ -265,15 +272,15 @@ async def test_metrics_report_transfers_latency_outbox_and_rejections(
                       state="accepted") == 1  # the hand-made one  # fmt: skip
         assert _value(lao_samples, "itmolink_transfer_duration_seconds_count",
                       direction="out") == 2  # fmt: skip
-        assert 0 < _value(lao_samples, "itmolink_transfer_duration_seconds_sum",  # type: ignore[operator]
-                          direction="out") < 60  # fmt: skip
+        assert 0 < _number(lao_samples, "itmolink_transfer_duration_seconds_sum",
+                           direction="out") < 60  # fmt: skip
         assert _value(lao_samples, "itmolink_transfer_duration_seconds_bucket",
                       direction="out", le="+Inf") == 2  # fmt: skip
-        assert _value(lao_samples, "itmolink_deliveries_total", partner="KOR",
-                      outcome="ok") >= 3  # type: ignore[operator]  # fmt: skip
+        assert _number(lao_samples, "itmolink_deliveries_total", partner="KOR",
+                       outcome="ok") >= 3  # fmt: skip
         assert _value(lao_samples, "itmolink_store_up") == 1
         assert _value(lao_samples, "itmolink_serving") == 1
-        assert _value(lao_samples, "itmolink_schema_version") >= 1  # type: ignore[operator]
+        assert _number(lao_samples, "itmolink_schema_version") >= 1
         assert _value(lao_samples, "itmolink_node_info", party="LAO", registry="LAO-NR",
                       version=__import__("itmolink").__version__) == 1  # fmt: skip
         # Every message is answered: nothing waits in LAO's outbox.
@@ -310,7 +317,7 @@ async def test_outbox_depth_is_read_from_the_database_after_a_restart(
     try:
         after = _scrape(lao)
         assert _value(after, "itmolink_outbox_pending", partner="KOR") == pending
-        assert _value(after, "itmolink_outbox_oldest_pending_seconds", partner="KOR") >= 0  # type: ignore[operator]
+        assert _number(after, "itmolink_outbox_oldest_pending_seconds", partner="KOR") >= 0
     finally:
         await stop_registry(lao)
 

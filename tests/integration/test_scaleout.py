@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -34,7 +35,7 @@ LOAD_SECONDS = float(os.environ.get("ITMOLINK_SCALEOUT_SECONDS", "10"))
 
 
 @pytest.fixture
-def processes(tmp_path: Path) -> dict[str, Process]:
+def processes(tmp_path: Path) -> Iterator[dict[str, Process]]:
     cluster = postgres_cluster()
     lao_db, kor_db = cluster.new_database("lao"), cluster.new_database("kor")
     ports = {name: free_port() for name in ("lao-a", "lao-b", "kor")}

@@ -18,7 +18,16 @@ from itmolink.crypto.keys import SigningKey
 from itmolink.crypto.operators import read_token, token_file
 from itmolink.node.ratelimit import TokenBucket
 
-from .conftest import PartnerClient, final_state, link, running_pair, start_registry, stop_registry
+from .conftest import (
+    PartnerClient,
+    Registry,
+    final_state,
+    link,
+    running_pair,
+    start_registry,
+    stop_registry,
+    trailers,
+)
 from .test_transfer import issued, journal_rows, transfer
 
 
@@ -36,7 +45,7 @@ async def test_a_partner_over_its_rate_is_told_to_retry_later(pki: Callable[...,
                 await client.deliver(b"not even an envelope")
                 codes.append("answered")
             except grpc.aio.AioRpcError as error:
-                metadata = dict(error.trailing_metadata() or ())
+                metadata = trailers(error)
                 codes.append(f"{error.code().name} {metadata.get('itmolink-rejection-code')}")
         assert codes[:2] == ["answered", "answered"]
         assert "RESOURCE_EXHAUSTED REJECTION_CODE_RATE_LIMITED" in codes[2:]
@@ -97,8 +106,8 @@ def _secrets(keys_dir: Path) -> list[str]:
 
 
 async def test_private_keys_and_admin_tokens_never_reach_logs_or_errors(
-    lao_kor: tuple, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
-    tmp_path: Path,
+    lao_kor: tuple[Registry, Registry], caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str], tmp_path: Path,
 ) -> None:  # fmt: skip
     lao, kor = lao_kor
     caplog.set_level(logging.DEBUG)

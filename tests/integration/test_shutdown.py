@@ -88,7 +88,12 @@ def test_a_signal_during_transfers_finishes_in_flight_steps_and_exits_0(
             assert all(e["party"] == node.party for e in entries)
 
         with read_only(lao_database) as tx:  # for the record: how much was in flight
-            unfinished = [t for t in proposed if tx.transfer_get(t).state not in FINAL]
+            unfinished = []
+            for transfer_id in proposed:
+                record = tx.transfer_get(transfer_id)
+                assert record is not None, transfer_id
+                if not record.state.is_final:
+                    unfinished.append(transfer_id)
             print(f"{len(unfinished)} of {len(proposed)} unfinished after the stop")
         lao.start()
         kor.start()

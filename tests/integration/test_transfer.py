@@ -21,7 +21,7 @@ from itmolink.node.engine import REQUEST_TYPES
 from itmolink.node.runtime import GC_THRESHOLD
 from itmolink.store import read_only
 from itmolink.store.tx import Tx
-from itmolink.v1 import envelope_pb2, reply_pb2, transfer_pb2
+from itmolink.v1 import common_pb2, envelope_pb2, reply_pb2, transfer_pb2
 
 from .conftest import (
     PartnerClient,
@@ -34,6 +34,7 @@ from .conftest import (
     signed,
     start_registry,
     stop_registry,
+    trailers,
 )
 
 COMPLETED = transfer_pb2.TRANSFER_STATE_COMPLETED
@@ -177,7 +178,7 @@ async def test_insufficient_holdings_is_refused_with_its_code_and_reserves_nothi
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await transfer(lao, authorisation_id, 1_001)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    metadata = dict(caught.value.trailing_metadata() or ())
+    metadata = trailers(caught.value)
     assert metadata["itmolink-rejection-code"] == "REJECTION_CODE_INSUFFICIENT_HOLDINGS"
     holdings = await lao.call("ListHoldings", admin_pb2.ListHoldingsRequest())
     assert [(h.status, h.block.serial_end) for h in holdings.blocks] == [("held", 1_000)]
@@ -237,24 +238,26 @@ async def test_a_transfer_the_receiver_rejects_leaves_no_adjustment_on_either_si
     assert await kor.held() == 0
 
 
-async def _handmade_proposal(lao: Registry, authorisation_id: str, sequence: int) -> Any:
+async def _handmade_proposal(
+    lao: Registry, authorisation_id: str, sequence: int
+) -> transfer_pb2.TransferProposal:
     return transfer_pb2.TransferProposal(
         header=header("LAO", "KOR", sequence=sequence),
         transfer_id=f"LAO-T-HAND-{sequence}",
         authorisation_id=authorisation_id,
         quantity=10,
         blocks=[
-            {
-                "originating_registry": "LAO-NR",
-                "serial_start": 1,
-                "serial_end": 10,
-                "unit_type": 1,
-                "vintage": 2025,
-                "activity_id": "LAO-SOLAR-WIND-1GW",
-                "authorisation_id": authorisation_id,
-                "cooperative_approach_id": "LAO-KOR-A6.2",
-                "first_transferring_party": "LAO",
-            }
+            common_pb2.UnitBlock(
+                originating_registry="LAO-NR",
+                serial_start=1,
+                serial_end=10,
+                unit_type=common_pb2.UNIT_TYPE_ITMO,
+                vintage=2025,
+                activity_id="LAO-SOLAR-WIND-1GW",
+                authorisation_id=authorisation_id,
+                cooperative_approach_id="LAO-KOR-A6.2",
+                first_transferring_party="LAO",
+            )
         ],
         first_transfer=True,
         expires_at=timestamp(to_us(dt.datetime.now(dt.UTC)) + 3_600_000_000),

@@ -14,7 +14,7 @@ from itmolink.admin.v1 import admin_pb2
 from itmolink.core.accounting import emissions_balance
 from itmolink.sim import runner
 from itmolink.sim.runner import accounting_config, run_scenario
-from itmolink.sim.scenario import load_scenario
+from itmolink.sim.scenario import Issuance, Transfer, Use, load_scenario
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lao-korea.toml"
 
@@ -187,7 +187,12 @@ def test_oimp_units_end_to_end(tmp_path: Path) -> None:
 
     def quantity(*, oimp: bool, point: str = "", party: str = "", action: str = "") -> int:
         total = 0
-        for item in [*scenario.issuances, *scenario.transfers, *scenario.uses]:
+        items: list[Issuance | Transfer | Use] = [
+            *scenario.issuances,
+            *scenario.transfers,
+            *scenario.uses,
+        ]
+        for item in items:
             spec = scenario.authorisation(item.authorisation)
             if spec.oimp_only != oimp or (point and spec.ca_point != point):
                 continue

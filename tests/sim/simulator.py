@@ -27,6 +27,8 @@ import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 from itmolink.core.codes import Rejected, RejectionCode
 from itmolink.core.transfer import Role, TransferState
@@ -49,6 +51,8 @@ EPOCH = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 # sender's rule for unrecorded refusals of a one-round proposal (S5) are reached.
 SIM_LIMITS = Limits(max_clock_skew=dt.timedelta(seconds=10))
 ISSUED = 10_000
+
+T = TypeVar("T")
 
 # Signing keys are expensive to make and carry no randomness that matters to
 # the protocol's decisions: one set serves every seed.
@@ -224,7 +228,7 @@ class Simulation:
     def _alive(self, party: str) -> bool:
         return self.nodes[party].up
 
-    def _call(self, party: str, fn: Callable[[], object]) -> object | None:
+    def _call(self, party: str, fn: Callable[[], T]) -> T | None:
         """Run an engine step; a crash inside it takes the node down."""
         try:
             return fn()
@@ -250,7 +254,7 @@ class Simulation:
                     unit_type=UnitType.ITMO, now=now,
                 ))  # fmt: skip
                 if terms is not None:
-                    self.authorisations[buyer] = terms.authorisation_id  # type: ignore[attr-defined]
+                    self.authorisations[buyer] = terms.authorisation_id
             elif action == "issue" and buyer in self.authorisations:
                 quantity = self.rng.choice([1, 7, 100, ISSUED])
                 self._call(party, lambda: engine.issue(
@@ -278,12 +282,12 @@ class Simulation:
         self._call(party, lambda: engine.expire_transfers(now))
         self._call(party, lambda: engine.query_pending_transfers(now))
         due = self._call(party, lambda: engine.due_messages(now)) or []
-        for message_id, partner, envelope in due:  # type: ignore[attr-defined]
+        for message_id, partner, envelope in due:
             packet = Packet("request", party, partner, message_id, envelope, now)
             self.network.append(packet)
             self.history.append(packet)
             # Until an answer arrives, the next attempt waits for the backoff.
-            self._call(party, lambda m=message_id: engine.delivery_failed(m, "in flight", now))
+            self._call(party, partial(engine.delivery_failed, message_id, "in flight", now))
 
     def _deliver(self) -> None:
         if not self.network:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -55,7 +56,8 @@ def test_an_edited_field_is_found(field: str) -> None:
     entries = chain(5)
     value = getattr(entries[2], field)
     edited = value + 1 if isinstance(value, int) else value + value[:1]
-    entries[2] = replace(entries[2], **{field: edited})
+    changes: dict[str, Any] = {field: edited}  # one field, named at run time
+    entries[2] = replace(entries[2], **changes)
     problems = verify_chain(entries, recorded_head=head(chain(5)))
     assert [p.entry_id for p in problems] == [3]
     assert "edited" in problems[0].problem

@@ -66,8 +66,8 @@ def test_the_documented_digests_slices_and_sums_are_computed() -> None:
         for leaf in (blocks_leaf(facts), journal_leaf(facts)):
             assert leaf.hex() in section
             assert "slices ({}, {})".format(*slices(leaf)) in section
-    for view, leaf in (("BLOCKS", blocks_leaf), ("JOURNAL", journal_leaf)):
-        (a1, a2), (b1, b2) = slices(leaf(A)), slices(leaf(B))
+    for view, leaf_of in (("BLOCKS", blocks_leaf), ("JOURNAL", journal_leaf)):
+        (a1, a2), (b1, b2) = slices(leaf_of(A)), slices(leaf_of(B))
         row = re.search(
             rf'`{view}`, `prefixes \[""\]` \| `\{{prefix "0", count 2, h1 (\d+), h2 (\d+)\}}`',
             section,
