@@ -3042,6 +3042,14 @@ async def t_b_records(ctx: Context) -> None:
         f"{rejected.transfer_id} is {_state(report.state)} at the target, not REJECTED",
     )
     _check_records(report, [refused])
+    one_round = ctx.notes.get("one_round")
+    if one_round is not None and ctx.config.completes_on_acceptance:
+        # 3.23 passed: completed on acceptance, its records are the proposal and the
+        # acceptance that completed it; no completion (the kit's of 3.24 decided nothing).
+        completed_at_once, proposal_sent, acceptance_sent = one_round
+        _check_records(
+            await _report(ctx, completed_at_once.transfer_id), [proposal_sent, acceptance_sent.raw]
+        )
     batch = ctx.notes.get("batch-completed")
     if batch is not None:  # 3.20 passed: an item's records are the batch's envelopes
         completed, rejected_item, batch_proposal, batch_acceptance, batch_completion = batch
