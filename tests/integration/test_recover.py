@@ -428,6 +428,29 @@ async def test_a_lost_transfer_whose_blocks_lie_in_one_restored_row_is_recovered
         assert await restored.held() == 950
 
 
+async def test_a_lost_block_over_two_rows_split_after_the_restore_is_recovered(
+    pki: Callable[..., Path], databases: Databases, tmp_path: Path
+) -> None:
+    """After the restore LAO proposed 20 of the lost transfer's units again; KOR
+    refused them (it holds them) and LAO released them, which left its row in two.
+    The lost transfer's block now lies across both rows, and is recovered. (Found by
+    review: the in-place carve of round 10 refused a piece over two rows.)"""
+    async with _scene(pki, databases, tmp_path) as scene:
+        lao, kor = scene.lao, scene.kor
+        authorisation_id = await _issued(lao, quantity=1_000)
+        await scene.backup("LAO")
+        lost = await _transfer(lao, authorisation_id, 50)
+        assert (await final_state(kor, lost)).state == COMPLETED
+        restored = await scene.restore("LAO")
+        again = await _transfer(restored, authorisation_id, 20)
+        assert (await final_state(restored, again)).state == REJECTED
+        report = await _recover(restored, "KOR")
+        outcomes = {t.transfer_id: t for t in report.transfers}
+        assert outcomes[lost].outcome == "recovered", outcomes[lost].detail
+        assert await restored.held() == 950
+        assert await _reconcile(restored, "KOR") == []
+
+
 def _answers_with(kor: Registry, make: Callable[[Any, Tx, str, Any, int], list[bytes]]) -> None:
     """KOR answers status queries with a report of COMPLETED carrying ``make``'s records."""
     engine = kor.node.engine

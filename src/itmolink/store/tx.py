@@ -185,8 +185,9 @@ _TRANSFER_READ = (
     f"{_TRANSFER_COLUMNS}, blocks_h1, blocks_h2, journal_h1, journal_h2, blocks_leaf IS NOT NULL"
 )
 
-# A transfer's record (22 columns, as _TRANSFER_READ) and its blocks in serial order,
+# A transfer's record (the columns of _TRANSFER_READ) and its blocks in serial order,
 # one row per block (one row with no block for a transfer without blocks).
+_TRANSFER_READ_WIDTH = len(_TRANSFER_READ.split(","))
 _TRANSFER_WITH_BLOCKS = (
     "SELECT "
     + ", ".join("t." + c.strip() for c in _TRANSFER_COLUMNS.split(","))
@@ -1742,9 +1743,11 @@ class Tx:
         its transfer. The pieces cover exactly the sources' serials.
 
         A source's row is shortened in place into the piece that starts where it
-        starts (a transfer takes the first serials of a block), and only the other
-        pieces are inserted: one statement fewer per source than deleting it and
-        inserting every piece, with the same rows at the end."""
+        starts and ends inside it (a proposal takes the first serials of a block), and
+        only the other pieces are inserted: one statement fewer per source than
+        deleting it and inserting every piece, with the same rows at the end. A piece
+        over several sources (a recovered transfer's block across held rows,
+        :mod:`itmolink.node.evidence`) is inserted whole, its sources deleted."""
         if sum(b.quantity for b in sources) != sum(b.quantity for b in held) + sum(
             b.quantity for b, _ in reserved
         ):
@@ -1756,17 +1759,18 @@ class Tx:
         for block, transfer_id in reserved:
             pieces[(block.originating_registry, block.serial_start)] = (block, transfer_id)
         for block in sources:
-            found = pieces.pop((block.originating_registry, block.serial_start), None)
+            key = (block.originating_registry, block.serial_start)
+            found = pieces.pop(key, None)
+            if found is not None and found[0].serial_end > block.serial_end:
+                pieces[key] = found  # over several sources: they go, it is inserted
+                found = None
             if found is None:
                 cursor = self._exec(
                     "DELETE FROM blocks WHERE originating_registry = ? AND serial_start = ? "
                     "AND serial_end = ? AND status = 'held' AND account = ?",
                     (block.originating_registry, block.serial_start, block.serial_end, account),
                 )
-            elif (
-                found[0].attributes() != block.attributes()
-                or found[0].serial_end > block.serial_end
-            ):
+            elif found[0].attributes() != block.attributes():
                 raise RuntimeError(f"block {found[0].label()} is not cut from {block.label()}")
             else:
                 piece, owner = found
@@ -1909,7 +1913,8 @@ class Tx:
         rows = self._exec(_TRANSFER_WITH_BLOCKS, (transfer_id,)).fetchall()
         if not rows:
             return None
-        blocks = [_block(r[22:]) for r in rows if r[22] is not None]
+        width = _TRANSFER_READ_WIDTH
+        blocks = [_block(r[width:]) for r in rows if r[width] is not None]
         return _transfer(rows[0]), blocks
 
     def transfer_proposed_at(self, transfer_id: str) -> int | None:
