@@ -522,15 +522,23 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     request = admin_pb2.ReconcileRequest(partner=args.partner)
-    if args.snapshot_age is not None:
-        moment = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=args.snapshot_age)
-        request.snapshot_at.FromDatetime(moment)
+    _set_snapshot(request, args)
     report = _call(_admin(args).Reconcile, request, timeout=600)
     if args.json:
         _emit_json(report)
     else:
         _print_reconciliation(args.partner, report)
     return EXIT_DISCREPANCY if report.discrepancies else 0
+
+
+def _set_snapshot(
+    request: admin_pb2.ReconcileRequest | admin_pb2.RecoverTransfersRequest,
+    args: argparse.Namespace,
+) -> None:
+    """The request's snapshot from ``--snapshot-age``; unset leaves the node's default."""
+    if args.snapshot_age is not None:
+        moment = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=args.snapshot_age)
+        request.snapshot_at.FromDatetime(moment)
 
 
 def _print_reconciliation(partner: str, report: admin_pb2.ReconcileResponse) -> None:
@@ -551,9 +559,7 @@ def _print_reconciliation(partner: str, report: admin_pb2.ReconcileResponse) -> 
 
 def cmd_recover(args: argparse.Namespace) -> int:
     request = admin_pb2.RecoverTransfersRequest(partner=args.partner)
-    if args.snapshot_age is not None:
-        moment = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=args.snapshot_age)
-        request.snapshot_at.FromDatetime(moment)
+    _set_snapshot(request, args)
     response = _call(_admin(args).RecoverTransfers, request, timeout=1800)
     last = response.after if response.HasField("after") else response.before
     if args.json:
@@ -1046,10 +1052,11 @@ def build_parser() -> argparse.ArgumentParser:
         "records; exit 5 if discrepancies remain",
         description="After a restore from a backup older than the node's last transaction "
         "(and `itmolink node restored`): reconcile with the partner, ask it for the signed "
-        "records (proposal, acceptance) of every transfer final there and unknown here, "
-        "apply those that verify (a record signed by this node itself and the partner's "
-        "answer to it, the units of an outgoing transfer still held here, those of an "
-        "incoming one held nowhere here), and reconcile again. What cannot be recovered is "
+        "records (proposal, acceptance and, for two phases, the sender's completion) of every "
+        "transfer final there and unknown here, apply those that verify (each signed by its "
+        "sender, what this node signed checked with its own keys; the units of an outgoing "
+        "transfer still held here, those of an incoming one held nowhere here), and "
+        "reconcile again. What cannot be recovered is "
         "listed with the reason, for the operators to settle (docs/OPERATIONS.md 7, "
         "docs/PROTOCOL.md 7.9).",
     )

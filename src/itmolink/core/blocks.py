@@ -158,9 +158,9 @@ def cut_out(sources: Sequence[Block], wanted: Block) -> list[Block]:
     """What is left of ``sources`` once ``wanted`` is cut out of them.
 
     ``sources`` must cover every serial of ``wanted``, each with ``wanted``'s
-    attributes; the pieces of the sources outside
-    ``wanted`` (at most one before it and one after it) are returned. Raises
-    INSUFFICIENT_HOLDINGS otherwise, naming the first serial not covered."""
+    attributes; the pieces of the sources outside ``wanted`` (at most one before it
+    and one after it) are returned. Raises INSUFFICIENT_HOLDINGS otherwise, naming
+    the first serial not covered."""
     ordered = sorted(sources, key=lambda b: b.serial_start)
     remainders: list[Block] = []
     serial = wanted.serial_start
